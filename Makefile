@@ -1,0 +1,67 @@
+# residency — see README.md. `make demo` runs the main job, `make test` runs every test tier.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+BIN := $(shell hack/build-binaries.sh path)
+export PATH := $(CURDIR)/$(VENV)/bin:$(BIN):$(PATH)
+export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
+export MYPYPATH := src:operator:worker
+
+.PHONY: all venv binaries crds cluster cluster-down lint unit component e2e test demo demo-down clean help
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+venv: $(STAMP) ## create .venv with the pinned Python dependencies
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+binaries: ## build etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm (cached)
+	hack/build-binaries.sh all >/dev/null
+
+crds: venv ## regenerate crds/ from the pydantic models
+	$(VENV)/bin/residency crds --out crds
+
+cluster: binaries ## start the local real control plane (idempotent)
+	@hack/cluster.sh up
+
+cluster-down: ## stop the local control plane and everything the demo started
+	-@hack/demo.sh down
+	@hack/cluster.sh down
+
+lint: venv ## ruff, mypy --strict, import-linter
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+unit: venv ## fast tests of the pure core
+	$(PY) -m pytest -q tests/unit
+
+component: venv ## one process, tiny real models
+	$(PY) -m pytest -q tests/component
+
+e2e: venv binaries ## against the real control plane (starts it if needed)
+	hack/cluster.sh up >/dev/null
+	$(PY) -m pytest -q e2e
+
+test: venv binaries lint ## everything CI runs
+	$(PY) -m pytest -q tests
+	hack/cluster.sh up >/dev/null
+	$(PY) -m pytest -q e2e
+
+demo: venv binaries ## local control plane + operator + an example model, then `kubectl get llm`
+	hack/demo.sh up
+
+demo-down: ## stop the demo's processes (keeps the control plane)
+	hack/demo.sh down
+
+clean: cluster-down ## remove the venv and generated files (keeps the binary cache)
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

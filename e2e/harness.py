@@ -1,0 +1,104 @@
+"""Helpers for the e2e tier: kubectl, waiting, and local processes (operator, workers) with logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+def binaries_dir() -> Path:
+    out = subprocess.run(
+        [str(REPO / "hack/build-binaries.sh"), "path"], capture_output=True, text=True, check=True
+    )
+    return Path(out.stdout.strip())
+
+
+def kubectl(
+    *args: str, stdin: str | None = None, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Runs the real kubectl against the local control plane."""
+    result = subprocess.run(
+        [str(binaries_dir() / "kubectl"), *args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def apply(
+    manifest: dict[str, Any] | str, namespace: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
+    args = ["apply", "-f", "-"] + (["-n", namespace] if namespace else [])
+    return kubectl(*args, stdin=text, check=check)
+
+
+def get_json(*args: str) -> dict[str, Any]:
+    return json.loads(kubectl("get", *args, "-o", "json").stdout)  # type: ignore[no-any-return]
+
+
+def wait_for(
+    condition: Callable[[], T | None], timeout: float = 60, interval: float = 0.5, what: str = ""
+) -> T:
+    """Polls until condition returns something truthy."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}; last value {last!r}")
+
+
+@dataclass
+class Process:
+    """A residency process (operator, worker, router) started by a test, with its log file."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.popen = subprocess.Popen(
+            [str(Path(sys.executable).parent / "residency"), *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        os.killpg(self.popen.pid, sig)
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None

@@ -1,0 +1,275 @@
+"""Candidate placements of each model: memory footprint, predicted rate and value per residency level.
+
+Nodes with identical hardware form a *class*; predictions depend only on the class, so they are computed
+once per (class, mode) for all models and levels at the same time with numpy. That is what lets the
+greedy plan ten thousand models on a thousand nodes in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from residency_operator.planner.costs import (
+    ZERO_COST,
+    TransitionCost,
+    amortised_cost_tokens_per_second,
+    demote_cost,
+    load_cost,
+    migrate_cost,
+    promote_cost,
+    reconfigure_cost,
+    resume_cost,
+)
+from residency_operator.planner.predictor import Predictor, typical_sequence_tokens
+from residency_operator.planner.types import (
+    GB,
+    GIB,
+    ActionKind,
+    CurrentPlacement,
+    ExecutionMode,
+    ModelDemand,
+    NodeCapacity,
+    PlannerConfig,
+)
+
+MODES: tuple[ExecutionMode, ...] = ("stream", "cpu")
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+LEVEL_EPSILON = 1e-9
+
+
+def gpu_bytes_needed(model: ModelDemand, resident_fraction: float, mode: ExecutionMode) -> int:
+    """GPU bytes a placement takes: resident weights + KV reservation + workspace (+ stream buffers)."""
+    resident_bytes = int(round(resident_fraction * model.weight_bytes))
+    # Streaming needs a double buffer of one layer so the next layer's copy overlaps this one's compute.
+    stream_buffer_bytes = 2 * model.effective_bytes_per_layer if mode == "stream" and resident_fraction < 1.0 else 0
+    return resident_bytes + model.kv_reservation_bytes + model.workspace_bytes + stream_buffer_bytes
+
+
+def host_bytes_needed(model: ModelDemand, resident_fraction: float) -> int:
+    """Pinned host bytes a running placement takes: the offloaded weights."""
+    return model.weight_bytes - int(round(resident_fraction * model.weight_bytes))
+
+
+def cached_host_bytes(model: ModelDemand, kv_cache_bytes: int) -> int:
+    """Host bytes a preempted model keeps pinned for a fast resume: all weights plus its saved KV."""
+    return model.weight_bytes + kv_cache_bytes
+
+
+def usable_gpu_bytes(node: NodeCapacity) -> int:
+    """GPU bytes the planner may fill on this node."""
+    return max(0, node.gpu_memory_bytes - node.reserved_gpu_bytes)
+
+
+def usable_host_bytes(node: NodeCapacity) -> int:
+    """Host bytes the planner may fill on this node."""
+    return max(0, node.host_memory_bytes - node.reserved_host_bytes)
+
+
+def node_class_key(node: NodeCapacity) -> NodeCapacity:
+    """Everything about a node that predictions and capacity depend on (the node minus its identity)."""
+    return dataclasses.replace(node, name="", schedulable=True, cordoned=False, disrupting=False)
+
+
+def served_value(
+    model: ModelDemand, throughput_tokens_per_second: float, gpu_bytes: int, config: PlannerConfig
+) -> float:
+    """Objective value of running a placement: availability + throughput up to demand − memory tie-break."""
+    demand = model.demand_decode_tokens_per_second
+    served = throughput_tokens_per_second if demand is None else min(throughput_tokens_per_second, demand)
+    return config.availability_value_tokens_per_second + served - config.memory_penalty_per_gib * gpu_bytes / GIB
+
+
+@dataclass(frozen=True, slots=True)
+class OptionEval:
+    """One (model, node, resident fraction, mode) candidate, fully evaluated."""
+
+    resident_fraction: float
+    mode: ExecutionMode
+    gpu_bytes: int
+    host_bytes: int
+    decode_tokens_per_second: float
+    throughput_tokens_per_second: float
+    value: float
+    meets_slo: bool
+    allowed: bool
+    """Within ``offload.maxFraction`` and an allowed execution mode."""
+
+
+def evaluate_option(
+    predictor: Predictor,
+    model: ModelDemand,
+    node: NodeCapacity,
+    resident_fraction: float,
+    mode: ExecutionMode,
+    config: PlannerConfig,
+) -> OptionEval:
+    """Evaluate one candidate with the scalar predictor (profiles included)."""
+    rate = predictor.decode_tokens_per_second(model, node, resident_fraction, mode)
+    throughput = rate * model.max_batch
+    gpu = gpu_bytes_needed(model, resident_fraction, mode)
+    slo = model.min_decode_tokens_per_second
+    return OptionEval(
+        resident_fraction=resident_fraction,
+        mode=mode,
+        gpu_bytes=gpu,
+        host_bytes=host_bytes_needed(model, resident_fraction),
+        decode_tokens_per_second=rate,
+        throughput_tokens_per_second=throughput,
+        value=served_value(model, throughput, gpu, config),
+        meets_slo=slo is None or rate >= slo - 1e-9,
+        allowed=resident_fraction >= model.min_resident_fraction - LEVEL_EPSILON and mode in model.allowed_modes,
+    )
+
+
+def transition(
+    model: ModelDemand,
+    current: CurrentPlacement | None,
+    nodes: dict[str, NodeCapacity],
+    node: NodeCapacity,
+    resident_fraction: float,
+    mode: ExecutionMode,
+) -> tuple[ActionKind | None, TransitionCost]:
+    """The action (or none) and its cost to go from ``current`` to running on ``node`` at the given level."""
+    if current is None or current.node not in nodes:
+        return "load", load_cost(model, node, resident_fraction)
+    if current.state == "preempted":
+        if current.node == node.name:
+            return "resume", resume_cost(model, node, resident_fraction, current.kv_cache_bytes)
+        return "load", load_cost(model, node, resident_fraction)
+    if current.node != node.name:
+        return "migrate", migrate_cost(model, nodes[current.node], node, resident_fraction, current.kv_cache_bytes)
+    same_level = abs(current.resident_fraction - resident_fraction) <= LEVEL_EPSILON
+    if same_level and current.mode == mode:
+        return None, ZERO_COST
+    extra = reconfigure_cost() if current.mode != mode else ZERO_COST
+    if same_level:
+        return "reconfigure", extra
+    if resident_fraction > current.resident_fraction:
+        return "promote", promote_cost(model, node, current.resident_fraction, resident_fraction) + extra
+    return "demote", demote_cost(model, node, current.resident_fraction, resident_fraction) + extra
+
+
+def option_score(
+    option_value: float,
+    cost: TransitionCost,
+    is_incumbent: bool,
+    config: PlannerConfig,
+) -> float:
+    """Objective contribution of choosing an option: value − amortised transition (+ hysteresis bonus)."""
+    score = option_value - amortised_cost_tokens_per_second(cost, option_value, config.amortisation_horizon_seconds)
+    if is_incumbent:
+        score += config.hysteresis_fraction * abs(option_value)
+    return score
+
+
+@dataclass(slots=True)
+class ClassTables:
+    """Per node class and mode, for every model and every configured level: rates, bytes and values.
+
+    Arrays are indexed ``[class, mode, model, level]`` (``gpu_bytes``: ``[mode, model, level]``).
+    """
+
+    levels: FloatArray
+    classes: list[NodeCapacity]
+    decode_tokens_per_second: FloatArray
+    value: FloatArray
+    load_seconds: FloatArray
+    """Cold-load seconds ``[class, model, level]``."""
+    gpu_bytes: FloatArray
+    host_bytes: FloatArray
+    """``[model, level]``."""
+    feasible: BoolArray
+    """Allowed, meets the SLO, and fits an empty node of the class."""
+
+
+def build_class_tables(
+    models: Sequence[ModelDemand],
+    classes: Sequence[NodeCapacity],
+    predictor: Predictor,
+    config: PlannerConfig,
+    profiled_models: frozenset[str],
+) -> ClassTables:
+    """Evaluate every model at every configured level on every node class, vectorised over models."""
+    levels = np.array(sorted(set(config.residency_levels) | {1.0}), dtype=np.float64)
+    model_count, level_count, class_count = len(models), len(levels), len(classes)
+    weight = np.array([m.weight_bytes for m in models], dtype=np.float64)
+    kv_per_step = np.array(
+        [m.kv_bytes_per_token * typical_sequence_tokens(m) * max(1, m.max_batch) for m in models], dtype=np.float64
+    )
+    batch = np.array([max(1, m.max_batch) for m in models], dtype=np.float64)
+    slo = np.array([m.min_decode_tokens_per_second or 0.0 for m in models], dtype=np.float64)
+    demand = np.array(
+        [np.inf if m.demand_decode_tokens_per_second is None else m.demand_decode_tokens_per_second for m in models],
+        dtype=np.float64,
+    )
+    min_resident = np.array([m.min_resident_fraction for m in models], dtype=np.float64)
+    base_gpu = np.array([m.kv_reservation_bytes + m.workspace_bytes for m in models], dtype=np.float64)
+    stream_buffer = np.array([2 * m.effective_bytes_per_layer for m in models], dtype=np.float64)
+    storage_gbps = np.array([m.storage_read_gbps or 0.0 for m in models], dtype=np.float64)
+    mode_allowed = np.array([[mode in m.allowed_modes for m in models] for mode in MODES], dtype=bool)
+
+    resident = np.rint(levels[None, :] * weight[:, None])
+    offloaded = weight[:, None] - resident
+    host_bytes = offloaded
+    partial = (levels < 1.0)[None, :]
+    gpu_bytes = np.stack(
+        [
+            resident + base_gpu[:, None] + np.where(partial, stream_buffer[:, None], 0.0),
+            resident + base_gpu[:, None],
+        ]
+    )
+    level_allowed = levels[None, :] >= min_resident[:, None] - LEVEL_EPSILON
+
+    rate = np.zeros((class_count, len(MODES), model_count, level_count))
+    load_seconds = np.zeros((class_count, model_count, level_count))
+    feasible = np.zeros((class_count, len(MODES), model_count, level_count), dtype=bool)
+    profiled_indices = [i for i, m in enumerate(models) if m.name in profiled_models]
+    for c, node in enumerate(classes):
+        gpu_capacity = usable_gpu_bytes(node)
+        host_capacity = usable_host_bytes(node)
+        calibration = max(1e-6, node.calibration_factor)
+        node_storage = np.where(storage_gbps > 0, storage_gbps, node.storage_read_gbps)
+        load_seconds[c] = (
+            weight[:, None] / (node_storage[:, None] * GB)
+            + resident / (node.host_to_device_gbps * GB)
+            + node.load_overhead_seconds
+        )
+        for k, mode in enumerate(MODES):
+            offload_gbps = node.host_to_device_gbps if mode == "stream" else node.host_memory_gbps
+            step_seconds = (resident + kv_per_step[:, None]) / (node.hbm_gbps * GB) + offloaded / (offload_gbps * GB)
+            rate[c, k] = calibration / step_seconds
+            for i in profiled_indices:
+                # Measured curves are not vectorised; there are few of them.
+                for j, level in enumerate(levels):
+                    rate[c, k, i, j] = predictor.decode_tokens_per_second(models[i], node, float(level), mode)
+            feasible[c, k] = (
+                level_allowed
+                & mode_allowed[k][:, None]
+                & (rate[c, k] >= slo[:, None] - 1e-9)
+                & (gpu_bytes[k] <= gpu_capacity)
+                & (host_bytes <= host_capacity)
+            )
+    throughput = rate * batch[None, None, :, None]
+    served = np.minimum(throughput, demand[None, None, :, None])
+    value = (
+        config.availability_value_tokens_per_second
+        + served
+        - config.memory_penalty_per_gib * gpu_bytes[None, :, :, :] / GIB
+    )
+    return ClassTables(
+        levels=levels,
+        classes=list(classes),
+        decode_tokens_per_second=rate,
+        value=value,
+        load_seconds=load_seconds,
+        gpu_bytes=gpu_bytes,
+        host_bytes=host_bytes,
+        feasible=feasible,
+    )

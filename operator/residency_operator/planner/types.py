@@ -1,0 +1,270 @@
+"""Plain typed inputs and outputs of the planner.
+
+The operator converts CRD objects into these; the simulator builds them directly. Nothing here knows
+about Kubernetes. Every quantity carries its unit in its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+GIB = 1024**3
+GB = 1e9
+
+ExecutionMode = Literal["stream", "cpu"]
+"""How offloaded layers run: ``stream`` copies them to the GPU each step, ``cpu`` computes them on the host."""
+
+PlacementState = Literal["loaded", "preempted", "idle"]
+"""``loaded`` runs on the GPU; ``preempted`` keeps weights and KV cache pinned in host memory; ``idle`` is
+loaded but served no traffic recently (it counts as loaded for memory)."""
+
+ActionKind = Literal["load", "promote", "demote", "reconfigure", "preempt", "resume", "migrate", "evict"]
+
+SolverName = Literal["milp", "greedy", "incremental"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDemand:
+    """What one LLMModel asks for, and how much traffic it is seeing."""
+
+    name: str
+    """Namespaced name, ``namespace/name``; the key of every map in the planner."""
+    weight_bytes: int
+    kv_bytes_per_token: int
+    max_sequence_length: int = 4096
+    max_batch: int = 8
+    priority: int = 0
+    preemptible: bool = True
+    min_decode_tokens_per_second: float | None = None
+    """Per-sequence decode rate the placement must keep (the SLO); ``None`` means any rate will do."""
+    max_offload_fraction: float = 0.0
+    """At most this share of weight bytes may live in host memory (``offload.maxFraction``)."""
+    layer_count: int | None = None
+    bytes_per_layer: int | None = None
+    parameter_count: int | None = None
+    """Used for the prefill compute roofline; derived from weight bytes (2 bytes each) when absent."""
+    demand_decode_tokens_per_second: float | None = None
+    """Observed or forecast output tokens/s across all requests; ``None`` means unbounded."""
+    typical_sequence_length: int | None = None
+    """Prompt + generated tokens of a typical request; the predictor uses it for KV reads (default: max/2)."""
+    workspace_bytes: int = 512 * 1024**2
+    """Activations and allocator slack kept free on the GPU beside the weights and KV reservation."""
+    allowed_modes: tuple[ExecutionMode, ...] = ("stream", "cpu")
+    storage_read_gbps: float | None = None
+    """Measured read bandwidth of the model's source (for cold loads); node default when ``None``."""
+    last_reload_seconds: float | None = None
+    """Last observed reload (resume) duration; the cost model prefers it to its own estimate."""
+    wanted: bool = True
+    """False when the model is scaled to zero or being deleted: it is evicted, and never unschedulable."""
+
+    @property
+    def min_resident_fraction(self) -> float:
+        """The smallest resident fraction ``offload.maxFraction`` allows."""
+        return max(0.0, 1.0 - self.max_offload_fraction)
+
+    @property
+    def effective_layer_count(self) -> int:
+        """Number of transformer layers (estimated from weight size when not declared)."""
+        if self.layer_count is not None and self.layer_count > 0:
+            return self.layer_count
+        if self.bytes_per_layer:
+            return max(1, round(self.weight_bytes / self.bytes_per_layer))
+        return 32
+
+    @property
+    def effective_bytes_per_layer(self) -> int:
+        """Bytes of one layer, used to size the double buffer of stream mode."""
+        if self.bytes_per_layer:
+            return self.bytes_per_layer
+        return max(1, self.weight_bytes // self.effective_layer_count)
+
+    @property
+    def effective_parameter_count(self) -> int:
+        """Parameter count for compute estimates."""
+        return self.parameter_count if self.parameter_count else self.weight_bytes // 2
+
+    @property
+    def kv_reservation_bytes(self) -> int:
+        """GPU bytes reserved for the KV cache of a full batch at maximum sequence length."""
+        return self.kv_bytes_per_token * self.max_sequence_length * self.max_batch
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCapacity:
+    """A GPU node as the planner sees it: memory, bandwidths and whether it may take work."""
+
+    name: str
+    gpu_type: str
+    gpu_memory_bytes: int
+    host_memory_bytes: int
+    host_to_device_gbps: float
+    """Measured pinned host-to-device bandwidth (GB/s, 1e9 bytes)."""
+    hbm_gbps: float
+    host_memory_gbps: float
+    """Host DRAM bandwidth available to CPU execution of offloaded layers."""
+    gpu_tflops: float = 100.0
+    """Dense bf16 compute the prefill roofline may count on."""
+    cpu_tflops: float = 1.0
+    """Host compute for layers executed in ``cpu`` mode."""
+    storage_read_gbps: float = 2.0
+    schedulable: bool = True
+    cordoned: bool = False
+    disrupting: bool = False
+    calibration_factor: float = 1.0
+    """Observed ÷ predicted decode rate on this node, learned by the operator; scales the roofline."""
+    reserved_gpu_bytes: int = 0
+    """GPU memory used by things the planner does not place (CUDA context, other pods)."""
+    reserved_host_bytes: int = 0
+    device_to_host_gbps: float | None = None
+    load_overhead_seconds: float = 1.0
+    """Fixed cost of starting a model (allocations, graph capture) on top of the bytes it moves."""
+
+    @property
+    def accepts_work(self) -> bool:
+        """Whether the planner may put anything on this node."""
+        return self.schedulable and not self.cordoned and not self.disrupting
+
+    @property
+    def effective_device_to_host_gbps(self) -> float:
+        """Device-to-host bandwidth, assumed equal to host-to-device when not measured."""
+        return self.device_to_host_gbps if self.device_to_host_gbps else self.host_to_device_gbps
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilePoint:
+    """One measurement of a sensitivity curve."""
+
+    resident_fraction: float
+    decode_tokens_per_second: float
+    prefill_tokens_per_second: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SensitivityProfile:
+    """Measured decode (and prefill) rate of one model on one GPU type, as residency varies."""
+
+    model: str
+    gpu_type: str
+    points: tuple[ProfilePoint, ...]
+    mode: ExecutionMode = "stream"
+    sequence_length: int = 1024
+    batch: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentPlacement:
+    """What the cluster is doing now for one model (observed, not desired)."""
+
+    model: str
+    node: str
+    resident_fraction: float
+    mode: ExecutionMode = "stream"
+    state: PlacementState = "loaded"
+    kv_cache_bytes: int = 0
+    """KV bytes in use now (saved to host on preemption)."""
+
+    @property
+    def is_running(self) -> bool:
+        """Loaded or idle: it holds GPU memory."""
+        return self.state in ("loaded", "idle")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerConfig:
+    """Knobs of the planner; defaults are what the operator runs with."""
+
+    residency_levels: tuple[float, ...] = (
+        0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0,
+    )
+    """Discrete resident fractions the solver chooses among (plus each model's current fraction)."""
+    amortisation_horizon_seconds: float = 600.0
+    """Transition costs are spread over this horizon when weighed against throughput gains."""
+    hysteresis_fraction: float = 0.05
+    """A change must beat the current placement by this share of its value to be worth making."""
+    availability_value_tokens_per_second: float = 1.0
+    """Value of merely being loaded (so idle models stay available while room allows)."""
+    memory_penalty_per_gib: float = 1e-3
+    """Tie-breaker: among equal values, prefer the placement that uses fewer GPU bytes."""
+    solver: Literal["auto", "milp", "greedy"] = "auto"
+    milp_max_options: int = 3000
+    """``auto`` uses the exact MILP up to this many (model, node, level, mode) options."""
+    milp_time_limit_seconds: float = 5.0
+    bound_max_options: int = 20000
+    """The LP relaxation bound of the greedy is computed up to this many options; above, a simple bound."""
+    default_kv_save_overhead_seconds: float = 0.05
+    keep_preempted_cache: bool = True
+    """Keep weights and KV of preempted models pinned in host memory while it fits (fast resume)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedPlacement:
+    """Where one model runs in the plan, with the prediction that status shows."""
+
+    model: str
+    node: str
+    resident_fraction: float
+    mode: ExecutionMode
+    gpu_bytes: int
+    host_bytes: int
+    predicted_decode_tokens_per_second: float
+    """Per-sequence decode rate at the model's batch (what the SLO is checked against)."""
+    predicted_throughput_tokens_per_second: float
+    """Aggregate decode rate of a full batch."""
+    predicted_prefill_tokens_per_second: float
+    meets_slo: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CachedModel:
+    """A preempted model whose weights and KV cache stay pinned in a node's host memory."""
+
+    model: str
+    node: str
+    host_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One step that takes the cluster from its current state towards the plan."""
+
+    kind: ActionKind
+    model: str
+    reason: str
+    from_node: str | None = None
+    to_node: str | None = None
+    from_resident_fraction: float = 0.0
+    to_resident_fraction: float = 0.0
+    mode: ExecutionMode | None = None
+    bytes_moved: int = 0
+    predicted_seconds: float = 0.0
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Unschedulable:
+    """A wanted model the plan could not run, and why, in words a person understands."""
+
+    model: str
+    reason: str
+    """CamelCase reason for the status condition, e.g. ``InsufficientGPUMemory``."""
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The planner's answer: the desired state, the ordered steps to reach it, and what did not fit."""
+
+    placements: dict[str, PlannedPlacement]
+    actions: tuple[Action, ...]
+    unschedulable: tuple[Unschedulable, ...]
+    cached: tuple[CachedModel, ...] = ()
+    solver: SolverName = "greedy"
+    objective: float = 0.0
+    """Value of the plan: Σ served throughput (tokens/s) + availability − amortised transition cost."""
+    upper_bound: float = 0.0
+    optimality_gap: float = 0.0
+    """(upper_bound − objective) / upper_bound; 0 for a proven optimum."""
+    solve_seconds: float = 0.0
+    planned_at_seconds: float = 0.0
+    notes: tuple[str, ...] = field(default=())

@@ -1,0 +1,151 @@
+"""Generates the CRD manifests from the pydantic models (the one source of the schema).
+
+pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3 schema: no $ref, no
+anyOf carrying types, boolean exclusiveMinimum, no additionalProperties beside properties.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from residency.api.common import GROUP, VERSION, CustomResource
+from residency.api.llmmodel import LLMModel
+from residency.api.nodeprofile import NodeProfile
+from residency.api.placement import ModelPlacement
+from residency.api.sensitivity import SensitivityProfile
+
+KINDS: tuple[type[CustomResource], ...] = (LLMModel, ModelPlacement, NodeProfile, SensitivityProfile)
+
+_DROP_KEYS = {"title"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """Rewrites one pydantic JSON-schema node into the structural OpenAPI v3 form."""
+    if isinstance(node, list):
+        return [_structural(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node.pop("$ref").split("/")[-1]])
+        target.update({k: v for k, v in node.items() if k != "default"})
+        if "default" in node and node["default"] is not None:
+            target["default"] = node["default"]
+        return _structural(target, defs)
+    if "anyOf" in node:
+        branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
+        if len(branches) != 1:
+            raise ValueError(f"cannot express anyOf with {len(branches)} non-null branches structurally")
+        merged = dict(branches[0])
+        merged.update({k: v for k, v in node.items() if k not in {"default"} or v is not None})
+        if merged.get("default", 0) is None:
+            merged.pop("default")
+        return _structural(merged, defs)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    for bound, flag in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if bound in node and not isinstance(node[bound], bool):
+            node[flag] = node[bound]
+            node[bound] = True
+    if "properties" in node:
+        node.pop("additionalProperties", None)
+        node.setdefault("type", "object")
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP_KEYS or key == "$defs":
+            continue
+        if key == "default" and value is None:
+            continue
+        if key == "properties":
+            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+        elif key in {"items", "additionalProperties"} and isinstance(value, dict):
+            out[key] = _structural(value, defs)
+        elif key == "x-kubernetes-validations":
+            out[key] = value
+        else:
+            out[key] = _structural(value, defs)
+    return out
+
+
+def openapi_schema(kind: type[CustomResource]) -> dict[str, Any]:
+    """The structural openAPIV3Schema of one kind."""
+    raw = kind.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    props = raw["properties"]
+    schema: dict[str, Any] = {
+        "type": "object",
+        "description": kind.description,
+        "properties": {
+            "apiVersion": {"type": "string", "description": "residency.dev/v1alpha1"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": _structural(props["spec"], defs),
+        },
+        "required": ["spec"],
+    }
+    if "status" in props:
+        status = _structural(props["status"], defs)
+        status.pop("default", None)
+        schema["properties"]["status"] = status
+    return schema
+
+
+def crd_manifest(kind: type[CustomResource]) -> dict[str, Any]:
+    """The CustomResourceDefinition of one kind."""
+    version: dict[str, Any] = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "schema": {"openAPIV3Schema": openapi_schema(kind)},
+        "additionalPrinterColumns": kind.printer_columns,
+    }
+    if "status" in kind.model_fields:
+        version["subresources"] = {"status": {}}
+    names: dict[str, Any] = {
+        "kind": kind.kind_name,
+        "listKind": f"{kind.kind_name}List",
+        "plural": kind.plural,
+        "singular": kind.singular,
+        "categories": kind.categories,
+    }
+    if kind.short_names:
+        names["shortNames"] = kind.short_names
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{kind.plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/name": "residency", "app.kubernetes.io/part-of": "residency"},
+        },
+        "spec": {"group": GROUP, "scope": kind.scope, "names": names, "versions": [version]},
+    }
+
+
+HEADER = "# Generated by `make crds` (residency.api.crdgen) from the pydantic models. Do not edit.\n"
+
+
+def render_crds() -> dict[str, str]:
+    """File name → YAML text for every CRD."""
+    return {
+        f"{kind.plural}.{GROUP}.yaml": HEADER + yaml.safe_dump(crd_manifest(kind), sort_keys=False, width=100)
+        for kind in KINDS
+    }
+
+
+def write_crds(directory: Path) -> list[Path]:
+    """Writes every CRD into directory (removing stale residency CRD files) and returns the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rendered = render_crds()
+    for stale in directory.glob(f"*.{GROUP}.yaml"):
+        if stale.name not in rendered:
+            stale.unlink()
+    written = []
+    for name, text in rendered.items():
+        path = directory / name
+        path.write_text(text)
+        written.append(path)
+    return written

@@ -1,0 +1,78 @@
+"""ModelPlacement: the operator's decision for one model on one node (cluster-scoped binding)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from residency.api.common import ApiModel, Condition, CustomResource, StatusModel
+from residency.api.llmmodel import DType, Timings
+
+ExecutionMode = Literal["stream", "cpu"]
+DesiredState = Literal["Loaded", "Preempted", "Idle"]
+
+
+class ModelRef(ApiModel):
+    """The LLMModel a placement serves."""
+
+    namespace: str = Field(min_length=1, max_length=63)
+    name: str = Field(min_length=1, max_length=253)
+    uid: str | None = Field(default=None, max_length=64)
+
+
+class ModelPlacementSpec(ApiModel):
+    """Desired state of one model on one node; the worker converges to it."""
+
+    model: ModelRef
+    node_name: str = Field(min_length=1, max_length=253)
+    source_path: str = Field(min_length=1, max_length=4096)
+    dtype: DType = "bfloat16"
+    resident_fraction: float = Field(ge=0, le=1, description="Target share of weight bytes in GPU memory.")
+    execution_mode: ExecutionMode = Field(default="stream", description="How offloaded layers run.")
+    desired_state: DesiredState = Field(default="Loaded")
+    max_sequence_length: int = Field(default=4096, ge=1, le=1_048_576)
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    reason: str | None = Field(default=None, max_length=1024, description="Why the planner chose this.")
+    plan_generation: int | None = Field(default=None, ge=0, description="Planner round that wrote this.")
+
+
+class ModelPlacementStatus(StatusModel):
+    """What the worker did."""
+
+    state: Literal["Pending", "Loading", "Loaded", "Preempted", "Idle", "Failed", "Unloaded"] = "Pending"
+    resident_fraction: float | None = Field(default=None, ge=0, le=1)
+    resident_bytes: int | None = Field(default=None, ge=0)
+    observed_decode_tokens_per_second: float | None = Field(default=None, ge=0)
+    timings: Timings | None = None
+    endpoint: str | None = Field(default=None, max_length=2048)
+    reason: str | None = Field(default=None, max_length=128)
+    message: str | None = Field(default=None, max_length=4096)
+    observed_generation: int | None = Field(default=None, ge=0)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+class ModelPlacement(CustomResource):
+    """Binding of an LLMModel to a node with a resident fraction and a desired state."""
+
+    kind_name: ClassVar[str] = "ModelPlacement"
+    plural: ClassVar[str] = "modelplacements"
+    singular: ClassVar[str] = "modelplacement"
+    short_names: ClassVar[list[str]] = ["mpl"]
+    scope: ClassVar[Literal["Namespaced", "Cluster"]] = "Cluster"
+    description: ClassVar[str] = "Where one LLMModel runs and how much of it is resident (operator-written)."
+    printer_columns: ClassVar[list[dict[str, object]]] = [
+        {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
+        {"name": "Node", "type": "string", "jsonPath": ".spec.nodeName"},
+        {"name": "Resident", "type": "number", "jsonPath": ".spec.residentFraction"},
+        {"name": "Desired", "type": "string", "jsonPath": ".spec.desiredState"},
+        {"name": "State", "type": "string", "jsonPath": ".status.state"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+    kind: Literal["ModelPlacement"] = "ModelPlacement"
+    spec: ModelPlacementSpec
+    status: ModelPlacementStatus | None = None

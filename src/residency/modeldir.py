@@ -1,0 +1,164 @@
+"""Checks of a Hugging Face model directory that need no torch: allowed roots, config, remote code, sizes.
+
+Shared by the operator (validation before placement) and the worker (before it loads anything).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# model_type values whose decoder the engine places layer by layer (all native to transformers).
+SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3"})
+
+DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class ModelDirError(Exception):
+    """A model directory that cannot be served; reason is a CamelCase condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelDirInfo:
+    """What a valid model directory holds."""
+
+    path: Path
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_key_value_heads: int
+    head_dim: int
+    parameter_count: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+
+
+def resolve_under_roots(path: str, allowed_roots: list[Path]) -> Path:
+    """The real path of `path` (symlinks followed) if it lies under one of the allowed roots."""
+    if not os.path.isabs(path):
+        raise ModelDirError("PathNotAllowed", f"{path!r} is not an absolute path")
+    real = Path(os.path.realpath(path))
+    for root in allowed_roots:
+        real_root = Path(os.path.realpath(root))
+        if real == real_root or real_root in real.parents:
+            return real
+    roots = ", ".join(str(r) for r in allowed_roots) or "(none configured)"
+    raise ModelDirError(
+        "PathNotAllowed", f"{path} resolves to {real}, which is outside the allowed model roots: {roots}"
+    )
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """config.json of a model directory, checked for remote code and a supported architecture."""
+    if not directory.is_dir():
+        raise ModelDirError("ModelNotFound", f"model directory {directory} does not exist")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ModelDirError("ConfigMissing", f"{config_path} is missing: not a Hugging Face model directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirError("ConfigInvalid", f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelDirError("ConfigInvalid", f"{config_path} must hold a JSON object")
+    if "auto_map" in config:
+        raise ModelDirError(
+            "RemoteCodeNotAllowed",
+            f"{config_path} declares auto_map (custom code); residency loads models with "
+            "trust_remote_code=False",
+        )
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        raise ModelDirError(
+            "UnsupportedArchitecture", f"model_type {model_type!r} is not supported (supported: {supported})"
+        )
+    return config
+
+
+def safetensors_parameter_count(directory: Path) -> int:
+    """Number of parameters in the directory's *.safetensors files, read from their headers only."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelDirError("WeightsMissing", f"no *.safetensors files in {directory}")
+    total = 0
+    for file in files:
+        size_bytes = file.stat().st_size
+        try:
+            with file.open("rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                if header_len > min(size_bytes - 8, _MAX_HEADER_BYTES):
+                    raise ValueError(f"header length {header_len} exceeds the file")
+                header = json.loads(handle.read(header_len))
+            data_bytes = size_bytes - 8 - header_len
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = entry["data_offsets"]
+                if not 0 <= start <= end <= data_bytes:
+                    raise ValueError(f"tensor {name} lies outside the file (truncated?)")
+                count = 1
+                for dim in entry["shape"]:
+                    count *= int(dim)
+                if count * _SAFETENSORS_DTYPE_BYTES[entry["dtype"]] != end - start:
+                    raise ValueError(f"tensor {name} has a size that does not match its shape")
+                total += count
+        except (OSError, ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as exc:
+            raise ModelDirError(
+                "WeightsCorrupt", f"{file.name} is not a valid safetensors file: {exc}"
+            ) from exc
+    return total
+
+
+def inspect_model_dir(path: str, allowed_roots: list[Path], dtype: str = "bfloat16") -> ModelDirInfo:
+    """Validates a model directory as the engine will load it and sizes its weights and KV cache."""
+    directory = resolve_under_roots(path, allowed_roots)
+    config = read_config(directory)
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise ModelDirError("TokenizerMissing", f"no tokenizer.json or tokenizer.model in {directory}")
+    parameter_count = safetensors_parameter_count(directory)
+    try:
+        num_layers = int(config["num_hidden_layers"])
+        hidden_size = int(config["hidden_size"])
+        num_heads = int(config["num_attention_heads"])
+        num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
+        head_dim = int(config.get("head_dim") or hidden_size // num_heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ModelDirError("ConfigInvalid", f"config.json lacks a usable decoder shape: {exc}") from exc
+    dtype_bytes = DTYPE_BYTES[dtype]
+    return ModelDirInfo(
+        path=directory,
+        model_type=str(config["model_type"]),
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        parameter_count=parameter_count,
+        weight_bytes=parameter_count * dtype_bytes,
+        # keys and values, every layer, at the serving dtype
+        kv_bytes_per_token=2 * num_layers * num_kv_heads * head_dim * dtype_bytes,
+    )
