@@ -14,12 +14,19 @@ class OperatorConfig:
     allowed_model_roots: list[Path] = field(default_factory=list)
     resync_seconds: float = 20.0
     namespaces: list[str] = field(default_factory=list)  # empty: every namespace
+    workspace_bytes: int = 512 * 1024**2
+    heartbeat_grace_seconds: float = 60.0
+    lease_namespace: str = "default"
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
-        """RESIDENCY_MODEL_ROOTS (os.pathsep-separated) and RESIDENCY_RESYNC_SECONDS."""
+        """RESIDENCY_MODEL_ROOTS (os.pathsep-separated), RESIDENCY_RESYNC_SECONDS, RESIDENCY_WORKSPACE_BYTES,
+        RESIDENCY_HEARTBEAT_GRACE_SECONDS, RESIDENCY_NAMESPACE (where the leader Lease lives)."""
         roots = [Path(p) for p in os.environ.get("RESIDENCY_MODEL_ROOTS", "").split(os.pathsep) if p]
         return cls(
             allowed_model_roots=roots,
             resync_seconds=float(os.environ.get("RESIDENCY_RESYNC_SECONDS", "20")),
+            workspace_bytes=int(os.environ.get("RESIDENCY_WORKSPACE_BYTES", str(512 * 1024**2))),
+            heartbeat_grace_seconds=float(os.environ.get("RESIDENCY_HEARTBEAT_GRACE_SECONDS", "60")),
+            lease_namespace=os.environ.get("RESIDENCY_NAMESPACE", "default"),
         )

@@ -1,4 +1,4 @@
-"""Runs the kopf operator with residency's handlers and settings."""
+"""Runs the kopf operator with residency's handlers, settings and planning loop."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ from typing import Any
 import kopf
 
 from residency_operator.config import OperatorConfig
+from residency_operator.controller import Controller
 from residency_operator.handlers import llmmodel as _llmmodel_handlers
+from residency_operator.kube import Kube, load_config
+from residency_operator.state import OperatorKnobs
 
 HANDLER_MODULES = (_llmmodel_handlers,)
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Progress in annotations (the status schema is strict), Events only for what we post ourselves."""
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Progress in annotations (the status schema is strict); start the planning loop."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="residency.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="residency.dev", key="last-handled-configuration"
@@ -26,12 +29,29 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
     settings.batching.error_delays = (1, 2, 5, 10, 30)
+    memo["task"] = asyncio.create_task(memo["controller"].run())
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    task: asyncio.Task[None] | None = memo.get("task")
+    if task is not None:
+        task.cancel()
 
 
 def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -> None:
     """Blocks running the operator until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    memo = kopf.Memo(config=config)
+    load_config()
+    knobs = OperatorKnobs(
+        allowed_model_roots=config.allowed_model_roots,
+        workspace_bytes=config.workspace_bytes,
+        heartbeat_grace_seconds=config.heartbeat_grace_seconds,
+    )
+    controller = Controller(
+        Kube(), knobs, lease_namespace=config.lease_namespace, resync_seconds=config.resync_seconds
+    )
+    memo = kopf.Memo(config=config, controller=controller)
     asyncio.run(
         kopf.operator(
             standalone=True,

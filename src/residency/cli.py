@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -48,10 +49,65 @@ def operator(
     roots = list(models_root) or env.allowed_model_roots
     if not roots:
         raise typer.BadParameter("give at least one --models-root (or set RESIDENCY_MODEL_ROOTS)")
-    config = OperatorConfig(
-        allowed_model_roots=roots, resync_seconds=env.resync_seconds, namespaces=namespace
-    )
+    config = dataclasses.replace(env, allowed_model_roots=roots, namespaces=namespace)
     run_operator(config, liveness_endpoint=liveness)
+
+
+def _read_token(path: Path | None) -> str | None:
+    return path.read_text().strip() if path else None
+
+
+@app.command()
+def router(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    hold_seconds: float = typer.Option(60.0, help="How long a request waits for a loading/resuming model."),
+    token_file: Path | None = typer.Option(None, help="Require this bearer token from clients."),
+    worker_token_file: Path | None = typer.Option(
+        None, help="Bearer token the workers' inference API wants."
+    ),
+) -> None:
+    """Run the OpenAI-compatible router: one endpoint, routed by `model` to the worker holding it."""
+    from residency_operator.router.main import run_router
+
+    run_router(host, port, hold_seconds, _read_token(token_file), _read_token(worker_token_file))
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="namespace/name, or a name unique across namespaces."),
+    prompt: str = typer.Argument(..., help="The user message."),
+    router_url: str = typer.Option("http://127.0.0.1:8000", "--router", help="The router's base URL."),
+    max_tokens: int = typer.Option(32, min=1, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 decodes greedily."),
+    token_file: Path | None = typer.Option(None, help="Bearer token for the router."),
+    timeout_seconds: float = typer.Option(120.0, help="Give up after this long."),
+) -> None:
+    """Send one chat message through the router and print the answer."""
+    import httpx
+
+    token = _read_token(token_file)
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
+    try:
+        response = httpx.post(
+            f"{router_url.rstrip('/')}/v1/chat/completions",
+            json=body,
+            headers=headers,
+            timeout=timeout_seconds,
+        )
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach the router at {router_url}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if response.status_code != 200:
+        typer.echo(f"error {response.status_code}: {response.text}", err=True)
+        raise typer.Exit(1)
+    typer.echo(response.json()["choices"][0]["message"]["content"])
 
 
 def _register_contributed() -> None:

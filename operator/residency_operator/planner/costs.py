@@ -33,7 +33,7 @@ ZERO_COST = TransitionCost(0.0, 0)
 
 
 def _resident_bytes(model: ModelDemand, resident_fraction: float) -> int:
-    return int(round(min(1.0, max(0.0, resident_fraction)) * model.weight_bytes))
+    return round(min(1.0, max(0.0, resident_fraction)) * model.weight_bytes)
 
 
 def load_cost(model: ModelDemand, node: NodeCapacity, resident_fraction: float) -> TransitionCost:
@@ -57,7 +57,9 @@ def resume_cost(
     if model.last_reload_seconds is not None and model.last_reload_seconds > 0:
         # A measured reload already includes everything this node really does; trust it.
         return TransitionCost(model.last_reload_seconds, moved_bytes)
-    seconds = moved_bytes / (node.host_to_device_gbps * GB) + RESUME_OVERHEAD_SHARE * node.load_overhead_seconds
+    seconds = (
+        moved_bytes / (node.host_to_device_gbps * GB) + RESUME_OVERHEAD_SHARE * node.load_overhead_seconds
+    )
     return TransitionCost(seconds, moved_bytes)
 
 
@@ -106,8 +108,13 @@ def amortised_cost_tokens_per_second(
 ) -> float:
     """Throughput lost to a transition, spread over the planning horizon (same unit as the objective).
 
-    While the transition runs the model serves nothing, so it forgoes ``seconds × value`` tokens.
+    While the transition runs the model serves nothing, so it forgoes ``seconds x value`` tokens.
     """
     if horizon_seconds <= 0:
         return 0.0
     return value_tokens_per_second * cost.seconds / horizon_seconds
+
+
+def evict_cost() -> TransitionCost:
+    """Evict: free the memory; nothing is copied (the model reloads from storage next time)."""
+    return ZERO_COST

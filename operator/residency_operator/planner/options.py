@@ -40,21 +40,24 @@ from residency_operator.planner.types import (
 MODES: tuple[ExecutionMode, ...] = ("stream", "cpu")
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.intp]
 
 LEVEL_EPSILON = 1e-9
 
 
 def gpu_bytes_needed(model: ModelDemand, resident_fraction: float, mode: ExecutionMode) -> int:
     """GPU bytes a placement takes: resident weights + KV reservation + workspace (+ stream buffers)."""
-    resident_bytes = int(round(resident_fraction * model.weight_bytes))
+    resident_bytes = round(resident_fraction * model.weight_bytes)
     # Streaming needs a double buffer of one layer so the next layer's copy overlaps this one's compute.
-    stream_buffer_bytes = 2 * model.effective_bytes_per_layer if mode == "stream" and resident_fraction < 1.0 else 0
+    stream_buffer_bytes = (
+        2 * model.effective_bytes_per_layer if mode == "stream" and resident_fraction < 1.0 else 0
+    )
     return resident_bytes + model.kv_reservation_bytes + model.workspace_bytes + stream_buffer_bytes
 
 
 def host_bytes_needed(model: ModelDemand, resident_fraction: float) -> int:
     """Pinned host bytes a running placement takes: the offloaded weights."""
-    return model.weight_bytes - int(round(resident_fraction * model.weight_bytes))
+    return model.weight_bytes - round(resident_fraction * model.weight_bytes)
 
 
 def cached_host_bytes(model: ModelDemand, kv_cache_bytes: int) -> int:
@@ -77,13 +80,20 @@ def node_class_key(node: NodeCapacity) -> NodeCapacity:
     return dataclasses.replace(node, name="", schedulable=True, cordoned=False, disrupting=False)
 
 
-def served_value(
+def served_values(
     model: ModelDemand, throughput_tokens_per_second: float, gpu_bytes: int, config: PlannerConfig
-) -> float:
-    """Objective value of running a placement: availability + throughput up to demand − memory tie-break."""
+) -> tuple[float, float]:
+    """(primary, full) objective value of running a placement.
+
+    Primary: availability + throughput up to demand - memory tie-break; priorities are compared on it.
+    Full: primary + a little for throughput beyond demand, which only spends memory nobody else needs.
+    """
     demand = model.demand_decode_tokens_per_second
     served = throughput_tokens_per_second if demand is None else min(throughput_tokens_per_second, demand)
-    return config.availability_value_tokens_per_second + served - config.memory_penalty_per_gib * gpu_bytes / GIB
+    primary = (
+        config.availability_value_tokens_per_second + served - config.memory_penalty_per_gib * gpu_bytes / GIB
+    )
+    return primary, primary + config.excess_throughput_weight * (throughput_tokens_per_second - served)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +106,7 @@ class OptionEval:
     host_bytes: int
     decode_tokens_per_second: float
     throughput_tokens_per_second: float
+    primary_value: float
     value: float
     meets_slo: bool
     allowed: bool
@@ -115,6 +126,7 @@ def evaluate_option(
     throughput = rate * model.max_batch
     gpu = gpu_bytes_needed(model, resident_fraction, mode)
     slo = model.min_decode_tokens_per_second
+    primary, full = served_values(model, throughput, gpu, config)
     return OptionEval(
         resident_fraction=resident_fraction,
         mode=mode,
@@ -122,9 +134,11 @@ def evaluate_option(
         host_bytes=host_bytes_needed(model, resident_fraction),
         decode_tokens_per_second=rate,
         throughput_tokens_per_second=throughput,
-        value=served_value(model, throughput, gpu, config),
+        primary_value=primary,
+        value=full,
         meets_slo=slo is None or rate >= slo - 1e-9,
-        allowed=resident_fraction >= model.min_resident_fraction - LEVEL_EPSILON and mode in model.allowed_modes,
+        allowed=resident_fraction >= model.min_resident_fraction - LEVEL_EPSILON
+        and mode in model.allowed_modes,
     )
 
 
@@ -144,7 +158,9 @@ def transition(
             return "resume", resume_cost(model, node, resident_fraction, current.kv_cache_bytes)
         return "load", load_cost(model, node, resident_fraction)
     if current.node != node.name:
-        return "migrate", migrate_cost(model, nodes[current.node], node, resident_fraction, current.kv_cache_bytes)
+        return "migrate", migrate_cost(
+            model, nodes[current.node], node, resident_fraction, current.kv_cache_bytes
+        )
     same_level = abs(current.resident_fraction - resident_fraction) <= LEVEL_EPSILON
     if same_level and current.mode == mode:
         return None, ZERO_COST
@@ -162,8 +178,10 @@ def option_score(
     is_incumbent: bool,
     config: PlannerConfig,
 ) -> float:
-    """Objective contribution of choosing an option: value − amortised transition (+ hysteresis bonus)."""
-    score = option_value - amortised_cost_tokens_per_second(cost, option_value, config.amortisation_horizon_seconds)
+    """Objective contribution of choosing an option: value - amortised transition (+ hysteresis bonus)."""
+    score = option_value - amortised_cost_tokens_per_second(
+        cost, option_value, config.amortisation_horizon_seconds
+    )
     if is_incumbent:
         score += config.hysteresis_fraction * abs(option_value)
     return score
@@ -179,7 +197,10 @@ class ClassTables:
     levels: FloatArray
     classes: list[NodeCapacity]
     decode_tokens_per_second: FloatArray
+    primary_value: FloatArray
+    """Availability + throughput up to demand - memory tie-break (priorities compare this)."""
     value: FloatArray
+    """Primary + a little for throughput beyond demand."""
     load_seconds: FloatArray
     """Cold-load seconds ``[class, model, level]``."""
     gpu_bytes: FloatArray
@@ -201,12 +222,16 @@ def build_class_tables(
     model_count, level_count, class_count = len(models), len(levels), len(classes)
     weight = np.array([m.weight_bytes for m in models], dtype=np.float64)
     kv_per_step = np.array(
-        [m.kv_bytes_per_token * typical_sequence_tokens(m) * max(1, m.max_batch) for m in models], dtype=np.float64
+        [m.kv_bytes_per_token * typical_sequence_tokens(m) * max(1, m.max_batch) for m in models],
+        dtype=np.float64,
     )
     batch = np.array([max(1, m.max_batch) for m in models], dtype=np.float64)
     slo = np.array([m.min_decode_tokens_per_second or 0.0 for m in models], dtype=np.float64)
     demand = np.array(
-        [np.inf if m.demand_decode_tokens_per_second is None else m.demand_decode_tokens_per_second for m in models],
+        [
+            np.inf if m.demand_decode_tokens_per_second is None else m.demand_decode_tokens_per_second
+            for m in models
+        ],
         dtype=np.float64,
     )
     min_resident = np.array([m.min_resident_fraction for m in models], dtype=np.float64)
@@ -243,7 +268,9 @@ def build_class_tables(
         )
         for k, mode in enumerate(MODES):
             offload_gbps = node.host_to_device_gbps if mode == "stream" else node.host_memory_gbps
-            step_seconds = (resident + kv_per_step[:, None]) / (node.hbm_gbps * GB) + offloaded / (offload_gbps * GB)
+            step_seconds = (resident + kv_per_step[:, None]) / (node.hbm_gbps * GB) + offloaded / (
+                offload_gbps * GB
+            )
             rate[c, k] = calibration / step_seconds
             for i in profiled_indices:
                 # Measured curves are not vectorised; there are few of them.
@@ -258,15 +285,17 @@ def build_class_tables(
             )
     throughput = rate * batch[None, None, :, None]
     served = np.minimum(throughput, demand[None, None, :, None])
-    value = (
+    primary_value = (
         config.availability_value_tokens_per_second
         + served
         - config.memory_penalty_per_gib * gpu_bytes[None, :, :, :] / GIB
     )
+    value = primary_value + config.excess_throughput_weight * (throughput - served)
     return ClassTables(
         levels=levels,
         classes=list(classes),
         decode_tokens_per_second=rate,
+        primary_value=primary_value,
         value=value,
         load_seconds=load_seconds,
         gpu_bytes=gpu_bytes,

@@ -139,7 +139,9 @@ class Predictor:
 
     def __init__(self, profiles: Iterable[SensitivityProfile] = ()) -> None:
         self._profiles: dict[tuple[str, str, str], list[_IndexedProfile]] = {}
-        for profile in sorted(profiles, key=lambda p: (p.model, p.gpu_type, p.mode, p.sequence_length, p.batch)):
+        for profile in sorted(
+            profiles, key=lambda p: (p.model, p.gpu_type, p.mode, p.sequence_length, p.batch)
+        ):
             if not profile.points:
                 continue
             decode = MonotoneCurve.from_points(
@@ -163,7 +165,9 @@ class Predictor:
         indexed = self._best_profile(model, node, mode)
         return indexed.profile if indexed else None
 
-    def _best_profile(self, model: ModelDemand, node: NodeCapacity, mode: ExecutionMode) -> _IndexedProfile | None:
+    def _best_profile(
+        self, model: ModelDemand, node: NodeCapacity, mode: ExecutionMode
+    ) -> _IndexedProfile | None:
         candidates = self._profiles.get((model.name, node.gpu_type, mode))
         if not candidates:
             return None
@@ -182,8 +186,12 @@ class Predictor:
     ) -> float:
         """Predicted seconds per decode step of ``batch`` sequences (default: the model's max batch)."""
         batch = model.max_batch if batch is None else max(1, batch)
-        sequence_tokens = typical_sequence_tokens(model) if sequence_tokens is None else max(1, sequence_tokens)
-        roofline_seconds = roofline_decode_step_seconds(model, node, resident_fraction, mode, batch, sequence_tokens)
+        sequence_tokens = (
+            typical_sequence_tokens(model) if sequence_tokens is None else max(1, sequence_tokens)
+        )
+        roofline_seconds = roofline_decode_step_seconds(
+            model, node, resident_fraction, mode, batch, sequence_tokens
+        )
         indexed = self._best_profile(model, node, mode)
         if indexed is None:
             return roofline_seconds / max(1e-6, node.calibration_factor)
@@ -242,7 +250,12 @@ class Predictor:
         return max(1, prompt_tokens) / seconds
 
     def prefill_seconds(
-        self, model: ModelDemand, node: NodeCapacity, resident_fraction: float, mode: ExecutionMode, prompt_tokens: int
+        self,
+        model: ModelDemand,
+        node: NodeCapacity,
+        resident_fraction: float,
+        mode: ExecutionMode,
+        prompt_tokens: int,
     ) -> float:
         """Predicted seconds to prefill one prompt."""
         return max(1, prompt_tokens) / self.prefill_tokens_per_second(
@@ -251,7 +264,10 @@ class Predictor:
 
 
 def calibrated_factor(
-    previous_factor: float, observed_tokens_per_second: float, predicted_tokens_per_second: float, smoothing: float = 0.2
+    previous_factor: float,
+    observed_tokens_per_second: float,
+    predicted_tokens_per_second: float,
+    smoothing: float = 0.2,
 ) -> float:
     """Update a node's calibration factor from one observation (exponential moving average of the ratio).
 

@@ -13,7 +13,7 @@ GIB = 1024**3
 GB = 1e9
 
 ExecutionMode = Literal["stream", "cpu"]
-"""How offloaded layers run: ``stream`` copies them to the GPU each step, ``cpu`` computes them on the host."""
+"""How offloaded layers run: ``stream`` copies them to the GPU each step, ``cpu`` runs them on the host."""
 
 PlacementState = Literal["loaded", "preempted", "idle"]
 """``loaded`` runs on the GPU; ``preempted`` keeps weights and KV cache pinned in host memory; ``idle`` is
@@ -112,7 +112,7 @@ class NodeCapacity:
     cordoned: bool = False
     disrupting: bool = False
     calibration_factor: float = 1.0
-    """Observed ÷ predicted decode rate on this node, learned by the operator; scales the roofline."""
+    """Observed / predicted decode rate on this node, learned by the operator; scales the roofline."""
     reserved_gpu_bytes: int = 0
     """GPU memory used by things the planner does not place (CUDA context, other pods)."""
     reserved_host_bytes: int = 0
@@ -175,7 +175,19 @@ class PlannerConfig:
     """Knobs of the planner; defaults are what the operator runs with."""
 
     residency_levels: tuple[float, ...] = (
-        0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0,
+        0.1,
+        0.2,
+        0.3,
+        0.4,
+        0.5,
+        0.6,
+        0.7,
+        0.75,
+        0.8,
+        0.85,
+        0.9,
+        0.95,
+        1.0,
     )
     """Discrete resident fractions the solver chooses among (plus each model's current fraction)."""
     amortisation_horizon_seconds: float = 600.0
@@ -184,6 +196,8 @@ class PlannerConfig:
     """A change must beat the current placement by this share of its value to be worth making."""
     availability_value_tokens_per_second: float = 1.0
     """Value of merely being loaded (so idle models stay available while room allows)."""
+    excess_throughput_weight: float = 0.01
+    """Throughput beyond demand still counts a little (lower latency), so free memory is never left idle."""
     memory_penalty_per_gib: float = 1e-3
     """Tie-breaker: among equal values, prefer the placement that uses fewer GPU bytes."""
     solver: Literal["auto", "milp", "greedy"] = "auto"
@@ -261,10 +275,10 @@ class Plan:
     cached: tuple[CachedModel, ...] = ()
     solver: SolverName = "greedy"
     objective: float = 0.0
-    """Value of the plan: Σ served throughput (tokens/s) + availability − amortised transition cost."""
+    """Value of the plan: Σ served throughput (tokens/s) + availability - amortised transition cost."""
     upper_bound: float = 0.0
     optimality_gap: float = 0.0
-    """(upper_bound − objective) / upper_bound; 0 for a proven optimum."""
+    """(upper_bound - objective) / upper_bound; 0 for a proven optimum."""
     solve_seconds: float = 0.0
     planned_at_seconds: float = 0.0
     notes: tuple[str, ...] = field(default=())

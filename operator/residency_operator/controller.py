@@ -1,0 +1,180 @@
+"""The planning loop: read the cluster, plan, write placements before any worker acts, report status.
+
+Level-triggered: each round recomputes everything from the API server's state, so a restart or a lost
+event changes nothing. Only the holder of the `residency-operator` Lease writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from residency_operator.conditions import desired_status, now_rfc3339, status_patch
+from residency_operator.kube import Kube
+from residency_operator.planner import PlannerConfig, plan
+from residency_operator.state import (
+    UNLOAD_FINALIZER,
+    ClusterState,
+    OperatorKnobs,
+    desired_placements,
+    model_key,
+    model_verdict,
+    placement_name,
+    placement_needs_update,
+    planner_inputs,
+)
+
+log = logging.getLogger("residency.controller")
+WARNING_PHASES = frozenset({"Failed", "Unschedulable", "Preempted"})
+
+
+@dataclass
+class RoundReport:
+    """What one planning round did (for logs and tests)."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    statuses: int = 0
+    solver: str = ""
+    seconds: float = 0.0
+
+
+class Controller:
+    """Runs planning rounds when something changed (debounced) and on a resync period."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        knobs: OperatorKnobs,
+        planner_config: PlannerConfig | None = None,
+        lease_namespace: str = "default",
+        resync_seconds: float = 20.0,
+        debounce_seconds: float = 0.3,
+        lease_seconds: int = 15,
+    ) -> None:
+        self.kube = kube
+        self.knobs = knobs
+        self.planner_config = planner_config or PlannerConfig()
+        self.lease_namespace = lease_namespace
+        self.resync_seconds = resync_seconds
+        self.debounce_seconds = debounce_seconds
+        self.lease_seconds = lease_seconds
+        self.identity = f"{socket.gethostname()}-{os.getpid()}"
+        self._dirty = asyncio.Event()
+        self.leader = False
+
+    def poke(self) -> None:
+        """Something changed in the cluster: plan again soon."""
+        self._dirty.set()
+
+    async def run(self) -> None:
+        """Forever: wait for a change or the resync period, then plan (when leader)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._dirty.wait(), timeout=min(self.resync_seconds, self.lease_seconds / 3)
+                )
+            await asyncio.sleep(self.debounce_seconds)
+            self._dirty.clear()
+            try:
+                self.leader = await asyncio.to_thread(
+                    self.kube.try_acquire_lease,
+                    self.lease_namespace,
+                    "residency-operator",
+                    self.identity,
+                    self.lease_seconds,
+                )
+                if not self.leader:
+                    continue
+                report = await asyncio.to_thread(self.round)
+                if report.created or report.updated or report.deleted:
+                    log.info(
+                        "plan (%s, %.3f s): created %s updated %s deleted %s",
+                        report.solver,
+                        report.seconds,
+                        report.created,
+                        report.updated,
+                        report.deleted,
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the API server may be restarting: log, back off, try again
+                log.exception("planning round failed; retrying")
+                await asyncio.sleep(2.0)
+                self._dirty.set()
+
+    def read_state(self) -> ClusterState:
+        return ClusterState(
+            models=self.kube.list_custom("llmmodels"),
+            node_profiles=self.kube.list_custom("nodeprofiles"),
+            nodes=self.kube.list_nodes(),
+            placements=self.kube.list_custom("modelplacements"),
+            sensitivity_profiles=self.kube.list_custom("sensitivityprofiles"),
+        )
+
+    def round(self) -> RoundReport:
+        """One level-triggered planning round."""
+        started = time.perf_counter()
+        report = RoundReport()
+        state = self.read_state()
+        inputs = planner_inputs(state, datetime.now(UTC), self.knobs)
+        result = plan(
+            inputs.demands, inputs.nodes, inputs.current, inputs.profiles, time.time(), self.planner_config
+        )
+        report.solver = result.solver
+        desired = desired_placements(result, inputs)
+        existing = {p["metadata"]["name"]: p for p in state.placements}
+        # Placements first: the plan is in the API server before any worker acts on it.
+        for name, wanted in sorted(desired.items()):
+            have = existing.get(name)
+            if have is None:
+                wanted["metadata"]["finalizers"] = [UNLOAD_FINALIZER]
+                self.kube.create_placement(wanted)
+                report.created.append(name)
+            elif have["metadata"].get("deletionTimestamp"):
+                continue  # being unloaded; recreated next round
+            elif placement_needs_update(have, wanted):
+                self.kube.patch_placement(
+                    name, {"metadata": {"labels": wanted["metadata"]["labels"]}, "spec": wanted["spec"]}
+                )
+                report.updated.append(name)
+        accepting = {n.name for n in inputs.nodes if n.schedulable}
+        for name, have in sorted(existing.items()):
+            if name in desired:
+                continue
+            if not have["metadata"].get("deletionTimestamp"):
+                self.kube.delete_placement(name)
+                report.deleted.append(name)
+            elif have["spec"]["nodeName"] not in accepting:
+                # its worker is gone: nobody else will unload it
+                self.kube.remove_placement_finalizers(name)
+        for key, body in sorted(inputs.bodies.items()):
+            placement = existing.get(placement_name(key))
+            if placement is not None and placement_name(key) not in desired:
+                placement = None
+            verdict = model_verdict(key, inputs, result, placement)
+            current = dict(body.get("status") or {})
+            generation = body["metadata"].get("generation")
+            patch = status_patch(current, desired_status(current, verdict, generation, now_rfc3339()))
+            if not patch:
+                continue
+            namespace, name = key.split("/", 1)
+            self.kube.patch_model_status(namespace, name, patch)
+            report.statuses += 1
+            if current.get("phase") != verdict.phase or current.get("reason") != verdict.reason:
+                event_type = "Warning" if verdict.phase in WARNING_PHASES else "Normal"
+                self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
+        report.seconds = time.perf_counter() - started
+        return report
+
+
+def model_keys(bodies: list[dict[str, Any]]) -> list[str]:
+    return sorted(model_key(b) for b in bodies)

@@ -1,0 +1,162 @@
+"""The one module of the operator that talks to the API server (kubernetes client, sync calls)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from residency.api import GROUP, VERSION
+
+log = logging.getLogger(__name__)
+
+
+def load_config() -> None:
+    """In-cluster credentials when running in a pod, else $KUBECONFIG."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+class Kube:
+    """Thin wrappers over the calls the controller makes; every method is idempotent."""
+
+    def __init__(self) -> None:
+        self.custom = client.CustomObjectsApi()
+        self.core = client.CoreV1Api()
+        self.coordination = client.CoordinationV1Api()
+
+    # --- reads -------------------------------------------------------------------------------
+    def list_custom(self, plural: str) -> list[dict[str, Any]]:
+        result = self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
+        return list(result.get("items", []))
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        items = self.core.list_node().items
+        return [client.ApiClient().sanitize_for_serialization(n) for n in items]
+
+    # --- placements -------------------------------------------------------------------------
+    def create_placement(self, body: dict[str, Any]) -> None:
+        try:
+            self.custom.create_cluster_custom_object(GROUP, VERSION, "modelplacements", body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def patch_placement(self, name: str, body: dict[str, Any]) -> None:
+        self.custom.patch_cluster_custom_object(GROUP, VERSION, "modelplacements", name, body)
+
+    def delete_placement(self, name: str) -> None:
+        try:
+            self.custom.delete_cluster_custom_object(GROUP, VERSION, "modelplacements", name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def get_placement(self, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self.custom.get_cluster_custom_object(
+                GROUP, VERSION, "modelplacements", name
+            )
+            return result
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def remove_placement_finalizers(self, name: str) -> None:
+        try:
+            self.custom.patch_cluster_custom_object(
+                GROUP, VERSION, "modelplacements", name, {"metadata": {"finalizers": None}}
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # --- models ------------------------------------------------------------------------------
+    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, "llmmodels", name, {"status": status}
+            )
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to report to
+                raise
+
+    def post_event(self, body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+        meta = body["metadata"]
+        now = datetime.now(UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}",
+                kind="LLMModel",
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+            ),
+            reason=reason[:128],
+            message=message[:1024],
+            type=event_type,
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=client.V1EventSource(component="residency-operator"),
+            reporting_component="residency.dev/operator",
+            reporting_instance="residency-operator",
+        )
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException as exc:  # an Event is best effort; status already carries the truth
+            log.warning(
+                "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason
+            )
+
+    # --- leader election ---------------------------------------------------------------------
+    def try_acquire_lease(self, namespace: str, name: str, identity: str, duration_seconds: int) -> bool:
+        """Acquire or renew a coordination.k8s.io Lease; True while this identity holds it."""
+        now = datetime.now(UTC)
+        try:
+            lease = self.coordination.read_namespaced_lease(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = client.V1Lease(
+                metadata=client.V1ObjectMeta(name=name, namespace=namespace),
+                spec=client.V1LeaseSpec(
+                    holder_identity=identity,
+                    lease_duration_seconds=duration_seconds,
+                    acquire_time=now,
+                    renew_time=now,
+                    lease_transitions=0,
+                ),
+            )
+            try:
+                self.coordination.create_namespaced_lease(namespace, body)
+                return True
+            except ApiException as create_exc:
+                if create_exc.status == 409:
+                    return False
+                raise
+        spec = lease.spec
+        renewed = spec.renew_time or spec.acquire_time
+        expired = renewed is None or renewed + timedelta(seconds=spec.lease_duration_seconds or 0) < now
+        if spec.holder_identity != identity and not expired:
+            return False
+        if spec.holder_identity != identity:
+            spec.lease_transitions = (spec.lease_transitions or 0) + 1
+            spec.acquire_time = now
+        spec.holder_identity = identity
+        spec.renew_time = now
+        spec.lease_duration_seconds = duration_seconds
+        try:
+            self.coordination.replace_namespaced_lease(name, namespace, lease)  # resourceVersion guards races
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise

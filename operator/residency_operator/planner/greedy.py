@@ -1,0 +1,725 @@
+"""Fast deterministic greedy placement for inputs too large for the exact MILP.
+
+Priorities are strict tiers, solved highest first. Within a tier:
+
+1. models already running keep their placement (hysteresis: moving costs, and a stable cluster is
+   worth something);
+2. the others are admitted in order of value density (value per GPU byte), each at the level where its
+   value net of the amortised load cost peaks on the best node class, or else at the highest level that
+   still fits somewhere (best-fit on free GPU memory);
+3. a model that fits nowhere may make room on one node by demoting models of its own or a lower tier
+   to their minimal SLO-meeting level and by preempting strictly lower-priority preemptible models,
+   choosing the node where that loses the least value;
+4. leftover memory promotes the tier's models by marginal value per byte.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from residency_operator.planner.costs import (
+    ZERO_COST,
+    amortised_cost_tokens_per_second,
+    demote_cost,
+    promote_cost,
+)
+from residency_operator.planner.options import (
+    MODES,
+    BoolArray,
+    ClassTables,
+    FloatArray,
+    IntArray,
+    OptionEval,
+    evaluate_option,
+    option_score,
+    usable_gpu_bytes,
+    usable_host_bytes,
+)
+from residency_operator.planner.predictor import Predictor
+from residency_operator.planner.types import (
+    CurrentPlacement,
+    ExecutionMode,
+    ModelDemand,
+    NodeCapacity,
+    PlannerConfig,
+)
+
+MAKE_ROOM_CANDIDATE_NODES = 32
+"""Nodes examined (those with the most free memory) when a model must make room; bounds the cost."""
+FIT_SCAN_LIMIT = 64
+"""Nodes examined past the best-fit point when host memory, not GPU memory, is what does not fit."""
+
+
+@dataclass(slots=True)
+class Assignment:
+    """A model's placement while the greedy works (mutable)."""
+
+    node: int
+    resident_fraction: float
+    mode: ExecutionMode
+    gpu_bytes: int
+    host_bytes: int
+    value: float
+    """Primary value (what priorities compare)."""
+    score: float
+    """Primary value net of amortised transition cost (+ hysteresis bonus for incumbents)."""
+    full_value: float
+    full_score: float
+    incumbent: bool
+
+
+@dataclass(slots=True)
+class GreedyState:
+    """Free memory per node, kept sorted per node class for best-fit lookups."""
+
+    free_gpu: list[int]
+    free_host: list[int]
+    node_class: list[int]
+    free_sorted: list[list[tuple[int, int]]]
+    models_on_node: list[set[int]]
+    assignment: list[Assignment | None]
+    preempted_by: dict[int, int] = field(default_factory=dict)
+    """Model index → index of the model that preempted it (for the reason)."""
+
+    def occupy(self, model_index: int, assignment: Assignment) -> None:
+        """Put a model on its node, taking memory."""
+        self._set_free(assignment.node, -assignment.gpu_bytes, -assignment.host_bytes)
+        self.models_on_node[assignment.node].add(model_index)
+        self.assignment[model_index] = assignment
+
+    def release(self, model_index: int) -> Assignment | None:
+        """Take a model off its node, returning memory."""
+        assignment = self.assignment[model_index]
+        if assignment is None:
+            return None
+        self._set_free(assignment.node, assignment.gpu_bytes, assignment.host_bytes)
+        self.models_on_node[assignment.node].discard(model_index)
+        self.assignment[model_index] = None
+        return assignment
+
+    def _set_free(self, node: int, gpu_delta: int, host_delta: int) -> None:
+        sorted_free = self.free_sorted[self.node_class[node]]
+        old_key = (self.free_gpu[node], node)
+        position = bisect.bisect_left(sorted_free, old_key)
+        if position < len(sorted_free) and sorted_free[position] == old_key:
+            del sorted_free[position]
+            self.free_gpu[node] += gpu_delta
+            bisect.insort(sorted_free, (self.free_gpu[node], node))
+        else:
+            self.free_gpu[node] += gpu_delta
+        self.free_host[node] += host_delta
+
+    def best_fit(self, node_class: int, gpu_bytes: int, host_bytes: int) -> int | None:
+        """The accepting node of a class with the least free GPU memory that still fits both needs."""
+        sorted_free = self.free_sorted[node_class]
+        position = bisect.bisect_left(sorted_free, (gpu_bytes, -1))
+        for free_gpu, node in sorted_free[position : position + FIT_SCAN_LIMIT]:
+            if free_gpu >= gpu_bytes and self.free_host[node] >= host_bytes:
+                return node
+        return None
+
+    def largest_free_gpu(self, node_class: int) -> int:
+        """Most free GPU memory on any accepting node of a class."""
+        sorted_free = self.free_sorted[node_class]
+        return sorted_free[-1][0] if sorted_free else -1
+
+
+@dataclass(slots=True)
+class DerivedScores:
+    """Newcomer scores and the per-model choices that follow from them (see :func:`derive_scores`)."""
+
+    newcomer_score: FloatArray
+    """``[class, mode, model, level]``: value net of the amortised cold-load cost; -inf when infeasible."""
+    target_level: IntArray
+    """``[class, mode, model]``: level with the best newcomer score."""
+    min_level: IntArray
+    """``[class, mode, model]``: lowest feasible level."""
+    class_mode_order: IntArray
+    """``[model, class*mode]``: (class, mode) pairs by target score, best first."""
+    best_target_score: FloatArray
+    has_option: BoolArray
+    flat_target_score: FloatArray
+    """``[class*mode, model]``."""
+
+
+def derive_scores(tables: ClassTables, usable_class: BoolArray, horizon_seconds: float) -> DerivedScores:
+    """Vectorised newcomer scores over all models (or one, for the incremental planner)."""
+    model_count = tables.gpu_bytes.shape[1]
+    load_penalty = tables.load_seconds[:, None, :, :] / horizon_seconds if horizon_seconds > 0 else 0.0
+    feasible = tables.feasible & usable_class[:, None, None, None]
+    score = np.where(feasible, tables.primary_value * (1.0 - load_penalty), -np.inf)
+    target_level = np.argmax(score, axis=3)
+    target_score = np.take_along_axis(score, target_level[..., None], axis=3)[..., 0]
+    flat = target_score.reshape(len(tables.classes) * len(MODES), model_count)
+    return DerivedScores(
+        newcomer_score=score,
+        target_level=target_level,
+        min_level=np.argmax(feasible, axis=3),
+        class_mode_order=np.argsort(-flat, axis=0, kind="stable").T,
+        best_target_score=flat.max(axis=0) if model_count else np.zeros(0),
+        has_option=feasible.any(axis=(0, 1, 3)) if model_count else np.zeros(0, dtype=bool),
+        flat_target_score=flat,
+    )
+
+
+@dataclass(slots=True)
+class GreedyResult:
+    """What the greedy decided, by model index."""
+
+    assignment: list[Assignment | None]
+    preempted_by: dict[int, int]
+
+
+class GreedyPlanner:
+    """One greedy solve; see the module docstring for the algorithm."""
+
+    def __init__(
+        self,
+        models: list[ModelDemand],
+        nodes: Sequence[NodeCapacity],
+        class_of_node: Sequence[int],
+        tables: ClassTables,
+        current: dict[str, CurrentPlacement],
+        predictor: Predictor,
+        config: PlannerConfig,
+    ) -> None:
+        self.models = models
+        self.nodes = nodes
+        self.node_index = {node.name: i for i, node in enumerate(nodes)}
+        self.class_of_node = class_of_node
+        self.tables = tables
+        self.current = current
+        self.predictor = predictor
+        self.config = config
+        self.usable_class = np.zeros(len(tables.classes), dtype=bool)
+        for i, node in enumerate(nodes):
+            if node.accepts_work:
+                self.usable_class[class_of_node[i]] = True
+        derived = derive_scores(tables, self.usable_class, config.amortisation_horizon_seconds)
+        self.newcomer_score = derived.newcomer_score
+        self.target_level = derived.target_level
+        self.min_level = derived.min_level
+        self.class_mode_order = derived.class_mode_order
+        self.best_target_score = derived.best_target_score
+        self.has_option = derived.has_option
+        self._flat_target_score = derived.flat_target_score
+
+        free_gpu = [usable_gpu_bytes(node) for node in nodes]
+        free_host = [usable_host_bytes(node) for node in nodes]
+        free_sorted: list[list[tuple[int, int]]] = [[] for _ in tables.classes]
+        for i, node in enumerate(nodes):
+            if node.accepts_work:
+                free_sorted[class_of_node[i]].append((free_gpu[i], i))
+        for entries in free_sorted:
+            entries.sort()
+        self.failed_room_gpu_bytes: dict[tuple[int, int, int], int] = {}
+        self.state = GreedyState(
+            free_gpu=free_gpu,
+            free_host=free_host,
+            node_class=list(class_of_node),
+            free_sorted=free_sorted,
+            models_on_node=[set() for _ in nodes],
+            assignment=[None] * len(models),
+        )
+
+    # -- incumbents -----------------------------------------------------------------------------------
+
+    def incumbent_option(self, model_index: int) -> OptionEval | None:
+        """The current running placement, if it is still valid (accepting node, allowed, meets SLO)."""
+        model = self.models[model_index]
+        current = self.current.get(model.name)
+        if current is None or not current.is_running or not model.wanted:
+            return None
+        node_index = self.node_index.get(current.node)
+        if node_index is None or not self.nodes[node_index].accepts_work:
+            return None
+        option = evaluate_option(
+            self.predictor,
+            model,
+            self.nodes[node_index],
+            current.resident_fraction,
+            current.mode,
+            self.config,
+        )
+        if not option.allowed or not option.meets_slo:
+            return None
+        return option
+
+    def seat_incumbents(self) -> None:
+        """Keep every valid running placement; release the lowest priorities where a node is over-full."""
+        for model_index, model in enumerate(self.models):
+            option = self.incumbent_option(model_index)
+            if option is None:
+                continue
+            node = self.node_index[self.current[model.name].node]
+            self.state.occupy(
+                model_index,
+                Assignment(
+                    node=node,
+                    resident_fraction=option.resident_fraction,
+                    mode=option.mode,
+                    gpu_bytes=option.gpu_bytes,
+                    host_bytes=option.host_bytes,
+                    value=option.primary_value,
+                    score=option_score(option.primary_value, ZERO_COST, True, self.config),
+                    full_value=option.value,
+                    full_score=option_score(option.value, ZERO_COST, True, self.config),
+                    incumbent=True,
+                ),
+            )
+        for node in range(len(self.nodes)):
+            if self.state.free_gpu[node] >= 0 and self.state.free_host[node] >= 0:
+                continue
+            # Capacity shrank under running models: keep the most important ones.
+            victims = sorted(
+                self.state.models_on_node[node],
+                key=lambda i: (not self.models[i].preemptible, self.models[i].priority, self.models[i].name),
+            )
+            for victim in victims:
+                if self.state.free_gpu[node] >= 0 and self.state.free_host[node] >= 0:
+                    break
+                self.state.release(victim)
+
+    # -- admission ------------------------------------------------------------------------------------
+
+    def _assignment_at(
+        self, model_index: int, node: int, node_class: int, mode_index: int, level_index: int
+    ) -> Assignment:
+        tables = self.tables
+        value = float(tables.primary_value[node_class, mode_index, model_index, level_index])
+        full_value = float(tables.value[node_class, mode_index, model_index, level_index])
+        return Assignment(
+            node=node,
+            resident_fraction=float(tables.levels[level_index]),
+            mode=MODES[mode_index],
+            gpu_bytes=int(tables.gpu_bytes[mode_index, model_index, level_index]),
+            host_bytes=int(tables.host_bytes[model_index, level_index]),
+            value=value,
+            score=float(self.newcomer_score[node_class, mode_index, model_index, level_index]),
+            full_value=full_value,
+            full_score=full_value * (1.0 - self._load_share(node_class, model_index, level_index)),
+            incumbent=False,
+        )
+
+    def _load_share(self, node_class: int, model_index: int, level: int) -> float:
+        horizon = self.config.amortisation_horizon_seconds
+        return float(self.tables.load_seconds[node_class, model_index, level]) / horizon if horizon > 0 else 0.0
+
+    def _class_modes(self, model_index: int) -> list[tuple[int, int]]:
+        """(class, mode) pairs with a feasible option, best target score first."""
+        scores = self._flat_target_score[:, model_index]
+        order = self.class_mode_order[model_index]
+        count = int(np.isfinite(scores).sum())
+        return [divmod(flat_index, len(MODES)) for flat_index in order[:count].tolist()]
+
+    def _preferred_node(self, model_index: int) -> int | None:
+        """Where the model is (or is cached) now: placing it there again is cheapest."""
+        current = self.current.get(self.models[model_index].name)
+        if current is None:
+            return None
+        node = self.node_index.get(current.node)
+        if node is None or not self.nodes[node].accepts_work:
+            return None
+        return node
+
+    def try_place(self, model_index: int) -> bool:
+        """Admit a model into free memory; True when placed."""
+        pairs = self._class_modes(model_index)
+        if not pairs:
+            return False
+        tables, state = self.tables, self.state
+        preferred = self._preferred_node(model_index)
+        # Pass 1: each class at its target level, the model's current node first.
+        for node_class, mode_index in pairs:
+            level = int(self.target_level[node_class, mode_index, model_index])
+            gpu = int(tables.gpu_bytes[mode_index, model_index, level])
+            host = int(tables.host_bytes[model_index, level])
+            if (
+                preferred is not None
+                and self.class_of_node[preferred] == node_class
+                and state.free_gpu[preferred] >= gpu
+                and state.free_host[preferred] >= host
+            ):
+                state.occupy(
+                    model_index, self._assignment_at(model_index, preferred, node_class, mode_index, level)
+                )
+                return True
+        for node_class, mode_index in pairs:
+            level = int(self.target_level[node_class, mode_index, model_index])
+            gpu = int(tables.gpu_bytes[mode_index, model_index, level])
+            host = int(tables.host_bytes[model_index, level])
+            node = state.best_fit(node_class, gpu, host)
+            if node is not None:
+                state.occupy(
+                    model_index, self._assignment_at(model_index, node, node_class, mode_index, level)
+                )
+                return True
+        # Pass 2: the highest feasible level that fits anywhere in the class.
+        best: tuple[float, int, int, int, int] | None = None
+        for node_class, mode_index in pairs:
+            largest = state.largest_free_gpu(node_class)
+            lowest = int(self.min_level[node_class, mode_index, model_index])
+            top = int(self.target_level[node_class, mode_index, model_index])
+            for level in range(top - 1, lowest - 1, -1):
+                score = self.newcomer_score[node_class, mode_index, model_index, level]
+                gpu = int(tables.gpu_bytes[mode_index, model_index, level])
+                if not np.isfinite(score) or gpu > largest:
+                    continue
+                if best is not None and score <= best[0]:
+                    break
+                node = state.best_fit(node_class, gpu, int(tables.host_bytes[model_index, level]))
+                if node is not None:
+                    best = (float(score), node, node_class, mode_index, level)
+                    break
+        if best is None:
+            return False
+        _, node, node_class, mode_index, level = best
+        state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
+        return True
+
+    # -- making room ----------------------------------------------------------------------------------
+
+    def _minimal_option(self, model_index: int, assignment: Assignment) -> tuple[int, int, float] | None:
+        """GPU and host bytes and value of a placed model at its minimal SLO-meeting level, same node/mode."""
+        node_class = self.class_of_node[assignment.node]
+        mode_index = MODES.index(assignment.mode)
+        feasible = self.tables.feasible[node_class, mode_index, model_index]
+        if not feasible.any():
+            return None
+        level = int(np.argmax(feasible))
+        if self.tables.levels[level] >= assignment.resident_fraction - 1e-9:
+            return None
+        return (
+            int(self.tables.gpu_bytes[mode_index, model_index, level]),
+            int(self.tables.host_bytes[model_index, level]),
+            float(self.tables.primary_value[node_class, mode_index, model_index, level]),
+        )
+
+    def try_make_room(self, model_index: int) -> bool:
+        """Demote same-or-lower tiers / preempt strictly lower tiers on one node to admit the model."""
+        model = self.models[model_index]
+        state, tables = self.state, self.tables
+        best: tuple[float, int, int, int, int, list[tuple[int, str]]] | None = None
+        for node_class, mode_index in self._class_modes(model_index):
+            level = int(self.min_level[node_class, mode_index, model_index])
+            need_gpu = int(tables.gpu_bytes[mode_index, model_index, level])
+            need_host = int(tables.host_bytes[model_index, level])
+            memo_key = (model.priority, node_class, mode_index)
+            if need_gpu >= self.failed_room_gpu_bytes.get(memo_key, need_gpu + 1):
+                # A smaller need already found no room here in this tier; room only shrinks as it fills.
+                continue
+            gain_value = float(tables.primary_value[node_class, mode_index, model_index, level])
+            candidates = [node for _, node in state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]]
+            for node in reversed(candidates):
+                plan = self._room_plan(model, node, need_gpu, need_host)
+                if plan is None:
+                    continue
+                loss, steps = plan
+                same_tier_loss = sum(
+                    self._step_loss(i, kind) for i, kind in steps if self.models[i].priority >= model.priority
+                )
+                if same_tier_loss >= gain_value:
+                    continue
+                key = (loss, node, node_class, mode_index, level)
+                if best is None or key < best[:5]:
+                    best = (loss, node, node_class, mode_index, level, steps)
+            if best is None:
+                self.failed_room_gpu_bytes[memo_key] = min(
+                    need_gpu, self.failed_room_gpu_bytes.get(memo_key, need_gpu)
+                )
+        if best is None:
+            return False
+        _, node, node_class, mode_index, level, steps = best
+        for victim, kind in steps:
+            if kind == "preempt":
+                state.release(victim)
+                state.preempted_by[victim] = model_index
+            else:
+                self._demote_to_minimum(victim)
+        state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
+        return True
+
+    def _step_loss(self, model_index: int, kind: str) -> float:
+        assignment = self.state.assignment[model_index]
+        if assignment is None:
+            return 0.0
+        if kind == "preempt":
+            return assignment.value
+        minimal = self._minimal_option(model_index, assignment)
+        return 0.0 if minimal is None else assignment.value - minimal[2]
+
+    def _room_plan(
+        self, model: ModelDemand, node: int, need_gpu: int, need_host: int
+    ) -> tuple[float, list[tuple[int, str]]] | None:
+        """Cheapest demotions then preemptions on ``node`` that free enough; None when impossible."""
+        state = self.state
+        free_gpu, free_host = state.free_gpu[node], state.free_host[node]
+        if free_gpu >= need_gpu and free_host >= need_host:
+            return 0.0, []
+        demotions: list[tuple[float, str, int, int, int, float]] = []
+        preemptions: list[tuple[int, float, str, int, int, int, float]] = []
+        for other in state.models_on_node[node]:
+            other_model = self.models[other]
+            assignment = state.assignment[other]
+            if assignment is None or not other_model.preemptible or other_model.priority > model.priority:
+                continue
+            minimal = self._minimal_option(other, assignment)
+            if minimal is not None:
+                freed = assignment.gpu_bytes - minimal[0]
+                if freed > 0:
+                    loss = assignment.value - minimal[2]
+                    demotions.append(
+                        (
+                            loss / freed,
+                            other_model.name,
+                            other,
+                            freed,
+                            assignment.host_bytes - minimal[1],
+                            loss,
+                        )
+                    )
+            if other_model.priority < model.priority:
+                preemptions.append(
+                    (
+                        other_model.priority,
+                        assignment.value,
+                        other_model.name,
+                        other,
+                        assignment.gpu_bytes,
+                        assignment.host_bytes,
+                        assignment.value,
+                    )
+                )
+        steps: list[tuple[int, str]] = []
+        loss_total = 0.0
+        demoted: dict[int, tuple[int, int]] = {}
+        for _, _, other, freed_gpu, host_delta, loss in sorted(demotions):
+            if free_gpu >= need_gpu and free_host >= need_host:
+                break
+            if free_host + host_delta < 0:
+                continue
+            free_gpu += freed_gpu
+            free_host += host_delta
+            loss_total += loss
+            demoted[other] = (freed_gpu, host_delta)
+            steps.append((other, "demote"))
+        for _, _, _, other, gpu, host, value in sorted(preemptions):
+            if free_gpu >= need_gpu and free_host >= need_host:
+                break
+            if other in demoted:
+                # Preempting a model already demoted frees its demoted footprint, not its original one.
+                freed_gpu, host_delta = demoted.pop(other)
+                gpu -= freed_gpu
+                host += host_delta
+                steps = [step for step in steps if step[0] != other]
+            free_gpu += gpu
+            free_host += host
+            loss_total += value
+            steps.append((other, "preempt"))
+        if free_gpu >= need_gpu and free_host >= need_host:
+            return loss_total, steps
+        return None
+
+    def _demote_to_minimum(self, model_index: int) -> None:
+        state = self.state
+        assignment = state.assignment[model_index]
+        if assignment is None:
+            return
+        minimal = self._minimal_option(model_index, assignment)
+        if minimal is None:
+            return
+        node_class = self.class_of_node[assignment.node]
+        mode_index = MODES.index(assignment.mode)
+        level = int(np.argmax(self.tables.feasible[node_class, mode_index, model_index]))
+        state.release(model_index)
+        demoted = self._assignment_at(model_index, assignment.node, node_class, mode_index, level)
+        if assignment.incumbent:
+            model = self.models[model_index]
+            cost = demote_cost(
+                model, self.nodes[assignment.node], assignment.resident_fraction, demoted.resident_fraction
+            )
+            demoted.score = option_score(demoted.value, cost, False, self.config)
+            demoted.full_score = option_score(demoted.full_value, cost, False, self.config)
+        state.occupy(model_index, demoted)
+
+    # -- promotion ------------------------------------------------------------------------------------
+
+    def promote(self, tier: Sequence[int], full: bool = False) -> None:
+        """Spend free memory on the given placed models, best marginal value per byte first.
+
+        Tiers promote on primary value; the final pass (``full``) also values throughput beyond demand.
+        """
+        state, tables = self.state, self.tables
+        proposals: list[tuple[float, str, int, int]] = []
+        for model_index in tier:
+            assignment = state.assignment[model_index]
+            if assignment is None:
+                continue
+            best = self._best_promotion(model_index, assignment, unlimited=True, full=full)
+            if best is None:
+                continue
+            gain, level = best
+            extra = (
+                int(tables.gpu_bytes[MODES.index(assignment.mode), model_index, level]) - assignment.gpu_bytes
+            )
+            proposals.append((-gain / max(1, extra), self.models[model_index].name, model_index, level))
+        for _, _, model_index, _ in sorted(proposals):
+            assignment = state.assignment[model_index]
+            if assignment is None:
+                continue
+            best = self._best_promotion(model_index, assignment, unlimited=False, full=full)
+            if best is None:
+                continue
+            _, level = best
+            node_class = self.class_of_node[assignment.node]
+            mode_index = MODES.index(assignment.mode)
+            promoted = self._assignment_at(model_index, assignment.node, node_class, mode_index, level)
+            if assignment.incumbent:
+                promoted.score = self._promotion_score(model_index, assignment, level, False)
+                promoted.full_score = self._promotion_score(model_index, assignment, level, True)
+                promoted.incumbent = True
+            state.release(model_index)
+            state.occupy(model_index, promoted)
+
+    def _promotion_score(self, model_index: int, assignment: Assignment, level: int, full: bool) -> float:
+        node_class = self.class_of_node[assignment.node]
+        mode_index = MODES.index(assignment.mode)
+        table = self.tables.value if full else self.tables.primary_value
+        value = float(table[node_class, mode_index, model_index, level])
+        if not assignment.incumbent:
+            return value * (1.0 - self._load_share(node_class, model_index, level))
+        now = self.current.get(self.models[model_index].name)
+        cost = promote_cost(
+            self.models[model_index],
+            self.nodes[assignment.node],
+            now.resident_fraction if now is not None else assignment.resident_fraction,
+            float(self.tables.levels[level]),
+        )
+        return value - amortised_cost_tokens_per_second(cost, value, self.config.amortisation_horizon_seconds)
+
+    def _best_promotion(
+        self, model_index: int, assignment: Assignment, unlimited: bool, full: bool = False
+    ) -> tuple[float, int] | None:
+        """(gain, level) of the best higher level on the same node and mode, if it beats the current score."""
+        node_class = self.class_of_node[assignment.node]
+        mode_index = MODES.index(assignment.mode)
+        tables, state = self.tables, self.state
+        feasible = tables.feasible[node_class, mode_index, model_index]
+        best: tuple[float, int] | None = None
+        threshold = assignment.full_score if full else assignment.score
+        for level in range(len(tables.levels) - 1, -1, -1):
+            if tables.levels[level] <= assignment.resident_fraction + 1e-9:
+                break
+            if not feasible[level]:
+                continue
+            extra_gpu = int(tables.gpu_bytes[mode_index, model_index, level]) - assignment.gpu_bytes
+            extra_host = int(tables.host_bytes[model_index, level]) - assignment.host_bytes
+            if not unlimited and (
+                extra_gpu > state.free_gpu[assignment.node] or extra_host > state.free_host[assignment.node]
+            ):
+                continue
+            score = self._promotion_score(model_index, assignment, level, full)
+            # An incumbent's score carries the hysteresis bonus, so it must be beaten by a clear margin.
+            if score > threshold + 1e-9 and (best is None or score - threshold > best[0]):
+                best = (score - threshold, level)
+        return best
+
+    # -- incremental ----------------------------------------------------------------------------------
+
+    def refresh_model(self, model_index: int, model: ModelDemand, row: ClassTables) -> None:
+        """Replace one model's demand and its rows of the option tables (``row`` holds just that model)."""
+        self.models[model_index] = model
+        tables = self.tables
+        tables.decode_tokens_per_second[:, :, model_index, :] = row.decode_tokens_per_second[:, :, 0, :]
+        tables.value[:, :, model_index, :] = row.value[:, :, 0, :]
+        tables.primary_value[:, :, model_index, :] = row.primary_value[:, :, 0, :]
+        tables.feasible[:, :, model_index, :] = row.feasible[:, :, 0, :]
+        tables.load_seconds[:, model_index, :] = row.load_seconds[:, 0, :]
+        tables.gpu_bytes[:, model_index, :] = row.gpu_bytes[:, 0, :]
+        tables.host_bytes[model_index, :] = row.host_bytes[0, :]
+        derived = derive_scores(row, self.usable_class, self.config.amortisation_horizon_seconds)
+        self.newcomer_score[:, :, model_index, :] = derived.newcomer_score[:, :, 0, :]
+        self.target_level[:, :, model_index] = derived.target_level[:, :, 0]
+        self.min_level[:, :, model_index] = derived.min_level[:, :, 0]
+        self.class_mode_order[model_index] = derived.class_mode_order[0]
+        self.best_target_score[model_index] = derived.best_target_score[0]
+        self.has_option[model_index] = derived.has_option[0]
+        self._flat_target_score[:, model_index] = derived.flat_target_score[:, 0]
+
+    def keep_or_replace(self, model_index: int) -> None:
+        """Re-plan one model against everything else held fixed: stay if still valid, else move or make room."""
+        state = self.state
+        previous = state.release(model_index)
+        model = self.models[model_index]
+        if not model.wanted:
+            return
+        if previous is not None:
+            option = evaluate_option(
+                self.predictor,
+                model,
+                self.nodes[previous.node],
+                previous.resident_fraction,
+                previous.mode,
+                self.config,
+            )
+            fits = (
+                state.free_gpu[previous.node] >= option.gpu_bytes
+                and state.free_host[previous.node] >= option.host_bytes
+            )
+            if option.allowed and option.meets_slo and fits and self.nodes[previous.node].accepts_work:
+                state.occupy(
+                    model_index,
+                    Assignment(
+                        node=previous.node,
+                        resident_fraction=previous.resident_fraction,
+                        mode=previous.mode,
+                        gpu_bytes=option.gpu_bytes,
+                        host_bytes=option.host_bytes,
+                        value=option.primary_value,
+                        score=option_score(option.primary_value, ZERO_COST, True, self.config),
+                        full_value=option.value,
+                        full_score=option_score(option.value, ZERO_COST, True, self.config),
+                        incumbent=True,
+                    ),
+                )
+                self.promote([model_index])
+                return
+        if not self.has_option[model_index]:
+            return
+        if not self.try_place(model_index):
+            self.try_make_room(model_index)
+        self.promote([model_index])
+
+    # -- driver ---------------------------------------------------------------------------------------
+
+    def solve(self) -> GreedyResult:
+        """Run all tiers, highest priority first."""
+        self.seat_incumbents()
+        tiers: dict[int, list[int]] = {}
+        for model_index, model in enumerate(self.models):
+            if model.wanted:
+                tiers.setdefault(model.priority, []).append(model_index)
+        smallest_gpu_bytes = self.tables.gpu_bytes.min(axis=(0, 2)) if self.models else np.zeros(0)
+        for priority in sorted(tiers, reverse=True):
+            members = tiers[priority]
+            newcomers = [i for i in members if self.state.assignment[i] is None and self.has_option[i]]
+            # Value density first: the classic greedy order for a knapsack.
+            newcomers.sort(
+                key=lambda i: (
+                    -self.best_target_score[i] / max(1.0, float(smallest_gpu_bytes[i])),
+                    self.models[i].name,
+                )
+            )
+            for model_index in newcomers:
+                if not self.try_place(model_index):
+                    self.try_make_room(model_index)
+            self.promote(members)
+        # Memory nobody needs goes to throughput beyond demand (lower latency), highest priority first.
+        placed = [i for i in range(len(self.models)) if self.state.assignment[i] is not None]
+        placed.sort(key=lambda i: (-self.models[i].priority, self.models[i].name))
+        self.promote(placed, full=True)
+        return GreedyResult(assignment=self.state.assignment, preempted_by=self.state.preempted_by)

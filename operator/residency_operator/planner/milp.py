@@ -1,0 +1,324 @@
+"""Exact placement by mixed-integer programming over discretised residency levels (HiGHS via scipy).
+
+One binary per (model, node, level, mode) option. Priorities are strict tiers solved lexicographically:
+each tier is optimised with every higher tier held at its optimum, so no amount of lower-priority
+throughput can ever displace a higher-priority model. The same option builder gives the LP relaxation
+that bounds the greedy's optimality gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from residency_operator.planner.greedy import Assignment
+from residency_operator.planner.options import (
+    LEVEL_EPSILON,
+    MODES,
+    ClassTables,
+    evaluate_option,
+    option_score,
+    transition,
+    usable_gpu_bytes,
+    usable_host_bytes,
+)
+from residency_operator.planner.predictor import Predictor
+from residency_operator.planner.types import (
+    GIB,
+    CurrentPlacement,
+    ExecutionMode,
+    ModelDemand,
+    NodeCapacity,
+    PlannerConfig,
+)
+
+IntArray = npt.NDArray[np.int64]
+
+TIER_HOLD_SLACK = 1e-3
+"""Share of a tier's optimum that later stages may trade away (amortised load-cost noise, not throughput)."""
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(slots=True)
+class NodeOptions:
+    """Every feasible (model, node, level, mode) option, as parallel arrays."""
+
+    model: IntArray
+    node: IntArray
+    resident_fraction: FloatArray
+    mode: list[ExecutionMode]
+    gpu_bytes: FloatArray
+    host_bytes: FloatArray
+    value: FloatArray
+    score: FloatArray
+    primary_value: FloatArray
+    primary_score: FloatArray
+    incumbent: npt.NDArray[np.bool_]
+    pinned_models: list[int]
+    """Running non-preemptible models whose options are restricted to staying and must be chosen."""
+
+    def __len__(self) -> int:
+        return len(self.model)
+
+
+def count_options(tables: ClassTables, class_of_node: Sequence[int], nodes: Sequence[NodeCapacity]) -> int:
+    """How many options the MILP would have (decides between exact and greedy)."""
+    per_class = tables.feasible.sum(axis=(1, 2, 3))
+    return int(sum(int(per_class[class_of_node[i]]) for i, node in enumerate(nodes) if node.accepts_work))
+
+
+def build_node_options(
+    models: Sequence[ModelDemand],
+    nodes: Sequence[NodeCapacity],
+    class_of_node: Sequence[int],
+    tables: ClassTables,
+    current: dict[str, CurrentPlacement],
+    predictor: Predictor,
+    config: PlannerConfig,
+) -> NodeOptions:
+    """Expand the class tables to concrete nodes, adding each running model's current level."""
+    node_by_name = {node.name: node for node in nodes}
+    rows_model: list[int] = []
+    rows_node: list[int] = []
+    rows_fraction: list[float] = []
+    rows_mode: list[ExecutionMode] = []
+    rows_gpu: list[float] = []
+    rows_host: list[float] = []
+    rows_value: list[float] = []
+    rows_score: list[float] = []
+    rows_primary_value: list[float] = []
+    rows_primary_score: list[float] = []
+    rows_incumbent: list[bool] = []
+    pinned: list[int] = []
+
+    def add(
+        model_index: int,
+        node_index: int,
+        fraction: float,
+        mode: ExecutionMode,
+        gpu: float,
+        host: float,
+        value: float,
+        primary_value: float,
+    ) -> None:
+        model = models[model_index]
+        node = nodes[node_index]
+        now = current.get(model.name)
+        kind, cost = transition(model, now, node_by_name, node, fraction, mode)
+        is_incumbent = kind is None and now is not None and now.is_running
+        rows_model.append(model_index)
+        rows_node.append(node_index)
+        rows_fraction.append(fraction)
+        rows_mode.append(mode)
+        rows_gpu.append(gpu)
+        rows_host.append(host)
+        rows_value.append(value)
+        rows_score.append(option_score(value, cost, is_incumbent, config))
+        rows_primary_value.append(primary_value)
+        rows_primary_score.append(option_score(primary_value, cost, is_incumbent, config))
+        rows_incumbent.append(is_incumbent)
+
+    for model_index, model in enumerate(models):
+        if not model.wanted:
+            continue
+        now = current.get(model.name)
+        pin_node: int | None = None
+        if now is not None and now.is_running and not model.preemptible:
+            candidate = next((i for i, n in enumerate(nodes) if n.name == now.node), None)
+            if candidate is not None and nodes[candidate].accepts_work:
+                incumbent = evaluate_option(
+                    predictor, model, nodes[candidate], now.resident_fraction, now.mode, config
+                )
+                if incumbent.allowed:
+                    pin_node = candidate
+        if now is not None and now.is_running:
+            node_index = next((i for i, n in enumerate(nodes) if n.name == now.node), None)
+            if node_index is not None and nodes[node_index].accepts_work:
+                option = evaluate_option(
+                    predictor, model, nodes[node_index], now.resident_fraction, now.mode, config
+                )
+                on_grid = bool(np.any(np.abs(tables.levels - now.resident_fraction) <= LEVEL_EPSILON))
+                if option.allowed and (option.meets_slo or pin_node is not None) and not on_grid:
+                    add(
+                        model_index,
+                        node_index,
+                        now.resident_fraction,
+                        now.mode,
+                        option.gpu_bytes,
+                        option.host_bytes,
+                        option.value,
+                        option.primary_value,
+                    )
+        for node_index, node in enumerate(nodes):
+            if not node.accepts_work or (pin_node is not None and node_index != pin_node):
+                continue
+            node_class = class_of_node[node_index]
+            for mode_index, mode in enumerate(MODES):
+                if pin_node is not None and now is not None and mode != now.mode:
+                    continue
+                for level_index in np.flatnonzero(tables.feasible[node_class, mode_index, model_index]):
+                    fraction = float(tables.levels[level_index])
+                    if (
+                        pin_node is not None
+                        and now is not None
+                        and fraction < now.resident_fraction - LEVEL_EPSILON
+                    ):
+                        continue
+                    add(
+                        model_index,
+                        node_index,
+                        fraction,
+                        mode,
+                        float(tables.gpu_bytes[mode_index, model_index, level_index]),
+                        float(tables.host_bytes[model_index, level_index]),
+                        float(tables.value[node_class, mode_index, model_index, level_index]),
+                        float(tables.primary_value[node_class, mode_index, model_index, level_index]),
+                    )
+        if pin_node is not None:
+            pinned.append(model_index)
+    return NodeOptions(
+        model=np.array(rows_model, dtype=np.int64),
+        node=np.array(rows_node, dtype=np.int64),
+        resident_fraction=np.array(rows_fraction, dtype=np.float64),
+        mode=rows_mode,
+        gpu_bytes=np.array(rows_gpu, dtype=np.float64),
+        host_bytes=np.array(rows_host, dtype=np.float64),
+        value=np.array(rows_value, dtype=np.float64),
+        score=np.array(rows_score, dtype=np.float64),
+        primary_value=np.array(rows_primary_value, dtype=np.float64),
+        primary_score=np.array(rows_primary_score, dtype=np.float64),
+        incumbent=np.array(rows_incumbent, dtype=bool),
+        pinned_models=pinned,
+    )
+
+
+def _capacity_constraints(
+    options: NodeOptions, nodes: Sequence[NodeCapacity], model_count: int, active: npt.NDArray[np.bool_]
+) -> list[LinearConstraint]:
+    option_count = len(options)
+    columns = np.arange(option_count)
+    # Memory in GiB keeps the coefficients near 1 for the solver's tolerances.
+    gpu = csr_array(
+        (np.where(active, options.gpu_bytes / GIB, 0.0), (options.node, columns)),
+        shape=(len(nodes), option_count),
+    )
+    host = csr_array(
+        (np.where(active, options.host_bytes / GIB, 0.0), (options.node, columns)),
+        shape=(len(nodes), option_count),
+    )
+    gpu_capacity = np.array([usable_gpu_bytes(node) / GIB for node in nodes])
+    host_capacity = np.array([usable_host_bytes(node) / GIB for node in nodes])
+    one_each = csr_array((np.ones(option_count), (options.model, columns)), shape=(model_count, option_count))
+    lower = np.zeros(model_count)
+    for model_index in options.pinned_models:
+        lower[model_index] = 1.0
+    return [
+        LinearConstraint(gpu, -np.inf, gpu_capacity + 1e-9),
+        LinearConstraint(host, -np.inf, host_capacity + 1e-9),
+        LinearConstraint(one_each, lower, np.ones(model_count)),
+    ]
+
+
+@dataclass(slots=True)
+class MilpResult:
+    """Chosen option per model (index into the options), the objective and the solver's own gap."""
+
+    chosen: dict[int, int]
+    objective: float
+    gap: float
+    solved: bool
+    message: str
+
+
+def solve_lexicographic(
+    models: Sequence[ModelDemand],
+    nodes: Sequence[NodeCapacity],
+    options: NodeOptions,
+    config: PlannerConfig,
+) -> MilpResult:
+    """Optimise tier by tier (highest priority first); each later tier keeps earlier tiers' optima."""
+    option_count = len(options)
+    if option_count == 0:
+        return MilpResult({}, 0.0, 0.0, True, "no options")
+    priorities = np.array([models[i].priority for i in options.model])
+    tiers = sorted({int(p) for p in priorities}, reverse=True)
+    held: list[tuple[npt.NDArray[np.float64], float]] = []
+    solution: FloatArray | None = None
+    gap = 0.0
+    # One solve per tier on primary value, then one on the full value with every tier held.
+    stages: list[tuple[int | None, npt.NDArray[np.float64]]] = [
+        (tier, np.where(priorities == tier, options.primary_score, 0.0)) for tier in tiers
+    ]
+    stages.append((None, options.score))
+    memory_penalty = config.memory_penalty_per_gib * options.gpu_bytes / GIB
+    for tier, coefficients in stages:
+        active = priorities >= tier if tier is not None else np.ones(option_count, dtype=bool)
+        constraints = _capacity_constraints(options, nodes, len(models), active)
+        for held_coefficients, floor in held:
+            constraints.append(LinearConstraint(held_coefficients[None, :], floor, np.inf))
+        upper = np.where(active, 1.0, 0.0)
+        result = milp(
+            -coefficients,
+            integrality=np.ones(option_count),
+            bounds=Bounds(np.zeros(option_count), upper),
+            constraints=constraints,
+            options={"time_limit": config.milp_time_limit_seconds, "mip_rel_gap": 1e-7, "presolve": True},
+        )
+        if result.x is None:
+            return MilpResult({}, 0.0, 1.0, False, f"tier {tier}: {result.message}")
+        solution = np.round(result.x)
+        if tier is not None:
+            # Hold the tier's value without the memory tie-break, so later stages may still spend memory.
+            held_coefficients = np.where(priorities == tier, coefficients + memory_penalty, 0.0)
+            achieved = float(np.dot(held_coefficients, solution))
+            # 0.1% slack: a tier gives up no real throughput, but a few bytes of load cost may move.
+            held.append((held_coefficients, achieved - TIER_HOLD_SLACK * max(1.0, abs(achieved))))
+        gap = max(gap, float(getattr(result, "mip_gap", 0.0) or 0.0))
+    assert solution is not None
+    chosen = {int(options.model[i]): int(i) for i in np.flatnonzero(solution > 0.5)}
+    total = float(np.dot(options.score, solution))
+    return MilpResult(chosen, total, gap, True, "optimal")
+
+
+def lp_upper_bound(
+    models: Sequence[ModelDemand], nodes: Sequence[NodeCapacity], options: NodeOptions
+) -> float:
+    """LP relaxation of the single-level objective (all tiers summed): an upper bound on any plan."""
+    if len(options) == 0:
+        return 0.0
+    constraints = _capacity_constraints(options, nodes, len(models), np.ones(len(options), dtype=bool))
+    result = milp(
+        -options.score,
+        integrality=np.zeros(len(options)),
+        bounds=Bounds(np.zeros(len(options)), np.ones(len(options))),
+        constraints=constraints,
+    )
+    if result.x is None:
+        return float(np.maximum(options.score, 0.0).sum())
+    return float(-result.fun)
+
+
+def assignments_from_milp(
+    options: NodeOptions, result: MilpResult, model_count: int
+) -> list[Assignment | None]:
+    """Turn the chosen options into the greedy's assignment records (one format for both solvers)."""
+    assignment: list[Assignment | None] = [None] * model_count
+    for model_index, option_index in result.chosen.items():
+        assignment[model_index] = Assignment(
+            node=int(options.node[option_index]),
+            resident_fraction=float(options.resident_fraction[option_index]),
+            mode=options.mode[option_index],
+            gpu_bytes=int(options.gpu_bytes[option_index]),
+            host_bytes=int(options.host_bytes[option_index]),
+            value=float(options.primary_value[option_index]),
+            score=float(options.primary_score[option_index]),
+            full_value=float(options.value[option_index]),
+            full_score=float(options.score[option_index]),
+            incumbent=bool(options.incumbent[option_index]),
+        )
+    return assignment

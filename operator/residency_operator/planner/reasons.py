@@ -1,0 +1,129 @@
+"""Words for people: why a model could not be placed, and why each action is taken."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from residency_operator.planner.options import MODES, ClassTables, usable_gpu_bytes, usable_host_bytes
+from residency_operator.planner.types import GIB, ModelDemand, NodeCapacity, Unschedulable
+
+
+def gib(value_bytes: float) -> str:
+    """Bytes as GiB with one decimal, e.g. ``17.2 GiB``."""
+    return f"{value_bytes / GIB:.1f} GiB"
+
+
+def percent(fraction: float) -> str:
+    """A fraction as a whole percentage, e.g. ``62%``."""
+    return f"{fraction * 100:.0f}%"
+
+
+def slo_text(model: ModelDemand) -> str:
+    """``SLO 20 tok/s`` or ``no SLO``."""
+    slo = model.min_decode_tokens_per_second
+    return "no SLO" if slo is None else f"SLO {slo:g} tok/s"
+
+
+class ReasonContext:
+    """Per-plan facts about nodes, computed once so that each explanation costs microseconds."""
+
+    def __init__(
+        self,
+        nodes: Sequence[NodeCapacity],
+        class_of_node: Sequence[int],
+        free_gpu_bytes: Sequence[int],
+        free_host_bytes: Sequence[int],
+    ) -> None:
+        self.nodes = nodes
+        self.accepting = np.array([i for i, node in enumerate(nodes) if node.accepts_work], dtype=np.intp)
+        self.cordoned = sum(1 for n in nodes if n.cordoned or not n.schedulable)
+        self.disrupting = sum(1 for n in nodes if n.disrupting)
+        self.classes = sorted({class_of_node[i] for i in self.accepting})
+        self.free_gpu = np.array(free_gpu_bytes, dtype=np.float64)[self.accepting]
+        self.free_host = np.array(free_host_bytes, dtype=np.float64)[self.accepting]
+        self.capacity_gpu = max((usable_gpu_bytes(nodes[i]) for i in self.accepting), default=0)
+        self.capacity_host = max((usable_host_bytes(nodes[i]) for i in self.accepting), default=0)
+
+
+def unschedulable_reason(
+    model_index: int,
+    model: ModelDemand,
+    context: ReasonContext,
+    tables: ClassTables,
+    preempted_for: tuple[str, int] | None,
+) -> Unschedulable:
+    """Explain why a wanted model has no placement, naming the binding resource and the numbers."""
+    if len(context.accepting) == 0:
+        return Unschedulable(
+            model.name,
+            "NoSchedulableNode",
+            f"no node accepts work ({len(context.nodes)} nodes: {context.cordoned} cordoned, "
+            f"{context.disrupting} disrupting)",
+        )
+    prefix = ""
+    if preempted_for is not None:
+        prefix = f"preempted for higher-priority {preempted_for[0]} (priority {preempted_for[1]}); "
+    classes = context.classes
+    levels = tables.levels
+    allowed_levels = levels >= model.min_resident_fraction - 1e-9
+    allowed_modes = np.array([mode in model.allowed_modes for mode in MODES])
+    if not allowed_modes.any() or not allowed_levels.any():
+        return Unschedulable(model.name, "InvalidOffloadSettings", prefix + "no execution mode or residency allowed")
+    rates = tables.decode_tokens_per_second[:, :, model_index, :][classes]
+    slo = model.min_decode_tokens_per_second or 0.0
+    meets = (rates >= slo - 1e-9) & allowed_levels[None, None, :] & allowed_modes[None, :, None]
+    if not meets.any():
+        best_rate = float(np.where(allowed_levels[None, None, :] & allowed_modes[None, :, None], rates, 0.0).max())
+        best_class = classes[int(np.unravel_index(np.argmax(rates[:, :, -1]), rates[:, :, -1].shape)[0])]
+        gpu_type = tables.classes[best_class].gpu_type
+        return Unschedulable(
+            model.name,
+            "SLOUnreachable",
+            prefix + f"{slo_text(model)} unreachable: best predicted is {best_rate:.1f} tok/s "
+            f"at 100% resident on {gpu_type}",
+        )
+    # The smallest footprint that meets the SLO, and where it would have to go.
+    gpu_needed = np.where(meets, tables.gpu_bytes[None, :, model_index, :], np.inf)
+    smallest = np.unravel_index(np.argmin(gpu_needed), gpu_needed.shape)
+    need_gpu = float(gpu_needed[smallest])
+    need_fraction = float(levels[smallest[2]])
+    need_host = float(tables.host_bytes[model_index, smallest[2]])
+    if need_gpu > context.capacity_gpu:
+        return Unschedulable(
+            model.name,
+            "InsufficientGPUMemory",
+            prefix + f"needs {gib(need_gpu)} on the GPU ({percent(need_fraction)} resident) for {slo_text(model)}; "
+            f"the largest node has {gib(context.capacity_gpu)}",
+        )
+    if need_host > context.capacity_host:
+        return Unschedulable(
+            model.name,
+            "InsufficientHostMemory",
+            prefix + f"needs {gib(need_host)} of host memory for offloaded weights; "
+            f"the largest node has {gib(context.capacity_host)}",
+        )
+    fits_gpu = context.free_gpu >= need_gpu
+    if not fits_gpu.any():
+        return Unschedulable(
+            model.name,
+            "InsufficientGPUMemory",
+            prefix + f"needs {gib(need_gpu)} resident for {slo_text(model)}; "
+            f"largest free is {gib(float(context.free_gpu.max()))}",
+        )
+    largest_free_host = float(context.free_host[fits_gpu].max())
+    if largest_free_host >= need_host:
+        return Unschedulable(
+            model.name,
+            "Deferred",
+            prefix + f"{gib(need_gpu)} would fit, but loading it now costs more than it would serve "
+            "over the planning horizon",
+        )
+    return Unschedulable(
+        model.name,
+        "InsufficientHostMemory",
+        prefix + f"needs {gib(need_host)} of host memory for offloaded weights "
+        f"at {percent(need_fraction)} resident; "
+        f"largest free beside enough GPU memory is {gib(largest_free_host)}",
+    )

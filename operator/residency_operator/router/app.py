@@ -1,0 +1,170 @@
+"""The router's HTTP app (FastAPI): holds requests while a model loads or resumes, never drops silently."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from residency_operator.router.table import Route, resolve
+
+log = logging.getLogger("residency.router")
+
+
+class ModelTable:
+    """LLMModels as last listed from the API server (refreshed in the background)."""
+
+    def __init__(self, lister: Any, refresh_seconds: float = 1.0) -> None:
+        self._lister = lister
+        self.refresh_seconds = refresh_seconds
+        self.models: dict[str, dict[str, Any]] = {}
+        self.refreshed_at = 0.0
+        self._stop = threading.Event()
+
+    def refresh(self) -> None:
+        items = self._lister()
+        self.models = {f"{m['metadata']['namespace']}/{m['metadata']['name']}": m for m in items}
+        self.refreshed_at = time.monotonic()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception as exc:  # API server away: keep routing with the last table
+                log.warning("could not list models (%s); keeping the last table", exc.__class__.__name__)
+            self._stop.wait(self.refresh_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def error(status_code: int, message: str, retry_after_seconds: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_seconds)} if retry_after_seconds is not None else None
+    kind = "unavailable" if status_code == 503 else "invalid_request_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "code": status_code}}, status_code, headers=headers
+    )
+
+
+def create_app(
+    table: ModelTable, hold_seconds: float = 60.0, token: str | None = None, worker_token: str | None = None
+) -> FastAPI:
+    """The router: /v1/completions, /v1/chat/completions, /v1/models, /healthz, /metrics."""
+    registry = CollectorRegistry()
+    requests_total = Counter(
+        "residency_router_requests", "Requests by outcome", ["outcome"], registry=registry
+    )
+    held_seconds = Histogram(
+        "residency_router_hold_seconds", "Time requests waited for a model", registry=registry
+    )
+    app = FastAPI(title="residency router")
+    client = httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=5.0))
+
+    async def route_when_ready(model: str) -> tuple[Route, float]:
+        started = time.monotonic()
+        while True:
+            route = resolve(table.models, model)
+            waited = time.monotonic() - started
+            if route.decision != "hold" or waited >= hold_seconds:
+                return route, waited
+            await asyncio.sleep(0.2)
+
+    upstream_headers = {"authorization": f"Bearer {worker_token}"} if worker_token else {}
+
+    async def proxy(request: Request, path: str) -> Response:
+        if token and request.headers.get("authorization") != f"Bearer {token}":
+            return error(401, "missing or wrong bearer token")
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(400, "request body must be JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return error(400, "request body must be a JSON object with a string `model`")
+        deadline = time.monotonic() + hold_seconds
+        while True:
+            route, waited = await route_when_ready(body["model"])
+            held_seconds.observe(waited)
+            if route.decision == "reject":
+                requests_total.labels("rejected").inc()
+                return error(route.status_code, route.message)
+            if route.decision == "hold":
+                requests_total.labels("timed_out").inc()
+                return error(503, f"{route.message}; still not ready after {hold_seconds:.0f} s", 5)
+            assert route.endpoint is not None and route.key is not None
+            forwarded = {**body, "model": route.key}
+            url = f"{route.endpoint.rstrip('/')}/{path}"
+            try:
+                upstream = await client.send(
+                    client.build_request("POST", url, json=forwarded, headers=upstream_headers),
+                    stream=True,
+                )
+            except httpx.TransportError as exc:
+                # the worker went away or the model moved: look again until the hold deadline
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    continue
+                requests_total.labels("unavailable").inc()
+                return error(503, f"worker for {route.key} unreachable: {exc.__class__.__name__}", 2)
+            if upstream.status_code == 503 and time.monotonic() < deadline and not body.get("stream"):
+                await upstream.aclose()
+                await asyncio.sleep(0.5)
+                continue
+            requests_total.labels(str(upstream.status_code)).inc()
+            return StreamingResponse(
+                _relay(upstream),
+                status_code=upstream.status_code,
+                headers={
+                    k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")
+                },
+            )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await proxy(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await proxy(request, "chat/completions")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = [
+            {
+                "id": key,
+                "object": "model",
+                "owned_by": "residency",
+                "phase": (m.get("status") or {}).get("phase", "Pending"),
+            }
+            for key, m in sorted(table.models.items())
+        ]
+        return {"object": "list", "data": data}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.on_event("shutdown")
+    async def close_client() -> None:
+        await client.aclose()
+
+    return app
+
+
+async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    finally:
+        await upstream.aclose()

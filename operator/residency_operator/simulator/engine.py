@@ -1,0 +1,386 @@
+"""A time-stepped simulation of a GPU cluster serving many models, driven by a request trace.
+
+It uses the planner's own predictor (decode and prefill times), memory footprint and transition cost
+model, so a policy's simulated outcome follows from the same physics the planner believes in. What the
+planner does *not* see is simulated here: models on one GPU share its time (processor sharing), a model
+is unavailable while it loads or moves, queued requests time out, evicted requests restart.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from residency_operator.planner.options import (
+    cached_host_bytes,
+    gpu_bytes_needed,
+    host_bytes_needed,
+    transition,
+    usable_gpu_bytes,
+    usable_host_bytes,
+)
+from residency_operator.planner.predictor import Predictor
+from residency_operator.planner.types import CurrentPlacement, ExecutionMode, ModelDemand, NodeCapacity
+from residency_operator.simulator.cluster import SimModel
+from residency_operator.simulator.trace import Request
+
+DEMAND_WINDOW_SECONDS = 60.0
+
+
+class SimulationError(RuntimeError):
+    """A policy asked for something the hardware cannot do (e.g. over-committed memory)."""
+
+
+@dataclass(slots=True)
+class ActiveRequest:
+    """A request admitted into a model's batch."""
+
+    request: Request
+    prefill_remaining_seconds: float
+    first_token_seconds: float | None = None
+    tokens_done: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """How one request fared."""
+
+    model: str
+    arrival_seconds: float
+    output_tokens: int
+    completed: bool
+    ttft_seconds: float | None
+    tpot_seconds: float | None
+    met_slo: bool
+    dropped: bool
+
+
+@dataclass(slots=True)
+class ModelRuntime:
+    """Simulated state of one model."""
+
+    spec: SimModel
+    demand: ModelDemand
+    node: str | None = None
+    resident_fraction: float = 0.0
+    mode: ExecutionMode = "stream"
+    cached_node: str | None = None
+    busy_until_seconds: float = 0.0
+    queue: deque[Request] = field(default_factory=deque)
+    active: list[ActiveRequest] = field(default_factory=list)
+    last_used_seconds: float = -1.0
+    recent_arrivals: deque[tuple[float, int]] = field(default_factory=deque)
+
+    @property
+    def running(self) -> bool:
+        return self.node is not None
+
+
+@dataclass(slots=True)
+class Counters:
+    """Events a policy caused."""
+
+    preemptions: int = 0
+    evictions: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    loads: int = 0
+    migrations: int = 0
+    reload_seconds: float = 0.0
+    restarted_requests: int = 0
+
+
+class Policy(Protocol):
+    """Decides placements; called once per tick before requests are served."""
+
+    name: str
+
+    def step(self, sim: Simulation, now_seconds: float) -> None: ...
+
+
+class Simulation:
+    """The simulated cluster: state, the operations policies may call, and the serving loop."""
+
+    def __init__(
+        self,
+        nodes: Sequence[NodeCapacity],
+        models: Sequence[SimModel],
+        requests: Sequence[Request],
+        duration_seconds: float,
+        tick_seconds: float = 0.5,
+        ttft_slo_seconds: float = 10.0,
+        queue_timeout_seconds: float = 30.0,
+    ) -> None:
+        self.nodes = list(nodes)
+        self.node_by_name = {n.name: n for n in self.nodes}
+        self.models: dict[str, ModelRuntime] = {m.name: ModelRuntime(spec=m, demand=m.demand()) for m in models}
+        unknown = sorted({r.model for r in requests} - set(self.models))
+        if unknown:
+            raise SimulationError(f"trace names models the scenario does not define: {', '.join(unknown[:5])}")
+        self.requests = sorted(requests, key=lambda r: (r.arrival_seconds, r.model))
+        self.duration_seconds = duration_seconds
+        self.tick_seconds = tick_seconds
+        self.ttft_slo_seconds = ttft_slo_seconds
+        self.queue_timeout_seconds = queue_timeout_seconds
+        self.predictor = Predictor()
+        self.counters = Counters()
+        self.outcomes: list[RequestOutcome] = []
+        self.now_seconds = 0.0
+        self._memory_samples: list[float] = []
+        self._usage: dict[str, tuple[int, int]] | None = None
+
+    # -- what policies see ----------------------------------------------------------------------------
+
+    def current_placements(self) -> list[CurrentPlacement]:
+        """Running and cached models, as the planner's input."""
+        placements = []
+        for name in sorted(self.models):
+            runtime = self.models[name]
+            kv_bytes = sum(
+                int(a.request.prompt_tokens + a.tokens_done) * runtime.demand.kv_bytes_per_token
+                for a in runtime.active
+            )
+            if runtime.node is not None:
+                idle = not runtime.queue and not runtime.active
+                placements.append(
+                    CurrentPlacement(
+                        name, runtime.node, runtime.resident_fraction, runtime.mode, "idle" if idle else "loaded",
+                        kv_bytes,
+                    )
+                )
+            elif runtime.cached_node is not None:
+                placements.append(CurrentPlacement(name, runtime.cached_node, 0.0, "stream", "preempted", kv_bytes))
+        return placements
+
+    def observed_demand_tokens_per_second(self, name: str) -> float:
+        """Requested output tokens/s over the last minute, plus what waits in the queue."""
+        runtime = self.models[name]
+        window = min(DEMAND_WINDOW_SECONDS, max(self.tick_seconds, self.now_seconds))
+        requested = sum(tokens for _, tokens in runtime.recent_arrivals)
+        return requested / window
+
+    def used_bytes(self, node_name: str) -> tuple[int, int]:
+        """(GPU, host) bytes used on a node by running and cached models."""
+        if self._usage is None:
+            usage = {n.name: [0, 0] for n in self.nodes}
+            for runtime in self.models.values():
+                if runtime.node is not None:
+                    usage[runtime.node][0] += gpu_bytes_needed(runtime.demand, runtime.resident_fraction, runtime.mode)
+                    usage[runtime.node][1] += host_bytes_needed(runtime.demand, runtime.resident_fraction)
+                elif runtime.cached_node is not None:
+                    usage[runtime.cached_node][1] += cached_host_bytes(runtime.demand, 0)
+            self._usage = {name: (gpu, host) for name, (gpu, host) in usage.items()}
+        return self._usage[node_name]
+
+    def free_bytes(self, node_name: str) -> tuple[int, int]:
+        """(GPU, host) bytes still free on a node."""
+        node = self.node_by_name[node_name]
+        gpu, host = self.used_bytes(node_name)
+        return usable_gpu_bytes(node) - gpu, usable_host_bytes(node) - host
+
+    # -- what policies do -----------------------------------------------------------------------------
+
+    def place(self, name: str, node_name: str, resident_fraction: float, mode: ExecutionMode) -> None:
+        """Run a model on a node at a residency (load, resume, promote, demote, migrate as needed)."""
+        runtime = self.models[name]
+        node = self.node_by_name[node_name]
+        current = next((p for p in self.current_placements() if p.model == name), None)
+        kind, cost = transition(runtime.demand, current, self.node_by_name, node, resident_fraction, mode)
+        if kind is None:
+            return
+        if kind == "load" and runtime.active:
+            # A cold load elsewhere: the saved KV cache is not there, so in-flight requests restart.
+            self._restart_active(runtime)
+        if kind == "load":
+            self.counters.loads += 1
+        elif kind == "migrate":
+            self.counters.migrations += 1
+        elif kind == "demote":
+            self.counters.demotions += 1
+        elif kind == "promote":
+            self.counters.promotions += 1
+        if kind in ("load", "resume", "migrate"):
+            self.counters.reload_seconds += cost.seconds
+        self._usage = None
+        runtime.node = node_name
+        runtime.cached_node = None
+        runtime.resident_fraction = resident_fraction
+        runtime.mode = mode
+        runtime.busy_until_seconds = max(self.now_seconds, runtime.busy_until_seconds) + cost.seconds
+
+    def preempt(self, name: str, keep_cache: bool = True) -> None:
+        """Stop a model; with ``keep_cache`` its weights and KV stay in host memory for a fast resume."""
+        runtime = self.models[name]
+        self._usage = None
+        if runtime.node is None:
+            if not keep_cache:
+                runtime.cached_node = None
+                self._restart_active(runtime)
+            return
+        self.counters.preemptions += 1
+        if keep_cache:
+            runtime.cached_node = runtime.node
+        else:
+            self.counters.evictions += 1
+            runtime.cached_node = None
+            self._restart_active(runtime)
+        runtime.node = None
+        runtime.resident_fraction = 0.0
+
+    def evict(self, name: str) -> None:
+        """Unload a model completely; in-flight requests restart when it comes back."""
+        self.preempt(name, keep_cache=False)
+
+    def _restart_active(self, runtime: ModelRuntime) -> None:
+        for active in reversed(runtime.active):
+            runtime.queue.appendleft(active.request)
+            self.counters.restarted_requests += 1
+        runtime.active.clear()
+
+    def check_capacity(self) -> None:
+        """Raise if any node is over-committed (a policy bug)."""
+        for node in self.nodes:
+            free_gpu, free_host = self.free_bytes(node.name)
+            if free_gpu < 0 or free_host < 0:
+                raise SimulationError(
+                    f"{node.name} over-committed at t={self.now_seconds:.1f}s: free GPU {free_gpu}, host {free_host}"
+                )
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self, policy: Policy) -> list[RequestOutcome]:
+        """Replay the trace under ``policy``; returns the outcome of every request."""
+        next_request = 0
+        tick = self.tick_seconds
+        steps = int(round(self.duration_seconds / tick))
+        for step in range(steps):
+            now = step * tick
+            self.now_seconds = now
+            while next_request < len(self.requests) and self.requests[next_request].arrival_seconds < now + tick:
+                request = self.requests[next_request]
+                runtime = self.models[request.model]
+                runtime.queue.append(request)
+                runtime.recent_arrivals.append((request.arrival_seconds, request.output_tokens))
+                runtime.last_used_seconds = request.arrival_seconds
+                next_request += 1
+            for runtime in self.models.values():
+                while runtime.recent_arrivals and runtime.recent_arrivals[0][0] < now - DEMAND_WINDOW_SECONDS:
+                    runtime.recent_arrivals.popleft()
+            policy.step(self, now)
+            self.check_capacity()
+            self._expire_queues(now)
+            self._serve(now)
+            self._sample_memory()
+        # Whatever has not finished by the end did not complete.
+        for runtime in self.models.values():
+            for active in runtime.active:
+                self._record(active.request, None, None, dropped=False)
+            for request in runtime.queue:
+                self._record(request, None, None, dropped=False)
+        return self.outcomes
+
+    def _expire_queues(self, now: float) -> None:
+        for runtime in self.models.values():
+            kept: deque[Request] = deque()
+            for request in runtime.queue:
+                if now - request.arrival_seconds > self.queue_timeout_seconds:
+                    self._record(request, None, None, dropped=True)
+                else:
+                    kept.append(request)
+            runtime.queue = kept
+
+    def _serve(self, now: float) -> None:
+        by_node: dict[str, list[ModelRuntime]] = {}
+        for name in sorted(self.models):
+            runtime = self.models[name]
+            if runtime.node is None or runtime.busy_until_seconds > now:
+                continue
+            if runtime.queue or runtime.active:
+                by_node.setdefault(runtime.node, []).append(runtime)
+        for node_name, runtimes in by_node.items():
+            node = self.node_by_name[node_name]
+            # Processor sharing: each busy model gets an equal slice of the GPU's time this tick.
+            share = len(runtimes)
+            budget = self.tick_seconds / share
+            for runtime in runtimes:
+                self._serve_model(runtime, node, now, budget, share)
+
+    def _serve_model(self, runtime: ModelRuntime, node: NodeCapacity, now: float, budget: float, share: int) -> None:
+        demand = runtime.demand
+        predictor = self.predictor
+        while runtime.queue and len(runtime.active) < demand.max_batch:
+            request = runtime.queue.popleft()
+            prefill = predictor.prefill_seconds(demand, node, runtime.resident_fraction, runtime.mode, request.prompt_tokens)
+            runtime.active.append(ActiveRequest(request, prefill))
+        used = 0.0
+        for active in runtime.active:
+            if active.first_token_seconds is not None:
+                continue
+            if used >= budget:
+                break
+            take = min(active.prefill_remaining_seconds, budget - used)
+            used += take
+            active.prefill_remaining_seconds -= take
+            if active.prefill_remaining_seconds <= 1e-12:
+                active.first_token_seconds = now + used * share
+                active.tokens_done = 1.0
+        decoding = [a for a in runtime.active if a.first_token_seconds is not None]
+        remaining = budget - used
+        if decoding and remaining > 0:
+            step_seconds = predictor.decode_step_seconds(
+                demand, node, runtime.resident_fraction, runtime.mode, batch=len(decoding)
+            )
+            steps = remaining / step_seconds
+            finished: list[ActiveRequest] = []
+            for active in decoding:
+                needed = active.request.output_tokens - active.tokens_done
+                if needed <= steps:
+                    done_at = now + (used + needed * step_seconds) * share
+                    self._finish(active, done_at)
+                    finished.append(active)
+                else:
+                    active.tokens_done += steps
+            if finished:
+                runtime.active = [a for a in runtime.active if a not in finished]
+
+    def _finish(self, active: ActiveRequest, done_at: float) -> None:
+        assert active.first_token_seconds is not None
+        request = active.request
+        ttft = active.first_token_seconds - request.arrival_seconds
+        tpot = (done_at - active.first_token_seconds) / max(1, request.output_tokens - 1)
+        self._record(request, ttft, tpot, dropped=False)
+
+    def _record(self, request: Request, ttft: float | None, tpot: float | None, dropped: bool) -> None:
+        spec = self.models[request.model].spec
+        completed = ttft is not None and tpot is not None
+        met = (
+            completed
+            and ttft is not None
+            and tpot is not None
+            and ttft <= self.ttft_slo_seconds
+            and tpot <= 1.0 / spec.min_decode_tokens_per_second + 1e-9
+        )
+        self.outcomes.append(
+            RequestOutcome(
+                model=request.model,
+                arrival_seconds=request.arrival_seconds,
+                output_tokens=request.output_tokens,
+                completed=completed,
+                ttft_seconds=ttft,
+                tpot_seconds=tpot,
+                met_slo=bool(met),
+                dropped=dropped,
+            )
+        )
+
+    def _sample_memory(self) -> None:
+        total = sum(usable_gpu_bytes(n) for n in self.nodes)
+        used = sum(self.used_bytes(n.name)[0] for n in self.nodes)
+        self._memory_samples.append(used / total if total else 0.0)
+
+    @property
+    def gpu_memory_utilisation(self) -> float:
+        """Time-averaged share of usable GPU memory holding model state."""
+        return sum(self._memory_samples) / len(self._memory_samples) if self._memory_samples else 0.0

@@ -1,0 +1,478 @@
+"""Pure translation between the cluster's objects and the planner: CRD dicts in, desired objects out.
+
+No Kubernetes client here: the controller lists objects, calls these functions, and writes the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from residency.api import API_VERSION, ConditionStatus
+from residency.modeldir import ModelDirInfo
+from residency_operator.conditions import Verdict
+from residency_operator.planner import (
+    CurrentPlacement,
+    ModelDemand,
+    NodeCapacity,
+    Plan,
+    PlannedPlacement,
+    ProfilePoint,
+    SensitivityProfile,
+)
+from residency_operator.validation import validate_model
+
+NODE_LABEL = "residency.dev/node"
+MODEL_NAMESPACE_LABEL = "residency.dev/model-namespace"
+MODEL_NAME_LABEL = "residency.dev/model-name"
+UNLOAD_FINALIZER = "residency.dev/unload"
+DISRUPTION_TAINTS = frozenset(
+    {"karpenter.sh/disrupted", "ToBeDeletedByClusterAutoscaler", "karpenter.sh/disruption"}
+)
+_PLACEMENT_STATE = {
+    "Loaded": "loaded",
+    "Loading": "loaded",
+    "Pending": "loaded",
+    "Preempted": "preempted",
+    "Idle": "idle",
+}
+
+
+def model_key(body: dict[str, Any]) -> str:
+    """``namespace/name`` of an LLMModel."""
+    meta = body["metadata"]
+    return f"{meta['namespace']}/{meta['name']}"
+
+
+def placement_name(key: str) -> str:
+    """Name of the cluster-scoped ModelPlacement of a model (namespace.name is a valid DNS subdomain)."""
+    return key.replace("/", ".", 1)
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return (
+        datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        if value.endswith("Z")
+        else (datetime.fromisoformat(value))
+    )
+
+
+@dataclass(frozen=True)
+class OperatorKnobs:
+    """Operator-wide settings that enter planning."""
+
+    allowed_model_roots: list[Path]
+    workspace_bytes: int = 512 * 1024**2
+    heartbeat_grace_seconds: float = 60.0
+
+
+@dataclass
+class ClusterState:
+    """Everything one planning round reads, as the API server returned it."""
+
+    models: list[dict[str, Any]]
+    node_profiles: list[dict[str, Any]]
+    nodes: list[dict[str, Any]]
+    placements: list[dict[str, Any]]
+    sensitivity_profiles: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Inputs:
+    """Planner inputs derived from a ClusterState, with what was learned on the way."""
+
+    demands: list[ModelDemand]
+    nodes: list[NodeCapacity]
+    current: list[CurrentPlacement]
+    profiles: list[SensitivityProfile]
+    infos: dict[str, ModelDirInfo]
+    invalid: dict[str, Verdict]
+    bodies: dict[str, dict[str, Any]]
+    placements: dict[str, dict[str, Any]]
+
+
+def node_accepts(node: dict[str, Any] | None) -> tuple[bool, bool, bool]:
+    """(ready, cordoned, disrupting) of a Node object; a missing Node is neither ready nor schedulable."""
+    if node is None:
+        return False, False, False
+    spec = node.get("spec") or {}
+    conditions = {c.get("type"): c.get("status") for c in (node.get("status") or {}).get("conditions") or []}
+    ready = conditions.get("Ready", "True") == "True"
+    taints = {t.get("key") for t in spec.get("taints") or []}
+    disrupting = bool(taints & DISRUPTION_TAINTS) or bool(node["metadata"].get("deletionTimestamp"))
+    return ready, bool(spec.get("unschedulable")), disrupting
+
+
+def node_capacity(
+    profile: dict[str, Any], node: dict[str, Any] | None, now: datetime, knobs: OperatorKnobs
+) -> NodeCapacity:
+    """A NodeProfile and its Node as the planner's NodeCapacity."""
+    spec = profile["spec"]
+    ready, cordoned, disrupting = node_accepts(node)
+    heartbeat = parse_time((profile.get("status") or {}).get("heartbeatTime"))
+    fresh = heartbeat is not None and (now - heartbeat).total_seconds() <= knobs.heartbeat_grace_seconds
+    return NodeCapacity(
+        name=spec["nodeName"],
+        gpu_type=spec["gpuType"],
+        gpu_memory_bytes=int(spec["gpuMemoryBytes"]),
+        host_memory_bytes=int(spec["hostMemoryBytes"]),
+        host_to_device_gbps=float(spec["hostToDeviceGbps"]),
+        hbm_gbps=float(spec["hbmGbps"]),
+        host_memory_gbps=float(spec.get("hostMemoryGbps") or 20.0),
+        device_to_host_gbps=spec.get("deviceToHostGbps"),
+        schedulable=ready and fresh,
+        cordoned=cordoned,
+        disrupting=disrupting,
+    )
+
+
+def demand(key: str, body: dict[str, Any], info: ModelDirInfo, knobs: OperatorKnobs) -> ModelDemand:
+    """An LLMModel as the planner's ModelDemand."""
+    spec = body["spec"]
+    timings = (body.get("status") or {}).get("timings") or {}
+    return ModelDemand(
+        name=key,
+        weight_bytes=info.weight_bytes,
+        kv_bytes_per_token=info.kv_bytes_per_token,
+        max_sequence_length=int(spec.get("maxSequenceLength", 4096)),
+        max_batch=int(spec.get("maxBatchSize", 8)),
+        priority=int(spec.get("priority", 0)),
+        preemptible=bool(spec.get("preemptible", True)),
+        min_decode_tokens_per_second=(spec.get("slo") or {}).get("minDecodeTokensPerSecond"),
+        max_offload_fraction=float((spec.get("offload") or {}).get("maxFraction", 0.75)),
+        layer_count=info.num_layers,
+        bytes_per_layer=max(1, info.weight_bytes // max(1, info.num_layers)),
+        parameter_count=info.parameter_count,
+        workspace_bytes=knobs.workspace_bytes,
+        last_reload_seconds=timings.get("reloadSeconds"),
+        wanted=not body["metadata"].get("deletionTimestamp"),
+    )
+
+
+def current_placement(placement: dict[str, Any]) -> CurrentPlacement | None:
+    """What a ModelPlacement commits now: its observed state, or its spec while the worker converges."""
+    spec = placement["spec"]
+    status = placement.get("status") or {}
+    state = status.get("state", "Pending")
+    if state in ("Failed", "Unloaded"):
+        return None
+    desired = spec.get("desiredState", "Loaded")
+    kind = (
+        "preempted" if desired == "Preempted" and state != "Loaded" else _PLACEMENT_STATE.get(state, "loaded")
+    )
+    fraction = status.get("residentFraction")
+    return CurrentPlacement(
+        model=f"{spec['model']['namespace']}/{spec['model']['name']}",
+        node=spec["nodeName"],
+        resident_fraction=float(fraction if fraction is not None else spec["residentFraction"]),
+        mode=spec.get("executionMode", "stream"),
+        state=kind,  # type: ignore[arg-type]
+        kv_cache_bytes=int((status.get("timings") or {}).get("kvBytes") or 0),
+    )
+
+
+def sensitivity_profiles(
+    bodies: Iterable[dict[str, Any]], infos: dict[str, ModelDirInfo]
+) -> list[SensitivityProfile]:
+    """Measured curves, attached to every model whose directory they were measured on."""
+    by_path: dict[str, list[str]] = {}
+    for key, info in infos.items():
+        by_path.setdefault(str(info.path), []).append(key)
+    result: list[SensitivityProfile] = []
+    for body in bodies:
+        spec = body["spec"]
+        keys = by_path.get(str(Path(spec["modelPath"])), [])
+        groups: dict[tuple[str, int], list[ProfilePoint]] = {}
+        for point in spec["points"]:
+            groups.setdefault((point["executionMode"], int(point["sequenceLength"])), []).append(
+                ProfilePoint(
+                    resident_fraction=float(point["residentFraction"]),
+                    decode_tokens_per_second=float(point["decodeTokensPerSecond"]),
+                    prefill_tokens_per_second=point.get("prefillTokensPerSecond"),
+                )
+            )
+        for key in keys:
+            for (mode, seq), points in sorted(groups.items()):
+                result.append(SensitivityProfile(key, spec["gpuType"], tuple(points), mode, seq))  # type: ignore[arg-type]
+    return result
+
+
+def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> Inputs:
+    """Validates every model and converts the cluster into the planner's inputs (deterministic order)."""
+    bodies = {model_key(b): b for b in state.models}
+    infos: dict[str, ModelDirInfo] = {}
+    invalid: dict[str, Verdict] = {}
+    demands: list[ModelDemand] = []
+    for key in sorted(bodies):
+        checked = validate_model(bodies[key]["spec"], knobs.allowed_model_roots)
+        if isinstance(checked, Verdict):
+            invalid[key] = checked
+            continue
+        infos[key] = checked
+        demands.append(demand(key, bodies[key], checked, knobs))
+    nodes_by_name = {n["metadata"]["name"]: n for n in state.nodes}
+    capacities = [
+        node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs)
+        for p in sorted(state.node_profiles, key=lambda p: p["spec"]["nodeName"])
+    ]
+    placements = {
+        f"{p['spec']['model']['namespace']}/{p['spec']['model']['name']}": p for p in state.placements
+    }
+    current = [c for p in placements.values() if (c := current_placement(p)) is not None and c.model in infos]
+    return Inputs(
+        demands=demands,
+        nodes=capacities,
+        current=sorted(current, key=lambda c: c.model),
+        profiles=sensitivity_profiles(state.sensitivity_profiles, infos),
+        infos=infos,
+        invalid=invalid,
+        bodies=bodies,
+        placements=placements,
+    )
+
+
+def placement_manifest(
+    key: str,
+    body: dict[str, Any],
+    info: ModelDirInfo,
+    node: str,
+    resident_fraction: float,
+    mode: str,
+    desired_state: str,
+    reason: str | None,
+) -> dict[str, Any]:
+    """The ModelPlacement object the operator wants for one model."""
+    namespace, name = key.split("/", 1)
+    spec = body["spec"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ModelPlacement",
+        "metadata": {
+            "name": placement_name(key),
+            "labels": {NODE_LABEL: node, MODEL_NAMESPACE_LABEL: namespace, MODEL_NAME_LABEL: name[:63]},
+        },
+        "spec": {
+            "model": {"namespace": namespace, "name": name, "uid": body["metadata"].get("uid")},
+            "nodeName": node,
+            "sourcePath": str(info.path),
+            "dtype": spec.get("dtype", "bfloat16"),
+            "residentFraction": round(resident_fraction, 4),
+            "executionMode": mode,
+            "desiredState": desired_state,
+            "maxSequenceLength": int(spec.get("maxSequenceLength", 4096)),
+            "maxBatchSize": int(spec.get("maxBatchSize", 8)),
+            **({"reason": reason[:1024]} if reason else {}),
+        },
+    }
+
+
+def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
+    """Placement name → the ModelPlacement the plan asks for (running models and host-cached ones)."""
+    reasons: dict[str, str] = {}
+    for action in plan.actions:
+        reasons.setdefault(action.model, f"{action.kind}: {action.reason}")
+    desired: dict[str, dict[str, Any]] = {}
+    for key, planned in plan.placements.items():
+        previous = (inputs.placements.get(key) or {}).get("spec", {})
+        reason = reasons.get(key) or previous.get("reason")
+        desired[placement_name(key)] = placement_manifest(
+            key,
+            inputs.bodies[key],
+            inputs.infos[key],
+            planned.node,
+            planned.resident_fraction,
+            planned.mode,
+            "Loaded",
+            reason,
+        )
+    current = {c.model: c for c in inputs.current}
+    for cached in plan.cached:
+        key = cached.model
+        if key in plan.placements or key not in inputs.infos:
+            continue
+        now_placement = current.get(key)
+        fraction = now_placement.resident_fraction if now_placement else 0.0
+        previous = (inputs.placements.get(key) or {}).get("spec", {})
+        reason = reasons.get(key) or previous.get("reason")
+        desired[placement_name(key)] = placement_manifest(
+            key,
+            inputs.bodies[key],
+            inputs.infos[key],
+            cached.node,
+            fraction,
+            now_placement.mode if now_placement else "stream",
+            "Preempted",
+            reason,
+        )
+    return desired
+
+
+def placement_needs_update(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether an existing placement's spec or labels differ from what the plan wants."""
+    labels = existing["metadata"].get("labels") or {}
+    return existing.get("spec") != wanted["spec"] or any(
+        labels.get(k) != v for k, v in wanted["metadata"]["labels"].items()
+    )
+
+
+def _percent(fraction: float | None) -> int | None:
+    return None if fraction is None else round(fraction * 100)
+
+
+def model_verdict(
+    key: str,
+    inputs: Inputs,
+    plan: Plan,
+    placement: dict[str, Any] | None,
+) -> Verdict:
+    """The status one LLMModel should show after this round."""
+    if key in inputs.invalid:
+        return inputs.invalid[key]
+    info = inputs.infos[key]
+    facts = f"{info.model_type}, {info.num_layers} layers, {info.weight_bytes / 2**30:.2f} GiB of weights"
+    validated: tuple[str, ConditionStatus, str, str] = ("Validated", "True", "ModelValid", facts)
+    base_extra: tuple[tuple[str, Any], ...] = (
+        ("architecture", info.model_type),
+        ("weightBytes", info.weight_bytes),
+    )
+    if not inputs.nodes:
+        message = "no GPU node has registered a NodeProfile yet; start a worker (`residency worker`)"
+        return Verdict(
+            "Pending",
+            "NoNodes",
+            message,
+            (validated, ("Scheduled", "False", "NoNodes", message), ("Ready", "False", "NoNodes", message)),
+            base_extra,
+        )
+    unschedulable = next((u for u in plan.unschedulable if u.model == key), None)
+    planned = plan.placements.get(key)
+    if planned is None and placement is None:
+        reason = unschedulable.reason if unschedulable else "AwaitingPlacement"
+        message = unschedulable.message if unschedulable else "waiting for the planner"
+        return Verdict(
+            "Unschedulable" if unschedulable else "Pending",
+            reason,
+            message,
+            (validated, ("Scheduled", "False", reason, message), ("Ready", "False", reason, message)),
+            base_extra
+            + (("node", None), ("residentFraction", None), ("residentPercent", None), ("endpoint", None)),
+        )
+    return _placed_verdict(key, inputs, planned, placement, validated, base_extra)
+
+
+def _placed_verdict(
+    key: str,
+    inputs: Inputs,
+    planned: PlannedPlacement | None,
+    placement: dict[str, Any] | None,
+    validated: tuple[str, ConditionStatus, str, str],
+    base_extra: tuple[tuple[str, Any], ...],
+) -> Verdict:
+    spec = (placement or {}).get("spec") or {}
+    status = (placement or {}).get("status") or {}
+    node = planned.node if planned else spec.get("nodeName")
+    fraction = status.get("residentFraction")
+    if fraction is None:
+        fraction = planned.resident_fraction if planned else spec.get("residentFraction")
+    state = status.get("state", "Pending")
+    desired = spec.get("desiredState", "Loaded")
+    observed_rate = status.get("observedDecodeTokensPerSecond")
+    extra = base_extra + (
+        ("node", node),
+        ("residentFraction", None if fraction is None else round(float(fraction), 4)),
+        ("residentPercent", _percent(fraction)),
+        ("executionMode", planned.mode if planned else spec.get("executionMode")),
+        (
+            "predictedDecodeTokensPerSecond",
+            round(planned.predicted_decode_tokens_per_second, 2) if planned else None,
+        ),
+        ("endpoint", status.get("endpoint") if state == "Loaded" else None),
+    )
+    if status.get("timings"):
+        extra += (("timings", status["timings"]),)
+    if observed_rate is not None:
+        extra += (("observed", {"decodeTokensPerSecond": observed_rate}),)
+    where = f"on {node} at {_percent(fraction)}% GPU residency"
+    scheduled: tuple[str, ConditionStatus, str, str] = ("Scheduled", "True", "Placed", f"placed {where}")
+    if placement is not None and desired == "Preempted":
+        message = spec.get("reason") or "preempted to make room"
+        return Verdict(
+            "Preempted",
+            "Preempted",
+            message,
+            (
+                validated,
+                scheduled,
+                ("Preempted", "True", "Preempted", message),
+                ("Loaded", "False", "Preempted", message),
+                ("Ready", "False", "Preempted", message),
+            ),
+            extra,
+        )
+    not_preempted: tuple[str, ConditionStatus, str, str] = ("Preempted", "False", "Running", "not preempted")
+    if state == "Failed":
+        reason = status.get("reason") or "LoadFailed"
+        message = status.get("message") or "the worker could not load the model"
+        return Verdict(
+            "Failed",
+            reason,
+            message,
+            (validated, scheduled, ("Loaded", "False", reason, message), ("Ready", "False", reason, message)),
+            extra,
+        )
+    if state == "Loaded" and spec.get("nodeName") == node:
+        message = f"serving {where}"
+        conditions: list[tuple[str, ConditionStatus, str, str]] = [
+            validated,
+            scheduled,
+            not_preempted,
+            ("Loaded", "True", "Loaded", message),
+            ("Ready", "True", "Ready", message),
+        ]
+        slo = (inputs.bodies[key]["spec"].get("slo") or {}).get("minDecodeTokensPerSecond")
+        if slo is not None and observed_rate is not None and observed_rate < slo:
+            conditions.append(
+                (
+                    "Degraded",
+                    "True",
+                    "SLONotMet",
+                    f"observed {observed_rate:.1f} tok/s is below the SLO of {slo:g} tok/s",
+                )
+            )
+        else:
+            conditions.append(("Degraded", "False", "SLOMet", "observed decode rate meets the SLO"))
+        return Verdict("Ready", "Ready", message, tuple(conditions), extra)
+    if state in ("Loading", "Preempted") and spec.get("nodeName") == node:
+        message = f"loading {where}" if state == "Loading" else f"resuming {where}"
+        return Verdict(
+            "Loading",
+            "Loading" if state == "Loading" else "Resuming",
+            message,
+            (
+                validated,
+                scheduled,
+                not_preempted,
+                ("Loaded", "False", "Loading", message),
+                ("Ready", "False", "Loading", message),
+            ),
+            extra,
+        )
+    message = f"scheduled {where}; waiting for the worker"
+    return Verdict(
+        "Scheduled",
+        "Placed",
+        message,
+        (
+            validated,
+            scheduled,
+            not_preempted,
+            ("Loaded", "False", "WaitingForWorker", message),
+            ("Ready", "False", "WaitingForWorker", message),
+        ),
+        extra,
+    )

@@ -1,0 +1,308 @@
+"""The torch engine on tiny random models, CPU, emulated GPU tier: numerics, residency, batching, preemption."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from residency.modelgen import make_model
+from residency_worker.engine import Engine, EngineError, ModelOptions, SamplingParams, make_gpu_tier
+from residency_worker.engine.generate import Request, RequestEvent
+
+pytestmark = pytest.mark.component
+
+PROMPTS = ["Hello world", "The scheduler places each model", "Resume copies the weights back", "0123"]
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for arch in ("llama", "qwen2", "qwen3", "mistral", "phi3"):
+        make_model(root / arch, arch, "tiny", seed=1, dtype="float32")
+    return root
+
+
+@pytest.fixture
+def engine(models_root: Path) -> Iterator[Engine]:
+    tier = make_gpu_tier(32 * 2**20)
+    eng = Engine(tier, [models_root], node="test", calibration_bytes=2**20)
+    yield eng
+    eng.close()
+
+
+def _options(fraction: float, mode: str = "stream", **kwargs: object) -> ModelOptions:
+    return ModelOptions(dtype="float32", resident_fraction=fraction, decode_mode=mode,  # type: ignore[arg-type]
+                        max_sequence_length=128, max_batch_size=4, **kwargs)  # type: ignore[arg-type]
+
+
+def _greedy_batch(engine: Engine, name: str, prompts: list[str], params: SamplingParams = GREEDY) -> list[list[int]]:
+    """Submits all prompts at once so they run as one batch, and returns each one's tokens."""
+    requests = [engine.submit(name, p, params) for p in prompts]
+    return [r.wait(60).token_ids for r in requests]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "phi3"])
+def test_greedy_matches_transformers(engine: Engine, models_root: Path, arch: str) -> None:
+    """The engine's own decoder math gives transformers' greedy tokens and logits, with the KV cache."""
+    engine.load(arch, str(models_root / arch), _options(0.5, "stream"))
+    reference = AutoModelForCausalLM.from_pretrained(models_root / arch, dtype=torch.float32).eval()
+    prompt_ids = engine.encode(arch, PROMPTS[1])
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False,
+                                      min_new_tokens=12, pad_token_id=0)[0, len(prompt_ids):].tolist()
+    assert engine.generate(arch, prompt_ids, GREEDY).token_ids == expected
+
+
+@pytest.mark.parametrize("mode", ["stream", "cpu"])
+def test_greedy_identical_across_residency_and_batching(engine: Engine, models_root: Path, mode: str) -> None:
+    results = {}
+    for fraction in (1.0, 0.5, 0.0):
+        name = f"m{int(fraction * 100)}"
+        report = engine.load(name, str(models_root / "qwen2"), _options(fraction, mode))
+        assert report.residency.decode_mode == mode
+        results[fraction] = _greedy_batch(engine, name, PROMPTS)
+        alone = [engine.generate(name, p, GREEDY).token_ids for p in PROMPTS]
+        assert results[fraction] == alone, "batching changed greedy output"
+        engine.unload(name)
+    assert results[1.0] == results[0.5] == results[0.0]
+    assert all(len(tokens) == GREEDY.max_tokens for tokens in results[1.0])
+
+
+def test_prefill_and_decode_modes_may_differ(engine: Engine, models_root: Path) -> None:
+    engine.load("ref", str(models_root / "llama"), _options(1.0))
+    expected = _greedy_batch(engine, "ref", PROMPTS)
+    engine.load("mixed", str(models_root / "llama"), _options(0.25, "cpu", prefill_mode="stream"))
+    assert engine.residency("mixed").prefill_mode == "stream"
+    assert _greedy_batch(engine, "mixed", PROMPTS) == expected
+    engine.set_residency("mixed", decode_mode="stream", prefill_mode="cpu")
+    assert _greedy_batch(engine, "mixed", PROMPTS) == expected
+
+
+def test_auto_mode_is_measured(engine: Engine, models_root: Path) -> None:
+    report = engine.load("auto", str(models_root / "llama"), ModelOptions(
+        dtype="float32", resident_fraction=0.5, max_sequence_length=128, max_batch_size=2))
+    assert {"decode_stream_seconds", "decode_cpu_seconds", "prefill_stream_seconds",
+            "prefill_cpu_seconds"} <= set(report.mode_choice)
+    assert all(seconds > 0 for seconds in report.mode_choice.values())
+    assert report.residency.decode_mode in ("stream", "cpu")
+
+
+class _Gate:
+    """Counts a request's tokens and signals once `after` of them have arrived."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.count = 0
+        self.reached = threading.Event()
+
+    def __call__(self, event: RequestEvent) -> None:
+        if event.token_id is not None:
+            self.count += 1
+            if self.count >= self.after:
+                self.reached.set()
+
+
+@pytest.mark.parametrize("mode", ["stream", "cpu"])
+def test_preempt_resume_mid_generation_continues_exactly(engine: Engine, models_root: Path, mode: str) -> None:
+    long_greedy = SamplingParams(max_tokens=40, ignore_eos=True)
+    engine.load("m", str(models_root / "llama"), _options(0.5, mode))
+    expected = _greedy_batch(engine, "m", PROMPTS[:3], long_greedy)
+    gate = _Gate(after=5)
+    requests = [engine.submit("m", p, long_greedy, on_event=gate if i == 0 else None)
+                for i, p in enumerate(PROMPTS[:3])]
+    assert gate.reached.wait(30)
+    report = engine.preempt("m")
+    assert engine.status("m").state == "preempted"
+    assert report.sequences_parked >= 1
+    assert report.kv_save.moved_bytes > 0 and report.kv_save.seconds > 0 and report.kv_save.emulated
+    assert engine.tier.allocated_bytes("model/m") == 0 and engine.tier.reserved_bytes("model/m") == 0
+    parked_tokens = len(requests[0].token_ids)
+    assert not requests[0].done.wait(0.3), "a preempted model must not generate"
+    assert len(requests[0].token_ids) == parked_tokens
+    resumed = engine.resume("m")
+    assert resumed.kv_restore.moved_bytes == report.kv_save.moved_bytes
+    assert resumed.reload.moved_bytes == engine.residency("m").resident_weight_bytes
+    assert [r.wait(60).token_ids for r in requests] == expected
+
+
+def test_demote_promote_mid_generation_continues_exactly(engine: Engine, models_root: Path) -> None:
+    long_greedy = SamplingParams(max_tokens=40, ignore_eos=True)
+    engine.load("m", str(models_root / "qwen2"), _options(1.0, "cpu"))
+    expected = _greedy_batch(engine, "m", PROMPTS[:2], long_greedy)
+    gate = _Gate(after=4)
+    requests = [engine.submit("m", p, long_greedy, on_event=gate if i == 0 else None)
+                for i, p in enumerate(PROMPTS[:2])]
+    assert gate.reached.wait(30)
+    demoted = engine.set_residency("m", 0.0)
+    assert demoted.resident_weight_bytes == 0 and demoted.offloaded_units
+    promoted = engine.set_residency("m", 0.5, decode_mode="stream")
+    assert 0.3 < promoted.resident_fraction < 0.7
+    engine.set_residency("m", 1.0)
+    assert [r.wait(60).token_ids for r in requests] == expected
+
+
+def test_placement_that_does_not_fit_is_refused(models_root: Path) -> None:
+    # the tiny model needs ~1.8 MB fully resident (weights + KV for 4 × 128 tokens + workspace), ~0.85 MB at 0.25
+    tier = make_gpu_tier(1_200_000)
+    engine = Engine(tier, [models_root], calibration_bytes=0)
+    with pytest.raises(EngineError) as refused:
+        engine.load("big", str(models_root / "llama"), _options(1.0))
+    assert refused.value.reason == "PlacementDoesNotFit"
+    assert tier.reserved_bytes() == 0 and tier.allocated_bytes() == 0
+    engine.load("small", str(models_root / "llama"), _options(0.25, "cpu"))  # the same model, partly resident, fits
+    assert tier.reserved_bytes() <= tier.budget_bytes
+    with pytest.raises(EngineError) as promote:
+        engine.set_residency("small", 1.0)
+    assert promote.value.reason == "PlacementDoesNotFit"
+    assert engine.residency("small").requested_fraction == 0.25
+    assert engine.generate("small", "Hello", GREEDY).finish_reason == "length"
+    engine.close()
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.6, 0.3, 0.0])
+def test_reported_resident_bytes_equal_the_pool(engine: Engine, models_root: Path, fraction: float) -> None:
+    engine.load("m", str(models_root / "llama"), _options(fraction, "cpu"))
+    report = engine.residency("m")
+    pool = engine.tier.tensors("model/m", "weights")
+    assert report.resident_weight_bytes == sum(t.numel() * t.element_size() for t in pool)
+    assert report.resident_weight_bytes == engine.tier.allocated_bytes("model/m", "weights")
+    assert report.resident_fraction == report.resident_weight_bytes / report.weight_bytes
+    assert abs(report.resident_fraction - fraction) <= 0.2
+    runner = engine.runner("m")
+    for name in report.resident_units:  # every resident tensor the forward pass uses lies in the pool
+        assert all(engine.tier.owns(t) for t in runner._gpu_views[name].values())
+    for name in report.offloaded_units:
+        assert name not in runner._gpu_views
+    assert engine.tier.reserved_bytes("model/m") == report.gpu_reserved_bytes >= report.resident_weight_bytes
+
+
+def test_timings_positive_with_correct_byte_counts(engine: Engine, models_root: Path) -> None:
+    report = engine.load("m", str(models_root / "llama"), _options(0.6, "stream"))
+    assert report.load_seconds > 0 and report.read_seconds > 0
+    assert report.host_to_device.moved_bytes == report.residency.resident_weight_bytes > 0
+    assert report.host_to_device.gbps > 0 and report.host_to_device.emulated
+    assert report.host_to_device.path == "pageable"  # honest: no pinned memory without CUDA
+    request = engine.submit("m", PROMPTS[0], SamplingParams(max_tokens=30, ignore_eos=True))
+    request.wait(60)
+    preempt = engine.preempt("m")
+    assert preempt.kv_save.moved_bytes == 0  # nothing in flight: no KV to save
+    resume = engine.resume("m")
+    assert resume.reload.moved_bytes == report.residency.resident_weight_bytes
+    assert resume.reload.seconds > 0 and resume.reload.gbps > 0
+    assert resume.reload.copies == len(report.residency.resident_units)  # one big copy per unit
+    timings = engine.status("m").timings
+    assert timings.reload_seconds == resume.reload.seconds and timings.weight_bytes == report.residency.weight_bytes
+    assert timings.decode_tokens_per_second and timings.decode_tokens_per_second > 0
+    assert timings.prefill_tokens_per_second and timings.prefill_tokens_per_second > 0
+    node = engine.node_report()
+    assert node.emulated and node.host_to_device_peak is not None and node.host_to_device_peak.gbps > 0
+
+
+def test_kv_bytes_match_the_cached_tokens(engine: Engine, models_root: Path) -> None:
+    engine.load("m", str(models_root / "llama"), _options(1.0, "stream"))
+    gate = _Gate(after=3)
+    prompt = engine.encode("m", PROMPTS[1])
+    request = engine.submit("m", prompt, SamplingParams(max_tokens=60, ignore_eos=True), on_event=gate)
+    assert gate.reached.wait(30)
+    preempt = engine.preempt("m")
+    cached_tokens = len(prompt) + len(request.token_ids) - 1  # the newest token's KV is written next step
+    spec = engine.runner("m").spec
+    per_token_bytes = spec.num_layers * spec.kv_elements_per_token_per_layer * 4
+    assert preempt.kv_save.moved_bytes == cached_tokens * per_token_bytes
+    engine.resume("m")
+    request.wait(60)
+
+
+def test_sampling_is_seeded_and_stop_sequences_cut(engine: Engine, models_root: Path) -> None:
+    engine.load("m", str(models_root / "llama"), _options(0.5, "cpu"))
+    sampled = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    first = engine.generate("m", PROMPTS[0], sampled)
+    assert engine.generate("m", PROMPTS[0], sampled).token_ids == first.token_ids
+    full = engine.generate("m", PROMPTS[0], GREEDY).text
+    stop = full[3:5]
+    assert stop and full.find(stop) >= 0
+    cut = engine.generate("m", PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,)))
+    assert cut.finish_reason == "stop" and cut.text == full[:full.find(stop)]
+
+
+def test_queue_bound_and_unknown_model(engine: Engine, models_root: Path) -> None:
+    engine.load("m", str(models_root / "llama"), _options(1.0, max_queue=2))
+    engine.preempt("m")  # requests pile up while preempted
+    for _ in range(2):
+        engine.submit("m", PROMPTS[0], GREEDY)
+    with pytest.raises(EngineError) as full:
+        engine.submit("m", PROMPTS[0], GREEDY)
+    assert full.value.reason == "QueueFull" and full.value.retry_after_seconds
+    engine.resume("m")
+    with pytest.raises(EngineError) as missing:
+        engine.submit("nope", PROMPTS[0], GREEDY)
+    assert missing.value.reason == "ModelNotLoaded"
+
+
+def test_unload_fails_requests_clearly(engine: Engine, models_root: Path) -> None:
+    engine.load("m", str(models_root / "llama"), _options(1.0))
+    engine.preempt("m")
+    request = engine.submit("m", PROMPTS[0], GREEDY)
+    engine.unload("m")
+    with pytest.raises(EngineError) as gone:
+        request.wait(10)
+    assert gone.value.reason == "ModelUnloaded"
+    assert engine.tier.reserved_bytes() == 0
+
+
+def test_bad_model_directories_are_refused(engine: Engine, models_root: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    def variant(name: str) -> Path:
+        path = models_root / name
+        if not path.exists():
+            shutil.copytree(models_root / "llama", path)
+        return path
+
+    remote = variant("remote")
+    config = json.loads((remote / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+    (remote / "config.json").write_text(json.dumps(config))
+    gpt2 = variant("gpt2")
+    (gpt2 / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "auto_map": None} | {}))
+    config.pop("auto_map")
+    (gpt2 / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    no_config = variant("noconfig")
+    (no_config / "config.json").unlink(missing_ok=True)
+    corrupt = variant("corrupt")
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    outside = tmp_path / "outside"
+    shutil.copytree(models_root / "llama", outside)
+    link = models_root / "link"
+    if not link.exists():
+        link.symlink_to(outside)
+    expected = {remote: "RemoteCodeNotAllowed", gpt2: "UnsupportedArchitecture", no_config: "ConfigMissing",
+                corrupt: "WeightsCorrupt", outside: "PathNotAllowed", link: "PathNotAllowed"}
+    engine.load("good", str(models_root / "llama"), _options(1.0))
+    for path, reason in expected.items():
+        with pytest.raises(EngineError) as refused:
+            engine.load(path.name, str(path), _options(1.0))
+        assert refused.value.reason == reason, refused.value.message
+        assert refused.value.message
+    assert engine.names() == ["good"]
+    assert engine.generate("good", PROMPTS[0], GREEDY).finish_reason == "length"
+
+
+def test_request_objects_report_errors(engine: Engine, models_root: Path) -> None:
+    engine.load("m", str(models_root / "llama"), _options(1.0))
+    with pytest.raises(EngineError) as empty:
+        engine.submit("m", [], GREEDY)
+    assert empty.value.reason == "InvalidRequest"
+    with pytest.raises(EngineError):
+        engine.submit("m", [10**6], GREEDY)
+    long_prompt = engine.submit("m", [1] * 120, SamplingParams(max_tokens=50, ignore_eos=True)).wait(60)
+    assert long_prompt.finish_reason == "length" and len(long_prompt.token_ids) == 128 - 120
+    assert isinstance(long_prompt, Request)

@@ -1,0 +1,375 @@
+"""The node agent: a kubelet for models. Registers the node's measured profile, converges the engine to
+the ModelPlacements for this node, and reports what happened (state, residency, measured timings).
+
+Level-triggered: every sync lists this node's placements and compares them with what the engine holds.
+Shrinking steps (unload, preempt, demote) run before growing ones (load, resume, promote), so the node's
+GPU budget is never exceeded on the way; the engine refuses anything that would not fit anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from residency.api import GROUP, VERSION
+from residency_worker.engine import Engine, ModelOptions
+from residency_worker.engine.tiers import synchronize
+from residency_worker.engine.types import EngineError, ModelTimings
+
+log = logging.getLogger("residency.agent")
+NODE_LABEL = "residency.dev/node"
+UNLOAD_FINALIZER = "residency.dev/unload"
+FRACTION_TOLERANCE = 0.02
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def measure_copy_gbps(device: torch.device, size_bytes: int = 64 * 2**20, trials: int = 3) -> float:
+    """Best of a few same-device copies (device memory bandwidth: read + write counted once each way)."""
+    source = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(trials):
+        synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size_bytes / best / 1e9
+
+
+def timings_wire(timings: ModelTimings) -> dict[str, Any]:
+    """The engine's measured timings in the API's Timings shape."""
+    wire: dict[str, Any] = {"weightBytes": timings.weight_bytes, "emulated": timings.emulated}
+    if timings.load_seconds is not None:
+        wire["loadSeconds"] = round(timings.load_seconds, 6)
+    if timings.reload_seconds is not None:
+        wire["reloadSeconds"] = round(timings.reload_seconds, 6)
+    if timings.kv_save_seconds is not None:
+        wire["kvTransferSeconds"] = round(timings.kv_save_seconds, 6)
+    if timings.kv_bytes:
+        wire["kvBytes"] = timings.kv_bytes
+    if timings.host_to_device_gbps is not None:
+        wire["hostToDeviceGbps"] = round(timings.host_to_device_gbps, 4)
+    return wire
+
+
+@dataclass
+class AgentConfig:
+    node: str
+    endpoint: str
+    host_memory_bytes: int
+    poll_seconds: float = 1.0
+    heartbeat_seconds: float = 5.0
+    node_heartbeat: bool = False  # also keep the Node Ready (local clusters have no kubelet)
+
+
+@dataclass
+class _Failure:
+    generation: int
+    reason: str
+    message: str
+
+
+@dataclass
+class NodeAgent:
+    """Converges one node's engine to its placements."""
+
+    engine: Engine
+    config: AgentConfig
+    custom: client.CustomObjectsApi = field(default_factory=client.CustomObjectsApi)
+    core: client.CoreV1Api = field(default_factory=client.CoreV1Api)
+    _failures: dict[str, _Failure] = field(default_factory=dict)
+    _last_heartbeat: float = 0.0
+    _profile_spec: dict[str, Any] | None = None
+
+    # -- node profile -------------------------------------------------------------------------------
+    def profile_spec(self) -> dict[str, Any]:
+        """The node's measured profile (measured once)."""
+        if self._profile_spec is None:
+            report = self.engine.node_report()
+            peak = report.host_to_device_peak
+            tier = self.engine.tier
+            self._profile_spec = {
+                "nodeName": self.config.node,
+                "gpuType": report.gpu_name,
+                "gpuCount": 1,
+                "gpuMemoryBytes": report.budget_bytes,
+                "hostMemoryBytes": self.config.host_memory_bytes,
+                "hostToDeviceGbps": round(peak.gbps if peak else 1.0, 4),
+                "hbmGbps": round(measure_copy_gbps(tier.device), 4),
+                "hostMemoryGbps": round(measure_copy_gbps(torch.device("cpu")), 4),
+                "emulated": report.emulated,
+                "workerEndpoint": self.config.endpoint,
+            }
+        return self._profile_spec
+
+    def register(self) -> None:
+        """Create or update this node's NodeProfile, owned by the Node so it goes when the Node goes."""
+        body: dict[str, Any] = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "NodeProfile",
+            "metadata": {"name": self.config.node},
+            "spec": self.profile_spec(),
+        }
+        try:
+            node = self.core.read_node(self.config.node)
+            body["metadata"]["ownerReferences"] = [
+                {"apiVersion": "v1", "kind": "Node", "name": node.metadata.name, "uid": node.metadata.uid}
+            ]
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        try:
+            self.custom.create_cluster_custom_object(GROUP, VERSION, "nodeprofiles", body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.custom.patch_cluster_custom_object(
+                GROUP,
+                VERSION,
+                "nodeprofiles",
+                self.config.node,
+                {"metadata": body["metadata"], "spec": body["spec"]},
+            )
+        self.heartbeat(force=True)
+
+    def heartbeat(self, force: bool = False) -> None:
+        """NodeProfile status: alive, and the bytes this node holds now."""
+        if not force and time.monotonic() - self._last_heartbeat < self.config.heartbeat_seconds:
+            return
+        report = self.engine.node_report()
+        status = {"heartbeatTime": now_rfc3339(), "residentBytes": report.allocated_bytes}
+        try:
+            self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, "nodeprofiles", self.config.node, {"status": status}
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.register()
+        if self.config.node_heartbeat:
+            self._node_ready()
+        self._last_heartbeat = time.monotonic()
+
+    def _node_ready(self) -> None:
+        now = now_rfc3339()
+        condition = {
+            "type": "Ready",
+            "status": "True",
+            "reason": "ResidencyWorkerReady",
+            "message": "residency worker is serving",
+            "lastHeartbeatTime": now,
+            "lastTransitionTime": now,
+        }
+        try:
+            self.core.patch_node_status(self.config.node, {"status": {"conditions": [condition]}})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # -- convergence --------------------------------------------------------------------------------
+    def placements(self) -> list[dict[str, Any]]:
+        result = self.custom.list_cluster_custom_object(
+            GROUP, VERSION, "modelplacements", label_selector=f"{NODE_LABEL}={self.config.node}"
+        )
+        return [p for p in result.get("items", []) if p["spec"]["nodeName"] == self.config.node]
+
+    def sync(self) -> None:
+        """One convergence pass: shrink first, then grow, then report."""
+        placements = self.placements()
+        wanted = {self._model_name(p): p for p in placements if not p["metadata"].get("deletionTimestamp")}
+        leaving = [p for p in placements if p["metadata"].get("deletionTimestamp")]
+        loaded = set(self.engine.names())
+        for name in sorted(loaded - set(wanted)):
+            self._unload(name)
+        for placement in leaving:
+            self._release(placement)
+        grow: list[dict[str, Any]] = []
+        for name, placement in sorted(wanted.items()):
+            spec = placement["spec"]
+            if name in loaded and spec["desiredState"] == "Preempted":
+                self._act(placement, "preempt")
+            elif (
+                name in loaded
+                and spec["desiredState"] == "Loaded"
+                and self._state(name) == "ready"
+                and (
+                    spec["residentFraction"]
+                    < self.engine.residency(name).resident_fraction - FRACTION_TOLERANCE
+                )
+            ):
+                self._act(placement, "demote")
+            else:
+                grow.append(placement)
+        for placement in grow:
+            name = self._model_name(placement)
+            spec = placement["spec"]
+            if spec["desiredState"] != "Loaded":
+                self._report(placement)
+                continue
+            if name not in self.engine.names():
+                self._act(placement, "load")
+            elif self._state(name) == "preempted":
+                self._act(placement, "resume")
+            elif (
+                abs(spec["residentFraction"] - self.engine.residency(name).resident_fraction)
+                > FRACTION_TOLERANCE
+            ):
+                self._act(placement, "promote")
+            else:
+                self._report(placement)
+        self.heartbeat()
+
+    def _act(self, placement: dict[str, Any], action: str) -> None:
+        name = self._model_name(placement)
+        spec = placement["spec"]
+        generation = int(placement["metadata"].get("generation", 0))
+        failure = self._failures.get(name)
+        if failure is not None and failure.generation == generation:
+            return  # already failed for this spec: wait for the operator to re-plan
+        try:
+            if action == "load":
+                self._patch_status(placement, {"state": "Loading", "reason": None, "message": None})
+                self.engine.load(
+                    name,
+                    spec["sourcePath"],
+                    ModelOptions(
+                        dtype=spec.get("dtype", "bfloat16"),
+                        resident_fraction=float(spec["residentFraction"]),
+                        max_batch_size=int(spec.get("maxBatchSize", 8)),
+                        max_sequence_length=int(spec.get("maxSequenceLength", 2048)),
+                    ),
+                )
+            elif action == "preempt":
+                self.engine.preempt(name)
+            elif action == "resume":
+                self._patch_status(placement, {"state": "Loading"})
+                self.engine.resume(name)
+            elif action in ("demote", "promote"):
+                self.engine.set_residency(name, float(spec["residentFraction"]))
+            log.info("%s %s on %s", action, name, self.config.node)
+            self._failures.pop(name, None)
+        except EngineError as exc:
+            log.warning("%s of %s failed: %s (%s)", action, name, exc.message, exc.reason)
+            self._failures[name] = _Failure(generation, exc.reason, exc.message)
+            if action == "load" and name in self.engine.names():
+                self._unload(name)
+        self._report(placement)
+
+    def _report(self, placement: dict[str, Any]) -> None:
+        name = self._model_name(placement)
+        generation = placement["metadata"].get("generation")
+        failure = self._failures.get(name)
+        if failure is not None and failure.generation == generation:
+            status: dict[str, Any] = {
+                "state": "Failed",
+                "reason": failure.reason,
+                "message": failure.message[:4000],
+            }
+        elif name not in self.engine.names():
+            status = {"state": "Preempted" if placement["spec"]["desiredState"] == "Preempted" else "Pending"}
+        else:
+            model = self.engine.status(name)
+            state = {"ready": "Loaded", "preempted": "Preempted", "loading": "Loading"}.get(
+                model.state, "Failed"
+            )
+            status = {
+                "state": state,
+                "residentFraction": round(model.residency.resident_fraction, 6),
+                "residentBytes": model.residency.gpu_reserved_bytes if state == "Loaded" else 0,
+                "timings": timings_wire(model.timings),
+                "endpoint": f"{self.config.endpoint}/v1",
+                "reason": None,
+                "message": None,
+            }
+            if model.timings.decode_tokens_per_second is not None:
+                status["observedDecodeTokensPerSecond"] = round(model.timings.decode_tokens_per_second, 3)
+        status["observedGeneration"] = generation
+        current = placement.get("status") or {}
+        if any(current.get(k) != v for k, v in status.items() if v is not None) or any(
+            v is None and k in current for k, v in status.items()
+        ):
+            self._patch_status(placement, status)
+
+    def _patch_status(self, placement: dict[str, Any], status: dict[str, Any]) -> None:
+        try:
+            self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, "modelplacements", placement["metadata"]["name"], {"status": status}
+            )
+            placement.setdefault("status", {}).update({k: v for k, v in status.items() if v is not None})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def _unload(self, name: str) -> None:
+        try:
+            self.engine.unload(name)
+            log.info("unloaded %s from %s", name, self.config.node)
+        except EngineError as exc:
+            log.warning("unload of %s: %s", name, exc.message)
+        self._failures.pop(name, None)
+
+    def _release(self, placement: dict[str, Any]) -> None:
+        """A deleted placement: free the memory, then let the object go."""
+        name = self._model_name(placement)
+        if name in self.engine.names():
+            self._unload(name)
+        finalizers = [f for f in placement["metadata"].get("finalizers") or [] if f != UNLOAD_FINALIZER]
+        try:
+            self.custom.patch_cluster_custom_object(
+                GROUP,
+                VERSION,
+                "modelplacements",
+                placement["metadata"]["name"],
+                {
+                    "metadata": {
+                        "finalizers": finalizers or None,
+                        "resourceVersion": placement["metadata"]["resourceVersion"],
+                    }
+                },
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    def _state(self, name: str) -> str:
+        return self.engine.status(name).state
+
+    @staticmethod
+    def _model_name(placement: dict[str, Any]) -> str:
+        model = placement["spec"]["model"]
+        return f"{model['namespace']}/{model['name']}"
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Until stop is set: sync, survive API server restarts with backoff."""
+        backoff = self.config.poll_seconds
+        registered = False
+        while not stop.is_set():
+            try:
+                if not registered:
+                    self.register()
+                    registered = True
+                self.sync()
+                backoff = self.config.poll_seconds
+            except Exception as exc:  # the API server may be away; keep serving and retry
+                log.warning("sync failed (%s); retrying in %.1f s", exc.__class__.__name__, backoff)
+                backoff = min(backoff * 2, 10.0)
+            stop.wait(backoff)
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this machine."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

@@ -1,0 +1,141 @@
+"""Worker commands of the `residency` CLI: `worker`, `make-model` and `profile`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import typer
+
+
+def _read_token(path: Path | None, env_name: str) -> str | None:
+    """A bearer token from a file (preferred) or an environment variable; never logged."""
+    if path is not None:
+        token = path.read_text().strip()
+        if not token:
+            raise typer.BadParameter(f"{path} is empty")
+        return token
+    return os.environ.get(env_name) or None
+
+
+def worker(
+    node: str = typer.Option(os.uname().nodename, "--node", help="Name of the node this worker serves."),
+    gpu_memory: str | None = typer.Option(
+        None, "--gpu-memory",
+        help="GPU memory budget, e.g. 8GiB. Required without a GPU (the tier is then emulated on the CPU).",
+    ),
+    models_root: list[Path] = typer.Option(..., "--models-root", help="Allowed root for model dirs (repeatable)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8100, "--port"),
+    admin_token_file: Path | None = typer.Option(
+        None, "--admin-token-file", help="File holding the admin bearer token (or env RESIDENCY_ADMIN_TOKEN)."),
+    inference_token_file: Path | None = typer.Option(
+        None, "--inference-token-file", help="Require this bearer token for inference (or env "
+        "RESIDENCY_INFERENCE_TOKEN); open when unset."),
+    emulate: bool = typer.Option(False, "--emulate", help="Use the emulated tier even when a GPU is present."),
+    preempted_wait_seconds: float = typer.Option(10.0, help="How long a request to a preempted model waits."),
+    calibration_mib: int = typer.Option(256, help="Size of the start-up host→device peak measurement."),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Run the node's worker: the torch engine plus its OpenAI-compatible and admin HTTP API."""
+    import uvicorn
+
+    from residency_worker.engine import Engine, make_gpu_tier
+    from residency_worker.engine.tiers import parse_bytes
+    from residency_worker.server import ServerSettings, create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        budget = parse_bytes(gpu_memory) if gpu_memory else None
+        tier = make_gpu_tier(budget, force_emulated=emulate)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if tier.emulated:
+        typer.echo(f"no GPU in use: EMULATED GPU tier on the CPU with a {tier.budget_bytes}-byte budget; "
+                   "every report says emulated: true", err=True)
+    else:
+        typer.echo(f"GPU: {tier.gpu_name}, budget {tier.budget_bytes} bytes", err=True)
+    admin_token = _read_token(admin_token_file, "RESIDENCY_ADMIN_TOKEN")
+    if admin_token is None:
+        typer.echo("no admin token configured: the admin API will refuse every call", err=True)
+    engine = Engine(tier, list(models_root), node=node, calibration_bytes=calibration_mib * 2**20)
+    settings = ServerSettings(admin_token=admin_token,
+                              inference_token=_read_token(inference_token_file, "RESIDENCY_INFERENCE_TOKEN"),
+                              preempted_wait_seconds=preempted_wait_seconds)
+    try:
+        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level=log_level.lower())
+    finally:
+        engine.close()
+
+
+def make_model_command(
+    out_dir: Path = typer.Argument(..., help="Directory to write (created if needed)."),
+    arch: str = typer.Option("llama", "--arch", help="llama | qwen2 | qwen3 | mistral | phi3"),
+    preset: str = typer.Option("tiny", "--preset", help="tiny | qwen2.5-0.5b | qwen2.5-3b | llama-3-8b"),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32"),
+) -> None:
+    """Write a random-initialised Hugging Face model directory with real shapes (no downloads)."""
+    from residency.modelgen import make_model
+
+    try:
+        path = make_model(out_dir, arch=arch, preset=preset, seed=seed, dtype=dtype)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(str(path))
+
+
+def profile(
+    model_dir: Path = typer.Argument(..., help="Hugging Face model directory to profile."),
+    out: Path = typer.Option(Path("profile.json"), "--out", help="Profile JSON (a PNG is written beside it)."),
+    gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="Budget; required without a GPU."),
+    dtype: str = typer.Option("bfloat16", "--dtype"),
+    fractions: str = typer.Option("1.0,0.9,0.75,0.5,0.25,0.0", "--fractions"),
+    sequence_lengths: str = typer.Option("128,512", "--sequence-lengths"),
+    decode_tokens: int = typer.Option(16, "--decode-tokens"),
+    trials: int = typer.Option(3, "--trials"),
+    emulate: bool = typer.Option(False, "--emulate"),
+) -> None:
+    """Measure decode/prefill tokens/s against resident fraction in both modes; write JSON and a PNG."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from residency_worker.engine import Engine, make_gpu_tier
+    from residency_worker.engine.profile import ProfileSettings, plot_profile, profile_model
+    from residency_worker.engine.tiers import parse_bytes
+
+    settings = ProfileSettings(
+        dtype=dtype, fractions=tuple(float(f) for f in fractions.split(",")),
+        sequence_lengths=tuple(int(n) for n in sequence_lengths.split(",")), decode_tokens=decode_tokens,
+        trials=trials,
+    )
+    try:
+        tier = make_gpu_tier(parse_bytes(gpu_memory) if gpu_memory else None, force_emulated=emulate)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    directory = model_dir.resolve()
+    engine = Engine(tier, [directory.parent], node="profile", calibration_bytes=64 * 2**20)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn()) as bar:
+        task = bar.add_task(f"profiling {directory.name}", total=settings.points)
+
+        def advance(description: str) -> None:
+            bar.update(task, advance=1, description=description)
+
+        result = profile_model(engine, str(directory), settings, progress=advance)
+    engine.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    png = out.with_suffix(".png")
+    plot_profile(result, png)
+    for skipped in result.skipped:
+        typer.echo(f"skipped {skipped}", err=True)
+    typer.echo(f"wrote {out} and {png}{' (EMULATED GPU tier)' if result.emulated else ''}")
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the worker's commands to the main `residency` CLI."""
+    app.command("worker")(worker)
+    app.command("make-model")(make_model_command)
+    app.command("profile")(profile)

@@ -1,0 +1,503 @@
+"""One loaded model: its placement, its forward pass across tiers, and the loop that batches its requests.
+
+A single thread per model owns all of the model's state. Requests wait in a bounded queue and join the
+running batch at the next decode step (after their own prefill); admin operations — preempt, resume,
+change of residency or mode — are queued as commands and run between two steps, so they never race a
+forward pass and never drop a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from residency_worker.engine import model as decoder
+from residency_worker.engine.generate import Detokenizer, Request, RequestEvent, make_generator, sample
+from residency_worker.engine.kvcache import KVCache
+from residency_worker.engine.loading import LoadedWeights, Unit
+from residency_worker.engine.placement import BudgetNeed, ResidencyPlan, budget_need, gpu_kv_layers, plan_residency
+from residency_worker.engine.tiers import GpuTier
+from residency_worker.engine.transfer import Stager, timed_copies, upload_units
+from residency_worker.engine.types import (
+    EngineError,
+    ExecutionMode,
+    ModelState,
+    ModelTimings,
+    PreemptReport,
+    ResidencyReport,
+    ResumeReport,
+    TransferTiming,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ModeChoice = Literal["stream", "cpu", "auto"]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to serve one model on this node."""
+
+    dtype: str = "bfloat16"
+    resident_fraction: float = 1.0
+    decode_mode: ModeChoice = "auto"
+    prefill_mode: ModeChoice | None = None  # None: follow the decode mode's choice
+    max_batch_size: int = 8
+    max_sequence_length: int = 2048
+    max_queue: int = 64
+    reload_streams: int = 2
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    cache: KVCache
+    detokenizer: Detokenizer
+    generator: torch.Generator | None
+    max_tokens: int
+    cached_tokens: int = 0
+    last_token: int = 0
+    generated: int = 0
+    eos_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+class ModelRunner:
+    """Serves one model from its placement; all public methods are thread-safe."""
+
+    def __init__(self, name: str, weights: LoadedWeights, tier: GpuTier, options: ModelOptions) -> None:
+        self.name = name
+        self.owner = f"model/{name}"
+        self.weights = weights
+        self.tier = tier
+        self.options = options
+        self.spec = weights.spec
+        self.state: ModelState = "loading"
+        self.timings = ModelTimings(weight_bytes=weights.weight_bytes, emulated=tier.emulated)
+        max_positions = min(options.max_sequence_length, self.spec.max_position_embeddings)
+        self.max_sequence_length = max_positions
+        self.rotary = decoder.Rotary(weights.config, max_positions)
+        self.plan: ResidencyPlan = plan_residency(weights, options.resident_fraction)
+        self.decode_mode: ExecutionMode = "stream" if options.decode_mode == "auto" else options.decode_mode
+        prefill = options.prefill_mode or options.decode_mode
+        self.prefill_mode: ExecutionMode = "stream" if prefill == "auto" else prefill
+        self._gpu_flats: dict[str, torch.Tensor] = {}
+        self._gpu_views: dict[str, decoder.Weights] = {}
+        self._host_views = {u.name: u.views(weights.host_unit(u)) for u in weights.units}
+        self._layer_units = [weights.unit(f"layer.{i}") for i in range(self.spec.num_layers)]
+        self._head_unit = weights.unit("head")
+        self._embed_unit = self._head_unit if self.spec.tie_word_embeddings else weights.unit("embed")
+        self._stager: Stager | None = None
+        self._waiting: deque[Request] = deque()
+        self._active: list[_Sequence] = []
+        self._commands: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._resumed = threading.Event()
+        self._thread: threading.Thread | None = None
+        eos = weights.config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if weights.tokenizer.eos_token_id is not None:
+            eos_ids.add(int(weights.tokenizer.eos_token_id))
+        self._eos_ids = frozenset(eos_ids)
+
+    # -- placement ----------------------------------------------------------------------------------
+    def _need(self, plan: ResidencyPlan, decode_mode: ExecutionMode, prefill_mode: ExecutionMode) -> BudgetNeed:
+        return budget_need(
+            self.weights, plan, decode_mode=decode_mode, prefill_mode=prefill_mode,
+            max_batch_size=self.options.max_batch_size, max_sequence_length=self.max_sequence_length,
+        )
+
+    def _streamed_units(self, plan: ResidencyPlan) -> list[Unit]:
+        return [u for u in [*self._layer_units, self._head_unit] if u.name not in plan.resident]
+
+    def _open_stager(self) -> None:
+        streamed = self._streamed_units(self.plan)
+        if streamed and "stream" in (self.decode_mode, self.prefill_mode):
+            slot_numel = max(u.numel for u in streamed)
+            self._stager = Stager(self.tier, self.owner, self.weights, slot_numel)
+
+    def _close_stager(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _upload(self, units: list[Unit]) -> TransferTiming:
+        flats, timing = upload_units(self.tier, self.owner, self.weights, units,
+                                     streams=self.options.reload_streams)
+        self._gpu_flats.update(flats)
+        for unit in units:
+            self._gpu_views[unit.name] = unit.views(flats[unit.name])
+        return timing
+
+    def _drop_weights(self, names: set[str]) -> None:
+        for name in names:
+            self.tier.release(self._gpu_flats.pop(name))
+            self._gpu_views.pop(name, None)
+
+    def place(self) -> TransferTiming:
+        """Reserves the GPU budget, uploads resident units and opens staging; refuses what does not fit."""
+        need = self._need(self.plan, self.decode_mode, self.prefill_mode)
+        self.tier.reserve(self.owner, need.total_bytes)
+        try:
+            resident = [u for u in self.weights.units if u.name in self.plan.resident]
+            timing = self._upload(resident)
+            self._open_stager()
+        except Exception:
+            self.tier.unreserve(self.owner)
+            raise
+        self.timings.load_transfer = timing
+        self.timings.host_to_device_gbps = timing.gbps if timing.moved_bytes else None
+        self.state = "ready"
+        self._resumed.set()
+        return timing
+
+    def residency(self) -> ResidencyReport:
+        need = self._need(self.plan, self.decode_mode, self.prefill_mode)
+        resident_bytes = sum(self.weights.unit_bytes(self.weights.unit(n)) for n in self._gpu_flats)
+        return ResidencyReport(
+            model=self.name,
+            requested_fraction=self.plan.requested_fraction,
+            resident_fraction=resident_bytes / self.plan.weight_bytes,
+            resident_weight_bytes=resident_bytes,
+            weight_bytes=self.plan.weight_bytes,
+            resident_units=[u.name for u in self.weights.units if u.name in self.plan.resident],
+            offloaded_units=[u.name for u in self.weights.units if u.name not in self.plan.resident],
+            decode_mode=self.decode_mode,
+            prefill_mode=self.prefill_mode,
+            gpu_reserved_bytes=self.tier.reserved_bytes(self.owner),
+            kv_reserved_bytes=need.kv_bytes if self.state == "ready" else 0,
+            emulated=self.tier.emulated,
+        )
+
+    # -- the forward pass ---------------------------------------------------------------------------
+    def _unit_weights(self, unit: Unit, mode: ExecutionMode) -> tuple[decoder.Weights, torch.device, bool]:
+        """The unit's tensors, the device it computes on, and whether it came through the stager."""
+        if unit.name in self._gpu_views:
+            return self._gpu_views[unit.name], self.tier.device, False
+        if mode == "stream":
+            assert self._stager is not None, "stream mode without staging buffers"
+            return self._stager.acquire(unit), self.tier.device, True
+        return self._host_views[unit.name], torch.device("cpu"), False
+
+    def _forward(self, sequences: list[_Sequence], *, prefill: bool) -> torch.Tensor:
+        """Float32 CPU logits [B, vocab] for the next token of each sequence."""
+        mode = self.prefill_mode if prefill else self.decode_mode
+        if prefill:
+            token_rows = [sequences[0].request.prompt_ids]
+            position_list = [0]
+        else:
+            token_rows = [[s.last_token] for s in sequences]
+            position_list = [s.cached_tokens for s in sequences]
+        steps = len(token_rows[0])
+        if mode == "stream" and self._stager is not None:
+            self._stager.begin(self._streamed_units(self.plan))
+        if self._embed_unit.name in self._gpu_views:
+            embed_weights, device = self._gpu_views[self._embed_unit.name], self.tier.device
+        else:  # a row gather: cheaper on the host than moving the table
+            embed_weights, device = self._host_views[self._embed_unit.name], torch.device("cpu")
+        hidden = decoder.embed(embed_weights, torch.tensor(token_rows, device=device))
+        base = torch.tensor(position_list, dtype=torch.long)[:, None] + torch.arange(steps)[None, :]
+        positions: dict[torch.device, torch.Tensor] = {}
+        caches = [s.cache for s in sequences]
+        for index, unit in enumerate(self._layer_units):
+            weights, device, staged = self._unit_weights(unit, mode)
+            if hidden.device != device:
+                hidden = hidden.to(device, non_blocking=device.type == "cuda")
+            if device not in positions:
+                positions[device] = base.to(device)
+            hidden = decoder.layer(weights, self.spec, index, hidden, positions[device], position_list, caches,
+                                   self.rotary, prefill=prefill)
+            if staged:
+                assert self._stager is not None
+                self._stager.release(unit)
+        weights, device, staged = self._unit_weights(self._head_unit, mode)
+        last = hidden[:, -1].to(device, non_blocking=device.type == "cuda")
+        logits = decoder.head(weights, self.spec, last)
+        if staged:
+            assert self._stager is not None
+            self._stager.release(self._head_unit)
+        return logits.cpu()
+
+    # -- sequences ----------------------------------------------------------------------------------
+    def _gpu_kv_layers(self) -> set[int]:
+        return set(gpu_kv_layers(self.weights, self.plan, self.decode_mode))
+
+    def _new_sequence(self, request: Request) -> _Sequence:
+        spec = self.spec
+        capacity = min(len(request.prompt_ids) + request.params.max_tokens, self.max_sequence_length)
+        cache = KVCache(self.tier, self.owner, (2, spec.num_kv_heads, capacity, spec.head_dim),
+                        self.weights.dtype, self._gpu_kv_layers(), spec.num_layers)
+        return _Sequence(
+            request=request, cache=cache,
+            detokenizer=Detokenizer(self.weights.tokenizer, request.params.stop),
+            generator=make_generator(request.params),
+            max_tokens=capacity - len(request.prompt_ids),
+            eos_ids=frozenset() if request.params.ignore_eos else self._eos_ids,
+        )
+
+    def _accept(self, sequence: _Sequence, logits: torch.Tensor) -> bool:
+        """Samples and emits the next token; True when the sequence has finished."""
+        token = sample(logits, sequence.request.params, sequence.generator)
+        sequence.last_token = token
+        sequence.generated += 1
+        delta, stopped = sequence.detokenizer.push(token)
+        finish: str | None = None
+        if stopped or token in sequence.eos_ids:
+            finish = "stop"
+        elif sequence.generated >= sequence.max_tokens:
+            finish = "length"
+        if finish is not None and not stopped:
+            delta += sequence.detokenizer.flush()
+        sequence.request.emit(RequestEvent(token, delta, finish))
+        return finish is not None
+
+    def _finish(self, sequence: _Sequence) -> None:
+        sequence.cache.release()
+
+    def _prefill(self, request: Request) -> _Sequence | None:
+        sequence = self._new_sequence(request)
+        start = time.perf_counter()
+        logits = self._forward([sequence], prefill=True)
+        elapsed = time.perf_counter() - start
+        self.timings.prefill_tokens_per_second = len(request.prompt_ids) / max(elapsed, 1e-9)
+        sequence.cached_tokens = len(request.prompt_ids)
+        if self._accept(sequence, logits[0]):
+            self._finish(sequence)
+            return None
+        return sequence
+
+    def _decode(self) -> None:
+        start = time.perf_counter()
+        logits = self._forward(self._active, prefill=False)
+        elapsed = time.perf_counter() - start
+        self.timings.decode_tokens_per_second = len(self._active) / max(elapsed, 1e-9)
+        still_running = []
+        for row, sequence in enumerate(self._active):
+            sequence.cached_tokens += 1
+            if self._accept(sequence, logits[row]):
+                self._finish(sequence)
+            else:
+                still_running.append(sequence)
+        self._active = still_running
+
+    def _step(self) -> None:
+        for sequence in [s for s in self._active if s.request.cancelled]:
+            self._finish(sequence)
+            sequence.request.emit(RequestEvent(None, "", "cancelled"))
+        self._active = [s for s in self._active if not s.request.cancelled]
+        while len(self._active) < self.options.max_batch_size:
+            with self._cv:
+                if not self._waiting:
+                    break
+                request = self._waiting.popleft()
+            if request.cancelled:
+                request.emit(RequestEvent(None, "", "cancelled"))
+                continue
+            sequence = self._prefill(request)
+            if sequence is not None:
+                self._active.append(sequence)
+        if self._active:
+            self._decode()
+
+    # -- the loop and its commands ------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"model-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._commands or self._stopping
+                           or (self.state == "ready" and (self._waiting or self._active))):
+                    self._cv.wait()
+                commands = list(self._commands)
+                self._commands.clear()
+                stopping = self._stopping
+            for command, future in commands:
+                try:
+                    future.set_result(command())
+                except BaseException as exc:  # delivered to the caller that queued the command
+                    future.set_exception(exc)
+            if stopping:
+                self._shutdown()
+                return
+            if self.state != "ready":
+                continue
+            try:
+                self._step()
+            except Exception as exc:
+                log.exception("model %s: inference step failed", self.name)
+                self._fail_active(EngineError("InferenceFailed", f"inference on {self.name} failed: {exc}"))
+
+    def _fail_active(self, error: EngineError) -> None:
+        for sequence in self._active:
+            self._finish(sequence)
+            sequence.request.emit(RequestEvent(None, "", "error", error))
+        self._active = []
+
+    def call(self, command: Callable[[], T]) -> T:
+        """Runs `command` on the model's thread between two steps and returns its result."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return command()
+        future: Future[T] = Future()
+        with self._cv:
+            if self._stopping:
+                raise EngineError("ModelNotLoaded", f"model {self.name} is unloading")
+            self._commands.append((command, future))
+            self._cv.notify_all()
+        return future.result()
+
+    def submit(self, request: Request) -> Request:
+        prompt_tokens = len(request.prompt_ids)
+        if prompt_tokens == 0:
+            raise EngineError("InvalidRequest", "the prompt is empty")
+        if prompt_tokens >= self.max_sequence_length:
+            raise EngineError("InvalidRequest", f"the prompt has {prompt_tokens} tokens; {self.name} accepts at "
+                                                f"most {self.max_sequence_length - 1}")
+        if request.params.max_tokens < 1:
+            raise EngineError("InvalidRequest", "max_tokens must be at least 1")
+        vocab = self.spec.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise EngineError("InvalidRequest", f"prompt token ids must lie in [0, {vocab})")
+        with self._cv:
+            if self._stopping or self.state in ("unloaded", "failed"):
+                raise EngineError("ModelNotLoaded", f"model {self.name} is not loaded")
+            if len(self._waiting) >= self.options.max_queue:
+                raise EngineError("QueueFull", f"model {self.name} has {len(self._waiting)} requests waiting",
+                                  retry_after_seconds=1.0)
+            self._waiting.append(request)
+            self._cv.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Drops a request: at once if it is still queued, otherwise at the next step."""
+        request.cancel()
+        with self._cv:
+            try:
+                self._waiting.remove(request)
+            except ValueError:
+                return  # already running (dropped at the next step) or finished
+        request.emit(RequestEvent(None, "", "cancelled"))
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cv:
+            return len(self._waiting)
+
+    @property
+    def active_sequences(self) -> int:
+        return len(self._active)
+
+    def wait_until_ready(self, timeout_seconds: float) -> bool:
+        return self._resumed.wait(timeout_seconds)
+
+    # -- admin operations (run on the model's thread) ------------------------------------------------
+    def preempt(self) -> PreemptReport:
+        return self.call(self._preempt)
+
+    def _preempt(self) -> PreemptReport:
+        if self.state != "ready":
+            raise EngineError("InvalidState", f"model {self.name} is {self.state}, not ready")
+        start = time.perf_counter()
+        pairs = [p for s in self._active for p in s.cache.save_pairs(s.cached_tokens)]
+        kv_save = timed_copies(self.tier, pairs, what="kv", direction="device_to_host")
+        released_bytes = self.tier.allocated_bytes(self.owner)
+        for sequence in self._active:
+            sequence.cache.drop_gpu()
+        self._drop_weights(set(self._gpu_flats))
+        self._close_stager()
+        self.tier.unreserve(self.owner)
+        self.state = "preempted"
+        self._resumed.clear()
+        self.timings.kv_save_seconds = kv_save.seconds
+        self.timings.kv_save_transfer = kv_save
+        self.timings.kv_bytes = kv_save.moved_bytes
+        return PreemptReport(self.name, kv_save, len(self._active), released_bytes, time.perf_counter() - start)
+
+    def resume(self) -> ResumeReport:
+        return self.call(self._resume)
+
+    def _resume(self) -> ResumeReport:
+        if self.state != "preempted":
+            raise EngineError("InvalidState", f"model {self.name} is {self.state}, not preempted")
+        start = time.perf_counter()
+        need = self._need(self.plan, self.decode_mode, self.prefill_mode)
+        self.tier.reserve(self.owner, need.total_bytes)  # refuses, and stays preempted, if it no longer fits
+        resident = [u for u in self.weights.units if u.name in self.plan.resident]
+        reload = self._upload(resident)
+        self._open_stager()
+        pairs = [p for s in self._active for p in s.cache.restore_pairs()]
+        kv_restore = timed_copies(self.tier, pairs, what="kv", direction="host_to_device")
+        self.state = "ready"
+        self._resumed.set()
+        self.timings.reload_seconds = reload.seconds
+        self.timings.reload_transfer = reload
+        self.timings.host_to_device_gbps = reload.gbps if reload.moved_bytes else self.timings.host_to_device_gbps
+        self.timings.kv_restore_seconds = kv_restore.seconds
+        self.timings.kv_restore_transfer = kv_restore
+        with self._cv:
+            self._cv.notify_all()
+        return ResumeReport(self.name, reload, kv_restore, len(self._active), time.perf_counter() - start)
+
+    def set_residency(self, fraction: float | None = None, decode_mode: ExecutionMode | None = None,
+                      prefill_mode: ExecutionMode | None = None) -> ResidencyReport:
+        return self.call(lambda: self._set_residency(fraction, decode_mode, prefill_mode))
+
+    def _set_residency(self, fraction: float | None, decode_mode: ExecutionMode | None,
+                       prefill_mode: ExecutionMode | None) -> ResidencyReport:
+        """Demotes or promotes live: moves whole units and re-homes KV, between two decode steps."""
+        plan = plan_residency(self.weights, self.plan.requested_fraction if fraction is None else fraction)
+        new_decode = decode_mode or self.decode_mode
+        new_prefill = prefill_mode or self.prefill_mode
+        need = self._need(plan, new_decode, new_prefill)
+        if self.state != "ready":  # preempted: takes effect at resume, where the budget is checked
+            self.plan, self.decode_mode, self.prefill_mode = plan, new_decode, new_prefill
+            return self.residency()
+        start = time.perf_counter()
+        self.tier.reserve(self.owner, max(need.total_bytes, self.tier.reserved_bytes(self.owner)))
+        removed = set(self._gpu_flats) - plan.resident
+        added = [u for u in self.weights.units if u.name in plan.resident and u.name not in self._gpu_flats]
+        self._drop_weights(removed)
+        self._close_stager()
+        self.plan, self.decode_mode, self.prefill_mode = plan, new_decode, new_prefill
+        gpu_layers = self._gpu_kv_layers()
+        for sequence in self._active:
+            sequence.cache.rehome(gpu_layers, sequence.cached_tokens)
+        timing = self._upload(added)
+        self._open_stager()
+        self.tier.reserve(self.owner, need.total_bytes)
+        self.timings.residency_change_transfer = timing
+        log.info("model %s: residency %.3f → %.3f in %.3f s", self.name, plan.requested_fraction,
+                 plan.resident_fraction, time.perf_counter() - start)
+        return self.residency()
+
+    def unload(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join()
+        else:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        error = EngineError("ModelUnloaded", f"model {self.name} was unloaded")
+        self._fail_active(error)
+        with self._cv:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for request in waiting:
+            request.emit(RequestEvent(None, "", "error", error))
+        self._drop_weights(set(self._gpu_flats))
+        self._close_stager()
+        self.tier.unreserve(self.owner)
+        self.state = "unloaded"
+        self._resumed.set()  # wake anyone waiting for a resume: the answer is now "gone"

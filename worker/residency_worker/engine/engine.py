@@ -1,0 +1,201 @@
+"""The node's engine: the models it serves, on one GPU tier, with the admin operations the agent calls."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from residency_worker.engine.batching import ModelOptions, ModelRunner
+from residency_worker.engine.generate import Request, RequestEvent
+from residency_worker.engine.loading import load_weights, validate_model_dir
+from residency_worker.engine.tiers import GpuTier, measure_host_to_device_peak
+from residency_worker.engine.types import (
+    EngineError,
+    ExecutionMode,
+    LoadReport,
+    ModelStatus,
+    NodeReport,
+    PreemptReport,
+    ResidencyReport,
+    ResumeReport,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "ModelOptions"]
+
+
+class Engine:
+    """Loads, places, serves, preempts and resumes models on one node's GPU tier."""
+
+    def __init__(self, tier: GpuTier, models_roots: list[Path], *, node: str = "local",
+                 calibration_bytes: int = 256 * 2**20) -> None:
+        self.tier = tier
+        self.node = node
+        self.models_roots = [Path(r) for r in models_roots]
+        self._models: dict[str, ModelRunner] = {}
+        self._lock = threading.Lock()
+        self._loading: set[str] = set()
+        if calibration_bytes > 0:
+            peak = measure_host_to_device_peak(tier, calibration_bytes)
+            log.info("host→device peak: %.2f GB/s (%s%s)", peak.gbps, peak.path,
+                     ", emulated" if tier.emulated else "")
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def load(self, name: str, path: str, options: ModelOptions | None = None) -> LoadReport:
+        """Validates, reads into the host cache, places and starts serving `name`; refuses what does not fit."""
+        options = options or ModelOptions()
+        if not 0.0 <= options.resident_fraction <= 1.0:
+            raise EngineError("InvalidRequest", "resident_fraction must lie in [0, 1]")
+        with self._lock:
+            if name in self._models or name in self._loading:
+                raise EngineError("ModelAlreadyLoaded", f"a model named {name!r} is already loaded")
+            self._loading.add(name)
+        try:
+            start = time.perf_counter()
+            directory = validate_model_dir(path, self.models_roots, options.dtype)
+            weights = load_weights(directory, options.dtype, self.tier)
+            runner = ModelRunner(name, weights, self.tier, options)
+            host_to_device = runner.place()
+            mode_seconds = self._choose_modes(runner, options)
+            load_seconds = time.perf_counter() - start
+            runner.timings.load_seconds = load_seconds
+            runner.start()
+            with self._lock:
+                self._models[name] = runner
+        finally:
+            with self._lock:
+                self._loading.discard(name)
+        log.info("loaded %s from %s in %.2f s (resident %.3f)", name, directory, load_seconds,
+                 runner.plan.resident_fraction)
+        return LoadReport(
+            model=name, path=str(directory), model_type=weights.spec.model_type, dtype=options.dtype,
+            load_seconds=load_seconds, read_seconds=weights.read_seconds, host_to_device=host_to_device,
+            residency=runner.residency(), mode_choice=mode_seconds,
+        )
+
+    def _choose_modes(self, runner: ModelRunner, options: ModelOptions) -> dict[str, float]:
+        """Times a short prefill and a few decode steps in each mode and keeps the faster one per phase."""
+        if options.decode_mode != "auto" and (options.prefill_mode or options.decode_mode) != "auto":
+            return {}
+        if not runner._streamed_units(runner.plan):
+            return {}
+        prompt_tokens = max(1, min(32, runner.max_sequence_length // 2))
+        measured: dict[str, float] = {}
+        for mode in ("stream", "cpu"):
+            runner._set_residency(None, mode, mode)
+            request = Request(prompt_ids=[0] * prompt_tokens,
+                              params=SamplingParams(max_tokens=5, ignore_eos=True))
+            sequence = runner._new_sequence(request)
+            start = time.perf_counter()
+            logits = runner._forward([sequence], prefill=True)
+            measured[f"prefill_{mode}_seconds"] = time.perf_counter() - start
+            sequence.cached_tokens = prompt_tokens
+            sequence.last_token = int(logits[0].argmax())
+            start = time.perf_counter()
+            for _ in range(3):
+                runner._forward([sequence], prefill=False)
+                sequence.cached_tokens += 1
+            measured[f"decode_{mode}_seconds"] = (time.perf_counter() - start) / 3
+            sequence.cache.release()
+        decode: ExecutionMode = "stream" if measured["decode_stream_seconds"] <= measured["decode_cpu_seconds"] else "cpu"
+        prefill: ExecutionMode = (
+            "stream" if measured["prefill_stream_seconds"] <= measured["prefill_cpu_seconds"] else "cpu"
+        )
+        if options.decode_mode != "auto":
+            decode = options.decode_mode
+        if (options.prefill_mode or options.decode_mode) not in ("auto", None):
+            prefill = options.prefill_mode or decode  # type: ignore[assignment]
+        runner._set_residency(None, decode, prefill)
+        return measured
+
+    def unload(self, name: str) -> None:
+        runner = self._runner(name)
+        with self._lock:
+            self._models.pop(name, None)
+        runner.unload()
+
+    def close(self) -> None:
+        for name in list(self._models):
+            self.unload(name)
+
+    # -- admin --------------------------------------------------------------------------------------
+    def preempt(self, name: str) -> PreemptReport:
+        return self._runner(name).preempt()
+
+    def resume(self, name: str) -> ResumeReport:
+        return self._runner(name).resume()
+
+    def set_residency(self, name: str, fraction: float | None = None, *, decode_mode: ExecutionMode | None = None,
+                      prefill_mode: ExecutionMode | None = None) -> ResidencyReport:
+        if fraction is not None and not 0.0 <= fraction <= 1.0:
+            raise EngineError("InvalidRequest", "resident fraction must lie in [0, 1]")
+        return self._runner(name).set_residency(fraction, decode_mode, prefill_mode)
+
+    # -- inference ----------------------------------------------------------------------------------
+    def submit(self, name: str, prompt: str | list[int], params: SamplingParams | None = None,
+               on_event: object = None) -> Request:
+        """Queues a generation; events arrive on `on_event` (called on the model's thread) as tokens come."""
+        runner = self._runner(name)
+        prompt_ids = self.encode(name, prompt) if isinstance(prompt, str) else list(prompt)
+        request = Request(prompt_ids=prompt_ids, params=params or SamplingParams(),
+                          on_event=on_event if callable(on_event) else None)
+        return runner.submit(request)
+
+    def generate(self, name: str, prompt: str | list[int], params: SamplingParams | None = None,
+                 timeout_seconds: float | None = 300.0) -> Request:
+        """Blocking convenience: submit and wait; raises the request's EngineError if it failed."""
+        return self.submit(name, prompt, params).wait(timeout_seconds)
+
+    def encode(self, name: str, text: str) -> list[int]:
+        ids: list[int] = self._runner(name).weights.tokenizer(text).input_ids
+        return ids
+
+    def chat_prompt(self, name: str, messages: list[dict[str, str]]) -> list[int]:
+        tokenizer = self._runner(name).weights.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            ids: list[int] = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            return ids
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return self.encode(name, text)
+
+    def wait_until_ready(self, name: str, timeout_seconds: float) -> bool:
+        return self._runner(name).wait_until_ready(timeout_seconds)
+
+    # -- reports ------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def runner(self, name: str) -> ModelRunner:
+        return self._runner(name)
+
+    def status(self, name: str) -> ModelStatus:
+        runner = self._runner(name)
+        return ModelStatus(
+            name=name, path=str(runner.weights.path), state=runner.state, queue_depth=runner.queue_depth,
+            active_sequences=runner.active_sequences, residency=runner.residency(), timings=runner.timings,
+        )
+
+    def residency(self, name: str) -> ResidencyReport:
+        return self._runner(name).residency()
+
+    def node_report(self) -> NodeReport:
+        return NodeReport(
+            node=self.node, device=str(self.tier.device), gpu_name=self.tier.gpu_name, emulated=self.tier.emulated,
+            budget_bytes=self.tier.budget_bytes, reserved_bytes=self.tier.reserved_bytes(),
+            allocated_bytes=self.tier.allocated_bytes(), host_to_device_peak=self.tier.host_to_device_peak,
+        )
+
+    def _runner(self, name: str) -> ModelRunner:
+        with self._lock:
+            runner = self._models.get(name)
+        if runner is None:
+            raise EngineError("ModelNotLoaded", f"no model named {name!r} is loaded on this node")
+        return runner
+
+
+__all__ += ["RequestEvent"]

@@ -1,0 +1,163 @@
+"""Sensitivity profiling: decode and prefill tokens/s against resident fraction, per mode and sequence length.
+
+The model is loaded once; each point changes its residency live (the same path a demotion takes),
+warms up, and reports the median of repeated trials. The JSON follows the SensitivityProfile spec.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from residency_worker.engine.batching import ModelOptions
+from residency_worker.engine.engine import Engine
+from residency_worker.engine.types import EngineError, ExecutionMode, ProfilePoint, SamplingParams
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    dtype: str = "bfloat16"
+    fractions: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5, 0.25, 0.0)
+    sequence_lengths: tuple[int, ...] = (128, 512)
+    modes: tuple[ExecutionMode, ...] = ("stream", "cpu")
+    decode_tokens: int = 16
+    trials: int = 3
+    warmup_trials: int = 1
+    batch_size: int = 1
+
+    @property
+    def points(self) -> int:
+        return len(self.fractions) * len(self.modes) * len(self.sequence_lengths)
+
+
+@dataclass
+class ProfileResult:
+    model_path: str
+    model_type: str
+    gpu_name: str
+    emulated: bool
+    dtype: str
+    weight_bytes: int
+    points: list[ProfilePoint] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # points that did not fit the budget, with why
+
+    def to_json(self) -> dict[str, Any]:
+        """The SensitivityProfile spec (camelCase, as the CRD stores it)."""
+        return {
+            "modelPath": self.model_path,
+            "gpuType": self.gpu_name,
+            "dtype": self.dtype,
+            "weightBytes": self.weight_bytes,
+            "emulated": self.emulated,
+            "points": [
+                {
+                    "residentFraction": round(p.achieved_resident_fraction, 6),
+                    "executionMode": p.execution_mode,
+                    "sequenceLength": p.sequence_length,
+                    "batchSize": p.batch_size,
+                    "decodeTokensPerSecond": p.decode_tokens_per_second,
+                    "prefillTokensPerSecond": p.prefill_tokens_per_second,
+                    "trials": p.trials,
+                }
+                for p in self.points
+            ],
+        }
+
+
+def profile_model(engine: Engine, path: str, settings: ProfileSettings | None = None,
+                  progress: Progress | None = None) -> ProfileResult:
+    """Measures every (fraction, mode, sequence length) point; points that do not fit are skipped."""
+    settings = settings or ProfileSettings()
+    name = f"profile-{uuid.uuid4().hex[:8]}"
+    longest = max(settings.sequence_lengths)
+    report = engine.load(name, path, ModelOptions(
+        dtype=settings.dtype, resident_fraction=min(settings.fractions), decode_mode="cpu",
+        max_batch_size=settings.batch_size, max_sequence_length=longest + settings.decode_tokens + 1,
+        max_queue=settings.batch_size,
+    ))
+    runner = engine.runner(name)
+    result = ProfileResult(
+        model_path=report.path, model_type=report.model_type, gpu_name=engine.tier.gpu_name,
+        emulated=engine.tier.emulated, dtype=settings.dtype, weight_bytes=report.residency.weight_bytes,
+    )
+    vocab = runner.spec.vocab_size
+    try:
+        for fraction in settings.fractions:
+            for mode in settings.modes:
+                try:
+                    residency = engine.set_residency(name, fraction, decode_mode=mode, prefill_mode=mode)
+                except EngineError as exc:
+                    for length in settings.sequence_lengths:
+                        result.skipped.append(f"r={fraction} {mode} seq={length}: {exc.message}")
+                        if progress:
+                            progress(f"r={fraction:.2f} {mode} seq={length} skipped")
+                    continue
+                for length in settings.sequence_lengths:
+                    prompt = [(7 * i + 3) % vocab for i in range(length)]
+                    params = SamplingParams(max_tokens=settings.decode_tokens, ignore_eos=True)
+                    prefill_rates, decode_rates = [], []
+                    for trial in range(settings.warmup_trials + settings.trials):
+                        requests = [engine.submit(name, prompt, params) for _ in range(settings.batch_size)]
+                        for request in requests:
+                            request.wait(None)
+                        if trial < settings.warmup_trials:
+                            continue
+                        first = requests[0]
+                        assert first.first_token_at is not None and first.finished_at is not None
+                        prefill_rates.append(length / max(first.first_token_at - first.submitted_at, 1e-9))
+                        decode_seconds = max(r.finished_at or 0.0 for r in requests) - max(
+                            r.first_token_at or 0.0 for r in requests)
+                        decode_rates.append(
+                            settings.batch_size * (settings.decode_tokens - 1) / max(decode_seconds, 1e-9))
+                    result.points.append(ProfilePoint(
+                        resident_fraction=fraction, achieved_resident_fraction=residency.resident_fraction,
+                        execution_mode=mode, sequence_length=length, batch_size=settings.batch_size,
+                        decode_tokens_per_second=statistics.median(decode_rates),
+                        prefill_tokens_per_second=statistics.median(prefill_rates), trials=settings.trials,
+                    ))
+                    if progress:
+                        progress(f"r={fraction:.2f} {mode} seq={length}: "
+                                 f"{result.points[-1].decode_tokens_per_second:.1f} tok/s")
+    finally:
+        engine.unload(name)
+    return result
+
+
+def plot_profile(result: ProfileResult, png_path: Path) -> None:
+    """Decode and prefill tokens/s against resident fraction, one line per (mode, sequence length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (decode_axis, prefill_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    keys = sorted({(p.execution_mode, p.sequence_length) for p in result.points})
+    for mode, length in keys:
+        points = sorted((p for p in result.points if (p.execution_mode, p.sequence_length) == (mode, length)),
+                        key=lambda p: p.achieved_resident_fraction)
+        xs = [p.achieved_resident_fraction for p in points]
+        style = "-o" if mode == "stream" else "--s"
+        decode_axis.plot(xs, [p.decode_tokens_per_second for p in points], style, label=f"{mode}, seq {length}")
+        prefill_axis.plot(xs, [p.prefill_tokens_per_second for p in points], style, label=f"{mode}, seq {length}")
+    tier = f"{result.gpu_name}{' (EMULATED on CPU)' if result.emulated else ''}"
+    for axis, what in ((decode_axis, "decode"), (prefill_axis, "prefill")):
+        axis.set_xlabel("resident fraction of weight bytes")
+        axis.set_ylabel(f"{what} tokens/s")
+        axis.set_title(f"{what}: {Path(result.model_path).name} on {tier}", fontsize=9)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png_path, dpi=110)
+    plt.close(figure)
+    log.info("wrote %s at %s", png_path, time.strftime("%H:%M:%S"))

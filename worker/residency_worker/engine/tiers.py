@@ -1,0 +1,224 @@
+"""The GPU tier (real CUDA, or an emulated CPU memory pool with a declared budget) and pinned host memory.
+
+Every GPU allocation of the engine goes through `GpuTier.allocate` and is charged to an owner's
+reservation, so a placement that does not fit is refused up front instead of failing with OOM later.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from residency_worker.engine.types import EngineError, TransferPath, TransferTiming
+
+log = logging.getLogger(__name__)
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40,
+               "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB' → 8589934592; accepts Kubernetes quantities (Gi, Mi) and plain byte counts."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a memory size: {text!r} (use e.g. 8GiB, 512Mi, 1000000)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for all queued device work, so a clock read after it measures finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Allocation:
+    owner: str
+    kind: str
+    nbytes: int
+    tensor: torch.Tensor
+
+
+class GpuTier:
+    """The fast tier of one node: a byte budget, per-owner reservations and tracked allocations."""
+
+    def __init__(self, device: torch.device, budget_bytes: int, *, emulated: bool, gpu_name: str) -> None:
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self.emulated = emulated
+        self.gpu_name = gpu_name
+        self._lock = threading.Lock()
+        self._reservations: dict[str, int] = {}
+        self._allocations: dict[int, _Allocation] = {}
+        self.host_to_device_peak: TransferTiming | None = None
+
+    # -- reservations -------------------------------------------------------------------------------
+    def reserved_bytes(self, owner: str | None = None) -> int:
+        with self._lock:
+            if owner is not None:
+                return self._reservations.get(owner, 0)
+            return sum(self._reservations.values())
+
+    def reserve(self, owner: str, nbytes: int) -> None:
+        """Sets `owner`'s reservation to `nbytes`, refusing if the node budget would be exceeded."""
+        with self._lock:
+            others = sum(v for k, v in self._reservations.items() if k != owner)
+            allocated = sum(a.nbytes for a in self._allocations.values() if a.owner == owner)
+            if others + nbytes > self.budget_bytes:
+                raise EngineError(
+                    "PlacementDoesNotFit",
+                    f"{owner} needs {nbytes} bytes of GPU memory but only {self.budget_bytes - others} of the "
+                    f"node's {self.budget_bytes}-byte budget are free ({others} reserved by other models)",
+                )
+            if allocated > nbytes:
+                raise EngineError(
+                    "PlacementDoesNotFit",
+                    f"{owner} has {allocated} bytes allocated, more than the requested reservation {nbytes}",
+                )
+            if self.device.type == "cuda":
+                free_bytes, _ = torch.cuda.mem_get_info(self.device)
+                growth = nbytes - self._reservations.get(owner, 0)
+                if growth > free_bytes:
+                    raise EngineError(
+                        "PlacementDoesNotFit",
+                        f"{owner} needs {growth} more bytes but the GPU reports only {free_bytes} free",
+                    )
+            self._reservations[owner] = nbytes
+
+    def unreserve(self, owner: str) -> None:
+        with self._lock:
+            leftover = [k for k, a in self._allocations.items() if a.owner == owner]
+            for key in leftover:
+                del self._allocations[key]
+            self._reservations.pop(owner, None)
+
+    # -- allocations --------------------------------------------------------------------------------
+    def allocate(self, owner: str, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor on the fast tier, charged to `owner`'s reservation."""
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        with self._lock:
+            used = sum(a.nbytes for a in self._allocations.values() if a.owner == owner)
+            reserved = self._reservations.get(owner, 0)
+            if used + nbytes > reserved:
+                raise EngineError(
+                    "PlacementDoesNotFit",
+                    f"{owner}: allocating {nbytes} bytes of {kind} would exceed its GPU reservation "
+                    f"({used} of {reserved} bytes in use)",
+                )
+        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        with self._lock:
+            self._allocations[tensor.data_ptr()] = _Allocation(owner, kind, nbytes, tensor)
+        return tensor
+
+    def release(self, tensor: torch.Tensor) -> None:
+        with self._lock:
+            self._allocations.pop(tensor.data_ptr(), None)
+
+    def allocated_bytes(self, owner: str | None = None, kind: str | None = None) -> int:
+        with self._lock:
+            return sum(
+                a.nbytes
+                for a in self._allocations.values()
+                if (owner is None or a.owner == owner) and (kind is None or a.kind == kind)
+            )
+
+    def tensors(self, owner: str, kind: str | None = None) -> list[torch.Tensor]:
+        """The tensors that live in the pool for `owner` (what a residency report must agree with)."""
+        with self._lock:
+            return [a.tensor for a in self._allocations.values()
+                    if a.owner == owner and (kind is None or a.kind == kind)]
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` is (a view into) a pool allocation."""
+        pointer = tensor.data_ptr()
+        with self._lock:
+            for allocation in self._allocations.values():
+                start = allocation.tensor.data_ptr()
+                if start <= pointer < start + allocation.nbytes:
+                    return True
+        return False
+
+    # -- host side ----------------------------------------------------------------------------------
+    @property
+    def pins_host_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def host_path(self) -> TransferPath:
+        return "pinned" if self.pins_host_memory else "pageable"
+
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Host memory for the weight/KV cache: pinned when a real GPU is there to DMA from it."""
+        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=self.pins_host_memory)
+
+    def synchronize(self) -> None:
+        synchronize(self.device)
+
+    def copy_streams(self, count: int) -> list[torch.cuda.Stream] | None:
+        if self.device.type != "cuda":
+            return None
+        return [torch.cuda.Stream(self.device) for _ in range(count)]
+
+
+def make_gpu_tier(budget_bytes: int | None = None, *, force_emulated: bool = False) -> GpuTier:
+    """The real GPU when there is one (budget defaults to its memory), otherwise an emulated CPU pool."""
+    if torch.cuda.is_available() and not force_emulated:
+        device = torch.device("cuda", torch.cuda.current_device())
+        total_bytes = torch.cuda.get_device_properties(device).total_memory
+        name = _nvml_name() or torch.cuda.get_device_name(device)
+        budget = min(budget_bytes, total_bytes) if budget_bytes else int(total_bytes * 0.9)
+        return GpuTier(device, budget, emulated=False, gpu_name=name)
+    if budget_bytes is None:
+        raise ValueError("an emulated GPU tier needs a declared budget (e.g. --gpu-memory 8GiB)")
+    log.warning("no CUDA GPU: running with an EMULATED GPU tier (CPU memory pool, budget %d bytes)", budget_bytes)
+    return GpuTier(torch.device("cpu"), budget_bytes, emulated=True, gpu_name="emulated-cpu")
+
+
+def _nvml_name() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        name = pynvml.nvmlDeviceGetName(handle)
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception as exc:  # pynvml absent or no driver access: the torch name is good enough
+        log.info("pynvml unavailable (%s); using torch's device name", exc)
+        return None
+
+
+def measure_host_to_device_peak(tier: GpuTier, size_bytes: int = 256 * 2**20, trials: int = 3) -> TransferTiming:
+    """The node's own pinned host→device bandwidth: best of a few large single copies."""
+    owner = "_calibration"
+    size_bytes = min(size_bytes, max(tier.budget_bytes - tier.reserved_bytes(), 0) // 2) or 2**20
+    host = tier.host_empty((size_bytes,), torch.uint8)
+    host.fill_(1)
+    tier.reserve(owner, size_bytes)
+    try:
+        device = tier.allocate(owner, "calibration", (size_bytes,), torch.uint8)
+        device.copy_(host, non_blocking=True)  # warm-up
+        best_seconds = float("inf")
+        for _ in range(trials):
+            tier.synchronize()
+            start = time.perf_counter()
+            device.copy_(host, non_blocking=True)
+            tier.synchronize()
+            best_seconds = min(best_seconds, time.perf_counter() - start)
+        tier.release(device)
+    finally:
+        tier.unreserve(owner)
+    timing = TransferTiming.of(
+        "calibration", "host_to_device", size_bytes, best_seconds,
+        path=tier.host_path, copies=1, streams=1, emulated=tier.emulated,
+    )
+    tier.host_to_device_peak = timing
+    return timing

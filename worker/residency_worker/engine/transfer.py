@@ -1,0 +1,123 @@
+"""Measured host↔device copies: big per-unit weight copies over several streams, and double-buffered staging.
+
+On a real GPU the host side is pinned, copies are `non_blocking` on side streams, and the device is
+synchronised before every clock read. On the emulated tier the same code performs real memory copies
+between the host cache and the CPU pool that stands in for GPU memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from residency_worker.engine.loading import LoadedWeights, Unit
+from residency_worker.engine.tiers import GpuTier
+from residency_worker.engine.types import TransferDirection, TransferTiming
+
+
+def timed_copies(
+    tier: GpuTier,
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    what: str,
+    direction: TransferDirection,
+    streams: int = 2,
+) -> TransferTiming:
+    """Copies each (destination, source) pair, round-robin over `streams` copy streams, and times it all."""
+    moved_bytes = sum(src.numel() * src.element_size() for _, src in pairs)
+    cuda_streams = tier.copy_streams(streams) if pairs else None
+    tier.synchronize()
+    start = time.perf_counter()
+    if cuda_streams is None:
+        for dst, src in pairs:
+            dst.copy_(src)
+    else:
+        current = torch.cuda.current_stream(tier.device)
+        for stream in cuda_streams:
+            stream.wait_stream(current)  # destinations were allocated on the current stream
+        for i, (dst, src) in enumerate(pairs):
+            with torch.cuda.stream(cuda_streams[i % len(cuda_streams)]):
+                dst.copy_(src, non_blocking=True)
+    tier.synchronize()
+    seconds = time.perf_counter() - start
+    return TransferTiming.of(
+        what, direction, moved_bytes, seconds, path=tier.host_path, copies=len(pairs),
+        streams=len(cuda_streams) if cuda_streams else 1, emulated=tier.emulated,
+    )
+
+
+def upload_units(
+    tier: GpuTier, owner: str, weights: LoadedWeights, units: Sequence[Unit], *, streams: int = 2
+) -> tuple[dict[str, torch.Tensor], TransferTiming]:
+    """Allocates each unit's GPU buffer and fills it from the host cache in one big copy per unit."""
+    device_flats = {u.name: tier.allocate(owner, "weights", (u.numel,), weights.dtype) for u in units}
+    pairs = [(device_flats[u.name], weights.host_unit(u)) for u in units]
+    timing = timed_copies(tier, pairs, what="weights", direction="host_to_device", streams=streams)
+    return device_flats, timing
+
+
+class Stager:
+    """Two reusable GPU staging slots: the copy of streamed unit k+1 overlaps the compute of unit k."""
+
+    def __init__(self, tier: GpuTier, owner: str, weights: LoadedWeights, slot_numel: int) -> None:
+        self.tier = tier
+        self.weights = weights
+        self.slot_numel = slot_numel
+        self.slots = [tier.allocate(owner, "staging", (slot_numel,), weights.dtype) for _ in range(2)]
+        cuda = tier.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(tier.device) if cuda else None
+        self._copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self._freed = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self._order: list[Unit] = []
+        self._next = 0
+        self._slot_of: dict[str, int] = {}
+        self.copied_bytes = 0
+
+    def close(self) -> None:
+        for slot in self.slots:
+            self.tier.release(slot)
+        self.slots = []
+
+    def begin(self, order: list[Unit]) -> None:
+        """Starts a pass over `order`, the streamed units in compute order; prefetches the first two."""
+        self._order = order
+        self._next = 0
+        self._slot_of = {}
+        for _ in range(min(2, len(order))):
+            self._issue(self._next % 2)
+
+    def _issue(self, slot: int) -> None:
+        unit = self._order[self._next]
+        self._next += 1
+        self._slot_of[unit.name] = slot
+        source = self.weights.host_unit(unit)
+        target = self.slots[slot][:unit.numel]
+        self.copied_bytes += unit.numel * self.weights.element_size
+        if self._copy_stream is None:
+            target.copy_(source)
+            return
+        freed, copied = self._freed[slot], self._copied[slot]
+        assert freed is not None and copied is not None
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(freed)  # the slot's previous unit has finished computing
+            target.copy_(source, non_blocking=True)
+            copied.record(self._copy_stream)
+
+    def acquire(self, unit: Unit) -> dict[str, torch.Tensor]:
+        """The unit's weights in its staging slot, once its copy has landed (ordered on the compute stream)."""
+        slot = self._slot_of[unit.name]
+        copied = self._copied[slot]
+        if copied is not None:
+            torch.cuda.current_stream(self.tier.device).wait_event(copied)
+        return unit.views(self.slots[slot])
+
+    def release(self, unit: Unit) -> None:
+        """The compute of `unit` is queued: its slot may be refilled once that compute finishes."""
+        slot = self._slot_of.pop(unit.name)
+        freed = self._freed[slot]
+        if freed is not None:
+            freed.record(torch.cuda.current_stream(self.tier.device))
+        if self._next < len(self._order):
+            self._issue(slot)

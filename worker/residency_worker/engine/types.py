@@ -1,0 +1,186 @@
+"""Plain data the engine reports: transfer timings, residency, model status, profile points, errors."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ExecutionMode = Literal["stream", "cpu"]
+ModelState = Literal["loading", "ready", "preempted", "unloaded", "failed"]
+TransferPath = Literal["pinned", "pageable"]
+TransferDirection = Literal["host_to_device", "device_to_host", "host_to_host"]
+
+
+class EngineError(Exception):
+    """An engine failure the caller can act on; `reason` is a CamelCase condition reason."""
+
+    def __init__(self, reason: str, message: str, *, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after_seconds = retry_after_seconds
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """A JSON-ready dict of one of the dataclasses below."""
+    result: dict[str, Any] = asdict(value)
+    return result
+
+
+@dataclass(frozen=True)
+class TransferTiming:
+    """One measured transfer: device synchronised before both clock reads."""
+
+    what: str  # "weights" | "kv" | "calibration"
+    direction: TransferDirection
+    moved_bytes: int
+    seconds: float
+    gbps: float  # 1e9 bytes per second
+    path: TransferPath
+    copies: int
+    streams: int
+    emulated: bool
+
+    @staticmethod
+    def of(
+        what: str,
+        direction: TransferDirection,
+        moved_bytes: int,
+        seconds: float,
+        *,
+        path: TransferPath,
+        copies: int,
+        streams: int,
+        emulated: bool,
+    ) -> TransferTiming:
+        seconds = max(seconds, 1e-9)
+        return TransferTiming(
+            what=what,
+            direction=direction,
+            moved_bytes=moved_bytes,
+            seconds=seconds,
+            gbps=moved_bytes / seconds / 1e9,
+            path=path,
+            copies=copies,
+            streams=streams,
+            emulated=emulated,
+        )
+
+
+@dataclass(frozen=True)
+class ResidencyReport:
+    """Where a model's weights are, exactly, in bytes."""
+
+    model: str
+    requested_fraction: float
+    resident_fraction: float  # resident_weight_bytes / weight_bytes, exact
+    resident_weight_bytes: int
+    weight_bytes: int
+    resident_units: list[str]
+    offloaded_units: list[str]
+    decode_mode: ExecutionMode
+    prefill_mode: ExecutionMode
+    gpu_reserved_bytes: int  # weights + KV reservation + staging + workspace
+    kv_reserved_bytes: int
+    emulated: bool
+
+
+@dataclass
+class ModelTimings:
+    """Measured costs of one model's lifecycle operations; the latest of each."""
+
+    weight_bytes: int = 0
+    load_seconds: float | None = None
+    reload_seconds: float | None = None
+    kv_save_seconds: float | None = None
+    kv_restore_seconds: float | None = None
+    kv_bytes: int = 0
+    host_to_device_gbps: float | None = None
+    load_transfer: TransferTiming | None = None
+    reload_transfer: TransferTiming | None = None
+    kv_save_transfer: TransferTiming | None = None
+    kv_restore_transfer: TransferTiming | None = None
+    residency_change_transfer: TransferTiming | None = None
+    decode_tokens_per_second: float | None = None
+    prefill_tokens_per_second: float | None = None
+    emulated: bool = True
+
+
+@dataclass(frozen=True)
+class PreemptReport:
+    model: str
+    kv_save: TransferTiming
+    sequences_parked: int
+    released_gpu_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ResumeReport:
+    model: str
+    reload: TransferTiming
+    kv_restore: TransferTiming
+    sequences_resumed: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    model: str
+    path: str
+    model_type: str
+    dtype: str
+    load_seconds: float
+    read_seconds: float  # safetensors → pinned host cache
+    host_to_device: TransferTiming
+    residency: ResidencyReport
+    mode_choice: dict[str, float] = field(default_factory=dict)  # measured seconds per mode
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    path: str
+    state: ModelState
+    queue_depth: int
+    active_sequences: int
+    residency: ResidencyReport
+    timings: ModelTimings
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    node: str
+    device: str
+    gpu_name: str
+    emulated: bool
+    budget_bytes: int
+    reserved_bytes: int
+    allocated_bytes: int
+    host_to_device_peak: TransferTiming | None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings; temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class ProfilePoint:
+    """One measurement of a sensitivity profile."""
+
+    resident_fraction: float
+    achieved_resident_fraction: float
+    execution_mode: ExecutionMode
+    sequence_length: int
+    batch_size: int
+    decode_tokens_per_second: float
+    prefill_tokens_per_second: float
+    trials: int

@@ -1,0 +1,392 @@
+"""FastAPI app of the worker: OpenAI-compatible completions (with SSE streaming), health, metrics, admin.
+
+Inference runs on the engine's per-model threads; handlers only queue requests and relay their events,
+so the event loop never blocks on torch. Errors are OpenAI-shaped JSON with the engine's reason as code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from residency_worker.engine import Engine, EngineError, ModelOptions, SamplingParams
+from residency_worker.engine.generate import Request as EngineRequest
+from residency_worker.engine.generate import RequestEvent
+from residency_worker.engine.types import as_dict
+from residency_worker.server.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+_STATUS_OF_REASON = {
+    "PathNotAllowed": 403,
+    "ModelNotLoaded": 404,
+    "ModelNotFound": 404,
+    "ModelAlreadyLoaded": 409,
+    "InvalidState": 409,
+    "PlacementDoesNotFit": 409,
+    "QueueFull": 429,
+    "ModelPreempted": 503,
+    "ModelUnloaded": 503,
+    "InferenceFailed": 500,
+}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    admin_token: str | None = None  # None: the admin API refuses every call
+    inference_token: str | None = None  # None: inference is open (e.g. behind a cluster network policy)
+    preempted_wait_seconds: float = 10.0  # how long a request to a preempted model waits for resume
+    retry_after_seconds: int = 5
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after_seconds = retry_after_seconds
+
+
+def _api_error(exc: EngineError, settings: ServerSettings) -> ApiError:
+    status = _STATUS_OF_REASON.get(exc.reason, 400)
+    retry = exc.retry_after_seconds
+    if status in (429, 503) and retry is None:
+        retry = settings.retry_after_seconds
+    return ApiError(status, exc.reason, exc.message, retry)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class CompletionBody(_Body):
+    model: str
+    prompt: str | list[int] | list[str]
+    max_tokens: int = Field(default=16, ge=1, le=1_048_576)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatBody(_Body):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_048_576)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_048_576)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class LoadBody(_Body):
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    path: str = Field(min_length=1, max_length=4096)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    resident_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+    decode_mode: Literal["stream", "cpu", "auto"] = "auto"
+    prefill_mode: Literal["stream", "cpu", "auto"] | None = None
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    max_sequence_length: int = Field(default=2048, ge=2, le=1_048_576)
+    max_queue: int = Field(default=64, ge=1, le=100_000)
+
+
+class ResidencyBody(_Body):
+    resident_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    decode_mode: Literal["stream", "cpu"] | None = None
+    prefill_mode: Literal["stream", "cpu"] | None = None
+
+
+class ProfileBody(_Body):
+    path: str = Field(min_length=1, max_length=4096)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    fractions: list[float] = Field(default=[1.0, 0.9, 0.75, 0.5, 0.25, 0.0], min_length=1, max_length=32)
+    sequence_lengths: list[int] = Field(default=[128, 512], min_length=1, max_length=8)
+    decode_tokens: int = Field(default=16, ge=1, le=4096)
+    trials: int = Field(default=3, ge=1, le=100)
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _check_token(request: Request, expected: str | None, *, required: bool) -> None:
+    if expected is None:
+        if required:
+            raise ApiError(401, "Unauthorized", "the admin API is disabled: no admin token is configured")
+        return
+    presented = _bearer(request)
+    if presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise ApiError(401, "Unauthorized", "a valid bearer token is required")
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    """The worker's HTTP app around an already constructed engine."""
+    settings = settings or ServerSettings()
+    metrics = WorkerMetrics()
+    app = FastAPI(title="residency worker", version="0.1.0")
+    app.state.engine = engine
+    app.state.metrics = metrics
+
+    @app.exception_handler(ApiError)
+    async def _on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+        headers = {}
+        if exc.retry_after_seconds is not None:
+            headers["Retry-After"] = str(max(1, round(exc.retry_after_seconds)))
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        body = {"error": {"message": exc.message, "type": exc.code, "code": exc.code}}
+        return JSONResponse(body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(EngineError)
+    async def _on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return await _on_api_error(request, _api_error(exc, settings))
+
+    def admin(request: Request) -> None:
+        _check_token(request, settings.admin_token, required=True)
+
+    def inference(request: Request) -> None:
+        _check_token(request, settings.inference_token, required=False)
+
+    async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(function, *args)
+
+    # -- health and metrics ---------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, Any]:
+        node = engine.node_report()
+        return {"status": "ready", "node": node.node, "emulated": node.emulated, "models": engine.names()}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        metrics.refresh(engine)
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- OpenAI-compatible inference -----------------------------------------------------------------
+    @app.get("/v1/models", dependencies=[Depends(inference)])
+    async def list_models() -> dict[str, Any]:
+        data = []
+        for name in engine.names():
+            try:
+                status = engine.status(name)
+            except EngineError:
+                continue
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "residency",
+                         "state": status.state, "resident_fraction": status.residency.resident_fraction})
+        return {"object": "list", "data": data}
+
+    async def start(name: str, prompt_ids: list[int], params: SamplingParams
+                    ) -> tuple[EngineRequest, asyncio.Queue[RequestEvent]]:
+        runner = engine.runner(name)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[RequestEvent] = asyncio.Queue()
+
+        def relay(event: RequestEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:  # queued first, so a full queue answers 429 at once, preempted or not
+            request = engine.submit(name, prompt_ids, params, on_event=relay)
+        except EngineError as exc:
+            metrics.requests.labels(name, exc.reason).inc()
+            raise
+        if runner.state == "preempted":  # wait a while for a resume, then tell the client when to retry
+            if not await in_thread(runner.wait_until_ready, settings.preempted_wait_seconds):
+                runner.cancel(request)
+                metrics.requests.labels(name, "ModelPreempted").inc()
+                raise ApiError(503, "ModelPreempted", f"model {name} is preempted and did not resume within "
+                               f"{settings.preempted_wait_seconds} s", settings.retry_after_seconds)
+        return request, events
+
+    def sampling(body: CompletionBody | ChatBody, max_tokens: int) -> SamplingParams:
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > 4:
+            raise ApiError(400, "InvalidRequest", "at most 4 stop sequences")
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              seed=body.seed, stop=stop)
+
+    async def collect(name: str, request: EngineRequest, events: asyncio.Queue[RequestEvent]) -> RequestEvent:
+        try:
+            while True:
+                event = await events.get()
+                if event.finish_reason is not None:
+                    break
+        finally:
+            request.cancel()  # no-op when finished; frees the slot if the client went away
+        if event.error is not None:
+            metrics.requests.labels(name, event.error.reason).inc()
+            raise event.error
+        metrics.tokens.labels(name).inc(len(request.token_ids))
+        metrics.requests.labels(name, "ok").inc()
+        return event
+
+    def usage(request: EngineRequest) -> dict[str, int]:
+        prompt = len(request.prompt_ids)
+        completion = len(request.token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def sse(
+        name: str, request: EngineRequest, events: asyncio.Queue[RequestEvent],
+        chunk: Callable[[RequestEvent], dict[str, Any]], first: dict[str, Any] | None,
+    ) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                while True:
+                    event = await events.get()
+                    if event.error is not None:
+                        metrics.requests.labels(name, event.error.reason).inc()
+                        error = {"error": {"message": event.error.message, "type": event.error.reason,
+                                           "code": event.error.reason}}
+                        yield f"data: {json.dumps(error)}\n\n"
+                        break
+                    if event.text or event.finish_reason is not None:
+                        yield f"data: {json.dumps(chunk(event))}\n\n"
+                    if event.finish_reason is not None:
+                        metrics.tokens.labels(name).inc(len(request.token_ids))
+                        metrics.requests.labels(name, "ok").inc()
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                request.cancel()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions", dependencies=[Depends(inference)])
+    async def completions(body: CompletionBody) -> Any:
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
+            if len(body.prompt) != 1:
+                raise ApiError(400, "InvalidRequest", "send one prompt per request")
+            prompt: str | list[int] = str(body.prompt[0])
+        else:
+            prompt = body.prompt  # type: ignore[assignment]
+        prompt_ids = engine.encode(body.model, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        request, events = await start(body.model, prompt_ids, sampling(body, body.max_tokens))
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def chunk(event: RequestEvent) -> dict[str, Any]:
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "text": event.text, "logprobs": None,
+                                 "finish_reason": event.finish_reason}]}
+
+        if body.stream:
+            return sse(body.model, request, events, chunk, None)
+        final = await collect(body.model, request, events)
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "text": request.text, "logprobs": None,
+                             "finish_reason": final.finish_reason}],
+                "usage": usage(request)}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(inference)])
+    async def chat_completions(body: ChatBody) -> Any:
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        prompt_ids = engine.chat_prompt(body.model, messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens or 256
+        request, events = await start(body.model, prompt_ids, sampling(body, max_tokens))
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def chunk(event: RequestEvent) -> dict[str, Any]:
+            delta = {"content": event.text} if event.text else {}
+            return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                    "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": event.finish_reason}]}
+
+        if body.stream:
+            first = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                     "model": body.model,
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                  "finish_reason": None}]}
+            return sse(body.model, request, events, chunk, first)
+        final = await collect(body.model, request, events)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": request.text},
+                             "finish_reason": final.finish_reason}],
+                "usage": usage(request)}
+
+    # -- admin ----------------------------------------------------------------------------------------
+    async def engine_call(function: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await in_thread(function, *args)
+        except EngineError as exc:
+            raise _api_error(exc, settings) from exc
+
+    @app.get("/admin/node", dependencies=[Depends(admin)])
+    async def node() -> dict[str, Any]:
+        return as_dict(engine.node_report())
+
+    @app.post("/admin/models", dependencies=[Depends(admin)])
+    async def load(body: LoadBody) -> dict[str, Any]:
+        options = ModelOptions(
+            dtype=body.dtype, resident_fraction=body.resident_fraction, decode_mode=body.decode_mode,
+            prefill_mode=body.prefill_mode, max_batch_size=body.max_batch_size,
+            max_sequence_length=body.max_sequence_length, max_queue=body.max_queue,
+        )
+        report = await engine_call(engine.load, body.name, body.path, options)
+        return as_dict(report)
+
+    @app.get("/admin/models/{name}", dependencies=[Depends(admin)])
+    async def model_status(name: str) -> dict[str, Any]:
+        return as_dict(engine.status(name))
+
+    @app.delete("/admin/models/{name}", dependencies=[Depends(admin)])
+    async def unload(name: str) -> dict[str, Any]:
+        await engine_call(engine.unload, name)
+        return {"unloaded": name}
+
+    @app.post("/admin/models/{name}/residency", dependencies=[Depends(admin)])
+    async def set_residency(name: str, body: ResidencyBody) -> dict[str, Any]:
+        def change() -> Any:
+            return engine.set_residency(name, body.resident_fraction, decode_mode=body.decode_mode,
+                                        prefill_mode=body.prefill_mode)
+        return as_dict(await engine_call(change))
+
+    @app.post("/admin/models/{name}/preempt", dependencies=[Depends(admin)])
+    async def preempt(name: str) -> dict[str, Any]:
+        return as_dict(await engine_call(engine.preempt, name))
+
+    @app.post("/admin/models/{name}/resume", dependencies=[Depends(admin)])
+    async def resume(name: str) -> dict[str, Any]:
+        return as_dict(await engine_call(engine.resume, name))
+
+    @app.post("/admin/profile", dependencies=[Depends(admin)])
+    async def profile(body: ProfileBody) -> dict[str, Any]:
+        from residency_worker.engine.profile import ProfileSettings, profile_model
+
+        def measure() -> Any:
+            return profile_model(engine, body.path, ProfileSettings(
+                dtype=body.dtype, fractions=tuple(body.fractions), sequence_lengths=tuple(body.sequence_lengths),
+                decode_tokens=body.decode_tokens, trials=body.trials))
+        result = await engine_call(measure)
+        return dict(result.to_json())
+
+    return app
