@@ -32,6 +32,7 @@ from residency_operator.state import (
 )
 
 log = logging.getLogger("residency.controller")
+LEASE_NAME = "residency-operator"
 WARNING_PHASES = frozenset({"Failed", "Unschedulable", "Preempted"})
 
 
@@ -85,13 +86,16 @@ class Controller:
             await asyncio.sleep(self.debounce_seconds)
             self._dirty.clear()
             try:
-                self.leader = await asyncio.to_thread(
+                leader = await asyncio.to_thread(
                     self.kube.try_acquire_lease,
                     self.lease_namespace,
-                    "residency-operator",
+                    LEASE_NAME,
                     self.identity,
                     self.lease_seconds,
                 )
+                if leader != self.leader:
+                    log.info("%s the %s Lease as %s", "holding" if leader else "lost", LEASE_NAME, self.identity)
+                self.leader = leader
                 if not self.leader:
                     continue
                 report = await asyncio.to_thread(self.round)
@@ -110,6 +114,12 @@ class Controller:
                 log.exception("planning round failed; retrying")
                 await asyncio.sleep(2.0)
                 self._dirty.set()
+
+    def release(self) -> None:
+        """Give the Lease up on a clean stop so that a successor acts at once."""
+        if self.leader:
+            self.kube.release_lease(self.lease_namespace, LEASE_NAME, self.identity)
+            self.leader = False
 
     def read_state(self) -> ClusterState:
         return ClusterState(

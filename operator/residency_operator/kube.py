@@ -160,3 +160,15 @@ class Kube:
             if exc.status == 409:
                 return False
             raise
+
+    def release_lease(self, namespace: str, name: str, identity: str) -> None:
+        """Hand a held Lease back (expired at once) so that another replica can take over."""
+        try:
+            lease = self.coordination.read_namespaced_lease(name, namespace)
+            if lease.spec.holder_identity != identity:
+                return
+            lease.spec.holder_identity = None
+            lease.spec.renew_time = None
+            self.coordination.replace_namespaced_lease(name, namespace, lease)
+        except ApiException as exc:
+            log.warning("could not release the %s Lease: %s", name, exc.reason)

@@ -37,6 +37,7 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     task: asyncio.Task[None] | None = memo.get("task")
     if task is not None:
         task.cancel()
+    await asyncio.to_thread(memo["controller"].release)
 
 
 def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -> None:

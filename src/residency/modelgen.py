@@ -8,6 +8,7 @@ is downloaded. `AutoTokenizer.from_pretrained` and `AutoModelForCausalLM.from_pr
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def _tokenizer(vocab_size: int) -> Any:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         eos_token="<|endoftext|>",
         bos_token=None,
@@ -132,9 +133,18 @@ def _config(arch: str, preset: dict[str, Any], vocab_size: int, eos_id: int, dty
 
 
 def make_model(
-    out_dir: Path, arch: str = "llama", preset: str = "tiny", seed: int = 0, dtype: str = "bfloat16"
+    out_dir: Path,
+    arch: str = "llama",
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    overrides: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes config.json, safetensors weights and a tokenizer for a random model; returns `out_dir`."""
+    """Writes config.json, safetensors weights and a tokenizer for a random model; returns `out_dir`.
+
+    `overrides` replaces preset config fields, e.g. {"num_hidden_layers": 4} for real widths at a
+    benchmark-friendly depth.
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -144,7 +154,7 @@ def make_model(
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    shape = PRESETS[preset]
+    shape = {**PRESETS[preset], **(overrides or {})}
     tokenizer = _tokenizer(384 if shape["vocab_size"] is None else 1024)
     vocab_size = shape["vocab_size"] or len(tokenizer)
     eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -153,7 +163,7 @@ def make_model(
     config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)  # type: ignore[no-untyped-call]
     generator = torch.Generator().manual_seed(seed)
     std = 0.02 if preset != "tiny" else 0.2  # tiny models need larger weights for non-degenerate text
     shard: dict[str, torch.Tensor] = {}

@@ -1,10 +1,12 @@
-"""The torch engine on tiny random models, CPU, emulated GPU tier: numerics, residency, batching, preemption."""
+"""The torch engine on tiny random models, CPU, emulated GPU tier: numerics, residency, batching, preempt."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,12 +38,20 @@ def engine(models_root: Path) -> Iterator[Engine]:
     eng.close()
 
 
-def _options(fraction: float, mode: str = "stream", **kwargs: object) -> ModelOptions:
-    return ModelOptions(dtype="float32", resident_fraction=fraction, decode_mode=mode,  # type: ignore[arg-type]
-                        max_sequence_length=128, max_batch_size=4, **kwargs)  # type: ignore[arg-type]
+def _options(fraction: float, mode: str = "stream", **kwargs: Any) -> ModelOptions:
+    options = ModelOptions(
+        dtype="float32",
+        resident_fraction=fraction,
+        decode_mode=mode,  # type: ignore[arg-type]
+        max_sequence_length=128,
+        max_batch_size=4,
+    )
+    return dataclasses.replace(options, **kwargs)
 
 
-def _greedy_batch(engine: Engine, name: str, prompts: list[str], params: SamplingParams = GREEDY) -> list[list[int]]:
+def _greedy_batch(
+    engine: Engine, name: str, prompts: list[str], params: SamplingParams = GREEDY
+) -> list[list[int]]:
     """Submits all prompts at once so they run as one batch, and returns each one's tokens."""
     requests = [engine.submit(name, p, params) for p in prompts]
     return [r.wait(60).token_ids for r in requests]
@@ -51,11 +61,13 @@ def _greedy_batch(engine: Engine, name: str, prompts: list[str], params: Samplin
 def test_greedy_matches_transformers(engine: Engine, models_root: Path, arch: str) -> None:
     """The engine's own decoder math gives transformers' greedy tokens and logits, with the KV cache."""
     engine.load(arch, str(models_root / arch), _options(0.5, "stream"))
-    reference = AutoModelForCausalLM.from_pretrained(models_root / arch, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(models_root / arch, dtype=torch.float32)
+    reference.eval()  # type: ignore[no-untyped-call]
     prompt_ids = engine.encode(arch, PROMPTS[1])
     with torch.no_grad():
-        expected = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False,
-                                      min_new_tokens=12, pad_token_id=0)[0, len(prompt_ids):].tolist()
+        expected = reference.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0
+        )[0, len(prompt_ids) :].tolist()
     assert engine.generate(arch, prompt_ids, GREEDY).token_ids == expected
 
 
@@ -85,10 +97,17 @@ def test_prefill_and_decode_modes_may_differ(engine: Engine, models_root: Path) 
 
 
 def test_auto_mode_is_measured(engine: Engine, models_root: Path) -> None:
-    report = engine.load("auto", str(models_root / "llama"), ModelOptions(
-        dtype="float32", resident_fraction=0.5, max_sequence_length=128, max_batch_size=2))
-    assert {"decode_stream_seconds", "decode_cpu_seconds", "prefill_stream_seconds",
-            "prefill_cpu_seconds"} <= set(report.mode_choice)
+    report = engine.load(
+        "auto",
+        str(models_root / "llama"),
+        ModelOptions(dtype="float32", resident_fraction=0.5, max_sequence_length=128, max_batch_size=2),
+    )
+    assert {
+        "decode_stream_seconds",
+        "decode_cpu_seconds",
+        "prefill_stream_seconds",
+        "prefill_cpu_seconds",
+    } <= set(report.mode_choice)
     assert all(seconds > 0 for seconds in report.mode_choice.values())
     assert report.residency.decode_mode in ("stream", "cpu")
 
@@ -109,13 +128,17 @@ class _Gate:
 
 
 @pytest.mark.parametrize("mode", ["stream", "cpu"])
-def test_preempt_resume_mid_generation_continues_exactly(engine: Engine, models_root: Path, mode: str) -> None:
+def test_preempt_resume_mid_generation_continues_exactly(
+    engine: Engine, models_root: Path, mode: str
+) -> None:
     long_greedy = SamplingParams(max_tokens=40, ignore_eos=True)
     engine.load("m", str(models_root / "llama"), _options(0.5, mode))
     expected = _greedy_batch(engine, "m", PROMPTS[:3], long_greedy)
     gate = _Gate(after=5)
-    requests = [engine.submit("m", p, long_greedy, on_event=gate if i == 0 else None)
-                for i, p in enumerate(PROMPTS[:3])]
+    requests = [
+        engine.submit("m", p, long_greedy, on_event=gate if i == 0 else None)
+        for i, p in enumerate(PROMPTS[:3])
+    ]
     assert gate.reached.wait(30)
     report = engine.preempt("m")
     assert engine.status("m").state == "preempted"
@@ -136,8 +159,10 @@ def test_demote_promote_mid_generation_continues_exactly(engine: Engine, models_
     engine.load("m", str(models_root / "qwen2"), _options(1.0, "cpu"))
     expected = _greedy_batch(engine, "m", PROMPTS[:2], long_greedy)
     gate = _Gate(after=4)
-    requests = [engine.submit("m", p, long_greedy, on_event=gate if i == 0 else None)
-                for i, p in enumerate(PROMPTS[:2])]
+    requests = [
+        engine.submit("m", p, long_greedy, on_event=gate if i == 0 else None)
+        for i, p in enumerate(PROMPTS[:2])
+    ]
     assert gate.reached.wait(30)
     demoted = engine.set_residency("m", 0.0)
     assert demoted.resident_weight_bytes == 0 and demoted.offloaded_units
@@ -148,14 +173,16 @@ def test_demote_promote_mid_generation_continues_exactly(engine: Engine, models_
 
 
 def test_placement_that_does_not_fit_is_refused(models_root: Path) -> None:
-    # the tiny model needs ~1.8 MB fully resident (weights + KV for 4 × 128 tokens + workspace), ~0.85 MB at 0.25
+    # the tiny model needs ~1.8 MB fully resident (weights, KV for 4x128 tokens, workspace), ~0.85 MB at 0.25
     tier = make_gpu_tier(1_200_000)
     engine = Engine(tier, [models_root], calibration_bytes=0)
     with pytest.raises(EngineError) as refused:
         engine.load("big", str(models_root / "llama"), _options(1.0))
     assert refused.value.reason == "PlacementDoesNotFit"
     assert tier.reserved_bytes() == 0 and tier.allocated_bytes() == 0
-    engine.load("small", str(models_root / "llama"), _options(0.25, "cpu"))  # the same model, partly resident, fits
+    engine.load(
+        "small", str(models_root / "llama"), _options(0.25, "cpu")
+    )  # the same model, partly resident, fits
     assert tier.reserved_bytes() <= tier.budget_bytes
     with pytest.raises(EngineError) as promote:
         engine.set_residency("small", 1.0)
@@ -197,7 +224,10 @@ def test_timings_positive_with_correct_byte_counts(engine: Engine, models_root: 
     assert resume.reload.seconds > 0 and resume.reload.gbps > 0
     assert resume.reload.copies == len(report.residency.resident_units)  # one big copy per unit
     timings = engine.status("m").timings
-    assert timings.reload_seconds == resume.reload.seconds and timings.weight_bytes == report.residency.weight_bytes
+    assert (
+        timings.reload_seconds == resume.reload.seconds
+        and timings.weight_bytes == report.residency.weight_bytes
+    )
     assert timings.decode_tokens_per_second and timings.decode_tokens_per_second > 0
     assert timings.prefill_tokens_per_second and timings.prefill_tokens_per_second > 0
     node = engine.node_report()
@@ -228,7 +258,7 @@ def test_sampling_is_seeded_and_stop_sequences_cut(engine: Engine, models_root: 
     stop = full[3:5]
     assert stop and full.find(stop) >= 0
     cut = engine.generate("m", PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,)))
-    assert cut.finish_reason == "stop" and cut.text == full[:full.find(stop)]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.find(stop)]
 
 
 def test_queue_bound_and_unknown_model(engine: Engine, models_root: Path) -> None:
@@ -284,8 +314,14 @@ def test_bad_model_directories_are_refused(engine: Engine, models_root: Path, tm
     link = models_root / "link"
     if not link.exists():
         link.symlink_to(outside)
-    expected = {remote: "RemoteCodeNotAllowed", gpt2: "UnsupportedArchitecture", no_config: "ConfigMissing",
-                corrupt: "WeightsCorrupt", outside: "PathNotAllowed", link: "PathNotAllowed"}
+    expected = {
+        remote: "RemoteCodeNotAllowed",
+        gpt2: "UnsupportedArchitecture",
+        no_config: "ConfigMissing",
+        corrupt: "WeightsCorrupt",
+        outside: "PathNotAllowed",
+        link: "PathNotAllowed",
+    }
     engine.load("good", str(models_root / "llama"), _options(1.0))
     for path, reason in expected.items():
         with pytest.raises(EngineError) as refused:

@@ -38,27 +38,41 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def client(models_root: Path) -> AsyncIterator[httpx.AsyncClient]:
     engine = Engine(make_gpu_tier(32 * 2**20), [models_root], node="test", calibration_bytes=2**20)
-    app = create_app(engine, ServerSettings(admin_token="admin-secret", preempted_wait_seconds=0.5,
-                                            retry_after_seconds=3))
+    app = create_app(
+        engine, ServerSettings(admin_token="admin-secret", preempted_wait_seconds=0.5, retry_after_seconds=3)
+    )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=60) as http:
-        response = await http.post("/admin/models", headers=ADMIN, json={
-            "name": "tiny", "path": str(models_root / "tiny"), "dtype": "float32", "resident_fraction": 0.5,
-            "decode_mode": "stream", "max_sequence_length": 256, "max_batch_size": 4, "max_queue": 2})
+        response = await http.post(
+            "/admin/models",
+            headers=ADMIN,
+            json={
+                "name": "tiny",
+                "path": str(models_root / "tiny"),
+                "dtype": "float32",
+                "resident_fraction": 0.5,
+                "decode_mode": "stream",
+                "max_sequence_length": 256,
+                "max_batch_size": 4,
+                "max_queue": 2,
+            },
+        )
         assert response.status_code == 200, response.text
         yield http
     await asyncio.to_thread(engine.close)
 
 
 async def test_completion_and_models(client: httpx.AsyncClient) -> None:
-    response = await client.post("/v1/completions", json={
-        "model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0})
+    response = await client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0}
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] in ("length", "stop")
     assert body["usage"]["completion_tokens"] >= 1
-    again = await client.post("/v1/completions", json={
-        "model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0})
+    again = await client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0}
+    )
     assert again.json()["choices"][0]["text"] == body["choices"][0]["text"]
     models = (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["state"] == "ready"
@@ -76,7 +90,7 @@ async def test_streaming_completion_matches_non_streaming(client: httpx.AsyncCli
         assert response.headers["content-type"].startswith("text/event-stream")
         async for line in response.aiter_lines():
             if line.startswith("data: "):
-                chunks.append(line[len("data: "):])
+                chunks.append(line[len("data: ") :])
     assert chunks[-1] == "[DONE]"
     events = [json.loads(c) for c in chunks[:-1]]
     assert len(events) >= 2
@@ -86,13 +100,20 @@ async def test_streaming_completion_matches_non_streaming(client: httpx.AsyncCli
 
 async def test_chat_completion_streaming(client: httpx.AsyncClient) -> None:
     messages = [{"role": "user", "content": "hi there"}]
-    whole = (await client.post("/v1/chat/completions", json={
-        "model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0})).json()
+    whole = (
+        await client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0},
+        )
+    ).json()
     assert whole["object"] == "chat.completion"
     assert whole["choices"][0]["message"]["role"] == "assistant"
     text = []
-    async with client.stream("POST", "/v1/chat/completions", json={
-            "model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0, "stream": True}) as response:
+    async with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0, "stream": True},
+    ) as response:
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
                 delta = json.loads(line[6:])["choices"][0]["delta"]
@@ -131,12 +152,21 @@ async def test_queue_bound_gives_429_and_preempted_gives_503(client: httpx.Async
     assert (await client.post("/v1/completions", json=request)).status_code == 200
 
 
-async def test_bad_models_get_clear_4xx_and_serving_continues(client: httpx.AsyncClient, models_root: Path) -> None:
-    expected = {"remote": (400, "RemoteCodeNotAllowed"), "gpt2": (400, "UnsupportedArchitecture"),
-                "noconfig": (400, "ConfigMissing"), "corrupt": (400, "WeightsCorrupt")}
+async def test_bad_models_get_clear_4xx_and_serving_continues(
+    client: httpx.AsyncClient, models_root: Path
+) -> None:
+    expected = {
+        "remote": (400, "RemoteCodeNotAllowed"),
+        "gpt2": (400, "UnsupportedArchitecture"),
+        "noconfig": (400, "ConfigMissing"),
+        "corrupt": (400, "WeightsCorrupt"),
+    }
     for name, (status, code) in expected.items():
-        response = await client.post("/admin/models", headers=ADMIN, json={
-            "name": name, "path": str(models_root / name), "dtype": "float32"})
+        response = await client.post(
+            "/admin/models",
+            headers=ADMIN,
+            json={"name": name, "path": str(models_root / name), "dtype": "float32"},
+        )
         assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
         assert response.json()["error"]["message"]
     outside = await client.post("/admin/models", headers=ADMIN, json={"name": "etc", "path": "/etc"})
@@ -148,9 +178,13 @@ async def test_bad_models_get_clear_4xx_and_serving_continues(client: httpx.Asyn
 
 
 async def test_residency_change_and_metrics(client: httpx.AsyncClient) -> None:
-    changed = await client.post("/admin/models/tiny/residency", headers=ADMIN, json={"resident_fraction": 1.0})
+    changed = await client.post(
+        "/admin/models/tiny/residency", headers=ADMIN, json={"resident_fraction": 1.0}
+    )
     assert changed.status_code == 200 and changed.json()["resident_fraction"] == 1.0
-    too_big = await client.post("/admin/models/tiny/residency", headers=ADMIN, json={"resident_fraction": 1.5})
+    too_big = await client.post(
+        "/admin/models/tiny/residency", headers=ADMIN, json={"resident_fraction": 1.5}
+    )
     assert too_big.status_code == 422
     await client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3})
     status = (await client.get("/admin/models/tiny", headers=ADMIN)).json()

@@ -23,28 +23,42 @@ def _read_token(path: Path | None, env_name: str) -> str | None:
 def worker(
     node: str = typer.Option(os.uname().nodename, "--node", help="Name of the node this worker serves."),
     gpu_memory: str | None = typer.Option(
-        None, "--gpu-memory",
+        None,
+        "--gpu-memory",
         help="GPU memory budget, e.g. 8GiB. Required without a GPU (the tier is then emulated on the CPU).",
     ),
-    models_root: list[Path] = typer.Option(..., "--models-root", help="Allowed root for model dirs (repeatable)."),
+    models_root: list[Path] = typer.Option(
+        ..., "--models-root", help="Allowed root for model dirs (repeatable)."
+    ),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8100, "--port"),
     admin_token_file: Path | None = typer.Option(
-        None, "--admin-token-file", help="File holding the admin bearer token (or env RESIDENCY_ADMIN_TOKEN)."),
+        None, "--admin-token-file", help="File holding the admin bearer token (or env RESIDENCY_ADMIN_TOKEN)."
+    ),
     inference_token_file: Path | None = typer.Option(
-        None, "--inference-token-file", help="Require this bearer token for inference (or env "
-        "RESIDENCY_INFERENCE_TOKEN); open when unset."),
-    emulate: bool = typer.Option(False, "--emulate", help="Use the emulated tier even when a GPU is present."),
+        None,
+        "--inference-token-file",
+        help="Require this bearer token for inference (or env RESIDENCY_INFERENCE_TOKEN); open when unset.",
+    ),
+    emulate: bool = typer.Option(
+        False, "--emulate", help="Use the emulated tier even when a GPU is present."
+    ),
     preempted_wait_seconds: float = typer.Option(10.0, help="How long a request to a preempted model waits."),
     calibration_mib: int = typer.Option(256, help="Size of the start-up host→device peak measurement."),
     log_level: str = typer.Option("info", "--log-level"),
+    join: bool = typer.Option(
+        False, "--join/--standalone",
+        help="Join the cluster: register the NodeProfile and converge to this node's ModelPlacements."),
+    endpoint: str | None = typer.Option(None, help="URL the router uses to reach this worker (default http://HOST:PORT)."),
+    host_memory: str | None = typer.Option(None, help="Host memory budget for offloaded weights (default: all RAM)."),
+    node_heartbeat: bool = typer.Option(
+        False, help="Also keep the Node object Ready (local clusters without a kubelet)."),
 ) -> None:
     """Run the node's worker: the torch engine plus its OpenAI-compatible and admin HTTP API."""
-    import uvicorn
-
     from residency_worker.engine import Engine, make_gpu_tier
     from residency_worker.engine.tiers import parse_bytes
-    from residency_worker.server import ServerSettings, create_app
+    from residency_worker.node import serve_node
+    from residency_worker.server import ServerSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -53,19 +67,33 @@ def worker(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if tier.emulated:
-        typer.echo(f"no GPU in use: EMULATED GPU tier on the CPU with a {tier.budget_bytes}-byte budget; "
-                   "every report says emulated: true", err=True)
+        typer.echo(
+            f"no GPU in use: EMULATED GPU tier on the CPU with a {tier.budget_bytes}-byte budget; "
+            "every report says emulated: true",
+            err=True,
+        )
     else:
         typer.echo(f"GPU: {tier.gpu_name}, budget {tier.budget_bytes} bytes", err=True)
     admin_token = _read_token(admin_token_file, "RESIDENCY_ADMIN_TOKEN")
     if admin_token is None:
         typer.echo("no admin token configured: the admin API will refuse every call", err=True)
     engine = Engine(tier, list(models_root), node=node, calibration_bytes=calibration_mib * 2**20)
-    settings = ServerSettings(admin_token=admin_token,
-                              inference_token=_read_token(inference_token_file, "RESIDENCY_INFERENCE_TOKEN"),
-                              preempted_wait_seconds=preempted_wait_seconds)
+    settings = ServerSettings(
+        admin_token=admin_token,
+        inference_token=_read_token(inference_token_file, "RESIDENCY_INFERENCE_TOKEN"),
+        preempted_wait_seconds=preempted_wait_seconds,
+    )
+    agent_config = None
+    if join:
+        from residency_worker.agent import AgentConfig, host_memory_bytes
+
+        agent_config = AgentConfig(
+            node=node, endpoint=endpoint or f"http://{host}:{port}",
+            host_memory_bytes=parse_bytes(host_memory) if host_memory else host_memory_bytes(),
+            node_heartbeat=node_heartbeat,
+        )
     try:
-        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level=log_level.lower())
+        serve_node(engine, settings, host, port, agent_config, log_level)
     finally:
         engine.close()
 
@@ -89,7 +117,9 @@ def make_model_command(
 
 def profile(
     model_dir: Path = typer.Argument(..., help="Hugging Face model directory to profile."),
-    out: Path = typer.Option(Path("profile.json"), "--out", help="Profile JSON (a PNG is written beside it)."),
+    out: Path = typer.Option(
+        Path("profile.json"), "--out", help="Profile JSON (a PNG is written beside it)."
+    ),
     gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="Budget; required without a GPU."),
     dtype: str = typer.Option("bfloat16", "--dtype"),
     fractions: str = typer.Option("1.0,0.9,0.75,0.5,0.25,0.0", "--fractions"),
@@ -106,8 +136,10 @@ def profile(
     from residency_worker.engine.tiers import parse_bytes
 
     settings = ProfileSettings(
-        dtype=dtype, fractions=tuple(float(f) for f in fractions.split(",")),
-        sequence_lengths=tuple(int(n) for n in sequence_lengths.split(",")), decode_tokens=decode_tokens,
+        dtype=dtype,
+        fractions=tuple(float(f) for f in fractions.split(",")),
+        sequence_lengths=tuple(int(n) for n in sequence_lengths.split(",")),
+        decode_tokens=decode_tokens,
         trials=trials,
     )
     try:
@@ -116,8 +148,9 @@ def profile(
         raise typer.BadParameter(str(exc)) from exc
     directory = model_dir.resolve()
     engine = Engine(tier, [directory.parent], node="profile", calibration_bytes=64 * 2**20)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn()) as bar:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    ) as bar:
         task = bar.add_task(f"profiling {directory.name}", total=settings.points)
 
         def advance(description: str) -> None:

@@ -63,6 +63,8 @@ class Assignment:
     mode: ExecutionMode
     gpu_bytes: int
     host_bytes: int
+    busy: float
+    """Share of the node's GPU time the model's demand takes."""
     value: float
     """Primary value (what priorities compare)."""
     score: float
@@ -78,6 +80,7 @@ class GreedyState:
 
     free_gpu: list[int]
     free_host: list[int]
+    free_time: list[float]
     node_class: list[int]
     free_sorted: list[list[tuple[int, int]]]
     models_on_node: list[set[int]]
@@ -88,6 +91,7 @@ class GreedyState:
     def occupy(self, model_index: int, assignment: Assignment) -> None:
         """Put a model on its node, taking memory."""
         self._set_free(assignment.node, -assignment.gpu_bytes, -assignment.host_bytes)
+        self.free_time[assignment.node] -= assignment.busy
         self.models_on_node[assignment.node].add(model_index)
         self.assignment[model_index] = assignment
 
@@ -97,6 +101,7 @@ class GreedyState:
         if assignment is None:
             return None
         self._set_free(assignment.node, assignment.gpu_bytes, assignment.host_bytes)
+        self.free_time[assignment.node] += assignment.busy
         self.models_on_node[assignment.node].discard(model_index)
         self.assignment[model_index] = None
         return assignment
@@ -113,12 +118,20 @@ class GreedyState:
             self.free_gpu[node] += gpu_delta
         self.free_host[node] += host_delta
 
-    def best_fit(self, node_class: int, gpu_bytes: int, host_bytes: int) -> int | None:
-        """The accepting node of a class with the least free GPU memory that still fits both needs."""
+    def fits(self, node: int, gpu_bytes: int, host_bytes: int, busy: float) -> bool:
+        """Whether a node has the GPU memory, host memory and GPU time for a placement."""
+        return (
+            self.free_gpu[node] >= gpu_bytes
+            and self.free_host[node] >= host_bytes
+            and self.free_time[node] >= busy - 1e-9
+        )
+
+    def best_fit(self, node_class: int, gpu_bytes: int, host_bytes: int, busy: float) -> int | None:
+        """The accepting node of a class with the least free GPU memory that still fits all needs."""
         sorted_free = self.free_sorted[node_class]
         position = bisect.bisect_left(sorted_free, (gpu_bytes, -1))
-        for free_gpu, node in sorted_free[position : position + FIT_SCAN_LIMIT]:
-            if free_gpu >= gpu_bytes and self.free_host[node] >= host_bytes:
+        for _, node in sorted_free[position : position + FIT_SCAN_LIMIT]:
+            if self.free_host[node] >= host_bytes and self.free_time[node] >= busy - 1e-9:
                 return node
         return None
 
@@ -220,6 +233,7 @@ class GreedyPlanner:
         self.state = GreedyState(
             free_gpu=free_gpu,
             free_host=free_host,
+            free_time=[config.max_gpu_busy_fraction] * len(nodes),
             node_class=list(class_of_node),
             free_sorted=free_sorted,
             models_on_node=[set() for _ in nodes],
@@ -264,6 +278,7 @@ class GreedyPlanner:
                     mode=option.mode,
                     gpu_bytes=option.gpu_bytes,
                     host_bytes=option.host_bytes,
+                    busy=option.busy_fraction,
                     value=option.primary_value,
                     score=option_score(option.primary_value, ZERO_COST, True, self.config),
                     full_value=option.value,
@@ -272,17 +287,33 @@ class GreedyPlanner:
                 ),
             )
         for node in range(len(self.nodes)):
-            if self.state.free_gpu[node] >= 0 and self.state.free_host[node] >= 0:
+            # Memory is a hard limit; GPU time is an estimate, so running models are only moved off a
+            # node when their estimated demand exceeds all of its time (not merely the planning target).
+            if self._seated_fit(node):
                 continue
             # Capacity shrank under running models: keep the most important ones.
             victims = sorted(
                 self.state.models_on_node[node],
-                key=lambda i: (not self.models[i].preemptible, self.models[i].priority, self.models[i].name),
+                key=lambda i: (
+                    not self.models[i].preemptible,
+                    self.models[i].priority,
+                    self._value_of(i),
+                    self.models[i].name,
+                ),
             )
             for victim in victims:
-                if self.state.free_gpu[node] >= 0 and self.state.free_host[node] >= 0:
+                if self._seated_fit(node):
                     break
                 self.state.release(victim)
+
+    def _seated_fit(self, node: int) -> bool:
+        state = self.state
+        time_slack = 1.0 - self.config.max_gpu_busy_fraction
+        return state.free_gpu[node] >= 0 and state.free_host[node] >= 0 and state.free_time[node] >= -time_slack
+
+    def _value_of(self, model_index: int) -> float:
+        assignment = self.state.assignment[model_index]
+        return 0.0 if assignment is None else assignment.value
 
     # -- admission ------------------------------------------------------------------------------------
 
@@ -298,6 +329,7 @@ class GreedyPlanner:
             mode=MODES[mode_index],
             gpu_bytes=int(tables.gpu_bytes[mode_index, model_index, level_index]),
             host_bytes=int(tables.host_bytes[model_index, level_index]),
+            busy=float(tables.busy_fraction[node_class, mode_index, model_index, level_index]),
             value=value,
             score=float(self.newcomer_score[node_class, mode_index, model_index, level_index]),
             full_value=full_value,
@@ -307,7 +339,9 @@ class GreedyPlanner:
 
     def _load_share(self, node_class: int, model_index: int, level: int) -> float:
         horizon = self.config.amortisation_horizon_seconds
-        return float(self.tables.load_seconds[node_class, model_index, level]) / horizon if horizon > 0 else 0.0
+        return (
+            float(self.tables.load_seconds[node_class, model_index, level]) / horizon if horizon > 0 else 0.0
+        )
 
     def _class_modes(self, model_index: int) -> list[tuple[int, int]]:
         """(class, mode) pairs with a feasible option, best target score first."""
@@ -338,11 +372,11 @@ class GreedyPlanner:
             level = int(self.target_level[node_class, mode_index, model_index])
             gpu = int(tables.gpu_bytes[mode_index, model_index, level])
             host = int(tables.host_bytes[model_index, level])
+            busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
             if (
                 preferred is not None
                 and self.class_of_node[preferred] == node_class
-                and state.free_gpu[preferred] >= gpu
-                and state.free_host[preferred] >= host
+                and state.fits(preferred, gpu, host, busy)
             ):
                 state.occupy(
                     model_index, self._assignment_at(model_index, preferred, node_class, mode_index, level)
@@ -352,7 +386,8 @@ class GreedyPlanner:
             level = int(self.target_level[node_class, mode_index, model_index])
             gpu = int(tables.gpu_bytes[mode_index, model_index, level])
             host = int(tables.host_bytes[model_index, level])
-            node = state.best_fit(node_class, gpu, host)
+            busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
+            node = state.best_fit(node_class, gpu, host, busy)
             if node is not None:
                 state.occupy(
                     model_index, self._assignment_at(model_index, node, node_class, mode_index, level)
@@ -371,7 +406,12 @@ class GreedyPlanner:
                     continue
                 if best is not None and score <= best[0]:
                     break
-                node = state.best_fit(node_class, gpu, int(tables.host_bytes[model_index, level]))
+                node = state.best_fit(
+                    node_class,
+                    gpu,
+                    int(tables.host_bytes[model_index, level]),
+                    float(tables.busy_fraction[node_class, mode_index, model_index, level]),
+                )
                 if node is not None:
                     best = (float(score), node, node_class, mode_index, level)
                     break
@@ -383,8 +423,10 @@ class GreedyPlanner:
 
     # -- making room ----------------------------------------------------------------------------------
 
-    def _minimal_option(self, model_index: int, assignment: Assignment) -> tuple[int, int, float] | None:
-        """GPU and host bytes and value of a placed model at its minimal SLO-meeting level, same node/mode."""
+    def _minimal_option(
+        self, model_index: int, assignment: Assignment
+    ) -> tuple[int, int, float, float] | None:
+        """GPU bytes, host bytes, value and GPU time of a placed model at its minimal SLO-meeting level."""
         node_class = self.class_of_node[assignment.node]
         mode_index = MODES.index(assignment.mode)
         feasible = self.tables.feasible[node_class, mode_index, model_index]
@@ -397,6 +439,7 @@ class GreedyPlanner:
             int(self.tables.gpu_bytes[mode_index, model_index, level]),
             int(self.tables.host_bytes[model_index, level]),
             float(self.tables.primary_value[node_class, mode_index, model_index, level]),
+            float(self.tables.busy_fraction[node_class, mode_index, model_index, level]),
         )
 
     def try_make_room(self, model_index: int) -> bool:
@@ -408,6 +451,7 @@ class GreedyPlanner:
             level = int(self.min_level[node_class, mode_index, model_index])
             need_gpu = int(tables.gpu_bytes[mode_index, model_index, level])
             need_host = int(tables.host_bytes[model_index, level])
+            need_busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
             memo_key = (model.priority, node_class, mode_index)
             if need_gpu >= self.failed_room_gpu_bytes.get(memo_key, need_gpu + 1):
                 # A smaller need already found no room here in this tier; room only shrinks as it fills.
@@ -415,7 +459,7 @@ class GreedyPlanner:
             gain_value = float(tables.primary_value[node_class, mode_index, model_index, level])
             candidates = [node for _, node in state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]]
             for node in reversed(candidates):
-                plan = self._room_plan(model, node, need_gpu, need_host)
+                plan = self._room_plan(model, node, need_gpu, need_host, need_busy)
                 if plan is None:
                     continue
                 loss, steps = plan
@@ -453,15 +497,20 @@ class GreedyPlanner:
         return 0.0 if minimal is None else assignment.value - minimal[2]
 
     def _room_plan(
-        self, model: ModelDemand, node: int, need_gpu: int, need_host: int
+        self, model: ModelDemand, node: int, need_gpu: int, need_host: int, need_busy: float
     ) -> tuple[float, list[tuple[int, str]]] | None:
         """Cheapest demotions then preemptions on ``node`` that free enough; None when impossible."""
         state = self.state
-        free_gpu, free_host = state.free_gpu[node], state.free_host[node]
-        if free_gpu >= need_gpu and free_host >= need_host:
+        free_gpu, free_host, free_time = state.free_gpu[node], state.free_host[node], state.free_time[node]
+
+        def enough() -> bool:
+            return free_gpu >= need_gpu and free_host >= need_host and free_time >= need_busy - 1e-9
+
+        if enough():
             return 0.0, []
-        demotions: list[tuple[float, str, int, int, int, float]] = []
-        preemptions: list[tuple[int, float, str, int, int, int, float]] = []
+        # (loss per byte, name, model, gpu freed, host delta, time delta, loss)
+        demotions: list[tuple[float, str, int, int, int, float, float]] = []
+        preemptions: list[tuple[int, float, str, int, int, int, float, float]] = []
         for other in state.models_on_node[node]:
             other_model = self.models[other]
             assignment = state.assignment[other]
@@ -479,6 +528,7 @@ class GreedyPlanner:
                             other,
                             freed,
                             assignment.host_bytes - minimal[1],
+                            assignment.busy - minimal[3],
                             loss,
                         )
                     )
@@ -491,36 +541,40 @@ class GreedyPlanner:
                         other,
                         assignment.gpu_bytes,
                         assignment.host_bytes,
+                        assignment.busy,
                         assignment.value,
                     )
                 )
         steps: list[tuple[int, str]] = []
         loss_total = 0.0
-        demoted: dict[int, tuple[int, int]] = {}
-        for _, _, other, freed_gpu, host_delta, loss in sorted(demotions):
-            if free_gpu >= need_gpu and free_host >= need_host:
+        demoted: dict[int, tuple[int, int, float]] = {}
+        for _, _, other, freed_gpu, host_delta, time_delta, loss in sorted(demotions):
+            if enough():
                 break
-            if free_host + host_delta < 0:
+            if free_host + host_delta < 0 or free_time + time_delta < 0:
                 continue
             free_gpu += freed_gpu
             free_host += host_delta
+            free_time += time_delta
             loss_total += loss
-            demoted[other] = (freed_gpu, host_delta)
+            demoted[other] = (freed_gpu, host_delta, time_delta)
             steps.append((other, "demote"))
-        for _, _, _, other, gpu, host, value in sorted(preemptions):
-            if free_gpu >= need_gpu and free_host >= need_host:
+        for _, _, _, other, gpu, host, busy, value in sorted(preemptions):
+            if enough():
                 break
             if other in demoted:
                 # Preempting a model already demoted frees its demoted footprint, not its original one.
-                freed_gpu, host_delta = demoted.pop(other)
+                freed_gpu, host_delta, time_delta = demoted.pop(other)
                 gpu -= freed_gpu
                 host += host_delta
+                busy += time_delta
                 steps = [step for step in steps if step[0] != other]
             free_gpu += gpu
             free_host += host
+            free_time += busy
             loss_total += value
             steps.append((other, "preempt"))
-        if free_gpu >= need_gpu and free_host >= need_host:
+        if enough():
             return loss_total, steps
         return None
 
@@ -618,9 +672,10 @@ class GreedyPlanner:
                 continue
             extra_gpu = int(tables.gpu_bytes[mode_index, model_index, level]) - assignment.gpu_bytes
             extra_host = int(tables.host_bytes[model_index, level]) - assignment.host_bytes
-            if not unlimited and (
-                extra_gpu > state.free_gpu[assignment.node] or extra_host > state.free_host[assignment.node]
-            ):
+            extra_busy = (
+                float(tables.busy_fraction[node_class, mode_index, model_index, level]) - assignment.busy
+            )
+            if not unlimited and not state.fits(assignment.node, extra_gpu, extra_host, extra_busy):
                 continue
             score = self._promotion_score(model_index, assignment, level, full)
             # An incumbent's score carries the hysteresis bonus, so it must be beaten by a clear margin.
@@ -651,7 +706,7 @@ class GreedyPlanner:
         self._flat_target_score[:, model_index] = derived.flat_target_score[:, 0]
 
     def keep_or_replace(self, model_index: int) -> None:
-        """Re-plan one model against everything else held fixed: stay if still valid, else move or make room."""
+        """Re-plan one model with everything else held: stay if still valid, else move or make room."""
         state = self.state
         previous = state.release(model_index)
         model = self.models[model_index]
@@ -666,10 +721,7 @@ class GreedyPlanner:
                 previous.mode,
                 self.config,
             )
-            fits = (
-                state.free_gpu[previous.node] >= option.gpu_bytes
-                and state.free_host[previous.node] >= option.host_bytes
-            )
+            fits = state.fits(previous.node, option.gpu_bytes, option.host_bytes, option.busy_fraction)
             if option.allowed and option.meets_slo and fits and self.nodes[previous.node].accepts_work:
                 state.occupy(
                     model_index,
@@ -679,6 +731,7 @@ class GreedyPlanner:
                         mode=previous.mode,
                         gpu_bytes=option.gpu_bytes,
                         host_bytes=option.host_bytes,
+                        busy=option.busy_fraction,
                         value=option.primary_value,
                         score=option_score(option.primary_value, ZERO_COST, True, self.config),
                         full_value=option.value,

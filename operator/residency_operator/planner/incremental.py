@@ -91,7 +91,9 @@ class IncrementalPlanner:
         index = problem.model_index.get(model.name)
         if index is None:
             raise KeyError(f"{model.name} is not known to this planner; run a full plan to add models")
-        row = build_class_tables([model], problem.classes, problem.predictor, self.config, problem.profiled_models)
+        row = build_class_tables(
+            [model], problem.classes, problem.predictor, self.config, problem.profiled_models
+        )
         before: list[Assignment | None] = list(greedy.state.assignment)
         greedy.refresh_model(index, model, row)
         greedy.state.preempted_by.clear()

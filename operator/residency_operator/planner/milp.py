@@ -54,6 +54,7 @@ class NodeOptions:
     mode: list[ExecutionMode]
     gpu_bytes: FloatArray
     host_bytes: FloatArray
+    busy: FloatArray
     value: FloatArray
     score: FloatArray
     primary_value: FloatArray
@@ -89,6 +90,7 @@ def build_node_options(
     rows_mode: list[ExecutionMode] = []
     rows_gpu: list[float] = []
     rows_host: list[float] = []
+    rows_busy: list[float] = []
     rows_value: list[float] = []
     rows_score: list[float] = []
     rows_primary_value: list[float] = []
@@ -103,6 +105,7 @@ def build_node_options(
         mode: ExecutionMode,
         gpu: float,
         host: float,
+        busy: float,
         value: float,
         primary_value: float,
     ) -> None:
@@ -117,6 +120,7 @@ def build_node_options(
         rows_mode.append(mode)
         rows_gpu.append(gpu)
         rows_host.append(host)
+        rows_busy.append(busy)
         rows_value.append(value)
         rows_score.append(option_score(value, cost, is_incumbent, config))
         rows_primary_value.append(primary_value)
@@ -151,6 +155,7 @@ def build_node_options(
                         now.mode,
                         option.gpu_bytes,
                         option.host_bytes,
+                        option.busy_fraction,
                         option.value,
                         option.primary_value,
                     )
@@ -176,6 +181,7 @@ def build_node_options(
                         mode,
                         float(tables.gpu_bytes[mode_index, model_index, level_index]),
                         float(tables.host_bytes[model_index, level_index]),
+                        float(tables.busy_fraction[node_class, mode_index, model_index, level_index]),
                         float(tables.value[node_class, mode_index, model_index, level_index]),
                         float(tables.primary_value[node_class, mode_index, model_index, level_index]),
                     )
@@ -188,6 +194,7 @@ def build_node_options(
         mode=rows_mode,
         gpu_bytes=np.array(rows_gpu, dtype=np.float64),
         host_bytes=np.array(rows_host, dtype=np.float64),
+        busy=np.array(rows_busy, dtype=np.float64),
         value=np.array(rows_value, dtype=np.float64),
         score=np.array(rows_score, dtype=np.float64),
         primary_value=np.array(rows_primary_value, dtype=np.float64),
@@ -198,7 +205,11 @@ def build_node_options(
 
 
 def _capacity_constraints(
-    options: NodeOptions, nodes: Sequence[NodeCapacity], model_count: int, active: npt.NDArray[np.bool_]
+    options: NodeOptions,
+    nodes: Sequence[NodeCapacity],
+    model_count: int,
+    active: npt.NDArray[np.bool_],
+    max_busy_fraction: float,
 ) -> list[LinearConstraint]:
     option_count = len(options)
     columns = np.arange(option_count)
@@ -213,6 +224,9 @@ def _capacity_constraints(
     )
     gpu_capacity = np.array([usable_gpu_bytes(node) / GIB for node in nodes])
     host_capacity = np.array([usable_host_bytes(node) / GIB for node in nodes])
+    busy = csr_array(
+        (np.where(active, options.busy, 0.0), (options.node, columns)), shape=(len(nodes), option_count)
+    )
     one_each = csr_array((np.ones(option_count), (options.model, columns)), shape=(model_count, option_count))
     lower = np.zeros(model_count)
     for model_index in options.pinned_models:
@@ -220,6 +234,7 @@ def _capacity_constraints(
     return [
         LinearConstraint(gpu, -np.inf, gpu_capacity + 1e-9),
         LinearConstraint(host, -np.inf, host_capacity + 1e-9),
+        LinearConstraint(busy, -np.inf, np.full(len(nodes), max_busy_fraction + 1e-9)),
         LinearConstraint(one_each, lower, np.ones(model_count)),
     ]
 
@@ -258,7 +273,7 @@ def solve_lexicographic(
     memory_penalty = config.memory_penalty_per_gib * options.gpu_bytes / GIB
     for tier, coefficients in stages:
         active = priorities >= tier if tier is not None else np.ones(option_count, dtype=bool)
-        constraints = _capacity_constraints(options, nodes, len(models), active)
+        constraints = _capacity_constraints(options, nodes, len(models), active, config.max_gpu_busy_fraction)
         for held_coefficients, floor in held:
             constraints.append(LinearConstraint(held_coefficients[None, :], floor, np.inf))
         upper = np.where(active, 1.0, 0.0)
@@ -286,12 +301,14 @@ def solve_lexicographic(
 
 
 def lp_upper_bound(
-    models: Sequence[ModelDemand], nodes: Sequence[NodeCapacity], options: NodeOptions
+    models: Sequence[ModelDemand], nodes: Sequence[NodeCapacity], options: NodeOptions, config: PlannerConfig
 ) -> float:
     """LP relaxation of the single-level objective (all tiers summed): an upper bound on any plan."""
     if len(options) == 0:
         return 0.0
-    constraints = _capacity_constraints(options, nodes, len(models), np.ones(len(options), dtype=bool))
+    constraints = _capacity_constraints(
+        options, nodes, len(models), np.ones(len(options), dtype=bool), config.max_gpu_busy_fraction
+    )
     result = milp(
         -options.score,
         integrality=np.zeros(len(options)),
@@ -315,6 +332,7 @@ def assignments_from_milp(
             mode=options.mode[option_index],
             gpu_bytes=int(options.gpu_bytes[option_index]),
             host_bytes=int(options.host_bytes[option_index]),
+            busy=float(options.busy[option_index]),
             value=float(options.primary_value[option_index]),
             score=float(options.primary_score[option_index]),
             full_value=float(options.value[option_index]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -96,6 +97,29 @@ def served_values(
     return primary, primary + config.excess_throughput_weight * (throughput_tokens_per_second - served)
 
 
+def gpu_busy_fraction(
+    demand_tokens_per_second: Any,
+    single_step_seconds: Any,
+    full_step_seconds: Any,
+    max_batch: Any,
+    cap: float,
+) -> Any:
+    """Share of a GPU's time a model's demand keeps it busy (models on one GPU take turns).
+
+    By Little's law a model serving λ tokens/s has on average N = λ·step(b) sequences in flight; with
+    Poisson arrivals the GPU is busy whenever at least one is, i.e. 1 - exp(-N) of the time (continuous
+    batching absorbs the overlap). ``step(b)`` is interpolated between the single-sequence and full-batch
+    step at b = clamp(N, 1, max batch). Unknown demand (infinite) counts as zero: nothing is known to
+    reserve. Capped at ``cap`` so a model whose demand fills a whole GPU can still run alone.
+    """
+    known = np.isfinite(demand_tokens_per_second)
+    demand = np.where(known, demand_tokens_per_second, 0.0)
+    batch = np.clip(demand * single_step_seconds, 1.0, max_batch)
+    slope = (full_step_seconds - single_step_seconds) / np.maximum(1.0, max_batch - 1.0)
+    in_flight = demand * (single_step_seconds + slope * (batch - 1.0))
+    return np.minimum(cap, 1.0 - np.exp(-in_flight))
+
+
 @dataclass(frozen=True, slots=True)
 class OptionEval:
     """One (model, node, resident fraction, mode) candidate, fully evaluated."""
@@ -106,6 +130,7 @@ class OptionEval:
     host_bytes: int
     decode_tokens_per_second: float
     throughput_tokens_per_second: float
+    busy_fraction: float
     primary_value: float
     value: float
     meets_slo: bool
@@ -127,6 +152,16 @@ def evaluate_option(
     gpu = gpu_bytes_needed(model, resident_fraction, mode)
     slo = model.min_decode_tokens_per_second
     primary, full = served_values(model, throughput, gpu, config)
+    demand = model.demand_decode_tokens_per_second
+    busy = float(
+        gpu_busy_fraction(
+            np.inf if demand is None else demand,
+            predictor.decode_step_seconds(model, node, resident_fraction, mode, 1),
+            predictor.decode_step_seconds(model, node, resident_fraction, mode),
+            float(max(1, model.max_batch)),
+            config.max_gpu_busy_fraction,
+        )
+    )
     return OptionEval(
         resident_fraction=resident_fraction,
         mode=mode,
@@ -134,6 +169,7 @@ def evaluate_option(
         host_bytes=host_bytes_needed(model, resident_fraction),
         decode_tokens_per_second=rate,
         throughput_tokens_per_second=throughput,
+        busy_fraction=busy,
         primary_value=primary,
         value=full,
         meets_slo=slo is None or rate >= slo - 1e-9,
@@ -197,6 +233,8 @@ class ClassTables:
     levels: FloatArray
     classes: list[NodeCapacity]
     decode_tokens_per_second: FloatArray
+    busy_fraction: FloatArray
+    """Share of the GPU's time the model's demand keeps it busy (see :func:`gpu_busy_fraction`)."""
     primary_value: FloatArray
     """Availability + throughput up to demand - memory tie-break (priorities compare this)."""
     value: FloatArray
@@ -253,6 +291,8 @@ def build_class_tables(
     level_allowed = levels[None, :] >= min_resident[:, None] - LEVEL_EPSILON
 
     rate = np.zeros((class_count, len(MODES), model_count, level_count))
+    busy = np.zeros((class_count, len(MODES), model_count, level_count))
+    kv_per_sequence = kv_per_step / batch
     load_seconds = np.zeros((class_count, model_count, level_count))
     feasible = np.zeros((class_count, len(MODES), model_count, level_count), dtype=bool)
     profiled_indices = [i for i, m in enumerate(models) if m.name in profiled_models]
@@ -272,10 +312,27 @@ def build_class_tables(
                 offload_gbps * GB
             )
             rate[c, k] = calibration / step_seconds
+            single_step_seconds = step_seconds - (kv_per_step - kv_per_sequence)[:, None] / (
+                node.hbm_gbps * GB
+            )
+            single_step_seconds = single_step_seconds / calibration
+            full_step_seconds = step_seconds / calibration
             for i in profiled_indices:
                 # Measured curves are not vectorised; there are few of them.
                 for j, level in enumerate(levels):
-                    rate[c, k, i, j] = predictor.decode_tokens_per_second(models[i], node, float(level), mode)
+                    fraction = float(level)
+                    rate[c, k, i, j] = predictor.decode_tokens_per_second(models[i], node, fraction, mode)
+                    full_step_seconds[i, j] = predictor.decode_step_seconds(models[i], node, fraction, mode)
+                    single_step_seconds[i, j] = predictor.decode_step_seconds(
+                        models[i], node, fraction, mode, 1
+                    )
+            busy[c, k] = gpu_busy_fraction(
+                demand[:, None],
+                single_step_seconds,
+                full_step_seconds,
+                batch[:, None],
+                config.max_gpu_busy_fraction,
+            )
             feasible[c, k] = (
                 level_allowed
                 & mode_allowed[k][:, None]
@@ -295,6 +352,7 @@ def build_class_tables(
         levels=levels,
         classes=list(classes),
         decode_tokens_per_second=rate,
+        busy_fraction=busy,
         primary_value=primary_value,
         value=value,
         load_seconds=load_seconds,

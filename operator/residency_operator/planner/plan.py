@@ -172,7 +172,7 @@ def plan(
                 problem.predictor,
                 config,
             )
-            upper_bound = max(objective, lp_upper_bound(problem.models, problem.nodes, options))
+            upper_bound = max(objective, lp_upper_bound(problem.models, problem.nodes, options, config))
         else:
             # Without capacity limits every model would take its best option: a valid, looser bound.
             best = np.where(np.isfinite(greedy.best_target_score), greedy.best_target_score, 0.0)
@@ -211,10 +211,12 @@ def assemble_plan(
     models, nodes = problem.models, problem.nodes
     free_gpu = [usable_gpu_bytes(node) for node in nodes]
     free_host = [usable_host_bytes(node) for node in nodes]
+    free_time = [problem.config.max_gpu_busy_fraction] * len(nodes)
     for a in assignment:
         if a is not None:
             free_gpu[a.node] -= a.gpu_bytes
             free_host[a.node] -= a.host_bytes
+            free_time[a.node] -= a.busy
     indices = list(range(len(models))) if only_models is None else sorted(set(only_models))
     placements: dict[str, PlannedPlacement] = {} if base is None else dict(base.placements)
     for i in indices:
@@ -254,7 +256,7 @@ def assemble_plan(
     actions.sort(key=lambda a: (ACTION_ORDER[a.kind], -a.priority, a.model))
 
     unschedulable: dict[str, Unschedulable] = {} if base is None else {u.model: u for u in base.unschedulable}
-    reason_context = ReasonContext(nodes, problem.class_of_node, free_gpu, free_host)
+    reason_context = ReasonContext(nodes, problem.class_of_node, free_gpu, free_host, free_time)
     for i in indices:
         unschedulable.pop(models[i].name, None)
         if assignment[i] is None and models[i].wanted:
@@ -295,6 +297,7 @@ def describe_placement(problem: PlanningProblem, model_index: int, a: Assignment
         mode=a.mode,
         gpu_bytes=a.gpu_bytes,
         host_bytes=a.host_bytes,
+        gpu_busy_fraction=a.busy,
         predicted_decode_tokens_per_second=rate,
         predicted_throughput_tokens_per_second=rate * model.max_batch,
         predicted_prefill_tokens_per_second=predictor.prefill_tokens_per_second(

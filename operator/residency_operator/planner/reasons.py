@@ -35,6 +35,7 @@ class ReasonContext:
         class_of_node: Sequence[int],
         free_gpu_bytes: Sequence[int],
         free_host_bytes: Sequence[int],
+        free_time: Sequence[float],
     ) -> None:
         self.nodes = nodes
         self.accepting = np.array([i for i, node in enumerate(nodes) if node.accepts_work], dtype=np.intp)
@@ -43,6 +44,9 @@ class ReasonContext:
         self.classes = sorted({class_of_node[i] for i in self.accepting})
         self.free_gpu = np.array(free_gpu_bytes, dtype=np.float64)[self.accepting]
         self.free_host = np.array(free_host_bytes, dtype=np.float64)[self.accepting]
+        self.free_time = np.array(free_time, dtype=np.float64)[self.accepting]
+        accepting_classes = np.array([class_of_node[i] for i in self.accepting], dtype=np.intp)
+        self.members = {c: np.flatnonzero(accepting_classes == c) for c in self.classes}
         self.capacity_gpu = max((usable_gpu_bytes(nodes[i]) for i in self.accepting), default=0)
         self.capacity_host = max((usable_host_bytes(nodes[i]) for i in self.accepting), default=0)
 
@@ -70,12 +74,16 @@ def unschedulable_reason(
     allowed_levels = levels >= model.min_resident_fraction - 1e-9
     allowed_modes = np.array([mode in model.allowed_modes for mode in MODES])
     if not allowed_modes.any() or not allowed_levels.any():
-        return Unschedulable(model.name, "InvalidOffloadSettings", prefix + "no execution mode or residency allowed")
+        return Unschedulable(
+            model.name, "InvalidOffloadSettings", prefix + "no execution mode or residency allowed"
+        )
     rates = tables.decode_tokens_per_second[:, :, model_index, :][classes]
     slo = model.min_decode_tokens_per_second or 0.0
     meets = (rates >= slo - 1e-9) & allowed_levels[None, None, :] & allowed_modes[None, :, None]
     if not meets.any():
-        best_rate = float(np.where(allowed_levels[None, None, :] & allowed_modes[None, :, None], rates, 0.0).max())
+        best_rate = float(
+            np.where(allowed_levels[None, None, :] & allowed_modes[None, :, None], rates, 0.0).max()
+        )
         best_class = classes[int(np.unravel_index(np.argmax(rates[:, :, -1]), rates[:, :, -1].shape)[0])]
         gpu_type = tables.classes[best_class].gpu_type
         return Unschedulable(
@@ -84,17 +92,47 @@ def unschedulable_reason(
             prefix + f"{slo_text(model)} unreachable: best predicted is {best_rate:.1f} tok/s "
             f"at 100% resident on {gpu_type}",
         )
-    # The smallest footprint that meets the SLO, and where it would have to go.
-    gpu_needed = np.where(meets, tables.gpu_bytes[None, :, model_index, :], np.inf)
-    smallest = np.unravel_index(np.argmin(gpu_needed), gpu_needed.shape)
-    need_gpu = float(gpu_needed[smallest])
-    need_fraction = float(levels[smallest[2]])
-    need_host = float(tables.host_bytes[model_index, smallest[2]])
+    # Per node class, the smallest footprint that meets the SLO, and whether any node of it has room.
+    smallest_need: tuple[float, float, float, float, int] | None = None  # gpu, host, busy, fraction, class
+    candidates: list[np.ndarray] = []
+    for position, node_class in enumerate(classes):
+        class_meets = meets[position]
+        if not class_meets.any():
+            continue
+        candidates.append(context.members[node_class])
+        gpu_needed = np.where(class_meets, tables.gpu_bytes[:, model_index, :], np.inf)
+        mode_index, level_index = np.unravel_index(np.argmin(gpu_needed), gpu_needed.shape)
+        need = (
+            float(gpu_needed[mode_index, level_index]),
+            float(tables.host_bytes[model_index, level_index]),
+            float(tables.busy_fraction[node_class, mode_index, model_index, level_index]),
+            float(levels[level_index]),
+            node_class,
+        )
+        members = context.members[node_class]
+        room = (
+            (context.free_gpu[members] >= need[0])
+            & (context.free_host[members] >= need[1])
+            & (context.free_time[members] >= need[2] - 1e-9)
+        )
+        if room.any():
+            return Unschedulable(
+                model.name,
+                "Deferred",
+                prefix
+                + f"{gib(need[0])} would fit on a free {tables.classes[node_class].gpu_type}, but loading "
+                "it now costs more than it would serve over the planning horizon",
+            )
+        if smallest_need is None or need[0] < smallest_need[0]:
+            smallest_need = need
+    assert smallest_need is not None
+    need_gpu, need_host, need_busy, need_fraction, need_class = smallest_need
     if need_gpu > context.capacity_gpu:
         return Unschedulable(
             model.name,
             "InsufficientGPUMemory",
-            prefix + f"needs {gib(need_gpu)} on the GPU ({percent(need_fraction)} resident) for {slo_text(model)}; "
+            prefix
+            + f"needs {gib(need_gpu)} on the GPU ({percent(need_fraction)} resident) for {slo_text(model)}; "
             f"the largest node has {gib(context.capacity_gpu)}",
         )
     if need_host > context.capacity_host:
@@ -104,26 +142,34 @@ def unschedulable_reason(
             prefix + f"needs {gib(need_host)} of host memory for offloaded weights; "
             f"the largest node has {gib(context.capacity_host)}",
         )
-    fits_gpu = context.free_gpu >= need_gpu
+    # Only nodes of a type where the SLO is reachable at all are worth naming.
+    usable = np.concatenate(candidates)
+    free_gpu, free_host = context.free_gpu[usable], context.free_host[usable]
+    fits_gpu = free_gpu >= need_gpu
     if not fits_gpu.any():
         return Unschedulable(
             model.name,
             "InsufficientGPUMemory",
             prefix + f"needs {gib(need_gpu)} resident for {slo_text(model)}; "
-            f"largest free is {gib(float(context.free_gpu.max()))}",
+            f"largest free is {gib(float(free_gpu.max()))}",
         )
-    largest_free_host = float(context.free_host[fits_gpu].max())
-    if largest_free_host >= need_host:
+    fits_host = fits_gpu & (free_host >= need_host)
+    if not fits_host.any():
         return Unschedulable(
             model.name,
-            "Deferred",
-            prefix + f"{gib(need_gpu)} would fit, but loading it now costs more than it would serve "
-            "over the planning horizon",
+            "InsufficientHostMemory",
+            prefix + f"needs {gib(need_host)} of host memory for offloaded weights "
+            f"at {percent(need_fraction)} resident; largest free beside enough GPU memory is "
+            f"{gib(float(free_host[fits_gpu].max()))}",
         )
+    demand = model.demand_decode_tokens_per_second or 0.0
+    members = context.members[need_class]
+    with_room = members[(context.free_gpu[members] >= need_gpu) & (context.free_host[members] >= need_host)]
+    gpu_type = tables.classes[need_class].gpu_type
+    idle_share = max(0.0, float(context.free_time[with_room].max())) if len(with_room) else 0.0
     return Unschedulable(
         model.name,
-        "InsufficientHostMemory",
-        prefix + f"needs {gib(need_host)} of host memory for offloaded weights "
-        f"at {percent(need_fraction)} resident; "
-        f"largest free beside enough GPU memory is {gib(largest_free_host)}",
+        "InsufficientGPUTime",
+        prefix + f"needs {percent(need_busy)} of an {gpu_type}'s time for {demand:.0f} tok/s of demand; "
+        f"the most idle {gpu_type} with memory for it has {percent(idle_share)} left",
     )

@@ -200,6 +200,8 @@ class PlannerConfig:
     """Throughput beyond demand still counts a little (lower latency), so free memory is never left idle."""
     memory_penalty_per_gib: float = 1e-3
     """Tie-breaker: among equal values, prefer the placement that uses fewer GPU bytes."""
+    max_gpu_busy_fraction: float = 0.95
+    """Models on one GPU take turns; their demand may keep it busy at most this share of the time."""
     solver: Literal["auto", "milp", "greedy"] = "auto"
     milp_max_options: int = 3000
     """``auto`` uses the exact MILP up to this many (model, node, level, mode) options."""
@@ -221,6 +223,8 @@ class PlannedPlacement:
     mode: ExecutionMode
     gpu_bytes: int
     host_bytes: int
+    gpu_busy_fraction: float
+    """Share of the node's GPU time its observed demand is predicted to take."""
     predicted_decode_tokens_per_second: float
     """Per-sequence decode rate at the model's batch (what the SLO is checked against)."""
     predicted_throughput_tokens_per_second: float

@@ -115,10 +115,14 @@ class Simulation:
     ) -> None:
         self.nodes = list(nodes)
         self.node_by_name = {n.name: n for n in self.nodes}
-        self.models: dict[str, ModelRuntime] = {m.name: ModelRuntime(spec=m, demand=m.demand()) for m in models}
+        self.models: dict[str, ModelRuntime] = {
+            m.name: ModelRuntime(spec=m, demand=m.demand()) for m in models
+        }
         unknown = sorted({r.model for r in requests} - set(self.models))
         if unknown:
-            raise SimulationError(f"trace names models the scenario does not define: {', '.join(unknown[:5])}")
+            raise SimulationError(
+                f"trace names models the scenario does not define: {', '.join(unknown[:5])}"
+            )
         self.requests = sorted(requests, key=lambda r: (r.arrival_seconds, r.model))
         self.duration_seconds = duration_seconds
         self.tick_seconds = tick_seconds
@@ -146,12 +150,18 @@ class Simulation:
                 idle = not runtime.queue and not runtime.active
                 placements.append(
                     CurrentPlacement(
-                        name, runtime.node, runtime.resident_fraction, runtime.mode, "idle" if idle else "loaded",
+                        name,
+                        runtime.node,
+                        runtime.resident_fraction,
+                        runtime.mode,
+                        "idle" if idle else "loaded",
                         kv_bytes,
                     )
                 )
             elif runtime.cached_node is not None:
-                placements.append(CurrentPlacement(name, runtime.cached_node, 0.0, "stream", "preempted", kv_bytes))
+                placements.append(
+                    CurrentPlacement(name, runtime.cached_node, 0.0, "stream", "preempted", kv_bytes)
+                )
         return placements
 
     def observed_demand_tokens_per_second(self, name: str) -> float:
@@ -167,7 +177,9 @@ class Simulation:
             usage = {n.name: [0, 0] for n in self.nodes}
             for runtime in self.models.values():
                 if runtime.node is not None:
-                    usage[runtime.node][0] += gpu_bytes_needed(runtime.demand, runtime.resident_fraction, runtime.mode)
+                    usage[runtime.node][0] += gpu_bytes_needed(
+                        runtime.demand, runtime.resident_fraction, runtime.mode
+                    )
                     usage[runtime.node][1] += host_bytes_needed(runtime.demand, runtime.resident_fraction)
                 elif runtime.cached_node is not None:
                     usage[runtime.cached_node][1] += cached_host_bytes(runtime.demand, 0)
@@ -245,7 +257,8 @@ class Simulation:
             free_gpu, free_host = self.free_bytes(node.name)
             if free_gpu < 0 or free_host < 0:
                 raise SimulationError(
-                    f"{node.name} over-committed at t={self.now_seconds:.1f}s: free GPU {free_gpu}, host {free_host}"
+                    f"{node.name} over-committed at t={self.now_seconds:.1f}s: "
+                    f"free GPU {free_gpu} bytes, host {free_host} bytes"
                 )
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -254,11 +267,11 @@ class Simulation:
         """Replay the trace under ``policy``; returns the outcome of every request."""
         next_request = 0
         tick = self.tick_seconds
-        steps = int(round(self.duration_seconds / tick))
+        steps = round(self.duration_seconds / tick)
         for step in range(steps):
             now = step * tick
             self.now_seconds = now
-            while next_request < len(self.requests) and self.requests[next_request].arrival_seconds < now + tick:
+            while next_request < len(self.requests) and self.requests[next_request].arrival_seconds <= now:
                 request = self.requests[next_request]
                 runtime = self.models[request.model]
                 runtime.queue.append(request)
@@ -307,12 +320,16 @@ class Simulation:
             for runtime in runtimes:
                 self._serve_model(runtime, node, now, budget, share)
 
-    def _serve_model(self, runtime: ModelRuntime, node: NodeCapacity, now: float, budget: float, share: int) -> None:
+    def _serve_model(
+        self, runtime: ModelRuntime, node: NodeCapacity, now: float, budget: float, share: int
+    ) -> None:
         demand = runtime.demand
         predictor = self.predictor
         while runtime.queue and len(runtime.active) < demand.max_batch:
             request = runtime.queue.popleft()
-            prefill = predictor.prefill_seconds(demand, node, runtime.resident_fraction, runtime.mode, request.prompt_tokens)
+            prefill = predictor.prefill_seconds(
+                demand, node, runtime.resident_fraction, runtime.mode, request.prompt_tokens
+            )
             runtime.active.append(ActiveRequest(request, prefill))
         used = 0.0
         for active in runtime.active:

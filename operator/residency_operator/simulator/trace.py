@@ -29,8 +29,10 @@ class Request:
     output_tokens: int
 
 
-def popularity_weights(models: Sequence[SimModel], popularity: Any, zipf_exponent: float = 1.1) -> list[float]:
-    """Share of the traffic each model gets: ``uniform``, ``zipf`` (by listed order) or a name → weight map."""
+def popularity_weights(
+    models: Sequence[SimModel], popularity: Any, zipf_exponent: float = 1.1
+) -> list[float]:
+    """Share of the traffic each model gets: ``uniform``, ``zipf`` (by listed order) or {name: weight}."""
     if isinstance(popularity, dict):
         raw = [float(popularity.get(m.name, 0.0)) for m in models]
     elif popularity == "zipf":
@@ -43,7 +45,9 @@ def popularity_weights(models: Sequence[SimModel], popularity: Any, zipf_exponen
     return [w / total for w in raw]
 
 
-def _rate_multiplier(pattern: str, t: float, model_index: int, workload: dict[str, Any], phase: float) -> float:
+def _rate_multiplier(
+    pattern: str, t: float, model_index: int, workload: dict[str, Any], phase: float
+) -> float:
     if pattern == "diurnal":
         period = float(workload.get("period_seconds", 600.0))
         amplitude = float(workload.get("amplitude", 0.8))
@@ -51,7 +55,9 @@ def _rate_multiplier(pattern: str, t: float, model_index: int, workload: dict[st
     return 1.0
 
 
-def generate_trace(models: Sequence[SimModel], workload: dict[str, Any], duration_seconds: float, seed: int) -> list[Request]:
+def generate_trace(
+    models: Sequence[SimModel], workload: dict[str, Any], duration_seconds: float, seed: int
+) -> list[Request]:
     """Generate a trace. The same arguments always give the same trace.
 
     ``workload`` keys: ``pattern`` (poisson | bursty | diurnal), ``total_rate_per_second``,
@@ -64,7 +70,13 @@ def generate_trace(models: Sequence[SimModel], workload: dict[str, Any], duratio
     if pattern not in ("poisson", "bursty", "diurnal"):
         raise ValueError(f"unknown workload pattern {pattern!r}; use poisson, bursty or diurnal")
     total_rate = float(workload.get("total_rate_per_second", 1.0))
-    weights = popularity_weights(models, workload.get("popularity", "uniform"), float(workload.get("zipf_exponent", 1.1)))
+    weights = popularity_weights(
+        models, workload.get("popularity", "uniform"), float(workload.get("zipf_exponent", 1.1))
+    )
+    shuffle_seed = workload.get("popularity_shuffle_seed")
+    if shuffle_seed is not None:
+        # Popularity should not follow the order models are listed in (which groups them by size).
+        weights = [weights[i] for i in np.random.default_rng(int(shuffle_seed)).permutation(len(weights))]
     prompt_mean = float(workload.get("prompt_tokens_mean", 512))
     output_mean = float(workload.get("output_tokens_mean", 128))
     requests: list[Request] = []
@@ -114,8 +126,7 @@ def _arrivals(
         quiet = 0.1
         mean_multiplier = (factor * on_seconds + quiet * off_seconds) / (on_seconds + off_seconds)
         times: list[float] = []
-        t = float(rng.uniform(0, on_seconds + off_seconds))  # desynchronise models
-        on = bool(rng.integers(0, 2))
+        on = bool(rng.integers(0, 2))  # desynchronise models
         start = 0.0
         while start < duration_seconds:
             length = float(rng.exponential(on_seconds if on else off_seconds))
@@ -124,7 +135,6 @@ def _arrivals(
             count = int(rng.poisson(rate * (end - start)))
             times.extend(float(x) for x in rng.uniform(start, end, size=count))
             start, on = end, not on
-        del t
         return sorted(times)
     peak = base_rate * (1.0 + float(workload.get("amplitude", 0.8)) if pattern == "diurnal" else 1.0)
     count = int(rng.poisson(peak * duration_seconds))
@@ -138,7 +148,11 @@ def _arrivals(
 
 
 def _requests_at(
-    rng: np.random.Generator, arrivals: Iterable[float], model: SimModel, prompt_mean: float, output_mean: float
+    rng: np.random.Generator,
+    arrivals: Iterable[float],
+    model: SimModel,
+    prompt_mean: float,
+    output_mean: float,
 ) -> list[Request]:
     arrival_list = list(arrivals)
     sigma = 0.5

@@ -23,7 +23,13 @@ from residency_worker.engine import model as decoder
 from residency_worker.engine.generate import Detokenizer, Request, RequestEvent, make_generator, sample
 from residency_worker.engine.kvcache import KVCache
 from residency_worker.engine.loading import LoadedWeights, Unit
-from residency_worker.engine.placement import BudgetNeed, ResidencyPlan, budget_need, gpu_kv_layers, plan_residency
+from residency_worker.engine.placement import (
+    BudgetNeed,
+    ResidencyPlan,
+    budget_need,
+    gpu_kv_layers,
+    plan_residency,
+)
 from residency_worker.engine.tiers import GpuTier
 from residency_worker.engine.transfer import Stager, timed_copies, upload_units
 from residency_worker.engine.types import (
@@ -109,10 +115,16 @@ class ModelRunner:
         self._eos_ids = frozenset(eos_ids)
 
     # -- placement ----------------------------------------------------------------------------------
-    def _need(self, plan: ResidencyPlan, decode_mode: ExecutionMode, prefill_mode: ExecutionMode) -> BudgetNeed:
+    def _need(
+        self, plan: ResidencyPlan, decode_mode: ExecutionMode, prefill_mode: ExecutionMode
+    ) -> BudgetNeed:
         return budget_need(
-            self.weights, plan, decode_mode=decode_mode, prefill_mode=prefill_mode,
-            max_batch_size=self.options.max_batch_size, max_sequence_length=self.max_sequence_length,
+            self.weights,
+            plan,
+            decode_mode=decode_mode,
+            prefill_mode=prefill_mode,
+            max_batch_size=self.options.max_batch_size,
+            max_sequence_length=self.max_sequence_length,
         )
 
     def _streamed_units(self, plan: ResidencyPlan) -> list[Unit]:
@@ -130,8 +142,9 @@ class ModelRunner:
             self._stager = None
 
     def _upload(self, units: list[Unit]) -> TransferTiming:
-        flats, timing = upload_units(self.tier, self.owner, self.weights, units,
-                                     streams=self.options.reload_streams)
+        flats, timing = upload_units(
+            self.tier, self.owner, self.weights, units, streams=self.options.reload_streams
+        )
         self._gpu_flats.update(flats)
         for unit in units:
             self._gpu_views[unit.name] = unit.views(flats[unit.name])
@@ -213,8 +226,17 @@ class ModelRunner:
                 hidden = hidden.to(device, non_blocking=device.type == "cuda")
             if device not in positions:
                 positions[device] = base.to(device)
-            hidden = decoder.layer(weights, self.spec, index, hidden, positions[device], position_list, caches,
-                                   self.rotary, prefill=prefill)
+            hidden = decoder.layer(
+                weights,
+                self.spec,
+                index,
+                hidden,
+                positions[device],
+                position_list,
+                caches,
+                self.rotary,
+                prefill=prefill,
+            )
             if staged:
                 assert self._stager is not None
                 self._stager.release(unit)
@@ -233,10 +255,17 @@ class ModelRunner:
     def _new_sequence(self, request: Request) -> _Sequence:
         spec = self.spec
         capacity = min(len(request.prompt_ids) + request.params.max_tokens, self.max_sequence_length)
-        cache = KVCache(self.tier, self.owner, (2, spec.num_kv_heads, capacity, spec.head_dim),
-                        self.weights.dtype, self._gpu_kv_layers(), spec.num_layers)
+        cache = KVCache(
+            self.tier,
+            self.owner,
+            (2, spec.num_kv_heads, capacity, spec.head_dim),
+            self.weights.dtype,
+            self._gpu_kv_layers(),
+            spec.num_layers,
+        )
         return _Sequence(
-            request=request, cache=cache,
+            request=request,
+            cache=cache,
             detokenizer=Detokenizer(self.weights.tokenizer, request.params.stop),
             generator=make_generator(request.params),
             max_tokens=capacity - len(request.prompt_ids),
@@ -301,9 +330,9 @@ class ModelRunner:
             if request.cancelled:
                 request.emit(RequestEvent(None, "", "cancelled"))
                 continue
-            sequence = self._prefill(request)
-            if sequence is not None:
-                self._active.append(sequence)
+            started = self._prefill(request)
+            if started is not None:
+                self._active.append(started)
         if self._active:
             self._decode()
 
@@ -315,8 +344,11 @@ class ModelRunner:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._commands or self._stopping
-                           or (self.state == "ready" and (self._waiting or self._active))):
+                while not (
+                    self._commands
+                    or self._stopping
+                    or (self.state == "ready" and (self._waiting or self._active))
+                ):
                     self._cv.wait()
                 commands = list(self._commands)
                 self._commands.clear()
@@ -360,8 +392,11 @@ class ModelRunner:
         if prompt_tokens == 0:
             raise EngineError("InvalidRequest", "the prompt is empty")
         if prompt_tokens >= self.max_sequence_length:
-            raise EngineError("InvalidRequest", f"the prompt has {prompt_tokens} tokens; {self.name} accepts at "
-                                                f"most {self.max_sequence_length - 1}")
+            raise EngineError(
+                "InvalidRequest",
+                f"the prompt has {prompt_tokens} tokens; {self.name} accepts at "
+                f"most {self.max_sequence_length - 1}",
+            )
         if request.params.max_tokens < 1:
             raise EngineError("InvalidRequest", "max_tokens must be at least 1")
         vocab = self.spec.vocab_size
@@ -371,8 +406,11 @@ class ModelRunner:
             if self._stopping or self.state in ("unloaded", "failed"):
                 raise EngineError("ModelNotLoaded", f"model {self.name} is not loaded")
             if len(self._waiting) >= self.options.max_queue:
-                raise EngineError("QueueFull", f"model {self.name} has {len(self._waiting)} requests waiting",
-                                  retry_after_seconds=1.0)
+                raise EngineError(
+                    "QueueFull",
+                    f"model {self.name} has {len(self._waiting)} requests waiting",
+                    retry_after_seconds=1.0,
+                )
             self._waiting.append(request)
             self._cv.notify_all()
         return request
@@ -420,7 +458,9 @@ class ModelRunner:
         self.timings.kv_save_seconds = kv_save.seconds
         self.timings.kv_save_transfer = kv_save
         self.timings.kv_bytes = kv_save.moved_bytes
-        return PreemptReport(self.name, kv_save, len(self._active), released_bytes, time.perf_counter() - start)
+        return PreemptReport(
+            self.name, kv_save, len(self._active), released_bytes, time.perf_counter() - start
+        )
 
     def resume(self) -> ResumeReport:
         return self.call(self._resume)
@@ -440,19 +480,26 @@ class ModelRunner:
         self._resumed.set()
         self.timings.reload_seconds = reload.seconds
         self.timings.reload_transfer = reload
-        self.timings.host_to_device_gbps = reload.gbps if reload.moved_bytes else self.timings.host_to_device_gbps
+        self.timings.host_to_device_gbps = (
+            reload.gbps if reload.moved_bytes else self.timings.host_to_device_gbps
+        )
         self.timings.kv_restore_seconds = kv_restore.seconds
         self.timings.kv_restore_transfer = kv_restore
         with self._cv:
             self._cv.notify_all()
         return ResumeReport(self.name, reload, kv_restore, len(self._active), time.perf_counter() - start)
 
-    def set_residency(self, fraction: float | None = None, decode_mode: ExecutionMode | None = None,
-                      prefill_mode: ExecutionMode | None = None) -> ResidencyReport:
+    def set_residency(
+        self,
+        fraction: float | None = None,
+        decode_mode: ExecutionMode | None = None,
+        prefill_mode: ExecutionMode | None = None,
+    ) -> ResidencyReport:
         return self.call(lambda: self._set_residency(fraction, decode_mode, prefill_mode))
 
-    def _set_residency(self, fraction: float | None, decode_mode: ExecutionMode | None,
-                       prefill_mode: ExecutionMode | None) -> ResidencyReport:
+    def _set_residency(
+        self, fraction: float | None, decode_mode: ExecutionMode | None, prefill_mode: ExecutionMode | None
+    ) -> ResidencyReport:
         """Demotes or promotes live: moves whole units and re-homes KV, between two decode steps."""
         plan = plan_residency(self.weights, self.plan.requested_fraction if fraction is None else fraction)
         new_decode = decode_mode or self.decode_mode
@@ -475,8 +522,15 @@ class ModelRunner:
         self._open_stager()
         self.tier.reserve(self.owner, need.total_bytes)
         self.timings.residency_change_transfer = timing
-        log.info("model %s: residency %.3f → %.3f in %.3f s", self.name, plan.requested_fraction,
-                 plan.resident_fraction, time.perf_counter() - start)
+        log.info(
+            "model %s: residency set to %.3f (achieved %.3f; decode %s, prefill %s) in %.3f s",
+            self.name,
+            plan.requested_fraction,
+            plan.resident_fraction,
+            new_decode,
+            new_prefill,
+            time.perf_counter() - start,
+        )
         return self.residency()
 
     def unload(self) -> None:

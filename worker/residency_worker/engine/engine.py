@@ -31,8 +31,14 @@ __all__ = ["Engine", "ModelOptions"]
 class Engine:
     """Loads, places, serves, preempts and resumes models on one node's GPU tier."""
 
-    def __init__(self, tier: GpuTier, models_roots: list[Path], *, node: str = "local",
-                 calibration_bytes: int = 256 * 2**20) -> None:
+    def __init__(
+        self,
+        tier: GpuTier,
+        models_roots: list[Path],
+        *,
+        node: str = "local",
+        calibration_bytes: int = 256 * 2**20,
+    ) -> None:
         self.tier = tier
         self.node = node
         self.models_roots = [Path(r) for r in models_roots]
@@ -41,12 +47,16 @@ class Engine:
         self._loading: set[str] = set()
         if calibration_bytes > 0:
             peak = measure_host_to_device_peak(tier, calibration_bytes)
-            log.info("host→device peak: %.2f GB/s (%s%s)", peak.gbps, peak.path,
-                     ", emulated" if tier.emulated else "")
+            log.info(
+                "host→device peak: %.2f GB/s (%s%s)",
+                peak.gbps,
+                peak.path,
+                ", emulated" if tier.emulated else "",
+            )
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def load(self, name: str, path: str, options: ModelOptions | None = None) -> LoadReport:
-        """Validates, reads into the host cache, places and starts serving `name`; refuses what does not fit."""
+        """Validates, reads into the host cache, places and serves `name`; refuses what does not fit."""
         options = options or ModelOptions()
         if not 0.0 <= options.resident_fraction <= 1.0:
             raise EngineError("InvalidRequest", "resident_fraction must lie in [0, 1]")
@@ -69,12 +79,23 @@ class Engine:
         finally:
             with self._lock:
                 self._loading.discard(name)
-        log.info("loaded %s from %s in %.2f s (resident %.3f)", name, directory, load_seconds,
-                 runner.plan.resident_fraction)
+        log.info(
+            "loaded %s from %s in %.2f s (resident %.3f)",
+            name,
+            directory,
+            load_seconds,
+            runner.plan.resident_fraction,
+        )
         return LoadReport(
-            model=name, path=str(directory), model_type=weights.spec.model_type, dtype=options.dtype,
-            load_seconds=load_seconds, read_seconds=weights.read_seconds, host_to_device=host_to_device,
-            residency=runner.residency(), mode_choice=mode_seconds,
+            model=name,
+            path=str(directory),
+            model_type=weights.spec.model_type,
+            dtype=options.dtype,
+            load_seconds=load_seconds,
+            read_seconds=weights.read_seconds,
+            host_to_device=host_to_device,
+            residency=runner.residency(),
+            mode_choice=mode_seconds,
         )
 
     def _choose_modes(self, runner: ModelRunner, options: ModelOptions) -> dict[str, float]:
@@ -87,8 +108,9 @@ class Engine:
         measured: dict[str, float] = {}
         for mode in ("stream", "cpu"):
             runner._set_residency(None, mode, mode)
-            request = Request(prompt_ids=[0] * prompt_tokens,
-                              params=SamplingParams(max_tokens=5, ignore_eos=True))
+            request = Request(
+                prompt_ids=[0] * prompt_tokens, params=SamplingParams(max_tokens=5, ignore_eos=True)
+            )
             sequence = runner._new_sequence(request)
             start = time.perf_counter()
             logits = runner._forward([sequence], prefill=True)
@@ -101,7 +123,9 @@ class Engine:
                 sequence.cached_tokens += 1
             measured[f"decode_{mode}_seconds"] = (time.perf_counter() - start) / 3
             sequence.cache.release()
-        decode: ExecutionMode = "stream" if measured["decode_stream_seconds"] <= measured["decode_cpu_seconds"] else "cpu"
+        decode: ExecutionMode = (
+            "stream" if measured["decode_stream_seconds"] <= measured["decode_cpu_seconds"] else "cpu"
+        )
         prefill: ExecutionMode = (
             "stream" if measured["prefill_stream_seconds"] <= measured["prefill_cpu_seconds"] else "cpu"
         )
@@ -129,24 +153,43 @@ class Engine:
     def resume(self, name: str) -> ResumeReport:
         return self._runner(name).resume()
 
-    def set_residency(self, name: str, fraction: float | None = None, *, decode_mode: ExecutionMode | None = None,
-                      prefill_mode: ExecutionMode | None = None) -> ResidencyReport:
+    def set_residency(
+        self,
+        name: str,
+        fraction: float | None = None,
+        *,
+        decode_mode: ExecutionMode | None = None,
+        prefill_mode: ExecutionMode | None = None,
+    ) -> ResidencyReport:
         if fraction is not None and not 0.0 <= fraction <= 1.0:
             raise EngineError("InvalidRequest", "resident fraction must lie in [0, 1]")
         return self._runner(name).set_residency(fraction, decode_mode, prefill_mode)
 
     # -- inference ----------------------------------------------------------------------------------
-    def submit(self, name: str, prompt: str | list[int], params: SamplingParams | None = None,
-               on_event: object = None) -> Request:
+    def submit(
+        self,
+        name: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        on_event: object = None,
+    ) -> Request:
         """Queues a generation; events arrive on `on_event` (called on the model's thread) as tokens come."""
         runner = self._runner(name)
         prompt_ids = self.encode(name, prompt) if isinstance(prompt, str) else list(prompt)
-        request = Request(prompt_ids=prompt_ids, params=params or SamplingParams(),
-                          on_event=on_event if callable(on_event) else None)
+        request = Request(
+            prompt_ids=prompt_ids,
+            params=params or SamplingParams(),
+            on_event=on_event if callable(on_event) else None,
+        )
         return runner.submit(request)
 
-    def generate(self, name: str, prompt: str | list[int], params: SamplingParams | None = None,
-                 timeout_seconds: float | None = 300.0) -> Request:
+    def generate(
+        self,
+        name: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        timeout_seconds: float | None = 300.0,
+    ) -> Request:
         """Blocking convenience: submit and wait; raises the request's EngineError if it failed."""
         return self.submit(name, prompt, params).wait(timeout_seconds)
 
@@ -157,7 +200,9 @@ class Engine:
     def chat_prompt(self, name: str, messages: list[dict[str, str]]) -> list[int]:
         tokenizer = self._runner(name).weights.tokenizer
         if getattr(tokenizer, "chat_template", None):
-            ids: list[int] = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            ids: list[int] = tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True
+            )
             return ids
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return self.encode(name, text)
@@ -176,8 +221,13 @@ class Engine:
     def status(self, name: str) -> ModelStatus:
         runner = self._runner(name)
         return ModelStatus(
-            name=name, path=str(runner.weights.path), state=runner.state, queue_depth=runner.queue_depth,
-            active_sequences=runner.active_sequences, residency=runner.residency(), timings=runner.timings,
+            name=name,
+            path=str(runner.weights.path),
+            state=runner.state,
+            queue_depth=runner.queue_depth,
+            active_sequences=runner.active_sequences,
+            residency=runner.residency(),
+            timings=runner.timings,
         )
 
     def residency(self, name: str) -> ResidencyReport:
@@ -185,9 +235,14 @@ class Engine:
 
     def node_report(self) -> NodeReport:
         return NodeReport(
-            node=self.node, device=str(self.tier.device), gpu_name=self.tier.gpu_name, emulated=self.tier.emulated,
-            budget_bytes=self.tier.budget_bytes, reserved_bytes=self.tier.reserved_bytes(),
-            allocated_bytes=self.tier.allocated_bytes(), host_to_device_peak=self.tier.host_to_device_peak,
+            node=self.node,
+            device=str(self.tier.device),
+            gpu_name=self.tier.gpu_name,
+            emulated=self.tier.emulated,
+            budget_bytes=self.tier.budget_bytes,
+            reserved_bytes=self.tier.reserved_bytes(),
+            allocated_bytes=self.tier.allocated_bytes(),
+            host_to_device_peak=self.tier.host_to_device_peak,
         )
 
     def _runner(self, name: str) -> ModelRunner:

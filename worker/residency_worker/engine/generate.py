@@ -103,23 +103,23 @@ class Detokenizer:
     def push(self, token_id: int) -> tuple[str, bool]:
         """Adds a token; returns (new safe text, whether a stop sequence was reached)."""
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte token
             return "", False
         for stop in self.stop:
             index = text.find(stop, max(0, self.emitted_chars - len(stop)))
             if index != -1:
-                delta = text[self.emitted_chars:index]
+                delta = text[self.emitted_chars : index]
                 self.emitted_chars = index
                 return delta, True
         safe = len(text) - self._held_back(text)
-        delta = text[self.emitted_chars:safe]
+        delta = text[self.emitted_chars : safe]
         self.emitted_chars = max(self.emitted_chars, safe)
         return delta, False
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        delta = text[self.emitted_chars:]
+        text = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        delta = text[self.emitted_chars :]
         self.emitted_chars = len(text)
         return delta
 

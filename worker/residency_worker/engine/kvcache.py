@@ -15,8 +15,15 @@ from residency_worker.engine.tiers import GpuTier
 class KVCache:
     """Keys and values of one sequence: per layer a [2, kv_heads, capacity, head_dim] tensor."""
 
-    def __init__(self, tier: GpuTier, owner: str, shape: tuple[int, int, int, int], dtype: torch.dtype,
-                 gpu_layers: set[int], num_layers: int) -> None:
+    def __init__(
+        self,
+        tier: GpuTier,
+        owner: str,
+        shape: tuple[int, int, int, int],
+        dtype: torch.dtype,
+        gpu_layers: set[int],
+        num_layers: int,
+    ) -> None:
         self.tier = tier
         self.owner = owner
         self.shape = shape
@@ -86,6 +93,6 @@ class KVCache:
         for index, host in self._saved.items():
             tensor = self._empty(True)
             self._tensors[index] = tensor
-            pairs.append((tensor[:, :, :host.shape[2]], host))
+            pairs.append((tensor[:, :, : host.shape[2]], host))
         self._saved = {}
         return pairs

@@ -21,7 +21,11 @@ from residency.modeldir import ModelDirError, inspect_model_dir
 from residency_worker.engine.tiers import GpuTier
 from residency_worker.engine.types import EngineError
 
-DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
 _ALIGN_ELEMENTS = 128  # every tensor starts on a 256-byte (bf16) boundary
 
 
@@ -55,11 +59,15 @@ class Unit:
     name: str
     offset: int  # elements into the host flat buffer
     numel: int
-    tensors: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)  # local name → (offset, shape)
+    tensors: dict[str, tuple[int, tuple[int, ...]]] = field(
+        default_factory=dict
+    )  # local name → (offset, shape)
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of this unit's tensors inside `flat`, a buffer holding exactly this unit."""
-        return {name: flat[off:off + _numel(shape)].view(shape) for name, (off, shape) in self.tensors.items()}
+        return {
+            name: flat[off : off + _numel(shape)].view(shape) for name, (off, shape) in self.tensors.items()
+        }
 
 
 @dataclass
@@ -85,7 +93,7 @@ class LoadedWeights:
         raise KeyError(name)
 
     def host_unit(self, unit: Unit) -> torch.Tensor:
-        return self.host_flat[unit.offset:unit.offset + unit.numel]
+        return self.host_flat[unit.offset : unit.offset + unit.numel]
 
     def unit_bytes(self, unit: Unit) -> int:
         return unit.numel * self.element_size
@@ -148,7 +156,7 @@ def arch_spec(config: PretrainedConfig) -> ArchSpec:
 def _unit_of(name: str, tied: bool) -> tuple[str, str]:
     """(unit name, local tensor name) of a checkpoint parameter name."""
     if name.startswith("model.layers."):
-        index, local = name[len("model.layers."):].split(".", 1)
+        index, local = name[len("model.layers.") :].split(".", 1)
         return f"layer.{int(index)}", local
     if name == "model.embed_tokens.weight":
         return ("head" if tied else "embed"), "embed_tokens.weight"
@@ -162,7 +170,9 @@ def _unit_of(name: str, tied: bool) -> tuple[str, str]:
 def plan_layout(config: PretrainedConfig, spec: ArchSpec, dtype: torch.dtype) -> tuple[list[Unit], int]:
     """Units and their slots in the host buffer, from the parameters of the model built on `meta`."""
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
+        skeleton = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, trust_remote_code=False, dtype=dtype
+        )
     order = ["head", *(f"layer.{i}" for i in range(spec.num_layers))]
     if not spec.tie_word_embeddings:
         order.append("embed")
@@ -185,7 +195,9 @@ def load_weights(directory: Path, dtype_name: str, tier: GpuTier) -> LoadedWeigh
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as exc:
-        raise EngineError("ConfigInvalid", f"transformers cannot read {directory}/config.json: {exc}") from exc
+        raise EngineError(
+            "ConfigInvalid", f"transformers cannot read {directory}/config.json: {exc}"
+        ) from exc
     spec = arch_spec(config)
     units, total_numel = plan_layout(config, spec, dtype)
     start = time.perf_counter()
@@ -198,7 +210,7 @@ def load_weights(directory: Path, dtype_name: str, tier: GpuTier) -> LoadedWeigh
     files = _weight_files(directory)
     for file in files:
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:  # type: ignore[no-untyped-call]
                 for name in reader.keys():  # noqa: SIM118 - safe_open has no __iter__
                     if name not in slots:
                         if name == "lm_head.weight" and spec.tie_word_embeddings:
@@ -209,23 +221,37 @@ def load_weights(directory: Path, dtype_name: str, tier: GpuTier) -> LoadedWeigh
                     if tuple(source.shape) != shape:
                         raise EngineError(
                             "WeightsInvalid",
-                            f"{file.name}: tensor {name} has shape {tuple(source.shape)}, config implies {shape}",
+                            f"{file.name}: tensor {name} has shape {tuple(source.shape)}, the config implies "
+                            f"{shape}",
                         )
-                    host_flat[offset:offset + source.numel()].view(shape).copy_(source)
+                    host_flat[offset : offset + source.numel()].view(shape).copy_(source)
                     seen.add(name)
         except SafetensorError as exc:
-            raise EngineError("WeightsCorrupt", f"{file.name} is not a valid safetensors file: {exc}") from exc
+            raise EngineError(
+                "WeightsCorrupt", f"{file.name} is not a valid safetensors file: {exc}"
+            ) from exc
     missing = sorted(set(slots) - seen)
     if missing:
-        raise EngineError("WeightsInvalid", f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[0]}")
+        raise EngineError(
+            "WeightsInvalid", f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[0]}"
+        )
     read_seconds = time.perf_counter() - start
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
+            directory, trust_remote_code=False
+        )
     except (ValueError, OSError, TypeError) as exc:
         raise EngineError("TokenizerInvalid", f"cannot load the tokenizer of {directory}: {exc}") from exc
     return LoadedWeights(
-        path=directory, config=config, spec=spec, dtype=dtype, dtype_name=dtype_name, units=units,
-        host_flat=host_flat, tokenizer=tokenizer, read_seconds=read_seconds,
+        path=directory,
+        config=config,
+        spec=spec,
+        dtype=dtype,
+        dtype_name=dtype_name,
+        units=units,
+        host_flat=host_flat,
+        tokenizer=tokenizer,
+        read_seconds=read_seconds,
     )
 
 

@@ -7,7 +7,8 @@ Numerics follow transformers' own implementations (RMSNorm in float32, rotate-ha
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,8 @@ class Rotary:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(f"rope type {rope_type!r} is not supported")
-        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        init = cast(Callable[..., tuple[torch.Tensor, float]], ROPE_INIT_FUNCTIONS[rope_type])
+        inv_freq, attention_scaling = init(config, torch.device("cpu"))
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq.float())
         angles = torch.cat((freqs, freqs), dim=-1)
@@ -94,8 +96,12 @@ def _qkv(w: Weights, spec: ArchSpec, x: torch.Tensor) -> tuple[torch.Tensor, tor
         qkv = _linear(w, "self_attn.qkv_proj", x)
         q_size = spec.num_heads * spec.head_dim
         kv_size = spec.num_kv_heads * spec.head_dim
-        return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
-    return _linear(w, "self_attn.q_proj", x), _linear(w, "self_attn.k_proj", x), _linear(w, "self_attn.v_proj", x)
+        return qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
+    return (
+        _linear(w, "self_attn.q_proj", x),
+        _linear(w, "self_attn.k_proj", x),
+        _linear(w, "self_attn.v_proj", x),
+    )
 
 
 def _mlp(w: Weights, spec: ArchSpec, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +119,7 @@ def layer(
     hidden: torch.Tensor,
     positions: torch.Tensor,
     position_list: list[int],
-    caches: list[LayerCache],
+    caches: Sequence[LayerCache],
     rotary: Rotary,
     *,
     prefill: bool,
@@ -162,11 +168,13 @@ def layer(
             cache[0, :, position].copy_(k[b, :, 0])
             cache[1, :, position].copy_(v[b, :, 0])
             first = 0 if window is None else max(0, position + 1 - window)
-            keys = cache[0, :, first:position + 1].unsqueeze(0)
-            values = cache[1, :, first:position + 1].unsqueeze(0)
-            outputs.append(F.scaled_dot_product_attention(
-                q[b:b + 1], keys, values, enable_gqa=spec.num_heads != spec.num_kv_heads
-            ))
+            keys = cache[0, :, first : position + 1].unsqueeze(0)
+            values = cache[1, :, first : position + 1].unsqueeze(0)
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    q[b : b + 1], keys, values, enable_gqa=spec.num_heads != spec.num_kv_heads
+                )
+            )
         attended = torch.cat(outputs, dim=0)
     attended = attended.transpose(1, 2).reshape(batch, steps, spec.num_heads * spec.head_dim)
     hidden = hidden + _linear(w, "self_attn.o_proj", attended)

@@ -2,7 +2,7 @@
 
 Residency is chosen in priority order — the head (final norm + lm_head, used by every token), then the
 decoder layers in order, then the input embedding (a row gather, cheap to do on the host) — taking the
-prefix whose bytes come closest to `fraction × total`.
+prefix whose bytes come closest to `fraction * total`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class ResidencyPlan:
 
 @dataclass(frozen=True)
 class BudgetNeed:
-    """GPU bytes a placement reserves: weights + KV for max_batch × max_seq + staging + workspace."""
+    """GPU bytes a placement reserves: weights + KV for max_batch * max_seq + staging + workspace."""
 
     resident_weight_bytes: int
     kv_bytes: int
@@ -75,15 +75,22 @@ def budget_need(
     spec = weights.spec
     element = weights.element_size
     kv_layers = len(gpu_kv_layers(weights, plan, decode_mode))
-    kv_bytes = kv_layers * spec.kv_elements_per_token_per_layer * element * max_batch_size * max_sequence_length
+    kv_bytes = (
+        kv_layers * spec.kv_elements_per_token_per_layer * element * max_batch_size * max_sequence_length
+    )
     streamed = [u for u in weights.units if u.name not in plan.resident and u.name != "embed"]
     streaming = "stream" in (decode_mode, prefill_mode)
     staging = 2 * max((weights.unit_bytes(u) for u in streamed), default=0) if streaming else 0
     # activations of the largest step: a prefill of max_sequence_length tokens, with the MLP's
     # intermediates and float32 attention scores of one head at a time, plus float32 logits per sequence
     tokens = max_sequence_length
-    activation_bytes = tokens * (4 * spec.hidden_size + 3 * spec.intermediate_size
-                                 + 2 * spec.num_heads * spec.head_dim) * element
+    activation_bytes = (
+        tokens
+        * (4 * spec.hidden_size + 3 * spec.intermediate_size + 2 * spec.num_heads * spec.head_dim)
+        * element
+    )
     score_bytes = 4 * tokens * min(tokens, 4096)
     logits_bytes = 4 * spec.vocab_size * max_batch_size
-    return BudgetNeed(plan.resident_weight_bytes, kv_bytes, staging, activation_bytes + score_bytes + logits_bytes)
+    return BudgetNeed(
+        plan.resident_weight_bytes, kv_bytes, staging, activation_bytes + score_bytes + logits_bytes
+    )

@@ -74,21 +74,33 @@ class ProfileResult:
         }
 
 
-def profile_model(engine: Engine, path: str, settings: ProfileSettings | None = None,
-                  progress: Progress | None = None) -> ProfileResult:
+def profile_model(
+    engine: Engine, path: str, settings: ProfileSettings | None = None, progress: Progress | None = None
+) -> ProfileResult:
     """Measures every (fraction, mode, sequence length) point; points that do not fit are skipped."""
     settings = settings or ProfileSettings()
     name = f"profile-{uuid.uuid4().hex[:8]}"
     longest = max(settings.sequence_lengths)
-    report = engine.load(name, path, ModelOptions(
-        dtype=settings.dtype, resident_fraction=min(settings.fractions), decode_mode="cpu",
-        max_batch_size=settings.batch_size, max_sequence_length=longest + settings.decode_tokens + 1,
-        max_queue=settings.batch_size,
-    ))
+    report = engine.load(
+        name,
+        path,
+        ModelOptions(
+            dtype=settings.dtype,
+            resident_fraction=min(settings.fractions),
+            decode_mode="cpu",
+            max_batch_size=settings.batch_size,
+            max_sequence_length=longest + settings.decode_tokens + 1,
+            max_queue=settings.batch_size,
+        ),
+    )
     runner = engine.runner(name)
     result = ProfileResult(
-        model_path=report.path, model_type=report.model_type, gpu_name=engine.tier.gpu_name,
-        emulated=engine.tier.emulated, dtype=settings.dtype, weight_bytes=report.residency.weight_bytes,
+        model_path=report.path,
+        model_type=report.model_type,
+        gpu_name=engine.tier.gpu_name,
+        emulated=engine.tier.emulated,
+        dtype=settings.dtype,
+        weight_bytes=report.residency.weight_bytes,
     )
     vocab = runner.spec.vocab_size
     try:
@@ -116,18 +128,28 @@ def profile_model(engine: Engine, path: str, settings: ProfileSettings | None = 
                         assert first.first_token_at is not None and first.finished_at is not None
                         prefill_rates.append(length / max(first.first_token_at - first.submitted_at, 1e-9))
                         decode_seconds = max(r.finished_at or 0.0 for r in requests) - max(
-                            r.first_token_at or 0.0 for r in requests)
+                            r.first_token_at or 0.0 for r in requests
+                        )
                         decode_rates.append(
-                            settings.batch_size * (settings.decode_tokens - 1) / max(decode_seconds, 1e-9))
-                    result.points.append(ProfilePoint(
-                        resident_fraction=fraction, achieved_resident_fraction=residency.resident_fraction,
-                        execution_mode=mode, sequence_length=length, batch_size=settings.batch_size,
-                        decode_tokens_per_second=statistics.median(decode_rates),
-                        prefill_tokens_per_second=statistics.median(prefill_rates), trials=settings.trials,
-                    ))
+                            settings.batch_size * (settings.decode_tokens - 1) / max(decode_seconds, 1e-9)
+                        )
+                    result.points.append(
+                        ProfilePoint(
+                            resident_fraction=fraction,
+                            achieved_resident_fraction=residency.resident_fraction,
+                            execution_mode=mode,
+                            sequence_length=length,
+                            batch_size=settings.batch_size,
+                            decode_tokens_per_second=statistics.median(decode_rates),
+                            prefill_tokens_per_second=statistics.median(prefill_rates),
+                            trials=settings.trials,
+                        )
+                    )
                     if progress:
-                        progress(f"r={fraction:.2f} {mode} seq={length}: "
-                                 f"{result.points[-1].decode_tokens_per_second:.1f} tok/s")
+                        progress(
+                            f"r={fraction:.2f} {mode} seq={length}: "
+                            f"{result.points[-1].decode_tokens_per_second:.1f} tok/s"
+                        )
     finally:
         engine.unload(name)
     return result
@@ -143,12 +165,18 @@ def plot_profile(result: ProfileResult, png_path: Path) -> None:
     figure, (decode_axis, prefill_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     keys = sorted({(p.execution_mode, p.sequence_length) for p in result.points})
     for mode, length in keys:
-        points = sorted((p for p in result.points if (p.execution_mode, p.sequence_length) == (mode, length)),
-                        key=lambda p: p.achieved_resident_fraction)
+        points = sorted(
+            (p for p in result.points if (p.execution_mode, p.sequence_length) == (mode, length)),
+            key=lambda p: p.achieved_resident_fraction,
+        )
         xs = [p.achieved_resident_fraction for p in points]
         style = "-o" if mode == "stream" else "--s"
-        decode_axis.plot(xs, [p.decode_tokens_per_second for p in points], style, label=f"{mode}, seq {length}")
-        prefill_axis.plot(xs, [p.prefill_tokens_per_second for p in points], style, label=f"{mode}, seq {length}")
+        decode_axis.plot(
+            xs, [p.decode_tokens_per_second for p in points], style, label=f"{mode}, seq {length}"
+        )
+        prefill_axis.plot(
+            xs, [p.prefill_tokens_per_second for p in points], style, label=f"{mode}, seq {length}"
+        )
     tier = f"{result.gpu_name}{' (EMULATED on CPU)' if result.emulated else ''}"
     for axis, what in ((decode_axis, "decode"), (prefill_axis, "prefill")):
         axis.set_xlabel("resident fraction of weight bytes")

@@ -18,9 +18,26 @@ from residency_worker.engine.types import EngineError, TransferPath, TransferTim
 
 log = logging.getLogger(__name__)
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-               "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40,
-               "tib": 2**40, "t": 10**12, "tb": 10**12}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
+    "t": 10**12,
+    "tb": 10**12,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -56,6 +73,10 @@ class GpuTier:
         self._lock = threading.Lock()
         self._reservations: dict[str, int] = {}
         self._allocations: dict[int, _Allocation] = {}
+        # emulated tier only: released blocks kept for reuse, as CUDA's caching allocator does, so
+        # that a reload measures copies rather than the first-touch page faults of fresh CPU memory
+        self._free_blocks: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._free_bytes = 0
         self.host_to_device_peak: TransferTiming | None = None
 
     # -- reservations -------------------------------------------------------------------------------
@@ -73,8 +94,8 @@ class GpuTier:
             if others + nbytes > self.budget_bytes:
                 raise EngineError(
                     "PlacementDoesNotFit",
-                    f"{owner} needs {nbytes} bytes of GPU memory but only {self.budget_bytes - others} of the "
-                    f"node's {self.budget_bytes}-byte budget are free ({others} reserved by other models)",
+                    f"{owner} needs {nbytes} bytes of GPU memory but only {self.budget_bytes - others} of "
+                    f"the node's {self.budget_bytes}-byte budget are free ({others} reserved by others)",
                 )
             if allocated > nbytes:
                 raise EngineError(
@@ -114,14 +135,29 @@ class GpuTier:
                     f"{owner}: allocating {nbytes} bytes of {kind} would exceed its GPU reservation "
                     f"({used} of {reserved} bytes in use)",
                 )
-        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        with self._lock:
+            blocks = self._free_blocks.get((numel, dtype))
+            block = blocks.pop() if blocks else None
+            if block is not None:
+                self._free_bytes -= nbytes
+        tensor = block.view(shape) if block is not None else torch.empty(shape, dtype=dtype, device=self.device)
         with self._lock:
             self._allocations[tensor.data_ptr()] = _Allocation(owner, kind, nbytes, tensor)
         return tensor
 
     def release(self, tensor: torch.Tensor) -> None:
+        """Returns an allocation to the pool; the caller must hold no views of it any more."""
         with self._lock:
-            self._allocations.pop(tensor.data_ptr(), None)
+            allocation = self._allocations.pop(tensor.data_ptr(), None)
+            if allocation is None or not self.emulated or allocation.nbytes > self.budget_bytes // 4:
+                return
+            key = (allocation.tensor.numel(), allocation.tensor.dtype)
+            self._free_blocks.setdefault(key, []).append(allocation.tensor.view(-1))
+            self._free_bytes += allocation.nbytes
+            while self._free_bytes > self.budget_bytes:  # bounded: drop the oldest kept blocks
+                oldest = next(k for k, v in self._free_blocks.items() if v)
+                dropped = self._free_blocks[oldest].pop(0)
+                self._free_bytes -= dropped.numel() * dropped.element_size()
 
     def allocated_bytes(self, owner: str | None = None, kind: str | None = None) -> int:
         with self._lock:
@@ -134,8 +170,11 @@ class GpuTier:
     def tensors(self, owner: str, kind: str | None = None) -> list[torch.Tensor]:
         """The tensors that live in the pool for `owner` (what a residency report must agree with)."""
         with self._lock:
-            return [a.tensor for a in self._allocations.values()
-                    if a.owner == owner and (kind is None or a.kind == kind)]
+            return [
+                a.tensor
+                for a in self._allocations.values()
+                if a.owner == owner and (kind is None or a.kind == kind)
+            ]
 
     def owns(self, tensor: torch.Tensor) -> bool:
         """Whether `tensor` is (a view into) a pool allocation."""
@@ -166,7 +205,7 @@ class GpuTier:
     def copy_streams(self, count: int) -> list[torch.cuda.Stream] | None:
         if self.device.type != "cuda":
             return None
-        return [torch.cuda.Stream(self.device) for _ in range(count)]
+        return [torch.cuda.Stream(self.device) for _ in range(count)]  # type: ignore[no-untyped-call]
 
 
 def make_gpu_tier(budget_bytes: int | None = None, *, force_emulated: bool = False) -> GpuTier:
@@ -179,7 +218,9 @@ def make_gpu_tier(budget_bytes: int | None = None, *, force_emulated: bool = Fal
         return GpuTier(device, budget, emulated=False, gpu_name=name)
     if budget_bytes is None:
         raise ValueError("an emulated GPU tier needs a declared budget (e.g. --gpu-memory 8GiB)")
-    log.warning("no CUDA GPU: running with an EMULATED GPU tier (CPU memory pool, budget %d bytes)", budget_bytes)
+    log.warning(
+        "no CUDA GPU: running with an EMULATED GPU tier (CPU memory pool, budget %d bytes)", budget_bytes
+    )
     return GpuTier(torch.device("cpu"), budget_bytes, emulated=True, gpu_name="emulated-cpu")
 
 
@@ -196,7 +237,9 @@ def _nvml_name() -> str | None:
         return None
 
 
-def measure_host_to_device_peak(tier: GpuTier, size_bytes: int = 256 * 2**20, trials: int = 3) -> TransferTiming:
+def measure_host_to_device_peak(
+    tier: GpuTier, size_bytes: int = 256 * 2**20, trials: int = 3
+) -> TransferTiming:
     """The node's own pinned host→device bandwidth: best of a few large single copies."""
     owner = "_calibration"
     size_bytes = min(size_bytes, max(tier.budget_bytes - tier.reserved_bytes(), 0) // 2) or 2**20
@@ -217,8 +260,14 @@ def measure_host_to_device_peak(tier: GpuTier, size_bytes: int = 256 * 2**20, tr
     finally:
         tier.unreserve(owner)
     timing = TransferTiming.of(
-        "calibration", "host_to_device", size_bytes, best_seconds,
-        path=tier.host_path, copies=1, streams=1, emulated=tier.emulated,
+        "calibration",
+        "host_to_device",
+        size_bytes,
+        best_seconds,
+        path=tier.host_path,
+        copies=1,
+        streams=1,
+        emulated=tier.emulated,
     )
     tier.host_to_device_peak = timing
     return timing

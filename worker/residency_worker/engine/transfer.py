@@ -43,8 +43,14 @@ def timed_copies(
     tier.synchronize()
     seconds = time.perf_counter() - start
     return TransferTiming.of(
-        what, direction, moved_bytes, seconds, path=tier.host_path, copies=len(pairs),
-        streams=len(cuda_streams) if cuda_streams else 1, emulated=tier.emulated,
+        what,
+        direction,
+        moved_bytes,
+        seconds,
+        path=tier.host_path,
+        copies=len(pairs),
+        streams=len(cuda_streams) if cuda_streams else 1,
+        emulated=tier.emulated,
     )
 
 
@@ -58,6 +64,14 @@ def upload_units(
     return device_flats, timing
 
 
+def _stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+
+
+def _event() -> torch.cuda.Event:
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+
 class Stager:
     """Two reusable GPU staging slots: the copy of streamed unit k+1 overlaps the compute of unit k."""
 
@@ -67,9 +81,9 @@ class Stager:
         self.slot_numel = slot_numel
         self.slots = [tier.allocate(owner, "staging", (slot_numel,), weights.dtype) for _ in range(2)]
         cuda = tier.device.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(tier.device) if cuda else None
-        self._copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        self._freed = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self._copy_stream = _stream(tier.device) if cuda else None
+        self._copied = [_event() if cuda else None for _ in range(2)]
+        self._freed = [_event() if cuda else None for _ in range(2)]
         self._order: list[Unit] = []
         self._next = 0
         self._slot_of: dict[str, int] = {}
@@ -93,7 +107,7 @@ class Stager:
         self._next += 1
         self._slot_of[unit.name] = slot
         source = self.weights.host_unit(unit)
-        target = self.slots[slot][:unit.numel]
+        target = self.slots[slot][: unit.numel]
         self.copied_bytes += unit.numel * self.weights.element_size
         if self._copy_stream is None:
             target.copy_(source)
@@ -103,10 +117,10 @@ class Stager:
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(freed)  # the slot's previous unit has finished computing
             target.copy_(source, non_blocking=True)
-            copied.record(self._copy_stream)
+            copied.record(self._copy_stream)  # type: ignore[no-untyped-call]
 
     def acquire(self, unit: Unit) -> dict[str, torch.Tensor]:
-        """The unit's weights in its staging slot, once its copy has landed (ordered on the compute stream)."""
+        """The unit's weights in its staging slot, once its copy has landed (ordered on compute stream)."""
         slot = self._slot_of[unit.name]
         copied = self._copied[slot]
         if copied is not None:
@@ -118,6 +132,6 @@ class Stager:
         slot = self._slot_of.pop(unit.name)
         freed = self._freed[slot]
         if freed is not None:
-            freed.record(torch.cuda.current_stream(self.tier.device))
+            freed.record(torch.cuda.current_stream(self.tier.device))  # type: ignore[no-untyped-call]
         if self._next < len(self._order):
             self._issue(slot)

@@ -52,7 +52,9 @@ class ServerSettings:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after_seconds: float | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after_seconds: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -198,12 +200,21 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                 status = engine.status(name)
             except EngineError:
                 continue
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": "residency",
-                         "state": status.state, "resident_fraction": status.residency.resident_fraction})
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "residency",
+                    "state": status.state,
+                    "resident_fraction": status.residency.resident_fraction,
+                }
+            )
         return {"object": "list", "data": data}
 
-    async def start(name: str, prompt_ids: list[int], params: SamplingParams
-                    ) -> tuple[EngineRequest, asyncio.Queue[RequestEvent]]:
+    async def start(
+        name: str, prompt_ids: list[int], params: SamplingParams
+    ) -> tuple[EngineRequest, asyncio.Queue[RequestEvent]]:
         runner = engine.runner(name)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestEvent] = asyncio.Queue()
@@ -216,20 +227,27 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         except EngineError as exc:
             metrics.requests.labels(name, exc.reason).inc()
             raise
-        if runner.state == "preempted":  # wait a while for a resume, then tell the client when to retry
-            if not await in_thread(runner.wait_until_ready, settings.preempted_wait_seconds):
-                runner.cancel(request)
-                metrics.requests.labels(name, "ModelPreempted").inc()
-                raise ApiError(503, "ModelPreempted", f"model {name} is preempted and did not resume within "
-                               f"{settings.preempted_wait_seconds} s", settings.retry_after_seconds)
+        # a preempted model: wait a while for a resume, then tell the client when to retry
+        if runner.state == "preempted" and not await in_thread(
+            runner.wait_until_ready, settings.preempted_wait_seconds
+        ):
+            runner.cancel(request)
+            metrics.requests.labels(name, "ModelPreempted").inc()
+            raise ApiError(
+                503,
+                "ModelPreempted",
+                f"model {name} is preempted and did not resume within {settings.preempted_wait_seconds} s",
+                settings.retry_after_seconds,
+            )
         return request, events
 
     def sampling(body: CompletionBody | ChatBody, max_tokens: int) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stop) > 4:
             raise ApiError(400, "InvalidRequest", "at most 4 stop sequences")
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              seed=body.seed, stop=stop)
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
+        )
 
     async def collect(name: str, request: EngineRequest, events: asyncio.Queue[RequestEvent]) -> RequestEvent:
         try:
@@ -252,8 +270,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def sse(
-        name: str, request: EngineRequest, events: asyncio.Queue[RequestEvent],
-        chunk: Callable[[RequestEvent], dict[str, Any]], first: dict[str, Any] | None,
+        name: str,
+        request: EngineRequest,
+        events: asyncio.Queue[RequestEvent],
+        chunk: Callable[[RequestEvent], dict[str, Any]],
+        first: dict[str, Any] | None,
     ) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
             try:
@@ -263,8 +284,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                     event = await events.get()
                     if event.error is not None:
                         metrics.requests.labels(name, event.error.reason).inc()
-                        error = {"error": {"message": event.error.message, "type": event.error.reason,
-                                           "code": event.error.reason}}
+                        error = {
+                            "error": {
+                                "message": event.error.message,
+                                "type": event.error.reason,
+                                "code": event.error.reason,
+                            }
+                        }
                         yield f"data: {json.dumps(error)}\n\n"
                         break
                     if event.text or event.finish_reason is not None:
@@ -277,8 +303,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             finally:
                 request.cancel()
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.post("/v1/completions", dependencies=[Depends(inference)])
     async def completions(body: CompletionBody) -> Any:
@@ -288,23 +317,37 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             prompt: str | list[int] = str(body.prompt[0])
         else:
             prompt = body.prompt  # type: ignore[assignment]
-        prompt_ids = engine.encode(body.model, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        prompt_ids = (
+            engine.encode(body.model, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        )
         request, events = await start(body.model, prompt_ids, sampling(body, body.max_tokens))
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
         def chunk(event: RequestEvent) -> dict[str, Any]:
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "text": event.text, "logprobs": None,
-                                 "finish_reason": event.finish_reason}]}
+            return {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {"index": 0, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+                ],
+            }
 
         if body.stream:
             return sse(body.model, request, events, chunk, None)
         final = await collect(body.model, request, events)
-        return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "text": request.text, "logprobs": None,
-                             "finish_reason": final.finish_reason}],
-                "usage": usage(request)}
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {"index": 0, "text": request.text, "logprobs": None, "finish_reason": final.finish_reason}
+            ],
+            "usage": usage(request),
+        }
 
     @app.post("/v1/chat/completions", dependencies=[Depends(inference)])
     async def chat_completions(body: ChatBody) -> Any:
@@ -317,21 +360,40 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
         def chunk(event: RequestEvent) -> dict[str, Any]:
             delta = {"content": event.text} if event.text else {}
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": event.finish_reason}]}
+            return {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": event.finish_reason}],
+            }
 
         if body.stream:
-            first = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                     "model": body.model,
-                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                  "finish_reason": None}]}
+            first = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                ],
+            }
             return sse(body.model, request, events, chunk, first)
         final = await collect(body.model, request, events)
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": request.text},
-                             "finish_reason": final.finish_reason}],
-                "usage": usage(request)}
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": request.text},
+                    "finish_reason": final.finish_reason,
+                }
+            ],
+            "usage": usage(request),
+        }
 
     # -- admin ----------------------------------------------------------------------------------------
     async def engine_call(function: Callable[..., Any], *args: Any) -> Any:
@@ -347,9 +409,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.post("/admin/models", dependencies=[Depends(admin)])
     async def load(body: LoadBody) -> dict[str, Any]:
         options = ModelOptions(
-            dtype=body.dtype, resident_fraction=body.resident_fraction, decode_mode=body.decode_mode,
-            prefill_mode=body.prefill_mode, max_batch_size=body.max_batch_size,
-            max_sequence_length=body.max_sequence_length, max_queue=body.max_queue,
+            dtype=body.dtype,
+            resident_fraction=body.resident_fraction,
+            decode_mode=body.decode_mode,
+            prefill_mode=body.prefill_mode,
+            max_batch_size=body.max_batch_size,
+            max_sequence_length=body.max_sequence_length,
+            max_queue=body.max_queue,
         )
         report = await engine_call(engine.load, body.name, body.path, options)
         return as_dict(report)
@@ -366,8 +432,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.post("/admin/models/{name}/residency", dependencies=[Depends(admin)])
     async def set_residency(name: str, body: ResidencyBody) -> dict[str, Any]:
         def change() -> Any:
-            return engine.set_residency(name, body.resident_fraction, decode_mode=body.decode_mode,
-                                        prefill_mode=body.prefill_mode)
+            return engine.set_residency(
+                name, body.resident_fraction, decode_mode=body.decode_mode, prefill_mode=body.prefill_mode
+            )
+
         return as_dict(await engine_call(change))
 
     @app.post("/admin/models/{name}/preempt", dependencies=[Depends(admin)])
@@ -383,9 +451,18 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         from residency_worker.engine.profile import ProfileSettings, profile_model
 
         def measure() -> Any:
-            return profile_model(engine, body.path, ProfileSettings(
-                dtype=body.dtype, fractions=tuple(body.fractions), sequence_lengths=tuple(body.sequence_lengths),
-                decode_tokens=body.decode_tokens, trials=body.trials))
+            return profile_model(
+                engine,
+                body.path,
+                ProfileSettings(
+                    dtype=body.dtype,
+                    fractions=tuple(body.fractions),
+                    sequence_lengths=tuple(body.sequence_lengths),
+                    decode_tokens=body.decode_tokens,
+                    trials=body.trials,
+                ),
+            )
+
         result = await engine_call(measure)
         return dict(result.to_json())
 

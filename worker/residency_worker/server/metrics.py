@@ -10,29 +10,61 @@ from residency_worker.engine import Engine, EngineError
 class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.tokens = Counter("residency_generated_tokens", "Tokens generated", ["model"], registry=self.registry)
-        self.requests = Counter("residency_requests", "Inference requests by outcome", ["model", "outcome"],
-                                registry=self.registry)
-        self.decode_rate = Gauge("residency_decode_tokens_per_second", "Latest decode rate (tokens/s, batch)",
-                                 ["model"], registry=self.registry)
-        self.prefill_rate = Gauge("residency_prefill_tokens_per_second", "Latest prefill rate (tokens/s)",
-                                  ["model"], registry=self.registry)
-        self.queue_depth = Gauge("residency_queue_depth", "Requests waiting", ["model"], registry=self.registry)
-        self.resident_bytes = Gauge("residency_resident_weight_bytes", "Weight bytes resident in GPU memory",
-                                    ["model"], registry=self.registry)
-        self.resident_fraction = Gauge("residency_resident_fraction", "Share of weight bytes resident",
-                                       ["model"], registry=self.registry)
-        self.reload_seconds = Histogram("residency_reload_seconds", "Weight reload time on resume", ["model"],
-                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
-                                        registry=self.registry)
-        self.transfer_gbps = Gauge("residency_transfer_gbps", "Latest measured transfer rate (GB/s)",
-                                   ["model", "what"], registry=self.registry)
-        self.gpu_budget = Gauge("residency_gpu_budget_bytes", "GPU memory budget of the node",
-                                registry=self.registry)
-        self.gpu_reserved = Gauge("residency_gpu_reserved_bytes", "GPU memory reserved by placements",
-                                  registry=self.registry)
-        self.emulated = Gauge("residency_emulated", "1 when the GPU tier is emulated on the CPU",
-                              registry=self.registry)
+        self.tokens = Counter(
+            "residency_generated_tokens", "Tokens generated", ["model"], registry=self.registry
+        )
+        self.requests = Counter(
+            "residency_requests",
+            "Inference requests by outcome",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.decode_rate = Gauge(
+            "residency_decode_tokens_per_second",
+            "Latest decode rate (tokens/s, batch)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.prefill_rate = Gauge(
+            "residency_prefill_tokens_per_second",
+            "Latest prefill rate (tokens/s)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "residency_queue_depth", "Requests waiting", ["model"], registry=self.registry
+        )
+        self.resident_bytes = Gauge(
+            "residency_resident_weight_bytes",
+            "Weight bytes resident in GPU memory",
+            ["model"],
+            registry=self.registry,
+        )
+        self.resident_fraction = Gauge(
+            "residency_resident_fraction", "Share of weight bytes resident", ["model"], registry=self.registry
+        )
+        self.reload_seconds = Histogram(
+            "residency_reload_seconds",
+            "Weight reload time on resume",
+            ["model"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.transfer_gbps = Gauge(
+            "residency_transfer_gbps",
+            "Latest measured transfer rate (GB/s)",
+            ["model", "what"],
+            registry=self.registry,
+        )
+        self.gpu_budget = Gauge(
+            "residency_gpu_budget_bytes", "GPU memory budget of the node", registry=self.registry
+        )
+        self.gpu_reserved = Gauge(
+            "residency_gpu_reserved_bytes", "GPU memory reserved by placements", registry=self.registry
+        )
+        self.emulated = Gauge(
+            "residency_emulated", "1 when the GPU tier is emulated on the CPU", registry=self.registry
+        )
 
     def refresh(self, engine: Engine) -> None:
         """Copies the engine's current gauges in, just before a scrape."""
@@ -53,8 +85,11 @@ class WorkerMetrics:
                 self.decode_rate.labels(name).set(timings.decode_tokens_per_second)
             if timings.prefill_tokens_per_second is not None:
                 self.prefill_rate.labels(name).set(timings.prefill_tokens_per_second)
-            for what, transfer in (("load", timings.load_transfer), ("reload", timings.reload_transfer),
-                                   ("kv_save", timings.kv_save_transfer),
-                                   ("kv_restore", timings.kv_restore_transfer)):
+            for what, transfer in (
+                ("load", timings.load_transfer),
+                ("reload", timings.reload_transfer),
+                ("kv_save", timings.kv_save_transfer),
+                ("kv_restore", timings.kv_restore_transfer),
+            ):
                 if transfer is not None and transfer.moved_bytes:
                     self.transfer_gbps.labels(name, what).set(transfer.gbps)

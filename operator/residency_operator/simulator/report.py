@@ -1,0 +1,152 @@
+"""Per-policy metrics of a simulation run, as a table, JSON and matplotlib plots (PNG)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from residency_operator.simulator.engine import Counters, RequestOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyReport:
+    """What one policy achieved on one scenario."""
+
+    policy: str
+    scenario: str
+    duration_seconds: float
+    requests: int
+    completed: int
+    met_slo: int
+    dropped: int
+    unfinished: int
+    goodput_tokens_per_second: float
+    """Output tokens/s of requests that completed within both their TTFT and per-token SLOs."""
+    throughput_tokens_per_second: float
+    ttft_p50_seconds: float | None
+    ttft_p99_seconds: float | None
+    tpot_p50_seconds: float | None
+    tpot_p99_seconds: float | None
+    preemptions: int
+    evictions: int
+    demotions: int
+    promotions: int
+    loads: int
+    migrations: int
+    reload_seconds: float
+    restarted_requests: int
+    gpu_memory_utilisation: float
+    plan_seconds_mean: float | None = None
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.array(values), q)) if values else None
+
+
+def summarise(
+    policy: str,
+    scenario: str,
+    duration_seconds: float,
+    outcomes: Sequence[RequestOutcome],
+    counters: Counters,
+    gpu_memory_utilisation: float,
+    plan_seconds_mean: float | None = None,
+) -> PolicyReport:
+    """Reduce request outcomes and counters to one report."""
+    completed = [o for o in outcomes if o.completed]
+    ttfts = [o.ttft_seconds for o in completed if o.ttft_seconds is not None]
+    tpots = [o.tpot_seconds for o in completed if o.tpot_seconds is not None]
+    good_tokens = sum(o.output_tokens for o in completed if o.met_slo)
+    all_tokens = sum(o.output_tokens for o in completed)
+    return PolicyReport(
+        policy=policy,
+        scenario=scenario,
+        duration_seconds=duration_seconds,
+        requests=len(outcomes),
+        completed=len(completed),
+        met_slo=sum(1 for o in completed if o.met_slo),
+        dropped=sum(1 for o in outcomes if o.dropped),
+        unfinished=sum(1 for o in outcomes if not o.completed and not o.dropped),
+        goodput_tokens_per_second=good_tokens / duration_seconds,
+        throughput_tokens_per_second=all_tokens / duration_seconds,
+        ttft_p50_seconds=_percentile(ttfts, 50),
+        ttft_p99_seconds=_percentile(ttfts, 99),
+        tpot_p50_seconds=_percentile(tpots, 50),
+        tpot_p99_seconds=_percentile(tpots, 99),
+        preemptions=counters.preemptions,
+        evictions=counters.evictions,
+        demotions=counters.demotions,
+        promotions=counters.promotions,
+        loads=counters.loads,
+        migrations=counters.migrations,
+        reload_seconds=counters.reload_seconds,
+        restarted_requests=counters.restarted_requests,
+        gpu_memory_utilisation=gpu_memory_utilisation,
+        plan_seconds_mean=plan_seconds_mean,
+    )
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(reports: Sequence[PolicyReport]) -> str:
+    """A fixed-width text table, one row per policy."""
+    header = (
+        f"{'policy':<16}{'goodput tok/s':>14}{'tput tok/s':>11}{'SLO met':>9}{'dropped':>8}"
+        f"{'TTFT p50':>9}{'TTFT p99':>9}{'TPOT p50':>9}{'TPOT p99':>9}{'preempt':>8}{'demote':>7}"
+        f"{'reload s':>9}{'GPU mem':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in reports:
+        slo_share = r.met_slo / r.requests if r.requests else 0.0
+        lines.append(
+            f"{r.policy:<16}{r.goodput_tokens_per_second:>14.1f}{r.throughput_tokens_per_second:>11.1f}"
+            f"{slo_share:>9.1%}{r.dropped:>8d}{_fmt(r.ttft_p50_seconds):>9}{_fmt(r.ttft_p99_seconds):>9}"
+            f"{_fmt(r.tpot_p50_seconds, 3):>9}{_fmt(r.tpot_p99_seconds, 3):>9}{r.preemptions:>8d}"
+            f"{r.demotions:>7d}{r.reload_seconds:>9.1f}{r.gpu_memory_utilisation:>8.1%}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(
+    reports: Mapping[str, Sequence[PolicyReport]], path: Path, extra: Mapping[str, object] | None = None
+) -> None:
+    """Write reports (by scenario) as JSON."""
+    payload: dict[str, object] = {
+        "scenarios": {name: [asdict(r) for r in rows] for name, rows in reports.items()},
+    }
+    if extra:
+        payload.update(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_plot(reports: Sequence[PolicyReport], path: Path, title: str) -> None:
+    """Bar charts of goodput, p99 TTFT and reload seconds per policy (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = [r.policy for r in reports]
+    colours = ["#2a9d8f" if p == "residency" else "#8d99ae" for p in policies]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [
+        ("SLO-met goodput (tok/s)", [r.goodput_tokens_per_second for r in reports]),
+        ("TTFT p99 (s)", [r.ttft_p99_seconds or 0.0 for r in reports]),
+        ("seconds spent reloading", [r.reload_seconds for r in reports]),
+    ]
+    for axis, (label, values) in zip(axes, panels, strict=True):
+        axis.bar(policies, values, color=colours)
+        axis.set_title(label, fontsize=10)
+        axis.tick_params(axis="x", labelrotation=20, labelsize=8)
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,157 @@
+"""The operator's pure translation: cluster objects → planner inputs → placements and model status."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from conftest import MakeDir
+from residency_operator.planner import plan
+from residency_operator.state import (
+    NODE_LABEL,
+    ClusterState,
+    OperatorKnobs,
+    desired_placements,
+    model_verdict,
+    node_accepts,
+    placement_name,
+    placement_needs_update,
+    planner_inputs,
+)
+
+NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+
+
+def stamp(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def llm(name: str, path: Path, namespace: str = "team-a", **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "generation": 1},
+            "spec": {"source": {"path": str(path)}, "maxSequenceLength": 16, "maxBatchSize": 1, **spec}}
+
+
+def profile(node: str, gpu_bytes: int, heartbeat: datetime = NOW) -> dict[str, Any]:
+    return {"metadata": {"name": node},
+            "spec": {"nodeName": node, "gpuType": "emulated-cpu", "gpuMemoryBytes": gpu_bytes,
+                     "hostMemoryBytes": 10**9, "hostToDeviceGbps": 10.0, "hbmGbps": 100.0, "emulated": True},
+            "status": {"heartbeatTime": stamp(heartbeat)}}
+
+
+def node(name: str, **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": spec,
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def knobs(root: Path) -> OperatorKnobs:
+    return OperatorKnobs(allowed_model_roots=[root], workspace_bytes=1024, heartbeat_grace_seconds=30)
+
+
+def run(state: ClusterState, root: Path) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
+    inputs = planner_inputs(state, NOW, knobs(root))
+    result = plan(inputs.demands, inputs.nodes, inputs.current, inputs.profiles, 0.0)
+    return inputs, result, desired_placements(result, inputs)
+
+
+def loaded(manifest: dict[str, Any], **status: Any) -> dict[str, Any]:
+    return {**manifest, "metadata": {**manifest["metadata"], "generation": 1},
+            "status": {"state": "Loaded", "residentFraction": manifest["spec"]["residentFraction"],
+                       "endpoint": "http://127.0.0.1:9000/v1", **status}}
+
+
+def test_node_flags() -> None:
+    assert node_accepts(node("a")) == (True, False, False)
+    assert node_accepts(node("a", unschedulable=True))[1]
+    tainted = node("a", taints=[{"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}])
+    assert node_accepts(tainted)[2]
+    assert node_accepts(None) == (False, False, False)
+
+
+def test_no_profiles_means_no_nodes(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    state = ClusterState([llm("a", make_model_dir("a"))], [], [], [])
+    inputs, result, desired = run(state, tmp_path)
+    assert desired == {}
+    verdict = model_verdict("team-a/a", inputs, result, None)
+    assert (verdict.phase, verdict.reason) == ("Pending", "NoNodes")
+
+
+def test_invalid_model_is_failed_and_not_placed(tmp_path: Path) -> None:
+    state = ClusterState([llm("ghost", tmp_path / "ghost")], [profile("n1", 10**7)], [node("n1")], [])
+    inputs, result, desired = run(state, tmp_path)
+    assert desired == {}
+    assert model_verdict("team-a/ghost", inputs, result, None).reason == "ModelNotFound"
+
+
+def test_placement_lands_on_a_ready_uncordoned_node(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    state = ClusterState(
+        [llm("a", make_model_dir("a", params=20_000))],
+        [profile("n1", 10**7), profile("n2", 10**7)],
+        [node("n1", unschedulable=True), node("n2")],
+        [],
+    )
+    inputs, result, desired = run(state, tmp_path)
+    manifest = desired[placement_name("team-a/a")]
+    assert manifest["spec"]["nodeName"] == "n2"
+    assert manifest["metadata"]["labels"][NODE_LABEL] == "n2"
+    assert manifest["spec"]["desiredState"] == "Loaded" and manifest["spec"]["residentFraction"] == 1.0
+    verdict = model_verdict("team-a/a", inputs, result, None)
+    assert verdict.phase == "Scheduled"
+    assert dict(verdict.extra)["node"] == "n2"
+
+
+def test_stale_heartbeat_node_takes_no_work(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    state = ClusterState(
+        [llm("a", make_model_dir("a"))],
+        [profile("n1", 10**7, heartbeat=NOW - timedelta(minutes=5))],
+        [node("n1")],
+        [],
+    )
+    inputs, result, desired = run(state, tmp_path)
+    assert desired == {}
+    assert model_verdict("team-a/a", inputs, result, None).phase == "Unschedulable"
+
+
+def test_loaded_placement_makes_the_model_ready_and_replanning_is_stable(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    models = [llm("a", make_model_dir("a", params=20_000), slo={"minDecodeTokensPerSecond": 1})]
+    state = ClusterState(models, [profile("n1", 10**7)], [node("n1")], [])
+    _, _, desired = run(state, tmp_path)
+    existing = [loaded(m, timings={"loadSeconds": 0.5, "weightBytes": 40_000}, observedDecodeTokensPerSecond=50.0)
+                for m in desired.values()]
+    state = ClusterState(models, [profile("n1", 10**7)], [node("n1")], existing)
+    inputs, result, again = run(state, tmp_path)
+    assert not any(placement_needs_update(e, again[e["metadata"]["name"]]) for e in existing)
+    verdict = model_verdict("team-a/a", inputs, result, existing[0])
+    extra = dict(verdict.extra)
+    assert (verdict.phase, extra["residentPercent"], extra["endpoint"]) == ("Ready", 100, "http://127.0.0.1:9000/v1")
+    assert extra["timings"]["loadSeconds"] == 0.5
+    assert {c[0]: c[1] for c in verdict.conditions}["Degraded"] == "False"
+
+
+def test_memory_pressure_gives_partial_residency(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    # two models of 400 kB (bf16) on a node of 700 kB: both cannot be fully resident
+    models = [llm(n, make_model_dir(n, params=200_000), offload={"maxFraction": 0.75}) for n in ("a", "b")]
+    state = ClusterState(models, [profile("n1", 700_000)], [node("n1")], [])
+    _, result, desired = run(state, tmp_path)
+    fractions = sorted(m["spec"]["residentFraction"] for m in desired.values())
+    assert len(fractions) == 2 and fractions[0] < 1.0
+    total = sum(p.gpu_bytes for p in result.placements.values())
+    assert total <= 700_000
+
+
+def test_preempted_placement_reports_who_displaced_it(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    low = llm("low", make_model_dir("low", params=200_000), priority=1, offload={"maxFraction": 0.0})
+    state = ClusterState([low], [profile("n1", 500_000)], [node("n1")], [])
+    _, _, desired = run(state, tmp_path)
+    existing = [loaded(m, timings={"kvBytes": 128}) for m in desired.values()]
+    high = llm("high", make_model_dir("high", params=200_000), priority=100, offload={"maxFraction": 0.0})
+    state = ClusterState([low, high], [profile("n1", 500_000)], [node("n1")], existing)
+    inputs, result, desired = run(state, tmp_path)
+    assert desired[placement_name("team-a/high")]["spec"]["desiredState"] == "Loaded"
+    low_placement = desired[placement_name("team-a/low")]
+    assert low_placement["spec"]["desiredState"] == "Preempted"
+    assert "team-a/high" in low_placement["spec"]["reason"]
+    verdict = model_verdict("team-a/low", inputs, result, low_placement)
+    assert verdict.phase == "Preempted" and "team-a/high" in verdict.message

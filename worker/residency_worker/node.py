@@ -1,0 +1,43 @@
+"""A worker joined to the cluster: the engine's HTTP server plus the node agent in one process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import uvicorn
+
+from residency_worker.agent import AgentConfig, NodeAgent
+from residency_worker.engine import Engine
+from residency_worker.server import ServerSettings, create_app
+
+log = logging.getLogger("residency.node")
+
+
+def load_kube_config() -> None:
+    """In-cluster credentials when running in a pod, else $KUBECONFIG."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+def serve_node(engine: Engine, settings: ServerSettings, host: str, port: int, agent_config: AgentConfig | None,
+               log_level: str = "info") -> None:
+    """Serve inference; with an agent config, also converge to this node's placements until stopped."""
+    stop = threading.Event()
+    agent_thread: threading.Thread | None = None
+    if agent_config is not None:
+        load_kube_config()
+        agent = NodeAgent(engine, agent_config)
+        agent_thread = threading.Thread(target=agent.run, args=(stop,), name="node-agent", daemon=True)
+        agent_thread.start()
+        log.info("joined the cluster as node %s (endpoint %s)", agent_config.node, agent_config.endpoint)
+    try:
+        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level=log_level.lower())
+    finally:
+        stop.set()
+        if agent_thread is not None:
+            agent_thread.join(timeout=10)
