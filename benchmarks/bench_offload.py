@@ -59,14 +59,23 @@ def engine_decode_rate(engine: Engine, name: str, prompt: list[int], tokens: int
     return float(statistics.median(rates))
 
 
-def hf_decode_rate(model_dir: Path, tier: GpuTier, dtype: torch.dtype, gpu_bytes: int, prompt: list[int],
-                   tokens: int, trials: int) -> tuple[float, str]:
+def hf_decode_rate(
+    model_dir: Path,
+    tier: GpuTier,
+    dtype: torch.dtype,
+    gpu_bytes: int,
+    prompt: list[int],
+    tokens: int,
+    trials: int,
+) -> tuple[float, str]:
     """Decode tokens/s of transformers (+ Accelerate offload on a GPU) for the same prompt."""
     from transformers import AutoModelForCausalLM
 
     if tier.device.type == "cuda":
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, device_map="auto",
+            model_dir,
+            dtype=dtype,
+            device_map="auto",
             max_memory={tier.device.index or 0: max(gpu_bytes, 1), "cpu": 512 * 2**30},
         )
         label = f"accelerate device_map, GPU limit {gpu_bytes / 1e6:.0f} MB"
@@ -82,8 +91,9 @@ def hf_decode_rate(model_dir: Path, tier: GpuTier, dtype: torch.dtype, gpu_bytes
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=0)
+            model.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
@@ -92,7 +102,6 @@ def hf_decode_rate(model_dir: Path, tier: GpuTier, dtype: torch.dtype, gpu_bytes
     rates = []
     for _ in range(trials):
         rates.append((tokens - 1) / max(timed(tokens) - timed(1), 1e-9))
-    del model
     return float(statistics.median(rates)), label
 
 
@@ -104,7 +113,9 @@ def table(rows: list[list[str]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="qwen2")
     parser.add_argument("--preset", default="qwen2.5-0.5b")
     parser.add_argument("--layers", type=int, default=8, help="override the preset's depth (0: keep)")
@@ -115,7 +126,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--bandwidth-mib", type=int, default=512)
     parser.add_argument("--skip-baseline", action="store_true")
-    parser.add_argument("--model-dir", type=Path, default=None, help="use this model instead of generating one")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="use this model instead of generating one"
+    )
     args = parser.parse_args()
 
     tier = make_gpu_tier(int(args.gpu_memory_gib * 2**30) if not torch.cuda.is_available() else None)
@@ -126,7 +139,10 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-offload-") as scratch:
         model_dir = args.model_dir or make_model(
-            Path(scratch) / "model", arch=args.arch, preset=args.preset, dtype=args.dtype,
+            Path(scratch) / "model",
+            arch=args.arch,
+            preset=args.preset,
+            dtype=args.dtype,
             overrides={"num_hidden_layers": args.layers} if args.layers else None,
         )
         engine = Engine(tier, [model_dir.resolve().parent], node="bench", calibration_bytes=0)
@@ -134,58 +150,127 @@ def main() -> None:
         for fraction in FRACTIONS:
             for mode in ("stream", "cpu"):
                 name = f"r{int(fraction * 100)}-{mode}"
-                engine.load(name, str(model_dir), ModelOptions(
-                    dtype=args.dtype, resident_fraction=fraction, decode_mode=mode,  # type: ignore[arg-type]
-                    max_batch_size=1, max_sequence_length=args.prompt_tokens + args.decode_tokens + 8))
+                engine.load(
+                    name,
+                    str(model_dir),
+                    ModelOptions(
+                        dtype=args.dtype,
+                        resident_fraction=fraction,
+                        decode_mode=mode,
+                        max_batch_size=1,
+                        max_sequence_length=args.prompt_tokens + args.decode_tokens + 8,
+                    ),
+                )
                 runner = engine.runner(name)
                 residency = engine.residency(name)
                 per_token = [u for u in runner.weights.units if u.name != "embed"]
-                resident_bytes = sum(runner.weights.unit_bytes(u) for u in per_token
-                                     if u.name in residency.resident_units)
-                offloaded_bytes = sum(runner.weights.unit_bytes(u) for u in per_token
-                                      if u.name not in residency.resident_units)
+                resident_bytes = sum(
+                    runner.weights.unit_bytes(u) for u in per_token if u.name in residency.resident_units
+                )
+                offloaded_bytes = sum(
+                    runner.weights.unit_bytes(u) for u in per_token if u.name not in residency.resident_units
+                )
                 offload_gbps = link.gbps if mode == "stream" else host_gbps
-                roofline_seconds = resident_bytes / (device_gbps * 1e9) + offloaded_bytes / (offload_gbps * 1e9)
+                roofline_seconds = resident_bytes / (device_gbps * 1e9) + offloaded_bytes / (
+                    offload_gbps * 1e9
+                )
                 prompt = [(13 * i + 7) % runner.spec.vocab_size for i in range(args.prompt_tokens)]
                 rate = engine_decode_rate(engine, name, prompt, args.decode_tokens, args.trials)
                 engine.unload(name)
-                # the baseline depends only on the GPU memory limit: cache it across modes (and on CPU across r)
+                # the baseline depends only on the GPU memory limit: reuse it across modes (on CPU, across r)
                 key = residency.resident_weight_bytes if tier.device.type == "cuda" else -1
                 if not args.skip_baseline and key not in baseline_cache:
-                    baseline_cache[key] = hf_decode_rate(model_dir, tier, torch_dtype, residency.resident_weight_bytes,
-                                                         prompt, args.decode_tokens, args.trials)
+                    baseline_cache[key] = hf_decode_rate(
+                        model_dir,
+                        tier,
+                        torch_dtype,
+                        residency.resident_weight_bytes,
+                        prompt,
+                        args.decode_tokens,
+                        args.trials,
+                    )
                 baseline_rate, baseline_label = baseline_cache.get(key, (float("nan"), "skipped"))
-                results.append({
-                    "requested_fraction": fraction, "resident_fraction": residency.resident_fraction, "mode": mode,
-                    "decode_tokens_per_second": rate, "roofline_tokens_per_second": 1 / roofline_seconds,
-                    "over_roofline": rate * roofline_seconds, "baseline_tokens_per_second": baseline_rate,
-                    "baseline": baseline_label, "over_baseline": rate / baseline_rate,
-                    "resident_bytes_per_token": resident_bytes, "offloaded_bytes_per_token": offloaded_bytes,
-                })
+                results.append(
+                    {
+                        "requested_fraction": fraction,
+                        "resident_fraction": residency.resident_fraction,
+                        "mode": mode,
+                        "decode_tokens_per_second": rate,
+                        "roofline_tokens_per_second": 1 / roofline_seconds,
+                        "over_roofline": rate * roofline_seconds,
+                        "baseline_tokens_per_second": baseline_rate,
+                        "baseline": baseline_label,
+                        "over_baseline": rate / baseline_rate,
+                        "resident_bytes_per_token": resident_bytes,
+                        "offloaded_bytes_per_token": offloaded_bytes,
+                    }
+                )
         engine.close()
     device = f"{tier.gpu_name}{' (EMULATED: CPU memory pool)' if tier.emulated else ''}"
-    print(f"bench_offload on {device}; {args.preset} ({args.layers or 'all'} layers, {args.dtype}); batch 1, "
-          f"prompt {args.prompt_tokens}, {args.decode_tokens} decode tokens, median of {args.trials}")
-    print(f"measured: device memory {device_gbps:.1f} GB/s, host memory {host_gbps:.1f} GB/s, "
-          f"link {link.gbps:.1f} GB/s ({link.path})")
-    rows = [["r asked", "r actual", "mode", "tok/s", "roofline tok/s", "÷ roofline", "baseline tok/s", "÷ baseline"]]
+    print(
+        f"bench_offload on {device}; {args.preset} ({args.layers or 'all'} layers, {args.dtype}); batch 1, "
+        f"prompt {args.prompt_tokens}, {args.decode_tokens} decode tokens, median of {args.trials}"
+    )
+    print(
+        f"measured: device memory {device_gbps:.1f} GB/s, host memory {host_gbps:.1f} GB/s, "
+        f"link {link.gbps:.1f} GB/s ({link.path})"
+    )
+    rows = [
+        [
+            "r asked",
+            "r actual",
+            "mode",
+            "tok/s",
+            "roofline tok/s",
+            "÷ roofline",
+            "baseline tok/s",
+            "÷ baseline",
+        ]
+    ]
     for r in results:
-        rows.append([f"{r['requested_fraction']:.2f}", f"{r['resident_fraction']:.3f}", r["mode"],
-                     f"{r['decode_tokens_per_second']:.2f}", f"{r['roofline_tokens_per_second']:.2f}",
-                     f"{r['over_roofline']:.2f}", f"{r['baseline_tokens_per_second']:.2f}",
-                     f"{r['over_baseline']:.2f}"])
+        rows.append(
+            [
+                f"{r['requested_fraction']:.2f}",
+                f"{r['resident_fraction']:.3f}",
+                r["mode"],
+                f"{r['decode_tokens_per_second']:.2f}",
+                f"{r['roofline_tokens_per_second']:.2f}",
+                f"{r['over_roofline']:.2f}",
+                f"{r['baseline_tokens_per_second']:.2f}",
+                f"{r['over_baseline']:.2f}",
+            ]
+        )
     print(table(rows))
     print(f"baseline: {results[-1]['baseline']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"bench_offload_{'emulated' if tier.emulated else tier.gpu_name.replace(' ', '_')}.json"
-    out.write_text(json.dumps({
-        "benchmark": "bench_offload", "device": device, "emulated": tier.emulated,
-        "model": {"arch": args.arch, "preset": args.preset, "layers": args.layers, "dtype": args.dtype},
-        "bandwidth_gbps": {"device_memory": device_gbps, "host_memory": host_gbps, "link": link.gbps,
-                           "link_path": link.path},
-        "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "trials": args.trials,
-        "points": results,
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_offload",
+                "device": device,
+                "emulated": tier.emulated,
+                "model": {
+                    "arch": args.arch,
+                    "preset": args.preset,
+                    "layers": args.layers,
+                    "dtype": args.dtype,
+                },
+                "bandwidth_gbps": {
+                    "device_memory": device_gbps,
+                    "host_memory": host_gbps,
+                    "link": link.gbps,
+                    "link_path": link.path,
+                },
+                "prompt_tokens": args.prompt_tokens,
+                "decode_tokens": args.decode_tokens,
+                "trials": args.trials,
+                "points": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -59,7 +59,9 @@ def table(rows: list[list[str]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="qwen2")
     parser.add_argument("--preset", default="qwen2.5-0.5b")
     parser.add_argument("--layers", type=int, default=4, help="override the preset's depth (0: keep)")
@@ -68,20 +70,30 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--peak-mib", type=int, default=1024)
     parser.add_argument("--kv-prompt-tokens", type=int, default=256)
-    parser.add_argument("--model-dir", type=Path, default=None, help="use this model instead of generating one")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="use this model instead of generating one"
+    )
     args = parser.parse_args()
 
     tier = make_gpu_tier(int(args.gpu_memory_gib * 2**30) if not torch.cuda.is_available() else None)
     with tempfile.TemporaryDirectory(prefix="bench-reload-") as scratch:
         model_dir = args.model_dir or make_model(
-            Path(scratch) / "model", arch=args.arch, preset=args.preset, dtype=args.dtype,
+            Path(scratch) / "model",
+            arch=args.arch,
+            preset=args.preset,
+            dtype=args.dtype,
             overrides={"num_hidden_layers": args.layers} if args.layers else None,
         )
         root = model_dir.resolve().parent
         peak = measure_host_to_device_peak(tier, args.peak_mib * 2**20, trials=args.trials)
         engine = Engine(tier, [root], node="bench", calibration_bytes=0)
-        options = ModelOptions(dtype=args.dtype, resident_fraction=1.0, decode_mode="stream",
-                               max_batch_size=1, max_sequence_length=args.kv_prompt_tokens + 64)
+        options = ModelOptions(
+            dtype=args.dtype,
+            resident_fraction=1.0,
+            decode_mode="stream",
+            max_batch_size=1,
+            max_sequence_length=args.kv_prompt_tokens + 64,
+        )
         load = engine.load("bench", str(model_dir), options)
         runner = engine.runner("bench")
         weight_bytes = load.residency.resident_weight_bytes
@@ -122,42 +134,106 @@ def main() -> None:
     engine_seconds = statistics.median(t.seconds for t, _ in reloads[best_streams])
     device = f"{tier.gpu_name}{' (EMULATED: CPU memory pool)' if tier.emulated else ''}"
     rows = [["path", "bytes", "seconds", "GB/s", "÷ peak", "host memory"]]
-    rows.append(["peak: one big copy", f"{peak.moved_bytes:,}", f"{peak.seconds:.4f}", f"{peak.gbps:.2f}", "1.00",
-                 peak.path])
+    rows.append(
+        [
+            "peak: one big copy",
+            f"{peak.moved_bytes:,}",
+            f"{peak.seconds:.4f}",
+            f"{peak.gbps:.2f}",
+            "1.00",
+            peak.path,
+        ]
+    )
     for streams, timings in reloads.items():
         seconds = statistics.median(t.seconds for t, _ in timings)
         gbps = median_gbps(timings)
-        rows.append([f"engine resume, {streams} stream(s)", f"{weight_bytes:,}", f"{seconds:.4f}", f"{gbps:.2f}",
-                     f"{gbps / peak.gbps:.2f}", timings[0][0].path])
-    rows.append(["naive per-tensor .to()", f"{naive[0][0]:,}", f"{naive_seconds:.4f}", f"{naive_gbps:.2f}",
-                 f"{naive_gbps / peak.gbps:.2f}", "pageable"])
-    rows.append(["KV save (preempt)", f"{preempt.kv_save.moved_bytes:,}", f"{preempt.kv_save.seconds:.4f}",
-                 f"{preempt.kv_save.gbps:.2f}", f"{preempt.kv_save.gbps / peak.gbps:.2f}", preempt.kv_save.path])
-    rows.append(["KV restore (resume)", f"{resume.kv_restore.moved_bytes:,}", f"{resume.kv_restore.seconds:.4f}",
-                 f"{resume.kv_restore.gbps:.2f}", f"{resume.kv_restore.gbps / peak.gbps:.2f}",
-                 resume.kv_restore.path])
-    print(f"bench_reload on {device}; model {model_dir.name if args.model_dir else args.preset} "
-          f"({args.layers or 'all'} layers, {args.dtype}), {weight_bytes / 1e6:.1f} MB of weights, "
-          f"median of {args.trials}")
+        rows.append(
+            [
+                f"engine resume, {streams} stream(s)",
+                f"{weight_bytes:,}",
+                f"{seconds:.4f}",
+                f"{gbps:.2f}",
+                f"{gbps / peak.gbps:.2f}",
+                timings[0][0].path,
+            ]
+        )
+    rows.append(
+        [
+            "naive per-tensor .to()",
+            f"{naive[0][0]:,}",
+            f"{naive_seconds:.4f}",
+            f"{naive_gbps:.2f}",
+            f"{naive_gbps / peak.gbps:.2f}",
+            "pageable",
+        ]
+    )
+    rows.append(
+        [
+            "KV save (preempt)",
+            f"{preempt.kv_save.moved_bytes:,}",
+            f"{preempt.kv_save.seconds:.4f}",
+            f"{preempt.kv_save.gbps:.2f}",
+            f"{preempt.kv_save.gbps / peak.gbps:.2f}",
+            preempt.kv_save.path,
+        ]
+    )
+    rows.append(
+        [
+            "KV restore (resume)",
+            f"{resume.kv_restore.moved_bytes:,}",
+            f"{resume.kv_restore.seconds:.4f}",
+            f"{resume.kv_restore.gbps:.2f}",
+            f"{resume.kv_restore.gbps / peak.gbps:.2f}",
+            resume.kv_restore.path,
+        ]
+    )
+    print(
+        f"bench_reload on {device}; model {model_dir.name if args.model_dir else args.preset} "
+        f"({args.layers or 'all'} layers, {args.dtype}), {weight_bytes / 1e6:.1f} MB of weights, "
+        f"median of {args.trials}"
+    )
     print(table(rows))
     print(f"\nengine reload ÷ peak = {engine_gbps / peak.gbps:.2f}   (goal ≥ 0.80 on a GPU)")
-    print(f"engine reload vs naive per-tensor = {naive_seconds / engine_seconds:.2f}× faster")
-    print(f"reload bytes ÷ KV bytes moved = {weight_bytes / max(preempt.kv_save.moved_bytes, 1):.1f} "
-          "(preemption cost is dominated by the weights)")
+    print(f"engine reload vs naive per-tensor = {naive_seconds / engine_seconds:.2f}x faster")
+    print(
+        f"reload bytes ÷ KV bytes moved = {weight_bytes / max(preempt.kv_save.moved_bytes, 1):.1f} "
+        "(preemption cost is dominated by the weights)"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"bench_reload_{'emulated' if tier.emulated else tier.gpu_name.replace(' ', '_')}.json"
-    out.write_text(json.dumps({
-        "benchmark": "bench_reload", "device": device, "emulated": tier.emulated,
-        "model": {"arch": args.arch, "preset": args.preset, "layers": args.layers, "dtype": args.dtype,
-                  "weight_bytes": weight_bytes},
-        "trials": args.trials, "peak": dataclasses.asdict(peak),
-        "engine": {str(s): [dataclasses.asdict(t) | {"resume_seconds": r} for t, r in v] for s, v in reloads.items()},
-        "naive": [{"moved_bytes": b, "seconds": s, "gbps": b / s / 1e9} for b, s in naive],
-        "kv_save": dataclasses.asdict(preempt.kv_save), "kv_restore": dataclasses.asdict(resume.kv_restore),
-        "ratios": {"engine_over_peak": engine_gbps / peak.gbps, "naive_over_peak": naive_gbps / peak.gbps,
-                   "engine_speedup_over_naive": naive_seconds / engine_seconds,
-                   "best_streams": best_streams},
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_reload",
+                "device": device,
+                "emulated": tier.emulated,
+                "model": {
+                    "arch": args.arch,
+                    "preset": args.preset,
+                    "layers": args.layers,
+                    "dtype": args.dtype,
+                    "weight_bytes": weight_bytes,
+                },
+                "trials": args.trials,
+                "peak": dataclasses.asdict(peak),
+                "engine": {
+                    str(s): [dataclasses.asdict(t) | {"resume_seconds": r} for t, r in v]
+                    for s, v in reloads.items()
+                },
+                "naive": [{"moved_bytes": b, "seconds": s, "gbps": b / s / 1e9} for b, s in naive],
+                "kv_save": dataclasses.asdict(preempt.kv_save),
+                "kv_restore": dataclasses.asdict(resume.kv_restore),
+                "ratios": {
+                    "engine_over_peak": engine_gbps / peak.gbps,
+                    "naive_over_peak": naive_gbps / peak.gbps,
+                    "engine_speedup_over_naive": naive_seconds / engine_seconds,
+                    "best_streams": best_streams,
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from harness import REPO, Process, get_json, kubectl, wait_for
 
 pytestmark = pytest.mark.e2e
+WORKSPACE_BYTES = 128 * 1024  # >= the engine's workspace for maxSequenceLength 64, batch 1 (tiny model)
+ADMIN_TOKEN = "e2e-admin-token"  # test-only secret
 
 
 @pytest.fixture(scope="session")
@@ -32,26 +39,35 @@ def cluster() -> str:
 
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An allowed model root holding one tiny model made by `residency make-model`."""
+    """An allowed model root holding tiny models made by residency's make-model (Llama and Qwen2)."""
+    from residency.modelgen import make_model
+
     root = tmp_path_factory.mktemp("models")
-    residency = Path(os.sys.executable).parent / "residency"  # type: ignore[attr-defined]
-    subprocess.run(
-        [str(residency), "make-model", str(root / "tiny-llama"), "--arch", "llama", "--preset", "tiny"],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    for name, arch, seed in (("tiny-llama", "llama", 0), ("tiny-qwen", "qwen2", 1), ("tiny-llama-b", "llama", 2)):
+        make_model(root / name, arch=arch, preset="tiny", seed=seed)
     return root
 
 
 @pytest.fixture
 def namespace(cluster: str) -> Iterator[str]:
-    """A fresh namespace per test, deleted (with its models) afterwards."""
+    """A fresh namespace per test, deleted (with its models and their placements) afterwards."""
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     kubectl("create", "namespace", name)
     yield name
-    kubectl("delete", "llmmodels", "--all", "-n", name, "--wait=false", check=False)
+    purge_models(name)
     kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def purge_models(namespace: str) -> None:
+    """Deletes a namespace's models and placements even when no operator or worker is left to finalize."""
+    kubectl("delete", "llmmodels", "--all", "-n", namespace, "--wait=false", check=False)
+    selector = f"residency.dev/model-namespace={namespace}"
+    kubectl("delete", "modelplacements", "-l", selector, "--wait=false", check=False)
+    for kind, args in (("llmmodels", ["-n", namespace]), ("modelplacements", ["-l", selector])):
+        names = kubectl("get", kind, *args, "-o", "name", check=False).stdout.split()
+        for obj in names:
+            kubectl("patch", obj, *args[:2] if kind == "llmmodels" else [], "--type=merge",
+                    "-p", '{"metadata":{"finalizers":null}}', check=False)
 
 
 @pytest.fixture
@@ -61,7 +77,8 @@ def operator(cluster: str, models_root: Path, tmp_path: Path) -> Iterator[Proces
         "operator",
         ["operator", "--models-root", str(models_root)],
         tmp_path / "operator.log",
-        env={"KUBECONFIG": cluster, "RESIDENCY_RESYNC_SECONDS": "5"},
+        env={"KUBECONFIG": cluster, "RESIDENCY_RESYNC_SECONDS": "5", "RESIDENCY_WORKSPACE_BYTES": str(WORKSPACE_BYTES),
+             "RESIDENCY_HEARTBEAT_GRACE_SECONDS": "20"},
     ).start()
     yield proc
     proc.stop()
@@ -71,3 +88,95 @@ def operator(cluster: str, models_root: Path, tmp_path: Path) -> Iterator[Proces
 
 def model_status(namespace: str, name: str) -> dict[str, object]:
     return get_json("llmmodel", name, "-n", namespace).get("status") or {}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class GpuNode:
+    """A Node object plus a real worker process (real torch inference on an emulated GPU tier)."""
+
+    name: str
+    gpu_memory: str
+    port: int
+    process: Process
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def profile(self) -> dict[str, Any] | None:
+        result = kubectl("get", "nodeprofile", self.name, "-o", "json", check=False)
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    def restart(self) -> None:
+        self.process.stop()
+        self.process.start()
+
+
+class NodePool:
+    """Creates GPU nodes for one test and removes them (Node, NodeProfile, worker) afterwards."""
+
+    def __init__(self, cluster: str, models_root: Path, workdir: Path) -> None:
+        self.cluster = cluster
+        self.models_root = models_root
+        self.workdir = workdir
+        self.nodes: list[GpuNode] = []
+        (workdir / "admin.token").write_text(ADMIN_TOKEN)
+
+    def add(self, name: str, gpu_memory: str, wait: bool = True) -> GpuNode:
+        kubectl("apply", "-f", "-", stdin=json.dumps({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"residency.dev/gpu": "true"}},
+        }))
+        port = free_port()
+        process = Process(
+            f"worker-{name}",
+            ["worker", "--node", name, "--gpu-memory", gpu_memory, "--models-root", str(self.models_root),
+             "--port", str(port), "--admin-token-file", str(self.workdir / "admin.token"), "--join",
+             "--node-heartbeat", "--calibration-mib", "8", "--log-level", "info"],
+            self.workdir / f"worker-{name}.log",
+            env={"KUBECONFIG": self.cluster},
+        ).start()
+        node = GpuNode(name, gpu_memory, port, process)
+        self.nodes.append(node)
+        if wait:
+            wait_for(node.profile, 90, what=f"NodeProfile of {name}")
+        return node
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.process.stop()
+        for node in self.nodes:
+            kubectl("delete", "node", node.name, "--wait=false", check=False)
+            kubectl("delete", "nodeprofile", node.name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def gpu_nodes(cluster: str, models_root: Path, tmp_path: Path) -> Iterator[NodePool]:
+    pool = NodePool(cluster, models_root, tmp_path)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def router(cluster: str, tmp_path: Path) -> Iterator[str]:
+    """The OpenAI-compatible router as a local process; yields its base URL."""
+    port = free_port()
+    proc = Process("router", ["router", "--port", str(port), "--hold-seconds", "60"], tmp_path / "router.log",
+                   env={"KUBECONFIG": cluster}).start()
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _healthy(url), 60, what="router /healthz")
+    yield url
+    proc.stop()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

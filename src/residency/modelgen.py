@@ -122,8 +122,7 @@ def _config(arch: str, preset: dict[str, Any], vocab_size: int, eos_id: int, dty
     if arch == "phi3":
         extra["pad_token_id"] = eos_id
     return classes[arch](
-        **fields,
-        **extra,
+        **{**extra, **fields},
         vocab_size=vocab_size,
         bos_token_id=eos_id,
         eos_token_id=eos_id,

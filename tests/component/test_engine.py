@@ -32,7 +32,7 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def engine(models_root: Path) -> Iterator[Engine]:
-    tier = make_gpu_tier(32 * 2**20)
+    tier = make_gpu_tier(32 * 2**20, force_emulated=True)
     eng = Engine(tier, [models_root], node="test", calibration_bytes=2**20)
     yield eng
     eng.close()
@@ -174,7 +174,7 @@ def test_demote_promote_mid_generation_continues_exactly(engine: Engine, models_
 
 def test_placement_that_does_not_fit_is_refused(models_root: Path) -> None:
     # the tiny model needs ~1.8 MB fully resident (weights, KV for 4x128 tokens, workspace), ~0.85 MB at 0.25
-    tier = make_gpu_tier(1_200_000)
+    tier = make_gpu_tier(1_200_000, force_emulated=True)
     engine = Engine(tier, [models_root], calibration_bytes=0)
     with pytest.raises(EngineError) as refused:
         engine.load("big", str(models_root / "llama"), _options(1.0))
@@ -342,3 +342,70 @@ def test_request_objects_report_errors(engine: Engine, models_root: Path) -> Non
     long_prompt = engine.submit("m", [1] * 120, SamplingParams(max_tokens=50, ignore_eos=True)).wait(60)
     assert long_prompt.finish_reason == "length" and len(long_prompt.token_ids) == 128 - 120
     assert isinstance(long_prompt, Request)
+
+
+def test_sliding_window_and_sharded_checkpoints(engine: Engine, models_root: Path, tmp_path: Path) -> None:
+    """Mistral with a window shorter than the text matches transformers; a sharded checkpoint loads."""
+    from residency import modelgen
+
+    windowed = make_model(
+        models_root / "mistral-w6",
+        "mistral",
+        "tiny",
+        seed=4,
+        dtype="float32",
+        overrides={"sliding_window": 6},
+    )
+    engine.load("w", str(windowed), _options(0.5, "cpu"))
+    reference = AutoModelForCausalLM.from_pretrained(
+        windowed, dtype=torch.float32, attn_implementation="eager"
+    )
+    prompt_ids = engine.encode("w", PROMPTS[1])
+    assert len(prompt_ids) > 6
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0
+        )[0, len(prompt_ids) :].tolist()
+    assert engine.generate("w", prompt_ids, GREEDY).token_ids == expected
+    original = modelgen._SHARD_BYTES
+    modelgen._SHARD_BYTES = 150_000
+    try:
+        sharded = make_model(models_root / "sharded", "llama", "tiny", seed=1, dtype="float32")
+    finally:
+        modelgen._SHARD_BYTES = original
+    assert (sharded / "model.safetensors.index.json").is_file()
+    engine.load("sharded", str(sharded), _options(0.5))
+    engine.load("whole", str(models_root / "llama"), _options(0.5))
+    assert _greedy_batch(engine, "sharded", PROMPTS) == _greedy_batch(engine, "whole", PROMPTS)
+
+
+def test_profile_measures_every_point(engine: Engine, models_root: Path, tmp_path: Path) -> None:
+    from residency_worker.engine.profile import ProfileSettings, plot_profile, profile_model
+
+    settings = ProfileSettings(
+        dtype="float32", fractions=(1.0, 0.5, 0.0), sequence_lengths=(8, 24), decode_tokens=4, trials=2
+    )
+    steps: list[str] = []
+    result = profile_model(engine, str(models_root / "qwen2"), settings, progress=steps.append)
+    assert len(result.points) == settings.points == len(steps) == 12
+    assert result.emulated and not result.skipped and engine.names() == []
+    assert all(p.decode_tokens_per_second > 0 and p.prefill_tokens_per_second > 0 for p in result.points)
+    assert {p.execution_mode for p in result.points} == {"stream", "cpu"}
+    assert sorted({p.achieved_resident_fraction for p in result.points}) == [
+        0.0,
+        pytest.approx(0.5, abs=0.1),
+        1.0,
+    ]
+    document = result.to_json()
+    assert document["emulated"] is True and len(document["points"]) == 12
+    assert set(document["points"][0]) == {
+        "residentFraction",
+        "executionMode",
+        "sequenceLength",
+        "batchSize",
+        "decodeTokensPerSecond",
+        "prefillTokensPerSecond",
+        "trials",
+    }
+    plot_profile(result, tmp_path / "profile.png")
+    assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"

@@ -37,7 +37,7 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def client(models_root: Path) -> AsyncIterator[httpx.AsyncClient]:
-    engine = Engine(make_gpu_tier(32 * 2**20), [models_root], node="test", calibration_bytes=2**20)
+    engine = Engine(make_gpu_tier(32 * 2**20, force_emulated=True), [models_root], node="test", calibration_bytes=2**20)
     app = create_app(
         engine, ServerSettings(admin_token="admin-secret", preempted_wait_seconds=0.5, retry_after_seconds=3)
     )
@@ -194,6 +194,39 @@ async def test_residency_change_and_metrics(client: httpx.AsyncClient) -> None:
     assert 'residency_requests_total{model="tiny",outcome="ok"}' in metrics
     assert "residency_emulated 1.0" in metrics
     assert 'residency_queue_depth{model="tiny"} 0.0' in metrics
+    assert await client.post("/admin/models/tiny/preempt", headers=ADMIN)
+    assert (await client.post("/admin/models/tiny/resume", headers=ADMIN)).status_code == 200
+    metrics = (await client.get("/metrics")).text
+    assert 'residency_reload_seconds_count{model="tiny"} 1.0' in metrics
+    assert 'residency_transfer_gbps{model="tiny",what="reload"}' in metrics
     unloaded = await client.delete("/admin/models/tiny", headers=ADMIN)
     assert unloaded.status_code == 200
     assert (await client.get("/v1/models")).json()["data"] == []
+
+
+async def test_inference_token_and_admin_profile(models_root: Path) -> None:
+    engine = Engine(make_gpu_tier(32 * 2**20, force_emulated=True), [models_root], node="test", calibration_bytes=0)
+    app = create_app(engine, ServerSettings(admin_token="admin-secret", inference_token="user-secret"))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=60) as http:
+        assert (await http.get("/v1/models")).status_code == 401
+        user = {"Authorization": "Bearer user-secret"}
+        assert (await http.get("/v1/models", headers=user)).status_code == 200
+        assert (await http.get("/admin/node", headers=user)).status_code == 401, "the user token is not admin"
+        assert (await http.get("/healthz")).status_code == 200, "probes stay open"
+        profile = await http.post(
+            "/admin/profile",
+            headers=ADMIN,
+            json={
+                "path": str(models_root / "tiny"),
+                "dtype": "float32",
+                "fractions": [1.0, 0.0],
+                "sequence_lengths": [8],
+                "decode_tokens": 3,
+                "trials": 1,
+            },
+        )
+        assert profile.status_code == 200, profile.text
+        points = profile.json()["points"]
+        assert len(points) == 4 and all(p["decodeTokensPerSecond"] > 0 for p in points)
+    await asyncio.to_thread(engine.close)

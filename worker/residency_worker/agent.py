@@ -60,7 +60,14 @@ def timings_wire(timings: ModelTimings) -> dict[str, Any]:
         wire["kvTransferSeconds"] = round(timings.kv_save_seconds, 6)
     if timings.kv_bytes:
         wire["kvBytes"] = timings.kv_bytes
-    if timings.host_to_device_gbps is not None:
+    transfer = timings.reload_transfer or timings.load_transfer
+    if transfer is not None:
+        # bytes, seconds and GB/s of one and the same measured weight transfer
+        wire["hostToDeviceBytes"] = transfer.moved_bytes
+        wire["hostToDeviceSeconds"] = round(transfer.seconds, 9)
+        wire["hostToDeviceGbps"] = round(transfer.gbps, 4)
+        wire["transferPath"] = transfer.path
+    elif timings.host_to_device_gbps is not None:
         wire["hostToDeviceGbps"] = round(timings.host_to_device_gbps, 4)
     return wire
 
@@ -91,6 +98,7 @@ class NodeAgent:
     custom: client.CustomObjectsApi = field(default_factory=client.CustomObjectsApi)
     core: client.CoreV1Api = field(default_factory=client.CoreV1Api)
     _failures: dict[str, _Failure] = field(default_factory=dict)
+    _loaded_specs: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     _last_heartbeat: float = 0.0
     _profile_spec: dict[str, Any] | None = None
 
@@ -194,6 +202,10 @@ class NodeAgent:
         loaded = set(self.engine.names())
         for name in sorted(loaded - set(wanted)):
             self._unload(name)
+        for name in sorted(loaded & set(wanted)):
+            if self._loaded_specs.get(name, _load_key(wanted[name])) != _load_key(wanted[name]):
+                self._unload(name)  # path, dtype or KV reservation changed: load afresh below
+        loaded = set(self.engine.names())
         for placement in leaving:
             self._release(placement)
         grow: list[dict[str, Any]] = []
@@ -252,6 +264,7 @@ class NodeAgent:
                         max_sequence_length=int(spec.get("maxSequenceLength", 2048)),
                     ),
                 )
+                self._loaded_specs[name] = _load_key(placement)
             elif action == "preempt":
                 self.engine.preempt(name)
             elif action == "resume":
@@ -314,6 +327,7 @@ class NodeAgent:
                 raise
 
     def _unload(self, name: str) -> None:
+        self._loaded_specs.pop(name, None)
         try:
             self.engine.unload(name)
             log.info("unloaded %s from %s", name, self.config.node)
@@ -368,6 +382,12 @@ class NodeAgent:
                 log.warning("sync failed (%s); retrying in %.1f s", exc.__class__.__name__, backoff)
                 backoff = min(backoff * 2, 10.0)
             stop.wait(backoff)
+
+
+def _load_key(placement: dict[str, Any]) -> tuple[Any, ...]:
+    """What a loaded model cannot change without loading again."""
+    spec = placement["spec"]
+    return (spec["sourcePath"], spec.get("dtype"), spec.get("maxSequenceLength"), spec.get("maxBatchSize"))
 
 
 def host_memory_bytes() -> int:

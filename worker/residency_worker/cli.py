@@ -47,12 +47,19 @@ def worker(
     calibration_mib: int = typer.Option(256, help="Size of the start-up host→device peak measurement."),
     log_level: str = typer.Option("info", "--log-level"),
     join: bool = typer.Option(
-        False, "--join/--standalone",
-        help="Join the cluster: register the NodeProfile and converge to this node's ModelPlacements."),
-    endpoint: str | None = typer.Option(None, help="URL the router uses to reach this worker (default http://HOST:PORT)."),
-    host_memory: str | None = typer.Option(None, help="Host memory budget for offloaded weights (default: all RAM)."),
+        False,
+        "--join/--standalone",
+        help="Join the cluster: register the NodeProfile and converge to this node's ModelPlacements.",
+    ),
+    endpoint: str | None = typer.Option(
+        None, help="URL the router uses to reach this worker (default http://HOST:PORT)."
+    ),
+    host_memory: str | None = typer.Option(
+        None, help="Host memory budget for offloaded weights (default: all RAM)."
+    ),
     node_heartbeat: bool = typer.Option(
-        False, help="Also keep the Node object Ready (local clusters without a kubelet)."),
+        False, help="Also keep the Node object Ready (local clusters without a kubelet)."
+    ),
 ) -> None:
     """Run the node's worker: the torch engine plus its OpenAI-compatible and admin HTTP API."""
     from residency_worker.engine import Engine, make_gpu_tier
@@ -88,7 +95,8 @@ def worker(
         from residency_worker.agent import AgentConfig, host_memory_bytes
 
         agent_config = AgentConfig(
-            node=node, endpoint=endpoint or f"http://{host}:{port}",
+            node=node,
+            endpoint=endpoint or f"http://{host}:{port}",
             host_memory_bytes=parse_bytes(host_memory) if host_memory else host_memory_bytes(),
             node_heartbeat=node_heartbeat,
         )

@@ -24,8 +24,14 @@ def load_kube_config() -> None:
         config.load_kube_config()
 
 
-def serve_node(engine: Engine, settings: ServerSettings, host: str, port: int, agent_config: AgentConfig | None,
-               log_level: str = "info") -> None:
+def serve_node(
+    engine: Engine,
+    settings: ServerSettings,
+    host: str,
+    port: int,
+    agent_config: AgentConfig | None,
+    log_level: str = "info",
+) -> None:
     """Serve inference; with an agent config, also converge to this node's placements until stopped."""
     stop = threading.Event()
     agent_thread: threading.Thread | None = None

@@ -103,7 +103,14 @@ class Timings(StatusModel):
     kv_transfer_seconds: float | None = Field(default=None, ge=0)
     weight_bytes: int | None = Field(default=None, ge=0)
     kv_bytes: int | None = Field(default=None, ge=0)
-    host_to_device_gbps: float | None = Field(default=None, ge=0)
+    host_to_device_gbps: float | None = Field(
+        default=None, ge=0, description="GB/s of the last weight transfer."
+    )
+    host_to_device_bytes: int | None = Field(
+        default=None, ge=0, description="Bytes of the last weight transfer."
+    )
+    host_to_device_seconds: float | None = Field(default=None, ge=0, description="Seconds of that transfer.")
+    transfer_path: str | None = Field(default=None, max_length=64, description="pinned or pageable.")
     emulated: bool | None = Field(default=None, description="True when measured on an emulated GPU tier.")
 
 

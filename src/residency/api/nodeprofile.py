@@ -23,6 +23,9 @@ class NodeProfileSpec(ApiModel):
     hbm_gbps: float = Field(gt=0, description="Measured device memory GB/s.")
     host_memory_gbps: float | None = Field(default=None, gt=0, description="Measured host memory GB/s.")
     emulated: bool = Field(description="True when the GPU tier is emulated on the CPU.")
+    model_workspace_bytes: int | None = Field(
+        default=None, ge=0, description="GPU bytes the engine keeps per model beside weights and KV."
+    )
     worker_endpoint: str | None = Field(default=None, max_length=2048, description="Worker's base URL.")
 
 

@@ -40,6 +40,7 @@ from residency_worker.engine.types import (
     PreemptReport,
     ResidencyReport,
     ResumeReport,
+    SamplingParams,
     TransferTiming,
 )
 
@@ -174,7 +175,7 @@ class ModelRunner:
 
     def residency(self) -> ResidencyReport:
         need = self._need(self.plan, self.decode_mode, self.prefill_mode)
-        resident_bytes = sum(self.weights.unit_bytes(self.weights.unit(n)) for n in self._gpu_flats)
+        resident_bytes = sum(self.weights.unit_bytes(self.weights.unit(n)) for n in list(self._gpu_flats))
         return ResidencyReport(
             model=self.name,
             requested_fraction=self.plan.requested_fraction,
@@ -248,6 +249,48 @@ class ModelRunner:
             self._stager.release(self._head_unit)
         return logits.cpu()
 
+    def choose_modes(self) -> dict[str, float]:
+        """Resolves "auto" modes by timing a short prefill and a few decode steps in each mode.
+
+        Runs before the model serves (on the caller's thread); each mode gets an untimed warm-up
+        pass first, so one-off costs (kernel selection, first-touch memory) do not decide.
+        """
+        decode_choice = self.options.decode_mode
+        prefill_choice = self.options.prefill_mode or decode_choice
+        if "auto" not in (decode_choice, prefill_choice) or not self._streamed_units(self.plan):
+            return {}
+        prompt_tokens = max(1, min(32, self.max_sequence_length // 2))
+        measured: dict[str, float] = {}
+        for mode in ("stream", "cpu"):
+            self._set_residency(None, mode, mode)
+            for timed in (False, True):
+                request = Request(prompt_ids=[0] * prompt_tokens, params=SamplingParams(max_tokens=5))
+                sequence = self._new_sequence(request)
+                start = time.perf_counter()
+                logits = self._forward([sequence], prefill=True)
+                prefill_seconds = time.perf_counter() - start
+                sequence.cached_tokens = prompt_tokens
+                sequence.last_token = int(logits[0].argmax())
+                start = time.perf_counter()
+                for _ in range(3):
+                    self._forward([sequence], prefill=False)
+                    sequence.cached_tokens += 1
+                sequence.cache.release()
+                if timed:
+                    measured[f"prefill_{mode}_seconds"] = prefill_seconds
+                    measured[f"decode_{mode}_seconds"] = (time.perf_counter() - start) / 3
+
+        def faster(phase: str) -> ExecutionMode:
+            return (
+                "stream" if measured[f"{phase}_stream_seconds"] <= measured[f"{phase}_cpu_seconds"] else "cpu"
+            )
+
+        decode: ExecutionMode = faster("decode") if decode_choice == "auto" else decode_choice
+        prefill: ExecutionMode = faster("prefill") if prefill_choice == "auto" else prefill_choice
+        self._set_residency(None, decode, prefill)
+        log.info("model %s: measured modes %s → decode %s, prefill %s", self.name, measured, decode, prefill)
+        return measured
+
     # -- sequences ----------------------------------------------------------------------------------
     def _gpu_kv_layers(self) -> set[int]:
         return set(gpu_kv_layers(self.weights, self.plan, self.decode_mode))
@@ -292,9 +335,21 @@ class ModelRunner:
         sequence.cache.release()
 
     def _prefill(self, request: Request) -> _Sequence | None:
-        sequence = self._new_sequence(request)
+        """Runs one new request's prompt; it joins the batch unless it finished (or failed) already."""
+        try:
+            sequence = self._new_sequence(request)
+        except EngineError as exc:
+            request.emit(RequestEvent(None, "", "error", exc))
+            return None
         start = time.perf_counter()
-        logits = self._forward([sequence], prefill=True)
+        try:
+            logits = self._forward([sequence], prefill=True)
+        except Exception as exc:
+            log.exception("model %s: prefill failed", self.name)
+            self._finish(sequence)
+            error = EngineError("InferenceFailed", f"prefill on {self.name} failed: {exc}")
+            request.emit(RequestEvent(None, "", "error", error))
+            return None
         elapsed = time.perf_counter() - start
         self.timings.prefill_tokens_per_second = len(request.prompt_ids) / max(elapsed, 1e-9)
         sequence.cached_tokens = len(request.prompt_ids)
@@ -453,6 +508,7 @@ class ModelRunner:
         self._drop_weights(set(self._gpu_flats))
         self._close_stager()
         self.tier.unreserve(self.owner)
+        self.tier.empty_cache()
         self.state = "preempted"
         self._resumed.clear()
         self.timings.kv_save_seconds = kv_save.seconds
@@ -472,10 +528,22 @@ class ModelRunner:
         need = self._need(self.plan, self.decode_mode, self.prefill_mode)
         self.tier.reserve(self.owner, need.total_bytes)  # refuses, and stays preempted, if it no longer fits
         resident = [u for u in self.weights.units if u.name in self.plan.resident]
-        reload = self._upload(resident)
-        self._open_stager()
-        pairs = [p for s in self._active for p in s.cache.restore_pairs()]
-        kv_restore = timed_copies(self.tier, pairs, what="kv", direction="host_to_device")
+        try:
+            reload = self._upload(resident)
+            self._open_stager()
+            pairs = [p for s in self._active for p in s.cache.restore_pairs()]
+            kv_restore = timed_copies(self.tier, pairs, what="kv", direction="host_to_device")
+        except Exception:  # leave it cleanly preempted: saved KV and host weights are untouched
+            for sequence in self._active:
+                sequence.cache.drop_gpu()
+            self._drop_weights(set(self._gpu_flats))
+            self._close_stager()
+            self.tier.unreserve(self.owner)
+            raise
+        gpu_layers = self._gpu_kv_layers()  # the plan or mode may have changed while preempted
+        for sequence in self._active:
+            sequence.cache.restored()
+            sequence.cache.rehome(gpu_layers, sequence.cached_tokens)
         self.state = "ready"
         self._resumed.set()
         self.timings.reload_seconds = reload.seconds
@@ -553,5 +621,6 @@ class ModelRunner:
         self._drop_weights(set(self._gpu_flats))
         self._close_stager()
         self.tier.unreserve(self.owner)
+        self.tier.empty_cache()
         self.state = "unloaded"
         self._resumed.set()  # wake anyone waiting for a resume: the answer is now "gone"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from residency_worker.engine.batching import ModelOptions, ModelRunner
@@ -24,8 +25,9 @@ from residency_worker.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+Listener = Callable[[str, str, object], None]
 
-__all__ = ["Engine", "ModelOptions"]
+__all__ = ["Engine", "ModelOptions", "RequestEvent"]
 
 
 class Engine:
@@ -45,6 +47,7 @@ class Engine:
         self._models: dict[str, ModelRunner] = {}
         self._lock = threading.Lock()
         self._loading: set[str] = set()
+        self._listeners: list[Listener] = []
         if calibration_bytes > 0:
             peak = measure_host_to_device_peak(tier, calibration_bytes)
             log.info(
@@ -70,7 +73,7 @@ class Engine:
             weights = load_weights(directory, options.dtype, self.tier)
             runner = ModelRunner(name, weights, self.tier, options)
             host_to_device = runner.place()
-            mode_seconds = self._choose_modes(runner, options)
+            mode_seconds = runner.choose_modes()
             load_seconds = time.perf_counter() - start
             runner.timings.load_seconds = load_seconds
             runner.start()
@@ -86,7 +89,7 @@ class Engine:
             load_seconds,
             runner.plan.resident_fraction,
         )
-        return LoadReport(
+        report = LoadReport(
             model=name,
             path=str(directory),
             model_type=weights.spec.model_type,
@@ -97,44 +100,8 @@ class Engine:
             residency=runner.residency(),
             mode_choice=mode_seconds,
         )
-
-    def _choose_modes(self, runner: ModelRunner, options: ModelOptions) -> dict[str, float]:
-        """Times a short prefill and a few decode steps in each mode and keeps the faster one per phase."""
-        if options.decode_mode != "auto" and (options.prefill_mode or options.decode_mode) != "auto":
-            return {}
-        if not runner._streamed_units(runner.plan):
-            return {}
-        prompt_tokens = max(1, min(32, runner.max_sequence_length // 2))
-        measured: dict[str, float] = {}
-        for mode in ("stream", "cpu"):
-            runner._set_residency(None, mode, mode)
-            request = Request(
-                prompt_ids=[0] * prompt_tokens, params=SamplingParams(max_tokens=5, ignore_eos=True)
-            )
-            sequence = runner._new_sequence(request)
-            start = time.perf_counter()
-            logits = runner._forward([sequence], prefill=True)
-            measured[f"prefill_{mode}_seconds"] = time.perf_counter() - start
-            sequence.cached_tokens = prompt_tokens
-            sequence.last_token = int(logits[0].argmax())
-            start = time.perf_counter()
-            for _ in range(3):
-                runner._forward([sequence], prefill=False)
-                sequence.cached_tokens += 1
-            measured[f"decode_{mode}_seconds"] = (time.perf_counter() - start) / 3
-            sequence.cache.release()
-        decode: ExecutionMode = (
-            "stream" if measured["decode_stream_seconds"] <= measured["decode_cpu_seconds"] else "cpu"
-        )
-        prefill: ExecutionMode = (
-            "stream" if measured["prefill_stream_seconds"] <= measured["prefill_cpu_seconds"] else "cpu"
-        )
-        if options.decode_mode != "auto":
-            decode = options.decode_mode
-        if (options.prefill_mode or options.decode_mode) not in ("auto", None):
-            prefill = options.prefill_mode or decode  # type: ignore[assignment]
-        runner._set_residency(None, decode, prefill)
-        return measured
+        self._notify(name, "load", report)
+        return report
 
     def unload(self, name: str) -> None:
         runner = self._runner(name)
@@ -148,10 +115,24 @@ class Engine:
 
     # -- admin --------------------------------------------------------------------------------------
     def preempt(self, name: str) -> PreemptReport:
-        return self._runner(name).preempt()
+        """Saves in-flight KV to host memory, releases the model's GPU memory and parks its requests."""
+        report = self._runner(name).preempt()
+        self._notify(name, "preempt", report)
+        return report
 
     def resume(self, name: str) -> ResumeReport:
-        return self._runner(name).resume()
+        """Reloads the resident weights and restores KV; parked requests continue where they stopped."""
+        report = self._runner(name).resume()
+        self._notify(name, "resume", report)
+        return report
+
+    def add_listener(self, listener: Listener) -> None:
+        """Calls `listener(model, operation, report)` after each load, preempt, resume, residency change."""
+        self._listeners.append(listener)
+
+    def _notify(self, name: str, operation: str, report: object) -> None:
+        for listener in self._listeners:
+            listener(name, operation, report)
 
     def set_residency(
         self,
@@ -163,7 +144,9 @@ class Engine:
     ) -> ResidencyReport:
         if fraction is not None and not 0.0 <= fraction <= 1.0:
             raise EngineError("InvalidRequest", "resident fraction must lie in [0, 1]")
-        return self._runner(name).set_residency(fraction, decode_mode, prefill_mode)
+        report = self._runner(name).set_residency(fraction, decode_mode, prefill_mode)
+        self._notify(name, "set_residency", report)
+        return report
 
     # -- inference ----------------------------------------------------------------------------------
     def submit(
@@ -171,7 +154,7 @@ class Engine:
         name: str,
         prompt: str | list[int],
         params: SamplingParams | None = None,
-        on_event: object = None,
+        on_event: Callable[[RequestEvent], None] | None = None,
     ) -> Request:
         """Queues a generation; events arrive on `on_event` (called on the model's thread) as tokens come."""
         runner = self._runner(name)
@@ -179,7 +162,7 @@ class Engine:
         request = Request(
             prompt_ids=prompt_ids,
             params=params or SamplingParams(),
-            on_event=on_event if callable(on_event) else None,
+            on_event=on_event,
         )
         return runner.submit(request)
 
@@ -251,6 +234,3 @@ class Engine:
         if runner is None:
             raise EngineError("ModelNotLoaded", f"no model named {name!r} is loaded on this node")
         return runner
-
-
-__all__ += ["RequestEvent"]

@@ -81,9 +81,9 @@ class KVCache:
         return pairs
 
     def drop_gpu(self) -> None:
-        """Releases the GPU layers once their content is saved (tensors stay referenced as placeholders)."""
+        """Releases the GPU layers once their content is saved (an empty placeholder stays in place)."""
         for index, on_gpu in enumerate(self._on_gpu):
-            if on_gpu:
+            if on_gpu and self._tensors[index].numel():
                 self.tier.release(self._tensors[index])
                 self._tensors[index] = torch.empty(0, dtype=self.dtype)
 
@@ -94,5 +94,8 @@ class KVCache:
             tensor = self._empty(True)
             self._tensors[index] = tensor
             pairs.append((tensor[:, :, : host.shape[2]], host))
-        self._saved = {}
         return pairs
+
+    def restored(self) -> None:
+        """The restore copies have landed: the host copies can go."""
+        self._saved = {}

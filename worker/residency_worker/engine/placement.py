@@ -2,7 +2,7 @@
 
 Residency is chosen in priority order — the head (final norm + lm_head, used by every token), then the
 decoder layers in order, then the input embedding (a row gather, cheap to do on the host) — taking the
-prefix whose bytes come closest to `fraction * total`.
+units that bring the resident bytes closest to `fraction * total`.
 """
 
 from __future__ import annotations
@@ -40,19 +40,20 @@ class BudgetNeed:
 
 
 def plan_residency(weights: LoadedWeights, fraction: float) -> ResidencyPlan:
+    """Whole units, in priority order, each kept only if it brings resident bytes closer to the target."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"resident fraction must lie in [0, 1], got {fraction}")
     total = weights.weight_bytes
     target = fraction * total
-    best_count, best_error, cumulative = 0, float(target), 0
-    for count, unit in enumerate(weights.units, start=1):
-        cumulative += weights.unit_bytes(unit)
-        error = abs(cumulative - target)
-        if error < best_error:
-            best_count, best_error = count, error
-    resident = frozenset(u.name for u in weights.units[:best_count])
-    resident_bytes = sum(weights.unit_bytes(u) for u in weights.units[:best_count])
-    return ResidencyPlan(fraction, resident, resident_bytes, total)
+    resident: set[str] = set()
+    resident_bytes = 0
+    for unit in weights.units:
+        unit_bytes = weights.unit_bytes(unit)
+        # a big head of a small model may overshoot a low target: then layers alone get closer
+        if abs(resident_bytes + unit_bytes - target) < abs(resident_bytes - target):
+            resident.add(unit.name)
+            resident_bytes += unit_bytes
+    return ResidencyPlan(fraction, frozenset(resident), resident_bytes, total)
 
 
 def gpu_kv_layers(weights: LoadedWeights, plan: ResidencyPlan, decode_mode: ExecutionMode) -> list[int]:

@@ -103,7 +103,12 @@ class GpuTier:
                     f"{owner} has {allocated} bytes allocated, more than the requested reservation {nbytes}",
                 )
             if self.device.type == "cuda":
-                free_bytes, _ = torch.cuda.mem_get_info(self.device)
+                driver_free_bytes, _ = torch.cuda.mem_get_info(self.device)
+                # blocks torch's caching allocator holds but no tensor uses are free to us as well
+                cached_bytes = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(
+                    self.device
+                )
+                free_bytes = driver_free_bytes + cached_bytes
                 growth = nbytes - self._reservations.get(owner, 0)
                 if growth > free_bytes:
                     raise EngineError(
@@ -140,7 +145,9 @@ class GpuTier:
             block = blocks.pop() if blocks else None
             if block is not None:
                 self._free_bytes -= nbytes
-        tensor = block.view(shape) if block is not None else torch.empty(shape, dtype=dtype, device=self.device)
+        tensor = (
+            block.view(shape) if block is not None else torch.empty(shape, dtype=dtype, device=self.device)
+        )
         with self._lock:
             self._allocations[tensor.data_ptr()] = _Allocation(owner, kind, nbytes, tensor)
         return tensor
@@ -201,6 +208,11 @@ class GpuTier:
 
     def synchronize(self) -> None:
         synchronize(self.device)
+
+    def empty_cache(self) -> None:
+        """Hands cached, unused device memory back to the driver (other processes may need it)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def copy_streams(self, count: int) -> list[torch.cuda.Stream] | None:
         if self.device.type != "cuda":

@@ -99,6 +99,8 @@ class Stager:
         self._order = order
         self._next = 0
         self._slot_of = {}
+        if self._copy_stream is not None:  # copies follow everything queued so far (slot reuse, allocation)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.tier.device))
         for _ in range(min(2, len(order))):
             self._issue(self._next % 2)
 

@@ -149,6 +149,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     """The worker's HTTP app around an already constructed engine."""
     settings = settings or ServerSettings()
     metrics = WorkerMetrics()
+    engine.add_listener(metrics.on_engine_event)
     app = FastAPI(title="residency worker", version="0.1.0")
     app.state.engine = engine
     app.state.metrics = metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from residency_worker.engine import Engine, EngineError
+from residency_worker.engine.types import ResumeReport
 
 
 class WorkerMetrics:
@@ -65,6 +66,11 @@ class WorkerMetrics:
         self.emulated = Gauge(
             "residency_emulated", "1 when the GPU tier is emulated on the CPU", registry=self.registry
         )
+
+    def on_engine_event(self, model: str, operation: str, report: object) -> None:
+        """Engine listener: records each resume's reload time as it happens, not at scrape time."""
+        if isinstance(report, ResumeReport):
+            self.reload_seconds.labels(model).observe(report.reload.seconds)
 
     def refresh(self, engine: Engine) -> None:
         """Copies the engine's current gauges in, just before a scrape."""

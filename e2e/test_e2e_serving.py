@@ -1,0 +1,165 @@
+"""Operator + real workers end to end: placement, partial residency, preemption and resume, changes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from conftest import NodePool, model_status
+from harness import Process, apply, get_json, kubectl, wait_for
+
+SMALL = {"maxSequenceLength": 64, "maxBatchSize": 1}
+
+
+def llm(name: str, path: Path, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "residency.dev/v1alpha1", "kind": "LLMModel", "metadata": {"name": name},
+            "spec": {"source": {"path": str(path)}, **SMALL, **spec}}
+
+
+def phase(namespace: str, name: str, wanted: str) -> dict[str, Any] | None:
+    status = model_status(namespace, name)
+    return status if status.get("phase") == wanted else None  # type: ignore[return-value]
+
+
+def complete(router: str, model: str, prompt: str, max_tokens: int = 16) -> httpx.Response:
+    return httpx.post(f"{router}/v1/completions", timeout=120,
+                      json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+
+def test_apply_ready_and_a_completion_through_the_router(
+    namespace: str, operator: Process, gpu_nodes: NodePool, router: str, models_root: Path
+) -> None:
+    gpu_nodes.add("gpu-serve-1", "64MiB")
+    apply(llm("chat", models_root / "tiny-llama", slo={"minDecodeTokensPerSecond": 1}), namespace)
+    status = wait_for(lambda: phase(namespace, "chat", "Ready"), 120, what="Ready")
+    timings = status["timings"]
+    assert status["node"] == "gpu-serve-1" and status["residentPercent"] == 100
+    assert timings["emulated"] is True and timings["loadSeconds"] > 0 and timings["weightBytes"] > 0
+    moved, seconds, gbps = timings["hostToDeviceBytes"], timings["hostToDeviceSeconds"], timings["hostToDeviceGbps"]
+    assert moved > 0 and seconds > 0
+    assert abs(moved / seconds / 1e9 - gbps) <= 0.01 * gbps + 1e-3, timings
+    assert status["endpoint"].startswith(gpu_nodes.nodes[0].url)
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions["Scheduled"] == conditions["Loaded"] == conditions["Ready"] == "True"
+    response = complete(router, f"{namespace}/chat", "The scheduler places", 12)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["completion_tokens"] == 12 and body["choices"][0]["text"]
+    by_name = complete(router, "chat", "The scheduler places", 12)
+    assert by_name.json()["choices"][0]["text"] == body["choices"][0]["text"]
+    assert complete(router, "no-such-model", "x").status_code == 404
+    row = kubectl("get", "llm", "chat", "-n", namespace).stdout.splitlines()[1].split()
+    assert row[:4] == ["chat", "Ready", "gpu-serve-1", "100"]
+    wait_for(lambda: (model_status(namespace, "chat").get("observed") or {}).get("decodeTokensPerSecond"), 30,
+             what="observed decode rate")
+
+
+def test_memory_pressure_gives_partial_residency_within_budget(
+    namespace: str, operator: Process, gpu_nodes: NodePool, models_root: Path
+) -> None:
+    node = gpu_nodes.add("gpu-pressure-1", "1100000")
+    budget = 1_100_000
+    apply(llm("first", models_root / "tiny-llama", offload={"maxFraction": 0.75}), namespace)
+    apply(llm("second", models_root / "tiny-qwen", offload={"maxFraction": 0.75}), namespace)
+    peak = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        profile = node.profile() or {}
+        peak = max(peak, int((profile.get("status") or {}).get("residentBytes") or 0))
+        if phase(namespace, "first", "Ready") and phase(namespace, "second", "Ready"):
+            break
+        time.sleep(0.3)
+    fractions = sorted(model_status(namespace, n)["residentFraction"] for n in ("first", "second"))  # type: ignore[type-var]
+    assert fractions[0] < 1.0, fractions
+    assert peak <= budget
+    for name in ("first", "second"):
+        placement = get_json("modelplacement", f"{namespace}.{name}")
+        assert placement["status"]["residentBytes"] <= budget
+    listing = kubectl("get", "llm", "-n", namespace).stdout
+    assert "Ready" in listing
+
+
+def test_priority_preemption_and_resume_keep_the_text(
+    namespace: str, operator: Process, gpu_nodes: NodePool, router: str, models_root: Path
+) -> None:
+    gpu_nodes.add("gpu-preempt-1", "700000")
+    apply(llm("low", models_root / "tiny-llama", priority=1, offload={"maxFraction": 0.0}), namespace)
+    wait_for(lambda: phase(namespace, "low", "Ready"), 120, what="low Ready")
+    prompts = [f"Request number {i} asks the model" for i in range(6)]
+    baseline = {p: complete(router, f"{namespace}/low", p, 24).json()["choices"][0]["text"] for p in prompts}
+
+    results: dict[str, list[str]] = {p: [] for p in prompts}
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            for prompt in prompts:
+                response = complete(router, f"{namespace}/low", prompt, 24)
+                if response.status_code == 200:
+                    results[prompt].append(response.json()["choices"][0]["text"])
+                else:
+                    failures.append(f"{response.status_code} {response.text}")
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    try:
+        apply(llm("high", models_root / "tiny-qwen", priority=100, offload={"maxFraction": 0.0}), namespace)
+        preempted = wait_for(lambda: phase(namespace, "low", "Preempted"), 120, what="low Preempted")
+        assert f"{namespace}/high" in preempted["message"]
+        wait_for(lambda: phase(namespace, "high", "Ready"), 120, what="high Ready")
+        events = kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=low").stdout
+        assert "Preempted" in events
+        kubectl("delete", "llm", "high", "-n", namespace, "--timeout=120s")
+        resumed = wait_for(lambda: phase(namespace, "low", "Ready"), 120, what="low resumed")
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        worker.join(timeout=180)
+    timings = resumed["timings"]
+    assert timings["reloadSeconds"] > 0 and timings["hostToDeviceGbps"] > 0
+    assert timings.get("kvTransferSeconds", 0) >= 0 and "kvBytes" in timings
+    assert not failures, failures[:3]
+    for prompt, texts in results.items():
+        assert texts and all(text == baseline[prompt] for text in texts), prompt
+
+
+def test_delete_unloads_first_and_spec_edit_replans(
+    namespace: str, operator: Process, gpu_nodes: NodePool, models_root: Path
+) -> None:
+    node = gpu_nodes.add("gpu-delete-1", "64MiB")
+    apply(llm("gone", models_root / "tiny-llama"), namespace)
+    wait_for(lambda: phase(namespace, "gone", "Ready"), 120, what="Ready")
+    kubectl("patch", "llm", "gone", "-n", namespace, "--type=merge", "-p", '{"spec":{"maxSequenceLength":48}}')
+    wait_for(lambda: get_json("modelplacement", f"{namespace}.gone")["spec"]["maxSequenceLength"] == 48, 60,
+             what="placement re-planned")
+    generation = get_json("llm", "gone", "-n", namespace)["metadata"]["generation"]
+    wait_for(lambda: model_status(namespace, "gone").get("observedGeneration") == generation
+             and phase(namespace, "gone", "Ready"), 120, what="Ready at the new generation")
+    kubectl("delete", "llm", "gone", "-n", namespace, "--timeout=120s")
+    assert kubectl("get", "modelplacement", f"{namespace}.gone", check=False).returncode != 0
+    models = httpx.get(f"{node.url}/v1/models", timeout=10).json()["data"]
+    assert all(m["id"] != f"{namespace}/gone" for m in models)
+    wait_for(lambda: ((node.profile() or {}).get("status") or {}).get("residentBytes") == 0, 30,
+             what="memory freed on the worker")
+
+
+def test_cordon_migrates_models(
+    namespace: str, operator: Process, gpu_nodes: NodePool, models_root: Path
+) -> None:
+    gpu_nodes.add("gpu-move-a", "64MiB")
+    apply(llm("mover", models_root / "tiny-llama"), namespace)
+    first = wait_for(lambda: phase(namespace, "mover", "Ready"), 120, what="Ready")["node"]
+    gpu_nodes.add("gpu-move-b", "64MiB")
+    kubectl("cordon", first)
+    try:
+        moved = wait_for(
+            lambda: (s := phase(namespace, "mover", "Ready")) and s["node"] != first and s, 120, what="migrated"
+        )
+        assert moved["node"] in {"gpu-move-a", "gpu-move-b"} - {first}
+    finally:
+        kubectl("uncordon", first, check=False)
