@@ -18,7 +18,6 @@ import pytest
 from harness import REPO, Process, get_json, kubectl, wait_for
 
 pytestmark = pytest.mark.e2e
-WORKSPACE_BYTES = 128 * 1024  # >= the engine's workspace for maxSequenceLength 64, batch 1 (tiny model)
 ADMIN_TOKEN = "e2e-admin-token"  # test-only secret
 
 
@@ -43,7 +42,11 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from residency.modelgen import make_model
 
     root = tmp_path_factory.mktemp("models")
-    for name, arch, seed in (("tiny-llama", "llama", 0), ("tiny-qwen", "qwen2", 1), ("tiny-llama-b", "llama", 2)):
+    for name, arch, seed in (
+        ("tiny-llama", "llama", 0),
+        ("tiny-qwen", "qwen2", 1),
+        ("tiny-llama-b", "llama", 2),
+    ):
         make_model(root / name, arch=arch, preset="tiny", seed=seed)
     return root
 
@@ -66,8 +69,15 @@ def purge_models(namespace: str) -> None:
     for kind, args in (("llmmodels", ["-n", namespace]), ("modelplacements", ["-l", selector])):
         names = kubectl("get", kind, *args, "-o", "name", check=False).stdout.split()
         for obj in names:
-            kubectl("patch", obj, *args[:2] if kind == "llmmodels" else [], "--type=merge",
-                    "-p", '{"metadata":{"finalizers":null}}', check=False)
+            kubectl(
+                "patch",
+                obj,
+                *args[:2] if kind == "llmmodels" else [],
+                "--type=merge",
+                "-p",
+                '{"metadata":{"finalizers":null}}',
+                check=False,
+            )
 
 
 @pytest.fixture
@@ -77,8 +87,11 @@ def operator(cluster: str, models_root: Path, tmp_path: Path) -> Iterator[Proces
         "operator",
         ["operator", "--models-root", str(models_root)],
         tmp_path / "operator.log",
-        env={"KUBECONFIG": cluster, "RESIDENCY_RESYNC_SECONDS": "5", "RESIDENCY_WORKSPACE_BYTES": str(WORKSPACE_BYTES),
-             "RESIDENCY_HEARTBEAT_GRACE_SECONDS": "20"},
+        env={
+            "KUBECONFIG": cluster,
+            "RESIDENCY_RESYNC_SECONDS": "5",
+            "RESIDENCY_HEARTBEAT_GRACE_SECONDS": "20",
+        },
     ).start()
     yield proc
     proc.stop()
@@ -129,16 +142,40 @@ class NodePool:
         (workdir / "admin.token").write_text(ADMIN_TOKEN)
 
     def add(self, name: str, gpu_memory: str, wait: bool = True) -> GpuNode:
-        kubectl("apply", "-f", "-", stdin=json.dumps({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"residency.dev/gpu": "true"}},
-        }))
+        kubectl(
+            "apply",
+            "-f",
+            "-",
+            stdin=json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": name, "labels": {"residency.dev/gpu": "true"}},
+                }
+            ),
+        )
         port = free_port()
         process = Process(
             f"worker-{name}",
-            ["worker", "--node", name, "--gpu-memory", gpu_memory, "--models-root", str(self.models_root),
-             "--port", str(port), "--admin-token-file", str(self.workdir / "admin.token"), "--join",
-             "--node-heartbeat", "--calibration-mib", "8", "--log-level", "info"],
+            [
+                "worker",
+                "--node",
+                name,
+                "--gpu-memory",
+                gpu_memory,
+                "--models-root",
+                str(self.models_root),
+                "--port",
+                str(port),
+                "--admin-token-file",
+                str(self.workdir / "admin.token"),
+                "--join",
+                "--node-heartbeat",
+                "--calibration-mib",
+                "8",
+                "--log-level",
+                "info",
+            ],
             self.workdir / f"worker-{name}.log",
             env={"KUBECONFIG": self.cluster},
         ).start()
@@ -167,8 +204,12 @@ def gpu_nodes(cluster: str, models_root: Path, tmp_path: Path) -> Iterator[NodeP
 def router(cluster: str, tmp_path: Path) -> Iterator[str]:
     """The OpenAI-compatible router as a local process; yields its base URL."""
     port = free_port()
-    proc = Process("router", ["router", "--port", str(port), "--hold-seconds", "60"], tmp_path / "router.log",
-                   env={"KUBECONFIG": cluster}).start()
+    proc = Process(
+        "router",
+        ["router", "--port", str(port), "--hold-seconds", "60"],
+        tmp_path / "router.log",
+        env={"KUBECONFIG": cluster},
+    ).start()
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: _healthy(url), 60, what="router /healthz")
     yield url

@@ -16,8 +16,12 @@ SMALL = {"maxSequenceLength": 64, "maxBatchSize": 1}
 
 
 def llm(name: str, path: Path, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "residency.dev/v1alpha1", "kind": "LLMModel", "metadata": {"name": name},
-            "spec": {"source": {"path": str(path)}, **SMALL, **spec}}
+    return {
+        "apiVersion": "residency.dev/v1alpha1",
+        "kind": "LLMModel",
+        "metadata": {"name": name},
+        "spec": {"source": {"path": str(path)}, **SMALL, **spec},
+    }
 
 
 def phase(namespace: str, name: str, wanted: str) -> dict[str, Any] | None:
@@ -26,8 +30,16 @@ def phase(namespace: str, name: str, wanted: str) -> dict[str, Any] | None:
 
 
 def complete(router: str, model: str, prompt: str, max_tokens: int = 16) -> httpx.Response:
-    return httpx.post(f"{router}/v1/completions", timeout=120,
-                      json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    return httpx.post(
+        f"{router}/v1/completions",
+        timeout=120,
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+    )
+
+
+def text_of(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["text"])
 
 
 def test_apply_ready_and_a_completion_through_the_router(
@@ -39,7 +51,11 @@ def test_apply_ready_and_a_completion_through_the_router(
     timings = status["timings"]
     assert status["node"] == "gpu-serve-1" and status["residentPercent"] == 100
     assert timings["emulated"] is True and timings["loadSeconds"] > 0 and timings["weightBytes"] > 0
-    moved, seconds, gbps = timings["hostToDeviceBytes"], timings["hostToDeviceSeconds"], timings["hostToDeviceGbps"]
+    moved, seconds, gbps = (
+        timings["hostToDeviceBytes"],
+        timings["hostToDeviceSeconds"],
+        timings["hostToDeviceGbps"],
+    )
     assert moved > 0 and seconds > 0
     assert abs(moved / seconds / 1e9 - gbps) <= 0.01 * gbps + 1e-3, timings
     assert status["endpoint"].startswith(gpu_nodes.nodes[0].url)
@@ -54,8 +70,11 @@ def test_apply_ready_and_a_completion_through_the_router(
     assert complete(router, "no-such-model", "x").status_code == 404
     row = kubectl("get", "llm", "chat", "-n", namespace).stdout.splitlines()[1].split()
     assert row[:4] == ["chat", "Ready", "gpu-serve-1", "100"]
-    wait_for(lambda: (model_status(namespace, "chat").get("observed") or {}).get("decodeTokensPerSecond"), 30,
-             what="observed decode rate")
+    wait_for(
+        lambda: (model_status(namespace, "chat").get("observed") or {}).get("decodeTokensPerSecond"),
+        30,
+        what="observed decode rate",
+    )
 
 
 def test_memory_pressure_gives_partial_residency_within_budget(
@@ -90,7 +109,7 @@ def test_priority_preemption_and_resume_keep_the_text(
     apply(llm("low", models_root / "tiny-llama", priority=1, offload={"maxFraction": 0.0}), namespace)
     wait_for(lambda: phase(namespace, "low", "Ready"), 120, what="low Ready")
     prompts = [f"Request number {i} asks the model" for i in range(6)]
-    baseline = {p: complete(router, f"{namespace}/low", p, 24).json()["choices"][0]["text"] for p in prompts}
+    baseline = {p: text_of(complete(router, f"{namespace}/low", p, 24)) for p in prompts}
 
     results: dict[str, list[str]] = {p: [] for p in prompts}
     failures: list[str] = []
@@ -112,7 +131,9 @@ def test_priority_preemption_and_resume_keep_the_text(
         preempted = wait_for(lambda: phase(namespace, "low", "Preempted"), 120, what="low Preempted")
         assert f"{namespace}/high" in preempted["message"]
         wait_for(lambda: phase(namespace, "high", "Ready"), 120, what="high Ready")
-        events = kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=low").stdout
+        events = kubectl(
+            "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=low"
+        ).stdout
         assert "Preempted" in events
         kubectl("delete", "llm", "high", "-n", namespace, "--timeout=120s")
         resumed = wait_for(lambda: phase(namespace, "low", "Ready"), 120, what="low resumed")
@@ -134,18 +155,30 @@ def test_delete_unloads_first_and_spec_edit_replans(
     node = gpu_nodes.add("gpu-delete-1", "64MiB")
     apply(llm("gone", models_root / "tiny-llama"), namespace)
     wait_for(lambda: phase(namespace, "gone", "Ready"), 120, what="Ready")
-    kubectl("patch", "llm", "gone", "-n", namespace, "--type=merge", "-p", '{"spec":{"maxSequenceLength":48}}')
-    wait_for(lambda: get_json("modelplacement", f"{namespace}.gone")["spec"]["maxSequenceLength"] == 48, 60,
-             what="placement re-planned")
+    kubectl(
+        "patch", "llm", "gone", "-n", namespace, "--type=merge", "-p", '{"spec":{"maxSequenceLength":48}}'
+    )
+    wait_for(
+        lambda: get_json("modelplacement", f"{namespace}.gone")["spec"]["maxSequenceLength"] == 48,
+        60,
+        what="placement re-planned",
+    )
     generation = get_json("llm", "gone", "-n", namespace)["metadata"]["generation"]
-    wait_for(lambda: model_status(namespace, "gone").get("observedGeneration") == generation
-             and phase(namespace, "gone", "Ready"), 120, what="Ready at the new generation")
+    wait_for(
+        lambda: model_status(namespace, "gone").get("observedGeneration") == generation
+        and phase(namespace, "gone", "Ready"),
+        120,
+        what="Ready at the new generation",
+    )
     kubectl("delete", "llm", "gone", "-n", namespace, "--timeout=120s")
     assert kubectl("get", "modelplacement", f"{namespace}.gone", check=False).returncode != 0
     models = httpx.get(f"{node.url}/v1/models", timeout=10).json()["data"]
     assert all(m["id"] != f"{namespace}/gone" for m in models)
-    wait_for(lambda: ((node.profile() or {}).get("status") or {}).get("residentBytes") == 0, 30,
-             what="memory freed on the worker")
+    wait_for(
+        lambda: ((node.profile() or {}).get("status") or {}).get("residentBytes") == 0,
+        30,
+        what="memory freed on the worker",
+    )
 
 
 def test_cordon_migrates_models(
@@ -158,7 +191,9 @@ def test_cordon_migrates_models(
     kubectl("cordon", first)
     try:
         moved = wait_for(
-            lambda: (s := phase(namespace, "mover", "Ready")) and s["node"] != first and s, 120, what="migrated"
+            lambda: (s := phase(namespace, "mover", "Ready")) and s["node"] != first and s,
+            120,
+            what="migrated",
         )
         assert moved["node"] in {"gpu-move-a", "gpu-move-b"} - {first}
     finally:

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# `make demo`: a real local control plane, the CRDs, the operator, a model made locally and applied
-# with kubectl, then `kubectl get llm`. `hack/demo.sh down` stops what it started.
+# `make demo`: a real local control plane, the operator, the router, three worker processes posing as
+# three GPU nodes of different (emulated) sizes, four models applied with `kubectl apply -f examples/`,
+# and a real completion through the router. `hack/demo.sh down` stops what it started.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEMO="$ROOT/.demo"
+MODELS=/tmp/residency-demo/models          # the examples/ manifests name this root
 VENV_BIN="$ROOT/.venv/bin"
 BIN="$("$ROOT/hack/build-binaries.sh" path)"
 export PATH="$VENV_BIN:$BIN:$PATH"
+ROUTER_PORT="${RESIDENCY_DEMO_ROUTER_PORT:-18000}"
+NODES=("gpu-a:24MiB:18101" "gpu-b:12MiB:18102" "gpu-c:8MiB:18103")
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -22,50 +26,92 @@ stop_pid() {
   rm -f "$f"
 }
 
+start() { # name cmd...
+  local name=$1; shift
+  stop_pid "$DEMO/pids/$name"
+  setsid "$@" >"$DEMO/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$DEMO/pids/$name"
+}
+
 down() {
+  if [ -f "$ROOT/.cluster/kubeconfig" ] && "$ROOT/hack/cluster.sh" status 2>/dev/null; then
+    export KUBECONFIG="$ROOT/.cluster/kubeconfig"
+    kubectl delete -f "$ROOT/examples" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  fi
   for f in "$DEMO"/pids/*; do [ -e "$f" ] && stop_pid "$f"; done
   rm -rf "$DEMO"
 }
 
+wait_settled() { # until every model is Ready or in a phase that will not change by itself
+  local deadline=$((SECONDS + ${1:-300}))
+  while [ $SECONDS -lt $deadline ]; do
+    local phases; phases=$(kubectl get llm -A -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}')
+    local total; total=$(echo "$phases" | grep -c . || true)
+    local settled; settled=$(echo "$phases" | grep -c -E '^(Ready|Preempted|Unschedulable|Failed)$' || true)
+    [ "$total" -gt 0 ] && [ "$settled" -eq "$total" ] && return 0
+    sleep 1
+  done
+  echo "models did not settle in time:"; kubectl get llm -A; return 1
+}
+
 up() {
-  say "Control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler; built from source, cached)"
+  say "Control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler (built from source, cached)"
   eval "$("$ROOT/hack/cluster.sh" up)"
   kubectl version 2>/dev/null | sed 's/^/  /'
-
-  say "CRDs generated from the typed API"
   kubectl apply --server-side --force-conflicts -f "$ROOT/crds" | sed 's/^/  /'
   kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
 
-  mkdir -p "$DEMO/pids" "$DEMO/logs" "$DEMO/models"
-  if [ ! -f "$DEMO/models/chat-small/config.json" ]; then
-    say "A small model made locally (random-initialised Llama config, safetensors, local tokenizer)"
-    residency make-model "$DEMO/models/chat-small" --arch llama --preset tiny
-  fi
-
-  say "The operator (kopf), allowed to load models under $DEMO/models"
-  stop_pid "$DEMO/pids/operator"
-  setsid residency operator --models-root "$DEMO/models" >"$DEMO/logs/operator.log" 2>&1 </dev/null &
-  echo $! >"$DEMO/pids/operator"
-
-  say "kubectl apply -f examples/chat-small.yaml"
-  sed "s#/models/#$DEMO/models/#" "$ROOT/examples/chat-small.yaml" | kubectl apply -f - | sed 's/^/  /'
-
-  for _ in $(seq 1 120); do
-    phase=$(kubectl get llm chat-small -o jsonpath='{.status.phase}' 2>/dev/null || true)
-    [ -n "$phase" ] && break
-    sleep 0.5
+  mkdir -p "$DEMO/pids" "$DEMO/logs" "$MODELS"
+  say "Four models made locally (random weights, real Llama/Qwen2 configs, safetensors, local tokenizers)"
+  for spec in chat-small:llama:tiny:1 assistant:qwen2:tiny:2 coder:llama:small:3 summarizer:qwen2:small:4; do
+    IFS=: read -r name arch preset seed <<<"$spec"
+    [ -f "$MODELS/$name/config.json" ] || residency make-model "$MODELS/$name" --arch "$arch" --preset "$preset" --seed "$seed" >/dev/null
+    printf '  %-11s %-6s %-6s %s\n' "$name" "$arch" "$preset" "$(du -sh "$MODELS/$name" | cut -f1)"
   done
-  say "kubectl get llm"
-  kubectl get llm -o wide
-  echo
-  kubectl get llm chat-small -o jsonpath='{range .status.conditions[*]}  {.type}={.status} ({.reason}): {.message}{"\n"}{end}'
+  head -c 32 /dev/urandom | base64 >"$DEMO/admin.token"
+  chmod 600 "$DEMO/admin.token"
+
+  say "Three GPU nodes: a Node object each and a real worker process (torch; EMULATED GPU tier, no GPU here)"
+  for spec in "${NODES[@]}"; do
+    IFS=: read -r node memory port <<<"$spec"
+    printf '{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","labels":{"residency.dev/gpu":"true"}}}' "$node" \
+      | kubectl apply -f - >/dev/null
+    start "worker-$node" residency worker --node "$node" --gpu-memory "$memory" --models-root "$MODELS" \
+      --port "$port" --admin-token-file "$DEMO/admin.token" --join --node-heartbeat --calibration-mib 32
+  done
+  start operator residency operator --models-root "$MODELS"
+  start router residency router --port "$ROUTER_PORT"
+  for _ in $(seq 1 120); do
+    [ "$(kubectl get nodeprofiles -o name 2>/dev/null | wc -l)" -ge 3 ] && break
+    sleep 1
+  done
+  kubectl get nodeprofiles | sed 's/^/  /'
+
+  say "kubectl apply -f examples/"
+  kubectl apply -f "$ROOT/examples" | sed 's/^/  /'
+  wait_settled 300
+
+  say "A completion through the router (residency chat chat-small ...)"
+  residency chat chat-small "Where does the scheduler place each model?" --router "http://127.0.0.1:$ROUTER_PORT" \
+    --max-tokens 24 | sed 's/^/  answer (random weights, so random words): /'
+  sleep 2
+
+  say "kubectl get llm -A -o wide"
+  kubectl get llm -A -o wide
   cat <<TXT
 
-The model was validated by the operator (directory under an allowed root, config.json readable,
-architecture supported without remote code) and waits for a GPU node: start a worker to give it one.
+What this shows: each model was validated, planned and placed by the operator, and loaded by the worker
+of the node it was given. RESIDENT% is the share of its weight bytes the planner chose to keep in (here
+emulated) GPU memory; the rest stays in pinned host memory and is streamed to the device or computed on
+the CPU, whichever the worker measured to be faster. TOK/S is the decode rate the worker measured.
+Nodes have different memory (gpu-a 24 MiB, gpu-b 12 MiB, gpu-c 8 MiB, emulated), so larger, less
+sensitive models get partial residency instead of being refused. Timings in status are measured
+(kubectl get llm coder -o yaml) and say emulated: true because this machine has no GPU.
+
   export KUBECONFIG=$KUBECONFIG
-  kubectl get llm -A            # phase, node, resident %, decode tok/s
-  make cluster-down             # stop everything and remove the local cluster
+  residency chat assistant "hello" --router http://127.0.0.1:$ROUTER_PORT
+  kubectl get llm,modelplacements,nodeprofiles -A
+  make cluster-down          # stop everything (demo processes and control plane) and remove the cluster
 TXT
 }
 

@@ -18,6 +18,8 @@ LLAMA_CONFIG: dict[str, Any] = {
     "hidden_size": 8,
     "num_attention_heads": 2,
     "num_key_value_heads": 1,
+    "intermediate_size": 16,
+    "vocab_size": 4,
 }
 
 MakeDir = Callable[..., Path]

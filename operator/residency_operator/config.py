@@ -14,7 +14,7 @@ class OperatorConfig:
     allowed_model_roots: list[Path] = field(default_factory=list)
     resync_seconds: float = 20.0
     namespaces: list[str] = field(default_factory=list)  # empty: every namespace
-    workspace_bytes: int = 512 * 1024**2
+    workspace_bytes: int = 64 * 1024  # extra per-model slack beyond the engine's own sizing
     heartbeat_grace_seconds: float = 60.0
     lease_namespace: str = "default"
 
@@ -26,7 +26,7 @@ class OperatorConfig:
         return cls(
             allowed_model_roots=roots,
             resync_seconds=float(os.environ.get("RESIDENCY_RESYNC_SECONDS", "20")),
-            workspace_bytes=int(os.environ.get("RESIDENCY_WORKSPACE_BYTES", str(512 * 1024**2))),
+            workspace_bytes=int(os.environ.get("RESIDENCY_WORKSPACE_BYTES", str(64 * 1024))),
             heartbeat_grace_seconds=float(os.environ.get("RESIDENCY_HEARTBEAT_GRACE_SECONDS", "60")),
             lease_namespace=os.environ.get("RESIDENCY_NAMESPACE", "default"),
         )

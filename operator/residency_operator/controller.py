@@ -94,7 +94,9 @@ class Controller:
                     self.lease_seconds,
                 )
                 if leader != self.leader:
-                    log.info("%s the %s Lease as %s", "holding" if leader else "lost", LEASE_NAME, self.identity)
+                    log.info(
+                        "%s the %s Lease as %s", "holding" if leader else "lost", LEASE_NAME, self.identity
+                    )
                 self.leader = leader
                 if not self.leader:
                     continue
@@ -155,7 +157,8 @@ class Controller:
                 self.kube.patch_placement(
                     name, {"metadata": {"labels": wanted["metadata"]["labels"]}, "spec": wanted["spec"]}
                 )
-                report.updated.append(name)
+                changed = sorted(k for k in wanted["spec"] if have["spec"].get(k) != wanted["spec"][k])
+                report.updated.append(f"{name} ({', '.join(changed) or 'labels'})")
         accepting = {n.name for n in inputs.nodes if n.schedulable}
         for name, have in sorted(existing.items()):
             if name in desired:

@@ -67,7 +67,8 @@ class OperatorKnobs:
     """Operator-wide settings that enter planning."""
 
     allowed_model_roots: list[Path]
-    workspace_bytes: int = 512 * 1024**2
+    workspace_bytes: int = 64 * 1024
+    """Extra GPU bytes per model beyond what the engine's own sizing (residency.sizing) reserves."""
     heartbeat_grace_seconds: float = 60.0
 
 
@@ -135,20 +136,23 @@ def demand(key: str, body: dict[str, Any], info: ModelDirInfo, knobs: OperatorKn
     """An LLMModel as the planner's ModelDemand."""
     spec = body["spec"]
     timings = (body.get("status") or {}).get("timings") or {}
+    max_sequence_length = int(spec.get("maxSequenceLength", 4096))
+    max_batch = int(spec.get("maxBatchSize", 8))
     return ModelDemand(
         name=key,
         weight_bytes=info.weight_bytes,
         kv_bytes_per_token=info.kv_bytes_per_token,
-        max_sequence_length=int(spec.get("maxSequenceLength", 4096)),
-        max_batch=int(spec.get("maxBatchSize", 8)),
+        max_sequence_length=max_sequence_length,
+        max_batch=max_batch,
         priority=int(spec.get("priority", 0)),
         preemptible=bool(spec.get("preemptible", True)),
         min_decode_tokens_per_second=(spec.get("slo") or {}).get("minDecodeTokensPerSecond"),
         max_offload_fraction=float((spec.get("offload") or {}).get("maxFraction", 0.75)),
         layer_count=info.num_layers,
-        bytes_per_layer=max(1, info.weight_bytes // max(1, info.num_layers)),
+        # the planner sizes two stream staging buffers from this: use the largest streamable unit
+        bytes_per_layer=max(1, info.largest_unit_bytes),
         parameter_count=info.parameter_count,
-        workspace_bytes=knobs.workspace_bytes,
+        workspace_bytes=knobs.workspace_bytes + info.workspace_bytes(max_sequence_length, max_batch),
         last_reload_seconds=timings.get("reloadSeconds"),
         wanted=not body["metadata"].get("deletionTimestamp"),
     )
@@ -271,43 +275,38 @@ def placement_manifest(
     }
 
 
+def _reason(previous: dict[str, Any], desired_state: str, fresh: str | None) -> str | None:
+    """Why a placement is in its state: the reason of the transition into it, kept while the state holds."""
+    if previous.get("desiredState") == desired_state and previous.get("reason"):
+        return str(previous["reason"])
+    return fresh or previous.get("reason")
+
+
 def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
     """Placement name → the ModelPlacement the plan asks for (running models and host-cached ones)."""
     reasons: dict[str, str] = {}
     for action in plan.actions:
-        reasons.setdefault(action.model, f"{action.kind}: {action.reason}")
+        reasons.setdefault(action.model, action.reason)
     desired: dict[str, dict[str, Any]] = {}
     for key, planned in plan.placements.items():
         previous = (inputs.placements.get(key) or {}).get("spec", {})
-        reason = reasons.get(key) or previous.get("reason")
         desired[placement_name(key)] = placement_manifest(
-            key,
-            inputs.bodies[key],
-            inputs.infos[key],
-            planned.node,
-            planned.resident_fraction,
-            planned.mode,
-            "Loaded",
-            reason,
+            key, inputs.bodies[key], inputs.infos[key], planned.node, planned.resident_fraction, planned.mode,
+            "Loaded", _reason(previous, "Loaded", reasons.get(key)),
         )
     current = {c.model: c for c in inputs.current}
     for cached in plan.cached:
         key = cached.model
         if key in plan.placements or key not in inputs.infos:
             continue
-        now_placement = current.get(key)
-        fraction = now_placement.resident_fraction if now_placement else 0.0
         previous = (inputs.placements.get(key) or {}).get("spec", {})
-        reason = reasons.get(key) or previous.get("reason")
+        now_placement = current.get(key)
+        # a preempted model resumes at the residency it had: keep the fraction it was placed with
+        fraction = previous.get("residentFraction", now_placement.resident_fraction if now_placement else 0.0)
+        mode = previous.get("executionMode", now_placement.mode if now_placement else "stream")
         desired[placement_name(key)] = placement_manifest(
-            key,
-            inputs.bodies[key],
-            inputs.infos[key],
-            cached.node,
-            fraction,
-            now_placement.mode if now_placement else "stream",
-            "Preempted",
-            reason,
+            key, inputs.bodies[key], inputs.infos[key], cached.node, float(fraction), mode, "Preempted",
+            _reason(previous, "Preempted", reasons.get(key)),
         )
     return desired
 

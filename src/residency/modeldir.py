@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from residency import sizing
+
 # model_type values whose decoder the engine places layer by layer (all native to transformers).
 SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3"})
 
@@ -55,6 +57,25 @@ class ModelDirInfo:
     parameter_count: int
     weight_bytes: int
     kv_bytes_per_token: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    dtype_bytes: int
+    largest_unit_bytes: int
+    """Bytes of the biggest unit the engine may stream: a decoder layer or an untied LM head."""
+
+    def workspace_bytes(self, max_sequence_length: int, max_batch_size: int) -> int:
+        """What the engine reserves beside weights and KV for these limits (residency.sizing)."""
+        return sizing.workspace_bytes(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_heads=self.num_attention_heads,
+            head_dim=self.head_dim,
+            vocab_size=self.vocab_size,
+            element_bytes=self.dtype_bytes,
+            max_sequence_length=max_sequence_length,
+            max_batch_size=max_batch_size,
+        )
 
 
 def resolve_under_roots(path: str, allowed_roots: list[Path]) -> Path:
@@ -147,9 +168,15 @@ def inspect_model_dir(path: str, allowed_roots: list[Path], dtype: str = "bfloat
         num_heads = int(config["num_attention_heads"])
         num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
         head_dim = int(config.get("head_dim") or hidden_size // num_heads)
+        intermediate_size = int(config.get("intermediate_size") or 4 * hidden_size)
+        vocab_size = int(config["vocab_size"])
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise ModelDirError("ConfigInvalid", f"config.json lacks a usable decoder shape: {exc}") from exc
     dtype_bytes = DTYPE_BYTES[dtype]
+    weight_bytes = parameter_count * dtype_bytes
+    head_bytes = 0 if config.get("tie_word_embeddings") else vocab_size * hidden_size * dtype_bytes
+    embed_bytes = vocab_size * hidden_size * dtype_bytes
+    layer_bytes = max(0, weight_bytes - embed_bytes - head_bytes) // max(1, num_layers)
     return ModelDirInfo(
         path=directory,
         model_type=str(config["model_type"]),
@@ -158,7 +185,12 @@ def inspect_model_dir(path: str, allowed_roots: list[Path], dtype: str = "bfloat
         num_key_value_heads=num_kv_heads,
         head_dim=head_dim,
         parameter_count=parameter_count,
-        weight_bytes=parameter_count * dtype_bytes,
+        weight_bytes=weight_bytes,
         # keys and values, every layer, at the serving dtype
         kv_bytes_per_token=2 * num_layers * num_kv_heads * head_dim * dtype_bytes,
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_heads,
+        vocab_size=vocab_size,
+        dtype_bytes=dtype_bytes,
+        largest_unit_bytes=max(layer_bytes, head_bytes),
     )

@@ -24,6 +24,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=512,
         vocab_size=None,
     ),
+    # a few MiB of weights: big enough that partial residency shows in the demo, small enough for a CPU
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        vocab_size=None,
+    ),
     "qwen2.5-0.5b": dict(
         hidden_size=896,
         intermediate_size=4864,

@@ -409,3 +409,69 @@ def test_profile_measures_every_point(engine: Engine, models_root: Path, tmp_pat
     }
     plot_profile(result, tmp_path / "profile.png")
     assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_memory_sizes_parse_like_kubernetes_quantities() -> None:
+    from residency_worker.engine.tiers import parse_bytes
+
+    assert parse_bytes("8GiB") == 8 * 2**30 == parse_bytes("8Gi")
+    assert parse_bytes("512Mi") == 512 * 2**20
+    assert parse_bytes("1.5GB") == 1_500_000_000
+    assert parse_bytes("4096") == 4096
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes("lots")
+    with pytest.raises(ValueError, match="budget"):
+        make_gpu_tier(None, force_emulated=True)
+
+
+def test_requests_join_a_running_batch(engine: Engine, models_root: Path) -> None:
+    engine.load("m", str(models_root / "llama"), _options(0.5, "stream"))
+    long_params = SamplingParams(max_tokens=60, ignore_eos=True)
+    expected_long = engine.generate("m", PROMPTS[0], long_params).token_ids
+    expected_short = engine.generate("m", PROMPTS[1], GREEDY).token_ids
+    gate = _Gate(after=3)
+    running = engine.submit("m", PROMPTS[0], long_params, on_event=gate)
+    assert gate.reached.wait(30)
+    joined = engine.submit("m", PROMPTS[1], GREEDY)
+    joined.wait(60)
+    assert not running.done.is_set(), "the late request finished while the first was still decoding"
+    assert joined.finished_at is not None and joined.first_token_at is not None
+    assert running.wait(60).token_ids == expected_long and joined.token_ids == expected_short
+
+
+def test_a_head_bigger_than_a_layer_streams_in_layer_sized_chunks(engine: Engine, models_root: Path) -> None:
+    """Small models with big vocabularies: the head streams through layer-sized slots, logits stay exact."""
+    from residency_worker.engine.placement import head_pieces, plan_residency, streamed_pieces
+
+    wide = make_model(
+        models_root / "wide-vocab",
+        "qwen2",
+        "tiny",
+        seed=5,
+        dtype="float32",
+        overrides={"intermediate_size": 32, "tie_word_embeddings": True},
+    )
+    reference = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.float32)
+    prompt_ids = None
+    outputs = []
+    for fraction, mode in ((1.0, "stream"), (0.0, "stream"), (0.0, "cpu"), (0.3, "stream")):
+        name = f"w{int(fraction * 10)}{mode}"
+        engine.load(name, str(wide), _options(fraction, mode))
+        runner = engine.runner(name)
+        pieces = head_pieces(runner.weights)
+        assert len(pieces) > 2, "the head must split into more than one chunk of rows"
+        largest_layer = max(u.numel for u in runner.weights.units if u.name.startswith("layer."))
+        streamed = streamed_pieces(runner.weights, plan_residency(runner.weights, fraction))
+        assert all(p.numel <= largest_layer for p in streamed)
+        if runner._stager is not None:
+            assert runner._stager.slot_numel <= largest_layer
+        prompt_ids = engine.encode(name, PROMPTS[2])
+        outputs.append(_greedy_batch(engine, name, PROMPTS))
+        engine.unload(name)
+    assert all(o == outputs[0] for o in outputs)
+    assert prompt_ids is not None
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0
+        )[0, len(prompt_ids) :].tolist()
+    assert outputs[0][2] == expected

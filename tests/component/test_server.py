@@ -37,7 +37,9 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def client(models_root: Path) -> AsyncIterator[httpx.AsyncClient]:
-    engine = Engine(make_gpu_tier(32 * 2**20, force_emulated=True), [models_root], node="test", calibration_bytes=2**20)
+    engine = Engine(
+        make_gpu_tier(32 * 2**20, force_emulated=True), [models_root], node="test", calibration_bytes=2**20
+    )
     app = create_app(
         engine, ServerSettings(admin_token="admin-secret", preempted_wait_seconds=0.5, retry_after_seconds=3)
     )
@@ -205,7 +207,9 @@ async def test_residency_change_and_metrics(client: httpx.AsyncClient) -> None:
 
 
 async def test_inference_token_and_admin_profile(models_root: Path) -> None:
-    engine = Engine(make_gpu_tier(32 * 2**20, force_emulated=True), [models_root], node="test", calibration_bytes=0)
+    engine = Engine(
+        make_gpu_tier(32 * 2**20, force_emulated=True), [models_root], node="test", calibration_bytes=0
+    )
     app = create_app(engine, ServerSettings(admin_token="admin-secret", inference_token="user-secret"))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=60) as http:

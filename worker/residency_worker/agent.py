@@ -212,7 +212,10 @@ class NodeAgent:
         for name, placement in sorted(wanted.items()):
             spec = placement["spec"]
             if name in loaded and spec["desiredState"] == "Preempted":
-                self._act(placement, "preempt")
+                if self._state(name) == "ready":
+                    self._act(placement, "preempt")
+                else:
+                    self._report(placement)
             elif (
                 name in loaded
                 and spec["desiredState"] == "Loaded"
@@ -262,6 +265,9 @@ class NodeAgent:
                         resident_fraction=float(spec["residentFraction"]),
                         max_batch_size=int(spec.get("maxBatchSize", 8)),
                         max_sequence_length=int(spec.get("maxSequenceLength", 2048)),
+                        # the planner's memory promise assumes its mode: no staging buffers in cpu mode
+                        decode_mode=spec.get("executionMode", "stream"),
+                        prefill_mode=spec.get("executionMode", "stream"),
                     ),
                 )
                 self._loaded_specs[name] = _load_key(placement)
@@ -271,7 +277,10 @@ class NodeAgent:
                 self._patch_status(placement, {"state": "Loading"})
                 self.engine.resume(name)
             elif action in ("demote", "promote"):
-                self.engine.set_residency(name, float(spec["residentFraction"]))
+                mode = spec.get("executionMode", "stream")
+                self.engine.set_residency(
+                    name, float(spec["residentFraction"]), decode_mode=mode, prefill_mode=mode
+                )
             log.info("%s %s on %s", action, name, self.config.node)
             self._failures.pop(name, None)
         except EngineError as exc:

@@ -48,9 +48,12 @@ from residency_operator.planner.types import (
     PlannerConfig,
 )
 
-MAKE_ROOM_CANDIDATE_NODES = 32
+MAKE_ROOM_CANDIDATE_NODES = 16
 """Nodes examined (those with the most free memory) when a model must make room; bounds the cost."""
 FIT_SCAN_LIMIT = 64
+MAKE_ROOM_FAILURE_LIMIT = 64
+"""After this many models in a row of one tier found no room to make, the tier stops trying (the cluster
+is full for it); bounds the work on hopelessly over-subscribed inputs."""
 """Nodes examined past the best-fit point when host memory, not GPU memory, is what does not fit."""
 
 
@@ -65,6 +68,8 @@ class Assignment:
     host_bytes: int
     busy: float
     """Share of the node's GPU time the model's demand takes."""
+    tolerance: float
+    """Share of the node's GPU time others may take before this placement misses its SLO."""
     value: float
     """Primary value (what priorities compare)."""
     score: float
@@ -81,17 +86,50 @@ class GreedyState:
     free_gpu: list[int]
     free_host: list[int]
     free_time: list[float]
+    """GPU time still free: the node's cap (see ``time_cap``) minus ``used_time``."""
+    used_time: list[float]
+    time_cap: list[float]
+    """Least of the busy limit and, for every model on the node, its busy share plus its tolerance."""
+    max_busy: float
     node_class: list[int]
     free_sorted: list[list[tuple[int, int]]]
     models_on_node: list[set[int]]
     assignment: list[Assignment | None]
     preempted_by: dict[int, int] = field(default_factory=dict)
     """Model index → index of the model that preempted it (for the reason)."""
+    class_members: list[list[int]] = field(default_factory=list)
+    _max_time: dict[int, float] = field(default_factory=dict)
+    """Most free GPU time per class, kept lazily (dropped when its holder fills up)."""
+
+    def max_free_time(self, node_class: int) -> float:
+        """Most free GPU time on any accepting node of a class."""
+        cached = self._max_time.get(node_class)
+        if cached is None:
+            members = self.class_members[node_class] if self.class_members else []
+            cached = max((self.free_time[n] for n in members), default=-1.0)
+            self._max_time[node_class] = cached
+        return cached
+
+    def _time_changed(self, node: int, before: float) -> None:
+        node_class = self.node_class[node]
+        cached = self._max_time.get(node_class)
+        if cached is None:
+            return
+        after = self.free_time[node]
+        if after >= cached:
+            self._max_time[node_class] = after
+        elif before >= cached:
+            del self._max_time[node_class]
 
     def occupy(self, model_index: int, assignment: Assignment) -> None:
         """Put a model on its node, taking memory."""
         self._set_free(assignment.node, -assignment.gpu_bytes, -assignment.host_bytes)
-        self.free_time[assignment.node] -= assignment.busy
+        node = assignment.node
+        before = self.free_time[node]
+        self.used_time[node] += assignment.busy
+        self.time_cap[node] = min(self.time_cap[node], assignment.tolerance + assignment.busy)
+        self.free_time[node] = self.time_cap[node] - self.used_time[node]
+        self._time_changed(node, before)
         self.models_on_node[assignment.node].add(model_index)
         self.assignment[model_index] = assignment
 
@@ -101,9 +139,16 @@ class GreedyState:
         if assignment is None:
             return None
         self._set_free(assignment.node, assignment.gpu_bytes, assignment.host_bytes)
-        self.free_time[assignment.node] += assignment.busy
-        self.models_on_node[assignment.node].discard(model_index)
+        node = assignment.node
+        before = self.free_time[node]
+        self.models_on_node[node].discard(model_index)
         self.assignment[model_index] = None
+        self.used_time[node] -= assignment.busy
+        self.time_cap[node] = min(
+            [self.max_busy] + [a.tolerance + a.busy for i in self.models_on_node[node] if (a := self.assignment[i])]
+        )
+        self.free_time[node] = self.time_cap[node] - self.used_time[node]
+        self._time_changed(node, before)
         return assignment
 
     def _set_free(self, node: int, gpu_delta: int, host_delta: int) -> None:
@@ -118,20 +163,30 @@ class GreedyState:
             self.free_gpu[node] += gpu_delta
         self.free_host[node] += host_delta
 
-    def fits(self, node: int, gpu_bytes: int, host_bytes: int, busy: float) -> bool:
-        """Whether a node has the GPU memory, host memory and GPU time for a placement."""
+    def fits(self, node: int, gpu_bytes: int, host_bytes: int, busy: float, tolerance: float = 1.0) -> bool:
+        """Whether a node has the GPU memory, host memory and GPU time for a placement, and the models
+        already there leave it enough of the GPU to keep its SLO."""
         return (
             self.free_gpu[node] >= gpu_bytes
             and self.free_host[node] >= host_bytes
             and self.free_time[node] >= busy - 1e-9
+            and self.used_time[node] <= tolerance + 1e-9
         )
 
-    def best_fit(self, node_class: int, gpu_bytes: int, host_bytes: int, busy: float) -> int | None:
+    def best_fit(
+        self, node_class: int, gpu_bytes: int, host_bytes: int, busy: float, tolerance: float = 1.0
+    ) -> int | None:
         """The accepting node of a class with the least free GPU memory that still fits all needs."""
+        if busy > self.max_free_time(node_class) + 1e-9:
+            return None
         sorted_free = self.free_sorted[node_class]
         position = bisect.bisect_left(sorted_free, (gpu_bytes, -1))
         for _, node in sorted_free[position : position + FIT_SCAN_LIMIT]:
-            if self.free_host[node] >= host_bytes and self.free_time[node] >= busy - 1e-9:
+            if (
+                self.free_host[node] >= host_bytes
+                and self.free_time[node] >= busy - 1e-9
+                and self.used_time[node] <= tolerance + 1e-9
+            ):
                 return node
         return None
 
@@ -229,13 +284,17 @@ class GreedyPlanner:
                 free_sorted[class_of_node[i]].append((free_gpu[i], i))
         for entries in free_sorted:
             entries.sort()
-        self.failed_room_gpu_bytes: dict[tuple[int, int, int], int] = {}
+        self.failed_room: dict[tuple[int, int, int], list[tuple[int, int, float]]] = {}
         self.state = GreedyState(
             free_gpu=free_gpu,
             free_host=free_host,
             free_time=[config.max_gpu_busy_fraction] * len(nodes),
+            used_time=[0.0] * len(nodes),
+            time_cap=[config.max_gpu_busy_fraction] * len(nodes),
+            max_busy=config.max_gpu_busy_fraction,
             node_class=list(class_of_node),
             free_sorted=free_sorted,
+            class_members=[[node for _, node in entries] for entries in free_sorted],
             models_on_node=[set() for _ in nodes],
             assignment=[None] * len(models),
         )
@@ -279,6 +338,7 @@ class GreedyPlanner:
                     gpu_bytes=option.gpu_bytes,
                     host_bytes=option.host_bytes,
                     busy=option.busy_fraction,
+                    tolerance=option.tolerance,
                     value=option.primary_value,
                     score=option_score(option.primary_value, ZERO_COST, True, self.config),
                     full_value=option.value,
@@ -330,6 +390,7 @@ class GreedyPlanner:
             gpu_bytes=int(tables.gpu_bytes[mode_index, model_index, level_index]),
             host_bytes=int(tables.host_bytes[model_index, level_index]),
             busy=float(tables.busy_fraction[node_class, mode_index, model_index, level_index]),
+            tolerance=float(tables.tolerance[node_class, mode_index, model_index, level_index]),
             value=value,
             score=float(self.newcomer_score[node_class, mode_index, model_index, level_index]),
             full_value=full_value,
@@ -373,10 +434,11 @@ class GreedyPlanner:
             gpu = int(tables.gpu_bytes[mode_index, model_index, level])
             host = int(tables.host_bytes[model_index, level])
             busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
+            tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
             if (
                 preferred is not None
                 and self.class_of_node[preferred] == node_class
-                and state.fits(preferred, gpu, host, busy)
+                and state.fits(preferred, gpu, host, busy, tolerance)
             ):
                 state.occupy(
                     model_index, self._assignment_at(model_index, preferred, node_class, mode_index, level)
@@ -387,33 +449,35 @@ class GreedyPlanner:
             gpu = int(tables.gpu_bytes[mode_index, model_index, level])
             host = int(tables.host_bytes[model_index, level])
             busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
-            node = state.best_fit(node_class, gpu, host, busy)
+            tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
+            node = state.best_fit(node_class, gpu, host, busy, tolerance)
             if node is not None:
                 state.occupy(
                     model_index, self._assignment_at(model_index, node, node_class, mode_index, level)
                 )
                 return True
-        # Pass 2: the highest feasible level that fits anywhere in the class.
+        # Pass 2: per class, the best-scoring feasible level that fits somewhere (a higher level may
+        # need less GPU time, a lower one less memory).
         best: tuple[float, int, int, int, int] | None = None
+        max_time = max(state.free_time) if state.free_time else 0.0
         for node_class, mode_index in pairs:
             largest = state.largest_free_gpu(node_class)
-            lowest = int(self.min_level[node_class, mode_index, model_index])
-            top = int(self.target_level[node_class, mode_index, model_index])
-            for level in range(top - 1, lowest - 1, -1):
-                score = self.newcomer_score[node_class, mode_index, model_index, level]
-                gpu = int(tables.gpu_bytes[mode_index, model_index, level])
-                if not np.isfinite(score) or gpu > largest:
-                    continue
-                if best is not None and score <= best[0]:
+            scores = self.newcomer_score[node_class, mode_index, model_index]
+            gpu_row = tables.gpu_bytes[mode_index, model_index]
+            busy_row = tables.busy_fraction[node_class, mode_index, model_index]
+            viable = np.flatnonzero(np.isfinite(scores) & (gpu_row <= largest) & (busy_row <= max_time + 1e-9))
+            for level in sorted(viable.tolist(), key=lambda j: (-scores[j], gpu_row[j])):
+                if best is not None and scores[level] <= best[0]:
                     break
                 node = state.best_fit(
                     node_class,
-                    gpu,
+                    int(gpu_row[level]),
                     int(tables.host_bytes[model_index, level]),
-                    float(tables.busy_fraction[node_class, mode_index, model_index, level]),
+                    float(busy_row[level]),
+                    float(tables.tolerance[node_class, mode_index, model_index, level]),
                 )
                 if node is not None:
-                    best = (float(score), node, node_class, mode_index, level)
+                    best = (float(scores[level]), node, node_class, mode_index, level)
                     break
         if best is None:
             return False
@@ -425,14 +489,13 @@ class GreedyPlanner:
 
     def _minimal_option(
         self, model_index: int, assignment: Assignment
-    ) -> tuple[int, int, float, float] | None:
-        """GPU bytes, host bytes, value and GPU time of a placed model at its minimal SLO-meeting level."""
+    ) -> tuple[int, int, float, float, float] | None:
+        """GPU bytes, host bytes, value, GPU time and tolerance of a placed model at its minimal level."""
         node_class = self.class_of_node[assignment.node]
         mode_index = MODES.index(assignment.mode)
-        feasible = self.tables.feasible[node_class, mode_index, model_index]
-        if not feasible.any():
+        level = int(self.min_level[node_class, mode_index, model_index])
+        if not self.tables.feasible[node_class, mode_index, model_index, level]:
             return None
-        level = int(np.argmax(feasible))
         if self.tables.levels[level] >= assignment.resident_fraction - 1e-9:
             return None
         return (
@@ -440,6 +503,7 @@ class GreedyPlanner:
             int(self.tables.host_bytes[model_index, level]),
             float(self.tables.primary_value[node_class, mode_index, model_index, level]),
             float(self.tables.busy_fraction[node_class, mode_index, model_index, level]),
+            float(self.tables.tolerance[node_class, mode_index, model_index, level]),
         )
 
     def try_make_room(self, model_index: int) -> bool:
@@ -452,14 +516,16 @@ class GreedyPlanner:
             need_gpu = int(tables.gpu_bytes[mode_index, model_index, level])
             need_host = int(tables.host_bytes[model_index, level])
             need_busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
+            need_tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
             memo_key = (model.priority, node_class, mode_index)
-            if need_gpu >= self.failed_room_gpu_bytes.get(memo_key, need_gpu + 1):
+            failures = self.failed_room.setdefault(memo_key, [])
+            if any(g <= need_gpu and h <= need_host and b <= need_busy + 1e-12 for g, h, b in failures):
                 # A smaller need already found no room here in this tier; room only shrinks as it fills.
                 continue
             gain_value = float(tables.primary_value[node_class, mode_index, model_index, level])
             candidates = [node for _, node in state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]]
             for node in reversed(candidates):
-                plan = self._room_plan(model, node, need_gpu, need_host, need_busy)
+                plan = self._room_plan(model, node, (need_gpu, need_host, need_busy, need_tolerance))
                 if plan is None:
                     continue
                 loss, steps = plan
@@ -471,10 +537,8 @@ class GreedyPlanner:
                 key = (loss, node, node_class, mode_index, level)
                 if best is None or key < best[:5]:
                     best = (loss, node, node_class, mode_index, level, steps)
-            if best is None:
-                self.failed_room_gpu_bytes[memo_key] = min(
-                    need_gpu, self.failed_room_gpu_bytes.get(memo_key, need_gpu)
-                )
+            if best is None and len(failures) < 32:
+                failures.append((need_gpu, need_host, need_busy))
         if best is None:
             return False
         _, node, node_class, mode_index, level, steps = best
@@ -497,20 +561,33 @@ class GreedyPlanner:
         return 0.0 if minimal is None else assignment.value - minimal[2]
 
     def _room_plan(
-        self, model: ModelDemand, node: int, need_gpu: int, need_host: int, need_busy: float
+        self, model: ModelDemand, node: int, need: tuple[int, int, float, float]
     ) -> tuple[float, list[tuple[int, str]]] | None:
-        """Cheapest demotions then preemptions on ``node`` that free enough; None when impossible."""
+        """Cheapest demotions then preemptions on ``node`` that make room; None when impossible.
+
+        ``need`` is (GPU bytes, host bytes, busy share, tolerance) of the model to admit.
+        """
         state = self.state
-        free_gpu, free_host, free_time = state.free_gpu[node], state.free_host[node], state.free_time[node]
+        need_gpu, need_host, need_busy, need_tolerance = need
+        free_gpu, free_host = state.free_gpu[node], state.free_host[node]
+        # Busy share and tolerance of each model that would stay on the node.
+        staying: dict[int, tuple[float, float]] = {}
+        for other in state.models_on_node[node]:
+            a = state.assignment[other]
+            if a is not None:
+                staying[other] = (a.busy, a.tolerance)
 
         def enough() -> bool:
-            return free_gpu >= need_gpu and free_host >= need_host and free_time >= need_busy - 1e-9
+            if free_gpu < need_gpu or free_host < need_host:
+                return False
+            used = sum(busy for busy, _ in staying.values())
+            cap = min([state.max_busy, need_tolerance + need_busy] + [b + t for b, t in staying.values()])
+            return used + need_busy <= cap + 1e-9 and used <= need_tolerance + 1e-9
 
         if enough():
             return 0.0, []
-        # (loss per byte, name, model, gpu freed, host delta, time delta, loss)
-        demotions: list[tuple[float, str, int, int, int, float, float]] = []
-        preemptions: list[tuple[int, float, str, int, int, int, float, float]] = []
+        demotions: list[tuple[float, str, int, int, int, float, float, float]] = []
+        preemptions: list[tuple[int, float, str, int, int, int, float]] = []
         for other in state.models_on_node[node]:
             other_model = self.models[other]
             assignment = state.assignment[other]
@@ -528,7 +605,8 @@ class GreedyPlanner:
                             other,
                             freed,
                             assignment.host_bytes - minimal[1],
-                            assignment.busy - minimal[3],
+                            minimal[3],
+                            minimal[4],
                             loss,
                         )
                     )
@@ -541,37 +619,35 @@ class GreedyPlanner:
                         other,
                         assignment.gpu_bytes,
                         assignment.host_bytes,
-                        assignment.busy,
                         assignment.value,
                     )
                 )
         steps: list[tuple[int, str]] = []
         loss_total = 0.0
-        demoted: dict[int, tuple[int, int, float]] = {}
-        for _, _, other, freed_gpu, host_delta, time_delta, loss in sorted(demotions):
+        demoted: dict[int, tuple[int, int]] = {}
+        for _, _, other, freed_gpu, host_delta, busy, tolerance, loss in sorted(demotions):
             if enough():
                 break
-            if free_host + host_delta < 0 or free_time + time_delta < 0:
+            if free_host + host_delta < 0:
                 continue
             free_gpu += freed_gpu
             free_host += host_delta
-            free_time += time_delta
+            staying[other] = (busy, tolerance)
             loss_total += loss
-            demoted[other] = (freed_gpu, host_delta, time_delta)
+            demoted[other] = (freed_gpu, host_delta)
             steps.append((other, "demote"))
-        for _, _, _, other, gpu, host, busy, value in sorted(preemptions):
+        for _, _, _, other, gpu, host, value in sorted(preemptions):
             if enough():
                 break
             if other in demoted:
                 # Preempting a model already demoted frees its demoted footprint, not its original one.
-                freed_gpu, host_delta, time_delta = demoted.pop(other)
+                freed_gpu, host_delta = demoted.pop(other)
                 gpu -= freed_gpu
                 host += host_delta
-                busy += time_delta
                 steps = [step for step in steps if step[0] != other]
             free_gpu += gpu
             free_host += host
-            free_time += busy
+            staying.pop(other, None)
             loss_total += value
             steps.append((other, "preempt"))
         if enough():
@@ -675,7 +751,8 @@ class GreedyPlanner:
             extra_busy = (
                 float(tables.busy_fraction[node_class, mode_index, model_index, level]) - assignment.busy
             )
-            if not unlimited and not state.fits(assignment.node, extra_gpu, extra_host, extra_busy):
+            tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
+            if not unlimited and not state.fits(assignment.node, extra_gpu, extra_host, extra_busy, tolerance):
                 continue
             score = self._promotion_score(model_index, assignment, level, full)
             # An incumbent's score carries the hysteresis bonus, so it must be beaten by a clear margin.
@@ -721,7 +798,9 @@ class GreedyPlanner:
                 previous.mode,
                 self.config,
             )
-            fits = state.fits(previous.node, option.gpu_bytes, option.host_bytes, option.busy_fraction)
+            fits = state.fits(
+                previous.node, option.gpu_bytes, option.host_bytes, option.busy_fraction, option.tolerance
+            )
             if option.allowed and option.meets_slo and fits and self.nodes[previous.node].accepts_work:
                 state.occupy(
                     model_index,
@@ -732,6 +811,7 @@ class GreedyPlanner:
                         gpu_bytes=option.gpu_bytes,
                         host_bytes=option.host_bytes,
                         busy=option.busy_fraction,
+                        tolerance=option.tolerance,
                         value=option.primary_value,
                         score=option_score(option.primary_value, ZERO_COST, True, self.config),
                         full_value=option.value,
@@ -767,12 +847,26 @@ class GreedyPlanner:
                     self.models[i].name,
                 )
             )
+            failures_in_a_row = 0
             for model_index in newcomers:
-                if not self.try_place(model_index):
-                    self.try_make_room(model_index)
+                if self.try_place(model_index):
+                    continue
+                if failures_in_a_row >= MAKE_ROOM_FAILURE_LIMIT:
+                    continue
+                failures_in_a_row = 0 if self.try_make_room(model_index) else failures_in_a_row + 1
             self.promote(members)
         # Memory nobody needs goes to throughput beyond demand (lower latency), highest priority first.
         placed = [i for i in range(len(self.models)) if self.state.assignment[i] is not None]
         placed.sort(key=lambda i: (-self.models[i].priority, self.models[i].name))
         self.promote(placed, full=True)
+        # Promotions raise rates, so models that could not share a GPU before may fit now: one more round.
+        late = [
+            i
+            for priority in sorted(tiers, reverse=True)
+            for i in tiers[priority]
+            if self.state.assignment[i] is None and self.has_option[i]
+        ]
+        placed_late = [i for i in late if self.try_place(i)]
+        if placed_late:
+            self.promote(placed_late, full=True)
         return GreedyResult(assignment=self.state.assignment, preempted_by=self.state.preempted_by)

@@ -55,6 +55,7 @@ class NodeOptions:
     gpu_bytes: FloatArray
     host_bytes: FloatArray
     busy: FloatArray
+    tolerance: FloatArray
     value: FloatArray
     score: FloatArray
     primary_value: FloatArray
@@ -91,6 +92,7 @@ def build_node_options(
     rows_gpu: list[float] = []
     rows_host: list[float] = []
     rows_busy: list[float] = []
+    rows_tolerance: list[float] = []
     rows_value: list[float] = []
     rows_score: list[float] = []
     rows_primary_value: list[float] = []
@@ -106,6 +108,7 @@ def build_node_options(
         gpu: float,
         host: float,
         busy: float,
+        tolerance: float,
         value: float,
         primary_value: float,
     ) -> None:
@@ -121,6 +124,7 @@ def build_node_options(
         rows_gpu.append(gpu)
         rows_host.append(host)
         rows_busy.append(busy)
+        rows_tolerance.append(tolerance)
         rows_value.append(value)
         rows_score.append(option_score(value, cost, is_incumbent, config))
         rows_primary_value.append(primary_value)
@@ -156,6 +160,7 @@ def build_node_options(
                         option.gpu_bytes,
                         option.host_bytes,
                         option.busy_fraction,
+                        option.tolerance,
                         option.value,
                         option.primary_value,
                     )
@@ -182,6 +187,7 @@ def build_node_options(
                         float(tables.gpu_bytes[mode_index, model_index, level_index]),
                         float(tables.host_bytes[model_index, level_index]),
                         float(tables.busy_fraction[node_class, mode_index, model_index, level_index]),
+                        float(tables.tolerance[node_class, mode_index, model_index, level_index]),
                         float(tables.value[node_class, mode_index, model_index, level_index]),
                         float(tables.primary_value[node_class, mode_index, model_index, level_index]),
                     )
@@ -195,6 +201,7 @@ def build_node_options(
         gpu_bytes=np.array(rows_gpu, dtype=np.float64),
         host_bytes=np.array(rows_host, dtype=np.float64),
         busy=np.array(rows_busy, dtype=np.float64),
+        tolerance=np.array(rows_tolerance, dtype=np.float64),
         value=np.array(rows_value, dtype=np.float64),
         score=np.array(rows_score, dtype=np.float64),
         primary_value=np.array(rows_primary_value, dtype=np.float64),
@@ -231,12 +238,43 @@ def _capacity_constraints(
     lower = np.zeros(model_count)
     for model_index in options.pinned_models:
         lower[model_index] = 1.0
+    sharing = _sharing_constraint(options, active, max_busy_fraction)
     return [
+        *([sharing] if sharing is not None else []),
         LinearConstraint(gpu, -np.inf, gpu_capacity + 1e-9),
         LinearConstraint(host, -np.inf, host_capacity + 1e-9),
         LinearConstraint(busy, -np.inf, np.full(len(nodes), max_busy_fraction + 1e-9)),
         LinearConstraint(one_each, lower, np.ones(model_count)),
     ]
+
+
+def _sharing_constraint(
+    options: NodeOptions, active: npt.NDArray[np.bool_], max_busy_fraction: float
+) -> LinearConstraint | None:
+    """If option o is chosen, the others' busy share on its node stays within o's tolerance (big-M)."""
+    rows: list[int] = []
+    columns: list[int] = []
+    values: list[float] = []
+    bounds: list[float] = []
+    for node in np.unique(options.node):
+        on_node = np.flatnonzero((options.node == node) & active)
+        big_m = max(float(options.busy[on_node].sum()), 1.0)
+        for o in on_node:
+            if options.tolerance[o] >= max_busy_fraction:
+                continue  # the busy limit of the node already keeps this one's SLO
+            others = on_node[options.model[on_node] != options.model[o]]
+            others = others[options.busy[others] > 0]
+            if len(others) == 0:
+                continue
+            row = len(bounds)
+            rows.extend([row] * (len(others) + 1))
+            columns.extend(others.tolist() + [int(o)])
+            values.extend(options.busy[others].tolist() + [big_m])
+            bounds.append(float(options.tolerance[o]) + big_m + 1e-9)
+    if not bounds:
+        return None
+    matrix = csr_array((values, (rows, columns)), shape=(len(bounds), len(options)))
+    return LinearConstraint(matrix, -np.inf, np.array(bounds))
 
 
 @dataclass(slots=True)
@@ -270,7 +308,9 @@ def solve_lexicographic(
         (tier, np.where(priorities == tier, options.primary_score, 0.0)) for tier in tiers
     ]
     stages.append((None, options.score))
-    memory_penalty = config.memory_penalty_per_gib * options.gpu_bytes / GIB
+    tie_breaks = config.memory_penalty_per_gib * options.gpu_bytes / GIB + config.gpu_time_penalty * np.maximum(
+        options.busy, 1.0 - options.tolerance
+    )
     for tier, coefficients in stages:
         active = priorities >= tier if tier is not None else np.ones(option_count, dtype=bool)
         constraints = _capacity_constraints(options, nodes, len(models), active, config.max_gpu_busy_fraction)
@@ -289,10 +329,11 @@ def solve_lexicographic(
         solution = np.round(result.x)
         if tier is not None:
             # Hold the tier's value without the memory tie-break, so later stages may still spend memory.
-            held_coefficients = np.where(priorities == tier, coefficients + memory_penalty, 0.0)
+            held_coefficients = np.where(priorities == tier, coefficients + tie_breaks, 0.0)
             achieved = float(np.dot(held_coefficients, solution))
-            # 0.1% slack: a tier gives up no real throughput, but a few bytes of load cost may move.
-            held.append((held_coefficients, achieved - TIER_HOLD_SLACK * max(1.0, abs(achieved))))
+            # A little slack lets later stages shift load-cost noise, never a whole model's availability.
+            slack = min(TIER_HOLD_SLACK * max(1.0, abs(achieved)), 0.25 * config.availability_value_tokens_per_second)
+            held.append((held_coefficients, achieved - slack))
         gap = max(gap, float(getattr(result, "mip_gap", 0.0) or 0.0))
     assert solution is not None
     chosen = {int(options.model[i]): int(i) for i in np.flatnonzero(solution > 0.5)}
@@ -333,6 +374,7 @@ def assignments_from_milp(
             gpu_bytes=int(options.gpu_bytes[option_index]),
             host_bytes=int(options.host_bytes[option_index]),
             busy=float(options.busy[option_index]),
+            tolerance=float(options.tolerance[option_index]),
             value=float(options.primary_value[option_index]),
             score=float(options.primary_score[option_index]),
             full_value=float(options.value[option_index]),

@@ -82,7 +82,11 @@ def node_class_key(node: NodeCapacity) -> NodeCapacity:
 
 
 def served_values(
-    model: ModelDemand, throughput_tokens_per_second: float, gpu_bytes: int, config: PlannerConfig
+    model: ModelDemand,
+    throughput_tokens_per_second: float,
+    gpu_bytes: int,
+    time_share: float,
+    config: PlannerConfig,
 ) -> tuple[float, float]:
     """(primary, full) objective value of running a placement.
 
@@ -92,9 +96,32 @@ def served_values(
     demand = model.demand_decode_tokens_per_second
     served = throughput_tokens_per_second if demand is None else min(throughput_tokens_per_second, demand)
     primary = (
-        config.availability_value_tokens_per_second + served - config.memory_penalty_per_gib * gpu_bytes / GIB
+        config.availability_value_tokens_per_second
+        + served
+        - config.memory_penalty_per_gib * gpu_bytes / GIB
+        - config.gpu_time_penalty * time_share
     )
-    return primary, primary + config.excess_throughput_weight * (throughput_tokens_per_second - served)
+    return primary, primary + excess_value(throughput_tokens_per_second, served, config)
+
+
+def excess_value(throughput: Any, served: Any, config: PlannerConfig) -> Any:
+    """Value of capacity beyond demand: the share of capacity left spare, scaled to a fraction of the
+    availability value, so it breaks ties (lower latency) without ever outweighing served demand."""
+    spare = np.maximum(0.0, throughput - served)
+    # Saturating in spare capacity (relative to the capacity already used or one token/s).
+    spare_share = spare / (spare + np.maximum(1.0, served))
+    return config.excess_throughput_weight * config.availability_value_tokens_per_second * spare_share
+
+
+def sharing_tolerance(decode_tokens_per_second: Any, slo_tokens_per_second: Any) -> Any:
+    """Share of a GPU's time other models may take before this one's decode rate drops below its SLO.
+
+    Models on one GPU take turns, so a model predicted at rate R alone runs at R x (1 - others' share).
+    """
+    if slo_tokens_per_second is None:
+        return 1.0
+    rate = np.maximum(decode_tokens_per_second, 1e-12)
+    return np.clip(1.0 - np.asarray(slo_tokens_per_second) / rate, 0.0, 1.0)
 
 
 def gpu_busy_fraction(
@@ -131,6 +158,8 @@ class OptionEval:
     decode_tokens_per_second: float
     throughput_tokens_per_second: float
     busy_fraction: float
+    tolerance: float
+    """Share of the GPU's time other models may take before this placement misses its SLO."""
     primary_value: float
     value: float
     meets_slo: bool
@@ -151,7 +180,6 @@ def evaluate_option(
     throughput = rate * model.max_batch
     gpu = gpu_bytes_needed(model, resident_fraction, mode)
     slo = model.min_decode_tokens_per_second
-    primary, full = served_values(model, throughput, gpu, config)
     demand = model.demand_decode_tokens_per_second
     busy = float(
         gpu_busy_fraction(
@@ -162,6 +190,8 @@ def evaluate_option(
             config.max_gpu_busy_fraction,
         )
     )
+    tolerance = float(sharing_tolerance(rate, model.min_decode_tokens_per_second))
+    primary, full = served_values(model, throughput, gpu, max(busy, 1.0 - tolerance), config)
     return OptionEval(
         resident_fraction=resident_fraction,
         mode=mode,
@@ -170,6 +200,7 @@ def evaluate_option(
         decode_tokens_per_second=rate,
         throughput_tokens_per_second=throughput,
         busy_fraction=busy,
+        tolerance=tolerance,
         primary_value=primary,
         value=full,
         meets_slo=slo is None or rate >= slo - 1e-9,
@@ -235,6 +266,8 @@ class ClassTables:
     decode_tokens_per_second: FloatArray
     busy_fraction: FloatArray
     """Share of the GPU's time the model's demand keeps it busy (see :func:`gpu_busy_fraction`)."""
+    tolerance: FloatArray
+    """Share of the GPU's time others may take before the SLO breaks (see :func:`sharing_tolerance`)."""
     primary_value: FloatArray
     """Availability + throughput up to demand - memory tie-break (priorities compare this)."""
     value: FloatArray
@@ -342,17 +375,22 @@ def build_class_tables(
             )
     throughput = rate * batch[None, None, :, None]
     served = np.minimum(throughput, demand[None, None, :, None])
+    tolerance = np.where(slo[None, None, :, None] > 0, sharing_tolerance(rate, slo[None, None, :, None]), 1.0)
+    # The GPU time a placement claims: its own busy share, or what its SLO denies to others.
+    time_share = np.maximum(busy, 1.0 - tolerance)
     primary_value = (
         config.availability_value_tokens_per_second
         + served
         - config.memory_penalty_per_gib * gpu_bytes[None, :, :, :] / GIB
+        - config.gpu_time_penalty * time_share
     )
-    value = primary_value + config.excess_throughput_weight * (throughput - served)
+    value = primary_value + excess_value(throughput, served, config)
     return ClassTables(
         levels=levels,
         classes=list(classes),
         decode_tokens_per_second=rate,
         busy_fraction=busy,
+        tolerance=tolerance,
         primary_value=primary_value,
         value=value,
         load_seconds=load_seconds,

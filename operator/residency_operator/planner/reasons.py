@@ -47,6 +47,14 @@ class ReasonContext:
         self.free_time = np.array(free_time, dtype=np.float64)[self.accepting]
         accepting_classes = np.array([class_of_node[i] for i in self.accepting], dtype=np.intp)
         self.members = {c: np.flatnonzero(accepting_classes == c) for c in self.classes}
+        self.class_max = {
+            c: (
+                float(self.free_gpu[members].max()),
+                float(self.free_host[members].max()),
+                float(self.free_time[members].max()),
+            )
+            for c, members in self.members.items()
+        }
         self.capacity_gpu = max((usable_gpu_bytes(nodes[i]) for i in self.accepting), default=0)
         self.capacity_host = max((usable_host_bytes(nodes[i]) for i in self.accepting), default=0)
 
@@ -110,12 +118,13 @@ def unschedulable_reason(
             node_class,
         )
         members = context.members[node_class]
-        room = (
+        most_gpu, most_host, most_time = context.class_max[node_class]
+        plausible = need[0] <= most_gpu and need[1] <= most_host and need[2] <= most_time + 1e-9
+        if plausible and (
             (context.free_gpu[members] >= need[0])
             & (context.free_host[members] >= need[1])
             & (context.free_time[members] >= need[2] - 1e-9)
-        )
-        if room.any():
+        ).any():
             return Unschedulable(
                 model.name,
                 "Deferred",

@@ -196,16 +196,19 @@ class PlannerConfig:
     """A change must beat the current placement by this share of its value to be worth making."""
     availability_value_tokens_per_second: float = 1.0
     """Value of merely being loaded (so idle models stay available while room allows)."""
-    excess_throughput_weight: float = 0.01
-    """Throughput beyond demand still counts a little (lower latency), so free memory is never left idle."""
+    excess_throughput_weight: float = 0.5
+    """Capacity beyond demand still counts a little (lower latency), so free memory is never left idle:
+    at most this share of the availability value."""
     memory_penalty_per_gib: float = 1e-3
     """Tie-breaker: among equal values, prefer the placement that uses fewer GPU bytes."""
+    gpu_time_penalty: float = 0.08
+    """Tie-breaker for GPU time: a whole GPU's time weighs like 80 GiB of its memory."""
     max_gpu_busy_fraction: float = 0.95
     """Models on one GPU take turns; their demand may keep it busy at most this share of the time."""
     solver: Literal["auto", "milp", "greedy"] = "auto"
     milp_max_options: int = 3000
     """``auto`` uses the exact MILP up to this many (model, node, level, mode) options."""
-    milp_time_limit_seconds: float = 5.0
+    milp_time_limit_seconds: float = 2.0
     bound_max_options: int = 20000
     """The LP relaxation bound of the greedy is computed up to this many options; above, a simple bound."""
     default_kv_save_overhead_seconds: float = 0.05

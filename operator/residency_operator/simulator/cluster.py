@@ -127,11 +127,7 @@ def parse_cluster(spec: str | list[dict[str, Any]]) -> list[NodeCapacity]:
         count = int(entry.pop("count", 1))
         base_name = entry.pop("name", preset)
         for i in range(count):
-            nodes.append(
-                make_node(
-                    f"{base_name}-{i}" if count > 1 or base_name == preset else base_name, preset, **entry
-                )
-            )
+            nodes.append(make_node(f"{base_name}-{i}" if count > 1 else base_name, preset, **entry))
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
         raise ValueError("cluster has duplicate node names")

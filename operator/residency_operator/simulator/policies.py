@@ -46,16 +46,23 @@ class ResidencyPolicy:
         self.replan_interval_seconds = replan_interval_seconds
         self.reactive_interval_seconds = reactive_interval_seconds
         self._last_plan_seconds = -1e9
+        self._waiting_at_last_plan: frozenset[str] = frozenset()
         self.plans: list[Plan] = []
 
     def step(self, sim: Simulation, now_seconds: float) -> None:
         """Re-plan on schedule, or sooner when requests wait for a model that is not running."""
-        waiting = any(r.queue and r.node is None for r in sim.models.values())
+        # Requests waiting for a model that is not running call for a plan now, unless the last plan
+        # already saw exactly these models waiting (it could not place them; replanning won't either).
+        waiting = frozenset(name for name, r in sim.models.items() if r.queue and r.node is None)
         due = now_seconds - self._last_plan_seconds >= self.replan_interval_seconds
-        reactive = waiting and now_seconds - self._last_plan_seconds >= self.reactive_interval_seconds
+        reactive = (
+            bool(waiting - self._waiting_at_last_plan)
+            and now_seconds - self._last_plan_seconds >= self.reactive_interval_seconds
+        )
         if not (due or reactive):
             return
         self._last_plan_seconds = now_seconds
+        self._waiting_at_last_plan = waiting
         demands = [
             runtime.spec.demand(sim.observed_demand_tokens_per_second(name))
             for name, runtime in sorted(sim.models.items())

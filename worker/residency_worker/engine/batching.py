@@ -28,7 +28,12 @@ from residency_worker.engine.placement import (
     ResidencyPlan,
     budget_need,
     gpu_kv_layers,
+    head_matrix_name,
+    head_pieces,
+    head_rows_per_chunk,
     plan_residency,
+    streamed_pieces,
+    unit_piece,
 )
 from residency_worker.engine.tiers import GpuTier
 from residency_worker.engine.transfer import Stager, timed_copies, upload_units
@@ -99,8 +104,11 @@ class ModelRunner:
         self._gpu_views: dict[str, decoder.Weights] = {}
         self._host_views = {u.name: u.views(weights.host_unit(u)) for u in weights.units}
         self._layer_units = [weights.unit(f"layer.{i}") for i in range(self.spec.num_layers)]
-        self._head_unit = weights.unit("head")
-        self._embed_unit = self._head_unit if self.spec.tie_word_embeddings else weights.unit("embed")
+        self._layer_pieces = {u.name: unit_piece(u) for u in self._layer_units}
+        self._head_pieces = head_pieces(weights)
+        self._head_matrix = head_matrix_name(weights)
+        self._head_rows = head_rows_per_chunk(weights)
+        self._embed_unit = weights.unit("head" if self.spec.tie_word_embeddings else "embed")
         self._stager: Stager | None = None
         self._waiting: deque[Request] = deque()
         self._active: list[_Sequence] = []
@@ -128,13 +136,10 @@ class ModelRunner:
             max_sequence_length=self.max_sequence_length,
         )
 
-    def _streamed_units(self, plan: ResidencyPlan) -> list[Unit]:
-        return [u for u in [*self._layer_units, self._head_unit] if u.name not in plan.resident]
-
     def _open_stager(self) -> None:
-        streamed = self._streamed_units(self.plan)
+        streamed = streamed_pieces(self.weights, self.plan)
         if streamed and "stream" in (self.decode_mode, self.prefill_mode):
-            slot_numel = max(u.numel for u in streamed)
+            slot_numel = max(p.numel for p in streamed)
             self._stager = Stager(self.tier, self.owner, self.weights, slot_numel)
 
     def _close_stager(self) -> None:
@@ -192,14 +197,38 @@ class ModelRunner:
         )
 
     # -- the forward pass ---------------------------------------------------------------------------
-    def _unit_weights(self, unit: Unit, mode: ExecutionMode) -> tuple[decoder.Weights, torch.device, bool]:
-        """The unit's tensors, the device it computes on, and whether it came through the stager."""
+    def _layer_weights(self, unit: Unit, mode: ExecutionMode) -> tuple[decoder.Weights, torch.device, bool]:
+        """A layer's tensors, the device it computes on, and whether they came through the stager."""
         if unit.name in self._gpu_views:
             return self._gpu_views[unit.name], self.tier.device, False
         if mode == "stream":
             assert self._stager is not None, "stream mode without staging buffers"
-            return self._stager.acquire(unit), self.tier.device, True
+            return self._stager.acquire(self._layer_pieces[unit.name]), self.tier.device, True
         return self._host_views[unit.name], torch.device("cpu"), False
+
+    def _logits(self, last: torch.Tensor, mode: ExecutionMode) -> torch.Tensor:
+        """Float32 logits [B, vocab], computed in the same row chunks wherever the head lives."""
+        norm_piece, *row_pieces = self._head_pieces
+        if "head" in self._gpu_views or mode == "cpu":
+            resident = "head" in self._gpu_views
+            device = self.tier.device if resident else torch.device("cpu")
+            views = self._gpu_views["head"] if resident else self._host_views["head"]
+            normed = decoder.final_norm(views["norm.weight"], self.spec, last.to(device))
+            matrix = views[self._head_matrix]
+            chunks = [
+                decoder.logits_chunk(matrix[start : start + self._head_rows], normed)
+                for start in range(0, matrix.shape[0], self._head_rows)
+            ]
+            return torch.cat(chunks, dim=-1)
+        assert self._stager is not None, "stream mode without staging buffers"
+        last = last.to(self.tier.device, non_blocking=True)
+        normed = decoder.final_norm(self._stager.acquire(norm_piece)["norm.weight"], self.spec, last)
+        self._stager.release(norm_piece)
+        chunks = []
+        for piece in row_pieces:
+            chunks.append(decoder.logits_chunk(self._stager.acquire(piece)["weight"], normed))
+            self._stager.release(piece)
+        return torch.cat(chunks, dim=-1)
 
     def _forward(self, sequences: list[_Sequence], *, prefill: bool) -> torch.Tensor:
         """Float32 CPU logits [B, vocab] for the next token of each sequence."""
@@ -212,7 +241,7 @@ class ModelRunner:
             position_list = [s.cached_tokens for s in sequences]
         steps = len(token_rows[0])
         if mode == "stream" and self._stager is not None:
-            self._stager.begin(self._streamed_units(self.plan))
+            self._stager.begin(streamed_pieces(self.weights, self.plan))
         if self._embed_unit.name in self._gpu_views:
             embed_weights, device = self._gpu_views[self._embed_unit.name], self.tier.device
         else:  # a row gather: cheaper on the host than moving the table
@@ -222,7 +251,7 @@ class ModelRunner:
         positions: dict[torch.device, torch.Tensor] = {}
         caches = [s.cache for s in sequences]
         for index, unit in enumerate(self._layer_units):
-            weights, device, staged = self._unit_weights(unit, mode)
+            weights, device, staged = self._layer_weights(unit, mode)
             if hidden.device != device:
                 hidden = hidden.to(device, non_blocking=device.type == "cuda")
             if device not in positions:
@@ -240,14 +269,8 @@ class ModelRunner:
             )
             if staged:
                 assert self._stager is not None
-                self._stager.release(unit)
-        weights, device, staged = self._unit_weights(self._head_unit, mode)
-        last = hidden[:, -1].to(device, non_blocking=device.type == "cuda")
-        logits = decoder.head(weights, self.spec, last)
-        if staged:
-            assert self._stager is not None
-            self._stager.release(self._head_unit)
-        return logits.cpu()
+                self._stager.release(self._layer_pieces[unit.name])
+        return self._logits(hidden[:, -1], mode).cpu()
 
     def choose_modes(self) -> dict[str, float]:
         """Resolves "auto" modes by timing a short prefill and a few decode steps in each mode.
@@ -257,7 +280,7 @@ class ModelRunner:
         """
         decode_choice = self.options.decode_mode
         prefill_choice = self.options.prefill_mode or decode_choice
-        if "auto" not in (decode_choice, prefill_choice) or not self._streamed_units(self.plan):
+        if "auto" not in (decode_choice, prefill_choice) or not streamed_pieces(self.weights, self.plan):
             return {}
         prompt_tokens = max(1, min(32, self.max_sequence_length // 2))
         measured: dict[str, float] = {}

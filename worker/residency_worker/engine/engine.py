@@ -11,7 +11,7 @@ from pathlib import Path
 from residency_worker.engine.batching import ModelOptions, ModelRunner
 from residency_worker.engine.generate import Request, RequestEvent
 from residency_worker.engine.loading import load_weights, validate_model_dir
-from residency_worker.engine.tiers import GpuTier, measure_host_to_device_peak
+from residency_worker.engine.tiers import GpuTier, measure_host_to_device_peak, nvml_memory_bytes
 from residency_worker.engine.types import (
     EngineError,
     ExecutionMode,
@@ -73,7 +73,11 @@ class Engine:
             weights = load_weights(directory, options.dtype, self.tier)
             runner = ModelRunner(name, weights, self.tier, options)
             host_to_device = runner.place()
-            mode_seconds = runner.choose_modes()
+            try:
+                mode_seconds = runner.choose_modes()
+            except Exception:
+                runner.unload()  # gives back its reservation and GPU buffers
+                raise
             load_seconds = time.perf_counter() - start
             runner.timings.load_seconds = load_seconds
             runner.start()
@@ -217,7 +221,10 @@ class Engine:
         return self._runner(name).residency()
 
     def node_report(self) -> NodeReport:
+        nvml = nvml_memory_bytes(self.tier.device)
         return NodeReport(
+            nvml_used_bytes=nvml[0] if nvml else None,
+            nvml_total_bytes=nvml[1] if nvml else None,
             node=self.node,
             device=str(self.tier.device),
             gpu_name=self.tier.gpu_name,

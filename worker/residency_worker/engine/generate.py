@@ -107,7 +107,7 @@ class Detokenizer:
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte token
             return "", False
         for stop in self.stop:
-            index = text.find(stop, max(0, self.emitted_chars - len(stop)))
+            index = text.find(stop, self.emitted_chars)  # held-back text never lets a stop start earlier
             if index != -1:
                 delta = text[self.emitted_chars : index]
                 self.emitted_chars = index

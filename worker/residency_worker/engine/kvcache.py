@@ -70,14 +70,22 @@ class KVCache:
             self._on_gpu[index] = wanted
 
     def save_pairs(self, used_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(pinned host destination, GPU source) for the used part of every GPU layer, for preemption."""
+        """(pinned host destination, GPU source) for the used part of every GPU layer, for preemption.
+
+        One pinned buffer per sequence holds all its layers, so preemption pins memory once, not per layer.
+        """
+        gpu_layers = [index for index, on_gpu in enumerate(self._on_gpu) if on_gpu]
+        if not gpu_layers:
+            return []
+        _, kv_heads, _, head_dim = self.shape
+        per_layer_shape = (2, kv_heads, used_tokens, head_dim)
+        per_layer = 2 * kv_heads * used_tokens * head_dim
+        host = self.tier.host_empty((per_layer * len(gpu_layers),), self.dtype)
         pairs = []
-        for index, on_gpu in enumerate(self._on_gpu):
-            if on_gpu:
-                source = self._tensors[index][:, :, :used_tokens]
-                host = self.tier.host_empty(tuple(source.shape), self.dtype)
-                self._saved[index] = host
-                pairs.append((host, source))
+        for slot, index in enumerate(gpu_layers):
+            destination = host[slot * per_layer : (slot + 1) * per_layer].view(per_layer_shape)
+            self._saved[index] = destination
+            pairs.append((destination, self._tensors[index][:, :, :used_tokens]))
         return pairs
 
     def drop_gpu(self) -> None:

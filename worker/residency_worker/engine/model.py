@@ -84,11 +84,13 @@ def embed(w: Weights, token_ids: torch.Tensor) -> torch.Tensor:
     return F.embedding(token_ids, w["embed_tokens.weight"])
 
 
-def head(w: Weights, spec: ArchSpec, hidden_last: torch.Tensor) -> torch.Tensor:
-    """Float32 logits [B, vocab] from the last hidden state of each sequence [B, H]."""
-    normed = rms_norm(hidden_last, w["norm.weight"], spec.rms_norm_eps)
-    head_weight = w["embed_tokens.weight"] if spec.tie_word_embeddings else w["lm_head.weight"]
-    return F.linear(normed, head_weight).float()
+def final_norm(norm_weight: torch.Tensor, spec: ArchSpec, hidden_last: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_last, norm_weight, spec.rms_norm_eps)
+
+
+def logits_chunk(rows: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of one chunk of vocabulary rows; the head always runs chunk by chunk."""
+    return F.linear(normed, rows).float()
 
 
 def _qkv(w: Weights, spec: ArchSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from residency_worker.engine.loading import LoadedWeights
+import torch
+
+from residency.sizing import staging_bytes, workspace_bytes
+from residency_worker.engine.loading import LoadedWeights, Unit
 from residency_worker.engine.types import ExecutionMode
 
 
@@ -56,6 +59,78 @@ def plan_residency(weights: LoadedWeights, fraction: float) -> ResidencyPlan:
     return ResidencyPlan(fraction, frozenset(resident), resident_bytes, total)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A contiguous slice of the host cache that streams as one copy: a decoder layer or part of the head."""
+
+    name: str
+    offset: int  # elements into the host cache
+    numel: int
+    tensors: dict[str, tuple[int, tuple[int, ...]]]  # local name → (offset in the piece, shape)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            name: flat[off : off + _numel(shape)].view(shape) for name, (off, shape) in self.tensors.items()
+        }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def head_matrix_name(weights: LoadedWeights) -> str:
+    return "embed_tokens.weight" if weights.spec.tie_word_embeddings else "lm_head.weight"
+
+
+def head_rows_per_chunk(weights: LoadedWeights) -> int:
+    """Vocabulary rows per logits chunk: a chunk is never bigger than a decoder layer.
+
+    The head (often the biggest unit of a small model with a large vocabulary) then streams through
+    layer-sized staging slots, and the logits are computed chunk by chunk wherever the head lives,
+    so a streamed, a resident and a CPU-computed head give bitwise the same logits.
+    """
+    largest_layer = max(u.numel for u in weights.units if u.name.startswith("layer."))
+    return max(1, largest_layer // weights.spec.hidden_size)
+
+
+def unit_piece(unit: Unit) -> Piece:
+    return Piece(unit.name, unit.offset, unit.numel, dict(unit.tensors))
+
+
+def head_pieces(weights: LoadedWeights) -> list[Piece]:
+    """The head as pieces: its final norm, then the rows of its matrix in layer-sized chunks."""
+    unit = weights.unit("head")
+    norm_offset, norm_shape = unit.tensors["norm.weight"]
+    norm = Piece("head.norm", unit.offset + norm_offset, _numel(norm_shape), {"norm.weight": (0, norm_shape)})
+    pieces = [norm]
+    matrix_offset, (rows, columns) = unit.tensors[head_matrix_name(weights)]
+    step = head_rows_per_chunk(weights)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        offset = unit.offset + matrix_offset + start * columns
+        pieces.append(
+            Piece(
+                f"head.rows.{start}",
+                offset,
+                (stop - start) * columns,
+                {"weight": (0, (stop - start, columns))},
+            )
+        )
+    return pieces
+
+
+def streamed_pieces(weights: LoadedWeights, plan: ResidencyPlan) -> list[Piece]:
+    """What a stream-mode pass copies in, in compute order: offloaded layers, then an offloaded head."""
+    layers = [u for u in weights.units if u.name.startswith("layer.") and u.name not in plan.resident]
+    pieces = [unit_piece(u) for u in layers]
+    if "head" not in plan.resident:
+        pieces.extend(head_pieces(weights))
+    return pieces
+
+
 def gpu_kv_layers(weights: LoadedWeights, plan: ResidencyPlan, decode_mode: ExecutionMode) -> list[int]:
     """Layers whose KV cache lives on the GPU: those that decode there (resident, or streamed in)."""
     layers = range(weights.spec.num_layers)
@@ -79,19 +154,17 @@ def budget_need(
     kv_bytes = (
         kv_layers * spec.kv_elements_per_token_per_layer * element * max_batch_size * max_sequence_length
     )
-    streamed = [u for u in weights.units if u.name not in plan.resident and u.name != "embed"]
     streaming = "stream" in (decode_mode, prefill_mode)
-    staging = 2 * max((weights.unit_bytes(u) for u in streamed), default=0) if streaming else 0
-    # activations of the largest step: a prefill of max_sequence_length tokens, with the MLP's
-    # intermediates and float32 attention scores of one head at a time, plus float32 logits per sequence
-    tokens = max_sequence_length
-    activation_bytes = (
-        tokens
-        * (4 * spec.hidden_size + 3 * spec.intermediate_size + 2 * spec.num_heads * spec.head_dim)
-        * element
+    largest_piece = max((p.numel for p in streamed_pieces(weights, plan)), default=0) if streaming else 0
+    staging = staging_bytes(largest_piece * element) if largest_piece else 0
+    workspace = workspace_bytes(
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_heads=spec.num_heads,
+        head_dim=spec.head_dim,
+        vocab_size=spec.vocab_size,
+        element_bytes=element,
+        max_sequence_length=max_sequence_length,
+        max_batch_size=max_batch_size,
     )
-    score_bytes = 4 * tokens * min(tokens, 4096)
-    logits_bytes = 4 * spec.vocab_size * max_batch_size
-    return BudgetNeed(
-        plan.resident_weight_bytes, kv_bytes, staging, activation_bytes + score_bytes + logits_bytes
-    )
+    return BudgetNeed(plan.resident_weight_bytes, kv_bytes, staging, workspace)

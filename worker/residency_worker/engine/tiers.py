@@ -236,6 +236,21 @@ def make_gpu_tier(budget_bytes: int | None = None, *, force_emulated: bool = Fal
     return GpuTier(torch.device("cpu"), budget_bytes, emulated=True, gpu_name="emulated-cpu")
 
 
+def nvml_memory_bytes(device: torch.device) -> tuple[int, int] | None:
+    """(used, total) bytes of the physical GPU as NVML sees them (all processes), or None."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device.index or 0))
+        return int(info.used), int(info.total)
+    except Exception as exc:  # no NVML library or no permission: torch's own numbers remain
+        log.debug("NVML memory query failed: %s", exc)
+        return None
+
+
 def _nvml_name() -> str | None:
     try:
         import pynvml

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from residency_worker.engine.loading import LoadedWeights, Unit
+from residency_worker.engine.placement import Piece
 from residency_worker.engine.tiers import GpuTier
 from residency_worker.engine.types import TransferDirection, TransferTiming
 
@@ -73,7 +74,7 @@ def _event() -> torch.cuda.Event:
 
 
 class Stager:
-    """Two reusable GPU staging slots: the copy of streamed unit k+1 overlaps the compute of unit k."""
+    """Two reusable GPU staging slots: the copy of streamed piece k+1 overlaps the compute of piece k."""
 
     def __init__(self, tier: GpuTier, owner: str, weights: LoadedWeights, slot_numel: int) -> None:
         self.tier = tier
@@ -84,7 +85,7 @@ class Stager:
         self._copy_stream = _stream(tier.device) if cuda else None
         self._copied = [_event() if cuda else None for _ in range(2)]
         self._freed = [_event() if cuda else None for _ in range(2)]
-        self._order: list[Unit] = []
+        self._order: list[Piece] = []
         self._next = 0
         self._slot_of: dict[str, int] = {}
         self.copied_bytes = 0
@@ -94,8 +95,8 @@ class Stager:
             self.tier.release(slot)
         self.slots = []
 
-    def begin(self, order: list[Unit]) -> None:
-        """Starts a pass over `order`, the streamed units in compute order; prefetches the first two."""
+    def begin(self, order: list[Piece]) -> None:
+        """Starts a pass over `order`, the streamed pieces in compute order; prefetches the first two."""
         self._order = order
         self._next = 0
         self._slot_of = {}
@@ -105,33 +106,33 @@ class Stager:
             self._issue(self._next % 2)
 
     def _issue(self, slot: int) -> None:
-        unit = self._order[self._next]
+        piece = self._order[self._next]
         self._next += 1
-        self._slot_of[unit.name] = slot
-        source = self.weights.host_unit(unit)
-        target = self.slots[slot][: unit.numel]
-        self.copied_bytes += unit.numel * self.weights.element_size
+        self._slot_of[piece.name] = slot
+        source = self.weights.host_flat[piece.offset : piece.offset + piece.numel]
+        target = self.slots[slot][: piece.numel]
+        self.copied_bytes += piece.numel * self.weights.element_size
         if self._copy_stream is None:
             target.copy_(source)
             return
         freed, copied = self._freed[slot], self._copied[slot]
         assert freed is not None and copied is not None
         with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_event(freed)  # the slot's previous unit has finished computing
+            self._copy_stream.wait_event(freed)  # the slot's previous piece has finished computing
             target.copy_(source, non_blocking=True)
             copied.record(self._copy_stream)  # type: ignore[no-untyped-call]
 
-    def acquire(self, unit: Unit) -> dict[str, torch.Tensor]:
-        """The unit's weights in its staging slot, once its copy has landed (ordered on compute stream)."""
-        slot = self._slot_of[unit.name]
+    def acquire(self, piece: Piece) -> dict[str, torch.Tensor]:
+        """The piece's weights in its staging slot, once its copy has landed (ordered on compute stream)."""
+        slot = self._slot_of[piece.name]
         copied = self._copied[slot]
         if copied is not None:
             torch.cuda.current_stream(self.tier.device).wait_event(copied)
-        return unit.views(self.slots[slot])
+        return piece.views(self.slots[slot])
 
-    def release(self, unit: Unit) -> None:
-        """The compute of `unit` is queued: its slot may be refilled once that compute finishes."""
-        slot = self._slot_of.pop(unit.name)
+    def release(self, piece: Piece) -> None:
+        """The compute of `piece` is queued: its slot may be refilled once that compute finishes."""
+        slot = self._slot_of.pop(piece.name)
         freed = self._freed[slot]
         if freed is not None:
             freed.record(torch.cuda.current_stream(self.tier.device))  # type: ignore[no-untyped-call]

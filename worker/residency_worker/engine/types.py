@@ -158,6 +158,8 @@ class NodeReport:
     reserved_bytes: int
     allocated_bytes: int
     host_to_device_peak: TransferTiming | None
+    nvml_used_bytes: int | None = None  # the physical GPU, all processes (real GPUs with NVML only)
+    nvml_total_bytes: int | None = None
 
 
 @dataclass(frozen=True)

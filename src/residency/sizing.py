@@ -1,0 +1,31 @@
+"""GPU bytes a model needs beside its weights, shared by the engine (which reserves them) and the
+planner (which must predict the same reservation, so the worker never refuses what was planned)."""
+
+from __future__ import annotations
+
+
+def workspace_bytes(
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_heads: int,
+    head_dim: int,
+    vocab_size: int,
+    element_bytes: int,
+    max_sequence_length: int,
+    max_batch_size: int,
+) -> int:
+    """Activations of the largest step (a prefill of max_sequence_length tokens, the MLP's intermediates,
+    float32 attention scores of one head at a time) plus float32 logits for every sequence of a batch."""
+    tokens = max_sequence_length
+    activation_bytes = (
+        tokens * (4 * hidden_size + 3 * intermediate_size + 2 * num_heads * head_dim) * element_bytes
+    )
+    score_bytes = 4 * tokens * min(tokens, 4096)
+    logits_bytes = 4 * vocab_size * max_batch_size
+    return activation_bytes + score_bytes + logits_bytes
+
+
+def staging_bytes(largest_streamed_unit_bytes: int) -> int:
+    """Two reusable staging buffers: the copy of unit i+1 overlaps the compute of unit i."""
+    return 2 * largest_streamed_unit_bytes

@@ -1,0 +1,219 @@
+"""Property tests of ``plan()``: every plan respects capacity, the spec and priorities, and is stable."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from residency_operator.planner import (
+    GIB,
+    CurrentPlacement,
+    ModelDemand,
+    NodeCapacity,
+    Plan,
+    PlannerConfig,
+    plan,
+)
+from residency_operator.planner.options import (
+    cached_host_bytes,
+    evaluate_option,
+    usable_gpu_bytes,
+    usable_host_bytes,
+)
+from residency_operator.planner.predictor import Predictor
+
+SOLVERS = ("milp", "greedy")
+PROPERTY_SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+
+
+@st.composite
+def nodes_strategy(draw: st.DrawFn) -> list[NodeCapacity]:
+    count = draw(st.integers(1, 3))
+    nodes = []
+    for i in range(count):
+        nodes.append(
+            NodeCapacity(
+                name=f"node-{i}",
+                gpu_type=draw(st.sampled_from(["H100", "L4"])),
+                gpu_memory_bytes=draw(st.sampled_from([16, 24, 48, 80])) * GIB,
+                host_memory_bytes=draw(st.sampled_from([16, 64, 256])) * GIB,
+                host_to_device_gbps=draw(st.sampled_from([6.0, 25.0, 50.0])),
+                hbm_gbps=draw(st.sampled_from([300.0, 2000.0])),
+                host_memory_gbps=draw(st.sampled_from([25.0, 100.0])),
+                cordoned=draw(st.booleans()) if i > 0 else False,
+                disrupting=draw(st.sampled_from([False, False, False, True])) if i > 0 else False,
+            )
+        )
+    return nodes
+
+
+@st.composite
+def models_strategy(draw: st.DrawFn) -> list[ModelDemand]:
+    count = draw(st.integers(1, 6))
+    models = []
+    for i in range(count):
+        models.append(
+            ModelDemand(
+                name=f"ns/model-{i}",
+                weight_bytes=int(draw(st.sampled_from([1, 3, 8, 16, 30])) * 1e9),
+                kv_bytes_per_token=draw(st.sampled_from([0, 32768, 131072])),
+                max_sequence_length=2048,
+                max_batch=draw(st.sampled_from([1, 4])),
+                priority=draw(st.sampled_from([0, 10, 100])),
+                preemptible=draw(st.booleans()),
+                min_decode_tokens_per_second=draw(st.sampled_from([None, 5.0, 20.0])),
+                max_offload_fraction=draw(st.sampled_from([0.0, 0.5, 0.9])),
+                demand_decode_tokens_per_second=draw(st.sampled_from([None, 0.0, 10.0, 100.0])),
+                allowed_modes=draw(st.sampled_from([("stream", "cpu"), ("stream",)])),
+            )
+        )
+    return models
+
+
+def assert_plan_valid(planned: Plan, models: list[ModelDemand], nodes: list[NodeCapacity], config: PlannerConfig) -> None:
+    """Capacity, spec and placement rules every plan must keep."""
+    by_model = {m.name: m for m in models}
+    by_node = {n.name: n for n in nodes}
+    predictor = Predictor()
+    gpu_used: dict[str, int] = defaultdict(int)
+    host_used: dict[str, int] = defaultdict(int)
+    busy_used: dict[str, float] = defaultdict(float)
+    for placement in planned.placements.values():
+        model = by_model[placement.model]
+        node = by_node[placement.node]
+        assert node.accepts_work, f"{placement.model} placed on cordoned/disrupting {node.name}"
+        assert model.wanted
+        assert placement.resident_fraction >= model.min_resident_fraction - 1e-9, "offload.maxFraction broken"
+        assert placement.mode in model.allowed_modes
+        option = evaluate_option(predictor, model, node, placement.resident_fraction, placement.mode, config)
+        assert option.meets_slo, f"{placement.model} placed below its SLO"
+        assert placement.gpu_bytes == option.gpu_bytes
+        gpu_used[node.name] += option.gpu_bytes
+        host_used[node.name] += option.host_bytes
+        busy_used[node.name] += option.busy_fraction
+    for placement in planned.placements.values():
+        model = by_model[placement.model]
+        node = by_node[placement.node]
+        mine = evaluate_option(predictor, model, node, placement.resident_fraction, placement.mode, config)
+        others = busy_used[node.name] - mine.busy_fraction
+        assert others <= mine.tolerance + 1e-6, f"{placement.model} would miss its SLO sharing {node.name}"
+    for cached in planned.cached:
+        assert cached.model not in planned.placements
+        host_used[cached.node] += cached.host_bytes
+    for node in nodes:
+        assert gpu_used[node.name] <= usable_gpu_bytes(node), f"GPU over-committed on {node.name}"
+        assert host_used[node.name] <= usable_host_bytes(node), f"host over-committed on {node.name}"
+        assert busy_used[node.name] <= config.max_gpu_busy_fraction + 1e-6, f"GPU time over-committed on {node.name}"
+    placed_or_reasoned = set(planned.placements) | {u.model for u in planned.unschedulable}
+    assert placed_or_reasoned == {m.name for m in models if m.wanted}
+    for unschedulable in planned.unschedulable:
+        assert unschedulable.message and unschedulable.reason[0].isupper()
+
+
+def applied(planned: Plan) -> list[CurrentPlacement]:
+    """The cluster state after a plan has been carried out."""
+    state = [
+        CurrentPlacement(p.model, p.node, p.resident_fraction, p.mode, "loaded") for p in planned.placements.values()
+    ]
+    state += [CurrentPlacement(c.model, c.node, 0.0, "stream", "preempted") for c in planned.cached]
+    return state
+
+
+@PROPERTY_SETTINGS
+@given(models=models_strategy(), nodes=nodes_strategy(), solver=st.sampled_from(SOLVERS))
+def test_plan_never_overcommits_and_respects_spec(
+    models: list[ModelDemand], nodes: list[NodeCapacity], solver: str
+) -> None:
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    planned = plan(models, nodes, [], config=config)
+    assert_plan_valid(planned, models, nodes, config)
+    assert 0.0 <= planned.optimality_gap <= 1.0
+    assert planned.objective <= planned.upper_bound + 1e-6
+
+
+@PROPERTY_SETTINGS
+@given(models=models_strategy(), nodes=nodes_strategy(), solver=st.sampled_from(SOLVERS), seed=st.randoms())
+def test_plan_is_deterministic_and_order_independent(
+    models: list[ModelDemand], nodes: list[NodeCapacity], solver: str, seed: object
+) -> None:
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    first = plan(models, nodes, [], config=config)
+    shuffled_models, shuffled_nodes = list(models), list(nodes)
+    seed.shuffle(shuffled_models)  # type: ignore[attr-defined]
+    seed.shuffle(shuffled_nodes)  # type: ignore[attr-defined]
+    second = plan(shuffled_models, shuffled_nodes, [], config=config)
+    assert first.placements == second.placements
+    assert first.actions == second.actions
+    assert first.unschedulable == second.unschedulable
+
+
+@PROPERTY_SETTINGS
+@given(models=models_strategy(), nodes=nodes_strategy(), solver=st.sampled_from(SOLVERS))
+def test_optimal_state_is_a_fixed_point(models: list[ModelDemand], nodes: list[NodeCapacity], solver: str) -> None:
+    """Re-planning right after a plan was carried out asks for nothing (idempotent, no thrashing)."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    first = plan(models, nodes, [], config=config)
+    second = plan(models, nodes, applied(first), config=config)
+    assert second.actions == (), [(a.kind, a.model, a.reason) for a in second.actions]
+    assert second.placements == first.placements
+
+
+@PROPERTY_SETTINGS
+@given(
+    models=models_strategy(),
+    newcomers=models_strategy(),
+    nodes=nodes_strategy(),
+    solver=st.sampled_from(SOLVERS),
+)
+def test_no_priority_inversion_and_non_preemptible_kept(
+    models: list[ModelDemand], newcomers: list[ModelDemand], nodes: list[NodeCapacity], solver: str
+) -> None:
+    """When new models arrive, a running model is only preempted if models of at least its priority need
+    its room, and a non-preemptible running model is never preempted."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    first = plan(models, nodes, [], config=config)
+    arrivals = [dataclasses.replace(m, name=m.name.replace("ns/", "new/")) for m in newcomers]
+    everyone = models + arrivals
+    second = plan(everyone, nodes, applied(first), config=config)
+    assert_plan_valid(second, everyone, nodes, config)
+    by_model = {m.name: m for m in everyone}
+    by_node = {n.name: n for n in nodes}
+    predictor = Predictor()
+    for name, before in first.placements.items():
+        if name in second.placements:
+            continue
+        model = by_model[name]
+        assert model.preemptible, f"non-preemptible {name} was preempted"
+        node = by_node[before.node]
+        # Room its own node keeps for models of at least its priority, without it.
+        gpu = host = 0
+        busy = 0.0
+        for other in second.placements.values():
+            if other.node == node.name and by_model[other.model].priority >= model.priority:
+                option = evaluate_option(
+                    predictor, by_model[other.model], node, other.resident_fraction, other.mode, config
+                )
+                gpu, host, busy = gpu + option.gpu_bytes, host + option.host_bytes, busy + option.busy_fraction
+        mine = evaluate_option(predictor, model, node, before.resident_fraction, before.mode, config)
+        fits = (
+            gpu + mine.gpu_bytes <= usable_gpu_bytes(node)
+            and host + mine.host_bytes <= usable_host_bytes(node)
+            and busy + mine.busy_fraction <= config.max_gpu_busy_fraction + 1e-9
+        )
+        assert not fits, f"{name} (priority {model.priority}) preempted although its place was free of higher tiers"
+
+
+def test_cached_models_fit_host_memory() -> None:
+    node = NodeCapacity("n", "L4", 24 * GIB, 40 * GIB, 25.0, 300.0, 50.0)
+    small = ModelDemand("ns/a", weight_bytes=int(16e9), kv_bytes_per_token=0, priority=0)
+    big = ModelDemand("ns/b", weight_bytes=int(16e9), kv_bytes_per_token=0, priority=100, preemptible=False)
+    current = [CurrentPlacement("ns/a", "n", 1.0, "stream", "loaded")]
+    planned = plan([small, big], [node], current)
+    assert "ns/b" in planned.placements and "ns/a" not in planned.placements
+    assert [c.model for c in planned.cached] == ["ns/a"]
+    assert sum(c.host_bytes for c in planned.cached) == cached_host_bytes(small, 0)
