@@ -29,14 +29,17 @@ MakeDir = Callable[..., Path]
 def make_model_dir(tmp_path: Path) -> MakeDir:
     """Writes a directory that passes (or, edited, fails) the model checks; no torch needed."""
 
-    def make(name: str = "m", config: dict[str, Any] | None = None, root: Path | None = None,
-             params: int = 35) -> Path:
+    def make(
+        name: str = "m", config: dict[str, Any] | None = None, root: Path | None = None, params: int = 35
+    ) -> Path:
         directory = (root or tmp_path) / name
         directory.mkdir(parents=True)
         (directory / "config.json").write_text(json.dumps(config or LLAMA_CONFIG))
         (directory / "tokenizer.json").write_text("{}")
-        save_file({"a": np.zeros((params - 3,), np.float32), "b": np.zeros((3,), np.float32)},
-                  directory / "model.safetensors")
+        save_file(
+            {"a": np.zeros((params - 3,), np.float32), "b": np.zeros((3,), np.float32)},
+            directory / "model.safetensors",
+        )
         return directory
 
     return make

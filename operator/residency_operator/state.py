@@ -266,6 +266,9 @@ def placement_manifest(
             "sourcePath": str(info.path),
             "dtype": spec.get("dtype", "bfloat16"),
             "residentFraction": round(resident_fraction, 4),
+            "minResidentFraction": round(
+                1.0 - float((spec.get("offload") or {}).get("maxFraction", 0.75)), 4
+            ),
             "executionMode": mode,
             "desiredState": desired_state,
             "maxSequenceLength": int(spec.get("maxSequenceLength", 4096)),
@@ -291,8 +294,14 @@ def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
     for key, planned in plan.placements.items():
         previous = (inputs.placements.get(key) or {}).get("spec", {})
         desired[placement_name(key)] = placement_manifest(
-            key, inputs.bodies[key], inputs.infos[key], planned.node, planned.resident_fraction, planned.mode,
-            "Loaded", _reason(previous, "Loaded", reasons.get(key)),
+            key,
+            inputs.bodies[key],
+            inputs.infos[key],
+            planned.node,
+            planned.resident_fraction,
+            planned.mode,
+            "Loaded",
+            _reason(previous, "Loaded", reasons.get(key)),
         )
     current = {c.model: c for c in inputs.current}
     for cached in plan.cached:
@@ -305,7 +314,13 @@ def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
         fraction = previous.get("residentFraction", now_placement.resident_fraction if now_placement else 0.0)
         mode = previous.get("executionMode", now_placement.mode if now_placement else "stream")
         desired[placement_name(key)] = placement_manifest(
-            key, inputs.bodies[key], inputs.infos[key], cached.node, float(fraction), mode, "Preempted",
+            key,
+            inputs.bodies[key],
+            inputs.infos[key],
+            cached.node,
+            float(fraction),
+            mode,
+            "Preempted",
             _reason(previous, "Preempted", reasons.get(key)),
         )
     return desired
@@ -358,8 +373,13 @@ def model_verdict(
             reason,
             message,
             (validated, ("Scheduled", "False", reason, message), ("Ready", "False", reason, message)),
-            base_extra
-            + (("node", None), ("residentFraction", None), ("residentPercent", None), ("endpoint", None)),
+            (
+                *base_extra,
+                ("node", None),
+                ("residentFraction", None),
+                ("residentPercent", None),
+                ("endpoint", None),
+            ),
         )
     return _placed_verdict(key, inputs, planned, placement, validated, base_extra)
 
@@ -381,7 +401,8 @@ def _placed_verdict(
     state = status.get("state", "Pending")
     desired = spec.get("desiredState", "Loaded")
     observed_rate = status.get("observedDecodeTokensPerSecond")
-    extra = base_extra + (
+    extra = (
+        *base_extra,
         ("node", node),
         ("residentFraction", None if fraction is None else round(float(fraction), 4)),
         ("residentPercent", _percent(fraction)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -112,14 +111,11 @@ def chat(
 
 def _register_contributed() -> None:
     """Commands contributed by the worker (worker, make-model, profile) and the planner (simulate)."""
+    from residency_operator.simulator.command import register as register_simulator
     from residency_worker.cli import register as register_worker
 
     register_worker(app)
-    # TEMPORARY while the simulator lands; tests/unit/test_cli.py asserts every command is registered.
-    with contextlib.suppress(ModuleNotFoundError):
-        from residency_operator.simulator.command import register as register_simulator
-
-        register_simulator(app)
+    register_simulator(app)
 
 
 _register_contributed()

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LLAMA_CONFIG as CONFIG
+from conftest import MakeDir
 from residency.modeldir import ModelDirError, inspect_model_dir
 from residency_operator.conditions import Verdict
 from residency_operator.validation import pending_verdict, validate_model
-
-from conftest import LLAMA_CONFIG as CONFIG
-from conftest import MakeDir
 
 
 def reason_of(path: str, roots: list[Path]) -> str:

@@ -28,20 +28,34 @@ def stamp(at: datetime) -> str:
 
 
 def llm(name: str, path: Path, namespace: str = "team-a", **spec: Any) -> dict[str, Any]:
-    return {"metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "generation": 1},
-            "spec": {"source": {"path": str(path)}, "maxSequenceLength": 16, "maxBatchSize": 1, **spec}}
+    return {
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "generation": 1},
+        "spec": {"source": {"path": str(path)}, "maxSequenceLength": 16, "maxBatchSize": 1, **spec},
+    }
 
 
 def profile(node: str, gpu_bytes: int, heartbeat: datetime = NOW) -> dict[str, Any]:
-    return {"metadata": {"name": node},
-            "spec": {"nodeName": node, "gpuType": "emulated-cpu", "gpuMemoryBytes": gpu_bytes,
-                     "hostMemoryBytes": 10**9, "hostToDeviceGbps": 10.0, "hbmGbps": 100.0, "emulated": True},
-            "status": {"heartbeatTime": stamp(heartbeat)}}
+    return {
+        "metadata": {"name": node},
+        "spec": {
+            "nodeName": node,
+            "gpuType": "emulated-cpu",
+            "gpuMemoryBytes": gpu_bytes,
+            "hostMemoryBytes": 10**9,
+            "hostToDeviceGbps": 10.0,
+            "hbmGbps": 100.0,
+            "emulated": True,
+        },
+        "status": {"heartbeatTime": stamp(heartbeat)},
+    }
 
 
 def node(name: str, **spec: Any) -> dict[str, Any]:
-    return {"metadata": {"name": name}, "spec": spec,
-            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    return {
+        "metadata": {"name": name},
+        "spec": spec,
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }
 
 
 def knobs(root: Path) -> OperatorKnobs:
@@ -55,9 +69,16 @@ def run(state: ClusterState, root: Path) -> tuple[Any, Any, dict[str, dict[str, 
 
 
 def loaded(manifest: dict[str, Any], **status: Any) -> dict[str, Any]:
-    return {**manifest, "metadata": {**manifest["metadata"], "generation": 1},
-            "status": {"state": "Loaded", "residentFraction": manifest["spec"]["residentFraction"],
-                       "endpoint": "http://127.0.0.1:9000/v1", **status}}
+    return {
+        **manifest,
+        "metadata": {**manifest["metadata"], "generation": 1},
+        "status": {
+            "state": "Loaded",
+            "residentFraction": manifest["spec"]["residentFraction"],
+            "endpoint": "http://127.0.0.1:9000/v1",
+            **status,
+        },
+    }
 
 
 def test_node_flags() -> None:
@@ -118,14 +139,20 @@ def test_loaded_placement_makes_the_model_ready_and_replanning_is_stable(
     models = [llm("a", make_model_dir("a", params=20_000), slo={"minDecodeTokensPerSecond": 1})]
     state = ClusterState(models, [profile("n1", 10**7)], [node("n1")], [])
     _, _, desired = run(state, tmp_path)
-    existing = [loaded(m, timings={"loadSeconds": 0.5, "weightBytes": 40_000}, observedDecodeTokensPerSecond=50.0)
-                for m in desired.values()]
+    existing = [
+        loaded(m, timings={"loadSeconds": 0.5, "weightBytes": 40_000}, observedDecodeTokensPerSecond=50.0)
+        for m in desired.values()
+    ]
     state = ClusterState(models, [profile("n1", 10**7)], [node("n1")], existing)
     inputs, result, again = run(state, tmp_path)
     assert not any(placement_needs_update(e, again[e["metadata"]["name"]]) for e in existing)
     verdict = model_verdict("team-a/a", inputs, result, existing[0])
     extra = dict(verdict.extra)
-    assert (verdict.phase, extra["residentPercent"], extra["endpoint"]) == ("Ready", 100, "http://127.0.0.1:9000/v1")
+    assert (verdict.phase, extra["residentPercent"], extra["endpoint"]) == (
+        "Ready",
+        100,
+        "http://127.0.0.1:9000/v1",
+    )
     assert extra["timings"]["loadSeconds"] == 0.5
     assert {c[0]: c[1] for c in verdict.conditions}["Degraded"] == "False"
 

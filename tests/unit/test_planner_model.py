@@ -81,7 +81,11 @@ def test_calibrated_factor_moves_towards_observation_and_is_bounded() -> None:
 def test_measured_profile_wins_over_roofline() -> None:
     profile = profile_from_points("ns/m", "H100", [(0.5, 20.0), (1.0, 100.0)], batch=1, sequence_length=1024)
     model = ModelDemand(
-        name="ns/m", weight_bytes=16_000_000_000, kv_bytes_per_token=0, max_batch=1, typical_sequence_length=1024
+        name="ns/m",
+        weight_bytes=16_000_000_000,
+        kv_bytes_per_token=0,
+        max_batch=1,
+        typical_sequence_length=1024,
     )
     predictor = Predictor([profile])
     assert predictor.decode_tokens_per_second(model, NODE, 1.0, "stream") == pytest.approx(100.0)
@@ -96,9 +100,7 @@ def test_isotonic_fit_removes_dips() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    points=st.lists(
-        st.tuples(st.floats(0.05, 1.0), st.floats(0.1, 500.0)), min_size=1, max_size=12
-    ),
+    points=st.lists(st.tuples(st.floats(0.05, 1.0), st.floats(0.1, 500.0)), min_size=1, max_size=12),
     probes=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=20),
 )
 def test_profile_interpolation_is_monotone(points: list[tuple[float, float]], probes: list[float]) -> None:

@@ -75,7 +75,9 @@ def models_strategy(draw: st.DrawFn) -> list[ModelDemand]:
     return models
 
 
-def assert_plan_valid(planned: Plan, models: list[ModelDemand], nodes: list[NodeCapacity], config: PlannerConfig) -> None:
+def assert_plan_valid(
+    planned: Plan, models: list[ModelDemand], nodes: list[NodeCapacity], config: PlannerConfig
+) -> None:
     """Capacity, spec and placement rules every plan must keep."""
     by_model = {m.name: m for m in models}
     by_node = {n.name: n for n in nodes}
@@ -108,7 +110,9 @@ def assert_plan_valid(planned: Plan, models: list[ModelDemand], nodes: list[Node
     for node in nodes:
         assert gpu_used[node.name] <= usable_gpu_bytes(node), f"GPU over-committed on {node.name}"
         assert host_used[node.name] <= usable_host_bytes(node), f"host over-committed on {node.name}"
-        assert busy_used[node.name] <= config.max_gpu_busy_fraction + 1e-6, f"GPU time over-committed on {node.name}"
+        assert busy_used[node.name] <= config.max_gpu_busy_fraction + 1e-6, (
+            f"GPU time over-committed on {node.name}"
+        )
     placed_or_reasoned = set(planned.placements) | {u.model for u in planned.unschedulable}
     assert placed_or_reasoned == {m.name for m in models if m.wanted}
     for unschedulable in planned.unschedulable:
@@ -118,7 +122,8 @@ def assert_plan_valid(planned: Plan, models: list[ModelDemand], nodes: list[Node
 def applied(planned: Plan) -> list[CurrentPlacement]:
     """The cluster state after a plan has been carried out."""
     state = [
-        CurrentPlacement(p.model, p.node, p.resident_fraction, p.mode, "loaded") for p in planned.placements.values()
+        CurrentPlacement(p.model, p.node, p.resident_fraction, p.mode, "loaded")
+        for p in planned.placements.values()
     ]
     state += [CurrentPlacement(c.model, c.node, 0.0, "stream", "preempted") for c in planned.cached]
     return state
@@ -154,7 +159,9 @@ def test_plan_is_deterministic_and_order_independent(
 
 @PROPERTY_SETTINGS
 @given(models=models_strategy(), nodes=nodes_strategy(), solver=st.sampled_from(SOLVERS))
-def test_optimal_state_is_a_fixed_point(models: list[ModelDemand], nodes: list[NodeCapacity], solver: str) -> None:
+def test_optimal_state_is_a_fixed_point(
+    models: list[ModelDemand], nodes: list[NodeCapacity], solver: str
+) -> None:
     """Re-planning right after a plan was carried out asks for nothing (idempotent, no thrashing)."""
     config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
     first = plan(models, nodes, [], config=config)
@@ -198,14 +205,20 @@ def test_no_priority_inversion_and_non_preemptible_kept(
                 option = evaluate_option(
                     predictor, by_model[other.model], node, other.resident_fraction, other.mode, config
                 )
-                gpu, host, busy = gpu + option.gpu_bytes, host + option.host_bytes, busy + option.busy_fraction
+                gpu, host, busy = (
+                    gpu + option.gpu_bytes,
+                    host + option.host_bytes,
+                    busy + option.busy_fraction,
+                )
         mine = evaluate_option(predictor, model, node, before.resident_fraction, before.mode, config)
         fits = (
             gpu + mine.gpu_bytes <= usable_gpu_bytes(node)
             and host + mine.host_bytes <= usable_host_bytes(node)
             and busy + mine.busy_fraction <= config.max_gpu_busy_fraction + 1e-9
         )
-        assert not fits, f"{name} (priority {model.priority}) preempted although its place was free of higher tiers"
+        assert not fits, (
+            f"{name} (priority {model.priority}) preempted although its place was free of higher tiers"
+        )
 
 
 def test_cached_models_fit_host_memory() -> None:

@@ -22,7 +22,9 @@ from residency_operator.simulator.trace import Request, generate_trace, read_tra
 FAST_PLANNER = PlannerConfig(solver="greedy", amortisation_horizon_seconds=300.0)
 
 
-def small_scenario(nodes: str | list[dict[str, object]], models: list[SimModel], rate: float, seconds: float) -> Scenario:
+def small_scenario(
+    nodes: str | list[dict[str, object]], models: list[SimModel], rate: float, seconds: float
+) -> Scenario:
     return Scenario(
         name="test",
         description="",
@@ -75,7 +77,9 @@ def test_infinite_memory_all_policies_tie() -> None:
     reports = run_all(scenario, POLICY_NAMES, FAST_PLANNER)
     goodputs = [r.goodput_tokens_per_second for r in reports]
     assert goodputs[0] > 0
-    assert max(goodputs) - min(goodputs) <= 0.01 * max(goodputs), dict(zip(POLICY_NAMES, goodputs, strict=True))
+    assert max(goodputs) - min(goodputs) <= 0.01 * max(goodputs), dict(
+        zip(POLICY_NAMES, goodputs, strict=True)
+    )
 
 
 def test_one_big_node_one_model_same_goodput() -> None:
@@ -88,12 +92,16 @@ def test_one_big_node_one_model_same_goodput() -> None:
 
 
 def test_seeded_runs_are_reproducible() -> None:
-    models = [SimModel(name=f"ns/m{i}", family=f) for i, f in enumerate(["llama-1b", "llama-8b", "llama-13b"])]
+    models = [
+        SimModel(name=f"ns/m{i}", family=f) for i, f in enumerate(["llama-1b", "llama-8b", "llama-13b"])
+    ]
     scenario = small_scenario("l4:2", models, rate=1.0, seconds=90.0)
     first = run_policy(scenario, "residency", planner_config=FAST_PLANNER)
     second = run_policy(scenario, "residency", planner_config=FAST_PLANNER)
     # Everything but the wall-clock time the planner took is a function of the seed.
-    assert dataclasses.replace(first, plan_seconds_mean=None) == dataclasses.replace(second, plan_seconds_mean=None)
+    assert dataclasses.replace(first, plan_seconds_mean=None) == dataclasses.replace(
+        second, plan_seconds_mean=None
+    )
     assert first.requests > 0
     baseline = run_policy(scenario, "lru-evict")
     assert baseline == run_policy(scenario, "lru-evict")

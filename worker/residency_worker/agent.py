@@ -263,6 +263,7 @@ class NodeAgent:
                     ModelOptions(
                         dtype=spec.get("dtype", "bfloat16"),
                         resident_fraction=float(spec["residentFraction"]),
+                        min_resident_fraction=float(spec.get("minResidentFraction", 0.0)),
                         max_batch_size=int(spec.get("maxBatchSize", 8)),
                         max_sequence_length=int(spec.get("maxSequenceLength", 2048)),
                         # the planner's memory promise assumes its mode: no staging buffers in cpu mode

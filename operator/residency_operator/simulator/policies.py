@@ -19,6 +19,11 @@ from residency_operator.planner.types import Plan, PlannerConfig
 from residency_operator.simulator.engine import ModelRuntime, Simulation
 
 
+SIMULATION_PLANNER_CONFIG = PlannerConfig(
+    amortisation_horizon_seconds=300.0, solver="greedy", bound_max_options=0
+)
+
+
 def apply_plan(sim: Simulation, planned: Plan) -> None:
     """Carry out a plan's actions in order on the simulated cluster."""
     for action in planned.actions:
@@ -42,7 +47,8 @@ class ResidencyPolicy:
         replan_interval_seconds: float = 15.0,
         reactive_interval_seconds: float = 2.0,
     ) -> None:
-        self.config = config or PlannerConfig(amortisation_horizon_seconds=300.0)
+        # Simulations re-plan hundreds of times: the greedy solver, and no LP bound, keep that fast.
+        self.config = config or SIMULATION_PLANNER_CONFIG
         self.replan_interval_seconds = replan_interval_seconds
         self.reactive_interval_seconds = reactive_interval_seconds
         self._last_plan_seconds = -1e9

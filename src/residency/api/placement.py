@@ -29,6 +29,9 @@ class ModelPlacementSpec(ApiModel):
     source_path: str = Field(min_length=1, max_length=4096)
     dtype: DType = "bfloat16"
     resident_fraction: float = Field(ge=0, le=1, description="Target share of weight bytes in GPU memory.")
+    min_resident_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="1 - offload.maxFraction: the worker never keeps less resident."
+    )
     execution_mode: ExecutionMode = Field(default="stream", description="How offloaded layers run.")
     desired_state: DesiredState = Field(default="Loaded")
     max_sequence_length: int = Field(default=4096, ge=1, le=1_048_576)

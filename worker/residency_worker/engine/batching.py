@@ -66,6 +66,7 @@ class ModelOptions:
     max_sequence_length: int = 2048
     max_queue: int = 64
     reload_streams: int = 2
+    min_resident_fraction: float = 0.0  # 1 - offload.maxFraction: never keep less than this resident
 
 
 @dataclass
@@ -96,7 +97,9 @@ class ModelRunner:
         max_positions = min(options.max_sequence_length, self.spec.max_position_embeddings)
         self.max_sequence_length = max_positions
         self.rotary = decoder.Rotary(weights.config, max_positions)
-        self.plan: ResidencyPlan = plan_residency(weights, options.resident_fraction)
+        self.plan: ResidencyPlan = plan_residency(
+            weights, options.resident_fraction, options.min_resident_fraction
+        )
         self.decode_mode: ExecutionMode = "stream" if options.decode_mode == "auto" else options.decode_mode
         prefill = options.prefill_mode or options.decode_mode
         self.prefill_mode: ExecutionMode = "stream" if prefill == "auto" else prefill
@@ -592,7 +595,11 @@ class ModelRunner:
         self, fraction: float | None, decode_mode: ExecutionMode | None, prefill_mode: ExecutionMode | None
     ) -> ResidencyReport:
         """Demotes or promotes live: moves whole units and re-homes KV, between two decode steps."""
-        plan = plan_residency(self.weights, self.plan.requested_fraction if fraction is None else fraction)
+        plan = plan_residency(
+            self.weights,
+            self.plan.requested_fraction if fraction is None else fraction,
+            self.options.min_resident_fraction,
+        )
         new_decode = decode_mode or self.decode_mode
         new_prefill = prefill_mode or self.prefill_mode
         need = self._need(plan, new_decode, new_prefill)

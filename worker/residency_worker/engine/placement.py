@@ -42,8 +42,9 @@ class BudgetNeed:
         return self.resident_weight_bytes + self.kv_bytes + self.staging_bytes + self.workspace_bytes
 
 
-def plan_residency(weights: LoadedWeights, fraction: float) -> ResidencyPlan:
-    """Whole units, in priority order, each kept only if it brings resident bytes closer to the target."""
+def plan_residency(weights: LoadedWeights, fraction: float, min_fraction: float = 0.0) -> ResidencyPlan:
+    """Whole units, in priority order, each kept only if it brings resident bytes closer to the target;
+    then more units until at least `min_fraction` is resident (a user's offload.maxFraction is a limit)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"resident fraction must lie in [0, 1], got {fraction}")
     total = weights.weight_bytes
@@ -56,6 +57,12 @@ def plan_residency(weights: LoadedWeights, fraction: float) -> ResidencyPlan:
         if abs(resident_bytes + unit_bytes - target) < abs(resident_bytes - target):
             resident.add(unit.name)
             resident_bytes += unit_bytes
+    for unit in weights.units:
+        if resident_bytes >= min_fraction * total:
+            break
+        if unit.name not in resident:
+            resident.add(unit.name)
+            resident_bytes += weights.unit_bytes(unit)
     return ResidencyPlan(fraction, frozenset(resident), resident_bytes, total)
 
 

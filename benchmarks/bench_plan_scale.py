@@ -1,0 +1,147 @@
+"""How long planning takes as the fleet grows: full plans from 100 to 10 000 models, and incremental
+re-plans after one model changes.
+
+Run: ``python benchmarks/bench_plan_scale.py`` (prints a table, writes benchmarks/results/plan_scale.json).
+Goals from the design: 10 000 models x 1 000 nodes in under 1 s; one changed model in under 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+from residency_operator.planner import GIB, CurrentPlacement, ModelDemand, NodeCapacity, Plan, PlannerConfig, plan
+from residency_operator.planner.incremental import IncrementalPlanner
+
+RESULTS = Path(__file__).parent / "results"
+NODE_TYPES = [
+    # gpu type, GPU GiB, host GiB, host-to-device GB/s, HBM GB/s, host memory GB/s
+    ("H100-PCIe", 80, 512, 50.0, 2000.0, 120.0),
+    ("A100-40GB", 40, 256, 25.0, 1555.0, 100.0),
+    ("A6000", 48, 256, 25.0, 768.0, 80.0),
+    ("L4", 24, 128, 25.0, 300.0, 60.0),
+]
+PARAMETERS_BILLION = [0.5, 1.2, 1.5, 3.2, 7.2, 8.0]
+
+
+def make_fleet(model_count: int, node_count: int, seed: int = 0) -> tuple[list[ModelDemand], list[NodeCapacity]]:
+    """A synthetic fleet: many small models with heavy-tailed demand on four GPU types."""
+    rng = random.Random(seed)
+    nodes = []
+    for i in range(node_count):
+        gpu_type, gpu_gib, host_gib, h2d, hbm, host_bw = NODE_TYPES[i % len(NODE_TYPES)]
+        nodes.append(NodeCapacity(f"node-{i:05d}", gpu_type, gpu_gib * GIB, host_gib * GIB, h2d, hbm, host_bw))
+    models = []
+    for i in range(model_count):
+        billions = rng.choice(PARAMETERS_BILLION)
+        models.append(
+            ModelDemand(
+                name=f"team-{i % 97:02d}/model-{i:05d}",
+                weight_bytes=int(billions * 2e9),
+                kv_bytes_per_token=int(billions * 16384),
+                max_sequence_length=4096,
+                max_batch=8,
+                priority=rng.choice([0, 0, 50, 100]),
+                preemptible=rng.random() > 0.1,
+                min_decode_tokens_per_second=rng.choice([5.0, 10.0, 20.0]),
+                max_offload_fraction=rng.choice([0.0, 0.5, 0.8]),
+                demand_decode_tokens_per_second=round(rng.paretovariate(1.3) * 1.0, 2),
+            )
+        )
+    return models, nodes
+
+
+def applied(planned: Plan) -> list[CurrentPlacement]:
+    """The cluster state once a plan has been carried out."""
+    return [
+        CurrentPlacement(p.model, p.node, p.resident_fraction, p.mode, "loaded") for p in planned.placements.values()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="100,1000,10000", help="model counts (nodes = models / 10)")
+    parser.add_argument("--changes", type=int, default=20, help="single-model changes timed per size")
+    args = parser.parse_args()
+    rows = []
+    for model_count in [int(s) for s in args.sizes.split(",")]:
+        node_count = max(1, model_count // 10)
+        models, nodes = make_fleet(model_count, node_count)
+        config = PlannerConfig(solver="greedy")
+        started = time.perf_counter()
+        full = plan(models, nodes, [], config=config)
+        full_seconds = time.perf_counter() - started
+        # Level-triggered steady state: re-plan from the applied plan (what every reconcile does).
+        started = time.perf_counter()
+        steady = plan(models, nodes, applied(full), config=config)
+        steady_seconds = time.perf_counter() - started
+        incremental = IncrementalPlanner(models, nodes, [], config=config)
+        rng = random.Random(1)
+        change_seconds = []
+        for _ in range(args.changes):
+            model = models[rng.randrange(len(models))]
+            changed = dataclasses.replace(
+                model, demand_decode_tokens_per_second=(model.demand_decode_tokens_per_second or 1.0) * 10
+            )
+            started = time.perf_counter()
+            incremental.update_model(changed)
+            change_seconds.append(time.perf_counter() - started)
+        exact_note = ""
+        if model_count <= 100:
+            started = time.perf_counter()
+            exact = plan(models, nodes, [], config=PlannerConfig(solver="milp"))
+            exact_note = f"{time.perf_counter() - started:.2f}s, objective {exact.objective:.1f}"
+        rows.append(
+            {
+                "models": model_count,
+                "nodes": node_count,
+                "placed": len(full.placements),
+                "unschedulable": len(full.unschedulable),
+                "full_plan_seconds": full_seconds,
+                "steady_replan_seconds": steady_seconds,
+                "steady_replan_actions": len(steady.actions),
+                "incremental_median_ms": 1000 * statistics.median(change_seconds),
+                "incremental_max_ms": 1000 * max(change_seconds),
+                "greedy_objective": full.objective,
+                "optimality_gap": full.optimality_gap,
+                "gap_bound": "LP relaxation" if not full.notes else "capacity-free bound",
+                "milp_for_comparison": exact_note,
+            }
+        )
+    header = (
+        f"{'models':>7}{'nodes':>7}{'placed':>8}{'full plan s':>13}{'re-plan s':>11}{'actions':>9}"
+        f"{'incr p50 ms':>13}{'incr max ms':>13}{'gap':>8}  bound"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['models']:>7}{row['nodes']:>7}{row['placed']:>8}{row['full_plan_seconds']:>13.3f}"
+            f"{row['steady_replan_seconds']:>11.3f}{row['steady_replan_actions']:>9}"
+            f"{row['incremental_median_ms']:>13.2f}{row['incremental_max_ms']:>13.2f}"
+            f"{row['optimality_gap']:>8.1%}  {row['gap_bound']}"
+        )
+    for row in rows:
+        if row["milp_for_comparison"]:
+            print(
+                f"{row['models']} models: exact MILP {row['milp_for_comparison']} vs greedy objective "
+                f"{row['greedy_objective']:.1f}"
+            )
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        growth = last["full_plan_seconds"] / max(1e-9, first["full_plan_seconds"])
+        print(f"full plan time grows {growth:.0f}x for {last['models'] // first['models']}x the models")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": platform.platform(), "python": platform.python_version(), "rows": rows}
+    (RESULTS / "plan_scale.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {RESULTS / 'plan_scale.json'}")
+
+
+if __name__ == "__main__":
+    main()
