@@ -15,8 +15,17 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
-from residency_operator.planner import GIB, CurrentPlacement, ModelDemand, NodeCapacity, Plan, PlannerConfig, plan
+from residency_operator.planner import (
+    GIB,
+    CurrentPlacement,
+    ModelDemand,
+    NodeCapacity,
+    Plan,
+    PlannerConfig,
+    plan,
+)
 from residency_operator.planner.incremental import IncrementalPlanner
 
 RESULTS = Path(__file__).parent / "results"
@@ -30,13 +39,17 @@ NODE_TYPES = [
 PARAMETERS_BILLION = [0.5, 1.2, 1.5, 3.2, 7.2, 8.0]
 
 
-def make_fleet(model_count: int, node_count: int, seed: int = 0) -> tuple[list[ModelDemand], list[NodeCapacity]]:
+def make_fleet(
+    model_count: int, node_count: int, seed: int = 0
+) -> tuple[list[ModelDemand], list[NodeCapacity]]:
     """A synthetic fleet: many small models with heavy-tailed demand on four GPU types."""
     rng = random.Random(seed)
     nodes = []
     for i in range(node_count):
         gpu_type, gpu_gib, host_gib, h2d, hbm, host_bw = NODE_TYPES[i % len(NODE_TYPES)]
-        nodes.append(NodeCapacity(f"node-{i:05d}", gpu_type, gpu_gib * GIB, host_gib * GIB, h2d, hbm, host_bw))
+        nodes.append(
+            NodeCapacity(f"node-{i:05d}", gpu_type, gpu_gib * GIB, host_gib * GIB, h2d, hbm, host_bw)
+        )
     models = []
     for i in range(model_count):
         billions = rng.choice(PARAMETERS_BILLION)
@@ -60,7 +73,8 @@ def make_fleet(model_count: int, node_count: int, seed: int = 0) -> tuple[list[M
 def applied(planned: Plan) -> list[CurrentPlacement]:
     """The cluster state once a plan has been carried out."""
     return [
-        CurrentPlacement(p.model, p.node, p.resident_fraction, p.mode, "loaded") for p in planned.placements.values()
+        CurrentPlacement(p.model, p.node, p.resident_fraction, p.mode, "loaded")
+        for p in planned.placements.values()
     ]
 
 
@@ -69,7 +83,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000,10000", help="model counts (nodes = models / 10)")
     parser.add_argument("--changes", type=int, default=20, help="single-model changes timed per size")
     args = parser.parse_args()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for model_count in [int(s) for s in args.sizes.split(",")]:
         node_count = max(1, model_count // 10)
         models, nodes = make_fleet(model_count, node_count)

@@ -24,6 +24,8 @@ ADMIN_TOKEN = "e2e-admin-token"  # test-only secret
 @pytest.fixture(scope="session")
 def cluster() -> str:
     """Starts (or reuses) the control plane and installs the CRDs; returns the kubeconfig path."""
+    # the demo's operator would lead and act on the tests' models: the suite needs the cluster to itself
+    subprocess.run([str(REPO / "hack/demo.sh"), "down"], capture_output=True, timeout=120, check=False)
     out = subprocess.run([str(REPO / "hack/cluster.sh"), "up"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     kubeconfig = out.stdout.strip().split("=", 1)[1]

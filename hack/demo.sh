@@ -36,8 +36,12 @@ start() { # name cmd...
 down() {
   if [ -f "$ROOT/.cluster/kubeconfig" ] && "$ROOT/hack/cluster.sh" status 2>/dev/null; then
     export KUBECONFIG="$ROOT/.cluster/kubeconfig"
-    kubectl delete -f "$ROOT/examples" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+    kubectl delete -f "$ROOT/examples" --ignore-not-found --timeout=60s >/dev/null 2>&1 || true
   fi
+  local spec
+  for spec in "${NODES[@]}"; do
+    [ -n "${KUBECONFIG:-}" ] && kubectl delete node "${spec%%:*}" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  done
   for f in "$DEMO"/pids/*; do [ -e "$f" ] && stop_pid "$f"; done
   rm -rf "$DEMO"
 }

@@ -354,8 +354,13 @@ def model_verdict(
         ("architecture", info.model_type),
         ("weightBytes", info.weight_bytes),
     )
-    if not inputs.nodes:
+    if not any(n.accepts_work for n in inputs.nodes):
         message = "no GPU node has registered a NodeProfile yet; start a worker (`residency worker`)"
+        if inputs.nodes:
+            message = (
+                f"none of the {len(inputs.nodes)} registered GPU node(s) takes work now "
+                "(not Ready, cordoned, being disrupted, or its worker stopped heartbeating)"
+            )
         return Verdict(
             "Pending",
             "NoNodes",

@@ -130,7 +130,9 @@ def test_stale_heartbeat_node_takes_no_work(tmp_path: Path, make_model_dir: Make
     )
     inputs, result, desired = run(state, tmp_path)
     assert desired == {}
-    assert model_verdict("team-a/a", inputs, result, None).phase == "Unschedulable"
+    verdict = model_verdict("team-a/a", inputs, result, None)
+    assert (verdict.phase, verdict.reason) == ("Pending", "NoNodes")
+    assert "1 registered" in verdict.message
 
 
 def test_loaded_placement_makes_the_model_ready_and_replanning_is_stable(

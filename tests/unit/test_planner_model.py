@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +18,7 @@ from residency_operator.planner.costs import (
     promote_cost,
     resume_cost,
 )
-from residency_operator.planner.options import gpu_bytes_needed, gpu_busy_fraction, host_bytes_needed
+from residency_operator.planner.options import gpu_busy_fraction, gpu_bytes_needed, host_bytes_needed
 from residency_operator.planner.predictor import (
     MonotoneCurve,
     Predictor,
@@ -107,7 +108,7 @@ def test_profile_interpolation_is_monotone(points: list[tuple[float, float]], pr
     curve = MonotoneCurve.from_points(points)
     ordered = sorted(probes)
     values = [curve(p) for p in ordered]
-    assert all(a <= b + 1e-9 for a, b in zip(values, values[1:], strict=False))
+    assert all(a <= b + 1e-9 for a, b in itertools.pairwise(values))
     assert min(values) >= min(r for _, r in points) - 1e-9
     assert max(values) <= max(r for _, r in points) + 1e-9
 

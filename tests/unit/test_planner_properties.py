@@ -198,23 +198,21 @@ def test_no_priority_inversion_and_non_preemptible_kept(
         assert model.preemptible, f"non-preemptible {name} was preempted"
         node = by_node[before.node]
         # Room its own node keeps for models of at least its priority, without it.
-        gpu = host = 0
-        busy = 0.0
-        for other in second.placements.values():
-            if other.node == node.name and by_model[other.model].priority >= model.priority:
-                option = evaluate_option(
-                    predictor, by_model[other.model], node, other.resident_fraction, other.mode, config
-                )
-                gpu, host, busy = (
-                    gpu + option.gpu_bytes,
-                    host + option.host_bytes,
-                    busy + option.busy_fraction,
-                )
+        kept = [
+            evaluate_option(
+                predictor, by_model[other.model], node, other.resident_fraction, other.mode, config
+            )
+            for other in second.placements.values()
+            if other.node == node.name and by_model[other.model].priority >= model.priority
+        ]
         mine = evaluate_option(predictor, model, node, before.resident_fraction, before.mode, config)
+        together = [*kept, mine]
+        busy = sum(o.busy_fraction for o in together)
         fits = (
-            gpu + mine.gpu_bytes <= usable_gpu_bytes(node)
-            and host + mine.host_bytes <= usable_host_bytes(node)
-            and busy + mine.busy_fraction <= config.max_gpu_busy_fraction + 1e-9
+            sum(o.gpu_bytes for o in together) <= usable_gpu_bytes(node)
+            and sum(o.host_bytes for o in together) <= usable_host_bytes(node)
+            and busy <= config.max_gpu_busy_fraction + 1e-9
+            and all(busy - o.busy_fraction <= o.tolerance + 1e-9 for o in together)
         )
         assert not fits, (
             f"{name} (priority {model.priority}) preempted although its place was free of higher tiers"

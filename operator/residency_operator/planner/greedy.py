@@ -145,7 +145,8 @@ class GreedyState:
         self.assignment[model_index] = None
         self.used_time[node] -= assignment.busy
         self.time_cap[node] = min(
-            [self.max_busy] + [a.tolerance + a.busy for i in self.models_on_node[node] if (a := self.assignment[i])]
+            [self.max_busy]
+            + [a.tolerance + a.busy for i in self.models_on_node[node] if (a := self.assignment[i])]
         )
         self.free_time[node] = self.time_cap[node] - self.used_time[node]
         self._time_changed(node, before)
@@ -229,7 +230,7 @@ def derive_scores(tables: ClassTables, usable_class: BoolArray, horizon_seconds:
         min_level=np.argmax(feasible, axis=3),
         class_mode_order=np.argsort(-flat, axis=0, kind="stable").T,
         best_target_score=flat.max(axis=0) if model_count else np.zeros(0),
-        has_option=feasible.any(axis=(0, 1, 3)) if model_count else np.zeros(0, dtype=bool),
+        has_option=np.asarray(feasible.any(axis=(0, 1, 3)), dtype=bool),
         flat_target_score=flat,
     )
 
@@ -369,7 +370,9 @@ class GreedyPlanner:
     def _seated_fit(self, node: int) -> bool:
         state = self.state
         time_slack = 1.0 - self.config.max_gpu_busy_fraction
-        return state.free_gpu[node] >= 0 and state.free_host[node] >= 0 and state.free_time[node] >= -time_slack
+        return (
+            state.free_gpu[node] >= 0 and state.free_host[node] >= 0 and state.free_time[node] >= -time_slack
+        )
 
     def _value_of(self, model_index: int) -> float:
         assignment = self.state.assignment[model_index]
@@ -422,7 +425,75 @@ class GreedyPlanner:
         return node
 
     def try_place(self, model_index: int) -> bool:
-        """Admit a model into free memory; True when placed."""
+        """Admit a model into free memory (promoting a model that blocks it if that helps)."""
+        return self._try_place_free(model_index) or self._try_unblock(model_index)
+
+    def _try_unblock(self, model_index: int) -> bool:
+        """Admit a model where memory suffices but a resident model's SLO leaves too little GPU time to
+        share, by promoting that model (a faster model tolerates more sharing)."""
+        tables, state = self.tables, self.state
+        for node_class, mode_index in self._class_modes(model_index):
+            level = int(self.target_level[node_class, mode_index, model_index])
+            need_gpu = int(tables.gpu_bytes[mode_index, model_index, level])
+            need_host = int(tables.host_bytes[model_index, level])
+            need_busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
+            need_tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
+            sorted_free = state.free_sorted[node_class]
+            position = bisect.bisect_left(sorted_free, (need_gpu, -1))
+            for _, node in sorted_free[position : position + MAKE_ROOM_CANDIDATE_NODES]:
+                if state.free_host[node] < need_host or state.used_time[node] + need_busy > state.max_busy:
+                    continue
+                if state.used_time[node] > need_tolerance + 1e-9:
+                    continue  # the newcomer itself could not share this node
+                blocker = self._promote_blocker(node, need_gpu, need_host, need_busy)
+                if blocker and state.fits(node, need_gpu, need_host, need_busy, need_tolerance):
+                    state.occupy(
+                        model_index, self._assignment_at(model_index, node, node_class, mode_index, level)
+                    )
+                    return True
+        return False
+
+    def _promote_blocker(self, node: int, keep_gpu: int, keep_host: int, need_busy: float) -> bool:
+        """Promote the model whose tolerance caps the node's GPU time, keeping ``keep_*`` bytes free."""
+        state, tables = self.state, self.tables
+        on_node = [i for i in state.models_on_node[node] if state.assignment[i] is not None]
+        if not on_node:
+            return False
+        blocker = min(
+            on_node,
+            key=lambda i: (state.assignment[i].tolerance + state.assignment[i].busy, self.models[i].name),  # type: ignore[union-attr]
+        )
+        assignment = state.assignment[blocker]
+        assert assignment is not None
+        node_class = self.class_of_node[node]
+        mode_index = MODES.index(assignment.mode)
+        feasible = tables.feasible[node_class, mode_index, blocker]
+        for level in range(len(tables.levels) - 1, -1, -1):
+            if tables.levels[level] <= assignment.resident_fraction + 1e-9:
+                break
+            if not feasible[level]:
+                continue
+            extra_gpu = int(tables.gpu_bytes[mode_index, blocker, level]) - assignment.gpu_bytes
+            extra_host = int(tables.host_bytes[blocker, level]) - assignment.host_bytes
+            busy = float(tables.busy_fraction[node_class, mode_index, blocker, level])
+            tolerance = float(tables.tolerance[node_class, mode_index, blocker, level])
+            if state.free_gpu[node] - extra_gpu < keep_gpu or state.free_host[node] - extra_host < keep_host:
+                continue
+            others_used = state.used_time[node] - assignment.busy
+            if others_used + need_busy > tolerance + 1e-9 or others_used + busy + need_busy > state.max_busy:
+                continue
+            promoted = self._assignment_at(blocker, node, node_class, mode_index, level)
+            if assignment.incumbent:
+                promoted.score = self._promotion_score(blocker, assignment, level, False)
+                promoted.full_score = self._promotion_score(blocker, assignment, level, True)
+                promoted.incumbent = True
+            state.release(blocker)
+            state.occupy(blocker, promoted)
+            return True
+        return False
+
+    def _try_place_free(self, model_index: int) -> bool:
+        """Admit a model into free memory and GPU time; True when placed."""
         pairs = self._class_modes(model_index)
         if not pairs:
             return False
@@ -465,7 +536,9 @@ class GreedyPlanner:
             scores = self.newcomer_score[node_class, mode_index, model_index]
             gpu_row = tables.gpu_bytes[mode_index, model_index]
             busy_row = tables.busy_fraction[node_class, mode_index, model_index]
-            viable = np.flatnonzero(np.isfinite(scores) & (gpu_row <= largest) & (busy_row <= max_time + 1e-9))
+            viable = np.flatnonzero(
+                np.isfinite(scores) & (gpu_row <= largest) & (busy_row <= max_time + 1e-9)
+            )
             for level in sorted(viable.tolist(), key=lambda j: (-scores[j], gpu_row[j])):
                 if best is not None and scores[level] <= best[0]:
                     break
@@ -591,8 +664,9 @@ class GreedyPlanner:
         for other in state.models_on_node[node]:
             other_model = self.models[other]
             assignment = state.assignment[other]
-            if assignment is None or not other_model.preemptible or other_model.priority > model.priority:
+            if assignment is None or other_model.priority > model.priority:
                 continue
+            # A non-preemptible model keeps running, but may be demoted within its SLO.
             minimal = self._minimal_option(other, assignment)
             if minimal is not None:
                 freed = assignment.gpu_bytes - minimal[0]
@@ -610,7 +684,7 @@ class GreedyPlanner:
                             loss,
                         )
                     )
-            if other_model.priority < model.priority:
+            if other_model.priority < model.priority and other_model.preemptible:
                 preemptions.append(
                     (
                         other_model.priority,
@@ -752,7 +826,9 @@ class GreedyPlanner:
                 float(tables.busy_fraction[node_class, mode_index, model_index, level]) - assignment.busy
             )
             tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
-            if not unlimited and not state.fits(assignment.node, extra_gpu, extra_host, extra_busy, tolerance):
+            if not unlimited and not state.fits(
+                assignment.node, extra_gpu, extra_host, extra_busy, tolerance
+            ):
                 continue
             score = self._promotion_score(model_index, assignment, level, full)
             # An incumbent's score carries the hysteresis bonus, so it must be beaten by a clear margin.

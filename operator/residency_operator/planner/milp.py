@@ -268,8 +268,8 @@ def _sharing_constraint(
                 continue
             row = len(bounds)
             rows.extend([row] * (len(others) + 1))
-            columns.extend(others.tolist() + [int(o)])
-            values.extend(options.busy[others].tolist() + [big_m])
+            columns.extend([*others.tolist(), int(o)])
+            values.extend([*options.busy[others].tolist(), big_m])
             bounds.append(float(options.tolerance[o]) + big_m + 1e-9)
     if not bounds:
         return None
@@ -308,8 +308,9 @@ def solve_lexicographic(
         (tier, np.where(priorities == tier, options.primary_score, 0.0)) for tier in tiers
     ]
     stages.append((None, options.score))
-    tie_breaks = config.memory_penalty_per_gib * options.gpu_bytes / GIB + config.gpu_time_penalty * np.maximum(
-        options.busy, 1.0 - options.tolerance
+    tie_breaks = (
+        config.memory_penalty_per_gib * options.gpu_bytes / GIB
+        + config.gpu_time_penalty * np.maximum(options.busy, 1.0 - options.tolerance)
     )
     for tier, coefficients in stages:
         active = priorities >= tier if tier is not None else np.ones(option_count, dtype=bool)
@@ -332,7 +333,9 @@ def solve_lexicographic(
             held_coefficients = np.where(priorities == tier, coefficients + tie_breaks, 0.0)
             achieved = float(np.dot(held_coefficients, solution))
             # A little slack lets later stages shift load-cost noise, never a whole model's availability.
-            slack = min(TIER_HOLD_SLACK * max(1.0, abs(achieved)), 0.25 * config.availability_value_tokens_per_second)
+            slack = min(
+                TIER_HOLD_SLACK * max(1.0, abs(achieved)), 0.25 * config.availability_value_tokens_per_second
+            )
             held.append((held_coefficients, achieved - slack))
         gap = max(gap, float(getattr(result, "mip_gap", 0.0) or 0.0))
     assert solution is not None

@@ -211,12 +211,15 @@ def assemble_plan(
     models, nodes = problem.models, problem.nodes
     free_gpu = [usable_gpu_bytes(node) for node in nodes]
     free_host = [usable_host_bytes(node) for node in nodes]
-    free_time = [problem.config.max_gpu_busy_fraction] * len(nodes)
+    time_cap = [problem.config.max_gpu_busy_fraction] * len(nodes)
+    used_time = [0.0] * len(nodes)
     for a in assignment:
         if a is not None:
             free_gpu[a.node] -= a.gpu_bytes
             free_host[a.node] -= a.host_bytes
-            free_time[a.node] -= a.busy
+            used_time[a.node] += a.busy
+            time_cap[a.node] = min(time_cap[a.node], a.busy + a.tolerance)
+    free_time = [cap - used for cap, used in zip(time_cap, used_time, strict=True)]
     indices = list(range(len(models))) if only_models is None else sorted(set(only_models))
     placements: dict[str, PlannedPlacement] = {} if base is None else dict(base.placements)
     for i in indices:
@@ -297,7 +300,8 @@ def describe_placement(problem: PlanningProblem, model_index: int, a: Assignment
         mode=a.mode,
         gpu_bytes=a.gpu_bytes,
         host_bytes=a.host_bytes,
-        gpu_busy_fraction=a.busy,
+        # Rounded: the vectorised tables and the scalar predictor may differ in the last bit.
+        gpu_busy_fraction=round(a.busy, 9),
         predicted_decode_tokens_per_second=rate,
         predicted_throughput_tokens_per_second=rate * model.max_batch,
         predicted_prefill_tokens_per_second=predictor.prefill_tokens_per_second(

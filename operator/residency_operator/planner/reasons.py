@@ -120,11 +120,14 @@ def unschedulable_reason(
         members = context.members[node_class]
         most_gpu, most_host, most_time = context.class_max[node_class]
         plausible = need[0] <= most_gpu and need[1] <= most_host and need[2] <= most_time + 1e-9
-        if plausible and (
-            (context.free_gpu[members] >= need[0])
-            & (context.free_host[members] >= need[1])
-            & (context.free_time[members] >= need[2] - 1e-9)
-        ).any():
+        if (
+            plausible
+            and (
+                (context.free_gpu[members] >= need[0])
+                & (context.free_host[members] >= need[1])
+                & (context.free_time[members] >= need[2] - 1e-9)
+            ).any()
+        ):
             return Unschedulable(
                 model.name,
                 "Deferred",

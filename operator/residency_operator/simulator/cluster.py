@@ -117,8 +117,8 @@ def parse_cluster(spec: str | list[dict[str, Any]]) -> list[NodeCapacity]:
             return parse_cluster(entries)
         entries = []
         for part in spec.split(","):
-            preset, _, count = part.strip().partition(":")
-            entries.append({"preset": preset, "count": int(count or 1)})
+            preset_name, _, count_text = part.strip().partition(":")
+            entries.append({"preset": preset_name, "count": int(count_text or 1)})
         return parse_cluster(entries)
     nodes: list[NodeCapacity] = []
     for entry in spec:

@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
         ),
         policy: str = typer.Option("all", "--policy", help=f"One of {', '.join(POLICY_NAMES)}, or all."),
         seed: int = typer.Option(0, "--seed", help="Seed of the generated trace."),
-        out: Path = typer.Option(Path("simulation"), "--out", help="Directory for report.json and report.png."),
+        out: Path = typer.Option(
+            Path("simulation"), "--out", help="Directory for report.json and report.png."
+        ),
     ) -> None:
         """Replay a request trace over a simulated GPU cluster and compare placement policies."""
         if (trace is None) == (generate is None):
@@ -52,8 +54,10 @@ def register(app: typer.Typer) -> None:
         except (OSError, ValueError, KeyError) as error:
             raise typer.BadParameter(str(error)) from error
         reports = run_all(scenario, policies)
-        typer.echo(f"scenario {scenario.name}: {len(scenario.models)} models on {len(scenario.nodes)} nodes, "
-                   f"{scenario.duration_seconds:.0f} s")
+        typer.echo(
+            f"scenario {scenario.name}: {len(scenario.models)} models on {len(scenario.nodes)} nodes, "
+            f"{scenario.duration_seconds:.0f} s"
+        )
         typer.echo(format_table(reports))
         out.mkdir(parents=True, exist_ok=True)
         write_json({scenario.name: reports}, out / "report.json", {"seed": seed})

@@ -18,7 +18,6 @@ from residency_operator.planner.plan import plan
 from residency_operator.planner.types import Plan, PlannerConfig
 from residency_operator.simulator.engine import ModelRuntime, Simulation
 
-
 SIMULATION_PLANNER_CONFIG = PlannerConfig(
     amortisation_horizon_seconds=300.0, solver="greedy", bound_max_options=0
 )
@@ -133,12 +132,16 @@ class LruEvictPolicy:
         return best[1]
 
 
+UNIFORM_LEVELS = tuple(step / 20 for step in range(1, 21))
+"""Resident fractions uniform-offload chooses among (5% steps)."""
+
+
 class UniformOffloadPolicy:
     """All models loaded at one cluster-wide resident fraction, as high as memory allows."""
 
     name = "uniform-offload"
 
-    def __init__(self, levels: tuple[float, ...] = tuple(i / 20 for i in range(1, 21))) -> None:
+    def __init__(self, levels: tuple[float, ...] = UNIFORM_LEVELS) -> None:
         self.levels = levels
         self._placed = False
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,8 @@ class PolicyReport:
     restarted_requests: int
     gpu_memory_utilisation: float
     plan_seconds_mean: float | None = None
+    goodput_by_priority_tokens_per_second: dict[int, float] = field(default_factory=dict)
+    """SLO-met goodput split by model priority (what a priority-respecting policy trades)."""
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
@@ -55,8 +57,9 @@ def summarise(
     counters: Counters,
     gpu_memory_utilisation: float,
     plan_seconds_mean: float | None = None,
+    priorities: Mapping[str, int] | None = None,
 ) -> PolicyReport:
-    """Reduce request outcomes and counters to one report."""
+    """Reduce request outcomes and counters to one report (``priorities``: model name → priority)."""
     completed = [o for o in outcomes if o.completed]
     ttfts = [o.ttft_seconds for o in completed if o.ttft_seconds is not None]
     tpots = [o.tpot_seconds for o in completed if o.tpot_seconds is not None]
@@ -87,7 +90,18 @@ def summarise(
         restarted_requests=counters.restarted_requests,
         gpu_memory_utilisation=gpu_memory_utilisation,
         plan_seconds_mean=plan_seconds_mean,
+        goodput_by_priority_tokens_per_second=_by_priority(completed, priorities or {}, duration_seconds),
     )
+
+
+def _by_priority(
+    completed: Sequence[RequestOutcome], priorities: Mapping[str, int], duration_seconds: float
+) -> dict[int, float]:
+    tokens: dict[int, float] = {}
+    for outcome in completed:
+        priority = priorities.get(outcome.model, 0)
+        tokens[priority] = tokens.get(priority, 0.0) + (outcome.output_tokens if outcome.met_slo else 0)
+    return {p: tokens[p] / duration_seconds for p in sorted(tokens, reverse=True)}
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

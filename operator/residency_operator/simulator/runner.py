@@ -143,6 +143,7 @@ def run_policy(
         sim.counters,
         sim.gpu_memory_utilisation,
         plan_seconds,
+        {m.name: m.priority for m in scenario.models},
     )
 
 

@@ -92,11 +92,11 @@ def generate_trace(
             rng = np.random.default_rng([seed, 1_000_000 + event_index, target_index])
             start, end = float(event["start_seconds"]), float(event.get("end_seconds", duration_seconds))
             count = rng.poisson(float(event["rate_per_second"]) * max(0.0, end - start))
-            arrivals = np.sort(rng.uniform(start, end, size=count))
+            event_arrivals = np.sort(rng.uniform(start, end, size=count))
             requests.extend(
                 _requests_at(
                     rng,
-                    arrivals,
+                    event_arrivals.tolist(),
                     model,
                     float(event.get("prompt_tokens_mean", prompt_mean)),
                     float(event.get("output_tokens_mean", output_mean)),
