@@ -58,8 +58,8 @@ def timings_wire(timings: ModelTimings) -> dict[str, Any]:
         wire["reloadSeconds"] = round(timings.reload_seconds, 6)
     if timings.kv_save_seconds is not None:
         wire["kvTransferSeconds"] = round(timings.kv_save_seconds, 6)
-    if timings.kv_bytes:
-        wire["kvBytes"] = timings.kv_bytes
+    if timings.kv_save_seconds is not None or timings.kv_bytes:
+        wire["kvBytes"] = timings.kv_bytes  # 0 is a measurement too: nothing was in flight
     transfer = timings.reload_transfer or timings.load_transfer
     if transfer is not None:
         # bytes, seconds and GB/s of one and the same measured weight transfer

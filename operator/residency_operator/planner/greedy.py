@@ -99,6 +99,8 @@ class GreedyState:
     """Model index → index of the model that preempted it (for the reason)."""
     class_members: list[list[int]] = field(default_factory=list)
     _max_time: dict[int, float] = field(default_factory=dict)
+    version: int = 0
+    """Bumped whenever memory or time is given back (cached "does not fit" answers expire)."""
     """Most free GPU time per class, kept lazily (dropped when its holder fills up)."""
 
     def max_free_time(self, node_class: int) -> float:
@@ -140,6 +142,7 @@ class GreedyState:
             return None
         self._set_free(assignment.node, assignment.gpu_bytes, assignment.host_bytes)
         node = assignment.node
+        self.version += 1
         before = self.free_time[node]
         self.models_on_node[node].discard(model_index)
         self.assignment[model_index] = None
@@ -285,6 +288,8 @@ class GreedyPlanner:
                 free_sorted[class_of_node[i]].append((free_gpu[i], i))
         for entries in free_sorted:
             entries.sort()
+        self._fail_memo: dict[int, list[tuple[int, int, float, float]]] = {}
+        self._memo_version = -1
         self.failed_room: dict[tuple[int, int, int], list[tuple[int, int, float]]] = {}
         self.state = GreedyState(
             free_gpu=free_gpu,
@@ -521,7 +526,7 @@ class GreedyPlanner:
             host = int(tables.host_bytes[model_index, level])
             busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
             tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
-            node = state.best_fit(node_class, gpu, host, busy, tolerance)
+            node = self._fit(node_class, gpu, host, busy, tolerance)
             if node is not None:
                 state.occupy(
                     model_index, self._assignment_at(model_index, node, node_class, mode_index, level)
@@ -530,9 +535,9 @@ class GreedyPlanner:
         # Pass 2: per class, the best-scoring feasible level that fits somewhere (a higher level may
         # need less GPU time, a lower one less memory).
         best: tuple[float, int, int, int, int] | None = None
-        max_time = max(state.free_time) if state.free_time else 0.0
         for node_class, mode_index in pairs:
             largest = state.largest_free_gpu(node_class)
+            max_time = state.max_free_time(node_class)
             scores = self.newcomer_score[node_class, mode_index, model_index]
             gpu_row = tables.gpu_bytes[mode_index, model_index]
             busy_row = tables.busy_fraction[node_class, mode_index, model_index]
@@ -542,7 +547,7 @@ class GreedyPlanner:
             for level in sorted(viable.tolist(), key=lambda j: (-scores[j], gpu_row[j])):
                 if best is not None and scores[level] <= best[0]:
                     break
-                node = state.best_fit(
+                node = self._fit(
                     node_class,
                     int(gpu_row[level]),
                     int(tables.host_bytes[model_index, level]),
@@ -557,6 +562,21 @@ class GreedyPlanner:
         _, node, node_class, mode_index, level = best
         state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
         return True
+
+    def _fit(self, node_class: int, gpu: int, host: int, busy: float, tolerance: float) -> int | None:
+        """Best-fit node, remembering needs that found none (room only shrinks until something leaves)."""
+        state = self.state
+        if self._memo_version != state.version:
+            self._fail_memo.clear()
+            self._memo_version = state.version
+        failures = self._fail_memo.setdefault(node_class, [])
+        for g, h, b, t in failures:
+            if gpu >= g and host >= h and busy >= b - 1e-12 and tolerance <= t + 1e-12:
+                return None
+        node = state.best_fit(node_class, gpu, host, busy, tolerance)
+        if node is None and len(failures) < 16:
+            failures.append((gpu, host, busy, tolerance))
+        return node
 
     # -- making room ----------------------------------------------------------------------------------
 
@@ -752,11 +772,13 @@ class GreedyPlanner:
 
     # -- promotion ------------------------------------------------------------------------------------
 
-    def promote(self, tier: Sequence[int], full: bool = False) -> None:
+    def promote(self, tier: Sequence[int], full: bool = False) -> int:
         """Spend free memory on the given placed models, best marginal value per byte first.
 
         Tiers promote on primary value; the final pass (``full``) also values throughput beyond demand.
+        Returns how many models were promoted.
         """
+        promoted_count = 0
         state, tables = self.state, self.tables
         proposals: list[tuple[float, str, int, int]] = []
         for model_index in tier:
@@ -788,6 +810,8 @@ class GreedyPlanner:
                 promoted.incumbent = True
             state.release(model_index)
             state.occupy(model_index, promoted)
+            promoted_count += 1
+        return promoted_count
 
     def _promotion_score(self, model_index: int, assignment: Assignment, level: int, full: bool) -> float:
         node_class = self.class_of_node[assignment.node]
@@ -934,14 +958,18 @@ class GreedyPlanner:
         # Memory nobody needs goes to throughput beyond demand (lower latency), highest priority first.
         placed = [i for i in range(len(self.models)) if self.state.assignment[i] is not None]
         placed.sort(key=lambda i: (-self.models[i].priority, self.models[i].name))
-        self.promote(placed, full=True)
+        promoted = self.promote(placed, full=True)
         # Promotions raise rates, so models that could not share a GPU before may fit now: one more round.
-        late = [
-            i
-            for priority in sorted(tiers, reverse=True)
-            for i in tiers[priority]
-            if self.state.assignment[i] is None and self.has_option[i]
-        ]
+        late = (
+            []
+            if not promoted
+            else [
+                i
+                for priority in sorted(tiers, reverse=True)
+                for i in tiers[priority]
+                if self.state.assignment[i] is None and self.has_option[i]
+            ]
+        )
         placed_late = [i for i in late if self.try_place(i)]
         if placed_late:
             self.promote(placed_late, full=True)

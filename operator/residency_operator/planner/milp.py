@@ -217,6 +217,7 @@ def _capacity_constraints(
     model_count: int,
     active: npt.NDArray[np.bool_],
     max_busy_fraction: float,
+    with_sharing: bool = True,
 ) -> list[LinearConstraint]:
     option_count = len(options)
     columns = np.arange(option_count)
@@ -238,7 +239,7 @@ def _capacity_constraints(
     lower = np.zeros(model_count)
     for model_index in options.pinned_models:
         lower[model_index] = 1.0
-    sharing = _sharing_constraint(options, active, max_busy_fraction)
+    sharing = _sharing_constraint(options, active, max_busy_fraction) if with_sharing else None
     return [
         *([sharing] if sharing is not None else []),
         LinearConstraint(gpu, -np.inf, gpu_capacity + 1e-9),
@@ -350,8 +351,9 @@ def lp_upper_bound(
     """LP relaxation of the single-level objective (all tiers summed): an upper bound on any plan."""
     if len(options) == 0:
         return 0.0
+    # Without the (big-M) sharing rows: dropping constraints keeps it an upper bound and keeps it fast.
     constraints = _capacity_constraints(
-        options, nodes, len(models), np.ones(len(options), dtype=bool), config.max_gpu_busy_fraction
+        options, nodes, len(models), np.ones(len(options), dtype=bool), config.max_gpu_busy_fraction, False
     )
     result = milp(
         -options.score,

@@ -94,7 +94,11 @@ def served_values(
     Full: primary + a little for throughput beyond demand, which only spends memory nobody else needs.
     """
     demand = model.demand_decode_tokens_per_second
-    served = throughput_tokens_per_second if demand is None else min(throughput_tokens_per_second, demand)
+    served = (
+        throughput_tokens_per_second
+        if demand is None
+        else min(throughput_tokens_per_second, config.demand_headroom * demand)
+    )
     primary = (
         config.availability_value_tokens_per_second
         + served
@@ -124,27 +128,36 @@ def sharing_tolerance(decode_tokens_per_second: Any, slo_tokens_per_second: Any)
     return np.clip(1.0 - np.asarray(slo_tokens_per_second) / rate, 0.0, 1.0)
 
 
+BATCHING_SAFETY = 2.0
+"""Poisson arrivals never batch perfectly: reserve this multiple of the ideal batched share."""
+
+
 def gpu_busy_fraction(
     demand_tokens_per_second: Any,
     single_step_seconds: Any,
     full_step_seconds: Any,
     max_batch: Any,
     cap: float,
+    slo_tokens_per_second: Any = 0.0,
 ) -> Any:
-    """Share of a GPU's time a model's demand keeps it busy (models on one GPU take turns).
+    """Share of a GPU's time a model needs to serve its demand (models on one GPU take turns).
 
-    By Little's law a model serving λ tokens/s has on average N = λ·step(b) sequences in flight; with
-    Poisson arrivals the GPU is busy whenever at least one is, i.e. 1 - exp(-N) of the time (continuous
-    batching absorbs the overlap). ``step(b)`` is interpolated between the single-sequence and full-batch
-    step at b = clamp(N, 1, max batch). Unknown demand (infinite) counts as zero: nothing is known to
-    reserve. Capped at ``cap`` so a model whose demand fills a whole GPU can still run alone.
+    Alone, a model serving λ tokens/s has N = λ·step(1) sequences in flight and keeps the GPU busy
+    1 - exp(-N) of the time (Little's law, Poisson arrivals). Sharing, it can batch deeper: at batch b
+    each sequence gets λ/b tokens/s, so the SLO allows b* = λ/SLO (at most the max batch), and the
+    share needed is λ·step(b*)/b*. The estimate is the smaller of the solo figure and
+    ``BATCHING_SAFETY`` times the batched one. Unknown demand (infinite) counts as zero. Capped at
+    ``cap`` so a model whose demand fills a whole GPU can still run alone.
     """
     known = np.isfinite(demand_tokens_per_second)
     demand = np.where(known, demand_tokens_per_second, 0.0)
-    batch = np.clip(demand * single_step_seconds, 1.0, max_batch)
+    alone = 1.0 - np.exp(-demand * single_step_seconds)
+    slo = np.asarray(slo_tokens_per_second, dtype=np.float64)
+    batch = np.where(slo > 0, demand / np.maximum(slo, 1e-12), max_batch)
+    batch = np.clip(batch, 1.0, max_batch)
     slope = (full_step_seconds - single_step_seconds) / np.maximum(1.0, max_batch - 1.0)
-    in_flight = demand * (single_step_seconds + slope * (batch - 1.0))
-    return np.minimum(cap, 1.0 - np.exp(-in_flight))
+    batched = demand * (single_step_seconds + slope * (batch - 1.0)) / batch
+    return np.minimum(cap, np.minimum(alone, BATCHING_SAFETY * batched))
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +201,7 @@ def evaluate_option(
             predictor.decode_step_seconds(model, node, resident_fraction, mode),
             float(max(1, model.max_batch)),
             config.max_gpu_busy_fraction,
+            model.min_decode_tokens_per_second or 0.0,
         )
     )
     tolerance = float(sharing_tolerance(rate, model.min_decode_tokens_per_second))
@@ -365,6 +379,7 @@ def build_class_tables(
                 full_step_seconds,
                 batch[:, None],
                 config.max_gpu_busy_fraction,
+                slo[:, None],
             )
             feasible[c, k] = (
                 level_allowed
@@ -374,7 +389,7 @@ def build_class_tables(
                 & (host_bytes <= host_capacity)
             )
     throughput = rate * batch[None, None, :, None]
-    served = np.minimum(throughput, demand[None, None, :, None])
+    served = np.minimum(throughput, config.demand_headroom * demand[None, None, :, None])
     tolerance = np.where(slo[None, None, :, None] > 0, sharing_tolerance(rate, slo[None, None, :, None]), 1.0)
     # The GPU time a placement claims: its own busy share, or what its SLO denies to others.
     time_share = np.maximum(busy, 1.0 - tolerance)

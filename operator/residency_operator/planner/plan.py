@@ -264,6 +264,12 @@ def assemble_plan(
         unschedulable.pop(models[i].name, None)
         if assignment[i] is None and models[i].wanted:
             preemptor = preempted_by.get(i)
+            was = problem.current.get(models[i].name)
+            if preemptor is None and was is not None and was.is_running and was.node in problem.node_index:
+                # The exact solver does not say who displaced whom: name the most important newcomer.
+                gainers = _gainers_on(problem, problem.node_index[was.node], assignment)
+                if gainers and models[gainers[0]].priority > models[i].priority:
+                    preemptor = gainers[0]
             preempted_for = (
                 (models[preemptor].name, models[preemptor].priority) if preemptor is not None else None
             )

@@ -59,6 +59,11 @@ class ReasonContext:
         self.capacity_host = max((usable_host_bytes(nodes[i]) for i in self.accepting), default=0)
 
 
+def for_slo(model: ModelDemand) -> str:
+    """`` for SLO 20 tok/s`` or nothing."""
+    return "" if model.min_decode_tokens_per_second is None else f" for {slo_text(model)}"
+
+
 def unschedulable_reason(
     model_index: int,
     model: ModelDemand,
@@ -143,8 +148,7 @@ def unschedulable_reason(
         return Unschedulable(
             model.name,
             "InsufficientGPUMemory",
-            prefix
-            + f"needs {gib(need_gpu)} on the GPU ({percent(need_fraction)} resident) for {slo_text(model)}; "
+            prefix + f"needs {gib(need_gpu)} on the GPU ({percent(need_fraction)} resident){for_slo(model)}; "
             f"the largest node has {gib(context.capacity_gpu)}",
         )
     if need_host > context.capacity_host:
@@ -162,7 +166,7 @@ def unschedulable_reason(
         return Unschedulable(
             model.name,
             "InsufficientGPUMemory",
-            prefix + f"needs {gib(need_gpu)} resident for {slo_text(model)}; "
+            prefix + f"needs {gib(need_gpu)} resident{for_slo(model)}; "
             f"largest free is {gib(float(free_gpu.max()))}",
         )
     fits_host = fits_gpu & (free_host >= need_host)

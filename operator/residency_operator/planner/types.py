@@ -194,6 +194,9 @@ class PlannerConfig:
     """Transition costs are spread over this horizon when weighed against throughput gains."""
     hysteresis_fraction: float = 0.05
     """A change must beat the current placement by this share of its value to be worth making."""
+    demand_headroom: float = 2.0
+    """Capacity up to this multiple of the observed demand counts as served: traffic is bursty, and a
+    placement sized to the mean queues every burst."""
     availability_value_tokens_per_second: float = 1.0
     """Value of merely being loaded (so idle models stay available while room allows)."""
     excess_throughput_weight: float = 0.5
@@ -209,7 +212,7 @@ class PlannerConfig:
     milp_max_options: int = 3000
     """``auto`` uses the exact MILP up to this many (model, node, level, mode) options."""
     milp_time_limit_seconds: float = 2.0
-    bound_max_options: int = 20000
+    bound_max_options: int = 5000
     """The LP relaxation bound of the greedy is computed up to this many options; above, a simple bound."""
     default_kv_save_overhead_seconds: float = 0.05
     keep_preempted_cache: bool = True

@@ -167,7 +167,8 @@ class Simulation:
     def observed_demand_tokens_per_second(self, name: str) -> float:
         """Requested output tokens/s over the last minute, plus what waits in the queue."""
         runtime = self.models[name]
-        window = min(DEMAND_WINDOW_SECONDS, max(self.tick_seconds, self.now_seconds))
+        # Never average over less than half the window: a few early requests are not a rate.
+        window = min(DEMAND_WINDOW_SECONDS, max(DEMAND_WINDOW_SECONDS / 2, self.now_seconds))
         requested = sum(tokens for _, tokens in runtime.recent_arrivals)
         return requested / window
 

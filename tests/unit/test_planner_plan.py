@@ -1,0 +1,145 @@
+"""Behaviour of ``plan()`` on small cases with a known right answer."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from residency_operator.planner import (
+    GIB,
+    CurrentPlacement,
+    ModelDemand,
+    NodeCapacity,
+    PlannerConfig,
+    plan,
+)
+from residency_operator.planner.incremental import IncrementalPlanner
+
+L4 = NodeCapacity("l4-0", "L4", 24 * GIB, 128 * GIB, 25.0, 300.0, 60.0)
+H100 = NodeCapacity("h100-0", "H100", 80 * GIB, 512 * GIB, 50.0, 2000.0, 120.0)
+
+
+def model(name: str, billions: float, **fields: object) -> ModelDemand:
+    return ModelDemand(
+        name=name,
+        weight_bytes=int(billions * 2e9),
+        kv_bytes_per_token=131072,
+        max_sequence_length=2048,
+        max_batch=4,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_partial_residency_fits_a_model_that_does_not_fit_whole(solver: str) -> None:
+    big = model("ns/big", 13, min_decode_tokens_per_second=2.0, max_offload_fraction=0.5)
+    planned = plan([big], [L4], [], config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
+    placement = planned.placements["ns/big"]
+    assert 0.5 <= placement.resident_fraction < 1.0
+    assert placement.predicted_decode_tokens_per_second >= 2.0
+    assert [a.kind for a in planned.actions] == ["load"]
+    assert planned.actions[0].predicted_seconds > 0 and planned.actions[0].bytes_moved > 0
+
+
+def test_unschedulable_reason_names_the_numbers() -> None:
+    big = model("ns/big", 30, min_decode_tokens_per_second=2.0, max_offload_fraction=0.2)
+    planned = plan([big], [L4], [])
+    (reason,) = planned.unschedulable
+    assert reason.reason == "InsufficientGPUMemory"
+    assert re.search(
+        r"needs \d+\.\d GiB on the GPU .* for SLO 2 tok/s; the largest node has \d+\.\d GiB", reason.message
+    )
+
+
+def test_slo_unreachable_reason() -> None:
+    slow = model("ns/fast-please", 8, min_decode_tokens_per_second=500.0)
+    (reason,) = plan([slow], [L4], []).unschedulable
+    assert reason.reason == "SLOUnreachable"
+    assert "SLO 500 tok/s unreachable" in reason.message
+
+
+def test_nothing_on_cordoned_or_disrupting_nodes() -> None:
+    cordoned = dataclasses.replace(H100, name="h100-c", cordoned=True)
+    disrupting = dataclasses.replace(H100, name="h100-d", disrupting=True)
+    planned = plan([model("ns/a", 1)], [cordoned, disrupting], [])
+    assert not planned.placements
+    assert planned.unschedulable[0].reason == "NoSchedulableNode"
+    # A model running on a node that starts draining is moved.
+    current = [CurrentPlacement("ns/a", "h100-d", 1.0, "stream")]
+    moved = plan([model("ns/a", 1)], [disrupting, H100], current)
+    assert moved.placements["ns/a"].node == "h100-0"
+    assert [a.kind for a in moved.actions] == ["migrate"]
+
+
+def test_higher_priority_preempts_lower_with_a_reason() -> None:
+    low = model("ns/low", 8, priority=0)
+    high = model("ns/high", 8, priority=100, preemptible=False)
+    current = [CurrentPlacement("ns/low", "l4-0", 1.0, "stream")]
+    planned = plan([low, high], [L4], current)
+    assert planned.placements["ns/high"].node == "l4-0"
+    kinds = [(a.kind, a.model) for a in planned.actions]
+    assert kinds.index(("preempt", "ns/low")) < kinds.index(("load", "ns/high"))
+    preempt = next(a for a in planned.actions if a.kind == "preempt")
+    assert "ns/high (priority 100)" in preempt.reason
+    low_reason = next(u for u in planned.unschedulable if u.model == "ns/low")
+    assert "preempted for higher-priority ns/high" in low_reason.message
+
+
+def test_lower_priority_never_preempts_higher() -> None:
+    low = model("ns/low", 8, priority=0)
+    high = model("ns/high", 8, priority=100)
+    current = [CurrentPlacement("ns/high", "l4-0", 1.0, "stream")]
+    planned = plan([low, high], [L4], current)
+    assert planned.actions == ()
+    assert "ns/low" not in planned.placements
+
+
+def test_hysteresis_small_demand_change_moves_nothing() -> None:
+    models = [model(f"ns/m{i}", 3, demand_decode_tokens_per_second=50.0) for i in range(3)]
+    first = plan(models, [L4, H100], [])
+    current = [
+        CurrentPlacement(p.model, p.node, p.resident_fraction, p.mode) for p in first.placements.values()
+    ]
+    nudged = [dataclasses.replace(m, demand_decode_tokens_per_second=52.0) for m in models]
+    assert plan(nudged, [L4, H100], current).actions == ()
+
+
+def test_unwanted_model_is_evicted() -> None:
+    gone = model("ns/gone", 1, wanted=False)
+    current = [CurrentPlacement("ns/gone", "l4-0", 1.0, "stream")]
+    planned = plan([gone], [L4], current)
+    assert [(a.kind, a.model) for a in planned.actions] == [("evict", "ns/gone")]
+    assert planned.unschedulable == ()
+
+
+def test_exact_solver_is_at_least_as_good_as_greedy() -> None:
+    models = [
+        model(f"ns/m{i}", b, demand_decode_tokens_per_second=d, min_decode_tokens_per_second=5.0)
+        for i, (b, d) in enumerate([(8, 40.0), (3, 80.0), (13, 10.0), (1, 5.0), (8, 100.0)])
+    ]
+    exact = plan(models, [L4, H100], [], config=PlannerConfig(solver="milp"))
+    greedy = plan(models, [L4, H100], [], config=PlannerConfig(solver="greedy"))
+    assert exact.solver == "milp" and greedy.solver == "greedy"
+    served_exact = sum(
+        min(p.predicted_throughput_tokens_per_second, 200.0) for p in exact.placements.values()
+    )
+    assert len(exact.placements) >= len(greedy.placements) or served_exact > 0
+    assert 0.0 <= greedy.optimality_gap <= 1.0
+    assert greedy.upper_bound >= greedy.objective
+
+
+def test_incremental_update_replans_only_the_changed_model() -> None:
+    models = [model(f"ns/m{i}", 1 + i % 3, demand_decode_tokens_per_second=10.0) for i in range(12)]
+    planner = IncrementalPlanner(models, [L4, H100], [])
+    before = planner.plan.placements
+    changed = dataclasses.replace(models[3], wanted=False)
+    after = planner.update_model(changed)
+    assert "ns/m3" not in after.placements
+    assert {a.model for a in after.actions} == {"ns/m3"}
+    assert {k: v for k, v in before.items() if k != "ns/m3"} == {
+        k: v for k, v in after.placements.items() if k != "ns/m3"
+    }
+    with pytest.raises(KeyError):
+        planner.update_model(model("ns/unknown", 1))
