@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from residency_operator.capacity import CapacityConfig
 
 
 @dataclass(frozen=True)
@@ -17,11 +20,14 @@ class OperatorConfig:
     workspace_bytes: int = 64 * 1024  # extra per-model slack beyond the engine's own sizing
     heartbeat_grace_seconds: float = 60.0
     lease_namespace: str = "default"
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    metrics_port: int = 0  # 0: no metrics endpoint
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
         """RESIDENCY_MODEL_ROOTS (os.pathsep-separated), RESIDENCY_RESYNC_SECONDS, RESIDENCY_WORKSPACE_BYTES,
-        RESIDENCY_HEARTBEAT_GRACE_SECONDS, RESIDENCY_NAMESPACE (where the leader Lease lives)."""
+        RESIDENCY_HEARTBEAT_GRACE_SECONDS, RESIDENCY_NAMESPACE (where the leader Lease lives), RESIDENCY_CAPACITY_*
+        (placeholder pods for autoscalers; selector and tolerations as JSON), RESIDENCY_METRICS_PORT."""
         roots = [Path(p) for p in os.environ.get("RESIDENCY_MODEL_ROOTS", "").split(os.pathsep) if p]
         return cls(
             allowed_model_roots=roots,
@@ -29,4 +35,13 @@ class OperatorConfig:
             workspace_bytes=int(os.environ.get("RESIDENCY_WORKSPACE_BYTES", str(64 * 1024))),
             heartbeat_grace_seconds=float(os.environ.get("RESIDENCY_HEARTBEAT_GRACE_SECONDS", "60")),
             lease_namespace=os.environ.get("RESIDENCY_NAMESPACE", "default"),
+            capacity=CapacityConfig(
+                enabled=os.environ.get("RESIDENCY_CAPACITY_REQUESTS", "true").lower() == "true",
+                gpu_resource=os.environ.get("RESIDENCY_GPU_RESOURCE", "nvidia.com/gpu"),
+                priority_class=os.environ.get("RESIDENCY_CAPACITY_PRIORITY_CLASS", "residency-capacity-request"),
+                image=os.environ.get("RESIDENCY_CAPACITY_IMAGE", "registry.k8s.io/pause:3.10"),
+                node_selector=json.loads(os.environ.get("RESIDENCY_CAPACITY_NODE_SELECTOR", "{}")),
+                tolerations=json.loads(os.environ.get("RESIDENCY_CAPACITY_TOLERATIONS", "[]")),
+            ),
+            metrics_port=int(os.environ.get("RESIDENCY_METRICS_PORT", "0")),
         )

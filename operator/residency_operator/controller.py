@@ -16,12 +16,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from residency_operator.capacity import (
+    CAPACITY_LABEL,
+    MODEL_LABEL,
+    CapacityConfig,
+    capacity_pod,
+    full_residency_gpu_bytes,
+    needs_capacity,
+    waiting_verdict,
+)
 from residency_operator.conditions import desired_status, now_rfc3339, status_patch
 from residency_operator.kube import Kube
-from residency_operator.planner import PlannerConfig, plan
+from residency_operator.metrics import OperatorMetrics
+from residency_operator.planner import Plan, PlannerConfig, plan
 from residency_operator.state import (
     UNLOAD_FINALIZER,
     ClusterState,
+    Inputs,
     OperatorKnobs,
     desired_placements,
     model_key,
@@ -60,6 +71,8 @@ class Controller:
         resync_seconds: float = 20.0,
         debounce_seconds: float = 0.3,
         lease_seconds: int = 15,
+        capacity: CapacityConfig | None = None,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.kube = kube
         self.knobs = knobs
@@ -69,6 +82,9 @@ class Controller:
         self.debounce_seconds = debounce_seconds
         self.lease_seconds = lease_seconds
         self.identity = f"{socket.gethostname()}-{os.getpid()}"
+        self.capacity = capacity or CapacityConfig()
+        self.metrics = metrics or OperatorMetrics()
+        self._priority_class_ready = False
         self._dirty = asyncio.Event()
         self.leader = False
 
@@ -159,6 +175,7 @@ class Controller:
                 )
                 changed = sorted(k for k in wanted["spec"] if have["spec"].get(k) != wanted["spec"][k])
                 report.updated.append(f"{name} ({', '.join(changed) or 'labels'})")
+        waiting = self._request_capacity(result, inputs)
         accepting = {n.name for n in inputs.nodes if n.schedulable}
         for name, have in sorted(existing.items()):
             if name in desired:
@@ -169,11 +186,16 @@ class Controller:
             elif have["spec"]["nodeName"] not in accepting:
                 # its worker is gone: nobody else will unload it
                 self.kube.remove_placement_finalizers(name)
+        phases: dict[str, int] = {}
         for key, body in sorted(inputs.bodies.items()):
             placement = existing.get(placement_name(key))
             if placement is not None and placement_name(key) not in desired:
                 placement = None
             verdict = model_verdict(key, inputs, result, placement)
+            if key in waiting and verdict.phase == "Unschedulable":
+                pod, gpu_bytes = waiting[key]
+                verdict = waiting_verdict(verdict, pod, gpu_bytes, self.capacity)
+            phases[verdict.phase] = phases.get(verdict.phase, 0) + 1
             current = dict(body.get("status") or {})
             generation = body["metadata"].get("generation")
             patch = status_patch(current, desired_status(current, verdict, generation, now_rfc3339()))
@@ -186,7 +208,47 @@ class Controller:
                 event_type = "Warning" if verdict.phase in WARNING_PHASES else "Normal"
                 self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
         report.seconds = time.perf_counter() - started
+        self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
         return report
+
+    def _request_capacity(self, result: Plan, inputs: Inputs) -> dict[str, tuple[dict[str, Any], int]]:
+        """Placeholder Pods for models that lack capacity; removes those no longer needed."""
+        waiting: dict[str, tuple[dict[str, Any], int]] = {}
+        if self.capacity.enabled:
+            for unschedulable in result.unschedulable:
+                key = unschedulable.model
+                if not needs_capacity(unschedulable.reason) or key not in inputs.infos:
+                    continue
+                body = inputs.bodies[key]
+                spec = body["spec"]
+                info = inputs.infos[key]
+                gpu_bytes = full_residency_gpu_bytes(
+                    info, int(spec.get("maxSequenceLength", 4096)), int(spec.get("maxBatchSize", 8))
+                )
+                waiting[key] = (capacity_pod(body, gpu_bytes, info.weight_bytes, self.capacity), gpu_bytes)
+        existing = {
+            f"{p['metadata']['namespace']}/{p['metadata']['name']}": p
+            for p in self.kube.list_pods(f"{CAPACITY_LABEL}=true")
+        }
+        wanted = {
+            f"{ns}/{pod['metadata']['name']}": pod
+            for ns, pod in ((k.split("/", 1)[0], v[0]) for k, v in waiting.items())
+        }
+        if wanted and not self._priority_class_ready:
+            self._priority_class_ready = self.kube.ensure_priority_class(
+                self.capacity.priority_class, -10, "residency capacity requests: never preempt real work"
+            )
+        for name, pod in sorted(wanted.items()):
+            if name not in existing:
+                self.kube.create_pod(pod)
+                log.info(
+                    "requested capacity for %s with pod %s", pod["metadata"]["labels"][MODEL_LABEL], name
+                )
+        for name in sorted(set(existing) - set(wanted)):
+            namespace, pod_name_ = name.split("/", 1)
+            self.kube.delete_pod(namespace, pod_name_)
+            log.info("capacity request %s no longer needed", name)
+        return waiting
 
 
 def model_keys(bodies: list[dict[str, Any]]) -> list[str]:

@@ -172,3 +172,40 @@ class Kube:
             self.coordination.replace_namespaced_lease(name, namespace, lease)
         except ApiException as exc:
             log.warning("could not release the %s Lease: %s", name, exc.reason)
+
+    # --- capacity requests --------------------------------------------------------------------
+    def list_pods(self, label_selector: str) -> list[dict[str, Any]]:
+        items = self.core.list_pod_for_all_namespaces(label_selector=label_selector).items
+        return [client.ApiClient().sanitize_for_serialization(p) for p in items]
+
+    def create_pod(self, body: dict[str, Any]) -> None:
+        try:
+            self.core.create_namespaced_pod(body["metadata"]["namespace"], body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def ensure_priority_class(self, name: str, value: int, description: str) -> bool:
+        """Create the low PriorityClass of capacity requests if missing; False when not allowed to."""
+        body = client.V1PriorityClass(
+            metadata=client.V1ObjectMeta(name=name),
+            value=value,
+            global_default=False,
+            preemption_policy="Never",
+            description=description,
+        )
+        try:
+            client.SchedulingV1Api().create_priority_class(body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return True
+            log.warning("cannot create PriorityClass %s (%s); install it with the chart", name, exc.reason)
+            return False
+        return True

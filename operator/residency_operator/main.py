@@ -7,11 +7,13 @@ import logging
 from typing import Any
 
 import kopf
+from prometheus_client import start_http_server
 
 from residency_operator.config import OperatorConfig
 from residency_operator.controller import Controller
 from residency_operator.handlers import llmmodel as _llmmodel_handlers
 from residency_operator.kube import Kube, load_config
+from residency_operator.metrics import OperatorMetrics
 from residency_operator.state import OperatorKnobs
 
 HANDLER_MODULES = (_llmmodel_handlers,)
@@ -49,8 +51,16 @@ def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -
         workspace_bytes=config.workspace_bytes,
         heartbeat_grace_seconds=config.heartbeat_grace_seconds,
     )
+    metrics = OperatorMetrics()
+    if config.metrics_port:
+        start_http_server(config.metrics_port, registry=metrics.registry)
     controller = Controller(
-        Kube(), knobs, lease_namespace=config.lease_namespace, resync_seconds=config.resync_seconds
+        Kube(),
+        knobs,
+        lease_namespace=config.lease_namespace,
+        resync_seconds=config.resync_seconds,
+        capacity=config.capacity,
+        metrics=metrics,
     )
     memo = kopf.Memo(config=config, controller=controller)
     asyncio.run(

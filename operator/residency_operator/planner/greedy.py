@@ -48,10 +48,13 @@ from residency_operator.planner.types import (
     PlannerConfig,
 )
 
-MAKE_ROOM_CANDIDATE_NODES = 16
+MAKE_ROOM_CANDIDATE_NODES = 8
 """Nodes examined (those with the most free memory) when a model must make room; bounds the cost."""
 FIT_SCAN_LIMIT = 64
-MAKE_ROOM_FAILURE_LIMIT = 64
+TIE_BREAK_SLACK = 0.1
+"""A higher-priority model may be demoted for a lower one only if its value drops by no more than this
+share of the availability value (memory and time tie-breaks, not served throughput)."""
+MAKE_ROOM_FAILURE_LIMIT = 32
 """After this many models in a row of one tier found no room to make, the tier stops trying (the cluster
 is full for it); bounds the work on hopelessly over-subscribed inputs."""
 """Nodes examined past the best-fit point when host memory, not GPU memory, is what does not fit."""
@@ -581,29 +584,39 @@ class GreedyPlanner:
     # -- making room ----------------------------------------------------------------------------------
 
     def _minimal_option(
-        self, model_index: int, assignment: Assignment
-    ) -> tuple[int, int, float, float, float] | None:
-        """GPU bytes, host bytes, value, GPU time and tolerance of a placed model at its minimal level."""
+        self, model_index: int, assignment: Assignment, for_priority: int | None = None
+    ) -> tuple[int, int, float, float, float, int] | None:
+        """The level a placed model may be demoted to, on its node and mode, to make room for a model of
+        ``for_priority``: its minimal SLO-meeting level for the same or a higher priority, and for a
+        lower one only a level that still serves its demand (a tier never gives up value for a lower
+        tier). Returns GPU bytes, host bytes, value, busy share, tolerance and the level index."""
         node_class = self.class_of_node[assignment.node]
         mode_index = MODES.index(assignment.mode)
-        level = int(self.min_level[node_class, mode_index, model_index])
-        if not self.tables.feasible[node_class, mode_index, model_index, level]:
-            return None
-        if self.tables.levels[level] >= assignment.resident_fraction - 1e-9:
-            return None
-        return (
-            int(self.tables.gpu_bytes[mode_index, model_index, level]),
-            int(self.tables.host_bytes[model_index, level]),
-            float(self.tables.primary_value[node_class, mode_index, model_index, level]),
-            float(self.tables.busy_fraction[node_class, mode_index, model_index, level]),
-            float(self.tables.tolerance[node_class, mode_index, model_index, level]),
-        )
+        tables = self.tables
+        feasible = tables.feasible[node_class, mode_index, model_index]
+        values = tables.primary_value[node_class, mode_index, model_index]
+        protect = for_priority is not None and self.models[model_index].priority > for_priority
+        floor = assignment.value - TIE_BREAK_SLACK * self.config.availability_value_tokens_per_second
+        for level in range(len(tables.levels)):
+            if tables.levels[level] >= assignment.resident_fraction - 1e-9:
+                return None
+            if not feasible[level] or (protect and values[level] < floor):
+                continue
+            return (
+                int(tables.gpu_bytes[mode_index, model_index, level]),
+                int(tables.host_bytes[model_index, level]),
+                float(values[level]),
+                float(tables.busy_fraction[node_class, mode_index, model_index, level]),
+                float(tables.tolerance[node_class, mode_index, model_index, level]),
+                level,
+            )
+        return None
 
     def try_make_room(self, model_index: int) -> bool:
         """Demote same-or-lower tiers / preempt strictly lower tiers on one node to admit the model."""
         model = self.models[model_index]
         state, tables = self.state, self.tables
-        best: tuple[float, int, int, int, int, list[tuple[int, str]]] | None = None
+        best: tuple[float, int, int, int, int, list[tuple[int, str, int]]] | None = None
         for node_class, mode_index in self._class_modes(model_index):
             level = int(self.min_level[node_class, mode_index, model_index])
             need_gpu = int(tables.gpu_bytes[mode_index, model_index, level])
@@ -623,7 +636,9 @@ class GreedyPlanner:
                     continue
                 loss, steps = plan
                 same_tier_loss = sum(
-                    self._step_loss(i, kind) for i, kind in steps if self.models[i].priority >= model.priority
+                    self._step_loss(i, kind, model.priority)
+                    for i, kind, _ in steps
+                    if self.models[i].priority >= model.priority
                 )
                 if same_tier_loss >= gain_value:
                     continue
@@ -635,27 +650,30 @@ class GreedyPlanner:
         if best is None:
             return False
         _, node, node_class, mode_index, level, steps = best
-        for victim, kind in steps:
-            if kind == "preempt":
-                state.release(victim)
-                state.preempted_by[victim] = model_index
-            else:
-                self._demote_to_minimum(victim)
+        self._carry_out(steps, model_index)
         state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
         return True
 
-    def _step_loss(self, model_index: int, kind: str) -> float:
+    def _carry_out(self, steps: Sequence[tuple[int, str, int]], for_model: int) -> None:
+        for victim, kind, level in steps:
+            if kind == "preempt":
+                self.state.release(victim)
+                self.state.preempted_by[victim] = for_model
+            else:
+                self._demote_to(victim, level)
+
+    def _step_loss(self, model_index: int, kind: str, for_priority: int) -> float:
         assignment = self.state.assignment[model_index]
         if assignment is None:
             return 0.0
         if kind == "preempt":
             return assignment.value
-        minimal = self._minimal_option(model_index, assignment)
+        minimal = self._minimal_option(model_index, assignment, for_priority)
         return 0.0 if minimal is None else assignment.value - minimal[2]
 
     def _room_plan(
-        self, model: ModelDemand, node: int, need: tuple[int, int, float, float]
-    ) -> tuple[float, list[tuple[int, str]]] | None:
+        self, model: ModelDemand, node: int, need: tuple[int, int, float, float], lower_only: bool = False
+    ) -> tuple[float, list[tuple[int, str, int]]] | None:
         """Cheapest demotions then preemptions on ``node`` that make room; None when impossible.
 
         ``need`` is (GPU bytes, host bytes, busy share, tolerance) of the model to admit.
@@ -679,15 +697,16 @@ class GreedyPlanner:
 
         if enough():
             return 0.0, []
-        demotions: list[tuple[float, str, int, int, int, float, float, float]] = []
+        demotions: list[tuple[float, str, int, int, int, float, float, float, int]] = []
         preemptions: list[tuple[int, float, str, int, int, int, float]] = []
         for other in state.models_on_node[node]:
             other_model = self.models[other]
             assignment = state.assignment[other]
-            if assignment is None or other_model.priority > model.priority:
+            if assignment is None or (lower_only and other_model.priority >= model.priority):
                 continue
-            # A non-preemptible model keeps running, but may be demoted within its SLO.
-            minimal = self._minimal_option(other, assignment)
+            # A non-preemptible model keeps running, but may be demoted within its SLO; a higher
+            # priority one only as far as it still serves its demand.
+            minimal = self._minimal_option(other, assignment, model.priority)
             if minimal is not None:
                 freed = assignment.gpu_bytes - minimal[0]
                 if freed > 0:
@@ -702,6 +721,7 @@ class GreedyPlanner:
                             minimal[3],
                             minimal[4],
                             loss,
+                            minimal[5],
                         )
                     )
             if other_model.priority < model.priority and other_model.preemptible:
@@ -716,10 +736,10 @@ class GreedyPlanner:
                         assignment.value,
                     )
                 )
-        steps: list[tuple[int, str]] = []
+        steps: list[tuple[int, str, int]] = []
         loss_total = 0.0
         demoted: dict[int, tuple[int, int]] = {}
-        for _, _, other, freed_gpu, host_delta, busy, tolerance, loss in sorted(demotions):
+        for _, _, other, freed_gpu, host_delta, busy, tolerance, loss, level in sorted(demotions):
             if enough():
                 break
             if free_host + host_delta < 0:
@@ -729,7 +749,7 @@ class GreedyPlanner:
             staying[other] = (busy, tolerance)
             loss_total += loss
             demoted[other] = (freed_gpu, host_delta)
-            steps.append((other, "demote"))
+            steps.append((other, "demote", level))
         for _, _, _, other, gpu, host, value in sorted(preemptions):
             if enough():
                 break
@@ -743,22 +763,18 @@ class GreedyPlanner:
             free_host += host
             staying.pop(other, None)
             loss_total += value
-            steps.append((other, "preempt"))
+            steps.append((other, "preempt", -1))
         if enough():
             return loss_total, steps
         return None
 
-    def _demote_to_minimum(self, model_index: int) -> None:
+    def _demote_to(self, model_index: int, level: int) -> None:
         state = self.state
         assignment = state.assignment[model_index]
         if assignment is None:
             return
-        minimal = self._minimal_option(model_index, assignment)
-        if minimal is None:
-            return
         node_class = self.class_of_node[assignment.node]
         mode_index = MODES.index(assignment.mode)
-        level = int(np.argmax(self.tables.feasible[node_class, mode_index, model_index]))
         state.release(model_index)
         demoted = self._assignment_at(model_index, assignment.node, node_class, mode_index, level)
         if assignment.incumbent:
@@ -793,12 +809,14 @@ class GreedyPlanner:
                 int(tables.gpu_bytes[MODES.index(assignment.mode), model_index, level]) - assignment.gpu_bytes
             )
             proposals.append((-gain / max(1, extra), self.models[model_index].name, model_index, level))
-        for _, _, model_index, _ in sorted(proposals):
+        for _, _, model_index, wanted_level in sorted(proposals):
             assignment = state.assignment[model_index]
             if assignment is None:
                 continue
             best = self._best_promotion(model_index, assignment, unlimited=False, full=full)
             if best is None:
+                if not full and self._promote_with_room(model_index, assignment, wanted_level):
+                    promoted_count += 1
                 continue
             _, level = best
             node_class = self.class_of_node[assignment.node]
@@ -812,6 +830,38 @@ class GreedyPlanner:
             state.occupy(model_index, promoted)
             promoted_count += 1
         return promoted_count
+
+    def _promote_with_room(self, model_index: int, assignment: Assignment, level: int) -> bool:
+        """Promote a model whose demand is not served by taking room from strictly lower tiers on its node
+        (demoting them within their SLO, or preempting them)."""
+        state, tables = self.state, self.tables
+        model = self.models[model_index]
+        node, node_class = assignment.node, self.class_of_node[assignment.node]
+        mode_index = MODES.index(assignment.mode)
+        gain = float(tables.primary_value[node_class, mode_index, model_index, level]) - assignment.value
+        if gain < self.config.availability_value_tokens_per_second:
+            return False  # only served throughput justifies displacing others, not tie-breaks
+        if not any(self.models[i].priority < model.priority for i in state.models_on_node[node]):
+            return False
+        need = (
+            int(tables.gpu_bytes[mode_index, model_index, level]),
+            int(tables.host_bytes[model_index, level]),
+            float(tables.busy_fraction[node_class, mode_index, model_index, level]),
+            float(tables.tolerance[node_class, mode_index, model_index, level]),
+        )
+        state.release(model_index)
+        room = self._room_plan(model, node, need, lower_only=True)
+        if room is None:
+            state.occupy(model_index, assignment)
+            return False
+        self._carry_out(room[1], model_index)
+        promoted = self._assignment_at(model_index, node, node_class, mode_index, level)
+        if assignment.incumbent:
+            promoted.score = self._promotion_score(model_index, assignment, level, False)
+            promoted.full_score = self._promotion_score(model_index, assignment, level, True)
+            promoted.incumbent = True
+        state.occupy(model_index, promoted)
+        return True
 
     def _promotion_score(self, model_index: int, assignment: Assignment, level: int, full: bool) -> float:
         node_class = self.class_of_node[assignment.node]

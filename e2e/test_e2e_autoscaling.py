@@ -1,0 +1,96 @@
+"""Cluster autoscaler cooperation: a capacity-request pod for a model that fits nowhere, a new node, Ready."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from conftest import NodePool, model_status
+from harness import Process, apply, get_json, kubectl, wait_for
+
+CAPACITY = "residency.dev/capacity-request=true"
+
+
+def capacity_pods(namespace: str) -> list[dict[str, Any]]:
+    return list(get_json("pods", "-n", namespace, "-l", CAPACITY).get("items", []))
+
+
+def unschedulable(pod: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+class StaticNodeGroupAutoscaler:
+    """Behaves like cluster-autoscaler on a static node group: an unschedulable placeholder → one new node."""
+
+    def __init__(self, pool: NodePool, gpu_memory: str) -> None:
+        self.pool = pool
+        self.gpu_memory = gpu_memory
+        self.added: list[str] = []
+
+    def scale_up_for(self, namespace: str) -> bool:
+        pending = [p for p in capacity_pods(namespace) if unschedulable(p)]
+        if not pending:
+            return False
+        name = f"gpu-scaled-{len(self.added) + 1}"
+        node = self.pool.add(name, self.gpu_memory)
+        capacity = {"nvidia.com/gpu": "1", "cpu": "8", "memory": "64Gi", "pods": "110"}
+        kubectl(
+            "patch",
+            "node",
+            node.name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": {"capacity": capacity, "allocatable": capacity}}),
+        )
+        self.added.append(name)
+        return True
+
+
+def test_model_too_big_waits_for_capacity_then_a_new_node_serves_it(
+    namespace: str, operator: Process, gpu_nodes: NodePool, models_root: Path
+) -> None:
+    gpu_nodes.add("gpu-small-1", "700000")
+    apply(
+        {
+            "apiVersion": "residency.dev/v1alpha1",
+            "kind": "LLMModel",
+            "metadata": {"name": "big"},
+            "spec": {
+                "source": {"path": str(models_root / "tiny-llama")},
+                "maxSequenceLength": 256,
+                "maxBatchSize": 4,
+                "offload": {"maxFraction": 0.0},
+            },
+        },
+        namespace,
+    )
+    status = wait_for(
+        lambda: (s := model_status(namespace, "big")).get("phase") == "WaitingForCapacity" and s,
+        90,
+        what="WaitingForCapacity",
+    )
+    assert "capacity-request pod" in status["message"] and "GiB of GPU memory" in status["message"]
+    pods = wait_for(
+        lambda: [p for p in capacity_pods(namespace) if unschedulable(p)],
+        90,
+        what="kube-scheduler to mark the placeholder Unschedulable",
+    )
+    pod = pods[0]
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "LLMModel"
+    assert pod["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert pod["spec"]["priorityClassName"] == "residency-capacity-request"
+
+    autoscaler = StaticNodeGroupAutoscaler(gpu_nodes, "64MiB")
+    assert autoscaler.scale_up_for(namespace)
+    ready = wait_for(
+        lambda: (s := model_status(namespace, "big")).get("phase") == "Ready" and s,
+        120,
+        what="Ready on the new node",
+    )
+    assert ready["node"] == autoscaler.added[0]
+    wait_for(lambda: not capacity_pods(namespace), 60, what="placeholder deleted")
