@@ -143,7 +143,7 @@ class NodePool:
         self.nodes: list[GpuNode] = []
         (workdir / "admin.token").write_text(ADMIN_TOKEN)
 
-    def add(self, name: str, gpu_memory: str, wait: bool = True) -> GpuNode:
+    def add(self, name: str, gpu_memory: str, wait: bool = True, extra_args: tuple[str, ...] = ()) -> GpuNode:
         kubectl(
             "apply",
             "-f",
@@ -177,6 +177,7 @@ class NodePool:
                 "8",
                 "--log-level",
                 "info",
+                *extra_args,
             ],
             self.workdir / f"worker-{name}.log",
             env={"KUBECONFIG": self.cluster},

@@ -94,3 +94,51 @@ def test_model_too_big_waits_for_capacity_then_a_new_node_serves_it(
     )
     assert ready["node"] == autoscaler.added[0]
     wait_for(lambda: not capacity_pods(namespace), 60, what="placeholder deleted")
+
+
+def test_worker_pod_is_protected_from_scale_down_while_it_serves(
+    namespace: str, operator: Process, gpu_nodes: NodePool, models_root: Path
+) -> None:
+    # the worker's own Pod, as the DaemonSet would create it (no kubelet here: the object never runs)
+    kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "worker-pod"},
+                "spec": {"nodeName": "gpu-guarded", "containers": [{"name": "w", "image": "residency:dev"}]},
+            }
+        ),
+    )
+    gpu_nodes.add(
+        "gpu-guarded", "64MiB", extra_args=("--pod-name", "worker-pod", "--pod-namespace", namespace)
+    )
+
+    def annotations() -> dict[str, str]:
+        return dict(get_json("pod", "worker-pod", "-n", namespace)["metadata"].get("annotations") or {})
+
+    apply(
+        {
+            "apiVersion": "residency.dev/v1alpha1",
+            "kind": "LLMModel",
+            "metadata": {"name": "busy"},
+            "spec": {
+                "source": {"path": str(models_root / "tiny-llama")},
+                "maxSequenceLength": 64,
+                "maxBatchSize": 1,
+            },
+        },
+        namespace,
+    )
+    wait_for(lambda: annotations().get("karpenter.sh/do-not-disrupt") == "true", 120, what="protected")
+    assert annotations()["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    kubectl("delete", "llm", "busy", "-n", namespace, "--timeout=120s")
+    wait_for(
+        lambda: "karpenter.sh/do-not-disrupt" not in annotations(), 60, what="protection removed when idle"
+    )
+    assert "cluster-autoscaler.kubernetes.io/safe-to-evict" not in annotations()

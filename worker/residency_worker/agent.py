@@ -29,6 +29,11 @@ log = logging.getLogger("residency.agent")
 NODE_LABEL = "residency.dev/node"
 UNLOAD_FINALIZER = "residency.dev/unload"
 FRACTION_TOLERANCE = 0.02
+# cluster-autoscaler and Karpenter leave a node alone while its pods carry these
+PROTECT_ANNOTATIONS = {
+    "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+    "karpenter.sh/do-not-disrupt": "true",
+}
 
 
 def now_rfc3339() -> str:
@@ -80,6 +85,9 @@ class AgentConfig:
     poll_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     node_heartbeat: bool = False  # also keep the Node Ready (local clusters have no kubelet)
+    pod_name: str | None = None  # this worker's own Pod (downward API), annotated while it serves
+    pod_namespace: str | None = None
+    protect_annotations: dict[str, str] = field(default_factory=lambda: dict(PROTECT_ANNOTATIONS))
 
 
 @dataclass
@@ -99,6 +107,7 @@ class NodeAgent:
     core: client.CoreV1Api = field(default_factory=client.CoreV1Api)
     _failures: dict[str, _Failure] = field(default_factory=dict)
     _loaded_specs: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    _protected: bool | None = None
     _last_heartbeat: float = 0.0
     _profile_spec: dict[str, Any] | None = None
 
@@ -187,6 +196,24 @@ class NodeAgent:
             if exc.status != 404:
                 raise
 
+    def protect(self, serving: bool) -> None:
+        """Mark this worker's Pod as not to be evicted by autoscalers while it holds non-idle models."""
+        if self.config.pod_name is None or not self.config.pod_namespace or serving == self._protected:
+            return
+        annotations: dict[str, str | None] = {
+            k: (v if serving else None) for k, v in self.config.protect_annotations.items()
+        }
+        try:
+            self.core.patch_namespaced_pod(
+                self.config.pod_name, self.config.pod_namespace, {"metadata": {"annotations": annotations}}
+            )
+            self._protected = serving
+            log.info(
+                "%s scale-down protection on pod %s", "set" if serving else "removed", self.config.pod_name
+            )
+        except ApiException as exc:
+            log.warning("cannot annotate pod %s: %s", self.config.pod_name, exc.reason)
+
     # -- convergence --------------------------------------------------------------------------------
     def placements(self) -> list[dict[str, Any]]:
         result = self.custom.list_cluster_custom_object(
@@ -245,6 +272,7 @@ class NodeAgent:
                 self._act(placement, "promote")
             else:
                 self._report(placement)
+        self.protect(any(self._state(n) in ("ready", "loading") for n in self.engine.names()))
         self.heartbeat()
 
     def _act(self, placement: dict[str, Any], action: str) -> None:

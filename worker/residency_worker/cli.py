@@ -57,6 +57,16 @@ def worker(
     host_memory: str | None = typer.Option(
         None, help="Host memory budget for offloaded weights (default: all RAM)."
     ),
+    pod_name: str | None = typer.Option(
+        os.environ.get("POD_NAME"),
+        help="This worker's Pod (env POD_NAME): annotated against scale-down while it serves.",
+    ),
+    pod_namespace: str | None = typer.Option(os.environ.get("POD_NAMESPACE"), help="Namespace of that Pod."),
+    protect: bool = typer.Option(
+        True,
+        "--protect/--no-protect",
+        help="Annotate the Pod safe-to-evict=false / do-not-disrupt while serving.",
+    ),
     node_heartbeat: bool = typer.Option(
         False, help="Also keep the Node object Ready (local clusters without a kubelet)."
     ),
@@ -99,6 +109,8 @@ def worker(
             endpoint=endpoint or f"http://{host}:{port}",
             host_memory_bytes=parse_bytes(host_memory) if host_memory else host_memory_bytes(),
             node_heartbeat=node_heartbeat,
+            pod_name=pod_name if protect else None,
+            pod_namespace=pod_namespace,
         )
     try:
         serve_node(engine, settings, host, port, agent_config, log_level)
