@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from conftest import NodePool, model_status
 from harness import Process, apply, get_json, kubectl, wait_for
@@ -142,3 +145,54 @@ def test_worker_pod_is_protected_from_scale_down_while_it_serves(
         lambda: "karpenter.sh/do-not-disrupt" not in annotations(), 60, what="protection removed when idle"
     )
     assert "cluster-autoscaler.kubernetes.io/safe-to-evict" not in annotations()
+
+
+def test_idle_model_releases_gpu_memory_and_resumes_on_the_next_request(
+    namespace: str, operator: Process, gpu_nodes: NodePool, router: str, models_root: Path
+) -> None:
+    node = gpu_nodes.add("gpu-sleepy", "64MiB")
+    apply(
+        {
+            "apiVersion": "residency.dev/v1alpha1",
+            "kind": "LLMModel",
+            "metadata": {"name": "sleepy"},
+            "spec": {
+                "source": {"path": str(models_root / "tiny-llama")},
+                "maxSequenceLength": 64,
+                "maxBatchSize": 1,
+                "idle": {"afterSeconds": 4},
+            },
+        },
+        namespace,
+    )
+    wait_for(lambda: model_status(namespace, "sleepy").get("phase") == "Ready", 120, what="Ready")
+    first = httpx.post(
+        f"{router}/v1/completions",
+        timeout=60,
+        json={"model": f"{namespace}/sleepy", "prompt": "Wake up", "max_tokens": 8, "temperature": 0},
+    )
+    assert first.status_code == 200, first.text
+    idle = wait_for(
+        lambda: (s := model_status(namespace, "sleepy")).get("phase") == "Idle" and s,
+        60,
+        what="Idle after 4 s without requests",
+    )
+    assert idle["reason"] == "IdleTimeout" and "host memory" in idle["message"]
+    wait_for(
+        lambda: ((node.profile() or {}).get("status") or {}).get("residentBytes") == 0,
+        30,
+        what="GPU memory released",
+    )
+    started = time.monotonic()
+    again = httpx.post(
+        f"{router}/v1/completions",
+        timeout=90,
+        json={"model": f"{namespace}/sleepy", "prompt": "Wake up", "max_tokens": 8, "temperature": 0},
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    print(f"idle resume through the router: {time.monotonic() - started:.2f} s")
+    status = wait_for(
+        lambda: (s := model_status(namespace, "sleepy")).get("phase") == "Ready" and s, 60, what="Ready again"
+    )
+    assert status["timings"]["reloadSeconds"] > 0

@@ -38,7 +38,9 @@ class OperatorConfig:
             capacity=CapacityConfig(
                 enabled=os.environ.get("RESIDENCY_CAPACITY_REQUESTS", "true").lower() == "true",
                 gpu_resource=os.environ.get("RESIDENCY_GPU_RESOURCE", "nvidia.com/gpu"),
-                priority_class=os.environ.get("RESIDENCY_CAPACITY_PRIORITY_CLASS", "residency-capacity-request"),
+                priority_class=os.environ.get(
+                    "RESIDENCY_CAPACITY_PRIORITY_CLASS", "residency-capacity-request"
+                ),
                 image=os.environ.get("RESIDENCY_CAPACITY_IMAGE", "registry.k8s.io/pause:3.10"),
                 node_selector=json.loads(os.environ.get("RESIDENCY_CAPACITY_NODE_SELECTOR", "{}")),
                 tolerations=json.loads(os.environ.get("RESIDENCY_CAPACITY_TOLERATIONS", "[]")),

@@ -209,3 +209,16 @@ class Kube:
             log.warning("cannot create PriorityClass %s (%s); install it with the chart", name, exc.reason)
             return False
         return True
+
+    def wake_model(self, key: str) -> None:
+        """Mark an Idle model as wanted again (the router saw a request for it)."""
+        namespace, name = key.split("/", 1)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            "llmmodels",
+            name,
+            {"metadata": {"annotations": {"residency.dev/wake-time": now}}},
+        )

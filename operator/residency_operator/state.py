@@ -37,7 +37,7 @@ _PLACEMENT_STATE = {
     "Loading": "loaded",
     "Pending": "loaded",
     "Preempted": "preempted",
-    "Idle": "idle",
+    "Idle": "preempted",
 }
 
 
@@ -95,6 +95,35 @@ class Inputs:
     invalid: dict[str, Verdict]
     bodies: dict[str, dict[str, Any]]
     placements: dict[str, dict[str, Any]]
+    idle: dict[str, str] = field(default_factory=dict)
+    """Models scaled to zero (spec.idle): key → why; kept out of the plan, weights cached on their node."""
+
+
+WAKE_ANNOTATION = "residency.dev/wake-time"
+
+
+def idle_reason(body: dict[str, Any], placement: dict[str, Any] | None, now: datetime) -> str | None:
+    """Why a model should be Idle now (no requests for spec.idle.afterSeconds), or None."""
+    after_seconds = (body["spec"].get("idle") or {}).get("afterSeconds")
+    if not after_seconds or placement is None:
+        return None
+    status = placement.get("status") or {}
+    if status.get("state") not in ("Loaded", "Idle", "Preempted"):
+        return None
+    if placement["spec"].get("desiredState") == "Preempted":
+        return None
+    last_active = parse_time(status.get("lastActiveTime"))
+    if last_active is None:
+        return None
+    woken = parse_time((body["metadata"].get("annotations") or {}).get(WAKE_ANNOTATION))
+    latest = max(last_active, woken) if woken else last_active
+    quiet_seconds = (now - latest).total_seconds()
+    if quiet_seconds < after_seconds:
+        return None
+    return (
+        f"no requests for {quiet_seconds:.0f} s (idle.afterSeconds {after_seconds}): GPU memory released, "
+        f"weights kept in host memory on {placement['spec']['nodeName']}; the next request resumes it"
+    )
 
 
 def node_accepts(node: dict[str, Any] | None) -> tuple[bool, bool, bool]:
@@ -166,9 +195,9 @@ def current_placement(placement: dict[str, Any]) -> CurrentPlacement | None:
     if state in ("Failed", "Unloaded"):
         return None
     desired = spec.get("desiredState", "Loaded")
-    kind = (
-        "preempted" if desired == "Preempted" and state != "Loaded" else _PLACEMENT_STATE.get(state, "loaded")
-    )
+    # an idle model released its GPU memory and keeps weights in host memory, like a preempted one
+    released = desired in ("Preempted", "Idle") and state != "Loaded"
+    kind = "preempted" if released else _PLACEMENT_STATE.get(state, "loaded")
     fraction = status.get("residentFraction")
     return CurrentPlacement(
         model=f"{spec['model']['namespace']}/{spec['model']['name']}",
@@ -212,22 +241,31 @@ def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> 
     infos: dict[str, ModelDirInfo] = {}
     invalid: dict[str, Verdict] = {}
     demands: list[ModelDemand] = []
+    placements = {
+        f"{p['spec']['model']['namespace']}/{p['spec']['model']['name']}": p for p in state.placements
+    }
+    idle: dict[str, str] = {}
     for key in sorted(bodies):
         checked = validate_model(bodies[key]["spec"], knobs.allowed_model_roots)
         if isinstance(checked, Verdict):
             invalid[key] = checked
             continue
         infos[key] = checked
+        reason = idle_reason(bodies[key], placements.get(key), now)
+        if reason is not None:
+            idle[key] = reason
+            continue
         demands.append(demand(key, bodies[key], checked, knobs))
     nodes_by_name = {n["metadata"]["name"]: n for n in state.nodes}
     capacities = [
         node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs)
         for p in sorted(state.node_profiles, key=lambda p: p["spec"]["nodeName"])
     ]
-    placements = {
-        f"{p['spec']['model']['namespace']}/{p['spec']['model']['name']}": p for p in state.placements
-    }
-    current = [c for p in placements.values() if (c := current_placement(p)) is not None and c.model in infos]
+    current = [
+        c
+        for p in placements.values()
+        if (c := current_placement(p)) is not None and c.model in infos and c.model not in idle
+    ]
     return Inputs(
         demands=demands,
         nodes=capacities,
@@ -237,6 +275,7 @@ def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> 
         invalid=invalid,
         bodies=bodies,
         placements=placements,
+        idle=idle,
     )
 
 
@@ -303,6 +342,18 @@ def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
             "Loaded",
             _reason(previous, "Loaded", reasons.get(key)),
         )
+    for key, why in sorted(inputs.idle.items()):
+        previous = inputs.placements[key]["spec"]
+        desired[placement_name(key)] = placement_manifest(
+            key,
+            inputs.bodies[key],
+            inputs.infos[key],
+            previous["nodeName"],
+            float(previous["residentFraction"]),
+            previous.get("executionMode", "stream"),
+            "Idle",
+            _reason(previous, "Idle", why),
+        )
     current = {c.model: c for c in inputs.current}
     for cached in plan.cached:
         key = cached.model
@@ -367,6 +418,28 @@ def model_verdict(
             message,
             (validated, ("Scheduled", "False", "NoNodes", message), ("Ready", "False", "NoNodes", message)),
             base_extra,
+        )
+    if key in inputs.idle:
+        node = (placement or {}).get("spec", {}).get("nodeName")
+        message = inputs.idle[key]
+        idle_conditions: tuple[tuple[str, ConditionStatus, str, str], ...] = (
+            validated,
+            ("Scheduled", "True", "Placed", f"placed on {node}"),
+            ("Loaded", "False", "Idle", message),
+            ("Ready", "False", "Idle", message),
+        )
+        return Verdict(
+            "Idle",
+            "IdleTimeout",
+            message,
+            idle_conditions,
+            (
+                *base_extra,
+                ("node", node),
+                ("residentFraction", 0.0),
+                ("residentPercent", 0),
+                ("endpoint", None),
+            ),
         )
     unschedulable = next((u for u in plan.unschedulable if u.model == key), None)
     planned = plan.placements.get(key)

@@ -29,6 +29,7 @@ log = logging.getLogger("residency.agent")
 NODE_LABEL = "residency.dev/node"
 UNLOAD_FINALIZER = "residency.dev/unload"
 FRACTION_TOLERANCE = 0.02
+ACTIVITY_GRANULARITY_SECONDS = 2.0  # report activity at most this often (each report wakes the planner)
 # cluster-autoscaler and Karpenter leave a node alone while its pods carry these
 PROTECT_ANNOTATIONS = {
     "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
@@ -38,6 +39,16 @@ PROTECT_ANNOTATIONS = {
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rfc3339(epoch_seconds: float) -> str:
+    return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def measure_copy_gbps(device: torch.device, size_bytes: int = 64 * 2**20, trials: int = 3) -> float:
@@ -238,7 +249,7 @@ class NodeAgent:
         grow: list[dict[str, Any]] = []
         for name, placement in sorted(wanted.items()):
             spec = placement["spec"]
-            if name in loaded and spec["desiredState"] == "Preempted":
+            if name in loaded and spec["desiredState"] in ("Preempted", "Idle"):
                 if self._state(name) == "ready":
                     self._act(placement, "preempt")
                 else:
@@ -330,12 +341,15 @@ class NodeAgent:
                 "message": failure.message[:4000],
             }
         elif name not in self.engine.names():
-            status = {"state": "Preempted" if placement["spec"]["desiredState"] == "Preempted" else "Pending"}
+            desired = placement["spec"]["desiredState"]
+            status = {"state": desired if desired in ("Preempted", "Idle") else "Pending"}
         else:
             model = self.engine.status(name)
             state = {"ready": "Loaded", "preempted": "Preempted", "loading": "Loading"}.get(
                 model.state, "Failed"
             )
+            if state == "Preempted" and placement["spec"]["desiredState"] == "Idle":
+                state = "Idle"
             status = {
                 "state": state,
                 "residentFraction": round(model.residency.resident_fraction, 6),
@@ -345,6 +359,11 @@ class NodeAgent:
                 "reason": None,
                 "message": None,
             }
+            runner = self.engine.runner(name)
+            active = time.time() if model.active_sequences or model.queue_depth else runner.last_request_time
+            reported = parse_rfc3339((placement.get("status") or {}).get("lastActiveTime"))
+            if reported is None or active - reported >= ACTIVITY_GRANULARITY_SECONDS:
+                status["lastActiveTime"] = rfc3339(active)
             if model.timings.decode_tokens_per_second is not None:
                 status["observedDecodeTokensPerSecond"] = round(model.timings.decode_tokens_per_second, 3)
         status["observedGeneration"] = generation

@@ -22,8 +22,10 @@ log = logging.getLogger("residency.router")
 class ModelTable:
     """LLMModels as last listed from the API server (refreshed in the background)."""
 
-    def __init__(self, lister: Any, refresh_seconds: float = 1.0) -> None:
+    def __init__(self, lister: Any, refresh_seconds: float = 1.0, waker: Any = None) -> None:
         self._lister = lister
+        self._waker = waker
+        self._woken: dict[str, float] = {}
         self.refresh_seconds = refresh_seconds
         self.models: dict[str, dict[str, Any]] = {}
         self.refreshed_at = 0.0
@@ -44,6 +46,16 @@ class ModelTable:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def wake(self, key: str) -> None:
+        """Ask the operator to resume an Idle model (annotation on the LLMModel), at most every 2 s."""
+        if self._waker is None or time.monotonic() - self._woken.get(key, -10.0) < 2.0:
+            return
+        self._woken[key] = time.monotonic()
+        try:
+            self._waker(key)
+        except Exception as exc:  # the API server may be away: the request keeps waiting and retries
+            log.warning("could not wake %s: %s", key, exc.__class__.__name__)
 
 
 def error(status_code: int, message: str, retry_after_seconds: int | None = None) -> JSONResponse:
@@ -72,6 +84,8 @@ def create_app(
         started = time.monotonic()
         while True:
             route = resolve(table.models, model)
+            if route.decision == "hold" and route.phase == "Idle" and route.key:
+                await asyncio.to_thread(table.wake, route.key)
             waited = time.monotonic() - started
             if route.decision != "hold" or waited >= hold_seconds:
                 return route, waited

@@ -23,7 +23,10 @@ def run_router(
     def list_models() -> list[dict[str, Any]]:
         return kube.list_custom("llmmodels")
 
-    table = ModelTable(list_models)
+    def wake(key: str) -> None:
+        kube.wake_model(key)
+
+    table = ModelTable(list_models, waker=wake)
     threading.Thread(target=table.run, name="model-table", daemon=True).start()
     app = create_app(table, hold_seconds=hold_seconds, token=token, worker_token=worker_token)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

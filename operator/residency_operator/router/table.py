@@ -18,6 +18,7 @@ class Route:
     endpoint: str | None = None
     status_code: int = 200
     message: str = ""
+    phase: str = ""
 
 
 def resolve(models: dict[str, dict[str, Any]], requested: str) -> Route:
@@ -41,7 +42,11 @@ def resolve(models: dict[str, dict[str, Any]], requested: str) -> Route:
         return Route("forward", key=key, endpoint=str(status["endpoint"]))
     if phase in HOLD_PHASES:
         return Route(
-            "hold", key=key, status_code=503, message=f"model {key} is {phase}: {status.get('message', '')}"
+            "hold",
+            key=key,
+            status_code=503,
+            message=f"model {key} is {phase}: {status.get('message', '')}",
+            phase=phase,
         )
     return Route(
         "reject",

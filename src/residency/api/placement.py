@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -49,6 +50,9 @@ class ModelPlacementStatus(StatusModel):
     observed_decode_tokens_per_second: float | None = Field(default=None, ge=0)
     timings: Timings | None = None
     endpoint: str | None = Field(default=None, max_length=2048)
+    last_active_time: datetime | None = Field(
+        default=None, description="When the model last had a request or running sequence (idle scale-to-zero)."
+    )
     reason: str | None = Field(default=None, max_length=128)
     message: str | None = Field(default=None, max_length=4096)
     observed_generation: int | None = Field(default=None, ge=0)

@@ -93,6 +93,7 @@ class ModelRunner:
         self.options = options
         self.spec = weights.spec
         self.state: ModelState = "loading"
+        self.last_request_time = time.time()  # wall clock: reported for idle scale-to-zero
         self.timings = ModelTimings(weight_bytes=weights.weight_bytes, emulated=tier.emulated)
         max_positions = min(options.max_sequence_length, self.spec.max_position_embeddings)
         self.max_sequence_length = max_positions
@@ -493,6 +494,7 @@ class ModelRunner:
                     retry_after_seconds=1.0,
                 )
             self._waiting.append(request)
+            self.last_request_time = time.time()
             self._cv.notify_all()
         return request
 
