@@ -26,7 +26,8 @@ class OperatorConfig:
     @classmethod
     def from_env(cls) -> OperatorConfig:
         """RESIDENCY_MODEL_ROOTS (os.pathsep-separated), RESIDENCY_RESYNC_SECONDS, RESIDENCY_WORKSPACE_BYTES,
-        RESIDENCY_HEARTBEAT_GRACE_SECONDS, RESIDENCY_NAMESPACE (where the leader Lease lives), RESIDENCY_CAPACITY_*
+        RESIDENCY_HEARTBEAT_GRACE_SECONDS, RESIDENCY_NAMESPACE (where the leader Lease lives),
+        RESIDENCY_CAPACITY_*
         (placeholder pods for autoscalers; selector and tolerations as JSON), RESIDENCY_METRICS_PORT."""
         roots = [Path(p) for p in os.environ.get("RESIDENCY_MODEL_ROOTS", "").split(os.pathsep) if p]
         return cls(

@@ -311,6 +311,7 @@ def solve_lexicographic(
     stages.append((None, options.score))
     tie_breaks = (
         config.memory_penalty_per_gib * options.gpu_bytes / GIB
+        + config.offload_penalty_per_gib * options.host_bytes / GIB
         + config.gpu_time_penalty * np.maximum(options.busy, 1.0 - options.tolerance)
     )
     for tier, coefficients in stages:

@@ -87,6 +87,7 @@ def served_values(
     gpu_bytes: int,
     time_share: float,
     config: PlannerConfig,
+    host_bytes: int = 0,
 ) -> tuple[float, float]:
     """(primary, full) objective value of running a placement.
 
@@ -103,6 +104,7 @@ def served_values(
         config.availability_value_tokens_per_second
         + served
         - config.memory_penalty_per_gib * gpu_bytes / GIB
+        - config.offload_penalty_per_gib * host_bytes / GIB
         - config.gpu_time_penalty * time_share
     )
     return primary, primary + excess_value(throughput_tokens_per_second, served, config)
@@ -205,7 +207,14 @@ def evaluate_option(
         )
     )
     tolerance = float(sharing_tolerance(rate, model.min_decode_tokens_per_second))
-    primary, full = served_values(model, throughput, gpu, max(busy, 1.0 - tolerance), config)
+    primary, full = served_values(
+        model,
+        throughput,
+        gpu,
+        max(busy, 1.0 - tolerance),
+        config,
+        host_bytes_needed(model, resident_fraction),
+    )
     return OptionEval(
         resident_fraction=resident_fraction,
         mode=mode,
@@ -397,6 +406,7 @@ def build_class_tables(
         config.availability_value_tokens_per_second
         + served
         - config.memory_penalty_per_gib * gpu_bytes[None, :, :, :] / GIB
+        - config.offload_penalty_per_gib * host_bytes[None, None, :, :] / GIB
         - config.gpu_time_penalty * time_share
     )
     value = primary_value + excess_value(throughput, served, config)

@@ -18,6 +18,7 @@ from residency_operator.planner.costs import (
     load_cost,
     preempt_cost,
 )
+from residency_operator.planner.fill import fill_free_memory
 from residency_operator.planner.greedy import Assignment, GreedyPlanner
 from residency_operator.planner.milp import (
     assignments_from_milp,
@@ -185,6 +186,7 @@ def plan(
             upper_bound = float(np.maximum(best, 0.0).sum())
             notes.append("optimality gap is against the capacity-free bound (input too large for the LP)")
         gap = (upper_bound - objective) / upper_bound if upper_bound > 0 else 0.0
+    assignment = fill_free_memory(problem, assignment)
     return assemble_plan(
         problem, assignment, preempted_by, solver, upper_bound, gap, now, time.perf_counter() - started, notes
     )

@@ -203,6 +203,9 @@ class PlannerConfig:
     """Capacity beyond demand still counts a little (lower latency), so free memory is never left idle:
     at most this share of the availability value."""
     memory_penalty_per_gib: float = 1e-3
+    offload_penalty_per_gib: float = 2e-3
+    """Tie-breaker against offloaded bytes, above the memory penalty: among equal predicted values (e.g. an
+    emulated tier, where host and "GPU" memory are the same DRAM) a model stays fully resident if it fits."""
     """Tie-breaker: among equal values, prefer the placement that uses fewer GPU bytes."""
     gpu_time_penalty: float = 0.08
     """Tie-breaker for GPU time: a whole GPU's time weighs like 80 GiB of its memory."""

@@ -51,7 +51,7 @@ class ModelPlacementStatus(StatusModel):
     timings: Timings | None = None
     endpoint: str | None = Field(default=None, max_length=2048)
     last_active_time: datetime | None = Field(
-        default=None, description="When the model last had a request or running sequence (idle scale-to-zero)."
+        default=None, description="When the model last had a request or a running sequence (idle scale-down)."
     )
     reason: str | None = Field(default=None, max_length=128)
     message: str | None = Field(default=None, max_length=4096)

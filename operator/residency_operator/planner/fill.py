@@ -1,0 +1,72 @@
+"""A last pass over a solved plan: free GPU memory nobody was given raises residency where it costs nothing.
+
+The solvers weigh GPU bytes as a tie-breaker, so where offloading predicts no loss (an emulated tier, or a
+memory-light model) they may leave a model partly offloaded on a node with room to spare. Users expect a
+model that fits to be fully resident; this pass promotes placed models, most important first, to the
+highest residency level that fits in their node's free memory without lowering their predicted value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from residency_operator.planner.greedy import Assignment
+from residency_operator.planner.options import MODES, usable_gpu_bytes
+
+if TYPE_CHECKING:
+    from residency_operator.planner.plan import PlanningProblem
+
+_VALUE_TOLERANCE = 1e-9
+
+
+def fill_free_memory(
+    problem: PlanningProblem, assignment: Sequence[Assignment | None]
+) -> list[Assignment | None]:
+    """The assignment with partly offloaded models promoted into free GPU memory (deterministic)."""
+    tables = problem.tables
+    result = list(assignment)
+    used_gpu = [0] * len(problem.nodes)
+    for placed in result:
+        if placed is not None:
+            used_gpu[placed.node] += placed.gpu_bytes
+    order = sorted(
+        (i for i, placed in enumerate(result) if placed is not None and placed.resident_fraction < 1.0),
+        key=lambda i: (-problem.models[i].priority, problem.models[i].name),
+    )
+    for i in order:
+        placed = result[i]
+        assert placed is not None
+        node_class = problem.class_of_node[placed.node]
+        mode_index = MODES.index(placed.mode)
+        free_bytes = usable_gpu_bytes(problem.nodes[placed.node]) - used_gpu[placed.node]
+        for level_index in range(len(tables.levels) - 1, -1, -1):
+            level = float(tables.levels[level_index])
+            if level <= placed.resident_fraction + 1e-9:
+                break
+            if not tables.feasible[node_class, mode_index, i, level_index]:
+                continue
+            value = float(tables.primary_value[node_class, mode_index, i, level_index])
+            if value < placed.value - _VALUE_TOLERANCE * max(1.0, abs(placed.value)):
+                continue
+            gpu_bytes = int(tables.gpu_bytes[mode_index, i, level_index])
+            if gpu_bytes - placed.gpu_bytes > free_bytes:
+                continue
+            full_value = float(tables.value[node_class, mode_index, i, level_index])
+            result[i] = Assignment(
+                node=placed.node,
+                resident_fraction=level,
+                mode=placed.mode,
+                gpu_bytes=gpu_bytes,
+                host_bytes=int(tables.host_bytes[i, level_index]),
+                busy=float(tables.busy_fraction[node_class, mode_index, i, level_index]),
+                tolerance=float(tables.tolerance[node_class, mode_index, i, level_index]),
+                value=value,
+                score=placed.score + (value - placed.value),
+                full_value=full_value,
+                full_score=placed.full_score + (full_value - placed.full_value),
+                incumbent=placed.incumbent and level == placed.resident_fraction,
+            )
+            used_gpu[placed.node] += gpu_bytes - placed.gpu_bytes
+            break
+    return result
