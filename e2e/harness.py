@@ -50,6 +50,20 @@ def get_json(*args: str) -> dict[str, Any]:
     return json.loads(kubectl("get", *args, "-o", "json").stdout)  # type: ignore[no-any-return]
 
 
+SMALL_LIMITS: dict[str, Any] = {"maxSequenceLength": 64, "maxBatchSize": 1}
+"""Limits that keep a tiny model's GPU reservation small, so tests can size node budgets around it."""
+
+
+def llm(name: str, path: Path | str, **spec: Any) -> dict[str, Any]:
+    """An LLMModel manifest for `kubectl apply` (namespace given at apply time)."""
+    return {
+        "apiVersion": "residency.dev/v1alpha1",
+        "kind": "LLMModel",
+        "metadata": {"name": name},
+        "spec": {"source": {"path": str(path)}, **spec},
+    }
+
+
 def wait_for(
     condition: Callable[[], T | None], timeout: float = 60, interval: float = 0.5, what: str = ""
 ) -> T:

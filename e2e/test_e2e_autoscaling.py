@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from conftest import NodePool, model_status
-from harness import Process, apply, get_json, kubectl, wait_for
+from harness import SMALL_LIMITS, Process, apply, get_json, kubectl, llm, wait_for
 
 CAPACITY = "residency.dev/capacity-request=true"
 
@@ -59,17 +59,13 @@ def test_model_too_big_waits_for_capacity_then_a_new_node_serves_it(
 ) -> None:
     gpu_nodes.add("gpu-small-1", "700000")
     apply(
-        {
-            "apiVersion": "residency.dev/v1alpha1",
-            "kind": "LLMModel",
-            "metadata": {"name": "big"},
-            "spec": {
-                "source": {"path": str(models_root / "tiny-llama")},
-                "maxSequenceLength": 256,
-                "maxBatchSize": 4,
-                "offload": {"maxFraction": 0.0},
-            },
-        },
+        llm(
+            "big",
+            models_root / "tiny-llama",
+            maxSequenceLength=256,
+            maxBatchSize=4,
+            offload={"maxFraction": 0.0},
+        ),
         namespace,
     )
     status = wait_for(
@@ -125,19 +121,7 @@ def test_worker_pod_is_protected_from_scale_down_while_it_serves(
     def annotations() -> dict[str, str]:
         return dict(get_json("pod", "worker-pod", "-n", namespace)["metadata"].get("annotations") or {})
 
-    apply(
-        {
-            "apiVersion": "residency.dev/v1alpha1",
-            "kind": "LLMModel",
-            "metadata": {"name": "busy"},
-            "spec": {
-                "source": {"path": str(models_root / "tiny-llama")},
-                "maxSequenceLength": 64,
-                "maxBatchSize": 1,
-            },
-        },
-        namespace,
-    )
+    apply(llm("busy", models_root / "tiny-llama", **SMALL_LIMITS), namespace)
     wait_for(lambda: annotations().get("karpenter.sh/do-not-disrupt") == "true", 120, what="protected")
     assert annotations()["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
     kubectl("delete", "llm", "busy", "-n", namespace, "--timeout=120s")
@@ -151,20 +135,7 @@ def test_idle_model_releases_gpu_memory_and_resumes_on_the_next_request(
     namespace: str, operator: Process, gpu_nodes: NodePool, router: str, models_root: Path
 ) -> None:
     node = gpu_nodes.add("gpu-sleepy", "64MiB")
-    apply(
-        {
-            "apiVersion": "residency.dev/v1alpha1",
-            "kind": "LLMModel",
-            "metadata": {"name": "sleepy"},
-            "spec": {
-                "source": {"path": str(models_root / "tiny-llama")},
-                "maxSequenceLength": 64,
-                "maxBatchSize": 1,
-                "idle": {"afterSeconds": 4},
-            },
-        },
-        namespace,
-    )
+    apply(llm("sleepy", models_root / "tiny-llama", **SMALL_LIMITS, idle={"afterSeconds": 4}), namespace)
     wait_for(lambda: model_status(namespace, "sleepy").get("phase") == "Ready", 120, what="Ready")
     first = httpx.post(
         f"{router}/v1/completions",

@@ -7,16 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import model_status
-from harness import Process, apply, get_json, kubectl, wait_for
-
-
-def llm(name: str, path: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "residency.dev/v1alpha1",
-        "kind": "LLMModel",
-        "metadata": {"name": name},
-        "spec": {"source": {"path": path}, **spec},
-    }
+from harness import Process, apply, get_json, kubectl, llm, wait_for
 
 
 def phase_is(namespace: str, name: str, phase: str, reason: str) -> dict[str, Any] | None:

@@ -8,19 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
 from conftest import NodePool, model_status
-from harness import Process, apply, get_json, kubectl, wait_for
-
-SMALL = {"maxSequenceLength": 64, "maxBatchSize": 1}
+from harness import SMALL_LIMITS, Process, apply, get_json, kubectl, wait_for
 
 
 def llm(name: str, path: Path, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "residency.dev/v1alpha1",
-        "kind": "LLMModel",
-        "metadata": {"name": name},
-        "spec": {"source": {"path": str(path)}, **SMALL, **spec},
-    }
+    return harness.llm(name, path, **{**SMALL_LIMITS, **spec})
 
 
 def all_ready(namespace: str, names: list[str]) -> bool:

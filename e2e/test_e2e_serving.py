@@ -9,19 +9,13 @@ from typing import Any
 
 import httpx
 
+import harness
 from conftest import NodePool, model_status
-from harness import Process, apply, get_json, kubectl, wait_for
-
-SMALL = {"maxSequenceLength": 64, "maxBatchSize": 1}
+from harness import SMALL_LIMITS, Process, apply, get_json, kubectl, wait_for
 
 
 def llm(name: str, path: Path, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "residency.dev/v1alpha1",
-        "kind": "LLMModel",
-        "metadata": {"name": name},
-        "spec": {"source": {"path": str(path)}, **SMALL, **spec},
-    }
+    return harness.llm(name, path, **{**SMALL_LIMITS, **spec})
 
 
 def phase(namespace: str, name: str, wanted: str) -> dict[str, Any] | None:

@@ -129,6 +129,9 @@ class NodeAgent:
             report = self.engine.node_report()
             peak = report.host_to_device_peak
             tier = self.engine.tier
+            host_gbps = measure_copy_gbps(torch.device("cpu"))
+            # an emulated tier's "GPU memory" is the same DRAM: one measurement, not two noisy ones
+            hbm_gbps = host_gbps if report.emulated else measure_copy_gbps(tier.device)
             self._profile_spec = {
                 "nodeName": self.config.node,
                 "gpuType": report.gpu_name,
@@ -136,8 +139,8 @@ class NodeAgent:
                 "gpuMemoryBytes": report.budget_bytes,
                 "hostMemoryBytes": self.config.host_memory_bytes,
                 "hostToDeviceGbps": round(peak.gbps if peak else 1.0, 4),
-                "hbmGbps": round(measure_copy_gbps(tier.device), 4),
-                "hostMemoryGbps": round(measure_copy_gbps(torch.device("cpu")), 4),
+                "hbmGbps": round(hbm_gbps, 4),
+                "hostMemoryGbps": round(host_gbps, 4),
                 "emulated": report.emulated,
                 "workerEndpoint": self.config.endpoint,
             }
