@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from pathlib import Path
@@ -175,13 +176,22 @@ def test_delete_unloads_first_and_spec_edit_replans(
     )
 
 
-def test_cordon_migrates_models(
-    namespace: str, operator: Process, gpu_nodes: NodePool, models_root: Path
+def test_cordon_migrates_models_without_failed_requests_and_reports_the_drain(
+    namespace: str, operator: Process, gpu_nodes: NodePool, router: str, models_root: Path
 ) -> None:
     gpu_nodes.add("gpu-move-a", "64MiB")
     apply(llm("mover", models_root / "tiny-llama"), namespace)
     first = wait_for(lambda: phase(namespace, "mover", "Ready"), 120, what="Ready")["node"]
     gpu_nodes.add("gpu-move-b", "64MiB")
+    outcomes: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            outcomes.append(complete(router, f"{namespace}/mover", "Move along", 8).status_code)
+
+    worker = threading.Thread(target=client)
+    worker.start()
     kubectl("cordon", first)
     try:
         moved = wait_for(
@@ -190,5 +200,21 @@ def test_cordon_migrates_models(
             what="migrated",
         )
         assert moved["node"] in {"gpu-move-a", "gpu-move-b"} - {first}
+        events = wait_for(
+            lambda: "Drained"
+            in (
+                out := kubectl(
+                    "get", "events", "-n", "default", "--field-selector", f"involvedObject.name={first}"
+                ).stdout
+            )
+            and out,
+            60,
+            what="Drained event on the node",
+        )
+        assert "moved every model off" in events
+        time.sleep(1.0)
     finally:
+        stop.set()
+        worker.join(timeout=120)
         kubectl("uncordon", first, check=False)
+    assert outcomes and all(code == 200 for code in outcomes), collections.Counter(outcomes)

@@ -85,6 +85,7 @@ class Controller:
         self.capacity = capacity or CapacityConfig()
         self.metrics = metrics or OperatorMetrics()
         self._priority_class_ready = False
+        self._draining_since: dict[str, float] = {}  # node → when it was first seen cordoned/disrupting
         self._dirty = asyncio.Event()
         self.leader = False
 
@@ -186,6 +187,7 @@ class Controller:
             elif have["spec"]["nodeName"] not in accepting:
                 # its worker is gone: nobody else will unload it
                 self.kube.remove_placement_finalizers(name)
+        self._report_drains(state, inputs, desired)
         phases: dict[str, int] = {}
         for key, body in sorted(inputs.bodies.items()):
             placement = existing.get(placement_name(key))
@@ -210,6 +212,34 @@ class Controller:
         report.seconds = time.perf_counter() - started
         self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
         return report
+
+    def _report_drains(self, state: ClusterState, inputs: Inputs, desired: dict[str, dict[str, Any]]) -> None:
+        """An Event on a cordoned or disrupted node once its models have moved off, with the drain time."""
+        draining = {n.name for n in inputs.nodes if n.cordoned or n.disrupting}
+        for node in list(self._draining_since):
+            if node not in draining:
+                del self._draining_since[node]
+        now = time.monotonic()
+        for node in sorted(draining):
+            since = self._draining_since.setdefault(node, now)
+            if since < 0:
+                continue  # already reported
+            held = [p for p in [*state.placements, *desired.values()] if p["spec"]["nodeName"] == node]
+            if held:
+                continue
+            body = next((n for n in state.nodes if n["metadata"]["name"] == node), None)
+            if body is not None:
+                seconds = now - since
+                self.kube.post_event(
+                    body,
+                    "Normal",
+                    "Drained",
+                    f"residency moved every model off {node} in {seconds:.1f} s",
+                    kind="Node",
+                    api_version="v1",
+                )
+                log.info("node %s drained in %.1f s", node, seconds)
+            self._draining_since[node] = -1.0
 
     def _request_capacity(self, result: Plan, inputs: Inputs) -> dict[str, tuple[dict[str, Any], int]]:
         """Placeholder Pods for models that lack capacity; removes those no longer needed."""

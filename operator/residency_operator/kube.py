@@ -87,16 +87,26 @@ class Kube:
             if exc.status != 404:  # deleted meanwhile: nothing to report to
                 raise
 
-    def post_event(self, body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+    def post_event(
+        self,
+        body: dict[str, Any],
+        event_type: str,
+        reason: str,
+        message: str,
+        kind: str = "LLMModel",
+        api_version: str = f"{GROUP}/{VERSION}",
+    ) -> None:
+        """An Event on an object (a namespaced LLMModel, or a cluster-scoped Node: its Event in default)."""
         meta = body["metadata"]
+        namespace = meta.get("namespace") or "default"
         now = datetime.now(UTC)
         event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=namespace),
             involved_object=client.V1ObjectReference(
-                api_version=f"{GROUP}/{VERSION}",
-                kind="LLMModel",
+                api_version=api_version,
+                kind=kind,
                 name=meta["name"],
-                namespace=meta["namespace"],
+                namespace=meta.get("namespace"),
                 uid=meta.get("uid"),
             ),
             reason=reason[:128],
@@ -110,11 +120,9 @@ class Kube:
             reporting_instance="residency-operator",
         )
         try:
-            self.core.create_namespaced_event(meta["namespace"], event)
+            self.core.create_namespaced_event(namespace, event)
         except ApiException as exc:  # an Event is best effort; status already carries the truth
-            log.warning(
-                "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason
-            )
+            log.warning("could not post event %s on %s/%s: %s", reason, namespace, meta["name"], exc.reason)
 
     # --- leader election ---------------------------------------------------------------------
     def try_acquire_lease(self, namespace: str, name: str, identity: str, duration_seconds: int) -> bool:

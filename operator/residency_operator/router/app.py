@@ -127,7 +127,9 @@ def create_app(
                     continue
                 requests_total.labels("unavailable").inc()
                 return error(503, f"worker for {route.key} unreachable: {exc.__class__.__name__}", 2)
-            if upstream.status_code == 503 and time.monotonic() < deadline and not body.get("stream"):
+            # 503: the model is preempted or reloading there; 404: it just moved off that worker (the
+            # table lags the API server by up to a refresh). Both retry until the hold deadline.
+            if upstream.status_code in (404, 503) and time.monotonic() < deadline:
                 await upstream.aclose()
                 await asyncio.sleep(0.5)
                 continue
