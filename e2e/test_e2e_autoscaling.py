@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,68 @@ def test_idle_model_releases_gpu_memory_and_resumes_on_the_next_request(
         lambda: (s := model_status(namespace, "sleepy")).get("phase") == "Ready" and s, 60, what="Ready again"
     )
     assert status["timings"]["reloadSeconds"] > 0
+
+
+def test_scale_down_drains_the_node_before_it_goes_with_no_failed_request(
+    namespace: str, operator: Process, gpu_nodes: NodePool, router: str, models_root: Path
+) -> None:
+    gpu_nodes.add("gpu-keep", "64MiB")
+    doomed = gpu_nodes.add("gpu-doomed", "64MiB")
+    kubectl("cordon", "gpu-keep")  # so that the model lands on the node the autoscaler will remove
+    apply(llm("tenant", models_root / "tiny-llama", **SMALL_LIMITS), namespace)
+    wait_for(
+        lambda: model_status(namespace, "tenant").get("node") == "gpu-doomed"
+        and model_status(namespace, "tenant").get("phase") == "Ready",
+        120,
+        what="Ready on gpu-doomed",
+    )
+    kubectl("uncordon", "gpu-keep")
+    outcomes: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            response = httpx.post(
+                f"{router}/v1/completions",
+                timeout=120,
+                json={
+                    "model": f"{namespace}/tenant",
+                    "prompt": "Still there?",
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+            )
+            outcomes.append(response.status_code)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        # what cluster-autoscaler does to a node it removes: taint, then wait for residency to drain it
+        taint = {
+            "spec": {
+                "taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}],
+                "unschedulable": True,
+            }
+        }
+        kubectl("patch", "node", doomed.name, "--type=merge", "-p", json.dumps(taint))
+        drained = wait_for(
+            lambda: "Drained"
+            in (
+                out := kubectl(
+                    "get", "events", "-n", "default", "--field-selector", f"involvedObject.name={doomed.name}"
+                ).stdout
+            )
+            and out,
+            120,
+            what="Drained event",
+        )
+        assert "moved every model off gpu-doomed" in drained
+        assert model_status(namespace, "tenant")["node"] == "gpu-keep"
+        doomed.process.stop()
+        kubectl("delete", "node", doomed.name)
+        wait_for(lambda: model_status(namespace, "tenant").get("phase") == "Ready", 60, what="still Ready")
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert outcomes and all(code == 200 for code in outcomes), outcomes

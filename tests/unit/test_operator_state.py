@@ -184,3 +184,45 @@ def test_preempted_placement_reports_who_displaced_it(tmp_path: Path, make_model
     assert "team-a/high" in low_placement["spec"]["reason"]
     verdict = model_verdict("team-a/low", inputs, result, low_placement)
     assert verdict.phase == "Preempted" and "team-a/high" in verdict.message
+
+
+def test_metrics_expose_waiting_capacity_and_reclaimable_bytes(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    from residency_operator.capacity import (
+        CapacityConfig,
+        capacity_pod,
+        full_residency_gpu_bytes,
+        needs_capacity,
+        waiting_verdict,
+    )
+    from residency_operator.metrics import OperatorMetrics
+
+    models = [
+        llm("small", make_model_dir("small", params=20_000), priority=5),
+        llm("huge", make_model_dir("huge", params=2_000_000), offload={"maxFraction": 0.0}),
+    ]
+    state = ClusterState(models, [profile("n1", 2_000_000)], [node("n1")], [])
+    inputs, result, _ = run(state, tmp_path)
+    unschedulable = {u.model: u for u in result.unschedulable}
+    assert needs_capacity(unschedulable["team-a/huge"].reason)
+    info = inputs.infos["team-a/huge"]
+    gpu_bytes = full_residency_gpu_bytes(info, 16, 1)
+    assert gpu_bytes > 4_000_000
+    pod = capacity_pod(inputs.bodies["team-a/huge"], gpu_bytes, info.weight_bytes, CapacityConfig())
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == "uid-huge"
+    assert pod["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    verdict = waiting_verdict(
+        model_verdict("team-a/huge", inputs, result, None), pod, gpu_bytes, CapacityConfig()
+    )
+    assert verdict.phase == "WaitingForCapacity" and "capacity-huge" in verdict.message
+    metrics = OperatorMetrics()
+    metrics.observe_round(
+        0.01, {"Ready": 1, "WaitingForCapacity": 1}, {"team-a/huge": (pod, gpu_bytes)}, result, inputs
+    )
+    sample = metrics.registry.get_sample_value
+    assert sample("residency_models_waiting_for_capacity") == 1
+    assert sample("residency_unplaceable_gpu_bytes") == gpu_bytes
+    small_bytes = result.placements["team-a/small"].gpu_bytes
+    assert sample("residency_node_reclaimable_gpu_bytes", {"node": "n1"}) == small_bytes
+    assert sample("residency_models", {"phase": "WaitingForCapacity"}) == 1
