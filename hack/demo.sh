@@ -107,7 +107,8 @@ up() {
 What this shows: each model was validated, planned and placed by the operator, and loaded by the worker
 of the node it was given. RESIDENT% is the share of its weight bytes the planner chose to keep in (here
 emulated) GPU memory; the rest stays in pinned host memory and is streamed to the device or computed on
-the CPU, whichever the worker measured to be faster. TOK/S is the decode rate the worker measured.
+the CPU (the execution mode the planner chose: kubectl get modelplacements -o wide). TOK/S is the
+decode rate the worker measured.
 Nodes have different memory (gpu-a 24 MiB, gpu-b 12 MiB, gpu-c 8 MiB, emulated), so larger, less
 sensitive models get partial residency instead of being refused. Timings in status are measured
 (kubectl get llm coder -o yaml) and say emulated: true because this machine has no GPU.
