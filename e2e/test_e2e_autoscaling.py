@@ -224,7 +224,7 @@ def test_scale_down_drains_the_node_before_it_goes_with_no_failed_request(
             what="Drained event",
         )
         assert "moved every model off gpu-doomed" in drained
-        assert model_status(namespace, "tenant")["node"] == "gpu-keep"
+        wait_for(lambda: model_status(namespace, "tenant").get("node") == "gpu-keep", 60, what="moved")
         doomed.process.stop()
         kubectl("delete", "node", doomed.name)
         wait_for(lambda: model_status(namespace, "tenant").get("phase") == "Ready", 60, what="still Ready")

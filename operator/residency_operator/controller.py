@@ -225,7 +225,10 @@ class Controller:
             if since < 0:
                 continue  # already reported
             held = [p for p in [*state.placements, *desired.values()] if p["spec"]["nodeName"] == node]
-            if held:
+            profile = next((p for p in state.node_profiles if p["spec"]["nodeName"] == node), None)
+            # drained once no placement names it and its worker reports its GPU memory freed
+            still_resident = int(((profile or {}).get("status") or {}).get("residentBytes") or 0)
+            if held or still_resident:
                 continue
             body = next((n for n in state.nodes if n["metadata"]["name"] == node), None)
             if body is not None:
