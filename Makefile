@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 binaries: ## build etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm (cached)
 	hack/build-binaries.sh all >/dev/null
 
-crds: venv ## regenerate crds/ from the pydantic models
+crds: venv ## regenerate crds/ (and the chart's copy) from the pydantic models
 	$(VENV)/bin/residency crds --out crds
+	cp crds/*.yaml charts/residency/files/crds/
 
 cluster: binaries ## start the local real control plane (idempotent)
 	@hack/cluster.sh up

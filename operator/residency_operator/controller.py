@@ -247,6 +247,8 @@ class Controller:
     def _request_capacity(self, result: Plan, inputs: Inputs) -> dict[str, tuple[dict[str, Any], int]]:
         """Placeholder Pods for models that lack capacity; removes those no longer needed."""
         waiting: dict[str, tuple[dict[str, Any], int]] = {}
+        if not self.capacity.enabled:
+            return waiting  # no placeholder pods, and no permission to list them
         if self.capacity.enabled:
             for unschedulable in result.unschedulable:
                 key = unschedulable.model

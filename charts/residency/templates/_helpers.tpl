@@ -1,0 +1,45 @@
+{{- define "residency.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "residency.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "residency.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "residency.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "residency.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "residency.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "residency.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "residency.operatorServiceAccount" -}}{{ include "residency.fullname" . }}-operator{{- end -}}
+{{- define "residency.workerServiceAccount" -}}{{ include "residency.fullname" . }}-worker{{- end -}}
+{{- define "residency.routerServiceAccount" -}}{{ include "residency.fullname" . }}-router{{- end -}}
+
+{{- define "residency.tokenSecret" -}}
+{{- default (printf "%s-worker-token" (include "residency.fullname" .)) .Values.worker.tokenSecret -}}
+{{- end -}}
+
+{{- define "residency.modelRoots" -}}
+{{- join ":" .Values.modelRoots -}}
+{{- end -}}
