@@ -249,18 +249,17 @@ class Controller:
         waiting: dict[str, tuple[dict[str, Any], int]] = {}
         if not self.capacity.enabled:
             return waiting  # no placeholder pods, and no permission to list them
-        if self.capacity.enabled:
-            for unschedulable in result.unschedulable:
-                key = unschedulable.model
-                if not needs_capacity(unschedulable.reason) or key not in inputs.infos:
-                    continue
-                body = inputs.bodies[key]
-                spec = body["spec"]
-                info = inputs.infos[key]
-                gpu_bytes = full_residency_gpu_bytes(
-                    info, int(spec.get("maxSequenceLength", 4096)), int(spec.get("maxBatchSize", 8))
-                )
-                waiting[key] = (capacity_pod(body, gpu_bytes, info.weight_bytes, self.capacity), gpu_bytes)
+        for unschedulable in result.unschedulable:
+            key = unschedulable.model
+            if not needs_capacity(unschedulable.reason) or key not in inputs.infos:
+                continue
+            body = inputs.bodies[key]
+            spec = body["spec"]
+            info = inputs.infos[key]
+            gpu_bytes = full_residency_gpu_bytes(
+                info, int(spec.get("maxSequenceLength", 4096)), int(spec.get("maxBatchSize", 8))
+            )
+            waiting[key] = (capacity_pod(body, gpu_bytes, info.weight_bytes, self.capacity), gpu_bytes)
         existing = {
             f"{p['metadata']['namespace']}/{p['metadata']['name']}": p
             for p in self.kube.list_pods(f"{CAPACITY_LABEL}=true")
