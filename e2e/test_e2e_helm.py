@@ -180,13 +180,19 @@ def sa_kubeconfig(path: Path, cluster_kubeconfig: str, token: str) -> Path:
         ).stdout
     )
     server = view["clusters"][0]["cluster"]["server"]
+    # the cluster's CA as the admin kubeconfig names it (a file under the cluster's data dir, or inline)
+    authority = {
+        k: v
+        for k, v in view["clusters"][0]["cluster"].items()
+        if k in ("certificate-authority", "certificate-authority-data")
+    }
     config: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [
             {
                 "name": "c",
-                "cluster": {"server": server, "certificate-authority": str(REPO / ".cluster/pki/ca.crt")},
+                "cluster": {"server": server, **authority},
             }
         ],
         "users": [{"name": "u", "user": {"token": token}}],
