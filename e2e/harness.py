@@ -78,6 +78,18 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}; last value {last!r}")
 
 
+def wait_for_node_event(node: str, reason: str, timeout: float = 120) -> str:
+    """The `kubectl get events` listing of a Node once it shows an Event with this reason."""
+
+    def listing() -> str | None:
+        out = kubectl(
+            "get", "events", "-n", "default", "--field-selector", f"involvedObject.name={node}"
+        ).stdout
+        return out if reason in out else None
+
+    return wait_for(listing, timeout, what=f"{reason} Event on node {node}")
+
+
 @dataclass
 class Process:
     """A residency process (operator, worker, router) started by a test, with its log file."""

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from conftest import NodePool, model_status
-from harness import SMALL_LIMITS, Process, apply, get_json, kubectl, llm, wait_for
+from harness import SMALL_LIMITS, Process, apply, get_json, kubectl, llm, wait_for, wait_for_node_event
 
 CAPACITY = "residency.dev/capacity-request=true"
 
@@ -212,17 +212,7 @@ def test_scale_down_drains_the_node_before_it_goes_with_no_failed_request(
             }
         }
         kubectl("patch", "node", doomed.name, "--type=merge", "-p", json.dumps(taint))
-        drained = wait_for(
-            lambda: "Drained"
-            in (
-                out := kubectl(
-                    "get", "events", "-n", "default", "--field-selector", f"involvedObject.name={doomed.name}"
-                ).stdout
-            )
-            and out,
-            120,
-            what="Drained event",
-        )
+        drained = wait_for_node_event(doomed.name, "Drained", 120)
         assert "moved every model off gpu-doomed" in drained
         wait_for(lambda: model_status(namespace, "tenant").get("node") == "gpu-keep", 60, what="moved")
         doomed.process.stop()

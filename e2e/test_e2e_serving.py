@@ -12,7 +12,7 @@ import httpx
 
 import harness
 from conftest import NodePool, model_status
-from harness import SMALL_LIMITS, Process, apply, get_json, kubectl, wait_for
+from harness import SMALL_LIMITS, Process, apply, get_json, kubectl, wait_for, wait_for_node_event
 
 
 def llm(name: str, path: Path, **spec: Any) -> dict[str, Any]:
@@ -200,17 +200,7 @@ def test_cordon_migrates_models_without_failed_requests_and_reports_the_drain(
             what="migrated",
         )
         assert moved["node"] in {"gpu-move-a", "gpu-move-b"} - {first}
-        events = wait_for(
-            lambda: "Drained"
-            in (
-                out := kubectl(
-                    "get", "events", "-n", "default", "--field-selector", f"involvedObject.name={first}"
-                ).stdout
-            )
-            and out,
-            60,
-            what="Drained event on the node",
-        )
+        events = wait_for_node_event(first, "Drained", 60)
         assert "moved every model off" in events
         time.sleep(1.0)
     finally:
