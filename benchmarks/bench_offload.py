@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from _table import table
 from residency.modelgen import make_model
 from residency_worker.engine import Engine, ModelOptions, SamplingParams, make_gpu_tier
 from residency_worker.engine.tiers import GpuTier, measure_host_to_device_peak
@@ -103,13 +104,6 @@ def hf_decode_rate(
     for _ in range(trials):
         rates.append((tokens - 1) / max(timed(tokens) - timed(1), 1e-9))
     return float(statistics.median(rates)), label
-
-
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from _table import table
 from residency.modelgen import make_model
 from residency_worker.engine import Engine, ModelOptions, SamplingParams, make_gpu_tier
 from residency_worker.engine.generate import RequestEvent
@@ -49,13 +50,6 @@ def naive_reload(tier: GpuTier, model_dir: Path) -> tuple[int, float]:
     seconds = time.perf_counter() - start
     del on_device
     return moved_bytes, seconds
-
-
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from residency_operator.planner.costs import (
 from residency_operator.planner.fill import fill_free_memory
 from residency_operator.planner.greedy import Assignment, GreedyPlanner
 from residency_operator.planner.milp import (
+    NodeOptions,
     assignments_from_milp,
     build_node_options,
     count_options,
@@ -101,6 +102,21 @@ class PlanningProblem:
         self.tables: ClassTables = build_class_tables(
             self.models, self.classes, self.predictor, config, self.profiled_models
         )
+        self._node_options: NodeOptions | None = None
+
+    def node_options(self) -> NodeOptions:
+        """Every (model, node, level, mode) option, built once per problem (MILP and LP bound share it)."""
+        if self._node_options is None:
+            self._node_options = build_node_options(
+                self.models,
+                self.nodes,
+                self.class_of_node,
+                self.tables,
+                self.current,
+                self.predictor,
+                self.config,
+            )
+        return self._node_options
 
 
 def plan(
@@ -132,15 +148,7 @@ def plan(
         config.solver == "auto" and option_count <= config.milp_max_options
     )
     if use_milp:
-        options = build_node_options(
-            problem.models,
-            problem.nodes,
-            problem.class_of_node,
-            problem.tables,
-            problem.current,
-            problem.predictor,
-            config,
-        )
+        options = problem.node_options()
         result = solve_lexicographic(problem.models, problem.nodes, options, config)
         if result.solved:
             solver = "milp"
@@ -164,15 +172,7 @@ def plan(
         preempted_by = greedy_result.preempted_by
         objective = sum(a.full_score for a in assignment if a is not None)
         if option_count <= config.bound_max_options:
-            options = build_node_options(
-                problem.models,
-                problem.nodes,
-                problem.class_of_node,
-                problem.tables,
-                problem.current,
-                problem.predictor,
-                config,
-            )
+            options = problem.node_options()
             upper_bound = max(objective, lp_upper_bound(problem.models, problem.nodes, options, config))
         else:
             # Without capacity limits every model would take its best option: a valid, looser bound.
