@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(BIN):$(PATH)
 export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 export MYPYPATH := src:operator:worker
 
-.PHONY: all venv binaries crds cluster cluster-down lint unit component e2e test demo demo-down clean help
+.PHONY: all venv binaries crds cluster cluster-down lint unit component e2e test reliability report demo demo-down clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -57,6 +57,10 @@ test: venv binaries lint ## everything CI runs
 	$(PY) -m pytest -q tests
 	hack/cluster.sh up >/dev/null
 	$(PY) -m pytest -q e2e
+
+reliability: venv binaries ## the whole reliability suite (faults, bad input, load, security) and its table
+	hack/cluster.sh up >/dev/null
+	RESIDENCY_RELIABILITY_JSON=reports/reliability.json $(PY) -m pytest -q -m reliability --reliability-full tests e2e
 
 demo: venv binaries ## local control plane + operator + an example model, then `kubectl get llm`
 	hack/demo.sh up
