@@ -38,9 +38,7 @@ class ReliabilityRecord:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--reliability-full", action="store_true", help="also run the long reliability tests"
-    )
+    parser.addoption("--reliability-full", action="store_true", help="also run the long reliability tests")
 
 
 def pytest_configure(config: pytest.Config) -> None:
