@@ -62,6 +62,9 @@ reliability: venv binaries ## the whole reliability suite (faults, bad input, lo
 	hack/cluster.sh up >/dev/null
 	RESIDENCY_RELIABILITY_JSON=reports/reliability.json $(PY) -m pytest -q -m reliability --reliability-full tests e2e
 
+report: venv ## the GPU performance report into reports/<gpu>/ (a reduced CPU grid, marked emulated, without a GPU)
+	$(VENV)/bin/residency report $(or $(REPORT_ARGS),$(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')"))
+
 demo: venv binaries ## local control plane + operator + an example model, then `kubectl get llm`
 	hack/demo.sh up
 

@@ -148,11 +148,13 @@ def make_model(
     seed: int = 0,
     dtype: str = "bfloat16",
     overrides: Mapping[str, Any] | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Writes config.json, safetensors weights and a tokenizer for a random model; returns `out_dir`.
 
     `overrides` replaces preset config fields, e.g. {"num_hidden_layers": 4} for real widths at a
-    benchmark-friendly depth.
+    benchmark-friendly depth. `device="cuda"` draws the random numbers on the GPU (billions of them
+    in seconds; a seeded CUDA generator gives other, equally deterministic, values than the CPU one).
     """
     import torch
     from safetensors.torch import save_file
@@ -173,7 +175,7 @@ def make_model(
     tokenizer.save_pretrained(out_dir)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)  # type: ignore[no-untyped-call]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     std = 0.02 if preset != "tiny" else 0.2  # tiny models need larger weights for non-degenerate text
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
@@ -182,7 +184,8 @@ def make_model(
         if name.endswith("norm.weight"):
             tensor = torch.ones(parameter.shape, dtype=torch_dtype)
         else:
-            tensor = (torch.randn(parameter.shape, generator=generator) * std).to(torch_dtype)
+            drawn = torch.randn(parameter.shape, generator=generator, device=device, dtype=torch.float32)
+            tensor = (drawn * std).to(torch_dtype).cpu()
         nbytes = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + nbytes > _SHARD_BYTES:
             shards.append(shard)

@@ -34,6 +34,8 @@ class ProfileSettings:
     trials: int = 3
     warmup_trials: int = 1
     batch_size: int = 1
+    prefill_mode: ExecutionMode | None = None  # None: prefill in the decode mode of the point
+    deadline: float | None = None  # time.monotonic() after which the remaining points are skipped
 
     @property
     def points(self) -> int:
@@ -106,8 +108,16 @@ def profile_model(
     try:
         for fraction in settings.fractions:
             for mode in settings.modes:
+                if settings.deadline is not None and time.monotonic() > settings.deadline:
+                    for length in settings.sequence_lengths:
+                        result.skipped.append(f"r={fraction} {mode} seq={length}: time budget spent")
+                        if progress:
+                            progress(f"r={fraction:.2f} {mode} seq={length} skipped (time budget)")
+                    continue
                 try:
-                    residency = engine.set_residency(name, fraction, decode_mode=mode, prefill_mode=mode)
+                    residency = engine.set_residency(
+                        name, fraction, decode_mode=mode, prefill_mode=settings.prefill_mode or mode
+                    )
                 except EngineError as exc:
                     for length in settings.sequence_lengths:
                         result.skipped.append(f"r={fraction} {mode} seq={length}: {exc.message}")

@@ -65,8 +65,18 @@ class _Allocation:
 class GpuTier:
     """The fast tier of one node: a byte budget, per-owner reservations and tracked allocations."""
 
-    def __init__(self, device: torch.device, budget_bytes: int, *, emulated: bool, gpu_name: str) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        budget_bytes: int,
+        *,
+        emulated: bool,
+        gpu_name: str,
+        pin_host_memory: bool = True,
+    ) -> None:
         self.device = device
+        # pinned host memory is what makes copies DMA at link speed; False measures the pageable path
+        self._pin_host_memory = pin_host_memory
         self.budget_bytes = budget_bytes
         self.emulated = emulated
         self.gpu_name = gpu_name
@@ -196,7 +206,7 @@ class GpuTier:
     # -- host side ----------------------------------------------------------------------------------
     @property
     def pins_host_memory(self) -> bool:
-        return self.device.type == "cuda"
+        return self.device.type == "cuda" and self._pin_host_memory
 
     @property
     def host_path(self) -> TransferPath:
@@ -220,14 +230,19 @@ class GpuTier:
         return [torch.cuda.Stream(self.device) for _ in range(count)]  # type: ignore[no-untyped-call]
 
 
-def make_gpu_tier(budget_bytes: int | None = None, *, force_emulated: bool = False) -> GpuTier:
-    """The real GPU when there is one (budget defaults to its memory), otherwise an emulated CPU pool."""
+def make_gpu_tier(
+    budget_bytes: int | None = None, *, force_emulated: bool = False, pin_host_memory: bool = True
+) -> GpuTier:
+    """The real GPU when there is one (budget defaults to its memory), otherwise an emulated CPU pool.
+
+    `pin_host_memory=False` keeps the host caches pageable (slower copies): for measuring that path.
+    """
     if torch.cuda.is_available() and not force_emulated:
         device = torch.device("cuda", torch.cuda.current_device())
         total_bytes = torch.cuda.get_device_properties(device).total_memory
         name = _nvml_name() or torch.cuda.get_device_name(device)
         budget = min(budget_bytes, total_bytes) if budget_bytes else int(total_bytes * 0.9)
-        return GpuTier(device, budget, emulated=False, gpu_name=name)
+        return GpuTier(device, budget, emulated=False, gpu_name=name, pin_host_memory=pin_host_memory)
     if budget_bytes is None:
         raise ValueError("an emulated GPU tier needs a declared budget (e.g. --gpu-memory 8GiB)")
     log.warning(

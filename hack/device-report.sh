@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU report on a lent device machine (its python3 has torch and CUDA; no venv, no network).
+# Wheels in .whl pin transformers, tokenizers and huggingface_hub to this project's versions (see README).
+#   hack/device-report.sh smoke   CUDA engine tests + one small shape through every section
+#   hack/device-report.sh full    the report: SHAPES, SECTIONS, BUDGET_SECONDS, DECODE_TOKENS, TRIALS from the environment
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-full}
+out=${OUT:-reports}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/worker:$PWD/operator PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.gen.max,pcie.link.width.current --format=csv
+python3 -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, torch.version.cuda, transformers.__version__, torch.cuda.get_device_name())"
+lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-200
+# models in RAM (tmpfs) when it has room: the from_pretrained baseline then reads at memory speed, too
+models=/tmp/report-models
+if [ "$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1)" -ge 40 ] 2>/dev/null; then models=/dev/shm/report-models; fi
+df -h /dev/shm /tmp | cat
+residency() { python3 -c 'from residency.cli import app; app()' "$@"; }
+case $mode in
+  smoke)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -x tests/component/test_engine_cuda.py 2>&1 | tail -25
+    residency report --shapes qwen2.5-0.5b --sequence-lengths 512,4096 --decode-tokens 8 --trials 1 \
+      --models "$models" --out "$out" --budget-seconds "${BUDGET_SECONDS:-150}" 2>&1 | tail -120
+    ;;
+  full)
+    residency report --shapes "${SHAPES:-qwen2.5-0.5b,qwen2.5-3b,llama-3-8b}" --decode-tokens "${DECODE_TOKENS:-8}" \
+      --trials "${TRIALS:-1}" --models "$models" --out "$out" --budget-seconds "${BUDGET_SECONDS:-420}" \
+      --sections "${SECTIONS:-preemption,peers,pageable,curves}" 2>&1 | tail -150
+    ;;
+  *) echo "usage: $0 smoke|full" >&2; exit 2 ;;
+esac
