@@ -28,36 +28,11 @@ from _table import table
 from residency.modelgen import make_model
 from residency_worker.engine import Engine, ModelOptions, SamplingParams, make_gpu_tier
 from residency_worker.engine.tiers import GpuTier, measure_host_to_device_peak
+from residency_worker.report.environment import read_gbps
+from residency_worker.report.measure import engine_decode_rate
 
 RESULTS = Path(__file__).parent / "results"
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
-
-
-def read_gbps(device: torch.device, size_bytes: int, trials: int = 3) -> float:
-    """Memory read bandwidth of `device`: a reduction over a large buffer, best of a few."""
-    data = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
-    data.sum()
-    best = float("inf")
-    for _ in range(trials):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        data.sum()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return size_bytes / best / 1e9
-
-
-def engine_decode_rate(engine: Engine, name: str, prompt: list[int], tokens: int, trials: int) -> float:
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    engine.generate(name, prompt, SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-    rates = []
-    for _ in range(trials):
-        request = engine.generate(name, prompt, params)
-        assert request.first_token_at is not None and request.finished_at is not None
-        rates.append((tokens - 1) / (request.finished_at - request.first_token_at))
-    return float(statistics.median(rates))
 
 
 def hf_decode_rate(

@@ -23,33 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from _table import table
 from residency.modelgen import make_model
 from residency_worker.engine import Engine, ModelOptions, SamplingParams, make_gpu_tier
 from residency_worker.engine.generate import RequestEvent
-from residency_worker.engine.tiers import GpuTier, measure_host_to_device_peak
+from residency_worker.engine.tiers import measure_host_to_device_peak
+from residency_worker.report.measure import naive_reload
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def naive_reload(tier: GpuTier, model_dir: Path) -> tuple[int, float]:
-    """Per-tensor copy of a pageable state dict to the device: (bytes, seconds)."""
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    moved_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    tier.synchronize()
-    start = time.perf_counter()
-    if tier.device.type == "cuda":
-        on_device = {name: t.to(tier.device) for name, t in state.items()}
-    else:  # the emulated "device" is a separate CPU pool: a per-tensor copy is the honest equivalent
-        on_device = {name: t.clone() for name, t in state.items()}
-    tier.synchronize()
-    seconds = time.perf_counter() - start
-    del on_device
-    return moved_bytes, seconds
 
 
 def main() -> None:
