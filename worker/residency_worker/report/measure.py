@@ -237,24 +237,37 @@ def measure_curves(
     budget.skipped.extend(f"{result.shape.label} curve {s}" for s in profile.skipped)
 
 
+def _load(
+    engine: Engine,
+    name: str,
+    model_dir: Path,
+    settings: ReportSettings,
+    fraction: float,
+    max_sequence_length: int,
+) -> None:
+    """Loads `model_dir` as `name` for one sequence at a time, streaming whatever is offloaded."""
+    engine.load(
+        name,
+        str(model_dir),
+        ModelOptions(
+            dtype=settings.dtype,
+            resident_fraction=fraction,
+            decode_mode="stream",
+            prefill_mode="stream",
+            max_batch_size=1,
+            max_sequence_length=max_sequence_length,
+            max_queue=1,
+        ),
+    )
+
+
 def measure_preemption(
     engine: Engine, model_dir: Path, result: ShapeResult, settings: ReportSettings, budget: Budget
 ) -> None:
     """Finding (b): preempt with a sequence in flight at each context length, then resume."""
     longest = min(max(settings.kv_tokens), result.max_position_embeddings - 80)
     name = f"preempt-{result.shape.slug}"
-    engine.load(
-        name,
-        str(model_dir),
-        ModelOptions(
-            dtype=settings.dtype,
-            resident_fraction=1.0,
-            decode_mode="stream",
-            max_batch_size=1,
-            max_sequence_length=longest + 72,
-            max_queue=1,
-        ),
-    )
+    _load(engine, name, model_dir, settings, 1.0, longest + 72)
     try:
         vocab = engine.runner(name).spec.vocab_size
         for tokens in settings.kv_tokens:
@@ -302,16 +315,13 @@ def measure_pageable(
 ) -> None:
     """Finding (c): the same reload and streamed decode with the host cache left pageable."""
     name = f"pageable-{result.shape.slug}"
-    engine.load(
+    _load(
+        engine,
         name,
-        str(model_dir),
-        ModelOptions(
-            dtype=settings.dtype,
-            resident_fraction=1.0,
-            decode_mode="stream",
-            max_batch_size=1,
-            max_sequence_length=settings.peer_sequence_length + settings.peer_decode_tokens + 8,
-        ),
+        model_dir,
+        settings,
+        1.0,
+        settings.peer_sequence_length + settings.peer_decode_tokens + 8,
     )
     try:
         for _ in range(settings.reload_trials):
@@ -390,17 +400,13 @@ def measure_peers(
     """Ours at the peer fraction (both modes) next to Accelerate offload with the same GPU bytes; then
     a full `from_pretrained` onto the GPU (the evict baseline) next to our resume."""
     name = f"peer-{result.shape.slug}"
-    engine.load(
+    _load(
+        engine,
         name,
-        str(model_dir),
-        ModelOptions(
-            dtype=settings.dtype,
-            resident_fraction=settings.peer_fraction,
-            decode_mode="stream",
-            prefill_mode="stream",
-            max_batch_size=1,
-            max_sequence_length=settings.peer_sequence_length + settings.peer_decode_tokens + 8,
-        ),
+        model_dir,
+        settings,
+        settings.peer_fraction,
+        settings.peer_sequence_length + settings.peer_decode_tokens + 8,
     )
     ours: dict[str, float] = {}
     try:

@@ -18,12 +18,36 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [*lines, ""]
 
 
-def _plot_curves(report: dict[str, Any], out_dir: Path, mode: str) -> str | None:
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(figure: Any, out_dir: Path, name: str) -> str:
+    figure.tight_layout()
+    figure.savefig(out_dir / name, dpi=110)
+    _pyplot().close(figure)
+    return name
+
+
+def _paired_bars(
+    axis: Any, labels: list[str], ours: list[float], theirs: list[float], names: tuple[str, str]
+) -> None:
+    """Ours beside the baseline for each shape, on a log scale (the gaps span orders of magnitude)."""
+    xs = range(len(labels))
+    axis.bar([x - 0.2 for x in xs], ours, 0.4, label=names[0])
+    axis.bar([x + 0.2 for x in xs], theirs, 0.4, label=names[1])
+    axis.set_xticks(list(xs), labels, fontsize=8)
+    axis.set_yscale("log")
+    axis.legend(fontsize=8)
+
+
+def _plot_curves(report: dict[str, Any], out_dir: Path, mode: str) -> str | None:
+    plt = _pyplot()
     shapes = report["summary"]["shapes"]
     figure, axis = plt.subplots(figsize=(7, 4.5))
     drawn = 0
@@ -50,19 +74,11 @@ def _plot_curves(report: dict[str, Any], out_dir: Path, mode: str) -> str | None
     axis.set_ylim(bottom=0)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    name = f"curves-{mode}.png"
-    figure.savefig(out_dir / name, dpi=110)
-    plt.close(figure)
-    return name
+    return _save(figure, out_dir, f"curves-{mode}.png")
 
 
 def _plot_preemption(report: dict[str, Any], out_dir: Path) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     labels, save, reload, restore = [], [], [], []
     for label, data in report["summary"]["shapes"].items():
         for p in data["preemption"]:
@@ -81,18 +97,11 @@ def _plot_preemption(report: dict[str, Any], out_dir: Path) -> str | None:
     axis.set_ylabel("seconds")
     axis.set_title("preemption cost: reload vs KV transfer" + (" (EMULATED)" if report["emulated"] else ""))
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out_dir / "preemption.png", dpi=110)
-    plt.close(figure)
-    return "preemption.png"
+    return _save(figure, out_dir, "preemption.png")
 
 
 def _plot_peers(report: dict[str, Any], out_dir: Path) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     shapes = report["summary"]["shapes"]
     labels = [
         label
@@ -102,37 +111,21 @@ def _plot_peers(report: dict[str, Any], out_dir: Path) -> str | None:
     if not labels:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    xs = range(len(labels))
     ours = [max(shapes[label]["ours_tokens_per_second"].values(), default=0) for label in labels]
     theirs = [shapes[label]["accelerate_tokens_per_second"] or 0 for label in labels]
-    left.bar([x - 0.2 for x in xs], ours, 0.4, label="residency engine")
-    left.bar([x + 0.2 for x in xs], theirs, 0.4, label="Accelerate device_map")
-    left.set_xticks(list(xs), labels, fontsize=8)
+    _paired_bars(left, labels, ours, theirs, ("residency engine", "Accelerate device_map"))
     left.set_ylabel("decode tokens/s")
-    left.set_yscale("log")
     left.set_title(f"decode at resident fraction {report['settings']['peer_fraction']}", fontsize=10)
-    left.legend(fontsize=8)
     resume = [shapes[label]["resume_seconds"] or 0 for label in labels]
     cold = [shapes[label]["from_pretrained_seconds"] or 0 for label in labels]
-    right.bar([x - 0.2 for x in xs], resume, 0.4, label="residency resume")
-    right.bar([x + 0.2 for x in xs], cold, 0.4, label="unload + from_pretrained")
-    right.set_xticks(list(xs), labels, fontsize=8)
+    _paired_bars(right, labels, resume, cold, ("residency resume", "unload + from_pretrained"))
     right.set_ylabel("seconds to serve again")
-    right.set_yscale("log")
     right.set_title("bring a model back", fontsize=10)
-    right.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out_dir / "peers.png", dpi=110)
-    plt.close(figure)
-    return "peers.png"
+    return _save(figure, out_dir, "peers.png")
 
 
 def _plot_predictor(report: dict[str, Any], out_dir: Path) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = report["predictions"]
     if not rows:
         return None
@@ -150,10 +143,7 @@ def _plot_predictor(report: dict[str, Any], out_dir: Path) -> str | None:
     axis.set_ylabel("predicted decode tokens/s")
     axis.set_title("planner predictor vs measurement", fontsize=10)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out_dir / "predictor.png", dpi=110)
-    plt.close(figure)
-    return "predictor.png"
+    return _save(figure, out_dir, "predictor.png")
 
 
 def render(report: dict[str, Any], out_dir: Path) -> Path:

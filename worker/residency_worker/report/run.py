@@ -16,7 +16,7 @@ import torch
 
 from residency_worker.engine import Engine, make_gpu_tier
 from residency_worker.report.environment import describe, measure_bandwidths
-from residency_worker.report.measure import Budget, ReportSettings, ShapeResult, run_shape
+from residency_worker.report.measure import Budget, ReportSettings, Shape, ShapeResult, run_shape
 from residency_worker.report.predict import median_errors, node_capacity, predictions
 
 Progress = Callable[[str], None]
@@ -225,33 +225,19 @@ def run_report(
     try:
         # the short sections first for every shape, then the long curve sweeps with the time left
         first = tuple(section for section in settings.sections if section != "curves")
+
+        def measure(shape: Shape, sections: tuple[str, ...]) -> ShapeResult:
+            return run_shape(
+                shape, models_root, engine, pageable_engine, settings, budget, progress, sections=sections
+            )
+
         for shape in settings.shapes:
             if budget.allows(f"{shape.label}: all sections"):
-                results.append(
-                    run_shape(
-                        shape,
-                        models_root,
-                        engine,
-                        pageable_engine,
-                        settings,
-                        budget,
-                        progress,
-                        sections=first,
-                    )
-                )
+                results.append(measure(shape, first))
                 save()
                 gc.collect()
         for result in results if "curves" in settings.sections else []:
-            curve = run_shape(
-                result.shape,
-                models_root,
-                engine,
-                pageable_engine,
-                settings,
-                budget,
-                progress,
-                sections=("curves",),
-            )
+            curve = measure(result.shape, ("curves",))
             result.curve_points = curve.curve_points
             save()
             gc.collect()
