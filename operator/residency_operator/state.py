@@ -127,12 +127,17 @@ def idle_reason(body: dict[str, Any], placement: dict[str, Any] | None, now: dat
 
 
 def node_accepts(node: dict[str, Any] | None) -> tuple[bool, bool, bool]:
-    """(ready, cordoned, disrupting) of a Node object; a missing Node is neither ready nor schedulable."""
+    """(ready, cordoned, disrupting) of a Node object; a missing Node is neither ready nor schedulable.
+
+    Ready=Unknown only says that the node controller lost contact with the node (a partition, or a
+    kubelet gone quiet): it does not stop work by itself. The worker's own heartbeat decides, within the
+    operator's configurable grace period, so that a short partition never double-places a model.
+    """
     if node is None:
         return False, False, False
     spec = node.get("spec") or {}
     conditions = {c.get("type"): c.get("status") for c in (node.get("status") or {}).get("conditions") or []}
-    ready = conditions.get("Ready", "True") == "True"
+    ready = conditions.get("Ready", "True") != "False"
     taints = {t.get("key") for t in spec.get("taints") or []}
     disrupting = bool(taints & DISRUPTION_TAINTS) or bool(node["metadata"].get("deletionTimestamp"))
     return ready, bool(spec.get("unschedulable")), disrupting

@@ -87,6 +87,9 @@ def test_node_flags() -> None:
     tainted = node("a", taints=[{"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}])
     assert node_accepts(tainted)[2]
     assert node_accepts(None) == (False, False, False)
+    for status, ready in (("True", True), ("Unknown", True), ("False", False)):
+        condition = {"type": "Ready", "status": status}
+        assert node_accepts({**node("a"), "status": {"conditions": [condition]}})[0] is ready
 
 
 def test_no_profiles_means_no_nodes(tmp_path: Path, make_model_dir: MakeDir) -> None:

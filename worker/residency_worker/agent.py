@@ -95,6 +95,7 @@ class AgentConfig:
     host_memory_bytes: int
     poll_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
+    grow_seconds: float = 2.0  # loads one sync starts before it lists placements again (moves, deletions)
     node_heartbeat: bool = False  # also keep the Node Ready (local clusters have no kubelet)
     pod_name: str | None = None  # this worker's own Pod (downward API), annotated while it serves
     pod_namespace: str | None = None
@@ -178,6 +179,14 @@ class NodeAgent:
 
     def heartbeat(self, force: bool = False) -> None:
         """NodeProfile status: alive, and the bytes this node holds now."""
+        if (
+            self._profile_spec is not None
+            and self._profile_spec["gpuMemoryBytes"] != self.engine.tier.budget_bytes
+        ):
+            # the budget changed at runtime: the planner must plan with the one the engine enforces
+            self._profile_spec["gpuMemoryBytes"] = self.engine.tier.budget_bytes
+            self.register()
+            return
         if not force and time.monotonic() - self._last_heartbeat < self.config.heartbeat_seconds:
             return
         report = self.engine.node_report()
@@ -235,8 +244,10 @@ class NodeAgent:
         )
         return [p for p in result.get("items", []) if p["spec"]["nodeName"] == self.config.node]
 
-    def sync(self) -> None:
-        """One convergence pass: shrink first, then grow, then report."""
+    def sync(self) -> bool:
+        """One convergence pass: shrink first, then grow, then report. True when growing stopped early:
+        after `grow_seconds` of loads the next pass lists again, so that a model that moved or went away
+        meanwhile is released at once rather than after every other load of a long batch."""
         placements = self.placements()
         wanted = {self._model_name(p): p for p in placements if not p["metadata"].get("deletionTimestamp")}
         leaving = [p for p in placements if p["metadata"].get("deletionTimestamp")]
@@ -269,7 +280,12 @@ class NodeAgent:
                 self._act(placement, "demote")
             else:
                 grow.append(placement)
+        started = time.monotonic()
+        more = False
         for placement in grow:
+            if time.monotonic() - started > self.config.grow_seconds:
+                more = True
+                break
             name = self._model_name(placement)
             spec = placement["spec"]
             if spec["desiredState"] != "Loaded":
@@ -288,6 +304,7 @@ class NodeAgent:
                 self._report(placement)
         self.protect(any(self._state(n) in ("ready", "loading") for n in self.engine.names()))
         self.heartbeat()
+        return more
 
     def _act(self, placement: dict[str, Any], action: str) -> None:
         name = self._model_name(placement)
@@ -432,16 +449,17 @@ class NodeAgent:
         backoff = self.config.poll_seconds
         registered = False
         while not stop.is_set():
+            more = False
             try:
                 if not registered:
                     self.register()
                     registered = True
-                self.sync()
+                more = self.sync()
                 backoff = self.config.poll_seconds
             except Exception as exc:  # the API server may be away; keep serving and retry
                 log.warning("sync failed (%s); retrying in %.1f s", exc.__class__.__name__, backoff)
                 backoff = min(backoff * 2, 10.0)
-            stop.wait(backoff)
+            stop.wait(0.0 if more else backoff)
 
 
 def _load_key(placement: dict[str, Any]) -> tuple[Any, ...]:

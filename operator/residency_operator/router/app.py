@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -78,7 +79,13 @@ def create_app(
         "residency_router_hold_seconds", "Time requests waited for a model", registry=registry
     )
     app = FastAPI(title="residency router")
-    client = httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=5.0))
+    # No cap on connections to workers: each worker bounds its own queue and answers 429 + Retry-After
+    # when full. A shared pool cap would instead queue requests here, unbounded and blind to which
+    # worker they wait for (one busy model would hold up every other model's requests).
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(300.0, connect=5.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+    )
 
     async def route_when_ready(model: str) -> tuple[Route, float]:
         started = time.monotonic()
@@ -115,12 +122,20 @@ def create_app(
             assert route.endpoint is not None and route.key is not None
             forwarded = {**body, "model": route.key}
             url = f"{route.endpoint.rstrip('/')}/{path}"
+            upstream: httpx.Response | None = None
             try:
                 upstream = await client.send(
                     client.build_request("POST", url, json=forwarded, headers=upstream_headers),
                     stream=True,
                 )
+                # Nothing has reached the client yet, so a worker lost now is retried like one that was
+                # never reached: read the whole of a plain answer, the first chunk of a stream.
+                streaming = upstream.status_code == 200 and bool(body.get("stream"))
+                chunks = upstream.aiter_raw()
+                first = await anext(chunks, b"") if streaming else await upstream.aread()
             except httpx.TransportError as exc:
+                if upstream is not None:
+                    await upstream.aclose()
                 # the worker went away or the model moved: look again until the hold deadline
                 if time.monotonic() < deadline:
                     await asyncio.sleep(0.5)
@@ -134,13 +149,13 @@ def create_app(
                 await asyncio.sleep(0.5)
                 continue
             requests_total.labels(str(upstream.status_code)).inc()
-            return StreamingResponse(
-                _relay(upstream),
-                status_code=upstream.status_code,
-                headers={
-                    k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")
-                },
-            )
+            headers = {
+                k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")
+            }
+            if not streaming:
+                await upstream.aclose()
+                return Response(first, status_code=upstream.status_code, headers=headers)
+            return StreamingResponse(_relay(upstream, chunks, first, route.key), headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -178,9 +193,18 @@ def create_app(
     return app
 
 
-async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay(
+    upstream: httpx.Response, chunks: AsyncIterator[bytes], first: bytes, key: str
+) -> AsyncIterator[bytes]:
+    """Relays a stream; a worker lost mid-stream ends it with an SSE error event saying when to retry."""
     try:
-        async for chunk in upstream.aiter_raw():
+        yield first
+        async for chunk in chunks:
             yield chunk
+    except httpx.TransportError as exc:
+        log.warning("worker for %s went away mid-stream: %s", key, exc.__class__.__name__)
+        message = f"the worker serving {key} went away mid-stream ({exc.__class__.__name__}); retry"
+        event = {"error": {"message": message, "type": "unavailable", "code": 503, "retry_after": 2}}
+        yield f"\n\ndata: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
     finally:
         await upstream.aclose()

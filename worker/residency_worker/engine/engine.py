@@ -152,6 +152,17 @@ class Engine:
         self._notify(name, "set_residency", report)
         return report
 
+    def set_budget(self, budget_bytes: int) -> NodeReport:
+        """Changes the node's GPU memory budget at runtime (e.g. part of the GPU is handed to another tenant).
+
+        What is placed stays, even above a smaller budget; every later reservation must fit the new one.
+        """
+        if budget_bytes <= 0:
+            raise EngineError("InvalidRequest", "the GPU memory budget must be positive")
+        self.tier.budget_bytes = budget_bytes
+        log.warning("GPU memory budget set to %d bytes at runtime", budget_bytes)
+        return self.node_report()
+
     # -- inference ----------------------------------------------------------------------------------
     def submit(
         self,

@@ -120,6 +120,10 @@ class ResidencyBody(_Body):
     prefill_mode: Literal["stream", "cpu"] | None = None
 
 
+class BudgetBody(_Body):
+    gpu_memory_bytes: int = Field(ge=1)
+
+
 class ProfileBody(_Body):
     path: str = Field(min_length=1, max_length=4096)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -406,6 +410,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.get("/admin/node", dependencies=[Depends(admin)])
     async def node() -> dict[str, Any]:
         return as_dict(engine.node_report())
+
+    @app.put("/admin/node/budget", dependencies=[Depends(admin)])
+    async def set_budget(body: BudgetBody) -> dict[str, Any]:
+        return as_dict(await engine_call(engine.set_budget, body.gpu_memory_bytes))
 
     @app.post("/admin/models", dependencies=[Depends(admin)])
     async def load(body: LoadBody) -> dict[str, Any]:
