@@ -15,6 +15,7 @@ class OperatorConfig:
     """What the operator needs to know that is not in the cluster."""
 
     allowed_model_roots: list[Path] = field(default_factory=list)
+    remote_code_roots: list[Path] = field(default_factory=list)  # models with custom code allowed: none
     resync_seconds: float = 20.0
     namespaces: list[str] = field(default_factory=list)  # empty: every namespace
     workspace_bytes: int = 64 * 1024  # extra per-model slack beyond the engine's own sizing
@@ -27,11 +28,14 @@ class OperatorConfig:
     def from_env(cls) -> OperatorConfig:
         """RESIDENCY_MODEL_ROOTS (os.pathsep-separated), RESIDENCY_RESYNC_SECONDS, RESIDENCY_WORKSPACE_BYTES,
         RESIDENCY_HEARTBEAT_GRACE_SECONDS, RESIDENCY_NAMESPACE (where the leader Lease lives),
+        RESIDENCY_REMOTE_CODE_ROOTS (os.pathsep-separated roots where trust_remote_code is allowed),
         RESIDENCY_CAPACITY_*
         (placeholder pods for autoscalers; selector and tolerations as JSON), RESIDENCY_METRICS_PORT."""
         roots = [Path(p) for p in os.environ.get("RESIDENCY_MODEL_ROOTS", "").split(os.pathsep) if p]
+        remote = [Path(p) for p in os.environ.get("RESIDENCY_REMOTE_CODE_ROOTS", "").split(os.pathsep) if p]
         return cls(
             allowed_model_roots=roots,
+            remote_code_roots=remote,
             resync_seconds=float(os.environ.get("RESIDENCY_RESYNC_SECONDS", "20")),
             workspace_bytes=int(os.environ.get("RESIDENCY_WORKSPACE_BYTES", str(64 * 1024))),
             heartbeat_grace_seconds=float(os.environ.get("RESIDENCY_HEARTBEAT_GRACE_SECONDS", "60")),

@@ -48,6 +48,7 @@ def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -
     load_config()
     knobs = OperatorKnobs(
         allowed_model_roots=config.allowed_model_roots,
+        remote_code_roots=config.remote_code_roots,
         workspace_bytes=config.workspace_bytes,
         heartbeat_grace_seconds=config.heartbeat_grace_seconds,
     )

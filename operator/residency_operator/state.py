@@ -70,6 +70,8 @@ class OperatorKnobs:
     workspace_bytes: int = 64 * 1024
     """Extra GPU bytes per model beyond what the engine's own sizing (residency.sizing) reserves."""
     heartbeat_grace_seconds: float = 60.0
+    remote_code_roots: list[Path] = field(default_factory=list)
+    """Roots under which models that ship custom code (config.json auto_map) are allowed; none by default."""
 
 
 @dataclass
@@ -251,7 +253,7 @@ def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> 
     }
     idle: dict[str, str] = {}
     for key in sorted(bodies):
-        checked = validate_model(bodies[key]["spec"], knobs.allowed_model_roots)
+        checked = validate_model(bodies[key]["spec"], knobs.allowed_model_roots, knobs.remote_code_roots)
         if isinstance(checked, Verdict):
             invalid[key] = checked
             continue

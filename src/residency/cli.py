@@ -36,6 +36,12 @@ def operator(
         help="Allowed root for model directories (repeatable; env RESIDENCY_MODEL_ROOTS).",
     ),
     namespace: list[str] = typer.Option([], "--namespace", "-n", help="Watch only these namespaces."),
+    trust_remote_code_root: list[Path] = typer.Option(
+        [],
+        "--trust-remote-code-root",
+        help="Allow models that ship custom code (config.json auto_map) under this root, which must also "
+        "be a --models-root (repeatable; env RESIDENCY_REMOTE_CODE_ROOTS). Default: nowhere.",
+    ),
     liveness: str | None = typer.Option(
         None, help="Serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz"
     ),
@@ -48,7 +54,10 @@ def operator(
     roots = list(models_root) or env.allowed_model_roots
     if not roots:
         raise typer.BadParameter("give at least one --models-root (or set RESIDENCY_MODEL_ROOTS)")
-    config = dataclasses.replace(env, allowed_model_roots=roots, namespaces=namespace)
+    remote = list(trust_remote_code_root) or env.remote_code_roots
+    config = dataclasses.replace(
+        env, allowed_model_roots=roots, namespaces=namespace, remote_code_roots=remote
+    )
     run_operator(config, liveness_endpoint=liveness)
 
 

@@ -5,9 +5,13 @@ Shared by the operator (validation before placement) and the worker (before it l
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,12 @@ _SAFETENSORS_DTYPE_BYTES = {
     "F8_E5M2": 1,
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+_HEADER_ERRORS = (OSError, ValueError, LookupError, TypeError, AttributeError, RecursionError, struct.error)
+# what LLMModel's CRD pattern forbids in spec.source.path: control characters and the invisible or
+# bidirectional format characters that make a path read as another
+_DISGUISING = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+_MAX_DIMENSION = 2**24  # no config dimension of a real decoder comes near (vocabularies are ~2**18)
+_MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json and friends: larger is not a model's config
 
 
 class ModelDirError(Exception):
@@ -63,6 +73,9 @@ class ModelDirInfo:
     dtype_bytes: int
     largest_unit_bytes: int
     """Bytes of the biggest unit the engine may stream: a decoder layer or an untied LM head."""
+    trust_remote_code: bool = False
+    """True only when config.json declares custom code and the directory lies under a root the admin
+    allowed remote code for; transformers gets trust_remote_code=True only then."""
 
     def workspace_bytes(self, max_sequence_length: int, max_batch_size: int) -> int:
         """What the engine reserves beside weights and KV for these limits (residency.sizing)."""
@@ -78,39 +91,98 @@ class ModelDirInfo:
         )
 
 
-def resolve_under_roots(path: str, allowed_roots: list[Path]) -> Path:
-    """The real path of `path` (symlinks followed) if it lies under one of the allowed roots."""
-    if not os.path.isabs(path):
-        raise ModelDirError("PathNotAllowed", f"{path!r} is not an absolute path")
-    real = Path(os.path.realpath(path))
-    for root in allowed_roots:
+def _under(real: Path, roots: Sequence[Path]) -> bool:
+    for root in roots:
         real_root = Path(os.path.realpath(root))
         if real == real_root or real_root in real.parents:
-            return real
+            return True
+    return False
+
+
+def _unreadable(path: str | Path, exc: OSError) -> ModelDirError:
+    missing = exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP)
+    reason = "ModelNotFound" if missing else "ModelUnreadable"
+    return ModelDirError(reason, f"{str(path)[:300]!r} cannot be read: {exc.strerror or exc}")
+
+
+def resolve_under_roots(path: str, allowed_roots: Sequence[Path]) -> Path:
+    """The real path of `path` (symlinks followed) if it lies under one of the allowed roots."""
+    if not os.path.isabs(path):
+        raise ModelDirError("PathNotAllowed", f"{path[:300]!r} is not an absolute path")
+    if _DISGUISING.search(path):
+        raise ModelDirError(
+            "PathNotAllowed",
+            f"{path[:300]!r} holds a control, NUL or invisible/bidirectional format character",
+        )
+    try:
+        real = Path(os.path.realpath(path))
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    if _under(real, allowed_roots):
+        return real
     roots = ", ".join(str(r) for r in allowed_roots) or "(none configured)"
     raise ModelDirError(
-        "PathNotAllowed", f"{path} resolves to {real}, which is outside the allowed model roots: {roots}"
+        "PathNotAllowed",
+        f"{path[:300]} resolves to {str(real)[:300]}, which is outside the allowed model roots: {roots}",
     )
 
 
-def read_config(directory: Path) -> dict[str, Any]:
-    """config.json of a model directory, checked for remote code and a supported architecture."""
-    if not directory.is_dir():
-        raise ModelDirError("ModelNotFound", f"model directory {directory} does not exist")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ModelDirError("ConfigMissing", f"{config_path} is missing: not a Hugging Face model directory")
+def check_files_stay_under_roots(directory: Path, allowed_roots: Sequence[Path]) -> None:
+    """Every entry of the model directory is a regular file or directory whose real path lies under an
+    allowed root: a symlinked config.json, tokenizer or weights file cannot reach outside them (another
+    tenant's files, a device such as /dev/zero, a FIFO that blocks the reader)."""
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:
+        raise _unreadable(directory, exc) from exc
+    for entry in entries:
+        try:
+            real = Path(os.path.realpath(entry))
+            mode = os.stat(real).st_mode
+        except OSError as exc:
+            raise ModelDirError(
+                "PathNotAllowed", f"{entry.name} in {directory} is a broken or looping link: {exc.strerror}"
+            ) from exc
+        if not _under(real, allowed_roots):
+            raise ModelDirError(
+                "PathNotAllowed",
+                f"{entry.name} in {directory} is a link to {real}, outside the allowed model roots",
+            )
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ModelDirError(
+                "PathNotAllowed", f"{entry.name} in {directory} is not a regular file or directory"
+            )
+
+
+def read_config(directory: Path, allow_remote_code: bool = False) -> dict[str, Any]:
+    """config.json of a model directory, checked for remote code and a supported architecture.
+
+    `allow_remote_code`: the directory lies under a root where the admin allowed custom code, so a config
+    that declares `auto_map` is accepted (its model_type must still be one the engine computes natively).
+    """
+    try:
+        if not directory.is_dir():
+            raise ModelDirError("ModelNotFound", f"model directory {directory} does not exist")
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise ModelDirError(
+                "ConfigMissing", f"{config_path} is missing: not a Hugging Face model directory"
+            )
+        if config_path.stat().st_size > _MAX_JSON_BYTES:
+            raise ModelDirError("ConfigInvalid", f"{config_path} is larger than {_MAX_JSON_BYTES} bytes")
+    except OSError as exc:
+        raise _unreadable(directory, exc) from exc
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelDirError("ConfigInvalid", f"{config_path} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise ModelDirError("ConfigInvalid", f"{config_path} must hold a JSON object")
-    if "auto_map" in config:
+    if "auto_map" in config and not allow_remote_code:
         raise ModelDirError(
             "RemoteCodeNotAllowed",
             f"{config_path} declares auto_map (custom code); residency loads models with "
-            "trust_remote_code=False",
+            "trust_remote_code=False unless the admin allows remote code for the model's root",
         )
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -123,13 +195,19 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 def safetensors_parameter_count(directory: Path) -> int:
     """Number of parameters in the directory's *.safetensors files, read from their headers only."""
+    return _read_safetensors_headers(directory)[0]
+
+
+def _read_safetensors_headers(directory: Path) -> tuple[int, set[int]]:
+    """Parameter count and the decoder layer indices (model.layers.N.*) the headers name."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelDirError("WeightsMissing", f"no *.safetensors files in {directory}")
     total = 0
+    layers: set[int] = set()
     for file in files:
-        size_bytes = file.stat().st_size
         try:
+            size_bytes = file.stat().st_size
             with file.open("rb") as handle:
                 (header_len,) = struct.unpack("<Q", handle.read(8))
                 if header_len > min(size_bytes - 8, _MAX_HEADER_BYTES):
@@ -144,24 +222,41 @@ def safetensors_parameter_count(directory: Path) -> int:
                     raise ValueError(f"tensor {name} lies outside the file (truncated?)")
                 count = 1
                 for dim in entry["shape"]:
+                    if int(dim) < 0:
+                        raise ValueError(f"tensor {name} has a negative dimension")
                     count *= int(dim)
                 if count * _SAFETENSORS_DTYPE_BYTES[entry["dtype"]] != end - start:
                     raise ValueError(f"tensor {name} has a size that does not match its shape")
                 total += count
-        except (OSError, ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as exc:
+                if name.startswith("model.layers."):
+                    index = name[len("model.layers.") :].split(".", 1)[0]
+                    if index.isdecimal():
+                        layers.add(int(index))
+        except _HEADER_ERRORS as exc:
             raise ModelDirError(
                 "WeightsCorrupt", f"{file.name} is not a valid safetensors file: {exc}"
             ) from exc
-    return total
+    return total, layers
 
 
-def inspect_model_dir(path: str, allowed_roots: list[Path], dtype: str = "bfloat16") -> ModelDirInfo:
-    """Validates a model directory as the engine will load it and sizes its weights and KV cache."""
+def inspect_model_dir(
+    path: str,
+    allowed_roots: Sequence[Path],
+    dtype: str = "bfloat16",
+    remote_code_roots: Sequence[Path] = (),
+) -> ModelDirInfo:
+    """Validates a model directory as the engine will load it and sizes its weights and KV cache.
+
+    `remote_code_roots`: roots (each also an allowed root) under which the admin allows models that ship
+    custom code (`auto_map`); everywhere else such a model is refused. Empty by default.
+    """
     directory = resolve_under_roots(path, allowed_roots)
-    config = read_config(directory)
+    allow_remote_code = _under(directory, remote_code_roots)
+    check_files_stay_under_roots(directory, allowed_roots)  # before anything in it is read
+    config = read_config(directory, allow_remote_code=allow_remote_code)
     if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise ModelDirError("TokenizerMissing", f"no tokenizer.json or tokenizer.model in {directory}")
-    parameter_count = safetensors_parameter_count(directory)
+    parameter_count, weight_layers = _read_safetensors_headers(directory)
     try:
         num_layers = int(config["num_hidden_layers"])
         hidden_size = int(config["hidden_size"])
@@ -170,8 +265,29 @@ def inspect_model_dir(path: str, allowed_roots: list[Path], dtype: str = "bfloat
         head_dim = int(config.get("head_dim") or hidden_size // num_heads)
         intermediate_size = int(config.get("intermediate_size") or 4 * hidden_size)
         vocab_size = int(config["vocab_size"])
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
         raise ModelDirError("ConfigInvalid", f"config.json lacks a usable decoder shape: {exc}") from exc
+    shape = {
+        "num_hidden_layers": num_layers,
+        "hidden_size": hidden_size,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "intermediate_size": intermediate_size,
+        "vocab_size": vocab_size,
+    }
+    for key, value in shape.items():
+        if not 1 <= value <= _MAX_DIMENSION:
+            raise ModelDirError(
+                "ConfigInvalid", f"config.json: {key} = {value} is outside [1, {_MAX_DIMENSION}]"
+            )
+    # the engine builds the model skeleton from config.json: it must describe the weights that are there
+    if weight_layers and weight_layers != set(range(num_layers)):
+        raise ModelDirError(
+            "ConfigInvalid",
+            f"config.json says {num_layers} decoder layers; the weights hold {len(weight_layers)} "
+            f"(model.layers.{min(weight_layers)}..{max(weight_layers)})",
+        )
     dtype_bytes = DTYPE_BYTES[dtype]
     weight_bytes = parameter_count * dtype_bytes
     head_bytes = 0 if config.get("tie_word_embeddings") else vocab_size * hidden_size * dtype_bytes
@@ -193,4 +309,5 @@ def inspect_model_dir(path: str, allowed_roots: list[Path], dtype: str = "bfloat
         vocab_size=vocab_size,
         dtype_bytes=dtype_bytes,
         largest_unit_bytes=max(layer_bytes, head_bytes),
+        trust_remote_code=allow_remote_code and "auto_map" in config,
     )

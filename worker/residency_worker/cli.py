@@ -30,6 +30,12 @@ def worker(
     models_root: list[Path] = typer.Option(
         ..., "--models-root", help="Allowed root for model dirs (repeatable)."
     ),
+    trust_remote_code_root: list[Path] = typer.Option(
+        [],
+        "--trust-remote-code-root",
+        help="Allow models that ship custom code (config.json auto_map) under this root, which must also "
+        "be a --models-root (repeatable). Default: nowhere; transformers gets trust_remote_code=False.",
+    ),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8100, "--port"),
     admin_token_file: Path | None = typer.Option(
@@ -94,7 +100,13 @@ def worker(
     admin_token = _read_token(admin_token_file, "RESIDENCY_ADMIN_TOKEN")
     if admin_token is None:
         typer.echo("no admin token configured: the admin API will refuse every call", err=True)
-    engine = Engine(tier, list(models_root), node=node, calibration_bytes=calibration_mib * 2**20)
+    engine = Engine(
+        tier,
+        list(models_root),
+        node=node,
+        calibration_bytes=calibration_mib * 2**20,
+        remote_code_roots=list(trust_remote_code_root),
+    )
     settings = ServerSettings(
         admin_token=admin_token,
         inference_token=_read_token(inference_token_file, "RESIDENCY_INFERENCE_TOKEN"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -14,7 +15,9 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, json_bytes, loads_strict
 from residency_operator.router.table import Route, resolve
 
 log = logging.getLogger("residency.router")
@@ -59,16 +62,42 @@ class ModelTable:
             log.warning("could not wake %s: %s", key, exc.__class__.__name__)
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that renders whatever user input an error echoes (lone surrogates, NaN) instead of failing."""
+
+    def render(self, content: Any) -> bytes:
+        return json_bytes(content)
+
+
 def error(status_code: int, message: str, retry_after_seconds: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_seconds)} if retry_after_seconds is not None else None
     kind = "unavailable" if status_code == 503 else "invalid_request_error"
-    return JSONResponse(
+    return SafeJSONResponse(
         {"error": {"message": message, "type": kind, "code": status_code}}, status_code, headers=headers
     )
 
 
+# What the router reads of a request; everything else goes to the worker, which validates it in full.
+_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {
+        "model": {"type": "string", "description": "namespace/name, or a name unique across namespaces"},
+        "stream": {"type": "boolean"},
+    },
+    "additionalProperties": True,
+}
+_OPENAPI_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _REQUEST_SCHEMA}}}
+}
+
+
 def create_app(
-    table: ModelTable, hold_seconds: float = 60.0, token: str | None = None, worker_token: str | None = None
+    table: ModelTable,
+    hold_seconds: float = 60.0,
+    token: str | None = None,
+    worker_token: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The router: /v1/completions, /v1/chat/completions, /v1/models, /healthz, /metrics."""
     registry = CollectorRegistry()
@@ -78,7 +107,13 @@ def create_app(
     held_seconds = Histogram(
         "residency_router_hold_seconds", "Time requests waited for a model", registry=registry
     )
-    app = FastAPI(title="residency router")
+    app = FastAPI(title="residency router", default_response_class=SafeJSONResponse)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return error(exc.status_code, str(exc.detail))
+
     # No cap on connections to workers: each worker bounds its own queue and answers 429 + Retry-After
     # when full. A shared pool cap would instead queue requests here, unbounded and blind to which
     # worker they wait for (one busy model would hold up every other model's requests).
@@ -101,12 +136,13 @@ def create_app(
     upstream_headers = {"authorization": f"Bearer {worker_token}"} if worker_token else {}
 
     async def proxy(request: Request, path: str) -> Response:
-        if token and request.headers.get("authorization") != f"Bearer {token}":
+        presented = request.headers.get("authorization", "").encode()
+        if token and not hmac.compare_digest(presented, f"Bearer {token}".encode()):
             return error(401, "missing or wrong bearer token")
         try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "request body must be JSON")
+            body = loads_strict(await request.body())
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            return error(400, f"request body must be JSON: {exc}"[:500])
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return error(400, "request body must be a JSON object with a string `model`")
         deadline = time.monotonic() + hold_seconds
@@ -157,11 +193,11 @@ def create_app(
                 return Response(first, status_code=upstream.status_code, headers=headers)
             return StreamingResponse(_relay(upstream, chunks, first, route.key), headers=headers)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_OPENAPI_BODY)
     async def completions(request: Request) -> Response:
         return await proxy(request, "completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_OPENAPI_BODY)
     async def chat_completions(request: Request) -> Response:
         return await proxy(request, "chat/completions")
 

@@ -40,7 +40,9 @@ class ModelSource(ApiModel):
     path: str = Field(
         min_length=1,
         max_length=4096,
-        pattern=r"^[^\x00-\x1f\x7f]+$",
+        # no control characters, and none of the invisible or bidirectional format characters that make
+        # a path read as something else (zero-width spaces, RTL overrides, BOM)
+        pattern=r"^[^\x00-\x1f\x7f-\x9f\x{200b}-\x{200f}\x{2028}-\x{202e}\x{2060}-\x{2069}\x{feff}]+$",
         description="Absolute path of a Hugging Face model dir (config.json, *.safetensors, tokenizer).",
         json_schema_extra={"x-kubernetes-validations": _PATH_RULES},
     )

@@ -20,7 +20,15 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from residency_worker.engine import model as decoder
-from residency_worker.engine.generate import Detokenizer, Request, RequestEvent, make_generator, sample
+from residency_worker.engine.generate import (
+    SEED_MAX,
+    SEED_MIN,
+    Detokenizer,
+    Request,
+    RequestEvent,
+    make_generator,
+    sample,
+)
 from residency_worker.engine.kvcache import KVCache
 from residency_worker.engine.loading import LoadedWeights, Unit
 from residency_worker.engine.placement import (
@@ -325,6 +333,9 @@ class ModelRunner:
     def _new_sequence(self, request: Request) -> _Sequence:
         spec = self.spec
         capacity = min(len(request.prompt_ids) + request.params.max_tokens, self.max_sequence_length)
+        # everything that may fail on the request's own values comes before the KV reservation
+        detokenizer = Detokenizer(self.weights.tokenizer, request.params.stop)
+        generator = make_generator(request.params)
         cache = KVCache(
             self.tier,
             self.owner,
@@ -336,8 +347,8 @@ class ModelRunner:
         return _Sequence(
             request=request,
             cache=cache,
-            detokenizer=Detokenizer(self.weights.tokenizer, request.params.stop),
-            generator=make_generator(request.params),
+            detokenizer=detokenizer,
+            generator=generator,
             max_tokens=capacity - len(request.prompt_ids),
             eos_ids=frozenset() if request.params.ignore_eos else self._eos_ids,
         )
@@ -368,19 +379,25 @@ class ModelRunner:
         except EngineError as exc:
             request.emit(RequestEvent(None, "", "error", exc))
             return None
+        except Exception as exc:  # the request is off the queue: it must still get its answer
+            log.exception("model %s: cannot start a request", self.name)
+            error = EngineError("InferenceFailed", f"cannot start the request on {self.name}: {exc}")
+            request.emit(RequestEvent(None, "", "error", error))
+            return None
         start = time.perf_counter()
         try:
             logits = self._forward([sequence], prefill=True)
+            elapsed = time.perf_counter() - start
+            self.timings.prefill_tokens_per_second = len(request.prompt_ids) / max(elapsed, 1e-9)
+            sequence.cached_tokens = len(request.prompt_ids)
+            finished = self._accept(sequence, logits[0])
         except Exception as exc:
             log.exception("model %s: prefill failed", self.name)
             self._finish(sequence)
             error = EngineError("InferenceFailed", f"prefill on {self.name} failed: {exc}")
             request.emit(RequestEvent(None, "", "error", error))
             return None
-        elapsed = time.perf_counter() - start
-        self.timings.prefill_tokens_per_second = len(request.prompt_ids) / max(elapsed, 1e-9)
-        sequence.cached_tokens = len(request.prompt_ids)
-        if self._accept(sequence, logits[0]):
+        if finished:
             self._finish(sequence)
             return None
         return sequence
@@ -393,7 +410,15 @@ class ModelRunner:
         still_running = []
         for row, sequence in enumerate(self._active):
             sequence.cached_tokens += 1
-            if self._accept(sequence, logits[row]):
+            try:
+                finished = self._accept(sequence, logits[row])
+            except Exception as exc:  # one request's sampling fails: only that request fails
+                log.exception("model %s: sampling failed", self.name)
+                self._finish(sequence)
+                error = EngineError("InferenceFailed", f"sampling on {self.name} failed: {exc}")
+                sequence.request.emit(RequestEvent(None, "", "error", error))
+                continue
+            if finished:
                 self._finish(sequence)
             else:
                 still_running.append(sequence)
@@ -481,6 +506,9 @@ class ModelRunner:
             )
         if request.params.max_tokens < 1:
             raise EngineError("InvalidRequest", "max_tokens must be at least 1")
+        seed = request.params.seed
+        if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+            raise EngineError("InvalidRequest", f"seed must lie in [{SEED_MIN}, {SEED_MAX}]")
         vocab = self.spec.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise EngineError("InvalidRequest", f"prompt token ids must lie in [0, {vocab})")

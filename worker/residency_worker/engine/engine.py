@@ -40,10 +40,13 @@ class Engine:
         *,
         node: str = "local",
         calibration_bytes: int = 256 * 2**20,
+        remote_code_roots: list[Path] | None = None,
     ) -> None:
         self.tier = tier
         self.node = node
         self.models_roots = [Path(r) for r in models_roots]
+        # roots under which the admin allows models with custom code (trust_remote_code); none by default
+        self.remote_code_roots = [Path(r) for r in remote_code_roots or []]
         self._models: dict[str, ModelRunner] = {}
         self._lock = threading.Lock()
         self._loading: set[str] = set()
@@ -69,9 +72,17 @@ class Engine:
             self._loading.add(name)
         try:
             start = time.perf_counter()
-            directory = validate_model_dir(path, self.models_roots, options.dtype)
-            weights = load_weights(directory, options.dtype, self.tier)
-            runner = ModelRunner(name, weights, self.tier, options)
+            try:
+                directory, trust_remote_code = validate_model_dir(
+                    path, self.models_roots, options.dtype, self.remote_code_roots
+                )
+                weights = load_weights(directory, options.dtype, self.tier, trust_remote_code)
+                runner = ModelRunner(name, weights, self.tier, options)
+            except EngineError:
+                raise
+            except Exception as exc:  # a directory that passed the checks and still cannot be read
+                log.exception("cannot load %s from %s", name, path)
+                raise EngineError("LoadFailed", f"cannot load {name} from {path}: {exc}") from exc
             host_to_device = runner.place()
             try:
                 mode_seconds = runner.choose_modes()
@@ -192,15 +203,26 @@ class Engine:
         return self.submit(name, prompt, params).wait(timeout_seconds)
 
     def encode(self, name: str, text: str) -> list[int]:
-        ids: list[int] = self._runner(name).weights.tokenizer(text).input_ids
+        tokenizer = self._runner(name).weights.tokenizer
+        _check_text(text)
+        try:
+            ids: list[int] = tokenizer(text).input_ids
+        except Exception as exc:  # the text is the client's: its failure is a bad request, not ours
+            raise EngineError("InvalidRequest", f"the prompt cannot be tokenized: {exc}") from exc
         return ids
 
     def chat_prompt(self, name: str, messages: list[dict[str, str]]) -> list[int]:
         tokenizer = self._runner(name).weights.tokenizer
+        for message in messages:
+            _check_text(message["content"])
         if getattr(tokenizer, "chat_template", None):
-            ids: list[int] = tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True
-            )
+            try:
+                ids: list[int] = tokenizer.apply_chat_template(
+                    messages, tokenize=True, add_generation_prompt=True
+                )
+            except Exception as exc:  # e.g. the template refuses this order of roles
+                refusal = f"the chat template refuses these messages: {exc}"
+                raise EngineError("InvalidRequest", refusal) from exc
             return ids
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return self.encode(name, text)
@@ -252,3 +274,13 @@ class Engine:
         if runner is None:
             raise EngineError("ModelNotLoaded", f"no model named {name!r} is loaded on this node")
         return runner
+
+
+def _check_text(text: str) -> None:
+    """Refuses text that is not valid Unicode (a lone UTF-16 surrogate, which JSON can smuggle in)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EngineError(
+            "InvalidRequest", f"the prompt is not valid Unicode: lone surrogate at character {exc.start}"
+        ) from exc

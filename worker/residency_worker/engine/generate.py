@@ -69,6 +69,11 @@ class Request:
         return self
 
 
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+"""The seeds torch.Generator.manual_seed accepts; the engine and the HTTP API refuse others."""
+
+
 def make_generator(params: SamplingParams) -> torch.Generator | None:
     if params.temperature <= 0:
         return None
@@ -81,10 +86,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Next token from float32 CPU logits [vocab]: argmax when greedy, else temperature + nucleus."""
     if params.temperature <= 0 or generator is None:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # in float64 (any positive temperature a client sends is representable, none rounds to 0) and shifted
+    # so that the largest logit is 0: a tiny temperature then gives 0 and -inf, never inf - inf = NaN
+    scaled = (logits.double() - logits.max().double()) / params.temperature
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        keep[0] = True  # the likeliest token always stays, however small top_p is (even below float32's)
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         choice = int(torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator))
         return int(order[choice])

@@ -114,14 +114,21 @@ def _align(n: int) -> int:
     return (n + _ALIGN_ELEMENTS - 1) // _ALIGN_ELEMENTS * _ALIGN_ELEMENTS
 
 
-def validate_model_dir(path: str, allowed_roots: list[Path], dtype_name: str) -> Path:
-    """Resolves and checks the directory (roots, config, remote code, architecture, weights) or raises."""
+def validate_model_dir(
+    path: str, allowed_roots: list[Path], dtype_name: str, remote_code_roots: list[Path] | None = None
+) -> tuple[Path, bool]:
+    """Resolves and checks the directory (roots, config, remote code, architecture, weights) or raises.
+
+    Returns the real directory and whether transformers may run its custom code: only when config.json
+    declares some and the directory lies under one of `remote_code_roots` (none by default).
+    """
     if dtype_name not in DTYPES:
         raise EngineError("InvalidDtype", f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
     try:
-        return inspect_model_dir(path, allowed_roots, dtype_name).path
+        info = inspect_model_dir(path, allowed_roots, dtype_name, remote_code_roots or [])
     except ModelDirError as exc:
         raise EngineError(exc.reason, exc.message) from exc
+    return info.path, info.trust_remote_code
 
 
 def arch_spec(config: PretrainedConfig) -> ArchSpec:
@@ -167,11 +174,13 @@ def _unit_of(name: str, tied: bool) -> tuple[str, str]:
     raise EngineError("UnsupportedArchitecture", f"unexpected parameter {name!r} for a decoder-only model")
 
 
-def plan_layout(config: PretrainedConfig, spec: ArchSpec, dtype: torch.dtype) -> tuple[list[Unit], int]:
+def plan_layout(
+    config: PretrainedConfig, spec: ArchSpec, dtype: torch.dtype, trust_remote_code: bool = False
+) -> tuple[list[Unit], int]:
     """Units and their slots in the host buffer, from the parameters of the model built on `meta`."""
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-            config, trust_remote_code=False, dtype=dtype
+            config, trust_remote_code=trust_remote_code, dtype=dtype
         )
     order = ["head", *(f"layer.{i}" for i in range(spec.num_layers))]
     if not spec.tie_word_embeddings:
@@ -189,17 +198,23 @@ def plan_layout(config: PretrainedConfig, spec: ArchSpec, dtype: torch.dtype) ->
     return [units[name] for name in order], offset
 
 
-def load_weights(directory: Path, dtype_name: str, tier: GpuTier) -> LoadedWeights:
-    """Reads config, tokenizer and safetensors of an already validated directory into the host cache."""
+def load_weights(
+    directory: Path, dtype_name: str, tier: GpuTier, trust_remote_code: bool = False
+) -> LoadedWeights:
+    """Reads config, tokenizer and safetensors of an already validated directory into the host cache.
+
+    `trust_remote_code` reaches transformers as given: validate_model_dir says True only for a model
+    that declares custom code under a root where the admin allowed it.
+    """
     dtype = DTYPES[dtype_name]
     try:
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as exc:
         raise EngineError(
             "ConfigInvalid", f"transformers cannot read {directory}/config.json: {exc}"
         ) from exc
     spec = arch_spec(config)
-    units, total_numel = plan_layout(config, spec, dtype)
+    units, total_numel = plan_layout(config, spec, dtype, trust_remote_code)
     start = time.perf_counter()
     host_flat = tier.host_empty((total_numel,), dtype)
     slots = {}
@@ -238,9 +253,9 @@ def load_weights(directory: Path, dtype_name: str, tier: GpuTier) -> LoadedWeigh
     read_seconds = time.perf_counter() - start
     try:
         tokenizer = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
-            directory, trust_remote_code=False
+            directory, trust_remote_code=trust_remote_code
         )
-    except (ValueError, OSError, TypeError) as exc:
+    except Exception as exc:  # tokenizers raises plain Exceptions for a corrupt tokenizer.json
         raise EngineError("TokenizerInvalid", f"cannot load the tokenizer of {directory}: {exc}") from exc
     return LoadedWeights(
         path=directory,

@@ -14,16 +14,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, json_bytes
 from residency_worker.engine import Engine, EngineError, ModelOptions, SamplingParams
+from residency_worker.engine.generate import SEED_MAX, SEED_MIN, RequestEvent
 from residency_worker.engine.generate import Request as EngineRequest
-from residency_worker.engine.generate import RequestEvent
 from residency_worker.engine.types import as_dict
 from residency_worker.server.metrics import WorkerMetrics
 
@@ -49,6 +52,33 @@ class ServerSettings:
     inference_token: str | None = None  # None: inference is open (e.g. behind a cluster network policy)
     preempted_wait_seconds: float = 10.0  # how long a request to a preempted model waits for resume
     retry_after_seconds: int = 5
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before parsing
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that renders whatever user input an error echoes (lone surrogates, NaN) instead of failing."""
+
+    def render(self, content: Any) -> bytes:
+        return json_bytes(content)
+
+
+def _validation_error(exc: RequestValidationError) -> SafeJSONResponse:
+    """422 naming each offending field; the offending input itself is not echoed back."""
+    details = [
+        {"type": e.get("type", ""), "loc": list(e.get("loc", ())), "msg": e.get("msg", "")}
+        for e in exc.errors()
+    ]
+    first = details[0] if details else {"type": "", "loc": [], "msg": "invalid request"}
+    if first["type"] == "json_invalid":
+        field, message = "", f"the request body is not valid JSON ({first['msg']} at {first['loc'][-1]})"
+    else:
+        field = ".".join(str(part) for part in first["loc"] if part != "body")
+        message = f"{field}: {first['msg']}" if field else str(first["msg"])
+    body = {
+        "error": {"message": message, "type": "InvalidRequest", "code": "InvalidRequest", "param": field},
+        "detail": details,
+    }
+    return SafeJSONResponse(body, status_code=422)
 
 
 class ApiError(Exception):
@@ -80,9 +110,10 @@ class CompletionBody(_Body):
     max_tokens: int = Field(default=16, ge=1, le=1_048_576)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
+    n: int = Field(default=1, ge=1, le=1, description="Choices per request: only 1 is supported.")
 
 
 class ChatMessage(_Body):
@@ -97,9 +128,10 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_048_576)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
+    n: int = Field(default=1, ge=1, le=1, description="Choices per request: only 1 is supported.")
 
 
 class LoadBody(_Body):
@@ -127,8 +159,13 @@ class BudgetBody(_Body):
 class ProfileBody(_Body):
     path: str = Field(min_length=1, max_length=4096)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    fractions: list[float] = Field(default=[1.0, 0.9, 0.75, 0.5, 0.25, 0.0], min_length=1, max_length=32)
-    sequence_lengths: list[int] = Field(default=[128, 512], min_length=1, max_length=8)
+    fractions: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default=[1.0, 0.9, 0.75, 0.5, 0.25, 0.0], min_length=1, max_length=32
+    )
+    # bounded: the profile builds each prompt as a Python list of this many token ids
+    sequence_lengths: list[Annotated[int, Field(ge=1, le=1_048_576)]] = Field(
+        default=[128, 512], min_length=1, max_length=8
+    )
     decode_tokens: int = Field(default=16, ge=1, le=4096)
     trials: int = Field(default=3, ge=1, le=100)
 
@@ -154,7 +191,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     settings = settings or ServerSettings()
     metrics = WorkerMetrics()
     engine.add_listener(metrics.on_engine_event)
-    app = FastAPI(title="residency worker", version="0.1.0")
+    app = FastAPI(title="residency worker", version="0.1.0", default_response_class=SafeJSONResponse)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.state.engine = engine
     app.state.metrics = metrics
 
@@ -166,7 +204,17 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         if exc.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         body = {"error": {"message": exc.message, "type": exc.code, "code": exc.code}}
-        return JSONResponse(body, status_code=exc.status, headers=headers)
+        return SafeJSONResponse(body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "NotFound" if exc.status_code == 404 else "InvalidRequest"
+        body = {"error": {"message": str(exc.detail), "type": code, "code": code}}
+        return SafeJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(EngineError)
     async def _on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
@@ -322,8 +370,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             prompt: str | list[int] = str(body.prompt[0])
         else:
             prompt = body.prompt  # type: ignore[assignment]
+        # tokenizing a long prompt takes a while: off the event loop
         prompt_ids = (
-            engine.encode(body.model, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            await in_thread(engine.encode, body.model, prompt)
+            if isinstance(prompt, str)
+            else [int(t) for t in prompt]
         )
         request, events = await start(body.model, prompt_ids, sampling(body, body.max_tokens))
         completion_id = f"cmpl-{uuid.uuid4().hex}"
@@ -357,7 +408,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.post("/v1/chat/completions", dependencies=[Depends(inference)])
     async def chat_completions(body: ChatBody) -> Any:
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        prompt_ids = engine.chat_prompt(body.model, messages)
+        prompt_ids = await in_thread(engine.chat_prompt, body.model, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
         request, events = await start(body.model, prompt_ids, sampling(body, max_tokens))
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
