@@ -11,6 +11,7 @@ app = typer.Typer(
     help="residency: share GPU nodes among LLMs with measured partial GPU residency, offload and preemption.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold tokens: never print them
 )
 
 

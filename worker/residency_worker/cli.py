@@ -199,8 +199,100 @@ def profile(
     typer.echo(f"wrote {out} and {png}{' (EMULATED GPU tier)' if result.emulated else ''}")
 
 
+DEFAULT_REPORT_SHAPES = "qwen2.5-0.5b,qwen2.5-3b,llama-3-8b"
+
+
+def report(
+    out: Path = typer.Option(Path("reports"), "--out", help="Reports folder; one subfolder per GPU."),
+    models: Path = typer.Option(
+        Path.home() / ".cache/residency/report-models", "--models", help="Where the random models are kept."
+    ),
+    shapes: str = typer.Option(
+        DEFAULT_REPORT_SHAPES,
+        "--shapes",
+        help="Comma-separated preset[:layers][@arch], e.g. llama-3-8b:16 for its widths at 16 layers.",
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Tiny shapes, reduced grid: checks the pipeline on a CPU."
+    ),
+    sequence_lengths: str | None = typer.Option(None, "--sequence-lengths", help="Default 512,4096."),
+    decode_tokens: int | None = typer.Option(None, "--decode-tokens"),
+    trials: int | None = typer.Option(None, "--trials"),
+    budget_seconds: float | None = typer.Option(
+        None,
+        "--budget-seconds",
+        help="Stop starting new steps after this long; the rest is listed as skipped.",
+    ),
+    gpu_memory: str | None = typer.Option(
+        None, "--gpu-memory", help="GPU budget (default: 90% of the GPU; 8GiB for the emulated tier)."
+    ),
+    emulate: bool = typer.Option(False, "--emulate", help="Use the emulated tier even with a GPU."),
+    sections: str = typer.Option(
+        "preemption,peers,pageable,curves", "--sections", help="Which sections to measure."
+    ),
+    render_only: Path | None = typer.Option(
+        None, "--render-only", help="Re-render report.md and the plots from an existing report.json."
+    ),
+    curves_from: Path | None = typer.Option(
+        None, "--curves-from", help="With --render-only: take the decode curves from this curves-only run."
+    ),
+) -> None:
+    """Measure decode under offload, preemption cost, link amplification and the peers; write the report."""
+    import dataclasses
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from residency_worker.engine.tiers import parse_bytes
+    from residency_worker.report import ReportSettings, Shape, run_report
+    from residency_worker.report.measure import SECTIONS
+
+    if render_only is not None:
+        from residency_worker.report.render import render
+        from residency_worker.report.run import analyse, combine
+
+        base = json.loads(render_only.read_text())
+        combined = combine(base, json.loads(curves_from.read_text())) if curves_from else analyse(base)
+        render_only.write_text(json.dumps(combined, indent=2) + "\n")
+        typer.echo(render(combined, render_only.parent).read_text())
+        return
+    try:
+        parsed = tuple(Shape.parse(s) for s in shapes.split(",") if s)
+        if quick:  # the quick grid takes tiny shapes unless some were named
+            settings = ReportSettings.quick(None if shapes == DEFAULT_REPORT_SHAPES else parsed)
+        else:
+            settings = ReportSettings(shapes=parsed)
+        chosen = tuple(section for section in sections.split(",") if section)
+        unknown = sorted(set(chosen) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
+        overrides: dict[str, object] = {"budget_seconds": budget_seconds, "sections": chosen}
+        if sequence_lengths:
+            overrides["sequence_lengths"] = tuple(int(n) for n in sequence_lengths.split(","))
+        if decode_tokens:
+            overrides["decode_tokens"] = decode_tokens
+        if trials:
+            overrides["trials"] = trials
+        settings = dataclasses.replace(settings, **overrides)  # type: ignore[arg-type]
+        budget_bytes = parse_bytes(gpu_memory) if gpu_memory else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as bar:
+        task = bar.add_task("residency report", total=None)
+        folder = run_report(
+            settings,
+            out,
+            models,
+            gpu_memory_bytes=budget_bytes,
+            emulate=emulate,
+            progress=lambda text: bar.update(task, description=text),
+        )
+    typer.echo(f"wrote {folder / 'report.md'}, report.json and plots")
+    typer.echo((folder / "report.md").read_text())
+
+
 def register(app: typer.Typer) -> None:
     """Adds the worker's commands to the main `residency` CLI."""
     app.command("worker")(worker)
     app.command("make-model")(make_model_command)
     app.command("profile")(profile)
+    app.command("report")(report)
