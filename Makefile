@@ -60,7 +60,11 @@ test: venv binaries lint ## everything CI runs
 
 reliability: venv binaries ## the whole reliability suite (faults, bad input, load, security) and its table
 	hack/cluster.sh up >/dev/null
-	RESIDENCY_RELIABILITY_JSON=reports/reliability.json $(PY) -m pytest -q -m reliability --reliability-full tests e2e
+	rm -f reports/reliability-*.json
+	-RESIDENCY_RELIABILITY_JSON=reports/reliability-tests.json $(PY) -m pytest -q -m reliability --reliability-full tests
+	-RESIDENCY_RELIABILITY_JSON=reports/reliability-e2e.json $(PY) -m pytest -q -m reliability --reliability-full e2e
+	@echo; echo "== reliability suite =="
+	$(PY) -m residency.reliability reports/reliability-tests.json reports/reliability-e2e.json
 
 report: venv ## the GPU performance report into reports/<gpu>/ (a reduced CPU grid, marked emulated, without a GPU)
 	$(VENV)/bin/residency report $(or $(REPORT_ARGS),$(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')"))

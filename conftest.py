@@ -11,30 +11,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from residency.reliability import ReliabilityRecord, table_lines
+
 _RECORDS_KEY = pytest.StashKey[dict[str, "ReliabilityRecord"]]()
-
-
-@dataclass
-class ReliabilityRecord:
-    """One row of the reliability table."""
-
-    test: str
-    injected: str = ""
-    measured: list[str] = field(default_factory=list)
-    outcome: str = "not run"
-
-    def record(self, injected: str | None = None, measured: str | None = None) -> None:
-        """Sets what the test injected and/or appends one measured figure (printed in the table)."""
-        if injected is not None:
-            self.injected = injected
-        if measured is not None:
-            self.measured.append(measured)
-            print(f"[reliability] {self.test}: {measured}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -84,14 +68,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     rows = [r for r in config.stash[_RECORDS_KEY].values() if r.outcome != "skipped"]
     if not rows:
         return
-    write = terminalreporter.write_line
     terminalreporter.section("reliability suite")
-    write(f"{'test':<58} {'injected':<50} {'result':<6} measured")
-    for row in rows:
-        measured = "; ".join(row.measured) or "-"
-        write(f"{row.test[:58]:<58} {row.injected[:50]:<50} {row.outcome:<6} {measured}")
-    failed = sum(r.outcome != "pass" for r in rows)
-    write(f"{len(rows)} reliability tests, {len(rows) - failed} pass, {failed} fail")
+    for line in table_lines([asdict(r) for r in rows]):
+        terminalreporter.write_line(line)
     target = os.environ.get("RESIDENCY_RELIABILITY_JSON")
     if target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)

@@ -43,3 +43,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "residency.modelRoots" -}}
 {{- join ":" .Values.modelRoots -}}
 {{- end -}}
+
+{{/*
+The model directories, read-only: the workers load from them and the operator reads their config.json and
+safetensors headers to size and validate each model, so both mount the same source.
+*/}}
+{{- define "residency.modelsVolume" -}}
+- name: models
+  {{- if eq .Values.worker.models.source "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ required "worker.models.claimName is required when worker.models.source is pvc" .Values.worker.models.claimName }}
+    readOnly: true
+  {{- else }}
+  hostPath:
+    path: {{ .Values.worker.models.hostPath }}
+    type: Directory
+  {{- end }}
+{{- end }}
