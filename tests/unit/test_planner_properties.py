@@ -76,9 +76,19 @@ def models_strategy(draw: st.DrawFn) -> list[ModelDemand]:
 
 
 def assert_plan_valid(
-    planned: Plan, models: list[ModelDemand], nodes: list[NodeCapacity], config: PlannerConfig
+    planned: Plan,
+    models: list[ModelDemand],
+    nodes: list[NodeCapacity],
+    config: PlannerConfig,
+    busy_limit: float | None = None,
 ) -> None:
-    """Capacity, spec and placement rules every plan must keep."""
+    """Capacity, spec and placement rules every plan must keep.
+
+    ``busy_limit``: the share of a GPU's time its models may be predicted to keep it busy; the planning
+    target by default. Models already running may use all of it (the planner moves them only when their
+    estimated demand exceeds the whole GPU), so plans made over a running cluster are checked with 1.0.
+    """
+    busy_limit = config.max_gpu_busy_fraction if busy_limit is None else busy_limit
     by_model = {m.name: m for m in models}
     by_node = {n.name: n for n in nodes}
     predictor = Predictor()
@@ -110,9 +120,7 @@ def assert_plan_valid(
     for node in nodes:
         assert gpu_used[node.name] <= usable_gpu_bytes(node), f"GPU over-committed on {node.name}"
         assert host_used[node.name] <= usable_host_bytes(node), f"host over-committed on {node.name}"
-        assert busy_used[node.name] <= config.max_gpu_busy_fraction + 1e-6, (
-            f"GPU time over-committed on {node.name}"
-        )
+        assert busy_used[node.name] <= busy_limit + 1e-6, f"GPU time over-committed on {node.name}"
     placed_or_reasoned = set(planned.placements) | {u.model for u in planned.unschedulable}
     assert placed_or_reasoned == {m.name for m in models if m.wanted}
     for unschedulable in planned.unschedulable:
@@ -197,13 +205,22 @@ def test_no_priority_inversion_and_non_preemptible_kept(
         model = by_model[name]
         assert model.preemptible, f"non-preemptible {name} was preempted"
         node = by_node[before.node]
-        # Room its own node keeps for models of at least its priority, without it.
+        # Room its own node keeps for models of at least its priority, and for the non-preemptible models
+        # that ran there already (they cannot be moved, whatever their priority), without it.
         kept = [
             evaluate_option(
                 predictor, by_model[other.model], node, other.resident_fraction, other.mode, config
             )
             for other in second.placements.values()
-            if other.node == node.name and by_model[other.model].priority >= model.priority
+            if other.node == node.name
+            and (
+                by_model[other.model].priority >= model.priority
+                or (
+                    not by_model[other.model].preemptible
+                    and (earlier := first.placements.get(other.model)) is not None
+                    and earlier.node == node.name
+                )
+            )
         ]
         mine = evaluate_option(predictor, model, node, before.resident_fraction, before.mode, config)
         together = [*kept, mine]

@@ -8,7 +8,7 @@ highest residency level that fits in their node's free memory without lowering t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from residency_operator.planner.greedy import Assignment
@@ -21,17 +21,29 @@ _VALUE_TOLERANCE = 1e-9
 
 
 def fill_free_memory(
-    problem: PlanningProblem, assignment: Sequence[Assignment | None]
+    problem: PlanningProblem,
+    assignment: Sequence[Assignment | None],
+    only: Iterable[int] | None = None,
+    used_gpu: Sequence[int] | None = None,
 ) -> list[Assignment | None]:
-    """The assignment with partly offloaded models promoted into free GPU memory (deterministic)."""
+    """The assignment with partly offloaded models promoted into free GPU memory (deterministic).
+
+    ``only`` limits the pass to some models (the incremental planner's touched ones); ``used_gpu``, GPU
+    bytes the assignment uses per node, saves summing it when the caller keeps it current.
+    """
     tables = problem.tables
     result = list(assignment)
-    used_gpu = [0] * len(problem.nodes)
-    for placed in result:
-        if placed is not None:
-            used_gpu[placed.node] += placed.gpu_bytes
+    if used_gpu is None:
+        used = [0] * len(problem.nodes)
+        for placed in result:
+            if placed is not None:
+                used[placed.node] += placed.gpu_bytes
+    else:
+        used = list(used_gpu)
+    used_gpu = used
+    candidates = range(len(result)) if only is None else only
     order = sorted(
-        (i for i, placed in enumerate(result) if placed is not None and placed.resident_fraction < 1.0),
+        (i for i in candidates if (placed := result[i]) is not None and placed.resident_fraction < 1.0),
         key=lambda i: (-problem.models[i].priority, problem.models[i].name),
     )
     for i in order:

@@ -28,6 +28,7 @@ from residency_operator.planner.costs import (
     promote_cost,
 )
 from residency_operator.planner.options import (
+    LEVEL_EPSILON,
     MODES,
     BoolArray,
     ClassTables,
@@ -51,13 +52,15 @@ from residency_operator.planner.types import (
 MAKE_ROOM_CANDIDATE_NODES = 8
 """Nodes examined (those with the most free memory) when a model must make room; bounds the cost."""
 FIT_SCAN_LIMIT = 64
+"""Nodes examined past the best-fit point when host memory or GPU time, not GPU memory, does not fit."""
+ROOMY_NODE_LIMIT = 48
+"""Admission checks every option against every node with room at once when at most this many have any."""
 TIE_BREAK_SLACK = 0.1
 """A higher-priority model may be demoted for a lower one only if its value drops by no more than this
 share of the availability value (memory and time tie-breaks, not served throughput)."""
 MAKE_ROOM_FAILURE_LIMIT = 32
 """After this many models in a row of one tier found no room to make, the tier stops trying (the cluster
 is full for it); bounds the work on hopelessly over-subscribed inputs."""
-"""Nodes examined past the best-fit point when host memory, not GPU memory, is what does not fit."""
 
 
 @dataclass(slots=True)
@@ -102,9 +105,18 @@ class GreedyState:
     """Model index → index of the model that preempted it (for the reason)."""
     class_members: list[list[int]] = field(default_factory=list)
     _max_time: dict[int, float] = field(default_factory=dict)
+    """Most free GPU time per class, kept lazily (dropped when its holder fills up)."""
     version: int = 0
     """Bumped whenever memory or time is given back (cached "does not fit" answers expire)."""
-    """Most free GPU time per class, kept lazily (dropped when its holder fills up)."""
+    node_version: list[int] = field(default_factory=list)
+    """Per node, bumped whenever a model is put on or taken off it (cached per-node answers expire)."""
+    touched: dict[int, Assignment | None] | None = None
+    """When a dict, every model put on or taken off a node is recorded with its assignment from before
+    it was first touched (the incremental planner's journal)."""
+    released_on: set[int] | None = None
+    """When a set, every node a model is taken off (its room may have grown) is added."""
+    placed: BoolArray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    """Per model, whether it has an assignment (``assignment[i] is not None``), as an array."""
 
     def max_free_time(self, node_class: int) -> float:
         """Most free GPU time on any accepting node of a class."""
@@ -135,8 +147,12 @@ class GreedyState:
         self.time_cap[node] = min(self.time_cap[node], assignment.tolerance + assignment.busy)
         self.free_time[node] = self.time_cap[node] - self.used_time[node]
         self._time_changed(node, before)
+        if self.touched is not None and model_index not in self.touched:
+            self.touched[model_index] = self.assignment[model_index]
         self.models_on_node[assignment.node].add(model_index)
         self.assignment[model_index] = assignment
+        self.placed[model_index] = True
+        self.node_version[node] += 1
 
     def release(self, model_index: int) -> Assignment | None:
         """Take a model off its node, returning memory."""
@@ -147,8 +163,14 @@ class GreedyState:
         node = assignment.node
         self.version += 1
         before = self.free_time[node]
+        if self.touched is not None and model_index not in self.touched:
+            self.touched[model_index] = assignment
         self.models_on_node[node].discard(model_index)
         self.assignment[model_index] = None
+        self.placed[model_index] = False
+        self.node_version[node] += 1
+        if self.released_on is not None:
+            self.released_on.add(node)
         self.used_time[node] -= assignment.busy
         self.time_cap[node] = min(
             [self.max_busy]
@@ -184,8 +206,6 @@ class GreedyState:
         self, node_class: int, gpu_bytes: int, host_bytes: int, busy: float, tolerance: float = 1.0
     ) -> int | None:
         """The accepting node of a class with the least free GPU memory that still fits all needs."""
-        if busy > self.max_free_time(node_class) + 1e-9:
-            return None
         sorted_free = self.free_sorted[node_class]
         position = bisect.bisect_left(sorted_free, (gpu_bytes, -1))
         for _, node in sorted_free[position : position + FIT_SCAN_LIMIT]:
@@ -201,6 +221,25 @@ class GreedyState:
         """Most free GPU memory on any accepting node of a class."""
         sorted_free = self.free_sorted[node_class]
         return sorted_free[-1][0] if sorted_free else -1
+
+
+MinimalOption = tuple[int, int, float, float, float, int]
+"""GPU bytes, host bytes, primary value, busy share, tolerance and level index of a demotion target."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoomCandidates:
+    """What could make room on one node for one priority (see ``GreedyPlanner._room_candidates``)."""
+
+    version: int
+    """The node's ``GreedyState.node_version`` these were computed at."""
+    demotions: list[tuple[float, str, int, int, int, float, float, float, int]]
+    preemptions: list[tuple[int, float, str, int, int, int, float]]
+    most_freed_gpu: int
+    """GPU bytes freed if every candidate were demoted or preempted (the most it could free)."""
+    staying: dict[int, tuple[float, float]]
+    """Busy share and tolerance of every model on the node now."""
+    used_time: float
 
 
 @dataclass(slots=True)
@@ -282,6 +321,11 @@ class GreedyPlanner:
         self.best_target_score = derived.best_target_score
         self.has_option = derived.has_option
         self._flat_target_score = derived.flat_target_score
+        self.priorities = np.array([model.priority for model in models], dtype=np.int64)
+        self._pairs: list[list[tuple[int, int]]] = []
+        self._target_rows: FloatArray = np.zeros((0, 0, 5))
+        self._need_rows: FloatArray = np.zeros((0, 0, 4))
+        self._fill_model_lists(slice(None))
 
         free_gpu = [usable_gpu_bytes(node) for node in nodes]
         free_host = [usable_host_bytes(node) for node in nodes]
@@ -306,7 +350,71 @@ class GreedyPlanner:
             class_members=[[node for _, node in entries] for entries in free_sorted],
             models_on_node=[set() for _ in nodes],
             assignment=[None] * len(models),
+            node_version=[0] * len(nodes),
+            placed=np.zeros(len(models), dtype=bool),
         )
+        self._room_cache: dict[tuple[int, int, bool], RoomCandidates] = {}
+        self._minimal_cache: dict[tuple[int, bool], tuple[Assignment, MinimalOption | None]] = {}
+        self._levels: list[float] = tables.levels.tolist()
+        self._memory_somewhere = True
+        """Whether the last admission attempt found any node with GPU memory for the model."""
+        self._level_index = {level: index for index, level in enumerate(self._levels)}
+
+    def _fill_model_lists(self, models: slice) -> None:
+        """Per-model rows of what admission reads most, gathered in bulk (numpy scalar reads cost about a
+        microsecond each; one row read as a list costs about that for all of them): each (class, mode)
+        target option's level, GPU and host bytes, busy share and tolerance, and per class the least GPU
+        bytes, host bytes and busy share, and the most tolerance, of any feasible option."""
+        tables = self.tables
+        level = self.target_level[:, :, models]
+        class_count, mode_count, count = level.shape
+        c = np.arange(class_count)[:, None, None]
+        m = np.arange(mode_count)[None, :, None]
+        i = np.arange(tables.gpu_bytes.shape[1])[models][None, None, :]
+        targets = np.stack(
+            [
+                level.astype(np.float64),
+                tables.gpu_bytes[m, i, level],
+                tables.host_bytes[i, level],
+                tables.busy_fraction[c, m, i, level],
+                tables.tolerance[c, m, i, level],
+            ],
+            axis=-1,
+        )  # [class, mode, model, field]
+        finite = np.isfinite(self.newcomer_score[:, :, models, :])
+        needs = np.stack(
+            [
+                np.where(finite, tables.gpu_bytes[None, :, models, :], np.inf).min(axis=(1, 3)),
+                np.where(finite, tables.host_bytes[None, None, models, :], np.inf).min(axis=(1, 3)),
+                np.where(finite, tables.busy_fraction[:, :, models, :], np.inf).min(axis=(1, 3)),
+                np.where(finite, tables.tolerance[:, :, models, :], -np.inf).max(axis=(1, 3)),
+            ],
+            axis=-1,
+        )  # [class, model, field]
+        counts = np.isfinite(self._flat_target_score[:, models]).sum(axis=0).tolist()
+        pair_of = [divmod(flat_index, len(MODES)) for flat_index in range(class_count * mode_count)]
+        pairs = [
+            [pair_of[flat_index] for flat_index in order[:count]]
+            for order, count in zip(self.class_mode_order[models].tolist(), counts, strict=True)
+        ]
+        if models == slice(None):
+            self._pairs = pairs
+            self._target_rows = targets.transpose(2, 0, 1, 3).reshape(count, class_count * mode_count, 5)
+            self._need_rows = needs.transpose(1, 0, 2).copy()
+        else:
+            self._pairs[models] = pairs
+            self._target_rows[models] = targets.transpose(2, 0, 1, 3).reshape(
+                count, class_count * mode_count, 5
+            )
+            self._need_rows[models] = needs.transpose(1, 0, 2)
+
+    def least_gpu(self, model_index: int) -> list[float]:
+        """Per class, the least GPU bytes of any feasible option of the model (inf where none)."""
+        return self._need_rows[model_index, :, 0].tolist()  # type: ignore[no-any-return]
+
+    def _targets(self, model_index: int) -> list[list[float]]:
+        """Per flat (class, mode) index: target level, GPU bytes, host bytes, busy share, tolerance."""
+        return self._target_rows[model_index].tolist()  # type: ignore[no-any-return]
 
     # -- incumbents -----------------------------------------------------------------------------------
 
@@ -319,17 +427,47 @@ class GreedyPlanner:
         node_index = self.node_index.get(current.node)
         if node_index is None or not self.nodes[node_index].accepts_work:
             return None
-        option = evaluate_option(
-            self.predictor,
-            model,
-            self.nodes[node_index],
-            current.resident_fraction,
-            current.mode,
-            self.config,
-        )
+        option = self.option_at(model_index, node_index, current.resident_fraction, current.mode)
         if not option.allowed or not option.meets_slo:
             return None
         return option
+
+    def option_at(
+        self, model_index: int, node_index: int, resident_fraction: float, mode: ExecutionMode
+    ) -> OptionEval:
+        """One option, fully evaluated: read from the tables at a configured level, else predicted."""
+        level = self._level_index.get(resident_fraction)
+        if level is None or mode not in MODES:
+            return evaluate_option(
+                self.predictor,
+                self.models[model_index],
+                self.nodes[node_index],
+                resident_fraction,
+                mode,
+                self.config,
+            )
+        model = self.models[model_index]
+        tables = self.tables
+        node_class = self.class_of_node[node_index]
+        mode_index = MODES.index(mode)
+        at = (node_class, mode_index, model_index, level)
+        rate = float(tables.decode_tokens_per_second[at])
+        slo = model.min_decode_tokens_per_second
+        return OptionEval(
+            resident_fraction=resident_fraction,
+            mode=mode,
+            gpu_bytes=int(tables.gpu_bytes[mode_index, model_index, level]),
+            host_bytes=int(tables.host_bytes[model_index, level]),
+            decode_tokens_per_second=rate,
+            throughput_tokens_per_second=rate * model.max_batch,
+            busy_fraction=float(tables.busy_fraction[at]),
+            tolerance=float(tables.tolerance[at]),
+            primary_value=float(tables.primary_value[at]),
+            value=float(tables.value[at]),
+            meets_slo=slo is None or rate >= slo - 1e-9,
+            allowed=resident_fraction >= model.min_resident_fraction - LEVEL_EPSILON
+            and mode in model.allowed_modes,
+        )
 
     def seat_incumbents(self) -> None:
         """Keep every valid running placement; release the lowest priorities where a node is over-full."""
@@ -356,30 +494,41 @@ class GreedyPlanner:
                 ),
             )
         for node in range(len(self.nodes)):
-            # Memory is a hard limit; GPU time is an estimate, so running models are only moved off a
-            # node when their estimated demand exceeds all of its time (not merely the planning target).
+            self._evict_until_fit(node)
+
+    def _evict_until_fit(self, node: int) -> None:
+        """Where running models no longer fit their node together (capacity shrank, an SLO tightened),
+        release the least important until they do: preemptible before not, lowest priority, least value.
+
+        Memory is a hard limit; GPU time is an estimate, so running models are only moved off a node when
+        their estimated demand exceeds all of its time (not merely the planning target)."""
+        if self._seated_fit(node):
+            return
+        victims = sorted(
+            self.state.models_on_node[node],
+            key=lambda i: (
+                not self.models[i].preemptible,
+                self.models[i].priority,
+                self._value_of(i),
+                self.models[i].name,
+            ),
+        )
+        for victim in victims:
             if self._seated_fit(node):
-                continue
-            # Capacity shrank under running models: keep the most important ones.
-            victims = sorted(
-                self.state.models_on_node[node],
-                key=lambda i: (
-                    not self.models[i].preemptible,
-                    self.models[i].priority,
-                    self._value_of(i),
-                    self.models[i].name,
-                ),
-            )
-            for victim in victims:
-                if self._seated_fit(node):
-                    break
-                self.state.release(victim)
+                break
+            self.state.release(victim)
 
     def _seated_fit(self, node: int) -> bool:
         state = self.state
         time_slack = 1.0 - self.config.max_gpu_busy_fraction
-        return (
-            state.free_gpu[node] >= 0 and state.free_host[node] >= 0 and state.free_time[node] >= -time_slack
+        if state.free_gpu[node] < 0 or state.free_host[node] < 0 or state.free_time[node] < -time_slack:
+            return False
+        # Every model keeps its SLO beside the others (a tightened SLO may no longer tolerate them).
+        used = state.used_time[node]
+        return all(
+            used - a.busy <= a.tolerance + 1e-9
+            for i in state.models_on_node[node]
+            if (a := state.assignment[i]) is not None
         )
 
     def _value_of(self, model_index: int) -> float:
@@ -392,18 +541,18 @@ class GreedyPlanner:
         self, model_index: int, node: int, node_class: int, mode_index: int, level_index: int
     ) -> Assignment:
         tables = self.tables
-        value = float(tables.primary_value[node_class, mode_index, model_index, level_index])
-        full_value = float(tables.value[node_class, mode_index, model_index, level_index])
+        at = (node_class, mode_index, model_index, level_index)
+        full_value = tables.value.item(at)
         return Assignment(
             node=node,
-            resident_fraction=float(tables.levels[level_index]),
+            resident_fraction=self._levels[level_index],
             mode=MODES[mode_index],
-            gpu_bytes=int(tables.gpu_bytes[mode_index, model_index, level_index]),
-            host_bytes=int(tables.host_bytes[model_index, level_index]),
-            busy=float(tables.busy_fraction[node_class, mode_index, model_index, level_index]),
-            tolerance=float(tables.tolerance[node_class, mode_index, model_index, level_index]),
-            value=value,
-            score=float(self.newcomer_score[node_class, mode_index, model_index, level_index]),
+            gpu_bytes=int(tables.gpu_bytes.item(mode_index, model_index, level_index)),
+            host_bytes=int(tables.host_bytes.item(model_index, level_index)),
+            busy=tables.busy_fraction.item(at),
+            tolerance=tables.tolerance.item(at),
+            value=tables.primary_value.item(at),
+            score=self.newcomer_score.item(at),
             full_value=full_value,
             full_score=full_value * (1.0 - self._load_share(node_class, model_index, level_index)),
             incumbent=False,
@@ -411,16 +560,11 @@ class GreedyPlanner:
 
     def _load_share(self, node_class: int, model_index: int, level: int) -> float:
         horizon = self.config.amortisation_horizon_seconds
-        return (
-            float(self.tables.load_seconds[node_class, model_index, level]) / horizon if horizon > 0 else 0.0
-        )
+        return self.tables.load_seconds.item(node_class, model_index, level) / horizon if horizon > 0 else 0.0
 
     def _class_modes(self, model_index: int) -> list[tuple[int, int]]:
         """(class, mode) pairs with a feasible option, best target score first."""
-        scores = self._flat_target_score[:, model_index]
-        order = self.class_mode_order[model_index]
-        count = int(np.isfinite(scores).sum())
-        return [divmod(flat_index, len(MODES)) for flat_index in order[:count].tolist()]
+        return self._pairs[model_index]
 
     def _preferred_node(self, model_index: int) -> int | None:
         """Where the model is (or is cached) now: placing it there again is cheapest."""
@@ -434,20 +578,24 @@ class GreedyPlanner:
 
     def try_place(self, model_index: int) -> bool:
         """Admit a model into free memory (promoting a model that blocks it if that helps)."""
-        return self._try_place_free(model_index) or self._try_unblock(model_index)
+        if self._try_place_free(model_index):
+            return True
+        # Promoting a blocker frees GPU time, not memory: no use where no node has memory for the model.
+        return self._memory_somewhere and self._try_unblock(model_index)
 
     def _try_unblock(self, model_index: int) -> bool:
         """Admit a model where memory suffices but a resident model's SLO leaves too little GPU time to
         share, by promoting that model (a faster model tolerates more sharing)."""
-        tables, state = self.tables, self.state
+        state = self.state
+        targets = self._targets(model_index)
         for node_class, mode_index in self._class_modes(model_index):
-            level = int(self.target_level[node_class, mode_index, model_index])
-            need_gpu = int(tables.gpu_bytes[mode_index, model_index, level])
-            need_host = int(tables.host_bytes[model_index, level])
-            need_busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
-            need_tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
+            target = targets[node_class * len(MODES) + mode_index]
+            level, need_gpu, need_host = int(target[0]), int(target[1]), int(target[2])
+            need_busy, need_tolerance = target[3], target[4]
             sorted_free = state.free_sorted[node_class]
             position = bisect.bisect_left(sorted_free, (need_gpu, -1))
+            if position == len(sorted_free):
+                continue
             for _, node in sorted_free[position : position + MAKE_ROOM_CANDIDATE_NODES]:
                 if state.free_host[node] < need_host or state.used_time[node] + need_busy > state.max_busy:
                     continue
@@ -501,42 +649,70 @@ class GreedyPlanner:
         return False
 
     def _try_place_free(self, model_index: int) -> bool:
-        """Admit a model into free memory and GPU time; True when placed."""
+        """Admit a model into free memory and GPU time; True when placed.
+
+        Pass 1: each (class, mode) at its target level, the model's current node first, then best-fit.
+        Pass 2: per (class, mode), the best-scoring feasible level that fits somewhere (a higher level may
+        need less GPU time, a lower one less memory); the best of those.
+        """
         pairs = self._class_modes(model_index)
+        self._memory_somewhere = bool(pairs)
         if not pairs:
             return False
-        tables, state = self.tables, self.state
+        state = self.state
+        targets = self._targets(model_index)
         preferred = self._preferred_node(model_index)
-        # Pass 1: each class at its target level, the model's current node first.
+        if preferred is not None:
+            preferred_class = self.class_of_node[preferred]
+            for node_class, mode_index in pairs:
+                if node_class != preferred_class:
+                    continue
+                level, gpu, host, busy, tolerance = targets[node_class * len(MODES) + mode_index]
+                if state.fits(preferred, int(gpu), int(host), busy, tolerance):
+                    state.occupy(
+                        model_index,
+                        self._assignment_at(model_index, preferred, node_class, mode_index, int(level)),
+                    )
+                    return True
+        # Nodes with room for the model's smallest option, per class (few once the cluster fills up).
+        least_need = self._need_rows[model_index].tolist()
+        roomy: dict[int, list[tuple[int, int]]] = {}
+        roomy_count = 0
+        with_memory = 0
+        for node_class, _ in pairs:
+            if node_class in roomy:
+                continue
+            sorted_free = state.free_sorted[node_class]
+            gpu, host, busy, tolerance = least_need[node_class]
+            position = bisect.bisect_left(sorted_free, (gpu, -1))
+            with_memory += len(sorted_free) - position
+            if len(sorted_free) - position > ROOMY_NODE_LIMIT:
+                roomy_count = ROOMY_NODE_LIMIT + 1
+                break
+            # Few nodes have the memory: keep those that also have the host memory and GPU time.
+            entries = [
+                entry
+                for entry in sorted_free[position:]
+                if state.free_host[entry[1]] >= host
+                and state.free_time[entry[1]] >= busy - 1e-9
+                and state.used_time[entry[1]] <= tolerance + 1e-9
+            ]
+            roomy[node_class] = entries
+            roomy_count += len(entries)
+        self._memory_somewhere = with_memory > 0
+        if roomy_count == 0:
+            return False
+        if roomy_count <= ROOMY_NODE_LIMIT:
+            return self._place_among(model_index, pairs, roomy)
         for node_class, mode_index in pairs:
-            level = int(self.target_level[node_class, mode_index, model_index])
-            gpu = int(tables.gpu_bytes[mode_index, model_index, level])
-            host = int(tables.host_bytes[model_index, level])
-            busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
-            tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
-            if (
-                preferred is not None
-                and self.class_of_node[preferred] == node_class
-                and state.fits(preferred, gpu, host, busy, tolerance)
-            ):
-                state.occupy(
-                    model_index, self._assignment_at(model_index, preferred, node_class, mode_index, level)
-                )
-                return True
-        for node_class, mode_index in pairs:
-            level = int(self.target_level[node_class, mode_index, model_index])
-            gpu = int(tables.gpu_bytes[mode_index, model_index, level])
-            host = int(tables.host_bytes[model_index, level])
-            busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
-            tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
-            node = self._fit(node_class, gpu, host, busy, tolerance)
+            level, gpu, host, busy, tolerance = targets[node_class * len(MODES) + mode_index]
+            node = self._fit(node_class, int(gpu), int(host), busy, tolerance)
             if node is not None:
                 state.occupy(
-                    model_index, self._assignment_at(model_index, node, node_class, mode_index, level)
+                    model_index, self._assignment_at(model_index, node, node_class, mode_index, int(level))
                 )
                 return True
-        # Pass 2: per class, the best-scoring feasible level that fits somewhere (a higher level may
-        # need less GPU time, a lower one less memory).
+        tables = self.tables
         best: tuple[float, int, int, int, int] | None = None
         for node_class, mode_index in pairs:
             largest = state.largest_free_gpu(node_class)
@@ -566,6 +742,72 @@ class GreedyPlanner:
         state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
         return True
 
+    def _place_among(
+        self, model_index: int, pairs: Sequence[tuple[int, int]], roomy: dict[int, list[tuple[int, int]]]
+    ) -> bool:
+        """Passes 1 and 2 of :meth:`_try_place_free`, exactly, when only a few nodes have room: every
+        option of the model is checked against every such node at once."""
+        tables, state = self.tables, self.state
+        classes = [node_class for node_class, entries in roomy.items() if entries]
+        # All roomy nodes side by side, class after class, each class in best-fit order (least free GPU
+        # memory first, then node index), so the first fitting node of a class is its best fit.
+        nodes = [node for node_class in classes for _, node in roomy[node_class]]
+        starts = [0]
+        for node_class in classes:
+            starts.append(starts[-1] + len(roomy[node_class]))
+        node_class_of = np.repeat(np.array(classes, dtype=np.intp), np.diff(starts))
+        free_gpu = np.array([state.free_gpu[node] for node in nodes], dtype=np.float64)
+        free_host = np.array([state.free_host[node] for node in nodes], dtype=np.float64)
+        free_time = np.array([state.free_time[node] for node in nodes], dtype=np.float64)
+        used_time = np.array([state.used_time[node] for node in nodes], dtype=np.float64)
+        # [node, mode, level]
+        feasible = np.isfinite(self.newcomer_score[node_class_of, :, model_index, :])
+        busy = tables.busy_fraction[node_class_of, :, model_index, :]
+        tolerance = tables.tolerance[node_class_of, :, model_index, :]
+        fits = (
+            feasible
+            & (tables.gpu_bytes[None, :, model_index, :] <= free_gpu[:, None, None])
+            & (tables.host_bytes[None, None, model_index, :] <= free_host[:, None, None])
+            & (free_time[:, None, None] >= busy - 1e-9)
+            & (used_time[:, None, None] <= tolerance + 1e-9)
+        )
+        if not fits.any():
+            return False
+        any_fit = np.logical_or.reduceat(fits, starts[:-1], axis=0).tolist()  # [class position, mode, level]
+        position_of = {node_class: k for k, node_class in enumerate(classes)}
+
+        def place(node_class: int, mode_index: int, level: int) -> bool:
+            k = position_of[node_class]
+            offset = int(np.argmax(fits[starts[k] : starts[k + 1], mode_index, level]))
+            node = nodes[starts[k] + offset]
+            state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
+            return True
+
+        targets = self._targets(model_index)
+        for node_class, mode_index in pairs:
+            k = position_of.get(node_class)
+            if k is not None:
+                level = int(targets[node_class * len(MODES) + mode_index][0])
+                if any_fit[k][mode_index][level]:
+                    return place(node_class, mode_index, level)
+        gpu_rows = tables.gpu_bytes[:, model_index, :].tolist()
+        best: tuple[float, int, int, int] | None = None
+        for node_class, mode_index in pairs:
+            k = position_of.get(node_class)
+            if k is None:
+                continue
+            row = any_fit[k][mode_index]
+            if not any(row):
+                continue
+            scores = self.newcomer_score[node_class, mode_index, model_index].tolist()
+            gpu_row = gpu_rows[mode_index]
+            level = min((j for j, fit in enumerate(row) if fit), key=lambda j: (-scores[j], gpu_row[j]))
+            if best is None or scores[level] > best[0]:
+                best = (scores[level], node_class, mode_index, level)
+        if best is None:
+            return False
+        return place(*best[1:])
+
     def _fit(self, node_class: int, gpu: int, host: int, busy: float, tolerance: float) -> int | None:
         """Best-fit node, remembering needs that found none (room only shrinks until something leaves)."""
         state = self.state
@@ -585,35 +827,56 @@ class GreedyPlanner:
 
     def _minimal_option(
         self, model_index: int, assignment: Assignment, for_priority: int | None = None
-    ) -> tuple[int, int, float, float, float, int] | None:
+    ) -> MinimalOption | None:
         """The level a placed model may be demoted to, on its node and mode, to make room for a model of
         ``for_priority``: its minimal SLO-meeting level for the same or a higher priority, and for a
         lower one only a level that still serves its demand (a tier never gives up value for a lower
         tier). Returns GPU bytes, host bytes, value, busy share, tolerance and the level index."""
+        protect = for_priority is not None and self.models[model_index].priority > for_priority
+        key = (model_index, protect)
+        cached = self._minimal_cache.get(key)
+        if cached is not None and cached[0] is assignment:
+            return cached[1]
+        result = self._find_minimal_option(model_index, assignment, protect)
+        self._minimal_cache[key] = (assignment, result)
+        return result
+
+    def _find_minimal_option(
+        self, model_index: int, assignment: Assignment, protect: bool
+    ) -> MinimalOption | None:
         node_class = self.class_of_node[assignment.node]
         mode_index = MODES.index(assignment.mode)
         tables = self.tables
-        feasible = tables.feasible[node_class, mode_index, model_index]
-        values = tables.primary_value[node_class, mode_index, model_index]
-        protect = for_priority is not None and self.models[model_index].priority > for_priority
+        feasible = tables.feasible[node_class, mode_index, model_index].tolist()
+        values = tables.primary_value[node_class, mode_index, model_index].tolist()
         floor = assignment.value - TIE_BREAK_SLACK * self.config.availability_value_tokens_per_second
-        for level in range(len(tables.levels)):
-            if tables.levels[level] >= assignment.resident_fraction - 1e-9:
+        for level, fraction in enumerate(self._levels):
+            if fraction >= assignment.resident_fraction - 1e-9:
                 return None
             if not feasible[level] or (protect and values[level] < floor):
                 continue
             return (
                 int(tables.gpu_bytes[mode_index, model_index, level]),
                 int(tables.host_bytes[model_index, level]),
-                float(values[level]),
+                values[level],
                 float(tables.busy_fraction[node_class, mode_index, model_index, level]),
                 float(tables.tolerance[node_class, mode_index, model_index, level]),
                 level,
             )
         return None
 
-    def try_make_room(self, model_index: int) -> bool:
-        """Demote same-or-lower tiers / preempt strictly lower tiers on one node to admit the model."""
+    def try_make_room(
+        self,
+        model_index: int,
+        only_nodes: Sequence[int] | None = None,
+        failed: dict[tuple[int, int, int], list[tuple[int, int, float]]] | None = None,
+    ) -> bool:
+        """Demote same-or-lower tiers / preempt strictly lower tiers on one node to admit the model.
+
+        The nodes examined are, per class, the few with the most free memory, or else ``only_nodes``
+        (the incremental planner's touched ones, in best-first order; ``failed`` then remembers which
+        needs found no room on them, as the planner's own memo does for the usual nodes).
+        """
         model = self.models[model_index]
         state, tables = self.state, self.tables
         best: tuple[float, int, int, int, int, list[tuple[int, str, int]]] | None = None
@@ -624,13 +887,18 @@ class GreedyPlanner:
             need_busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
             need_tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
             memo_key = (model.priority, node_class, mode_index)
-            failures = self.failed_room.setdefault(memo_key, [])
+            memo = self.failed_room if only_nodes is None else failed if failed is not None else {}
+            failures = memo.setdefault(memo_key, [])
             if any(g <= need_gpu and h <= need_host and b <= need_busy + 1e-12 for g, h, b in failures):
                 # A smaller need already found no room here in this tier; room only shrinks as it fills.
                 continue
             gain_value = float(tables.primary_value[node_class, mode_index, model_index, level])
-            candidates = [node for _, node in state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]]
-            for node in reversed(candidates):
+            if only_nodes is None:
+                largest = state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]
+                candidates = [node for _, node in reversed(largest)]
+            else:
+                candidates = [node for node in only_nodes if self.class_of_node[node] == node_class]
+            for node in candidates:
                 plan = self._room_plan(model, node, (need_gpu, need_host, need_busy, need_tolerance))
                 if plan is None:
                     continue
@@ -671,42 +939,25 @@ class GreedyPlanner:
         minimal = self._minimal_option(model_index, assignment, for_priority)
         return 0.0 if minimal is None else assignment.value - minimal[2]
 
-    def _room_plan(
-        self, model: ModelDemand, node: int, need: tuple[int, int, float, float], lower_only: bool = False
-    ) -> tuple[float, list[tuple[int, str, int]]] | None:
-        """Cheapest demotions then preemptions on ``node`` that make room; None when impossible.
-
-        ``need`` is (GPU bytes, host bytes, busy share, tolerance) of the model to admit.
-        """
+    def _room_candidates(self, priority: int, node: int, lower_only: bool) -> RoomCandidates:
+        """Demotions (cheapest loss per freed byte first) and preemptions (lowest priority, least value
+        first) on ``node`` that could make room for a model of ``priority``; cached per node state."""
         state = self.state
-        need_gpu, need_host, need_busy, need_tolerance = need
-        free_gpu, free_host = state.free_gpu[node], state.free_host[node]
-        # Busy share and tolerance of each model that would stay on the node.
-        staying: dict[int, tuple[float, float]] = {}
-        for other in state.models_on_node[node]:
-            a = state.assignment[other]
-            if a is not None:
-                staying[other] = (a.busy, a.tolerance)
-
-        def enough() -> bool:
-            if free_gpu < need_gpu or free_host < need_host:
-                return False
-            used = sum(busy for busy, _ in staying.values())
-            cap = min([state.max_busy, need_tolerance + need_busy] + [b + t for b, t in staying.values()])
-            return used + need_busy <= cap + 1e-9 and used <= need_tolerance + 1e-9
-
-        if enough():
-            return 0.0, []
+        key = (node, priority, lower_only)
+        cached = self._room_cache.get(key)
+        if cached is not None and cached.version == state.node_version[node]:
+            return cached
         demotions: list[tuple[float, str, int, int, int, float, float, float, int]] = []
         preemptions: list[tuple[int, float, str, int, int, int, float]] = []
+        most_freed: dict[int, int] = {}
         for other in state.models_on_node[node]:
             other_model = self.models[other]
             assignment = state.assignment[other]
-            if assignment is None or (lower_only and other_model.priority >= model.priority):
+            if assignment is None or (lower_only and other_model.priority >= priority):
                 continue
             # A non-preemptible model keeps running, but may be demoted within its SLO; a higher
             # priority one only as far as it still serves its demand.
-            minimal = self._minimal_option(other, assignment, model.priority)
+            minimal = self._minimal_option(other, assignment, priority)
             if minimal is not None:
                 freed = assignment.gpu_bytes - minimal[0]
                 if freed > 0:
@@ -724,7 +975,8 @@ class GreedyPlanner:
                             minimal[5],
                         )
                     )
-            if other_model.priority < model.priority and other_model.preemptible:
+                    most_freed[other] = freed
+            if other_model.priority < priority and other_model.preemptible:
                 preemptions.append(
                     (
                         other_model.priority,
@@ -736,21 +988,71 @@ class GreedyPlanner:
                         assignment.value,
                     )
                 )
+                most_freed[other] = assignment.gpu_bytes
+        demotions.sort()
+        preemptions.sort()
+        staying: dict[int, tuple[float, float]] = {}
+        for other in state.models_on_node[node]:
+            a = state.assignment[other]
+            if a is not None:
+                staying[other] = (a.busy, a.tolerance)
+        candidates = RoomCandidates(
+            state.node_version[node],
+            demotions,
+            preemptions,
+            sum(most_freed.values()),
+            staying,
+            sum(busy for busy, _ in staying.values()),
+        )
+        self._room_cache[key] = candidates
+        return candidates
+
+    def _room_plan(
+        self, model: ModelDemand, node: int, need: tuple[int, int, float, float], lower_only: bool = False
+    ) -> tuple[float, list[tuple[int, str, int]]] | None:
+        """Cheapest demotions then preemptions on ``node`` that make room; None when impossible.
+
+        ``need`` is (GPU bytes, host bytes, busy share, tolerance) of the model to admit.
+        """
+        state = self.state
+        need_gpu, need_host, need_busy, need_tolerance = need
+        free_gpu, free_host = state.free_gpu[node], state.free_host[node]
+        candidates = self._room_candidates(model.priority, node, lower_only)
+        # Busy share and tolerance of each model that would stay on the node.
+        staying = dict(candidates.staying)
+        # A running estimate of the busy share of those staying: it only rejects clear misses quickly
+        # (by more than float noise); whether the room is enough is always decided by the exact sums.
+        used_estimate = candidates.used_time
+
+        def enough() -> bool:
+            if free_gpu < need_gpu or free_host < need_host:
+                return False
+            if used_estimate > need_tolerance + 1e-6 or used_estimate + need_busy > state.max_busy + 1e-6:
+                return False
+            used = sum(busy for busy, _ in staying.values())
+            cap = min([state.max_busy, need_tolerance + need_busy] + [b + t for b, t in staying.values()])
+            return used + need_busy <= cap + 1e-9 and used <= need_tolerance + 1e-9
+
+        if enough():
+            return 0.0, []
+        if free_gpu + candidates.most_freed_gpu < need_gpu:
+            return None  # not even demoting and preempting everything it may would free the memory
         steps: list[tuple[int, str, int]] = []
         loss_total = 0.0
         demoted: dict[int, tuple[int, int]] = {}
-        for _, _, other, freed_gpu, host_delta, busy, tolerance, loss, level in sorted(demotions):
+        for _, _, other, freed_gpu, host_delta, busy, tolerance, loss, level in candidates.demotions:
             if enough():
                 break
             if free_host + host_delta < 0:
                 continue
             free_gpu += freed_gpu
             free_host += host_delta
+            used_estimate += busy - staying[other][0]
             staying[other] = (busy, tolerance)
             loss_total += loss
             demoted[other] = (freed_gpu, host_delta)
             steps.append((other, "demote", level))
-        for _, _, _, other, gpu, host, value in sorted(preemptions):
+        for _, _, _, other, gpu, host, value in candidates.preemptions:
             if enough():
                 break
             if other in demoted:
@@ -761,7 +1063,9 @@ class GreedyPlanner:
                 steps = [step for step in steps if step[0] != other]
             free_gpu += gpu
             free_host += host
-            staying.pop(other, None)
+            left = staying.pop(other, None)
+            if left is not None:
+                used_estimate -= left[0]
             loss_total += value
             steps.append((other, "preempt", -1))
         if enough():
@@ -867,7 +1171,7 @@ class GreedyPlanner:
         node_class = self.class_of_node[assignment.node]
         mode_index = MODES.index(assignment.mode)
         table = self.tables.value if full else self.tables.primary_value
-        value = float(table[node_class, mode_index, model_index, level])
+        value = table.item(node_class, mode_index, model_index, level)
         if not assignment.incumbent:
             return value * (1.0 - self._load_share(node_class, model_index, level))
         now = self.current.get(self.models[model_index].name)
@@ -875,7 +1179,7 @@ class GreedyPlanner:
             self.models[model_index],
             self.nodes[assignment.node],
             now.resident_fraction if now is not None else assignment.resident_fraction,
-            float(self.tables.levels[level]),
+            self._levels[level],
         )
         return value - amortised_cost_tokens_per_second(cost, value, self.config.amortisation_horizon_seconds)
 
@@ -883,23 +1187,26 @@ class GreedyPlanner:
         self, model_index: int, assignment: Assignment, unlimited: bool, full: bool = False
     ) -> tuple[float, int] | None:
         """(gain, level) of the best higher level on the same node and mode, if it beats the current score."""
+        levels = self._levels
+        if levels[-1] <= assignment.resident_fraction + 1e-9:
+            return None  # fully resident already
         node_class = self.class_of_node[assignment.node]
         mode_index = MODES.index(assignment.mode)
         tables, state = self.tables, self.state
-        feasible = tables.feasible[node_class, mode_index, model_index]
+        feasible = tables.feasible[node_class, mode_index, model_index].tolist()
         best: tuple[float, int] | None = None
         threshold = assignment.full_score if full else assignment.score
-        for level in range(len(tables.levels) - 1, -1, -1):
-            if tables.levels[level] <= assignment.resident_fraction + 1e-9:
+        for level in range(len(levels) - 1, -1, -1):
+            if levels[level] <= assignment.resident_fraction + 1e-9:
                 break
             if not feasible[level]:
                 continue
-            extra_gpu = int(tables.gpu_bytes[mode_index, model_index, level]) - assignment.gpu_bytes
-            extra_host = int(tables.host_bytes[model_index, level]) - assignment.host_bytes
+            extra_gpu = int(tables.gpu_bytes.item(mode_index, model_index, level)) - assignment.gpu_bytes
+            extra_host = int(tables.host_bytes.item(model_index, level)) - assignment.host_bytes
             extra_busy = (
-                float(tables.busy_fraction[node_class, mode_index, model_index, level]) - assignment.busy
+                tables.busy_fraction.item(node_class, mode_index, model_index, level) - assignment.busy
             )
-            tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
+            tolerance = tables.tolerance.item(node_class, mode_index, model_index, level)
             if not unlimited and not state.fits(
                 assignment.node, extra_gpu, extra_host, extra_busy, tolerance
             ):
@@ -915,8 +1222,11 @@ class GreedyPlanner:
     def refresh_model(self, model_index: int, model: ModelDemand, row: ClassTables) -> None:
         """Replace one model's demand and its rows of the option tables (``row`` holds just that model)."""
         self.models[model_index] = model
+        self.priorities[model_index] = model.priority
         tables = self.tables
         tables.decode_tokens_per_second[:, :, model_index, :] = row.decode_tokens_per_second[:, :, 0, :]
+        tables.busy_fraction[:, :, model_index, :] = row.busy_fraction[:, :, 0, :]
+        tables.tolerance[:, :, model_index, :] = row.tolerance[:, :, 0, :]
         tables.value[:, :, model_index, :] = row.value[:, :, 0, :]
         tables.primary_value[:, :, model_index, :] = row.primary_value[:, :, 0, :]
         tables.feasible[:, :, model_index, :] = row.feasible[:, :, 0, :]
@@ -931,51 +1241,120 @@ class GreedyPlanner:
         self.best_target_score[model_index] = derived.best_target_score[0]
         self.has_option[model_index] = derived.has_option[0]
         self._flat_target_score[:, model_index] = derived.flat_target_score[:, 0]
+        self._fill_model_lists(slice(model_index, model_index + 1))
 
-    def keep_or_replace(self, model_index: int) -> None:
-        """Re-plan one model with everything else held: stay if still valid, else move or make room."""
+    def reseat(self, model_index: int) -> None:
+        """Re-seat one changed model as a full plan seats a running one: it stays if its placement is still
+        valid, and where its node no longer fits everyone the least important leave (it may be one of
+        them). Whoever is left without a place is for the caller to admit afresh."""
         state = self.state
         previous = state.release(model_index)
-        model = self.models[model_index]
-        if not model.wanted:
+        if (
+            previous is None
+            or not self.models[model_index].wanted
+            or not self.nodes[previous.node].accepts_work
+        ):
             return
-        if previous is not None:
-            option = evaluate_option(
-                self.predictor,
-                model,
-                self.nodes[previous.node],
-                previous.resident_fraction,
-                previous.mode,
-                self.config,
-            )
-            fits = state.fits(
-                previous.node, option.gpu_bytes, option.host_bytes, option.busy_fraction, option.tolerance
-            )
-            if option.allowed and option.meets_slo and fits and self.nodes[previous.node].accepts_work:
-                state.occupy(
-                    model_index,
-                    Assignment(
-                        node=previous.node,
-                        resident_fraction=previous.resident_fraction,
-                        mode=previous.mode,
-                        gpu_bytes=option.gpu_bytes,
-                        host_bytes=option.host_bytes,
-                        busy=option.busy_fraction,
-                        tolerance=option.tolerance,
-                        value=option.primary_value,
-                        score=option_score(option.primary_value, ZERO_COST, True, self.config),
-                        full_value=option.value,
-                        full_score=option_score(option.value, ZERO_COST, True, self.config),
-                        incumbent=True,
-                    ),
-                )
-                self.promote([model_index])
-                return
-        if not self.has_option[model_index]:
+        option = self.option_at(model_index, previous.node, previous.resident_fraction, previous.mode)
+        if not option.allowed or not option.meets_slo:
             return
-        if not self.try_place(model_index):
-            self.try_make_room(model_index)
-        self.promote([model_index])
+        state.occupy(
+            model_index,
+            Assignment(
+                node=previous.node,
+                resident_fraction=previous.resident_fraction,
+                mode=previous.mode,
+                gpu_bytes=option.gpu_bytes,
+                host_bytes=option.host_bytes,
+                busy=option.busy_fraction,
+                tolerance=option.tolerance,
+                value=option.primary_value,
+                score=option_score(option.primary_value, ZERO_COST, True, self.config),
+                full_value=option.value,
+                full_score=option_score(option.value, ZERO_COST, True, self.config),
+                incumbent=True,
+            ),
+        )
+        self._evict_until_fit(previous.node)
+
+    def with_room_on(self, model_indices: Sequence[int], nodes: Sequence[int]) -> list[int]:
+        """The models (in the given order) with room for one of their feasible options on at least one of
+        ``nodes`` (GPU and host memory, GPU time, and the others' tolerance and their own)."""
+        found = self.room_by_node(model_indices, nodes)
+        anywhere = set().union(*found.values()) if found else set()
+        return [i for i in np.asarray(model_indices, dtype=np.intp).tolist() if i in anywhere]
+
+    def room_by_node(self, model_indices: Sequence[int], nodes: Sequence[int]) -> dict[int, set[int]]:
+        """Per node of ``nodes``, the models of ``model_indices`` that :meth:`try_place` could put there: with
+        room for a feasible option, counting GPU time a faster blocker would give up (see
+        :meth:`_try_unblock`): the GPU's time left, not only what the others' SLOs leave."""
+        found: dict[int, set[int]] = {node: set() for node in nodes}
+        if not len(model_indices) or not len(nodes):
+            return found
+        state = self.state
+        classes = np.array([self.class_of_node[node] for node in nodes], dtype=np.intp)
+        free_gpu = np.array([state.free_gpu[node] for node in nodes], dtype=np.float64)
+        free_host = np.array([state.free_host[node] for node in nodes], dtype=np.float64)
+        used_time = np.array([state.used_time[node] for node in nodes], dtype=np.float64)
+        free_time = np.maximum(
+            np.array([state.free_time[node] for node in nodes], dtype=np.float64), state.max_busy - used_time
+        )
+        accepting = np.array([self.nodes[node].accepts_work for node in nodes], dtype=bool)
+        indices = np.asarray(model_indices, dtype=np.intp)
+        needs = self._need_rows[indices][:, classes, :]  # [model, node, field]
+        # First what each resource alone rules out (cheap), then every option of the rest, exactly.
+        plausible = (
+            accepting
+            & (needs[:, :, 0] <= free_gpu)
+            & (needs[:, :, 1] <= free_host)
+            & (free_time >= needs[:, :, 2] - 1e-9)
+            & (used_time <= needs[:, :, 3] + 1e-9)
+        )
+        tables = self.tables
+        for k in np.flatnonzero(plausible.any(axis=0)).tolist():
+            members = indices[plausible[:, k]]
+            node_class = int(classes[k])
+            fits = (
+                np.isfinite(self.newcomer_score[node_class][:, members, :])
+                & (tables.gpu_bytes[:, members, :] <= free_gpu[k])
+                & (tables.host_bytes[None, members, :] <= free_host[k])
+                & (free_time[k] >= tables.busy_fraction[node_class][:, members, :] - 1e-9)
+                & (used_time[k] <= tables.tolerance[node_class][:, members, :] + 1e-9)
+            )  # [mode, model, level]
+            found[nodes[k]] = set(members[fits.any(axis=(0, 2))].tolist())
+        return found
+
+    def could_make_room_on(self, model_indices: Sequence[int], nodes: Sequence[int]) -> list[int]:
+        """The models (in the given order) whose smallest option could fit on one of ``nodes`` if every
+        model there that may make room for them did (an upper bound on what making room frees)."""
+        if not len(model_indices) or not len(nodes):
+            return []
+        indices = np.asarray(model_indices, dtype=np.intp)
+        distinct, rows = np.unique(self.priorities[indices], return_inverse=True)
+        bounds = np.array(
+            [[self.room_bound(node, priority) for node in nodes] for priority in distinct.tolist()],
+            dtype=np.float64,
+        )
+        classes = np.array([self.class_of_node[node] for node in nodes], dtype=np.intp)
+        least_gpu = self._need_rows[indices][:, classes, 0]  # [model, node]
+        return indices[(least_gpu <= bounds[rows]).any(axis=1)].tolist()  # type: ignore[no-any-return]
+
+    def room_bound(self, node: int, priority: int) -> int:
+        """The most GPU memory demoting and preempting could free on a node for a model of ``priority``,
+        with what is free already (an upper bound: making room never frees more)."""
+        return self.state.free_gpu[node] + self._room_candidates(priority, node, False).most_freed_gpu
+
+    def admission_order(self, model_indices: Sequence[int]) -> list[int]:
+        """The models in a full plan's admission order: highest priority first; within a priority, by value
+        density (best score per GPU byte of the smallest option; the classic greedy order for a
+        knapsack), then name (models are indexed in name order)."""
+        indices = np.asarray(model_indices, dtype=np.intp)
+        if not len(indices):
+            return []
+        smallest = np.maximum(1.0, self.tables.gpu_bytes[:, indices, :].min(axis=(0, 2)))
+        density = -self.best_target_score[indices] / smallest
+        order = np.lexsort((indices, density, -self.priorities[indices]))
+        return indices[order].tolist()  # type: ignore[no-any-return]
 
     # -- driver ---------------------------------------------------------------------------------------
 
@@ -990,7 +1369,7 @@ class GreedyPlanner:
         for priority in sorted(tiers, reverse=True):
             members = tiers[priority]
             newcomers = [i for i in members if self.state.assignment[i] is None and self.has_option[i]]
-            # Value density first: the classic greedy order for a knapsack.
+            # Value density first (see density_key; the same, vectorised).
             newcomers.sort(
                 key=lambda i: (
                     -self.best_target_score[i] / max(1.0, float(smallest_gpu_bytes[i])),
@@ -1008,18 +1387,24 @@ class GreedyPlanner:
         # Memory nobody needs goes to throughput beyond demand (lower latency), highest priority first.
         placed = [i for i in range(len(self.models)) if self.state.assignment[i] is not None]
         placed.sort(key=lambda i: (-self.models[i].priority, self.models[i].name))
+        time_before = list(zip(self.state.free_time, self.state.used_time, strict=True))
         promoted = self.promote(placed, full=True)
-        # Promotions raise rates, so models that could not share a GPU before may fit now: one more round.
-        late = (
-            []
-            if not promoted
-            else [
+        # Promotions raise rates, so models that could not share a GPU before may fit now: one more round,
+        # for the models that have room on a node whose GPU time the promotions freed.
+        late: list[int] = []
+        if promoted:
+            freed = [
+                node
+                for node, (free_time, used_time) in enumerate(time_before)
+                if self.state.free_time[node] > free_time or self.state.used_time[node] < used_time
+            ]
+            unplaced = [
                 i
                 for priority in sorted(tiers, reverse=True)
                 for i in tiers[priority]
                 if self.state.assignment[i] is None and self.has_option[i]
             ]
-        )
+            late = self.with_room_on(unplaced, freed)
         placed_late = [i for i in late if self.try_place(i)]
         if placed_late:
             self.promote(placed_late, full=True)

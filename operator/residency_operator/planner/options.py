@@ -26,7 +26,7 @@ from residency_operator.planner.costs import (
     reconfigure_cost,
     resume_cost,
 )
-from residency_operator.planner.predictor import Predictor, typical_sequence_tokens
+from residency_operator.planner.predictor import Predictor
 from residency_operator.planner.types import (
     GB,
     GIB,
@@ -79,6 +79,15 @@ def usable_host_bytes(node: NodeCapacity) -> int:
 def node_class_key(node: NodeCapacity) -> NodeCapacity:
     """Everything about a node that predictions and capacity depend on (the node minus its identity)."""
     return dataclasses.replace(node, name="", schedulable=True, cordoned=False, disrupting=False)
+
+
+_IDENTITY_FIELDS = frozenset({"name", "schedulable", "cordoned", "disrupting"})
+_CLASS_FIELDS = tuple(f.name for f in dataclasses.fields(NodeCapacity) if f.name not in _IDENTITY_FIELDS)
+
+
+def node_class_tuple(node: NodeCapacity) -> tuple[object, ...]:
+    """The fields of :func:`node_class_key` as a plain tuple: a cheap key for grouping nodes by class."""
+    return tuple(getattr(node, name) for name in _CLASS_FIELDS)
 
 
 def served_values(
@@ -304,6 +313,39 @@ class ClassTables:
     """Allowed, meets the SLO, and fits an empty node of the class."""
 
 
+def _model_row(m: ModelDemand) -> tuple[float, ...]:
+    """What the option tables need of one model, as numbers, in one pass over its fields.
+
+    The properties of :class:`ModelDemand` are inlined here: ten thousand models make this a hot loop.
+    Same values as ``typical_sequence_tokens``, ``kv_reservation_bytes``, ``effective_bytes_per_layer``
+    and ``min_resident_fraction`` (a unit test checks).
+    """
+    batch = m.max_batch if m.max_batch > 1 else 1
+    typical = m.typical_sequence_length
+    max_tokens = m.max_sequence_length
+    sequence = max(1, min(typical, max_tokens) if typical is not None else max_tokens // 2)
+    weight = m.weight_bytes
+    per_layer = m.bytes_per_layer
+    if not per_layer:
+        layers = m.layer_count if m.layer_count is not None and m.layer_count > 0 else 32
+        per_layer = max(1, weight // layers)
+    demand = m.demand_decode_tokens_per_second
+    modes = m.allowed_modes
+    return (
+        weight,
+        m.kv_bytes_per_token * sequence * batch,
+        batch,
+        m.min_decode_tokens_per_second or 0.0,
+        np.inf if demand is None else demand,
+        max(0.0, 1.0 - m.max_offload_fraction),
+        m.kv_bytes_per_token * max_tokens * m.max_batch + m.workspace_bytes,
+        2 * per_layer,
+        m.storage_read_gbps or 0.0,
+        1.0 if "stream" in modes else 0.0,
+        1.0 if "cpu" in modes else 0.0,
+    )
+
+
 def build_class_tables(
     models: Sequence[ModelDemand],
     classes: Sequence[NodeCapacity],
@@ -314,25 +356,9 @@ def build_class_tables(
     """Evaluate every model at every configured level on every node class, vectorised over models."""
     levels = np.array(sorted(set(config.residency_levels) | {1.0}), dtype=np.float64)
     model_count, level_count, class_count = len(models), len(levels), len(classes)
-    weight = np.array([m.weight_bytes for m in models], dtype=np.float64)
-    kv_per_step = np.array(
-        [m.kv_bytes_per_token * typical_sequence_tokens(m) * max(1, m.max_batch) for m in models],
-        dtype=np.float64,
-    )
-    batch = np.array([max(1, m.max_batch) for m in models], dtype=np.float64)
-    slo = np.array([m.min_decode_tokens_per_second or 0.0 for m in models], dtype=np.float64)
-    demand = np.array(
-        [
-            np.inf if m.demand_decode_tokens_per_second is None else m.demand_decode_tokens_per_second
-            for m in models
-        ],
-        dtype=np.float64,
-    )
-    min_resident = np.array([m.min_resident_fraction for m in models], dtype=np.float64)
-    base_gpu = np.array([m.kv_reservation_bytes + m.workspace_bytes for m in models], dtype=np.float64)
-    stream_buffer = np.array([2 * m.effective_bytes_per_layer for m in models], dtype=np.float64)
-    storage_gbps = np.array([m.storage_read_gbps or 0.0 for m in models], dtype=np.float64)
-    mode_allowed = np.array([[mode in m.allowed_modes for m in models] for mode in MODES], dtype=bool)
+    columns = np.array([_model_row(m) for m in models], dtype=np.float64).reshape(model_count, 11).T
+    weight, kv_per_step, batch, slo, demand, min_resident, base_gpu, stream_buffer, storage_gbps = columns[:9]
+    mode_allowed = columns[9:] > 0.5
 
     resident = np.rint(levels[None, :] * weight[:, None])
     offloaded = weight[:, None] - resident

@@ -7,8 +7,10 @@ exactly (MILP); large ones greedily, with the optimality gap against an upper bo
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -33,17 +35,19 @@ from residency_operator.planner.options import (
     build_class_tables,
     cached_host_bytes,
     node_class_key,
+    node_class_tuple,
     transition,
     usable_gpu_bytes,
     usable_host_bytes,
 )
 from residency_operator.planner.predictor import Predictor
-from residency_operator.planner.reasons import ReasonContext, percent, slo_text, unschedulable_reason
+from residency_operator.planner.reasons import ReasonContext, percent, slo_text, unschedulable_reasons
 from residency_operator.planner.types import (
     Action,
     ActionKind,
     CachedModel,
     CurrentPlacement,
+    ExecutionMode,
     ModelDemand,
     NodeCapacity,
     Plan,
@@ -92,17 +96,50 @@ class PlanningProblem:
         profile_list = list(profiles)
         self.predictor = Predictor(profile_list)
         self.config = config
-        class_keys: dict[NodeCapacity, int] = {}
+        class_keys: dict[tuple[object, ...], int] = {}
         self.class_of_node: list[int] = []
+        self.classes: list[NodeCapacity] = []
         for node in self.nodes:
-            key = node_class_key(node)
-            self.class_of_node.append(class_keys.setdefault(key, len(class_keys)))
-        self.classes = list(class_keys)
+            key = node_class_tuple(node)
+            node_class = class_keys.get(key)
+            if node_class is None:
+                node_class = class_keys[key] = len(self.classes)
+                self.classes.append(node_class_key(node))
+            self.class_of_node.append(node_class)
         self.profiled_models = frozenset(p.model for p in profile_list)
         self.tables: ClassTables = build_class_tables(
             self.models, self.classes, self.predictor, config, self.profiled_models
         )
         self._node_options: NodeOptions | None = None
+        self._rate_memo: dict[tuple[object, ...], tuple[float, float]] = {}
+
+    def rates(
+        self, model: ModelDemand, node_index: int, resident_fraction: float, mode: str
+    ) -> tuple[float, float]:
+        """(decode tokens/s per sequence, prefill tokens/s) of a placement, from the scalar predictor,
+        cached per (model shape, node class, residency, mode): a large fleet has few distinct ones."""
+        key = (
+            model.weight_bytes,
+            model.kv_bytes_per_token,
+            model.max_batch,
+            model.max_sequence_length,
+            model.typical_sequence_length,
+            model.parameter_count,
+            model.name if model.name in self.profiled_models else "",
+            self.class_of_node[node_index],
+            resident_fraction,
+            mode,
+        )
+        cached = self._rate_memo.get(key)
+        if cached is None:
+            node = self.nodes[node_index]
+            execution_mode: ExecutionMode = "cpu" if mode == "cpu" else "stream"
+            cached = (
+                self.predictor.decode_tokens_per_second(model, node, resident_fraction, execution_mode),
+                self.predictor.prefill_tokens_per_second(model, node, resident_fraction, execution_mode),
+            )
+            self._rate_memo[key] = cached
+        return cached
 
     def node_options(self) -> NodeOptions:
         """Every (model, node, level, mode) option, built once per problem (MILP and LP bound share it)."""
@@ -134,7 +171,32 @@ def plan(
     sensitivity curves. ``now``: the caller's clock in seconds, recorded in the plan (never read here, so
     the plan is deterministic). The same inputs always give the same plan.
     """
-    config = config or PlannerConfig()
+    with collector_paused():
+        return _plan(models, nodes, current_placements, profiles, now, config or PlannerConfig())
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while planning: a large plan allocates many small, short-lived
+    objects, and each full collection it would trigger walks the whole heap (a tenth of a second or more);
+    whatever cycles a plan leaves behind are collected after it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _plan(
+    models: Iterable[ModelDemand],
+    nodes: Iterable[NodeCapacity],
+    current_placements: Iterable[CurrentPlacement],
+    profiles: Iterable[SensitivityProfile],
+    now: float,
+    config: PlannerConfig,
+) -> Plan:
     started = time.perf_counter()
     problem = PlanningProblem(models, nodes, current_placements, profiles, config)
     notes: list[str] = []
@@ -158,38 +220,47 @@ def plan(
         else:
             notes.append(f"MILP gave no solution ({result.message}); used the greedy")
     if assignment is None:
-        greedy = GreedyPlanner(
-            problem.models,
-            problem.nodes,
-            problem.class_of_node,
-            problem.tables,
-            problem.current,
-            problem.predictor,
-            config,
-        )
-        greedy_result = greedy.solve()
-        assignment = greedy_result.assignment
-        preempted_by = greedy_result.preempted_by
-        objective = sum(a.full_score for a in assignment if a is not None)
-        if option_count <= config.bound_max_options:
-            options = problem.node_options()
-            upper_bound = max(objective, lp_upper_bound(problem.models, problem.nodes, options, config))
-        else:
-            # Without capacity limits every model would take its best option: a valid, looser bound.
-            best = np.where(np.isfinite(greedy.best_target_score), greedy.best_target_score, 0.0)
-            # Full value adds at most the excess-throughput term on top of the primary one.
-            excess = problem.tables.value - problem.tables.primary_value
-            best = best + np.max(np.where(problem.tables.feasible, excess, 0.0), axis=(0, 1, 3))
-            for i, a in enumerate(assignment):
-                if a is not None and a.full_score > best[i]:
-                    best[i] = a.full_score
-            upper_bound = float(np.maximum(best, 0.0).sum())
-            notes.append("optimality gap is against the capacity-free bound (input too large for the LP)")
-        gap = (upper_bound - objective) / upper_bound if upper_bound > 0 else 0.0
+        _, assignment, preempted_by, upper_bound, gap = greedy_solve(problem, option_count, notes)
     assignment = fill_free_memory(problem, assignment)
     return assemble_plan(
         problem, assignment, preempted_by, solver, upper_bound, gap, now, time.perf_counter() - started, notes
     )
+
+
+def greedy_solve(
+    problem: PlanningProblem, option_count: int, notes: list[str]
+) -> tuple[GreedyPlanner, list[Assignment | None], dict[int, int], float, float]:
+    """The greedy's assignment, who preempted whom, and an upper bound on the objective with the gap to
+    it (the LP relaxation where the problem is small enough, else a capacity-free bound)."""
+    config = problem.config
+    greedy = GreedyPlanner(
+        problem.models,
+        problem.nodes,
+        problem.class_of_node,
+        problem.tables,
+        problem.current,
+        problem.predictor,
+        config,
+    )
+    greedy_result = greedy.solve()
+    assignment = greedy_result.assignment
+    objective = sum(a.full_score for a in assignment if a is not None)
+    if option_count <= config.bound_max_options:
+        options = problem.node_options()
+        upper_bound = max(objective, lp_upper_bound(problem.models, problem.nodes, options, config))
+    else:
+        # Without capacity limits every model would take its best option: a valid, looser bound.
+        best = np.where(np.isfinite(greedy.best_target_score), greedy.best_target_score, 0.0)
+        # Full value adds at most the excess-throughput term on top of the primary one.
+        excess = problem.tables.value - problem.tables.primary_value
+        best = best + np.max(np.where(problem.tables.feasible, excess, 0.0), axis=(0, 1, 3))
+        for i, a in enumerate(assignment):
+            if a is not None and a.full_score > best[i]:
+                best[i] = a.full_score
+        upper_bound = float(np.maximum(best, 0.0).sum())
+        notes.append("optimality gap is against the capacity-free bound (input too large for the LP)")
+    gap = (upper_bound - objective) / upper_bound if upper_bound > 0 else 0.0
+    return greedy, assignment, greedy_result.preempted_by, upper_bound, gap
 
 
 def assemble_plan(
@@ -204,31 +275,33 @@ def assemble_plan(
     notes: Sequence[str],
     only_models: Iterable[int] | None = None,
     base: Plan | None = None,
+    room: NodeRoom | None = None,
+    objective: float | None = None,
+    models_on_node: Sequence[set[int]] | None = None,
 ) -> Plan:
     """Build placements, host caches, ordered actions and reasons from per-model assignments.
 
     With ``only_models`` and ``base`` (the incremental path), only those models are re-described and
-    everything else is taken from ``base``.
+    everything else is taken from ``base``. The incremental caller also passes what it keeps current
+    anyway — each node's free room, the objective, the models on each node — so that nothing here
+    costs time in proportion to the number of models.
     """
     models, nodes = problem.models, problem.nodes
-    free_gpu = [usable_gpu_bytes(node) for node in nodes]
-    free_host = [usable_host_bytes(node) for node in nodes]
-    time_cap = [problem.config.max_gpu_busy_fraction] * len(nodes)
-    used_time = [0.0] * len(nodes)
-    for a in assignment:
-        if a is not None:
-            free_gpu[a.node] -= a.gpu_bytes
-            free_host[a.node] -= a.host_bytes
-            used_time[a.node] += a.busy
-            time_cap[a.node] = min(time_cap[a.node], a.busy + a.tolerance)
-    free_time = [cap - used for cap, used in zip(time_cap, used_time, strict=True)]
+    if room is None:
+        room = node_room(problem, assignment)
+    free_gpu, free_host, free_time = list(room[0]), list(room[1]), list(room[2])
     indices = list(range(len(models))) if only_models is None else sorted(set(only_models))
     placements: dict[str, PlannedPlacement] = {} if base is None else dict(base.placements)
+    added = False
     for i in indices:
-        placements.pop(models[i].name, None)
         a = assignment[i]
-        if a is not None:
+        if a is None:
+            placements.pop(models[i].name, None)
+        else:
+            added = added or models[i].name not in placements
             placements[models[i].name] = describe_placement(problem, i, a)
+    if base is None or added:
+        placements = dict(sorted(placements.items()))
 
     # Preempted models keep weights and KV pinned in host memory while it fits, most important first.
     cached: dict[str, CachedModel] = {} if base is None else {c.model: c for c in base.cached}
@@ -255,34 +328,44 @@ def assemble_plan(
             cached[models[i].name] = CachedModel(models[i].name, now_placement.node, need)
 
     # Incrementally, the base plan is taken as applied: only the re-planned models get actions.
+    gainers = Gainers(problem, assignment, models_on_node)
     actions: list[Action] = []
     for i in indices:
-        actions.extend(model_actions(problem, i, assignment, cached))
+        actions.extend(model_actions(problem, i, assignment, cached, gainers, placements.get(models[i].name)))
     actions.sort(key=lambda a: (ACTION_ORDER[a.kind], -a.priority, a.model))
 
     unschedulable: dict[str, Unschedulable] = {} if base is None else {u.model: u for u in base.unschedulable}
-    reason_context = ReasonContext(nodes, problem.class_of_node, free_gpu, free_host, free_time)
+    cases: list[tuple[int, ModelDemand, tuple[str, int] | None]] = []
     for i in indices:
-        unschedulable.pop(models[i].name, None)
-        if assignment[i] is None and models[i].wanted:
+        if assignment[i] is not None or not models[i].wanted:
+            unschedulable.pop(models[i].name, None)
+        else:
             preemptor = preempted_by.get(i)
             was = problem.current.get(models[i].name)
             if preemptor is None and was is not None and was.is_running and was.node in problem.node_index:
                 # The exact solver does not say who displaced whom: name the most important newcomer.
-                gainers = _gainers_on(problem, problem.node_index[was.node], assignment)
-                if gainers and models[gainers[0]].priority > models[i].priority:
-                    preemptor = gainers[0]
+                on_node = gainers.on(problem.node_index[was.node])
+                if on_node and models[on_node[0]].priority > models[i].priority:
+                    preemptor = on_node[0]
             preempted_for = (
                 (models[preemptor].name, models[preemptor].priority) if preemptor is not None else None
             )
-            unschedulable[models[i].name] = unschedulable_reason(
-                i, models[i], reason_context, problem.tables, preempted_for
-            )
-    objective = sum(a.full_score for a in assignment if a is not None)
+            cases.append((i, models[i], preempted_for))
+    unschedulable_added = base is None
+    if cases:
+        reason_context = ReasonContext(nodes, problem.class_of_node, free_gpu, free_host, free_time)
+        for reason in unschedulable_reasons(cases, reason_context, problem.tables):
+            unschedulable_added = unschedulable_added or reason.model not in unschedulable
+            unschedulable[reason.model] = reason
+    if objective is None:
+        objective = sum(a.full_score for a in assignment if a is not None)
     return Plan(
-        placements=dict(sorted(placements.items())),
+        placements=placements,
         actions=tuple(actions),
-        unschedulable=tuple(unschedulable[name] for name in sorted(unschedulable)),
+        # Sorted by model; a base plan's order holds while no model was added.
+        unschedulable=tuple(
+            unschedulable[name] for name in (sorted(unschedulable) if unschedulable_added else unschedulable)
+        ),
         cached=tuple(cached[name] for name in sorted(cached)),
         solver=solver,
         objective=objective,
@@ -294,16 +377,34 @@ def assemble_plan(
     )
 
 
+NodeRoom = tuple[Sequence[int], Sequence[int], Sequence[float]]
+"""Per node: free GPU bytes, free host bytes (before host caches) and free GPU time share."""
+
+
+def node_room(problem: PlanningProblem, assignment: Sequence[Assignment | None]) -> NodeRoom:
+    """What an assignment leaves free on every node."""
+    nodes = problem.nodes
+    free_gpu = [usable_gpu_bytes(node) for node in nodes]
+    free_host = [usable_host_bytes(node) for node in nodes]
+    time_cap = [problem.config.max_gpu_busy_fraction] * len(nodes)
+    used_time = [0.0] * len(nodes)
+    for a in assignment:
+        if a is not None:
+            free_gpu[a.node] -= a.gpu_bytes
+            free_host[a.node] -= a.host_bytes
+            used_time[a.node] += a.busy
+            time_cap[a.node] = min(time_cap[a.node], a.busy + a.tolerance)
+    return free_gpu, free_host, [cap - used for cap, used in zip(time_cap, used_time, strict=True)]
+
+
 def describe_placement(problem: PlanningProblem, model_index: int, a: Assignment) -> PlannedPlacement:
     """The placement with the predictions status shows."""
     model = problem.models[model_index]
-    node = problem.nodes[a.node]
-    predictor = problem.predictor
-    rate = predictor.decode_tokens_per_second(model, node, a.resident_fraction, a.mode)
+    rate, prefill = problem.rates(model, a.node, a.resident_fraction, a.mode)
     slo = model.min_decode_tokens_per_second
     return PlannedPlacement(
         model=model.name,
-        node=node.name,
+        node=problem.nodes[a.node].name,
         resident_fraction=a.resident_fraction,
         mode=a.mode,
         gpu_bytes=a.gpu_bytes,
@@ -312,43 +413,78 @@ def describe_placement(problem: PlanningProblem, model_index: int, a: Assignment
         gpu_busy_fraction=round(a.busy, 9),
         predicted_decode_tokens_per_second=rate,
         predicted_throughput_tokens_per_second=rate * model.max_batch,
-        predicted_prefill_tokens_per_second=predictor.prefill_tokens_per_second(
-            model, node, a.resident_fraction, a.mode
-        ),
+        predicted_prefill_tokens_per_second=prefill,
         meets_slo=slo is None or rate >= slo - 1e-9,
     )
 
 
-def _gainers_on(
-    problem: PlanningProblem, node_index: int, assignment: Sequence[Assignment | None]
-) -> list[int]:
-    """Models that get more GPU memory on a node in this plan than they have now (highest priority first)."""
-    node_name = problem.nodes[node_index].name
-    gainers = []
-    for i, a in enumerate(assignment):
-        if a is None or a.node != node_index:
-            continue
+class Gainers:
+    """Per node, the models that get more GPU memory there in this plan than they have now (highest
+    priority first): who a demotion or preemption on that node makes room for. Computed once per plan."""
+
+    def __init__(
+        self,
+        problem: PlanningProblem,
+        assignment: Sequence[Assignment | None],
+        models_on_node: Sequence[set[int]] | None = None,
+    ) -> None:
+        self.problem = problem
+        self.assignment = assignment
+        self.models_on_node = models_on_node
+        self._by_node: dict[int, list[int]] = {}
+        self._indexed = False
+
+    def _gains(self, i: int, a: Assignment) -> bool:
+        problem = self.problem
         now = problem.current.get(problem.models[i].name)
-        if (
+        return (
             now is None
             or not now.is_running
-            or now.node != node_name
+            or now.node != problem.nodes[a.node].name
             or a.resident_fraction > now.resident_fraction
-        ):
-            gainers.append(i)
-    gainers.sort(key=lambda i: (-problem.models[i].priority, problem.models[i].name))
-    return gainers
+        )
 
+    def _sorted(self, members: list[int]) -> list[int]:
+        models = self.problem.models
+        return sorted(members, key=lambda i: (-models[i].priority, models[i].name))
 
-def _for_whom(problem: PlanningProblem, node_name: str, assignment: Sequence[Assignment | None]) -> str:
-    node_index = problem.node_index.get(node_name)
-    if node_index is None:
-        return ""
-    gainers = _gainers_on(problem, node_index, assignment)[:3]
-    if not gainers:
-        return ""
-    names = ", ".join(f"{problem.models[i].name} (priority {problem.models[i].priority})" for i in gainers)
-    return f" to make room for {names}"
+    def on(self, node_index: int) -> list[int]:
+        """Gainers on one node."""
+        if self.models_on_node is not None:
+            # The caller knows which models are on each node: look at those only.
+            found = self._by_node.get(node_index)
+            if found is None:
+                found = self._sorted(
+                    [
+                        i
+                        for i in self.models_on_node[node_index]
+                        if (a := self.assignment[i]) is not None
+                        and a.node == node_index
+                        and self._gains(i, a)
+                    ]
+                )
+                self._by_node[node_index] = found
+            return found
+        if not self._indexed:
+            by_node: dict[int, list[int]] = {}
+            for i, a in enumerate(self.assignment):
+                if a is not None and self._gains(i, a):
+                    by_node.setdefault(a.node, []).append(i)
+            self._by_node = {node: self._sorted(members) for node, members in by_node.items()}
+            self._indexed = True
+        return self._by_node.get(node_index, [])
+
+    def for_whom(self, node_name: str) -> str:
+        """`` to make room for a (priority 100), b (priority 50)`` or nothing."""
+        node_index = self.problem.node_index.get(node_name)
+        if node_index is None:
+            return ""
+        gainers = self.on(node_index)[:3]
+        if not gainers:
+            return ""
+        models = self.problem.models
+        names = ", ".join(f"{models[i].name} (priority {models[i].priority})" for i in gainers)
+        return f" to make room for {names}"
 
 
 def model_actions(
@@ -356,8 +492,12 @@ def model_actions(
     model_index: int,
     assignment: Sequence[Assignment | None],
     cached: dict[str, CachedModel],
+    gainers: Gainers | None = None,
+    placement: PlannedPlacement | None = None,
 ) -> list[Action]:
-    """The steps that take one model from its current state to its planned one."""
+    """The steps that take one model from its current state to its planned one (``placement``: its
+    described target, to reuse the predicted rate)."""
+    gainers = gainers or Gainers(problem, assignment)
     model = problem.models[model_index]
     now = problem.current.get(model.name)
     target = assignment[model_index]
@@ -391,7 +531,7 @@ def model_actions(
             )
             return actions
         from_node = nodes[now.node]
-        why = _why_not_running(problem, model, from_node, assignment)
+        why = _why_not_running(model, from_node, gainers)
         if now.is_running:
             if model.name in cached:
                 emit(
@@ -426,7 +566,11 @@ def model_actions(
     )
     if kind is None:
         return actions
-    rate = problem.predictor.decode_tokens_per_second(model, to_node, target.resident_fraction, target.mode)
+    rate = (
+        placement.predicted_decode_tokens_per_second
+        if placement is not None
+        else problem.predictor.decode_tokens_per_second(model, to_node, target.resident_fraction, target.mode)
+    )
     prediction = f"predicted {rate:.1f} tok/s, {slo_text(model)}"
     common: dict[str, object] = {
         "to_node": to_node.name,
@@ -466,7 +610,7 @@ def model_actions(
         )
     elif kind == "demote":
         assert now is not None
-        for_whom = _for_whom(problem, now.node, assignment) or " as the memory serves more elsewhere"
+        for_whom = gainers.for_whom(now.node) or " as the memory serves more elsewhere"
         emit(
             "demote",
             cost,
@@ -484,14 +628,12 @@ def model_actions(
     return actions
 
 
-def _why_not_running(
-    problem: PlanningProblem, model: ModelDemand, node: NodeCapacity, assignment: Sequence[Assignment | None]
-) -> str:
+def _why_not_running(model: ModelDemand, node: NodeCapacity, gainers: Gainers) -> str:
     if not model.wanted:
         return ": the model is no longer wanted"
     if not node.accepts_work:
         return f": {node.name} is cordoned or disrupting and no other node has room"
-    for_whom = _for_whom(problem, node.name, assignment)
+    for_whom = gainers.for_whom(node.name)
     return for_whom or ": no room meets its SLO"
 
 

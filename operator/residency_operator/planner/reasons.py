@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from residency_operator.planner.options import MODES, ClassTables, usable_gpu_bytes, usable_host_bytes
+from residency_operator.planner.options import (
+    MODES,
+    BoolArray,
+    ClassTables,
+    FloatArray,
+    usable_gpu_bytes,
+    usable_host_bytes,
+)
 from residency_operator.planner.types import GIB, ModelDemand, NodeCapacity, Unschedulable
 
 
@@ -46,6 +53,8 @@ class ReasonContext:
         self.free_host = np.array(free_host_bytes, dtype=np.float64)[self.accepting]
         self.free_time = np.array(free_time, dtype=np.float64)[self.accepting]
         accepting_classes = np.array([class_of_node[i] for i in self.accepting], dtype=np.intp)
+        self.accepting_classes = accepting_classes
+        """Class of each accepting node (in ``accepting`` order)."""
         self.members = {c: np.flatnonzero(accepting_classes == c) for c in self.classes}
         self.class_max = {
             c: (
@@ -55,8 +64,22 @@ class ReasonContext:
             )
             for c, members in self.members.items()
         }
+        self._gpu_sorted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.capacity_gpu = max((usable_gpu_bytes(nodes[i]) for i in self.accepting), default=0)
         self.capacity_host = max((usable_host_bytes(nodes[i]) for i in self.accepting), default=0)
+
+    def gpu_sorted(self, node_class: int) -> tuple[np.ndarray, np.ndarray]:
+        """The class's free GPU bytes in ascending order, and for each position the most free host bytes
+        among the nodes from there up (one more entry, -inf, past the end)."""
+        cached = self._gpu_sorted.get(node_class)
+        if cached is None:
+            members = self.members[node_class]
+            order = np.argsort(self.free_gpu[members], kind="stable")
+            host = self.free_host[members][order]
+            host_from_top = np.append(np.maximum.accumulate(host[::-1])[::-1], -np.inf)
+            cached = (self.free_gpu[members][order], host_from_top)
+            self._gpu_sorted[node_class] = cached
+        return cached
 
 
 def for_slo(model: ModelDemand) -> str:
@@ -72,120 +95,220 @@ def unschedulable_reason(
     preempted_for: tuple[str, int] | None,
 ) -> Unschedulable:
     """Explain why a wanted model has no placement, naming the binding resource and the numbers."""
+    return unschedulable_reasons([(model_index, model, preempted_for)], context, tables)[0]
+
+
+def _any(values: BoolArray, axis: int | tuple[int, ...]) -> BoolArray:
+    """``values.any(axis)``, typed as an array."""
+    return np.asarray(np.any(values, axis=axis), dtype=bool)
+
+
+REASON_CHUNK = 256
+"""Models explained together: their checks against every node are [models x nodes] arrays."""
+
+
+def unschedulable_reasons(
+    cases: Sequence[tuple[int, ModelDemand, tuple[str, int] | None]],
+    context: ReasonContext,
+    tables: ClassTables,
+) -> list[Unschedulable]:
+    """:func:`unschedulable_reason` for many models at once (model index, model, who preempted it),
+    vectorised over models: each check is one array operation instead of one per model."""
+    results: list[Unschedulable] = []
+    for start in range(0, len(cases), REASON_CHUNK):
+        results.extend(_reasons_chunk(cases[start : start + REASON_CHUNK], context, tables))
+    return results
+
+
+def _reasons_chunk(
+    cases: Sequence[tuple[int, ModelDemand, tuple[str, int] | None]],
+    context: ReasonContext,
+    tables: ClassTables,
+) -> list[Unschedulable]:
+    if not cases:
+        return []
+    models = [model for _, model, _ in cases]
     if len(context.accepting) == 0:
-        return Unschedulable(
-            model.name,
-            "NoSchedulableNode",
-            f"no node accepts work ({len(context.nodes)} nodes: {context.cordoned} cordoned, "
-            f"{context.disrupting} disrupting)",
-        )
-    prefix = ""
-    if preempted_for is not None:
-        prefix = f"preempted for higher-priority {preempted_for[0]} (priority {preempted_for[1]}); "
-    classes = context.classes
+        return [
+            Unschedulable(
+                model.name,
+                "NoSchedulableNode",
+                f"no node accepts work ({len(context.nodes)} nodes: {context.cordoned} cordoned, "
+                f"{context.disrupting} disrupting)",
+            )
+            for model in models
+        ]
+    prefixes = [
+        ""
+        if preempted_for is None
+        else f"preempted for higher-priority {preempted_for[0]} (priority {preempted_for[1]}); "
+        for _, _, preempted_for in cases
+    ]
+    indices = np.array([index for index, _, _ in cases], dtype=np.intp)
+    classes = np.array(context.classes, dtype=np.intp)
     levels = tables.levels
-    allowed_levels = levels >= model.min_resident_fraction - 1e-9
-    allowed_modes = np.array([mode in model.allowed_modes for mode in MODES])
-    if not allowed_modes.any() or not allowed_levels.any():
-        return Unschedulable(
-            model.name, "InvalidOffloadSettings", prefix + "no execution mode or residency allowed"
-        )
-    rates = tables.decode_tokens_per_second[:, :, model_index, :][classes]
-    slo = model.min_decode_tokens_per_second or 0.0
-    meets = (rates >= slo - 1e-9) & allowed_levels[None, None, :] & allowed_modes[None, :, None]
-    if not meets.any():
-        best_rate = float(
-            np.where(allowed_levels[None, None, :] & allowed_modes[None, :, None], rates, 0.0).max()
-        )
-        best_class = classes[int(np.unravel_index(np.argmax(rates[:, :, -1]), rates[:, :, -1].shape)[0])]
-        gpu_type = tables.classes[best_class].gpu_type
-        return Unschedulable(
-            model.name,
-            "SLOUnreachable",
-            prefix + f"{slo_text(model)} unreachable: best predicted is {best_rate:.1f} tok/s "
-            f"at 100% resident on {gpu_type}",
-        )
-    # Per node class, the smallest footprint that meets the SLO, and whether any node of it has room.
-    smallest_need: tuple[float, float, float, float, int] | None = None  # gpu, host, busy, fraction, class
-    candidates: list[np.ndarray] = []
-    for position, node_class in enumerate(classes):
-        class_meets = meets[position]
-        if not class_meets.any():
-            continue
-        candidates.append(context.members[node_class])
-        gpu_needed = np.where(class_meets, tables.gpu_bytes[:, model_index, :], np.inf)
-        mode_index, level_index = np.unravel_index(np.argmin(gpu_needed), gpu_needed.shape)
-        need = (
-            float(gpu_needed[mode_index, level_index]),
-            float(tables.host_bytes[model_index, level_index]),
-            float(tables.busy_fraction[node_class, mode_index, model_index, level_index]),
-            float(levels[level_index]),
-            node_class,
-        )
+    level_count = len(levels)
+    min_resident = np.array([model.min_resident_fraction for model in models], dtype=np.float64)
+    allowed_levels = levels[None, :] >= min_resident[:, None] - 1e-9  # [model, level]
+    allowed_modes = np.array(
+        [[mode in model.allowed_modes for mode in MODES] for model in models], dtype=bool
+    )
+    valid: list[bool] = (_any(allowed_modes, 1) & _any(allowed_levels, 1)).tolist()
+    # [model, 1, mode, level]
+    allowed: BoolArray = allowed_modes[:, None, :, None] & allowed_levels[:, None, None, :]
+    rates: FloatArray = tables.decode_tokens_per_second[classes][:, :, indices, :].transpose(2, 0, 1, 3)
+    slo = np.array([model.min_decode_tokens_per_second or 0.0 for model in models], dtype=np.float64)
+    meets: BoolArray = (rates >= slo[:, None, None, None] - 1e-9) & allowed  # [model, class, mode, level]
+    class_meets = _any(meets, (2, 3))  # [model, class position]
+    meets_any: list[bool] = _any(class_meets, 1).tolist()
+    best_rates: list[float] = np.where(allowed, rates, 0.0).max(axis=(1, 2, 3)).tolist()
+    best_positions: list[int] = (
+        np.argmax(rates[:, :, :, -1].reshape(len(models), -1), axis=1) // len(MODES)
+    ).tolist()
+    # Per class, the smallest GPU footprint that meets the SLO.
+    gpu = tables.gpu_bytes[:, indices, :].transpose(1, 0, 2)  # [model, mode, level]
+    gpu_needed = np.where(meets, gpu[:, None, :, :], np.inf).reshape(len(models), len(classes), -1)
+    flat_choice = np.argmin(gpu_needed, axis=2)  # [model, class position]
+    need_mode, need_level = flat_choice // level_count, flat_choice % level_count
+    need_gpu = np.take_along_axis(gpu_needed, flat_choice[:, :, None], axis=2)[:, :, 0]
+    need_host = tables.host_bytes[indices[:, None], need_level]
+    need_busy = tables.busy_fraction[classes[None, :], need_mode, indices[:, None], need_level]
+    # Whether some node of the class has room for that footprint (then loading was merely deferred).
+    room = np.zeros(class_meets.shape, dtype=bool)
+    for position, node_class in enumerate(context.classes):
         members = context.members[node_class]
         most_gpu, most_host, most_time = context.class_max[node_class]
-        plausible = need[0] <= most_gpu and need[1] <= most_host and need[2] <= most_time + 1e-9
-        if (
-            plausible
-            and (
-                (context.free_gpu[members] >= need[0])
-                & (context.free_host[members] >= need[1])
-                & (context.free_time[members] >= need[2] - 1e-9)
-            ).any()
-        ):
-            return Unschedulable(
-                model.name,
-                "Deferred",
-                prefix
-                + f"{gib(need[0])} would fit on a free {tables.classes[node_class].gpu_type}, but loading "
-                "it now costs more than it would serve over the planning horizon",
+        gpu_c, host_c, busy_c = need_gpu[:, position], need_host[:, position], need_busy[:, position]
+        plausible = (gpu_c <= most_gpu) & (host_c <= most_host) & (busy_c <= most_time + 1e-9)
+        if not plausible.any():
+            continue
+        room[:, position] = plausible & (
+            (context.free_gpu[members][None, :] >= gpu_c[:, None])
+            & (context.free_host[members][None, :] >= host_c[:, None])
+            & (context.free_time[members][None, :] >= busy_c[:, None] - 1e-9)
+        ).any(axis=1)
+    room &= class_meets
+    deferred: list[bool] = _any(room, 1).tolist()
+    deferred_position = np.argmax(room, axis=1).tolist()
+    smallest = np.argmin(np.where(class_meets, need_gpu, np.inf), axis=1)
+    rows = np.arange(len(models))
+    smallest_gpu = need_gpu[rows, smallest]
+    smallest_host = need_host[rows, smallest]
+    # Over the nodes of every class where the SLO is reachable: the most free GPU memory, and the most
+    # free host memory beside enough GPU memory for the smallest footprint (per class, from its nodes
+    # sorted by free GPU memory with the running maximum of free host memory from the top).
+    largest_gpu_by_class = np.full(class_meets.shape, -np.inf)
+    largest_host_by_class = np.full(class_meets.shape, -np.inf)
+    for position, node_class in enumerate(context.classes):
+        sorted_gpu, host_from_top = context.gpu_sorted(node_class)
+        largest_gpu_by_class[:, position] = sorted_gpu[-1]
+        largest_host_by_class[:, position] = host_from_top[np.searchsorted(sorted_gpu, smallest_gpu)]
+    largest_gpu_array = np.where(class_meets, largest_gpu_by_class, -np.inf).max(axis=1)
+    largest_host_array = np.where(class_meets, largest_host_by_class, -np.inf).max(axis=1)
+    any_fits_gpu = (largest_gpu_array >= smallest_gpu).tolist()
+    any_fits_host = (largest_host_array >= smallest_host).tolist()
+    largest_gpu, largest_host = largest_gpu_array.tolist(), largest_host_array.tolist()
+    # The most idle node of the smallest footprint's class with memory for it.
+    idle = np.zeros(len(models))
+    for position, node_class in enumerate(context.classes):
+        rows = np.flatnonzero(smallest == position)
+        if not len(rows):
+            continue
+        members = context.members[node_class]
+        with_room = (context.free_gpu[members][None, :] >= smallest_gpu[rows, None]) & (
+            context.free_host[members][None, :] >= smallest_host[rows, None]
+        )
+        most = np.where(with_room, context.free_time[members][None, :], -np.inf).max(axis=1)
+        idle[rows] = np.where(with_room.any(axis=1), np.maximum(0.0, most), 0.0)
+    idle_share = idle.tolist()
+    need_gpu_list, need_host_list = need_gpu.tolist(), need_host.tolist()
+    need_busy_list = need_busy.tolist()
+    need_fraction_list = levels[need_level].tolist()
+    smallest_list = smallest.tolist()
+
+    results: list[Unschedulable] = []
+    for k, model in enumerate(models):
+        prefix = prefixes[k]
+        if not valid[k]:
+            results.append(
+                Unschedulable(
+                    model.name, "InvalidOffloadSettings", prefix + "no execution mode or residency allowed"
+                )
             )
-        if smallest_need is None or need[0] < smallest_need[0]:
-            smallest_need = need
-    assert smallest_need is not None
-    need_gpu, need_host, need_busy, need_fraction, need_class = smallest_need
-    if need_gpu > context.capacity_gpu:
-        return Unschedulable(
-            model.name,
-            "InsufficientGPUMemory",
-            prefix + f"needs {gib(need_gpu)} on the GPU ({percent(need_fraction)} resident){for_slo(model)}; "
-            f"the largest node has {gib(context.capacity_gpu)}",
-        )
-    if need_host > context.capacity_host:
-        return Unschedulable(
-            model.name,
-            "InsufficientHostMemory",
-            prefix + f"needs {gib(need_host)} of host memory for offloaded weights; "
-            f"the largest node has {gib(context.capacity_host)}",
-        )
-    # Only nodes of a type where the SLO is reachable at all are worth naming.
-    usable = np.concatenate(candidates)
-    free_gpu, free_host = context.free_gpu[usable], context.free_host[usable]
-    fits_gpu = free_gpu >= need_gpu
-    if not fits_gpu.any():
-        return Unschedulable(
-            model.name,
-            "InsufficientGPUMemory",
-            prefix + f"needs {gib(need_gpu)} resident{for_slo(model)}; "
-            f"largest free is {gib(float(free_gpu.max()))}",
-        )
-    fits_host = fits_gpu & (free_host >= need_host)
-    if not fits_host.any():
-        return Unschedulable(
-            model.name,
-            "InsufficientHostMemory",
-            prefix + f"needs {gib(need_host)} of host memory for offloaded weights "
-            f"at {percent(need_fraction)} resident; largest free beside enough GPU memory is "
-            f"{gib(float(free_host[fits_gpu].max()))}",
-        )
-    demand = model.demand_decode_tokens_per_second or 0.0
-    members = context.members[need_class]
-    with_room = members[(context.free_gpu[members] >= need_gpu) & (context.free_host[members] >= need_host)]
-    gpu_type = tables.classes[need_class].gpu_type
-    idle_share = max(0.0, float(context.free_time[with_room].max())) if len(with_room) else 0.0
-    return Unschedulable(
-        model.name,
-        "InsufficientGPUTime",
-        prefix + f"needs {percent(need_busy)} of an {gpu_type}'s time for {demand:.0f} tok/s of demand; "
-        f"the most idle {gpu_type} with memory for it has {percent(idle_share)} left",
-    )
+            continue
+        if not meets_any[k]:
+            gpu_type = tables.classes[context.classes[best_positions[k]]].gpu_type
+            results.append(
+                Unschedulable(
+                    model.name,
+                    "SLOUnreachable",
+                    prefix + f"{slo_text(model)} unreachable: best predicted is {best_rates[k]:.1f} tok/s "
+                    f"at 100% resident on {gpu_type}",
+                )
+            )
+            continue
+        if deferred[k]:
+            position = deferred_position[k]
+            gpu_type = tables.classes[context.classes[position]].gpu_type
+            results.append(
+                Unschedulable(
+                    model.name,
+                    "Deferred",
+                    prefix + f"{gib(need_gpu_list[k][position])} would fit on a free {gpu_type}, but loading "
+                    "it now costs more than it would serve over the planning horizon",
+                )
+            )
+            continue
+        position = smallest_list[k]
+        gpu_needed_k, host_needed_k = need_gpu_list[k][position], need_host_list[k][position]
+        fraction = need_fraction_list[k][position]
+        if gpu_needed_k > context.capacity_gpu:
+            results.append(
+                Unschedulable(
+                    model.name,
+                    "InsufficientGPUMemory",
+                    prefix + f"needs {gib(gpu_needed_k)} on the GPU ({percent(fraction)} resident)"
+                    f"{for_slo(model)}; the largest node has {gib(context.capacity_gpu)}",
+                )
+            )
+        elif host_needed_k > context.capacity_host:
+            results.append(
+                Unschedulable(
+                    model.name,
+                    "InsufficientHostMemory",
+                    prefix + f"needs {gib(host_needed_k)} of host memory for offloaded weights; "
+                    f"the largest node has {gib(context.capacity_host)}",
+                )
+            )
+        elif not any_fits_gpu[k]:
+            results.append(
+                Unschedulable(
+                    model.name,
+                    "InsufficientGPUMemory",
+                    prefix + f"needs {gib(gpu_needed_k)} resident{for_slo(model)}; "
+                    f"largest free is {gib(largest_gpu[k])}",
+                )
+            )
+        elif not any_fits_host[k]:
+            results.append(
+                Unschedulable(
+                    model.name,
+                    "InsufficientHostMemory",
+                    prefix + f"needs {gib(host_needed_k)} of host memory for offloaded weights "
+                    f"at {percent(fraction)} resident; largest free beside enough GPU memory is "
+                    f"{gib(largest_host[k])}",
+                )
+            )
+        else:
+            demand = model.demand_decode_tokens_per_second or 0.0
+            gpu_type = tables.classes[context.classes[position]].gpu_type
+            results.append(
+                Unschedulable(
+                    model.name,
+                    "InsufficientGPUTime",
+                    prefix + f"needs {percent(need_busy_list[k][position])} of an {gpu_type}'s time for "
+                    f"{demand:.0f} tok/s of demand; the most idle {gpu_type} with memory for it has "
+                    f"{percent(idle_share[k])} left",
+                )
+            )
+    return results
