@@ -18,15 +18,23 @@ from residency_operator.planner.costs import (
     promote_cost,
     resume_cost,
 )
-from residency_operator.planner.options import gpu_busy_fraction, gpu_bytes_needed, host_bytes_needed
+from residency_operator.planner.options import (
+    _model_row,
+    build_class_tables,
+    evaluate_option,
+    gpu_busy_fraction,
+    gpu_bytes_needed,
+    host_bytes_needed,
+)
 from residency_operator.planner.predictor import (
     MonotoneCurve,
     Predictor,
     calibrated_factor,
     isotonic_increasing,
     profile_from_points,
+    typical_sequence_tokens,
 )
-from residency_operator.planner.types import GIB, ModelDemand, NodeCapacity
+from residency_operator.planner.types import GIB, ModelDemand, NodeCapacity, PlannerConfig
 
 NODE = NodeCapacity(
     name="n",
@@ -166,3 +174,40 @@ def test_amortised_cost() -> None:
     cost = load_cost(MODEL, NODE, 1.0)
     assert amortised_cost_tokens_per_second(cost, 100.0, 600.0) == pytest.approx(100.0 * cost.seconds / 600.0)
     assert amortised_cost_tokens_per_second(cost, 100.0, 0.0) == 0.0
+
+
+def test_prefill_work_counts_in_gpu_time_and_slows_decoding() -> None:
+    """Prompt tokens/s take the GPU's time too: in cpu mode the offloaded layers prefill at host speed,
+    which can leave too little time to decode at the SLO."""
+    config = PlannerConfig()
+    predictor = Predictor()
+    model = dataclasses.replace(
+        MODEL,
+        min_decode_tokens_per_second=5.0,
+        demand_decode_tokens_per_second=1.0,
+        parameter_count=8 * 10**9,
+    )
+    quiet = evaluate_option(predictor, model, NODE, 0.5, "cpu", config)
+    prompts = dataclasses.replace(model, prompt_tokens_per_second=200.0, typical_prompt_tokens=512)
+    busy = evaluate_option(predictor, prompts, NODE, 0.5, "cpu", config)
+    rate = predictor.prefill_tokens_per_second(prompts, NODE, 0.5, "cpu", 512)
+    share = 200.0 / rate
+    assert busy.busy_fraction == pytest.approx(min(0.95, quiet.busy_fraction + share))
+    assert busy.tolerance == pytest.approx(max(0.0, quiet.tolerance - share))
+    assert quiet.meets_slo and busy.meets_slo == (busy.decode_tokens_per_second * (1 - share) >= 5.0)
+    # The vectorised tables say the same as the scalar evaluation.
+    tables = build_class_tables([prompts], [NODE], predictor, config, frozenset())
+    level = list(tables.levels).index(0.5)
+    assert tables.busy_fraction[0, 1, 0, level] == pytest.approx(busy.busy_fraction)
+    assert tables.tolerance[0, 1, 0, level] == pytest.approx(busy.tolerance)
+    assert bool(tables.feasible[0, 1, 0, level]) == busy.meets_slo
+
+
+def test_model_row_matches_the_model_properties() -> None:
+    model = dataclasses.replace(MODEL, max_batch=4, typical_sequence_length=700, max_offload_fraction=0.4)
+    row = _model_row(model)
+    assert row[1] == model.kv_bytes_per_token * typical_sequence_tokens(model) * 4
+    assert row[5] == model.min_resident_fraction
+    assert row[6] == model.kv_reservation_bytes + model.workspace_bytes
+    assert row[7] == 2 * model.effective_bytes_per_layer
+    assert row[11] == model.effective_parameter_count

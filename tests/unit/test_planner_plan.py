@@ -143,3 +143,15 @@ def test_incremental_update_replans_only_the_changed_model() -> None:
     }
     with pytest.raises(KeyError):
         planner.update_model(model("ns/unknown", 1))
+
+
+def test_a_model_whose_demand_outgrew_its_gpu_moves_to_a_faster_one() -> None:
+    """Placed on the L4 while quiet, a model whose demand the L4 can no longer serve moves to the free
+    H100 (the throughput gained is worth the reload)."""
+    hot = model("ns/hot", 3, demand_decode_tokens_per_second=2000.0, min_decode_tokens_per_second=5.0)
+    current = [CurrentPlacement("ns/hot", "l4-0", 1.0, "stream")]
+    planned = plan([hot], [L4, H100], current, config=PlannerConfig(solver="greedy"))
+    assert planned.placements["ns/hot"].node == "h100-0"
+    assert [a.kind for a in planned.actions] == ["migrate"]
+    quiet = dataclasses.replace(hot, demand_decode_tokens_per_second=5.0)
+    assert plan([quiet], [L4, H100], current, config=PlannerConfig(solver="greedy")).actions == ()

@@ -9,6 +9,8 @@ import pytest
 
 from residency_operator.planner.types import PlannerConfig
 from residency_operator.simulator.cluster import Scenario, SimModel, load_scenario, make_node, parse_cluster
+from residency_operator.simulator.engine import Simulation
+from residency_operator.simulator.policies import ResidencyPolicy
 from residency_operator.simulator.runner import (
     POLICY_NAMES,
     parse_generate_spec,
@@ -133,3 +135,22 @@ def test_generate_spec_shorthand_and_cluster_parsing() -> None:
     assert make_node("x", "l4").gpu_type == "L4"
     with pytest.raises(ValueError, match="unknown GPU preset"):
         parse_cluster("tpu:1")
+
+
+def test_planner_sees_observed_prompt_work() -> None:
+    """The residency policy passes the prompt tokens/s and the mean prompt length it observed."""
+    model = SimModel(name="ns/m", family="llama-1b")
+    requests = [Request(float(t), "ns/m", 400 + 100 * (t % 2), 16) for t in range(10)]
+    sim = Simulation(parse_cluster("l4:1"), [model], requests, duration_seconds=12.0)
+    assert sim.observed_prompts("ns/m") == (None, None)
+    sim.run(ResidencyPolicy(FAST_PLANNER))
+    rate, mean = sim.observed_prompts("ns/m")
+    assert mean == 450 and rate == pytest.approx(4500 / 30.0)
+    demand = model.demand(1.0, rate, mean)
+    assert demand.prompt_tokens_per_second == rate and demand.effective_prompt_tokens == 450
+
+
+def test_extra_scenarios_are_marked() -> None:
+    scenarios = [load_scenario(p) for p in standard_scenarios()]
+    standard = {"small-large-mix", "skewed-50x8", "priority-burst", "bandwidth-starved"}
+    assert all(s.extra == (s.name not in standard) for s in scenarios)

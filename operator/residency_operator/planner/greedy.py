@@ -25,6 +25,7 @@ from residency_operator.planner.costs import (
     ZERO_COST,
     amortised_cost_tokens_per_second,
     demote_cost,
+    migrate_cost,
     promote_cost,
 )
 from residency_operator.planner.options import (
@@ -1358,9 +1359,70 @@ class GreedyPlanner:
 
     # -- driver ---------------------------------------------------------------------------------------
 
+    def relocate_outgrown(self, only: Sequence[int] | None = None) -> int:
+        """Move running models whose demand outgrew their node to a node that serves it, where there is
+        free room and the throughput gained, net of the amortised cost of the move (the model serves
+        nothing while it reloads), beats staying by the hysteresis margin. Highest gain first.
+
+        Without this a model placed while its demand was unknown or small stays on a slow GPU for good, as
+        long as it keeps its per-sequence SLO there. ``only``: consider these models only. Returns how
+        many moved."""
+        state, tables, config = self.state, self.tables, self.config
+        proposals: list[tuple[float, str, int]] = []
+        for i in range(len(state.assignment)) if only is None else only:
+            a = state.assignment[i]
+            if a is None or not a.incumbent:
+                continue
+            model = self.models[i]
+            demand = model.demand_decode_tokens_per_second
+            if demand is None or demand <= 0:
+                continue
+            node_class = self.class_of_node[a.node]
+            level = self._level_index.get(a.resident_fraction)
+            if level is None:
+                continue
+            rate = tables.decode_tokens_per_second.item(node_class, MODES.index(a.mode), i, level)
+            unserved = config.demand_headroom * demand - rate * max(1, model.max_batch)
+            if unserved > 0:
+                proposals.append((-unserved, model.name, i))
+        moved = 0
+        for _, _, i in sorted(proposals):
+            current = state.assignment[i]
+            if current is None:
+                continue
+            model = self.models[i]
+            from_node = self.nodes[current.node]
+            best: tuple[float, int, int, int, int] | None = None
+            for node_class, mode_index in self._class_modes(i):
+                level = int(self.target_level[node_class, mode_index, i])
+                value = tables.primary_value.item(node_class, mode_index, i, level)
+                gpu = int(tables.gpu_bytes.item(mode_index, i, level))
+                host = int(tables.host_bytes.item(i, level))
+                busy = tables.busy_fraction.item(node_class, mode_index, i, level)
+                tolerance = tables.tolerance.item(node_class, mode_index, i, level)
+                node = state.best_fit(node_class, gpu, host, busy, tolerance)
+                if node is None or node == current.node:
+                    continue
+                cost = migrate_cost(model, from_node, self.nodes[node], self._levels[level])
+                gain = (
+                    value
+                    - amortised_cost_tokens_per_second(cost, value, config.amortisation_horizon_seconds)
+                    - current.value * (1.0 + config.hysteresis_fraction)
+                )
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, node, node_class, mode_index, level)
+            if best is None:
+                continue
+            _, node, node_class, mode_index, level = best
+            state.release(i)
+            state.occupy(i, self._assignment_at(i, node, node_class, mode_index, level))
+            moved += 1
+        return moved
+
     def solve(self) -> GreedyResult:
         """Run all tiers, highest priority first."""
         self.seat_incumbents()
+        self.relocate_outgrown()
         tiers: dict[int, list[int]] = {}
         for model_index, model in enumerate(self.models):
             if model.wanted:

@@ -43,6 +43,11 @@ from residency_operator.planner.types import (
     SensitivityProfile,
 )
 
+ROOM_MISS_LIMIT = 64
+"""After this many models in a row of one tier had room by the per-resource bounds but found no place
+(the bounds are optimistic: they count GPU time a blocker might give up), the tier stops trying; a
+periodic full plan catches what this leaves."""
+
 
 class IncrementalPlanner:
     """Holds the last plan and re-plans single-model changes in milliseconds."""
@@ -137,6 +142,7 @@ class IncrementalPlanner:
             greedy.refresh_model(index, model, row)
             state.preempted_by.clear()
             greedy.reseat(index)
+            greedy.relocate_outgrown([index])
             # The changed model, if it has no place now, and whatever had to leave its node are admitted
             # afresh, anywhere; models without a place are offered the room given back; all in a full
             # plan's order (tier by tier, each tier's promotions before the next tier's admissions).
@@ -280,7 +286,7 @@ class IncrementalPlanner:
                 checked_at[j] = epoch
             return bool(fits_on[i])
 
-        failures_in_a_row = 0
+        failures_in_a_row = misses_in_a_row = 0
         for position, i in enumerate(order):
             if state.assignment[i] is not None:
                 continue
@@ -288,12 +294,15 @@ class IncrementalPlanner:
                 if not greedy.try_place(i) and make_room:
                     greedy.try_make_room(i)
                 continue
-            if has_room(position, i) and greedy.try_place(i):
-                node = self._node_of(i)
-                if node in changed_at:
-                    epoch += 1
-                    changed_at[node] = epoch
-                continue
+            if misses_in_a_row < ROOM_MISS_LIMIT and has_room(position, i):
+                if greedy.try_place(i):
+                    misses_in_a_row = 0
+                    node = self._node_of(i)
+                    if node in changed_at:
+                        epoch += 1
+                        changed_at[node] = epoch
+                    continue
+                misses_in_a_row += 1
             if not make_room or failures_in_a_row >= MAKE_ROOM_FAILURE_LIMIT:
                 continue
             if greedy.try_make_room(i, accepting, failed):

@@ -26,7 +26,7 @@ from residency_operator.planner.costs import (
     reconfigure_cost,
     resume_cost,
 )
-from residency_operator.planner.predictor import Predictor
+from residency_operator.planner.predictor import PREFILL_COMPUTE_EFFICIENCY, Predictor
 from residency_operator.planner.types import (
     GB,
     GIB,
@@ -128,15 +128,30 @@ def excess_value(throughput: Any, served: Any, config: PlannerConfig) -> Any:
     return config.excess_throughput_weight * config.availability_value_tokens_per_second * spare_share
 
 
-def sharing_tolerance(decode_tokens_per_second: Any, slo_tokens_per_second: Any) -> Any:
+def sharing_tolerance(
+    decode_tokens_per_second: Any, slo_tokens_per_second: Any, prefill_share: Any = 0.0
+) -> Any:
     """Share of a GPU's time other models may take before this one's decode rate drops below its SLO.
 
-    Models on one GPU take turns, so a model predicted at rate R alone runs at R x (1 - others' share).
+    Models on one GPU take turns, so a model predicted at rate R alone runs at R x (1 - others' share);
+    its own prefills (``prefill_share`` of the time) take their turn too.
     """
     if slo_tokens_per_second is None:
         return 1.0
     rate = np.maximum(decode_tokens_per_second, 1e-12)
-    return np.clip(1.0 - np.asarray(slo_tokens_per_second) / rate, 0.0, 1.0)
+    return np.clip(1.0 - np.asarray(slo_tokens_per_second) / rate - prefill_share, 0.0, 1.0)
+
+
+def prefill_share(prompt_tokens_per_second: Any, prefill_tokens_per_second: Any) -> Any:
+    """Share of the GPU's time a model's prefills take (prompt tokens/s over the prefill rate)."""
+    return np.clip(
+        np.asarray(prompt_tokens_per_second) / np.maximum(prefill_tokens_per_second, 1e-12), 0.0, 1.0
+    )
+
+
+def meets_slo_with_prefill(rate: Any, slo: Any, share: Any) -> Any:
+    """Whether the decode rate left once the model's own prefills took their share still meets the SLO."""
+    return rate * (1.0 - share) >= slo - 1e-9
 
 
 BATCHING_SAFETY = 2.0
@@ -205,17 +220,31 @@ def evaluate_option(
     gpu = gpu_bytes_needed(model, resident_fraction, mode)
     slo = model.min_decode_tokens_per_second
     demand = model.demand_decode_tokens_per_second
-    busy = float(
-        gpu_busy_fraction(
-            np.inf if demand is None else demand,
-            predictor.decode_step_seconds(model, node, resident_fraction, mode, 1),
-            predictor.decode_step_seconds(model, node, resident_fraction, mode),
-            float(max(1, model.max_batch)),
-            config.max_gpu_busy_fraction,
-            model.min_decode_tokens_per_second or 0.0,
+    prefill = 0.0
+    if model.prompt_tokens_per_second:
+        prefill = float(
+            prefill_share(
+                model.prompt_tokens_per_second,
+                predictor.prefill_tokens_per_second(
+                    model, node, resident_fraction, mode, model.effective_prompt_tokens
+                ),
+            )
         )
+    busy = min(
+        config.max_gpu_busy_fraction,
+        float(
+            gpu_busy_fraction(
+                np.inf if demand is None else demand,
+                predictor.decode_step_seconds(model, node, resident_fraction, mode, 1),
+                predictor.decode_step_seconds(model, node, resident_fraction, mode),
+                float(max(1, model.max_batch)),
+                config.max_gpu_busy_fraction,
+                model.min_decode_tokens_per_second or 0.0,
+            )
+        )
+        + prefill,
     )
-    tolerance = float(sharing_tolerance(rate, model.min_decode_tokens_per_second))
+    tolerance = float(sharing_tolerance(rate, model.min_decode_tokens_per_second, prefill))
     primary, full = served_values(
         model,
         throughput,
@@ -235,7 +264,7 @@ def evaluate_option(
         tolerance=tolerance,
         primary_value=primary,
         value=full,
-        meets_slo=slo is None or rate >= slo - 1e-9,
+        meets_slo=slo is None or bool(meets_slo_with_prefill(rate, slo, prefill)),
         allowed=resident_fraction >= model.min_resident_fraction - LEVEL_EPSILON
         and mode in model.allowed_modes,
     )
@@ -343,7 +372,60 @@ def _model_row(m: ModelDemand) -> tuple[float, ...]:
         m.storage_read_gbps or 0.0,
         1.0 if "stream" in modes else 0.0,
         1.0 if "cpu" in modes else 0.0,
+        m.parameter_count if m.parameter_count else weight // 2,
+        m.prompt_tokens_per_second or 0.0,
+        m.effective_prompt_tokens if m.prompt_tokens_per_second else 1,
     )
+
+
+def _prefill_shares(
+    models: Sequence[ModelDemand],
+    indices: list[int],
+    node: NodeCapacity,
+    mode: ExecutionMode,
+    levels: FloatArray,
+    predictor: Predictor,
+    profiled_models: frozenset[str],
+    weight: FloatArray,
+    parameters: FloatArray,
+    prompt_rate: FloatArray,
+    prompt_tokens: FloatArray,
+) -> FloatArray:
+    """``[model, level]``: share of the GPU's time each model's prefills take on ``node`` in ``mode``; the
+    roofline of :func:`~residency_operator.planner.predictor.roofline_prefill_seconds`, vectorised."""
+    shares = np.zeros((len(models), len(levels)))
+    rows = np.array(indices, dtype=np.intp)
+    resident = levels[None, :]
+    offloaded = 1.0 - resident
+    flops = 2.0 * parameters[rows, None] * prompt_tokens[rows, None]
+    gpu_flops = node.gpu_tflops * 1e12 * PREFILL_COMPUTE_EFFICIENCY
+    resident_seconds = np.maximum(
+        resident * weight[rows, None] / (node.hbm_gbps * GB), resident * flops / gpu_flops
+    )
+    if mode == "stream":
+        offloaded_seconds = np.maximum(
+            offloaded * weight[rows, None] / (node.host_to_device_gbps * GB), offloaded * flops / gpu_flops
+        )
+    else:
+        offloaded_seconds = np.maximum(
+            offloaded * weight[rows, None] / (node.host_memory_gbps * GB),
+            offloaded * flops / (node.cpu_tflops * 1e12 * PREFILL_COMPUTE_EFFICIENCY),
+        )
+    prefill_rate = (
+        prompt_tokens[rows, None]
+        * max(1e-6, node.calibration_factor)
+        / (resident_seconds + offloaded_seconds)
+    )
+    for position, i in enumerate(indices):
+        if models[i].name in profiled_models:
+            prefill_rate[position] = [
+                predictor.prefill_tokens_per_second(
+                    models[i], node, float(level), mode, models[i].effective_prompt_tokens
+                )
+                for level in levels
+            ]
+    shares[rows] = prefill_share(prompt_rate[rows, None], prefill_rate)
+    return shares
 
 
 def build_class_tables(
@@ -356,9 +438,11 @@ def build_class_tables(
     """Evaluate every model at every configured level on every node class, vectorised over models."""
     levels = np.array(sorted(set(config.residency_levels) | {1.0}), dtype=np.float64)
     model_count, level_count, class_count = len(models), len(levels), len(classes)
-    columns = np.array([_model_row(m) for m in models], dtype=np.float64).reshape(model_count, 11).T
+    columns = np.array([_model_row(m) for m in models], dtype=np.float64).reshape(model_count, 14).T
     weight, kv_per_step, batch, slo, demand, min_resident, base_gpu, stream_buffer, storage_gbps = columns[:9]
-    mode_allowed = columns[9:] > 0.5
+    mode_allowed = columns[9:11] > 0.5
+    parameters, prompt_rate, prompt_tokens = columns[11:14]
+    with_prompts = [i for i, m in enumerate(models) if m.prompt_tokens_per_second]
 
     resident = np.rint(levels[None, :] * weight[:, None])
     offloaded = weight[:, None] - resident
@@ -374,6 +458,7 @@ def build_class_tables(
 
     rate = np.zeros((class_count, len(MODES), model_count, level_count))
     busy = np.zeros((class_count, len(MODES), model_count, level_count))
+    prefill = np.zeros((class_count, len(MODES), model_count, level_count))
     kv_per_sequence = kv_per_step / batch
     load_seconds = np.zeros((class_count, model_count, level_count))
     feasible = np.zeros((class_count, len(MODES), model_count, level_count), dtype=bool)
@@ -408,24 +493,35 @@ def build_class_tables(
                     single_step_seconds[i, j] = predictor.decode_step_seconds(
                         models[i], node, fraction, mode, 1
                     )
-            busy[c, k] = gpu_busy_fraction(
-                demand[:, None],
-                single_step_seconds,
-                full_step_seconds,
-                batch[:, None],
+            if with_prompts:
+                prefill[c, k] = _prefill_shares(
+                    models, with_prompts, node, mode, levels, predictor, profiled_models,
+                    weight, parameters, prompt_rate, prompt_tokens,
+                )  # fmt: skip
+            busy[c, k] = np.minimum(
                 config.max_gpu_busy_fraction,
-                slo[:, None],
+                gpu_busy_fraction(
+                    demand[:, None],
+                    single_step_seconds,
+                    full_step_seconds,
+                    batch[:, None],
+                    config.max_gpu_busy_fraction,
+                    slo[:, None],
+                )
+                + prefill[c, k],
             )
             feasible[c, k] = (
                 level_allowed
                 & mode_allowed[k][:, None]
-                & (rate[c, k] >= slo[:, None] - 1e-9)
+                & meets_slo_with_prefill(rate[c, k], slo[:, None], prefill[c, k])
                 & (gpu_bytes[k] <= gpu_capacity)
                 & (host_bytes <= host_capacity)
             )
     throughput = rate * batch[None, None, :, None]
     served = np.minimum(throughput, config.demand_headroom * demand[None, None, :, None])
-    tolerance = np.where(slo[None, None, :, None] > 0, sharing_tolerance(rate, slo[None, None, :, None]), 1.0)
+    tolerance = np.where(
+        slo[None, None, :, None] > 0, sharing_tolerance(rate, slo[None, None, :, None], prefill), 1.0
+    )
     # The GPU time a placement claims: its own busy share, or what its SLO denies to others.
     time_share = np.maximum(busy, 1.0 - tolerance)
     primary_value = (

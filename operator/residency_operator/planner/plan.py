@@ -251,9 +251,13 @@ def greedy_solve(
     else:
         # Without capacity limits every model would take its best option: a valid, looser bound.
         best = np.where(np.isfinite(greedy.best_target_score), greedy.best_target_score, 0.0)
-        # Full value adds at most the excess-throughput term on top of the primary one.
-        excess = problem.tables.value - problem.tables.primary_value
-        best = best + np.max(np.where(problem.tables.feasible, excess, 0.0), axis=(0, 1, 3))
+        # Full value adds at most the excess-throughput term on top of the primary one, and that term
+        # never exceeds its weight times the availability value (see options.excess_value).
+        best = best + np.where(
+            greedy.has_option,
+            config.excess_throughput_weight * config.availability_value_tokens_per_second,
+            0.0,
+        )
         for i, a in enumerate(assignment):
             if a is not None and a.full_score > best[i]:
                 best[i] = a.full_score
@@ -497,10 +501,37 @@ def model_actions(
 ) -> list[Action]:
     """The steps that take one model from its current state to its planned one (``placement``: its
     described target, to reuse the predicted rate)."""
-    gainers = gainers or Gainers(problem, assignment)
     model = problem.models[model_index]
     now = problem.current.get(model.name)
     target = assignment[model_index]
+    if now is None:
+        # The common cases at scale, without the general machinery: nothing to do, or a cold load.
+        if target is None:
+            return []
+        to_node = problem.nodes[target.node]
+        cost = load_cost(model, to_node, target.resident_fraction)
+        rate = (
+            placement.predicted_decode_tokens_per_second
+            if placement is not None
+            else problem.predictor.decode_tokens_per_second(
+                model, to_node, target.resident_fraction, target.mode
+            )
+        )
+        return [
+            Action(
+                kind="load",
+                model=model.name,
+                reason=f"load on {to_node.name} at {percent(target.resident_fraction)} resident "
+                f"({target.mode}): predicted {rate:.1f} tok/s, {slo_text(model)}",
+                to_node=to_node.name,
+                to_resident_fraction=target.resident_fraction,
+                mode=target.mode,
+                bytes_moved=cost.bytes_moved,
+                predicted_seconds=cost.seconds,
+                priority=model.priority,
+            )
+        ]
+    gainers = gainers or Gainers(problem, assignment)
     nodes = problem.node_by_name
     actions: list[Action] = []
 

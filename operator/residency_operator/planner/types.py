@@ -48,6 +48,13 @@ class ModelDemand:
     """Observed or forecast output tokens/s across all requests; ``None`` means unbounded."""
     typical_sequence_length: int | None = None
     """Prompt + generated tokens of a typical request; the predictor uses it for KV reads (default: max/2)."""
+    prompt_tokens_per_second: float | None = None
+    """Observed prompt tokens/s across all requests: the prefill work the model's GPU must also do. Its
+    share of the GPU's time is counted with the decode time and slows this model's own decoding; ``None``
+    (nothing observed) counts no prefill time."""
+    typical_prompt_tokens: int | None = None
+    """Prompt tokens of a typical request (the weights are read once per prompt); default: half the
+    typical sequence."""
     workspace_bytes: int = 512 * 1024**2
     """Activations and allocator slack kept free on the GPU beside the weights and KV reservation."""
     allowed_modes: tuple[ExecutionMode, ...] = ("stream", "cpu")
@@ -78,6 +85,14 @@ class ModelDemand:
         if self.bytes_per_layer:
             return self.bytes_per_layer
         return max(1, self.weight_bytes // self.effective_layer_count)
+
+    @property
+    def effective_prompt_tokens(self) -> int:
+        """Prompt tokens of a typical request (see ``typical_prompt_tokens``)."""
+        if self.typical_prompt_tokens is not None and self.typical_prompt_tokens > 0:
+            return self.typical_prompt_tokens
+        sequence = self.typical_sequence_length or self.max_sequence_length
+        return max(1, min(sequence, self.max_sequence_length) // 2)
 
     @property
     def effective_parameter_count(self) -> int:

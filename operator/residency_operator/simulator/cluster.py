@@ -148,8 +148,13 @@ class SimModel:
     max_batch: int = 8
     allowed_modes: tuple[ExecutionMode, ...] = ("stream", "cpu")
 
-    def demand(self, demand_decode_tokens_per_second: float | None = None) -> ModelDemand:
-        """The planner's view of this model, with the observed demand filled in."""
+    def demand(
+        self,
+        demand_decode_tokens_per_second: float | None = None,
+        prompt_tokens_per_second: float | None = None,
+        typical_prompt_tokens: int | None = None,
+    ) -> ModelDemand:
+        """The planner's view of this model, with the observed demand (decode and prefill) filled in."""
         family = MODEL_FAMILIES[self.family]
         weight_bytes = int(float(family["parameters_billion"]) * 2e9)
         layers = int(family["layers"])
@@ -168,6 +173,8 @@ class SimModel:
             parameter_count=int(float(family["parameters_billion"]) * 1e9),
             demand_decode_tokens_per_second=demand_decode_tokens_per_second,
             typical_sequence_length=min(self.max_sequence_length, 1024),
+            prompt_tokens_per_second=prompt_tokens_per_second,
+            typical_prompt_tokens=typical_prompt_tokens,
             allowed_modes=self.allowed_modes,
         )
 
@@ -213,6 +220,8 @@ class Scenario:
     seed: int = 0
     ttft_slo_seconds: float = 10.0
     queue_timeout_seconds: float = 30.0
+    extra: bool = False
+    """Not one of the standard scenarios the issue names: an added case, reported separately."""
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -235,4 +244,5 @@ def scenario_from_dict(data: dict[str, Any], default_name: str = "scenario") -> 
         seed=int(data.get("seed", 0)),
         ttft_slo_seconds=float(data.get("ttft_slo_seconds", 10.0)),
         queue_timeout_seconds=float(data.get("queue_timeout_seconds", 30.0)),
+        extra=bool(data.get("extra", False)),
     )

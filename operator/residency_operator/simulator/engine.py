@@ -71,7 +71,8 @@ class ModelRuntime:
     queue: deque[Request] = field(default_factory=deque)
     active: list[ActiveRequest] = field(default_factory=list)
     last_used_seconds: float = -1.0
-    recent_arrivals: deque[tuple[float, int]] = field(default_factory=deque)
+    recent_arrivals: deque[tuple[float, int, int]] = field(default_factory=deque)
+    """(arrival second, output tokens, prompt tokens) of the requests of the last demand window."""
 
     @property
     def running(self) -> bool:
@@ -169,8 +170,18 @@ class Simulation:
         runtime = self.models[name]
         # Never average over less than half the window: a few early requests are not a rate.
         window = min(DEMAND_WINDOW_SECONDS, max(DEMAND_WINDOW_SECONDS / 2, self.now_seconds))
-        requested = sum(tokens for _, tokens in runtime.recent_arrivals)
+        requested = sum(tokens for _, tokens, _ in runtime.recent_arrivals)
         return requested / window
+
+    def observed_prompts(self, name: str) -> tuple[float | None, int | None]:
+        """Prompt tokens/s requested over the last minute and the mean prompt length (``None`` before any
+        request arrived): the prefill work a planner can see coming."""
+        runtime = self.models[name]
+        if not runtime.recent_arrivals:
+            return None, None
+        window = min(DEMAND_WINDOW_SECONDS, max(DEMAND_WINDOW_SECONDS / 2, self.now_seconds))
+        prompts = [prompt for _, _, prompt in runtime.recent_arrivals]
+        return sum(prompts) / window, max(1, round(sum(prompts) / len(prompts)))
 
     def used_bytes(self, node_name: str) -> tuple[int, int]:
         """(GPU, host) bytes used on a node by running and cached models."""
@@ -276,7 +287,9 @@ class Simulation:
                 request = self.requests[next_request]
                 runtime = self.models[request.model]
                 runtime.queue.append(request)
-                runtime.recent_arrivals.append((request.arrival_seconds, request.output_tokens))
+                runtime.recent_arrivals.append(
+                    (request.arrival_seconds, request.output_tokens, request.prompt_tokens)
+                )
                 runtime.last_used_seconds = request.arrival_seconds
                 next_request += 1
             for runtime in self.models.values():

@@ -69,7 +69,7 @@ class ResidencyPolicy:
         self._last_plan_seconds = now_seconds
         self._waiting_at_last_plan = waiting
         demands = [
-            runtime.spec.demand(sim.observed_demand_tokens_per_second(name))
+            runtime.spec.demand(sim.observed_demand_tokens_per_second(name), *sim.observed_prompts(name))
             for name, runtime in sorted(sim.models.items())
         ]
         planned = plan(demands, sim.nodes, sim.current_placements(), (), now_seconds, self.config)
