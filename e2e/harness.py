@@ -50,6 +50,24 @@ def get_json(*args: str) -> dict[str, Any]:
     return json.loads(kubectl("get", *args, "-o", "json").stdout)  # type: ignore[no-any-return]
 
 
+GOOD: dict[str, Any] = {  # a valid LLMModel every field of which bad-input tests break in turn
+    "apiVersion": "residency.dev/v1alpha1",
+    "kind": "LLMModel",
+    "metadata": {"name": "probe"},
+    "spec": {
+        "source": {"path": "/models/chat-small"},
+        "dtype": "bfloat16",
+        "priority": 100,
+        "preemptible": True,
+        "slo": {"minDecodeTokensPerSecond": 20},
+        "offload": {"maxFraction": 0.75},
+        "maxSequenceLength": 4096,
+        "maxBatchSize": 8,
+        "idle": {"afterSeconds": 600},
+    },
+}
+
+
 SMALL_LIMITS: dict[str, Any] = {"maxSequenceLength": 64, "maxBatchSize": 1}
 """Limits that keep a tiny model's GPU reservation small, so tests can size node budgets around it."""
 

@@ -7,22 +7,7 @@ from typing import Any
 
 import pytest
 
-from harness import apply, get_json, kubectl
-
-GOOD: dict[str, Any] = {
-    "apiVersion": "residency.dev/v1alpha1",
-    "kind": "LLMModel",
-    "metadata": {"name": "probe"},
-    "spec": {
-        "source": {"path": "/models/chat-small"},
-        "dtype": "bfloat16",
-        "priority": 100,
-        "preemptible": True,
-        "slo": {"minDecodeTokensPerSecond": 20},
-        "offload": {"maxFraction": 0.75},
-        "maxSequenceLength": 4096,
-    },
-}
+from harness import GOOD, apply, get_json, kubectl
 
 
 def with_spec(**changes: Any) -> dict[str, Any]:

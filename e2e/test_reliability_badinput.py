@@ -32,26 +32,10 @@ import pytest
 import yaml
 
 from conftest import NodePool, purge_models
-from harness import REPO, SMALL_LIMITS, Process, apply, binaries_dir, get_json, kubectl, llm, wait_for
+from harness import GOOD, REPO, SMALL_LIMITS, Process, apply, binaries_dir, get_json, kubectl, llm, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 
-GOOD: dict[str, Any] = {
-    "apiVersion": "residency.dev/v1alpha1",
-    "kind": "LLMModel",
-    "metadata": {"name": "probe"},
-    "spec": {
-        "source": {"path": "/models/chat-small"},
-        "dtype": "bfloat16",
-        "priority": 100,
-        "preemptible": True,
-        "slo": {"minDecodeTokensPerSecond": 20},
-        "offload": {"maxFraction": 0.75},
-        "maxSequenceLength": 4096,
-        "maxBatchSize": 8,
-        "idle": {"afterSeconds": 600},
-    },
-}
 DELETE = object()
 
 
