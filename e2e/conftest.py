@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,33 @@ from harness import REPO, Process, get_json, kubectl, wait_for
 
 pytestmark = pytest.mark.e2e
 ADMIN_TOKEN = "e2e-admin-token"  # test-only secret
+LOG_TAIL_LINES = 40
+EXTRA_PROCESSES = pytest.StashKey[list[Process]]()
+"""Processes a fixture started that the test does not receive as a Process (the router: it gets a URL)."""
+
+
+def _processes_of(item: pytest.Item) -> list[Process]:
+    """The operator, router and worker processes a test used (from its fixtures)."""
+    found: list[Process] = list(item.stash.get(EXTRA_PROCESSES, []))
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, Process):
+            found.append(value)
+        elif isinstance(value, NodePool):
+            found.extend(node.process for node in value.nodes)
+    return found
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test's report carries the tail of each process log, so a CI failure can be read."""
+    report = yield
+    if report.failed and report.when == "call":
+        for process in _processes_of(item):
+            tail = process.log().splitlines()[-LOG_TAIL_LINES:]
+            report.sections.append((f"{process.name} log (last {len(tail)} lines)", "\n".join(tail)))
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -204,7 +231,7 @@ def gpu_nodes(cluster: str, models_root: Path, tmp_path: Path) -> Iterator[NodeP
 
 
 @pytest.fixture
-def router(cluster: str, tmp_path: Path) -> Iterator[str]:
+def router(cluster: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     """The OpenAI-compatible router as a local process; yields its base URL."""
     port = free_port()
     proc = Process(
@@ -213,6 +240,7 @@ def router(cluster: str, tmp_path: Path) -> Iterator[str]:
         tmp_path / "router.log",
         env={"KUBECONFIG": cluster},
     ).start()
+    request.node.stash.setdefault(EXTRA_PROCESSES, []).append(proc)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: _healthy(url), 60, what="router /healthz")
     yield url

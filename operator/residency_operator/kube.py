@@ -10,6 +10,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from residency.api import GROUP, VERSION
+from residency.kubeapi import TimeoutApiClient
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,10 @@ class Kube:
     """Thin wrappers over the calls the controller makes; every method is idempotent."""
 
     def __init__(self) -> None:
-        self.custom = client.CustomObjectsApi()
-        self.core = client.CoreV1Api()
-        self.coordination = client.CoordinationV1Api()
+        api = TimeoutApiClient()
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
 
     # --- reads -------------------------------------------------------------------------------
     def list_custom(self, plural: str) -> list[dict[str, Any]]:

@@ -121,6 +121,54 @@ def test_profile_interpolation_is_monotone(points: list[tuple[float, float]], pr
     assert max(values) <= max(r for _, r in points) + 1e-9
 
 
+BANDWIDTH = st.floats(0.05, 5000.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(link=BANDWIDTH, hbm=BANDWIDTH, host=BANDWIDTH, weight_mb=st.floats(0.1, 20_000.0))
+def test_more_residency_never_predicts_a_slower_model(
+    link: float, hbm: float, host: float, weight_mb: float
+) -> None:
+    """Whatever a node measured (an emulated node's link can read faster than its "HBM")."""
+    node = dataclasses.replace(NODE, host_to_device_gbps=link, hbm_gbps=hbm, host_memory_gbps=host)
+    model = dataclasses.replace(MODEL, weight_bytes=int(weight_mb * 1e6), kv_bytes_per_token=4096)
+    predictor = Predictor()
+    levels = [i / 20 for i in range(21)]
+    for mode in ("stream", "cpu"):
+        decode = [predictor.decode_tokens_per_second(model, node, r, mode) for r in levels]
+        prefill = [predictor.prefill_tokens_per_second(model, node, r, mode, 256) for r in levels]
+        for rates in (decode, prefill):
+            assert all(a <= b * (1 + 1e-9) for a, b in itertools.pairwise(rates)), (mode, rates)
+
+
+@pytest.mark.parametrize(("link", "hbm", "host"), [(100.0, 29.7, 29.7), (29.0, 5.0, 29.7), (0.5, 0.5, 100.0)])
+def test_a_model_alone_on_a_roomy_node_is_fully_resident_whatever_the_bandwidths(
+    link: float, hbm: float, host: float
+) -> None:
+    """Regression: an emulated node whose link measured faster than its memory got a 30 % placement."""
+    from residency_operator.planner import plan
+
+    node = dataclasses.replace(
+        NODE, gpu_memory_bytes=64 * 2**20, host_to_device_gbps=link, hbm_gbps=hbm, host_memory_gbps=host
+    )
+    small = ModelDemand(
+        name="ns/chat",
+        weight_bytes=394_368,
+        kv_bytes_per_token=512,
+        max_sequence_length=64,
+        max_batch=1,
+        layer_count=4,
+        bytes_per_layer=74_016,
+        parameter_count=197_184,
+        min_decode_tokens_per_second=1.0,
+        max_offload_fraction=0.75,
+        workspace_bytes=1_060_000,
+    )
+    for solver in ("milp", "greedy"):
+        placed = plan([small], [node], [], config=PlannerConfig(solver=solver)).placements["ns/chat"]  # type: ignore[arg-type]
+        assert placed.resident_fraction == 1.0, (solver, placed)
+
+
 def test_memory_footprint() -> None:
     model = ModelDemand(
         name="ns/m",

@@ -21,6 +21,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from residency.api import GROUP, VERSION
+from residency.kubeapi import TimeoutApiClient
 from residency_worker.engine import Engine, ModelOptions
 from residency_worker.engine.tiers import synchronize
 from residency_worker.engine.types import EngineError, ModelTimings
@@ -115,8 +116,10 @@ class NodeAgent:
 
     engine: Engine
     config: AgentConfig
-    custom: client.CustomObjectsApi = field(default_factory=client.CustomObjectsApi)
-    core: client.CoreV1Api = field(default_factory=client.CoreV1Api)
+    custom: client.CustomObjectsApi = field(
+        default_factory=lambda: client.CustomObjectsApi(TimeoutApiClient())
+    )
+    core: client.CoreV1Api = field(default_factory=lambda: client.CoreV1Api(TimeoutApiClient()))
     _failures: dict[str, _Failure] = field(default_factory=dict)
     _loaded_specs: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     _protected: bool | None = None

@@ -26,7 +26,7 @@ from residency_operator.planner.costs import (
     reconfigure_cost,
     resume_cost,
 )
-from residency_operator.planner.predictor import PREFILL_COMPUTE_EFFICIENCY, Predictor
+from residency_operator.planner.predictor import PREFILL_COMPUTE_EFFICIENCY, Predictor, offload_gbps
 from residency_operator.planner.types import (
     GB,
     GIB,
@@ -404,11 +404,11 @@ def _prefill_shares(
     )
     if mode == "stream":
         offloaded_seconds = np.maximum(
-            offloaded * weight[rows, None] / (node.host_to_device_gbps * GB), offloaded * flops / gpu_flops
+            offloaded * weight[rows, None] / (offload_gbps(node, mode) * GB), offloaded * flops / gpu_flops
         )
     else:
         offloaded_seconds = np.maximum(
-            offloaded * weight[rows, None] / (node.host_memory_gbps * GB),
+            offloaded * weight[rows, None] / (offload_gbps(node, mode) * GB),
             offloaded * flops / (node.cpu_tflops * 1e12 * PREFILL_COMPUTE_EFFICIENCY),
         )
     prefill_rate = (
@@ -474,9 +474,8 @@ def build_class_tables(
             + node.load_overhead_seconds
         )
         for k, mode in enumerate(MODES):
-            offload_gbps = node.host_to_device_gbps if mode == "stream" else node.host_memory_gbps
             step_seconds = (resident + kv_per_step[:, None]) / (node.hbm_gbps * GB) + offloaded / (
-                offload_gbps * GB
+                offload_gbps(node, mode) * GB
             )
             rate[c, k] = calibration / step_seconds
             single_step_seconds = step_seconds - (kv_per_step - kv_per_sequence)[:, None] / (

@@ -31,6 +31,19 @@ def typical_sequence_tokens(model: ModelDemand) -> int:
     return max(1, model.max_sequence_length // 2)
 
 
+def offload_gbps(node: NodeCapacity, mode: ExecutionMode) -> float:
+    """Bandwidth an offloaded weight byte is served at: over the link (``stream``) or from host DRAM by
+    the CPU (``cpu``), never faster than a resident byte read from HBM.
+
+    A streamed byte lands in GPU memory and is read from there again; a CPU cannot out-read the GPU. So
+    more residency never predicts a slower model, even where a node's measured bandwidths say otherwise
+    (an emulated node measures its "HBM" and its link on the same DRAM, and the two readings cross
+    under load).
+    """
+    gbps = node.host_to_device_gbps if mode == "stream" else node.host_memory_gbps
+    return min(gbps, node.hbm_gbps)
+
+
 def roofline_decode_step_seconds(
     model: ModelDemand,
     node: NodeCapacity,
@@ -48,9 +61,10 @@ def roofline_decode_step_seconds(
     resident_fraction = min(1.0, max(0.0, resident_fraction))
     resident_bytes = resident_fraction * model.weight_bytes
     offloaded_bytes = model.weight_bytes - resident_bytes
-    offload_gbps = node.host_to_device_gbps if mode == "stream" else node.host_memory_gbps
     kv_bytes = model.kv_bytes_per_token * sequence_tokens * max(1, batch)
-    return (resident_bytes + kv_bytes) / (node.hbm_gbps * GB) + offloaded_bytes / (offload_gbps * GB)
+    return (resident_bytes + kv_bytes) / (node.hbm_gbps * GB) + offloaded_bytes / (
+        offload_gbps(node, mode) * GB
+    )
 
 
 def roofline_prefill_seconds(
@@ -68,12 +82,12 @@ def roofline_prefill_seconds(
     offloaded_bytes = (1.0 - resident_fraction) * model.weight_bytes
     if mode == "stream":
         offloaded_seconds = max(
-            offloaded_bytes / (node.host_to_device_gbps * GB),
+            offloaded_bytes / (offload_gbps(node, mode) * GB),
             (1.0 - resident_fraction) * flops / gpu_flops_per_second,
         )
     else:
         offloaded_seconds = max(
-            offloaded_bytes / (node.host_memory_gbps * GB),
+            offloaded_bytes / (offload_gbps(node, mode) * GB),
             (1.0 - resident_fraction) * flops / (node.cpu_tflops * 1e12 * PREFILL_COMPUTE_EFFICIENCY),
         )
     return resident_seconds + offloaded_seconds

@@ -26,19 +26,49 @@ log = logging.getLogger("residency.router")
 class ModelTable:
     """LLMModels as last listed from the API server (refreshed in the background)."""
 
-    def __init__(self, lister: Any, refresh_seconds: float = 1.0, waker: Any = None) -> None:
+    def __init__(
+        self,
+        lister: Any,
+        refresh_seconds: float = 1.0,
+        waker: Any = None,
+        min_forced_refresh_seconds: float = 0.25,
+    ) -> None:
         self._lister = lister
         self._waker = waker
         self._woken: dict[str, float] = {}
         self.refresh_seconds = refresh_seconds
         self.models: dict[str, dict[str, Any]] = {}
         self.refreshed_at = 0.0
+        self.min_forced_refresh_seconds = min_forced_refresh_seconds
+        self._forced_at = -1e9
+        self._refreshing = threading.Lock()
         self._stop = threading.Event()
 
     def refresh(self) -> None:
+        listed_at = time.monotonic()  # what the listing can know about: the API server as of now
         items = self._lister()
         self.models = {f"{m['metadata']['namespace']}/{m['metadata']['name']}": m for m in items}
-        self.refreshed_at = time.monotonic()
+        self.refreshed_at = listed_at
+
+    def ensure_listed_since(self, since: float) -> None:
+        """Lists again unless a listing started after `since` (a request's arrival) already finished.
+
+        A model applied a moment ago is not in the periodic table yet; before the router answers 404
+        for it, it asks the API server. Concurrent misses share one listing (the lock), and forced
+        listings are at least `min_forced_refresh_seconds` apart, so a flood of unknown names costs
+        the API server a bounded rate of lists. A failed listing keeps the table (the 404 stands).
+        """
+        with self._refreshing:
+            if self.refreshed_at >= since:
+                return
+            wait_seconds = self._forced_at + self.min_forced_refresh_seconds - time.monotonic()
+            if wait_seconds > 0:
+                time.sleep(wait_seconds)
+            self._forced_at = time.monotonic()
+            try:
+                self.refresh()
+            except Exception as exc:
+                log.warning("could not list models (%s); answering from the last table", type(exc).__name__)
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -126,6 +156,10 @@ def create_app(
         started = time.monotonic()
         while True:
             route = resolve(table.models, model)
+            if route.decision == "reject" and route.status_code == 404 and table.refreshed_at < started:
+                # not in a table listed before this request came: ask the API server before a 404
+                await asyncio.to_thread(table.ensure_listed_since, started)
+                route = resolve(table.models, model)
             if route.decision == "hold" and route.phase == "Idle" and route.key:
                 await asyncio.to_thread(table.wake, route.key)
             waited = time.monotonic() - started

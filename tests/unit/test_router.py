@@ -1,0 +1,71 @@
+"""The router's answer for a model its periodic table has not listed yet."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import httpx
+
+from residency_operator.router.app import ModelTable, create_app
+
+BODY = {"model": "team/fresh", "prompt": "hi", "max_tokens": 1}
+
+
+class Lister:
+    """The API server as the router sees it: `team/fresh` appears after the first listing."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> list[dict[str, Any]]:
+        with self.lock:
+            self.calls += 1
+            if self.calls == 1:
+                return []
+        status = {"phase": "Failed", "reason": "ConfigInvalid", "message": "bad config"}
+        return [{"metadata": {"namespace": "team", "name": "fresh"}, "status": status}]
+
+
+async def test_a_model_applied_after_the_last_listing_is_looked_up_before_a_404() -> None:
+    lister = Lister()
+    table = ModelTable(lister, refresh_seconds=3600)
+    table.refresh()  # the periodic listing: before the model was applied
+    app = create_app(table, hold_seconds=0.5)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
+        answers = await asyncio.gather(*(client.post("/v1/completions", json=BODY) for _ in range(20)))
+        # the model exists (it failed validation): its own answer, never "does not exist"
+        assert {a.status_code for a in answers} == {409}, answers[0].text
+        assert "ConfigInvalid" in answers[0].json()["error"]["message"]
+        assert lister.calls == 2, "twenty concurrent misses share one listing"
+        missing = await client.post("/v1/completions", json={**BODY, "model": "team/nope"})
+        assert missing.status_code == 404 and "does not exist" in missing.json()["error"]["message"]
+        assert lister.calls == 3
+
+
+async def test_forced_listings_are_rate_limited() -> None:
+    lister = Lister()
+    table = ModelTable(lister, refresh_seconds=3600, min_forced_refresh_seconds=0.2)
+    table.refresh()
+    app = create_app(table, hold_seconds=0.5)
+    loop = asyncio.get_running_loop()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
+        started = loop.time()
+        for _ in range(4):
+            answer = await client.post("/v1/completions", json={**BODY, "model": "team/nope"})
+            assert answer.status_code == 404
+        elapsed = loop.time() - started
+    assert lister.calls == 5
+    assert elapsed >= 0.55, f"4 forced listings 0.2 s apart took only {elapsed:.2f} s"
+
+
+def test_a_failed_lookup_keeps_the_table() -> None:
+    def broken() -> list[dict[str, Any]]:
+        raise ConnectionError("API server away")
+
+    table = ModelTable(broken)
+    table.models = {"team/kept": {"metadata": {"namespace": "team", "name": "kept"}}}
+    table.ensure_listed_since(1.0)
+    assert list(table.models) == ["team/kept"]
