@@ -30,6 +30,7 @@ from residency_operator.kube import Kube
 from residency_operator.metrics import OperatorMetrics
 from residency_operator.planner import Plan, PlannerConfig, plan
 from residency_operator.state import (
+    RETRIED_LOAD_FAILURES,
     UNLOAD_FINALIZER,
     ClusterState,
     Inputs,
@@ -40,6 +41,7 @@ from residency_operator.state import (
     placement_name,
     placement_needs_update,
     planner_inputs,
+    write_phase,
 )
 
 log = logging.getLogger("residency.controller")
@@ -161,23 +163,13 @@ class Controller:
         report.solver = result.solver
         desired = desired_placements(result, inputs)
         existing = {p["metadata"]["name"]: p for p in state.placements}
-        # Placements first: the plan is in the API server before any worker acts on it.
-        for name, wanted in sorted(desired.items()):
-            have = existing.get(name)
-            if have is None:
-                wanted["metadata"]["finalizers"] = [UNLOAD_FINALIZER]
-                self.kube.create_placement(wanted)
-                report.created.append(name)
-            elif have["metadata"].get("deletionTimestamp"):
-                continue  # being unloaded; recreated next round
-            elif placement_needs_update(have, wanted):
-                self.kube.patch_placement(
-                    name, {"metadata": {"labels": wanted["metadata"]["labels"]}, "spec": wanted["spec"]}
-                )
-                changed = sorted(k for k in wanted["spec"] if have["spec"].get(k) != wanted["spec"][k])
-                report.updated.append(f"{name} ({', '.join(changed) or 'labels'})")
-        waiting = self._request_capacity(result, inputs)
         accepting = {n.name for n in inputs.nodes if n.schedulable}
+        # Placements first: the plan is in the API server before any worker acts on it. Writes that free
+        # GPU memory (demotions, preemptions, removals) go before writes that take it, so that a worker
+        # that lists placements between two writes never sees a load without the room made for it.
+        order = {name: write_phase(existing.get(name), wanted) for name, wanted in desired.items()}
+        for name in sorted(n for n, p in order.items() if p == "shrink"):
+            self._write_placement(name, desired[name], existing.get(name), report)
         for name, have in sorted(existing.items()):
             if name in desired:
                 continue
@@ -187,6 +179,10 @@ class Controller:
             elif have["spec"]["nodeName"] not in accepting:
                 # its worker is gone: nobody else will unload it
                 self.kube.remove_placement_finalizers(name)
+        for phase in ("move", "grow"):
+            for name in sorted(n for n, p in order.items() if p == phase):
+                self._write_placement(name, desired[name], existing.get(name), report)
+        waiting = self._request_capacity(result, inputs)
         self._report_drains(state, inputs, desired)
         phases: dict[str, int] = {}
         for key, body in sorted(inputs.bodies.items()):
@@ -207,11 +203,28 @@ class Controller:
             self.kube.patch_model_status(namespace, name, patch)
             report.statuses += 1
             if current.get("phase") != verdict.phase or current.get("reason") != verdict.reason:
-                event_type = "Warning" if verdict.phase in WARNING_PHASES else "Normal"
+                warn = verdict.phase in WARNING_PHASES or verdict.reason in RETRIED_LOAD_FAILURES
+                event_type = "Warning" if warn else "Normal"
                 self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
         report.seconds = time.perf_counter() - started
         self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
         return report
+
+    def _write_placement(
+        self, name: str, wanted: dict[str, Any], have: dict[str, Any] | None, report: RoundReport
+    ) -> None:
+        if have is None:
+            wanted["metadata"]["finalizers"] = [UNLOAD_FINALIZER]
+            self.kube.create_placement(wanted)
+            report.created.append(name)
+        elif have["metadata"].get("deletionTimestamp"):
+            return  # being unloaded; recreated next round
+        elif placement_needs_update(have, wanted):
+            self.kube.patch_placement(
+                name, {"metadata": {"labels": wanted["metadata"]["labels"]}, "spec": wanted["spec"]}
+            )
+            changed = sorted(k for k in wanted["spec"] if have["spec"].get(k) != wanted["spec"][k])
+            report.updated.append(f"{name} ({', '.join(changed) or 'labels'})")
 
     def _report_drains(self, state: ClusterState, inputs: Inputs, desired: dict[str, dict[str, Any]]) -> None:
         """An Event on a cordoned or disrupted node once its models have moved off, with the drain time."""

@@ -384,6 +384,32 @@ def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
     return desired
 
 
+RETRIED_LOAD_FAILURES = frozenset({"PlacementDoesNotFit"})
+"""Worker refusals that resolve by themselves: the model shows Pending (with a Warning Event), not Failed."""
+
+
+def write_phase(existing: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
+    """When the controller writes a placement in a round: "shrink" (it only frees GPU memory on its node:
+    a demotion, a preemption, going idle) before removals, "move" (frees one node, takes another) after
+    them, "grow" (a new placement, a promotion, a resume, anything else) last."""
+    if existing is None:
+        return "grow"
+    have, want = existing["spec"], wanted["spec"]
+    if have.get("nodeName") != want.get("nodeName"):
+        return "move"
+    releases = have.get("desiredState") == "Loaded" and want.get("desiredState") in ("Preempted", "Idle")
+    same_shape = all(
+        have.get(k) == want.get(k) for k in ("sourcePath", "dtype", "maxSequenceLength", "maxBatchSize")
+    )
+    lower = float(want.get("residentFraction", 1.0)) < float(have.get("residentFraction", 1.0))
+    keeps_state = want.get("desiredState") == have.get("desiredState")
+    mode = want.get("executionMode")
+    no_staging_added = mode == have.get("executionMode") or mode == "cpu"
+    if same_shape and (releases or (keeps_state and lower and no_staging_added)):
+        return "shrink"
+    return "grow"
+
+
 def placement_needs_update(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Whether an existing placement's spec or labels differ from what the plan wants."""
     labels = existing["metadata"].get("labels") or {}
@@ -523,8 +549,12 @@ def _placed_verdict(
     if state == "Failed":
         reason = status.get("reason") or "LoadFailed"
         message = status.get("message") or "the worker could not load the model"
+        if reason in RETRIED_LOAD_FAILURES:
+            # the node had less room than planned (a budget that shrank, memory still being freed):
+            # the worker retries once room frees and the next round re-plans; nothing is wrong with it
+            message = f"{message}; waiting for room on {node} or a new placement"
         return Verdict(
-            "Failed",
+            "Pending" if reason in RETRIED_LOAD_FAILURES else "Failed",
             reason,
             message,
             (validated, scheduled, ("Loaded", "False", reason, message), ("Ready", "False", reason, message)),

@@ -18,6 +18,7 @@ from residency_operator.state import (
     placement_name,
     placement_needs_update,
     planner_inputs,
+    write_phase,
 )
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
@@ -229,3 +230,52 @@ def test_metrics_expose_waiting_capacity_and_reclaimable_bytes(
     small_bytes = result.placements["team-a/small"].gpu_bytes
     assert sample("residency_node_reclaimable_gpu_bytes", {"node": "n1"}) == small_bytes
     assert sample("residency_models", {"phase": "WaitingForCapacity"}) == 1
+
+
+def test_a_refusal_for_room_shows_pending_and_other_load_failures_failed(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    models = [llm("a", make_model_dir("a", params=20_000))]
+    state = ClusterState(models, [profile("n1", 10**7)], [node("n1")], [])
+    _, _, desired = run(state, tmp_path)
+    (manifest,) = desired.values()
+    for reason, phase in (("PlacementDoesNotFit", "Pending"), ("WeightsCorrupt", "Failed")):
+        failed = {
+            **manifest,
+            "metadata": {**manifest["metadata"], "generation": 1},
+            "status": {"state": "Failed", "reason": reason, "message": "the worker said why"},
+        }
+        state = ClusterState(models, [profile("n1", 10**7)], [node("n1")], [failed])
+        inputs, result, _ = run(state, tmp_path)
+        verdict = model_verdict("team-a/a", inputs, result, failed)
+        assert (verdict.phase, verdict.reason) == (phase, reason)
+        assert verdict.message.startswith("the worker said why")
+        assert ("waiting for room on n1" in verdict.message) is (phase == "Pending")
+
+
+def test_writes_that_free_memory_go_first() -> None:
+    def placement(node_name: str, fraction: float, state: str = "Loaded", **spec: Any) -> dict[str, Any]:
+        return {
+            "metadata": {"name": "p"},
+            "spec": {
+                "nodeName": node_name,
+                "residentFraction": fraction,
+                "desiredState": state,
+                "executionMode": "stream",
+                "sourcePath": "/m",
+                "maxSequenceLength": 16,
+                **spec,
+            },
+        }
+
+    have = placement("n1", 0.8)
+    assert write_phase(None, have) == "grow"
+    assert write_phase(have, placement("n1", 0.5)) == "shrink"
+    assert write_phase(have, placement("n1", 0.8, "Preempted")) == "shrink"
+    assert write_phase(have, placement("n1", 0.8, "Idle")) == "shrink"
+    assert write_phase(have, placement("n2", 0.5)) == "move"
+    assert write_phase(have, placement("n1", 1.0)) == "grow"
+    assert write_phase(placement("n1", 0.8, "Preempted"), placement("n1", 0.8)) == "grow"  # a resume
+    # a lower fraction that reloads (another KV size) or adds staging buffers takes memory too
+    assert write_phase(have, placement("n1", 0.5, maxSequenceLength=4096)) == "grow"
+    assert write_phase(placement("n1", 1.0, executionMode="cpu"), placement("n1", 0.9)) == "grow"

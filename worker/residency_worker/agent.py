@@ -97,6 +97,7 @@ class AgentConfig:
     poll_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     grow_seconds: float = 2.0  # loads one sync starts before it lists placements again (moves, deletions)
+    retry_seconds: float = 10.0  # a placement refused for room is retried this often, and when room frees
     node_heartbeat: bool = False  # also keep the Node Ready (local clusters have no kubelet)
     pod_name: str | None = None  # this worker's own Pod (downward API), annotated while it serves
     pod_namespace: str | None = None
@@ -108,6 +109,21 @@ class _Failure:
     generation: int
     reason: str
     message: str
+    others_reserved_bytes: int = 0  # GPU bytes other models held when it failed
+    budget_bytes: int = 0
+    at: float = 0.0  # time.monotonic()
+
+    def retry_now(self, others_reserved_bytes: int, budget_bytes: int, retry_seconds: float) -> bool:
+        """A refusal for room is retried once room was freed (another placement on this node shrank
+        first, which the operator's writes may reach this worker after) or after `retry_seconds`; any
+        other failure waits for a new spec."""
+        if self.reason != RETRIED_REASON:
+            return False
+        freed = others_reserved_bytes < self.others_reserved_bytes or budget_bytes > self.budget_bytes
+        return freed or time.monotonic() - self.at >= retry_seconds
+
+
+RETRIED_REASON = "PlacementDoesNotFit"
 
 
 @dataclass
@@ -314,8 +330,14 @@ class NodeAgent:
         spec = placement["spec"]
         generation = int(placement["metadata"].get("generation", 0))
         failure = self._failures.get(name)
-        if failure is not None and failure.generation == generation:
-            return  # already failed for this spec: wait for the operator to re-plan
+        if (
+            failure is not None
+            and failure.generation == generation
+            and not failure.retry_now(
+                self._others_reserved_bytes(name), self.engine.tier.budget_bytes, self.config.retry_seconds
+            )
+        ):
+            return  # already failed for this spec: wait for room, or for the operator to re-plan
         try:
             if action == "load":
                 self._patch_status(placement, {"state": "Loading", "reason": None, "message": None})
@@ -348,10 +370,22 @@ class NodeAgent:
             self._failures.pop(name, None)
         except EngineError as exc:
             log.warning("%s of %s failed: %s (%s)", action, name, exc.message, exc.reason)
-            self._failures[name] = _Failure(generation, exc.reason, exc.message)
+            self._failures[name] = _Failure(
+                generation,
+                exc.reason,
+                exc.message,
+                self._others_reserved_bytes(name),
+                self.engine.tier.budget_bytes,
+                time.monotonic(),
+            )
             if action == "load" and name in self.engine.names():
                 self._unload(name)
         self._report(placement)
+
+    def _others_reserved_bytes(self, name: str) -> int:
+        """GPU bytes the other models on this node hold (the engine reserves per `model/<name>`)."""
+        tier = self.engine.tier
+        return tier.reserved_bytes() - tier.reserved_bytes(f"model/{name}")
 
     def _report(self, placement: dict[str, Any]) -> None:
         name = self._model_name(placement)
