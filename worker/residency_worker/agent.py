@@ -97,7 +97,6 @@ class AgentConfig:
     poll_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     grow_seconds: float = 2.0  # loads one sync starts before it lists placements again (moves, deletions)
-    retry_seconds: float = 10.0  # a placement refused for room is retried this often, and when room frees
     node_heartbeat: bool = False  # also keep the Node Ready (local clusters have no kubelet)
     pod_name: str | None = None  # this worker's own Pod (downward API), annotated while it serves
     pod_namespace: str | None = None
@@ -111,16 +110,14 @@ class _Failure:
     message: str
     others_reserved_bytes: int = 0  # GPU bytes other models held when it failed
     budget_bytes: int = 0
-    at: float = 0.0  # time.monotonic()
 
-    def retry_now(self, others_reserved_bytes: int, budget_bytes: int, retry_seconds: float) -> bool:
-        """A refusal for room is retried once room was freed (another placement on this node shrank
-        first, which the operator's writes may reach this worker after) or after `retry_seconds`; any
-        other failure waits for a new spec."""
+    def retry_now(self, others_reserved_bytes: int, budget_bytes: int) -> bool:
+        """A refusal for room is retried once room was freed: another placement on this node shrank or
+        left (the operator's writes may reach this worker in either order) or the budget grew. Not on a
+        timer: a retry reads the weights again. Any other failure waits for a new spec."""
         if self.reason != RETRIED_REASON:
             return False
-        freed = others_reserved_bytes < self.others_reserved_bytes or budget_bytes > self.budget_bytes
-        return freed or time.monotonic() - self.at >= retry_seconds
+        return others_reserved_bytes < self.others_reserved_bytes or budget_bytes > self.budget_bytes
 
 
 RETRIED_REASON = "PlacementDoesNotFit"
@@ -333,9 +330,7 @@ class NodeAgent:
         if (
             failure is not None
             and failure.generation == generation
-            and not failure.retry_now(
-                self._others_reserved_bytes(name), self.engine.tier.budget_bytes, self.config.retry_seconds
-            )
+            and not failure.retry_now(self._others_reserved_bytes(name), self.engine.tier.budget_bytes)
         ):
             return  # already failed for this spec: wait for room, or for the operator to re-plan
         try:
@@ -376,7 +371,6 @@ class NodeAgent:
                 exc.message,
                 self._others_reserved_bytes(name),
                 self.engine.tier.budget_bytes,
-                time.monotonic(),
             )
             if action == "load" and name in self.engine.names():
                 self._unload(name)
