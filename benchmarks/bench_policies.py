@@ -8,17 +8,26 @@ The summary also gives, per scenario, the offered load (output tokens/s of every
 of a policy that met every SLO) and so the highest ratio any policy could reach, and, where models have
 different priorities, goodput weighted by priority (what the planner maximises; see the issue).
 Scenarios marked ``extra`` are not among the issue's standard four and are listed apart.
+
+A separate, clearly labelled memory-pressure sweep follows (``--no-sweep`` skips it): the same models,
+traffic and seed as a standard scenario, on the same nodes with their GPU memory scaled so that the
+models' whole footprint (weights + KV reservation + workspace, fully resident) is 0.5x, 1x, 1.5x and 2x
+of the fleet's usable GPU memory. It shows where partial residency pays (the fleet cannot hold every
+model whole) and where it cannot (everything fits: all policies tie). The standard scenarios themselves
+are not changed by it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from residency_operator.simulator.cluster import load_scenario
+from residency_operator.planner.options import gpu_bytes_needed, usable_gpu_bytes
+from residency_operator.simulator.cluster import Scenario, load_scenario
 from residency_operator.simulator.report import PolicyReport, format_table, write_json, write_plot
 from residency_operator.simulator.runner import (
     POLICY_NAMES,
@@ -29,6 +38,10 @@ from residency_operator.simulator.runner import (
 
 RESULTS = Path(__file__).parent / "results"
 GOAL = 1.3
+SWEEP_SCENARIOS = ("skewed-50x8", "small-large-mix")
+"""Standard scenarios the memory-pressure sweep scales (single priority: raw goodput is the objective)."""
+SWEEP_PRESSURES = (0.5, 1.0, 1.5, 2.0)
+"""Whole-model footprint of all models over the fleet's usable GPU memory, at each sweep point."""
 
 
 def weighted(report: PolicyReport) -> float:
@@ -36,11 +49,111 @@ def weighted(report: PolicyReport) -> float:
     return sum(priority * tokens for priority, tokens in report.goodput_by_priority_tokens_per_second.items())
 
 
+def memory_pressure(scenario: Scenario) -> float:
+    """Whole-model GPU footprint of every model over the fleet's usable GPU memory."""
+    footprint = sum(gpu_bytes_needed(m.demand(), 1.0, "stream") for m in scenario.models)
+    fleet = sum(usable_gpu_bytes(n) for n in scenario.nodes)
+    return footprint / fleet if fleet else float("inf")
+
+
+def at_memory_pressure(scenario: Scenario, pressure: float) -> Scenario:
+    """The scenario with every node's usable GPU memory scaled by one factor so that its memory pressure
+    is ``pressure``; models, traffic, bandwidths and seed unchanged."""
+    scale = memory_pressure(scenario) / pressure
+    nodes = [
+        dataclasses.replace(n, gpu_memory_bytes=n.reserved_gpu_bytes + round(usable_gpu_bytes(n) * scale))
+        for n in scenario.nodes
+    ]
+    return dataclasses.replace(scenario, nodes=nodes, name=f"{scenario.name}@{pressure:g}x")
+
+
+def compare(scenario: Scenario) -> tuple[list[PolicyReport], dict[str, float]]:
+    """Every policy on the scenario's one seeded trace; returns the reports and the run seconds."""
+    requests = scenario_requests(scenario)
+    reports = []
+    seconds: dict[str, float] = {}
+    for policy in POLICY_NAMES:
+        started = time.perf_counter()
+        reports.append(run_policy(scenario, policy, requests))
+        seconds[policy] = time.perf_counter() - started
+    return reports, seconds
+
+
+def sweep(base: Scenario) -> list[dict[str, Any]]:
+    """Residency / best baseline at each memory pressure of :data:`SWEEP_PRESSURES`."""
+    rows = []
+    offered = sum(r.output_tokens for r in scenario_requests(base)) / base.duration_seconds
+    for pressure in SWEEP_PRESSURES:
+        scaled = at_memory_pressure(base, pressure)
+        reports, _ = compare(scaled)
+        ours = next(r for r in reports if r.policy == "residency")
+        best = max((r for r in reports if r.policy != "residency"), key=lambda r: r.goodput_tokens_per_second)
+        rows.append(
+            {
+                "scenario": base.name,
+                "memory_pressure": pressure,
+                "fleet_usable_gpu_bytes": sum(usable_gpu_bytes(n) for n in scaled.nodes),
+                "offered_tokens_per_second": offered,
+                "goodput_by_policy": {r.policy: r.goodput_tokens_per_second for r in reports},
+                "best_baseline": best.policy,
+                "ratio": _ratio(ours.goodput_tokens_per_second, best.goodput_tokens_per_second),
+                "ceiling_ratio": _ratio(offered, best.goodput_tokens_per_second),
+            }
+        )
+    return rows
+
+
+def print_sweep(rows: list[dict[str, Any]]) -> None:
+    """The sweep as one table."""
+    print(
+        "\nMemory-pressure sweep (separate from the standard scenarios): every node's GPU memory scaled so\n"
+        "that all models whole (weights + KV reservation + workspace) need the given multiple of the\n"
+        "fleet's usable GPU memory; same models, traffic and seed. ratio = residency / best baseline;\n"
+        "ceiling = offered / best baseline"
+    )
+    header = (
+        f"{'scenario':<18}{'pressure':>9}{'fleet GiB':>10}{'residency':>10}{'lru-evict':>10}{'uniform':>9}"
+        f"{'binpack':>9}{'offered':>9}{'ratio':>8}{'ceiling':>9}  verdict"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        goodput = row["goodput_by_policy"]
+        if row["ratio"] >= GOAL:
+            verdict = f">= {GOAL}x"
+        elif row["ratio"] >= 0.95:
+            verdict = "tie" if row["ratio"] < 1.05 else "ahead"
+        else:
+            verdict = "behind"
+        if row["ceiling_ratio"] < GOAL:
+            verdict += f" ({GOAL}x unreachable)"
+        print(
+            f"{row['scenario']:<18}{row['memory_pressure']:>8.1f}x"
+            f"{row['fleet_usable_gpu_bytes'] / 2**30:>10.0f}"
+            f"{goodput['residency']:>10.1f}{goodput['lru-evict']:>10.1f}{goodput['uniform-offload']:>9.1f}"
+            f"{goodput['binpack']:>9.1f}{row['offered_tokens_per_second']:>9.1f}{row['ratio']:>7.2f}x"
+            f"{row['ceiling_ratio']:>8.2f}x  {verdict}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scenario", action="append", help="scenario name (default: all shipped ones)")
     parser.add_argument("--seed", type=int, default=None, help="override each scenario's seed")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the memory-pressure sweep")
+    parser.add_argument(
+        "--sweep-only", action="store_true", help="only the memory-pressure sweep (prints, writes nothing)"
+    )
     args = parser.parse_args()
+    if args.sweep_only:
+        for path in standard_scenarios():
+            base = load_scenario(path)
+            if base.name in SWEEP_SCENARIOS and (not args.scenario or base.name in args.scenario):
+                if args.seed is not None:
+                    base.seed = args.seed
+                print_sweep(sweep(base))
+        return
+    sweep_rows: list[dict[str, Any]] = []
     all_reports: dict[str, list[PolicyReport]] = {}
     summary: list[dict[str, Any]] = []
     for path in standard_scenarios():
@@ -51,18 +164,15 @@ def main() -> None:
             scenario.seed = args.seed
         requests = scenario_requests(scenario)
         offered = sum(r.output_tokens for r in requests) / scenario.duration_seconds
-        reports = []
-        seconds: dict[str, float] = {}
-        for policy in POLICY_NAMES:
-            started = time.perf_counter()
-            reports.append(run_policy(scenario, policy, requests))
-            seconds[policy] = time.perf_counter() - started
+        reports, seconds = compare(scenario)
+        if scenario.name in SWEEP_SCENARIOS and not args.no_sweep:
+            sweep_rows.extend(sweep(scenario))
         all_reports[scenario.name] = reports
         label = " (extra scenario)" if scenario.extra else ""
         print(
             f"\n{scenario.name}{label}: {len(scenario.models)} models, {len(scenario.nodes)} nodes, "
             f"{len(requests)} requests over {scenario.duration_seconds:.0f} s (seed {scenario.seed}); "
-            f"offered {offered:.1f} tok/s"
+            f"offered {offered:.1f} tok/s; memory pressure {memory_pressure(scenario):.2f}x"
         )
         print(format_table(reports))
         ours = next(r for r in reports if r.policy == "residency")
@@ -80,6 +190,7 @@ def main() -> None:
                 "goodput_by_policy": {r.policy: r.goodput_tokens_per_second for r in reports},
                 "ratio": _ratio(ours.goodput_tokens_per_second, best.goodput_tokens_per_second),
                 "ceiling_ratio": _ratio(offered, best.goodput_tokens_per_second),
+                "memory_pressure": memory_pressure(scenario),
                 "residency_goodput_by_priority": ours.goodput_by_priority_tokens_per_second,
                 "best_baseline_goodput_by_priority": best.goodput_by_priority_tokens_per_second,
                 "priority_weighted": len(ours.goodput_by_priority_tokens_per_second) > 1,
@@ -90,6 +201,8 @@ def main() -> None:
                 "simulation_seconds": seconds,
             }
         )
+        if args.scenario:
+            continue
         RESULTS.mkdir(parents=True, exist_ok=True)
         write_plot(
             reports, RESULTS / f"policies-{scenario.name}.png", f"{scenario.name}: SLO-met goodput by policy"
@@ -127,7 +240,16 @@ def main() -> None:
                 f"{row['residency_weighted_goodput']:.0f} vs {row['best_weighted_baseline']} "
                 f"{row['best_baseline_weighted_goodput']:.0f} = {row['weighted_ratio']:.2f}x"
             )
-    write_json(all_reports, RESULTS / "policies.json", {"summary": summary, "machine": platform.platform()})
+    if sweep_rows:
+        print_sweep(sweep_rows)
+    if args.scenario:
+        print("(a subset of scenarios: benchmarks/results/policies.json left as it was)")
+        return
+    write_json(
+        all_reports,
+        RESULTS / "policies.json",
+        {"summary": summary, "memory_sweep": sweep_rows, "machine": platform.platform()},
+    )
     print(f"wrote {RESULTS / 'policies.json'}")
 
 

@@ -16,6 +16,8 @@ from residency_operator.planner import (
     plan,
 )
 from residency_operator.planner.incremental import IncrementalPlanner
+from residency_operator.planner.options import evaluate_option, time_capacity
+from residency_operator.planner.predictor import Predictor
 
 L4 = NodeCapacity("l4-0", "L4", 24 * GIB, 128 * GIB, 25.0, 300.0, 60.0)
 H100 = NodeCapacity("h100-0", "H100", 80 * GIB, 512 * GIB, 50.0, 2000.0, 120.0)
@@ -155,3 +157,58 @@ def test_a_model_whose_demand_outgrew_its_gpu_moves_to_a_faster_one() -> None:
     assert [a.kind for a in planned.actions] == ["migrate"]
     quiet = dataclasses.replace(hot, demand_decode_tokens_per_second=5.0)
     assert plan([quiet], [L4, H100], current, config=PlannerConfig(solver="greedy")).actions == ()
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_an_idle_model_makes_room_for_a_busy_one_of_its_own_tier(solver: str) -> None:
+    """Same priority: a loaded model nobody uses is preempted (weights kept in host memory) for one with
+    traffic that cannot fit beside it."""
+    idle = model("ns/idle", 8, demand_decode_tokens_per_second=0.0, min_decode_tokens_per_second=5.0)
+    busy = model(
+        "ns/busy",
+        8,
+        demand_decode_tokens_per_second=60.0,
+        min_decode_tokens_per_second=5.0,
+        max_offload_fraction=0.0,
+    )
+    current = [CurrentPlacement("ns/idle", "l4-0", 1.0, "stream", "idle")]
+    planned = plan([idle, busy], [L4], current, config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
+    assert planned.placements["ns/busy"].node == "l4-0"
+    assert "ns/idle" not in planned.placements
+    kinds = [(a.kind, a.model) for a in planned.actions]
+    assert kinds.index(("preempt", "ns/idle")) < kinds.index(("load", "ns/busy"))
+
+
+def test_models_of_one_tier_do_not_swap_for_a_small_gain() -> None:
+    """A running model of the same tier is preempted only for a clear gain, not for a near equal."""
+    running = model("ns/running", 8, demand_decode_tokens_per_second=20.0, min_decode_tokens_per_second=5.0)
+    waiting = model(
+        "ns/waiting",
+        8,
+        demand_decode_tokens_per_second=25.0,
+        min_decode_tokens_per_second=5.0,
+        max_offload_fraction=0.0,
+    )
+    current = [CurrentPlacement("ns/running", "l4-0", 1.0, "stream")]
+    planned = plan([running, waiting], [L4], current, config=PlannerConfig(solver="greedy"))
+    assert planned.actions == ()
+    assert "ns/waiting" not in planned.placements
+
+
+def test_a_busy_gpu_is_valued_at_what_its_time_can_serve() -> None:
+    """A full batch on the L4 would be fast enough for twice the demand, but the demand already needs
+    most of the L4's time: that option is worth about the demand, the H100's (same footprint) the demand
+    with its headroom."""
+    config = PlannerConfig()
+    busy = dataclasses.replace(
+        model("ns/busy", 8, demand_decode_tokens_per_second=60.0, min_decode_tokens_per_second=5.0),
+        max_batch=8,
+    )
+    on_l4 = evaluate_option(Predictor(), busy, L4, 1.0, "stream", config)
+    on_h100 = evaluate_option(Predictor(), busy, H100, 1.0, "stream", config)
+    assert on_l4.busy_fraction > 0.5
+    assert on_l4.throughput_tokens_per_second > config.demand_headroom * 60.0
+    assert on_l4.primary_value < 60.0 * config.max_gpu_busy_fraction / on_l4.busy_fraction + 1.0
+    assert on_h100.primary_value >= config.demand_headroom * 60.0 - 1.0
+    assert float(time_capacity(70.0, 1.9, 0.95)) == pytest.approx(35.0)
+    assert float(time_capacity(float("inf"), 0.5, 0.95)) == float("inf")

@@ -59,6 +59,9 @@ ROOMY_NODE_LIMIT = 48
 TIE_BREAK_SLACK = 0.1
 """A higher-priority model may be demoted for a lower one only if its value drops by no more than this
 share of the availability value (memory and time tie-breaks, not served throughput)."""
+SAME_TIER_SWAP_GAIN = 2.0
+"""A model may preempt one of its own tier to make room only if it gains this many times what that loses
+(net of its amortised load): a clear win, never a swap of near equals that the next plan might undo."""
 MAKE_ROOM_FAILURE_LIMIT = 32
 """After this many models in a row of one tier found no room to make, the tier stops trying (the cluster
 is full for it); bounds the work on hopelessly over-subscribed inputs."""
@@ -498,8 +501,10 @@ class GreedyPlanner:
             self._evict_until_fit(node)
 
     def _evict_until_fit(self, node: int) -> None:
-        """Where running models no longer fit their node together (capacity shrank, an SLO tightened),
-        release the least important until they do: preemptible before not, lowest priority, least value.
+        """Where running models no longer fit their node together (capacity shrank, an SLO tightened,
+        demand grew), release the least important until they do: preemptible before not, lowest priority,
+        least value. Then seat again, most valuable first, every released model that still fits beside
+        the others: only as many are released as the fit needs.
 
         Memory is a hard limit; GPU time is an estimate, so running models are only moved off a node when
         their estimated demand exceeds all of its time (not merely the planning target)."""
@@ -514,10 +519,18 @@ class GreedyPlanner:
                 self.models[i].name,
             ),
         )
+        released: list[tuple[int, Assignment]] = []
         for victim in victims:
             if self._seated_fit(node):
                 break
-            self.state.release(victim)
+            assignment = self.state.release(victim)
+            if assignment is not None:
+                released.append((victim, assignment))
+        # The last release restored the fit; an earlier, less important one may not have been needed.
+        for victim, assignment in reversed(released[:-1]):
+            self.state.occupy(victim, assignment)
+            if not self._seated_fit(node):
+                self.state.release(victim)
 
     def _seated_fit(self, node: int) -> bool:
         state = self.state
@@ -894,6 +907,9 @@ class GreedyPlanner:
                 # A smaller need already found no room here in this tier; room only shrinks as it fills.
                 continue
             gain_value = float(tables.primary_value[node_class, mode_index, model_index, level])
+            # What the newcomer gains is net of its amortised load (it serves nothing while it loads).
+            net_gain = gain_value * (1.0 - self._load_share(node_class, model_index, level))
+            value_limited = False
             if only_nodes is None:
                 largest = state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]
                 candidates = [node for _, node in reversed(largest)]
@@ -905,16 +921,29 @@ class GreedyPlanner:
                     continue
                 loss, steps = plan
                 same_tier_loss = sum(
-                    self._step_loss(i, kind, model.priority)
-                    for i, kind, _ in steps
+                    self._step_loss(i, kind, model.priority, step_level)
+                    for i, kind, step_level in steps
                     if self.models[i].priority >= model.priority
                 )
                 if same_tier_loss >= gain_value:
                     continue
+                # Preempting a model of the same tier must clearly beat keeping it (see SAME_TIER_SWAP_GAIN),
+                # so that models of one tier do not take turns evicting each other.
+                swapped = [
+                    i
+                    for i, kind, _ in steps
+                    if kind == "preempt" and self.models[i].priority == model.priority
+                ]
+                if swapped:
+                    margin = sum(self.config.hysteresis_fraction * abs(self._value_of(i)) for i in swapped)
+                    if SAME_TIER_SWAP_GAIN * same_tier_loss + margin >= net_gain:
+                        value_limited = True
+                        continue
                 key = (loss, node, node_class, mode_index, level)
                 if best is None or key < best[:5]:
                     best = (loss, node, node_class, mode_index, level, steps)
-            if best is None and len(failures) < 32:
+            if best is None and not value_limited and len(failures) < 32:
+                # (A plan turned down for its value may suit a more valuable model of the same need.)
                 failures.append((need_gpu, need_host, need_busy))
         if best is None:
             return False
@@ -931,12 +960,19 @@ class GreedyPlanner:
             else:
                 self._demote_to(victim, level)
 
-    def _step_loss(self, model_index: int, kind: str, for_priority: int) -> float:
+    def _step_loss(self, model_index: int, kind: str, for_priority: int, level: int = -1) -> float:
+        """Value a model loses to a room-making step (a demotion to ``level``, or a preemption)."""
         assignment = self.state.assignment[model_index]
         if assignment is None:
             return 0.0
         if kind == "preempt":
             return assignment.value
+        if level >= 0:
+            node_class = self.class_of_node[assignment.node]
+            mode_index = MODES.index(assignment.mode)
+            return assignment.value - self.tables.primary_value.item(
+                node_class, mode_index, model_index, level
+            )
         minimal = self._minimal_option(model_index, assignment, for_priority)
         return 0.0 if minimal is None else assignment.value - minimal[2]
 
@@ -977,7 +1013,11 @@ class GreedyPlanner:
                         )
                     )
                     most_freed[other] = freed
-            if other_model.priority < priority and other_model.preemptible:
+            # Strictly lower tiers may be preempted; the same tier too (not for promotions, which take
+            # room from lower tiers only) when what the newcomer gains outweighs what it loses, which
+            # try_make_room weighs.
+            lower = other_model.priority < priority or (not lower_only and other_model.priority == priority)
+            if lower and other_model.preemptible:
                 preemptions.append(
                     (
                         other_model.priority,
@@ -1383,8 +1423,14 @@ class GreedyPlanner:
                 continue
             rate = tables.decode_tokens_per_second.item(node_class, MODES.index(a.mode), i, level)
             unserved = config.demand_headroom * demand - rate * max(1, model.max_batch)
-            if unserved > 0:
-                proposals.append((-unserved, model.name, i))
+            # Demand that needs all the GPU time the model may have outgrew the node too, even where a
+            # full batch would be fast enough: requests queue and miss their SLOs.
+            overloaded = (
+                tables.busy_fraction.item(node_class, MODES.index(a.mode), i, level)
+                >= config.max_gpu_busy_fraction - 1e-9
+            )
+            if unserved > 0 or overloaded:
+                proposals.append((-max(unserved, demand), model.name, i))
         moved = 0
         for _, _, i in sorted(proposals):
             current = state.assignment[i]
@@ -1412,12 +1458,67 @@ class GreedyPlanner:
                 if gain > 0 and (best is None or gain > best[0]):
                     best = (gain, node, node_class, mode_index, level)
             if best is None:
+                moved += self._relocate_making_room(i, current)
                 continue
             _, node, node_class, mode_index, level = best
             state.release(i)
             state.occupy(i, self._assignment_at(i, node, node_class, mode_index, level))
             moved += 1
         return moved
+
+    def _relocate_making_room(self, model_index: int, current: Assignment) -> int:
+        """Move an outgrown model where no node has free room for it by making room on one (as a newcomer
+        would: demoting, preempting lower tiers, or preempting less valuable models of its own tier),
+        when the value gained, net of the amortised move, beats staying, what the room costs its own tier
+        and the hysteresis margin. Returns 1 when it moved."""
+        state, tables, config = self.state, self.tables, self.config
+        model = self.models[model_index]
+        from_node = self.nodes[current.node]
+        best: tuple[float, int, int, int, int, list[tuple[int, str, int]]] | None = None
+        for node_class, mode_index in self._class_modes(model_index):
+            level = int(self.target_level[node_class, mode_index, model_index])
+            value = tables.primary_value.item(node_class, mode_index, model_index, level)
+            if value <= current.value * (1.0 + config.hysteresis_fraction):
+                continue
+            need = (
+                int(tables.gpu_bytes.item(mode_index, model_index, level)),
+                int(tables.host_bytes.item(model_index, level)),
+                tables.busy_fraction.item(node_class, mode_index, model_index, level),
+                tables.tolerance.item(node_class, mode_index, model_index, level),
+            )
+            largest = state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]
+            for _, node in reversed(largest):
+                if node == current.node:
+                    continue
+                plan = self._room_plan(model, node, need)
+                if plan is None or not plan[1]:
+                    continue  # no room to make (free room was looked for already)
+                _, steps = plan
+                own_tier = [
+                    (i, kind, lvl) for i, kind, lvl in steps if self.models[i].priority >= model.priority
+                ]
+                loss = sum(
+                    self._step_loss(i, kind, model.priority, lvl)
+                    * (SAME_TIER_SWAP_GAIN if kind == "preempt" else 1.0)
+                    + (config.hysteresis_fraction * abs(self._value_of(i)) if kind == "preempt" else 0.0)
+                    for i, kind, lvl in own_tier
+                )
+                cost = migrate_cost(model, from_node, self.nodes[node], self._levels[level])
+                gain = (
+                    value
+                    - amortised_cost_tokens_per_second(cost, value, config.amortisation_horizon_seconds)
+                    - current.value * (1.0 + config.hysteresis_fraction)
+                    - loss
+                )
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, node, node_class, mode_index, level, steps)
+        if best is None:
+            return 0
+        _, node, node_class, mode_index, level, steps = best
+        self._carry_out(steps, model_index)
+        state.release(model_index)
+        state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
+        return 1
 
     def solve(self) -> GreedyResult:
         """Run all tiers, highest priority first."""

@@ -97,17 +97,20 @@ def served_values(
     time_share: float,
     config: PlannerConfig,
     host_bytes: int = 0,
+    capacity_tokens_per_second: float = float("inf"),
 ) -> tuple[float, float]:
     """(primary, full) objective value of running a placement.
 
     Primary: availability + throughput up to demand - memory tie-break; priorities are compared on it.
     Full: primary + a little for throughput beyond demand, which only spends memory nobody else needs.
+    ``capacity_tokens_per_second``: what the placement can serve in the GPU time it may have (see
+    :func:`time_capacity`).
     """
     demand = model.demand_decode_tokens_per_second
     served = (
         throughput_tokens_per_second
         if demand is None
-        else min(throughput_tokens_per_second, config.demand_headroom * demand)
+        else min(throughput_tokens_per_second, config.demand_headroom * demand, capacity_tokens_per_second)
     )
     primary = (
         config.availability_value_tokens_per_second
@@ -152,6 +155,21 @@ def prefill_share(prompt_tokens_per_second: Any, prefill_tokens_per_second: Any)
 def meets_slo_with_prefill(rate: Any, slo: Any, share: Any) -> Any:
     """Whether the decode rate left once the model's own prefills took their share still meets the SLO."""
     return rate * (1.0 - share) >= slo - 1e-9
+
+
+def time_capacity(demand_tokens_per_second: Any, needed_time_share: Any, max_busy: float) -> Any:
+    """Tokens/s a placement can serve within ``max_busy`` of its GPU's time, when its demand needs
+    ``needed_time_share`` of it (decode and prefill, uncapped; may exceed the whole GPU): the demand
+    scaled by the time there is over the time it needs. The share needed grows less than linearly with
+    demand (deeper batches), so this is a lower bound of what the GPU could serve. Without it an
+    overloaded small GPU, whose full batch is fast enough but whose demand needs more than all of its
+    time (requests queue and miss their SLOs), would look as good as a fast one. Unbounded where the
+    demand is unknown or zero."""
+    needed = np.asarray(needed_time_share, dtype=np.float64)
+    demand = np.asarray(demand_tokens_per_second, dtype=np.float64)
+    known = np.isfinite(demand) & (needed > 0)
+    scaled = np.where(known, demand, 0.0) * max_busy / np.maximum(needed, 1e-12)
+    return np.where(known, scaled, np.inf)
 
 
 BATCHING_SAFETY = 2.0
@@ -230,20 +248,20 @@ def evaluate_option(
                 ),
             )
         )
-    busy = min(
-        config.max_gpu_busy_fraction,
+    needed_time = (
         float(
             gpu_busy_fraction(
                 np.inf if demand is None else demand,
                 predictor.decode_step_seconds(model, node, resident_fraction, mode, 1),
                 predictor.decode_step_seconds(model, node, resident_fraction, mode),
                 float(max(1, model.max_batch)),
-                config.max_gpu_busy_fraction,
+                np.inf,
                 model.min_decode_tokens_per_second or 0.0,
             )
         )
-        + prefill,
+        + prefill
     )
+    busy = min(config.max_gpu_busy_fraction, needed_time)
     tolerance = float(sharing_tolerance(rate, model.min_decode_tokens_per_second, prefill))
     primary, full = served_values(
         model,
@@ -252,6 +270,7 @@ def evaluate_option(
         max(busy, 1.0 - tolerance),
         config,
         host_bytes_needed(model, resident_fraction),
+        float(time_capacity(np.inf if demand is None else demand, needed_time, config.max_gpu_busy_fraction)),
     )
     return OptionEval(
         resident_fraction=resident_fraction,
@@ -458,6 +477,7 @@ def build_class_tables(
 
     rate = np.zeros((class_count, len(MODES), model_count, level_count))
     busy = np.zeros((class_count, len(MODES), model_count, level_count))
+    needed_time = np.zeros((class_count, len(MODES), model_count, level_count))
     prefill = np.zeros((class_count, len(MODES), model_count, level_count))
     kv_per_sequence = kv_per_step / batch
     load_seconds = np.zeros((class_count, model_count, level_count))
@@ -497,18 +517,18 @@ def build_class_tables(
                     models, with_prompts, node, mode, levels, predictor, profiled_models,
                     weight, parameters, prompt_rate, prompt_tokens,
                 )  # fmt: skip
-            busy[c, k] = np.minimum(
-                config.max_gpu_busy_fraction,
+            needed_time[c, k] = (
                 gpu_busy_fraction(
                     demand[:, None],
                     single_step_seconds,
                     full_step_seconds,
                     batch[:, None],
-                    config.max_gpu_busy_fraction,
+                    np.inf,
                     slo[:, None],
                 )
-                + prefill[c, k],
+                + prefill[c, k]
             )
+            busy[c, k] = np.minimum(config.max_gpu_busy_fraction, needed_time[c, k])
             feasible[c, k] = (
                 level_allowed
                 & mode_allowed[k][:, None]
@@ -517,7 +537,10 @@ def build_class_tables(
                 & (host_bytes <= host_capacity)
             )
     throughput = rate * batch[None, None, :, None]
-    served = np.minimum(throughput, config.demand_headroom * demand[None, None, :, None])
+    served = np.minimum(
+        np.minimum(throughput, config.demand_headroom * demand[None, None, :, None]),
+        time_capacity(demand[None, None, :, None], needed_time, config.max_gpu_busy_fraction),
+    )
     tolerance = np.where(
         slo[None, None, :, None] > 0, sharing_tolerance(rate, slo[None, None, :, None], prefill), 1.0
     )

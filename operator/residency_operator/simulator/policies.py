@@ -68,8 +68,15 @@ class ResidencyPolicy:
             return
         self._last_plan_seconds = now_seconds
         self._waiting_at_last_plan = waiting
+        # Before any time has passed nothing has been observed: demand is unknown (``None``, as the operator
+        # reports it without metrics), not zero; planning for zero demand would pack every model at the
+        # lowest residency that meets its SLO alone, and the first traffic would undo it.
+        observed = now_seconds > 0
         demands = [
-            runtime.spec.demand(sim.observed_demand_tokens_per_second(name), *sim.observed_prompts(name))
+            runtime.spec.demand(
+                sim.observed_demand_tokens_per_second(name) if observed else None,
+                *sim.observed_prompts(name),
+            )
             for name, runtime in sorted(sim.models.items())
         ]
         planned = plan(demands, sim.nodes, sim.current_placements(), (), now_seconds, self.config)
