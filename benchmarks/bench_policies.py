@@ -9,17 +9,18 @@ of a policy that met every SLO) and so the highest ratio any policy could reach,
 different priorities, goodput weighted by priority (what the planner maximises; see the issue).
 Scenarios marked ``extra`` are not among the issue's standard four and are listed apart.
 
-A separate, clearly labelled memory-pressure sweep follows (``--no-sweep`` skips it): the same models,
-traffic and seed as a standard scenario, on the same nodes with their GPU memory scaled so that the
-models' whole footprint (weights + KV reservation + workspace, fully resident) is 0.5x, 1x, 1.5x and 2x
-of the fleet's usable GPU memory. It shows where partial residency pays (the fleet cannot hold every
-model whole) and where it cannot (everything fits: all policies tie). The standard scenarios themselves
-are not changed by it.
+A separate, clearly labelled memory-pressure sweep follows (``--no-sweep`` skips it; ``--sweep-only``
+runs only it): the same models and seed as a standard scenario, on the same nodes with their GPU memory
+scaled so that the models' whole footprint (weights + KV reservation + workspace, fully resident) is
+0.5x, 1x, 1.5x and 2x of the fleet's usable GPU memory, each at the shipped request rates and at twice
+them. It shows where residency pulls ahead and where it ties or trails, and the ceiling at each point.
+The standard scenarios themselves are not changed by it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import platform
 import time
@@ -42,6 +43,8 @@ SWEEP_SCENARIOS = ("skewed-50x8", "small-large-mix")
 """Standard scenarios the memory-pressure sweep scales (single priority: raw goodput is the objective)."""
 SWEEP_PRESSURES = (0.5, 1.0, 1.5, 2.0)
 """Whole-model footprint of all models over the fleet's usable GPU memory, at each sweep point."""
+SWEEP_LOADS = (1.0, 2.0)
+"""Request rates of every model scaled by these factors at each memory pressure (1 = as shipped)."""
 
 
 def weighted(report: PolicyReport) -> float:
@@ -54,6 +57,18 @@ def memory_pressure(scenario: Scenario) -> float:
     footprint = sum(gpu_bytes_needed(m.demand(), 1.0, "stream") for m in scenario.models)
     fleet = sum(usable_gpu_bytes(n) for n in scenario.nodes)
     return footprint / fleet if fleet else float("inf")
+
+
+def at_load(scenario: Scenario, factor: float) -> Scenario:
+    """The scenario with every request rate of its workload scaled by ``factor`` (same seed)."""
+    if factor == 1.0:
+        return scenario
+    workload = copy.deepcopy(scenario.workload)
+    if "total_rate_per_second" in workload:
+        workload["total_rate_per_second"] = float(workload["total_rate_per_second"]) * factor
+    for event in workload.get("events", []):
+        event["rate_per_second"] = float(event["rate_per_second"]) * factor
+    return dataclasses.replace(scenario, workload=workload, name=f"{scenario.name}x{factor:g}load")
 
 
 def at_memory_pressure(scenario: Scenario, pressure: float) -> Scenario:
@@ -80,26 +95,32 @@ def compare(scenario: Scenario) -> tuple[list[PolicyReport], dict[str, float]]:
 
 
 def sweep(base: Scenario) -> list[dict[str, Any]]:
-    """Residency / best baseline at each memory pressure of :data:`SWEEP_PRESSURES`."""
+    """Residency / best baseline at each memory pressure of :data:`SWEEP_PRESSURES` and offered load of
+    :data:`SWEEP_LOADS`."""
     rows = []
-    offered = sum(r.output_tokens for r in scenario_requests(base)) / base.duration_seconds
-    for pressure in SWEEP_PRESSURES:
-        scaled = at_memory_pressure(base, pressure)
-        reports, _ = compare(scaled)
-        ours = next(r for r in reports if r.policy == "residency")
-        best = max((r for r in reports if r.policy != "residency"), key=lambda r: r.goodput_tokens_per_second)
-        rows.append(
-            {
-                "scenario": base.name,
-                "memory_pressure": pressure,
-                "fleet_usable_gpu_bytes": sum(usable_gpu_bytes(n) for n in scaled.nodes),
-                "offered_tokens_per_second": offered,
-                "goodput_by_policy": {r.policy: r.goodput_tokens_per_second for r in reports},
-                "best_baseline": best.policy,
-                "ratio": _ratio(ours.goodput_tokens_per_second, best.goodput_tokens_per_second),
-                "ceiling_ratio": _ratio(offered, best.goodput_tokens_per_second),
-            }
-        )
+    for load in SWEEP_LOADS:
+        loaded = at_load(base, load)
+        offered = sum(r.output_tokens for r in scenario_requests(loaded)) / base.duration_seconds
+        for pressure in SWEEP_PRESSURES:
+            scaled = at_memory_pressure(loaded, pressure)
+            reports, _ = compare(scaled)
+            ours = next(r for r in reports if r.policy == "residency")
+            best = max(
+                (r for r in reports if r.policy != "residency"), key=lambda r: r.goodput_tokens_per_second
+            )
+            rows.append(
+                {
+                    "scenario": base.name,
+                    "memory_pressure": pressure,
+                    "load_factor": load,
+                    "fleet_usable_gpu_bytes": sum(usable_gpu_bytes(n) for n in scaled.nodes),
+                    "offered_tokens_per_second": offered,
+                    "goodput_by_policy": {r.policy: r.goodput_tokens_per_second for r in reports},
+                    "best_baseline": best.policy,
+                    "ratio": _ratio(ours.goodput_tokens_per_second, best.goodput_tokens_per_second),
+                    "ceiling_ratio": _ratio(offered, best.goodput_tokens_per_second),
+                }
+            )
     return rows
 
 
@@ -108,12 +129,12 @@ def print_sweep(rows: list[dict[str, Any]]) -> None:
     print(
         "\nMemory-pressure sweep (separate from the standard scenarios): every node's GPU memory scaled so\n"
         "that all models whole (weights + KV reservation + workspace) need the given multiple of the\n"
-        "fleet's usable GPU memory; same models, traffic and seed. ratio = residency / best baseline;\n"
-        "ceiling = offered / best baseline"
+        "fleet's usable GPU memory (pressure), at the shipped request rates and at twice them (load);\n"
+        "same models and seed. ratio = residency / best baseline; ceiling = offered / best baseline"
     )
     header = (
-        f"{'scenario':<18}{'pressure':>9}{'fleet GiB':>10}{'residency':>10}{'lru-evict':>10}{'uniform':>9}"
-        f"{'binpack':>9}{'offered':>9}{'ratio':>8}{'ceiling':>9}  verdict"
+        f"{'scenario':<18}{'pressure':>9}{'load':>6}{'fleet GiB':>10}{'residency':>10}{'lru-evict':>10}"
+        f"{'uniform':>9}{'binpack':>9}{'offered':>9}{'ratio':>8}{'ceiling':>9}  verdict"
     )
     print(header)
     print("-" * len(header))
@@ -128,7 +149,7 @@ def print_sweep(rows: list[dict[str, Any]]) -> None:
         if row["ceiling_ratio"] < GOAL:
             verdict += f" ({GOAL}x unreachable)"
         print(
-            f"{row['scenario']:<18}{row['memory_pressure']:>8.1f}x"
+            f"{row['scenario']:<18}{row['memory_pressure']:>8.1f}x{row['load_factor']:>5.0f}x"
             f"{row['fleet_usable_gpu_bytes'] / 2**30:>10.0f}"
             f"{goodput['residency']:>10.1f}{goodput['lru-evict']:>10.1f}{goodput['uniform-offload']:>9.1f}"
             f"{goodput['binpack']:>9.1f}{row['offered_tokens_per_second']:>9.1f}{row['ratio']:>7.2f}x"

@@ -177,6 +177,9 @@ def test_an_idle_model_makes_room_for_a_busy_one_of_its_own_tier(solver: str) ->
     assert "ns/idle" not in planned.placements
     kinds = [(a.kind, a.model) for a in planned.actions]
     assert kinds.index(("preempt", "ns/idle")) < kinds.index(("load", "ns/busy"))
+    if solver == "greedy":
+        (reason,) = [u for u in planned.unschedulable if u.model == "ns/idle"]
+        assert "preempted for ns/busy (same priority" in reason.message
 
 
 def test_models_of_one_tier_do_not_swap_for_a_small_gain() -> None:

@@ -142,7 +142,9 @@ def _reasons_chunk(
         ""
         if preempted_for is None
         else f"preempted for higher-priority {preempted_for[0]} (priority {preempted_for[1]}); "
-        for _, _, preempted_for in cases
+        if preempted_for[1] > model.priority
+        else f"preempted for {preempted_for[0]} (same priority, worth at least twice as much); "
+        for _, model, preempted_for in cases
     ]
     indices = np.array([index for index, _, _ in cases], dtype=np.intp)
     classes = np.array(context.classes, dtype=np.intp)
