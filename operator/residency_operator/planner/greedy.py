@@ -241,6 +241,8 @@ class RoomCandidates:
     preemptions: list[tuple[int, float, str, int, int, int, float]]
     most_freed_gpu: int
     """GPU bytes freed if every candidate were demoted or preempted (the most it could free)."""
+    most_freed_lower_gpu: int
+    """The same without preempting models of the newcomer's own tier (they may still be demoted)."""
     staying: dict[int, tuple[float, float]]
     """Busy share and tolerance of every model on the node now."""
     used_time: float
@@ -341,7 +343,7 @@ class GreedyPlanner:
             entries.sort()
         self._fail_memo: dict[int, list[tuple[int, int, float, float]]] = {}
         self._memo_version = -1
-        self.failed_room: dict[tuple[int, int, int], list[tuple[int, int, float]]] = {}
+        self.failed_room: dict[tuple[int, int, int], list[tuple[int, int, float, float]]] = {}
         self.state = GreedyState(
             free_gpu=free_gpu,
             free_host=free_host,
@@ -883,7 +885,7 @@ class GreedyPlanner:
         self,
         model_index: int,
         only_nodes: Sequence[int] | None = None,
-        failed: dict[tuple[int, int, int], list[tuple[int, int, float]]] | None = None,
+        failed: dict[tuple[int, int, int], list[tuple[int, int, float, float]]] | None = None,
     ) -> bool:
         """Demote same-or-lower tiers / preempt strictly lower tiers on one node to admit the model.
 
@@ -900,23 +902,33 @@ class GreedyPlanner:
             need_host = int(tables.host_bytes[model_index, level])
             need_busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
             need_tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
-            memo_key = (model.priority, node_class, mode_index)
-            memo = self.failed_room if only_nodes is None else failed if failed is not None else {}
-            failures = memo.setdefault(memo_key, [])
-            if any(g <= need_gpu and h <= need_host and b <= need_busy + 1e-12 for g, h, b in failures):
-                # A smaller need already found no room here in this tier; room only shrinks as it fills.
-                continue
             gain_value = float(tables.primary_value[node_class, mode_index, model_index, level])
             # What the newcomer gains is net of its amortised load (it serves nothing while it loads).
             net_gain = gain_value * (1.0 - self._load_share(node_class, model_index, level))
-            value_limited = False
+            # Models of its own tier worth this much or more are not preempted for it.
+            limit = net_gain / SAME_TIER_SWAP_GAIN
+            memo_key = (model.priority, node_class, mode_index)
+            memo = self.failed_room if only_nodes is None else failed if failed is not None else {}
+            failures = memo.setdefault(memo_key, [])
+            if any(
+                g <= need_gpu and h <= need_host and b <= need_busy + 1e-12 and lim >= limit - 1e-12
+                for g, h, b, lim in failures
+            ):
+                # A smaller need, that could preempt as much of its tier, already found no room here in
+                # this tier; room only shrinks as it fills.
+                continue
             if only_nodes is None:
                 largest = state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]
                 candidates = [node for _, node in reversed(largest)]
             else:
                 candidates = [node for node in only_nodes if self.class_of_node[node] == node_class]
             for node in candidates:
-                plan = self._room_plan(model, node, (need_gpu, need_host, need_busy, need_tolerance))
+                plan = self._room_plan(
+                    model,
+                    node,
+                    (need_gpu, need_host, need_busy, need_tolerance),
+                    same_tier_value_limit=limit,
+                )
                 if plan is None:
                     continue
                 loss, steps = plan
@@ -937,14 +949,12 @@ class GreedyPlanner:
                 if swapped:
                     margin = sum(self.config.hysteresis_fraction * abs(self._value_of(i)) for i in swapped)
                     if SAME_TIER_SWAP_GAIN * same_tier_loss + margin >= net_gain:
-                        value_limited = True
                         continue
                 key = (loss, node, node_class, mode_index, level)
                 if best is None or key < best[:5]:
                     best = (loss, node, node_class, mode_index, level, steps)
-            if best is None and not value_limited and len(failures) < 32:
-                # (A plan turned down for its value may suit a more valuable model of the same need.)
-                failures.append((need_gpu, need_host, need_busy))
+            if best is None and len(failures) < 32:
+                failures.append((need_gpu, need_host, need_busy, limit))
         if best is None:
             return False
         _, node, node_class, mode_index, level, steps = best
@@ -987,6 +997,7 @@ class GreedyPlanner:
         demotions: list[tuple[float, str, int, int, int, float, float, float, int]] = []
         preemptions: list[tuple[int, float, str, int, int, int, float]] = []
         most_freed: dict[int, int] = {}
+        same_tier_extra: dict[int, int] = {}
         for other in state.models_on_node[node]:
             other_model = self.models[other]
             assignment = state.assignment[other]
@@ -1029,6 +1040,8 @@ class GreedyPlanner:
                         assignment.value,
                     )
                 )
+                if other_model.priority == priority:
+                    same_tier_extra[other] = assignment.gpu_bytes - most_freed.get(other, 0)
                 most_freed[other] = assignment.gpu_bytes
         demotions.sort()
         preemptions.sort()
@@ -1042,6 +1055,7 @@ class GreedyPlanner:
             demotions,
             preemptions,
             sum(most_freed.values()),
+            sum(most_freed.values()) - sum(same_tier_extra.values()),
             staying,
             sum(busy for busy, _ in staying.values()),
         )
@@ -1049,11 +1063,17 @@ class GreedyPlanner:
         return candidates
 
     def _room_plan(
-        self, model: ModelDemand, node: int, need: tuple[int, int, float, float], lower_only: bool = False
+        self,
+        model: ModelDemand,
+        node: int,
+        need: tuple[int, int, float, float],
+        lower_only: bool = False,
+        same_tier_value_limit: float = 0.0,
     ) -> tuple[float, list[tuple[int, str, int]]] | None:
         """Cheapest demotions then preemptions on ``node`` that make room; None when impossible.
 
-        ``need`` is (GPU bytes, host bytes, busy share, tolerance) of the model to admit.
+        ``need`` is (GPU bytes, host bytes, busy share, tolerance) of the model to admit. Models of its own
+        tier are preempted only below ``same_tier_value_limit`` (value).
         """
         state = self.state
         need_gpu, need_host, need_busy, need_tolerance = need
@@ -1078,6 +1098,11 @@ class GreedyPlanner:
             return 0.0, []
         if free_gpu + candidates.most_freed_gpu < need_gpu:
             return None  # not even demoting and preempting everything it may would free the memory
+        if free_gpu + candidates.most_freed_lower_gpu < need_gpu and not any(
+            priority == model.priority and value < same_tier_value_limit
+            for priority, _, _, _, _, _, value in candidates.preemptions
+        ):
+            return None  # only models of its own tier worth too much to preempt would free enough
         steps: list[tuple[int, str, int]] = []
         loss_total = 0.0
         demoted: dict[int, tuple[int, int]] = {}
@@ -1093,9 +1118,11 @@ class GreedyPlanner:
             loss_total += loss
             demoted[other] = (freed_gpu, host_delta)
             steps.append((other, "demote", level))
-        for _, _, _, other, gpu, host, value in candidates.preemptions:
+        for priority, _, _, other, gpu, host, value in candidates.preemptions:
             if enough():
                 break
+            if priority == model.priority and value >= same_tier_value_limit:
+                break  # same tier, least valuable first: none from here on is worth preempting
             if other in demoted:
                 # Preempting a model already demoted frees its demoted footprint, not its original one.
                 freed_gpu, host_delta = demoted.pop(other)
@@ -1490,7 +1517,13 @@ class GreedyPlanner:
             for _, node in reversed(largest):
                 if node == current.node:
                     continue
-                plan = self._room_plan(model, node, need)
+                plan = self._room_plan(
+                    model,
+                    node,
+                    need,
+                    same_tier_value_limit=max(0.0, value - current.value * (1.0 + config.hysteresis_fraction))
+                    / SAME_TIER_SWAP_GAIN,
+                )
                 if plan is None or not plan[1]:
                     continue  # no room to make (free room was looked for already)
                 _, steps = plan

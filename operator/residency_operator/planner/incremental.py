@@ -212,7 +212,7 @@ class IncrementalPlanner:
         greedy, state = self.greedy, self.greedy.state
         models = greedy.models
         journal = state.touched if state.touched is not None else {}
-        failed: dict[tuple[int, int, int], list[tuple[int, int, float]]] = {}
+        failed: dict[tuple[int, int, int], list[tuple[int, int, float, float]]] = {}
         tier: int | None = None
         while True:
             # As a full plan does at each tier's start: whoever has no place now (a higher tier may just
@@ -258,7 +258,7 @@ class IncrementalPlanner:
         fits_on: dict[int, set[int]],
         accepting: list[int],
         make_room: bool,
-        failed: dict[tuple[int, int, int], list[tuple[int, int, float]]],
+        failed: dict[tuple[int, int, int], list[tuple[int, int, float, float]]],
     ) -> None:
         """One tier of :meth:`_admit`: ``order`` in admission order; ``fits_on``, per model, the nodes of
         ``accepting`` where it had free room when the tier began."""
