@@ -243,6 +243,8 @@ class RoomCandidates:
     """GPU bytes freed if every candidate were demoted or preempted (the most it could free)."""
     most_freed_lower_gpu: int
     """The same without preempting models of the newcomer's own tier (they may still be demoted)."""
+    least_same_tier_value: float
+    """Value of the least valuable preemptible model of the newcomer's own tier (inf: none)."""
     staying: dict[int, tuple[float, float]]
     """Busy share and tolerance of every model on the node now."""
     used_time: float
@@ -359,6 +361,8 @@ class GreedyPlanner:
             node_version=[0] * len(nodes),
             placed=np.zeros(len(models), dtype=bool),
         )
+        self.room_cut = False
+        """Whether the last room plan left out a model of the newcomer's own tier for its value."""
         self._room_cache: dict[tuple[int, int, bool], RoomCandidates] = {}
         self._minimal_cache: dict[tuple[int, bool], tuple[Assignment, MinimalOption | None]] = {}
         self._levels: list[float] = tables.levels.tolist()
@@ -917,6 +921,7 @@ class GreedyPlanner:
                 # A smaller need, that could preempt as much of its tier, already found no room here in
                 # this tier; room only shrinks as it fills.
                 continue
+            value_bound = False
             if only_nodes is None:
                 largest = state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]
                 candidates = [node for _, node in reversed(largest)]
@@ -929,6 +934,7 @@ class GreedyPlanner:
                     (need_gpu, need_host, need_busy, need_tolerance),
                     same_tier_value_limit=limit,
                 )
+                value_bound = value_bound or self.room_cut
                 if plan is None:
                     continue
                 loss, steps = plan
@@ -949,12 +955,15 @@ class GreedyPlanner:
                 if swapped:
                     margin = sum(self.config.hysteresis_fraction * abs(self._value_of(i)) for i in swapped)
                     if SAME_TIER_SWAP_GAIN * same_tier_loss + margin >= net_gain:
+                        value_bound = True
                         continue
                 key = (loss, node, node_class, mode_index, level)
                 if best is None or key < best[:5]:
                     best = (loss, node, node_class, mode_index, level, steps)
             if best is None and len(failures) < 32:
-                failures.append((need_gpu, need_host, need_busy, limit))
+                # Where no model of its own tier was left out for its value, no newcomer of this tier
+                # finds room for this need, however valuable; else only those allowed to preempt more.
+                failures.append((need_gpu, need_host, need_busy, limit if value_bound else float("inf")))
         if best is None:
             return False
         _, node, node_class, mode_index, level, steps = best
@@ -1056,6 +1065,10 @@ class GreedyPlanner:
             preemptions,
             sum(most_freed.values()),
             sum(most_freed.values()) - sum(same_tier_extra.values()),
+            min(
+                (value for tier, value, *_ in preemptions if tier == priority),
+                default=float("inf"),
+            ),
             staying,
             sum(busy for busy, _ in staying.values()),
         )
@@ -1073,8 +1086,10 @@ class GreedyPlanner:
         """Cheapest demotions then preemptions on ``node`` that make room; None when impossible.
 
         ``need`` is (GPU bytes, host bytes, busy share, tolerance) of the model to admit. Models of its own
-        tier are preempted only below ``same_tier_value_limit`` (value).
+        tier are preempted only below ``same_tier_value_limit`` (value); ``self.room_cut`` tells whether
+        that limit left one out.
         """
+        self.room_cut = False
         state = self.state
         need_gpu, need_host, need_busy, need_tolerance = need
         free_gpu, free_host = state.free_gpu[node], state.free_host[node]
@@ -1098,10 +1113,11 @@ class GreedyPlanner:
             return 0.0, []
         if free_gpu + candidates.most_freed_gpu < need_gpu:
             return None  # not even demoting and preempting everything it may would free the memory
-        if free_gpu + candidates.most_freed_lower_gpu < need_gpu and not any(
-            priority == model.priority and value < same_tier_value_limit
-            for priority, _, _, _, _, _, value in candidates.preemptions
+        if (
+            free_gpu + candidates.most_freed_lower_gpu < need_gpu
+            and candidates.least_same_tier_value >= same_tier_value_limit
         ):
+            self.room_cut = True
             return None  # only models of its own tier worth too much to preempt would free enough
         steps: list[tuple[int, str, int]] = []
         loss_total = 0.0
@@ -1122,6 +1138,7 @@ class GreedyPlanner:
             if enough():
                 break
             if priority == model.priority and value >= same_tier_value_limit:
+                self.room_cut = True
                 break  # same tier, least valuable first: none from here on is worth preempting
             if other in demoted:
                 # Preempting a model already demoted frees its demoted footprint, not its original one.
