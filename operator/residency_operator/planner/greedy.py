@@ -1467,14 +1467,8 @@ class GreedyPlanner:
                 continue
             rate = tables.decode_tokens_per_second.item(node_class, MODES.index(a.mode), i, level)
             unserved = config.demand_headroom * demand - rate * max(1, model.max_batch)
-            # Demand that needs all the GPU time the model may have outgrew the node too, even where a
-            # full batch would be fast enough: requests queue and miss their SLOs.
-            overloaded = (
-                tables.busy_fraction.item(node_class, MODES.index(a.mode), i, level)
-                >= config.max_gpu_busy_fraction - 1e-9
-            )
-            if unserved > 0 or overloaded:
-                proposals.append((-max(unserved, demand), model.name, i))
+            if unserved > 0:
+                proposals.append((-unserved, model.name, i))
         moved = 0
         for _, _, i in sorted(proposals):
             current = state.assignment[i]
