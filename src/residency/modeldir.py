@@ -198,12 +198,13 @@ def safetensors_parameter_count(directory: Path) -> int:
     return _read_safetensors_headers(directory)[0]
 
 
-def _read_safetensors_headers(directory: Path) -> tuple[int, set[int]]:
-    """Parameter count and the decoder layer indices (model.layers.N.*) the headers name."""
+def _read_safetensors_headers(directory: Path) -> tuple[int, set[int], int]:
+    """Parameter count, the decoder layer indices (model.layers.N.*) the headers name, and the elements
+    the engine's cache gives the tensors (each starts aligned: `sizing.aligned_numel`)."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelDirError("WeightsMissing", f"no *.safetensors files in {directory}")
-    total = 0
+    total = aligned_total = 0
     layers: set[int] = set()
     for file in files:
         try:
@@ -228,6 +229,7 @@ def _read_safetensors_headers(directory: Path) -> tuple[int, set[int]]:
                 if count * _SAFETENSORS_DTYPE_BYTES[entry["dtype"]] != end - start:
                     raise ValueError(f"tensor {name} has a size that does not match its shape")
                 total += count
+                aligned_total += sizing.aligned_numel(count)
                 if name.startswith("model.layers."):
                     index = name[len("model.layers.") :].split(".", 1)[0]
                     if index.isdecimal():
@@ -236,7 +238,7 @@ def _read_safetensors_headers(directory: Path) -> tuple[int, set[int]]:
             raise ModelDirError(
                 "WeightsCorrupt", f"{file.name} is not a valid safetensors file: {exc}"
             ) from exc
-    return total, layers
+    return total, layers, aligned_total
 
 
 def inspect_model_dir(
@@ -256,7 +258,7 @@ def inspect_model_dir(
     config = read_config(directory, allow_remote_code=allow_remote_code)
     if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise ModelDirError("TokenizerMissing", f"no tokenizer.json or tokenizer.model in {directory}")
-    parameter_count, weight_layers = _read_safetensors_headers(directory)
+    parameter_count, weight_layers, aligned_parameters = _read_safetensors_headers(directory)
     try:
         num_layers = int(config["num_hidden_layers"])
         hidden_size = int(config["hidden_size"])
@@ -289,9 +291,14 @@ def inspect_model_dir(
             f"(model.layers.{min(weight_layers)}..{max(weight_layers)})",
         )
     dtype_bytes = DTYPE_BYTES[dtype]
-    weight_bytes = parameter_count * dtype_bytes
-    head_bytes = 0 if config.get("tie_word_embeddings") else vocab_size * hidden_size * dtype_bytes
-    embed_bytes = vocab_size * hidden_size * dtype_bytes
+    # what the engine's cache holds: the parameters plus each tensor's alignment padding
+    weight_bytes = aligned_parameters * dtype_bytes
+    head_bytes = (
+        0
+        if config.get("tie_word_embeddings")
+        else sizing.aligned_numel(vocab_size * hidden_size) * dtype_bytes
+    )
+    embed_bytes = sizing.aligned_numel(vocab_size * hidden_size) * dtype_bytes
     layer_bytes = max(0, weight_bytes - embed_bytes - head_bytes) // max(1, num_layers)
     return ModelDirInfo(
         path=directory,

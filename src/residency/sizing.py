@@ -3,6 +3,14 @@ planner (which must predict the same reservation, so the worker never refuses wh
 
 from __future__ import annotations
 
+ALIGN_ELEMENTS = 128
+"""The engine starts every tensor of its host cache on a 128-element boundary (256 bytes in bf16)."""
+
+
+def aligned_numel(numel: int) -> int:
+    """Elements a tensor of `numel` takes in the engine's host cache and on the GPU, padding included."""
+    return (numel + ALIGN_ELEMENTS - 1) // ALIGN_ELEMENTS * ALIGN_ELEMENTS
+
 
 def workspace_bytes(
     *,

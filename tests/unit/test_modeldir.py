@@ -24,9 +24,10 @@ def test_valid_directory_is_sized_from_headers(tmp_path: Path, make_model_dir: M
     directory = make_model_dir()
     info = inspect_model_dir(str(directory), [tmp_path], "bfloat16")
     assert info.parameter_count == 35
-    assert info.weight_bytes == 70
+    # two tensors (32 and 3 elements), each padded to 128 elements as the engine's cache lays them out
+    assert info.weight_bytes == 2 * 128 * 2
     assert info.kv_bytes_per_token == 2 * 2 * 1 * 4 * 2
-    assert inspect_model_dir(str(directory), [tmp_path], "float32").weight_bytes == 140
+    assert inspect_model_dir(str(directory), [tmp_path], "float32").weight_bytes == 2 * 128 * 4
 
 
 def test_outside_roots_and_symlink_escape_are_refused(tmp_path: Path, make_model_dir: MakeDir) -> None:
@@ -71,4 +72,4 @@ def test_operator_validation_gives_failed_or_pending(tmp_path: Path, make_model_
     assert isinstance(failed, Verdict) and failed.phase == "Failed" and failed.reason == "ModelNotFound"
     info = validate_model({"source": {"path": str(make_model_dir())}}, [tmp_path])
     assert not isinstance(info, Verdict)
-    assert info.model_type == "llama" and info.weight_bytes == 70
+    assert info.model_type == "llama" and info.weight_bytes == 2 * 128 * 2  # two tensors, padded

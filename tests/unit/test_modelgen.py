@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from residency import modelgen
@@ -31,7 +32,12 @@ def test_tiny_model_loads_with_transformers(tmp_path: Path, arch: str) -> None:
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert "hi" in chat
     info = inspect_model_dir(str(out), [tmp_path], "float32")
-    assert info.num_layers == 4 and info.weight_bytes == info.parameter_count * 4
+    assert info.num_layers == 4
+    # float32: the parameters plus at most 127 elements of alignment padding per tensor
+    padding_bytes = info.weight_bytes - info.parameter_count * 4
+    with safe_open(next(out.glob("*.safetensors")), "pt") as weights:
+        tensor_count = len(list(weights.keys()))
+    assert 0 <= padding_bytes <= tensor_count * 127 * 4
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:

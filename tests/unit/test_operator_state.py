@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from conftest import MakeDir
+from conftest import LLAMA_CONFIG, MakeDir
 from residency_operator.planner import plan
 from residency_operator.state import (
     NODE_LABEL,
@@ -164,8 +164,13 @@ def test_loaded_placement_makes_the_model_ready_and_replanning_is_stable(
 
 
 def test_memory_pressure_gives_partial_residency(tmp_path: Path, make_model_dir: MakeDir) -> None:
-    # two models of 400 kB (bf16) on a node of 700 kB: both cannot be fully resident
-    models = [llm(n, make_model_dir(n, params=200_000), offload={"maxFraction": 0.75}) for n in ("a", "b")]
+    # two models of 400 kB (bf16) on a node of 700 kB: both cannot be fully resident (8 layers of 50 kB:
+    # a partial placement also holds two staging buffers and up to one layer more than its fraction)
+    config = {**LLAMA_CONFIG, "num_hidden_layers": 8}
+    models = [
+        llm(n, make_model_dir(n, config=config, params=200_000), offload={"maxFraction": 0.75})
+        for n in ("a", "b")
+    ]
     state = ClusterState(models, [profile("n1", 700_000)], [node("n1")], [])
     _, result, desired = run(state, tmp_path)
     fractions = sorted(m["spec"]["residentFraction"] for m in desired.values())

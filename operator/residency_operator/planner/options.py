@@ -47,13 +47,23 @@ LEVEL_EPSILON = 1e-9
 
 
 def gpu_bytes_needed(model: ModelDemand, resident_fraction: float, mode: ExecutionMode) -> int:
-    """GPU bytes a placement takes: resident weights + KV reservation + workspace (+ stream buffers)."""
+    """GPU bytes a placement takes: resident weights + KV reservation + workspace (+ stream buffers).
+
+    A partial placement also counts one more unit (layer): the engine keeps whole units resident, as
+    close to the fraction as they allow, so it may hold up to one unit more than the fraction says.
+    """
     resident_bytes = round(resident_fraction * model.weight_bytes)
+    partial = resident_fraction < 1.0
     # Streaming needs a double buffer of one layer so the next layer's copy overlaps this one's compute.
-    stream_buffer_bytes = (
-        2 * model.effective_bytes_per_layer if mode == "stream" and resident_fraction < 1.0 else 0
+    stream_buffer_bytes = 2 * model.effective_bytes_per_layer if mode == "stream" and partial else 0
+    granularity_bytes = model.effective_bytes_per_layer if partial else 0
+    return (
+        resident_bytes
+        + model.kv_reservation_bytes
+        + model.workspace_bytes
+        + stream_buffer_bytes
+        + granularity_bytes
     )
-    return resident_bytes + model.kv_reservation_bytes + model.workspace_bytes + stream_buffer_bytes
 
 
 def host_bytes_needed(model: ModelDemand, resident_fraction: float) -> int:
@@ -469,8 +479,9 @@ def build_class_tables(
     partial = (levels < 1.0)[None, :]
     gpu_bytes = np.stack(
         [
-            resident + base_gpu[:, None] + np.where(partial, stream_buffer[:, None], 0.0),
-            resident + base_gpu[:, None],
+            # a partial placement: two staging buffers (stream) and one unit of granularity (both modes)
+            resident + base_gpu[:, None] + np.where(partial, 1.5 * stream_buffer[:, None], 0.0),
+            resident + base_gpu[:, None] + np.where(partial, 0.5 * stream_buffer[:, None], 0.0),
         ]
     )
     level_allowed = levels[None, :] >= min_resident[:, None] - LEVEL_EPSILON

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from residency.modeldir import ModelDirError, inspect_model_dir
+from residency.sizing import aligned_numel
 from residency_worker.engine.tiers import GpuTier
 from residency_worker.engine.types import EngineError
 
@@ -26,7 +27,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "float32": torch.float32,
 }
-_ALIGN_ELEMENTS = 128  # every tensor starts on a 256-byte (bf16) boundary
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def _align(n: int) -> int:
-    return (n + _ALIGN_ELEMENTS - 1) // _ALIGN_ELEMENTS * _ALIGN_ELEMENTS
-
-
 def validate_model_dir(
     path: str, allowed_roots: list[Path], dtype_name: str, remote_code_roots: list[Path] | None = None
 ) -> tuple[Path, bool]:
@@ -190,7 +186,7 @@ def plan_layout(
         unit_name, local = _unit_of(name, spec.tie_word_embeddings)
         unit = units[unit_name]
         unit.tensors[local] = (unit.numel, tuple(parameter.shape))
-        unit.numel = _align(unit.numel + parameter.numel())
+        unit.numel = aligned_numel(unit.numel + parameter.numel())
     offset = 0
     for name in order:
         units[name].offset = offset
