@@ -148,8 +148,19 @@ stop() { # name
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
+    # a killed process holds its listening sockets until it is gone: a restart that binds the same
+    # ports before then fails ("address already in use") and leaves the cluster without that component
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   rm -f "$f"
+}
+
+wait_port_free() { # port: until nothing listens there (10 s at most)
+  for _ in $(seq 1 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null || return 0
+    sleep 0.2
+  done
+  log "port $1 is still in use"
 }
 
 up() {
@@ -178,7 +189,7 @@ case "${1:-up}" in
     ;;
   status) ready ;;
   kubeconfig) echo "$KUBECONFIG_PATH" ;;
-  restart-apiserver) stop kube-apiserver; start_apiserver; wait_ready ;;
-  restart-etcd) stop etcd; start_etcd; wait_ready ;;
+  restart-apiserver) stop kube-apiserver; wait_port_free "$API_PORT"; start_apiserver; wait_ready ;;
+  restart-etcd) stop etcd; wait_port_free "$ETCD_PORT"; wait_port_free "$ETCD_PEER_PORT"; start_etcd; wait_ready ;;
   *) echo "usage: $0 up|down|status|kubeconfig|restart-apiserver|restart-etcd" >&2; exit 2 ;;
 esac
