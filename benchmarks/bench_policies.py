@@ -218,7 +218,10 @@ def main() -> None:
                 "residency_weighted_goodput": weighted(ours),
                 "best_weighted_baseline": best_weighted.policy,
                 "best_baseline_weighted_goodput": weighted(best_weighted),
-                "weighted_ratio": _ratio(weighted(ours), weighted(best_weighted)),
+                # one priority tier (priority 0 weighs nothing): no weighted ratio, rather than Infinity
+                "weighted_ratio": _ratio(weighted(ours), weighted(best_weighted))
+                if weighted(best_weighted)
+                else None,
                 "simulation_seconds": seconds,
             }
         )
