@@ -168,7 +168,32 @@ def node_capacity(
     )
 
 
-def demand(key: str, body: dict[str, Any], info: ModelDirInfo, knobs: OperatorKnobs) -> ModelDemand:
+IDLE_AFTER_SECONDS = 10.0
+"""A loaded model with no request (none running, none queued) for this long may give way to a model that
+has requests waiting (planner/swapin.py); it resumes from host memory on its next request."""
+WAITING_WINDOW_SECONDS = 30.0
+"""A model that is not running counts as having requests waiting this long after the router last asked for
+it (the wake annotation; the router re-asks every 2 s while it holds a request)."""
+
+
+def waiting_requests(body: dict[str, Any], placement: dict[str, Any] | None, now: datetime) -> int:
+    """Requests waiting for a model: its worker's queue while it runs, else whether the router holds any."""
+    spec = (placement or {}).get("spec") or {}
+    status = (placement or {}).get("status") or {}
+    if status.get("state") == "Loaded" and spec.get("desiredState", "Loaded") == "Loaded":
+        return int(status.get("queuedRequests") or 0)
+    woken = parse_time((body["metadata"].get("annotations") or {}).get(WAKE_ANNOTATION))
+    return int(woken is not None and 0 <= (now - woken).total_seconds() <= WAITING_WINDOW_SECONDS)
+
+
+def demand(
+    key: str,
+    body: dict[str, Any],
+    info: ModelDirInfo,
+    knobs: OperatorKnobs,
+    placement: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> ModelDemand:
     """An LLMModel as the planner's ModelDemand."""
     spec = body["spec"]
     timings = (body.get("status") or {}).get("timings") or {}
@@ -191,11 +216,13 @@ def demand(key: str, body: dict[str, Any], info: ModelDirInfo, knobs: OperatorKn
         workspace_bytes=knobs.workspace_bytes + info.workspace_bytes(max_sequence_length, max_batch),
         last_reload_seconds=timings.get("reloadSeconds"),
         wanted=not body["metadata"].get("deletionTimestamp"),
+        waiting_requests=0 if now is None else waiting_requests(body, placement, now),
     )
 
 
-def current_placement(placement: dict[str, Any]) -> CurrentPlacement | None:
-    """What a ModelPlacement commits now: its observed state, or its spec while the worker converges."""
+def current_placement(placement: dict[str, Any], now: datetime | None = None) -> CurrentPlacement | None:
+    """What a ModelPlacement commits now: its observed state, or its spec while the worker converges. A
+    loaded model with no request for :data:`IDLE_AFTER_SECONDS` (by ``now``) is ``idle``."""
     spec = placement["spec"]
     status = placement.get("status") or {}
     state = status.get("state", "Pending")
@@ -205,6 +232,16 @@ def current_placement(placement: dict[str, Any]) -> CurrentPlacement | None:
     # an idle model released its GPU memory and keeps weights in host memory, like a preempted one
     released = desired in ("Preempted", "Idle") and state != "Loaded"
     kind = "preempted" if released else _PLACEMENT_STATE.get(state, "loaded")
+    last_active = parse_time(status.get("lastActiveTime"))
+    if (
+        now is not None
+        and state == "Loaded"
+        and desired == "Loaded"
+        and last_active is not None
+        and (now - last_active).total_seconds() >= IDLE_AFTER_SECONDS
+        and not status.get("queuedRequests")
+    ):
+        kind = "idle"
     fraction = status.get("residentFraction")
     return CurrentPlacement(
         model=f"{spec['model']['namespace']}/{spec['model']['name']}",
@@ -262,7 +299,7 @@ def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> 
         if reason is not None:
             idle[key] = reason
             continue
-        demands.append(demand(key, bodies[key], checked, knobs))
+        demands.append(demand(key, bodies[key], checked, knobs, placements.get(key), now))
     nodes_by_name = {n["metadata"]["name"]: n for n in state.nodes}
     capacities = [
         node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs)
@@ -271,7 +308,7 @@ def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> 
     current = [
         c
         for p in placements.values()
-        if (c := current_placement(p)) is not None and c.model in infos and c.model not in idle
+        if (c := current_placement(p, now)) is not None and c.model in infos and c.model not in idle
     ]
     return Inputs(
         demands=demands,

@@ -10,6 +10,7 @@ from conftest import LLAMA_CONFIG, MakeDir
 from residency_operator.planner import plan
 from residency_operator.state import (
     NODE_LABEL,
+    WAKE_ANNOTATION,
     ClusterState,
     OperatorKnobs,
     desired_placements,
@@ -284,3 +285,51 @@ def test_writes_that_free_memory_go_first() -> None:
     # a lower fraction that reloads (another KV size) or adds staging buffers takes memory too
     assert write_phase(have, placement("n1", 0.5, maxSequenceLength=4096)) == "grow"
     assert write_phase(placement("n1", 1.0, executionMode="cpu"), placement("n1", 0.9)) == "grow"
+
+
+def test_an_idle_model_gives_way_to_one_the_router_holds_requests_for(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    # two models of 400 kB on a node of 500 kB: one at a time
+    old = llm("old", make_model_dir("old", params=200_000), offload={"maxFraction": 0.0})
+    state = ClusterState([old], [profile("n1", 500_000)], [node("n1")], [])
+    _, _, desired = run(state, tmp_path)
+    quiet = stamp(NOW - timedelta(seconds=60))
+    idle = [loaded(m, lastActiveTime=quiet, queuedRequests=0) for m in desired.values()]
+    new = llm("new", make_model_dir("new", params=200_000), offload={"maxFraction": 0.0})
+    # nobody asked for the new one: the old one stays
+    inputs, result, desired = run(
+        ClusterState([old, new], [profile("n1", 500_000)], [node("n1")], idle), tmp_path
+    )
+    assert set(result.placements) == {"team-a/old"}
+    assert [c.state for c in inputs.current] == ["idle"]
+    # the router holds a request for it (wake annotation 5 s ago): the idle one gives way, weights kept
+    asked = {
+        **new,
+        "metadata": {**new["metadata"], "annotations": {WAKE_ANNOTATION: stamp(NOW - timedelta(seconds=5))}},
+    }
+    inputs, result, desired = run(
+        ClusterState([old, asked], [profile("n1", 500_000)], [node("n1")], idle), tmp_path
+    )
+    assert [d.waiting_requests for d in inputs.demands] == [1, 0]
+    assert set(result.placements) == {"team-a/new"}
+    old_placement = desired[placement_name("team-a/old")]
+    assert old_placement["spec"]["desiredState"] == "Preempted"
+    verdict = model_verdict("team-a/old", inputs, result, old_placement)
+    assert verdict.phase == "Preempted" and "team-a/new" in verdict.message
+    # a request 40 s ago is no longer waiting; a busy (or recently busy) old model never gives way
+    stale = {
+        **new,
+        "metadata": {**new["metadata"], "annotations": {WAKE_ANNOTATION: stamp(NOW - timedelta(seconds=40))}},
+    }
+    _, result, _ = run(ClusterState([old, stale], [profile("n1", 500_000)], [node("n1")], idle), tmp_path)
+    assert set(result.placements) == {"team-a/old"}
+    for busy in (
+        [loaded(m, lastActiveTime=stamp(NOW - timedelta(seconds=3)), queuedRequests=0) for m in idle],
+        [loaded(m, lastActiveTime=quiet, queuedRequests=2) for m in idle],
+    ):
+        inputs, result, _ = run(
+            ClusterState([old, asked], [profile("n1", 500_000)], [node("n1")], busy), tmp_path
+        )
+        assert [c.state for c in inputs.current] == ["loaded"]
+        assert set(result.placements) == {"team-a/old"}

@@ -69,3 +69,28 @@ def test_a_failed_lookup_keeps_the_table() -> None:
     table.models = {"team/kept": {"metadata": {"namespace": "team", "name": "kept"}}}
     table.ensure_listed_since(1.0)
     assert list(table.models) == ["team/kept"]
+
+
+async def test_a_request_for_a_model_that_is_not_running_tells_the_operator_it_is_wanted() -> None:
+    phases = {"held": "Preempted", "refused": "Unschedulable", "broken": "Failed", "coming": "Loading"}
+    models = [
+        {"metadata": {"namespace": "team", "name": name}, "status": {"phase": phase, "reason": "R"}}
+        for name, phase in phases.items()
+    ]
+    woken: list[str] = []
+    table = ModelTable(lambda: models, refresh_seconds=3600, waker=woken.append)
+    table.refresh()
+    app = create_app(table, hold_seconds=0.3)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
+        answers = {
+            name: await client.post("/v1/completions", json={**BODY, "model": f"team/{name}"})
+            for name in phases
+        }
+    assert {name: a.status_code for name, a in answers.items()} == {
+        "held": 503,
+        "refused": 503,
+        "broken": 409,
+        "coming": 503,
+    }
+    # held for 0.3 s with a wake at most every 2 s: once each; a failed or loading model is not woken
+    assert sorted(woken) == ["team/held", "team/refused"]

@@ -154,3 +154,22 @@ def test_extra_scenarios_are_marked() -> None:
     scenarios = [load_scenario(p) for p in standard_scenarios()]
     standard = {"small-large-mix", "skewed-50x8", "priority-burst", "bandwidth-starved"}
     assert all(s.extra == (s.name not in standard) for s in scenarios)
+
+
+def test_reasons_name_memory_when_the_only_gpus_fast_enough_are_full() -> None:
+    """priority-burst at 21 s: idle high-priority models fill the H100; the batch 8B models left out need
+    an H100 for their SLO at the memory they could get. Their reason is memory, not the H100's time (which
+    is nearly all free)."""
+    scenario = load_scenario(next(p for p in standard_scenarios() if p.stem == "priority-burst"))
+    scenario = dataclasses.replace(scenario, duration_seconds=22.0)
+    sim = Simulation(scenario.nodes, scenario.models, scenario_requests(scenario), scenario.duration_seconds)
+    policy = ResidencyPolicy()
+    sim.run(policy)
+    last = policy.plans[-1]
+    h100_busy = sum(p.gpu_busy_fraction for p in last.placements.values() if p.node == "h100")
+    assert h100_busy < 0.5
+    left_out = {u.model: u for u in last.unschedulable if u.model.startswith("batch/llama-8b")}
+    assert left_out
+    for reason in left_out.values():
+        assert reason.reason == "InsufficientGPUMemory", reason
+        assert "the H100-PCIe with the most free has" in reason.message

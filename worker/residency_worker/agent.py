@@ -413,8 +413,13 @@ class NodeAgent:
             runner = self.engine.runner(name)
             active = time.time() if model.active_sequences or model.queue_depth else runner.last_request_time
             reported = parse_rfc3339((placement.get("status") or {}).get("lastActiveTime"))
-            if reported is None or active - reported >= ACTIVITY_GRANULARITY_SECONDS:
+            fresh = reported is None or active - reported >= ACTIVITY_GRANULARITY_SECONDS
+            if fresh:
                 status["lastActiveTime"] = rfc3339(active)
+            # requests waiting for a batch slot: written when it turns zero or non-zero, and with activity
+            queued = (placement.get("status") or {}).get("queuedRequests")
+            if fresh or queued is None or bool(queued) != bool(model.queue_depth):
+                status["queuedRequests"] = model.queue_depth
             if model.timings.decode_tokens_per_second is not None:
                 status["observedDecodeTokensPerSecond"] = round(model.timings.decode_tokens_per_second, 3)
         status["observedGeneration"] = generation

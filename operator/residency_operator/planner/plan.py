@@ -7,6 +7,7 @@ exactly (MILP); large ones greedily, with the optimality gap against an upper bo
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,6 +43,7 @@ from residency_operator.planner.options import (
 )
 from residency_operator.planner.predictor import Predictor
 from residency_operator.planner.reasons import ReasonContext, percent, slo_text, unschedulable_reasons
+from residency_operator.planner.swapin import serve_waiting
 from residency_operator.planner.types import (
     Action,
     ActionKind,
@@ -222,8 +224,37 @@ def _plan(
     if assignment is None:
         _, assignment, preempted_by, upper_bound, gap = greedy_solve(problem, option_count, notes)
     assignment = fill_free_memory(problem, assignment)
-    return assemble_plan(
+    assignment, gave_way = serve_waiting(problem, assignment)
+    if gave_way:
+        notes.append(
+            f"{len(gave_way)} idle model(s) preempted so that {len(set(gave_way.values()))} model(s) with "
+            "requests waiting can run"
+        )
+    planned = assemble_plan(
         problem, assignment, preempted_by, solver, upper_bound, gap, now, time.perf_counter() - started, notes
+    )
+    return with_gave_way_reasons(problem, planned, gave_way) if gave_way else planned
+
+
+def with_gave_way_reasons(problem: PlanningProblem, planned: Plan, gave_way: dict[int, int]) -> Plan:
+    """The plan with the reason of every idle model that gave way to a waiting one saying so."""
+    models = problem.models
+    why: dict[str, Unschedulable] = {}
+    for victim, waiting in gave_way.items():
+        name = models[victim].name
+        now = problem.current.get(name)
+        where = f" on {now.node}" if now is not None else ""
+        kept = any(c.model == name for c in planned.cached)
+        why[name] = Unschedulable(
+            name,
+            "PreemptedWhileIdle",
+            f"idle, so it gave way to {models[waiting].name} ({models[waiting].waiting_requests} request(s) "
+            + "waiting); "
+            + (f"weights stay in host memory{where} and " if kept else "")
+            + "its next request brings it back",
+        )
+    return dataclasses.replace(
+        planned, unschedulable=tuple(why.get(u.model, u) for u in planned.unschedulable)
     )
 
 

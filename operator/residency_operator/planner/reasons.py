@@ -212,6 +212,8 @@ def _reasons_chunk(
     largest_gpu, largest_host = largest_gpu_array.tolist(), largest_host_array.tolist()
     # The most idle node of the smallest footprint's class with memory for it.
     idle = np.zeros(len(models))
+    room_in_class = np.zeros(len(models), dtype=bool)
+    largest_in_class = np.zeros(len(models))
     for position, node_class in enumerate(context.classes):
         rows = np.flatnonzero(smallest == position)
         if not len(rows):
@@ -222,7 +224,10 @@ def _reasons_chunk(
         )
         most = np.where(with_room, context.free_time[members][None, :], -np.inf).max(axis=1)
         idle[rows] = np.where(with_room.any(axis=1), np.maximum(0.0, most), 0.0)
+        room_in_class[rows] = with_room.any(axis=1)
+        largest_in_class[rows] = context.free_gpu[members].max() if len(members) else 0.0
     idle_share = idle.tolist()
+    room_in_class_list, largest_in_class_list = room_in_class.tolist(), largest_in_class.tolist()
     need_gpu_list, need_host_list = need_gpu.tolist(), need_host.tolist()
     need_busy_list = need_busy.tolist()
     need_fraction_list = levels[need_level].tolist()
@@ -299,6 +304,19 @@ def _reasons_chunk(
                     prefix + f"needs {gib(host_needed_k)} of host memory for offloaded weights "
                     f"at {percent(fraction)} resident; largest free beside enough GPU memory is "
                     f"{gib(largest_host[k])}",
+                )
+            )
+        elif not room_in_class_list[k]:
+            # its cheapest way to meet the SLO is on a kind of GPU none of which has that much free (other
+            # kinds have the memory but cannot meet the SLO with it)
+            gpu_type = tables.classes[context.classes[position]].gpu_type
+            results.append(
+                Unschedulable(
+                    model.name,
+                    "InsufficientGPUMemory",
+                    prefix + f"needs {gib(gpu_needed_k)} resident{for_slo(model)} on an {gpu_type} "
+                    f"({percent(fraction)} resident); the {gpu_type} with the most free has "
+                    f"{gib(largest_in_class_list[k])}",
                 )
             )
         else:

@@ -64,6 +64,9 @@ class ModelDemand:
     """Last observed reload (resume) duration; the cost model prefers it to its own estimate."""
     wanted: bool = True
     """False when the model is scaled to zero or being deleted: it is evicted, and never unschedulable."""
+    waiting_requests: int = 0
+    """Requests waiting for this model now (the router holds them while it is not running). A waiting
+    model the solvers leave out takes the GPU memory of idle models (see ``planner/swapin.py``)."""
 
     @property
     def min_resident_fraction(self) -> float:

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, json_bytes, loads_strict
-from residency_operator.router.table import Route, resolve
+from residency_operator.router.table import WAKE_PHASES, Route, resolve
 
 log = logging.getLogger("residency.router")
 
@@ -82,7 +82,8 @@ class ModelTable:
         self._stop.set()
 
     def wake(self, key: str) -> None:
-        """Ask the operator to resume an Idle model (annotation on the LLMModel), at most every 2 s."""
+        """Tell the operator that a model which is not running is asked for (annotation on the LLMModel): an
+        Idle one resumes, another may take the room of idle models. At most every 2 s per model."""
         if self._waker is None or time.monotonic() - self._woken.get(key, -10.0) < 2.0:
             return
         self._woken[key] = time.monotonic()
@@ -160,7 +161,7 @@ def create_app(
                 # not in a table listed before this request came: ask the API server before a 404
                 await asyncio.to_thread(table.ensure_listed_since, started)
                 route = resolve(table.models, model)
-            if route.decision == "hold" and route.phase == "Idle" and route.key:
+            if route.phase in WAKE_PHASES and route.key:
                 await asyncio.to_thread(table.wake, route.key)
             waited = time.monotonic() - started
             if route.decision != "hold" or waited >= hold_seconds:

@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 Decision = Literal["forward", "hold", "reject"]
 HOLD_PHASES = frozenset({"Pending", "Scheduled", "Loading", "Preempted", "Idle", "WaitingForCapacity"})
+WAKE_PHASES = frozenset({"Idle", "Preempted", "WaitingForCapacity", "Unschedulable"})
+"""Phases of a model that is not running: a request for it tells the operator that it is wanted now (an Idle
+model resumes; the others may take the GPU memory of idle models, see planner/swapin.py)."""
 
 
 @dataclass(frozen=True)
@@ -53,4 +56,5 @@ def resolve(models: dict[str, dict[str, Any]], requested: str) -> Route:
         key=key,
         status_code=409 if phase == "Failed" else 503,
         message=f"model {key} is {phase} ({status.get('reason', '')}): {status.get('message', '')}",
+        phase=phase,
     )

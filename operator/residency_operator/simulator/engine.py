@@ -27,6 +27,22 @@ from residency_operator.simulator.cluster import SimModel
 from residency_operator.simulator.trace import Request
 
 DEMAND_WINDOW_SECONDS = 60.0
+IDLE_AFTER_SECONDS = 10.0
+"""A running model with no request for this long counts as idle (what the operator reads from a placement's
+lastActiveTime)."""
+
+
+def fair_shares(wanted_seconds: Sequence[float], capacity_seconds: float) -> list[float]:
+    """Max-min fair split of ``capacity_seconds`` among claims: nobody gets more than it wants, and what
+    one leaves is shared equally by those that want more (water-filling)."""
+    shares = [0.0] * len(wanted_seconds)
+    left = capacity_seconds
+    order = sorted(range(len(wanted_seconds)), key=lambda i: wanted_seconds[i])
+    for position, index in enumerate(order):
+        equal = left / (len(order) - position)
+        shares[index] = min(max(0.0, wanted_seconds[index]), equal)
+        left -= shares[index]
+    return shares
 
 
 class SimulationError(RuntimeError):
@@ -113,6 +129,7 @@ class Simulation:
         tick_seconds: float = 0.5,
         ttft_slo_seconds: float = 10.0,
         queue_timeout_seconds: float = 30.0,
+        idle_after_seconds: float = IDLE_AFTER_SECONDS,
     ) -> None:
         self.nodes = list(nodes)
         self.node_by_name = {n.name: n for n in self.nodes}
@@ -129,6 +146,7 @@ class Simulation:
         self.tick_seconds = tick_seconds
         self.ttft_slo_seconds = ttft_slo_seconds
         self.queue_timeout_seconds = queue_timeout_seconds
+        self.idle_after_seconds = idle_after_seconds
         self.predictor = Predictor()
         self.counters = Counters()
         self.outcomes: list[RequestOutcome] = []
@@ -148,7 +166,12 @@ class Simulation:
                 for a in runtime.active
             )
             if runtime.node is not None:
-                idle = not runtime.queue and not runtime.active
+                # idle as the operator sees it: no request in flight or queued, and none for a while
+                idle = (
+                    not runtime.queue
+                    and not runtime.active
+                    and self.now_seconds - runtime.last_used_seconds >= self.idle_after_seconds
+                )
                 placements.append(
                     CurrentPlacement(
                         name,
@@ -328,23 +351,49 @@ class Simulation:
                 by_node.setdefault(runtime.node, []).append(runtime)
         for node_name, runtimes in by_node.items():
             node = self.node_by_name[node_name]
-            # Processor sharing: each busy model gets an equal slice of the GPU's time this tick.
-            share = len(runtimes)
-            budget = self.tick_seconds / share
             for runtime in runtimes:
-                self._serve_model(runtime, node, now, budget, share)
+                self._admit(runtime, node)
+            # Processor sharing, work-conserving: the GPU's time this tick is split max-min fairly, so a
+            # model that needs less than an equal slice leaves the rest to the models that need more
+            # (time-sliced processes on one GPU: an idle one takes no time).
+            wanted = [self._work_seconds(runtime, node) for runtime in runtimes]
+            budgets = fair_shares(wanted, self.tick_seconds)
+            share = len(runtimes)
+            for runtime, budget in zip(runtimes, budgets, strict=True):
+                if budget <= 0:
+                    continue
+                # GPU seconds of this model map to wall seconds stretched by how many share the GPU, or
+                # less when it was given more than an equal slice
+                stretch = min(float(share), self.tick_seconds / budget)
+                self._serve_model(runtime, node, now, budget, stretch)
 
-    def _serve_model(
-        self, runtime: ModelRuntime, node: NodeCapacity, now: float, budget: float, share: int
-    ) -> None:
+    def _admit(self, runtime: ModelRuntime, node: NodeCapacity) -> None:
+        """Queued requests join the model's batch while it has room; each starts with its prefill."""
         demand = runtime.demand
-        predictor = self.predictor
         while runtime.queue and len(runtime.active) < demand.max_batch:
             request = runtime.queue.popleft()
-            prefill = predictor.prefill_seconds(
+            prefill = self.predictor.prefill_seconds(
                 demand, node, runtime.resident_fraction, runtime.mode, request.prompt_tokens
             )
             runtime.active.append(ActiveRequest(request, prefill))
+
+    def _work_seconds(self, runtime: ModelRuntime, node: NodeCapacity) -> float:
+        """GPU seconds the model's admitted batch could use: its prefills, then decoding until the longest
+        request is done (at the whole batch's step time, an upper bound as requests finish)."""
+        prefill = sum(a.prefill_remaining_seconds for a in runtime.active if a.first_token_seconds is None)
+        needed = max((a.request.output_tokens - a.tokens_done for a in runtime.active), default=0.0)
+        if not runtime.active:
+            return 0.0
+        step_seconds = self.predictor.decode_step_seconds(
+            runtime.demand, node, runtime.resident_fraction, runtime.mode, batch=len(runtime.active)
+        )
+        return prefill + max(0.0, needed) * step_seconds
+
+    def _serve_model(
+        self, runtime: ModelRuntime, node: NodeCapacity, now: float, budget: float, stretch: float
+    ) -> None:
+        demand = runtime.demand
+        predictor = self.predictor
         used = 0.0
         for active in runtime.active:
             if active.first_token_seconds is not None:
@@ -355,7 +404,7 @@ class Simulation:
             used += take
             active.prefill_remaining_seconds -= take
             if active.prefill_remaining_seconds <= 1e-12:
-                active.first_token_seconds = now + used * share
+                active.first_token_seconds = now + used * stretch
                 active.tokens_done = 1.0
         decoding = [a for a in runtime.active if a.first_token_seconds is not None]
         remaining = budget - used
@@ -368,7 +417,7 @@ class Simulation:
             for active in decoding:
                 needed = active.request.output_tokens - active.tokens_done
                 if needed <= steps:
-                    done_at = now + (used + needed * step_seconds) * share
+                    done_at = now + (used + needed * step_seconds) * stretch
                     self._finish(active, done_at)
                     finished.append(active)
                 else:

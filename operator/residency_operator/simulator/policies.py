@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from residency_operator.planner.options import gpu_bytes_needed, host_bytes_needed, usable_gpu_bytes
@@ -72,10 +73,15 @@ class ResidencyPolicy:
         # reports it without metrics), not zero; planning for zero demand would pack every model at the
         # lowest residency that meets its SLO alone, and the first traffic would undo it.
         observed = now_seconds > 0
+        # Requests queued for a model: the router holds them while it is not running, the worker's engine
+        # queue has them while it runs with every batch slot taken.
         demands = [
-            runtime.spec.demand(
-                sim.observed_demand_tokens_per_second(name) if observed else None,
-                *sim.observed_prompts(name),
+            dataclasses.replace(
+                runtime.spec.demand(
+                    sim.observed_demand_tokens_per_second(name) if observed else None,
+                    *sim.observed_prompts(name),
+                ),
+                waiting_requests=len(runtime.queue),
             )
             for name, runtime in sorted(sim.models.items())
         ]

@@ -53,6 +53,12 @@ class ModelPlacementStatus(StatusModel):
     last_active_time: datetime | None = Field(
         default=None, description="When the model last had a request or a running sequence (idle scale-down)."
     )
+    queued_requests: int | None = Field(
+        default=None,
+        ge=0,
+        description="Requests waiting for a batch slot when last reported (the planner swaps nothing onto a "
+        "node whose models queue).",
+    )
     reason: str | None = Field(default=None, max_length=128)
     message: str | None = Field(default=None, max_length=4096)
     observed_generation: int | None = Field(default=None, ge=0)

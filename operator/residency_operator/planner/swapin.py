@@ -1,0 +1,212 @@
+"""A last pass over a solved plan: a model with requests waiting gets the GPU memory of idle models.
+
+The solvers plan for the demand of the last minute, as if every model needed its place all the time.
+When the models together need more memory than the fleet has, some are left out, and a request for one
+of them would wait until it times out, while models that hold memory sit idle between their requests.
+Serving systems that load whole models on demand (ModelMesh, Ollama) win exactly there: they unload an
+idle model and load the one that is asked for. This pass does the same with what residency has over
+them: the idle model's weights stay pinned in host memory (its resume is a host-to-GPU copy, not a read
+from storage), and the waiting model may come back partly resident if that is what fits.
+
+Only idle models give way (their current placement is on the node and they served no traffic lately),
+never one of higher priority than the waiting model, never a non-preemptible one, never one that has
+requests waiting itself; the waiting model must meet its SLO at the residency it gets, and the node's
+GPU time must hold its demand beside the models that stay. Deterministic: models and nodes in name order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from residency_operator.planner.greedy import Assignment
+from residency_operator.planner.options import MODES, cached_host_bytes
+
+if TYPE_CHECKING:
+    from residency_operator.planner.plan import PlanningProblem
+
+
+def serve_waiting(
+    problem: PlanningProblem, assignment: Sequence[Assignment | None]
+) -> tuple[list[Assignment | None], dict[int, int]]:
+    """The assignment with waiting, unplaced models swapped in for idle ones, and who gave way to whom
+    (victim index → waiting model index)."""
+    from residency_operator.planner.plan import node_room
+
+    models, nodes = problem.models, problem.nodes
+    result = list(assignment)
+    waiting = [
+        i
+        for i, model in enumerate(models)
+        if model.wanted and model.waiting_requests > 0 and result[i] is None
+    ]
+    gave_way: dict[int, int] = {}
+    if not waiting:
+        return result, gave_way
+    room = node_room(problem, result)
+    free_gpu, free_host, free_time = list(room[0]), list(room[1]), list(room[2])
+    # A model that gives way must be able to come back cheaply: its weights stay pinned in host memory,
+    # beside the caches of models already preempted there (free_host counts no caches).
+    for name, now_placement in problem.current.items():
+        index = problem.model_index.get(name)
+        node_index = problem.node_index.get(now_placement.node)
+        if (
+            index is not None
+            and node_index is not None
+            and now_placement.state == "preempted"
+            and result[index] is None
+            and models[index].wanted
+        ):
+            free_host[node_index] -= cached_host_bytes(models[index], now_placement.kv_cache_bytes)
+    waiting.sort(key=lambda i: (-models[i].priority, models[i].name))
+    # A node where a running model has requests queued has no GPU time to give, whatever its recent
+    # average says (a burst): nothing is swapped onto it.
+    saturated = [False] * len(nodes)
+    for j, placed in enumerate(result):
+        if placed is not None and models[j].waiting_requests > 0:
+            saturated[placed.node] = True
+    for i in waiting:
+        model = models[i]
+        now = problem.current.get(model.name)
+        best: tuple[tuple[object, ...], int, Assignment, list[int]] | None = None
+        for n, node in enumerate(nodes):
+            if not node.accepts_work or saturated[n]:
+                continue
+            node_class = problem.class_of_node[n]
+            idle = sorted(
+                (j for j, placed in enumerate(result) if placed is not None and placed.node == n
+                 and _gives_way(problem, j, i, node.name)),
+                key=lambda j: (models[j].priority, _value(result[j]), models[j].name),
+            )  # fmt: skip
+            cached_here = now is not None and now.node == node.name
+            placed_here = _first_fit(problem, i, n, node_class, idle, result, free_gpu, free_host, free_time)
+            if placed_here is None:
+                continue
+            candidate, victims = placed_here
+            key = (
+                not cached_here,
+                len(victims),
+                -candidate.resident_fraction,
+                sum(_value(result[j]) for j in victims),
+                node.name,
+            )
+            if best is None or key < best[0]:
+                best = (key, n, candidate, victims)
+        if best is None:
+            continue
+        _, n, candidate, victims = best
+        if now is not None and now.state == "preempted" and now.node == nodes[n].name:
+            free_host[n] += cached_host_bytes(model, now.kv_cache_bytes)  # resumed: its cache is the source
+        for j in victims:
+            placed = result[j]
+            assert placed is not None
+            free_gpu[n] += placed.gpu_bytes
+            free_host[n] += placed.host_bytes - _cache_bytes(problem, j)
+            free_time[n] += placed.busy
+            result[j] = None
+            gave_way[j] = i
+        result[i] = candidate
+        free_gpu[n] -= candidate.gpu_bytes
+        free_host[n] -= candidate.host_bytes
+        free_time[n] -= candidate.busy
+    return result, gave_way
+
+
+def _gives_way(problem: PlanningProblem, j: int, i: int, node_name: str) -> bool:
+    """Whether model ``j``, placed on ``node_name``, may be preempted so that waiting model ``i`` runs."""
+    victim, waiting = problem.models[j], problem.models[i]
+    if not victim.preemptible or victim.priority > waiting.priority or victim.waiting_requests > 0:
+        return False
+    now = problem.current.get(victim.name)
+    return now is not None and now.state == "idle" and now.node == node_name
+
+
+def _cache_bytes(problem: PlanningProblem, j: int) -> int:
+    model = problem.models[j]
+    now = problem.current.get(model.name)
+    return cached_host_bytes(model, 0 if now is None else now.kv_cache_bytes)
+
+
+def _demand(problem: PlanningProblem, j: int) -> float:
+    """Recent output tokens/s asked of model ``j`` (unknown counts as none: it is idle)."""
+    return problem.models[j].demand_decode_tokens_per_second or 0.0
+
+
+def _value(placed: Assignment | None) -> float:
+    return 0.0 if placed is None else placed.value
+
+
+def _first_fit(
+    problem: PlanningProblem,
+    i: int,
+    n: int,
+    node_class: int,
+    idle: list[int],
+    result: list[Assignment | None],
+    free_gpu: Sequence[int],
+    free_host: Sequence[int],
+    free_time: Sequence[float],
+) -> tuple[Assignment, list[int]] | None:
+    """The highest residency (then the fewest idle models to displace, least valuable first) at which
+    model ``i`` meets its SLO on node ``n``, or ``None``."""
+    tables = problem.tables
+    model = problem.models[i]
+    now = problem.current.get(model.name)
+    # resumed here, the model's own host cache becomes its offloaded copy: that host memory frees
+    own_cache = (
+        cached_host_bytes(model, now.kv_cache_bytes)
+        if now is not None and now.state == "preempted" and now.node == problem.nodes[n].name
+        else 0
+    )
+    best: tuple[tuple[object, ...], Assignment, list[int]] | None = None
+    for level_index in range(len(tables.levels) - 1, -1, -1):
+        level = float(tables.levels[level_index])
+        for mode_index, mode in enumerate(MODES):
+            if not tables.feasible[node_class, mode_index, i, level_index]:
+                continue
+            need_gpu = int(tables.gpu_bytes[mode_index, i, level_index])
+            need_host = int(tables.host_bytes[i, level_index])
+            need_time = float(tables.busy_fraction[node_class, mode_index, i, level_index])
+            gpu, host, time_left = free_gpu[n], free_host[n] + own_cache, free_time[n]
+            victims: list[int] = []
+            for j in idle:
+                if gpu >= need_gpu and time_left >= need_time:
+                    break
+                placed = result[j]
+                assert placed is not None
+                victims.append(j)
+                gpu += placed.gpu_bytes
+                host += placed.host_bytes - _cache_bytes(problem, j)
+                time_left += placed.busy
+            if gpu < need_gpu or host < need_host or time_left < need_time:
+                continue
+            # a swap pays off only for a model asked for more than those that give way for it (with no
+            # rate known, the waiting requests say it is the one asked for now)
+            asked = problem.models[i].demand_decode_tokens_per_second
+            if victims and asked is not None and sum(_demand(problem, j) for j in victims) >= asked:
+                continue
+            value = float(tables.primary_value[node_class, mode_index, i, level_index])
+            full_value = float(tables.value[node_class, mode_index, i, level_index])
+            candidate = Assignment(
+                node=n,
+                resident_fraction=level,
+                mode=mode,
+                gpu_bytes=need_gpu,
+                host_bytes=need_host,
+                busy=need_time,
+                tolerance=float(tables.tolerance[node_class, mode_index, i, level_index]),
+                value=value,
+                score=value,
+                full_value=full_value,
+                full_score=full_value,
+                incumbent=now is not None
+                and now.node == problem.nodes[n].name
+                and now.is_running
+                and abs(now.resident_fraction - level) < 1e-9,
+            )
+            key = (len(victims), -level, -value)
+            if best is None or key < best[0]:
+                best = (key, candidate, victims)
+        if best is not None and not best[2]:
+            break  # the highest level that needs nobody to give way
+    return None if best is None else (best[1], best[2])

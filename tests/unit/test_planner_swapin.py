@@ -1,0 +1,99 @@
+"""A model with requests waiting takes the GPU memory of idle models (planner/swapin.py), only theirs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from residency_operator.planner import GIB, CurrentPlacement, ModelDemand, NodeCapacity, PlannerConfig, plan
+from residency_operator.planner.types import Plan
+from residency_operator.simulator.engine import fair_shares
+
+L4 = NodeCapacity("l4-0", "L4", 24 * GIB, 128 * GIB, 25.0, 300.0, 60.0)
+
+
+def model(name: str, billions: float, demand: float, **fields: object) -> ModelDemand:
+    return ModelDemand(
+        name=name,
+        weight_bytes=int(billions * 2e9),
+        kv_bytes_per_token=131072,
+        max_sequence_length=2048,
+        max_batch=4,
+        min_decode_tokens_per_second=15.0,
+        demand_decode_tokens_per_second=demand,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+OLD = model("ns/old", 8, demand=1.0)
+NEW = model("ns/new", 8, demand=1.5)
+OLD_IDLE = CurrentPlacement("ns/old", "l4-0", 1.0, "stream", "idle")
+# The solvers keep an incumbent unless a change gains more than half its value: they leave the waiting
+# model out, so what happens to it is the swap-in pass's doing.
+STICKY = PlannerConfig(hysteresis_fraction=0.5)
+
+
+def swap(old: ModelDemand = OLD, new: ModelDemand = NEW, *others: ModelDemand, **current: object) -> Plan:
+    placements = [dataclasses.replace(OLD_IDLE, **current)]  # type: ignore[arg-type]
+    placements += [CurrentPlacement(o.name, "l4-0", 1.0, "stream", "loaded") for o in others]
+    return plan([old, new, *others], [L4], placements, config=STICKY)
+
+
+def test_without_waiting_requests_the_incumbent_stays() -> None:
+    planned = swap()
+    assert set(planned.placements) == {"ns/old"}
+    assert not planned.actions
+
+
+def test_a_waiting_model_takes_the_memory_of_an_idle_one_that_keeps_its_weights_in_host_memory() -> None:
+    planned = swap(OLD, dataclasses.replace(NEW, waiting_requests=2))
+    assert set(planned.placements) == {"ns/new"}
+    assert planned.placements["ns/new"].meets_slo
+    assert [(a.kind, a.model) for a in planned.actions] == [("preempt", "ns/old"), ("load", "ns/new")]
+    assert [c.model for c in planned.cached] == ["ns/old"]
+    (reason,) = planned.unschedulable
+    assert reason.model == "ns/old" and reason.reason == "PreemptedWhileIdle"
+    assert reason.message.startswith("idle, so it gave way to ns/new (2 request(s) waiting); weights stay")
+    assert any("requests waiting" in note for note in planned.notes)
+
+
+def test_a_busy_model_never_gives_way() -> None:
+    planned = swap(OLD, dataclasses.replace(NEW, waiting_requests=2), state="loaded")
+    assert set(planned.placements) == {"ns/old"}
+
+
+def test_never_for_a_lower_priority_nor_a_non_preemptible_model() -> None:
+    waiting = dataclasses.replace(NEW, waiting_requests=2)
+    assert set(swap(dataclasses.replace(OLD, priority=10), waiting).placements) == {"ns/old"}
+    assert set(swap(dataclasses.replace(OLD, preemptible=False), waiting).placements) == {"ns/old"}
+    # the same priority, or a lower one, gives way
+    raised = dataclasses.replace(waiting, priority=10)
+    assert set(swap(OLD, raised).placements) == {"ns/new"}
+
+
+def test_a_model_asked_for_less_than_the_idle_one_does_not_displace_it() -> None:
+    planned = swap(OLD, dataclasses.replace(NEW, waiting_requests=2, demand_decode_tokens_per_second=0.5))
+    assert set(planned.placements) == {"ns/old"}
+
+
+def test_nothing_is_swapped_onto_a_node_whose_running_models_have_requests_queued() -> None:
+    hot = model("ns/hot", 1, demand=1.0, waiting_requests=3)
+    waiting = dataclasses.replace(NEW, waiting_requests=2)
+    planned = swap(OLD, waiting, hot)
+    assert set(planned.placements) == {"ns/old", "ns/hot"}
+    calm = dataclasses.replace(hot, waiting_requests=0)
+    assert set(swap(OLD, waiting, calm).placements) == {"ns/new", "ns/hot"}
+
+
+def test_no_swap_when_the_idle_model_could_not_keep_its_weights_in_host_memory() -> None:
+    small_host = dataclasses.replace(L4, host_memory_bytes=12 * GIB)
+    waiting = dataclasses.replace(NEW, waiting_requests=2)
+    planned = plan([OLD, waiting], [small_host], [OLD_IDLE], config=STICKY)
+    assert set(planned.placements) == {"ns/old"}
+
+
+def test_fair_shares_give_nobody_more_than_it_wants_and_split_the_rest_equally() -> None:
+    assert fair_shares([0.1, 1.0, 1.0], 0.5) == [0.1, 0.2, 0.2]
+    assert fair_shares([0.1, 0.1], 0.5) == [0.1, 0.1]
+    assert fair_shares([], 0.5) == []
+    shares = fair_shares([0.3, 0.05, 2.0, 0.2], 0.5)
+    assert abs(sum(shares) - 0.5) < 1e-12 and shares[1] == 0.05 and shares[2] == max(shares)
