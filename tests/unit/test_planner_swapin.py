@@ -70,9 +70,14 @@ def test_never_for_a_lower_priority_nor_a_non_preemptible_model() -> None:
     assert set(swap(OLD, raised).placements) == {"ns/new"}
 
 
-def test_a_model_asked_for_less_than_the_idle_one_does_not_displace_it() -> None:
-    planned = swap(OLD, dataclasses.replace(NEW, waiting_requests=2, demand_decode_tokens_per_second=0.5))
-    assert set(planned.placements) == {"ns/old"}
+def test_the_least_valuable_idle_model_gives_way_and_only_as_many_as_needed() -> None:
+    # an 8B and two 1B models fill the L4; a waiting 1B model needs the room of one 1B model
+    tiny = [model("ns/tiny-0", 1, demand=0.5), model("ns/tiny-1", 1, demand=3.0)]
+    current = [CurrentPlacement(t.name, "l4-0", 1.0, "stream", "idle") for t in tiny] + [OLD_IDLE]
+    waiting = model("ns/new", 1, demand=1.0, waiting_requests=1)
+    planned = plan([*tiny, OLD, waiting], [L4], current, config=STICKY)
+    assert set(planned.placements) == {"ns/new", "ns/tiny-1", "ns/old"}
+    assert [(u.model, u.reason) for u in planned.unschedulable] == [("ns/tiny-0", "PreemptedWhileIdle")]
 
 
 def test_nothing_is_swapped_onto_a_node_whose_running_models_have_requests_queued() -> None:

@@ -9,9 +9,13 @@ them: the idle model's weights stay pinned in host memory (its resume is a host-
 from storage), and the waiting model may come back partly resident if that is what fits.
 
 Only idle models give way (their current placement is on the node and they served no traffic lately),
-never one of higher priority than the waiting model, never a non-preemptible one, never one that has
-requests waiting itself; the waiting model must meet its SLO at the residency it gets, and the node's
-GPU time must hold its demand beside the models that stay. Deterministic: models and nodes in name order.
+the least valuable first and no more than the room needs; never one of higher priority than the waiting
+model, never a non-preemptible one, never one that has requests waiting itself, and only where each can
+keep its weights in host memory. The waiting model must meet its SLO at the residency it gets, the node's
+GPU time must hold its demand beside the models that stay, and nothing is swapped onto a node where a
+running model has requests queued (a burst: its recent average understates what it needs now). A node
+where the waiting model's weights are already cached is preferred (a resume, not a read from storage).
+Deterministic: models and nodes in name order.
 """
 
 from __future__ import annotations
@@ -127,11 +131,6 @@ def _cache_bytes(problem: PlanningProblem, j: int) -> int:
     return cached_host_bytes(model, 0 if now is None else now.kv_cache_bytes)
 
 
-def _demand(problem: PlanningProblem, j: int) -> float:
-    """Recent output tokens/s asked of model ``j`` (unknown counts as none: it is idle)."""
-    return problem.models[j].demand_decode_tokens_per_second or 0.0
-
-
 def _value(placed: Assignment | None) -> float:
     return 0.0 if placed is None else placed.value
 
@@ -179,11 +178,6 @@ def _first_fit(
                 host += placed.host_bytes - _cache_bytes(problem, j)
                 time_left += placed.busy
             if gpu < need_gpu or host < need_host or time_left < need_time:
-                continue
-            # a swap pays off only for a model asked for more than those that give way for it (with no
-            # rate known, the waiting requests say it is the one asked for now)
-            asked = problem.models[i].demand_decode_tokens_per_second
-            if victims and asked is not None and sum(_demand(problem, j) for j in victims) >= asked:
                 continue
             value = float(tables.primary_value[node_class, mode_index, i, level_index])
             full_value = float(tables.value[node_class, mode_index, i, level_index])
