@@ -182,8 +182,17 @@ def waiting_requests(body: dict[str, Any], placement: dict[str, Any] | None, now
     status = (placement or {}).get("status") or {}
     if status.get("state") == "Loaded" and spec.get("desiredState", "Loaded") == "Loaded":
         return int(status.get("queuedRequests") or 0)
-    woken = parse_time((body["metadata"].get("annotations") or {}).get(WAKE_ANNOTATION))
-    return int(woken is not None and 0 <= (now - woken).total_seconds() <= WAITING_WINDOW_SECONDS)
+    woken = woken_at(body)
+    if woken is None or not 0 <= (now - woken).total_seconds() <= WAITING_WINDOW_SECONDS:
+        return 0
+    # a request the model served since is no longer waiting
+    last_active = parse_time(status.get("lastActiveTime"))
+    return int(last_active is None or woken > last_active)
+
+
+def woken_at(body: dict[str, Any]) -> datetime | None:
+    """When the router last asked for a model that was not running (its wake annotation)."""
+    return parse_time((body["metadata"].get("annotations") or {}).get(WAKE_ANNOTATION))
 
 
 def demand(
@@ -220,9 +229,12 @@ def demand(
     )
 
 
-def current_placement(placement: dict[str, Any], now: datetime | None = None) -> CurrentPlacement | None:
+def current_placement(
+    placement: dict[str, Any], now: datetime | None = None, woken: datetime | None = None
+) -> CurrentPlacement | None:
     """What a ModelPlacement commits now: its observed state, or its spec while the worker converges. A
-    loaded model with no request for :data:`IDLE_AFTER_SECONDS` (by ``now``) is ``idle``."""
+    loaded model with no request for :data:`IDLE_AFTER_SECONDS` (by ``now``; a request the router holds
+    for it, ``woken``, counts) is ``idle``."""
     spec = placement["spec"]
     status = placement.get("status") or {}
     state = status.get("state", "Pending")
@@ -233,10 +245,13 @@ def current_placement(placement: dict[str, Any], now: datetime | None = None) ->
     released = desired in ("Preempted", "Idle") and state != "Loaded"
     kind = "preempted" if released else _PLACEMENT_STATE.get(state, "loaded")
     last_active = parse_time(status.get("lastActiveTime"))
+    if last_active is not None and woken is not None:
+        last_active = max(last_active, woken)
+    # (also while a preemption is on its way: until the worker acts the model still holds its memory, and
+    # the next round must see it as the swap-in that released it did, or it flips the decision back)
     if (
         now is not None
         and state == "Loaded"
-        and desired == "Loaded"
         and last_active is not None
         and (now - last_active).total_seconds() >= IDLE_AFTER_SECONDS
         and not status.get("queuedRequests")
@@ -307,8 +322,10 @@ def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> 
     ]
     current = [
         c
-        for p in placements.values()
-        if (c := current_placement(p, now)) is not None and c.model in infos and c.model not in idle
+        for key, p in placements.items()
+        if (c := current_placement(p, now, woken_at(bodies[key]) if key in bodies else None)) is not None
+        and c.model in infos
+        and c.model not in idle
     ]
     return Inputs(
         demands=demands,

@@ -333,3 +333,42 @@ def test_an_idle_model_gives_way_to_one_the_router_holds_requests_for(
         )
         assert [c.state for c in inputs.current] == ["loaded"]
         assert set(result.placements) == {"team-a/old"}
+
+
+def test_a_swap_in_holds_while_the_worker_carries_it_out_and_a_served_request_stops_waiting(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    old = llm("old", make_model_dir("old", params=200_000), offload={"maxFraction": 0.0})
+    new = llm("new", make_model_dir("new", params=200_000), offload={"maxFraction": 0.0})
+    nodes = ([profile("n1", 500_000)], [node("n1")])
+    _, _, desired = run(ClusterState([old], *nodes, []), tmp_path)
+    quiet = stamp(NOW - timedelta(seconds=60))
+    idle = [loaded(m, lastActiveTime=quiet, queuedRequests=0) for m in desired.values()]
+
+    def asked(seconds_ago: float) -> dict[str, Any]:
+        when = stamp(NOW - timedelta(seconds=seconds_ago))
+        return {**new, "metadata": {**new["metadata"], "annotations": {WAKE_ANNOTATION: when}}}
+
+    _, _, swapped = run(ClusterState([old, asked(5)], *nodes, idle), tmp_path)
+    # the next round comes before the worker acted: the old one still holds its memory, the new one
+    # has not loaded yet; the decision stands (it flipped back and forth before)
+    in_flight = [
+        {**idle[0], "spec": swapped[placement_name("team-a/old")]["spec"]},
+        {**swapped[placement_name("team-a/new")], "status": {"state": "Pending"}},
+    ]
+    _, result, _ = run(ClusterState([old, asked(4)], *nodes, in_flight), tmp_path)
+    assert set(result.placements) == {"team-a/new"}
+    # the new one served its request (active after the wake): no longer waiting; and the old one, asked
+    # for now, is held by the router (a wake newer than its last activity)
+    served = stamp(NOW - timedelta(seconds=2))
+    done = [
+        {**swapped[placement_name("team-a/old")], "status": {"state": "Preempted", "lastActiveTime": quiet}},
+        loaded(swapped[placement_name("team-a/new")], lastActiveTime=served, queuedRequests=0),
+    ]
+    inputs, result, _ = run(ClusterState([old, asked(8)], *nodes, done), tmp_path)
+    assert {d.name: d.waiting_requests for d in inputs.demands} == {"team-a/new": 0, "team-a/old": 0}
+    assert set(result.placements) == {"team-a/new"}
+    old_asked = {**old, "metadata": {**old["metadata"], "annotations": {WAKE_ANNOTATION: stamp(NOW)}}}
+    inputs, result, _ = run(ClusterState([old_asked, asked(8)], *nodes, done), tmp_path)
+    assert {d.name: d.waiting_requests for d in inputs.demands} == {"team-a/new": 0, "team-a/old": 1}
+    assert set(result.placements) == {"team-a/new"}, "the new one was busy 2 s ago: not idle yet"

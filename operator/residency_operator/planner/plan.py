@@ -253,8 +253,14 @@ def with_gave_way_reasons(problem: PlanningProblem, planned: Plan, gave_way: dic
             + (f"weights stay in host memory{where} and " if kept else "")
             + "its next request brings it back",
         )
+    actions = tuple(
+        dataclasses.replace(a, reason=f"preempt: {why[a.model].message}")
+        if a.kind in ("preempt", "evict") and a.model in why
+        else a
+        for a in planned.actions
+    )
     return dataclasses.replace(
-        planned, unschedulable=tuple(why.get(u.model, u) for u in planned.unschedulable)
+        planned, actions=actions, unschedulable=tuple(why.get(u.model, u) for u in planned.unschedulable)
     )
 
 

@@ -186,7 +186,13 @@ def create_app(
             held_seconds.observe(waited)
             if route.decision == "reject":
                 requests_total.labels("rejected").inc()
-                return error(route.status_code, route.message)
+                # a model that is not running was told it is wanted: it may get room, so try again soon
+                retry = 2 if route.phase in WAKE_PHASES else None
+                return error(
+                    route.status_code,
+                    f"{route.message}; asked the operator for room" if retry else route.message,
+                    retry,
+                )
             if route.decision == "hold":
                 requests_total.labels("timed_out").inc()
                 return error(503, f"{route.message}; still not ready after {hold_seconds:.0f} s", 5)
