@@ -157,11 +157,11 @@ def test_two_models_take_turns_on_a_gpu_that_holds_one(
     apply(llm("second", models_root / "tiny-qwen", offload={"maxFraction": 0.0}), namespace)
     # nobody asked for the second one yet and the first one was busy lately: it waits for room (and asks
     # a cluster autoscaler for a node, where one runs)
-    waiting = wait_for(
-        lambda: (s := model_status(namespace, "second")).get("reason") not in (None, "AwaitingPlacement") and s,
-        60,
-        what="second placed or refused",
-    )
+    def decided() -> dict[str, Any] | None:
+        status = model_status(namespace, "second")
+        return status if status.get("reason") not in (None, "AwaitingPlacement") else None
+
+    waiting = wait_for(decided, 60, what="second placed or refused")
     print("second before anyone asks:", waiting.get("phase"), waiting.get("reason"), waiting.get("message"))
     assert waiting["phase"] in ("Unschedulable", "WaitingForCapacity"), waiting
     time.sleep(IDLE_AFTER_SECONDS + 2)  # the first one turns idle
