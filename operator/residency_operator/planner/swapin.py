@@ -23,11 +23,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from residency_operator.planner.greedy import Assignment
 from residency_operator.planner.options import MODES, cached_host_bytes
 
 if TYPE_CHECKING:
     from residency_operator.planner.plan import PlanningProblem
+
+
+NODES_COMPARED = 8
+NODES_TRIED = 64
+"""A waiting model is placed on the best of the first :data:`NODES_COMPARED` nodes where it fits, trying
+at most :data:`NODES_TRIED` (the one holding its cached weights first, then the roomiest): enough to
+choose well, and the pass stays cheap on a fleet of thousands of nodes."""
 
 
 def serve_waiting(
@@ -69,30 +78,65 @@ def serve_waiting(
     for j, placed in enumerate(result):
         if placed is not None and models[j].waiting_requests > 0:
             saturated[placed.node] = True
+    # Idle models that may give way, per node (least valuable first), and the GPU bytes they hold: a node
+    # is tried only where free memory and all of its idle models could hold the waiting model.
+    idle_on: list[list[int]] = [[] for _ in nodes]
+    for j, placed in enumerate(result):
+        if placed is not None and _may_give_way(problem, j, nodes[placed.node].name):
+            idle_on[placed.node].append(j)
+    for members in idle_on:
+        members.sort(key=lambda j: (models[j].priority, _value(result[j]), models[j].name))
+    # GPU bytes idle models of at most a given priority hold, per node (for each priority asked for)
+    reclaimable: dict[int, np.ndarray] = {}
+
+    def reclaimable_up_to(priority: int) -> np.ndarray:
+        if priority not in reclaimable:
+            reclaimable[priority] = np.array(
+                [
+                    sum(_gpu(result[j]) for j in members if models[j].priority <= priority)
+                    for members in idle_on
+                ],
+                dtype=np.float64,
+            )
+        return reclaimable[priority]
+
+    free_gpu_array = np.array(free_gpu, dtype=np.float64)
+    open_nodes = np.array([node.accepts_work for node in nodes], dtype=bool) & ~np.array(
+        saturated, dtype=bool
+    )
+    class_of_node = np.array(problem.class_of_node, dtype=np.intp)
+    tables = problem.tables
     for i in waiting:
         model = models[i]
         now = problem.current.get(model.name)
+        cached_on = problem.node_index.get(now.node) if now is not None else None
+        # the least GPU memory an option that meets the SLO needs, per kind of node: a node is tried only
+        # where its free memory and all its idle models could hold that
+        needs = np.where(tables.feasible[:, :, i, :], tables.gpu_bytes[None, :, i, :], np.inf)
+        least_by_class = needs.reshape(needs.shape[0], -1).min(axis=1)
+        roomy = free_gpu_array + reclaimable_up_to(model.priority)
+        possible = np.flatnonzero(open_nodes & (roomy >= least_by_class[class_of_node]))
+        # the node holding its cached weights first (a resume), then the roomiest: the first few that
+        # fit decide (the pass stays cheap on a large fleet)
+        order = sorted(possible.tolist(), key=lambda n: (n != cached_on, -roomy[n], n))
         best: tuple[tuple[object, ...], int, Assignment, list[int]] | None = None
-        for n, node in enumerate(nodes):
-            if not node.accepts_work or saturated[n]:
-                continue
+        fitted = 0
+        for n in order[:NODES_TRIED]:
+            if fitted >= NODES_COMPARED:
+                break
             node_class = problem.class_of_node[n]
-            idle = sorted(
-                (j for j, placed in enumerate(result) if placed is not None and placed.node == n
-                 and _gives_way(problem, j, i, node.name)),
-                key=lambda j: (models[j].priority, _value(result[j]), models[j].name),
-            )  # fmt: skip
-            cached_here = now is not None and now.node == node.name
+            idle = [j for j in idle_on[n] if models[j].priority <= model.priority]
             placed_here = _first_fit(problem, i, n, node_class, idle, result, free_gpu, free_host, free_time)
             if placed_here is None:
                 continue
+            fitted += 1
             candidate, victims = placed_here
             key = (
-                not cached_here,
+                n != cached_on,
                 len(victims),
                 -candidate.resident_fraction,
                 sum(_value(result[j]) for j in victims),
-                node.name,
+                nodes[n].name,
             )
             if best is None or key < best[0]:
                 best = (key, n, candidate, victims)
@@ -104,22 +148,29 @@ def serve_waiting(
         for j in victims:
             placed = result[j]
             assert placed is not None
+            idle_on[n].remove(j)
+            for priority, per_node in reclaimable.items():
+                if models[j].priority <= priority:
+                    per_node[n] -= placed.gpu_bytes
             free_gpu[n] += placed.gpu_bytes
+            free_gpu_array[n] += placed.gpu_bytes
             free_host[n] += placed.host_bytes - _cache_bytes(problem, j)
             free_time[n] += placed.busy
             result[j] = None
             gave_way[j] = i
         result[i] = candidate
         free_gpu[n] -= candidate.gpu_bytes
+        free_gpu_array[n] -= candidate.gpu_bytes
         free_host[n] -= candidate.host_bytes
         free_time[n] -= candidate.busy
     return result, gave_way
 
 
-def _gives_way(problem: PlanningProblem, j: int, i: int, node_name: str) -> bool:
-    """Whether model ``j``, placed on ``node_name``, may be preempted so that waiting model ``i`` runs."""
-    victim, waiting = problem.models[j], problem.models[i]
-    if not victim.preemptible or victim.priority > waiting.priority or victim.waiting_requests > 0:
+def _may_give_way(problem: PlanningProblem, j: int, node_name: str) -> bool:
+    """Whether model ``j``, placed on ``node_name``, may be preempted for a waiting model (of its own
+    priority or higher: the caller checks that)."""
+    victim = problem.models[j]
+    if not victim.preemptible or victim.waiting_requests > 0:
         return False
     now = problem.current.get(victim.name)
     return now is not None and now.state == "idle" and now.node == node_name
@@ -129,6 +180,10 @@ def _cache_bytes(problem: PlanningProblem, j: int) -> int:
     model = problem.models[j]
     now = problem.current.get(model.name)
     return cached_host_bytes(model, 0 if now is None else now.kv_cache_bytes)
+
+
+def _gpu(placed: Assignment | None) -> int:
+    return 0 if placed is None else placed.gpu_bytes
 
 
 def _value(placed: Assignment | None) -> float:
