@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from test_planner_plan import model as planner_model
+
 from residency_operator.planner import GIB, CurrentPlacement, ModelDemand, NodeCapacity, PlannerConfig, plan
 from residency_operator.planner.types import Plan
 from residency_operator.simulator.engine import fair_shares
@@ -12,15 +14,9 @@ L4 = NodeCapacity("l4-0", "L4", 24 * GIB, 128 * GIB, 25.0, 300.0, 60.0)
 
 
 def model(name: str, billions: float, demand: float, **fields: object) -> ModelDemand:
-    return ModelDemand(
-        name=name,
-        weight_bytes=int(billions * 2e9),
-        kv_bytes_per_token=131072,
-        max_sequence_length=2048,
-        max_batch=4,
-        min_decode_tokens_per_second=15.0,
-        demand_decode_tokens_per_second=demand,
-        **fields,  # type: ignore[arg-type]
+    """A model of ``billions`` parameters with an SLO of 15 tok/s and ``demand`` tok/s asked of it."""
+    return planner_model(
+        name, billions, min_decode_tokens_per_second=15.0, demand_decode_tokens_per_second=demand, **fields
     )
 
 
