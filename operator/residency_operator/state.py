@@ -117,7 +117,7 @@ def idle_reason(body: dict[str, Any], placement: dict[str, Any] | None, now: dat
     last_active = parse_time(status.get("lastActiveTime"))
     if last_active is None:
         return None
-    woken = parse_time((body["metadata"].get("annotations") or {}).get(WAKE_ANNOTATION))
+    woken = woken_at(body)
     latest = max(last_active, woken) if woken else last_active
     quiet_seconds = (now - latest).total_seconds()
     if quiet_seconds < after_seconds:
@@ -183,16 +183,30 @@ def waiting_requests(body: dict[str, Any], placement: dict[str, Any] | None, now
     if status.get("state") == "Loaded" and spec.get("desiredState", "Loaded") == "Loaded":
         return int(status.get("queuedRequests") or 0)
     woken = woken_at(body)
-    if woken is None or not 0 <= (now - woken).total_seconds() <= WAITING_WINDOW_SECONDS:
+    if woken is None:
         return 0
     # a request the model served since is no longer waiting
     last_active = parse_time(status.get("lastActiveTime"))
-    return int(last_active is None or woken > last_active)
+    if last_active is not None and woken <= last_active:
+        return 0
+    # while its placement loads, the router holds the request without asking again: still waiting
+    loading = (
+        placement is not None
+        and spec.get("desiredState", "Loaded") == "Loaded"
+        and status.get("state") in (None, "Pending", "Loading")
+    )
+    return int(loading or 0 <= (now - woken).total_seconds() <= WAITING_WINDOW_SECONDS)
 
 
 def woken_at(body: dict[str, Any]) -> datetime | None:
-    """When the router last asked for a model that was not running (its wake annotation)."""
-    return parse_time((body["metadata"].get("annotations") or {}).get(WAKE_ANNOTATION))
+    """When the router last asked for a model that was not running (its wake annotation); ``None`` for
+    none, or one that is not a time (anyone who may patch the model can write it)."""
+    value = (body["metadata"].get("annotations") or {}).get(WAKE_ANNOTATION)
+    try:
+        woken = parse_time(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return woken.replace(tzinfo=UTC) if woken is not None and woken.tzinfo is None else woken
 
 
 def demand(

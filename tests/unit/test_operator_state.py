@@ -19,6 +19,7 @@ from residency_operator.state import (
     placement_name,
     placement_needs_update,
     planner_inputs,
+    waiting_requests,
     write_phase,
 )
 
@@ -372,3 +373,33 @@ def test_a_swap_in_holds_while_the_worker_carries_it_out_and_a_served_request_st
     inputs, result, _ = run(ClusterState([old_asked, asked(8)], *nodes, done), tmp_path)
     assert {d.name: d.waiting_requests for d in inputs.demands} == {"team-a/new": 0, "team-a/old": 1}
     assert set(result.placements) == {"team-a/new"}, "the new one was busy 2 s ago: not idle yet"
+
+
+def test_a_wake_annotation_that_is_not_a_time_is_ignored(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    models = [
+        {
+            **llm(name, make_model_dir(name, params=20_000)),
+            "metadata": {
+                **llm(name, tmp_path)["metadata"],
+                "annotations": {WAKE_ANNOTATION: value},
+            },
+        }
+        for name, value in (("bad", "yesterday"), ("naive", "2026-11-27T11:59:58"), ("list", "[1]"))
+    ]
+    inputs, result, _ = run(ClusterState(models, [profile("n1", 10**7)], [node("n1")], []), tmp_path)
+    # a time without a zone counts as UTC (2 s before NOW: waiting); the others count as no request
+    assert {d.name: d.waiting_requests for d in inputs.demands} == {
+        "team-a/bad": 0,
+        "team-a/list": 0,
+        "team-a/naive": 1,
+    }
+    assert set(result.placements) == {"team-a/bad", "team-a/list", "team-a/naive"}
+
+
+def test_a_model_still_loading_keeps_waiting_past_the_window() -> None:
+    body = {"metadata": {"annotations": {WAKE_ANNOTATION: stamp(NOW - timedelta(seconds=45))}}}
+    loading = {"spec": {"desiredState": "Loaded"}, "status": {"state": "Loading"}}
+    assert waiting_requests(body, loading, NOW) == 1
+    assert waiting_requests(body, None, NOW) == 0, "no placement: the 30 s window applies"
+    served = {"spec": {"desiredState": "Loaded"}, "status": {"state": "Loaded", "queuedRequests": 3}}
+    assert waiting_requests(body, served, NOW) == 3, "running: its engine queue"

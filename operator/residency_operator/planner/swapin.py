@@ -54,29 +54,38 @@ def serve_waiting(
         if model.wanted and model.waiting_requests > 0 and result[i] is None
     ]
     gave_way: dict[int, int] = {}
-    if not waiting:
+    if not waiting or not any(node.accepts_work for node in nodes):
         return result, gave_way
     room = node_room(problem, result)
     free_gpu, free_host, free_time = list(room[0]), list(room[1]), list(room[2])
+    # GPU time the placed models use per node, and the most they may use (the tightest SLO among them):
+    # a waiting model must leave the others their SLO, and the others must leave it its own.
+    used_time = [0.0] * len(nodes)
+    for placed in result:
+        if placed is not None:
+            used_time[placed.node] += placed.busy
+    time_cap = [used + free for used, free in zip(used_time, free_time, strict=True)]
     # A model that gives way must be able to come back cheaply: its weights stay pinned in host memory,
-    # beside the caches of models already preempted there (free_host counts no caches).
+    # beside the caches that every other model left without a place may keep on its node (free_host
+    # counts no caches; the plan hands them out most important first).
     for name, now_placement in problem.current.items():
         index = problem.model_index.get(name)
         node_index = problem.node_index.get(now_placement.node)
-        if (
-            index is not None
-            and node_index is not None
-            and now_placement.state == "preempted"
-            and result[index] is None
-            and models[index].wanted
-        ):
+        if index is not None and node_index is not None and result[index] is None and models[index].wanted:
             free_host[node_index] -= cached_host_bytes(models[index], now_placement.kv_cache_bytes)
     waiting.sort(key=lambda i: (-models[i].priority, models[i].name))
     # A node where a running model has requests queued has no GPU time to give, whatever its recent
     # average says (a burst): nothing is swapped onto it.
     saturated = [False] * len(nodes)
     for j, placed in enumerate(result):
-        if placed is not None and models[j].waiting_requests > 0:
+        now_j = problem.current.get(models[j].name)
+        if (
+            placed is not None
+            and models[j].waiting_requests > 0
+            and now_j is not None
+            and now_j.is_running
+            and now_j.node == nodes[placed.node].name
+        ):
             saturated[placed.node] = True
     # Idle models that may give way, per node (least valuable first), and the GPU bytes they hold: a node
     # is tried only where free memory and all of its idle models could hold the waiting model.
@@ -126,7 +135,9 @@ def serve_waiting(
                 break
             node_class = problem.class_of_node[n]
             idle = [j for j in idle_on[n] if models[j].priority <= model.priority]
-            placed_here = _first_fit(problem, i, n, node_class, idle, result, free_gpu, free_host, free_time)
+            placed_here = _first_fit(
+                problem, i, n, node_class, idle, result, free_gpu, free_host, free_time, used_time
+            )
             if placed_here is None:
                 continue
             fitted += 1
@@ -143,8 +154,8 @@ def serve_waiting(
         if best is None:
             continue
         _, n, candidate, victims = best
-        if now is not None and now.state == "preempted" and now.node == nodes[n].name:
-            free_host[n] += cached_host_bytes(model, now.kv_cache_bytes)  # resumed: its cache is the source
+        if now is not None and now.node == nodes[n].name:
+            free_host[n] += cached_host_bytes(model, now.kv_cache_bytes)  # back where its cache is
         for j in victims:
             placed = result[j]
             assert placed is not None
@@ -155,14 +166,17 @@ def serve_waiting(
             free_gpu[n] += placed.gpu_bytes
             free_gpu_array[n] += placed.gpu_bytes
             free_host[n] += placed.host_bytes - _cache_bytes(problem, j)
-            free_time[n] += placed.busy
+            used_time[n] -= placed.busy
             result[j] = None
             gave_way[j] = i
         result[i] = candidate
         free_gpu[n] -= candidate.gpu_bytes
         free_gpu_array[n] -= candidate.gpu_bytes
         free_host[n] -= candidate.host_bytes
-        free_time[n] -= candidate.busy
+        used_time[n] += candidate.busy
+        # (the victims' own limits no longer bind, but the cap is kept: conservative)
+        time_cap[n] = min(time_cap[n], candidate.busy + candidate.tolerance)
+        free_time[n] = time_cap[n] - used_time[n]
     return result, gave_way
 
 
@@ -200,6 +214,7 @@ def _first_fit(
     free_gpu: Sequence[int],
     free_host: Sequence[int],
     free_time: Sequence[float],
+    used_time: Sequence[float],
 ) -> tuple[Assignment, list[int]] | None:
     """The highest residency (then the fewest idle models to displace, least valuable first) at which
     model ``i`` meets its SLO on node ``n``, or ``None``."""
@@ -209,7 +224,7 @@ def _first_fit(
     # resumed here, the model's own host cache becomes its offloaded copy: that host memory frees
     own_cache = (
         cached_host_bytes(model, now.kv_cache_bytes)
-        if now is not None and now.state == "preempted" and now.node == problem.nodes[n].name
+        if now is not None and now.node == problem.nodes[n].name
         else 0
     )
     best: tuple[tuple[object, ...], Assignment, list[int]] | None = None
@@ -221,10 +236,12 @@ def _first_fit(
             need_gpu = int(tables.gpu_bytes[mode_index, i, level_index])
             need_host = int(tables.host_bytes[i, level_index])
             need_time = float(tables.busy_fraction[node_class, mode_index, i, level_index])
+            tolerance = float(tables.tolerance[node_class, mode_index, i, level_index])
             gpu, host, time_left = free_gpu[n], free_host[n] + own_cache, free_time[n]
+            others = used_time[n]  # what the models that stay use of the GPU's time
             victims: list[int] = []
             for j in idle:
-                if gpu >= need_gpu and time_left >= need_time:
+                if gpu >= need_gpu and time_left >= need_time and others <= tolerance + 1e-9:
                     break
                 placed = result[j]
                 assert placed is not None
@@ -232,7 +249,8 @@ def _first_fit(
                 gpu += placed.gpu_bytes
                 host += placed.host_bytes - _cache_bytes(problem, j)
                 time_left += placed.busy
-            if gpu < need_gpu or host < need_host or time_left < need_time:
+                others -= placed.busy
+            if gpu < need_gpu or host < need_host or time_left < need_time or others > tolerance + 1e-9:
                 continue
             value = float(tables.primary_value[node_class, mode_index, i, level_index])
             full_value = float(tables.value[node_class, mode_index, i, level_index])
@@ -243,7 +261,7 @@ def _first_fit(
                 gpu_bytes=need_gpu,
                 host_bytes=need_host,
                 busy=need_time,
-                tolerance=float(tables.tolerance[node_class, mode_index, i, level_index]),
+                tolerance=tolerance,
                 value=value,
                 score=value,
                 full_value=full_value,

@@ -28,8 +28,8 @@ from residency_operator.simulator.trace import Request
 
 DEMAND_WINDOW_SECONDS = 60.0
 IDLE_AFTER_SECONDS = 10.0
-"""A running model with no request for this long counts as idle (what the operator reads from a placement's
-lastActiveTime)."""
+"""A running model with no request queued or running for this long counts as idle (the operator's reading
+of a placement's lastActiveTime, state.IDLE_AFTER_SECONDS)."""
 
 
 def fair_shares(wanted_seconds: Sequence[float], capacity_seconds: float) -> list[float]:
@@ -87,6 +87,9 @@ class ModelRuntime:
     queue: deque[Request] = field(default_factory=deque)
     active: list[ActiveRequest] = field(default_factory=list)
     last_used_seconds: float = -1.0
+    last_active_seconds: float = -1.0
+    """When the model last had a request queued or running, or finished loading (the worker's
+    lastActiveTime)."""
     recent_arrivals: deque[tuple[float, int, int]] = field(default_factory=deque)
     """(arrival second, output tokens, prompt tokens) of the requests of the last demand window."""
 
@@ -170,7 +173,8 @@ class Simulation:
                 idle = (
                     not runtime.queue
                     and not runtime.active
-                    and self.now_seconds - runtime.last_used_seconds >= self.idle_after_seconds
+                    and self.now_seconds - max(runtime.last_used_seconds, runtime.last_active_seconds)
+                    >= self.idle_after_seconds
                 )
                 placements.append(
                     CurrentPlacement(
@@ -256,6 +260,7 @@ class Simulation:
         runtime.resident_fraction = resident_fraction
         runtime.mode = mode
         runtime.busy_until_seconds = max(self.now_seconds, runtime.busy_until_seconds) + cost.seconds
+        runtime.last_active_seconds = runtime.busy_until_seconds
 
     def preempt(self, name: str, keep_cache: bool = True) -> None:
         """Stop a model; with ``keep_cache`` its weights and KV stay in host memory for a fast resume."""
@@ -348,6 +353,7 @@ class Simulation:
             if runtime.node is None or runtime.busy_until_seconds > now:
                 continue
             if runtime.queue or runtime.active:
+                runtime.last_active_seconds = now
                 by_node.setdefault(runtime.node, []).append(runtime)
         for node_name, runtimes in by_node.items():
             node = self.node_by_name[node_name]

@@ -73,21 +73,28 @@ class ResidencyPolicy:
         # reports it without metrics), not zero; planning for zero demand would pack every model at the
         # lowest residency that meets its SLO alone, and the first traffic would undo it.
         observed = now_seconds > 0
-        # Requests queued for a model: the router holds them while it is not running, the worker's engine
-        # queue has them while it runs with every batch slot taken.
+        # Requests waiting for a model: what the router holds while it is not running (or still loading),
+        # what the worker's engine queues beyond its free batch slots while it runs.
         demands = [
             dataclasses.replace(
                 runtime.spec.demand(
                     sim.observed_demand_tokens_per_second(name) if observed else None,
                     *sim.observed_prompts(name),
                 ),
-                waiting_requests=len(runtime.queue),
+                waiting_requests=requests_waiting(runtime, now_seconds),
             )
             for name, runtime in sorted(sim.models.items())
         ]
         planned = plan(demands, sim.nodes, sim.current_placements(), (), now_seconds, self.config)
         self.plans.append(planned)
         apply_plan(sim, planned)
+
+
+def requests_waiting(runtime: ModelRuntime, now_seconds: float) -> int:
+    """Requests waiting for a model as the operator learns of them (see ``state.waiting_requests``)."""
+    if runtime.node is None or runtime.busy_until_seconds > now_seconds:
+        return len(runtime.queue)
+    return max(0, len(runtime.queue) - (runtime.demand.max_batch - len(runtime.active)))
 
 
 class LruEvictPolicy:
