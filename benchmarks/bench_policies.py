@@ -15,6 +15,11 @@ scaled so that the models' whole footprint (weights + KV reservation + workspace
 0.5x, 1x, 1.5x and 2x of the fleet's usable GPU memory, each at the shipped request rates and at twice
 them. It shows where residency pulls ahead and where it ties or trails, and the ceiling at each point.
 The standard scenarios themselves are not changed by it.
+
+Each scenario's table replays one seeded trace, and one trace is one sample: a change to the planner can
+move a ratio by several percent on one seed and the other way on the next. A seed-spread section follows
+(``--seeds N``, default 3; 1 skips it): every scenario again at the next N-1 seeds (same models, nodes and
+rates; other arrival times and lengths), with each seed's ratio, their mean and their minimum.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import copy
 import dataclasses
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,7 @@ from residency_operator.simulator.runner import (
     run_policy,
     scenario_requests,
     standard_scenarios,
+    with_seed,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -92,6 +99,62 @@ def compare(scenario: Scenario) -> tuple[list[PolicyReport], dict[str, float]]:
         reports.append(run_policy(scenario, policy, requests))
         seconds[policy] = time.perf_counter() - started
     return reports, seconds
+
+
+def seed_row(scenario: Scenario, reports: list[PolicyReport], offered: float) -> dict[str, Any]:
+    """Residency / best baseline (and the ceiling) of one seeded run."""
+    ours = next(r for r in reports if r.policy == "residency")
+    best = max((r for r in reports if r.policy != "residency"), key=lambda r: r.goodput_tokens_per_second)
+    return {
+        "seed": scenario.seed,
+        "residency_goodput": ours.goodput_tokens_per_second,
+        "best_baseline": best.policy,
+        "best_baseline_goodput": best.goodput_tokens_per_second,
+        "offered_tokens_per_second": offered,
+        "ratio": _ratio(ours.goodput_tokens_per_second, best.goodput_tokens_per_second),
+        "ceiling_ratio": _ratio(offered, best.goodput_tokens_per_second),
+    }
+
+
+def seed_spread(base: Scenario, first: dict[str, Any], seeds: int) -> dict[str, Any]:
+    """``first`` (the run at the scenario's own seed, see :func:`seed_row`) and runs at the next
+    ``seeds - 1`` seeds: residency / best baseline at each, their mean, minimum and maximum."""
+    per_seed = [first]
+    for offset in range(1, seeds):
+        reseeded = with_seed(base, base.seed + offset)
+        offered = sum(r.output_tokens for r in scenario_requests(reseeded)) / base.duration_seconds
+        reports, _ = compare(reseeded)
+        per_seed.append(seed_row(reseeded, reports, offered))
+    ratios = [float(row["ratio"]) for row in per_seed]
+    return {
+        "scenario": base.name,
+        "extra": base.extra,
+        "per_seed": per_seed,
+        "mean_ratio": statistics.fmean(ratios),
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+        "mean_ceiling_ratio": statistics.fmean(float(row["ceiling_ratio"]) for row in per_seed),
+    }
+
+
+def print_seed_spread(rows: list[dict[str, Any]]) -> None:
+    """The seed spread as one table."""
+    seeds = [row["seed"] for row in rows[0]["per_seed"]] if rows else []
+    print(
+        "\nSeed spread: each scenario at its own seed (+0) and the next ones (same models, nodes, rates);\n"
+        "ratio = residency / best baseline at that seed; ceiling = offered / best baseline (mean)"
+    )
+    header = f"{'scenario':<20}" + "".join(f"{f'seed+{i}':>9}" for i in range(len(seeds)))
+    header += f"{'mean':>8}{'min':>8}{'ceiling':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        name = row["scenario"] + (" *" if row["extra"] else "")
+        cells = "".join(f"{seed_row['ratio']:>8.2f}x" for seed_row in row["per_seed"])
+        print(
+            f"{name:<20}{cells}{row['mean_ratio']:>7.2f}x{row['min_ratio']:>7.2f}x"
+            f"{row['mean_ceiling_ratio']:>8.2f}x"
+        )
 
 
 def sweep(base: Scenario) -> list[dict[str, Any]]:
@@ -163,6 +226,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="override each scenario's seed")
     parser.add_argument("--no-sweep", action="store_true", help="skip the memory-pressure sweep")
     parser.add_argument(
+        "--seeds", type=int, default=3, help="seeds per scenario in the seed-spread section (1 skips it)"
+    )
+    parser.add_argument(
         "--sweep-only", action="store_true", help="only the memory-pressure sweep (prints, writes nothing)"
     )
     args = parser.parse_args()
@@ -174,7 +240,10 @@ def main() -> None:
                     base.seed = args.seed
                 print_sweep(sweep(base))
         return
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     sweep_rows: list[dict[str, Any]] = []
+    spread_rows: list[dict[str, Any]] = []
     all_reports: dict[str, list[PolicyReport]] = {}
     summary: list[dict[str, Any]] = []
     for path in standard_scenarios():
@@ -188,6 +257,8 @@ def main() -> None:
         reports, seconds = compare(scenario)
         if scenario.name in SWEEP_SCENARIOS and not args.no_sweep:
             sweep_rows.extend(sweep(scenario))
+        if args.seeds > 1 and scenario.trace_path is None:  # a recorded trace has no seed to vary
+            spread_rows.append(seed_spread(scenario, seed_row(scenario, reports, offered), args.seeds))
         all_reports[scenario.name] = reports
         label = " (extra scenario)" if scenario.extra else ""
         print(
@@ -264,6 +335,8 @@ def main() -> None:
                 f"{row['residency_weighted_goodput']:.0f} vs {row['best_weighted_baseline']} "
                 f"{row['best_baseline_weighted_goodput']:.0f} = {row['weighted_ratio']:.2f}x"
             )
+    if spread_rows:
+        print_seed_spread(spread_rows)
     if sweep_rows:
         print_sweep(sweep_rows)
     if args.scenario:
@@ -272,7 +345,12 @@ def main() -> None:
     write_json(
         all_reports,
         RESULTS / "policies.json",
-        {"summary": summary, "memory_sweep": sweep_rows, "machine": platform.platform()},
+        {
+            "summary": summary,
+            "seed_spread": spread_rows,
+            "memory_sweep": sweep_rows,
+            "machine": platform.platform(),
+        },
     )
     print(f"wrote {RESULTS / 'policies.json'}")
 

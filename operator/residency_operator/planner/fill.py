@@ -4,6 +4,9 @@ The solvers weigh GPU bytes as a tie-breaker, so where offloading predicts no lo
 memory-light model) they may leave a model partly offloaded on a node with room to spare. Users expect a
 model that fits to be fully resident; this pass promotes placed models, most important first, to the
 highest residency level that fits in their node's free memory without lowering their predicted value.
+
+``node_room`` (what an assignment leaves free on every node) lives here too: this pass, the take-turns
+pass (``swapin``) and the plan's description all read it.
 """
 
 from __future__ import annotations
@@ -12,12 +15,31 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from residency_operator.planner.greedy import Assignment
-from residency_operator.planner.options import MODES, usable_gpu_bytes
+from residency_operator.planner.options import MODES, usable_gpu_bytes, usable_host_bytes
 
 if TYPE_CHECKING:
     from residency_operator.planner.plan import PlanningProblem
 
 _VALUE_TOLERANCE = 1e-9
+
+NodeRoom = tuple[Sequence[int], Sequence[int], Sequence[float]]
+"""Per node: free GPU bytes, free host bytes (before host caches) and free GPU time share."""
+
+
+def node_room(problem: PlanningProblem, assignment: Sequence[Assignment | None]) -> NodeRoom:
+    """What an assignment leaves free on every node."""
+    nodes = problem.nodes
+    free_gpu = [usable_gpu_bytes(node) for node in nodes]
+    free_host = [usable_host_bytes(node) for node in nodes]
+    time_cap = [problem.config.max_gpu_busy_fraction] * len(nodes)
+    used_time = [0.0] * len(nodes)
+    for a in assignment:
+        if a is not None:
+            free_gpu[a.node] -= a.gpu_bytes
+            free_host[a.node] -= a.host_bytes
+            used_time[a.node] += a.busy
+            time_cap[a.node] = min(time_cap[a.node], a.busy + a.tolerance)
+    return free_gpu, free_host, [cap - used for cap, used in zip(time_cap, used_time, strict=True)]
 
 
 def fill_free_memory(

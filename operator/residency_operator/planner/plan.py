@@ -21,7 +21,7 @@ from residency_operator.planner.costs import (
     load_cost,
     preempt_cost,
 )
-from residency_operator.planner.fill import fill_free_memory
+from residency_operator.planner.fill import NodeRoom, fill_free_memory, node_room
 from residency_operator.planner.greedy import Assignment, GreedyPlanner
 from residency_operator.planner.milp import (
     NodeOptions,
@@ -38,8 +38,6 @@ from residency_operator.planner.options import (
     node_class_key,
     node_class_tuple,
     transition,
-    usable_gpu_bytes,
-    usable_host_bytes,
 )
 from residency_operator.planner.predictor import Predictor
 from residency_operator.planner.reasons import ReasonContext, percent, slo_text, unschedulable_reasons
@@ -416,26 +414,6 @@ def assemble_plan(
         planned_at_seconds=now,
         notes=tuple(notes),
     )
-
-
-NodeRoom = tuple[Sequence[int], Sequence[int], Sequence[float]]
-"""Per node: free GPU bytes, free host bytes (before host caches) and free GPU time share."""
-
-
-def node_room(problem: PlanningProblem, assignment: Sequence[Assignment | None]) -> NodeRoom:
-    """What an assignment leaves free on every node."""
-    nodes = problem.nodes
-    free_gpu = [usable_gpu_bytes(node) for node in nodes]
-    free_host = [usable_host_bytes(node) for node in nodes]
-    time_cap = [problem.config.max_gpu_busy_fraction] * len(nodes)
-    used_time = [0.0] * len(nodes)
-    for a in assignment:
-        if a is not None:
-            free_gpu[a.node] -= a.gpu_bytes
-            free_host[a.node] -= a.host_bytes
-            used_time[a.node] += a.busy
-            time_cap[a.node] = min(time_cap[a.node], a.busy + a.tolerance)
-    return free_gpu, free_host, [cap - used for cap, used in zip(time_cap, used_time, strict=True)]
 
 
 def describe_placement(problem: PlanningProblem, model_index: int, a: Assignment) -> PlannedPlacement:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from residency_operator.planner.fill import node_room
 from residency_operator.planner.greedy import Assignment
 from residency_operator.planner.options import MODES, cached_host_bytes
 
@@ -44,8 +45,6 @@ def serve_waiting(
 ) -> tuple[list[Assignment | None], dict[int, int]]:
     """The assignment with waiting, unplaced models swapped in for idle ones, and who gave way to whom
     (victim index → waiting model index)."""
-    from residency_operator.planner.plan import node_room
-
     models, nodes = problem.models, problem.nodes
     result = list(assignment)
     waiting = [
