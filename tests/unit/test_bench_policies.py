@@ -1,0 +1,89 @@
+"""The policy benchmark's helpers: the scenario variants it replays and the seed spread it reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from residency_operator.simulator.cluster import Scenario, SimModel, parse_cluster
+from residency_operator.simulator.runner import scenario_requests
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_policies.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """benchmarks/ is a folder of scripts, not a package: load the script as a module."""
+    spec = importlib.util.spec_from_file_location("bench_policies", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_policies", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_scenario(seed: int = 5) -> Scenario:
+    """Two small models on two nodes, briefly: four policies finish in a second or two."""
+    return Scenario(
+        name="tiny",
+        description="",
+        nodes=parse_cluster(
+            [{"preset": "l4", "name": "l4", "count": 1}, {"preset": "a6000-pcie4", "name": "a6"}]
+        ),
+        models=[
+            SimModel(name="ns/small", family="llama-1b", min_decode_tokens_per_second=10.0),
+            SimModel(name="ns/large", family="llama-8b", min_decode_tokens_per_second=10.0),
+        ],
+        workload={"pattern": "poisson", "total_rate_per_second": 1.0, "output_tokens_mean": 32},
+        duration_seconds=60.0,
+        seed=seed,
+    )
+
+
+def test_seed_spread_replays_further_seeds_and_summarises_them(bench: ModuleType) -> None:
+    scenario = tiny_scenario()
+    reports, _ = bench.compare(scenario)
+    offered = sum(r.output_tokens for r in scenario_requests(scenario)) / scenario.duration_seconds
+    first = bench.seed_row(scenario, reports, offered)
+    spread = bench.seed_spread(scenario, first, 3)
+
+    rows = spread["per_seed"]
+    assert [row["seed"] for row in rows] == [5, 6, 7]
+    assert rows[0] is first
+    # Other seeds are other traces, not the first one again.
+    assert len({round(row["offered_tokens_per_second"], 6) for row in rows}) > 1
+    ratios = [row["ratio"] for row in rows]
+    assert spread["mean_ratio"] == pytest.approx(sum(ratios) / 3)
+    assert spread["min_ratio"] == min(ratios) and spread["max_ratio"] == max(ratios)
+    for row in rows:
+        goodput = {
+            r.policy: r.goodput_tokens_per_second for r in bench.compare(tiny_scenario(row["seed"]))[0]
+        }
+        best = max(value for policy, value in goodput.items() if policy != "residency")
+        assert row["residency_goodput"] == pytest.approx(goodput["residency"])
+        assert row["best_baseline_goodput"] == pytest.approx(best)
+        assert row["ratio"] == pytest.approx(goodput["residency"] / best)
+        # No policy serves more than is asked, so the ceiling bounds every policy's ratio.
+        assert row["ratio"] <= row["ceiling_ratio"] + 1e-9
+    # The scenario passed in is left as it was.
+    assert scenario.seed == 5
+
+
+def test_load_and_memory_pressure_variants(bench: ModuleType) -> None:
+    scenario = tiny_scenario()
+    doubled = bench.at_load(scenario, 2.0)
+    assert doubled.workload["total_rate_per_second"] == 2.0
+    assert scenario.workload["total_rate_per_second"] == 1.0
+    assert len(scenario_requests(doubled)) > 1.5 * len(scenario_requests(scenario))
+    assert bench.at_load(scenario, 1.0) is scenario
+
+    for pressure in (0.5, 2.0):
+        scaled = bench.at_memory_pressure(scenario, pressure)
+        assert bench.memory_pressure(scaled) == pytest.approx(pressure, rel=1e-3)
+        # Only GPU memory changes: models, bandwidths and seed stay.
+        assert scaled.models == scenario.models and scaled.seed == scenario.seed
+        assert [n.hbm_gbps for n in scaled.nodes] == [n.hbm_gbps for n in scenario.nodes]
