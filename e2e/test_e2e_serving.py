@@ -13,7 +13,7 @@ import httpx
 import harness
 from conftest import NodePool, model_status
 from harness import SMALL_LIMITS, Process, apply, get_json, kubectl, wait_for, wait_for_node_event
-from residency_operator.state import IDLE_AFTER_SECONDS
+from residency_operator.state import IDLE_AFTER_SECONDS, placement_name
 
 
 def llm(name: str, path: Path, **spec: Any) -> dict[str, Any]:
@@ -71,6 +71,18 @@ def test_apply_ready_and_a_completion_through_the_router(
         30,
         what="observed decode rate",
     )
+
+    # the traffic the worker saw is the planner's demand for the model: two requests of 12 tokens (a
+    # changed demand is written at most every 10 s, so the second one may show a report later)
+    def demand() -> dict[str, Any] | None:
+        placement = get_json("modelplacement", placement_name(f"{namespace}/chat"))
+        seen: dict[str, Any] = placement.get("status", {}).get("demand") or {}
+        tokens = seen.get("decodeTokensPerSecond", 0) * seen.get("windowSeconds", 0)
+        return seen if abs(tokens - 24) < 0.1 else None
+
+    seen = wait_for(demand, 40, what="a demand of 24 tokens over the window")
+    assert 30 <= seen["windowSeconds"] <= 60, seen
+    assert seen["promptTokensPerSecond"] > 0 and seen["typicalPromptTokens"] >= 1, seen
 
 
 def test_memory_pressure_gives_partial_residency_within_budget(
@@ -155,6 +167,7 @@ def test_two_models_take_turns_on_a_gpu_that_holds_one(
     wait_for(lambda: phase(namespace, "first", "Ready"), 120, what="first Ready")
     first_text = text_of(complete(router, f"{namespace}/first", "Take turns", 8))
     apply(llm("second", models_root / "tiny-qwen", offload={"maxFraction": 0.0}), namespace)
+
     # nobody asked for the second one yet and the first one was busy lately: it waits for room (and asks
     # a cluster autoscaler for a node, where one runs)
     def decided() -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ No Kubernetes client here: the controller lists objects, calls these functions, 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -209,6 +209,26 @@ def woken_at(body: dict[str, Any]) -> datetime | None:
     return woken.replace(tzinfo=UTC) if woken is not None and woken.tzinfo is None else woken
 
 
+def observed_demand(placement: dict[str, Any] | None) -> tuple[float, float, int | None] | None:
+    """(output tokens/s, prompt tokens/s, typical prompt tokens) the worker saw for a running model, or
+    ``None`` where it reports none (not running, or a worker that does not measure it)."""
+    spec = (placement or {}).get("spec") or {}
+    status = (placement or {}).get("status") or {}
+    seen = status.get("demand")
+    if status.get("state") != "Loaded" or spec.get("desiredState", "Loaded") != "Loaded" or not seen:
+        return None
+    try:
+        decode = float(seen["decodeTokensPerSecond"])
+        prompt = float(seen.get("promptTokensPerSecond") or 0.0)
+        typical = seen.get("typicalPromptTokens")
+        typical_tokens = int(typical) if typical is not None else None
+    except (KeyError, TypeError, ValueError):
+        return None  # the schema forbids this; an older or broken writer is ignored, not trusted
+    if not (decode >= 0 and prompt >= 0) or (typical_tokens is not None and typical_tokens < 1):
+        return None
+    return decode, prompt, typical_tokens
+
+
 def demand(
     key: str,
     body: dict[str, Any],
@@ -222,6 +242,7 @@ def demand(
     timings = (body.get("status") or {}).get("timings") or {}
     max_sequence_length = int(spec.get("maxSequenceLength", 4096))
     max_batch = int(spec.get("maxBatchSize", 8))
+    seen = observed_demand(placement)
     return ModelDemand(
         name=key,
         weight_bytes=info.weight_bytes,
@@ -240,7 +261,25 @@ def demand(
         last_reload_seconds=timings.get("reloadSeconds"),
         wanted=not body["metadata"].get("deletionTimestamp"),
         waiting_requests=0 if now is None else waiting_requests(body, placement, now),
+        demand_decode_tokens_per_second=None if seen is None else seen[0],
+        prompt_tokens_per_second=None if seen is None else seen[1],
+        typical_prompt_tokens=None if seen is None else seen[2],
     )
+
+
+def with_known_demand(demands: list[ModelDemand]) -> list[ModelDemand]:
+    """Once any running model reports its traffic, a model without a report (not running, or not yet)
+    counts as having none: an unknown demand is valued as unbounded, so it would outbid every model whose
+    traffic is measured. A model asked for while not running gets room through its waiting requests
+    (planner/swapin.py). With no report anywhere (a cold start) demands stay unknown, as before."""
+    if all(d.demand_decode_tokens_per_second is None for d in demands):
+        return demands
+    return [
+        d
+        if d.demand_decode_tokens_per_second is not None
+        else replace(d, demand_decode_tokens_per_second=0.0)
+        for d in demands
+    ]
 
 
 def current_placement(
@@ -342,7 +381,7 @@ def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> 
         and c.model not in idle
     ]
     return Inputs(
-        demands=demands,
+        demands=with_known_demand(demands),
         nodes=capacities,
         current=sorted(current, key=lambda c: c.model),
         profiles=sensitivity_profiles(state.sensitivity_profiles, infos),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -475,3 +476,35 @@ def test_a_head_bigger_than_a_layer_streams_in_layer_sized_chunks(engine: Engine
             torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0
         )[0, len(prompt_ids) :].tolist()
     assert outputs[0][2] == expected
+
+
+def test_demand_counts_the_window_s_requests(engine: Engine, models_root: Path) -> None:
+    """What the worker reports as the model's demand (status.demand): output tokens of finished requests,
+    the expected output of unfinished ones, prompt tokens, over the window; old requests fall out."""
+    engine.load("d", str(models_root / "llama"), _options(1.0))
+    runner = engine.runner("d")
+    idle = runner.demand()
+    assert idle.decode_tokens_per_second == 0 and idle.typical_prompt_tokens is None
+    done = [engine.submit("d", p, SamplingParams(max_tokens=10, ignore_eos=True)) for p in PROMPTS[:3]]
+    for request in done:
+        request.wait(60)
+    prompts = [len(engine.encode("d", p)) for p in PROMPTS[:3]]
+    seen = runner.demand(window_seconds=60.0)
+    # a young runner averages over at least half the window: a few early requests are not a rate
+    span = seen.window_seconds
+    assert 30.0 <= span <= 60.0
+    assert seen.decode_tokens_per_second == pytest.approx(30 / span)
+    assert seen.prompt_tokens_per_second == pytest.approx(sum(prompts) / span)
+    assert seen.typical_prompt_tokens == round(sum(prompts) / 3)
+    # an unfinished request counts as the window's typical output (10), not its max_tokens (100)
+    with runner._cv:  # (re-entrant) holding it keeps the batch loop from starting the request
+        pending = Request(engine.encode("d", PROMPTS[3]), SamplingParams(max_tokens=100, ignore_eos=True))
+        runner._waiting.append(pending)
+        runner._arrivals.append((time.monotonic(), pending))
+        now = runner.demand()
+        assert now.decode_tokens_per_second == pytest.approx(40 / now.window_seconds)
+        runner.cancel(pending)
+    assert pending.wait(60).finish_reason == "cancelled"
+    # a window shorter than the time since these arrived holds none of them
+    time.sleep(0.3)
+    assert runner.demand(window_seconds=0.2).decode_tokens_per_second == 0

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from residency_worker.agent import _Failure
+from residency_worker.agent import (
+    DEMAND_REPORT_SECONDS,
+    _Failure,
+    demand_report_due,
+    demand_wire,
+)
+from residency_worker.engine.types import ObservedDemand
 
 
 def test_a_refusal_for_room_is_retried_once_room_frees() -> None:
@@ -16,3 +22,27 @@ def test_a_refusal_for_room_is_retried_once_room_frees() -> None:
 def test_other_failures_wait_for_a_new_spec() -> None:
     failure = _Failure(3, "WeightsCorrupt", "bad shard", 1000, 4000)
     assert not failure.retry_now(0, 10**9)
+
+
+def test_demand_is_reported_when_it_starts_stops_or_moves_and_not_more_often() -> None:
+    """Each status write wakes the planner: a demand is written when there was none, when traffic starts
+    or stops (at once), and otherwise only when it moved by a fifth, at most every 10 s."""
+
+    def wire(decode: float, prompt: float = 0.0) -> dict[str, object]:
+        return demand_wire(ObservedDemand(decode, prompt, 7 if decode else None, 60.0))
+
+    assert wire(12.34567) == {
+        "decodeTokensPerSecond": 12.346,
+        "promptTokensPerSecond": 0.0,
+        "typicalPromptTokens": 7,
+        "windowSeconds": 60.0,
+    }
+    assert demand_report_due(None, wire(0.0), None)
+    assert demand_report_due(wire(0.0), wire(5.0), 0.5)  # traffic starts: at once
+    assert demand_report_due(wire(5.0), wire(0.0), 0.5)  # and stops
+    later = DEMAND_REPORT_SECONDS + 1
+    assert not demand_report_due(wire(10.0), wire(30.0), DEMAND_REPORT_SECONDS - 1)  # too soon
+    assert demand_report_due(wire(10.0), wire(12.5), later)  # moved by a quarter
+    assert not demand_report_due(wire(10.0), wire(11.0), later)  # by a tenth: noise
+    assert demand_report_due(wire(10.0, 100.0), wire(10.0, 150.0), later)  # prompts count too
+    assert not demand_report_due(wire(0.2), wire(0.35), later)  # tiny rates: under a fifth of 1 tok/s

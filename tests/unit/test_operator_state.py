@@ -403,3 +403,56 @@ def test_a_model_still_loading_keeps_waiting_past_the_window() -> None:
     assert waiting_requests(body, None, NOW) == 0, "no placement: the 30 s window applies"
     served = {"spec": {"desiredState": "Loaded"}, "status": {"state": "Loaded", "queuedRequests": 3}}
     assert waiting_requests(body, served, NOW) == 3, "running: its engine queue"
+
+
+def test_reported_traffic_becomes_the_planner_s_demand(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    """status.demand of a running model is its demand; once any model reports one, a model without a
+    report counts as having no traffic (an unknown demand would be valued as unbounded and outbid every
+    measured one); a report of a model no longer running, or a malformed one, is not trusted."""
+    models = [llm(n, make_model_dir(n, params=20_000)) for n in ("a", "b", "c")]
+    state = ClusterState(models, [profile("n1", 10**8)], [node("n1")], [])
+    _, _, desired = run(state, tmp_path)
+    placements = {m["spec"]["model"]["name"]: m for m in desired.values()}
+    assert set(placements) == {"a", "b", "c"}
+
+    def demands(existing: list[dict[str, Any]]) -> dict[str, Any]:
+        inputs = planner_inputs(
+            ClusterState(models, [profile("n1", 10**8)], [node("n1")], existing), NOW, knobs(tmp_path)
+        )
+        return {d.name: d for d in inputs.demands}
+
+    # nobody reports: demand stays unknown for all (a cold start plans as before)
+    cold = demands([loaded(p) for p in placements.values()])
+    assert all(d.demand_decode_tokens_per_second is None for d in cold.values())
+
+    seen = {
+        "decodeTokensPerSecond": 12.5,
+        "promptTokensPerSecond": 40.0,
+        "typicalPromptTokens": 8,
+        "windowSeconds": 60.0,
+    }
+    preempted = loaded(placements["c"], demand=seen)
+    preempted["spec"] = {**preempted["spec"], "desiredState": "Preempted"}
+    warm = demands([loaded(placements["a"], demand=seen), loaded(placements["b"]), preempted])
+    a, b, c = warm["team-a/a"], warm["team-a/b"], warm["team-a/c"]
+    assert (a.demand_decode_tokens_per_second, a.prompt_tokens_per_second, a.typical_prompt_tokens) == (
+        12.5,
+        40.0,
+        8,
+    )
+    assert b.demand_decode_tokens_per_second == 0.0 and b.prompt_tokens_per_second is None
+    assert c.demand_decode_tokens_per_second == 0.0  # its report is from before it was preempted
+
+    for broken in (
+        {"decodeTokensPerSecond": -1},
+        {"decodeTokensPerSecond": "lots"},
+        {"promptTokensPerSecond": 3},
+    ):
+        odd = demands([loaded(placements["a"], demand=broken)])
+        assert odd["team-a/a"].demand_decode_tokens_per_second is None
+
+    # the planner sizes GPU time by it: the reported model keeps the GPU busy, the others do not
+    existing = [loaded(placements["a"], demand=seen), loaded(placements["b"]), loaded(placements["c"])]
+    _, result, _ = run(ClusterState(models, [profile("n1", 10**8)], [node("n1")], existing), tmp_path)
+    busy = {name: p.gpu_busy_fraction for name, p in result.placements.items()}
+    assert busy["team-a/a"] > 0 and busy["team-a/b"] == busy["team-a/c"] == 0

@@ -24,13 +24,15 @@ from residency.api import GROUP, VERSION
 from residency.kubeapi import TimeoutApiClient
 from residency_worker.engine import Engine, ModelOptions
 from residency_worker.engine.tiers import synchronize
-from residency_worker.engine.types import EngineError, ModelTimings
+from residency_worker.engine.types import EngineError, ModelTimings, ObservedDemand
 
 log = logging.getLogger("residency.agent")
 NODE_LABEL = "residency.dev/node"
 UNLOAD_FINALIZER = "residency.dev/unload"
 FRACTION_TOLERANCE = 0.02
 ACTIVITY_GRANULARITY_SECONDS = 2.0  # report activity at most this often (each report wakes the planner)
+DEMAND_REPORT_SECONDS = 10.0  # a changed demand is reported at most this often (unless it starts or stops)
+DEMAND_CHANGE_SHARE = 0.2  # ...and only when it moved by this share of what was last reported
 # cluster-autoscaler and Karpenter leave a node alone while its pods carry these
 PROTECT_ANNOTATIONS = {
     "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
@@ -89,6 +91,37 @@ def timings_wire(timings: ModelTimings) -> dict[str, Any]:
     return wire
 
 
+def demand_wire(demand: ObservedDemand) -> dict[str, Any]:
+    """The engine's observed demand in the API's ObservedDemand shape (``None`` fields are removed)."""
+    return {
+        "decodeTokensPerSecond": round(demand.decode_tokens_per_second, 3),
+        "promptTokensPerSecond": round(demand.prompt_tokens_per_second, 3),
+        "typicalPromptTokens": demand.typical_prompt_tokens,
+        "windowSeconds": round(demand.window_seconds, 3),
+    }
+
+
+def demand_report_due(
+    reported: dict[str, Any] | None, observed: dict[str, Any], seconds_since_report: float | None
+) -> bool:
+    """Whether to write a newly observed demand: when none was reported, when traffic starts or stops,
+    and otherwise when it moved by :data:`DEMAND_CHANGE_SHARE` at most every :data:`DEMAND_REPORT_SECONDS`
+    (each status write wakes the planner; a noisy rate must not re-plan the cluster every second)."""
+    if not reported:
+        return True
+    before = float(reported.get("decodeTokensPerSecond") or 0.0)
+    now = float(observed["decodeTokensPerSecond"])
+    if (before > 0) != (now > 0):
+        return True
+    if seconds_since_report is not None and seconds_since_report < DEMAND_REPORT_SECONDS:
+        return False
+    prompt_before = float(reported.get("promptTokensPerSecond") or 0.0)
+    prompt_now = float(observed["promptTokensPerSecond"])
+    return abs(now - before) > DEMAND_CHANGE_SHARE * max(before, 1.0) or abs(
+        prompt_now - prompt_before
+    ) > DEMAND_CHANGE_SHARE * max(prompt_before, 1.0)
+
+
 @dataclass
 class AgentConfig:
     node: str
@@ -138,6 +171,7 @@ class NodeAgent:
     _protected: bool | None = None
     _last_heartbeat: float = 0.0
     _profile_spec: dict[str, Any] | None = None
+    _demand_reported_at: dict[str, float] = field(default_factory=dict)  # monotonic, per model
 
     # -- node profile -------------------------------------------------------------------------------
     def profile_spec(self) -> dict[str, Any]:
@@ -420,6 +454,14 @@ class NodeAgent:
             queued = (placement.get("status") or {}).get("queuedRequests")
             if fresh or queued is None or bool(queued) != bool(model.queue_depth):
                 status["queuedRequests"] = model.queue_depth
+            observed = demand_wire(runner.demand())
+            reported_at = self._demand_reported_at.get(name)
+            since = None if reported_at is None else time.monotonic() - reported_at
+            if state == "Loaded" and demand_report_due(
+                (placement.get("status") or {}).get("demand"), observed, since
+            ):
+                status["demand"] = observed
+                self._demand_reported_at[name] = time.monotonic()
             if model.timings.decode_tokens_per_second is not None:
                 status["observedDecodeTokensPerSecond"] = round(model.timings.decode_tokens_per_second, 3)
         status["observedGeneration"] = generation
@@ -441,6 +483,7 @@ class NodeAgent:
 
     def _unload(self, name: str) -> None:
         self._loaded_specs.pop(name, None)
+        self._demand_reported_at.pop(name, None)
         try:
             self.engine.unload(name)
             log.info("unloaded %s from %s", name, self.config.node)

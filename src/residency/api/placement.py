@@ -41,6 +41,19 @@ class ModelPlacementSpec(ApiModel):
     plan_generation: int | None = Field(default=None, ge=0, description="Planner round that wrote this.")
 
 
+class ObservedDemand(StatusModel):
+    """Traffic the worker saw for the model over its last window: what the planner sizes GPU time for."""
+
+    decode_tokens_per_second: float = Field(
+        ge=0, description="Output tokens/s asked for (finished requests' tokens, in-flight ones' expected)."
+    )
+    prompt_tokens_per_second: float = Field(ge=0, description="Prompt tokens/s to prefill.")
+    typical_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="Mean prompt length of the window's requests (none without one)."
+    )
+    window_seconds: float = Field(gt=0, description="Seconds the rates are averaged over.")
+
+
 class ModelPlacementStatus(StatusModel):
     """What the worker did."""
 
@@ -58,6 +71,9 @@ class ModelPlacementStatus(StatusModel):
         ge=0,
         description="Requests waiting for a batch slot when last reported (the planner swaps nothing onto a "
         "node whose models queue).",
+    )
+    demand: ObservedDemand | None = Field(
+        default=None, description="Traffic seen while Loaded (the planner's demand estimate for the model)."
     )
     reason: str | None = Field(default=None, max_length=128)
     message: str | None = Field(default=None, max_length=4096)

@@ -50,6 +50,7 @@ from residency_worker.engine.types import (
     ExecutionMode,
     ModelState,
     ModelTimings,
+    ObservedDemand,
     PreemptReport,
     ResidencyReport,
     ResumeReport,
@@ -58,6 +59,9 @@ from residency_worker.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+DEMAND_WINDOW_SECONDS = 60.0
+"""Traffic is averaged over this window (the simulator's ``engine.DEMAND_WINDOW_SECONDS``)."""
 T = TypeVar("T")
 ModeChoice = Literal["stream", "cpu", "auto"]
 
@@ -102,6 +106,8 @@ class ModelRunner:
         self.spec = weights.spec
         self.state: ModelState = "loading"
         self.last_request_time = time.time()  # wall clock: reported for idle scale-to-zero
+        self._started_monotonic = time.monotonic()
+        self._arrivals: deque[tuple[float, Request]] = deque()  # accepted requests of the demand window
         self.timings = ModelTimings(weight_bytes=weights.weight_bytes, emulated=tier.emulated)
         max_positions = min(options.max_sequence_length, self.spec.max_position_embeddings)
         self.max_sequence_length = max_positions
@@ -523,8 +529,38 @@ class ModelRunner:
                 )
             self._waiting.append(request)
             self.last_request_time = time.time()
+            self._arrivals.append((time.monotonic(), request))
             self._cv.notify_all()
         return request
+
+    def demand(self, window_seconds: float = DEMAND_WINDOW_SECONDS) -> ObservedDemand:
+        """Output and prompt tokens/s asked of the model over the last window, as the simulator's
+        ``observed_demand_tokens_per_second`` counts them: every request that arrived, finished ones by
+        the tokens they produced, unfinished ones by what they will likely produce (the mean of the
+        window's finished ones, at most their ``max_tokens``; ``max_tokens`` before any finished)."""
+        now = time.monotonic()
+        with self._cv:
+            while self._arrivals and self._arrivals[0][0] < now - window_seconds:
+                self._arrivals.popleft()
+            requests = [request for _, request in self._arrivals]
+        # never average over less than half the window: a few early requests are not a rate
+        span = min(window_seconds, max(window_seconds / 2, now - self._started_monotonic))
+        finished = [len(r.token_ids) for r in requests if r.finish_reason is not None]
+        typical_output = sum(finished) / len(finished) if finished else None
+        output_tokens = 0.0
+        for r in requests:
+            if r.finish_reason is not None:
+                output_tokens += len(r.token_ids)
+            else:
+                expected = r.params.max_tokens if typical_output is None else typical_output
+                output_tokens += max(len(r.token_ids), min(r.params.max_tokens, expected))
+        prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+        return ObservedDemand(
+            decode_tokens_per_second=output_tokens / span,
+            prompt_tokens_per_second=prompt_tokens / span,
+            typical_prompt_tokens=max(1, round(prompt_tokens / len(requests))) if requests else None,
+            window_seconds=span,
+        )
 
     def cancel(self, request: Request) -> None:
         """Drops a request: at once if it is still queued, otherwise at the next step."""

@@ -85,6 +85,16 @@ class ResidencyReport:
     emulated: bool
 
 
+@dataclass(frozen=True)
+class ObservedDemand:
+    """Traffic a model saw over its last window (see ``ModelRunner.demand``)."""
+
+    decode_tokens_per_second: float
+    prompt_tokens_per_second: float
+    typical_prompt_tokens: int | None  # mean prompt length; None without a request in the window
+    window_seconds: float
+
+
 @dataclass
 class ModelTimings:
     """Measured costs of one model's lifecycle operations; the latest of each."""
