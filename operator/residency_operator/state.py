@@ -22,6 +22,7 @@ from residency_operator.planner import (
     PlannedPlacement,
     ProfilePoint,
     SensitivityProfile,
+    waiting_demand,
 )
 from residency_operator.validation import validate_model
 
@@ -210,12 +211,14 @@ def woken_at(body: dict[str, Any]) -> datetime | None:
 
 
 def observed_demand(placement: dict[str, Any] | None) -> tuple[float, float, int | None] | None:
-    """(output tokens/s, prompt tokens/s, typical prompt tokens) the worker saw for a running model, or
-    ``None`` where it reports none (not running, or a worker that does not measure it)."""
+    """(output tokens/s, prompt tokens/s, typical prompt tokens) the worker saw for a model that runs or is
+    being loaded to run (a move or reload keeps the last report: its new window starts empty), or
+    ``None`` where none is reported (preempted or idle, or a worker that does not measure it)."""
     spec = (placement or {}).get("spec") or {}
     status = (placement or {}).get("status") or {}
     seen = status.get("demand")
-    if status.get("state") != "Loaded" or spec.get("desiredState", "Loaded") != "Loaded" or not seen:
+    running = status.get("state", "Pending") in ("Pending", "Loading", "Loaded")
+    if not running or spec.get("desiredState", "Loaded") != "Loaded" or not seen:
         return None
     try:
         decode = float(seen["decodeTokensPerSecond"])
@@ -268,16 +271,17 @@ def demand(
 
 
 def with_known_demand(demands: list[ModelDemand]) -> list[ModelDemand]:
-    """Once any running model reports its traffic, a model without a report (not running, or not yet)
-    counts as having none: an unknown demand is valued as unbounded, so it would outbid every model whose
-    traffic is measured. A model asked for while not running gets room through its waiting requests
-    (planner/swapin.py). With no report anywhere (a cold start) demands stay unknown, as before."""
+    """Once any model reports its traffic, a model without a report (not running, or not yet) is valued by
+    the requests waiting for it (planner.waiting_demand: each at its SLO; none when none waits) instead of
+    an unknown demand, which the planner values as unbounded: it would outbid every model whose traffic is
+    measured (the simulator plans the same way). With no report anywhere (a cold start, or workers that do
+    not measure) demands stay unknown, as before."""
     if all(d.demand_decode_tokens_per_second is None for d in demands):
         return demands
     return [
         d
         if d.demand_decode_tokens_per_second is not None
-        else replace(d, demand_decode_tokens_per_second=0.0)
+        else replace(d, demand_decode_tokens_per_second=waiting_demand(d))
         for d in demands
     ]
 

@@ -480,11 +480,31 @@ def test_a_head_bigger_than_a_layer_streams_in_layer_sized_chunks(engine: Engine
 
 def test_demand_counts_the_window_s_requests(engine: Engine, models_root: Path) -> None:
     """What the worker reports as the model's demand (status.demand): output tokens of finished requests,
-    the expected output of unfinished ones, prompt tokens, over the window; old requests fall out."""
+    the expected output of unfinished ones, prompt tokens, over the window; requests that ended without a
+    token are left out; old requests fall out."""
     engine.load("d", str(models_root / "llama"), _options(1.0))
     runner = engine.runner("d")
     idle = runner.demand()
     assert idle.decode_tokens_per_second == 0 and idle.typical_prompt_tokens is None
+
+    def queued(prompt: str, max_tokens: int) -> Request:
+        """A request in the queue that the batch loop cannot start while the caller holds the lock."""
+        request = Request(engine.encode("d", prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        runner._waiting.append(request)
+        runner._arrivals.append((time.monotonic(), request))
+        return request
+
+    with runner._cv:  # re-entrant: demand() and cancel() take it too
+        # before any request finished, an unfinished one counts its max_tokens, as far as the model's
+        # sequence length (128 here) leaves room after its prompt
+        huge = queued(PROMPTS[0], 10**6)
+        seen = runner.demand()
+        expected = 128 - len(huge.prompt_ids)
+        assert seen.decode_tokens_per_second * seen.window_seconds == pytest.approx(expected)
+        runner.cancel(huge)
+    assert huge.wait(60).finish_reason == "cancelled"
+    assert runner.demand().decode_tokens_per_second == 0  # ended without a token: not demand
+
     done = [engine.submit("d", p, SamplingParams(max_tokens=10, ignore_eos=True)) for p in PROMPTS[:3]]
     for request in done:
         request.wait(60)
@@ -492,19 +512,18 @@ def test_demand_counts_the_window_s_requests(engine: Engine, models_root: Path) 
     seen = runner.demand(window_seconds=60.0)
     # a young runner averages over at least half the window: a few early requests are not a rate
     span = seen.window_seconds
-    assert 30.0 <= span <= 60.0
+    assert 30.0 <= span <= 60.0 and seen.age_seconds > 0
     assert seen.decode_tokens_per_second == pytest.approx(30 / span)
     assert seen.prompt_tokens_per_second == pytest.approx(sum(prompts) / span)
     assert seen.typical_prompt_tokens == round(sum(prompts) / 3)
-    # an unfinished request counts as the window's typical output (10), not its max_tokens (100)
-    with runner._cv:  # (re-entrant) holding it keeps the batch loop from starting the request
-        pending = Request(engine.encode("d", PROMPTS[3]), SamplingParams(max_tokens=100, ignore_eos=True))
-        runner._waiting.append(pending)
-        runner._arrivals.append((time.monotonic(), pending))
+    with runner._cv:
+        # an unfinished request counts as the window's typical output (10), not its max_tokens (100)
+        pending = queued(PROMPTS[3], 100)
         now = runner.demand()
         assert now.decode_tokens_per_second == pytest.approx(40 / now.window_seconds)
         runner.cancel(pending)
     assert pending.wait(60).finish_reason == "cancelled"
-    # a window shorter than the time since these arrived holds none of them
+    # a window shorter than the time since these arrived holds none of them (and loses none for later)
     time.sleep(0.3)
     assert runner.demand(window_seconds=0.2).decode_tokens_per_second == 0
+    assert runner.demand().decode_tokens_per_second * runner.demand().window_seconds == pytest.approx(30)

@@ -29,7 +29,7 @@ def test_demand_is_reported_when_it_starts_stops_or_moves_and_not_more_often() -
     or stops (at once), and otherwise only when it moved by a fifth, at most every 10 s."""
 
     def wire(decode: float, prompt: float = 0.0) -> dict[str, object]:
-        return demand_wire(ObservedDemand(decode, prompt, 7 if decode else None, 60.0))
+        return demand_wire(ObservedDemand(decode, prompt, 7 if decode else None, 60.0, 120.0))
 
     assert wire(12.34567) == {
         "decodeTokensPerSecond": 12.346,
@@ -46,3 +46,9 @@ def test_demand_is_reported_when_it_starts_stops_or_moves_and_not_more_often() -
     assert not demand_report_due(wire(10.0), wire(11.0), later)  # by a tenth: noise
     assert demand_report_due(wire(10.0, 100.0), wire(10.0, 150.0), later)  # prompts count too
     assert not demand_report_due(wire(0.2), wire(0.35), later)  # tiny rates: under a fifth of 1 tok/s
+    # a model that has just (re)started here counts an empty window: it may raise the last report (moved
+    # here, or resumed, with the traffic it had), never lower it
+    assert not demand_report_due(wire(10.0), wire(0.0), later, young=True)
+    assert not demand_report_due(wire(10.0, 50.0), wire(20.0, 5.0), later, young=True)
+    assert demand_report_due(wire(10.0), wire(20.0), later, young=True)
+    assert demand_report_due(None, wire(0.0), None, young=True)

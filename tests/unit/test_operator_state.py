@@ -442,14 +442,37 @@ def test_reported_traffic_becomes_the_planner_s_demand(tmp_path: Path, make_mode
     )
     assert b.demand_decode_tokens_per_second == 0.0 and b.prompt_tokens_per_second is None
     assert c.demand_decode_tokens_per_second == 0.0  # its report is from before it was preempted
+    # a model not running that the router holds a request for: that request at its SLO
+    asked = {**models[2], "metadata": {**models[2]["metadata"], "annotations": {WAKE_ANNOTATION: stamp(NOW)}}}
+    slo = {**asked, "spec": {**asked["spec"], "slo": {"minDecodeTokensPerSecond": 4}}}
+    inputs = planner_inputs(
+        ClusterState(
+            [models[0], models[1], slo],
+            [profile("n1", 10**8)],
+            [node("n1")],
+            [loaded(placements["a"], demand=seen), preempted],
+        ),
+        NOW,
+        knobs(tmp_path),
+    )
+    woken = {d.name: d for d in inputs.demands}["team-a/c"]
+    assert (woken.waiting_requests, woken.demand_decode_tokens_per_second) == (1, 4.0)
+
+    # moving or reloading (state Loading, still desired Loaded) keeps the last report
+    moving = loaded(placements["a"], demand=seen)
+    moving["status"] = {**moving["status"], "state": "Loading"}
+    assert demands([moving])["team-a/a"].demand_decode_tokens_per_second == 12.5
 
     for broken in (
         {"decodeTokensPerSecond": -1},
         {"decodeTokensPerSecond": "lots"},
         {"promptTokensPerSecond": 3},
     ):
-        odd = demands([loaded(placements["a"], demand=broken)])
-        assert odd["team-a/a"].demand_decode_tokens_per_second is None
+        odd = demands([loaded(placements["a"], demand=broken), loaded(placements["b"], demand=seen)])
+        assert odd["team-a/a"].demand_decode_tokens_per_second == 0.0  # not trusted: as if none
+        assert odd["team-a/b"].demand_decode_tokens_per_second == 12.5
+        alone = demands([loaded(placements["a"], demand=broken)])
+        assert alone["team-a/a"].demand_decode_tokens_per_second is None
 
     # the planner sizes GPU time by it: the reported model keeps the GPU busy, the others do not
     existing = [loaded(placements["a"], demand=seen), loaded(placements["b"]), loaded(placements["c"])]

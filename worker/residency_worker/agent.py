@@ -23,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from residency.api import GROUP, VERSION
 from residency.kubeapi import TimeoutApiClient
 from residency_worker.engine import Engine, ModelOptions
+from residency_worker.engine.batching import DEMAND_WINDOW_SECONDS
 from residency_worker.engine.tiers import synchronize
 from residency_worker.engine.types import EngineError, ModelTimings, ObservedDemand
 
@@ -102,21 +103,29 @@ def demand_wire(demand: ObservedDemand) -> dict[str, Any]:
 
 
 def demand_report_due(
-    reported: dict[str, Any] | None, observed: dict[str, Any], seconds_since_report: float | None
+    reported: dict[str, Any] | None,
+    observed: dict[str, Any],
+    seconds_since_report: float | None,
+    young: bool = False,
 ) -> bool:
     """Whether to write a newly observed demand: when none was reported, when traffic starts or stops,
     and otherwise when it moved by :data:`DEMAND_CHANGE_SHARE` at most every :data:`DEMAND_REPORT_SECONDS`
-    (each status write wakes the planner; a noisy rate must not re-plan the cluster every second)."""
+    (each status write wakes the planner; a noisy rate must not re-plan the cluster every second).
+
+    ``young``: the model has served here for less than half the window, so its rate undercounts (after a
+    move, resume or reload the window starts empty): it may raise what was reported, never lower it."""
     if not reported:
         return True
     before = float(reported.get("decodeTokensPerSecond") or 0.0)
     now = float(observed["decodeTokensPerSecond"])
+    prompt_before = float(reported.get("promptTokensPerSecond") or 0.0)
+    prompt_now = float(observed["promptTokensPerSecond"])
+    if young and (now < before or prompt_now < prompt_before):
+        return False
     if (before > 0) != (now > 0):
         return True
     if seconds_since_report is not None and seconds_since_report < DEMAND_REPORT_SECONDS:
         return False
-    prompt_before = float(reported.get("promptTokensPerSecond") or 0.0)
-    prompt_now = float(observed["promptTokensPerSecond"])
     return abs(now - before) > DEMAND_CHANGE_SHARE * max(before, 1.0) or abs(
         prompt_now - prompt_before
     ) > DEMAND_CHANGE_SHARE * max(prompt_before, 1.0)
@@ -454,11 +463,13 @@ class NodeAgent:
             queued = (placement.get("status") or {}).get("queuedRequests")
             if fresh or queued is None or bool(queued) != bool(model.queue_depth):
                 status["queuedRequests"] = model.queue_depth
-            observed = demand_wire(runner.demand())
+            demand = runner.demand()
+            observed = demand_wire(demand)
             reported_at = self._demand_reported_at.get(name)
             since = None if reported_at is None else time.monotonic() - reported_at
+            young = demand.age_seconds < DEMAND_WINDOW_SECONDS / 2
             if state == "Loaded" and demand_report_due(
-                (placement.get("status") or {}).get("demand"), observed, since
+                (placement.get("status") or {}).get("demand"), observed, since, young
             ):
                 status["demand"] = observed
                 self._demand_reported_at[name] = time.monotonic()

@@ -19,6 +19,7 @@ from residency_operator.planner.types import (
     ProfilePoint,
     SensitivityProfile,
     Unschedulable,
+    waiting_demand,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "Unschedulable",
     "calibrated_factor",
     "plan",
+    "waiting_demand",
 ]

@@ -108,6 +108,15 @@ class ModelDemand:
         return self.kv_bytes_per_token * self.max_sequence_length * self.max_batch
 
 
+def waiting_demand(model: ModelDemand) -> float:
+    """Demand of a model that is not running, whose traffic no worker measures: the requests waiting for
+    it, each at its SLO (1 tok/s without one), at most a full batch. Zero when none waits, so a model
+    nobody asks for does not outbid models whose traffic is measured; a waiting one is worth at least
+    what its waiting requests ask for."""
+    rate = model.min_decode_tokens_per_second or 1.0
+    return float(min(model.waiting_requests, model.max_batch)) * rate
+
+
 @dataclass(frozen=True, slots=True)
 class NodeCapacity:
     """A GPU node as the planner sees it: memory, bandwidths and whether it may take work."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from residency_operator.planner.options import gpu_bytes_needed, host_bytes_needed, usable_gpu_bytes
 from residency_operator.planner.plan import plan
-from residency_operator.planner.types import Plan, PlannerConfig
+from residency_operator.planner.types import Plan, PlannerConfig, waiting_demand
 from residency_operator.simulator.engine import ModelRuntime, Simulation
 
 SIMULATION_PLANNER_CONFIG = PlannerConfig(
@@ -73,18 +73,23 @@ class ResidencyPolicy:
         # reports it without metrics), not zero; planning for zero demand would pack every model at the
         # lowest residency that meets its SLO alone, and the first traffic would undo it.
         observed = now_seconds > 0
-        # Requests waiting for a model: what the router holds while it is not running (or still loading),
-        # what the worker's engine queues beyond its free batch slots while it runs.
-        demands = [
-            dataclasses.replace(
-                runtime.spec.demand(
-                    sim.observed_demand_tokens_per_second(name) if observed else None,
-                    *sim.observed_prompts(name),
-                ),
-                waiting_requests=requests_waiting(runtime, now_seconds),
+        # Demand as the operator learns it (state.planner_inputs): the traffic a model's worker reports while
+        # it runs or is being loaded to run; for a model that does not run (no worker sees its requests),
+        # its waiting requests at its SLO (state.waiting_demand). Requests waiting for a model: what the
+        # router holds while it is not running (or still loading), what the worker's engine queues beyond
+        # its free batch slots while it runs.
+        demands = []
+        for name, runtime in sorted(sim.models.items()):
+            queued = requests_waiting(runtime, now_seconds)
+            running = runtime.node is not None
+            spec = runtime.spec.demand(
+                sim.observed_demand_tokens_per_second(name) if observed and running else None,
+                *(sim.observed_prompts(name) if running else (None, None)),
             )
-            for name, runtime in sorted(sim.models.items())
-        ]
+            spec = dataclasses.replace(spec, waiting_requests=queued)
+            if observed and not running:
+                spec = dataclasses.replace(spec, demand_decode_tokens_per_second=waiting_demand(spec))
+            demands.append(spec)
         planned = plan(demands, sim.nodes, sim.current_placements(), (), now_seconds, self.config)
         self.plans.append(planned)
         apply_plan(sim, planned)

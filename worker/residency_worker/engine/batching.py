@@ -529,37 +529,51 @@ class ModelRunner:
                 )
             self._waiting.append(request)
             self.last_request_time = time.time()
-            self._arrivals.append((time.monotonic(), request))
+            now = time.monotonic()
+            self._arrivals.append((now, request))
+            # pruned here too, so a runner nobody asks for its demand keeps only the window's requests
+            while self._arrivals and self._arrivals[0][0] < now - DEMAND_WINDOW_SECONDS:
+                self._arrivals.popleft()
             self._cv.notify_all()
         return request
 
     def demand(self, window_seconds: float = DEMAND_WINDOW_SECONDS) -> ObservedDemand:
         """Output and prompt tokens/s asked of the model over the last window, as the simulator's
-        ``observed_demand_tokens_per_second`` counts them: every request that arrived, finished ones by
-        the tokens they produced, unfinished ones by what they will likely produce (the mean of the
-        window's finished ones, at most their ``max_tokens``; ``max_tokens`` before any finished)."""
+        ``observed_demand_tokens_per_second`` counts them: every request accepted, finished ones by the
+        tokens they produced, unfinished ones by what they will likely produce (the mean of the window's
+        finished ones; before any finished, their ``max_tokens`` as far as the sequence length allows).
+        A request that ended without a token (cancelled, failed: e.g. sent while the model was preempted)
+        served nothing and its retry counts on its own: it is left out. Requests refused because the queue
+        was full are not counted (their retries would be counted again); the queue depth reports them.
+        ``window_seconds`` is at most :data:`DEMAND_WINDOW_SECONDS` (older requests are not kept)."""
+        window_seconds = min(window_seconds, DEMAND_WINDOW_SECONDS)
         now = time.monotonic()
         with self._cv:
-            while self._arrivals and self._arrivals[0][0] < now - window_seconds:
+            while self._arrivals and self._arrivals[0][0] < now - DEMAND_WINDOW_SECONDS:
                 self._arrivals.popleft()
-            requests = [request for _, request in self._arrivals]
-        # never average over less than half the window: a few early requests are not a rate
-        span = min(window_seconds, max(window_seconds / 2, now - self._started_monotonic))
-        finished = [len(r.token_ids) for r in requests if r.finish_reason is not None]
+            requests = [request for at, request in self._arrivals if at >= now - window_seconds]
+        # one read per request: the batch loop may finish one meanwhile
+        seen = [(r.finish_reason, len(r.token_ids), len(r.prompt_ids), r.params.max_tokens) for r in requests]
+        counted = [row for row in seen if row[0] is None or row[1] > 0]
+        finished = [produced for reason, produced, _, _ in counted if reason is not None]
         typical_output = sum(finished) / len(finished) if finished else None
         output_tokens = 0.0
-        for r in requests:
-            if r.finish_reason is not None:
-                output_tokens += len(r.token_ids)
-            else:
-                expected = r.params.max_tokens if typical_output is None else typical_output
-                output_tokens += max(len(r.token_ids), min(r.params.max_tokens, expected))
-        prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+        for reason, produced, prompt, max_tokens in counted:
+            if reason is not None:
+                output_tokens += produced
+                continue
+            limit = max(1, min(max_tokens, self.max_sequence_length - prompt))
+            expected = limit if typical_output is None else min(limit, typical_output)
+            output_tokens += max(produced, expected)
+        prompt_tokens = sum(prompt for _, _, prompt, _ in counted)
+        # never average over less than half the window: a few early requests are not a rate
+        span = min(window_seconds, max(window_seconds / 2, now - self._started_monotonic))
         return ObservedDemand(
             decode_tokens_per_second=output_tokens / span,
             prompt_tokens_per_second=prompt_tokens / span,
-            typical_prompt_tokens=max(1, round(prompt_tokens / len(requests))) if requests else None,
+            typical_prompt_tokens=max(1, round(prompt_tokens / len(counted))) if counted else None,
             window_seconds=span,
+            age_seconds=now - self._started_monotonic,
         )
 
     def cancel(self, request: Request) -> None:

@@ -93,6 +93,7 @@ class ObservedDemand:
     prompt_tokens_per_second: float
     typical_prompt_tokens: int | None  # mean prompt length; None without a request in the window
     window_seconds: float
+    age_seconds: float  # how long the model has served here (a young window undercounts a steady rate)
 
 
 @dataclass
