@@ -193,7 +193,10 @@ def test_two_models_take_turns_on_a_gpu_that_holds_one(
     second_text, statuses, seconds = until_answered("second")
     print(f"second answered after {seconds:.1f} s ({statuses})")
     gave_way = wait_for(lambda: phase(namespace, "first", "Preempted"), 30, what="first Preempted")
-    assert "gave way to" in gave_way["message"] and f"{namespace}/second" in gave_way["message"]
+    # by the take-turns pass (it gave way, idle) or by the solver (the requests waiting for the second
+    # one are worth more than the first one's measured traffic): either way for the second one
+    message = gave_way["message"]
+    assert ("gave way to" in message or "to make room for" in message) and f"{namespace}/second" in message
     assert phase(namespace, "second", "Ready")
     # the first one is asked for again: held by the router until the second one is idle, then resumed
     again, statuses, seconds = until_answered("first")

@@ -93,7 +93,8 @@ def timings_wire(timings: ModelTimings) -> dict[str, Any]:
 
 
 def demand_wire(demand: ObservedDemand) -> dict[str, Any]:
-    """The engine's observed demand in the API's ObservedDemand shape (``None`` fields are removed)."""
+    """The engine's observed demand in the API's ObservedDemand shape (a ``None`` field, merge-patched, is
+    removed from the status)."""
     return {
         "decodeTokensPerSecond": round(demand.decode_tokens_per_second, 3),
         "promptTokensPerSecond": round(demand.prompt_tokens_per_second, 3),
