@@ -173,3 +173,38 @@ def test_reasons_name_memory_when_the_only_gpus_fast_enough_are_full() -> None:
     for reason in left_out.values():
         assert reason.reason == "InsufficientGPUMemory", reason
         assert "the H100-PCIe with the most free has" in reason.message
+
+
+def test_the_planner_is_fed_demand_as_the_operator_feeds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured traffic for a running model; for one that does not run (no worker sees its requests) the
+    requests waiting for it at its SLO, as state.with_known_demand gives the operator's planner."""
+    from residency_operator.simulator import policies
+
+    models = [
+        SimModel(name="ns/a", family="llama-8b", min_decode_tokens_per_second=5.0, max_batch=4),
+        SimModel(name="ns/b", family="llama-8b", min_decode_tokens_per_second=7.0, max_batch=4),
+    ]
+    # one GPU that holds one of them whole: both asked for, steadily
+    node = make_node("one", "l4", gpu_memory_gib=20)
+    requests = [Request(float(t) / 2, f"ns/{'ab'[t % 2]}", 64, 32) for t in range(40)]
+    sim = Simulation([node], models, requests, duration_seconds=20.0)
+    seen: list[tuple[float, dict[str, object]]] = []
+    real_plan = policies.plan
+
+    def spy(demands, nodes, current, profiles, now, config):  # type: ignore[no-untyped-def]
+        running = {name for name, runtime in sim.models.items() if runtime.node is not None}
+        for d in demands:
+            if now > 0 and d.name in running:
+                assert d.demand_decode_tokens_per_second == sim.observed_demand_tokens_per_second(d.name)
+            elif now > 0:
+                rate = next(m.min_decode_tokens_per_second for m in models if m.name == d.name)
+                assert d.demand_decode_tokens_per_second == min(d.waiting_requests, 4) * rate
+                seen.append((now, {"name": d.name, "waiting": d.waiting_requests}))
+            else:
+                assert d.demand_decode_tokens_per_second is None  # nothing observed before time passes
+        return real_plan(demands, nodes, current, profiles, now, config)
+
+    monkeypatch.setattr(policies, "plan", spy)
+    sim.run(ResidencyPolicy(FAST_PLANNER))
+    # the model left out was asked for, so it was planned with its waiting requests at least once
+    assert any(row["waiting"] for _, row in seen)
