@@ -464,16 +464,10 @@ class NodeAgent:
             queued = (placement.get("status") or {}).get("queuedRequests")
             if fresh or queued is None or bool(queued) != bool(model.queue_depth):
                 status["queuedRequests"] = model.queue_depth
-            demand = runner.demand()
-            observed = demand_wire(demand)
-            reported_at = self._demand_reported_at.get(name)
-            since = None if reported_at is None else time.monotonic() - reported_at
-            young = demand.age_seconds < DEMAND_WINDOW_SECONDS / 2
-            if state == "Loaded" and demand_report_due(
-                (placement.get("status") or {}).get("demand"), observed, since, young
-            ):
-                status["demand"] = observed
-                self._demand_reported_at[name] = time.monotonic()
+            if state == "Loaded":
+                demand = self._demand_due(name, runner.demand(), placement)
+                if demand is not None:
+                    status["demand"] = demand
             if model.timings.decode_tokens_per_second is not None:
                 status["observedDecodeTokensPerSecond"] = round(model.timings.decode_tokens_per_second, 3)
         status["observedGeneration"] = generation
@@ -482,6 +476,19 @@ class NodeAgent:
             v is None and k in current for k, v in status.items()
         ):
             self._patch_status(placement, status)
+
+    def _demand_due(
+        self, name: str, demand: ObservedDemand, placement: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The demand to write for a loaded model, when a report is due (see :func:`demand_report_due`)."""
+        observed = demand_wire(demand)
+        reported_at = self._demand_reported_at.get(name)
+        since = None if reported_at is None else time.monotonic() - reported_at
+        young = demand.age_seconds < DEMAND_WINDOW_SECONDS / 2
+        if not demand_report_due((placement.get("status") or {}).get("demand"), observed, since, young):
+            return None
+        self._demand_reported_at[name] = time.monotonic()
+        return observed
 
     def _patch_status(self, placement: dict[str, Any], status: dict[str, Any]) -> None:
         try:
