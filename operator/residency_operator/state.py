@@ -24,6 +24,7 @@ from residency_operator.planner import (
     SensitivityProfile,
     waiting_demand,
 )
+from residency_operator.planner.options import cached_host_bytes, with_host_set_aside
 from residency_operator.validation import validate_model
 
 NODE_LABEL = "residency.dev/node"
@@ -361,22 +362,32 @@ def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> 
         f"{p['spec']['model']['namespace']}/{p['spec']['model']['name']}": p for p in state.placements
     }
     idle: dict[str, str] = {}
+    idle_cache_bytes: dict[str, int] = {}
     for key in sorted(bodies):
         checked = validate_model(bodies[key]["spec"], knobs.allowed_model_roots, knobs.remote_code_roots)
         if isinstance(checked, Verdict):
             invalid[key] = checked
             continue
         infos[key] = checked
-        reason = idle_reason(bodies[key], placements.get(key), now)
+        placement = placements.get(key)
+        reason = idle_reason(bodies[key], placement, now)
         if reason is not None:
             idle[key] = reason
+            # Kept out of the plan, but its worker keeps the weights pinned in host memory: set that aside.
+            cache = current_placement(placement) if placement is not None else None
+            if cache is not None:
+                cached = cached_host_bytes(demand(key, bodies[key], checked, knobs), cache.kv_cache_bytes)
+                idle_cache_bytes[cache.node] = idle_cache_bytes.get(cache.node, 0) + cached
             continue
-        demands.append(demand(key, bodies[key], checked, knobs, placements.get(key), now))
+        demands.append(demand(key, bodies[key], checked, knobs, placement, now))
     nodes_by_name = {n["metadata"]["name"]: n for n in state.nodes}
-    capacities = [
-        node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs)
-        for p in sorted(state.node_profiles, key=lambda p: p["spec"]["nodeName"])
-    ]
+    capacities = with_host_set_aside(
+        [
+            node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs)
+            for p in sorted(state.node_profiles, key=lambda p: p["spec"]["nodeName"])
+        ],
+        idle_cache_bytes,
+    )
     current = [
         c
         for key, p in placements.items()

@@ -479,3 +479,59 @@ def test_reported_traffic_becomes_the_planner_s_demand(tmp_path: Path, make_mode
     _, result, _ = run(ClusterState(models, [profile("n1", 10**8)], [node("n1")], existing), tmp_path)
     busy = {name: p.gpu_busy_fraction for name, p in result.placements.items()}
     assert busy["team-a/a"] > 0 and busy["team-a/b"] == busy["team-a/c"] == 0
+
+
+def test_a_model_scaled_to_zero_keeps_its_host_memory_until_asked_for_again(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    # spec.idle releases the GPU, and the worker keeps the weights pinned in host memory for a fast resume:
+    # the plan must not hand that host memory to another model's offloaded weights
+    sleepy = llm(
+        "sleepy",
+        make_model_dir("sleepy", params=200_000),
+        idle={"afterSeconds": 60},
+        offload={"maxFraction": 0.0},
+    )
+    host_bytes = 700_000
+    tight = {
+        **profile("n1", 500_000),
+        "spec": {**profile("n1", 500_000)["spec"], "hostMemoryBytes": host_bytes},
+    }
+    _, _, desired = run(ClusterState([sleepy], [tight], [node("n1")], []), tmp_path)
+    quiet = [
+        loaded(m, lastActiveTime=stamp(NOW - timedelta(seconds=120)), timings={"kvBytes": 128})
+        for m in desired.values()
+    ]
+    # 800 kB that may offload 75 %: fits only by putting most of its weights in host memory
+    config = {**LLAMA_CONFIG, "num_hidden_layers": 8}
+    big = llm("big", make_model_dir("big", config=config, params=400_000), offload={"maxFraction": 0.75})
+    inputs, result, desired = run(ClusterState([sleepy, big], [tight], [node("n1")], quiet), tmp_path)
+    assert set(inputs.idle) == {"team-a/sleepy"}
+    assert desired[placement_name("team-a/sleepy")]["spec"]["desiredState"] == "Idle"
+    cache_bytes = inputs.infos["team-a/sleepy"].weight_bytes + 128
+    assert [n.reserved_host_bytes for n in inputs.nodes] == [cache_bytes]
+    assert "team-a/big" not in result.placements
+    assert "host memory" in result.unschedulable[0].message
+    # without the cache the host memory would have been enough
+    free = planner_inputs(ClusterState([big], [tight], [node("n1")], []), NOW, knobs(tmp_path))
+    assert "team-a/big" in plan(free.demands, free.nodes, free.current, free.profiles, 0.0).placements
+    # a request for it wakes it: it is planned again, as a cached model, and nothing is set aside
+    woken = {
+        **sleepy,
+        "metadata": {
+            **sleepy["metadata"],
+            "annotations": {WAKE_ANNOTATION: stamp(NOW - timedelta(seconds=1))},
+        },
+    }
+    idle_now = [
+        {
+            **q,
+            "spec": desired[placement_name("team-a/sleepy")]["spec"],
+            "status": {**q["status"], "state": "Idle"},
+        }
+        for q in quiet
+    ]
+    inputs, result, _ = run(ClusterState([woken, big], [tight], [node("n1")], idle_now), tmp_path)
+    assert inputs.idle == {} and [n.reserved_host_bytes for n in inputs.nodes] == [0]
+    assert [(c.model, c.state) for c in inputs.current] == [("team-a/sleepy", "preempted")]
+    assert "team-a/sleepy" in result.placements

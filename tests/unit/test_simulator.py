@@ -208,3 +208,39 @@ def test_the_planner_is_fed_demand_as_the_operator_feeds_it(monkeypatch: pytest.
     sim.run(ResidencyPolicy(FAST_PLANNER))
     # the model left out was asked for, so it was planned with its waiting requests at least once
     assert any(row["waiting"] for _, row in seen)
+
+
+def test_spec_idle_releases_a_quiet_model_and_sets_its_cached_weights_aside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the operator applies spec.idle: quiet for idle_after_seconds, the model is released outside the
+    plan with its weights kept in host memory (which the plan may not use); a request resumes it."""
+    from residency_operator.simulator import policies
+
+    sleepy = SimModel(name="ns/sleepy", family="llama-3b", idle_after_seconds=30.0)
+    models = [sleepy, SimModel(name="ns/busy", family="llama-3b")]
+    node = make_node("one", "l4")
+    requests = [Request(float(t), "ns/sleepy", 64, 16) for t in range(5)]
+    requests += [Request(float(t), "ns/busy", 64, 16) for t in range(0, 120, 5)]
+    requests.append(Request(100.0, "ns/sleepy", 64, 16))
+    requests.sort(key=lambda r: r.arrival_seconds)
+    sim = Simulation([node], models, requests, duration_seconds=130.0)
+    seen: list[tuple[float, bool, int, str | None]] = []
+    real_plan = policies.plan
+
+    def spy(demands, nodes, current, profiles, now, config):  # type: ignore[no-untyped-def]
+        planned = {d.name for d in demands} | {c.model for c in current}
+        seen.append(
+            (now, "ns/sleepy" in planned, nodes[0].reserved_host_bytes, sim.models["ns/sleepy"].cached_node)
+        )
+        return real_plan(demands, nodes, current, profiles, now, config)
+
+    monkeypatch.setattr(policies, "plan", spy)
+    outcomes = sim.run(ResidencyPolicy(FAST_PLANNER))
+    cache_bytes = sleepy.demand().weight_bytes
+    quiet = [row for row in seen if 45.0 <= row[0] < 100.0]
+    assert quiet and all(row[1:] == (False, cache_bytes, "one") for row in quiet)
+    assert all(row[1:] == (True, 0, None) for row in seen if row[0] < 30.0)
+    late = next(o for o in outcomes if o.model == "ns/sleepy" and o.arrival_seconds == 100.0)
+    assert late.met_slo and late.output_tokens == 16
+    assert sim.counters.loads == 2, "one cold load each; the sleepy one came back by a resume"

@@ -8,7 +8,7 @@ greedy plan ten thousand models on a thousand nodes in well under a second.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +74,19 @@ def host_bytes_needed(model: ModelDemand, resident_fraction: float) -> int:
 def cached_host_bytes(model: ModelDemand, kv_cache_bytes: int) -> int:
     """Host bytes a preempted model keeps pinned for a fast resume: all weights plus its saved KV."""
     return model.weight_bytes + kv_cache_bytes
+
+
+def with_host_set_aside(
+    nodes: Sequence[NodeCapacity], bytes_by_node: Mapping[str, int]
+) -> list[NodeCapacity]:
+    """The nodes with host memory set aside for what the plan does not place: the cached weights of models
+    scaled to zero by ``spec.idle``, which their workers keep pinned until the next request."""
+    return [
+        dataclasses.replace(n, reserved_host_bytes=n.reserved_host_bytes + bytes_by_node[n.name])
+        if bytes_by_node.get(n.name)
+        else n
+        for n in nodes
+    ]
 
 
 def usable_gpu_bytes(node: NodeCapacity) -> int:

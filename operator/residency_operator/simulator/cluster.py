@@ -147,6 +147,13 @@ class SimModel:
     max_sequence_length: int = 4096
     max_batch: int = 8
     allowed_modes: tuple[ExecutionMode, ...] = ("stream", "cpu")
+    idle_after_seconds: float | None = None
+    """``spec.idle.afterSeconds``: released after this long without a request, weights kept in host memory
+    until the next one; ``None``: never."""
+
+    def __post_init__(self) -> None:
+        if self.idle_after_seconds is not None and not self.idle_after_seconds > 0:
+            raise ValueError(f"{self.name}: idle_after_seconds must be > 0, got {self.idle_after_seconds}")
 
     def demand(
         self,

@@ -14,7 +14,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from residency_operator.planner.options import gpu_bytes_needed, host_bytes_needed, usable_gpu_bytes
+from residency_operator.planner.options import (
+    cached_host_bytes,
+    gpu_bytes_needed,
+    host_bytes_needed,
+    usable_gpu_bytes,
+    with_host_set_aside,
+)
 from residency_operator.planner.plan import plan
 from residency_operator.planner.types import Plan, PlannerConfig, waiting_demand
 from residency_operator.simulator.engine import ModelRuntime, Simulation
@@ -53,6 +59,7 @@ class ResidencyPolicy:
         self.reactive_interval_seconds = reactive_interval_seconds
         self._last_plan_seconds = -1e9
         self._waiting_at_last_plan: frozenset[str] = frozenset()
+        self._idle: frozenset[str] = frozenset()
         self.plans: list[Plan] = []
 
     def step(self, sim: Simulation, now_seconds: float) -> None:
@@ -69,6 +76,18 @@ class ResidencyPolicy:
             return
         self._last_plan_seconds = now_seconds
         self._waiting_at_last_plan = waiting
+        # spec.idle, as the operator applies it (state.idle_reason): a model quiet for its afterSeconds is
+        # released outside the plan, its weights kept in host memory, which the plan sets aside.
+        self._idle = scaled_to_zero(sim, now_seconds, self._idle)
+        set_aside: dict[str, int] = {}
+        for name in sorted(self._idle):
+            runtime = sim.models[name]
+            if runtime.node is not None:
+                sim.preempt(name, keep_cache=True)
+            if runtime.cached_node is not None:
+                set_aside[runtime.cached_node] = set_aside.get(runtime.cached_node, 0) + cached_host_bytes(
+                    runtime.demand, 0
+                )
         # Before any time has passed nothing has been observed: demand is unknown (``None``, as the operator
         # reports it without metrics), not zero; planning for zero demand would pack every model at the
         # lowest residency that meets its SLO alone, and the first traffic would undo it.
@@ -80,6 +99,8 @@ class ResidencyPolicy:
         # its free batch slots while it runs.
         demands = []
         for name, runtime in sorted(sim.models.items()):
+            if name in self._idle:
+                continue
             queued = requests_waiting(runtime, now_seconds)
             running = runtime.node is not None
             spec = runtime.spec.demand(
@@ -90,9 +111,26 @@ class ResidencyPolicy:
             if observed and not running:
                 spec = dataclasses.replace(spec, demand_decode_tokens_per_second=waiting_demand(spec))
             demands.append(spec)
-        planned = plan(demands, sim.nodes, sim.current_placements(), (), now_seconds, self.config)
+        current = [c for c in sim.current_placements() if c.model not in self._idle]
+        nodes = with_host_set_aside(sim.nodes, set_aside)
+        planned = plan(demands, nodes, current, (), now_seconds, self.config)
         self.plans.append(planned)
         apply_plan(sim, planned)
+
+
+def scaled_to_zero(sim: Simulation, now_seconds: float, idle: frozenset[str]) -> frozenset[str]:
+    """Models that ``spec.idle`` keeps released now: running ones quiet for their ``idle_after_seconds``,
+    and ones already released whose weights are still cached, until a request arrives for them."""
+    result = set()
+    for name, runtime in sim.models.items():
+        after_seconds = runtime.spec.idle_after_seconds
+        if after_seconds is None or runtime.queue or runtime.active:
+            continue
+        still_released = name in idle and runtime.node is None and runtime.cached_node is not None
+        quiet_seconds = now_seconds - max(runtime.last_used_seconds, runtime.last_active_seconds)
+        if still_released or (runtime.node is not None and quiet_seconds >= after_seconds):
+            result.add(name)
+    return frozenset(result)
 
 
 def requests_waiting(runtime: ModelRuntime, now_seconds: float) -> int:
