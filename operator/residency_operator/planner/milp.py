@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
-from residency_operator.planner.greedy import Assignment
+from residency_operator.planner.costs import ZERO_COST
+from residency_operator.planner.greedy import SAME_TIER_SWAP_GAIN, Assignment
 from residency_operator.planner.options import (
     LEVEL_EPSILON,
     MODES,
     ClassTables,
+    OptionEval,
     evaluate_option,
     option_score,
     transition,
@@ -68,6 +71,57 @@ class NodeOptions:
         return len(self.model)
 
 
+MOVE_MARGIN = 1e-3
+"""A settled model's options on other nodes score at least this share below staying where it is."""
+
+
+class Keep(NamedTuple):
+    """What keeping a running model running is worth to the exact solver (see :func:`keep_running`)."""
+
+    primary_bonus: float
+    bonus: float
+    node: int | None
+    """Its node, where it is settled (serves its demand there); else ``None``."""
+    stay_primary_score: float
+    stay_score: float
+
+
+NO_KEEP = Keep(0.0, 0.0, None, 0.0, 0.0)
+
+
+def below(score: float) -> float:
+    """A score clearly (by :data:`MOVE_MARGIN`) below ``score``."""
+    return score - MOVE_MARGIN * max(1.0, abs(score))
+
+
+def keep_running(model: ModelDemand, option: OptionEval, node_index: int, config: PlannerConfig) -> Keep:
+    """The greedy's stability rules, as scores for the exact solver, for a running model whose current
+    placement (``option``) still meets its SLO:
+
+    - stopping it costs :data:`SAME_TIER_SWAP_GAIN` times what it serves (a bonus on every option that
+      keeps it running), so its own tier takes its place only for a clear win, never a swap of near equals
+      that the next plan undoes (higher tiers are solved first and do not see it);
+    - where it serves its demand (as ``relocate_outgrown`` judges: demand with headroom within a full
+      batch at its current rate), no option on another node scores above staying, so the minute's demand
+      estimates moving do not shuffle models between nodes by themselves; it still moves where that lets
+      another model run (a higher tier takes its room, or a model of its own tier fits only there). One
+      whose demand outgrew its node moves freely.
+    """
+    primary_bonus = (SAME_TIER_SWAP_GAIN - 1.0) * max(0.0, option.primary_value)
+    bonus = (SAME_TIER_SWAP_GAIN - 1.0) * max(0.0, option.value)
+    demand = model.demand_decode_tokens_per_second
+    outgrown = demand is not None and config.demand_headroom * demand > option.decode_tokens_per_second * max(
+        1, model.max_batch
+    )
+    return Keep(
+        primary_bonus,
+        bonus,
+        None if outgrown else node_index,
+        option_score(option.primary_value, ZERO_COST, True, config) + primary_bonus,
+        option_score(option.value, ZERO_COST, True, config) + bonus,
+    )
+
+
 def count_options(tables: ClassTables, class_of_node: Sequence[int], nodes: Sequence[NodeCapacity]) -> int:
     """How many options the MILP would have (decides between exact and greedy)."""
     per_class = tables.feasible.sum(axis=(1, 2, 3))
@@ -111,6 +165,7 @@ def build_node_options(
         tolerance: float,
         value: float,
         primary_value: float,
+        keep: Keep = NO_KEEP,
     ) -> None:
         model = models[model_index]
         node = nodes[node_index]
@@ -126,9 +181,15 @@ def build_node_options(
         rows_busy.append(busy)
         rows_tolerance.append(tolerance)
         rows_value.append(value)
-        rows_score.append(option_score(value, cost, is_incumbent, config))
+        score = option_score(value, cost, is_incumbent, config) + keep.bonus
+        primary_score = option_score(primary_value, cost, is_incumbent, config) + keep.primary_bonus
+        if keep.node is not None and node_index != keep.node:
+            # never better than staying: it moves only where that lets another model run
+            score = min(score, below(keep.stay_score))
+            primary_score = min(primary_score, below(keep.stay_primary_score))
+        rows_score.append(score)
         rows_primary_value.append(primary_value)
-        rows_primary_score.append(option_score(primary_value, cost, is_incumbent, config))
+        rows_primary_score.append(primary_score)
         rows_incumbent.append(is_incumbent)
 
     for model_index, model in enumerate(models):
@@ -144,12 +205,15 @@ def build_node_options(
                 )
                 if incumbent.allowed:
                     pin_node = candidate
+        keep = NO_KEEP
         if now is not None and now.is_running:
             node_index = next((i for i, n in enumerate(nodes) if n.name == now.node), None)
             if node_index is not None and nodes[node_index].accepts_work:
                 option = evaluate_option(
                     predictor, model, nodes[node_index], now.resident_fraction, now.mode, config
                 )
+                if option.allowed and option.meets_slo:
+                    keep = keep_running(model, option, node_index, config)
                 on_grid = bool(np.any(np.abs(tables.levels - now.resident_fraction) <= LEVEL_EPSILON))
                 if option.allowed and (option.meets_slo or pin_node is not None) and not on_grid:
                     add(
@@ -163,6 +227,7 @@ def build_node_options(
                         option.tolerance,
                         option.value,
                         option.primary_value,
+                        keep,
                     )
         for node_index, node in enumerate(nodes):
             if not node.accepts_work or (pin_node is not None and node_index != pin_node):
@@ -190,6 +255,7 @@ def build_node_options(
                         float(tables.tolerance[node_class, mode_index, model_index, level_index]),
                         float(tables.value[node_class, mode_index, model_index, level_index]),
                         float(tables.primary_value[node_class, mode_index, model_index, level_index]),
+                        keep,
                     )
         if pin_node is not None:
             pinned.append(model_index)
