@@ -251,3 +251,25 @@ def test_a_settled_model_that_loses_its_room_to_a_higher_tier_moves_rather_than_
     planned = plan([low, high], [L4, H100], current, config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
     assert {k: p.node for k, p in planned.placements.items()} == {"ns/high": "h100-0", "ns/low": "l4-0"}
     assert [(a.kind, a.model) for a in planned.actions] == [("migrate", "ns/low"), ("load", "ns/high")]
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_running_non_preemptible_models_stay_when_their_demand_over_fills_the_gpu(solver: str) -> None:
+    """GPU time is an estimate: two `preemptible: false` models whose measured demand together needs more
+    than all of their GPU's time both keep running (only the preemptible one beside them gives way)."""
+    pinned = [
+        model(
+            f"ns/prod-{i}",
+            3,
+            demand_decode_tokens_per_second=400.0,
+            min_decode_tokens_per_second=5.0,
+            preemptible=False,
+            priority=100,
+        )
+        for i in range(2)
+    ]
+    batch = model("ns/batch", 1, demand_decode_tokens_per_second=50.0, min_decode_tokens_per_second=5.0)
+    current = [CurrentPlacement(m.name, "l4-0", 1.0, "stream") for m in [*pinned, batch]]
+    planned = plan([*pinned, batch], [L4], current, config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
+    assert {"ns/prod-0", "ns/prod-1"} <= set(planned.placements)
+    assert not any(a.model.startswith("ns/prod") for a in planned.actions)

@@ -513,11 +513,15 @@ class GreedyPlanner:
         the others: only as many are released as the fit needs.
 
         Memory is a hard limit; GPU time is an estimate, so running models are only moved off a node when
-        their estimated demand exceeds all of its time (not merely the planning target)."""
+        their estimated demand exceeds all of its time (not merely the planning target), and a
+        ``preemptible: false`` model never for time or its neighbours' SLOs, only where its node's memory
+        shrank below what it holds."""
         if self._seated_fit(node):
             return
+        state = self.state
+        memory_short = state.free_gpu[node] < 0 or state.free_host[node] < 0
         victims = sorted(
-            self.state.models_on_node[node],
+            (i for i in state.models_on_node[node] if memory_short or self.models[i].preemptible),
             key=lambda i: (
                 not self.models[i].preemptible,
                 self.models[i].priority,
