@@ -110,8 +110,8 @@ emulated) GPU memory; the rest stays in pinned host memory and is streamed to th
 the CPU (the execution mode the planner chose: kubectl get modelplacements -o wide). TOK/S is the
 decode rate the worker measured.
 Nodes have different memory (gpu-a 24 MiB, gpu-b 16 MiB, gpu-c 8 MiB, emulated). Where the models do not
-all fit whole, larger, less sensitive models get partial residency instead of being refused; where they
-do, as the planner packs them, every one is at 100 %. Timings in status are measured
+all fit whole, larger, less sensitive models get partial residency instead of being refused; the
+RESIDENT% column above shows what the planner chose this time. Timings in status are measured
 (kubectl get llm coder -o yaml) and say emulated: true because this machine has no GPU.
 
   export KUBECONFIG=$KUBECONFIG
