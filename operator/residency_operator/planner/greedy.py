@@ -38,6 +38,7 @@ from residency_operator.planner.options import (
     OptionEval,
     evaluate_option,
     option_score,
+    unserved_tokens_per_second,
     usable_gpu_bytes,
     usable_host_bytes,
 )
@@ -1470,7 +1471,7 @@ class GreedyPlanner:
             if level is None:
                 continue
             rate = tables.decode_tokens_per_second.item(node_class, MODES.index(a.mode), i, level)
-            unserved = config.demand_headroom * demand - rate * max(1, model.max_batch)
+            unserved = unserved_tokens_per_second(model, rate, config)
             if unserved > 0:
                 proposals.append((-unserved, model.name, i))
         moved = 0

@@ -27,6 +27,7 @@ from residency_operator.planner.options import (
     evaluate_option,
     option_score,
     transition,
+    unserved_tokens_per_second,
     usable_gpu_bytes,
     usable_host_bytes,
 )
@@ -109,10 +110,7 @@ def keep_running(model: ModelDemand, option: OptionEval, node_index: int, config
     """
     primary_bonus = (SAME_TIER_SWAP_GAIN - 1.0) * max(0.0, option.primary_value)
     bonus = (SAME_TIER_SWAP_GAIN - 1.0) * max(0.0, option.value)
-    demand = model.demand_decode_tokens_per_second
-    outgrown = demand is not None and config.demand_headroom * demand > option.decode_tokens_per_second * max(
-        1, model.max_batch
-    )
+    outgrown = unserved_tokens_per_second(model, option.decode_tokens_per_second, config) > 0
     return Keep(
         primary_bonus,
         bonus,

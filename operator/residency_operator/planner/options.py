@@ -76,6 +76,17 @@ def cached_host_bytes(model: ModelDemand, kv_cache_bytes: int) -> int:
     return model.weight_bytes + kv_cache_bytes
 
 
+def unserved_tokens_per_second(
+    model: ModelDemand, decode_tokens_per_second: float, config: PlannerConfig
+) -> float:
+    """How much of a running model's demand (with its headroom) a full batch at this per-sequence decode rate
+    cannot serve: > 0 where the demand outgrew the placement (0 for an unknown demand)."""
+    demand = model.demand_decode_tokens_per_second
+    if demand is None:
+        return 0.0
+    return config.demand_headroom * demand - decode_tokens_per_second * max(1, model.max_batch)
+
+
 def with_host_set_aside(
     nodes: Sequence[NodeCapacity], bytes_by_node: Mapping[str, int]
 ) -> list[NodeCapacity]:
