@@ -3,6 +3,8 @@
 # Wheels in .whl pin transformers, tokenizers and huggingface_hub to this project's versions (see README).
 #   hack/device-report.sh smoke   CUDA engine tests + one small shape through every section
 #   hack/device-report.sh full    the report: SHAPES, SECTIONS, BUDGET_SECONDS, DECODE_TOKENS, TRIALS from the environment
+#   hack/device-report.sh bench   CUDA engine tests, then benchmarks/bench_plan_scale (one core), bench_reload and
+#                                 bench_offload; their JSON goes to $OUT (default reports/) named by GPU and preset
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-full}
@@ -30,5 +32,20 @@ case $mode in
       --trials "${TRIALS:-1}" --models "$models" --out "$out" --budget-seconds "${BUDGET_SECONDS:-420}" \
       --sections "${SECTIONS:-preemption,peers,pageable,curves}" 2>&1 | tail -150
     ;;
-  *) echo "usage: $0 smoke|full" >&2; exit 2 ;;
+  bench)
+    mkdir -p "$out"
+    gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/component/test_engine_cuda.py 2>&1 | tail -5
+    timeout 300 taskset -c 3 python3 benchmarks/bench_plan_scale.py 2>&1 | tail -12
+    mv benchmarks/results/plan_scale.json "$out/plan_scale_device_host.json"
+    for preset in ${RELOAD_PRESETS:-qwen2.5-3b}; do
+      timeout 300 python3 benchmarks/bench_reload.py --preset "$preset" --layers 0 --trials 3 2>&1 | tail -16
+      mv "benchmarks/results/bench_reload_$gpu.json" "$out/bench_reload_${gpu}_$preset.json"
+    done
+    for preset in ${OFFLOAD_PRESETS:-qwen2.5-0.5b qwen2.5-3b}; do
+      timeout 300 python3 benchmarks/bench_offload.py --preset "$preset" --layers 0 --trials 3 --decode-tokens 16 2>&1 | tail -16
+      mv "benchmarks/results/bench_offload_$gpu.json" "$out/bench_offload_${gpu}_$preset.json"
+    done
+    ;;
+  *) echo "usage: $0 smoke|full|bench" >&2; exit 2 ;;
 esac
