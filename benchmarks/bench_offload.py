@@ -15,10 +15,9 @@ Without a GPU the "device" is the emulated tier (a CPU memory pool): every numbe
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,58 +26,12 @@ import torch
 from _table import table
 from residency.modelgen import make_model
 from residency_worker.engine import Engine, ModelOptions, SamplingParams, make_gpu_tier
-from residency_worker.engine.tiers import GpuTier, measure_host_to_device_peak
+from residency_worker.engine.tiers import measure_host_to_device_peak
 from residency_worker.report.environment import read_gbps
-from residency_worker.report.measure import engine_decode_rate
+from residency_worker.report.measure import engine_decode_rate, hf_decode_rate, hf_model
 
 RESULTS = Path(__file__).parent / "results"
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
-
-
-def hf_decode_rate(
-    model_dir: Path,
-    tier: GpuTier,
-    dtype: torch.dtype,
-    gpu_bytes: int,
-    prompt: list[int],
-    tokens: int,
-    trials: int,
-) -> tuple[float, str]:
-    """Decode tokens/s of transformers (+ Accelerate offload on a GPU) for the same prompt."""
-    from transformers import AutoModelForCausalLM
-
-    if tier.device.type == "cuda":
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir,
-            dtype=dtype,
-            device_map="auto",
-            max_memory={tier.device.index or 0: max(gpu_bytes, 1), "cpu": 512 * 2**30},
-        )
-        label = f"accelerate device_map, GPU limit {gpu_bytes / 1e6:.0f} MB"
-        device = tier.device
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        label = "transformers on CPU (no GPU to offload to)"
-        device = torch.device("cpu")
-    ids = torch.tensor([prompt], device=device)
-
-    def timed(new_tokens: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(
-                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
-            )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    timed(2)
-    rates = []
-    for _ in range(trials):
-        rates.append((tokens - 1) / max(timed(tokens) - timed(1), 1e-9))
-    return float(statistics.median(rates)), label
 
 
 def main() -> None:
@@ -162,15 +115,14 @@ def main() -> None:
                 # the baseline depends only on the GPU memory limit: reuse it across modes (on CPU, across r)
                 key = residency.resident_weight_bytes if tier.device.type == "cuda" else -1
                 if not args.skip_baseline and key not in baseline_cache:
-                    baseline_cache[key] = hf_decode_rate(
-                        model_dir,
-                        tier,
-                        torch_dtype,
-                        residency.resident_weight_bytes,
-                        prompt,
-                        args.decode_tokens,
-                        args.trials,
+                    model, label = hf_model(model_dir, tier, torch_dtype, residency.resident_weight_bytes)
+                    baseline_cache[key] = (
+                        hf_decode_rate(model, prompt, args.decode_tokens, args.trials),
+                        label,
                     )
+                    del model
+                    gc.collect()
+                    tier.empty_cache()
                 baseline_rate, baseline_label = baseline_cache.get(key, (float("nan"), "skipped"))
                 results.append(
                     {

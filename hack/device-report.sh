@@ -4,7 +4,8 @@
 #   hack/device-report.sh smoke   CUDA engine tests + one small shape through every section
 #   hack/device-report.sh full    the report: SHAPES, SECTIONS, BUDGET_SECONDS, DECODE_TOKENS, TRIALS from the environment
 #   hack/device-report.sh bench   CUDA engine tests, then benchmarks/bench_plan_scale (one core), bench_reload and
-#                                 bench_offload; their JSON goes to $OUT (default reports/) named by GPU and preset
+#                                 bench_offload; their JSON goes to $OUT (default reports/) named by GPU and preset;
+#                                 PARTS (default "tests plan_scale reload offload") picks some
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-full}
@@ -35,9 +36,12 @@ case $mode in
   bench)
     mkdir -p "$out"
     gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/component/test_engine_cuda.py 2>&1 | tail -5
-    timeout 300 taskset -c 3 python3 benchmarks/bench_plan_scale.py 2>&1 | tail -12
-    mv benchmarks/results/plan_scale.json "$out/plan_scale_device_host.json"
+    parts=" ${PARTS:-tests plan_scale reload offload} "
+    [[ $parts == *" tests "* ]] && timeout 240 python3 -m pytest -q -p no:cacheprovider tests/component/test_engine_cuda.py 2>&1 | tail -5
+    [[ $parts == *" plan_scale "* ]] && timeout 300 taskset -c 3 python3 benchmarks/bench_plan_scale.py 2>&1 | tail -12
+    [[ $parts == *" plan_scale "* ]] && mv benchmarks/results/plan_scale.json "$out/plan_scale_device_host.json"
+    [[ $parts == *" reload "* ]] || RELOAD_PRESETS=" "
+    [[ $parts == *" offload "* ]] || OFFLOAD_PRESETS=" "
     for preset in ${RELOAD_PRESETS:-qwen2.5-3b}; do
       timeout 300 python3 benchmarks/bench_reload.py --preset "$preset" --layers 0 --trials 3 2>&1 | tail -16
       mv "benchmarks/results/bench_reload_$gpu.json" "$out/bench_reload_${gpu}_$preset.json"

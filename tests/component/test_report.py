@@ -91,3 +91,27 @@ def test_a_bad_shape_is_refused_with_the_choices() -> None:
     result = CliRunner().invoke(app, ["report", "--shapes", "gpt-9"])
     assert result.exit_code != 0
     assert "unknown shape 'gpt-9'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("device_map", "expected"),
+    [
+        ({"model.embed_tokens": 0, "model.layers.0": "cpu", "lm_head": "cpu"}, "cuda:0"),
+        ({"model.embed_tokens": "cpu", "model.layers.0": "cpu", "lm_head": "disk"}, "cpu"),
+        ({"": "cuda:1"}, "cuda:1"),
+    ],
+)
+def test_the_accelerate_baseline_feeds_its_prompt_where_the_model_computes(
+    device_map: dict[str, object], expected: str
+) -> None:
+    # A GPU limit below the embedding's size makes Accelerate map every module to the CPU; the prompt
+    # then has to be on the CPU too (it was put on the GPU, and the baseline crashed).
+    from types import SimpleNamespace
+
+    import torch
+
+    from residency_worker.report.measure import execution_device
+
+    model = SimpleNamespace(hf_device_map=device_map, device=torch.device("meta"))
+    assert execution_device(model) == torch.device(expected)
+    assert execution_device(SimpleNamespace(device=torch.device("cpu"))) == torch.device("cpu")

@@ -349,7 +349,7 @@ def measure_pageable(
     }
 
 
-def _hf_model(model_dir: Path, tier: GpuTier, dtype: torch.dtype, gpu_bytes: int | None) -> tuple[Any, str]:
+def hf_model(model_dir: Path, tier: GpuTier, dtype: torch.dtype, gpu_bytes: int | None) -> tuple[Any, str]:
     """transformers' model: Accelerate offload at `gpu_bytes` on a GPU, whole on the device otherwise."""
     from transformers import AutoModelForCausalLM
 
@@ -367,12 +367,32 @@ def _hf_model(model_dir: Path, tier: GpuTier, dtype: torch.dtype, gpu_bytes: int
         device_map="auto",
         max_memory={tier.device.index or 0: max(gpu_bytes, 1), "cpu": 1 << 40},
     )
-    return model, f"Accelerate device_map offload, GPU limit {gpu_bytes / 2**30:.2f} GiB"
+    label = f"Accelerate device_map offload, GPU limit {gpu_bytes / 2**30:.2f} GiB"
+    if execution_device(model).type == "cpu":
+        # Accelerate fills devices in module order: when the first module (the embedding) exceeds the GPU
+        # limit, every module lands on the CPU and the model runs there.
+        label += " (Accelerate placed every module on the CPU: its first exceeds the limit)"
+    return model, label
 
 
-def _hf_decode_rate(model: Any, device: torch.device, prompt: list[int], tokens: int, trials: int) -> float:
+def execution_device(model: Any) -> torch.device:
+    """Where a transformers model computes: with an Accelerate device map, its first GPU (offloaded modules
+    are copied there for their forward), or the CPU when the map holds no GPU; else its parameters'."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        gpus = [d for d in device_map.values() if d not in ("cpu", "disk")]
+        return (
+            torch.device(f"cuda:{gpus[0]}" if isinstance(gpus[0], int) else gpus[0])
+            if gpus
+            else torch.device("cpu")
+        )
+    return torch.device(model.device)
+
+
+def hf_decode_rate(model: Any, prompt: list[int], tokens: int, trials: int) -> float:
     """Decode tokens/s of `generate`: (time of N new tokens - time of 1) / (N - 1), median of trials."""
-    ids = torch.tensor([prompt], device=device if device.type == "cuda" else "cpu")
+    device = execution_device(model)
+    ids = torch.tensor([prompt], device=device)
 
     def timed(new_tokens: int) -> float:
         _synchronize(device)
@@ -428,10 +448,10 @@ def measure_peers(
         "ours_tokens_per_second": ours,
     }
     if budget.allows(f"{result.shape.label} Accelerate offload baseline"):
-        model, label = _hf_model(model_dir, engine.tier, dtype, residency.resident_weight_bytes)
+        model, label = hf_model(model_dir, engine.tier, dtype, residency.resident_weight_bytes)
         peer["accelerate_label"] = label
-        peer["accelerate_tokens_per_second"] = _hf_decode_rate(
-            model, engine.tier.device, prompt, settings.peer_decode_tokens, settings.trials
+        peer["accelerate_tokens_per_second"] = hf_decode_rate(
+            model, prompt, settings.peer_decode_tokens, settings.trials
         )
         del model
         gc.collect()
@@ -441,7 +461,7 @@ def measure_peers(
         for _ in range(max(1, settings.reload_trials - 1)):
             _synchronize(engine.tier.device)
             start = time.perf_counter()
-            model, label = _hf_model(model_dir, engine.tier, dtype, None)
+            model, label = hf_model(model_dir, engine.tier, dtype, None)
             _synchronize(engine.tier.device)
             seconds.append(time.perf_counter() - start)
             del model
