@@ -209,6 +209,40 @@ def test_models_of_one_tier_do_not_swap_for_a_small_gain(solver: str) -> None:
     assert planned.placements["ns/waiting"].node == "l4-0" and "ns/running" not in planned.placements
 
 
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_a_model_that_just_resumed_keeps_its_place_while_its_backlog_waits(solver: str) -> None:
+    """A model that resumed a moment ago, its requests still queued, is worth what they ask (its last
+    minute's rate lags them), so a model of its tier with as many requests waiting does not preempt it:
+    otherwise the two take turns every round, each reload serving nothing."""
+    resumed = model(
+        "ns/resumed",
+        8,
+        demand_decode_tokens_per_second=6.0,
+        min_decode_tokens_per_second=8.0,
+        waiting_requests=4,
+    )
+    waiting = model(
+        "ns/waiting",
+        8,
+        demand_decode_tokens_per_second=32.0,
+        min_decode_tokens_per_second=8.0,
+        waiting_requests=4,
+    )
+    current = [
+        CurrentPlacement("ns/resumed", "l4-0", 1.0, "stream"),
+        CurrentPlacement("ns/waiting", "l4-0", 0.0, "stream", "preempted"),
+    ]
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    planned = plan([resumed, waiting], [L4], current, config=config)
+    assert planned.placements["ns/resumed"].node == "l4-0"
+    assert "ns/waiting" not in planned.placements
+    assert not any(a.model == "ns/resumed" for a in planned.actions)
+    # once its backlog is served and its traffic is low, the waiting model's requests do win the place
+    served = dataclasses.replace(resumed, waiting_requests=0)
+    planned = plan([served, waiting], [L4], current, config=config)
+    assert planned.placements["ns/waiting"].node == "l4-0" and "ns/resumed" not in planned.placements
+
+
 def test_a_busy_gpu_is_valued_at_what_its_time_can_serve() -> None:
     """A full batch on the L4 would be fast enough for twice the demand, but the demand already needs
     most of the L4's time: that option is worth about the demand, the H100's (same footprint) the demand
@@ -273,3 +307,5 @@ def test_running_non_preemptible_models_stay_when_their_demand_over_fills_the_gp
     planned = plan([*pinned, batch], [L4], current, config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
     assert {"ns/prod-0", "ns/prod-1"} <= set(planned.placements)
     assert not any(a.model.startswith("ns/prod") for a in planned.actions)
+    # the exact solver solves it (it found the pinned models infeasible and fell back to the greedy)
+    assert planned.solver == solver, planned.notes

@@ -77,7 +77,11 @@ def test_the_least_valuable_idle_model_gives_way_and_only_as_many_as_needed() ->
 
 
 def test_nothing_is_swapped_onto_a_node_whose_running_models_have_requests_queued() -> None:
-    hot = model("ns/hot", 1, demand=1.0, waiting_requests=3)
+    # its SLO is slow enough that its backlog asks no more than its measured rate (a running model's demand
+    # counts at least its backlog, which would change how much of the GPU's time it needs)
+    hot = dataclasses.replace(
+        model("ns/hot", 1, demand=1.0, waiting_requests=3), min_decode_tokens_per_second=0.3
+    )
     waiting = dataclasses.replace(NEW, waiting_requests=2)
     planned = swap(OLD, waiting, hot)
     assert set(planned.placements) == {"ns/old", "ns/hot"}

@@ -41,6 +41,7 @@ from residency_operator.planner.types import (
     Plan,
     PlannerConfig,
     SensitivityProfile,
+    with_backlog,
 )
 
 ROOM_MISS_LIMIT = 64
@@ -126,6 +127,7 @@ class IncrementalPlanner:
     def _update(self, model: ModelDemand, now: float) -> Plan:
         started = time.perf_counter()
         problem, greedy = self.problem, self.greedy
+        model = with_backlog(model, problem.current.get(model.name))
         state = greedy.state
         index = problem.model_index.get(model.name)
         if index is None:

@@ -303,14 +303,27 @@ def _capacity_constraints(
     lower = np.zeros(model_count)
     for model_index in options.pinned_models:
         lower[model_index] = 1.0
+    pinned_busy = _pinned_busy(options, active, len(nodes))
     sharing = _sharing_constraint(options, active, max_busy_fraction) if with_sharing else None
     return [
         *([sharing] if sharing is not None else []),
         LinearConstraint(gpu, -np.inf, gpu_capacity + 1e-9),
         LinearConstraint(host, -np.inf, host_capacity + 1e-9),
-        LinearConstraint(busy, -np.inf, np.full(len(nodes), max_busy_fraction + 1e-9)),
+        # Pinned models stay even where their demand over-fills the GPU's time (an estimate, unlike memory;
+        # the greedy keeps them too): the limit then is what they need, so nobody else joins them.
+        LinearConstraint(busy, -np.inf, np.maximum(max_busy_fraction, pinned_busy.sum(axis=0)) + 1e-9),
         LinearConstraint(one_each, lower, np.ones(model_count)),
     ]
+
+
+def _pinned_busy(options: NodeOptions, active: npt.NDArray[np.bool_], node_count: int) -> FloatArray:
+    """``[model, node]``: the least GPU time each pinned model takes on its node (0 elsewhere)."""
+    least = np.zeros((len(options.pinned_models), node_count))
+    for row, model_index in enumerate(options.pinned_models):
+        mine = np.flatnonzero((options.model == model_index) & active)
+        for node in np.unique(options.node[mine]):
+            least[row, node] = float(options.busy[mine[options.node[mine] == node]].min())
+    return least
 
 
 def _sharing_constraint(
@@ -321,6 +334,8 @@ def _sharing_constraint(
     columns: list[int] = []
     values: list[float] = []
     bounds: list[float] = []
+    pinned = np.isin(options.model, options.pinned_models)
+    pinned_busy = _pinned_busy(options, active, int(options.node.max()) + 1 if len(options) else 0)
     for node in np.unique(options.node):
         on_node = np.flatnonzero((options.node == node) & active)
         big_m = max(float(options.busy[on_node].sum()), 1.0)
@@ -328,6 +343,14 @@ def _sharing_constraint(
             if options.tolerance[o] >= max_busy_fraction:
                 continue  # the busy limit of the node already keeps this one's SLO
             others = on_node[options.model[on_node] != options.model[o]]
+            given = 0.0
+            if pinned[o]:
+                # Pinned models stay whatever their time: a pinned model's SLO bars only models that are free
+                # to go elsewhere, and the other pinned ones' time counts as given.
+                others = others[~pinned[others]]
+                given = float(pinned_busy[:, node].sum()) - float(
+                    pinned_busy[options.pinned_models.index(int(options.model[o])), node]
+                )
             others = others[options.busy[others] > 0]
             if len(others) == 0:
                 continue
@@ -335,7 +358,7 @@ def _sharing_constraint(
             rows.extend([row] * (len(others) + 1))
             columns.extend([*others.tolist(), int(o)])
             values.extend([*options.busy[others].tolist(), big_m])
-            bounds.append(float(options.tolerance[o]) + big_m + 1e-9)
+            bounds.append(max(0.0, float(options.tolerance[o]) - given) + big_m + 1e-9)
     if not bounds:
         return None
     matrix = csr_array((values, (rows, columns)), shape=(len(bounds), len(options)))

@@ -56,6 +56,7 @@ from residency_operator.planner.types import (
     SensitivityProfile,
     SolverName,
     Unschedulable,
+    with_backlog,
 )
 
 ACTION_ORDER: dict[ActionKind, int] = {
@@ -82,17 +83,17 @@ class PlanningProblem:
         profiles: Iterable[SensitivityProfile],
         config: PlannerConfig,
     ) -> None:
+        self.current: dict[str, CurrentPlacement] = {
+            p.model: p for p in sorted(current_placements, key=lambda p: (p.model, p.node))
+        }
         by_name: dict[str, ModelDemand] = {}
         for model in models:
-            by_name[model.name] = model
+            by_name[model.name] = with_backlog(model, self.current.get(model.name))
         self.models: list[ModelDemand] = [by_name[name] for name in sorted(by_name)]
         self.model_index = {model.name: i for i, model in enumerate(self.models)}
         self.nodes: list[NodeCapacity] = sorted({n.name: n for n in nodes}.values(), key=lambda n: n.name)
         self.node_by_name = {node.name: node for node in self.nodes}
         self.node_index = {node.name: i for i, node in enumerate(self.nodes)}
-        self.current: dict[str, CurrentPlacement] = {
-            p.model: p for p in sorted(current_placements, key=lambda p: (p.model, p.node))
-        }
         profile_list = list(profiles)
         self.predictor = Predictor(profile_list)
         self.config = config

@@ -6,7 +6,7 @@ about Kubernetes. Every quantity carries its unit in its name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 GIB = 1024**3
@@ -115,6 +115,19 @@ def waiting_demand(model: ModelDemand) -> float:
     what its waiting requests ask for."""
     rate = model.min_decode_tokens_per_second or 1.0
     return float(min(model.waiting_requests, model.max_batch)) * rate
+
+
+def with_backlog(model: ModelDemand, current: CurrentPlacement | None) -> ModelDemand:
+    """A running model's measured demand, raised to at least :func:`waiting_demand`: requests queued beyond
+    its free batch slots mean the last minute's rate lags what is asked now. Without this, a model that
+    just resumed, its backlog still queued, was worth less than the same backlog waiting for a model that
+    does not run (valued so by its caller), and two models of one tier took turns preempting each other
+    every round, each reload serving nothing."""
+    demand = model.demand_decode_tokens_per_second
+    if demand is None or not model.waiting_requests or current is None or not current.is_running:
+        return model
+    backlog = waiting_demand(model)
+    return model if backlog <= demand else replace(model, demand_decode_tokens_per_second=backlog)
 
 
 @dataclass(frozen=True, slots=True)
