@@ -238,7 +238,7 @@ def test_a_model_that_just_resumed_keeps_its_place_while_its_backlog_waits(solve
     assert "ns/waiting" not in planned.placements
     assert not any(a.model == "ns/resumed" for a in planned.actions)
     # once its backlog is served and its traffic is low, the waiting model's requests do win the place
-    served = dataclasses.replace(resumed, waiting_requests=0)
+    served = dataclasses.replace(resumed, waiting_requests=0, demand_decode_tokens_per_second=2.0)
     planned = plan([served, waiting], [L4], current, config=config)
     assert planned.placements["ns/waiting"].node == "l4-0" and "ns/resumed" not in planned.placements
 
