@@ -317,7 +317,7 @@ def _capacity_constraints(
     for model_index in options.pinned_models:
         lower[model_index] = 1.0
     pinned_busy = _pinned_busy(options, active, len(nodes))
-    sharing = _sharing_constraint(options, active, max_busy_fraction) if with_sharing else None
+    sharing = _sharing_constraint(options, active, max_busy_fraction, pinned_busy) if with_sharing else None
     return [
         *([sharing] if sharing is not None else []),
         LinearConstraint(gpu, -np.inf, gpu_capacity + 1e-9),
@@ -340,7 +340,7 @@ def _pinned_busy(options: NodeOptions, active: npt.NDArray[np.bool_], node_count
 
 
 def _sharing_constraint(
-    options: NodeOptions, active: npt.NDArray[np.bool_], max_busy_fraction: float
+    options: NodeOptions, active: npt.NDArray[np.bool_], max_busy_fraction: float, pinned_busy: FloatArray
 ) -> LinearConstraint | None:
     """If option o is chosen, the others' busy share on its node stays within o's tolerance (big-M)."""
     rows: list[int] = []
@@ -348,7 +348,6 @@ def _sharing_constraint(
     values: list[float] = []
     bounds: list[float] = []
     pinned = np.isin(options.model, options.pinned_models)
-    pinned_busy = _pinned_busy(options, active, int(options.node.max()) + 1 if len(options) else 0)
     for node in np.unique(options.node):
         on_node = np.flatnonzero((options.node == node) & active)
         big_m = max(float(options.busy[on_node].sum()), 1.0)
