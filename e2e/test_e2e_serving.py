@@ -13,7 +13,8 @@ import httpx
 import harness
 from conftest import NodePool, model_status
 from harness import SMALL_LIMITS, Process, apply, get_json, kubectl, wait_for, wait_for_node_event
-from residency_operator.state import IDLE_AFTER_SECONDS, placement_name
+from residency.names import placement_name
+from residency_operator.state import IDLE_AFTER_SECONDS
 
 
 def llm(name: str, path: Path, **spec: Any) -> dict[str, Any]:

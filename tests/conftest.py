@@ -36,9 +36,20 @@ def make_model_dir(tmp_path: Path) -> MakeDir:
         directory.mkdir(parents=True)
         (directory / "config.json").write_text(json.dumps(config or LLAMA_CONFIG))
         (directory / "tokenizer.json").write_text("{}")
+        # one tensor per decoder layer config.json names (as the engine loads them), the rest in a norm
+        try:
+            layers = max(1, int((config or LLAMA_CONFIG)["num_hidden_layers"]))
+        except (KeyError, TypeError, ValueError):
+            layers = 1
+        layers = min(layers, params - 3)
+        tensors = {
+            f"model.layers.{i}.w": np.zeros(
+                ((params - 3) // layers + (i < (params - 3) % layers),), np.float32
+            )
+            for i in range(layers)
+        }
         save_file(
-            {"a": np.zeros((params - 3,), np.float32), "b": np.zeros((3,), np.float32)},
-            directory / "model.safetensors",
+            {**tensors, "model.norm.weight": np.zeros((3,), np.float32)}, directory / "model.safetensors"
         )
         return directory
 

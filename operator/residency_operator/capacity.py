@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from residency.modeldir import ModelDirInfo
+from residency.names import label_value
 from residency_operator.conditions import Verdict
 
 CAPACITY_LABEL = "residency.dev/capacity-request"
@@ -50,7 +51,7 @@ def pod_name(model_name: str) -> str:
     if len(name) <= 63:
         return name
     digest = hashlib.sha256(model_name.encode()).hexdigest()[:8]
-    return f"{name[:54]}-{digest}"
+    return f"{name[:54].rstrip('-.')}-{digest}"
 
 
 def capacity_pod(
@@ -64,7 +65,7 @@ def capacity_pod(
         "metadata": {
             "name": pod_name(meta["name"]),
             "namespace": meta["namespace"],
-            "labels": {CAPACITY_LABEL: "true", MODEL_LABEL: meta["name"][:63]},
+            "labels": {CAPACITY_LABEL: "true", MODEL_LABEL: label_value(meta["name"])},
             "annotations": {
                 GPU_BYTES_ANNOTATION: str(gpu_bytes),
                 "residency.dev/reason": "capacity request for an LLMModel that fits no GPU node",

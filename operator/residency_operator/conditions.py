@@ -14,6 +14,15 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+MESSAGE_MAX_CHARS = 4096
+"""The longest message a condition or status carries (the CRD schema's limit)."""
+
+
+def clip_message(message: str) -> str:
+    """``message`` cut to :data:`MESSAGE_MAX_CHARS` (a path or an API answer may be longer)."""
+    return message if len(message) <= MESSAGE_MAX_CHARS else message[: MESSAGE_MAX_CHARS - 1] + "…"
+
+
 def set_condition(
     conditions: list[dict[str, Any]],
     type_: str,
@@ -32,7 +41,7 @@ def set_condition(
         type=type_,
         status=status,
         reason=reason,
-        message=message,
+        message=clip_message(message),
         observed_generation=observed_generation,
     ).to_wire()
     condition["lastTransitionTime"] = transition
@@ -51,23 +60,47 @@ class Verdict:
     extra: tuple[tuple[str, Any], ...] = ()
 
 
+PLACEMENT_FIELDS = (
+    "node",
+    "residentFraction",
+    "residentPercent",
+    "executionMode",
+    "predictedDecodeTokensPerSecond",
+    "endpoint",
+    "observed",
+)
+"""Status fields that describe where and how the model runs now: a verdict that does not give one (the
+model failed validation, lost its node, waits) clears it rather than leave the last placement's."""
+MODEL_CONDITIONS = frozenset({"Validated", "Scheduled", "Preempted", "Loaded", "Ready", "Degraded"})
+"""Condition types the operator writes on an LLMModel; those a verdict does not set no longer apply."""
+
+
 def desired_status(
     current: dict[str, Any], verdict: Verdict, generation: int | None, now: str
 ) -> dict[str, Any]:
-    """The full status a verdict asks for, keeping transition times and fields other writers own."""
+    """The full status a verdict asks for, keeping transition times and fields other writers own.
+
+    Placement fields and operator conditions the verdict leaves out are cleared (``None``: the merge
+    patch removes them), so that a model that failed after it ran does not still show its old node."""
     status = dict(current)
-    conditions: list[dict[str, Any]] = list(current.get("conditions") or [])
+    named = {type_ for type_, *_ in verdict.conditions}
+    conditions: list[dict[str, Any]] = [
+        c
+        for c in current.get("conditions") or []
+        if c.get("type") not in MODEL_CONDITIONS or c.get("type") in named
+    ]
     for type_, cond_status, reason, message in verdict.conditions:
         conditions = set_condition(conditions, type_, cond_status, reason, message, generation, now)
     status.update(
         {
             "phase": verdict.phase,
             "reason": verdict.reason,
-            "message": verdict.message,
+            "message": clip_message(verdict.message),
             "observedGeneration": generation,
             "conditions": conditions,
         }
     )
+    status.update(dict.fromkeys(PLACEMENT_FIELDS))
     status.update(dict(verdict.extra))
     return status
 

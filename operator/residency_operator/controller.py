@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -16,6 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
+from residency.names import placement_name
 from residency_operator.capacity import (
     CAPACITY_LABEL,
     MODEL_LABEL,
@@ -38,15 +42,26 @@ from residency_operator.state import (
     desired_placements,
     model_key,
     model_verdict,
-    placement_name,
     placement_needs_update,
     planner_inputs,
+    rejected_verdict,
     write_phase,
 )
 
 log = logging.getLogger("residency.controller")
 LEASE_NAME = "residency-operator"
 WARNING_PHASES = frozenset({"Failed", "Unschedulable", "Preempted"})
+REJECTED_STATUSES = frozenset({400, 403, 422})
+"""API answers that refuse one object (invalid, forbidden) rather than say the API server is unwell."""
+
+
+def rejection_message(exc: ApiException) -> str:
+    """The API server's own message for a refused write (its Status body), else the HTTP reason."""
+    try:
+        message = json.loads(exc.body or "{}").get("message")
+    except (TypeError, ValueError, AttributeError):
+        message = None
+    return str(message or f"HTTP {exc.status} {exc.reason}")[:1024]
 
 
 @dataclass
@@ -59,6 +74,8 @@ class RoundReport:
     statuses: int = 0
     solver: str = ""
     seconds: float = 0.0
+    rejected: dict[str, str] = field(default_factory=dict)
+    """Objects the API server refused (placement or model key -> its message); the round went on."""
 
 
 class Controller:
@@ -190,6 +207,9 @@ class Controller:
             if placement is not None and placement_name(key) not in desired:
                 placement = None
             verdict = model_verdict(key, inputs, result, placement)
+            refused = report.rejected.get(placement_name(key))
+            if refused is not None:
+                verdict = rejected_verdict(verdict, refused)
             if key in waiting and verdict.phase == "Unschedulable":
                 pod, gpu_bytes = waiting[key]
                 verdict = waiting_verdict(verdict, pod, gpu_bytes, self.capacity)
@@ -200,7 +220,14 @@ class Controller:
             if not patch:
                 continue
             namespace, name = key.split("/", 1)
-            self.kube.patch_model_status(namespace, name, patch)
+            try:
+                self.kube.patch_model_status(namespace, name, patch)
+            except ApiException as exc:
+                if exc.status not in REJECTED_STATUSES:
+                    raise
+                report.rejected[key] = rejection_message(exc)
+                log.error("the API server refused the status of %s: %s", key, report.rejected[key])
+                continue
             report.statuses += 1
             if current.get("phase") != verdict.phase or current.get("reason") != verdict.reason:
                 warn = verdict.phase in WARNING_PHASES or verdict.reason in RETRIED_LOAD_FAILURES
@@ -211,6 +238,20 @@ class Controller:
         return report
 
     def _write_placement(
+        self, name: str, wanted: dict[str, Any], have: dict[str, Any] | None, report: RoundReport
+    ) -> None:
+        try:
+            self._write_placement_once(name, wanted, have, report)
+        except ApiException as exc:
+            if exc.status not in REJECTED_STATUSES:
+                raise  # the API server is unwell or unreachable: the whole round retries
+            # This one object is refused (invalid, forbidden): every other model is still planned, and
+            # this model's status says why (see model loop in round()).
+            message = rejection_message(exc)
+            report.rejected[name] = message
+            log.error("the API server refused ModelPlacement %s: %s", name, message)
+
+    def _write_placement_once(
         self, name: str, wanted: dict[str, Any], have: dict[str, Any] | None, report: RoundReport
     ) -> None:
         if have is None:

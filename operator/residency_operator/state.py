@@ -13,6 +13,7 @@ from typing import Any
 
 from residency.api import API_VERSION, ConditionStatus
 from residency.modeldir import ModelDirInfo
+from residency.names import label_value, placement_name
 from residency_operator.conditions import Verdict
 from residency_operator.planner import (
     CurrentPlacement,
@@ -47,11 +48,6 @@ def model_key(body: dict[str, Any]) -> str:
     """``namespace/name`` of an LLMModel."""
     meta = body["metadata"]
     return f"{meta['namespace']}/{meta['name']}"
-
-
-def placement_name(key: str) -> str:
-    """Name of the cluster-scoped ModelPlacement of a model (namespace.name is a valid DNS subdomain)."""
-    return key.replace("/", ".", 1)
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -426,7 +422,11 @@ def placement_manifest(
         "kind": "ModelPlacement",
         "metadata": {
             "name": placement_name(key),
-            "labels": {NODE_LABEL: node, MODEL_NAMESPACE_LABEL: namespace, MODEL_NAME_LABEL: name[:63]},
+            "labels": {
+                NODE_LABEL: label_value(node),
+                MODEL_NAMESPACE_LABEL: namespace,
+                MODEL_NAME_LABEL: label_value(name),
+            },
         },
         "spec": {
             "model": {"namespace": namespace, "name": name, "uid": body["metadata"].get("uid")},
@@ -615,6 +615,23 @@ def model_verdict(
             ),
         )
     return _placed_verdict(key, inputs, planned, placement, validated, base_extra)
+
+
+def rejected_verdict(verdict: Verdict, message: str) -> Verdict:
+    """The verdict for a model whose ModelPlacement the API server refused to write: nothing runs it."""
+    validated = next((c for c in verdict.conditions if c[0] == "Validated"), None)
+    text = f"the API server refused its ModelPlacement: {message}"
+    return Verdict(
+        "Pending",
+        "PlacementRejected",
+        text,
+        (
+            *((validated,) if validated else ()),
+            ("Scheduled", "False", "PlacementRejected", text),
+            ("Ready", "False", "PlacementRejected", text),
+        ),
+        tuple((k, v) for k, v in verdict.extra if k in ("architecture", "weightBytes")),
+    )
 
 
 def _placed_verdict(

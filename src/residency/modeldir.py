@@ -284,7 +284,13 @@ def inspect_model_dir(
                 "ConfigInvalid", f"config.json: {key} = {value} is outside [1, {_MAX_DIMENSION}]"
             )
     # the engine builds the model skeleton from config.json: it must describe the weights that are there
-    if weight_layers and weight_layers != set(range(num_layers)):
+    if not weight_layers or parameter_count == 0:
+        raise ModelDirError(
+            "WeightsMissing",
+            f"the *.safetensors files in {directory} hold {parameter_count} parameters and no decoder "
+            f"layer (model.layers.N.*); config.json says {num_layers}",
+        )
+    if weight_layers != set(range(num_layers)):
         raise ModelDirError(
             "ConfigInvalid",
             f"config.json says {num_layers} decoder layers; the weights hold {len(weight_layers)} "

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from conftest import LLAMA_CONFIG as CONFIG
 from conftest import MakeDir
@@ -24,10 +26,11 @@ def test_valid_directory_is_sized_from_headers(tmp_path: Path, make_model_dir: M
     directory = make_model_dir()
     info = inspect_model_dir(str(directory), [tmp_path], "bfloat16")
     assert info.parameter_count == 35
-    # two tensors (32 and 3 elements), each padded to 128 elements as the engine's cache lays them out
-    assert info.weight_bytes == 2 * 128 * 2
+    # three tensors (two layers of 16 elements, a norm of 3), each padded to 128 elements as the engine's
+    # cache lays them out
+    assert info.weight_bytes == 3 * 128 * 2
     assert info.kv_bytes_per_token == 2 * 2 * 1 * 4 * 2
-    assert inspect_model_dir(str(directory), [tmp_path], "float32").weight_bytes == 2 * 128 * 4
+    assert inspect_model_dir(str(directory), [tmp_path], "float32").weight_bytes == 3 * 128 * 4
 
 
 def test_outside_roots_and_symlink_escape_are_refused(tmp_path: Path, make_model_dir: MakeDir) -> None:
@@ -65,6 +68,13 @@ def test_missing_and_broken_directories_have_reasons(tmp_path: Path, make_model_
     no_weights = make_model_dir("noweights")
     (no_weights / "model.safetensors").unlink()
     assert reason_of(str(no_weights), [tmp_path]) == "WeightsMissing"
+    # headers that parse but hold nothing the engine can load: no parameters, or no decoder layer
+    empty = make_model_dir("empty")
+    save_file({"a": np.zeros((0,), np.float32)}, empty / "model.safetensors")
+    assert reason_of(str(empty), [tmp_path]) == "WeightsMissing"
+    unnamed = make_model_dir("unnamed")
+    save_file({"a": np.zeros((32,), np.float32)}, unnamed / "model.safetensors")
+    assert reason_of(str(unnamed), [tmp_path]) == "WeightsMissing"
 
 
 def test_operator_validation_gives_failed_or_pending(tmp_path: Path, make_model_dir: MakeDir) -> None:
@@ -72,4 +82,4 @@ def test_operator_validation_gives_failed_or_pending(tmp_path: Path, make_model_
     assert isinstance(failed, Verdict) and failed.phase == "Failed" and failed.reason == "ModelNotFound"
     info = validate_model({"source": {"path": str(make_model_dir())}}, [tmp_path])
     assert not isinstance(info, Verdict)
-    assert info.model_type == "llama" and info.weight_bytes == 2 * 128 * 2  # two tensors, padded
+    assert info.model_type == "llama" and info.weight_bytes == 3 * 128 * 2  # three tensors, padded

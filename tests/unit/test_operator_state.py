@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import LLAMA_CONFIG, MakeDir
+from residency.names import placement_name
 from residency_operator.planner import plan
 from residency_operator.state import (
     NODE_LABEL,
@@ -16,7 +17,6 @@ from residency_operator.state import (
     desired_placements,
     model_verdict,
     node_accepts,
-    placement_name,
     placement_needs_update,
     planner_inputs,
     waiting_requests,

@@ -96,3 +96,20 @@ async def test_a_request_for_a_model_that_is_not_running_tells_the_operator_it_i
     assert "asked the operator for room" in answers["refused"].json()["error"]["message"]
     # held for 0.3 s with a wake at most every 2 s: once each; a failed or loading model is not woken
     assert sorted(woken) == ["team/held", "team/refused"]
+
+
+async def test_every_v1_route_needs_the_clients_token() -> None:
+    """The model list names every tenant's models: it is as private as a completion."""
+    lister = Lister()
+    table = ModelTable(lister, refresh_seconds=3600)
+    table.refresh()
+    table.refresh()  # now lists team/fresh
+    app = create_app(table, hold_seconds=0.1, token="client-secret")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
+        for headers in ({}, {"authorization": "Bearer wrong"}):
+            assert (await client.get("/v1/models", headers=headers)).status_code == 401
+            assert (await client.post("/v1/completions", json=BODY, headers=headers)).status_code == 401
+        listed = await client.get("/v1/models", headers={"authorization": "Bearer client-secret"})
+        assert listed.status_code == 200
+        assert [m["id"] for m in listed.json()["data"]] == ["team/fresh"]
+        assert (await client.get("/healthz")).status_code == 200  # probes carry no token

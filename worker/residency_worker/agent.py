@@ -22,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from residency.api import GROUP, VERSION
 from residency.kubeapi import TimeoutApiClient
+from residency.names import label_value
 from residency_worker.engine import Engine, ModelOptions
 from residency_worker.engine.batching import DEMAND_WINDOW_SECONDS
 from residency_worker.engine.tiers import synchronize
@@ -300,7 +301,7 @@ class NodeAgent:
     # -- convergence --------------------------------------------------------------------------------
     def placements(self) -> list[dict[str, Any]]:
         result = self.custom.list_cluster_custom_object(
-            GROUP, VERSION, "modelplacements", label_selector=f"{NODE_LABEL}={self.config.node}"
+            GROUP, VERSION, "modelplacements", label_selector=f"{NODE_LABEL}={label_value(self.config.node)}"
         )
         return [p for p in result.get("items", []) if p["spec"]["nodeName"] == self.config.node]
 

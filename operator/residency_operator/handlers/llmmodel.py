@@ -8,8 +8,8 @@ from typing import Any
 import kopf
 
 from residency.api import GROUP, VERSION
+from residency.names import placement_name
 from residency_operator.controller import Controller
-from residency_operator.state import placement_name
 
 LLMMODELS = (GROUP, VERSION, "llmmodels")
 

@@ -170,9 +170,14 @@ def create_app(
 
     upstream_headers = {"authorization": f"Bearer {worker_token}"} if worker_token else {}
 
-    async def proxy(request: Request, path: str) -> Response:
+    def authorised(request: Request) -> bool:
+        """Every /v1 route needs the clients' bearer token when one is set (the model list names every
+        tenant's models)."""
         presented = request.headers.get("authorization", "").encode()
-        if token and not hmac.compare_digest(presented, f"Bearer {token}".encode()):
+        return not token or hmac.compare_digest(presented, f"Bearer {token}".encode())
+
+    async def proxy(request: Request, path: str) -> Response:
+        if not authorised(request):
             return error(401, "missing or wrong bearer token")
         try:
             body = loads_strict(await request.body())
@@ -243,7 +248,9 @@ def create_app(
         return await proxy(request, "chat/completions")
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> Any:
+        if not authorised(request):
+            return error(401, "missing or wrong bearer token")
         data = [
             {
                 "id": key,

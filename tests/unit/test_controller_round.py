@@ -1,0 +1,102 @@
+"""One planning round against an API server that checks names as Kubernetes does: a model's odd but valid
+name, or one object the API server refuses, never stops the round for the other models."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+from test_operator_state import knobs, llm, node, profile
+
+from conftest import MakeDir
+from residency.names import label_value, placement_name
+from residency_operator.controller import Controller
+from residency_operator.state import ClusterState
+
+SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def refused(status: int, message: str) -> ApiException:
+    exc = ApiException(status=status, reason="Unprocessable Entity" if status == 422 else "Forbidden")
+    exc.body = json.dumps({"kind": "Status", "message": message})
+    return exc
+
+
+class FakeKube:
+    """The calls a round makes, with the API server's checks of names and label values."""
+
+    def __init__(self, state: ClusterState, forbidden: frozenset[str] = frozenset()) -> None:
+        self.state = state
+        self.forbidden = forbidden
+        self.placements: dict[str, dict[str, Any]] = {}
+        self.statuses: dict[str, dict[str, Any]] = {}
+
+    def list_custom(self, plural: str) -> list[dict[str, Any]]:
+        return {
+            "llmmodels": self.state.models,
+            "nodeprofiles": self.state.node_profiles,
+            "modelplacements": list(self.placements.values()),
+            "sensitivityprofiles": [],
+        }[plural]
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        return self.state.nodes
+
+    def list_pods(self, selector: str) -> list[dict[str, Any]]:
+        return []  # no capacity-request pods: every model here fits
+
+    def create_placement(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        if len(name) > 253 or not SUBDOMAIN.match(name):
+            raise refused(422, f'ModelPlacement "{name}" is invalid: metadata.name')
+        for key, value in body["metadata"]["labels"].items():
+            if len(value) > 63 or not LABEL_VALUE.match(value):
+                raise refused(422, f"metadata.labels: Invalid value: {value!r} ({key})")
+        if name in self.forbidden:
+            raise refused(403, f'modelplacements "{name}" is forbidden by an admission policy')
+        self.placements[name] = body
+
+    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.statuses.setdefault(f"{namespace}/{name}", {}).update(status)
+
+    def post_event(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def cluster(tmp_path: Path, make_model_dir: MakeDir, names: list[str]) -> ClusterState:
+    models = [llm(name, make_model_dir(name[:200])) for name in names]
+    now = datetime.now(UTC)
+    return ClusterState(models, [profile("gpu-1", 10**9, heartbeat=now)], [node("gpu-1")], [])
+
+
+def test_long_model_names_get_valid_placements_and_labels(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    long_name = "a" * 200 + "." + "b" * 51 + "z"  # a valid 253-character LLMModel name
+    dash_at_63 = "c" * 62 + "-d"  # cut at 63 characters it would end in '-'
+    state = cluster(tmp_path, make_model_dir, [long_name, dash_at_63, "ok-model"])
+    kube = FakeKube(state)
+    report = Controller(kube, knobs(tmp_path)).round()  # type: ignore[arg-type]
+    assert report.rejected == {}
+    assert len(kube.placements) == 3
+    assert placement_name(f"team-a/{long_name}") in kube.placements
+    assert len(placement_name(f"team-a/{long_name}")) == 253
+    assert label_value(dash_at_63) != label_value("c" * 62 + "-e")  # cut names stay apart
+    assert {s["phase"] for s in kube.statuses.values()} == {"Scheduled"}
+
+
+def test_a_refused_placement_fails_only_its_model(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    state = cluster(tmp_path, make_model_dir, ["blocked", "ok-model"])
+    kube = FakeKube(state, forbidden=frozenset({"team-a.blocked"}))
+    report = Controller(kube, knobs(tmp_path)).round()  # type: ignore[arg-type]
+    assert set(report.rejected) == {"team-a.blocked"}
+    assert list(kube.placements) == ["team-a.ok-model"]
+    assert kube.statuses["team-a/ok-model"]["phase"] == "Scheduled"
+    blocked = kube.statuses["team-a/blocked"]
+    assert (blocked["phase"], blocked["reason"]) == ("Pending", "PlacementRejected")
+    assert "forbidden by an admission policy" in blocked["message"]
+    scheduled = next(c for c in blocked["conditions"] if c["type"] == "Scheduled")
+    assert (scheduled["status"], scheduled["reason"]) == ("False", "PlacementRejected")
