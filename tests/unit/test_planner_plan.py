@@ -309,3 +309,79 @@ def test_running_non_preemptible_models_stay_when_their_demand_over_fills_the_gp
     assert not any(a.model.startswith("ns/prod") for a in planned.actions)
     # the exact solver solves it (it found the pinned models infeasible and fell back to the greedy)
     assert planned.solver == solver, planned.notes
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_a_pinned_model_below_the_top_priority_leaves_the_exact_solver_feasible(solver: str) -> None:
+    """A running `preemptible: false` model of a low priority stays through the higher tiers' stages:
+    the exact solver used to find every higher tier infeasible and silently fell back to the greedy."""
+    low = model("ns/low", 1, preemptible=False, priority=0)
+    high = model("ns/high", 1, priority=10)
+    current = [CurrentPlacement("ns/low", "h100-0", 1.0, "stream")]
+    planned = plan([low, high], [H100], current, config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
+    assert planned.solver == solver, planned.notes
+    assert set(planned.placements) == {"ns/low", "ns/high"}
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_a_higher_priority_model_is_not_preempted_for_a_pinned_lower_one_s_gpu_time(solver: str) -> None:
+    """A pinned low-priority model whose demand takes most of the GPU's time beside a running high-priority
+    one: both stay (the high one was preempted to give the low one room, a priority inversion)."""
+    node = NodeCapacity("h100-24", "H100", 24 * GIB, 64 * GIB, 25.0, 2000.0, 25.0)
+    high = ModelDemand(
+        "ns/high",
+        weight_bytes=int(16e9),
+        kv_bytes_per_token=0,
+        priority=100,
+        min_decode_tokens_per_second=20.0,
+        demand_decode_tokens_per_second=10.0,
+    )
+    low = ModelDemand(
+        "ns/low",
+        weight_bytes=int(30e9),
+        kv_bytes_per_token=0,
+        priority=10,
+        preemptible=False,
+        max_offload_fraction=0.9,
+        allowed_modes=("cpu",),
+        demand_decode_tokens_per_second=100.0,
+    )
+    current = [
+        CurrentPlacement("ns/high", "h100-24", 1.0, "stream"),
+        CurrentPlacement("ns/low", "h100-24", 0.1, "cpu"),
+    ]
+    planned = plan([high, low], [node], current, config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
+    assert planned.solver == solver, planned.notes
+    assert {"ns/high", "ns/low"} <= set(planned.placements)
+    assert not [a for a in planned.actions if a.kind in ("preempt", "evict", "migrate")]
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_a_pinned_model_keeps_running_below_its_slo_and_is_not_moved(solver: str) -> None:
+    """`preemptible: false`: when its node's measured rate falls below its SLO it keeps serving there
+    (rather than be preempted to serve nothing), and a faster free node does not make it move (a move
+    stops it while it reloads)."""
+    pinned = ModelDemand(
+        "ns/pinned",
+        weight_bytes=int(8e9),
+        kv_bytes_per_token=0,
+        preemptible=False,
+        priority=100,
+        min_decode_tokens_per_second=30.0,
+        demand_decode_tokens_per_second=200.0,
+    )
+    slower = dataclasses.replace(L4, calibration_factor=0.75)  # measured: 28 tok/s, below the SLO of 30
+    current = [CurrentPlacement("ns/pinned", "l4-0", 1.0, "stream")]
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    planned = plan([pinned], [slower, H100], current, config=config)
+    assert planned.solver == solver, planned.notes
+    assert planned.placements["ns/pinned"].node == "l4-0"
+    assert planned.actions == ()
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy", "auto"])
+def test_a_cluster_without_nodes_gives_every_model_a_reason(solver: str) -> None:
+    planned = plan([model("ns/a", 1)], [], [], config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
+    assert planned.placements == {}
+    assert [u.model for u in planned.unschedulable] == ["ns/a"]
+    assert "no node accepts work" in planned.unschedulable[0].message

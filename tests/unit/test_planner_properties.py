@@ -89,6 +89,9 @@ def assert_plan_valid(
     estimated demand exceeds the whole GPU), so plans made over a running cluster are checked with 1.0.
     """
     busy_limit = config.max_gpu_busy_fraction if busy_limit is None else busy_limit
+    # The exact solver never falls back to the greedy on these small inputs (a fallback would hide its
+    # infeasible formulations from every other check here).
+    assert config.solver != "milp" or planned.solver == "milp", planned.notes
     by_model = {m.name: m for m in models}
     by_node = {n.name: n for n in nodes}
     predictor = Predictor()
@@ -103,16 +106,34 @@ def assert_plan_valid(
         assert placement.resident_fraction >= model.min_resident_fraction - 1e-9, "offload.maxFraction broken"
         assert placement.mode in model.allowed_modes
         option = evaluate_option(predictor, model, node, placement.resident_fraction, placement.mode, config)
-        assert option.meets_slo, f"{placement.model} placed below its SLO"
+        # only a running preemptible:false model stays below its SLO (its node's rate fell), never a new one
+        assert option.meets_slo or not model.preemptible, f"{placement.model} placed below its SLO"
         assert placement.gpu_bytes == option.gpu_bytes
         gpu_used[node.name] += option.gpu_bytes
         host_used[node.name] += option.host_bytes
         busy_used[node.name] += option.busy_fraction
+    busy_of = {
+        p.model: evaluate_option(
+            predictor, by_model[p.model], by_node[p.node], p.resident_fraction, p.mode, config
+        ).busy_fraction
+        for p in planned.placements.values()
+    }
     for placement in planned.placements.values():
         model = by_model[placement.model]
         node = by_node[placement.node]
         mine = evaluate_option(predictor, model, node, placement.resident_fraction, placement.mode, config)
-        others = busy_used[node.name] - mine.busy_fraction
+        # A pinned (preemptible: false) model's time may crowd a model of higher priority, which the planner
+        # keeps rather than preempt for a lower priority; and a pinned model's SLO never bars a higher one.
+        others = sum(
+            busy_of[other.model]
+            for other in planned.placements.values()
+            if other.node == placement.node
+            and other.model != placement.model
+            and not (
+                not by_model[other.model].preemptible and by_model[other.model].priority < model.priority
+            )
+            and not (not model.preemptible and by_model[other.model].priority > model.priority)
+        )
         assert others <= mine.tolerance + 1e-6, f"{placement.model} would miss its SLO sharing {node.name}"
     for cached in planned.cached:
         assert cached.model not in planned.placements
@@ -120,7 +141,22 @@ def assert_plan_valid(
     for node in nodes:
         assert gpu_used[node.name] <= usable_gpu_bytes(node), f"GPU over-committed on {node.name}"
         assert host_used[node.name] <= usable_host_bytes(node), f"host over-committed on {node.name}"
-        assert busy_used[node.name] <= busy_limit + 1e-6, f"GPU time over-committed on {node.name}"
+        # Pinned models, and models of a higher priority than a pinned one beside them, stay whatever
+        # their time (an estimate): the rest of the node's models fit in its time.
+        pinned_here = [
+            by_model[p.model].priority
+            for p in planned.placements.values()
+            if p.node == node.name and not by_model[p.model].preemptible
+        ]
+        lowest_pinned = min(pinned_here, default=None)
+        free_to_go = sum(
+            busy_of[p.model]
+            for p in planned.placements.values()
+            if p.node == node.name
+            and by_model[p.model].preemptible
+            and (lowest_pinned is None or by_model[p.model].priority <= lowest_pinned)
+        )
+        assert free_to_go <= busy_limit + 1e-6, f"GPU time over-committed on {node.name}"
     placed_or_reasoned = set(planned.placements) | {u.model for u in planned.unschedulable}
     assert placed_or_reasoned == {m.name for m in models if m.wanted}
     for unschedulable in planned.unschedulable:

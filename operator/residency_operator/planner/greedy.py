@@ -283,7 +283,7 @@ def derive_scores(tables: ClassTables, usable_class: BoolArray, horizon_seconds:
         target_level=target_level,
         min_level=np.argmax(feasible, axis=3),
         class_mode_order=np.argsort(-flat, axis=0, kind="stable").T,
-        best_target_score=flat.max(axis=0) if model_count else np.zeros(0),
+        best_target_score=flat.max(axis=0) if flat.size else np.full(model_count, -np.inf),
         has_option=np.asarray(feasible.any(axis=(0, 1, 3)), dtype=bool),
         flat_target_score=flat,
     )
@@ -430,7 +430,10 @@ class GreedyPlanner:
     # -- incumbents -----------------------------------------------------------------------------------
 
     def incumbent_option(self, model_index: int) -> OptionEval | None:
-        """The current running placement, if it is still valid (accepting node, allowed, meets SLO)."""
+        """The current running placement, if it is still valid (accepting node, allowed, meets SLO).
+
+        A ``preemptible: false`` model keeps a placement that no longer meets its SLO (the node's
+        measured rate fell): it serves below the SLO rather than not at all, and its status says so."""
         model = self.models[model_index]
         current = self.current.get(model.name)
         if current is None or not current.is_running or not model.wanted:
@@ -439,9 +442,11 @@ class GreedyPlanner:
         if node_index is None or not self.nodes[node_index].accepts_work:
             return None
         option = self.option_at(model_index, node_index, current.resident_fraction, current.mode)
-        if not option.allowed or not option.meets_slo:
-            return None
-        return option
+        return option if self._keeps(model_index, option) else None
+
+    def _keeps(self, model_index: int, option: OptionEval) -> bool:
+        """Whether a running placement stays: allowed, and meeting its SLO unless the model is pinned."""
+        return option.allowed and (option.meets_slo or not self.models[model_index].preemptible)
 
     def option_at(
         self, model_index: int, node_index: int, resident_fraction: float, mode: ExecutionMode
@@ -521,11 +526,13 @@ class GreedyPlanner:
             return
         state = self.state
         memory_short = state.free_gpu[node] < 0 or state.free_host[node] < 0
+        # Lowest priority first, so that a model is never released while a lower-priority one stays;
+        # within a priority, preemptible models before pinned ones, then the least valuable.
         victims = sorted(
             (i for i in state.models_on_node[node] if memory_short or self.models[i].preemptible),
             key=lambda i: (
-                not self.models[i].preemptible,
                 self.models[i].priority,
+                not self.models[i].preemptible,
                 self._value_of(i),
                 self.models[i].name,
             ),
@@ -533,6 +540,15 @@ class GreedyPlanner:
         released: list[tuple[int, Assignment]] = []
         for victim in victims:
             if self._seated_fit(node):
+                break
+            if not (state.free_gpu[node] < 0 or state.free_host[node] < 0) and not any(
+                self.models[i].priority >= self.models[victim].priority
+                for i in state.models_on_node[node]
+                if i != victim
+            ):
+                # Only GPU time (an estimate) is short, and every model left beside this one (pinned ones:
+                # the preemptible ones rank above it) has a lower priority: releasing it would serve them at
+                # its expense. All stay.
                 break
             assignment = self.state.release(victim)
             if assignment is not None:
@@ -1346,7 +1362,7 @@ class GreedyPlanner:
         ):
             return
         option = self.option_at(model_index, previous.node, previous.resident_fraction, previous.mode)
-        if not option.allowed or not option.meets_slo:
+        if not self._keeps(model_index, option):
             return
         state.occupy(
             model_index,
@@ -1463,6 +1479,8 @@ class GreedyPlanner:
             if a is None or not a.incumbent:
                 continue
             model = self.models[i]
+            if not model.preemptible:
+                continue  # a move stops it while it reloads: a preemption in all but name
             demand = model.demand_decode_tokens_per_second
             if demand is None or demand <= 0:
                 continue

@@ -214,7 +214,13 @@ def build_node_options(
                 incumbent = evaluate_option(
                     predictor, model, nodes[candidate], now.resident_fraction, now.mode, config
                 )
-                if incumbent.allowed:
+                # kept whatever its SLO (see GreedyPlanner.incumbent_option), unless its node's memory shrank
+                # below what it holds
+                if (
+                    incumbent.allowed
+                    and incumbent.gpu_bytes <= usable_gpu_bytes(nodes[candidate])
+                    and incumbent.host_bytes <= usable_host_bytes(nodes[candidate])
+                ):
                     pin_node = candidate
         keep = NO_KEEP
         if now is not None and now.is_running:
@@ -226,7 +232,12 @@ def build_node_options(
                 if option.allowed and option.meets_slo:
                     keep = keep_running(model, option, node_index, config)
                 on_grid = bool(np.any(np.abs(tables.levels - now.resident_fraction) <= LEVEL_EPSILON))
-                if option.allowed and (option.meets_slo or pin_node is not None) and not on_grid:
+                # off the grid, or on it but below the SLO (the grid holds only SLO-meeting options)
+                if (
+                    option.allowed
+                    and (option.meets_slo or pin_node is not None)
+                    and (not on_grid or not option.meets_slo)
+                ):
                     add(
                         model_index,
                         node_index,
@@ -294,6 +305,7 @@ def _capacity_constraints(
     model_count: int,
     active: npt.NDArray[np.bool_],
     max_busy_fraction: float,
+    priorities: npt.NDArray[np.int64],
     with_sharing: bool = True,
 ) -> list[LinearConstraint]:
     option_count = len(options)
@@ -317,14 +329,23 @@ def _capacity_constraints(
     for model_index in options.pinned_models:
         lower[model_index] = 1.0
     pinned_busy = _pinned_busy(options, active, len(nodes))
-    sharing = _sharing_constraint(options, active, max_busy_fraction, pinned_busy) if with_sharing else None
+    shielded_busy = _shielded_busy(options, active, len(nodes), priorities)
+    sharing = (
+        _sharing_constraint(options, active, max_busy_fraction, pinned_busy, priorities)
+        if with_sharing
+        else None
+    )
     return [
         *([sharing] if sharing is not None else []),
         LinearConstraint(gpu, -np.inf, gpu_capacity + 1e-9),
         LinearConstraint(host, -np.inf, host_capacity + 1e-9),
         # Pinned models stay even where their demand over-fills the GPU's time (an estimate, unlike memory;
         # the greedy keeps them too): the limit then is what they need, so nobody else joins them.
-        LinearConstraint(busy, -np.inf, np.maximum(max_busy_fraction, pinned_busy.sum(axis=0)) + 1e-9),
+        # So do running models of a higher priority than a pinned one beside them (the greedy keeps them
+        # too: releasing them for a lower priority's time would invert priorities).
+        LinearConstraint(
+            busy, -np.inf, np.maximum(max_busy_fraction, pinned_busy.sum(axis=0) + shielded_busy) + 1e-9
+        ),
         LinearConstraint(one_each, lower, np.ones(model_count)),
     ]
 
@@ -339,10 +360,31 @@ def _pinned_busy(options: NodeOptions, active: npt.NDArray[np.bool_], node_count
     return least
 
 
+def _shielded_busy(
+    options: NodeOptions, active: npt.NDArray[np.bool_], node_count: int, priorities: npt.NDArray[np.int64]
+) -> FloatArray:
+    """``[node]``: GPU time of the running placements (incumbent options) of preemptible models that share
+    a node with a pinned model of lower priority: what the node's time limit lets them keep."""
+    shielded = np.zeros(node_count)
+    pinned = np.isin(options.model, options.pinned_models)
+    for node in np.unique(options.node[pinned & active]):
+        lowest_pinned = int(priorities[pinned & active & (options.node == node)].min())
+        kept = options.incumbent & active & ~pinned & (options.node == node) & (priorities > lowest_pinned)
+        shielded[node] = float(options.busy[kept].sum())
+    return shielded
+
+
 def _sharing_constraint(
-    options: NodeOptions, active: npt.NDArray[np.bool_], max_busy_fraction: float, pinned_busy: FloatArray
+    options: NodeOptions,
+    active: npt.NDArray[np.bool_],
+    max_busy_fraction: float,
+    pinned_busy: FloatArray,
+    priorities: npt.NDArray[np.int64],
 ) -> LinearConstraint | None:
-    """If option o is chosen, the others' busy share on its node stays within o's tolerance (big-M)."""
+    """If option o is chosen, the others' busy share on its node stays within o's tolerance (big-M).
+
+    A pinned model's time never bars a model of higher priority, nor its SLO a higher-priority model: a
+    model is not kept out for a lower priority's sake."""
     rows: list[int] = []
     columns: list[int] = []
     values: list[float] = []
@@ -355,13 +397,18 @@ def _sharing_constraint(
             if options.tolerance[o] >= max_busy_fraction:
                 continue  # the busy limit of the node already keeps this one's SLO
             others = on_node[options.model[on_node] != options.model[o]]
+            others = others[~(pinned[others] & (priorities[others] < priorities[o]))]
             given = 0.0
             if pinned[o]:
                 # Pinned models stay whatever their time: a pinned model's SLO bars only models that are free
-                # to go elsewhere, and the other pinned ones' time counts as given.
-                others = others[~pinned[others]]
-                given = float(pinned_busy[:, node].sum()) - float(
-                    pinned_busy[options.pinned_models.index(int(options.model[o])), node]
+                # to go elsewhere and not of a higher priority, and the other pinned ones' time (those of
+                # its priority or lower) counts as given.
+                others = others[~pinned[others] & (priorities[others] <= priorities[o])]
+                given = sum(
+                    float(pinned_busy[row, node])
+                    for row, model_index in enumerate(options.pinned_models)
+                    if model_index != int(options.model[o])
+                    and int(priorities[np.flatnonzero(options.model == model_index)[0]]) <= priorities[o]
                 )
             others = others[options.busy[others] > 0]
             if len(others) == 0:
@@ -398,7 +445,7 @@ def solve_lexicographic(
     option_count = len(options)
     if option_count == 0:
         return MilpResult({}, 0.0, 0.0, True, "no options")
-    priorities = np.array([models[i].priority for i in options.model])
+    priorities = np.array([models[i].priority for i in options.model], dtype=np.int64)
     tiers = sorted({int(p) for p in priorities}, reverse=True)
     held: list[tuple[npt.NDArray[np.float64], float]] = []
     solution: FloatArray | None = None
@@ -413,9 +460,14 @@ def solve_lexicographic(
         + config.offload_penalty_per_gib * options.host_bytes / GIB
         + config.gpu_time_penalty * np.maximum(options.busy, 1.0 - options.tolerance)
     )
+    # A running preemptible:false model stays whatever its tier (it is given, like the node's size): its
+    # options take part in the higher tiers' stages too, worth nothing there, or those would be infeasible.
+    pinned = np.isin(options.model, options.pinned_models)
     for tier, coefficients in stages:
-        active = priorities >= tier if tier is not None else np.ones(option_count, dtype=bool)
-        constraints = _capacity_constraints(options, nodes, len(models), active, config.max_gpu_busy_fraction)
+        active = (priorities >= tier) | pinned if tier is not None else np.ones(option_count, dtype=bool)
+        constraints = _capacity_constraints(
+            options, nodes, len(models), active, config.max_gpu_busy_fraction, priorities
+        )
         for held_coefficients, floor in held:
             constraints.append(LinearConstraint(held_coefficients[None, :], floor, np.inf))
         upper = np.where(active, 1.0, 0.0)
@@ -452,8 +504,15 @@ def lp_upper_bound(
     if len(options) == 0:
         return 0.0
     # Without the (big-M) sharing rows: dropping constraints keeps it an upper bound and keeps it fast.
+    priorities = np.array([models[i].priority for i in options.model], dtype=np.int64)
     constraints = _capacity_constraints(
-        options, nodes, len(models), np.ones(len(options), dtype=bool), config.max_gpu_busy_fraction, False
+        options,
+        nodes,
+        len(models),
+        np.ones(len(options), dtype=bool),
+        config.max_gpu_busy_fraction,
+        priorities,
+        False,
     )
     result = milp(
         -options.score,
