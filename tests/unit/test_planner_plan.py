@@ -385,3 +385,38 @@ def test_a_cluster_without_nodes_gives_every_model_a_reason(solver: str) -> None
     assert planned.placements == {}
     assert [u.model for u in planned.unschedulable] == ["ns/a"]
     assert "no node accepts work" in planned.unschedulable[0].message
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_each_action_only_takes_memory_the_ones_before_it_freed(solver: str) -> None:
+    """Two models trade places across full nodes via a third: in the order given, the big model leaves
+    the slow node before the small one moves onto it (it was sorted by kind and name only)."""
+    from test_planner_properties import assert_every_step_fits
+
+    gone = NodeCapacity("gone", "H100", 16 * GIB, 64 * GIB, 25.0, 2000.0, 25.0, cordoned=True)
+    fast = NodeCapacity("fast", "H100", 17 * GIB, 64 * GIB, 6.0, 2000.0, 25.0)
+    slow = NodeCapacity("slow", "L4", 16 * GIB, 16 * GIB, 25.0, 300.0, 25.0)
+    small = ModelDemand(
+        "ns/a-small",
+        weight_bytes=int(1e9),
+        kv_bytes_per_token=131072,
+        max_sequence_length=1024,
+        max_batch=4,
+        demand_decode_tokens_per_second=1000.0,
+    )
+    big = ModelDemand(
+        "ns/b-big",
+        weight_bytes=int(16e9),
+        kv_bytes_per_token=32768,
+        max_sequence_length=2048,
+        max_offload_fraction=0.5,
+        demand_decode_tokens_per_second=100.0,
+    )
+    current = [
+        CurrentPlacement("ns/a-small", "gone", 1.0, "stream"),
+        CurrentPlacement("ns/b-big", "slow", 1.0, "stream"),
+    ]
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    planned = plan([small, big], [gone, fast, slow], current, config=config)
+    assert planned.actions
+    assert_every_step_fits(planned, [small, big], [gone, fast, slow], current)

@@ -20,6 +20,8 @@ from residency_operator.planner import (
 from residency_operator.planner.options import (
     cached_host_bytes,
     evaluate_option,
+    gpu_bytes_needed,
+    host_bytes_needed,
     usable_gpu_bytes,
     usable_host_bytes,
 )
@@ -185,6 +187,53 @@ def test_plan_never_overcommits_and_respects_spec(
     assert planned.objective <= planned.upper_bound + 1e-6
 
 
+def assert_every_step_fits(
+    planned: Plan, models: list[ModelDemand], nodes: list[NodeCapacity], current: list[CurrentPlacement]
+) -> None:
+    """Carried out in order, no action takes GPU or host memory an earlier one has not freed (a step that
+    adds nothing to a node never counts against it, so a cluster that starts over-full may still act)."""
+    by_model = {m.name: m for m in models}
+    by_node = {n.name: n for n in nodes}
+    cached = {c.model: c for c in planned.cached}
+    held: dict[str, list[tuple[str, int, int]]] = {}
+    for c in current:
+        model = by_model[c.model]
+        if c.is_running:
+            held[c.model] = [
+                (
+                    c.node,
+                    gpu_bytes_needed(model, c.resident_fraction, c.mode),
+                    host_bytes_needed(model, c.resident_fraction),
+                )
+            ]
+        elif c.state == "preempted":
+            held[c.model] = [(c.node, 0, cached_host_bytes(model, c.kv_cache_bytes))]
+
+    def used(node: str) -> tuple[int, int]:
+        parts = [(g, h) for pieces in held.values() for n, g, h in pieces if n == node]
+        return sum(g for g, _ in parts), sum(h for _, h in parts)
+
+    moved: set[str] = set()
+    for action in planned.actions:
+        if action.model in moved:
+            continue  # a model's later steps complete the move its first one made
+        moved.add(action.model)
+        before = {n.name: used(n.name) for n in nodes}
+        placement, kept = planned.placements.get(action.model), cached.get(action.model)
+        held[action.model] = [
+            *([(placement.node, placement.gpu_bytes, placement.host_bytes)] if placement else []),
+            *([(kept.node, 0, kept.host_bytes)] if kept else []),
+        ]
+        for name, (gpu_before, host_before) in before.items():
+            gpu, host = used(name)
+            assert gpu <= gpu_before or gpu <= usable_gpu_bytes(by_node[name]), (
+                f"after {action.kind} {action.model}: GPU over-committed on {name}"
+            )
+            assert host <= host_before or host <= usable_host_bytes(by_node[name]), (
+                f"after {action.kind} {action.model}: host over-committed on {name}"
+            )
+
+
 @PROPERTY_SETTINGS
 @given(models=models_strategy(), nodes=nodes_strategy(), solver=st.sampled_from(SOLVERS), seed=st.randoms())
 def test_plan_is_deterministic_and_order_independent(
@@ -232,6 +281,7 @@ def test_no_priority_inversion_and_non_preemptible_kept(
     everyone = models + arrivals
     second = plan(everyone, nodes, applied(first), config=config)
     assert_plan_valid(second, everyone, nodes, config)
+    assert_every_step_fits(second, everyone, nodes, applied(first))
     by_model = {m.name: m for m in everyone}
     by_node = {n.name: n for n in nodes}
     predictor = Predictor()

@@ -39,6 +39,7 @@ from residency_operator.planner.options import (
     node_class_tuple,
     transition,
 )
+from residency_operator.planner.ordering import footprint_now, footprint_planned, order_by_room
 from residency_operator.planner.predictor import Predictor
 from residency_operator.planner.reasons import ReasonContext, percent, slo_text, unschedulable_reasons
 from residency_operator.planner.swapin import serve_waiting
@@ -373,6 +374,23 @@ def assemble_plan(
     for i in indices:
         actions.extend(model_actions(problem, i, assignment, cached, gainers, placements.get(models[i].name)))
     actions.sort(key=lambda a: (ACTION_ORDER[a.kind], -a.priority, a.model))
+    acting = {a.model for a in actions}
+    actions = order_by_room(
+        actions,
+        {
+            name: footprint_now(
+                models[problem.model_index[name]], problem.current.get(name), problem.node_index
+            )
+            for name in acting
+        },
+        {
+            name: footprint_planned(placements.get(name), cached.get(name), problem.node_index)
+            for name in acting
+        },
+        nodes,
+        free_gpu,
+        free_host,
+    )
 
     unschedulable: dict[str, Unschedulable] = {} if base is None else {u.model: u for u in base.unschedulable}
     cases: list[tuple[int, ModelDemand, tuple[str, int] | None]] = []

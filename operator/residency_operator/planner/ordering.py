@@ -1,0 +1,132 @@
+"""The order of a plan's actions: each step only takes memory the steps before it have freed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from residency_operator.planner.options import (
+    cached_host_bytes,
+    gpu_bytes_needed,
+    host_bytes_needed,
+    usable_gpu_bytes,
+    usable_host_bytes,
+)
+from residency_operator.planner.types import (
+    Action,
+    CachedModel,
+    CurrentPlacement,
+    ModelDemand,
+    NodeCapacity,
+    PlannedPlacement,
+)
+
+Footprint = dict[int, tuple[int, int]]
+"""Node index -> (GPU bytes, host bytes) one model holds there."""
+
+
+def footprint_now(
+    model: ModelDemand, current: CurrentPlacement | None, node_index: Mapping[str, int]
+) -> Footprint:
+    """What a model holds before the plan: its running placement, or the host cache of a preempted one."""
+    if current is None or current.node not in node_index:
+        return {}
+    node = node_index[current.node]
+    if current.is_running:
+        return {
+            node: (
+                gpu_bytes_needed(model, current.resident_fraction, current.mode),
+                host_bytes_needed(model, current.resident_fraction),
+            )
+        }
+    if current.state == "preempted":
+        return {node: (0, cached_host_bytes(model, current.kv_cache_bytes))}
+    return {}
+
+
+def footprint_planned(
+    placement: PlannedPlacement | None, cached: CachedModel | None, node_index: Mapping[str, int]
+) -> Footprint:
+    """What a model holds once the plan is carried out: its placement, or the host cache it keeps."""
+    held: Footprint = {}
+    if placement is not None and placement.node in node_index:
+        held[node_index[placement.node]] = (placement.gpu_bytes, placement.host_bytes)
+    if cached is not None and cached.node in node_index:
+        gpu, host = held.get(node_index[cached.node], (0, 0))
+        held[node_index[cached.node]] = (gpu, host + cached.host_bytes)
+    return held
+
+
+def order_by_room(
+    actions: Sequence[Action],
+    before: Mapping[str, Footprint],
+    after: Mapping[str, Footprint],
+    nodes: Sequence[NodeCapacity],
+    free_gpu_after: Sequence[int],
+    free_host_after: Sequence[int],
+) -> list[Action]:
+    """``actions`` (already in their preferred order: frees before takes, priority, name) reordered so
+    that no step takes GPU or host memory that an earlier step has not yet freed, on any node.
+
+    Each model's steps move it from its footprint ``before`` to ``after`` as one; the first model in the
+    preferred order whose move fits goes next. Where none fits (models swapping places on full nodes),
+    the first goes anyway, as before. Linear when the preferred order fits, as it nearly always does.
+    ``free_*_after``: what the whole plan leaves free per node, from which the memory in use now follows.
+    """
+    by_model: dict[str, list[Action]] = {}
+    for action in actions:
+        by_model.setdefault(action.model, []).append(action)
+    if len(by_model) < 2:
+        return list(actions)
+    capacity_gpu = [usable_gpu_bytes(n) for n in nodes]
+    capacity_host = [usable_host_bytes(n) for n in nodes]
+    used_gpu = [cap - free for cap, free in zip(capacity_gpu, free_gpu_after, strict=True)]
+    used_host = [cap - free for cap, free in zip(capacity_host, free_host_after, strict=True)]
+
+    def move(name: str, sign: int) -> None:
+        """Apply (sign 1) or undo (sign -1) the model's move on the running totals."""
+        for node, (gpu, host) in after.get(name, {}).items():
+            used_gpu[node] += sign * gpu
+            used_host[node] += sign * host
+        for node, (gpu, host) in before.get(name, {}).items():
+            used_gpu[node] -= sign * gpu
+            used_host[node] -= sign * host
+
+    # Back to the memory in use now; and what it would be were every growth taken before any release.
+    peak_gpu, peak_host = list(used_gpu), list(used_host)
+    for name in by_model:
+        start, end = before.get(name, {}), after.get(name, {})
+        for node, (gpu, host) in end.items():
+            used_gpu[node] -= gpu
+            used_host[node] -= host
+            had_gpu, had_host = start.get(node, (0, 0))
+            peak_gpu[node] += max(0, gpu - had_gpu) - gpu
+            peak_host[node] += max(0, host - had_host) - host
+        for node, (gpu, host) in start.items():
+            used_gpu[node] += gpu
+            used_host[node] += host
+            peak_gpu[node] += gpu
+            peak_host[node] += host
+    if all(peak <= cap for peak, cap in zip(peak_gpu, capacity_gpu, strict=True)) and all(
+        peak <= cap for peak, cap in zip(peak_host, capacity_host, strict=True)
+    ):
+        return list(actions)  # any order fits (a first plan on an empty cluster, most re-plans)
+
+    def fits(name: str) -> bool:
+        # Only the nodes where the model takes more than it frees can run out.
+        start = before.get(name, {})
+        for node, (gpu, host) in after.get(name, {}).items():
+            had_gpu, had_host = start.get(node, (0, 0))
+            if gpu > had_gpu and used_gpu[node] + gpu - had_gpu > capacity_gpu[node]:
+                return False
+            if host > had_host and used_host[node] + host - had_host > capacity_host[node]:
+                return False
+        return True
+
+    pending = list(by_model)
+    ordered: list[Action] = []
+    while pending:
+        chosen = next((k for k, name in enumerate(pending) if fits(name)), 0)
+        name = pending.pop(chosen)
+        move(name, 1)
+        ordered.extend(by_model[name])
+    return ordered
