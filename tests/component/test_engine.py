@@ -145,7 +145,8 @@ def test_preempt_resume_mid_generation_continues_exactly(
     assert engine.status("m").state == "preempted"
     assert report.sequences_parked >= 1
     assert report.kv_save.moved_bytes > 0 and report.kv_save.seconds > 0 and report.kv_save.emulated
-    assert engine.tier.allocated_bytes("model/m") == 0 and engine.tier.reserved_bytes("model/m") == 0
+    owner = engine.runner("m").owner
+    assert engine.tier.allocated_bytes(owner) == 0 and engine.tier.reserved_bytes(owner) == 0
     parked_tokens = len(requests[0].token_ids)
     assert not requests[0].done.wait(0.3), "a preempted model must not generate"
     assert len(requests[0].token_ids) == parked_tokens
@@ -197,9 +198,10 @@ def test_placement_that_does_not_fit_is_refused(models_root: Path) -> None:
 def test_reported_resident_bytes_equal_the_pool(engine: Engine, models_root: Path, fraction: float) -> None:
     engine.load("m", str(models_root / "llama"), _options(fraction, "cpu"))
     report = engine.residency("m")
-    pool = engine.tier.tensors("model/m", "weights")
+    owner = engine.runner("m").owner
+    pool = engine.tier.tensors(owner, "weights")
     assert report.resident_weight_bytes == sum(t.numel() * t.element_size() for t in pool)
-    assert report.resident_weight_bytes == engine.tier.allocated_bytes("model/m", "weights")
+    assert report.resident_weight_bytes == engine.tier.allocated_bytes(owner, "weights")
     assert report.resident_fraction == report.resident_weight_bytes / report.weight_bytes
     assert abs(report.resident_fraction - fraction) <= 0.2
     runner = engine.runner("m")
@@ -207,7 +209,7 @@ def test_reported_resident_bytes_equal_the_pool(engine: Engine, models_root: Pat
         assert all(engine.tier.owns(t) for t in runner._gpu_views[name].values())
     for name in report.offloaded_units:
         assert name not in runner._gpu_views
-    assert engine.tier.reserved_bytes("model/m") == report.gpu_reserved_bytes >= report.resident_weight_bytes
+    assert engine.tier.reserved_bytes(owner) == report.gpu_reserved_bytes >= report.resident_weight_bytes
 
 
 def test_timings_positive_with_correct_byte_counts(engine: Engine, models_root: Path) -> None:

@@ -422,9 +422,13 @@ class NodeAgent:
         self._report(placement)
 
     def _others_reserved_bytes(self, name: str) -> int:
-        """GPU bytes the other models on this node hold (the engine reserves per `model/<name>`)."""
+        """GPU bytes the other models on this node hold (each runner reserves under its own owner)."""
         tier = self.engine.tier
-        return tier.reserved_bytes() - tier.reserved_bytes(f"model/{name}")
+        try:
+            own_bytes = tier.reserved_bytes(self.engine.runner(name).owner)
+        except EngineError:
+            own_bytes = 0  # not loaded: it holds nothing
+        return tier.reserved_bytes() - own_bytes
 
     def _report(self, placement: dict[str, Any]) -> None:
         name = self._model_name(placement)

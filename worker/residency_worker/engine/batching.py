@@ -8,6 +8,7 @@ forward pass and never drop a request.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 DEMAND_WINDOW_SECONDS = 60.0
 """Traffic is averaged over this window (the simulator's ``engine.DEMAND_WINDOW_SECONDS``)."""
 T = TypeVar("T")
+_runner_ids = itertools.count(1)
 ModeChoice = Literal["stream", "cpu", "auto"]
 
 
@@ -99,7 +101,8 @@ class ModelRunner:
 
     def __init__(self, name: str, weights: LoadedWeights, tier: GpuTier, options: ModelOptions) -> None:
         self.name = name
-        self.owner = f"model/{name}"
+        # unique per runner: an unloading runner of the same name gives back only its own reservation
+        self.owner = f"model/{name}/{next(_runner_ids)}"
         self.weights = weights
         self.tier = tier
         self.options = options
@@ -615,8 +618,8 @@ class ModelRunner:
         self._close_stager()
         self.tier.unreserve(self.owner)
         self.tier.empty_cache()
+        self._resumed.clear()  # before the state: whoever sees "preempted" must find the event clear
         self.state = "preempted"
-        self._resumed.clear()
         self.timings.kv_save_seconds = kv_save.seconds
         self.timings.kv_save_transfer = kv_save
         self.timings.kv_bytes = kv_save.moved_bytes

@@ -26,6 +26,8 @@ from residency_worker.engine.types import (
 
 log = logging.getLogger(__name__)
 Listener = Callable[[str, str, object], None]
+UNLOAD_WAIT_SECONDS = 300.0
+"""How long a load waits for an unload of the same name (a long forward step of a big model) to finish."""
 
 __all__ = ["Engine", "ModelOptions", "RequestEvent"]
 
@@ -50,6 +52,9 @@ class Engine:
         self._models: dict[str, ModelRunner] = {}
         self._lock = threading.Lock()
         self._loading: set[str] = set()
+        # names whose runner is gone from _models but still finishing its step and giving back memory
+        self._unloading: set[str] = set()
+        self._unloaded = threading.Condition(self._lock)
         self._listeners: list[Listener] = []
         if calibration_bytes > 0:
             peak = measure_host_to_device_peak(tier, calibration_bytes)
@@ -67,6 +72,14 @@ class Engine:
         if not 0.0 <= options.resident_fraction <= 1.0:
             raise EngineError("InvalidRequest", "resident_fraction must lie in [0, 1]")
         with self._lock:
+            if name in self._unloading:
+                log.info("load of %s waits for its previous runner to finish unloading", name)
+            # a load that overlapped the unload would place beside the old runner's memory, counted twice
+            if not self._unloaded.wait_for(lambda: name not in self._unloading, UNLOAD_WAIT_SECONDS):
+                raise EngineError(
+                    "InvalidState",
+                    f"model {name!r} is still unloading after {UNLOAD_WAIT_SECONDS:.0f} s; retry later",
+                )
             if name in self._models or name in self._loading:
                 raise EngineError("ModelAlreadyLoaded", f"a model named {name!r} is already loaded")
             self._loading.add(name)
@@ -119,10 +132,18 @@ class Engine:
         return report
 
     def unload(self, name: str) -> None:
-        runner = self._runner(name)
+        """Stops serving `name` and returns once its runner has given back all of its memory."""
         with self._lock:
-            self._models.pop(name, None)
-        runner.unload()
+            runner = self._models.pop(name, None)
+            if runner is None:
+                raise EngineError("ModelNotLoaded", f"no model named {name!r} is loaded on this node")
+            self._unloading.add(name)
+        try:
+            runner.unload()
+        finally:
+            with self._lock:
+                self._unloading.discard(name)
+                self._unloaded.notify_all()
 
     def close(self) -> None:
         for name in list(self._models):

@@ -8,6 +8,8 @@ contiguous, pinned buffer laid out by placement unit), from which resident units
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,15 +277,33 @@ def _checkpoint_name(unit: str, local: str) -> str:
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files to read: those the index names (inside the directory), else the top-level ones.
+
+    Each must be a regular file: safe_open on a FIFO or a device blocks (or never ends) while holding the
+    GIL, freezing the whole worker. Validation checked only the directory's top-level entries; the index
+    may name files in subdirectories.
+    """
+    directory = directory.resolve()
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise EngineError("WeightsInvalid", f"{index.name} is not a valid index: {exc}") from exc
-        names = sorted(set(weight_map.values()))
-        files = [(directory / n).resolve() for n in names]
-        if any(directory.resolve() not in f.parents for f in files):
-            raise EngineError("WeightsInvalid", f"{index.name} points outside the model directory")
-        return files
-    return sorted(directory.glob("*.safetensors"))
+    if not index.is_file():
+        return [_regular_file(file, directory) for file in sorted(directory.glob("*.safetensors"))]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [(directory / name).resolve() for name in sorted(set(weight_map.values()))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise EngineError("WeightsInvalid", f"{index.name} is not a valid index: {exc}") from exc
+    if any(directory not in file.parents for file in files):
+        raise EngineError("WeightsInvalid", f"{index.name} points outside the model directory")
+    return [_regular_file(file, directory) for file in files]
+
+
+def _regular_file(file: Path, directory: Path) -> Path:
+    """`file`, once os.stat (following links) says it is a regular file; the loader opens nothing else."""
+    shown = file.relative_to(directory) if directory in file.parents else file.name
+    try:
+        mode = os.stat(file).st_mode
+    except OSError as exc:
+        raise EngineError("WeightsMissing", f"{shown} in {directory} cannot be read: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise EngineError("PathNotAllowed", f"{shown} in {directory} is not a regular file")
+    return file

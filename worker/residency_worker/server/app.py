@@ -25,12 +25,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, json_bytes
 from residency_worker.engine import Engine, EngineError, ModelOptions, SamplingParams
+from residency_worker.engine.batching import ModelRunner
 from residency_worker.engine.generate import SEED_MAX, SEED_MIN, RequestEvent
 from residency_worker.engine.generate import Request as EngineRequest
 from residency_worker.engine.types import as_dict
 from residency_worker.server.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+PREEMPTED_POLL_SECONDS = 0.05
+"""How often a request waiting on a preempted model looks whether it resumed (on the event loop: a waiter
+holds no thread), and how long an in-flight request waits for its next token before it looks."""
 
 _STATUS_OF_REASON = {
     "PathNotAllowed": 403,
@@ -267,7 +272,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     async def start(
         name: str, prompt_ids: list[int], params: SamplingParams
-    ) -> tuple[EngineRequest, asyncio.Queue[RequestEvent]]:
+    ) -> tuple[ModelRunner, EngineRequest, asyncio.Queue[RequestEvent]]:
         runner = engine.runner(name)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestEvent] = asyncio.Queue()
@@ -281,18 +286,54 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             metrics.requests.labels(name, exc.reason).inc()
             raise
         # a preempted model: wait a while for a resume, then tell the client when to retry
-        if runner.state == "preempted" and not await in_thread(
-            runner.wait_until_ready, settings.preempted_wait_seconds
-        ):
-            runner.cancel(request)
-            metrics.requests.labels(name, "ModelPreempted").inc()
-            raise ApiError(
-                503,
-                "ModelPreempted",
-                f"model {name} is preempted and did not resume within {settings.preempted_wait_seconds} s",
-                settings.retry_after_seconds,
-            )
-        return request, events
+        if runner.state == "preempted" and not await until_ready(runner):
+            raise preempted_error(name, runner, request)
+        return runner, request, events
+
+    async def until_ready(runner: ModelRunner) -> bool:
+        """Whether a preempted model resumed (or went away) within preempted_wait_seconds.
+
+        Waits on the event loop, not in an executor thread: any number of waiting requests leaves the
+        threads to tokenisation of other models and to the admin API that would resume this one.
+        """
+        deadline = time.monotonic() + settings.preempted_wait_seconds
+        while runner.state == "preempted":
+            remaining_seconds = deadline - time.monotonic()
+            if remaining_seconds <= 0:
+                return False
+            await asyncio.sleep(min(PREEMPTED_POLL_SECONDS, remaining_seconds))
+        return True
+
+    def preempted_error(name: str, runner: ModelRunner, request: EngineRequest) -> ApiError:
+        """Gives up on a request parked by a preemption: frees its slot, tells the client when to retry."""
+        runner.cancel(request)
+        metrics.requests.labels(name, "ModelPreempted").inc()
+        return ApiError(
+            503,
+            "ModelPreempted",
+            f"model {name} is preempted and did not resume within {settings.preempted_wait_seconds} s",
+            settings.retry_after_seconds,
+        )
+
+    async def next_event(
+        name: str, runner: ModelRunner, request: EngineRequest, events: asyncio.Queue[RequestEvent]
+    ) -> RequestEvent:
+        """The request's next event; raises 503 ModelPreempted (ApiError) once its model, preempted while
+        the request was queued or running, has not resumed within preempted_wait_seconds."""
+        while True:
+            try:
+                async with asyncio.timeout(PREEMPTED_POLL_SECONDS):
+                    return await events.get()
+            except TimeoutError:
+                pass  # no event yet: a slow step, or a parked request
+            if runner.state == "preempted" and not await until_ready(runner) and events.empty():
+                raise preempted_error(name, runner, request)
+
+    async def cancel_on_disconnect(client: Request, runner: ModelRunner, request: EngineRequest) -> None:
+        """Cancels `request` once its client hangs up (the server then sends http.disconnect)."""
+        while (await client.receive())["type"] != "http.disconnect":
+            pass
+        runner.cancel(request)
 
     def sampling(body: CompletionBody | ChatBody, max_tokens: int) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -302,17 +343,29 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
         )
 
-    async def collect(name: str, request: EngineRequest, events: asyncio.Queue[RequestEvent]) -> RequestEvent:
+    async def collect(
+        client: Request,
+        name: str,
+        runner: ModelRunner,
+        request: EngineRequest,
+        events: asyncio.Queue[RequestEvent],
+    ) -> RequestEvent:
+        """The request's last event; a client that hangs up first cancels it, freeing its batch slot."""
+        hang_up = asyncio.create_task(cancel_on_disconnect(client, runner, request))
         try:
             while True:
-                event = await events.get()
+                event = await next_event(name, runner, request, events)
                 if event.finish_reason is not None:
                     break
         finally:
-            request.cancel()  # no-op when finished; frees the slot if the client went away
+            hang_up.cancel()
+            runner.cancel(request)  # no-op when finished
         if event.error is not None:
             metrics.requests.labels(name, event.error.reason).inc()
             raise event.error
+        if event.finish_reason == "cancelled":  # the client went away: nobody reads the answer
+            metrics.requests.labels(name, "cancelled").inc()
+            return event
         metrics.tokens.labels(name).inc(len(request.token_ids))
         metrics.requests.labels(name, "ok").inc()
         return event
@@ -324,6 +377,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     def sse(
         name: str,
+        runner: ModelRunner,
         request: EngineRequest,
         events: asyncio.Queue[RequestEvent],
         chunk: Callable[[RequestEvent], dict[str, Any]],
@@ -334,7 +388,19 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                 if first is not None:
                     yield f"data: {json.dumps(first)}\n\n"
                 while True:
-                    event = await events.get()
+                    try:
+                        event = await next_event(name, runner, request, events)
+                    except ApiError as exc:  # too late for a status: the SSE error event the router sends
+                        gone = {
+                            "error": {
+                                "message": exc.message,
+                                "type": exc.code,
+                                "code": exc.status,
+                                "retry_after": settings.retry_after_seconds,
+                            }
+                        }
+                        yield f"data: {json.dumps(gone)}\n\n"
+                        break
                     if event.error is not None:
                         metrics.requests.labels(name, event.error.reason).inc()
                         error = {
@@ -354,7 +420,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                         break
                 yield "data: [DONE]\n\n"
             finally:
-                request.cancel()
+                runner.cancel(request)  # no-op when finished; frees the slot if the client went away
 
         return StreamingResponse(
             body(),
@@ -363,7 +429,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         )
 
     @app.post("/v1/completions", dependencies=[Depends(inference)])
-    async def completions(body: CompletionBody) -> Any:
+    async def completions(body: CompletionBody, client: Request) -> Any:
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
             if len(body.prompt) != 1:
                 raise ApiError(400, "InvalidRequest", "send one prompt per request")
@@ -376,7 +442,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             if isinstance(prompt, str)
             else [int(t) for t in prompt]
         )
-        request, events = await start(body.model, prompt_ids, sampling(body, body.max_tokens))
+        runner, request, events = await start(body.model, prompt_ids, sampling(body, body.max_tokens))
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -392,8 +458,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             }
 
         if body.stream:
-            return sse(body.model, request, events, chunk, None)
-        final = await collect(body.model, request, events)
+            return sse(body.model, runner, request, events, chunk, None)
+        final = await collect(client, body.model, runner, request, events)
         return {
             "id": completion_id,
             "object": "text_completion",
@@ -406,11 +472,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         }
 
     @app.post("/v1/chat/completions", dependencies=[Depends(inference)])
-    async def chat_completions(body: ChatBody) -> Any:
+    async def chat_completions(body: ChatBody, client: Request) -> Any:
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         prompt_ids = await in_thread(engine.chat_prompt, body.model, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
-        request, events = await start(body.model, prompt_ids, sampling(body, max_tokens))
+        runner, request, events = await start(body.model, prompt_ids, sampling(body, max_tokens))
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -434,8 +500,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                     {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 ],
             }
-            return sse(body.model, request, events, chunk, first)
-        final = await collect(body.model, request, events)
+            return sse(body.model, runner, request, events, chunk, first)
+        final = await collect(client, body.model, runner, request, events)
         return {
             "id": completion_id,
             "object": "chat.completion",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from residency_worker.engine import Engine, EngineError
 from residency_worker.engine.types import ResumeReport
@@ -66,6 +67,18 @@ class WorkerMetrics:
         self.emulated = Gauge(
             "residency_emulated", "1 when the GPU tier is emulated on the CPU", registry=self.registry
         )
+        # every series labelled by model, with its label names: refresh removes those of unloaded models
+        self._per_model: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [
+            (self.tokens, ("model",)),
+            (self.requests, ("model", "outcome")),
+            (self.decode_rate, ("model",)),
+            (self.prefill_rate, ("model",)),
+            (self.queue_depth, ("model",)),
+            (self.resident_bytes, ("model",)),
+            (self.resident_fraction, ("model",)),
+            (self.reload_seconds, ("model",)),
+            (self.transfer_gbps, ("model", "what")),
+        ]
 
     def on_engine_event(self, model: str, operation: str, report: object) -> None:
         """Engine listener: records each resume's reload time as it happens, not at scrape time."""
@@ -78,6 +91,7 @@ class WorkerMetrics:
         self.gpu_budget.set(node.budget_bytes)
         self.gpu_reserved.set(node.reserved_bytes)
         self.emulated.set(1 if node.emulated else 0)
+        self._forget_unloaded(set(engine.names()))
         for name in engine.names():
             try:
                 status = engine.status(name)
@@ -99,3 +113,16 @@ class WorkerMetrics:
             ):
                 if transfer is not None and transfer.moved_bytes:
                     self.transfer_gbps.labels(name, what).set(transfer.gbps)
+
+    def _forget_unloaded(self, loaded: set[str]) -> None:
+        """Removes the series of models no longer loaded: a gauge would go on reporting its last value,
+        and a node that serves many models over time would export ever more series."""
+        for metric, label_names in self._per_model:
+            stale = {
+                tuple(sample.labels[label] for label in label_names)
+                for family in metric.collect()
+                for sample in family.samples
+                if sample.labels.get("model") not in loaded
+            }
+            for label_values in stale:
+                metric.remove(*label_values)
