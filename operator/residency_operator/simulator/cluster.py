@@ -6,13 +6,23 @@ Numbers are public datasheet figures rounded down to what a serving process sees
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from residency_operator.planner.types import GIB, ExecutionMode, ModelDemand, NodeCapacity
+from residency_operator.simulator.validation import (
+    check_workload,
+    flag,
+    known_keys,
+    load_yaml,
+    mapping,
+    number,
+    sequence,
+    text,
+    whole_number,
+)
 
 GPU_PRESETS: dict[str, dict[str, Any]] = {
     "h100-pcie5": {
@@ -86,51 +96,110 @@ MODEL_FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+POSITIVE_NODE_FIELDS = (
+    "gpu_memory_gib",
+    "hbm_gbps",
+    "host_to_device_gbps",
+    "host_memory_gib",
+    "host_memory_gbps",
+    "gpu_tflops",
+    "cpu_tflops",
+    "storage_read_gbps",
+)
+"""Node numbers that must be > 0: memory sizes, and rates the predictor divides by."""
+
+NODE_OVERRIDES = (*POSITIVE_NODE_FIELDS, "gpu_type", "reserved_gpu_gib", "cordoned")
+"""Preset fields a cluster entry may override."""
+
+DEFAULT_CLUSTER = "h100-pcie5:1,a6000-pcie4:1,l4:2"
+CLUSTER_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+EXECUTION_MODES: tuple[ExecutionMode, ...] = ("stream", "cpu")
+
+
 def make_node(name: str, preset: str, **overrides: Any) -> NodeCapacity:
     """A simulated node from a preset, with optional field overrides (GiB fields in GiB)."""
     if preset not in GPU_PRESETS:
         raise ValueError(f"unknown GPU preset {preset!r}; known: {', '.join(sorted(GPU_PRESETS))}")
+    known_keys(overrides, NODE_OVERRIDES, f"node {name}")
     spec = {**GPU_PRESETS[preset], **overrides}
+    value = {key: number(spec[key], f"node {name}: {key}", above=0) for key in POSITIVE_NODE_FIELDS}
+    reserved_gpu_gib = number(spec.get("reserved_gpu_gib", 1.0), f"node {name}: reserved_gpu_gib", minimum=0)
+    if reserved_gpu_gib >= value["gpu_memory_gib"]:
+        raise ValueError(
+            f"node {name}: reserved_gpu_gib ({reserved_gpu_gib:g}) leaves nothing of "
+            f"gpu_memory_gib ({value['gpu_memory_gib']:g})"
+        )
     return NodeCapacity(
         name=name,
-        gpu_type=str(spec["gpu_type"]),
-        gpu_memory_bytes=int(float(spec["gpu_memory_gib"]) * GIB),
-        host_memory_bytes=int(float(spec["host_memory_gib"]) * GIB),
-        host_to_device_gbps=float(spec["host_to_device_gbps"]),
-        hbm_gbps=float(spec["hbm_gbps"]),
-        host_memory_gbps=float(spec["host_memory_gbps"]),
-        gpu_tflops=float(spec["gpu_tflops"]),
-        cpu_tflops=float(spec["cpu_tflops"]),
-        storage_read_gbps=float(spec["storage_read_gbps"]),
-        reserved_gpu_bytes=int(float(spec.get("reserved_gpu_gib", 1.0)) * GIB),
-        cordoned=bool(spec.get("cordoned", False)),
+        gpu_type=text(spec["gpu_type"], f"node {name}: gpu_type"),
+        gpu_memory_bytes=int(value["gpu_memory_gib"] * GIB),
+        host_memory_bytes=int(value["host_memory_gib"] * GIB),
+        host_to_device_gbps=value["host_to_device_gbps"],
+        hbm_gbps=value["hbm_gbps"],
+        host_memory_gbps=value["host_memory_gbps"],
+        gpu_tflops=value["gpu_tflops"],
+        cpu_tflops=value["cpu_tflops"],
+        storage_read_gbps=value["storage_read_gbps"],
+        reserved_gpu_bytes=int(reserved_gpu_gib * GIB),
+        cordoned=flag(spec.get("cordoned", False), f"node {name}: cordoned"),
     )
 
 
-def parse_cluster(spec: str | list[dict[str, Any]]) -> list[NodeCapacity]:
-    """Nodes from ``"h100-pcie5:2,l4:1"``, a YAML file path, or a list of ``{preset, count, name, ...}``."""
+def parse_cluster(spec: str | list[dict[str, Any]], base_dir: Path | None = None) -> list[NodeCapacity]:
+    """Nodes from ``"h100-pcie5:2,l4:1"``, a YAML file path, or a list of ``{preset, count, name, ...}``.
+
+    A relative file path is read from ``base_dir`` when given (the directory of the scenario naming it).
+    Refused: unknown presets and keys, counts below 0, values a node cannot have, and a cluster that ends
+    up with no node at all (the planner has nothing to place on, and no policy anything to compare).
+    """
     if isinstance(spec, str):
-        path = Path(spec)
-        if path.suffix in (".yaml", ".yml", ".json") and path.exists():
-            loaded = yaml.safe_load(path.read_text())
-            entries = loaded["cluster"] if isinstance(loaded, dict) and "cluster" in loaded else loaded
-            return parse_cluster(entries)
-        entries = []
-        for part in spec.split(","):
-            preset_name, _, count_text = part.strip().partition(":")
-            entries.append({"preset": preset_name, "count": int(count_text or 1)})
-        return parse_cluster(entries)
+        if spec.strip().endswith(CLUSTER_FILE_SUFFIXES):
+            return _parse_cluster_file(Path(spec.strip()), base_dir)
+        entries: list[dict[str, Any]] = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            preset_name, _, count_text = part.partition(":")
+            count = whole_number(count_text or "1", f"cluster {part!r}: node count", minimum=0)
+            entries.append({"preset": preset_name.strip(), "count": count})
+        return _nodes_from_entries(entries, f"cluster {spec!r}")
+    return _nodes_from_entries(spec, "cluster")
+
+
+def _parse_cluster_file(path: Path, base_dir: Path | None) -> list[NodeCapacity]:
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise ValueError(f"cluster file {path} not found")
+    loaded = load_yaml(path)
+    if isinstance(loaded, dict) and "cluster" in loaded:  # a cluster file, or a scenario's cluster
+        loaded = loaded["cluster"]
+    elif not isinstance(loaded, list):
+        raise ValueError(f"{path}: expected a list of nodes, or a mapping with a `cluster:` list of nodes")
+    return _nodes_from_entries(loaded, str(path))
+
+
+def _nodes_from_entries(spec: Any, source: str) -> list[NodeCapacity]:
     nodes: list[NodeCapacity] = []
-    for entry in spec:
-        entry = dict(entry)
-        preset = entry.pop("preset")
-        count = int(entry.pop("count", 1))
-        base_name = entry.pop("name", preset)
+    for index, raw in enumerate(sequence(spec, f"{source}: the node list"), start=1):
+        where = f"{source}: node entry {index}"
+        entry = mapping(raw, where)
+        known_keys(entry, ("preset", "count", "name", *NODE_OVERRIDES), where)
+        if "preset" not in entry:
+            raise ValueError(f"{where}: missing `preset` (one of {', '.join(sorted(GPU_PRESETS))})")
+        preset = text(entry.pop("preset"), f"{where}: preset")
+        count = whole_number(entry.pop("count", 1), f"{where} ({preset}): count", minimum=0)
+        base_name = text(entry.pop("name", preset), f"{where}: name")
         for i in range(count):
-            nodes.append(make_node(f"{base_name}-{i}" if count > 1 else base_name, preset, **entry))
+            try:
+                nodes.append(make_node(f"{base_name}-{i}" if count > 1 else base_name, preset, **entry))
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from error
+    if not nodes:
+        raise ValueError(f"the cluster has no nodes ({source})")
     names = [n.name for n in nodes]
-    if len(set(names)) != len(names):
-        raise ValueError("cluster has duplicate node names")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{source}: duplicate node name {duplicates[0]!r}; give the entries distinct names")
     return nodes
 
 
@@ -152,8 +221,25 @@ class SimModel:
     until the next one; ``None``: never."""
 
     def __post_init__(self) -> None:
+        # Checked here, not only where scenario files are read, so that a model built in code cannot
+        # carry a value the simulation divides by (a zero SLO) or cannot place (no execution mode).
+        if self.family not in MODEL_FAMILIES:
+            known = ", ".join(sorted(MODEL_FAMILIES))
+            raise ValueError(f"{self.name}: unknown model family {self.family!r}; known: {known}")
         if self.idle_after_seconds is not None and not self.idle_after_seconds > 0:
             raise ValueError(f"{self.name}: idle_after_seconds must be > 0, got {self.idle_after_seconds}")
+        slo = self.min_decode_tokens_per_second
+        if not (math.isfinite(slo) and slo > 0):
+            raise ValueError(f"{self.name}: min_decode_tokens_per_second (the SLO) must be > 0, got {slo}")
+        if not 0.0 <= self.max_offload_fraction <= 1.0:
+            raise ValueError(
+                f"{self.name}: max_offload_fraction must be in [0, 1], got {self.max_offload_fraction}"
+            )
+        if self.max_sequence_length < 1 or self.max_batch < 1:
+            raise ValueError(f"{self.name}: max_sequence_length and max_batch must be >= 1")
+        if not self.allowed_modes or not set(self.allowed_modes) <= set(EXECUTION_MODES):
+            modes = ", ".join(EXECUTION_MODES)
+            raise ValueError(f"{self.name}: allowed_modes must be some of {modes}, got {self.allowed_modes}")
 
     def demand(
         self,
@@ -195,22 +281,85 @@ def family_for_name(name: str) -> str:
     return "llama-8b"
 
 
-def parse_models(entries: list[dict[str, Any]]) -> list[SimModel]:
-    """Models from scenario entries ``{name, family, priority, slo, max_offload_fraction, count, ...}``."""
+MODEL_KEYS = (*(f.name for f in fields(SimModel)), "count", "slo")
+"""Keys of a scenario's model entry: the :class:`SimModel` fields, ``count``, and ``slo``, an alias of
+``min_decode_tokens_per_second`` (the LLMModel's ``spec.slo``: a number, or ``{minDecodeTokensPerSecond: n}``
+as the LLMModel writes it)."""
+
+
+def parse_models(entries: Any, source: str = "models") -> list[SimModel]:
+    """Models from scenario entries ``{name, family, priority, slo, max_offload_fraction, count, ...}``.
+
+    Refused, naming the entry: unknown keys, unknown families, values of the wrong kind or range,
+    duplicate names, and a list that gives no model at all.
+    """
     models: list[SimModel] = []
-    for raw in entries:
-        entry = dict(raw)
-        count = int(entry.pop("count", 1))
-        base_name = str(entry.pop("name"))
-        family = str(entry.pop("family", family_for_name(base_name)))
+    for index, raw in enumerate(sequence(entries, f"{source}: the model list"), start=1):
+        entry = mapping(raw, f"{source}: model entry {index}")
+        known_keys(entry, MODEL_KEYS, f"{source}: model entry {index}")
+        if "name" not in entry:
+            raise ValueError(f"{source}: model entry {index}: missing `name`")
+        base_name = text(entry.pop("name"), f"{source}: model entry {index}: name")
+        where = f"{source}: model {base_name}"
+        count = whole_number(entry.pop("count", 1), f"{where}: count", minimum=0)
+        family = text(entry.pop("family", family_for_name(base_name)), f"{where}: family")
         if family not in MODEL_FAMILIES:
-            raise ValueError(f"unknown model family {family!r}; known: {', '.join(sorted(MODEL_FAMILIES))}")
-        if "allowed_modes" in entry:
-            entry["allowed_modes"] = tuple(entry["allowed_modes"])
+            raise ValueError(
+                f"{where}: unknown model family {family!r}; known: {', '.join(sorted(MODEL_FAMILIES))}"
+            )
+        if "slo" in entry:
+            if "min_decode_tokens_per_second" in entry:
+                raise ValueError(f"{where}: give `slo` or `min_decode_tokens_per_second`, not both")
+            entry["min_decode_tokens_per_second"] = _slo_tokens_per_second(entry.pop("slo"), f"{where}: slo")
+        values = _model_values(entry, where)
         for i in range(count):
             name = f"{base_name}-{i}" if count > 1 else base_name
-            models.append(SimModel(name=name, family=family, **entry))
+            models.append(SimModel(name=name, family=family, **values))
+    if not models:
+        raise ValueError(f"{source}: the scenario has no models")
+    names = [m.name for m in models]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{source}: duplicate model name {duplicates[0]!r}")
     return models
+
+
+def _slo_tokens_per_second(value: Any, where: str) -> float:
+    if isinstance(value, dict):
+        known_keys(value, ("minDecodeTokensPerSecond",), where)
+        value = value.get("minDecodeTokensPerSecond")
+    return number(value, f"{where} (decode tokens/s)", above=0)
+
+
+def _model_values(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """A model entry's SimModel fields, converted and checked (YAML may give ``"8"`` or ``yes``)."""
+    values: dict[str, Any] = {}
+    for key, value in entry.items():
+        at = f"{where}: {key}"
+        if key == "priority":
+            values[key] = whole_number(value, at)
+        elif key == "preemptible":
+            values[key] = flag(value, at)
+        elif key == "min_decode_tokens_per_second":
+            values[key] = number(value, at, above=0)
+        elif key == "max_offload_fraction":
+            fraction = number(value, at, minimum=0)
+            if fraction > 1:
+                raise ValueError(f"{at} must be <= 1, got {value!r}")
+            values[key] = fraction
+        elif key in ("max_sequence_length", "max_batch"):
+            values[key] = whole_number(value, at, minimum=1)
+        elif key == "allowed_modes":
+            modes = sequence(value, at)
+            unknown = [m for m in modes if m not in EXECUTION_MODES]
+            if unknown or not modes:
+                raise ValueError(
+                    f"{at} must be a non-empty list of {', '.join(EXECUTION_MODES)}, got {value!r}"
+                )
+            values[key] = tuple(modes)
+        elif key == "idle_after_seconds":
+            values[key] = None if value is None else number(value, at, above=0)
+    return values
 
 
 @dataclass(slots=True)
@@ -231,25 +380,58 @@ class Scenario:
     """Not one of the standard scenarios the issue names: an added case, reported separately."""
 
 
+SCENARIO_KEYS = (
+    "name",
+    "description",
+    "cluster",
+    "models",
+    "workload",
+    "trace",
+    "duration_seconds",
+    "seed",
+    "ttft_slo_seconds",
+    "queue_timeout_seconds",
+    "extra",
+)
+
+
 def load_scenario(path: str | Path) -> Scenario:
-    """Read a scenario YAML file (see ``simulator/scenarios/``)."""
+    """Read a scenario YAML file (see ``simulator/scenarios/``); files it names are relative to it."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text())
-    return scenario_from_dict(data, default_name=path.stem)
+    return scenario_from_dict(load_yaml(path), default_name=path.stem, base_dir=path.parent, source=str(path))
 
 
-def scenario_from_dict(data: dict[str, Any], default_name: str = "scenario") -> Scenario:
-    """Build a scenario from its parsed YAML."""
+def scenario_from_dict(
+    data: Any, default_name: str = "scenario", base_dir: Path | None = None, source: str = "scenario"
+) -> Scenario:
+    """Build a scenario from its parsed YAML, checking every field (messages start with ``source``).
+
+    ``base_dir``: where relative ``cluster`` and ``trace`` file paths are read from (the scenario file's
+    directory, so that a scenario and the files next to it work from any working directory).
+    """
+    data = mapping(data, source)
+    known_keys(data, SCENARIO_KEYS, source)
+    for key in ("cluster", "models"):
+        if key not in data:
+            raise ValueError(f"{source}: missing `{key}`")
+    models = parse_models(data["models"], f"{source}: models")
+    trace_path = data.get("trace")
+    if trace_path is not None:
+        trace_path = text(trace_path, f"{source}: trace")
+        if base_dir is not None and not Path(trace_path).is_absolute():
+            trace_path = str(base_dir / trace_path)
     return Scenario(
-        name=str(data.get("name", default_name)),
+        name=text(data.get("name", default_name), f"{source}: name"),
         description=str(data.get("description", "")),
-        nodes=parse_cluster(data["cluster"]),
-        models=parse_models(data["models"]),
-        workload=dict(data.get("workload", {})),
-        trace_path=data.get("trace"),
-        duration_seconds=float(data.get("duration_seconds", 600.0)),
-        seed=int(data.get("seed", 0)),
-        ttft_slo_seconds=float(data.get("ttft_slo_seconds", 10.0)),
-        queue_timeout_seconds=float(data.get("queue_timeout_seconds", 30.0)),
-        extra=bool(data.get("extra", False)),
+        nodes=parse_cluster(data["cluster"], base_dir),
+        models=models,
+        workload=check_workload(data.get("workload", {}), [m.name for m in models], f"{source}: workload"),
+        trace_path=trace_path,
+        duration_seconds=number(data.get("duration_seconds", 600.0), f"{source}: duration_seconds", above=0),
+        seed=whole_number(data.get("seed", 0), f"{source}: seed", minimum=0),
+        ttft_slo_seconds=number(data.get("ttft_slo_seconds", 10.0), f"{source}: ttft_slo_seconds", above=0),
+        queue_timeout_seconds=number(
+            data.get("queue_timeout_seconds", 30.0), f"{source}: queue_timeout_seconds", above=0
+        ),
+        extra=flag(data.get("extra", False), f"{source}: extra"),
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
+import yaml
 
 from residency_operator.simulator.report import format_table, write_json, write_plot
 from residency_operator.simulator.runner import (
@@ -12,8 +14,27 @@ from residency_operator.simulator.runner import (
     parse_generate_spec,
     run_all,
     scenario_from_trace,
+    scenario_requests,
 )
 from residency_operator.simulator.trace import read_trace_csv, write_trace_csv
+
+INPUT_ERRORS = (OSError, ValueError, KeyError, TypeError, yaml.YAMLError)
+"""What reading a trace, a cluster or a scenario raises on bad input (the parsers raise ValueError naming
+the file, line or key; the rest are caught so that no input can end in a traceback)."""
+
+
+def refuse(message: str) -> NoReturn:
+    """Report bad input as ``residency chat`` reports a bad invocation: ``error: ...`` on one line of
+    stderr, exit status 2. A traceback or a boxed panel buries what is wrong with the input."""
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(2)
+
+
+def describe(error: BaseException) -> str:
+    """A one-line description of an input error (a KeyError alone prints just the quoted key)."""
+    if isinstance(error, KeyError):
+        return f"missing key {error.args[0]!r}" if error.args else "missing key"
+    return str(error) or type(error).__name__
 
 
 def register(app: typer.Typer) -> None:
@@ -33,37 +54,53 @@ def register(app: typer.Typer) -> None:
             None, "--cluster", help="Nodes, e.g. 'h100-pcie5:1,a6000-pcie4:1,l4:2', or a YAML file."
         ),
         policy: str = typer.Option("all", "--policy", help=f"One of {', '.join(POLICY_NAMES)}, or all."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the generated trace."),
+        seed: int | None = typer.Option(
+            None,
+            "--seed",
+            help="Seed of the generated trace (default: a scenario file's own seed; 0 for a pattern).",
+        ),
         out: Path = typer.Option(
             Path("simulation"), "--out", help="Directory for report.json and report.png."
         ),
     ) -> None:
         """Replay a request trace over a simulated GPU cluster and compare placement policies."""
         if (trace is None) == (generate is None):
-            raise typer.BadParameter("give exactly one of --trace FILE or --generate SPEC")
+            refuse("give exactly one of --trace FILE or --generate SPEC")
+        if trace is not None and seed is not None:
+            refuse("--seed applies to --generate; a recorded --trace has no seed")
         policies = list(POLICY_NAMES) if policy == "all" else [policy]
         unknown = [p for p in policies if p not in POLICY_NAMES]
         if unknown:
-            raise typer.BadParameter(f"unknown policy {unknown[0]!r}; use {', '.join(POLICY_NAMES)} or all")
+            refuse(f"unknown policy {unknown[0]!r}; use {', '.join(POLICY_NAMES)} or all")
         try:
             if trace is not None:
                 scenario = scenario_from_trace(str(trace), cluster, read_trace_csv(trace))
             else:
                 assert generate is not None
                 scenario = parse_generate_spec(generate, cluster, seed)
-        except (OSError, ValueError, KeyError) as error:
-            raise typer.BadParameter(str(error)) from error
-        reports = run_all(scenario, policies)
+            # Generated here, inside the check, so that a workload the generator cannot use is an input
+            # error too; every policy then replays this same trace.
+            requests = scenario_requests(scenario)
+        except INPUT_ERRORS as error:
+            refuse(describe(error))
         typer.echo(
             f"scenario {scenario.name}: {len(scenario.models)} models on {len(scenario.nodes)} nodes, "
-            f"{scenario.duration_seconds:.0f} s"
+            f"{scenario.duration_seconds:.0f} s (seed {scenario.seed})"
         )
+        if not any(node.accepts_work for node in scenario.nodes):
+            typer.echo(
+                "warning: no node accepts work (all cordoned): every policy places nothing and serves no "
+                "request",
+                err=True,
+            )
+        reports = run_all(scenario, policies, requests=requests)
         typer.echo(format_table(reports))
-        out.mkdir(parents=True, exist_ok=True)
-        write_json({scenario.name: reports}, out / "report.json", {"seed": seed})
-        write_plot(reports, out / "report.png", f"{scenario.name}: policies compared")
-        if trace is None:
-            from residency_operator.simulator.runner import scenario_requests
-
-            write_trace_csv(scenario_requests(scenario), out / "trace.csv")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json({scenario.name: reports}, out / "report.json", {"seed": scenario.seed})
+            write_plot(reports, out / "report.png", f"{scenario.name}: policies compared")
+            if trace is None:
+                write_trace_csv(requests, out / "trace.csv")
+        except OSError as error:
+            refuse(f"cannot write the report to {out}: {describe(error)}")
         typer.echo(f"wrote {out / 'report.json'} and {out / 'report.png'}")

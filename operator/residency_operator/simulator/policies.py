@@ -214,6 +214,10 @@ class UniformOffloadPolicy:
             return
         self._placed = True
         nodes = [n for n in sim.nodes if n.accepts_work]
+        if not nodes:
+            # Every node cordoned: nothing can be placed, so every request waits and is dropped, which is
+            # what the other policies report on such a cluster too (a comparison, not a crash).
+            return
         runtimes = sorted(sim.models.values(), key=lambda r: (-r.demand.weight_bytes, r.spec.name))
         while runtimes:
             assignment = self._spread(sim, runtimes, nodes)

@@ -9,7 +9,7 @@ from typing import Any
 
 from residency_operator.planner.types import PlannerConfig
 from residency_operator.simulator.cluster import (
-    MODEL_FAMILIES,
+    DEFAULT_CLUSTER,
     Scenario,
     SimModel,
     family_for_name,
@@ -25,6 +25,7 @@ from residency_operator.simulator.policies import (
 )
 from residency_operator.simulator.report import PolicyReport, summarise
 from residency_operator.simulator.trace import Request, generate_trace, read_trace_csv
+from residency_operator.simulator.validation import WORKLOAD_PATTERNS, number, whole_number
 
 POLICY_NAMES = ("residency", "lru-evict", "uniform-offload", "binpack")
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
@@ -48,57 +49,91 @@ def standard_scenarios() -> list[Path]:
     return sorted(SCENARIO_DIR.glob("*.yaml"))
 
 
-def parse_generate_spec(spec: str, cluster: str | None, seed: int) -> Scenario:
-    """A scenario from a file path or a shorthand ``pattern:models=8,rate=4,duration=600,zipf=1.1``."""
+GENERATE_OPTIONS = ("models", "rate", "duration", "zipf", "slo")
+"""Options of the ``--generate`` shorthand: model count, total requests/s, seconds, Zipf exponent, and
+every model's decode SLO in tokens/s."""
+
+GENERATED_FAMILIES = ("llama-1b", "llama-3b", "llama-8b", "mistral-7b", "llama-13b", "qwen-0.5b")
+"""Families the shorthand cycles through, in this order."""
+
+
+def parse_generate_spec(spec: str, cluster: str | None, seed: int | None = None) -> Scenario:
+    """A scenario from a file path or a shorthand ``pattern:models=8,rate=4,duration=600,zipf=1.1``.
+
+    ``seed``: overrides a scenario file's own seed when given; the shorthand uses 0 when it is not.
+    Refused: a scenario file that does not exist, an unknown pattern or option, and option values that
+    make no workload (no models, a duration that is not > 0, a rate below 0, an SLO that is not > 0).
+    """
     path = Path(spec)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ValueError(f"scenario file {spec} not found")
         scenario = load_scenario(path)
         if cluster:
             scenario.nodes = parse_cluster(cluster)
-        scenario.seed = seed
+        if seed is not None:
+            scenario.seed = whole_number(seed, "--seed", minimum=0)
         return scenario
     pattern, _, options_text = spec.partition(":")
+    pattern = pattern.strip() or "poisson"
+    if pattern not in WORKLOAD_PATTERNS:
+        raise ValueError(
+            f"--generate {spec!r}: unknown pattern {pattern!r}; use {', '.join(WORKLOAD_PATTERNS)}, "
+            "or a scenario .yaml file"
+        )
     options: dict[str, str] = {}
-    for part in filter(None, options_text.split(",")):
-        key, _, value = part.partition("=")
-        options[key.strip()] = value.strip()
-    families = ["llama-1b", "llama-3b", "llama-8b", "mistral-7b", "llama-13b", "qwen-0.5b"]
-    count = int(options.get("models", 8))
+    for part in filter(None, (p.strip() for p in options_text.split(","))):
+        key, equals, value = part.partition("=")
+        key = key.strip()
+        if key not in GENERATE_OPTIONS:
+            raise ValueError(
+                f"--generate {spec!r}: unknown option {key!r}; known: {', '.join(GENERATE_OPTIONS)}"
+            )
+        if not equals:
+            raise ValueError(f"--generate {spec!r}: option {key!r} needs a value ({key}=...)")
+        options[key] = value.strip()
+    where = f"--generate {spec!r}"
+    count = whole_number(options.get("models", 8), f"{where}: models", minimum=1)
+    slo = number(options.get("slo", 10.0), f"{where}: slo (decode tokens/s)", above=0)
     models = [
         SimModel(
-            name=f"default/{families[i % len(families)]}-{i}",
-            family=families[i % len(families)],
-            min_decode_tokens_per_second=float(options.get("slo", 10.0)),
+            name=f"default/{GENERATED_FAMILIES[i % len(GENERATED_FAMILIES)]}-{i}",
+            family=GENERATED_FAMILIES[i % len(GENERATED_FAMILIES)],
+            min_decode_tokens_per_second=slo,
         )
         for i in range(count)
     ]
     workload: dict[str, Any] = {
-        "pattern": pattern or "poisson",
-        "total_rate_per_second": float(options.get("rate", 2.0)),
+        "pattern": pattern,
+        "total_rate_per_second": number(options.get("rate", 2.0), f"{where}: rate", minimum=0),
         "popularity": "zipf" if "zipf" in options else "uniform",
-        "zipf_exponent": float(options.get("zipf", 1.1)),
+        "zipf_exponent": number(options.get("zipf", 1.1), f"{where}: zipf", minimum=0),
     }
     return Scenario(
-        name=f"generated-{pattern or 'poisson'}",
+        name=f"generated-{pattern}",
         description=f"generated from {spec!r}",
-        nodes=parse_cluster(cluster or "h100-pcie5:1,a6000-pcie4:1,l4:2"),
+        nodes=parse_cluster(cluster or DEFAULT_CLUSTER),
         models=models,
         workload=workload,
-        duration_seconds=float(options.get("duration", 600.0)),
-        seed=seed,
+        duration_seconds=number(options.get("duration", 600.0), f"{where}: duration", above=0),
+        seed=0 if seed is None else whole_number(seed, "--seed", minimum=0),
     )
 
 
 def scenario_from_trace(trace_path: str, cluster: str | None, requests: Sequence[Request]) -> Scenario:
-    """A scenario for a CSV trace: models are inferred from names (``…llama-8b…`` → that family)."""
+    """A scenario for a CSV trace: models are inferred from names (``…llama-8b…`` → that family).
+
+    A trace without requests (a header alone) is refused: every policy would report zero on it.
+    """
+    if not requests:
+        raise ValueError(f"{trace_path}: the trace has no requests")
     names = sorted({r.model for r in requests})
     models = [SimModel(name=name, family=family_for_name(name)) for name in names]
-    assert all(m.family in MODEL_FAMILIES for m in models)
     duration = max((r.arrival_seconds for r in requests), default=0.0) + 60.0
     return Scenario(
         name=Path(trace_path).stem,
         description=f"trace {trace_path}",
-        nodes=parse_cluster(cluster or "h100-pcie5:1,a6000-pcie4:1,l4:2"),
+        nodes=parse_cluster(cluster or DEFAULT_CLUSTER),
         models=models,
         trace_path=trace_path,
         duration_seconds=duration,
@@ -107,9 +142,17 @@ def scenario_from_trace(trace_path: str, cluster: str | None, requests: Sequence
 
 def scenario_requests(scenario: Scenario) -> list[Request]:
     """The scenario's trace: read from its CSV, or generated from its workload and seed."""
-    if scenario.trace_path:
-        return read_trace_csv(scenario.trace_path)
-    return generate_trace(scenario.models, scenario.workload, scenario.duration_seconds, scenario.seed)
+    if not scenario.trace_path:
+        return generate_trace(scenario.models, scenario.workload, scenario.duration_seconds, scenario.seed)
+    requests = read_trace_csv(scenario.trace_path)
+    # A scenario file lists its models; a trace row for another one would stop the simulation midway.
+    unknown = sorted({r.model for r in requests} - {m.name for m in scenario.models})
+    if unknown:
+        names = ", ".join(unknown[:5])
+        raise ValueError(
+            f"{scenario.trace_path}: the trace names models the scenario does not define: {names}"
+        )
+    return requests
 
 
 def run_policy(
@@ -120,6 +163,9 @@ def run_policy(
     tick_seconds: float = 0.5,
 ) -> PolicyReport:
     """Simulate one policy on one scenario."""
+    if not scenario.nodes:
+        # Parsing refuses such clusters; a scenario built in code gets the same answer, not a planner crash.
+        raise ValueError(f"scenario {scenario.name}: the cluster has no nodes")
     trace = list(requests) if requests is not None else scenario_requests(scenario)
     sim = Simulation(
         scenario.nodes,
@@ -152,9 +198,10 @@ def run_all(
     policies: Sequence[str] = POLICY_NAMES,
     planner_config: PlannerConfig | None = None,
     tick_seconds: float = 0.5,
+    requests: Sequence[Request] | None = None,
 ) -> list[PolicyReport]:
-    """Every policy on the same trace."""
-    requests = scenario_requests(scenario)
+    """Every policy on the same trace (``requests``, or the scenario's own)."""
+    requests = list(requests) if requests is not None else scenario_requests(scenario)
     return [run_policy(scenario, name, requests, planner_config, tick_seconds) for name in policies]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from residency_operator.simulator.cluster import SimModel
+from residency_operator.simulator.validation import check_workload, number, whole_number
 
 CSV_COLUMNS = ("arrival_seconds", "model", "prompt_tokens", "output_tokens")
 
@@ -66,9 +67,14 @@ def generate_trace(
     ``period_seconds``, ``amplitude``, and ``events``: extra traffic
     ``[{model, start_seconds, end_seconds, rate_per_second}]`` (``model`` may be a name prefix).
     """
+    # Checked here too (not only where scenarios are parsed): numpy turns a negative duration or rate into
+    # an error about ``lam`` that says nothing of the workload, and an empty model list into no traffic.
+    if not models:
+        raise ValueError("no models to generate traffic for")
+    number(duration_seconds, "duration_seconds", above=0)
+    whole_number(seed, "seed", minimum=0)
+    check_workload(workload, [m.name for m in models])
     pattern = str(workload.get("pattern", "poisson"))
-    if pattern not in ("poisson", "bursty", "diurnal"):
-        raise ValueError(f"unknown workload pattern {pattern!r}; use poisson, bursty or diurnal")
     total_rate = float(workload.get("total_rate_per_second", 1.0))
     weights = popularity_weights(
         models, workload.get("popularity", "uniform"), float(workload.get("zipf_exponent", 1.1))
@@ -171,27 +177,38 @@ def _requests_at(
 
 
 def read_trace_csv(path: str | Path) -> list[Request]:
-    """Read a CSV trace (header required); rows are sorted by arrival."""
+    """Read a CSV trace (header required); rows are sorted by arrival.
+
+    Refused, naming the file and line: missing columns or cells, an empty model name, an arrival that is
+    not a finite number >= 0 (``nan`` and ``inf`` parse as floats, and would break the simulation clock),
+    and token counts below 1 (a request has a prompt and yields at least one token; a negative count would
+    complete at once and a zero one never produce a first token).
+    """
     requests: list[Request] = []
-    with Path(path).open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: trace CSV lacks columns {', '.join(missing)}")
-        for line, row in enumerate(reader, start=2):
-            try:
-                requests.append(
-                    Request(
-                        arrival_seconds=float(row["arrival_seconds"]),
-                        model=row["model"].strip(),
-                        prompt_tokens=int(row["prompt_tokens"]),
-                        output_tokens=int(row["output_tokens"]),
-                    )
-                )
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"{path}:{line}: bad trace row {row!r}: {error}") from error
+    try:
+        with Path(path).open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: trace CSV lacks columns {', '.join(missing)}")
+            for row in reader:
+                requests.append(_request_from_row(row, f"{path}:{reader.line_num}"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a text CSV file ({error.reason} at byte {error.start})") from error
     requests.sort(key=lambda r: (r.arrival_seconds, r.model))
     return requests
+
+
+def _request_from_row(row: dict[str, str | None], where: str) -> Request:
+    empty = [c for c in CSV_COLUMNS if not (row.get(c) or "").strip()]
+    if empty:
+        raise ValueError(f"{where}: bad trace row: no value for {', '.join(empty)}")
+    return Request(
+        arrival_seconds=number(row["arrival_seconds"], f"{where}: arrival_seconds", minimum=0),
+        model=str(row["model"]).strip(),
+        prompt_tokens=whole_number(row["prompt_tokens"], f"{where}: prompt_tokens", minimum=1),
+        output_tokens=whole_number(row["output_tokens"], f"{where}: output_tokens", minimum=1),
+    )
 
 
 def write_trace_csv(requests: Iterable[Request], path: str | Path) -> None:
