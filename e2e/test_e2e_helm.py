@@ -128,7 +128,9 @@ def test_install_rbac_upgrade_uninstall_keeps_crds_and_models(release: tuple[str
     kinds = {doc["kind"] for doc in yaml.safe_load_all(manifest) if doc}
     assert {"CustomResourceDefinition", "Deployment", "DaemonSet", "ClusterRole", "Secret"} <= kinds
     deployment = get_json("deployment", f"{name}-residency-operator", "-n", namespace)
-    assert [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]] == ["operator", "router"]
+    assert [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]] == ["operator"]
+    router = get_json("deployment", f"{name}-residency-router", "-n", namespace)["spec"]["template"]["spec"]
+    assert router["serviceAccountName"] == f"{name}-residency-router"
     token = get_json("secret", f"{name}-residency-worker-token", "-n", namespace)["data"]["admin-token"]
     assert len(base64.b64decode(token)) == 48
 
@@ -216,20 +218,18 @@ def test_model_ready_with_exactly_the_charts_permissions(
     # No kubelet: a Pod object bound to the node stands in for the DaemonSet's pod, so that the
     # worker's token is pod-bound and carries the node name the admission policy checks.
     pod = f"{name}-worker-{node}"
-    apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": pod},
-            "spec": {
-                "serviceAccountName": worker_sa,
-                "nodeName": node,
-                "automountServiceAccountToken": False,
-                "containers": [{"name": "worker", "image": "residency:test"}],
-            },
+    bystander = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod},
+        "spec": {
+            "serviceAccountName": worker_sa,
+            "nodeName": node,
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "worker", "image": "residency:test"}],
         },
-        namespace,
-    )
+    }
+    apply(bystander, namespace)
     operator_token = kubectl("create", "token", operator_sa, "-n", namespace, "--duration=1h").stdout.strip()
     worker_token = kubectl(
         "create",
@@ -309,6 +309,19 @@ def test_model_ready_with_exactly_the_charts_permissions(
             "--kubeconfig", str(worker_config), "create", "-f", "-", stdin=json.dumps(other), check=False
         )
         assert denied.returncode != 0 and "its own node" in denied.stderr, denied.stderr
+        # and it may annotate only its own pod (it marks it for the autoscaler), not another one
+        apply({**bystander, "metadata": {"name": f"{pod}-other"}}, namespace)
+        annotate = [
+            "--type=merge",
+            "-p",
+            json.dumps({"metadata": {"annotations": {"example.com/poked": "y"}}}),
+        ]
+        poked = kubectl(
+            "--kubeconfig", str(worker_config), "patch", "pod", f"{pod}-other", "-n", namespace, *annotate,
+            check=False,
+        )  # fmt: skip
+        assert poked.returncode != 0 and "its own pod" in poked.stderr, poked.stderr
+        kubectl("--kubeconfig", str(worker_config), "patch", "pod", pod, "-n", namespace, *annotate)
     finally:
         worker.stop()
         operator.stop()

@@ -51,7 +51,7 @@ def test_apply_ready_and_a_completion_through_the_router(
     moved, seconds, gbps = (
         timings["hostToDeviceBytes"],
         timings["hostToDeviceSeconds"],
-        timings["hostToDeviceGbps"],
+        timings["hostToDeviceGBps"],
     )
     assert moved > 0 and seconds > 0
     assert abs(moved / seconds / 1e9 - gbps) <= 0.01 * gbps + 1e-3, timings
@@ -151,7 +151,7 @@ def test_priority_preemption_and_resume_keep_the_text(
         stop.set()
         worker.join(timeout=180)
     timings = resumed["timings"]
-    assert timings["reloadSeconds"] > 0 and timings["hostToDeviceGbps"] > 0
+    assert timings["reloadSeconds"] > 0 and timings["hostToDeviceGBps"] > 0
     assert timings.get("kvTransferSeconds", 0) >= 0 and "kvBytes" in timings
     assert not failures, failures[:3]
     for prompt, texts in results.items():

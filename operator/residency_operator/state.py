@@ -325,14 +325,16 @@ def current_placement(
 def sensitivity_profiles(
     bodies: Iterable[dict[str, Any]], infos: dict[str, ModelDirInfo]
 ) -> list[SensitivityProfile]:
-    """Measured curves, attached to every model whose directory they were measured on."""
-    by_path: dict[str, list[str]] = {}
+    """Measured curves, attached to every model of the profile's namespace whose directory they were
+    measured on (one tenant's profile never changes how another tenant's model is placed)."""
+    by_path: dict[tuple[str, str], list[str]] = {}
     for key, info in infos.items():
-        by_path.setdefault(str(info.path), []).append(key)
+        by_path.setdefault((key.split("/", 1)[0], str(info.path)), []).append(key)
     result: list[SensitivityProfile] = []
     for body in bodies:
         spec = body["spec"]
-        keys = by_path.get(str(Path(spec["modelPath"])), [])
+        namespace = body.get("metadata", {}).get("namespace", "")
+        keys = by_path.get((namespace, str(Path(spec["modelPath"]))), [])
         groups: dict[tuple[str, int], list[ProfilePoint]] = {}
         for point in spec["points"]:
             groups.setdefault((point["executionMode"], int(point["sequenceLength"])), []).append(

@@ -93,7 +93,7 @@ def test_round_trip_of_the_design_example() -> None:
                 "kvTransferSeconds": 0.012,
                 "weightBytes": 1300000000,
                 "kvBytes": 21000000,
-                "hostToDeviceGbps": 48.7,
+                "hostToDeviceGBps": 48.7,
             },
             "conditions": [],
         },
@@ -102,7 +102,7 @@ def test_round_trip_of_the_design_example() -> None:
     assert model.spec.slo is not None and model.spec.slo.min_decode_tokens_per_second == 20
     wire = model.to_wire()
     assert wire["spec"]["source"] == {"path": "/models/chat-small"}
-    assert wire["status"]["timings"]["hostToDeviceGbps"] == 48.7
+    assert wire["status"]["timings"]["hostToDeviceGBps"] == 48.7
     assert LLMModel.model_validate(wire) == model
 
 

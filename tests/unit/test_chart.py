@@ -96,6 +96,8 @@ def test_defaults_render_every_component() -> None:
         ("ConfigMap", "rel-residency-dashboard"),
         ("Secret", "rel-residency-worker-token"),
         ("ValidatingAdmissionPolicy", "rel-residency-worker-own-node"),
+        ("ValidatingAdmissionPolicy", "rel-residency-worker-own-pod"),
+        ("Deployment", "rel-residency-router"),
     ]:
         assert expected in kinds
     crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
@@ -129,23 +131,35 @@ def _assert_hardened(pod_spec: dict[str, Any]) -> None:
         assert "privileged" not in ctx
 
 
-def test_operator_deployment_runs_operator_and_router() -> None:
+def test_operator_and_router_run_apart_each_under_its_own_service_account() -> None:
+    """The router faces clients over HTTP: it must not hold the operator's rights (placements, pods)."""
     objects = render()
     deployment = find(objects, "Deployment", "rel-residency-operator")
     spec = deployment["spec"]["template"]["spec"]
     _assert_hardened(spec)
     assert spec["serviceAccountName"] == "rel-residency-operator"
+    assert [c["name"] for c in spec["containers"]] == ["operator"]
     operator = container(deployment, "operator")
     assert operator["args"][0] == "operator" and "--models-root=/models" in operator["args"]
     env = {e["name"]: e for e in operator["env"]}
     assert env["RESIDENCY_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["RESIDENCY_MODEL_ROOTS"]["value"] == "/models"
     assert env["RESIDENCY_CAPACITY_REQUESTS"]["value"] == "false"
-    router = container(deployment, "router")
+    # capacity-request pods target the workers' GPU pool, as the autoscaler must scale it
+    assert json.loads(env["RESIDENCY_CAPACITY_NODE_SELECTOR"]["value"]) == {"nvidia.com/gpu.present": "true"}
+    tolerations = json.loads(env["RESIDENCY_CAPACITY_TOLERATIONS"]["value"])
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    router_deployment = find(objects, "Deployment", "rel-residency-router")
+    router_spec = router_deployment["spec"]["template"]["spec"]
+    _assert_hardened(router_spec)
+    assert router_spec["serviceAccountName"] == "rel-residency-router"
+    router = container(router_deployment, "router")
     assert router["args"][0] == "router"
     assert "--worker-token-file=/var/run/residency/worker/inference-token" in router["args"]
     service = find(objects, "Service", "rel-residency-router")
-    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "operator"
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "router"
+    labels = router_deployment["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
 
 
 def test_worker_daemonset_defaults() -> None:
@@ -222,7 +236,7 @@ def test_matrix_renders_parseable_objects(sets: list[str]) -> None:
         assert ("Secret", "rel-residency-worker-token") not in names
         spec = daemonsets[0]["spec"]["template"]["spec"]
         assert {v["name"]: v for v in spec["volumes"]}["token"]["secret"]["secretName"] == "my-tokens"
-        router = container(find(objects, "Deployment", "rel-residency-operator"), "router")
+        router = container(find(objects, "Deployment", "rel-residency-router"), "router")
         assert "--token-file=/var/run/residency/client/token" in router["args"]
     if "admissionPolicy.enabled=false" in joined:
         assert ("ValidatingAdmissionPolicy", "rel-residency-worker-own-node") not in names
@@ -256,7 +270,8 @@ def test_rbac_is_least_privilege() -> None:
     router = rules(objects, "ClusterRole", "rel-residency-router")
     assert router == {("residency.dev", "llmmodels", "list"), ("residency.dev", "llmmodels", "patch")}
     operator = rules(objects, "ClusterRole", "rel-residency-operator")
-    assert ("", "secrets", "get") not in operator and ("", "pods", "create") not in operator
+    assert ("", "secrets", "get") not in operator
+    assert not [rule for rule in operator if rule[1] == "pods"], "capacity requests are off: no Pods at all"
     for kind in ("ClusterRole", "Role"):
         for role in (o for o in objects if o["kind"] == kind):
             for rule in role["rules"]:
@@ -310,6 +325,16 @@ def test_every_value_is_commented() -> None:
         assert commented or inherited, f"values.yaml line {index + 1} has no comment: {line}"
 
 
+def render_failure(sets: list[str]) -> subprocess.CompletedProcess[str]:
+    """``helm template`` with these values, which must fail."""
+    args = ["template", "rel", str(CHART), "--kube-version", KUBE_VERSION]
+    for item in sets:
+        args += ["--set", item]
+    result = helm(*args)
+    assert result.returncode != 0
+    return result
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
@@ -329,13 +354,24 @@ def test_every_value_is_commented() -> None:
     ],
 )
 def test_schema_rejects_bad_values(sets: list[str], message: str) -> None:
-    args = ["template", "rel", str(CHART), "--kube-version", KUBE_VERSION]
-    for item in sets:
-        args += ["--set", item]
-    result = helm(*args)
-    assert result.returncode != 0
+    result = render_failure(sets)
     assert "values don't meet the specifications of the schema" in result.stderr
     assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ["worker.models.mountPath=/data"],
+            'modelRoots entry "/models" is not under worker.models.mountPath',
+        ),
+        (["operator.healthPort=9090", "operator.metricsPort=9090"], "both 9090: give them different ports"),
+    ],
+)
+def test_settings_the_schema_cannot_relate_fail_the_render(sets: list[str], message: str) -> None:
+    """Models mounted where no model root looks, or two listeners on one port: refused at install."""
+    assert message in render_failure(sets).stderr
 
 
 def test_pvc_without_claim_name_is_a_clear_error() -> None:

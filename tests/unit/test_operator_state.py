@@ -535,3 +535,30 @@ def test_a_model_scaled_to_zero_keeps_its_host_memory_until_asked_for_again(
     assert inputs.idle == {} and [n.reserved_host_bytes for n in inputs.nodes] == [0]
     assert [(c.model, c.state) for c in inputs.current] == [("team-a/sleepy", "preempted")]
     assert "team-a/sleepy" in result.placements
+
+
+def test_a_sensitivity_profile_applies_only_to_models_of_its_namespace(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    """Two tenants serve the same directory; a profile one of them measured (or wrote) shapes only
+    its own model's placement."""
+    shared = make_model_dir("shared", params=20_000)
+    models = [llm("chat", shared, namespace="team-a"), llm("chat", shared, namespace="team-b")]
+    measured = {
+        "metadata": {"name": "chat-l4", "namespace": "team-b"},
+        "spec": {
+            "modelPath": str(shared),
+            "gpuType": "emulated-cpu",
+            "points": [
+                {
+                    "residentFraction": 1.0,
+                    "decodeTokensPerSecond": 0.01,
+                    "executionMode": "stream",
+                    "sequenceLength": 512,
+                }
+            ],
+        },
+    }
+    state = ClusterState(models, [profile("gpu-1", 10**9)], [node("gpu-1")], [], [measured])
+    inputs = planner_inputs(state, NOW, knobs(tmp_path))
+    assert {p.model for p in inputs.profiles} == {"team-b/chat"}

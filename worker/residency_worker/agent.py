@@ -86,10 +86,10 @@ def timings_wire(timings: ModelTimings) -> dict[str, Any]:
         # bytes, seconds and GB/s of one and the same measured weight transfer
         wire["hostToDeviceBytes"] = transfer.moved_bytes
         wire["hostToDeviceSeconds"] = round(transfer.seconds, 9)
-        wire["hostToDeviceGbps"] = round(transfer.gbps, 4)
+        wire["hostToDeviceGBps"] = round(transfer.gbps, 4)
         wire["transferPath"] = transfer.path
     elif timings.host_to_device_gbps is not None:
-        wire["hostToDeviceGbps"] = round(timings.host_to_device_gbps, 4)
+        wire["hostToDeviceGBps"] = round(timings.host_to_device_gbps, 4)
     return wire
 
 

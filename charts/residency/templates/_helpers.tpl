@@ -60,3 +60,18 @@ safetensors headers to size and validate each model, so both mount the same sour
     type: Directory
   {{- end }}
 {{- end }}
+
+{{/*
+Settings the values schema cannot relate to each other: each fails the render with what to change.
+*/}}
+{{- define "residency.validate" -}}
+{{- $mount := trimSuffix "/" .Values.worker.models.mountPath -}}
+{{- range .Values.modelRoots -}}
+{{- if not (or (eq (trimSuffix "/" .) $mount) (hasPrefix (printf "%s/" $mount) .)) -}}
+{{- fail (printf "modelRoots entry %q is not under worker.models.mountPath %q: the operator and workers would find no model there" . $mount) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq (int .Values.operator.healthPort) (int .Values.operator.metricsPort) -}}
+{{- fail (printf "operator.healthPort and operator.metricsPort are both %v: give them different ports" .Values.operator.healthPort) -}}
+{{- end -}}
+{{- end -}}

@@ -106,7 +106,10 @@ class Timings(StatusModel):
     weight_bytes: int | None = Field(default=None, ge=0)
     kv_bytes: int | None = Field(default=None, ge=0)
     host_to_device_gbps: float | None = Field(
-        default=None, ge=0, description="GB/s of the last weight transfer."
+        default=None,
+        ge=0,
+        alias="hostToDeviceGBps",  # the contract's spelling (DESIGN.md), not the camel-case generator's
+        description="GB/s of the last weight transfer.",
     )
     host_to_device_bytes: int | None = Field(
         default=None, ge=0, description="Bytes of the last weight transfer."
