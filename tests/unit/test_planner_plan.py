@@ -420,3 +420,55 @@ def test_each_action_only_takes_memory_the_ones_before_it_freed(solver: str) -> 
     planned = plan([small, big], [gone, fast, slow], current, config=config)
     assert planned.actions
     assert_every_step_fits(planned, [small, big], [gone, fast, slow], current)
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_a_model_whose_prefills_break_its_slo_is_told_so(solver: str) -> None:
+    """Decoding alone would meet the SLO; its own prompt load leaves too little time. The reason says that
+    (it used to blame the cost of loading, as if the model would fit and merely waited)."""
+    node = NodeCapacity("n0", "H100", 80 * GIB, 256 * GIB, 50.0, 2000.0, 100.0, gpu_tflops=100.0)
+    busy = ModelDemand(
+        "ns/m",
+        weight_bytes=int(16e9),
+        kv_bytes_per_token=0,
+        min_decode_tokens_per_second=50.0,
+        prompt_tokens_per_second=3000.0,
+        demand_decode_tokens_per_second=10.0,
+    )
+    planned = plan([busy], [node], [], config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
+    (reason,) = planned.unschedulable
+    assert reason.reason == "SLOUnreachable"
+    assert "prefilling its 3000 prompt tok/s" in reason.message
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_time_a_lower_tier_gives_back_goes_to_a_higher_tier_in_the_same_plan(solver: str) -> None:
+    """A pinned low-priority model, half resident, is slow and fills the GPU's time; promoted in its own
+    tier it gives most of it back. The high-priority newcomer gets it in this plan (it waited a round)."""
+    node = NodeCapacity("n0", "H100", 48 * GIB, 8 * GIB, 50.0, 2000.0, 25.0, reserved_host_bytes=4 * GIB)
+    high = ModelDemand(
+        "ns/hi",
+        weight_bytes=int(1e9),
+        kv_bytes_per_token=32768,
+        max_sequence_length=1024,
+        max_batch=8,
+        priority=100,
+        min_decode_tokens_per_second=5.0,
+        max_offload_fraction=0.5,
+        demand_decode_tokens_per_second=1000.0,
+    )
+    low = ModelDemand(
+        "ns/lo",
+        weight_bytes=int(3e9),
+        kv_bytes_per_token=0,
+        max_sequence_length=1024,
+        max_batch=8,
+        priority=0,
+        preemptible=False,
+        max_offload_fraction=0.9,
+        demand_decode_tokens_per_second=100.0,
+        prompt_tokens_per_second=5000.0,
+    )
+    current = [CurrentPlacement("ns/lo", "n0", 0.5, "stream")]
+    planned = plan([high, low], [node], current, config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
+    assert set(planned.placements) == {"ns/hi", "ns/lo"}, [u.message for u in planned.unschedulable]

@@ -1591,6 +1591,9 @@ class GreedyPlanner:
         """Run all tiers, highest priority first."""
         self.seat_incumbents()
         self.relocate_outgrown()
+        # GPU time at the start: a lower tier's promotions (a faster model shares better) may give back time
+        # a higher tier found short; the late round below retries on every node whose time grew since.
+        time_before = list(zip(self.state.free_time, self.state.used_time, strict=True))
         tiers: dict[int, list[int]] = {}
         for model_index, model in enumerate(self.models):
             if model.wanted:
@@ -1617,17 +1620,21 @@ class GreedyPlanner:
         # Memory nobody needs goes to throughput beyond demand (lower latency), highest priority first.
         placed = [i for i in range(len(self.models)) if self.state.assignment[i] is not None]
         placed.sort(key=lambda i: (-self.models[i].priority, self.models[i].name))
-        time_before = list(zip(self.state.free_time, self.state.used_time, strict=True))
-        promoted = self.promote(placed, full=True)
+        time_before_final = list(zip(self.state.free_time, self.state.used_time, strict=True))
+        self.promote(placed, full=True)
         # Promotions raise rates, so models that could not share a GPU before may fit now: one more round,
-        # for the models that have room on a node whose GPU time the promotions freed.
+        # for the models that have room on a node whose GPU time the promotions freed (the final pass's, or
+        # a lower tier's since the higher tiers ran).
         late: list[int] = []
-        if promoted:
-            freed = [
-                node
-                for node, (free_time, used_time) in enumerate(time_before)
-                if self.state.free_time[node] > free_time or self.state.used_time[node] < used_time
-            ]
+        freed = [
+            node
+            for node in range(len(self.nodes))
+            if any(
+                self.state.free_time[node] > free_time or self.state.used_time[node] < used_time
+                for free_time, used_time in (time_before[node], time_before_final[node])
+            )
+        ]
+        if freed:
             unplaced = [
                 i
                 for priority in sorted(tiers, reverse=True)

@@ -161,6 +161,19 @@ def _reasons_chunk(
     rates: FloatArray = tables.decode_tokens_per_second[classes][:, :, indices, :].transpose(2, 0, 1, 3)
     slo = np.array([model.min_decode_tokens_per_second or 0.0 for model in models], dtype=np.float64)
     meets: BoolArray = (rates >= slo[:, None, None, None] - 1e-9) & allowed  # [model, class, mode, level]
+    # The options tables judge the SLO with the model's own prefills taking their turn, for every option
+    # that fits a node of its class; only one too big for any node is judged on its decode rate alone.
+    feasible = tables.feasible[classes][:, :, indices, :].transpose(2, 0, 1, 3)
+    class_gpu = np.array([usable_gpu_bytes(tables.classes[c]) for c in context.classes], dtype=np.float64)
+    class_host = np.array([usable_host_bytes(tables.classes[c]) for c in context.classes], dtype=np.float64)
+    footprint_gpu = tables.gpu_bytes[:, indices, :].transpose(1, 0, 2)[
+        :, None, :, :
+    ]  # [model, 1, mode, level]
+    footprint_host = tables.host_bytes[indices][:, None, None, :]
+    too_big = (footprint_gpu > class_gpu[None, :, None, None]) | (
+        footprint_host > class_host[None, :, None, None]
+    )
+    meets &= feasible | too_big
     class_meets = _any(meets, (2, 3))  # [model, class position]
     meets_any: list[bool] = _any(class_meets, 1).tolist()
     best_rates: list[float] = np.where(allowed, rates, 0.0).max(axis=(1, 2, 3)).tolist()
@@ -175,6 +188,9 @@ def _reasons_chunk(
     need_gpu = np.take_along_axis(gpu_needed, flat_choice[:, :, None], axis=2)[:, :, 0]
     need_host = tables.host_bytes[indices[:, None], need_level]
     need_busy = tables.busy_fraction[classes[None, :], need_mode, indices[:, None], need_level]
+    # Per class, the least GPU time an SLO-meeting option takes (a fuller residency may take less).
+    busy = tables.busy_fraction[classes][:, :, indices, :].transpose(2, 0, 1, 3)
+    least_busy = np.where(meets, busy, np.inf).min(axis=(2, 3))  # [model, class position]
     # Whether some node of the class has room for that footprint (then loading was merely deferred).
     room = np.zeros(class_meets.shape, dtype=bool)
     for position, node_class in enumerate(context.classes):
@@ -229,7 +245,7 @@ def _reasons_chunk(
     idle_share = idle.tolist()
     room_in_class_list, largest_in_class_list = room_in_class.tolist(), largest_in_class.tolist()
     need_gpu_list, need_host_list = need_gpu.tolist(), need_host.tolist()
-    need_busy_list = need_busy.tolist()
+    least_busy_list = least_busy.tolist()
     need_fraction_list = levels[need_level].tolist()
     smallest_list = smallest.tolist()
 
@@ -245,13 +261,16 @@ def _reasons_chunk(
             continue
         if not meets_any[k]:
             gpu_type = tables.classes[context.classes[best_positions[k]]].gpu_type
-            results.append(
-                Unschedulable(
-                    model.name,
-                    "SLOUnreachable",
-                    prefix + f"{slo_text(model)} unreachable: best predicted is {best_rates[k]:.1f} tok/s "
-                    f"at 100% resident on {gpu_type}",
+            why = f"best predicted is {best_rates[k]:.1f} tok/s at 100% resident on {gpu_type}"
+            if best_rates[k] >= slo[k] - 1e-9:
+                # fast enough to decode, but its own prefills take too much of the GPU's time
+                why = (
+                    f"prefilling its {model.prompt_tokens_per_second or 0:.0f} prompt tok/s leaves less than "
+                    f"that for decoding on every GPU (decoding alone: {best_rates[k]:.1f} tok/s on "
+                    f"{gpu_type})"
                 )
+            results.append(
+                Unschedulable(model.name, "SLOUnreachable", prefix + f"{slo_text(model)} unreachable: {why}")
             )
             continue
         if deferred[k]:
@@ -320,14 +339,19 @@ def _reasons_chunk(
                 )
             )
         else:
-            demand = model.demand_decode_tokens_per_second or 0.0
+            demand = model.demand_decode_tokens_per_second
             gpu_type = tables.classes[context.classes[position]].gpu_type
+            wanted = (
+                "its full batch (demand not measured yet)"
+                if demand is None
+                else f"{demand:.0f} tok/s of demand"
+            )
             results.append(
                 Unschedulable(
                     model.name,
                     "InsufficientGPUTime",
-                    prefix + f"needs {percent(need_busy_list[k][position])} of an {gpu_type}'s time for "
-                    f"{demand:.0f} tok/s of demand; the most idle {gpu_type} with memory for it has "
+                    prefix + f"needs {percent(least_busy_list[k][position])} of an {gpu_type}'s time for "
+                    f"{wanted}; the most idle {gpu_type} with memory for it has "
                     f"{percent(idle_share[k])} left",
                 )
             )
