@@ -472,3 +472,28 @@ def test_time_a_lower_tier_gives_back_goes_to_a_higher_tier_in_the_same_plan(sol
     current = [CurrentPlacement("ns/lo", "n0", 0.5, "stream")]
     planned = plan([high, low], [node], current, config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
     assert set(planned.placements) == {"ns/hi", "ns/lo"}, [u.message for u in planned.unschedulable]
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_a_cached_model_resumes_where_it_is_best_not_merely_where_its_cache_is(solver: str) -> None:
+    """Preempted on a small slow node, with a big one free: it loads on the big one at once (it resumed
+    on the small one, and the next plan migrated it: two reloads), and the plan after that is empty."""
+    big = NodeCapacity("big", "H100", 48 * GIB, 64 * GIB, 25.0, 300.0, 50.0)
+    small = NodeCapacity("small", "H100", 8 * GIB, 16 * GIB, 6.0, 300.0, 50.0)
+    cached = ModelDemand(
+        "ns/m",
+        weight_bytes=int(8e9),
+        kv_bytes_per_token=32768,
+        max_sequence_length=1024,
+        max_offload_fraction=0.9,
+        demand_decode_tokens_per_second=100.0,
+    )
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    first = plan(
+        [cached], [big, small], [CurrentPlacement("ns/m", "small", 0.0, "stream", "preempted")], config=config
+    )
+    assert first.placements["ns/m"].node == "big"
+    applied = [
+        CurrentPlacement(p.model, p.node, p.resident_fraction, p.mode) for p in first.placements.values()
+    ]
+    assert plan([cached], [big, small], applied, config=config).actions == ()

@@ -709,6 +709,11 @@ class GreedyPlanner:
                 if node_class != preferred_class:
                     continue
                 level, gpu, host, busy, tolerance = targets[node_class * len(MODES) + mode_index]
+                staying = self.tables.primary_value.item(node_class, mode_index, model_index, int(level))
+                if staying * (1.0 + self.config.hysteresis_fraction) < self.best_target_score[model_index]:
+                    # elsewhere is worth more even after its load (as relocation would judge it next round):
+                    # resuming here would only be undone by a migration, a second reload
+                    break
                 if state.fits(preferred, int(gpu), int(host), busy, tolerance):
                     state.occupy(
                         model_index,
