@@ -123,6 +123,44 @@ async def test_chat_completion_streaming(client: httpx.AsyncClient) -> None:
     assert "".join(text) == whole["choices"][0]["message"]["content"]
 
 
+async def test_chat_takes_what_openai_sdks_send_and_stop_strings_are_bounded(
+    client: httpx.AsyncClient,
+) -> None:
+    """Content as a list of text parts, `content: null` on an assistant turn, the `developer` role: the
+    same prompt as plain strings and `system`. Stop strings over OpenAI's limits are refused (each is
+    matched at every token of the batch)."""
+    plain = [
+        {"role": "system", "content": "be brief"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "hi there"},
+    ]
+    sdk = [
+        {
+            "role": "developer",
+            "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}],
+        },
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": "hi there"}]},
+    ]
+    answers = []
+    for messages in (plain, sdk):
+        answer = await client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0},
+        )
+        assert answer.status_code == 200, answer.text
+        answers.append(answer.json()["choices"][0]["message"]["content"])
+    assert answers[0] == answers[1]
+    for stop in (["a"] * 5, "x" * 257):
+        refused = await client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "stop": stop}
+        )
+        assert refused.status_code == 422, refused.text
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    refused = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": image})
+    assert refused.status_code == 422  # a text model takes no images
+
+
 async def test_admin_requires_the_token(client: httpx.AsyncClient) -> None:
     assert (await client.post("/admin/models/tiny/preempt")).status_code == 401
     wrong = await client.post("/admin/models/tiny/preempt", headers={"Authorization": "Bearer nope"})

@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, json_bytes
@@ -109,6 +109,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+STOP_MAX_COUNT = 4
+STOP_MAX_CHARS = 256
+"""OpenAI's limits on `stop`: each is matched against the text's tail at every token, so a long one costs
+every sequence of the batch."""
+Stop = (
+    Annotated[str, StringConstraints(max_length=STOP_MAX_CHARS)]
+    | Annotated[
+        list[Annotated[str, StringConstraints(max_length=STOP_MAX_CHARS)]], Field(max_length=STOP_MAX_COUNT)
+    ]
+    | None
+)
+
+
 class CompletionBody(_Body):
     model: str
     prompt: str | list[int] | list[str]
@@ -116,14 +129,33 @@ class CompletionBody(_Body):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = None
+    stop: Stop = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="Choices per request: only 1 is supported.")
 
 
+class ContentPart(_Body):
+    """One part of a message's content, as OpenAI's SDKs send it: text is all a text model takes."""
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    # `developer` is what newer OpenAI SDKs send for `system`.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The content as one string (parts joined; none, as an assistant's tool-call turn has, is empty)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def chat_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
 
 
 class ChatBody(_Body):
@@ -134,7 +166,7 @@ class ChatBody(_Body):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = None
+    stop: Stop = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="Choices per request: only 1 is supported.")
 
@@ -473,7 +505,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.post("/v1/chat/completions", dependencies=[Depends(inference)])
     async def chat_completions(body: ChatBody, client: Request) -> Any:
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = [{"role": m.chat_role(), "content": m.text()} for m in body.messages]
         prompt_ids = await in_thread(engine.chat_prompt, body.model, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
         runner, request, events = await start(body.model, prompt_ids, sampling(body, max_tokens))
