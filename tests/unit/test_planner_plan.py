@@ -34,6 +34,12 @@ def model(name: str, billions: float, **fields: object) -> ModelDemand:
     )
 
 
+def demand(name: str, weight_gb: float, **fields: object) -> ModelDemand:
+    """A model of ``weight_gb`` GB of weights (no KV cache unless given), the other fields as given."""
+    fields.setdefault("kv_bytes_per_token", 0)
+    return ModelDemand(name=name, weight_bytes=int(weight_gb * 1e9), **fields)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("solver", ["milp", "greedy"])
 def test_partial_residency_fits_a_model_that_does_not_fit_whole(solver: str) -> None:
     big = model("ns/big", 13, min_decode_tokens_per_second=2.0, max_offload_fraction=0.5)
@@ -328,18 +334,16 @@ def test_a_higher_priority_model_is_not_preempted_for_a_pinned_lower_one_s_gpu_t
     """A pinned low-priority model whose demand takes most of the GPU's time beside a running high-priority
     one: both stay (the high one was preempted to give the low one room, a priority inversion)."""
     node = NodeCapacity("h100-24", "H100", 24 * GIB, 64 * GIB, 25.0, 2000.0, 25.0)
-    high = ModelDemand(
+    high = demand(
         "ns/high",
-        weight_bytes=int(16e9),
-        kv_bytes_per_token=0,
+        16,
         priority=100,
         min_decode_tokens_per_second=20.0,
         demand_decode_tokens_per_second=10.0,
     )
-    low = ModelDemand(
+    low = demand(
         "ns/low",
-        weight_bytes=int(30e9),
-        kv_bytes_per_token=0,
+        30,
         priority=10,
         preemptible=False,
         max_offload_fraction=0.9,
@@ -361,10 +365,9 @@ def test_a_pinned_model_keeps_running_below_its_slo_and_is_not_moved(solver: str
     """`preemptible: false`: when its node's measured rate falls below its SLO it keeps serving there
     (rather than be preempted to serve nothing), and a faster free node does not make it move (a move
     stops it while it reloads)."""
-    pinned = ModelDemand(
+    pinned = demand(
         "ns/pinned",
-        weight_bytes=int(8e9),
-        kv_bytes_per_token=0,
+        8,
         preemptible=False,
         priority=100,
         min_decode_tokens_per_second=30.0,
@@ -396,17 +399,17 @@ def test_each_action_only_takes_memory_the_ones_before_it_freed(solver: str) -> 
     gone = NodeCapacity("gone", "H100", 16 * GIB, 64 * GIB, 25.0, 2000.0, 25.0, cordoned=True)
     fast = NodeCapacity("fast", "H100", 17 * GIB, 64 * GIB, 6.0, 2000.0, 25.0)
     slow = NodeCapacity("slow", "L4", 16 * GIB, 16 * GIB, 25.0, 300.0, 25.0)
-    small = ModelDemand(
+    small = demand(
         "ns/a-small",
-        weight_bytes=int(1e9),
+        1,
         kv_bytes_per_token=131072,
         max_sequence_length=1024,
         max_batch=4,
         demand_decode_tokens_per_second=1000.0,
     )
-    big = ModelDemand(
+    big = demand(
         "ns/b-big",
-        weight_bytes=int(16e9),
+        16,
         kv_bytes_per_token=32768,
         max_sequence_length=2048,
         max_offload_fraction=0.5,
@@ -427,10 +430,9 @@ def test_a_model_whose_prefills_break_its_slo_is_told_so(solver: str) -> None:
     """Decoding alone would meet the SLO; its own prompt load leaves too little time. The reason says that
     (it used to blame the cost of loading, as if the model would fit and merely waited)."""
     node = NodeCapacity("n0", "H100", 80 * GIB, 256 * GIB, 50.0, 2000.0, 100.0, gpu_tflops=100.0)
-    busy = ModelDemand(
+    busy = demand(
         "ns/m",
-        weight_bytes=int(16e9),
-        kv_bytes_per_token=0,
+        16,
         min_decode_tokens_per_second=50.0,
         prompt_tokens_per_second=3000.0,
         demand_decode_tokens_per_second=10.0,
@@ -446,9 +448,9 @@ def test_time_a_lower_tier_gives_back_goes_to_a_higher_tier_in_the_same_plan(sol
     """A pinned low-priority model, half resident, is slow and fills the GPU's time; promoted in its own
     tier it gives most of it back. The high-priority newcomer gets it in this plan (it waited a round)."""
     node = NodeCapacity("n0", "H100", 48 * GIB, 8 * GIB, 50.0, 2000.0, 25.0, reserved_host_bytes=4 * GIB)
-    high = ModelDemand(
+    high = demand(
         "ns/hi",
-        weight_bytes=int(1e9),
+        1,
         kv_bytes_per_token=32768,
         max_sequence_length=1024,
         max_batch=8,
@@ -457,10 +459,9 @@ def test_time_a_lower_tier_gives_back_goes_to_a_higher_tier_in_the_same_plan(sol
         max_offload_fraction=0.5,
         demand_decode_tokens_per_second=1000.0,
     )
-    low = ModelDemand(
+    low = demand(
         "ns/lo",
-        weight_bytes=int(3e9),
-        kv_bytes_per_token=0,
+        3,
         max_sequence_length=1024,
         max_batch=8,
         priority=0,
@@ -480,9 +481,9 @@ def test_a_cached_model_resumes_where_it_is_best_not_merely_where_its_cache_is(s
     on the small one, and the next plan migrated it: two reloads), and the plan after that is empty."""
     big = NodeCapacity("big", "H100", 48 * GIB, 64 * GIB, 25.0, 300.0, 50.0)
     small = NodeCapacity("small", "H100", 8 * GIB, 16 * GIB, 6.0, 300.0, 50.0)
-    cached = ModelDemand(
+    cached = demand(
         "ns/m",
-        weight_bytes=int(8e9),
+        8,
         kv_bytes_per_token=32768,
         max_sequence_length=1024,
         max_offload_fraction=0.9,

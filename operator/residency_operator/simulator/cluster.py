@@ -196,10 +196,9 @@ def _nodes_from_entries(spec: Any, source: str) -> list[NodeCapacity]:
                 raise ValueError(f"{where}: {error}") from error
     if not nodes:
         raise ValueError(f"the cluster has no nodes ({source})")
-    names = [n.name for n in nodes]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"{source}: duplicate node name {duplicates[0]!r}; give the entries distinct names")
+    refuse_duplicates(
+        [n.name for n in nodes], f"{source}: duplicate node name", "give the entries distinct names"
+    )
     return nodes
 
 
@@ -317,10 +316,7 @@ def parse_models(entries: Any, source: str = "models") -> list[SimModel]:
             models.append(SimModel(name=name, family=family, **values))
     if not models:
         raise ValueError(f"{source}: the scenario has no models")
-    names = [m.name for m in models]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"{source}: duplicate model name {duplicates[0]!r}")
+    refuse_duplicates([m.name for m in models], f"{source}: duplicate model name")
     return models
 
 
@@ -435,3 +431,12 @@ def scenario_from_dict(
         ),
         extra=flag(data.get("extra", False), f"{source}: extra"),
     )
+
+
+def refuse_duplicates(names: list[str], problem: str, advice: str = "") -> None:
+    """A clear error naming the first name given twice (entries are told apart by name)."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{problem} {name!r}" + (f"; {advice}" if advice else ""))
+        seen.add(name)
