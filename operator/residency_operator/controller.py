@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -92,8 +94,12 @@ class Controller:
         lease_seconds: int = 15,
         capacity: CapacityConfig | None = None,
         metrics: OperatorMetrics | None = None,
+        namespaces: Sequence[str] = (),
     ) -> None:
         self.kube = kube
+        self.namespaces = frozenset(namespaces)
+        """The namespaces whose models this operator serves (empty: all)."""
+        self._foreign_gpu_bytes: dict[str, int] = {}
         self.knobs = knobs
         self.planner_config = planner_config or PlannerConfig()
         self.lease_namespace = lease_namespace
@@ -160,13 +166,42 @@ class Controller:
             self.leader = False
 
     def read_state(self) -> ClusterState:
-        return ClusterState(
+        """The cluster as this operator plans it: with ``namespaces``, only their models, profiles and
+        placements (another operator's placements are left alone; see :meth:`foreign_gpu_bytes`)."""
+        state = ClusterState(
             models=self.kube.list_custom("llmmodels"),
             node_profiles=self.kube.list_custom("nodeprofiles"),
             nodes=self.kube.list_nodes(),
             placements=self.kube.list_custom("modelplacements"),
             sensitivity_profiles=self.kube.list_custom("sensitivityprofiles"),
         )
+        self._foreign_gpu_bytes = self.foreign_gpu_bytes(state.placements)
+        if not self.namespaces:
+            return state
+        return dataclasses.replace(
+            state,
+            models=[m for m in state.models if m["metadata"].get("namespace") in self.namespaces],
+            placements=[p for p in state.placements if self._serves(p)],
+            sensitivity_profiles=[
+                p for p in state.sensitivity_profiles if p["metadata"].get("namespace") in self.namespaces
+            ],
+        )
+
+    def _serves(self, placement: dict[str, Any]) -> bool:
+        return not self.namespaces or placement["spec"]["model"]["namespace"] in self.namespaces
+
+    def foreign_gpu_bytes(self, placements: list[dict[str, Any]]) -> dict[str, int]:
+        """Per node, the GPU bytes that models of other namespaces hold (their workers report them on
+        their ModelPlacements): memory this operator must not plan into."""
+        held: dict[str, int] = {}
+        if not self.namespaces:
+            return held
+        for placement in placements:
+            if self._serves(placement):
+                continue
+            node = placement["spec"]["nodeName"]
+            held[node] = held.get(node, 0) + int((placement.get("status") or {}).get("residentBytes") or 0)
+        return held
 
     def round(self) -> RoundReport:
         """One level-triggered planning round."""
@@ -174,6 +209,12 @@ class Controller:
         report = RoundReport()
         state = self.read_state()
         inputs = planner_inputs(state, datetime.now(UTC), self.knobs)
+        foreign = self._foreign_gpu_bytes
+        if foreign:
+            inputs.nodes = [
+                dataclasses.replace(n, reserved_gpu_bytes=n.reserved_gpu_bytes + foreign.get(n.name, 0))
+                for n in inputs.nodes
+            ]
         result = plan(
             inputs.demands, inputs.nodes, inputs.current, inputs.profiles, time.time(), self.planner_config
         )

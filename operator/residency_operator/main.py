@@ -62,6 +62,7 @@ def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -
         resync_seconds=config.resync_seconds,
         capacity=config.capacity,
         metrics=metrics,
+        namespaces=config.namespaces or (),
     )
     memo = kopf.Memo(config=config, controller=controller)
     asyncio.run(

@@ -14,6 +14,7 @@ from test_operator_state import knobs, llm, node, profile
 
 from conftest import MakeDir
 from residency.names import label_value, placement_name
+from residency_operator.capacity import CapacityConfig
 from residency_operator.controller import Controller
 from residency_operator.state import ClusterState
 
@@ -61,6 +62,9 @@ class FakeKube:
             raise refused(403, f'modelplacements "{name}" is forbidden by an admission policy')
         self.placements[name] = body
 
+    def delete_placement(self, name: str) -> None:
+        del self.placements[name]
+
     def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.statuses.setdefault(f"{namespace}/{name}", {}).update(status)
 
@@ -100,3 +104,33 @@ def test_a_refused_placement_fails_only_its_model(tmp_path: Path, make_model_dir
     assert "forbidden by an admission policy" in blocked["message"]
     scheduled = next(c for c in blocked["conditions"] if c["type"] == "Scheduled")
     assert (scheduled["status"], scheduled["reason"]) == ("False", "PlacementRejected")
+
+
+def test_an_operator_for_some_namespaces_plans_only_their_models_around_the_others(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    """`--namespace team-a`: a team-b model is neither placed nor given a status, team-b's placement (of
+    another operator) is neither deleted nor planned into: its GPU bytes are taken as held."""
+    team_a = llm("chat", make_model_dir("a-chat", params=20_000))
+    team_b = llm("other", make_model_dir("b-other", params=20_000), namespace="team-b")
+    now = datetime.now(UTC)
+    node_bytes = 10**9
+    state = ClusterState([team_a, team_b], [profile("gpu-1", node_bytes, heartbeat=now)], [node("gpu-1")], [])
+    kube = FakeKube(state)
+    theirs = {
+        "metadata": {"name": "team-b.other"},
+        "spec": {"model": {"namespace": "team-b", "name": "other"}, "nodeName": "gpu-1"},
+        "status": {"state": "Loaded", "residentBytes": node_bytes},  # the whole GPU
+    }
+    kube.placements["team-b.other"] = theirs
+    controller = Controller(
+        kube,  # type: ignore[arg-type]
+        knobs(tmp_path),
+        capacity=CapacityConfig(enabled=False),
+        namespaces=["team-a"],
+    )
+    report = controller.round()
+    assert report.deleted == [] and kube.placements["team-b.other"] is theirs
+    assert "team-a.chat" not in kube.placements  # no room left beside team-b's model
+    assert set(kube.statuses) == {"team-a/chat"}
+    assert kube.statuses["team-a/chat"]["phase"] == "Unschedulable"
