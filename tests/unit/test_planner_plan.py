@@ -498,3 +498,20 @@ def test_a_cached_model_resumes_where_it_is_best_not_merely_where_its_cache_is(s
         CurrentPlacement(p.model, p.node, p.resident_fraction, p.mode) for p in first.placements.values()
     ]
     assert plan([cached], [big, small], applied, config=config).actions == ()
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_a_preemption_never_names_a_lower_priority_model_as_its_reason(solver: str) -> None:
+    """A priority-10 model whose SLO is now out of reach is stopped, and a priority-0 model beside it takes
+    the memory freed: the reason says the SLO, not 'to make room for' the priority-0 one."""
+    node = NodeCapacity("n0", "L4", 24 * GIB, 128 * GIB, 25.0, 300.0, 60.0)
+    high = demand("ns/high", 8, priority=10, min_decode_tokens_per_second=1000.0)
+    low = demand("ns/low", 8, priority=0, max_offload_fraction=0.9, demand_decode_tokens_per_second=50.0)
+    current = [
+        CurrentPlacement("ns/high", "n0", 1.0, "stream"),
+        CurrentPlacement("ns/low", "n0", 0.3, "stream"),
+    ]
+    planned = plan([high, low], [node], current, config=PlannerConfig(solver=solver))  # type: ignore[arg-type]
+    stopped = [a for a in planned.actions if a.model == "ns/high"]
+    assert stopped and stopped[0].kind == "preempt"
+    assert "ns/low" not in stopped[0].reason and "no room meets its SLO" in stopped[0].reason

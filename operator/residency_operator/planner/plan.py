@@ -512,12 +512,18 @@ class Gainers:
             self._indexed = True
         return self._by_node.get(node_index, [])
 
-    def for_whom(self, node_name: str) -> str:
-        """`` to make room for a (priority 100), b (priority 50)`` or nothing."""
+    def for_whom(self, node_name: str, at_least_priority: int | None = None) -> str:
+        """`` to make room for a (priority 100), b (priority 50)`` or nothing. ``at_least_priority``: name
+        only gainers of that priority or higher (a model is never preempted for a lower one, so a lower
+        gainer is not why)."""
         node_index = self.problem.node_index.get(node_name)
         if node_index is None:
             return ""
-        gainers = self.on(node_index)[:3]
+        gainers = [
+            i
+            for i in self.on(node_index)
+            if at_least_priority is None or self.problem.models[i].priority >= at_least_priority
+        ][:3]
         if not gainers:
             return ""
         models = self.problem.models
@@ -698,7 +704,7 @@ def _why_not_running(model: ModelDemand, node: NodeCapacity, gainers: Gainers) -
         return ": the model is no longer wanted"
     if not node.accepts_work:
         return f": {node.name} is cordoned or disrupting and no other node has room"
-    for_whom = gainers.for_whom(node.name)
+    for_whom = gainers.for_whom(node.name, at_least_priority=model.priority)
     return for_whom or ": no room meets its SLO"
 
 
