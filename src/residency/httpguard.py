@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -145,3 +146,10 @@ class BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def bearer_matches(authorization: str, expected: str) -> bool:
+    """Whether an ``Authorization`` header carries ``expected`` as its bearer token (the scheme's case does
+    not matter, RFC 7235; the token is compared in constant time)."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())

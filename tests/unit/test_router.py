@@ -109,7 +109,8 @@ async def test_every_v1_route_needs_the_clients_token() -> None:
         for headers in ({}, {"authorization": "Bearer wrong"}):
             assert (await client.get("/v1/models", headers=headers)).status_code == 401
             assert (await client.post("/v1/completions", json=BODY, headers=headers)).status_code == 401
-        listed = await client.get("/v1/models", headers={"authorization": "Bearer client-secret"})
+        # the scheme's case does not matter (RFC 7235)
+        listed = await client.get("/v1/models", headers={"authorization": "bearer client-secret"})
         assert listed.status_code == 200
         assert [m["id"] for m in listed.json()["data"]] == ["team/fresh"]
         assert (await client.get("/healthz")).status_code == 200  # probes carry no token

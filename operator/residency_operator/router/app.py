@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import threading
@@ -17,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, json_bytes, loads_strict
+from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, bearer_matches, json_bytes, loads_strict
 from residency_operator.router.table import WAKE_PHASES, Route, resolve
 
 log = logging.getLogger("residency.router")
@@ -173,8 +172,7 @@ def create_app(
     def authorised(request: Request) -> bool:
         """Every /v1 route needs the clients' bearer token when one is set (the model list names every
         tenant's models)."""
-        presented = request.headers.get("authorization", "").encode()
-        return not token or hmac.compare_digest(presented, f"Bearer {token}".encode())
+        return not token or bearer_matches(request.headers.get("authorization", ""), token)
 
     async def proxy(request: Request, path: str) -> Response:
         if not authorised(request):

@@ -7,7 +7,6 @@ so the event loop never blocks on torch. Errors are OpenAI-shaped JSON with the 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -23,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, json_bytes
+from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, bearer_matches, json_bytes
 from residency_worker.engine import Engine, EngineError, ModelOptions, SamplingParams
 from residency_worker.engine.batching import ModelRunner
 from residency_worker.engine.generate import SEED_MAX, SEED_MIN, RequestEvent
@@ -207,19 +206,12 @@ class ProfileBody(_Body):
     trials: int = Field(default=3, ge=1, le=100)
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
 def _check_token(request: Request, expected: str | None, *, required: bool) -> None:
     if expected is None:
         if required:
             raise ApiError(401, "Unauthorized", "the admin API is disabled: no admin token is configured")
         return
-    presented = _bearer(request)
-    if presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
+    if not bearer_matches(request.headers.get("authorization", ""), expected):
         raise ApiError(401, "Unauthorized", "a valid bearer token is required")
 
 
