@@ -136,7 +136,7 @@ def test_chart_tokens_travel_as_files_and_only_where_needed(reliability: Any) ->
     objects = render("router.clientTokenSecret=client")
     text = yaml.safe_dump_all(o for o in objects if o["kind"] != "Secret")
     daemonset = next(o for o in objects if o["kind"] == "DaemonSet")
-    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    deployments = {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in objects if o["kind"] == "Deployment"}
     worker = daemonset["spec"]["template"]["spec"]
     args = " ".join(worker["containers"][0]["args"])
     assert "--admin-token-file=" in args and "--inference-token-file=" in args
@@ -145,12 +145,12 @@ def test_chart_tokens_travel_as_files_and_only_where_needed(reliability: Any) ->
     assert "secretKeyRef" not in text, "a token is passed through the environment"
     mounts = {m["name"]: m for m in worker["containers"][0]["volumeMounts"]}
     assert mounts["token"]["readOnly"] is True
-    pod = deployment["spec"]["template"]["spec"]
-    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    router_pod = deployments["router"]["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"] for v in router_pod["volumes"] if "secret" in v}
     # the router holds the inference token only: the admin token never leaves the worker pods
     assert secrets["worker-token"]["items"] == [{"key": "inference-token", "path": "inference-token"}]
-    containers = {c["name"]: c for c in pod["containers"]}
-    assert "worker-token" not in {m["name"] for m in containers["operator"].get("volumeMounts", [])}
+    operator_pod = deployments["operator"]["spec"]["template"]["spec"]
+    assert not [v for v in operator_pod["volumes"] if "secret" in v], "the operator pod mounts a token"
     secret = next(o for o in objects if o["kind"] == "Secret")
     assert set(secret["data"]) == {"admin-token", "inference-token"}
     for value in secret["data"].values():
@@ -165,7 +165,10 @@ def test_chart_remote_code_roots_are_off_unless_listed(reliability: Any) -> None
     def flags(objects: list[dict[str, Any]]) -> dict[str, list[str]]:
         found = {}
         for kind in ("Deployment", "DaemonSet"):
-            owner = next(o for o in objects if o["kind"] == kind)
+            # the operator's Deployment (the router's has no model roots)
+            owner = next(
+                o for o in objects if o["kind"] == kind and not o["metadata"]["name"].endswith("-router")
+            )
             container = owner["spec"]["template"]["spec"]["containers"][0]
             found[kind] = [a for a in container["args"] if a.startswith("--trust-remote-code-root")]
         return found
@@ -285,11 +288,13 @@ async def test_worker_and_router_refuse_missing_and_wrong_tokens(
                 problems.append(f"router {path} with the right token: {right}")
     assert problems == [], "\n".join(problems)
     # both checks compare in constant time (a plain == leaks the matching prefix length by timing)
+    from residency import httpguard
     from residency_operator.router import app as router_module
     from residency_worker.server import app as worker_module
 
-    assert "compare_digest" in inspect.getsource(worker_module._check_token)
-    assert "compare_digest" in inspect.getsource(router_module.create_app)
+    assert "compare_digest" in inspect.getsource(httpguard.bearer_matches)
+    assert "bearer_matches" in inspect.getsource(worker_module._check_token)
+    assert "bearer_matches" in inspect.getsource(router_module.create_app)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for secret in (ADMIN_TOKEN, INFERENCE_TOKEN, CLIENT_TOKEN, WRONG_TOKEN):
         assert secret not in logged, "a token was logged"

@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, bearer_matches, json_bytes
@@ -110,15 +110,8 @@ class _Body(BaseModel):
 
 STOP_MAX_COUNT = 4
 STOP_MAX_CHARS = 256
-"""OpenAI's limits on `stop`: each is matched against the text's tail at every token, so a long one costs
-every sequence of the batch."""
-Stop = (
-    Annotated[str, StringConstraints(max_length=STOP_MAX_CHARS)]
-    | Annotated[
-        list[Annotated[str, StringConstraints(max_length=STOP_MAX_CHARS)]], Field(max_length=STOP_MAX_COUNT)
-    ]
-    | None
-)
+"""Limits on `stop` (OpenAI's count): each is matched against the text's tail at every token, so a long
+one costs every sequence of the batch."""
 
 
 class CompletionBody(_Body):
@@ -128,7 +121,7 @@ class CompletionBody(_Body):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    stop: Stop = None
+    stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="Choices per request: only 1 is supported.")
 
@@ -165,7 +158,7 @@ class ChatBody(_Body):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    stop: Stop = None
+    stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="Choices per request: only 1 is supported.")
 
@@ -361,8 +354,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     def sampling(body: CompletionBody | ChatBody, max_tokens: int) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        if len(stop) > 4:
-            raise ApiError(400, "InvalidRequest", "at most 4 stop sequences")
+        if len(stop) > STOP_MAX_COUNT:
+            raise ApiError(400, "InvalidRequest", f"at most {STOP_MAX_COUNT} stop sequences")
+        if any(len(text) > STOP_MAX_CHARS for text in stop):
+            raise ApiError(400, "InvalidRequest", f"a stop sequence has at most {STOP_MAX_CHARS} characters")
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
         )
