@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import new_client_from_config
 
 from conftest import free_port, model_status, purge_models
 from harness import REPO, SMALL_LIMITS, Process, apply, binaries_dir, get_json, kubectl, llm, wait_for
@@ -311,17 +314,13 @@ def test_model_ready_with_exactly_the_charts_permissions(
         assert denied.returncode != 0 and "its own node" in denied.stderr, denied.stderr
         # and it may annotate only its own pod (it marks it for the autoscaler), not another one
         apply({**bystander, "metadata": {"name": f"{pod}-other"}}, namespace)
-        annotate = [
-            "--type=merge",
-            "-p",
-            json.dumps({"metadata": {"annotations": {"example.com/poked": "y"}}}),
-        ]
-        poked = kubectl(
-            "--kubeconfig", str(worker_config), "patch", "pod", f"{pod}-other", "-n", namespace, *annotate,
-            check=False,
-        )  # fmt: skip
-        assert poked.returncode != 0 and "its own pod" in poked.stderr, poked.stderr
-        kubectl("--kubeconfig", str(worker_config), "patch", "pod", pod, "-n", namespace, *annotate)
+        # (a PATCH as the worker sends it: kubectl would GET first, which the worker may not)
+        pods = client.CoreV1Api(new_client_from_config(str(worker_config)))
+        annotation = {"metadata": {"annotations": {"example.com/poked": "y"}}}
+        with pytest.raises(ApiException) as refused:
+            pods.patch_namespaced_pod(f"{pod}-other", namespace, annotation)
+        assert refused.value.status == 403 and "its own pod" in str(refused.value.body), refused.value.body
+        pods.patch_namespaced_pod(pod, namespace, annotation)
     finally:
         worker.stop()
         operator.stop()
