@@ -29,8 +29,9 @@ def placement_name(key: str) -> str:
 def label_value(text: str) -> str:
     """``text`` as a label value: at most 63 characters, beginning and ending with a letter or digit.
 
-    Kept as is when valid; a longer one is cut and ends in a digest of the whole text (informational
-    labels: objects are found by name, never by these)."""
+    Kept as is when valid; a longer one is cut and ends in a digest of the whole text. Whoever selects by
+    such a label computes the same value (the worker its node's); checks that need the whole name read
+    it from the object (the admission policy reads a placement's ``spec.nodeName``)."""
     if len(text) <= LABEL_VALUE_MAX and (not text or (text[0].isalnum() and text[-1].isalnum())):
         return text
     head = text[: LABEL_VALUE_MAX - DIGEST_CHARS - 1].strip("-._")

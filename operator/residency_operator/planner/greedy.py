@@ -526,13 +526,13 @@ class GreedyPlanner:
             return
         state = self.state
         memory_short = state.free_gpu[node] < 0 or state.free_host[node] < 0
-        # Lowest priority first, so that a model is never released while a lower-priority one stays;
-        # within a priority, preemptible models before pinned ones, then the least valuable.
+        # Preemptible before pinned (a pinned model goes only when memory shrank below what it holds), then
+        # lowest priority first, then the least valuable.
         victims = sorted(
             (i for i in state.models_on_node[node] if memory_short or self.models[i].preemptible),
             key=lambda i: (
-                self.models[i].priority,
                 not self.models[i].preemptible,
+                self.models[i].priority,
                 self._value_of(i),
                 self.models[i].name,
             ),

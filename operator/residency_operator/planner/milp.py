@@ -390,6 +390,8 @@ def _sharing_constraint(
     values: list[float] = []
     bounds: list[float] = []
     pinned = np.isin(options.model, options.pinned_models)
+    # each pinned model's priority, once (options list a model's rows together; all share its priority)
+    pinned_priority = [int(priorities[np.argmax(options.model == m)]) for m in options.pinned_models]
     for node in np.unique(options.node):
         on_node = np.flatnonzero((options.node == node) & active)
         big_m = max(float(options.busy[on_node].sum()), 1.0)
@@ -407,8 +409,7 @@ def _sharing_constraint(
                 given = sum(
                     float(pinned_busy[row, node])
                     for row, model_index in enumerate(options.pinned_models)
-                    if model_index != int(options.model[o])
-                    and int(priorities[np.flatnonzero(options.model == model_index)[0]]) <= priorities[o]
+                    if model_index != int(options.model[o]) and pinned_priority[row] <= priorities[o]
                 )
             others = others[options.busy[others] > 0]
             if len(others) == 0:

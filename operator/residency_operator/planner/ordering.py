@@ -20,6 +20,8 @@ from residency_operator.planner.types import (
     PlannedPlacement,
 )
 
+ORDER_SCAN_LIMIT = 64
+"""Pending models looked at for the next step (in preferred order) before the first goes regardless."""
 Footprint = dict[int, tuple[int, int]]
 """Node index -> (GPU bytes, host bytes) one model holds there."""
 
@@ -125,7 +127,9 @@ def order_by_room(
     pending = list(by_model)
     ordered: list[Action] = []
     while pending:
-        chosen = next((k for k, name in enumerate(pending) if fits(name)), 0)
+        # the first that fits among the next few (bounded: a plan of many moves that block each other, a
+        # rotation through full nodes, would otherwise rescan every blocked one at each step)
+        chosen = next((k for k, name in enumerate(pending[:ORDER_SCAN_LIMIT]) if fits(name)), 0)
         name = pending.pop(chosen)
         move(name, 1)
         ordered.extend(by_model[name])
