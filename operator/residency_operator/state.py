@@ -311,11 +311,13 @@ def current_placement(
         and not status.get("queuedRequests")
     ):
         kind = "idle"
-    fraction = status.get("residentFraction")
+    # the fraction placed, not the one reported: the worker keeps whole layers, so it reports a fraction
+    # near the planner's level, which the next round would otherwise "promote" back to (or write back)
+    fraction = spec.get("residentFraction", status.get("residentFraction"))
     return CurrentPlacement(
         model=f"{spec['model']['namespace']}/{spec['model']['name']}",
         node=spec["nodeName"],
-        resident_fraction=float(fraction if fraction is not None else spec["residentFraction"]),
+        resident_fraction=float(fraction if fraction is not None else 1.0),
         mode=spec.get("executionMode", "stream"),
         state=kind,  # type: ignore[arg-type]
         kv_cache_bytes=int((status.get("timings") or {}).get("kvBytes") or 0),

@@ -6,6 +6,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import LLAMA_CONFIG, MakeDir
 from residency.names import placement_name
 from residency_operator.planner import plan
@@ -562,3 +564,29 @@ def test_a_sensitivity_profile_applies_only_to_models_of_its_namespace(
     state = ClusterState(models, [profile("gpu-1", 10**9)], [node("gpu-1")], [], [measured])
     inputs = planner_inputs(state, NOW, knobs(tmp_path))
     assert {p.model for p in inputs.profiles} == {"team-b/chat"}
+
+
+@pytest.mark.parametrize("layer_error", [-0.03, 0.02])
+def test_a_worker_s_whole_layer_residency_off_the_planner_grid_is_no_change(
+    tmp_path: Path, make_model_dir: MakeDir, layer_error: float
+) -> None:
+    # The worker keeps whole layers, so it reports a fraction near, not at, the one placed. The next round
+    # must neither "promote" to the fraction already asked for nor write the reported fraction back.
+    config = {**LLAMA_CONFIG, "num_hidden_layers": 8}
+    models = [
+        llm(n, make_model_dir(n, config=config, params=200_000), offload={"maxFraction": 0.75})
+        for n in ("a", "b")
+    ]
+    state = ClusterState(models, [profile("n1", 700_000)], [node("n1")], [])
+    _, _, desired = run(state, tmp_path)
+    existing = [
+        loaded(m, residentFraction=round(m["spec"]["residentFraction"] + layer_error, 4))
+        if m["spec"]["residentFraction"] < 1.0
+        else loaded(m)
+        for m in desired.values()
+    ]
+    assert any(e["status"]["residentFraction"] != e["spec"]["residentFraction"] for e in existing)
+    state = ClusterState(models, [profile("n1", 700_000)], [node("n1")], existing)
+    _, result, again = run(state, tmp_path)
+    assert result.actions == ()
+    assert {k: m["spec"] for k, m in again.items()} == {e["metadata"]["name"]: e["spec"] for e in existing}
