@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,21 @@ from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, bearer_matche
 from residency_operator.router.table import WAKE_PHASES, Route, resolve
 
 log = logging.getLogger("residency.router")
+
+RETRY_SECONDS = 0.5
+"""How soon a request the worker could not serve yet (unreachable, 404, 503 without Retry-After) is tried
+again, within the hold deadline."""
+MIN_RETRY_SECONDS = 0.1
+"""The least wait before retrying a 503 with `Retry-After: 0`: no busy loop against a worker."""
+_DELAY_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """The seconds a `Retry-After` header asks for (RFC 9110's delay-seconds form; a fraction is taken too),
+    or None when it is absent or not in that form (an HTTP-date, garbage): the caller's own interval."""
+    if value is None or not _DELAY_SECONDS.fullmatch(value.strip()):
+        return None
+    return float(value.strip())
 
 
 class ModelTable:
@@ -152,7 +168,9 @@ def create_app(
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
     )
 
-    async def route_when_ready(model: str) -> tuple[Route, float]:
+    async def route_when_ready(model: str, deadline: float) -> tuple[Route, float]:
+        """The model's route once it is not held any more, or the held route at the request's deadline
+        (one deadline for the whole request: a retry after a worker's 503 does not start a new hold)."""
         started = time.monotonic()
         while True:
             route = resolve(table.models, model)
@@ -162,10 +180,10 @@ def create_app(
                 route = resolve(table.models, model)
             if route.phase in WAKE_PHASES and route.key:
                 await asyncio.to_thread(table.wake, route.key)
-            waited = time.monotonic() - started
-            if route.decision != "hold" or waited >= hold_seconds:
-                return route, waited
-            await asyncio.sleep(0.2)
+            now = time.monotonic()
+            if route.decision != "hold" or now >= deadline:
+                return route, now - started
+            await asyncio.sleep(min(0.2, deadline - now))
 
     upstream_headers = {"authorization": f"Bearer {worker_token}"} if worker_token else {}
 
@@ -185,7 +203,7 @@ def create_app(
             return error(400, "request body must be a JSON object with a string `model`")
         deadline = time.monotonic() + hold_seconds
         while True:
-            route, waited = await route_when_ready(body["model"])
+            route, waited = await route_when_ready(body["model"], deadline)
             held_seconds.observe(waited)
             if route.decision == "reject":
                 requests_total.labels("rejected").inc()
@@ -217,17 +235,29 @@ def create_app(
                 if upstream is not None:
                     await upstream.aclose()
                 # the worker went away or the model moved: look again until the hold deadline
-                if time.monotonic() < deadline:
-                    await asyncio.sleep(0.5)
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    await asyncio.sleep(min(RETRY_SECONDS, remaining))
                     continue
                 requests_total.labels("unavailable").inc()
                 return error(503, f"worker for {route.key} unreachable: {exc.__class__.__name__}", 2)
             # 503: the model is preempted or reloading there; 404: it just moved off that worker (the
-            # table lags the API server by up to a refresh). Both retry until the hold deadline.
-            if upstream.status_code in (404, 503) and time.monotonic() < deadline:
-                await upstream.aclose()
-                await asyncio.sleep(0.5)
-                continue
+            # table lags the API server by up to a refresh). Both retry until the hold deadline: a 503
+            # after the Retry-After the worker asked for. One that would end past the deadline is not
+            # slept through: the client gets the 503, Retry-After included, now.
+            if upstream.status_code in (404, 503):
+                asked = None
+                if upstream.status_code == 503:
+                    asked = retry_after_seconds(upstream.headers.get("retry-after"))
+                remaining = deadline - time.monotonic()
+                if asked is None and remaining > 0:
+                    await upstream.aclose()
+                    await asyncio.sleep(min(RETRY_SECONDS, remaining))
+                    continue
+                if asked is not None and max(asked, MIN_RETRY_SECONDS) <= remaining:
+                    await upstream.aclose()
+                    await asyncio.sleep(max(asked, MIN_RETRY_SECONDS))
+                    continue
             requests_total.labels(str(upstream.status_code)).inc()
             headers = {
                 k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")

@@ -22,7 +22,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit, bearer_matches, json_bytes
+from residency.httpguard import (
+    DEFAULT_MAX_BODY_BYTES,
+    AsgiApp,
+    BodyLimit,
+    Receive,
+    Scope,
+    Send,
+    bearer_matches,
+    json_bytes,
+)
 from residency_worker.engine import Engine, EngineError, ModelOptions, SamplingParams
 from residency_worker.engine.batching import ModelRunner
 from residency_worker.engine.generate import SEED_MAX, SEED_MIN, RequestEvent
@@ -208,25 +217,108 @@ def _check_token(request: Request, expected: str | None, *, required: bool) -> N
         raise ApiError(401, "Unauthorized", "a valid bearer token is required")
 
 
+def _check_admin(request: Request, settings: ServerSettings) -> None:
+    _check_token(request, settings.admin_token, required=True)
+
+
+def _check_inference(request: Request, settings: ServerSettings) -> None:
+    _check_token(request, settings.inference_token, required=False)
+
+
+def _check_schema(request: Request, settings: ServerSettings) -> None:
+    """The API's own description (it names every admin route): for a holder of either configured token."""
+    tokens = [t for t in (settings.admin_token, settings.inference_token) if t is not None]
+    if not tokens:
+        raise ApiError(401, "Unauthorized", "the API schema is disabled: no token is configured")
+    authorization = request.headers.get("authorization", "")
+    if not any(bearer_matches(authorization, token) for token in tokens):
+        raise ApiError(401, "Unauthorized", "a valid bearer token is required")
+
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Probes and the Prometheus scrape: kubelets and scrapers carry no token."""
+SCHEMA_PATH = "/openapi.json"
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the app routes on: without the root path a proxy mounted it under (as Starlette does)."""
+    path = str(scope["path"])
+    root = str(scope.get("root_path") or "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+def _guard_of(path: str) -> Callable[[Request, ServerSettings], None] | None:
+    """The token check a request for `path` must pass before the app reads anything of it (None: open).
+
+    Paths outside the admin API, the schema and the probes (the /v1 API, and any unknown path) take the
+    inference token, so a new route is never open by omission."""
+    if path in PUBLIC_PATHS:
+        return None
+    if path == "/admin" or path.startswith("/admin/"):
+        return _check_admin
+    if path == SCHEMA_PATH:
+        return _check_schema
+    return _check_inference
+
+
+def _error_response(exc: ApiError) -> SafeJSONResponse:
+    headers = {}
+    if exc.retry_after_seconds is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_seconds)))
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    body = {"error": {"message": exc.message, "type": exc.code, "code": exc.code}}
+    return SafeJSONResponse(body, status_code=exc.status, headers=headers)
+
+
+class TokenGate:
+    """ASGI middleware: a request proves its bearer token before the app reads its body, so a caller
+    without one gets 401 whatever it sends (not a 422 describing what its body lacks), and FastAPI's
+    request parsing never runs for it. The routes keep their own checks too (defence in depth)."""
+
+    def __init__(self, app: AsgiApp, settings: ServerSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        guard = _guard_of(_route_path(scope))
+        if guard is not None:
+            try:
+                guard(Request(scope), self.settings)
+            except ApiError as exc:
+                await _error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
     """The worker's HTTP app around an already constructed engine."""
     settings = settings or ServerSettings()
     metrics = WorkerMetrics()
     engine.add_listener(metrics.on_engine_event)
-    app = FastAPI(title="residency worker", version="0.1.0", default_response_class=SafeJSONResponse)
+    # no /docs nor /redoc: a browser's Swagger UI fetches /openapi.json without the token it needs
+    app = FastAPI(
+        title="residency worker",
+        version="0.1.0",
+        default_response_class=SafeJSONResponse,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=SCHEMA_PATH,
+    )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # added last, so outermost: a caller without its token is refused before its body is even read
+    app.add_middleware(TokenGate, settings=settings)
     app.state.engine = engine
     app.state.metrics = metrics
 
     @app.exception_handler(ApiError)
     async def _on_api_error(_: Request, exc: ApiError) -> JSONResponse:
-        headers = {}
-        if exc.retry_after_seconds is not None:
-            headers["Retry-After"] = str(max(1, round(exc.retry_after_seconds)))
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        body = {"error": {"message": exc.message, "type": exc.code, "code": exc.code}}
-        return SafeJSONResponse(body, status_code=exc.status, headers=headers)
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -243,10 +335,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return await _on_api_error(request, _api_error(exc, settings))
 
     def admin(request: Request) -> None:
-        _check_token(request, settings.admin_token, required=True)
+        _check_admin(request, settings)
 
     def inference(request: Request) -> None:
-        _check_token(request, settings.inference_token, required=False)
+        _check_inference(request, settings)
 
     async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(function, *args)
@@ -257,9 +349,22 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz() -> dict[str, Any]:
+    async def readyz(request: Request) -> dict[str, Any]:
+        """A probe needs the status code only; the model names go to those who may list them anyway."""
         node = engine.node_report()
-        return {"status": "ready", "node": node.node, "emulated": node.emulated, "models": engine.names()}
+        ready: dict[str, Any] = {"status": "ready", "node": node.node, "emulated": node.emulated}
+        if may_list_models(request):
+            ready["models"] = engine.names()
+        return ready
+
+    def may_list_models(request: Request) -> bool:
+        for check in (_check_inference, _check_admin):
+            try:
+                check(request, settings)
+            except ApiError:
+                continue
+            return True
+        return False
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
