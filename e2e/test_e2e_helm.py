@@ -208,12 +208,17 @@ def sa_kubeconfig(path: Path, cluster_kubeconfig: str, token: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("long_node_name", [False, True], ids=["node", "node-name-over-63"])
 def test_model_ready_with_exactly_the_charts_permissions(
-    release: tuple[str, str], cluster: str, models_root: Path, tmp_path: Path
+    release: tuple[str, str], cluster: str, models_root: Path, tmp_path: Path, long_node_name: bool
 ) -> None:
     name, namespace = release
     install(name, namespace, "crds.enabled=true", "admissionPolicy.enabled=true")
     node = f"helm-gpu-{uuid.uuid4().hex[:6]}"
+    if long_node_name:
+        # a valid node name longer than a label value: placements carry a cut, digested node label, and
+        # the admission policy must check such a worker's writes by spec.nodeName instead
+        node += "." + "x" * 60 + ".nodes.example.internal"
     operator_sa, worker_sa = f"{name}-residency-operator", f"{name}-residency-worker"
     kubectl(
         "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}})
