@@ -34,8 +34,8 @@ start() { # name cmd...
 }
 
 down() {
-  if [ -f "$ROOT/.cluster/kubeconfig" ] && "$ROOT/hack/cluster.sh" status 2>/dev/null; then
-    export KUBECONFIG="$ROOT/.cluster/kubeconfig"
+  if [ -f "${RESIDENCY_CLUSTER_DIR:-$ROOT/.cluster}/kubeconfig" ] && "$ROOT/hack/cluster.sh" status 2>/dev/null; then
+    export KUBECONFIG="${RESIDENCY_CLUSTER_DIR:-$ROOT/.cluster}/kubeconfig"
     kubectl delete -f "$ROOT/examples" --ignore-not-found --timeout=60s >/dev/null 2>&1 || true
   fi
   local spec

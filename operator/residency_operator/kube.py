@@ -153,9 +153,7 @@ class Kube:
                     return False
                 raise
         spec = lease.spec
-        renewed = spec.renew_time or spec.acquire_time
-        expired = renewed is None or renewed + timedelta(seconds=spec.lease_duration_seconds or 0) < now
-        if spec.holder_identity != identity and not expired:
+        if spec.holder_identity != identity and lease_held(spec, now):
             return False
         if spec.holder_identity != identity:
             spec.lease_transitions = (spec.lease_transitions or 0) + 1
@@ -232,3 +230,11 @@ class Kube:
             name,
             {"metadata": {"annotations": {"residency.dev/wake-time": now}}},
         )
+
+
+def lease_held(spec: Any, now: datetime) -> bool:
+    """Whether a V1LeaseSpec has a holder that renewed it within its duration."""
+    renewed = spec.renew_time or spec.acquire_time
+    if not spec.holder_identity or renewed is None:
+        return False
+    return bool(renewed + timedelta(seconds=spec.lease_duration_seconds or 0) >= now)
