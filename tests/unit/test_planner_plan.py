@@ -515,3 +515,41 @@ def test_a_preemption_never_names_a_lower_priority_model_as_its_reason(solver: s
     stopped = [a for a in planned.actions if a.model == "ns/high"]
     assert stopped and stopped[0].kind == "preempt"
     assert "ns/low" not in stopped[0].reason and "no room meets its SLO" in stopped[0].reason
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_a_busy_higher_priority_model_takes_room_where_it_serves_best_not_where_room_is_cheapest(
+    solver: str,
+) -> None:
+    # A burst hits a high-priority model whose weights are cached on the fast node. At its least-memory
+    # level that meets its SLO, it streams most of its weights and needs more GPU time than any node has;
+    # whole, it needs a quarter of the fast GPU. Making room there (one batch model preempted, the pinned
+    # model beside it left as it is) beats taking a slow node's cheap room, where it barely meets its SLO.
+    def busy(name: str, billions: float, demand: float, **fields: object) -> ModelDemand:
+        return dataclasses.replace(
+            model(name, billions, **fields),
+            max_batch=8,
+            demand_decode_tokens_per_second=demand,
+            prompt_tokens_per_second=demand * 4,
+            typical_prompt_tokens=512,
+        )
+
+    fast = NodeCapacity("h100-0", "H100", 80 * GIB, 512 * GIB, 50.0, 2000.0, 120.0, gpu_tflops=750.0)
+    slow = NodeCapacity("l4-0", "L4", 24 * GIB, 128 * GIB, 25.0, 300.0, 60.0, gpu_tflops=121.0)
+    slo = {"min_decode_tokens_per_second": 8.0, "max_offload_fraction": 0.75}
+    batch = [busy(f"batch/m{i}", 8, demand, priority=10, **slo) for i, demand in enumerate((64, 44, 49, 35))]
+    small = busy("batch/small", 3.2, 33, priority=10, **slo)
+    pinned = busy("prod/steady", 8, 6, priority=100, preemptible=False, min_decode_tokens_per_second=15.0)
+    burst = dataclasses.replace(
+        busy("prod/burst", 8, 90, priority=100, preemptible=False, min_decode_tokens_per_second=15.0),
+        waiting_requests=6,
+    )
+    current = [
+        *(CurrentPlacement(m.name, "h100-0", 1.0, "stream") for m in (*batch[:3], small, pinned)),
+        CurrentPlacement(batch[3].name, "l4-0", 1.0, "stream"),
+        CurrentPlacement(burst.name, "h100-0", 0.0, "stream", "preempted"),
+    ]
+    planned = plan([*batch, small, pinned, burst], [fast, slow], current, config=PlannerConfig(solver=solver))
+    assert planned.placements["prod/burst"].node == "h100-0"
+    assert planned.placements["prod/steady"].resident_fraction == 1.0
+    assert [a.kind for a in planned.actions if a.model == "prod/burst"] == ["resume"]

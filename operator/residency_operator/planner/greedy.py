@@ -68,6 +68,17 @@ MAKE_ROOM_FAILURE_LIMIT = 32
 is full for it); bounds the work on hopelessly over-subscribed inputs."""
 
 
+def _better_room(
+    tier_net: float, loss: float, best_tier_net: float, best_loss: float, config: PlannerConfig
+) -> bool:
+    """Whether making room on one node beats the best so far: more for the newcomer's tier by a clear
+    margin (the hysteresis share), or about as much for it and less lost in all."""
+    margin = config.hysteresis_fraction * max(abs(tier_net), abs(best_tier_net), 1.0)
+    if abs(tier_net - best_tier_net) > margin:
+        return tier_net > best_tier_net
+    return loss < best_loss
+
+
 @dataclass(slots=True)
 class Assignment:
     """A model's placement while the greedy works (mutable)."""
@@ -925,74 +936,90 @@ class GreedyPlanner:
         """
         model = self.models[model_index]
         state, tables = self.state, self.tables
-        best: tuple[float, int, int, int, int, list[tuple[int, str, int]]] | None = None
+        best: tuple[float, float, int, int, int, int, list[tuple[int, str, int]]] | None = None
         for node_class, mode_index in self._class_modes(model_index):
-            level = int(self.min_level[node_class, mode_index, model_index])
-            need_gpu = int(tables.gpu_bytes[mode_index, model_index, level])
-            need_host = int(tables.host_bytes[model_index, level])
-            need_busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
-            need_tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
-            gain_value = float(tables.primary_value[node_class, mode_index, model_index, level])
-            # What the newcomer gains is net of its amortised load (it serves nothing while it loads).
-            net_gain = gain_value * (1.0 - self._load_share(node_class, model_index, level))
-            # Models of its own tier worth this much or more are not preempted for it.
-            limit = net_gain / SAME_TIER_SWAP_GAIN
-            memo_key = (model.priority, node_class, mode_index)
-            memo = self.failed_room if only_nodes is None else failed if failed is not None else {}
-            failures = memo.setdefault(memo_key, [])
-            if any(
-                g <= need_gpu and h <= need_host and b <= need_busy + 1e-12 and lim >= limit - 1e-12
-                for g, h, b, lim in failures
-            ):
-                # A smaller need, that could preempt as much of its tier, already found no room here in
-                # this tier; room only shrinks as it fills.
-                continue
-            value_bound = False
-            if only_nodes is None:
-                largest = state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]
-                candidates = [node for _, node in reversed(largest)]
-            else:
-                candidates = [node for node in only_nodes if self.class_of_node[node] == node_class]
-            for node in candidates:
-                plan = self._room_plan(
-                    model,
-                    node,
-                    (need_gpu, need_host, need_busy, need_tolerance),
-                    same_tier_value_limit=limit,
-                )
-                value_bound = value_bound or self.room_cut
-                if plan is None:
+            # The least memory that meets its SLO, and its best level: a busy model's least-memory level
+            # may need more GPU time than any node has, where a higher one fits beside the others. The
+            # best level is tried only where the least-memory one found no room, and needs less time.
+            minimal = int(self.min_level[node_class, mode_index, model_index])
+            target = int(self.target_level[node_class, mode_index, model_index])
+            time_at = tables.busy_fraction[node_class, mode_index, model_index]
+            levels = (minimal, target) if time_at[target] < time_at[minimal] - 1e-9 else (minimal,)
+            found_here = False
+            for level in levels:
+                if found_here:
+                    break
+                need_gpu = int(tables.gpu_bytes[mode_index, model_index, level])
+                need_host = int(tables.host_bytes[model_index, level])
+                need_busy = float(tables.busy_fraction[node_class, mode_index, model_index, level])
+                need_tolerance = float(tables.tolerance[node_class, mode_index, model_index, level])
+                gain_value = float(tables.primary_value[node_class, mode_index, model_index, level])
+                # What the newcomer gains is net of its amortised load (it serves nothing while it loads).
+                net_gain = gain_value * (1.0 - self._load_share(node_class, model_index, level))
+                # Models of its own tier worth this much or more are not preempted for it.
+                limit = net_gain / SAME_TIER_SWAP_GAIN
+                memo_key = (model.priority, node_class, mode_index)
+                memo = self.failed_room if only_nodes is None else failed if failed is not None else {}
+                failures = memo.setdefault(memo_key, [])
+                if any(
+                    g <= need_gpu and h <= need_host and b <= need_busy + 1e-12 and lim >= limit - 1e-12
+                    for g, h, b, lim in failures
+                ):
+                    # A smaller need, that could preempt as much of its tier, already found no room here in
+                    # this tier; room only shrinks as it fills.
                     continue
-                loss, steps = plan
-                same_tier_loss = sum(
-                    self._step_loss(i, kind, model.priority, step_level)
-                    for i, kind, step_level in steps
-                    if self.models[i].priority >= model.priority
-                )
-                if same_tier_loss >= gain_value:
-                    continue
-                # Preempting a model of the same tier must clearly beat keeping it (see SAME_TIER_SWAP_GAIN),
-                # so that models of one tier do not take turns evicting each other.
-                swapped = [
-                    i
-                    for i, kind, _ in steps
-                    if kind == "preempt" and self.models[i].priority == model.priority
-                ]
-                if swapped:
-                    margin = sum(self.config.hysteresis_fraction * abs(self._value_of(i)) for i in swapped)
-                    if SAME_TIER_SWAP_GAIN * same_tier_loss + margin >= net_gain:
-                        value_bound = True
+                value_bound = False
+                if only_nodes is None:
+                    largest = state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]
+                    candidates = [node for _, node in reversed(largest)]
+                else:
+                    candidates = [node for node in only_nodes if self.class_of_node[node] == node_class]
+                for node in candidates:
+                    plan = self._room_plan(
+                        model,
+                        node,
+                        (need_gpu, need_host, need_busy, need_tolerance),
+                        same_tier_value_limit=limit,
+                    )
+                    value_bound = value_bound or self.room_cut
+                    if plan is None:
                         continue
-                key = (loss, node, node_class, mode_index, level)
-                if best is None or key < best[:5]:
-                    best = (loss, node, node_class, mode_index, level, steps)
-            if best is None and len(failures) < 32:
-                # Where no model of its own tier was left out for its value, no newcomer of this tier
-                # finds room for this need, however valuable; else only those allowed to preempt more.
-                failures.append((need_gpu, need_host, need_busy, limit if value_bound else float("inf")))
+                    loss, steps = plan
+                    same_tier_loss = sum(
+                        self._step_loss(i, kind, model.priority, step_level)
+                        for i, kind, step_level in steps
+                        if self.models[i].priority >= model.priority
+                    )
+                    if same_tier_loss >= gain_value:
+                        continue
+                    # Preempting a model of the same tier must clearly beat keeping it (SAME_TIER_SWAP_GAIN),
+                    # so that models of one tier do not take turns evicting each other.
+                    swapped = [
+                        i
+                        for i, kind, _ in steps
+                        if kind == "preempt" and self.models[i].priority == model.priority
+                    ]
+                    if swapped:
+                        margin = sum(
+                            self.config.hysteresis_fraction * abs(self._value_of(i)) for i in swapped
+                        )
+                        if SAME_TIER_SWAP_GAIN * same_tier_loss + margin >= net_gain:
+                            value_bound = True
+                            continue
+                    # Where the newcomer's own tier comes out best (what it gains there, net of its load
+                    # and of what its own tier loses: a slow node's room is cheap but serves little), and
+                    # among near equals, where the lower tiers lose least.
+                    found_here = True
+                    tier_net = net_gain - same_tier_loss
+                    if best is None or _better_room(tier_net, loss, best[0], best[1], self.config):
+                        best = (tier_net, loss, node, node_class, mode_index, level, steps)
+                if best is None and len(failures) < 32:
+                    # Where no model of its own tier was left out for its value, no newcomer of this tier
+                    # finds room for this need, however valuable; else only those allowed to preempt more.
+                    failures.append((need_gpu, need_host, need_busy, limit if value_bound else float("inf")))
         if best is None:
             return False
-        _, node, node_class, mode_index, level, steps = best
+        _, _, node, node_class, mode_index, level, steps = best
         self._carry_out(steps, model_index)
         state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
         return True
@@ -1147,7 +1174,7 @@ class GreedyPlanner:
             return None  # only models of its own tier worth too much to preempt would free enough
         steps: list[tuple[int, str, int]] = []
         loss_total = 0.0
-        demoted: dict[int, tuple[int, int]] = {}
+        demoted: dict[int, tuple[int, int, float]] = {}
         for _, _, other, freed_gpu, host_delta, busy, tolerance, loss, level in candidates.demotions:
             if enough():
                 break
@@ -1158,7 +1185,7 @@ class GreedyPlanner:
             used_estimate += busy - staying[other][0]
             staying[other] = (busy, tolerance)
             loss_total += loss
-            demoted[other] = (freed_gpu, host_delta)
+            demoted[other] = (freed_gpu, host_delta, loss)
             steps.append((other, "demote", level))
         for priority, _, _, other, gpu, host, value in candidates.preemptions:
             if enough():
@@ -1168,9 +1195,10 @@ class GreedyPlanner:
                 break  # same tier, least valuable first: none from here on is worth preempting
             if other in demoted:
                 # Preempting a model already demoted frees its demoted footprint, not its original one.
-                freed_gpu, host_delta = demoted.pop(other)
+                freed_gpu, host_delta, demotion_loss = demoted.pop(other)
                 gpu -= freed_gpu
                 host += host_delta
+                loss_total -= demotion_loss
                 steps = [step for step in steps if step[0] != other]
             free_gpu += gpu
             free_host += host
@@ -1179,6 +1207,20 @@ class GreedyPlanner:
                 used_estimate -= left[0]
             loss_total += value
             steps.append((other, "preempt", -1))
+        # Demotions come first (they lose least per byte), but once preemptions freed the memory some are
+        # needless, and each made a model slower: more of the GPU's time, less room for others' turns
+        # (a demotion can be what leaves the newcomer no time). Undo every one the memory allows, the
+        # costliest first.
+        for other in sorted(demoted, key=lambda i: (-demoted[i][2], i)):
+            freed_gpu, host_delta, demotion_loss = demoted[other]
+            if free_gpu - freed_gpu < need_gpu or free_host - host_delta < need_host:
+                continue
+            free_gpu -= freed_gpu
+            free_host -= host_delta
+            used_estimate += candidates.staying[other][0] - staying[other][0]
+            staying[other] = candidates.staying[other]
+            loss_total -= demotion_loss
+            steps = [step for step in steps if step[0] != other]
         if enough():
             return loss_total, steps
         return None
