@@ -185,6 +185,20 @@ def create_app(
                 return route, now - started
             await asyncio.sleep(min(0.2, deadline - now))
 
+    async def retry_due(model: str, endpoint: str, retry_at: float, deadline: float) -> bool:
+        """Waits until ``endpoint`` may be tried again (``retry_at``) or the model's route moves off it,
+        looking at the table every RETRY_SECONDS; False when the deadline comes first."""
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if now >= retry_at:
+                return True
+            await asyncio.sleep(min(RETRY_SECONDS, retry_at - now, deadline - now))
+            route = resolve(table.models, model)
+            if route.decision != "forward" or route.endpoint != endpoint:
+                return time.monotonic() < deadline
+
     upstream_headers = {"authorization": f"Bearer {worker_token}"} if worker_token else {}
 
     def authorised(request: Request) -> bool:
@@ -242,21 +256,17 @@ def create_app(
                 requests_total.labels("unavailable").inc()
                 return error(503, f"worker for {route.key} unreachable: {exc.__class__.__name__}", 2)
             # 503: the model is preempted or reloading there; 404: it just moved off that worker (the
-            # table lags the API server by up to a refresh). Both retry until the hold deadline: a 503
-            # after the Retry-After the worker asked for. One that would end past the deadline is not
-            # slept through: the client gets the 503, Retry-After included, now.
+            # table lags the API server by up to a refresh). Both retry until the hold deadline: that
+            # worker again once the Retry-After it asked for has passed (a 503 without one, or a 404,
+            # after the usual interval), another at once if the model moved there meanwhile. At the
+            # deadline the client gets the worker's answer, Retry-After included.
             if upstream.status_code in (404, 503):
                 asked = None
                 if upstream.status_code == 503:
                     asked = retry_after_seconds(upstream.headers.get("retry-after"))
-                remaining = deadline - time.monotonic()
-                if asked is None and remaining > 0:
+                pause = RETRY_SECONDS if asked is None else max(asked, MIN_RETRY_SECONDS)
+                if await retry_due(body["model"], route.endpoint, time.monotonic() + pause, deadline):
                     await upstream.aclose()
-                    await asyncio.sleep(min(RETRY_SECONDS, remaining))
-                    continue
-                if asked is not None and max(asked, MIN_RETRY_SECONDS) <= remaining:
-                    await upstream.aclose()
-                    await asyncio.sleep(max(asked, MIN_RETRY_SECONDS))
                     continue
             requests_total.labels(str(upstream.status_code)).inc()
             headers = {
