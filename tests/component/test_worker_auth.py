@@ -1,6 +1,5 @@
 """The worker's bearer tokens are checked before anything reads a request: a caller without its token gets
-401 whatever its body holds; the API schema needs a token; the probes and /metrics stay open and /readyz
-names models only to callers who may list them anyway."""
+401 whatever its body holds; the API schema needs a token; the probes and /metrics stay open."""
 
 from __future__ import annotations
 
@@ -162,19 +161,15 @@ async def test_the_api_schema_needs_a_token_and_no_docs_page_is_served(
         assert is_unauthorised(await bare.get("/openapi.json", headers=ADMIN))
 
 
-async def test_probes_and_metrics_need_no_token_and_readyz_names_no_model_to_strangers(
-    guarded: httpx.AsyncClient,
-) -> None:
+async def test_probes_and_metrics_need_no_token(guarded: httpx.AsyncClient) -> None:
+    # (as vLLM's: a kubelet and a scraper carry no token; both name the loaded models, as metrics labels
+    # do; the README says to restrict the worker's port where names are sensitive)
     assert (await guarded.get("/healthz")).status_code == 200
     metrics = await guarded.get("/metrics")
     assert metrics.status_code == 200 and "residency_" in metrics.text
     for headers in NOT_AUTHORISED:
         ready = await guarded.get("/readyz", headers=headers)
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
-        assert MODEL not in ready.text and "models" not in ready.json()
-    for headers in (ADMIN, USER):  # those who may list the models anyway see them here too
-        ready = await guarded.get("/readyz", headers=headers)
-        assert ready.status_code == 200 and ready.json()["models"] == [MODEL]
 
 
 async def test_requests_with_the_token_are_still_served(guarded: httpx.AsyncClient) -> None:
