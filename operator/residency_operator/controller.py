@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,10 @@ class Controller:
         self._draining_since: dict[str, float] = {}  # node → when it was first seen cordoned/disrupting
         self._dirty = asyncio.Event()
         self.leader = False
+        # Leader work (a Lease renewal, a round) runs in a thread that cancelling run() does not stop:
+        # release() waits for it under this lock, and nothing starts once it is stopping.
+        self._leading = threading.Lock()
+        self._stopping = False
 
     def poke(self) -> None:
         """Something changed in the cluster: plan again soon."""
@@ -128,13 +133,7 @@ class Controller:
             await asyncio.sleep(self.debounce_seconds)
             self._dirty.clear()
             try:
-                leader = await asyncio.to_thread(
-                    self.kube.try_acquire_lease,
-                    self.lease_namespace,
-                    LEASE_NAME,
-                    self.identity,
-                    self.lease_seconds,
-                )
+                leader = await asyncio.to_thread(self._renew)
                 if leader != self.leader:
                     log.info(
                         "%s the %s Lease as %s", "holding" if leader else "lost", LEASE_NAME, self.identity
@@ -142,7 +141,9 @@ class Controller:
                 self.leader = leader
                 if not self.leader:
                     continue
-                report = await asyncio.to_thread(self.round)
+                report = await asyncio.to_thread(self._lead_round)
+                if report is None:
+                    return  # stopping
                 if report.created or report.updated or report.deleted:
                     log.info(
                         "plan (%s, %.3f s): created %s updated %s deleted %s",
@@ -159,11 +160,26 @@ class Controller:
                 await asyncio.sleep(2.0)
                 self._dirty.set()
 
+    def _renew(self) -> bool:
+        with self._leading:
+            if self._stopping:
+                return False
+            return self.kube.try_acquire_lease(
+                self.lease_namespace, LEASE_NAME, self.identity, self.lease_seconds
+            )
+
+    def _lead_round(self) -> RoundReport | None:
+        with self._leading:
+            return None if self._stopping else self.round()
+
     def release(self) -> None:
-        """Give the Lease up on a clean stop so that a successor acts at once."""
-        if self.leader:
-            self.kube.release_lease(self.lease_namespace, LEASE_NAME, self.identity)
-            self.leader = False
+        """Give the Lease up on a clean stop so that a successor acts at once: after the round (or Lease
+        renewal) in flight has ended, so that two leaders never write placements at the same time."""
+        with self._leading:
+            self._stopping = True
+            if self.leader:
+                self.kube.release_lease(self.lease_namespace, LEASE_NAME, self.identity)
+                self.leader = False
 
     def read_state(self) -> ClusterState:
         """The cluster as this operator plans it: with ``namespaces``, only their models, profiles and

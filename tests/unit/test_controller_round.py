@@ -3,8 +3,10 @@ name, or one object the API server refuses, never stops the round for the other 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -134,3 +136,47 @@ def test_an_operator_for_some_namespaces_plans_only_their_models_around_the_othe
     assert "team-a.chat" not in kube.placements  # no room left beside team-b's model
     assert set(kube.statuses) == {"team-a/chat"}
     assert kube.statuses["team-a/chat"]["phase"] == "Unschedulable"
+
+
+async def test_a_clean_stop_releases_the_lease_only_after_the_round_in_flight(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    """A round runs in a thread that cancelling the controller's task does not stop: released at once,
+    the Lease would let a successor plan while this round still writes placements."""
+    events: list[str] = []
+    in_round, finish = threading.Event(), threading.Event()
+
+    class LeaderKube(FakeKube):
+        def try_acquire_lease(self, *args: Any) -> bool:
+            events.append("renew")
+            return True
+
+        def release_lease(self, *args: Any) -> None:
+            events.append("release")
+
+    kube = LeaderKube(cluster(tmp_path, make_model_dir, ["a"]))
+    controller = Controller(kube, knobs(tmp_path), debounce_seconds=0.0)  # type: ignore[arg-type]
+    real_round = controller.round
+
+    def slow_round() -> Any:
+        events.append("round starts")
+        in_round.set()
+        finish.wait(10)
+        report = real_round()
+        events.append("round ends")
+        return report
+
+    controller.round = slow_round  # type: ignore[method-assign]
+    controller.poke()
+    task = asyncio.create_task(controller.run())
+    assert await asyncio.to_thread(in_round.wait, 10)
+    task.cancel()  # as main.stop does, then release
+    releasing = asyncio.create_task(asyncio.to_thread(controller.release))
+    await asyncio.sleep(0.3)
+    assert "release" not in events, events
+    finish.set()
+    await releasing
+    assert events[-2:] == ["round ends", "release"], events
+    # and no renewal or round starts after that
+    assert controller._renew() is False and controller._lead_round() is None
+    assert events[-1] == "release"
