@@ -312,8 +312,12 @@ def current_placement(
     ):
         kind = "idle"
     # the fraction placed, not the one reported: the worker keeps whole layers, so it reports a fraction
-    # near the planner's level, which the next round would otherwise "promote" back to (or write back)
-    fraction = spec.get("residentFraction", status.get("residentFraction"))
+    # near the planner's level, which the next round would otherwise "promote" back to (or write back).
+    # Unless the change to it failed (a reason on a loaded model): then what it still holds.
+    failed_change = state == "Loaded" and bool(status.get("reason"))
+    fraction = status.get("residentFraction") if failed_change else None
+    if fraction is None:
+        fraction = spec.get("residentFraction", status.get("residentFraction"))
     return CurrentPlacement(
         model=f"{spec['model']['namespace']}/{spec['model']['name']}",
         node=spec["nodeName"],
@@ -713,7 +717,12 @@ def _placed_verdict(
             ("Ready", "True", "Ready", message),
         ]
         slo = (inputs.bodies[key]["spec"].get("slo") or {}).get("minDecodeTokensPerSecond")
-        if slo is not None and observed_rate is not None and observed_rate < slo:
+        if status.get("reason"):
+            # the worker could not carry out the last change (it serves as before): say why
+            conditions.append(
+                ("Degraded", "True", str(status["reason"]), str(status.get("message") or status["reason"]))
+            )
+        elif slo is not None and observed_rate is not None and observed_rate < slo:
             conditions.append(
                 (
                     "Degraded",

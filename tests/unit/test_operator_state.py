@@ -590,3 +590,27 @@ def test_a_worker_s_whole_layer_residency_off_the_planner_grid_is_no_change(
     _, result, again = run(state, tmp_path)
     assert result.actions == ()
     assert {k: m["spec"] for k, m in again.items()} == {e["metadata"]["name"]: e["spec"] for e in existing}
+
+
+def test_a_loaded_model_whose_last_change_failed_is_ready_and_degraded(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    state = ClusterState(
+        [llm("a", make_model_dir("a", params=20_000))], [profile("n1", 10**7)], [node("n1")], []
+    )
+    _, _, desired = run(state, tmp_path)
+    manifest = desired[placement_name("team-a/a")]
+    failed = loaded(
+        manifest,
+        residentFraction=0.4,
+        reason="PlacementDoesNotFit",
+        message="could not change to 100% resident (stream): no room; still serving at 40%",
+    )
+    state = ClusterState(state.models, state.node_profiles, state.nodes, [failed])
+    inputs, result, _ = run(state, tmp_path)
+    verdict = model_verdict("team-a/a", inputs, result, failed)
+    assert verdict.phase == "Ready"
+    conditions = {c[0]: c[1:] for c in verdict.conditions}
+    assert conditions["Degraded"][:2] == ("True", "PlacementDoesNotFit")
+    assert "still serving at 40%" in conditions["Degraded"][2]
+    assert dict(verdict.extra)["residentPercent"] == 40

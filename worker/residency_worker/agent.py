@@ -434,7 +434,10 @@ class NodeAgent:
         name = self._model_name(placement)
         generation = placement["metadata"].get("generation")
         failure = self._failures.get(name)
-        if failure is not None and failure.generation == generation:
+        if failure is not None and failure.generation != generation:
+            failure = None
+        serving = name in self.engine.names() and self.engine.status(name).state == "ready"
+        if failure is not None and not serving:
             status: dict[str, Any] = {
                 "state": "Failed",
                 "reason": failure.reason,
@@ -459,6 +462,15 @@ class NodeAgent:
                 "reason": None,
                 "message": None,
             }
+            if failure is not None:
+                # a promotion, demotion or mode change that failed: the model still serves as it was, and
+                # says so (its residentFraction is what it holds, not what the spec asks)
+                status["reason"] = failure.reason
+                status["message"] = (
+                    f"could not change to {_percent(placement['spec']['residentFraction'])}% resident "
+                    f"({placement['spec'].get('executionMode', 'stream')}): {failure.message}; still serving "
+                    f"at {_percent(model.residency.resident_fraction)}%"
+                )[:4000]
             runner = self.engine.runner(name)
             active = time.time() if model.active_sequences or model.queue_depth else runner.last_request_time
             reported = parse_rfc3339((placement.get("status") or {}).get("lastActiveTime"))
@@ -574,3 +586,7 @@ def _load_key(placement: dict[str, Any]) -> tuple[Any, ...]:
 def host_memory_bytes() -> int:
     """Physical memory of this machine."""
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * float(fraction):.0f}"

@@ -1,0 +1,100 @@
+"""A worker that cannot carry out a change to a loaded model (a promotion that does not fit) keeps serving
+it as it was, and says so on its placement: the operator then plans from what the model still holds."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from residency.modelgen import make_model
+from residency_operator.state import current_placement
+from residency_worker.agent import AgentConfig, NodeAgent
+from residency_worker.engine import Engine, make_gpu_tier
+
+
+class FakeCustom:
+    """The placement API as the agent calls it: one placement, status patches merged into it."""
+
+    def __init__(self, placement: dict[str, Any]) -> None:
+        self.placement = placement
+
+    def list_cluster_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"items": [copy.deepcopy(self.placement)]}
+
+    def patch_cluster_custom_object_status(
+        self, group: str, version: str, plural: str, name: str, body: dict[str, Any]
+    ) -> None:
+        status = self.placement.setdefault("status", {})
+        for key, value in body["status"].items():
+            if value is None:
+                status.pop(key, None)
+            else:
+                status[key] = value
+
+    def patch_cluster_custom_object(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class FakeCore:
+    def patch_node_status(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def test_a_promotion_that_does_not_fit_leaves_the_model_serving_and_says_so(tmp_path: Path) -> None:
+    make_model(tmp_path / "tiny", "llama", "tiny", seed=5, dtype="float32")
+    engine = Engine(make_gpu_tier(900_000, force_emulated=True), [tmp_path], node="n1", calibration_bytes=0)
+    placement: dict[str, Any] = {
+        "metadata": {"name": "t.m", "generation": 1, "resourceVersion": "1"},
+        "spec": {
+            "model": {"namespace": "t", "name": "m", "uid": "u"},
+            "nodeName": "n1",
+            "sourcePath": str(tmp_path / "tiny"),
+            "dtype": "float32",
+            "residentFraction": 0.25,
+            "minResidentFraction": 0.0,
+            "executionMode": "stream",
+            "desiredState": "Loaded",
+            "maxSequenceLength": 64,
+            "maxBatchSize": 1,
+        },
+    }
+    api = FakeCustom(placement)
+    agent = NodeAgent(
+        engine,
+        AgentConfig(node="n1", endpoint="http://w", host_memory_bytes=2**34),
+        custom=api,  # type: ignore[arg-type]
+        core=FakeCore(),  # type: ignore[arg-type]
+    )
+    agent.heartbeat = lambda force=False: None  # type: ignore[method-assign]
+    try:
+        agent.sync()
+        status = placement["status"]
+        held = status["residentFraction"]
+        assert status["state"] == "Loaded" and "reason" not in status
+        # the planner reads the fraction it placed (whole layers round it): no change to undo
+        assert current_placement(placement, datetime.now(UTC)).resident_fraction == 0.25  # type: ignore[union-attr]
+
+        placement["spec"]["residentFraction"] = 1.0  # more than the 900 kB budget holds
+        placement["metadata"]["generation"] = 2
+        agent.sync()
+        agent.sync()  # and it stays so (no retry until room frees)
+        status = placement["status"]
+        assert engine.status("t/m").state == "ready"
+        assert status["state"] == "Loaded", "it still serves"
+        assert status["endpoint"] == "http://w/v1"
+        assert status["residentFraction"] == held, "what it holds, not what the spec asks"
+        assert status["reason"] == "PlacementDoesNotFit"
+        assert "could not change to 100% resident" in status["message"]
+        assert "still serving at 31%" in status["message"]
+        # and the planner plans from what it holds, not from the promotion that did not happen
+        now = current_placement(placement, datetime.now(UTC))
+        assert now is not None and now.state == "loaded" and now.resident_fraction == held
+
+        placement["spec"]["residentFraction"] = 0.25  # the operator takes it back: the warning goes
+        placement["metadata"]["generation"] = 3
+        agent.sync()
+        assert "reason" not in placement["status"] and placement["status"]["state"] == "Loaded"
+    finally:
+        engine.close()
