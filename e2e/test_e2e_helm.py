@@ -177,6 +177,55 @@ def test_install_rbac_upgrade_uninstall_keeps_crds_and_models(release: tuple[str
         kubectl("delete", "namespace", users, "--wait=false", check=False)
 
 
+def chart_processes(
+    namespace: str,
+    node: str,
+    models_root: Path,
+    tmp_path: Path,
+    operator_config: Path,
+    worker_config: Path,
+    worker_env: dict[str, str] | None = None,
+    worker_args: tuple[str, ...] = (),
+) -> tuple[Process, Process]:
+    """The operator and a worker for ``node`` as local processes (not started), each authenticated with
+    its kubeconfig (a chart ServiceAccount's token); the worker's admin token is ``tmp_path/admin.token``.
+    The operator's Lease is in ``namespace``, as the chart deploys it."""
+    operator = Process(
+        "operator",
+        ["operator", "--models-root", str(models_root)],
+        tmp_path / "operator.log",
+        env={
+            "KUBECONFIG": str(operator_config),
+            "RESIDENCY_NAMESPACE": namespace,
+            "RESIDENCY_RESYNC_SECONDS": "5",
+            "RESIDENCY_CAPACITY_REQUESTS": "false",
+        },
+    )
+    worker = Process(
+        "worker",
+        [
+            "worker",
+            "--node",
+            node,
+            "--gpu-memory",
+            "64MiB",
+            "--models-root",
+            str(models_root),
+            "--port",
+            str(free_port()),
+            "--admin-token-file",
+            str(tmp_path / "admin.token"),
+            "--join",
+            "--calibration-mib",
+            "8",
+            *worker_args,
+        ],
+        tmp_path / "worker.log",
+        env={"KUBECONFIG": str(worker_config), **(worker_env or {})},
+    )
+    return operator, worker
+
+
 def sa_kubeconfig(path: Path, cluster_kubeconfig: str, token: str) -> Path:
     """A kubeconfig that authenticates with a ServiceAccount token and the cluster's CA."""
     view = json.loads(
@@ -255,37 +304,14 @@ def test_model_ready_with_exactly_the_charts_permissions(
     worker_config = sa_kubeconfig(tmp_path / "worker.kubeconfig", cluster, worker_token)
     users = f"{namespace}-users"
     kubectl("create", "namespace", users)
-    operator = Process(
-        "operator",
-        ["operator", "--models-root", str(models_root)],
-        tmp_path / "operator.log",
-        env={
-            "KUBECONFIG": str(operator_config),
-            "RESIDENCY_NAMESPACE": namespace,
-            "RESIDENCY_RESYNC_SECONDS": "5",
-            "RESIDENCY_CAPACITY_REQUESTS": "false",
-        },
-    )
-    worker = Process(
-        "worker",
-        [
-            "worker",
-            "--node",
-            node,
-            "--gpu-memory",
-            "64MiB",
-            "--models-root",
-            str(models_root),
-            "--port",
-            str(free_port()),
-            "--admin-token-file",
-            str(tmp_path / "admin.token"),
-            "--join",
-            "--calibration-mib",
-            "8",
-        ],
-        tmp_path / "worker.log",
-        env={"KUBECONFIG": str(worker_config), "POD_NAME": pod, "POD_NAMESPACE": namespace},
+    operator, worker = chart_processes(
+        namespace,
+        node,
+        models_root,
+        tmp_path,
+        operator_config,
+        worker_config,
+        worker_env={"POD_NAME": pod, "POD_NAMESPACE": namespace},
     )
     try:
         operator.start()

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import free_port, purge_models
+from conftest import purge_models
 from harness import REPO, SMALL_LIMITS, Process, apply, binaries_dir, get_json, kubectl, llm, wait_for
-from test_e2e_helm import CRDS, helm, install, sa_kubeconfig
+from test_e2e_helm import CRDS, chart_processes, helm, install, sa_kubeconfig
 
 pytestmark = pytest.mark.e2e
 HOOK_TIMEOUT = 60  # crds.uninstallTimeoutSeconds for these tests
@@ -161,40 +161,16 @@ def start_operator_and_worker(
     ).stdout.strip()
     secret = get_json("secret", f"{name}-residency-worker-token", "-n", namespace)["data"]
     (tmp_path / "admin.token").write_text(base64.b64decode(secret["admin-token"]).decode())
-    operator = Process(
-        "operator",
-        ["operator", "--models-root", str(models_root)],
-        tmp_path / "operator.log",
-        env={
-            "KUBECONFIG": str(sa_kubeconfig(tmp_path / "operator.kubeconfig", cluster, operator_token)),
-            "RESIDENCY_NAMESPACE": namespace,  # its Lease, which the hook reads
-            "RESIDENCY_RESYNC_SECONDS": "5",
-            "RESIDENCY_CAPACITY_REQUESTS": "false",
-        },
-    ).start()
-    worker = Process(
-        "worker",
-        [
-            "worker",
-            "--node",
-            node,
-            "--gpu-memory",
-            "64MiB",
-            "--models-root",
-            str(models_root),
-            "--port",
-            str(free_port()),
-            "--admin-token-file",
-            str(tmp_path / "admin.token"),
-            "--join",
-            "--calibration-mib",
-            "8",
-            "--no-protect",
-        ],
-        tmp_path / "worker.log",
-        env={"KUBECONFIG": str(sa_kubeconfig(tmp_path / "worker.kubeconfig", cluster, worker_token))},
-    ).start()
-    return operator, worker
+    operator, worker = chart_processes(
+        namespace,
+        node,
+        models_root,
+        tmp_path,
+        sa_kubeconfig(tmp_path / "operator.kubeconfig", cluster, operator_token),
+        sa_kubeconfig(tmp_path / "worker.kubeconfig", cluster, worker_token),
+        worker_args=("--no-protect",),
+    )
+    return operator.start(), worker.start()
 
 
 def kept_by_release(name: str, namespace: str) -> set[str]:
