@@ -209,3 +209,22 @@ def test_retry_after_is_read_in_its_seconds_form_only() -> None:
     assert retry_after_seconds("1.5") == 1.5
     for unusable in (None, "", "soon", "-1", "1e3", "nan", "inf", "1_0", "Wed, 21 Oct 2015 07:28:00 GMT"):
         assert retry_after_seconds(unusable) is None, unusable
+
+
+async def test_the_hold_histogram_counts_each_request_once_with_its_retry_waits(
+    worker: tuple[FakeWorker, str],
+) -> None:
+    fake, url = worker
+    fake.answer((503, "1"), (503, "1"), (200, None))
+    app = router(url, hold_seconds=10)
+    response, _ = await post(app)
+    assert response.status_code == 200
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
+        text = (await client.get("/metrics")).text
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("residency_router_hold_seconds_")
+    }
+    assert samples["residency_router_hold_seconds_count"] == 1.0, "one request, one observation"
+    assert samples["residency_router_hold_seconds_sum"] >= 1.9, "the two 1 s waits the worker asked for"

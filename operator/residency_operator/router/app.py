@@ -216,9 +216,16 @@ def create_app(
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return error(400, "request body must be a JSON object with a string `model`")
         deadline = time.monotonic() + hold_seconds
+        held = [0.0]  # seconds this request waited for its model (once per request, retries included)
+        try:
+            return await forward(body, path, deadline, held)
+        finally:
+            held_seconds.observe(held[0])
+
+    async def forward(body: dict[str, Any], path: str, deadline: float, held: list[float]) -> Response:
         while True:
             route, waited = await route_when_ready(body["model"], deadline)
-            held_seconds.observe(waited)
+            held[0] += waited
             if route.decision == "reject":
                 requests_total.labels("rejected").inc()
                 # a model that is not running was told it is wanted: it may get room, so try again soon
@@ -252,6 +259,7 @@ def create_app(
                 remaining = deadline - time.monotonic()
                 if remaining > 0:
                     await asyncio.sleep(min(RETRY_SECONDS, remaining))
+                    held[0] += min(RETRY_SECONDS, remaining)
                     continue
                 requests_total.labels("unavailable").inc()
                 return error(503, f"worker for {route.key} unreachable: {exc.__class__.__name__}", 2)
@@ -265,7 +273,10 @@ def create_app(
                 if upstream.status_code == 503:
                     asked = retry_after_seconds(upstream.headers.get("retry-after"))
                 pause = RETRY_SECONDS if asked is None else max(asked, MIN_RETRY_SECONDS)
-                if await retry_due(body["model"], route.endpoint, time.monotonic() + pause, deadline):
+                waiting_since = time.monotonic()
+                due = await retry_due(body["model"], route.endpoint, waiting_since + pause, deadline)
+                held[0] += time.monotonic() - waiting_since
+                if due:
                     await upstream.aclose()
                     continue
             requests_total.labels(str(upstream.status_code)).inc()
