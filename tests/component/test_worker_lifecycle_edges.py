@@ -126,6 +126,40 @@ def test_index_naming_a_fifo_in_a_subdirectory_is_refused(models_root: Path, tmp
     engine.close()
 
 
+def test_a_fifo_swapped_in_after_the_check_is_refused_at_open(
+    models_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check that a weights file is regular and the read that follows are apart: a FIFO put in its
+    place between them must be refused when the loader opens it, not read (which would freeze the worker)."""
+    from residency_worker.engine import loading
+
+    root = tmp_path / "models"
+    swapped = root / "swapped"
+    shutil.copytree(models_root / "tiny", swapped)
+    weights = next(swapped.glob("*.safetensors"))
+    real_check = loading._regular_file
+
+    def check_then_swap(file: Path, directory: Path) -> Path:
+        checked = real_check(file, directory)
+        file.unlink()
+        os.mkfifo(file)  # the swap, just after the check
+        return checked
+
+    monkeypatch.setattr(loading, "_regular_file", check_then_swap)
+    engine = _engine(root)
+    # (as above: a regression blocks on the FIFO holding the GIL; a writer process ends that)
+    opens_for_writing = f"import time; time.sleep(5); open({str(weights)!r}, 'w').close()"
+    unblocker = subprocess.Popen([sys.executable, "-c", opens_for_writing])
+    try:
+        with pytest.raises(EngineError) as refused:
+            engine.load("swapped", str(swapped), OPTIONS)
+    finally:
+        unblocker.kill()
+        unblocker.wait()
+        engine.close()
+    assert refused.value.reason == "PathNotAllowed" and "not a regular file" in refused.value.message
+
+
 # -- 2: a reload of a name waits for its unload; each runner reserves under its own owner ---------------
 def test_load_of_a_name_still_unloading_waits_and_keeps_its_reservation(
     models_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

@@ -11,6 +11,8 @@ import json
 import os
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,7 +225,10 @@ def load_weights(
     files = _weight_files(directory)
     for file in files:
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as reader:  # type: ignore[no-untyped-call]
+            with (
+                _opened_regular(file, directory) as readable,
+                safe_open(readable, framework="pt", device="cpu") as reader,  # type: ignore[no-untyped-call]
+            ):
                 for name in reader.keys():  # noqa: SIM118 - safe_open has no __iter__
                     if name not in slots:
                         if name == "lm_head.weight" and spec.tie_word_embeddings:
@@ -295,6 +300,26 @@ def _weight_files(directory: Path) -> list[Path]:
     if any(directory not in file.parents for file in files):
         raise EngineError("WeightsInvalid", f"{index.name} points outside the model directory")
     return [_regular_file(file, directory) for file in files]
+
+
+@contextmanager
+def _opened_regular(file: Path, directory: Path) -> Iterator[str]:
+    """A path that reads ``file`` as it is now: opened (never blocking: a FIFO put in its place since
+    :func:`_regular_file` looked would hang the open), checked again to be a regular file, then read
+    through the open descriptor (``/proc/self/fd/N``), so that nothing swapped in meanwhile is read."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise EngineError(
+            "WeightsMissing", f"{file.name} in {directory} cannot be read: {exc.strerror}"
+        ) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise EngineError("PathNotAllowed", f"{file.name} in {directory} is not a regular file")
+        through_fd = Path(f"/proc/self/fd/{fd}")
+        yield str(through_fd) if through_fd.exists() else str(file)
+    finally:
+        os.close(fd)
 
 
 def _regular_file(file: Path, directory: Path) -> Path:
