@@ -133,13 +133,7 @@ class Controller:
             await asyncio.sleep(self.debounce_seconds)
             self._dirty.clear()
             try:
-                leader = await asyncio.to_thread(self._renew)
-                if leader != self.leader:
-                    log.info(
-                        "%s the %s Lease as %s", "holding" if leader else "lost", LEASE_NAME, self.identity
-                    )
-                self.leader = leader
-                if not self.leader:
+                if not await asyncio.to_thread(self._renew):
                     continue
                 report = await asyncio.to_thread(self._lead_round)
                 if report is None:
@@ -164,9 +158,14 @@ class Controller:
         with self._leading:
             if self._stopping:
                 return False
-            return self.kube.try_acquire_lease(
+            # (set under the lock: a Lease acquired as a stop begins must be one release() gives up)
+            leader = self.kube.try_acquire_lease(
                 self.lease_namespace, LEASE_NAME, self.identity, self.lease_seconds
             )
+            if leader != self.leader:
+                log.info("%s the %s Lease as %s", "holding" if leader else "lost", LEASE_NAME, self.identity)
+            self.leader = leader
+            return leader
 
     def _lead_round(self) -> RoundReport | None:
         with self._leading:

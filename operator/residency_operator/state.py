@@ -322,7 +322,7 @@ def current_placement(
         model=f"{spec['model']['namespace']}/{spec['model']['name']}",
         node=spec["nodeName"],
         resident_fraction=float(fraction if fraction is not None else 1.0),
-        mode=spec.get("executionMode", "stream"),
+        mode=(failed_change and status.get("executionMode")) or spec.get("executionMode", "stream"),
         state=kind,  # type: ignore[arg-type]
         kv_cache_bytes=int((status.get("timings") or {}).get("kvBytes") or 0),
     )

@@ -11,7 +11,7 @@ from typing import Any
 from residency.modelgen import make_model
 from residency_operator.state import current_placement
 from residency_worker.agent import AgentConfig, NodeAgent
-from residency_worker.engine import Engine, make_gpu_tier
+from residency_worker.engine import Engine, EngineError, make_gpu_tier
 
 
 class FakeCustom:
@@ -42,15 +42,13 @@ class FakeCore:
         pass
 
 
-def test_a_promotion_that_does_not_fit_leaves_the_model_serving_and_says_so(tmp_path: Path) -> None:
-    make_model(tmp_path / "tiny", "llama", "tiny", seed=5, dtype="float32")
-    engine = Engine(make_gpu_tier(900_000, force_emulated=True), [tmp_path], node="n1", calibration_bytes=0)
-    placement: dict[str, Any] = {
+def _placement(root: Path) -> dict[str, Any]:
+    return {
         "metadata": {"name": "t.m", "generation": 1, "resourceVersion": "1"},
         "spec": {
             "model": {"namespace": "t", "name": "m", "uid": "u"},
             "nodeName": "n1",
-            "sourcePath": str(tmp_path / "tiny"),
+            "sourcePath": str(root / "tiny"),
             "dtype": "float32",
             "residentFraction": 0.25,
             "minResidentFraction": 0.0,
@@ -60,7 +58,9 @@ def test_a_promotion_that_does_not_fit_leaves_the_model_serving_and_says_so(tmp_
             "maxBatchSize": 1,
         },
     }
-    api = FakeCustom(placement)
+
+
+def _agent(engine: Engine, api: FakeCustom) -> NodeAgent:
     agent = NodeAgent(
         engine,
         AgentConfig(node="n1", endpoint="http://w", host_memory_bytes=2**34),
@@ -68,6 +68,15 @@ def test_a_promotion_that_does_not_fit_leaves_the_model_serving_and_says_so(tmp_
         core=FakeCore(),  # type: ignore[arg-type]
     )
     agent.heartbeat = lambda force=False: None  # type: ignore[method-assign]
+    return agent
+
+
+def test_a_promotion_that_does_not_fit_leaves_the_model_serving_and_says_so(tmp_path: Path) -> None:
+    make_model(tmp_path / "tiny", "llama", "tiny", seed=5, dtype="float32")
+    engine = Engine(make_gpu_tier(900_000, force_emulated=True), [tmp_path], node="n1", calibration_bytes=0)
+    placement = _placement(tmp_path)
+    api = FakeCustom(placement)
+    agent = _agent(engine, api)
     try:
         agent.sync()
         status = placement["status"]
@@ -76,7 +85,9 @@ def test_a_promotion_that_does_not_fit_leaves_the_model_serving_and_says_so(tmp_
         # the planner reads the fraction it placed (whole layers round it): no change to undo
         assert current_placement(placement, datetime.now(UTC)).resident_fraction == 0.25  # type: ignore[union-attr]
 
-        placement["spec"]["residentFraction"] = 1.0  # more than the 900 kB budget holds
+        assert status["executionMode"] == "stream"
+        # more than the 900 kB budget holds, and in another mode
+        placement["spec"].update(residentFraction=1.0, executionMode="cpu")
         placement["metadata"]["generation"] = 2
         agent.sync()
         agent.sync()  # and it stays so (no retry until room frees)
@@ -86,15 +97,42 @@ def test_a_promotion_that_does_not_fit_leaves_the_model_serving_and_says_so(tmp_
         assert status["endpoint"] == "http://w/v1"
         assert status["residentFraction"] == held, "what it holds, not what the spec asks"
         assert status["reason"] == "PlacementDoesNotFit"
-        assert "could not change to 100% resident" in status["message"]
+        assert "could not change to 100% resident (cpu)" in status["message"]
         assert "still serving at 31%" in status["message"]
         # and the planner plans from what it holds, not from the promotion that did not happen
         now = current_placement(placement, datetime.now(UTC))
         assert now is not None and now.state == "loaded" and now.resident_fraction == held
+        assert now.mode == "stream", "the mode it runs in (its stream buffers count), not the spec's"
 
-        placement["spec"]["residentFraction"] = 0.25  # the operator takes it back: the warning goes
+        placement["spec"].update(residentFraction=0.25, executionMode="stream")  # taken back: warning goes
         placement["metadata"]["generation"] = 3
         agent.sync()
         assert "reason" not in placement["status"] and placement["status"]["state"] == "Loaded"
+    finally:
+        engine.close()
+
+
+def test_a_failed_preemption_is_not_reported_as_a_failed_residency_change(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    make_model(tmp_path / "tiny", "llama", "tiny", seed=5, dtype="float32")
+    engine = Engine(make_gpu_tier(900_000, force_emulated=True), [tmp_path], node="n1", calibration_bytes=0)
+    placement = _placement(tmp_path)
+    api = FakeCustom(placement)
+    agent = _agent(engine, api)
+    try:
+        agent.sync()
+        assert placement["status"]["state"] == "Loaded"
+
+        def refuse(name: str) -> None:
+            raise EngineError("SaveFailed", "the KV cache could not be saved")
+
+        monkeypatch.setattr(engine, "preempt", refuse)
+        placement["spec"]["desiredState"] = "Preempted"
+        placement["metadata"]["generation"] = 2
+        agent.sync()
+        status = placement["status"]
+        assert (status["state"], status["reason"]) == ("Failed", "SaveFailed")
+        assert "could not change" not in status["message"]
     finally:
         engine.close()

@@ -180,3 +180,34 @@ async def test_a_clean_stop_releases_the_lease_only_after_the_round_in_flight(
     # and no renewal or round starts after that
     assert controller._renew() is False and controller._lead_round() is None
     assert events[-1] == "release"
+
+
+async def test_a_lease_acquired_as_the_stop_begins_is_released(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    """The first acquisition is in flight (a thread) when the operator stops: the Lease it gets must be
+    given up, not held by a stopped operator until it expires."""
+    events: list[str] = []
+    asking, answer = threading.Event(), threading.Event()
+
+    class SlowLeaseKube(FakeKube):
+        def try_acquire_lease(self, *args: Any) -> bool:
+            asking.set()
+            answer.wait(10)
+            events.append("acquired")
+            return True
+
+        def release_lease(self, *args: Any) -> None:
+            events.append("released")
+
+    kube = SlowLeaseKube(cluster(tmp_path, make_model_dir, ["a"]))
+    controller = Controller(kube, knobs(tmp_path), debounce_seconds=0.0)  # type: ignore[arg-type]
+    controller.poke()
+    task = asyncio.create_task(controller.run())
+    assert await asyncio.to_thread(asking.wait, 10)
+    task.cancel()  # as main.stop does, then release
+    releasing = asyncio.create_task(asyncio.to_thread(controller.release))
+    await asyncio.sleep(0.2)
+    answer.set()
+    await releasing
+    assert events == ["acquired", "released"], events

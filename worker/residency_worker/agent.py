@@ -154,6 +154,7 @@ class _Failure:
     message: str
     others_reserved_bytes: int = 0  # GPU bytes other models held when it failed
     budget_bytes: int = 0
+    action: str = "load"  # what failed: a load, a resume, a preemption, a demotion or promotion
 
     def retry_now(self, others_reserved_bytes: int, budget_bytes: int) -> bool:
         """A refusal for room is retried once room was freed: another placement on this node shrank or
@@ -416,6 +417,7 @@ class NodeAgent:
                 exc.message,
                 self._others_reserved_bytes(name),
                 self.engine.tier.budget_bytes,
+                action,
             )
             if action == "load" and name in self.engine.names():
                 self._unload(name)
@@ -436,8 +438,14 @@ class NodeAgent:
         failure = self._failures.get(name)
         if failure is not None and failure.generation != generation:
             failure = None
-        serving = name in self.engine.names() and self.engine.status(name).state == "ready"
-        if failure is not None and not serving:
+        # a demotion or promotion that failed leaves the model serving as it was: reported as such below
+        changed_in_place = (
+            failure is not None
+            and failure.action in ("demote", "promote")
+            and name in self.engine.names()
+            and self.engine.status(name).state == "ready"
+        )
+        if failure is not None and not changed_in_place:
             status: dict[str, Any] = {
                 "state": "Failed",
                 "reason": failure.reason,
@@ -456,6 +464,7 @@ class NodeAgent:
             status = {
                 "state": state,
                 "residentFraction": round(model.residency.resident_fraction, 6),
+                "executionMode": model.residency.decode_mode,
                 "residentBytes": model.residency.gpu_reserved_bytes if state == "Loaded" else 0,
                 "timings": timings_wire(model.timings),
                 "endpoint": f"{self.config.endpoint}/v1",

@@ -59,6 +59,9 @@ class ModelPlacementStatus(StatusModel):
 
     state: Literal["Pending", "Loading", "Loaded", "Preempted", "Idle", "Failed", "Unloaded"] = "Pending"
     resident_fraction: float | None = Field(default=None, ge=0, le=1)
+    execution_mode: ExecutionMode | None = Field(
+        default=None, description="How the worker runs the offloaded layers now (may lag the spec's)."
+    )
     resident_bytes: int | None = Field(default=None, ge=0)
     observed_decode_tokens_per_second: float | None = Field(default=None, ge=0)
     timings: Timings | None = None
