@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import defaultdict
 
 from hypothesis import HealthCheck, given, settings
@@ -29,7 +30,12 @@ from residency_operator.planner.predictor import Predictor
 
 SOLVERS = ("milp", "greedy")
 PROPERTY_SETTINGS = settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    # CI draws the same examples on every run, so that a landing does not hang on a random draw; a local
+    # run draws new ones each time, and is where rare failures are found (and then fixed or recorded).
+    derandomize=os.environ.get("CI") == "true",
 )
 
 
