@@ -60,6 +60,14 @@ def _placement(root: Path) -> dict[str, Any]:
     }
 
 
+def _loaded_setup(root: Path) -> tuple[Engine, dict[str, Any], NodeAgent]:
+    """A tiny model, an emulated 900 kB GPU, its placement (at 25 %) and the node agent that serves it."""
+    make_model(root / "tiny", "llama", "tiny", seed=5, dtype="float32")
+    engine = Engine(make_gpu_tier(900_000, force_emulated=True), [root], node="n1", calibration_bytes=0)
+    placement = _placement(root)
+    return engine, placement, _agent(engine, FakeCustom(placement))
+
+
 def _agent(engine: Engine, api: FakeCustom) -> NodeAgent:
     agent = NodeAgent(
         engine,
@@ -72,11 +80,7 @@ def _agent(engine: Engine, api: FakeCustom) -> NodeAgent:
 
 
 def test_a_promotion_that_does_not_fit_leaves_the_model_serving_and_says_so(tmp_path: Path) -> None:
-    make_model(tmp_path / "tiny", "llama", "tiny", seed=5, dtype="float32")
-    engine = Engine(make_gpu_tier(900_000, force_emulated=True), [tmp_path], node="n1", calibration_bytes=0)
-    placement = _placement(tmp_path)
-    api = FakeCustom(placement)
-    agent = _agent(engine, api)
+    engine, placement, agent = _loaded_setup(tmp_path)
     try:
         agent.sync()
         status = placement["status"]
@@ -115,11 +119,7 @@ def test_a_promotion_that_does_not_fit_leaves_the_model_serving_and_says_so(tmp_
 def test_a_failed_preemption_is_not_reported_as_a_failed_residency_change(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
-    make_model(tmp_path / "tiny", "llama", "tiny", seed=5, dtype="float32")
-    engine = Engine(make_gpu_tier(900_000, force_emulated=True), [tmp_path], node="n1", calibration_bytes=0)
-    placement = _placement(tmp_path)
-    api = FakeCustom(placement)
-    agent = _agent(engine, api)
+    engine, placement, agent = _loaded_setup(tmp_path)
     try:
         agent.sync()
         assert placement["status"]["state"] == "Loaded"

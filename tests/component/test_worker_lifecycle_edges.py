@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,19 @@ async def _until(condition: Callable[[], bool], what: str, timeout_seconds: floa
 
 
 # -- 1: every weights file the loader opens is a regular file -------------------------------------------
+@contextlib.contextmanager
+def _unblocking(fifo: Path) -> Iterator[None]:
+    """A reader blocked on a FIFO holds the GIL: only another process can free it (a writer opening it,
+    after 5 s), so that a regression fails the test instead of freezing the run. Killed once done."""
+    opens_for_writing = f"import time; time.sleep(5); open({str(fifo)!r}, 'w').close()"
+    unblocker = subprocess.Popen([sys.executable, "-c", opens_for_writing])
+    try:
+        yield
+    finally:
+        unblocker.kill()
+        unblocker.wait()
+
+
 def test_index_naming_a_fifo_in_a_subdirectory_is_refused(models_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "models"
     bad = root / "bad"
@@ -106,16 +119,8 @@ def test_index_naming_a_fifo_in_a_subdirectory_is_refused(models_root: Path, tmp
     index = {"weight_map": {"model.norm.weight": "sub/model-00001.safetensors"}}
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     engine = _engine(root)
-    # a reader blocked on the FIFO holds the GIL: only another process can free it (a writer opening it),
-    # so that a regression fails this test instead of freezing the run; it is killed once the load answers
-    opens_for_writing = f"import time; time.sleep(5); open({str(fifo)!r}, 'w').close()"
-    unblocker = subprocess.Popen([sys.executable, "-c", opens_for_writing])
-    try:
-        with pytest.raises(EngineError) as refused:
-            engine.load("bad", str(bad), OPTIONS)
-    finally:
-        unblocker.kill()
-        unblocker.wait()
+    with _unblocking(fifo), pytest.raises(EngineError) as refused:
+        engine.load("bad", str(bad), OPTIONS)
     assert refused.value.reason == "PathNotAllowed"
     assert (
         "sub/model-00001.safetensors" in refused.value.message
@@ -147,15 +152,10 @@ def test_a_fifo_swapped_in_after_the_check_is_refused_at_open(
 
     monkeypatch.setattr(loading, "_regular_file", check_then_swap)
     engine = _engine(root)
-    # (as above: a regression blocks on the FIFO holding the GIL; a writer process ends that)
-    opens_for_writing = f"import time; time.sleep(5); open({str(weights)!r}, 'w').close()"
-    unblocker = subprocess.Popen([sys.executable, "-c", opens_for_writing])
     try:
-        with pytest.raises(EngineError) as refused:
+        with _unblocking(weights), pytest.raises(EngineError) as refused:
             engine.load("swapped", str(swapped), OPTIONS)
     finally:
-        unblocker.kill()
-        unblocker.wait()
         engine.close()
     assert refused.value.reason == "PathNotAllowed" and "not a regular file" in refused.value.message
 
