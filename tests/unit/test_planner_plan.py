@@ -553,3 +553,172 @@ def test_a_busy_higher_priority_model_takes_room_where_it_serves_best_not_where_
     assert planned.placements["prod/burst"].node == "h100-0"
     assert planned.placements["prod/steady"].resident_fraction == 1.0
     assert [a.kind for a in planned.actions if a.model == "prod/burst"] == ["resume"]
+
+
+def _running(
+    models: list[ModelDemand], nodes: list[NodeCapacity], config: PlannerConfig
+) -> list[CurrentPlacement]:
+    """The placements of a first plan, as if carried out."""
+    from test_planner_properties import applied
+
+    return applied(plan(models, nodes, [], config=config))
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_a_model_preempted_for_one_newcomer_stays_when_a_later_one_frees_enough(solver: str) -> None:
+    # Four small newcomers of one tier. The first takes the room of the idle small model (least value);
+    # the second needs the large one's room, which leaves enough for all: the idle model stays.
+    def one(name: str, gb: float, preemptible: bool, **fields: object) -> ModelDemand:
+        fields.setdefault("max_sequence_length", 2048)
+        return demand(
+            name, gb, max_batch=1, preemptible=preemptible, allowed_modes=("stream", "cpu"), **fields
+        )
+
+    running = [one("ns/idle", 1, True, demand_decode_tokens_per_second=0.0), one("ns/large", 16, True)]
+    running += [one("ns/pinned-0", 1, False), one("ns/pinned-1", 1, False, kv_bytes_per_token=32768)]
+    newcomers = [one(f"new/m{i}", 1, False) for i in range(4)]
+    node = NodeCapacity("node-0", "H100", 24 * GIB, 16 * GIB, 6.0, 300.0, 25.0)
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    current = _running(running, [node], config)
+    assert {c.model for c in current} == {m.name for m in running}
+    planned = plan([*running, *newcomers], [node], current, config=config)
+    assert all(f"new/m{i}" in planned.placements for i in range(4))
+    assert [(a.kind, a.model) for a in planned.actions if a.model.startswith("ns/")] == [
+        ("preempt", "ns/large")
+    ]
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_a_newcomer_takes_a_lower_tier_s_room_at_a_level_that_leaves_its_own_tier_running(
+    solver: str,
+) -> None:
+    # Half-resident (its least memory) the newcomer needs more of the GPU's time than the idle model of its
+    # own tier, whose SLO leaves little to share, allows; whole it needs less, and the lower tier's
+    # large model makes the room. The idle model of its tier is not preempted for it.
+    def one(name: str, gb: float, priority: int, preemptible: bool, **fields: object) -> ModelDemand:
+        fields.setdefault("allowed_modes", ("stream", "cpu"))
+        return demand(name, gb, max_batch=1, priority=priority, preemptible=preemptible, **fields)
+
+    running = [
+        one("ns/idle", 8, 10, True, demand_decode_tokens_per_second=0.0, min_decode_tokens_per_second=20.0),
+        one("ns/large", 16, 0, True),
+    ]
+    newcomer = one(
+        "new/busy",
+        1,
+        10,
+        False,
+        max_offload_fraction=0.5,
+        demand_decode_tokens_per_second=10.0,
+        allowed_modes=("stream",),
+    )
+    node = NodeCapacity("node-0", "H100", 24 * GIB, 16 * GIB, 6.0, 300.0, 25.0)
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    current = _running(running, [node], config)
+    assert {c.model for c in current} == {"ns/idle", "ns/large"}
+    planned = plan([*running, newcomer], [node], current, config=config)
+    assert "new/busy" in planned.placements
+    assert "ns/idle" in planned.placements
+    assert [(a.kind, a.model) for a in planned.actions if a.model.startswith("ns/")] == [
+        ("preempt", "ns/large")
+    ]
+
+
+def test_a_preemption_whose_cache_needs_host_memory_a_promotion_frees_gives_up_its_cache() -> None:
+    """Preempting the large model frees the GPU memory the offloaded model's promotion needs, but caching
+    its weights needs the host memory that promotion frees: neither can go first with the cache kept, so
+    the large model is evicted, and no step over-commits host memory."""
+    from test_planner_properties import assert_every_step_fits
+
+    def one(name: str, gb: float, max_batch: int, preemptible: bool, offload: float) -> ModelDemand:
+        return demand(
+            name,
+            gb,
+            max_batch=max_batch,
+            preemptible=preemptible,
+            max_offload_fraction=offload,
+            allowed_modes=("stream", "cpu"),
+        )
+
+    running = [
+        one("ns/offloaded", 8, 1, False, 0.5),
+        one("ns/large", 16, 4, True, 0.0),
+        *(one(f"ns/small-{i}", 1, 1, False, 0.0) for i in range(2)),
+    ]
+    newcomer = one("new/small", 1, 1, False, 0.0)
+    node = NodeCapacity("node-0", "H100", 24 * GIB, 16 * GIB, 6.0, 300.0, 25.0)
+    config = PlannerConfig(solver="greedy")
+    current = _running(running, [node], config)
+    offloaded = next(c for c in current if c.model == "ns/offloaded")
+    assert offloaded.resident_fraction < 1.0 and offloaded.mode == "cpu"
+    planned = plan([*running, newcomer], [node], current, config=config)
+    assert planned.placements["ns/offloaded"].resident_fraction == 1.0
+    assert [(a.kind, a.model) for a in planned.actions if a.model == "ns/large"] == [("evict", "ns/large")]
+    assert planned.cached == ()
+    assert_every_step_fits(planned, [*running, newcomer], [node], current)
+
+
+def test_models_trading_places_on_full_nodes_unload_before_they_load() -> None:
+    """A high-priority newcomer takes the big model's node; the big model moves to the other node, from
+    which a model moves the other way. Neither move fits first as a whole: the big model unloads first
+    and loads on its new node once the other has left it."""
+    from test_planner_properties import assert_every_step_fits
+
+    def one(name: str, gb: float, priority: int, offload: float, **fields: object) -> ModelDemand:
+        fields.setdefault("allowed_modes", ("stream", "cpu"))
+        return demand(name, gb, max_batch=1, priority=priority, max_offload_fraction=offload, **fields)
+
+    running = [
+        one("ns/model-0", 1, 0, 0.0),
+        one("ns/model-1", 1, 0, 0.0),
+        one("ns/model-2", 8, 0, 0.0),
+        one("ns/model-3", 30, 10, 0.9, allowed_modes=("stream",)),
+    ]
+    newcomer = one("new/model-0", 8, 100, 0.0)
+    nodes = [
+        NodeCapacity("node-0", "H100", 16 * GIB, 64 * GIB, 6.0, 300.0, 25.0),
+        NodeCapacity("node-1", "H100", 24 * GIB, 16 * GIB, 6.0, 300.0, 25.0),
+    ]
+    config = PlannerConfig(solver="greedy")
+    current = _running(running, nodes, config)
+    assert {(c.model, c.node) for c in current} >= {("ns/model-2", "node-0"), ("ns/model-3", "node-1")}
+    planned = plan([*running, newcomer], nodes, current, config=config)
+    assert planned.placements["new/model-0"].node == "node-1"
+    assert planned.placements["ns/model-3"].node == "node-0"
+    assert planned.placements["ns/model-2"].node == "node-1"
+    steps = [(a.kind, a.model) for a in planned.actions]
+    assert steps.index(("evict", "ns/model-3")) < steps.index(("migrate", "ns/model-2"))
+    assert steps.index(("migrate", "ns/model-2")) < steps.index(("load", "ns/model-3"))
+    assert_every_step_fits(planned, [*running, newcomer], nodes, current)
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_make_room_counts_only_the_preemptions_it_needs(solver: str) -> None:
+    # On x, the least valuable model goes first but frees too little; the large one then frees enough
+    # alone. Counted as both, x's room looks dearer than y's (one model worth a little more than the large
+    # one): the newcomer would take y's and stop a model for less gain.
+    def one(name: str, gb: float, rate: float, **fields: object) -> ModelDemand:
+        fields.setdefault("priority", 0)
+        return demand(name, gb, max_batch=1, demand_decode_tokens_per_second=rate, **fields)
+
+    x = NodeCapacity("x", "H100", 24 * GIB, 64 * GIB, 6.0, 300.0, 25.0)
+    y = dataclasses.replace(x, name="y")
+    running = [
+        one("low/a", 1, 5.0),
+        one("low/b", 16, 20.0),
+        one("low/c", 12, 22.0),
+        one("low/d", 8, 1.0, preemptible=False),
+    ]
+    current = [
+        CurrentPlacement("low/a", "x", 1.0, "stream"),
+        CurrentPlacement("low/b", "x", 1.0, "stream"),
+        CurrentPlacement("low/c", "y", 1.0, "stream"),
+        CurrentPlacement("low/d", "y", 1.0, "stream"),
+    ]
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    assert plan(running, [x, y], current, config=config).actions == ()
+    planned = plan([*running, one("high/new", 10, 30.0, priority=10)], [x, y], current, config=config)
+    assert planned.placements["high/new"].node == "x"
+    assert [(a.kind, a.model) for a in planned.actions if a.model.startswith("low/")] == [
+        ("preempt", "low/b")
+    ]

@@ -220,16 +220,19 @@ def assert_every_step_fits(
         return sum(g for g, _ in parts), sum(h for _, h in parts)
 
     moved: set[str] = set()
-    for action in planned.actions:
+    for k, action in enumerate(planned.actions):
         if action.model in moved:
             continue  # a model's later steps complete the move its first one made
-        moved.add(action.model)
         before = {n.name: used(n.name) for n in nodes}
         placement, kept = planned.placements.get(action.model), cached.get(action.model)
-        held[action.model] = [
-            *([(placement.node, placement.gpu_bytes, placement.host_bytes)] if placement else []),
-            *([(kept.node, 0, kept.host_bytes)] if kept else []),
-        ]
+        if action.kind == "evict" and any(a.model == action.model for a in planned.actions[k + 1 :]):
+            held[action.model] = []  # it leaves first; a later step places it
+        else:
+            moved.add(action.model)
+            held[action.model] = [
+                *([(placement.node, placement.gpu_bytes, placement.host_bytes)] if placement else []),
+                *([(kept.node, 0, kept.host_bytes)] if kept else []),
+            ]
         for name, (gpu_before, host_before) in before.items():
             gpu, host = used(name)
             assert gpu <= gpu_before or gpu <= usable_gpu_bytes(by_node[name]), (

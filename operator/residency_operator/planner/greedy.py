@@ -940,7 +940,8 @@ class GreedyPlanner:
         for node_class, mode_index in self._class_modes(model_index):
             # The least memory that meets its SLO, and its best level: a busy model's least-memory level
             # may need more GPU time than any node has, where a higher one fits beside the others. The
-            # best level is tried only where the least-memory one found no room, and needs less time.
+            # best level is tried only where the least-memory one found no room (or only by taking it
+            # from the model's own tier), and needs less time.
             minimal = int(self.min_level[node_class, mode_index, model_index])
             target = int(self.target_level[node_class, mode_index, model_index])
             time_at = tables.busy_fraction[node_class, mode_index, model_index]
@@ -1009,7 +1010,11 @@ class GreedyPlanner:
                     # Where the newcomer's own tier comes out best (what it gains there, net of its load
                     # and of what its own tier loses: a slow node's room is cheap but serves little), and
                     # among near equals, where the lower tiers lose least.
-                    found_here = True
+                    # The best level is still tried where this one takes room from the newcomer's own
+                    # tier: it may need less of the GPU's time, and so room from lower tiers only.
+                    found_here = found_here or not any(
+                        self.models[i].priority >= model.priority for i, _, _ in steps
+                    )
                     tier_net = net_gain - same_tier_loss
                     if best is None or _better_room(tier_net, loss, best[0], best[1], self.config):
                         best = (tier_net, loss, node, node_class, mode_index, level, steps)
@@ -1175,6 +1180,7 @@ class GreedyPlanner:
         steps: list[tuple[int, str, int]] = []
         loss_total = 0.0
         demoted: dict[int, tuple[int, int, float]] = {}
+        preempted: dict[int, tuple[int, int, float]] = {}
         for _, _, other, freed_gpu, host_delta, busy, tolerance, loss, level in candidates.demotions:
             if enough():
                 break
@@ -1200,6 +1206,8 @@ class GreedyPlanner:
                 host += host_delta
                 loss_total -= demotion_loss
                 steps = [step for step in steps if step[0] != other]
+            else:
+                preempted[other] = (gpu, host, value)
             free_gpu += gpu
             free_host += host
             left = staying.pop(other, None)
@@ -1221,6 +1229,26 @@ class GreedyPlanner:
             staying[other] = candidates.staying[other]
             loss_total -= demotion_loss
             steps = [step for step in steps if step[0] != other]
+        # Likewise a preemption taken early (least valuable first) that a later, larger one made needless:
+        # keep that model running where the room and the GPU's time still suffice, the highest tier and
+        # then the costliest first.
+        if len(preempted) > 1 and enough():
+            order = sorted(preempted, key=lambda i: (-self.models[i].priority, -preempted[i][2], i))
+            for other in order:
+                gpu, host, value = preempted[other]
+                if free_gpu - gpu < need_gpu or free_host - host < need_host:
+                    continue
+                free_gpu -= gpu
+                free_host -= host
+                staying[other] = candidates.staying[other]
+                used_estimate += staying[other][0]
+                if enough():
+                    loss_total -= value
+                    steps = [step for step in steps if step[0] != other]
+                    continue
+                free_gpu += gpu
+                free_host += host
+                used_estimate -= staying.pop(other)[0]
         if enough():
             return loss_total, steps
         return None
@@ -1663,6 +1691,17 @@ class GreedyPlanner:
                 if failures_in_a_row >= MAKE_ROOM_FAILURE_LIMIT:
                     continue
                 failures_in_a_row = 0 if self.try_make_room(model_index) else failures_in_a_row + 1
+            # A model of this tier preempted early for one newcomer (the least valuable goes first) may
+            # have room again once a later newcomer's make-room preempted a larger one: keep it running.
+            # (Lower tiers' preempted models are tried in their own round.)
+            for model_index in members:
+                if (
+                    self.state.assignment[model_index] is None
+                    and model_index in self.state.preempted_by
+                    and self.has_option[model_index]
+                    and self.try_place(model_index)
+                ):
+                    del self.state.preempted_by[model_index]
             self.promote(members)
         # Memory nobody needs goes to throughput beyond demand (lower latency), highest priority first.
         placed = [i for i in range(len(self.models)) if self.state.assignment[i] is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from residency_operator.planner.options import (
     cached_host_bytes,
@@ -65,20 +66,27 @@ def order_by_room(
     nodes: Sequence[NodeCapacity],
     free_gpu_after: Sequence[int],
     free_host_after: Sequence[int],
-) -> list[Action]:
+    uncached: Mapping[str, Footprint] | None = None,
+) -> tuple[list[Action], list[str]]:
     """``actions`` (already in their preferred order: frees before takes, priority, name) reordered so
-    that no step takes GPU or host memory that an earlier step has not yet freed, on any node.
+    that no step takes GPU or host memory that an earlier step has not yet freed, on any node; and the
+    models whose host cache had to be given up for that.
 
     Each model's steps move it from its footprint ``before`` to ``after`` as one; the first model in the
-    preferred order whose move fits goes next. Where none fits (models swapping places on full nodes),
-    the first goes anyway, as before. Linear when the preferred order fits, as it nearly always does.
-    ``free_*_after``: what the whole plan leaves free per node, from which the memory in use now follows.
+    preferred order whose move fits goes next. Where none fits, a preempted model whose host cache is
+    what blocks (``uncached``: its footprint were it not kept) goes without its cache: a preemption that
+    needs host memory a later promotion frees, while that promotion needs the GPU memory the preemption
+    frees, would otherwise over-commit host memory. Where still none fits (models trading places on full
+    nodes), a migrating model leaves its node first: its migration becomes an unload there and a load on
+    its new node once room is free. Only where no model migrates does the first go anyway. Linear when
+    the preferred order fits, as it nearly always does. ``free_*_after``: what the whole plan leaves
+    free per node, from which the memory in use now follows.
     """
     by_model: dict[str, list[Action]] = {}
     for action in actions:
         by_model.setdefault(action.model, []).append(action)
     if len(by_model) < 2:
-        return list(actions)
+        return list(actions), []
     capacity_gpu = [usable_gpu_bytes(n) for n in nodes]
     capacity_host = [usable_host_bytes(n) for n in nodes]
     used_gpu = [cap - free for cap, free in zip(capacity_gpu, free_gpu_after, strict=True)]
@@ -111,12 +119,14 @@ def order_by_room(
     if all(peak <= cap for peak, cap in zip(peak_gpu, capacity_gpu, strict=True)) and all(
         peak <= cap for peak, cap in zip(peak_host, capacity_host, strict=True)
     ):
-        return list(actions)  # any order fits (a first plan on an empty cluster, most re-plans)
+        return list(actions), []  # any order fits (a first plan on an empty cluster, most re-plans)
+    before, after = dict(before), dict(after)
+    dropped: list[str] = []
 
-    def fits(name: str) -> bool:
+    def fits(name: str, end: Footprint | None = None) -> bool:
         # Only the nodes where the model takes more than it frees can run out.
         start = before.get(name, {})
-        for node, (gpu, host) in after.get(name, {}).items():
+        for node, (gpu, host) in (after.get(name, {}) if end is None else end).items():
             had_gpu, had_host = start.get(node, (0, 0))
             if gpu > had_gpu and used_gpu[node] + gpu - had_gpu > capacity_gpu[node]:
                 return False
@@ -129,8 +139,56 @@ def order_by_room(
     while pending:
         # the first that fits among the next few (bounded: a plan of many moves that block each other, a
         # rotation through full nodes, would otherwise rescan every blocked one at each step)
-        chosen = next((k for k, name in enumerate(pending[:ORDER_SCAN_LIMIT]) if fits(name)), 0)
-        name = pending.pop(chosen)
+        chosen = next((k for k, name in enumerate(pending[:ORDER_SCAN_LIMIT]) if fits(name)), None)
+        if chosen is None and uncached:
+            chosen = next(
+                (
+                    k
+                    for k, name in enumerate(pending[:ORDER_SCAN_LIMIT])
+                    if name in uncached and fits(name, uncached[name])
+                ),
+                None,
+            )
+            if chosen is not None:
+                after[pending[chosen]] = uncached[pending[chosen]]
+                dropped.append(pending[chosen])
+        if chosen is None:
+            migrating = next(
+                (
+                    name
+                    for name in pending[:ORDER_SCAN_LIMIT]
+                    if len(by_model[name]) == 1 and by_model[name][0].kind == "migrate"
+                ),
+                None,
+            )
+            if migrating is not None:
+                # Models trading places on full nodes: one of them leaves its node first and arrives
+                # once room is free (the migration as its two halves, an unload and a load).
+                leave, arrive = split_migration(by_model[migrating][0])
+                for node, (gpu, host) in before.get(migrating, {}).items():
+                    used_gpu[node] -= gpu
+                    used_host[node] -= host
+                before[migrating] = {}  # what is left of its move is the arrival
+                ordered.append(leave)
+                by_model[migrating] = [arrive]
+                continue
+        name = pending.pop(chosen or 0)
         move(name, 1)
         ordered.extend(by_model[name])
-    return ordered
+    return ordered, dropped
+
+
+def split_migration(action: Action) -> tuple[Action, Action]:
+    """A migration as an unload from its node and a later load on the new one."""
+    leave = replace(
+        action,
+        kind="evict",
+        to_node=None,
+        to_resident_fraction=0.0,
+        bytes_moved=0,
+        predicted_seconds=0.0,
+        reason=f"unload from {action.from_node} first, to make room for a model that moves there; "
+        f"it loads on {action.to_node} once that frees room",
+    )
+    arrive = replace(action, kind="load", from_node=None, from_resident_fraction=0.0)
+    return leave, arrive

@@ -375,7 +375,7 @@ def assemble_plan(
         actions.extend(model_actions(problem, i, assignment, cached, gainers, placements.get(models[i].name)))
     actions.sort(key=lambda a: (ACTION_ORDER[a.kind], -a.priority, a.model))
     acting = {a.model for a in actions}
-    actions = order_by_room(
+    actions, dropped = order_by_room(
         actions,
         {
             name: footprint_now(
@@ -390,7 +390,25 @@ def assemble_plan(
         nodes,
         free_gpu,
         free_host,
+        uncached={
+            name: footprint_planned(placements.get(name), None, problem.node_index)
+            for name in acting
+            if name in cached
+        },
     )
+    if dropped:
+        # Preempted without their cache, so that no step over-commits host memory: they are evicted.
+        for name in dropped:
+            kept = cached.pop(name)
+            free_host[problem.node_index[kept.node]] += kept.host_bytes
+        redone = {
+            name: model_actions(problem, problem.model_index[name], assignment, cached, gainers, None)
+            for name in dropped
+        }
+        grouped: dict[str, list[Action]] = {}
+        for action in actions:  # each model's steps are together in the order; keep that order
+            grouped.setdefault(action.model, []).append(action)
+        actions = [action for name, steps in grouped.items() for action in redone.get(name, steps)]
 
     unschedulable: dict[str, Unschedulable] = {} if base is None else {u.model: u for u in base.unschedulable}
     cases: list[tuple[int, ModelDemand, tuple[str, int] | None]] = []
