@@ -722,3 +722,105 @@ def test_make_room_counts_only_the_preemptions_it_needs(solver: str) -> None:
     assert [(a.kind, a.model) for a in planned.actions if a.model.startswith("low/")] == [
         ("preempt", "low/b")
     ]
+
+
+def test_a_backlogged_model_is_valued_alike_running_or_not_so_plans_settle() -> None:
+    # Six requests wait at an SLO of 20 tok/s: 120 tok/s asked, more than the L4 has beside the pinned
+    # models. Its last report (0 tok/s) understates that whether it runs or not; valued at its backlog
+    # only while it ran, it was preempted, then resumed on the old figure, then preempted, every round.
+    def one(name: str, gb: float, priority: int, **fields: object) -> ModelDemand:
+        return demand(name, gb, max_sequence_length=2048, max_batch=8, priority=priority, **fields)
+
+    node = NodeCapacity("l4-0", "L4", 48 * GIB, 256 * GIB, 6.0, 300.0, 25.0, gpu_tflops=750.0)
+    models = [
+        one(
+            "prod/small",
+            3,
+            100,
+            preemptible=False,
+            min_decode_tokens_per_second=15.0,
+            demand_decode_tokens_per_second=0.0,
+        ),
+        one(
+            "prod/steady",
+            8,
+            100,
+            kv_bytes_per_token=131072,
+            min_decode_tokens_per_second=15.0,
+            max_offload_fraction=0.9,
+            demand_decode_tokens_per_second=5.0,
+            prompt_tokens_per_second=20.0,
+            allowed_modes=("stream",),
+        ),
+        one(
+            "batch/backlogged",
+            8,
+            10,
+            kv_bytes_per_token=32768,
+            min_decode_tokens_per_second=20.0,
+            max_offload_fraction=0.0,
+            demand_decode_tokens_per_second=0.0,
+            waiting_requests=6,
+        ),
+    ]
+    from test_planner_properties import applied
+
+    current = [CurrentPlacement(m.name, "l4-0", 1.0, "stream") for m in models]
+    config = PlannerConfig(solver="greedy")
+    first = plan(models, [node], current, config=config)
+    assert [(a.kind, a.model) for a in first.actions] == [("preempt", "batch/backlogged")]
+    assert plan(models, [node], applied(first), config=config).actions == ()
+
+
+def test_a_busy_model_takes_the_fast_gpu_from_two_quiet_ones_rather_than_a_slow_gpu() -> None:
+    # The bandwidth-starved scenario at t=264 s: the busiest model (141 tok/s asked) needs a node. On the
+    # H100 room-making first demotes every model there (least loss per byte), which leaves too little
+    # GPU time, then preempts them all, least valuable first; only the two quiet 8B models were needed.
+    # Counted as all seven, the H100 looked dear, and the model went to the L4 (17.6 tok/s per stream),
+    # where it missed most of its SLOs.
+    def llama(name: str, billions: float, rate: float, prompt: float, **fields: object) -> ModelDemand:
+        layers, kv = {1.2: (16, 32768), 3.2: (28, 114688), 8.0: (32, 131072)}[billions]
+        fields.setdefault("min_decode_tokens_per_second", 10.0)
+        return demand(
+            name,
+            2 * billions,
+            kv_bytes_per_token=kv,
+            max_sequence_length=2048,
+            max_batch=8,
+            max_offload_fraction=0.75,
+            layer_count=layers,
+            bytes_per_layer=int(2e9 * billions / layers),
+            parameter_count=int(billions * 1e9),
+            demand_decode_tokens_per_second=rate,
+            prompt_tokens_per_second=prompt,
+            typical_prompt_tokens=480,
+            **fields,
+        )
+
+    h100 = NodeCapacity(
+        "h100", "H100-PCIe", 80 * GIB, 512 * GIB, 50.0, 2000.0, 120.0, gpu_tflops=750.0, cpu_tflops=3.0,
+        storage_read_gbps=6.0, reserved_gpu_bytes=GIB,
+    )  # fmt: skip
+    l4 = NodeCapacity(
+        "l4", "L4", 24 * GIB, 128 * GIB, 25.0, 300.0, 60.0, gpu_tflops=121.0, reserved_gpu_bytes=GIB
+    )
+    on_h100 = [
+        llama("apps/llama-1b-2", 1.2, 15.8, 66.6, min_decode_tokens_per_second=25.0),
+        *(
+            llama(f"apps/llama-3b-{i}", 3.2, rate, prompt, min_decode_tokens_per_second=15.0)
+            for i, rate, prompt in ((0, 18.5, 58.8), (1, 16.8, 67.8), (3, 18.6, 64.7))
+        ),
+        llama("apps/llama-8b-0", 8.0, 58.2, 186.4),
+        llama("apps/llama-8b-2", 8.0, 6.9, 31.8),
+        llama("apps/llama-8b-5", 8.0, 6.6, 43.0),
+    ]
+    on_l4 = llama("apps/llama-8b-4", 8.0, 13.1, 25.1)
+    busy = llama("apps/llama-8b-3", 8.0, 140.9, 470.8)
+    current = [CurrentPlacement(m.name, "h100", 1.0, "stream") for m in on_h100]
+    current[-2] = CurrentPlacement("apps/llama-8b-2", "h100", 0.85, "cpu")
+    current.append(CurrentPlacement(on_l4.name, "l4", 1.0, "stream"))
+    config = PlannerConfig(solver="greedy", amortisation_horizon_seconds=300.0)
+    planned = plan([*on_h100, on_l4, busy], [h100, l4], current, config=config)
+    assert planned.placements[busy.name].node == "h100"
+    preempted = {a.model for a in planned.actions if a.kind in ("preempt", "evict")}
+    assert preempted <= {"apps/llama-8b-2", "apps/llama-8b-5"}, preempted

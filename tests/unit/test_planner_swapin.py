@@ -20,11 +20,14 @@ def model(name: str, billions: float, demand: float, **fields: object) -> ModelD
     )
 
 
-OLD = model("ns/old", 8, demand=1.0)
-NEW = model("ns/new", 8, demand=1.5)
+OLD = model("ns/old", 8, demand=10.0)
+# Not running, a model is worth what its waiting requests ask (one at its SLO: 15 tok/s), as the operator
+# values it (state.with_known_demand) and the planner counts it (types.with_backlog).
+NEW = model("ns/new", 8, demand=15.0)
 OLD_IDLE = CurrentPlacement("ns/old", "l4-0", 1.0, "stream", "idle")
-# The solvers keep an incumbent unless a change gains more than half its value: they leave the waiting
-# model out, so what happens to it is the swap-in pass's doing.
+# The solvers keep an incumbent unless a change gains more than half its value: worth 10 tok/s, the old
+# model stays for one worth 15, so what happens to the waiting model is the swap-in pass's doing. (Idle
+# means no request for the last ten seconds; its demand is the last minute's.)
 STICKY = PlannerConfig(hysteresis_fraction=0.5)
 
 
@@ -41,24 +44,24 @@ def test_without_waiting_requests_the_incumbent_stays() -> None:
 
 
 def test_a_waiting_model_takes_the_memory_of_an_idle_one_that_keeps_its_weights_in_host_memory() -> None:
-    planned = swap(OLD, dataclasses.replace(NEW, waiting_requests=2))
+    planned = swap(OLD, dataclasses.replace(NEW, waiting_requests=1))
     assert set(planned.placements) == {"ns/new"}
     assert planned.placements["ns/new"].meets_slo
     assert [(a.kind, a.model) for a in planned.actions] == [("preempt", "ns/old"), ("load", "ns/new")]
     assert [c.model for c in planned.cached] == ["ns/old"]
     (reason,) = planned.unschedulable
     assert reason.model == "ns/old" and reason.reason == "PreemptedWhileIdle"
-    assert reason.message.startswith("idle, so it gave way to ns/new (2 request(s) waiting); weights stay")
+    assert reason.message.startswith("idle, so it gave way to ns/new (1 request(s) waiting); weights stay")
     assert any("requests waiting" in note for note in planned.notes)
 
 
 def test_a_busy_model_never_gives_way() -> None:
-    planned = swap(OLD, dataclasses.replace(NEW, waiting_requests=2), state="loaded")
+    planned = swap(OLD, dataclasses.replace(NEW, waiting_requests=1), state="loaded")
     assert set(planned.placements) == {"ns/old"}
 
 
 def test_never_for_a_lower_priority_nor_a_non_preemptible_model() -> None:
-    waiting = dataclasses.replace(NEW, waiting_requests=2)
+    waiting = dataclasses.replace(NEW, waiting_requests=1)
     assert set(swap(dataclasses.replace(OLD, priority=10), waiting).placements) == {"ns/old"}
     assert set(swap(dataclasses.replace(OLD, preemptible=False), waiting).placements) == {"ns/old"}
     # the same priority, or a lower one, gives way
@@ -68,10 +71,11 @@ def test_never_for_a_lower_priority_nor_a_non_preemptible_model() -> None:
 
 def test_the_least_valuable_idle_model_gives_way_and_only_as_many_as_needed() -> None:
     # an 8B and two 1B models fill the L4; a waiting 1B model needs the room of one 1B model
-    tiny = [model("ns/tiny-0", 1, demand=0.5), model("ns/tiny-1", 1, demand=3.0)]
+    tiny = [model("ns/tiny-0", 1, demand=6.0), model("ns/tiny-1", 1, demand=9.0)]
     current = [CurrentPlacement(t.name, "l4-0", 1.0, "stream", "idle") for t in tiny] + [OLD_IDLE]
+    old = dataclasses.replace(OLD, demand_decode_tokens_per_second=12.0)
     waiting = model("ns/new", 1, demand=1.0, waiting_requests=1)
-    planned = plan([*tiny, OLD, waiting], [L4], current, config=STICKY)
+    planned = plan([*tiny, old, waiting], [L4], current, config=STICKY)
     assert set(planned.placements) == {"ns/new", "ns/tiny-1", "ns/old"}
     assert [(u.model, u.reason) for u in planned.unschedulable] == [("ns/tiny-0", "PreemptedWhileIdle")]
 
@@ -82,7 +86,7 @@ def test_nothing_is_swapped_onto_a_node_whose_running_models_have_requests_queue
     hot = dataclasses.replace(
         model("ns/hot", 1, demand=1.0, waiting_requests=3), min_decode_tokens_per_second=0.3
     )
-    waiting = dataclasses.replace(NEW, waiting_requests=2)
+    waiting = dataclasses.replace(NEW, waiting_requests=1)
     planned = swap(OLD, waiting, hot)
     assert set(planned.placements) == {"ns/old", "ns/hot"}
     calm = dataclasses.replace(hot, waiting_requests=0)
@@ -91,7 +95,7 @@ def test_nothing_is_swapped_onto_a_node_whose_running_models_have_requests_queue
 
 def test_no_swap_when_the_idle_model_could_not_keep_its_weights_in_host_memory() -> None:
     small_host = dataclasses.replace(L4, host_memory_bytes=12 * GIB)
-    waiting = dataclasses.replace(NEW, waiting_requests=2)
+    waiting = dataclasses.replace(NEW, waiting_requests=1)
     planned = plan([OLD, waiting], [small_host], [OLD_IDLE], config=STICKY)
     assert set(planned.placements) == {"ns/old"}
 
@@ -107,11 +111,13 @@ def test_fair_shares_give_nobody_more_than_it_wants_and_split_the_rest_equally()
 def test_the_waiting_model_keeps_its_own_slo_beside_the_models_that_stay() -> None:
     # an 8B model asking 17 tok/s of an L4 that gives it 18.1 alone tolerates ~6 % of the GPU's time
     # taken by others: beside a small model using 6.7 % it would miss its SLO, beside one using 0.7 % not
-    waiting = dataclasses.replace(NEW, waiting_requests=2, min_decode_tokens_per_second=17.0)
+    # (the idle model's own SLO is loose: it does not limit the time here)
+    waiting = dataclasses.replace(NEW, waiting_requests=1, min_decode_tokens_per_second=17.0)
+    old = dataclasses.replace(OLD, min_decode_tokens_per_second=1.0)
     running = CurrentPlacement("ns/hot", "l4-0", 1.0, "stream", "loaded")
-    busy = plan([OLD, waiting, model("ns/hot", 2, demand=5.0)], [L4], [OLD_IDLE, running], config=STICKY)
+    busy = plan([old, waiting, model("ns/hot", 2, demand=5.0)], [L4], [OLD_IDLE, running], config=STICKY)
     assert set(busy.placements) == {"ns/old", "ns/hot"}
-    quiet = plan([OLD, waiting, model("ns/hot", 2, demand=0.5)], [L4], [OLD_IDLE, running], config=STICKY)
+    quiet = plan([old, waiting, model("ns/hot", 2, demand=0.5)], [L4], [OLD_IDLE, running], config=STICKY)
     assert set(quiet.placements) == {"ns/new", "ns/hot"}
 
 

@@ -1199,15 +1199,16 @@ class GreedyPlanner:
             if priority == model.priority and value >= same_tier_value_limit:
                 self.room_cut = True
                 break  # same tier, least valuable first: none from here on is worth preempting
+            # Undone, the preemption gives back the model's whole original footprint.
+            preempted[other] = (gpu, host, value)
             if other in demoted:
-                # Preempting a model already demoted frees its demoted footprint, not its original one.
+                # Preempting a model already demoted frees its demoted footprint, not its original one
+                # (the demotion freed GPU memory and took host memory: ``host_delta`` is negative).
                 freed_gpu, host_delta, demotion_loss = demoted.pop(other)
                 gpu -= freed_gpu
-                host += host_delta
+                host -= host_delta
                 loss_total -= demotion_loss
                 steps = [step for step in steps if step[0] != other]
-            else:
-                preempted[other] = (gpu, host, value)
             free_gpu += gpu
             free_host += host
             left = staying.pop(other, None)
@@ -1232,7 +1233,7 @@ class GreedyPlanner:
         # Likewise a preemption taken early (least valuable first) that a later, larger one made needless:
         # keep that model running where the room and the GPU's time still suffice, the highest tier and
         # then the costliest first.
-        if len(preempted) > 1 and enough():
+        if len(preempted) > 1 and enough():  # (one preemption alone was needed)
             order = sorted(preempted, key=lambda i: (-self.models[i].priority, -preempted[i][2], i))
             for other in order:
                 gpu, host, value = preempted[other]
