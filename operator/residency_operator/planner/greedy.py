@@ -1666,6 +1666,28 @@ class GreedyPlanner:
         state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
         return 1
 
+    def make_room_after_promotion(self, tiers: dict[int, list[int]]) -> list[int]:
+        """Make room once more for the models still left out, highest priority first: the final
+        promotion raised models into free memory, which a demotion can now give back where a model left
+        out fits (the next re-plan, starting from the promoted state, would otherwise do it then: the plan
+        would not be a fixed point). Room found earlier to be short is looked at again."""
+        self.failed_room.clear()
+        placed: list[int] = []
+        for priority in sorted(tiers, reverse=True):
+            left_out = [
+                i for i in tiers[priority] if self.state.assignment[i] is None and self.has_option[i]
+            ]
+            failures_in_a_row = 0
+            for model_index in self.admission_order(left_out):
+                if failures_in_a_row >= MAKE_ROOM_FAILURE_LIMIT:
+                    break
+                if self.try_make_room(model_index):
+                    placed.append(model_index)
+                    failures_in_a_row = 0
+                else:
+                    failures_in_a_row += 1
+        return placed
+
     def solve(self) -> GreedyResult:
         """Run all tiers, highest priority first."""
         self.seat_incumbents()
@@ -1733,6 +1755,9 @@ class GreedyPlanner:
             ]
             late = self.with_room_on(unplaced, freed)
         placed_late = [i for i in late if self.try_place(i)]
+        if placed_late:
+            self.promote(placed_late, full=True)
+        placed_late = self.make_room_after_promotion(tiers)
         if placed_late:
             self.promote(placed_late, full=True)
         return GreedyResult(assignment=self.state.assignment, preempted_by=self.state.preempted_by)
