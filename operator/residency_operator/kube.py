@@ -218,17 +218,13 @@ class Kube:
             return False
         return True
 
-    def wake_model(self, key: str) -> None:
-        """Mark an Idle model as wanted again (the router saw a request for it)."""
+    def wake_model(self, key: str, waiting: int = 1) -> None:
+        """Mark a model that is not running as wanted (the router holds ``waiting`` requests for it)."""
         namespace, name = key.split("/", 1)
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        annotations = {"residency.dev/wake-time": now, "residency.dev/waiting-requests": str(waiting)}
         self.custom.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            namespace,
-            "llmmodels",
-            name,
-            {"metadata": {"annotations": {"residency.dev/wake-time": now}}},
+            GROUP, VERSION, namespace, "llmmodels", name, {"metadata": {"annotations": annotations}}
         )
 
 

@@ -100,6 +100,10 @@ class Inputs:
 
 
 WAKE_ANNOTATION = "residency.dev/wake-time"
+WAITING_ANNOTATION = "residency.dev/waiting-requests"
+"""How many requests the router held for the model when it last asked for it (with the wake time)."""
+MAX_WAITING_REQUESTS = 10_000
+"""Anyone who may patch a model can write the annotation: a larger count is read as this."""
 
 
 def idle_reason(body: dict[str, Any], placement: dict[str, Any] | None, now: datetime) -> str | None:
@@ -193,7 +197,20 @@ def waiting_requests(body: dict[str, Any], placement: dict[str, Any] | None, now
         and spec.get("desiredState", "Loaded") == "Loaded"
         and status.get("state") in (None, "Pending", "Loading")
     )
-    return int(loading or 0 <= (now - woken).total_seconds() <= WAITING_WINDOW_SECONDS)
+    if not (loading or 0 <= (now - woken).total_seconds() <= WAITING_WINDOW_SECONDS):
+        return 0
+    return held_requests(body)
+
+
+def held_requests(body: dict[str, Any]) -> int:
+    """Requests the router said it holds for a model (at least one: it asked for it); a count that is not
+    a whole number counts as one."""
+    value = (body["metadata"].get("annotations") or {}).get(WAITING_ANNOTATION)
+    try:
+        count = int(value) if isinstance(value, str) and value.strip().isdigit() else 1
+    except ValueError:
+        count = 1
+    return min(max(1, count), MAX_WAITING_REQUESTS)
 
 
 def woken_at(body: dict[str, Any]) -> datetime | None:

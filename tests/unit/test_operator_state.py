@@ -13,6 +13,7 @@ from residency.names import placement_name
 from residency_operator.planner import plan
 from residency_operator.state import (
     NODE_LABEL,
+    WAITING_ANNOTATION,
     WAKE_ANNOTATION,
     ClusterState,
     OperatorKnobs,
@@ -375,6 +376,27 @@ def test_a_swap_in_holds_while_the_worker_carries_it_out_and_a_served_request_st
     inputs, result, _ = run(ClusterState([old_asked, asked(8)], *nodes, done), tmp_path)
     assert {d.name: d.waiting_requests for d in inputs.demands} == {"team-a/new": 0, "team-a/old": 1}
     assert set(result.placements) == {"team-a/new"}, "the new one was busy 2 s ago: not idle yet"
+
+
+def test_a_model_that_is_not_running_waits_with_as_many_requests_as_the_router_holds() -> None:
+    """The router tells how many requests it holds with each wake; the planner values a model that is not
+    running by them (at its SLO, at most a full batch). A count that is not a whole number is one request
+    (the wake itself); an absurd one is capped."""
+
+    def body(**annotations: str) -> dict[str, Any]:
+        return {"metadata": {"name": "m", "namespace": "team-a", "annotations": annotations}}
+
+    woken = stamp(NOW - timedelta(seconds=3))
+    assert waiting_requests(body(**{WAKE_ANNOTATION: woken, WAITING_ANNOTATION: "5"}), None, NOW) == 5
+    for odd in ("", "-3", "2.5", "many", "0", "²"):
+        assert waiting_requests(body(**{WAKE_ANNOTATION: woken, WAITING_ANNOTATION: odd}), None, NOW) == 1
+    assert (
+        waiting_requests(body(**{WAKE_ANNOTATION: woken, WAITING_ANNOTATION: "9" * 30}), None, NOW) == 10_000
+    )
+    # the count goes stale with its wake: none waits 40 s after it
+    stale = stamp(NOW - timedelta(seconds=40))
+    assert waiting_requests(body(**{WAKE_ANNOTATION: stale, WAITING_ANNOTATION: "5"}), None, NOW) == 0
+    assert waiting_requests(body(**{WAITING_ANNOTATION: "5"}), None, NOW) == 0
 
 
 def test_a_wake_annotation_that_is_not_a_time_is_ignored(tmp_path: Path, make_model_dir: MakeDir) -> None:

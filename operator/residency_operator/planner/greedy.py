@@ -1674,9 +1674,7 @@ class GreedyPlanner:
         self.failed_room.clear()
         placed: list[int] = []
         for priority in sorted(tiers, reverse=True):
-            left_out = [
-                i for i in tiers[priority] if self.state.assignment[i] is None and self.has_option[i]
-            ]
+            left_out = [i for i in tiers[priority] if self.state.assignment[i] is None and self.has_option[i]]
             failures_in_a_row = 0
             for model_index in self.admission_order(left_out):
                 if failures_in_a_row >= MAKE_ROOM_FAILURE_LIMIT:

@@ -96,14 +96,15 @@ class ModelTable:
     def stop(self) -> None:
         self._stop.set()
 
-    def wake(self, key: str) -> None:
-        """Tell the operator that a model which is not running is asked for (annotation on the LLMModel): an
-        Idle one resumes, another may take the room of idle models. At most every 2 s per model."""
+    def wake(self, key: str, waiting: int = 1) -> None:
+        """Tell the operator that a model which is not running is asked for, and by how many requests this
+        router holds for it (annotations on the LLMModel): an Idle one resumes, another may take the room
+        of idle models, and the planner values it by what waits. At most every 2 s per model."""
         if self._waker is None or time.monotonic() - self._woken.get(key, -10.0) < 2.0:
             return
         self._woken[key] = time.monotonic()
         try:
-            self._waker(key)
+            self._waker(key, max(1, waiting))
         except Exception as exc:  # the API server may be away: the request keeps waiting and retries
             log.warning("could not wake %s: %s", key, exc.__class__.__name__)
 
@@ -168,22 +169,34 @@ def create_app(
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
     )
 
+    holding: dict[str, int] = {}  # requests held per model now (told to the operator with each wake)
+
     async def route_when_ready(model: str, deadline: float) -> tuple[Route, float]:
         """The model's route once it is not held any more, or the held route at the request's deadline
         (one deadline for the whole request: a retry after a worker's 503 does not start a new hold)."""
         started = time.monotonic()
-        while True:
-            route = resolve(table.models, model)
-            if route.decision == "reject" and route.status_code == 404 and table.refreshed_at < started:
-                # not in a table listed before this request came: ask the API server before a 404
-                await asyncio.to_thread(table.ensure_listed_since, started)
+        counted: str | None = None  # the model this request is counted as held for
+        try:
+            while True:
                 route = resolve(table.models, model)
-            if route.phase in WAKE_PHASES and route.key:
-                await asyncio.to_thread(table.wake, route.key)
-            now = time.monotonic()
-            if route.decision != "hold" or now >= deadline:
-                return route, now - started
-            await asyncio.sleep(min(0.2, deadline - now))
+                if route.decision == "reject" and route.status_code == 404 and table.refreshed_at < started:
+                    # not in a table listed before this request came: ask the API server before a 404
+                    await asyncio.to_thread(table.ensure_listed_since, started)
+                    route = resolve(table.models, model)
+                if route.decision == "hold" and route.key and counted is None:
+                    counted = route.key
+                    holding[counted] = holding.get(counted, 0) + 1
+                if route.phase in WAKE_PHASES and route.key:
+                    await asyncio.to_thread(table.wake, route.key, holding.get(route.key, 1))
+                now = time.monotonic()
+                if route.decision != "hold" or now >= deadline:
+                    return route, now - started
+                await asyncio.sleep(min(0.2, deadline - now))
+        finally:
+            if counted is not None:
+                holding[counted] -= 1
+                if not holding[counted]:
+                    del holding[counted]
 
     async def retry_due(model: str, endpoint: str, retry_at: float, deadline: float) -> bool:
         """Waits until ``endpoint`` may be tried again (``retry_at``) or the model's route moves off it,

@@ -23,8 +23,8 @@ def run_router(
     def list_models() -> list[dict[str, Any]]:
         return kube.list_custom("llmmodels")
 
-    def wake(key: str) -> None:
-        kube.wake_model(key)
+    def wake(key: str, waiting: int) -> None:
+        kube.wake_model(key, waiting)
 
     table = ModelTable(list_models, waker=wake)
     threading.Thread(target=table.run, name="model-table", daemon=True).start()
