@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
+import bench_modules
 import pytest
 
 from residency_operator.simulator.cluster import Scenario, SimModel, parse_cluster
 from residency_operator.simulator.runner import scenario_requests
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_policies.py"
-
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    """benchmarks/ is a folder of scripts, not a package: load the script as a module."""
-    spec = importlib.util.spec_from_file_location("bench_policies", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_policies", module)
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load("bench_policies")
 
 
 def tiny_scenario(seed: int = 5) -> Scenario:

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import collections
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
+import bench_modules
 import pytest
 
 from residency_operator.planner import PlannerConfig, plan
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_plan_scale.py"
-
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    """benchmarks/ is a folder of scripts, not a package: load the script as a module."""
-    spec = importlib.util.spec_from_file_location("bench_plan_scale", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_plan_scale", module)
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load("bench_plan_scale")
 
 
 def test_a_re_plan_of_the_applied_plan_changes_nothing_on_the_benchmark_fleet(bench: ModuleType) -> None:
