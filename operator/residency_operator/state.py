@@ -482,6 +482,11 @@ def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
     """Placement name → the ModelPlacement the plan asks for (running models and host-cached ones)."""
     reasons: dict[str, str] = {}
     for action in plan.actions:
+        # a model that leaves one node for another (an unload, then a load) is where it goes: that step's
+        # reason; else its first step's
+        if action.kind != "evict":
+            reasons.setdefault(action.model, action.reason)
+    for action in plan.actions:
         reasons.setdefault(action.model, action.reason)
     desired: dict[str, dict[str, Any]] = {}
     for key, planned in plan.placements.items():

@@ -100,23 +100,24 @@ async def test_a_request_for_a_model_that_is_not_running_tells_the_operator_it_i
 
 async def test_the_wake_says_how_many_requests_the_router_holds_for_the_model() -> None:
     """The planner values a model that is not running by the requests waiting for it: three held at once
-    are told as three (the first wake of a burst may see only the first), and none is counted once they
-    have gone."""
+    are told as three (the first wake of a burst may see only the first), and they are not counted once
+    they have gone."""
     models = [{"metadata": {"namespace": "team", "name": "held"}, "status": {"phase": "Preempted"}}]
     woken: list[tuple[str, int]] = []
     table = ModelTable(lambda: models, refresh_seconds=3600, waker=lambda key, n: woken.append((key, n)))
     table.refresh()
-    app = create_app(table, hold_seconds=2.5)
+    app = create_app(table, hold_seconds=3.0)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
         answers = await asyncio.gather(
             *(client.post("/v1/completions", json={**BODY, "model": "team/held"}) for _ in range(3))
         )
         assert [a.status_code for a in answers] == [503, 503, 503]
-        # held 2.5 s with a wake at most every 2 s: twice; the second sees all three
-        assert woken[0][0] == "team/held" and woken[-1] == ("team/held", 3) and len(woken) == 2
+        # held 3 s with a wake at most every 2 s: at most twice; the one 2 s in sees all three
+        assert 1 <= len(woken) <= 2 and woken[-1] == ("team/held", 3)
         table._woken.clear()  # the next request may wake at once
+        count = len(woken)
         await client.post("/v1/completions", json={**BODY, "model": "team/held"})
-    assert woken[2] == ("team/held", 1)
+    assert woken[count] == ("team/held", 1)
 
 
 async def test_every_v1_route_needs_the_clients_token() -> None:

@@ -127,7 +127,7 @@ class IncrementalPlanner:
     def _update(self, model: ModelDemand, now: float) -> Plan:
         started = time.perf_counter()
         problem, greedy = self.problem, self.greedy
-        model = with_backlog(model, problem.current.get(model.name))
+        model = with_backlog(model)
         state = greedy.state
         index = problem.model_index.get(model.name)
         if index is None:

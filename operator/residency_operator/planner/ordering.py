@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from residency_operator.planner.options import (
@@ -66,21 +66,28 @@ def order_by_room(
     nodes: Sequence[NodeCapacity],
     free_gpu_after: Sequence[int],
     free_host_after: Sequence[int],
-    uncached: Mapping[str, Footprint] | None = None,
+    caches: Mapping[str, tuple[int, int]] | None = None,
+    drop_cache: Callable[[str], list[Action]] | None = None,
 ) -> tuple[list[Action], list[str]]:
     """``actions`` (already in their preferred order: frees before takes, priority, name) reordered so
     that no step takes GPU or host memory that an earlier step has not yet freed, on any node; and the
     models whose host cache had to be given up for that.
 
     Each model's steps move it from its footprint ``before`` to ``after`` as one; the first model in the
-    preferred order whose move fits goes next. Where none fits, a preempted model whose host cache is
-    what blocks (``uncached``: its footprint were it not kept) goes without its cache: a preemption that
-    needs host memory a later promotion frees, while that promotion needs the GPU memory the preemption
-    frees, would otherwise over-commit host memory. Where still none fits (models trading places on full
-    nodes), a migrating model leaves its node first: its migration becomes an unload there and a load on
-    its new node once room is free. Only where no model migrates does the first go anyway. Linear when
-    the preferred order fits, as it nearly always does. ``free_*_after``: what the whole plan leaves
-    free per node, from which the memory in use now follows.
+    preferred order whose move fits goes next. Where none fits, the first blocked move that a remedy
+    unblocks gets it:
+
+    - a model migrating off a node that move is short of leaves first: its migration becomes an unload
+      there and a load on its new node once room is free (models trading places on full nodes);
+    - else a host cache on a node short of host memory is given up (``caches``: every model the plan
+      keeps cached, name -> (node, host bytes); ``drop_cache`` gives the model's actions without it,
+      which replace its own where it has any): a preemption that needs host memory a later promotion
+      frees, while that promotion needs the GPU memory the preemption frees, would otherwise over-commit
+      host memory.
+
+    Only where no remedy is left does the first go anyway. Linear when the preferred order fits, as it
+    nearly always does. ``free_*_after``: what the whole plan leaves free per node, from which the memory
+    in use now follows.
     """
     by_model: dict[str, list[Action]] = {}
     for action in actions:
@@ -123,15 +130,81 @@ def order_by_room(
     before, after = dict(before), dict(after)
     dropped: list[str] = []
 
-    def fits(name: str, end: Footprint | None = None) -> bool:
+    def fits(name: str) -> bool:
         # Only the nodes where the model takes more than it frees can run out.
         start = before.get(name, {})
-        for node, (gpu, host) in (after.get(name, {}) if end is None else end).items():
+        for node, (gpu, host) in after.get(name, {}).items():
             had_gpu, had_host = start.get(node, (0, 0))
             if gpu > had_gpu and used_gpu[node] + gpu - had_gpu > capacity_gpu[node]:
                 return False
             if host > had_host and used_host[node] + host - had_host > capacity_host[node]:
                 return False
+        return True
+
+    def short_of(name: str) -> tuple[set[int], set[int]]:
+        """The nodes where the model's move, were it next, would take GPU / host memory that is not free."""
+        start = before.get(name, {})
+        gpu_short: set[int] = set()
+        host_short: set[int] = set()
+        for node, (gpu, host) in after.get(name, {}).items():
+            had_gpu, had_host = start.get(node, (0, 0))
+            if gpu > had_gpu and used_gpu[node] + gpu - had_gpu > capacity_gpu[node]:
+                gpu_short.add(node)
+            if host > had_host and used_host[node] + host - had_host > capacity_host[node]:
+                host_short.add(node)
+        return gpu_short, host_short
+
+    def split_one(gpu_short: set[int], host_short: set[int]) -> bool:
+        """A migration leaving one of those nodes goes as an unload now and a load later."""
+        for name in pending[:ORDER_SCAN_LIMIT]:
+            steps = by_model[name]
+            if len(steps) != 1 or steps[0].kind != "migrate":
+                continue
+            frees = before.get(name, {})
+            if not any(
+                (node in gpu_short and gpu > 0) or (node in host_short and host > 0)
+                for node, (gpu, host) in frees.items()
+            ):
+                continue
+            leave, arrive = split_migration(steps[0])
+            for node, (gpu, host) in frees.items():
+                used_gpu[node] -= gpu
+                used_host[node] -= host
+            before[name] = {}  # what is left of its move is the arrival
+            ordered.append(leave)
+            by_model[name] = [arrive]
+            return True
+        return False
+
+    def drop_one(host_short: set[int]) -> bool:
+        """The largest host cache kept on one of those nodes is given up."""
+        if not caches or drop_cache is None:
+            return False
+        kept = [
+            (-host, name, node)
+            for name, (node, host) in caches.items()
+            if node in host_short and host > 0 and name not in dropped
+        ]
+        if not kept:
+            return False
+        _, name, node = min(kept)
+        host = caches[name][1]
+        dropped.append(name)
+        replacement = drop_cache(name)
+        if name in pending:
+            held = after.get(name, {})
+            gpu_after, host_after = held.get(node, (0, 0))
+            after[name] = {**held, node: (gpu_after, host_after - host)}
+            by_model[name] = replacement
+        else:
+            # already ordered (its steps now only free more, earlier) or not acting at all (its cache is
+            # released now); either way the host memory is free from here on
+            used_host[node] -= host
+            at = [k for k, action in enumerate(ordered) if action.model == name]
+            if at:
+                ordered[at[0] : at[-1] + 1] = replacement
+            else:
+                ordered.extend(replacement)
         return True
 
     pending = list(by_model)
@@ -140,37 +213,14 @@ def order_by_room(
         # the first that fits among the next few (bounded: a plan of many moves that block each other, a
         # rotation through full nodes, would otherwise rescan every blocked one at each step)
         chosen = next((k for k, name in enumerate(pending[:ORDER_SCAN_LIMIT]) if fits(name)), None)
-        if chosen is None and uncached:
-            chosen = next(
-                (
-                    k
-                    for k, name in enumerate(pending[:ORDER_SCAN_LIMIT])
-                    if name in uncached and fits(name, uncached[name])
-                ),
-                None,
-            )
-            if chosen is not None:
-                after[pending[chosen]] = uncached[pending[chosen]]
-                dropped.append(pending[chosen])
         if chosen is None:
-            migrating = next(
-                (
-                    name
-                    for name in pending[:ORDER_SCAN_LIMIT]
-                    if len(by_model[name]) == 1 and by_model[name][0].kind == "migrate"
-                ),
-                None,
-            )
-            if migrating is not None:
-                # Models trading places on full nodes: one of them leaves its node first and arrives
-                # once room is free (the migration as its two halves, an unload and a load).
-                leave, arrive = split_migration(by_model[migrating][0])
-                for node, (gpu, host) in before.get(migrating, {}).items():
-                    used_gpu[node] -= gpu
-                    used_host[node] -= host
-                before[migrating] = {}  # what is left of its move is the arrival
-                ordered.append(leave)
-                by_model[migrating] = [arrive]
+            remedied = False
+            for name in pending[:ORDER_SCAN_LIMIT]:
+                gpu_short, host_short = short_of(name)
+                if split_one(gpu_short, host_short) or (host_short and drop_one(host_short)):
+                    remedied = True
+                    break
+            if remedied:
                 continue
         name = pending.pop(chosen or 0)
         move(name, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -89,7 +89,7 @@ class PlanningProblem:
         }
         by_name: dict[str, ModelDemand] = {}
         for model in models:
-            by_name[model.name] = with_backlog(model, self.current.get(model.name))
+            by_name[model.name] = with_backlog(model)
         self.models: list[ModelDemand] = [by_name[name] for name in sorted(by_name)]
         self.model_index = {model.name: i for i, model in enumerate(self.models)}
         self.nodes: list[NodeCapacity] = sorted({n.name: n for n in nodes}.values(), key=lambda n: n.name)
@@ -375,7 +375,14 @@ def assemble_plan(
         actions.extend(model_actions(problem, i, assignment, cached, gainers, placements.get(models[i].name)))
     actions.sort(key=lambda a: (ACTION_ORDER[a.kind], -a.priority, a.model))
     acting = {a.model for a in actions}
-    actions, dropped = order_by_room(
+
+    def drop_cache(name: str) -> list[Action]:
+        """The model's actions once it keeps no host cache (evicted: no step over-commits host memory)."""
+        kept = cached.pop(name)
+        free_host[problem.node_index[kept.node]] += kept.host_bytes
+        return model_actions(problem, problem.model_index[name], assignment, cached, gainers, None)
+
+    actions, _ = order_by_room(
         actions,
         {
             name: footprint_now(
@@ -390,25 +397,9 @@ def assemble_plan(
         nodes,
         free_gpu,
         free_host,
-        uncached={
-            name: footprint_planned(placements.get(name), None, problem.node_index)
-            for name in acting
-            if name in cached
-        },
+        caches=CacheView(cached, problem.node_index),
+        drop_cache=drop_cache,
     )
-    if dropped:
-        # Preempted without their cache, so that no step over-commits host memory: they are evicted.
-        for name in dropped:
-            kept = cached.pop(name)
-            free_host[problem.node_index[kept.node]] += kept.host_bytes
-        redone = {
-            name: model_actions(problem, problem.model_index[name], assignment, cached, gainers, None)
-            for name in dropped
-        }
-        grouped: dict[str, list[Action]] = {}
-        for action in actions:  # each model's steps are together in the order; keep that order
-            grouped.setdefault(action.model, []).append(action)
-        actions = [action for name, steps in grouped.items() for action in redone.get(name, steps)]
 
     unschedulable: dict[str, Unschedulable] = {} if base is None else {u.model: u for u in base.unschedulable}
     cases: list[tuple[int, ModelDemand, tuple[str, int] | None]] = []
@@ -451,6 +442,25 @@ def assemble_plan(
         planned_at_seconds=now,
         notes=tuple(notes),
     )
+
+
+class CacheView(Mapping[str, tuple[int, int]]):
+    """The plan's host caches as the step order reads them (name -> (node index, host bytes)), without
+    copying them: the order looks at them only where no step fits."""
+
+    def __init__(self, cached: dict[str, CachedModel], node_index: Mapping[str, int]) -> None:
+        self._cached = cached
+        self._node_index = node_index
+
+    def __getitem__(self, name: str) -> tuple[int, int]:
+        kept = self._cached[name]
+        return self._node_index[kept.node], kept.host_bytes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._cached))
+
+    def __len__(self) -> int:
+        return len(self._cached)
 
 
 def describe_placement(problem: PlanningProblem, model_index: int, a: Assignment) -> PlannedPlacement:

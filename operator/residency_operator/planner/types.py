@@ -117,15 +117,14 @@ def waiting_demand(model: ModelDemand) -> float:
     return float(min(model.waiting_requests, model.max_batch)) * rate
 
 
-def with_backlog(model: ModelDemand, current: CurrentPlacement | None) -> ModelDemand:
+def with_backlog(model: ModelDemand) -> ModelDemand:
     """A model's measured demand, raised to at least :func:`waiting_demand`: requests queued beyond its
     free batch slots mean the last minute's rate lags what is asked now. Without this, a model that just
     resumed, its backlog still queued, was worth less than the same backlog waiting for a model that does
     not run (valued so by its caller), and two models of one tier took turns preempting each other every
-    round, each reload serving nothing. The same holds whether the model runs or not (``current`` is not
-    consulted): were only a running model raised, one whose old report is below its backlog (a placement
-    still pending) would be admitted on the low figure, found too busy to keep once it ran, preempted, and
-    admitted again, every round."""
+    round, each reload serving nothing. The same holds whether the model runs or not: were only a running
+    model raised, one whose old report is below its backlog (a placement still pending) would be admitted
+    on the low figure, found too busy to keep once it ran, preempted, and admitted again, every round."""
     demand = model.demand_decode_tokens_per_second
     if demand is None or not model.waiting_requests:
         return model

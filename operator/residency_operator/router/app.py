@@ -51,6 +51,7 @@ class ModelTable:
         self._lister = lister
         self._waker = waker
         self._woken: dict[str, float] = {}
+        self._waking = threading.Lock()
         self.refresh_seconds = refresh_seconds
         self.models: dict[str, dict[str, Any]] = {}
         self.refreshed_at = 0.0
@@ -100,9 +101,10 @@ class ModelTable:
         """Tell the operator that a model which is not running is asked for, and by how many requests this
         router holds for it (annotations on the LLMModel): an Idle one resumes, another may take the room
         of idle models, and the planner values it by what waits. At most every 2 s per model."""
-        if self._waker is None or time.monotonic() - self._woken.get(key, -10.0) < 2.0:
-            return
-        self._woken[key] = time.monotonic()
+        with self._waking:  # requests wait in threads: one of them wakes, the others see it did
+            if self._waker is None or time.monotonic() - self._woken.get(key, -10.0) < 2.0:
+                return
+            self._woken[key] = time.monotonic()
         try:
             self._waker(key, max(1, waiting))
         except Exception as exc:  # the API server may be away: the request keeps waiting and retries
