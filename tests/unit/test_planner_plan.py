@@ -932,3 +932,161 @@ def test_a_cache_ordered_earlier_is_given_up_when_a_later_demotion_and_promotion
     planned = plan(models, nodes, current, config=PlannerConfig(solver="greedy"))
     assert ("demote", "a/m2") in [(a.kind, a.model) for a in planned.actions]
     assert_every_step_fits(planned, models, nodes, current)
+
+
+def test_a_pinned_high_priority_newcomer_gets_room_whose_host_memory_a_demoted_preemption_frees() -> None:
+    """Making room on a node with 16 GiB of host memory demotes a model (its offloaded weights take host
+    memory) and then preempts it, which frees its demoted footprint, host memory included. That host
+    memory was counted with the wrong sign (as taken rather than freed): the node looked too short of
+    host memory, and the priority-100 newcomer was left out (found by a fuzz of random clusters)."""
+
+    def one(name: str, gb: float, priority: int, **fields: object) -> ModelDemand:
+        fields.setdefault("typical_prompt_tokens", 512)
+        return demand(name, gb, max_sequence_length=2048, priority=priority, **fields)
+
+    stream = ("stream",)
+    running = [
+        one(
+            "ns/model-0", 8, 10, kv_bytes_per_token=131072, max_batch=8, min_decode_tokens_per_second=15.0,
+            max_offload_fraction=0.9, allowed_modes=stream, waiting_requests=6,
+        ),
+        one(
+            "ns/model-1", 1, 0, kv_bytes_per_token=131072, max_batch=4, preemptible=False,
+            min_decode_tokens_per_second=20.0, demand_decode_tokens_per_second=300.0,
+            prompt_tokens_per_second=1200.0,
+        ),
+        one(
+            "ns/model-2", 3, 100, max_batch=8, preemptible=False, min_decode_tokens_per_second=5.0,
+            max_offload_fraction=0.5, demand_decode_tokens_per_second=10.0, prompt_tokens_per_second=0.0,
+        ),
+        one(
+            "ns/model-3", 1, 10, max_batch=4, min_decode_tokens_per_second=20.0, max_offload_fraction=0.5,
+            demand_decode_tokens_per_second=5.0, prompt_tokens_per_second=0.0,
+        ),
+        one(
+            "ns/model-4", 8, 10, kv_bytes_per_token=131072, max_batch=1, min_decode_tokens_per_second=5.0,
+            max_offload_fraction=0.9, demand_decode_tokens_per_second=0.0, prompt_tokens_per_second=0.0,
+            typical_prompt_tokens=None, allowed_modes=stream,
+        ),
+    ]  # fmt: skip
+    newcomers = [
+        one(
+            "new/model-0", 8, 10, kv_bytes_per_token=32768, max_batch=4, min_decode_tokens_per_second=20.0,
+            max_offload_fraction=0.9, allowed_modes=stream, waiting_requests=3,
+        ),
+        one(
+            "new/model-1", 16, 10, kv_bytes_per_token=32768, max_batch=8, min_decode_tokens_per_second=5.0,
+            max_offload_fraction=0.9, allowed_modes=stream, waiting_requests=6,
+        ),
+        one(
+            "new/model-2", 8, 100, max_batch=1, preemptible=False, min_decode_tokens_per_second=8.0,
+            max_offload_fraction=0.9, demand_decode_tokens_per_second=0.0, prompt_tokens_per_second=0.0,
+        ),
+    ]  # fmt: skip
+    node = NodeCapacity("node-0", "L4", 24 * GIB, 16 * GIB, 50.0, 2000.0, 25.0, gpu_tflops=121.0)
+    current = [CurrentPlacement(m.name, "node-0", 1.0, "stream") for m in running]
+    current[-1] = CurrentPlacement("ns/model-4", "node-0", 0.7, "stream")
+    planned = plan([*running, *newcomers], [node], current, config=PlannerConfig(solver="greedy"))
+    assert "new/model-2" in planned.placements
+    assert {"ns/model-1", "ns/model-2"} <= set(planned.placements)  # the pinned ones stay
+
+
+def fuzzed(
+    name: str,
+    gb: float,
+    kv: int,
+    batch: int,
+    priority: int,
+    preemptible: bool,
+    slo: float | None,
+    offload: float,
+    rate: float | None,
+    prompt: float | None,
+    modes: tuple[str, ...] = ("stream", "cpu"),
+    waiting: int = 0,
+    typical: int | None = None,
+) -> ModelDemand:
+    """A model as the random-cluster fuzz draws them (sequences of 2 048 tokens)."""
+    return ModelDemand(
+        name=name,
+        weight_bytes=int(gb * 1e9),
+        kv_bytes_per_token=kv,
+        max_sequence_length=2048,
+        max_batch=batch,
+        priority=priority,
+        preemptible=preemptible,
+        min_decode_tokens_per_second=slo,
+        max_offload_fraction=offload,
+        demand_decode_tokens_per_second=rate,
+        prompt_tokens_per_second=prompt,
+        typical_prompt_tokens=typical,
+        allowed_modes=modes,  # type: ignore[arg-type]
+        waiting_requests=waiting,
+    )
+
+
+def test_a_model_preempted_early_in_its_tier_round_is_placed_again_when_room_is_left() -> None:
+    # A priority-100 newcomer makes room on the H100, preempting a model of its own tier and a tier-10
+    # one. Its own tier's model is placed again in that tier's round (on the L4); the tier-10 one then
+    # finds room beside it in its own round. Left to the pass after the final promotion, the priority-100
+    # model took the room later and the tier-10 one was left out (found by a fuzz of random clusters).
+    models = [
+        fuzzed("ns/model-0", 3, 0, 1, 100, True, 15.0, 0.9, None, None, ("stream",), waiting=6),
+        fuzzed("ns/model-1", 1, 131072, 4, 0, True, None, 0.0, 10.0, 0.0, waiting=6, typical=512),
+        fuzzed("ns/model-2", 8, 32768, 4, 0, True, None, 0.9, 100.0, 0.0),
+        fuzzed("ns/model-3", 30, 131072, 1, 0, True, 20.0, 0.9, 100.0, 0.0, waiting=6, typical=512),
+        fuzzed("ns/model-4", 8, 32768, 4, 100, True, 15.0, 0.9, 10.0, 10.0),
+        fuzzed("ns/model-5", 16, 0, 4, 0, True, 20.0, 0.5, 100.0, 400.0, typical=512),
+        fuzzed("ns/model-6", 3, 131072, 4, 10, True, 20.0, 0.75, 100.0, 0.0),
+        fuzzed("new/model-0", 16, 32768, 1, 100, True, 20.0, 0.5, 300.0, 300.0),
+        fuzzed("new/model-1", 30, 32768, 8, 0, False, 5.0, 0.5, 10.0, 40.0, ("stream",), waiting=3),
+    ]
+    nodes = [
+        NodeCapacity("node-0", "H100", 80 * GIB, 256 * GIB, 25.0, 2000.0, 25.0, gpu_tflops=750.0),
+        NodeCapacity("node-1", "L4", 24 * GIB, 256 * GIB, 50.0, 300.0, 25.0, gpu_tflops=121.0),
+    ]
+    running = ("ns/model-0", "ns/model-1", "ns/model-2", "ns/model-4", "ns/model-5", "ns/model-6")
+    current = [CurrentPlacement(name, "node-0", 1.0, "stream") for name in running]
+    planned = plan(models, nodes, current, config=PlannerConfig(solver="greedy"))
+    assert planned.placements["new/model-0"].node == "node-0"
+    assert planned.placements["ns/model-4"].node == "node-1"
+    assert planned.placements["ns/model-6"].node == "node-1"
+
+
+def test_a_busy_newcomer_tries_its_best_level_where_its_least_memory_one_needs_its_own_tier_s_room() -> None:
+    # At its least memory (40 % resident) the busy pinned newcomer streams most of its weights and needs
+    # more of the L4's time than the node can share: room there comes only from its own tier. Whole, it
+    # needs far less time, and the model of its tier with requests waiting fits beside it.
+    models = [
+        fuzzed("ns/model-0", 16, 32768, 8, 100, True, 8.0, 0.75, 5.0, 5.0, waiting=6),
+        fuzzed("ns/model-1", 16, 131072, 4, 0, True, None, 0.75, 0.0, 0.0, typical=512),
+        fuzzed("new/model-0", 1, 0, 8, 0, True, 20.0, 0.0, 10.0, 40.0, waiting=3),
+        fuzzed(
+            "new/model-1",
+            16,
+            131072,
+            1,
+            100,
+            True,
+            None,
+            0.5,
+            300.0,
+            0.0,
+            ("stream",),
+            waiting=3,
+            typical=512,
+        ),
+        fuzzed("new/model-2", 3, 0, 8, 0, False, 5.0, 0.75, 300.0, 1200.0, ("stream",)),
+    ]
+    nodes = [
+        NodeCapacity("node-0", "H100", 16 * GIB, 256 * GIB, 6.0, 2000.0, 25.0, gpu_tflops=121.0),
+        NodeCapacity("node-1", "L4", 16 * GIB, 256 * GIB, 6.0, 300.0, 100.0, gpu_tflops=750.0),
+        NodeCapacity("node-2", "L4", 16 * GIB, 256 * GIB, 50.0, 300.0, 25.0, gpu_tflops=121.0),
+    ]
+    current = [
+        CurrentPlacement("ns/model-0", "node-0", 1.0, "stream"),
+        CurrentPlacement("ns/model-1", "node-2", 0.9, "cpu"),
+    ]
+    planned = plan(models, nodes, current, config=PlannerConfig(solver="greedy"))
+    assert planned.placements["new/model-2"].resident_fraction == 1.0
+    assert {"new/model-0", "new/model-1", "new/model-2"} <= set(planned.placements)
