@@ -48,12 +48,18 @@ def adopt_crds(release: str, namespace: str) -> None:
         )
 
 
+def fresh_release(name_prefix: str, namespace_prefix: str) -> tuple[str, str]:
+    """A new release name and its namespace, created."""
+    suffix = uuid.uuid4().hex[:6]
+    name, namespace = f"{name_prefix}-{suffix}", f"{namespace_prefix}-{suffix}"
+    kubectl("create", "namespace", namespace)
+    return name, namespace
+
+
 @pytest.fixture
 def release(cluster: str) -> Iterator[tuple[str, str]]:
     """A release name and its fresh namespace; uninstalled and deleted afterwards (CRDs are kept)."""
-    suffix = uuid.uuid4().hex[:6]
-    name, namespace = f"res-{suffix}", f"e2e-helm-{suffix}"
-    kubectl("create", "namespace", namespace)
+    name, namespace = fresh_release("res", "e2e-helm")
     yield name, namespace
     helm("uninstall", name, "-n", namespace, "--wait", check=False)
     kubectl("delete", "namespace", namespace, "--wait=false", check=False)

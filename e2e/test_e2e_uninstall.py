@@ -28,7 +28,7 @@ import yaml
 
 from conftest import purge_models
 from harness import REPO, SMALL_LIMITS, Process, apply, binaries_dir, get_json, kubectl, llm, wait_for
-from test_e2e_helm import CRDS, chart_processes, helm, install, sa_kubeconfig
+from test_e2e_helm import CRDS, chart_processes, fresh_release, helm, install, sa_kubeconfig
 
 pytestmark = pytest.mark.e2e
 HOOK_TIMEOUT = 60  # crds.uninstallTimeoutSeconds for these tests
@@ -52,9 +52,7 @@ def restore_crds() -> None:
 @pytest.fixture
 def doomed_release(cluster: str) -> Iterator[tuple[str, str]]:
     """A release installed with crds.keep=false; whatever a failed test left is unstuck afterwards."""
-    suffix = uuid.uuid4().hex[:6]
-    name, namespace = f"unin-{suffix}", f"e2e-unin-{suffix}"
-    kubectl("create", "namespace", namespace)
+    name, namespace = fresh_release("unin", "e2e-unin")
     yield name, namespace
     # a test that failed half way: no hook to run (no kubelet), so unstick by hand, then uninstall
     for ns in kubectl(
