@@ -275,3 +275,36 @@ def test_spec_idle_releases_a_quiet_model_and_sets_its_cached_weights_aside(
     late = next(o for o in outcomes if o.model == "ns/sleepy" and o.arrival_seconds == 100.0)
     assert late.met_slo and late.output_tokens == 16
     assert sim.counters.loads == 2, "one cold load each; the sleepy one came back by a resume"
+
+
+class _PlaceOnce:
+    """A policy that puts one model on one node at t=0 and then leaves it."""
+
+    name = "place-once"
+
+    def __init__(self, model: str, node: str) -> None:
+        self.model, self.node = model, node
+
+    def step(self, sim: Simulation, now_seconds: float) -> None:
+        if sim.models[self.model].node is None and now_seconds == 0.0:
+            sim.place(self.model, self.node, 1.0, "stream")
+
+
+def test_a_waiting_request_joins_the_batch_when_a_slot_frees_not_at_the_next_tick() -> None:
+    """Continuous batching, as the worker does it: with one batch slot, three short requests queued at
+    once run back to back within one scheduling tick, each starting as soon as the one before ends."""
+    model = SimModel(name="ns/m", family="llama-1b", max_batch=1, min_decode_tokens_per_second=1.0)
+    node = make_node("h100", "h100-pcie5")
+    # Load finishes before the requests arrive; each request is a few milliseconds of GPU work.
+    requests = [Request(5.0, "ns/m", 16, 8) for _ in range(3)]
+    sim = Simulation([node], [model], requests, duration_seconds=10.0, tick_seconds=0.5)
+    outcomes = sim.run(_PlaceOnce("ns/m", "h100"))
+    assert [o.completed for o in outcomes] == [True, True, True]
+    runtime = sim.models["ns/m"]
+    step = sim.predictor.decode_step_seconds(runtime.demand, node, 1.0, "stream", batch=1)
+    prefill = sim.predictor.prefill_seconds(runtime.demand, node, 1.0, "stream", 16)
+    one_request = prefill + 7 * step
+    ttfts = sorted(o.ttft_seconds or 0.0 for o in outcomes)
+    # The third starts after the first two ended: about two requests' time, far below a tick (0.5 s).
+    assert ttfts[2] == pytest.approx(2 * one_request + prefill, rel=1e-6)
+    assert ttfts[2] < 0.1

@@ -384,8 +384,11 @@ class Simulation:
             runtime.active.append(ActiveRequest(request, prefill))
 
     def _work_seconds(self, runtime: ModelRuntime, node: NodeCapacity) -> float:
-        """GPU seconds the model's admitted batch could use: its prefills, then decoding until the longest
-        request is done (at the whole batch's step time, an upper bound as requests finish)."""
+        """GPU seconds the model could use this tick: its prefills, then decoding until the longest
+        request is done (at the whole batch's step time, an upper bound as requests finish); all of the
+        tick while requests wait, since each joins the batch as soon as a slot frees."""
+        if runtime.queue:
+            return float("inf")
         prefill = sum(a.prefill_remaining_seconds for a in runtime.active if a.first_token_seconds is None)
         needed = max((a.request.output_tokens - a.tokens_done for a in runtime.active), default=0.0)
         if not runtime.active:
@@ -398,38 +401,43 @@ class Simulation:
     def _serve_model(
         self, runtime: ModelRuntime, node: NodeCapacity, now: float, budget: float, stretch: float
     ) -> None:
+        """Continuous batching, as the worker's batch loop does it: a waiting request joins the batch as
+        soon as a slot frees (its prefill runs before the batch's next step), not at the next tick; the
+        batch decodes at the step time of its current size."""
         demand = runtime.demand
         predictor = self.predictor
         used = 0.0
-        for active in runtime.active:
-            if active.first_token_seconds is not None:
+        while used < budget - 1e-12:
+            self._admit(runtime, node)
+            if not runtime.active:
+                return
+            prefilling = [a for a in runtime.active if a.first_token_seconds is None]
+            if prefilling:
+                for active in prefilling:
+                    take = min(active.prefill_remaining_seconds, budget - used)
+                    used += take
+                    active.prefill_remaining_seconds -= take
+                    if active.prefill_remaining_seconds > 1e-12:
+                        return  # the tick's GPU time is spent
+                    active.first_token_seconds = now + used * stretch
+                    active.tokens_done = 1.0
                 continue
-            if used >= budget:
-                break
-            take = min(active.prefill_remaining_seconds, budget - used)
-            used += take
-            active.prefill_remaining_seconds -= take
-            if active.prefill_remaining_seconds <= 1e-12:
-                active.first_token_seconds = now + used * stretch
-                active.tokens_done = 1.0
-        decoding = [a for a in runtime.active if a.first_token_seconds is not None]
-        remaining = budget - used
-        if decoding and remaining > 0:
             step_seconds = predictor.decode_step_seconds(
-                demand, node, runtime.resident_fraction, runtime.mode, batch=len(decoding)
+                demand, node, runtime.resident_fraction, runtime.mode, batch=len(runtime.active)
             )
-            steps = remaining / step_seconds
+            # Decode until the first request of the batch is done, or the tick's time is spent.
+            to_first_done = min(a.request.output_tokens - a.tokens_done for a in runtime.active)
+            steps = max(0.0, min(to_first_done, (budget - used) / step_seconds))
+            used += steps * step_seconds
             finished: list[ActiveRequest] = []
-            for active in decoding:
-                needed = active.request.output_tokens - active.tokens_done
-                if needed <= steps:
-                    done_at = now + (used + needed * step_seconds) * stretch
-                    self._finish(active, done_at)
+            for active in runtime.active:
+                active.tokens_done += steps
+                if active.request.output_tokens - active.tokens_done <= 1e-9:
+                    self._finish(active, now + used * stretch)
                     finished.append(active)
-                else:
-                    active.tokens_done += steps
-            if finished:
-                runtime.active = [a for a in runtime.active if a not in finished]
+            if not finished:
+                return
+            runtime.active = [a for a in runtime.active if a not in finished]
 
     def _finish(self, active: ActiveRequest, done_at: float) -> None:
         assert active.first_token_seconds is not None
