@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from residency.api.placement import PREFILL_MODE
 from residency_worker.engine.batching import ModelOptions
 from residency_worker.engine.engine import Engine
 from residency_worker.engine.types import EngineError, ExecutionMode, ProfilePoint, SamplingParams
@@ -35,7 +34,7 @@ class ProfileSettings:
     trials: int = 3
     warmup_trials: int = 1
     batch_size: int = 1
-    prefill_mode: ExecutionMode = PREFILL_MODE  # as placements prefill, in every decode mode
+    prefill_mode: ExecutionMode | None = None  # None: prefill in the decode mode of the point
     deadline: float | None = None  # time.monotonic() after which the remaining points are skipped
 
     @property
@@ -117,7 +116,7 @@ def profile_model(
                     continue
                 try:
                     residency = engine.set_residency(
-                        name, fraction, decode_mode=mode, prefill_mode=settings.prefill_mode
+                        name, fraction, decode_mode=mode, prefill_mode=settings.prefill_mode or mode
                     )
                 except EngineError as exc:
                     for length in settings.sequence_lengths:
