@@ -67,7 +67,9 @@ def cluster() -> str:
 
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An allowed model root holding tiny models made by residency's make-model (Llama and Qwen2)."""
+    """An allowed model root holding tiny models made by residency's make-model (Llama and Qwen2), and
+    one with 16 layers: a partial placement holds whole layers and stages two more to stream, so on the
+    4-layer ones it saves little GPU memory (a quarter resident needs 88 % of whole), on 16 it saves half."""
     from residency.modelgen import make_model
 
     root = tmp_path_factory.mktemp("models")
@@ -77,6 +79,7 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("tiny-llama-b", "llama", 2),
     ):
         make_model(root / name, arch=arch, preset="tiny", seed=seed)
+    make_model(root / "tiny-deep", arch="llama", preset="tiny", seed=3, overrides={"num_hidden_layers": 16})
     return root
 
 

@@ -351,7 +351,7 @@ def test_worker_budget_shrunk_at_runtime_fails_the_load_and_replans(
             # hold the worker's view of the cluster still, so that the planner's placement reaches it only
             # after the shrink: the order a real out-of-memory has (serving is untouched by the pause)
             proxy.pause()
-            apply(small_llm("newcomer", models_root / "tiny-llama", offload={"maxFraction": 0.75}), namespace)
+            apply(small_llm("newcomer", models_root / "tiny-deep", offload={"maxFraction": 0.75}), namespace)
             first = wait_for(
                 lambda: next(
                     (p for p in api.placements(namespace) if p["metadata"]["name"].endswith(".newcomer")),
@@ -361,7 +361,9 @@ def test_worker_budget_shrunk_at_runtime_fails_the_load_and_replans(
                 interval=0.1,
                 what="newcomer placed",
             )
-            budget = one_model + int(0.6 * one_model)
+            # room beside the resident model for a quarter of the 16-layer newcomer (about 1.6x the
+            # 4-layer model with its staging buffers), not for all of it (about 3x)
+            budget = 3 * one_model
             response = httpx.put(
                 f"{node.url}/admin/node/budget", headers=ADMIN, json={"gpu_memory_bytes": budget}, timeout=10
             )
