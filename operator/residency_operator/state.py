@@ -555,9 +555,11 @@ def write_phase(existing: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
     )
     lower = float(want.get("residentFraction", 1.0)) < float(have.get("residentFraction", 1.0))
     keeps_state = want.get("desiredState") == have.get("desiredState")
+    # Both modes hold the same staging buffers (prefill streams in both); a switch to cpu also moves the
+    # offloaded layers' KV cache to the host, a switch to stream brings it to the GPU.
     mode = want.get("executionMode")
-    no_staging_added = mode == have.get("executionMode") or mode == "cpu"
-    if same_shape and (releases or (keeps_state and lower and no_staging_added)):
+    mode_adds_nothing = mode == have.get("executionMode") or mode == "cpu"
+    if same_shape and (releases or (keeps_state and lower and mode_adds_nothing)):
         return "shrink"
     return "grow"
 

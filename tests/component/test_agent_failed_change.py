@@ -136,3 +136,31 @@ def test_a_failed_preemption_is_not_reported_as_a_failed_residency_change(
         assert "could not change" not in status["message"]
     finally:
         engine.close()
+
+
+def test_a_cpu_placement_decodes_on_the_host_and_prefills_streamed(tmp_path: Path) -> None:
+    """The operator's mode is the decode mode; prefill streams in both (``PREFILL_MODE``), on load and on a
+    later change of mode, as the planner predicts and counts memory for."""
+    make_model(tmp_path / "tiny", "llama", "tiny", seed=5, dtype="float32")
+    engine = Engine(make_gpu_tier(2_000_000, force_emulated=True), [tmp_path], node="n1", calibration_bytes=0)
+    placement = _placement(tmp_path)
+    placement["spec"]["executionMode"] = "cpu"
+    agent = _agent(engine, FakeCustom(placement))
+    try:
+        agent.sync()
+        assert placement["status"]["state"] == "Loaded"
+        residency = engine.residency("t/m")
+        assert (residency.decode_mode, residency.prefill_mode) == ("cpu", "stream")
+        placement["spec"].update(residentFraction=0.5, executionMode="stream")
+        placement["metadata"]["generation"] = 2
+        agent.sync()
+        residency = engine.residency("t/m")
+        assert (residency.decode_mode, residency.prefill_mode) == ("stream", "stream")
+        placement["spec"].update(executionMode="cpu")
+        placement["metadata"]["generation"] = 3
+        agent.sync()
+        residency = engine.residency("t/m")
+        assert (residency.decode_mode, residency.prefill_mode) == ("cpu", "stream")
+        assert placement["status"]["executionMode"] == "cpu" and "reason" not in placement["status"]
+    finally:
+        engine.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from residency.api import LLMModelSpec
+from residency.api.placement import PREFILL_MODE
 from residency.modelgen import make_model
 from residency_operator.planner import PlannerConfig
 from residency_operator.planner.options import gpu_bytes_needed
@@ -58,7 +59,7 @@ def test_engine_reserves_no_more_than_the_planner_counted(
                 weights,
                 chosen,
                 decode_mode=mode,
-                prefill_mode=mode,
+                prefill_mode=PREFILL_MODE,  # as the agent loads a placement of either mode
                 max_batch_size=max_batch_size,
                 max_sequence_length=max_sequence_length,
             ).total_bytes

@@ -517,9 +517,10 @@ def test_a_model_scaled_to_zero_keeps_its_host_memory_until_asked_for_again(
         offload={"maxFraction": 0.0},
     )
     host_bytes = 700_000
+    # GPU memory for a quarter of "big" below and the staging buffers its offloaded layers stream through
     tight = {
-        **profile("n1", 500_000),
-        "spec": {**profile("n1", 500_000)["spec"], "hostMemoryBytes": host_bytes},
+        **profile("n1", 700_000),
+        "spec": {**profile("n1", 700_000)["spec"], "hostMemoryBytes": host_bytes},
     }
     _, _, desired = run(ClusterState([sleepy], [tight], [node("n1")], []), tmp_path)
     quiet = [

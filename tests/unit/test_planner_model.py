@@ -179,10 +179,10 @@ def test_memory_footprint() -> None:
         workspace_bytes=GIB,
         layer_count=10,
     )
-    # resident 5 GiB + KV 2 MiB + workspace 1 GiB + double buffer of a 1 GiB layer in stream mode
-    # + one 1 GiB layer of granularity (the engine keeps whole layers) whenever partly resident
+    # resident 5 GiB + KV 2 MiB + workspace 1 GiB + double buffer of a 1 GiB layer (both modes stream for
+    # prefill) + one 1 GiB layer of granularity (the engine keeps whole layers) whenever partly resident
     assert gpu_bytes_needed(model, 0.5, "stream") == 5 * GIB + 2 * 1024 * 1024 + GIB + 2 * GIB + GIB
-    assert gpu_bytes_needed(model, 0.5, "cpu") == 5 * GIB + 2 * 1024 * 1024 + GIB + GIB
+    assert gpu_bytes_needed(model, 0.5, "cpu") == gpu_bytes_needed(model, 0.5, "stream")
     assert gpu_bytes_needed(model, 1.0, "stream") == 10 * GIB + 2 * 1024 * 1024 + GIB
     assert host_bytes_needed(model, 0.25) == round(7.5 * GIB)
 
@@ -225,9 +225,22 @@ def test_amortised_cost() -> None:
     assert amortised_cost_tokens_per_second(cost, 100.0, 0.0) == 0.0
 
 
+def test_prefill_streams_offloaded_layers_in_both_modes() -> None:
+    """cpu mode changes decode only: a prompt is compute-bound, so its offloaded layers stream to the GPU
+    (as the worker runs them, ``PREFILL_MODE``) rather than run at host speed."""
+    predictor = Predictor()
+    model = dataclasses.replace(MODEL, parameter_count=8 * 10**9)
+    # 512 tokens x 2 x 8e9 FLOPs at half of 100 TFLOPS: 82 ms per half; the offloaded 8 GB over 50 GB/s:
+    # 160 ms. Resident half max(4 ms of HBM, 82 ms of FLOPs) + offloaded half max(160 ms, 82 ms).
+    expected = 0.08192 + 0.16
+    assert predictor.prefill_seconds(model, NODE, 0.5, "stream", 512) == pytest.approx(expected)
+    assert predictor.prefill_seconds(model, NODE, 0.5, "cpu", 512) == pytest.approx(expected)
+    # the memory a placement holds for it: the same staging buffers in both modes
+    assert gpu_bytes_needed(model, 0.5, "cpu") == gpu_bytes_needed(model, 0.5, "stream")
+
+
 def test_prefill_work_counts_in_gpu_time_and_slows_decoding() -> None:
-    """Prompt tokens/s take the GPU's time too: in cpu mode the offloaded layers prefill at host speed,
-    which can leave too little time to decode at the SLO."""
+    """Prompt tokens/s take the GPU's time too: enough of them leave too little to decode at the SLO."""
     config = PlannerConfig()
     predictor = Predictor()
     model = dataclasses.replace(
@@ -235,21 +248,29 @@ def test_prefill_work_counts_in_gpu_time_and_slows_decoding() -> None:
         min_decode_tokens_per_second=5.0,
         demand_decode_tokens_per_second=1.0,
         parameter_count=8 * 10**9,
+        max_offload_fraction=0.75,
     )
     quiet = evaluate_option(predictor, model, NODE, 0.5, "cpu", config)
-    prompts = dataclasses.replace(model, prompt_tokens_per_second=200.0, typical_prompt_tokens=512)
-    busy = evaluate_option(predictor, prompts, NODE, 0.5, "cpu", config)
-    rate = predictor.prefill_tokens_per_second(prompts, NODE, 0.5, "cpu", 512)
-    share = 200.0 / rate
-    assert busy.busy_fraction == pytest.approx(min(0.95, quiet.busy_fraction + share))
-    assert busy.tolerance == pytest.approx(max(0.0, quiet.tolerance - share))
-    assert quiet.meets_slo and busy.meets_slo == (busy.decode_tokens_per_second * (1 - share) >= 5.0)
-    # The vectorised tables say the same as the scalar evaluation.
-    tables = build_class_tables([prompts], [NODE], predictor, config, frozenset())
-    level = list(tables.levels).index(0.5)
-    assert tables.busy_fraction[0, 1, 0, level] == pytest.approx(busy.busy_fraction)
-    assert tables.tolerance[0, 1, 0, level] == pytest.approx(busy.tolerance)
-    assert bool(tables.feasible[0, 1, 0, level]) == busy.meets_slo
+    assert quiet.allowed and quiet.meets_slo
+    verdicts = []
+    for prompt_tokens_per_second in (200.0, 2000.0):
+        prompts = dataclasses.replace(
+            model, prompt_tokens_per_second=prompt_tokens_per_second, typical_prompt_tokens=512
+        )
+        busy = evaluate_option(predictor, prompts, NODE, 0.5, "cpu", config)
+        share = prompt_tokens_per_second / predictor.prefill_tokens_per_second(prompts, NODE, 0.5, "cpu", 512)
+        assert busy.busy_fraction == pytest.approx(min(0.95, quiet.busy_fraction + share))
+        assert busy.tolerance == pytest.approx(max(0.0, quiet.tolerance - share))
+        assert busy.meets_slo == (busy.decode_tokens_per_second * (1 - share) >= 5.0)
+        verdicts.append(busy.meets_slo)
+        # The vectorised tables say the same as the scalar evaluation.
+        tables = build_class_tables([prompts], [NODE], predictor, config, frozenset())
+        level = list(tables.levels).index(0.5)
+        assert tables.busy_fraction[0, 1, 0, level] == pytest.approx(busy.busy_fraction)
+        assert tables.tolerance[0, 1, 0, level] == pytest.approx(busy.tolerance)
+        assert bool(tables.feasible[0, 1, 0, level]) == (busy.meets_slo and busy.allowed)
+    # 11.9 tok/s decoding: a tenth of the time prefilling leaves the SLO met, nine tenths do not
+    assert verdicts == [True, False]
 
 
 def test_model_row_matches_the_model_properties() -> None:

@@ -803,7 +803,7 @@ def test_a_busy_model_takes_the_fast_gpu_from_two_quiet_ones_rather_than_a_slow_
         )
 
     h100 = NodeCapacity(
-        "h100", "H100-PCIe", 80 * GIB, 512 * GIB, 50.0, 2000.0, 120.0, gpu_tflops=750.0, cpu_tflops=3.0,
+        "h100", "H100-PCIe", 80 * GIB, 512 * GIB, 50.0, 2000.0, 120.0, gpu_tflops=750.0,
         storage_read_gbps=6.0, reserved_gpu_bytes=GIB,
     )  # fmt: skip
     l4 = NodeCapacity(

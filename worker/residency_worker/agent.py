@@ -21,6 +21,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from residency.api import GROUP, VERSION
+from residency.api.placement import PREFILL_MODE
 from residency.kubeapi import TimeoutApiClient
 from residency.names import label_value
 from residency_worker.engine import Engine, ModelOptions
@@ -358,9 +359,12 @@ class NodeAgent:
             elif self._state(name) == "preempted":
                 self._act(placement, "resume")
             elif (
-                abs(spec["residentFraction"] - self.engine.residency(name).resident_fraction)
+                abs(spec["residentFraction"] - (held := self.engine.residency(name)).resident_fraction)
                 > FRACTION_TOLERANCE
+                or spec.get("executionMode", "stream") != held.decode_mode
             ):
+                # a higher fraction, or the same one in another mode (a change of mode alone moves no
+                # weights; it re-homes the offloaded layers' KV cache)
                 self._act(placement, "promote")
             else:
                 self._report(placement)
@@ -391,9 +395,10 @@ class NodeAgent:
                         min_resident_fraction=float(spec.get("minResidentFraction", 0.0)),
                         max_batch_size=int(spec.get("maxBatchSize", 8)),
                         max_sequence_length=int(spec.get("maxSequenceLength", 2048)),
-                        # the planner's memory promise assumes its mode: no staging buffers in cpu mode
+                        # the planner's mode is the decode mode; prefill streams in both (PREFILL_MODE),
+                        # and its memory promise counts the staging buffers that takes
                         decode_mode=spec.get("executionMode", "stream"),
-                        prefill_mode=spec.get("executionMode", "stream"),
+                        prefill_mode=PREFILL_MODE,
                     ),
                 )
                 self._loaded_specs[name] = _load_key(placement)
@@ -405,7 +410,7 @@ class NodeAgent:
             elif action in ("demote", "promote"):
                 mode = spec.get("executionMode", "stream")
                 self.engine.set_residency(
-                    name, float(spec["residentFraction"]), decode_mode=mode, prefill_mode=mode
+                    name, float(spec["residentFraction"]), decode_mode=mode, prefill_mode=PREFILL_MODE
                 )
             log.info("%s %s on %s", action, name, self.config.node)
             self._failures.pop(name, None)

@@ -47,15 +47,17 @@ LEVEL_EPSILON = 1e-9
 
 
 def gpu_bytes_needed(model: ModelDemand, resident_fraction: float, mode: ExecutionMode) -> int:
-    """GPU bytes a placement takes: resident weights + KV reservation + workspace (+ stream buffers).
+    """GPU bytes a placement takes: resident weights + KV reservation + workspace (+ stream buffers); the
+    same in both modes (``mode`` is kept for the callers, which index options by mode).
 
     A partial placement also counts one more unit (layer): the engine keeps whole units resident, as
     close to the fraction as they allow, so it may hold up to one unit more than the fraction says.
     """
     resident_bytes = round(resident_fraction * model.weight_bytes)
     partial = resident_fraction < 1.0
-    # Streaming needs a double buffer of one layer so the next layer's copy overlaps this one's compute.
-    stream_buffer_bytes = 2 * model.effective_bytes_per_layer if mode == "stream" and partial else 0
+    # Streaming needs a double buffer of one layer so the next layer's copy overlaps this one's compute;
+    # both modes stream for prefill (see ``ExecutionMode``), so both hold it.
+    stream_buffer_bytes = 2 * model.effective_bytes_per_layer if partial else 0
     granularity_bytes = model.effective_bytes_per_layer if partial else 0
     return (
         resident_bytes
@@ -455,15 +457,9 @@ def _prefill_shares(
     resident_seconds = np.maximum(
         resident * weight[rows, None] / (node.hbm_gbps * GB), resident * flops / gpu_flops
     )
-    if mode == "stream":
-        offloaded_seconds = np.maximum(
-            offloaded * weight[rows, None] / (offload_gbps(node, mode) * GB), offloaded * flops / gpu_flops
-        )
-    else:
-        offloaded_seconds = np.maximum(
-            offloaded * weight[rows, None] / (offload_gbps(node, mode) * GB),
-            offloaded * flops / (node.cpu_tflops * 1e12 * PREFILL_COMPUTE_EFFICIENCY),
-        )
+    offloaded_seconds = np.maximum(
+        offloaded * weight[rows, None] / (offload_gbps(node, "stream") * GB), offloaded * flops / gpu_flops
+    )
     prefill_rate = (
         prompt_tokens[rows, None]
         * max(1e-6, node.calibration_factor)
@@ -501,13 +497,10 @@ def build_class_tables(
     offloaded = weight[:, None] - resident
     host_bytes = offloaded
     partial = (levels < 1.0)[None, :]
-    gpu_bytes = np.stack(
-        [
-            # a partial placement: two staging buffers (stream) and one unit of granularity (both modes)
-            resident + base_gpu[:, None] + np.where(partial, 1.5 * stream_buffer[:, None], 0.0),
-            resident + base_gpu[:, None] + np.where(partial, 0.5 * stream_buffer[:, None], 0.0),
-        ]
-    )
+    # A partial placement: two staging buffers (both modes stream for prefill) and one unit of granularity;
+    # the same in both modes (``gpu_bytes_needed``), one row per mode for the solvers' indexing.
+    partial_bytes = resident + base_gpu[:, None] + np.where(partial, 1.5 * stream_buffer[:, None], 0.0)
+    gpu_bytes = np.stack([partial_bytes] * len(MODES))
     level_allowed = levels[None, :] >= min_resident[:, None] - LEVEL_EPSILON
 
     rate = np.zeros((class_count, len(MODES), model_count, level_count))

@@ -70,7 +70,8 @@ def roofline_decode_step_seconds(
 def roofline_prefill_seconds(
     model: ModelDemand, node: NodeCapacity, resident_fraction: float, mode: ExecutionMode, prompt_tokens: int
 ) -> float:
-    """Seconds to prefill one prompt: each part is bound by the slower of its bytes and its FLOPs."""
+    """Seconds to prefill one prompt: each part is bound by the slower of its bytes and its FLOPs. The same in
+    both modes (``mode`` only changes decode): offloaded layers stream in for a prompt."""
     resident_fraction = min(1.0, max(0.0, resident_fraction))
     prompt_tokens = max(1, prompt_tokens)
     flops = 2.0 * model.effective_parameter_count * prompt_tokens
@@ -79,17 +80,11 @@ def roofline_prefill_seconds(
         resident_fraction * model.weight_bytes / (node.hbm_gbps * GB),
         resident_fraction * flops / gpu_flops_per_second,
     )
-    offloaded_bytes = (1.0 - resident_fraction) * model.weight_bytes
-    if mode == "stream":
-        offloaded_seconds = max(
-            offloaded_bytes / (offload_gbps(node, mode) * GB),
-            (1.0 - resident_fraction) * flops / gpu_flops_per_second,
-        )
-    else:
-        offloaded_seconds = max(
-            offloaded_bytes / (offload_gbps(node, mode) * GB),
-            (1.0 - resident_fraction) * flops / (node.cpu_tflops * 1e12 * PREFILL_COMPUTE_EFFICIENCY),
-        )
+    # Offloaded layers stream in for prefill whatever the decode mode (see ``ExecutionMode``).
+    offloaded_seconds = max(
+        (1.0 - resident_fraction) * model.weight_bytes / (offload_gbps(node, "stream") * GB),
+        (1.0 - resident_fraction) * flops / gpu_flops_per_second,
+    )
     return resident_seconds + offloaded_seconds
 
 

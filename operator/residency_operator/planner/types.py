@@ -13,7 +13,9 @@ GIB = 1024**3
 GB = 1e9
 
 ExecutionMode = Literal["stream", "cpu"]
-"""How offloaded layers run: ``stream`` copies them to the GPU each step, ``cpu`` runs them on the host."""
+"""How offloaded layers decode: ``stream`` copies them to the GPU each step, ``cpu`` computes them on the host
+where they live. Prefill streams them in both modes, as the worker does (``residency.api.placement.
+PREFILL_MODE``): a prompt is compute-bound, and the GPU computes it faster even counting the copy."""
 
 PlacementState = Literal["loaded", "preempted", "idle"]
 """``loaded`` runs on the GPU; ``preempted`` keeps weights and KV cache pinned in host memory; ``idle`` is
@@ -147,8 +149,6 @@ class NodeCapacity:
     """Host DRAM bandwidth available to CPU execution of offloaded layers."""
     gpu_tflops: float = 100.0
     """Dense bf16 compute the prefill roofline may count on."""
-    cpu_tflops: float = 1.0
-    """Host compute for layers executed in ``cpu`` mode."""
     storage_read_gbps: float = 2.0
     schedulable: bool = True
     cordoned: bool = False

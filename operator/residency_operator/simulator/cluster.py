@@ -33,7 +33,6 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "host_memory_gib": 512,
         "host_memory_gbps": 120,
         "gpu_tflops": 750,
-        "cpu_tflops": 3,
         "storage_read_gbps": 6,
     },
     "a100-40-pcie4": {
@@ -44,7 +43,6 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "host_memory_gib": 256,
         "host_memory_gbps": 100,
         "gpu_tflops": 312,
-        "cpu_tflops": 2,
         "storage_read_gbps": 4,
     },
     "a6000-pcie4": {
@@ -55,7 +53,6 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "host_memory_gib": 256,
         "host_memory_gbps": 80,
         "gpu_tflops": 155,
-        "cpu_tflops": 1.5,
         "storage_read_gbps": 3,
     },
     "l4": {
@@ -66,7 +63,6 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "host_memory_gib": 128,
         "host_memory_gbps": 60,
         "gpu_tflops": 121,
-        "cpu_tflops": 1,
         "storage_read_gbps": 2,
     },
     "a6000-pcie3x8": {
@@ -78,7 +74,6 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "host_memory_gib": 128,
         "host_memory_gbps": 25,
         "gpu_tflops": 155,
-        "cpu_tflops": 0.5,
         "storage_read_gbps": 1,
     },
 }
@@ -103,7 +98,6 @@ POSITIVE_NODE_FIELDS = (
     "host_memory_gib",
     "host_memory_gbps",
     "gpu_tflops",
-    "cpu_tflops",
     "storage_read_gbps",
 )
 """Node numbers that must be > 0: memory sizes, and rates the predictor divides by."""
@@ -139,7 +133,6 @@ def make_node(name: str, preset: str, **overrides: Any) -> NodeCapacity:
         hbm_gbps=value["hbm_gbps"],
         host_memory_gbps=value["host_memory_gbps"],
         gpu_tflops=value["gpu_tflops"],
-        cpu_tflops=value["cpu_tflops"],
         storage_read_gbps=value["storage_read_gbps"],
         reserved_gpu_bytes=int(reserved_gpu_gib * GIB),
         cordoned=flag(spec.get("cordoned", False), f"node {name}: cordoned"),

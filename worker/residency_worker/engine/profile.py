@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from residency.api.placement import PREFILL_MODE
 from residency_worker.engine.batching import ModelOptions
 from residency_worker.engine.engine import Engine
 from residency_worker.engine.types import EngineError, ExecutionMode, ProfilePoint, SamplingParams
@@ -34,7 +35,7 @@ class ProfileSettings:
     trials: int = 3
     warmup_trials: int = 1
     batch_size: int = 1
-    prefill_mode: ExecutionMode | None = None  # None: prefill in the decode mode of the point
+    prefill_mode: ExecutionMode = PREFILL_MODE  # as placements prefill, in every decode mode
     deadline: float | None = None  # time.monotonic() after which the remaining points are skipped
 
     @property
@@ -116,7 +117,7 @@ def profile_model(
                     continue
                 try:
                     residency = engine.set_residency(
-                        name, fraction, decode_mode=mode, prefill_mode=settings.prefill_mode or mode
+                        name, fraction, decode_mode=mode, prefill_mode=settings.prefill_mode
                     )
                 except EngineError as exc:
                     for length in settings.sequence_lengths:
