@@ -10,7 +10,7 @@ VENV_BIN="$ROOT/.venv/bin"
 BIN="$("$ROOT/hack/build-binaries.sh" path)"
 export PATH="$VENV_BIN:$BIN:$PATH"
 ROUTER_PORT="${RESIDENCY_DEMO_ROUTER_PORT:-18000}"
-NODES=("gpu-a:24MiB:18101" "gpu-b:16MiB:18102" "gpu-c:8MiB:18103")
+NODES=("gpu-a:24MiB:18101" "gpu-b:20MiB:18102" "gpu-c:8MiB:18103")
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -109,7 +109,7 @@ of the node it was given. RESIDENT% is the share of its weight bytes the planner
 emulated) GPU memory; the rest stays in pinned host memory and is streamed to the device or computed on
 the CPU (the execution mode the planner chose: kubectl get modelplacements -o wide). TOK/S is the
 decode rate the worker measured.
-Nodes have different memory (gpu-a 24 MiB, gpu-b 16 MiB, gpu-c 8 MiB, emulated). Where the models do not
+Nodes have different memory (gpu-a 24 MiB, gpu-b 20 MiB, gpu-c 8 MiB, emulated). Where the models do not
 all fit whole, larger, less sensitive models get partial residency instead of being refused; the
 RESIDENT% column above shows what the planner chose this time. Timings in status are measured
 (kubectl get llm coder -o yaml) and say emulated: true because this machine has no GPU.
