@@ -184,6 +184,16 @@ def test_worker_daemonset_defaults() -> None:
     assert volumes["token"]["secret"]["secretName"] == "rel-residency-worker-token"
 
 
+def test_worker_token_checksum_annotation_stays_a_string() -> None:
+    """The pod template's checksum annotation is a hash prefix; one that happens to be all digits (this
+    secret name's is 4229923921769153) or digits-e-digits must stay a string, or the API server refuses the
+    DaemonSet (annotations are strings). An e2e release name once hit it: the install failed."""
+    objects = render("worker.tokenSecret=worker-token-477")
+    daemonset = find(objects, "DaemonSet", "rel-residency-worker")
+    annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["checksum/token"] == "4229923921769153"
+
+
 MATRIX = [
     pytest.param(
         ["worker.gpu.mode=runtimeClass", "worker.gpu.runtimeClassName=nvidia-cdi"], id="runtime-class"
