@@ -308,3 +308,65 @@ def test_a_waiting_request_joins_the_batch_when_a_slot_frees_not_at_the_next_tic
     # The third starts after the first two ended: about two requests' time, far below a tick (0.5 s).
     assert ttfts[2] == pytest.approx(2 * one_request + prefill, rel=1e-6)
     assert ttfts[2] < 0.1
+
+
+class _Script:
+    """A policy that places one model at t=0, preempts it (weights kept) at ``preempt_at`` and resumes it
+    on the same node at ``resume_at`` (None: never)."""
+
+    name = "script"
+
+    def __init__(self, model: str, node: str, preempt_at: float, resume_at: float | None) -> None:
+        self.model, self.node, self.preempt_at, self.resume_at = model, node, preempt_at, resume_at
+
+    def step(self, sim: Simulation, now_seconds: float) -> None:
+        if now_seconds == 0.0 or now_seconds == self.resume_at:
+            sim.place(self.model, self.node, 1.0, "stream")
+        elif now_seconds == self.preempt_at:
+            sim.preempt(self.model, keep_cache=True)
+
+
+@pytest.mark.parametrize("resume_at", [22.0, None])
+def test_requests_parked_by_a_preemption_are_given_back_after_the_workers_wait(
+    resume_at: float | None,
+) -> None:
+    """As the worker does it: a request in flight on a preempted model stays parked (its KV cache saved)
+    and continues if the model resumes within ``preempted_wait_seconds``; past that the worker answers 503
+    with Retry-After and the router holds it again, so it frees its batch slot, counts as restarted and
+    waits in the queue, whose timeout runs from its arrival. Before, it stayed parked for as long as the
+    model stayed preempted."""
+    model = SimModel(name="ns/m", family="llama-8b", max_batch=4, min_decode_tokens_per_second=1.0)
+    node = make_node("l4", "l4")
+    # The cold load ends near t=9; long requests, so both are still decoding at the preemption (t=20).
+    requests = [Request(1.0, "ns/m", 64, 4000) for _ in range(2)]
+    sim = Simulation(
+        [node],
+        [model],
+        requests,
+        duration_seconds=60.0,
+        queue_timeout_seconds=40.0,
+        preempted_wait_seconds=10.0,
+    )
+    policy = _Script("ns/m", "l4", preempt_at=20.0, resume_at=resume_at)
+    seen: dict[float, tuple[int, int]] = {}
+    real_step = policy.step
+
+    def step(s: Simulation, now_seconds: float) -> None:
+        real_step(s, now_seconds)
+        seen[now_seconds] = (len(s.models["ns/m"].active), len(s.models["ns/m"].queue))
+
+    policy.step = step  # type: ignore[method-assign]
+    outcomes = sim.run(policy)
+    assert seen[19.5] == (2, 0) and seen[20.0] == (2, 0), "parked, not dropped, at the preemption"
+    if resume_at is not None:
+        # resumed in time: both continue where they stopped, none restarted, none dropped
+        assert seen[35.0] == (2, 0) and sim.counters.restarted_requests == 0
+        assert not any(o.dropped for o in outcomes)
+    else:
+        # (seen after each tick's policy step, before that tick expires anything)
+        assert seen[30.0] == (2, 0), "still parked within the worker's wait"
+        assert seen[30.5] == (0, 2), "given back to the router's queue once the wait passed"
+        assert sim.counters.restarted_requests == 2
+        # never resumed: dropped at the queue timeout (40 s from their arrival), not parked for ever
+        assert seen[41.5] == (0, 2) and seen[42.0] == (0, 0)
+        assert [o.dropped for o in outcomes] == [True, True]

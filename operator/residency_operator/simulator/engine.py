@@ -28,6 +28,9 @@ from residency_operator.simulator.trace import Request
 
 DEMAND_WINDOW_SECONDS = 60.0
 IDLE_AFTER_SECONDS = 10.0
+PREEMPTED_WAIT_SECONDS = 10.0
+"""How long a request in flight on a preempted model stays parked before the worker answers it 503 with
+Retry-After and the router takes it back to retry (the worker's ``--preempted-wait-seconds`` default)."""
 """A running model with no request queued or running for this long counts as idle (the operator's reading
 of a placement's lastActiveTime, state.IDLE_AFTER_SECONDS)."""
 
@@ -92,6 +95,8 @@ class ModelRuntime:
     lastActiveTime)."""
     recent_arrivals: deque[tuple[float, int, int]] = field(default_factory=deque)
     """(arrival second, output tokens, prompt tokens) of the requests of the last demand window."""
+    parked_since_seconds: float | None = None
+    """When a preemption parked the requests in flight (None: none parked)."""
 
     @property
     def running(self) -> bool:
@@ -133,6 +138,7 @@ class Simulation:
         ttft_slo_seconds: float = 10.0,
         queue_timeout_seconds: float = 30.0,
         idle_after_seconds: float = IDLE_AFTER_SECONDS,
+        preempted_wait_seconds: float = PREEMPTED_WAIT_SECONDS,
     ) -> None:
         self.nodes = list(nodes)
         self.node_by_name = {n.name: n for n in self.nodes}
@@ -150,6 +156,7 @@ class Simulation:
         self.ttft_slo_seconds = ttft_slo_seconds
         self.queue_timeout_seconds = queue_timeout_seconds
         self.idle_after_seconds = idle_after_seconds
+        self.preempted_wait_seconds = preempted_wait_seconds
         self.predictor = Predictor()
         self.counters = Counters()
         self.outcomes: list[RequestOutcome] = []
@@ -257,6 +264,7 @@ class Simulation:
         self._usage = None
         runtime.node = node_name
         runtime.cached_node = None
+        runtime.parked_since_seconds = None  # a resume continues the parked requests
         runtime.resident_fraction = resident_fraction
         runtime.mode = mode
         runtime.busy_until_seconds = max(self.now_seconds, runtime.busy_until_seconds) + cost.seconds
@@ -274,6 +282,7 @@ class Simulation:
         self.counters.preemptions += 1
         if keep_cache:
             runtime.cached_node = runtime.node
+            runtime.parked_since_seconds = self.now_seconds if runtime.active else None
         else:
             self.counters.evictions += 1
             runtime.cached_node = None
@@ -290,6 +299,7 @@ class Simulation:
             runtime.queue.appendleft(active.request)
             self.counters.restarted_requests += 1
         runtime.active.clear()
+        runtime.parked_since_seconds = None
 
     def check_capacity(self) -> None:
         """Raise if any node is over-committed (a policy bug)."""
@@ -338,6 +348,11 @@ class Simulation:
 
     def _expire_queues(self, now: float) -> None:
         for runtime in self.models.values():
+            parked = runtime.parked_since_seconds
+            if runtime.node is None and parked is not None and now - parked >= self.preempted_wait_seconds:
+                # The worker answered them 503 with Retry-After; the router holds them again and retries
+                # (they keep their arrival time, so the queue timeout still counts from it).
+                self._restart_active(runtime)
             kept: deque[Request] = deque()
             for request in runtime.queue:
                 if now - request.arrival_seconds > self.queue_timeout_seconds:
