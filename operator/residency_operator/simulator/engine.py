@@ -28,11 +28,11 @@ from residency_operator.simulator.trace import Request
 
 DEMAND_WINDOW_SECONDS = 60.0
 IDLE_AFTER_SECONDS = 10.0
+"""A running model with no request queued or running for this long counts as idle (the operator's reading
+of a placement's lastActiveTime, state.IDLE_AFTER_SECONDS)."""
 PREEMPTED_WAIT_SECONDS = 10.0
 """How long a request in flight on a preempted model stays parked before the worker answers it 503 with
 Retry-After and the router takes it back to retry (the worker's ``--preempted-wait-seconds`` default)."""
-"""A running model with no request queued or running for this long counts as idle (the operator's reading
-of a placement's lastActiveTime, state.IDLE_AFTER_SECONDS)."""
 
 
 def fair_shares(wanted_seconds: Sequence[float], capacity_seconds: float) -> list[float]:
