@@ -16,6 +16,12 @@ scaled so that the models' whole footprint (weights + KV reservation + workspace
 them. It shows where residency pulls ahead and where it ties or trails, and the ceiling at each point.
 The standard scenarios themselves are not changed by it.
 
+A pacing ablation follows (``--no-ablation`` skips it). Residency's worker paces a model that decodes
+ahead of its SLO while a model beside it on the GPU has requests waiting for a batch slot
+(``residency_worker.engine.pacing``); the baselines stand for servers that do not (Ollama, ModelMesh,
+vLLM), so the shipped runs serve them unpaced. The ablation replays residency unpaced and every
+baseline's placements paced, to show how much of each ratio is the planner and how much the worker.
+
 Each scenario's table replays one seeded trace, and one trace is one sample: a change to the planner can
 move a ratio by several percent on one seed and the other way on the next. A seed-spread section follows
 (``--seeds N``, default 3; 1 skips it): every scenario again at the next N-1 seeds (same models, nodes and
@@ -99,6 +105,88 @@ def compare(scenario: Scenario) -> tuple[list[PolicyReport], dict[str, float]]:
         reports.append(run_policy(scenario, policy, requests))
         seconds[policy] = time.perf_counter() - started
     return reports, seconds
+
+
+def pacing_ablation(scenario: Scenario, reports: list[PolicyReport]) -> dict[str, Any]:
+    """Where the gain comes from: residency's worker paces each model to its SLO while a model beside it on
+    the GPU has requests waiting (``residency_worker.engine.pacing``); the baselines' servers (Ollama,
+    ModelMesh, vLLM) do not. Replays residency unpaced, and every baseline's placements paced as if they
+    ran on residency's worker, on the same trace as ``reports`` (the shipped runs)."""
+    requests = scenario_requests(scenario)
+    flipped = {
+        r.policy: run_policy(scenario, r.policy, requests, paces_decode=r.policy != "residency")
+        for r in reports
+        if r.policy != "uniform-offload"  # it serves nothing on these scenarios, paced or not
+    }
+    ours = next(r for r in reports if r.policy == "residency")
+    theirs = [r for r in reports if r.policy != "residency"]
+    paced_theirs = [flipped[r.policy] for r in theirs if r.policy in flipped]
+    best = max(theirs, key=lambda r: r.goodput_tokens_per_second)
+    best_paced = max(paced_theirs, key=lambda r: r.goodput_tokens_per_second)
+    row: dict[str, Any] = {
+        "scenario": scenario.name,
+        "extra": scenario.extra,
+        "residency_paced": ours.goodput_tokens_per_second,
+        "residency_unpaced": flipped["residency"].goodput_tokens_per_second,
+        "best_baseline": best.policy,
+        "best_baseline_unpaced": best.goodput_tokens_per_second,
+        "best_baseline_paced_policy": best_paced.policy,
+        "best_baseline_paced": best_paced.goodput_tokens_per_second,
+        "baselines_paced": {p: r.goodput_tokens_per_second for p, r in flipped.items() if p != "residency"},
+    }
+    if len(ours.goodput_by_priority_tokens_per_second) > 1:
+        row["weighted"] = {
+            "residency_paced": weighted(ours),
+            "residency_unpaced": weighted(flipped["residency"]),
+            "best_baseline_unpaced": max(weighted(r) for r in theirs),
+            "best_baseline_paced": max(weighted(r) for r in paced_theirs),
+        }
+    return row
+
+
+def print_pacing_ablation(rows: list[dict[str, Any]]) -> None:
+    """The ablation as one table: ratios of residency, paced or not, to the best baseline, paced or not."""
+    print(
+        "\nPacing ablation (own seed): residency's worker paces a model ahead of its SLO while a model\n"
+        "beside it has requests waiting; the baselines' servers do not. 'paced' baselines replay their\n"
+        "placements as if served by residency's worker. SLO-met goodput, tok/s (w: priority-weighted)"
+    )
+    header = (
+        f"{'scenario':<22}{'ours':>8}{'ours':>9}{'best':>8}{'best':>8}{'shipped':>9}{'unpaced':>9}{'both':>8}"
+    )
+    print(header)
+    print(f"{'':<22}{'paced':>8}{'unpaced':>9}{'base':>8}{'paced':>8}{'ratio':>9}{'ratio':>9}{'paced':>8}")
+    print("-" * len(header))
+    for row in rows:
+        lines = [
+            (
+                "",
+                row["residency_paced"],
+                row["residency_unpaced"],
+                row["best_baseline_unpaced"],
+                row["best_baseline_paced"],
+            )
+        ]
+        if "weighted" in row:
+            w = row["weighted"]
+            lines.append(
+                (
+                    " w",
+                    w["residency_paced"],
+                    w["residency_unpaced"],
+                    w["best_baseline_unpaced"],
+                    w["best_baseline_paced"],
+                )
+            )
+        for mark, paced, unpaced, base, base_paced in lines:
+            name = row["scenario"] + (" *" if row["extra"] else "") + mark
+            print(
+                f"{name:<22}{paced:>8.0f}{unpaced:>9.0f}{base:>8.0f}{base_paced:>8.0f}"
+                f"{_ratio(paced, base):>8.2f}x{_ratio(unpaced, base):>8.2f}x"
+                f"{_ratio(paced, base_paced):>7.2f}x"
+            )
+    print("shipped ratio = ours paced / best baseline; unpaced ratio = ours unpaced / best baseline;")
+    print("both paced = ours / best baseline on residency's worker")
 
 
 def seed_row(scenario: Scenario, reports: list[PolicyReport], offered: float) -> dict[str, Any]:
@@ -225,6 +313,7 @@ def main() -> None:
     parser.add_argument("--scenario", action="append", help="scenario name (default: all shipped ones)")
     parser.add_argument("--seed", type=int, default=None, help="override each scenario's seed")
     parser.add_argument("--no-sweep", action="store_true", help="skip the memory-pressure sweep")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the pacing ablation")
     parser.add_argument(
         "--seeds", type=int, default=3, help="seeds per scenario in the seed-spread section (1 skips it)"
     )
@@ -243,6 +332,7 @@ def main() -> None:
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     sweep_rows: list[dict[str, Any]] = []
+    ablation_rows: list[dict[str, Any]] = []
     spread_rows: list[dict[str, Any]] = []
     all_reports: dict[str, list[PolicyReport]] = {}
     summary: list[dict[str, Any]] = []
@@ -257,6 +347,8 @@ def main() -> None:
         reports, seconds = compare(scenario)
         if scenario.name in SWEEP_SCENARIOS and not args.no_sweep:
             sweep_rows.extend(sweep(scenario))
+        if not args.no_ablation:
+            ablation_rows.append(pacing_ablation(scenario, reports))
         if args.seeds > 1 and scenario.trace_path is None:  # a recorded trace has no seed to vary
             spread_rows.append(seed_spread(scenario, seed_row(scenario, reports, offered), args.seeds))
         all_reports[scenario.name] = reports
@@ -335,6 +427,8 @@ def main() -> None:
                 f"{row['residency_weighted_goodput']:.0f} vs {row['best_weighted_baseline']} "
                 f"{row['best_baseline_weighted_goodput']:.0f} = {row['weighted_ratio']:.2f}x"
             )
+    if ablation_rows:
+        print_pacing_ablation(ablation_rows)
     if spread_rows:
         print_seed_spread(spread_rows)
     if sweep_rows:
@@ -348,6 +442,7 @@ def main() -> None:
         {
             "summary": summary,
             "seed_spread": spread_rows,
+            "pacing_ablation": ablation_rows,
             "memory_sweep": sweep_rows,
             "machine": platform.platform(),
         },

@@ -268,7 +268,7 @@ def demand(
         max_batch=max_batch,
         priority=int(spec.get("priority", 0)),
         preemptible=bool(spec.get("preemptible", True)),
-        min_decode_tokens_per_second=(spec.get("slo") or {}).get("minDecodeTokensPerSecond"),
+        min_decode_tokens_per_second=_slo(spec),
         max_offload_fraction=float((spec.get("offload") or {}).get("maxFraction", 0.75)),
         layer_count=info.num_layers,
         # the planner sizes two stream staging buffers from this: use the largest streamable unit
@@ -466,9 +466,16 @@ def placement_manifest(
             "desiredState": desired_state,
             "maxSequenceLength": int(spec.get("maxSequenceLength", 4096)),
             "maxBatchSize": int(spec.get("maxBatchSize", 8)),
+            **({"minDecodeTokensPerSecond": float(slo)} if (slo := _slo(spec)) is not None else {}),
             **({"reason": reason[:1024]} if reason else {}),
         },
     }
+
+
+def _slo(spec: dict[str, Any]) -> float | None:
+    """An LLMModel's decode SLO in tokens/s (``None``: it has none)."""
+    slo = (spec.get("slo") or {}).get("minDecodeTokensPerSecond")
+    return None if slo is None else float(slo)
 
 
 def _reason(previous: dict[str, Any], desired_state: str, fresh: str | None) -> str | None:
@@ -740,7 +747,7 @@ def _placed_verdict(
             ("Loaded", "True", "Loaded", message),
             ("Ready", "True", "Ready", message),
         ]
-        slo = (inputs.bodies[key]["spec"].get("slo") or {}).get("minDecodeTokensPerSecond")
+        slo = _slo(inputs.bodies[key]["spec"])
         if status.get("reason"):
             # the worker could not carry out the last change (it serves as before): say why
             conditions.append(

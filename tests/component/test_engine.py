@@ -529,3 +529,38 @@ def test_demand_counts_the_window_s_requests(engine: Engine, models_root: Path) 
     time.sleep(0.3)
     assert runner.demand(window_seconds=0.2).decode_tokens_per_second == 0
     assert runner.demand().decode_tokens_per_second * runner.demand().window_seconds == pytest.approx(30)
+
+
+def _seconds_per_token(request: Request) -> float:
+    assert request.first_token_at is not None and request.finished_at is not None
+    return (request.finished_at - request.first_token_at) / max(1, len(request.token_ids) - 1)
+
+
+def test_a_model_ahead_of_its_slo_yields_the_gpu_to_a_neighbour_with_requests_waiting(
+    engine: Engine, models_root: Path
+) -> None:
+    """Two models on one GPU tier. While `busy` (batch of one, no SLO) has requests waiting for its slot,
+    `paced` (SLO 8 tok/s) decodes at 1.25x its SLO, no faster, and still meets it; once nobody waits, it
+    decodes at full speed again. The time it held back shows in its timings."""
+    engine.load("paced", str(models_root / "qwen2"), _options(1.0, min_decode_tokens_per_second=8.0))
+    engine.load("busy", str(models_root / "llama"), _options(1.0, max_batch_size=1, max_queue=64))
+    # alone: far faster than its SLO
+    alone = engine.generate("paced", PROMPTS[0], SamplingParams(max_tokens=24, ignore_eos=True))
+    assert _seconds_per_token(alone) < 1 / 30
+    long = SamplingParams(max_tokens=100, ignore_eos=True)
+    backlog = [engine.submit("busy", PROMPTS[1], long) for _ in range(40)]
+    deadline = time.monotonic() + 30
+    while engine.status("busy").queue_depth == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    paced = engine.generate("paced", PROMPTS[0], SamplingParams(max_tokens=16, ignore_eos=True))
+    assert engine.status("busy").queue_depth > 0, "busy must still have requests waiting at the end"
+    per_token = _seconds_per_token(paced)
+    assert 0.8 / (1.25 * 8.0) <= per_token <= 1 / 8.0, per_token  # paced to 10 tok/s, within its SLO of 8
+    assert engine.status("paced").timings.paced_seconds > 0.5
+    assert engine.status("busy").timings.paced_seconds == 0.0  # a hungry model never waits
+    for request in backlog:
+        request.cancel()
+    while engine.status("busy").queue_depth or engine.status("busy").active_sequences:
+        time.sleep(0.01)
+    again = engine.generate("paced", PROMPTS[0], SamplingParams(max_tokens=24, ignore_eos=True))
+    assert _seconds_per_token(again) < 1 / 30

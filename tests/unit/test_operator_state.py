@@ -130,6 +130,24 @@ def test_placement_lands_on_a_ready_uncordoned_node(tmp_path: Path, make_model_d
     assert dict(verdict.extra)["node"] == "n2"
 
 
+def test_the_placement_carries_the_models_slo_for_the_worker_to_pace_to(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    """The worker paces a model to its SLO while a neighbour has requests waiting: the placement says it."""
+    state = ClusterState(
+        [
+            llm("a", make_model_dir("a", params=20_000), slo={"minDecodeTokensPerSecond": 12}),
+            llm("b", make_model_dir("b", params=20_000)),
+        ],
+        [profile("n1", 10**7)],
+        [node("n1")],
+        [],
+    )
+    _, _, desired = run(state, tmp_path)
+    assert desired[placement_name("team-a/a")]["spec"]["minDecodeTokensPerSecond"] == 12.0
+    assert "minDecodeTokensPerSecond" not in desired[placement_name("team-a/b")]["spec"]
+
+
 def test_stale_heartbeat_node_takes_no_work(tmp_path: Path, make_model_dir: MakeDir) -> None:
     state = ClusterState(
         [llm("a", make_model_dir("a"))],

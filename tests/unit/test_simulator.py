@@ -370,3 +370,41 @@ def test_requests_parked_by_a_preemption_are_given_back_after_the_workers_wait(
         # never resumed: dropped at the queue timeout (40 s from their arrival), not parked for ever
         assert seen[41.5] == (0, 2) and seen[42.0] == (0, 0)
         assert [o.dropped for o in outcomes] == [True, True]
+
+
+class _PlaceAll:
+    """A policy that puts every model on one node at t=0, whole, and serves paced or not."""
+
+    name = "place-all"
+
+    def __init__(self, node: str, paces_decode: bool) -> None:
+        self.node, self.paces_decode = node, paces_decode
+
+    def step(self, sim: Simulation, now_seconds: float) -> None:
+        if now_seconds == 0.0:
+            for name in sorted(sim.models):
+                sim.place(name, self.node, 1.0, "stream")
+
+
+@pytest.mark.parametrize("paces_decode", [False, True])
+def test_paced_decoding_gives_a_queued_models_time_to_it(paces_decode: bool) -> None:
+    """Two 8B models and a 13B one share an H100, each asked 1 request/s of 128 tokens (priority-burst's
+    production burst). Unpaced, the GPU's time splits evenly: the 8B ones decode far faster than their SLO
+    while the 13B one, whose batch holds 4, falls behind, and its queue and time to first token grow. Paced
+    (the residency worker), the 8B ones decode at 1.25x their SLO while it has requests waiting, and the time
+    they leave serves it: every request of every model meets its SLO."""
+    node = make_node("h100", "h100-pcie5")
+    models = [
+        SimModel(name=f"ns/small-{i}", family="llama-8b", max_batch=8, min_decode_tokens_per_second=15)
+        for i in range(2)
+    ] + [SimModel(name="ns/big", family="llama-13b", max_batch=4, min_decode_tokens_per_second=10)]
+    # Loads end by t=2; then 60 s of one request per second per model.
+    requests = [Request(5.0 + t, m.name, 512, 128) for t in range(60) for m in models]
+    sim = Simulation([node], models, requests, duration_seconds=120.0, ttft_slo_seconds=10.0)
+    outcomes = sim.run(_PlaceAll("h100", paces_decode))
+    met = {m.name: sum(o.met_slo for o in outcomes if o.model == m.name) / 60 for m in models}
+    assert met["ns/small-0"] == met["ns/small-1"] == 1.0
+    if paces_decode:
+        assert met["ns/big"] == 1.0
+    else:
+        assert met["ns/big"] < 0.5, met

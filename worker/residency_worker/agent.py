@@ -8,7 +8,9 @@ GPU budget is never exceeded on the way; the engine refuses anything that would 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -321,6 +323,10 @@ class NodeAgent:
             if self._loaded_specs.get(name, _load_key(wanted[name])) != _load_key(wanted[name]):
                 self._unload(name)  # path, dtype or KV reservation changed: load afresh below
         loaded = set(self.engine.names())
+        for name in sorted(loaded & set(wanted)):
+            # the SLO it is paced to follows the LLMModel's without moving anything
+            with contextlib.suppress(EngineError):  # unloaded meanwhile: nothing to pace
+                self.engine.set_decode_slo(name, _decode_slo(wanted[name]["spec"]))
         for placement in leaving:
             self._release(placement)
         grow: list[dict[str, Any]] = []
@@ -395,6 +401,7 @@ class NodeAgent:
                         min_resident_fraction=float(spec.get("minResidentFraction", 0.0)),
                         max_batch_size=int(spec.get("maxBatchSize", 8)),
                         max_sequence_length=int(spec.get("maxSequenceLength", 2048)),
+                        min_decode_tokens_per_second=_decode_slo(spec),
                         # the planner's mode is the decode mode; prefill streams in both (PREFILL_MODE),
                         # and its memory promise counts the staging buffers that takes
                         decode_mode=spec.get("executionMode", "stream"),
@@ -589,6 +596,16 @@ class NodeAgent:
                 log.warning("sync failed (%s); retrying in %.1f s", exc.__class__.__name__, backoff)
                 backoff = min(backoff * 2, 10.0)
             stop.wait(0.0 if more else backoff)
+
+
+def _decode_slo(spec: dict[str, Any]) -> float | None:
+    """The placement's decode SLO in tokens/s (``None``: the model has none, or an invalid one)."""
+    slo = spec.get("minDecodeTokensPerSecond")
+    try:
+        value = None if slo is None else float(slo)
+    except (TypeError, ValueError):
+        return None
+    return value if value is not None and math.isfinite(value) and value > 0 else None
 
 
 def _load_key(placement: dict[str, Any]) -> tuple[Any, ...]:

@@ -33,6 +33,7 @@ of a placement's lastActiveTime, state.IDLE_AFTER_SECONDS)."""
 PREEMPTED_WAIT_SECONDS = 10.0
 """How long a request in flight on a preempted model stays parked before the worker answers it 503 with
 Retry-After and the router takes it back to retry (the worker's ``--preempted-wait-seconds`` default)."""
+PACE_HEADROOM = 1.25
 
 
 def fair_shares(wanted_seconds: Sequence[float], capacity_seconds: float) -> list[float]:
@@ -118,7 +119,9 @@ class Counters:
 
 
 class Policy(Protocol):
-    """Decides placements; called once per tick before requests are served."""
+    """Decides placements; called once per tick before requests are served. A policy whose server paces
+    decoding to the SLO (the residency worker, see ``residency_worker.engine.pacing``) sets a class attribute
+    ``paces_decode = True``; the simulator then serves its models paced (:meth:`Simulation._shares`)."""
 
     name: str
 
@@ -157,6 +160,7 @@ class Simulation:
         self.queue_timeout_seconds = queue_timeout_seconds
         self.idle_after_seconds = idle_after_seconds
         self.preempted_wait_seconds = preempted_wait_seconds
+        self.paced_decode = False
         self.predictor = Predictor()
         self.counters = Counters()
         self.outcomes: list[RequestOutcome] = []
@@ -315,6 +319,7 @@ class Simulation:
 
     def run(self, policy: Policy) -> list[RequestOutcome]:
         """Replay the trace under ``policy``; returns the outcome of every request."""
+        self.paced_decode = bool(getattr(policy, "paces_decode", False))
         next_request = 0
         tick = self.tick_seconds
         steps = round(self.duration_seconds / tick)
@@ -378,7 +383,7 @@ class Simulation:
             # model that needs less than an equal slice leaves the rest to the models that need more
             # (time-sliced processes on one GPU: an idle one takes no time).
             wanted = [self._work_seconds(runtime, node) for runtime in runtimes]
-            budgets = fair_shares(wanted, self.tick_seconds)
+            budgets = self._shares(runtimes, node, wanted)
             share = len(runtimes)
             for runtime, budget in zip(runtimes, budgets, strict=True):
                 if budget <= 0:
@@ -387,6 +392,36 @@ class Simulation:
                 # less when it was given more than an equal slice
                 stretch = min(float(share), self.tick_seconds / budget)
                 self._serve_model(runtime, node, now, budget, stretch)
+
+    def _shares(self, runtimes: list[ModelRuntime], node: NodeCapacity, wanted: list[float]) -> list[float]:
+        """Each model's GPU seconds this tick. Unpaced: max-min fair. Paced (the residency worker): while a
+        model on the GPU has requests waiting for a batch slot, the others run only at their SLO pace
+        (times PACE_HEADROOM) and the time they leave goes to the waiting ones."""
+        hungry = [i for i, runtime in enumerate(runtimes) if runtime.queue]
+        if not self.paced_decode or not hungry or len(hungry) == len(runtimes):
+            return fair_shares(wanted, self.tick_seconds)
+        paced = [min(w, self._paced_seconds(r, node)) for r, w in zip(runtimes, wanted, strict=True)]
+        for i in hungry:
+            paced[i] = min(wanted[i], paced[i])
+        base = fair_shares(paced, self.tick_seconds)
+        extra = fair_shares([wanted[i] - base[i] for i in hungry], self.tick_seconds - sum(base))
+        for i, more in zip(hungry, extra, strict=True):
+            base[i] += more
+        return base
+
+    def _paced_seconds(self, runtime: ModelRuntime, node: NodeCapacity) -> float:
+        """GPU seconds that keep the model's batch at its SLO pace this tick, prefills first."""
+        if not runtime.active:
+            return 0.0
+        prefill = sum(a.prefill_remaining_seconds for a in runtime.active if a.first_token_seconds is None)
+        needed = max(a.request.output_tokens - a.tokens_done for a in runtime.active)
+        steps = min(
+            max(0.0, needed), runtime.spec.min_decode_tokens_per_second * PACE_HEADROOM * self.tick_seconds
+        )
+        step_seconds = self.predictor.decode_step_seconds(
+            runtime.demand, node, runtime.resident_fraction, runtime.mode, batch=len(runtime.active)
+        )
+        return prefill + steps * step_seconds
 
     def _admit(self, runtime: ModelRuntime, node: NodeCapacity) -> None:
         """Queued requests join the model's batch while it has room; each starts with its prefill."""

@@ -46,6 +46,7 @@ class ResidencyPolicy:
     """The production planner, fed the simulator's observed demand and placements."""
 
     name = "residency"
+    paces_decode = True
 
     def __init__(
         self,

@@ -161,8 +161,10 @@ def run_policy(
     requests: Sequence[Request] | None = None,
     planner_config: PlannerConfig | None = None,
     tick_seconds: float = 0.5,
+    paces_decode: bool | None = None,
 ) -> PolicyReport:
-    """Simulate one policy on one scenario."""
+    """Simulate one policy on one scenario. ``paces_decode`` overrides whether its models are served paced
+    to their SLOs (by default only residency's worker paces; see ``Policy``): for ablations."""
     if not scenario.nodes:
         # Parsing refuses such clusters; a scenario built in code gets the same answer, not a planner crash.
         raise ValueError(f"scenario {scenario.name}: the cluster has no nodes")
@@ -177,6 +179,8 @@ def run_policy(
         queue_timeout_seconds=scenario.queue_timeout_seconds,
     )
     policy = make_policy(policy_name, planner_config)
+    if paces_decode is not None:
+        policy.paces_decode = paces_decode  # type: ignore[attr-defined]
     outcomes = sim.run(policy)
     plan_seconds = None
     if isinstance(policy, ResidencyPolicy) and policy.plans:

@@ -50,6 +50,12 @@ class ModelPlacementSpec(ApiModel):
     desired_state: DesiredState = Field(default="Loaded")
     max_sequence_length: int = Field(default=4096, ge=1, le=1_048_576)
     max_batch_size: int = Field(default=8, ge=1, le=1024)
+    min_decode_tokens_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        description="The model's decode SLO: the worker paces it to this (times a headroom) while a model "
+        "beside it on the GPU has requests waiting for a batch slot.",
+    )
     reason: str | None = Field(default=None, max_length=1024, description="Why the planner chose this.")
     plan_generation: int | None = Field(default=None, ge=0, description="Planner round that wrote this.")
 

@@ -32,6 +32,7 @@ from residency_worker.engine.generate import (
 )
 from residency_worker.engine.kvcache import KVCache
 from residency_worker.engine.loading import LoadedWeights, Unit
+from residency_worker.engine.pacing import pace_interval_seconds
 from residency_worker.engine.placement import (
     BudgetNeed,
     ResidencyPlan,
@@ -81,6 +82,7 @@ class ModelOptions:
     max_queue: int = 64
     reload_streams: int = 2
     min_resident_fraction: float = 0.0  # 1 - offload.maxFraction: never keep less than this resident
+    min_decode_tokens_per_second: float | None = None  # the SLO: paced to it while a neighbour is hungry
 
 
 @dataclass
@@ -138,6 +140,9 @@ class ModelRunner:
         self._stopping = False
         self._resumed = threading.Event()
         self._thread: threading.Thread | None = None
+        self.pace_interval_seconds = pace_interval_seconds(options.min_decode_tokens_per_second)
+        self._last_decode_start = 0.0
+        self._hungry = False
         eos = weights.config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if weights.tokenizer.eos_token_id is not None:
@@ -411,6 +416,26 @@ class ModelRunner:
             return None
         return sequence
 
+    def _set_hungry(self, hungry: bool) -> None:
+        if hungry != self._hungry:
+            self._hungry = hungry
+            self.tier.pacer.set_hungry(self.owner, hungry)
+
+    def _pace(self) -> None:
+        """Before a decode step: while another model on the GPU has requests waiting for a batch slot, wait
+        until this model's next step is due at its SLO pace (see ``pacing``)."""
+        interval = self.pace_interval_seconds
+        if interval is not None and not self._hungry:
+            due = self._last_decode_start + interval
+            self.timings.paced_seconds += self.tier.pacer.hold(
+                self.owner, due, interrupted=lambda: bool(self._commands) or self._stopping
+            )
+        self._last_decode_start = time.monotonic()
+
+    def set_decode_slo(self, min_decode_tokens_per_second: float | None) -> None:
+        """Changes the SLO the model is paced to (takes effect at its next step)."""
+        self.pace_interval_seconds = pace_interval_seconds(min_decode_tokens_per_second)
+
     def _decode(self) -> None:
         start = time.perf_counter()
         logits = self._forward(self._active, prefill=False)
@@ -449,7 +474,12 @@ class ModelRunner:
             started = self._prefill(request)
             if started is not None:
                 self._active.append(started)
+        with self._cv:
+            self._set_hungry(bool(self._waiting) and len(self._active) >= self.options.max_batch_size)
         if self._active:
+            self._pace()
+            if self._commands or self._stopping:
+                return  # an admin command came in while held: it runs before this step
             self._decode()
 
     # -- the loop and its commands ------------------------------------------------------------------
@@ -620,6 +650,7 @@ class ModelRunner:
         self.tier.empty_cache()
         self._resumed.clear()  # before the state: whoever sees "preempted" must find the event clear
         self.state = "preempted"
+        self._set_hungry(False)
         self.timings.kv_save_seconds = kv_save.seconds
         self.timings.kv_save_transfer = kv_save
         self.timings.kv_bytes = kv_save.moved_bytes
@@ -735,5 +766,6 @@ class ModelRunner:
         self._close_stager()
         self.tier.unreserve(self.owner)
         self.tier.empty_cache()
+        self._set_hungry(False)
         self.state = "unloaded"
         self._resumed.set()  # wake anyone waiting for a resume: the answer is now "gone"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -71,6 +73,7 @@ class Engine:
         options = options or ModelOptions()
         if not 0.0 <= options.resident_fraction <= 1.0:
             raise EngineError("InvalidRequest", "resident_fraction must lie in [0, 1]")
+        _check_slo(options.min_decode_tokens_per_second)
         with self._lock:
             if name in self._unloading:
                 log.info("load of %s waits for its previous runner to finish unloading", name)
@@ -183,6 +186,17 @@ class Engine:
         report = self._runner(name).set_residency(fraction, decode_mode, prefill_mode)
         self._notify(name, "set_residency", report)
         return report
+
+    def set_decode_slo(self, name: str, min_decode_tokens_per_second: float | None) -> None:
+        """Changes the decode SLO `name` is paced to while a model beside it has requests waiting (``None``:
+        never paced); no weights move."""
+        _check_slo(min_decode_tokens_per_second)
+        runner = self._runner(name)
+        if runner.options.min_decode_tokens_per_second != min_decode_tokens_per_second:
+            runner.options = dataclasses.replace(
+                runner.options, min_decode_tokens_per_second=min_decode_tokens_per_second
+            )
+            runner.set_decode_slo(min_decode_tokens_per_second)
 
     def set_budget(self, budget_bytes: int) -> NodeReport:
         """Changes the node's GPU memory budget at runtime (e.g. part of the GPU is handed to another tenant).
@@ -305,3 +319,11 @@ def _check_text(text: str) -> None:
         raise EngineError(
             "InvalidRequest", f"the prompt is not valid Unicode: lone surrogate at character {exc.start}"
         ) from exc
+
+
+def _check_slo(min_decode_tokens_per_second: float | None) -> None:
+    slo = min_decode_tokens_per_second
+    if slo is not None and not (math.isfinite(slo) and slo > 0):
+        raise EngineError(
+            "InvalidRequest", f"the decode SLO must be a positive number of tokens/s, got {slo}"
+        )

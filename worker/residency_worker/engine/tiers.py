@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from residency_worker.engine.pacing import GpuPacer
 from residency_worker.engine.types import EngineError, TransferPath, TransferTiming
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class GpuTier:
         self._free_blocks: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         self._free_bytes = 0
         self.host_to_device_peak: TransferTiming | None = None
+        self.pacer = GpuPacer()  # shares the GPU's time between the models on it, by their SLOs
 
     # -- reservations -------------------------------------------------------------------------------
     def reserved_bytes(self, owner: str | None = None) -> int:

@@ -114,6 +114,9 @@ class ModelTimings:
     residency_change_transfer: TransferTiming | None = None
     decode_tokens_per_second: float | None = None
     prefill_tokens_per_second: float | None = None
+    paced_seconds: float = 0.0
+    """Seconds the model held back decode steps, ahead of its SLO, while a neighbour on its GPU had requests
+    waiting for a batch slot (cumulative since load)."""
     emulated: bool = True
 
 

@@ -182,6 +182,12 @@ class LoadBody(_Body):
     max_batch_size: int = Field(default=8, ge=1, le=1024)
     max_sequence_length: int = Field(default=2048, ge=2, le=1_048_576)
     max_queue: int = Field(default=64, ge=1, le=100_000)
+    min_decode_tokens_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        description="The decode SLO: the model is paced to it while a model beside it has requests waiting.",
+    )
 
 
 class ResidencyBody(_Body):
@@ -654,6 +660,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             max_batch_size=body.max_batch_size,
             max_sequence_length=body.max_sequence_length,
             max_queue=body.max_queue,
+            min_decode_tokens_per_second=body.min_decode_tokens_per_second,
         )
         report = await engine_call(engine.load, body.name, body.path, options)
         return as_dict(report)

@@ -36,6 +36,13 @@ class WorkerMetrics:
         self.queue_depth = Gauge(
             "residency_queue_depth", "Requests waiting", ["model"], registry=self.registry
         )
+        self.paced_seconds = Gauge(
+            "residency_paced_seconds",
+            "Seconds the model held back decode steps, ahead of its SLO, while a model beside it on the GPU "
+            "had requests waiting for a batch slot (cumulative since it loaded)",
+            ["model"],
+            registry=self.registry,
+        )
         self.resident_bytes = Gauge(
             "residency_resident_weight_bytes",
             "Weight bytes resident in GPU memory",
@@ -74,6 +81,7 @@ class WorkerMetrics:
             (self.decode_rate, ("model",)),
             (self.prefill_rate, ("model",)),
             (self.queue_depth, ("model",)),
+            (self.paced_seconds, ("model",)),
             (self.resident_bytes, ("model",)),
             (self.resident_fraction, ("model",)),
             (self.reload_seconds, ("model",)),
@@ -98,6 +106,7 @@ class WorkerMetrics:
             except EngineError:
                 continue  # unloaded between the listing and now
             self.queue_depth.labels(name).set(status.queue_depth)
+            self.paced_seconds.labels(name).set(status.timings.paced_seconds)
             self.resident_bytes.labels(name).set(status.residency.resident_weight_bytes)
             self.resident_fraction.labels(name).set(status.residency.resident_fraction)
             timings = status.timings
