@@ -65,6 +65,14 @@ def test_apply_ready_and_a_completion_through_the_router(
     by_name = complete(router, "chat", "The scheduler places", 12)
     assert by_name.json()["choices"][0]["text"] == body["choices"][0]["text"]
     assert complete(router, "no-such-model", "x").status_code == 404
+    # the worker paces the model to its SLO while a model beside it has requests waiting: the placement
+    # carries the SLO, and the worker exports the seconds it held the model back (none: it is alone)
+    assert (
+        get_json("modelplacement", placement_name(f"{namespace}/chat"))["spec"]["minDecodeTokensPerSecond"]
+        == 1
+    )
+    metrics = httpx.get(f"{gpu_nodes.nodes[0].url}/metrics", timeout=10).text
+    assert f'residency_paced_seconds{{model="{namespace}/chat"}} 0.0' in metrics
     row = kubectl("get", "llm", "chat", "-n", namespace).stdout.splitlines()[1].split()
     assert row[:4] == ["chat", "Ready", "gpu-serve-1", "100"]
     wait_for(

@@ -564,3 +564,31 @@ def test_a_model_ahead_of_its_slo_yields_the_gpu_to_a_neighbour_with_requests_wa
         time.sleep(0.01)
     again = engine.generate("paced", PROMPTS[0], SamplingParams(max_tokens=24, ignore_eos=True))
     assert _seconds_per_token(again) < 1 / 30
+
+
+def test_a_paced_model_still_starts_a_new_request_at_once(engine: Engine, models_root: Path) -> None:
+    """Pacing holds back decode steps, not prompts: a request that can join the batch of a held model (SLO
+    1 tok/s: a step every 0.8 s while `busy` has requests waiting) gets its first token at once."""
+    engine.load("slow", str(models_root / "qwen2"), _options(1.0, min_decode_tokens_per_second=1.0))
+    engine.load("busy", str(models_root / "llama"), _options(1.0, max_batch_size=1, max_queue=64))
+    backlog = [
+        engine.submit("busy", PROMPTS[1], SamplingParams(max_tokens=100, ignore_eos=True)) for _ in range(40)
+    ]
+    deadline = time.monotonic() + 30
+    while engine.status("busy").queue_depth == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first = engine.submit("slow", PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    time.sleep(1.0)  # a step or two in: held for the next one
+    waits = []
+    for _ in range(3):
+        second = engine.submit("slow", PROMPTS[2], SamplingParams(max_tokens=2, ignore_eos=True))
+        deadline = time.monotonic() + 10
+        while second.first_token_at is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert second.first_token_at is not None
+        waits.append(second.first_token_at - second.submitted_at)
+        time.sleep(0.3)
+    assert engine.status("busy").queue_depth > 0 and not first.done.is_set(), "still paced throughout"
+    assert min(waits) < 0.2, waits  # held to the next step it would be 0.4 s on average, up to 0.8 s
+    for request in backlog:
+        request.cancel()

@@ -20,7 +20,7 @@ def test_nobody_waits_without_a_hungry_neighbour() -> None:
     pacer = GpuPacer()
     pacer.set_hungry("a", True)  # its own hunger is no reason for it to wait
     start = time.monotonic()
-    assert pacer.hold("a", start + 5.0) < 0.5
+    assert pacer.hold("a", start + 5.0) == 0.0
     assert not pacer.others_hungry("a") and pacer.others_hungry("b")
 
 

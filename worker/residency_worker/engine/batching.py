@@ -421,22 +421,33 @@ class ModelRunner:
             self._hungry = hungry
             self.tier.pacer.set_hungry(self.owner, hungry)
 
-    def _pace(self) -> None:
+    def _pace(self) -> bool:
         """Before a decode step: while another model on the GPU has requests waiting for a batch slot, wait
-        until this model's next step is due at its SLO pace (see ``pacing``)."""
+        until this model's next step is due at its SLO pace (see ``pacing``). False when the wait ended for
+        something to do first: an admin command, or a new request that can join the batch (its prefill is
+        not held back)."""
         interval = self.pace_interval_seconds
-        if interval is not None and not self._hungry:
-            due = self._last_decode_start + interval
-            self.timings.paced_seconds += self.tier.pacer.hold(
-                self.owner, due, interrupted=lambda: bool(self._commands) or self._stopping
-            )
-        self._last_decode_start = time.monotonic()
+        if interval is None or self._hungry:
+            return True
+        due = self._last_decode_start + interval
+        self.timings.paced_seconds += self.tier.pacer.hold(self.owner, due, interrupted=self._other_work)
+        return not self._other_work()
+
+    def _other_work(self) -> bool:
+        """An admin command waits, or a request that can join the batch (reads without the lock: a stale
+        answer only ends or prolongs one wait)."""
+        return (
+            bool(self._commands)
+            or self._stopping
+            or (bool(self._waiting) and len(self._active) < self.options.max_batch_size)
+        )
 
     def set_decode_slo(self, min_decode_tokens_per_second: float | None) -> None:
         """Changes the SLO the model is paced to (takes effect at its next step)."""
         self.pace_interval_seconds = pace_interval_seconds(min_decode_tokens_per_second)
 
     def _decode(self) -> None:
+        self._last_decode_start = time.monotonic()
         start = time.perf_counter()
         logits = self._forward(self._active, prefill=False)
         elapsed = time.perf_counter() - start
@@ -476,10 +487,7 @@ class ModelRunner:
                 self._active.append(started)
         with self._cv:
             self._set_hungry(bool(self._waiting) and len(self._active) >= self.options.max_batch_size)
-        if self._active:
-            self._pace()
-            if self._commands or self._stopping:
-                return  # an admin command came in while held: it runs before this step
+        if self._active and self._pace():  # else the command or new request goes first, then this step
             self._decode()
 
     # -- the loop and its commands ------------------------------------------------------------------

@@ -53,11 +53,13 @@ class GpuPacer:
         """Waits until the clock reads ``due`` while another model is hungry (at once when none is, or when
         ``interrupted()`` turns true); returns the seconds it waited."""
         start = self._clock()
+        waited = False
         with self._cv:
             while True:
                 now = self._clock()
                 if now >= due or not (self._hungry - {owner}) or interrupted():
-                    return now - start
+                    return now - start if waited else 0.0
+                waited = True
                 self._cv.wait(min(due - now, HOLD_SLICE_SECONDS))
 
 
