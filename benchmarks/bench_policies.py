@@ -232,7 +232,7 @@ def print_seed_spread(rows: list[dict[str, Any]]) -> None:
         "\nSeed spread: each scenario at its own seed (+0) and the next ones (same models, nodes, rates);\n"
         "ratio = residency / best baseline at that seed; ceiling = offered / best baseline (mean)"
     )
-    header = f"{'scenario':<20}" + "".join(f"{f'seed+{i}':>9}" for i in range(len(seeds)))
+    header = f"{'scenario':<22}" + "".join(f"{f'seed+{i}':>9}" for i in range(len(seeds)))
     header += f"{'mean':>8}{'min':>8}{'ceiling':>9}"
     print(header)
     print("-" * len(header))
@@ -240,7 +240,7 @@ def print_seed_spread(rows: list[dict[str, Any]]) -> None:
         name = row["scenario"] + (" *" if row["extra"] else "")
         cells = "".join(f"{seed_row['ratio']:>8.2f}x" for seed_row in row["per_seed"])
         print(
-            f"{name:<20}{cells}{row['mean_ratio']:>7.2f}x{row['min_ratio']:>7.2f}x"
+            f"{name:<22}{cells}{row['mean_ratio']:>7.2f}x{row['min_ratio']:>7.2f}x"
             f"{row['mean_ceiling_ratio']:>8.2f}x"
         )
 
