@@ -3,12 +3,14 @@
 Measured side by side in one run, on one device, with the worker's own engine:
   steady   a model kept busy by 4 clients (batch 4), with an SLO of a quarter of its measured solo rate
   backlog  a model with more requests waiting than its batch holds (hungry throughout)
-once unpaced (``steady`` has no SLO: both decode as fast as they can and split the device's time) and once
-paced (``steady`` decodes at 1.25x its SLO while ``backlog`` has requests waiting). The ratio of interest is
-backlog's tokens/s paced ÷ unpaced, with steady still meeting its SLO. Without a GPU the "device" is the
-emulated tier on the CPU and every number is reported as emulated.
+in three phases: ``backlog`` alone (what it gets with the device to itself), both unpaced (``steady`` has no
+SLO: both decode as fast as they can and split the device's time) and both paced (``steady`` decodes at
+1.25x its SLO while ``backlog`` has requests waiting). The phases take turns over ``--rounds`` rounds, every
+other round backwards. The ratio of interest is backlog's tokens/s paced ÷ unpaced, with steady still
+meeting its SLO; alone ÷ unpaced is the most pacing could give. Without a GPU the "device" is the emulated
+tier on the CPU and every number is reported as emulated.
 
-    python benchmarks/bench_pacing.py --seconds 20
+    python benchmarks/bench_pacing.py --seconds 20 --rounds 2
 """
 
 from __future__ import annotations
@@ -87,15 +89,39 @@ def phase(
     }
 
 
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One phase's rounds together: rates averaged, steady's requests pooled, each round kept."""
+    rates = [r for r in runs if r["steady_requests"]]
+    requests = sum(r["steady_requests"] for r in rates)
+    return {
+        "paced": runs[0]["paced"],
+        "seconds": sum(r["seconds"] for r in runs),
+        "backlog_tokens_per_second": sum(r["backlog_tokens_per_second"] for r in runs) / len(runs),
+        "steady_requests": requests,
+        "steady_min_tokens_per_second": min((r["steady_min_tokens_per_second"] for r in rates), default=None),
+        "steady_mean_tokens_per_second": (
+            sum(r["steady_mean_tokens_per_second"] * r["steady_requests"] for r in rates) / requests
+            if requests
+            else None
+        ),
+        "steady_met_slo": (
+            sum(r["steady_met_slo"] * r["steady_requests"] for r in rates) / requests if requests else None
+        ),
+        "steady_paced_seconds": sum(r["steady_paced_seconds"] for r in runs),
+        "rounds": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--arch", default="qwen2")
     parser.add_argument("--preset", default="qwen2.5-0.5b")
-    parser.add_argument("--layers", type=int, default=4, help="override the preset's depth (0: keep)")
+    parser.add_argument("--layers", type=int, default=0, help="override the preset's depth (0: keep)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase in each round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three phases")
     parser.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -117,9 +143,15 @@ def main() -> None:
             ]
             solo = [1 / t for t in (per_token_seconds(r.wait(600)) for r in warm) if t]
             slo = round(min(solo) / 4, 2)
-            alone = phase(engine, args.seconds, args.tokens, slo, paced=False, clients=0)
-            unpaced = phase(engine, args.seconds, args.tokens, slo, paced=False)
-            paced = phase(engine, args.seconds, args.tokens, slo, paced=True)
+            # the three phases in turn, every other round backwards, so that drift in the machine's speed
+            # (other work, clocks) falls on all three alike
+            kinds = {"alone": (False, 0), "unpaced": (False, 4), "paced": (True, 4)}  # (paced, clients)
+            runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+            for round_index in range(args.rounds):
+                for kind in list(kinds)[:: 1 if round_index % 2 == 0 else -1]:
+                    is_paced, clients = kinds[kind]
+                    runs[kind].append(phase(engine, args.seconds, args.tokens, slo, is_paced, clients))
+            alone, unpaced, paced = (combine(runs[kind]) for kind in kinds)
         finally:
             engine.close()
     device = torch.cuda.get_device_name() if cuda else "emulated (CPU)"
@@ -130,6 +162,7 @@ def main() -> None:
         [
             label,
             f"{p['backlog_tokens_per_second']:.1f}",
+            " ".join(f"{r['backlog_tokens_per_second']:.1f}" for r in p["rounds"]),
             *(
                 ["-"] * 3
                 if p["steady_met_slo"] is None
@@ -143,7 +176,7 @@ def main() -> None:
         ]
         for label, p in (("backlog alone", alone), ("unpaced", unpaced), ("paced", paced))
     ]
-    header = ["", "backlog tok/s", "steady tok/s/req", "steady min", "steady >= SLO", "held s"]
+    header = ["", "backlog tok/s", "per round", "steady tok/s/req", "steady min", "steady >= SLO", "held s"]
     print(table([header, *rows]))
     print(
         f"backlog throughput paced / unpaced: {ratio:.2f}x "
