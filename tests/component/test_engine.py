@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -592,3 +592,90 @@ def test_a_paced_model_still_starts_a_new_request_at_once(engine: Engine, models
     assert min(waits) < 0.2, waits  # held to the next step it would be 0.4 s on average, up to 0.8 s
     for request in backlog:
         request.cancel()
+
+
+def _wait_for(condition: Callable[[], bool], timeout_seconds: float = 10.0) -> float:
+    """Seconds until `condition()` held (fails the test after `timeout_seconds`)."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_seconds, "condition not met in time"
+        time.sleep(0.002)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("ends", ["finished", "failed"])
+def test_a_batch_that_ends_after_its_waiting_request_was_cancelled_leaves_no_neighbour_paced(
+    engine: Engine, models_root: Path, ends: str
+) -> None:
+    """`busy` (batch of one) is hungry: a request runs, one waits. The waiting one's client hangs up during
+    the step that ends the batch (it finishes, or the step fails). `busy` then has nothing to do, so `paced`
+    beside it must decode at full speed, not at its SLO pace."""
+    engine.load("paced", str(models_root / "qwen2"), _options(1.0, min_decode_tokens_per_second=2.0))
+    engine.load("busy", str(models_root / "llama"), _options(1.0, max_batch_size=1))
+    busy = engine._runner("busy")
+    forward = busy._forward
+    waiting: list[Request] = []
+
+    def last_step(sequences: list[Any], *, prefill: bool) -> Any:
+        if not prefill and waiting and busy._hungry:
+            busy.cancel(waiting.pop())  # the client of the waiting request goes away during this step
+            if ends == "failed":
+                raise RuntimeError("device error (injected)")
+            for sequence in sequences:
+                sequence.max_tokens = sequence.generated + 1  # this step ends the batch
+        return forward(sequences, prefill=prefill)
+
+    busy._forward = last_step  # type: ignore[method-assign]
+    running = engine.submit("busy", PROMPTS[1], SamplingParams(max_tokens=60, ignore_eos=True))
+    waiting.append(engine.submit("busy", PROMPTS[1], SamplingParams(max_tokens=60, ignore_eos=True)))
+    _wait_for(running.done.is_set)
+    _wait_for(lambda: not waiting)
+    assert busy.queue_depth == 0 and busy.active_sequences == 0
+    _wait_for(lambda: not engine.tier.pacer.others_hungry(engine._runner("paced").owner), timeout_seconds=1.0)
+    alone = engine.generate("paced", PROMPTS[0], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert _seconds_per_token(alone) < 1 / 30
+    assert engine.status("paced").timings.paced_seconds == 0.0
+
+
+def test_a_held_model_that_gets_more_requests_than_its_batch_holds_says_so_at_once(
+    engine: Engine, models_root: Path
+) -> None:
+    """`held` (batch of one, SLO 0.5 tok/s: a step every 1.6 s while `busy` is hungry) gets a second request
+    mid-hold. It is hungry now, so it stops waiting and says so at once, and from then on its neighbour is the
+    one that yields; before, it sat out the rest of its 1.6 s."""
+    engine.load(
+        "held", str(models_root / "qwen2"), _options(1.0, min_decode_tokens_per_second=0.5, max_batch_size=1)
+    )
+    held = engine._runner("held")
+    engine.load("busy", str(models_root / "llama"), _options(1.0, max_batch_size=1, max_queue=64))
+    backlog = [
+        engine.submit("busy", PROMPTS[1], SamplingParams(max_tokens=100, ignore_eos=True)) for _ in range(20)
+    ]
+    _wait_for(lambda: engine._runner("busy")._hungry)
+    first = engine.submit("held", PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    _wait_for(lambda: len(first.token_ids) >= 2)  # decoding, and held before each step
+    time.sleep(0.1)
+    second = engine.submit("held", PROMPTS[2], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert _wait_for(lambda: held._hungry) < 0.3
+    assert engine.tier.pacer.others_hungry(engine._runner("busy").owner)
+    for request in [*backlog, first, second]:
+        request.cancel()
+
+
+def test_a_changed_slo_ends_a_hold_in_progress(engine: Engine, models_root: Path) -> None:
+    """`held` has SLO 0.1 tok/s (a step every 8 s while `busy` is hungry); its SLO is removed mid-hold, and
+    its next token comes at once rather than up to 8 s later."""
+    engine.load("held", str(models_root / "qwen2"), _options(1.0, min_decode_tokens_per_second=0.1))
+    engine.load("busy", str(models_root / "llama"), _options(1.0, max_batch_size=1, max_queue=64))
+    backlog = [
+        engine.submit("busy", PROMPTS[1], SamplingParams(max_tokens=100, ignore_eos=True)) for _ in range(20)
+    ]
+    _wait_for(lambda: engine._runner("busy")._hungry)
+    request = engine.submit("held", PROMPTS[0], SamplingParams(max_tokens=20, ignore_eos=True))
+    _wait_for(lambda: len(request.token_ids) >= 2)  # the next step is 8 s away
+    time.sleep(0.2)
+    tokens = len(request.token_ids)
+    engine.set_decode_slo("held", None)
+    assert _wait_for(lambda: len(request.token_ids) > tokens, timeout_seconds=5.0) < 1.0
+    for queued in [*backlog, request]:
+        queued.cancel()

@@ -416,6 +416,13 @@ class ModelRunner:
             return None
         return sequence
 
+    def _update_hungry(self) -> None:
+        """Hungry: ready, requests wait and the batch is full (a preempted model's parked batch uses no GPU).
+        Called with ``_cv`` held before each step; the loop also clears it before it sleeps."""
+        self._set_hungry(
+            self.state == "ready" and bool(self._waiting) and len(self._active) >= self.options.max_batch_size
+        )
+
     def _set_hungry(self, hungry: bool) -> None:
         if hungry != self._hungry:
             self._hungry = hungry
@@ -429,18 +436,19 @@ class ModelRunner:
         interval = self.pace_interval_seconds
         if interval is None or self._hungry:
             return True
+
+        def interrupted() -> bool:  # something to do first, or the SLO changed under the wait
+            return self._other_work() or self.pace_interval_seconds != interval
+
         due = self._last_decode_start + interval
-        self.timings.paced_seconds += self.tier.pacer.hold(self.owner, due, interrupted=self._other_work)
-        return not self._other_work()
+        self.timings.paced_seconds += self.tier.pacer.hold(self.owner, due, interrupted=interrupted)
+        return not interrupted()
 
     def _other_work(self) -> bool:
-        """An admin command waits, or a request that can join the batch (reads without the lock: a stale
-        answer only ends or prolongs one wait)."""
-        return (
-            bool(self._commands)
-            or self._stopping
-            or (bool(self._waiting) and len(self._active) < self.options.max_batch_size)
-        )
+        """An admin command waits, or a request does: one that can join the batch goes first, and one that
+        cannot makes this model hungry, which it must say at once (and then is never held). Reads without the
+        lock: a stale answer only ends or prolongs one wait."""
+        return bool(self._commands) or self._stopping or bool(self._waiting)
 
     def set_decode_slo(self, min_decode_tokens_per_second: float | None) -> None:
         """Changes the SLO the model is paced to (takes effect at its next step)."""
@@ -486,7 +494,7 @@ class ModelRunner:
             if started is not None:
                 self._active.append(started)
         with self._cv:
-            self._set_hungry(bool(self._waiting) and len(self._active) >= self.options.max_batch_size)
+            self._update_hungry()
         if self._active and self._pace():  # else the command or new request goes first, then this step
             self._decode()
 
@@ -503,7 +511,8 @@ class ModelRunner:
                     or self._stopping
                     or (self.state == "ready" and (self._waiting or self._active))
                 ):
-                    self._cv.wait()
+                    self._set_hungry(False)  # nothing to do (a batch that ended or failed after its waiting
+                    self._cv.wait()  # requests were cancelled must not leave its neighbours paced)
                 commands = list(self._commands)
                 self._commands.clear()
                 stopping = self._stopping
@@ -763,6 +772,7 @@ class ModelRunner:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        self._set_hungry(False)  # first: whatever fails below must not leave the neighbours paced
         error = EngineError("ModelUnloaded", f"model {self.name} was unloaded")
         self._fail_active(error)
         with self._cv:
@@ -774,6 +784,5 @@ class ModelRunner:
         self._close_stager()
         self.tier.unreserve(self.owner)
         self.tier.empty_cache()
-        self._set_hungry(False)
         self.state = "unloaded"
         self._resumed.set()  # wake anyone waiting for a resume: the answer is now "gone"
