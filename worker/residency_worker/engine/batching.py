@@ -431,8 +431,8 @@ class ModelRunner:
     def _pace(self) -> bool:
         """Before a decode step: while another model on the GPU has requests waiting for a batch slot, wait
         until this model's next step is due at its SLO pace (see ``pacing``). False when the wait ended for
-        something to do first: an admin command, or a new request that can join the batch (its prefill is
-        not held back)."""
+        something to do first (an admin command, or a waiting request: see ``_other_work``) or because the SLO
+        changed; the caller then runs the loop again and this step comes after."""
         interval = self.pace_interval_seconds
         if interval is None or self._hungry:
             return True
@@ -451,7 +451,7 @@ class ModelRunner:
         return bool(self._commands) or self._stopping or bool(self._waiting)
 
     def set_decode_slo(self, min_decode_tokens_per_second: float | None) -> None:
-        """Changes the SLO the model is paced to (takes effect at its next step)."""
+        """Changes the SLO the model is paced to (a wait in progress ends, and the next one uses it)."""
         self.pace_interval_seconds = pace_interval_seconds(min_decode_tokens_per_second)
 
     def _decode(self) -> None:
