@@ -7,8 +7,10 @@ number of new tokens, after a warm-up, over several trials (median, min-max):
                 greedy): (b x (N-1)) / (time of N new tokens - time of 1 new token), so prefill cancels out
   transformers  `generate` with a static KV cache (`cache_implementation="static"`) on the same weights, the
                 same batch of prompts, measured the same way
-  roofline      the memory-read bound of one decode step: weight bytes read per step / measured read GB/s
-                (every weight is read once per step whatever the batch; the embedding only for b rows)
+  roofline      the memory-read bound: b / (seconds to read one step's weights), at the device's measured
+                read GB/s for resident bytes and the measured host-to-device GB/s for streamed ones (every
+                weight is read once per step whatever the batch; an untied embedding only for b rows);
+                compute is left out, so at large b the bound is loose on a CPU
 
 and, with --serve, what users see: a standalone `residency worker` process serving the model over its
 OpenAI-compatible HTTP API to 1 and to 16 concurrent clients (aggregate completion tokens/s, each client
@@ -44,6 +46,7 @@ from transformers import AutoModelForCausalLM
 from _table import table
 from residency.modelgen import make_model
 from residency_worker.engine import Engine, ModelOptions, SamplingParams, make_gpu_tier
+from residency_worker.engine.tiers import measure_host_to_device_peak
 from residency_worker.report.environment import read_gbps
 
 RESULTS = Path(__file__).parent / "results"
@@ -227,11 +230,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", default="qwen2")
+    parser.add_argument("--arch", default=None, help="default: from the preset (llama-*: llama, else qwen2)")
     parser.add_argument("--preset", default="qwen2.5-0.5b")
     parser.add_argument("--layers", type=int, default=0, help="override the preset's depth (0: keep it)")
     parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on a GPU")
     parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument(
+        "--fraction", type=float, default=1.0, help="resident fraction (the rest streamed in)"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--trials", type=int, default=5)
@@ -244,12 +250,19 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.arch = args.arch or ("llama" if args.preset.startswith("llama") else "qwen2")
     dtype = DTYPES[args.dtype]
     batches = [int(b) for b in args.batches.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="bench-decode-"))
     overrides = {"num_hidden_layers": args.layers} if args.layers else None
     model_dir = make_model(
-        workdir / "model", args.arch, args.preset, seed=3, dtype=args.dtype, overrides=overrides
+        workdir / "model",
+        args.arch,
+        args.preset,
+        seed=3,
+        dtype=args.dtype,
+        overrides=overrides,
+        device="cuda" if cuda else "cpu",
     )
     tier = make_gpu_tier(None if cuda else int(args.gpu_memory_gib * 2**30))
     device = tier.device
@@ -288,20 +301,30 @@ def main() -> None:
             str(model_dir),
             ModelOptions(
                 dtype=args.dtype,
-                resident_fraction=1.0,
+                resident_fraction=args.fraction,
                 decode_mode="stream",
                 max_batch_size=max(batches),
                 max_sequence_length=args.prompt_tokens + args.new_tokens + 8,
             ),
         )
-        weight_bytes = engine.residency("m").weight_bytes
+        residency = engine.residency("m")
+        weight_bytes = residency.weight_bytes
+        streamed_bytes = weight_bytes - residency.resident_weight_bytes
+        link = measure_host_to_device_peak(tier, 256 * 2**20) if streamed_bytes else None
+        result["resident_fraction"] = residency.resident_fraction
+        result["link_gbps"] = link.gbps if link else None
         element = torch.empty((), dtype=dtype).element_size()
         batch1 = None
         for batch in batches:
             prompts = [_prompt(args.prompt_tokens, vocab, salt) for salt in range(batch)]
             ours = engine_rates(engine, "m", prompts, args.new_tokens, args.trials)
             theirs = transformers_rates(reference, prompts, args.new_tokens, args.trials)
-            roofline = read * 1e9 / bytes_per_step(model_dir, weight_bytes, element, batch)
+            # resident bytes at the device's read rate, streamed bytes at the link's (stream mode's bound)
+            step_bytes = bytes_per_step(model_dir, weight_bytes, element, batch)
+            step_seconds = (step_bytes - streamed_bytes) / (read * 1e9)
+            if link is not None:
+                step_seconds += streamed_bytes / (link.gbps * 1e9)
+            roofline = batch / step_seconds  # a memory-bound step serves every row of the batch
             ours_s, theirs_s = _spread(ours), _spread(theirs)
             batch1 = batch1 or ours_s["median"]
             entry = {
@@ -321,7 +344,7 @@ def main() -> None:
                     str(batch),
                     f"{ours_s['median']:.2f}",
                     f"{ours_s['min']:.2f}-{ours_s['max']:.2f}",
-                    f"{entry['engine_over_roofline']:.2f}" + (" (b x)" if batch > 1 else ""),
+                    f"{entry['engine_over_roofline']:.2f}",
                     f"{theirs_s['median']:.2f}",
                     f"{theirs_s['min']:.2f}-{theirs_s['max']:.2f}",
                     f"{entry['engine_over_transformers']:.2f}x",
@@ -360,7 +383,8 @@ def main() -> None:
         )
     label = "emulated" if emulated else tier.gpu_name.replace(" ", "_")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench_decode_{label}_{args.preset}.json"
+    suffix = "" if args.fraction == 1.0 else f"_r{args.fraction:g}"
+    out = RESULTS / f"bench_decode_{label}_{args.preset}{suffix}_p{args.prompt_tokens}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'EMULATED (CPU) ' if emulated else ''}read {read:.1f} GB/s; wrote {out}")
 
