@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -46,6 +47,7 @@ from transformers import AutoModelForCausalLM
 from _table import table
 from residency.modelgen import make_model
 from residency_worker.engine import Engine, ModelOptions, SamplingParams, make_gpu_tier
+from residency_worker.engine.generate import RequestEvent
 from residency_worker.engine.tiers import measure_host_to_device_peak
 from residency_worker.report.environment import read_gbps
 
@@ -226,6 +228,54 @@ def transformers_batch_rates(
     return rates
 
 
+def inter_token_latency(
+    engine: Engine, name: str, vocab: int, streams: int, long_prompt_tokens: int, chunk_label: str
+) -> dict[str, Any]:
+    """Inter-token latency of `streams` decoding streams before and while a long prompt is prefilled."""
+    stamps: list[list[float]] = [[] for _ in range(streams)]
+
+    def recorder(index: int) -> Any:
+        def on_event(event: RequestEvent) -> None:
+            if event.token_id is not None:
+                stamps[index].append(time.perf_counter())
+
+        return on_event
+
+    params = SamplingParams(max_tokens=100_000, ignore_eos=True)
+    running = [
+        engine.submit(name, _prompt(16, vocab, 100 + i), params, on_event=recorder(i)) for i in range(streams)
+    ]
+    while min(len(s) for s in stamps) < 6:
+        time.sleep(0.01)
+    arrived = time.perf_counter()
+    long_request = engine.submit(name, _prompt(long_prompt_tokens, vocab, 99), SamplingParams(max_tokens=1))
+    long_request.wait(None)
+    prefilled = time.perf_counter()
+    for request in running:
+        request.cancel()
+    for request in running:
+        request.done.wait(60)
+
+    def gaps(start: float, end: float) -> list[float]:
+        found = []
+        for times in stamps:
+            found.extend(b - a for a, b in itertools.pairwise(times) if start <= b <= end)
+        return found
+
+    before = gaps(0.0, arrived)
+    during = gaps(arrived, prefilled)
+    return {
+        "chunking": chunk_label,
+        "streams": streams,
+        "long_prompt_tokens": long_prompt_tokens,
+        "prefill_seconds": prefilled - arrived,
+        "itl_before_median_seconds": statistics.median(before) if before else None,
+        "itl_during_median_seconds": statistics.median(during) if during else None,
+        "itl_during_max_seconds": max(during) if during else None,
+        "tokens_during_prefill": len(during),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,6 +297,12 @@ def main() -> None:
     parser.add_argument("--serve-requests", type=int, default=2, help="requests per client per trial")
     parser.add_argument("--serve-port", type=int, default=18931)
     parser.add_argument("--skip-engine", action="store_true", help="only the end-to-end part")
+    parser.add_argument(
+        "--itl", action="store_true", help="inter-token latency of 4 streams while a long prompt arrives"
+    )
+    parser.add_argument(
+        "--itl-prompt-tokens", type=int, default=None, help="default: 4096 on a GPU, 512 on the CPU"
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
@@ -352,6 +408,45 @@ def main() -> None:
             )
             print(table(rows), flush=True)
         engine.close()
+    if args.itl:
+        long_tokens = args.itl_prompt_tokens or (4096 if cuda else 512)
+        rows = [
+            ["prefill", "prompt", "prefill s", "ITL before", "ITL during (median)", "max", "tokens during"]
+        ]
+        result["inter_token_latency"] = []
+        for label, chunk in (("chunked", None), ("whole prompt", long_tokens + 16)):
+            engine = Engine(tier, [workdir], node="bench", calibration_bytes=0)
+            engine.load(
+                "m",
+                str(model_dir),
+                ModelOptions(
+                    dtype=args.dtype,
+                    decode_mode="stream",
+                    max_batch_size=8,
+                    max_sequence_length=long_tokens + 64,
+                    prefill_chunk_tokens=chunk,
+                ),
+            )
+            found = inter_token_latency(engine, "m", vocab, 4, long_tokens, label)
+            engine.close()
+            result["inter_token_latency"].append(found)
+
+            def ms(value: float | None) -> str:
+                return "-" if value is None else f"{value * 1000:.0f} ms"
+
+            rows.append(
+                [
+                    label,
+                    str(long_tokens),
+                    f"{found['prefill_seconds']:.2f}",
+                    ms(found["itl_before_median_seconds"]),
+                    ms(found["itl_during_median_seconds"]),
+                    ms(found["itl_during_max_seconds"]),
+                    str(found["tokens_during_prefill"]),
+                ]
+            )
+        print()
+        print(table(rows))
     if args.serve:
         prompt = _prompt(args.prompt_tokens, vocab, 1)
         served = serve_rates(model_dir, args, prompt, args.trials)

@@ -17,6 +17,7 @@ from residency.modelgen import make_model
 from residency_worker.engine import Engine, ModelOptions, SamplingParams, make_gpu_tier
 from residency_worker.engine import model as decoder
 from residency_worker.engine.generate import RequestEvent
+from residency_worker.engine.sampler import SampleRow, make_generator, sample
 
 pytestmark = pytest.mark.component
 
@@ -279,3 +280,38 @@ def test_cuda_graph_decode_gives_the_eager_tokens(models_root: Path, fraction: f
         assert again == eager
     finally:
         engine.close()
+
+
+# -- the sampler --------------------------------------------------------------------------------------
+def _draws(logits: torch.Tensor, params: SamplingParams, count: int) -> list[int]:
+    """`count` rows sampled in one batched call, each from its own generator (seeds 0 .. count-1)."""
+    rows = [
+        SampleRow(
+            dataclasses.replace(params, seed=seed),
+            make_generator(dataclasses.replace(params, seed=seed), torch.device("cpu")),
+        )
+        for seed in range(count)
+    ]
+    return sample(logits.expand(count, -1).contiguous(), rows).token_ids
+
+
+def test_the_sampler_draws_from_the_filtered_distribution() -> None:
+    """Frequencies over 4000 seeded draws follow softmax(logits / T); top-k and top-p never let a token
+    outside their cut through; greedy rows take the argmax in the same batch."""
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))
+    draws = _draws(logits, SamplingParams(temperature=1.0), 4000)
+    frequencies = torch.bincount(torch.tensor(draws), minlength=5).float() / len(draws)
+    torch.testing.assert_close(frequencies, torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]), atol=0.03, rtol=0)
+    assert set(_draws(logits, SamplingParams(temperature=1.0, top_k=2), 500)) == {0, 1}
+    assert set(_draws(logits, SamplingParams(temperature=1.0, top_p=0.8), 500)) == {0, 1, 2}  # 0.5+0.25 < 0.8
+    assert set(_draws(logits, SamplingParams(temperature=1e-9), 200)) == {0}  # tiny temperature: no NaN
+    hot = _draws(logits, SamplingParams(temperature=2.0), 4000)
+    assert hot.count(0) / len(hot) < 0.45  # flatter than T=1
+    mixed = [
+        SampleRow(SamplingParams(), None),
+        SampleRow(
+            SamplingParams(temperature=1.0, seed=3),
+            make_generator(SamplingParams(temperature=1.0, seed=3), torch.device("cpu")),
+        ),
+    ]
+    assert sample(torch.stack([logits, logits]), mixed).token_ids[0] == 0
