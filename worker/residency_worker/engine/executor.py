@@ -44,6 +44,13 @@ def length_bucket(tokens: int, limit: int) -> int:
     return min(size, limit)
 
 
+def _rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The given rows (all of them without a copy); the index goes over from pinned memory, no sync."""
+    if rows == list(range(tensor.shape[0])):
+        return tensor
+    return tensor.index_select(0, decoder.index_tensor(rows, tensor.device))
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -77,7 +84,7 @@ class Executor:
         """Float32 logits [len(sample_rows), vocab] of the step's ``sample_rows``, on the head's device."""
         graph = self._graph_for(layout, token_ids, mode)
         if graph is not None:
-            return self._replay(graph, layout, token_ids)[sample_rows]
+            return _rows(self._replay(graph, layout, token_ids), sample_rows)
         hidden = self.placed.embed(token_ids)
         return self._layers_and_head(hidden, layout, sample_rows, mode)
 
@@ -96,8 +103,7 @@ class Executor:
             hidden = decoder.layer(weights, self.spec, index, hidden, steps[device], self.pool.layer(index))
             if staged:
                 placed.release_layer(unit)
-        rows = hidden if sample_rows == list(range(hidden.shape[0])) else hidden[sample_rows]
-        return placed.logits(rows, mode)
+        return placed.logits(_rows(hidden, sample_rows), mode)
 
     # -- CUDA graphs --------------------------------------------------------------------------------
     def drop_graphs(self) -> None:

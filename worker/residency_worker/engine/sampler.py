@@ -44,23 +44,27 @@ class Sampled:
     top_logprobs: list[tuple[tuple[int, float], ...]]
 
 
+def _on(device: torch.device, values: list[int] | list[float], dtype: torch.dtype) -> torch.Tensor:
+    """Per-row parameters on the logits' device, copied from pinned memory (the host does not wait)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
 def _filtered_probabilities(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Softmax of the temperature-scaled logits after top-k and top-p (float32, [rows, vocab])."""
     device = logits.device
-    temperatures = torch.tensor(
-        [max(r.params.temperature, MIN_TEMPERATURE) for r in rows], dtype=torch.float32
-    ).to(device, non_blocking=True)
+    temperatures = _on(device, [max(r.params.temperature, MIN_TEMPERATURE) for r in rows], torch.float32)
     # shifted so the largest logit is 0: a tiny temperature then gives 0 and -inf, never inf - inf
     scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperatures[:, None]
     top_ks = [r.params.top_k if 0 < r.params.top_k < logits.shape[-1] else 0 for r in rows]
     if any(top_ks):
-        ks = torch.tensor(top_ks, dtype=torch.long).to(device, non_blocking=True)
+        ks = _on(device, top_ks, torch.long)
         kth = torch.topk(scaled, max(top_ks), dim=-1).values.gather(1, (ks - 1).clamp(min=0)[:, None])
         scaled = torch.where((ks[:, None] > 0) & (scaled < kth), float("-inf"), scaled)
     probabilities = torch.softmax(scaled, dim=-1)
     top_ps = [r.params.top_p for r in rows]
     if any(p < 1.0 for p in top_ps):
-        ps = torch.tensor(top_ps, dtype=torch.float32).to(device, non_blocking=True)
+        ps = _on(device, top_ps, torch.float32)
         ordered, order = torch.sort(probabilities, dim=-1, descending=True)
         keep = torch.cumsum(ordered, dim=-1) - ordered < ps[:, None]
         keep[:, 0] = True  # the likeliest token always stays, however small top_p is
@@ -81,7 +85,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> Sampled:
     tokens = logits.argmax(dim=-1)
     drawn = [i for i, row in enumerate(rows) if row.params.temperature > 0 and row.generator is not None]
     if drawn:
-        index = torch.tensor(drawn, dtype=torch.long).to(logits.device, non_blocking=True)
+        index = _on(logits.device, drawn, torch.long)
         probabilities = _filtered_probabilities(logits[index], [rows[i] for i in drawn])
         noise = torch.stack([_noise(rows[i].generator, logits.shape[-1]).to(logits.device) for i in drawn])
         tokens = tokens.index_copy(0, index, (probabilities / noise).argmax(dim=-1))
@@ -90,7 +94,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> Sampled:
     top: list[tuple[tuple[int, float], ...]] = [() for _ in rows]
     if not asked:
         return Sampled(tokens.tolist(), logprobs, top)  # the step's one device→host transfer
-    index = torch.tensor(asked, dtype=torch.long).to(logits.device, non_blocking=True)
+    index = _on(logits.device, asked, torch.long)
     log_probabilities = torch.log_softmax(logits[index], dim=-1)
     chosen = log_probabilities.gather(1, tokens[index][:, None])[:, 0]
     widest = max(rows[i].params.logprobs or 0 for i in asked)
