@@ -260,9 +260,12 @@ def build_node_options(
                     continue
                 for level_index in np.flatnonzero(tables.feasible[node_class, mode_index, model_index]):
                     fraction = float(tables.levels[level_index])
+                    # A pinned model keeps its residency, unless it is idle (planner/demand.py): then it
+                    # may be demoted within its SLO (feasible levels only) to make room for busy models.
                     if (
                         pin_node is not None
                         and now is not None
+                        and not model.yielded_priority
                         and fraction < now.resident_fraction - LEVEL_EPSILON
                     ):
                         continue

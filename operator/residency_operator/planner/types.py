@@ -69,6 +69,14 @@ class ModelDemand:
     waiting_requests: int = 0
     """Requests waiting for this model now (the router holds them while it is not running). A waiting
     model the solvers leave out takes the GPU memory of idle models (see ``planner/swapin.py``)."""
+    yielded_priority: int = 0
+    """Set by the planner, not its callers: how far ``priority`` was lowered because the model is idle
+    (see ``planner/demand.py``); ``declared_priority`` is what the user wrote."""
+
+    @property
+    def declared_priority(self) -> int:
+        """``spec.priority`` as written, before an idle model yields (see ``planner/demand.py``)."""
+        return self.priority + self.yielded_priority
 
     @property
     def min_resident_fraction(self) -> float:
@@ -262,6 +270,11 @@ class PlannerConfig:
     default_kv_save_overhead_seconds: float = 0.05
     keep_preempted_cache: bool = True
     """Keep weights and KV of preempted models pinned in host memory while it fits (fast resume)."""
+    idle_models_yield: bool = True
+    """A model with no demand yields its priority to busy models of any priority (``planner/demand.py``);
+    False: priorities are strict tiers over memory, busy or not."""
+    idle_demand_tokens_per_second: float = 0.0
+    """Known demand at or below this (and no request waiting) counts as idle."""
 
 
 @dataclass(frozen=True, slots=True)
