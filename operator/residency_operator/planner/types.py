@@ -274,7 +274,10 @@ class PlannerConfig:
     """A model with no demand yields its priority to busy models of any priority (``planner/demand.py``);
     False: priorities are strict tiers over memory, busy or not."""
     idle_demand_tokens_per_second: float = 0.0
-    """Known demand at or below this (and no request waiting) counts as idle."""
+    """Known demand at or below this (and no request waiting) counts as idle. 0: no request over the demand
+    window. (On fleet-zipf-shift, 600 s, seed 11, residency's SLO-met goodput was 2838 tok/s with strict
+    tiers, 3130 yielding at 0 tok/s, 3347 at 5, 3172 at 20; at 5 the incremental planner's plans fell to
+    0.93 of a full plan's value in test_planner_incremental, so the default stays at no demand.)"""
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,10 +96,11 @@ def generate_trace(
         weights = [weights[i] for i in np.random.default_rng(int(shuffle_seed)).permutation(len(weights))]
     prompt_mean = float(workload.get("prompt_tokens_mean", 512))
     output_mean = float(workload.get("output_tokens_mean", 128))
-    shift_seconds = workload.get("popularity_shift_seconds")
+    shift = workload.get("popularity_shift_seconds")
+    shift_seconds = float(shift) if shift is not None else duration_seconds
     epoch_weights = (
-        shifted_popularity(weights, max(1, math.ceil(duration_seconds / float(shift_seconds))), seed)
-        if shift_seconds is not None
+        shifted_popularity(weights, max(1, math.ceil(duration_seconds / shift_seconds)), seed)
+        if shift is not None
         else None
     )
     shared_phase = workload.get("diurnal_phase", "per-model") == "shared"
@@ -113,7 +114,7 @@ def generate_trace(
         if epoch_weights is not None:
             rates = [total_rate * epoch[index] for epoch in epoch_weights]
             arrivals = _shifting_arrivals(
-                rng, pattern, rates, float(shift_seconds), duration_seconds, workload, index, phase
+                rng, pattern, rates, shift_seconds, duration_seconds, workload, index, phase
             )
         else:
             arrivals = _arrivals(rng, pattern, base_rate, duration_seconds, workload, index, phase)
