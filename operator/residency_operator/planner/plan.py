@@ -43,6 +43,7 @@ from residency_operator.planner.options import (
 from residency_operator.planner.ordering import footprint_now, footprint_planned, order_by_room
 from residency_operator.planner.predictor import Predictor
 from residency_operator.planner.reasons import ReasonContext, percent, slo_text, unschedulable_reasons
+from residency_operator.planner.repack import repack
 from residency_operator.planner.swapin import serve_waiting
 from residency_operator.planner.types import (
     Action,
@@ -101,6 +102,7 @@ class PlanningProblem:
         self.node_by_name = {node.name: node for node in self.nodes}
         self.node_index = {node.name: i for i, node in enumerate(self.nodes)}
         profile_list = list(profiles)
+        self.profiles = profile_list
         self.predictor = Predictor(profile_list)
         self.config = config
         class_keys: dict[tuple[object, ...], int] = {}
@@ -228,6 +230,8 @@ def _plan(
             notes.append(f"MILP gave no solution ({result.message}); used the greedy")
     if assignment is None:
         _, assignment, preempted_by, upper_bound, gap = greedy_solve(problem, option_count, notes)
+        # Where single moves left busy models out, a few small neighbourhoods are re-solved exactly.
+        assignment = repack(problem, assignment, notes, PlanningProblem)
     assignment = fill_free_memory(problem, assignment)
     assignment, gave_way = serve_waiting(problem, assignment)
     if gave_way:

@@ -270,6 +270,12 @@ class PlannerConfig:
     default_kv_save_overhead_seconds: float = 0.05
     keep_preempted_cache: bool = True
     """Keep weights and KV of preempted models pinned in host memory while it fits (fast resume)."""
+    repack_rounds: int = 2
+    """Neighbourhoods a full greedy plan re-solves exactly where it left busy models out (planner/repack.py);
+    0 turns repacking off."""
+    repack_max_models: int = 2000
+    """Fleets of more models skip repacking (each neighbourhood is a MILP; the scale goal is one second
+    for 10 000 models)."""
     idle_models_yield: bool = True
     """A model with no demand yields its priority to busy models of any priority (``planner/demand.py``);
     False: priorities are strict tiers over memory, busy or not."""
