@@ -12,7 +12,7 @@ from residency_operator.planner import GIB, CurrentPlacement, ModelDemand, NodeC
 
 X = NodeCapacity("x", "L4", 24 * GIB, 128 * GIB, 25.0, 300.0, 60.0)
 Y = dataclasses.replace(X, name="y")
-GREEDY = PlannerConfig(solver="greedy")
+GREEDY = PlannerConfig(solver="greedy", repack_rounds=2)
 
 
 def whole(name: str, gb: float, **fields: object) -> ModelDemand:

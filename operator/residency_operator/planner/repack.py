@@ -40,11 +40,15 @@ REPACK_NODES = 2
 """Nodes in one neighbourhood."""
 REPACK_ROUNDS = 2
 """Neighbourhoods tried per plan (each around the most important busy model still left out)."""
-REPACK_MAX_MODELS = 20
+REPACK_MAX_MODELS = 12
 """Largest sub-problem solved exactly (models placed on the neighbourhood plus the left-out ones)."""
 REPACK_LEFT_OUT = 3
 """Left-out models offered to one neighbourhood."""
 TIER_TOLERANCE = 1e-6
+REPACK_NODE_LIMIT = 50
+"""Branch-and-bound nodes per MILP stage of a neighbourhood: bounds the work deterministically."""
+REPACK_TIME_LIMIT_SECONDS = 0.25
+"""And a time limit per stage, as a guard (the node limit is what normally ends a search)."""
 
 ProblemFactory = Callable[
     [
@@ -99,7 +103,7 @@ def repack(
             break
         tried.add(anchor)
         nodes = neighbourhood(problem, result, anchor, feasible_class)
-        if not nodes:
+        if not nodes or not room_could_suffice(problem, result, anchor, nodes):
             continue
         placed = [i for i, a in enumerate(result) if a is not None and a.node in nodes]
         room = REPACK_MAX_MODELS - len(placed)
@@ -147,6 +151,28 @@ def neighbourhood(
     return sorted(eligible[:REPACK_NODES])
 
 
+def room_could_suffice(
+    problem: PlanningProblem, assignment: Sequence[Assignment | None], anchor: int, nodes: list[int]
+) -> bool:
+    """Whether the neighbourhood's free GPU memory and what preemptible models of no higher priority hold
+    there add up to the anchor's smallest placement (else no repack can place it: the MILP is skipped)."""
+    models, tables = problem.models, problem.tables
+    priority = models[anchor].priority
+    room = 0
+    for n in nodes:
+        room += usable_gpu_bytes(problem.nodes[n])
+    for i, a in enumerate(assignment):
+        if (
+            a is not None
+            and a.node in nodes
+            and not (models[i].preemptible and models[i].priority <= priority)
+        ):
+            room -= a.gpu_bytes
+    feasible = tables.feasible[:, :, anchor, :].any(axis=0)  # [mode, level]
+    needs = tables.gpu_bytes[:, anchor, :][feasible]
+    return bool(needs.size) and int(needs.min()) <= room
+
+
 def solve_neighbourhood(
     problem: PlanningProblem,
     assignment: Sequence[Assignment | None],
@@ -162,10 +188,15 @@ def solve_neighbourhood(
     names = {n.name for n in sub_nodes}
     current = [problem.current[m.name] for m in sub_models if m.name in problem.current]
     current = [c for c in current if c.node in names]
-    config = dataclasses.replace(problem.config, solver="milp", repack_rounds=0)
+    config = dataclasses.replace(
+        problem.config,
+        solver="milp",
+        repack_rounds=0,
+        milp_time_limit_seconds=min(problem.config.milp_time_limit_seconds, REPACK_TIME_LIMIT_SECONDS),
+    )
     sub = make_problem(sub_models, sub_nodes, current, problem.profiles, config)
     options = sub.node_options()
-    outcome = solve_lexicographic(sub.models, sub.nodes, options, config)
+    outcome = solve_lexicographic(sub.models, sub.nodes, options, config, node_limit=REPACK_NODE_LIMIT)
     if not outcome.solved:
         return None
     exact = assignments_from_milp(options, outcome, len(sub.models))
