@@ -49,6 +49,7 @@ from residency_operator.state import (
     planner_inputs,
     rejected_verdict,
     write_phase,
+    with_wake_requests,
 )
 
 log = logging.getLogger("residency.controller")
@@ -184,7 +185,9 @@ class Controller:
         """The cluster as this operator plans it: with ``namespaces``, only their models, profiles and
         placements (another operator's placements are left alone; see :meth:`foreign_gpu_bytes`)."""
         state = ClusterState(
-            models=self.kube.list_custom("llmmodels"),
+            models=with_wake_requests(
+                self.kube.list_custom("llmmodels"), self.kube.wake_requests(self.lease_namespace)
+            ),
             node_profiles=self.kube.list_custom("nodeprofiles"),
             nodes=self.kube.list_nodes(),
             placements=self.kube.list_custom("modelplacements"),

@@ -29,6 +29,7 @@ from residency_worker.engine.generate import (
     RequestEvent,
     make_generator,
     sample,
+    token_logprobs,
 )
 from residency_worker.engine.kvcache import KVCache
 from residency_worker.engine.loading import LoadedWeights, Unit
@@ -380,7 +381,12 @@ class ModelRunner:
             finish = "length"
         if finish is not None and not stopped:
             delta += sequence.detokenizer.flush()
-        sequence.request.emit(RequestEvent(token, delta, finish))
+        event = RequestEvent(token, delta, finish)
+        top = sequence.request.params.logprobs
+        if top is not None:  # only when asked: a log_softmax over the vocabulary per token
+            logprob, best = token_logprobs(logits, token, top)
+            event = RequestEvent(token, delta, finish, logprob=logprob, top_logprobs=best)
+        sequence.request.emit(event)
         return finish is not None
 
     def _finish(self, sequence: _Sequence) -> None:

@@ -24,6 +24,8 @@ class RequestEvent:
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: EngineError | None = None
+    logprob: float | None = None  # with SamplingParams.logprobs: the token's log-probability
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the likeliest (token id, log-probability), best first
 
 
 @dataclass
@@ -98,6 +100,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         choice = int(torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator))
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(
+    logits: torch.Tensor, token: int, top: int
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The log-probability of `token` under float logits [vocab] and the `top` likeliest (id, logprob)."""
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+        best = tuple((int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+    return float(logprobs[token]), best
 
 
 class Detokenizer:

@@ -186,6 +186,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each token's event carries its log-probability under the model's
+    distribution (before temperature and top_p) and the k likeliest alternatives' (RequestEvent)."""
 
 
 @dataclass(frozen=True)
