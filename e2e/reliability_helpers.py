@@ -271,7 +271,7 @@ def start_router(cluster: str, log: Path, hold_seconds: float = 60) -> tuple[Pro
     port = free_port()
     process = Process(
         "router",
-        ["router", "--port", str(port), "--hold-seconds", str(hold_seconds)],
+        ["router", "--port", str(port), "--hold-seconds", str(hold_seconds), "--auth", "none"],
         log,
         env={"KUBECONFIG": cluster},
     ).start()

@@ -48,8 +48,8 @@ from residency_operator.state import (
     placement_needs_update,
     planner_inputs,
     rejected_verdict,
-    write_phase,
     with_wake_requests,
+    write_phase,
 )
 
 log = logging.getLogger("residency.controller")

@@ -222,7 +222,7 @@ class Kube:
         return True
 
     def wake_requests(self, namespace: str, name: str = WAKE_CONFIGMAP) -> dict[str, tuple[str, str]]:
-        """The router's wake requests (its ConfigMap, see router/kubeapi.py); none when absent or unreadable."""
+        """The router's wake requests (its ConfigMap, see wake.py); none when absent or unreadable."""
         try:
             configmap = self.core.read_namespaced_config_map(name, namespace)
         except ApiException as exc:

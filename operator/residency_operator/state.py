@@ -106,7 +106,9 @@ MAX_WAITING_REQUESTS = 10_000
 """Anyone who may patch a model can write the annotation: a larger count is read as this."""
 
 
-def with_wake_requests(models: list[dict[str, Any]], wakes: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+def with_wake_requests(
+    models: list[dict[str, Any]], wakes: dict[str, tuple[str, str]]
+) -> list[dict[str, Any]]:
     """The models with the router's wake requests (model key → (time, waiting), read from its wake ConfigMap)
     as their wake annotations, where newer than an annotation the model already carries: the planner reads
     one source, and the router needs no right to patch anybody's models."""

@@ -74,7 +74,8 @@ def router(
     auth: str = typer.Option(
         "kubernetes",
         help="kubernetes: callers present a token the API server accepts (TokenReview) and need the verb "
-        "on the model (SubjectAccessReview); token: one shared token from --token-file.",
+        "on the model (SubjectAccessReview); token: one shared token from --token-file; none: open "
+        "(tests of other parts only).",
     ),
     token_file: Path | None = typer.Option(None, help="With --auth token: the bearer token clients present."),
     worker_token_file: Path | None = typer.Option(
@@ -93,16 +94,17 @@ def router(
     ),
 ) -> None:
     """Run the OpenAI-compatible router: one endpoint, routed by `model` to the worker holding it."""
-    from residency_operator.router.main import RouterOptions, run_router
+    from residency_operator.router.main import AuthMode, RouterOptions, run_router
 
-    if auth not in ("kubernetes", "token"):
-        raise typer.BadParameter("--auth is kubernetes or token")
+    modes: dict[str, AuthMode] = {"kubernetes": "kubernetes", "token": "token", "none": "none"}
+    if auth not in modes:
+        raise typer.BadParameter("--auth is kubernetes, token or none")
     run_router(
         RouterOptions(
             host=host,
             port=port,
             hold_seconds=hold_seconds,
-            auth="token" if auth == "token" else "kubernetes",
+            auth=modes[auth],
             token=_read_token(token_file),
             worker_token=_read_token(worker_token_file),
             verb=verb,

@@ -30,6 +30,8 @@ def error_type(status: int) -> str:
     return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """The body of an error answer (or of an SSE error event, with the status the answer would have had)."""
     return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}

@@ -50,7 +50,7 @@ class Admission:
         return gate
 
     def try_admit(self, key: str, now: float) -> Refusal | None:
-        """Admits a request for `key` (counted in flight until `finish`), or says why not and when to retry."""
+        """Admits a request for `key` (in flight until `finish`), or says why not and when to retry."""
         gate = self.gate(key)
         if gate.in_flight < math.floor(gate.limit):
             gate.in_flight += 1
@@ -84,7 +84,7 @@ class Admission:
         gate.seconds_per_request += 0.1 * (duration_seconds - gate.seconds_per_request)
 
     def release(self, key: str) -> None:
-        """An admitted attempt that did not run (the worker was away or not ready): its slot, no statistics."""
+        """An admitted attempt that did not run (worker away or not ready): its slot back, no statistics."""
         gate = self.gate(key)
         gate.in_flight = max(0, gate.in_flight - 1)
 

@@ -65,7 +65,9 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(_: Request, exc: RequestValidationError) -> Response:
-        return error(400, str(exc.errors()[0].get("msg", "invalid request")) if exc.errors() else "invalid request")
+        return error(
+            400, str(exc.errors()[0].get("msg", "invalid request")) if exc.errors() else "invalid request"
+        )
 
     @app.on_event("shutdown")
     async def close_client() -> None:

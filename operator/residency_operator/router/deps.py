@@ -43,7 +43,9 @@ class RouterMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("residency_router_requests", "Requests by outcome", ["outcome"], registry=self.registry)
+        self.requests = Counter(
+            "residency_router_requests", "Requests by outcome", ["outcome"], registry=self.registry
+        )
         self.held_seconds = Histogram(
             "residency_router_hold_seconds", "Time requests waited for a model", registry=self.registry
         )
@@ -57,13 +59,19 @@ class RouterMetrics:
             registry=self.registry,
         )
         self.queued = Gauge(
-            "residency_router_queued", "Requests held for a model that is not ready", ["model"], registry=self.registry
+            "residency_router_queued",
+            "Requests held for a model that is not ready",
+            ["model"],
+            registry=self.registry,
         )
         self.in_flight = Gauge(
             "residency_router_in_flight", "Admitted requests in flight", ["model"], registry=self.registry
         )
         self.admission_limit = Gauge(
-            "residency_router_admission_limit", "Concurrent requests a model admits now", ["model"], registry=self.registry
+            "residency_router_admission_limit",
+            "Concurrent requests a model admits now",
+            ["model"],
+            registry=self.registry,
         )
 
 

@@ -183,17 +183,22 @@ async def _forward(
         if ttft is not None and upstream.status_code == 200:
             admission.first_token(route.key, ttft, now)
         headers = _relayed_headers(upstream)
-        model_key = route.key
-
-        def done() -> None:
-            admission.finish(model_key, time.monotonic() - sent_at)
-            _observe_gate(state, model_key)
-
+        done = _finisher(state, route.key, sent_at)
         if not streaming:
             await upstream.aclose()
             done()
             return Response(first, status_code=upstream.status_code, headers=headers)
         return StreamingResponse(_relay(upstream, chunks, first, route.key, done), headers=headers)
+
+
+def _finisher(state: RouterState, key: str, sent_at: float) -> Callable[[], None]:
+    """What ends an admitted request: its slot back, its duration into the model's statistics."""
+
+    def done() -> None:
+        state.admission.finish(key, time.monotonic() - sent_at)
+        _observe_gate(state, key)
+
+    return done
 
 
 def _relayed_headers(upstream: httpx.Response) -> dict[str, str]:

@@ -17,6 +17,7 @@ from residency.kubeapi import TimeoutApiClient
 from residency_operator.router.auth import Caller
 from residency_operator.wake import WAKE_CONFIGMAP, wake_entry_key
 
+
 class RouterKube:
     """Thin, blocking wrappers (the app calls them in threads)."""
 

@@ -32,7 +32,9 @@ _REQUEST_SCHEMA = {
     },
     "additionalProperties": True,
 }
-_OPENAPI_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": _REQUEST_SCHEMA}}}}
+_OPENAPI_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _REQUEST_SCHEMA}}}
+}
 FORBIDDEN = "forbidden"
 """The whole message of a 403: nothing about whether the model exists or who may use it."""
 

@@ -102,9 +102,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def token_logprobs(
-    logits: torch.Tensor, token: int, top: int
-) -> tuple[float, tuple[tuple[int, float], ...]]:
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
     """The log-probability of `token` under float logits [vocab] and the `top` likeliest (id, logprob)."""
     logprobs = torch.log_softmax(logits.double(), dim=-1)
     best: tuple[tuple[int, float], ...] = ()

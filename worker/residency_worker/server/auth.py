@@ -33,22 +33,25 @@ def check_inference(request: Request, settings: ServerSettings) -> None:
     _check_token(request, settings.inference_token, required=False)
 
 
-def check_either(request: Request, settings: ServerSettings) -> None:
-    """The schema and /metrics (they name routes and models): for a holder of either configured token;
-    with no token configured (a worker open by choice, behind a network policy) they are open too."""
+def _check_either(request: Request, settings: ServerSettings) -> None:
     tokens = [t for t in (settings.admin_token, settings.inference_token) if t is not None]
-    if not tokens:
-        return
     authorization = request.headers.get("authorization", "")
     if not any(bearer_matches(authorization, token) for token in tokens):
         raise ApiError(401, "Unauthorized", "a valid bearer token is required")
 
 
+def check_metrics(request: Request, settings: ServerSettings) -> None:
+    """/metrics names the models: as private as inference (open only where inference is open, as
+    /v1/models is), for a holder of either token."""
+    if settings.inference_token is not None:
+        _check_either(request, settings)
+
+
 def check_schema(request: Request, settings: ServerSettings) -> None:
-    tokens = [t for t in (settings.admin_token, settings.inference_token) if t is not None]
-    if not tokens:
+    """The API's own description (it names every admin route): for a holder of either configured token."""
+    if settings.admin_token is None and settings.inference_token is None:
         raise ApiError(401, "Unauthorized", "the API schema is disabled: no token is configured")
-    check_either(request, settings)
+    _check_either(request, settings)
 
 
 def _route_path(scope: Scope) -> str:
@@ -72,7 +75,7 @@ def guard_of(path: str) -> Callable[[Request, ServerSettings], None] | None:
     if path == SCHEMA_PATH:
         return check_schema
     if path == METRICS_PATH:
-        return check_either
+        return check_metrics
     return check_inference
 
 

@@ -91,7 +91,8 @@ def validation_error(exc: RequestValidationError) -> SafeJSONResponse:
     location = list(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         field = None
-        message = f"the request body is not valid JSON ({first.get('msg', '')} at {location[-1] if location else 0})"
+        where = location[-1] if location else 0
+        message = f"the request body is not valid JSON ({first.get('msg', '')} at {where})"
     else:
         field = ".".join(str(part) for part in location if part != "body") or None
         message = f"{field}: {first.get('msg', '')}" if field else str(first.get("msg", "invalid request"))
