@@ -488,7 +488,10 @@ async def completion(
                     if "error" in event:
                         error = event["error"]
             if error is not None:
-                retryable = str(error.get("code")) in ("429", "503") and error.get("retry_after") is not None
+                retryable = (
+                    error.get("type") in ("rate_limit_error", "service_unavailable_error")
+                    and error.get("retry_after") is not None
+                )
                 return Outcome(200, True, False, retryable, json.dumps(error), time.monotonic() - started)
             return Outcome(
                 200,

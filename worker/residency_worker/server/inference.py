@@ -183,7 +183,7 @@ class Inference:
                     except ApiError as exc:  # too late for a status: the SSE error event the router sends
                         gone = error_body(exc.status, exc.message, exc.code)
                         gone["error"]["retry_after"] = self.settings.retry_after_seconds
-                        yield f"data: {json.dumps(gone)}\n\n"
+                        yield f"data: {json.dumps(gone)}\n\ndata: [DONE]\n\n"
                         return
                     if event.error is not None:
                         self.metrics.requests.labels(generation.name, event.error.reason).inc()
@@ -192,7 +192,7 @@ class Inference:
                             event.error.message,
                             event.error.reason,
                         )
-                        yield f"data: {json.dumps(failed)}\n\n"
+                        yield f"data: {json.dumps(failed)}\n\ndata: [DONE]\n\n"
                         return
                     pending.setdefault(index, []).append(event)
                     if event.finish_reason is not None:
