@@ -139,3 +139,32 @@ async def test_a_model_that_cannot_be_placed_answers_503_at_once_with_its_reason
     )
     assert answer.json()["error"]["code"] == "WaitingForCapacity"
     assert woken == ["team/big"], "the operator is told that it is wanted"
+
+
+async def test_a_model_s_own_ttft_target_from_its_spec_sets_its_limit(
+    slow_worker: tuple[SlowWorker, str],
+) -> None:
+    """spec.slo.maxTimeToFirstTokenSeconds: a first token at 0.1 s is late for a 0.05 s target (cut), quick
+    for the default 2 s (raised)."""
+    _, endpoint = slow_worker
+    models = [
+        {
+            "metadata": {"namespace": "team", "name": name},
+            "spec": {"slo": {"minDecodeTokensPerSecond": 1, **slo}},
+            "status": {"phase": "Ready", "endpoint": endpoint},
+        }
+        for name, slo in (("strict", {"maxTimeToFirstTokenSeconds": 0.05}), ("default", {}))
+    ]
+    table = ModelTable(lambda: models, refresh_seconds=3600)
+    table.refresh()
+    admission = Admission(initial_limit=1)
+    app = create_app(table, admission=admission)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
+        for name in ("strict", "default"):
+            answer = await client.post(
+                "/v1/completions", json={"model": f"team/{name}", "prompt": "x"}, timeout=30
+            )
+            assert answer.status_code == 200
+    assert admission.target_of("team/strict") == 0.05 and admission.target_of("team/default") == 2.0
+    assert admission.gate("team/strict").limit == 1.0, "late for its own target: not raised"
+    assert admission.gate("team/default").limit == 2.0, "quick for the default target: raised"

@@ -42,6 +42,11 @@ class Admission:
     max_limit: float = 4096.0
     max_retry_after_seconds: int = 30
     gates: dict[str, ModelGate] = field(default_factory=dict)
+    targets: dict[str, float] = field(default_factory=dict)
+    """Per model, its own TTFT target (spec.slo.maxTimeToFirstTokenSeconds) where it has one."""
+
+    def target_of(self, key: str) -> float:
+        return self.targets.get(key, self.ttft_target_seconds)
 
     def gate(self, key: str) -> ModelGate:
         gate = self.gates.get(key)
@@ -62,7 +67,7 @@ class Admission:
         retry = min(self.max_retry_after_seconds, max(1, math.ceil(wait_seconds)))
         message = (
             f"model {key} is at its admission limit ({gate.in_flight} requests in flight, limit "
-            f"{math.floor(gate.limit)} for a {self.ttft_target_seconds:g} s time-to-first-token target); "
+            f"{math.floor(gate.limit)} for a {self.target_of(key):g} s time-to-first-token target); "
             f"retry after {retry} s"
         )
         return Refusal(retry, message)
@@ -70,11 +75,12 @@ class Admission:
     def first_token(self, key: str, ttft_seconds: float, now: float) -> None:
         """Adapts the limit to an admitted request's time to first token."""
         gate = self.gate(key)
-        if ttft_seconds > self.ttft_target_seconds:
-            if now - gate.last_cut_at >= self.ttft_target_seconds:
+        target = self.target_of(key)
+        if ttft_seconds > target:
+            if now - gate.last_cut_at >= target:
                 gate.limit = max(self.min_limit, gate.limit * 0.9)
                 gate.last_cut_at = now
-        elif ttft_seconds < self.ttft_target_seconds / 2 and gate.in_flight >= 0.8 * gate.limit:
+        elif ttft_seconds < target / 2 and gate.in_flight >= 0.8 * gate.limit:
             gate.limit = min(self.max_limit, gate.limit + 1.0)
 
     def finish(self, key: str, duration_seconds: float) -> None:

@@ -121,6 +121,7 @@ async def _forward(
             message = f"{route.message}; still not ready after {state.settings.hold_seconds:.0f} s"
             return error(503, message, 5, code=route.phase)
         assert route.endpoint is not None and route.key is not None
+        _set_target(state, route.key)
         refusal = admission.try_admit(route.key, time.monotonic())
         if refusal is not None:
             metrics.requests.labels("429").inc()
@@ -199,6 +200,16 @@ def _finisher(state: RouterState, key: str, sent_at: float) -> Callable[[], None
         _observe_gate(state, key)
 
     return done
+
+
+def _set_target(state: RouterState, key: str) -> None:
+    """The model's own TTFT target (spec.slo.maxTimeToFirstTokenSeconds), or the router's default."""
+    slo = ((state.table.models.get(key) or {}).get("spec") or {}).get("slo") or {}
+    target = slo.get("maxTimeToFirstTokenSeconds")
+    if isinstance(target, int | float) and target > 0:
+        state.admission.targets[key] = float(target)
+    else:
+        state.admission.targets.pop(key, None)
 
 
 def _relayed_headers(upstream: httpx.Response) -> dict[str, str]:
