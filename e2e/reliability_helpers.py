@@ -264,14 +264,16 @@ def start_operator(
     ).start()
 
 
-def start_router(cluster: str, log: Path, hold_seconds: float = 60) -> tuple[Process, str]:
+def start_router(
+    cluster: str, log: Path, hold_seconds: float = 60, extra_args: tuple[str, ...] = ()
+) -> tuple[Process, str]:
     """The router as a local process (the `router` fixture's, with its Process for RSS); its base URL."""
     from conftest import free_port
 
     port = free_port()
     process = Process(
         "router",
-        ["router", "--port", str(port), "--hold-seconds", str(hold_seconds), "--auth", "none"],
+        ["router", "--port", str(port), "--hold-seconds", str(hold_seconds), "--auth", "none", *extra_args],
         log,
         env={"KUBECONFIG": cluster},
     ).start()

@@ -92,6 +92,9 @@ def router(
     ttft_target_seconds: float = typer.Option(
         2.0, min=0.01, help="Admission: each model admits what it serves within this time to first token."
     ),
+    admission: bool = typer.Option(
+        True, help="Admission control (429 + Retry-After over a model's limit); off admits everything."
+    ),
 ) -> None:
     """Run the OpenAI-compatible router: one endpoint, routed by `model` to the worker holding it."""
     from residency_operator.router.main import AuthMode, RouterOptions, run_router
@@ -112,6 +115,7 @@ def router(
             default_namespace=default_namespace,
             wake_namespace=wake_namespace,
             ttft_target_seconds=ttft_target_seconds,
+            admission=admission,
         )
     )
 

@@ -41,6 +41,7 @@ class Admission:
     min_limit: float = 1.0
     max_limit: float = 4096.0
     max_retry_after_seconds: int = 30
+    enabled: bool = True  # off: every request is admitted (counted, never refused), as before admission
     gates: dict[str, ModelGate] = field(default_factory=dict)
     targets: dict[str, float] = field(default_factory=dict)
     """Per model, its own TTFT target (spec.slo.maxTimeToFirstTokenSeconds) where it has one."""
@@ -57,7 +58,7 @@ class Admission:
     def try_admit(self, key: str, now: float) -> Refusal | None:
         """Admits a request for `key` (in flight until `finish`), or says why not and when to retry."""
         gate = self.gate(key)
-        if gate.in_flight < math.floor(gate.limit):
+        if gate.in_flight < math.floor(gate.limit) or not self.enabled:
             gate.in_flight += 1
             return None
         self._decay(gate, now)

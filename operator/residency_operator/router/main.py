@@ -40,6 +40,7 @@ class RouterOptions:
     wake_namespace: str = "default"
     wake_configmap: str = WAKE_CONFIGMAP
     ttft_target_seconds: float = DEFAULT_TTFT_TARGET_SECONDS
+    admission: bool = True
 
 
 def run_router(options: RouterOptions) -> None:
@@ -64,6 +65,6 @@ def run_router(options: RouterOptions) -> None:
         hold_seconds=options.hold_seconds,
         worker_token=options.worker_token,
         access=access,
-        admission=Admission(ttft_target_seconds=options.ttft_target_seconds),
+        admission=Admission(ttft_target_seconds=options.ttft_target_seconds, enabled=options.admission),
     )
     uvicorn.run(app, host=options.host, port=options.port, log_level="info", access_log=False)
