@@ -45,7 +45,15 @@ def tenants(cluster: str) -> Iterator[dict[str, Any]]:
     suffix = uuid.uuid4().hex[:6]
     a, b = f"tenant-a-{suffix}", f"tenant-b-{suffix}"
     role = f"inference-{suffix}"
-    kubectl("create", "clusterrole", role, "--verb=infer", "--resource=llmmodels.residency.dev")
+    rules = [{"apiGroups": ["residency.dev"], "resources": ["llmmodels"], "verbs": ["infer"]}]
+    apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": role},
+            "rules": rules,
+        }
+    )
     tokens: dict[str, str] = {}
     for namespace in (a, b):
         kubectl("create", "namespace", namespace)

@@ -10,7 +10,8 @@ VENV_BIN="$ROOT/.venv/bin"
 BIN="$("$ROOT/hack/build-binaries.sh" path)"
 export PATH="$VENV_BIN:$BIN:$PATH"
 ROUTER_PORT="${RESIDENCY_DEMO_ROUTER_PORT:-18000}"
-NODES=("gpu-a:24MiB:18101" "gpu-b:20MiB:18102" "gpu-c:8MiB:18103")
+WORKER_PORT_BASE="${RESIDENCY_DEMO_WORKER_PORT_BASE:-18100}"  # several demos on one machine: set both ports
+NODES=("gpu-a:24MiB:$((WORKER_PORT_BASE + 1))" "gpu-b:20MiB:$((WORKER_PORT_BASE + 2))" "gpu-c:8MiB:$((WORKER_PORT_BASE + 3))")
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -94,8 +95,12 @@ up() {
   start router residency router --port "$ROUTER_PORT" --worker-token-file "$DEMO/inference.token"
 
   say "A client identity: ServiceAccount demo-client in namespace default, allowed to call its models"
-  kubectl create clusterrole residency-inference --verb=infer --resource=llmmodels.residency.dev \
-    --dry-run=client -o yaml | kubectl apply -f - | sed 's/^/  /'
+  kubectl apply -f - <<'YAML' | sed 's/^/  /'
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: residency-inference}
+rules: [{apiGroups: [residency.dev], resources: [llmmodels], verbs: [infer]}]
+YAML
   kubectl create serviceaccount demo-client -n default --dry-run=client -o yaml | kubectl apply -f - | sed 's/^/  /'
   kubectl create rolebinding demo-client-inference -n default --clusterrole=residency-inference \
     --serviceaccount=default:demo-client --dry-run=client -o yaml | kubectl apply -f - | sed 's/^/  /'
