@@ -20,9 +20,9 @@ from fastapi.responses import StreamingResponse
 
 from residency.openai_errors import error_body
 from residency_worker.engine import Engine, EngineError, SamplingParams
-from residency_worker.engine.runner import ModelRunner
 from residency_worker.engine.generate import SEED_MAX, SEED_MIN, RequestEvent
 from residency_worker.engine.generate import Request as EngineRequest
+from residency_worker.engine.runner import ModelRunner
 from residency_worker.server.errors import ApiError, ServerSettings
 from residency_worker.server.metrics import WorkerMetrics
 
