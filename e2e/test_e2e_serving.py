@@ -66,6 +66,8 @@ def test_apply_ready_and_a_completion_through_the_router(
     # default namespace), never across namespaces (test_e2e_tenancy.py resolves one for a ServiceAccount)
     by_name = complete(router, "chat", "The scheduler places", 12)
     assert by_name.status_code == 404 and "default/chat" in by_name.json()["error"]["message"]
+    again = complete(router, f"{namespace}/chat", "The scheduler places", 12)
+    assert again.json()["choices"][0]["text"] == body["choices"][0]["text"]
     assert complete(router, "no-such-model", "x").status_code == 404
     # the worker paces the model to its SLO while a model beside it has requests waiting: the placement
     # carries the SLO, and the worker exports the seconds it held the model back (none: it is alone)
