@@ -216,6 +216,9 @@ async def test_the_worker_serves_only_the_router(worker_url: str) -> None:
             "/v1/completions", json=body, headers={"authorization": f"Bearer {ROUTER_TOKEN}"}
         )
         assert served.status_code == 200 and float(served.headers["x-residency-ttft-seconds"]) >= 0
+        assert (
+            float(served.headers["x-residency-decode-seconds"]) >= 0
+        )  # the router's TTFT: its wait less this
 
 
 def _error(exc: openai.APIStatusError) -> dict[str, Any]:

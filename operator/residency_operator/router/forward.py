@@ -29,7 +29,10 @@ UNPLACEABLE_RETRY_SECONDS = 5
 """Retry-After of a model that cannot be placed now (WaitingForCapacity, Unschedulable): it was told it is
 wanted, and the operator may find it room."""
 TTFT_HEADER = "x-residency-ttft-seconds"
-"""A worker's time to first token of a plain (not streamed) answer, which the router cannot see itself."""
+"""A worker's time to first token of a plain (not streamed) answer, from its engine's queue on."""
+DECODE_HEADER = "x-residency-decode-seconds"
+"""A worker's time from the first token to the last of a plain answer: the router's own wait minus it is
+the time to first token with every queue on the way (the worker's event loop, tokenizer, network)."""
 _DELAY_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
 
 
@@ -180,7 +183,7 @@ async def _forward(
             return Response(first, status_code=upstream.status_code, headers=_relayed_headers(upstream))
         metrics.requests.labels(str(upstream.status_code)).inc()
         now = time.monotonic()
-        ttft = retry_after_seconds(upstream.headers.get(TTFT_HEADER)) if not streaming else now - sent_at
+        ttft = now - sent_at if streaming else _plain_ttft(upstream, now - sent_at)
         if ttft is not None and upstream.status_code == 200:
             admission.first_token(route.key, ttft, now)
         headers = _relayed_headers(upstream)
@@ -200,6 +203,15 @@ def _finisher(state: RouterState, key: str, sent_at: float) -> Callable[[], None
         _observe_gate(state, key)
 
     return done
+
+
+def _plain_ttft(upstream: httpx.Response, waited_seconds: float) -> float | None:
+    """Time to first token of a plain answer: the router's wait less the worker's decoding, else the
+    worker's own figure (which misses the queues before its engine), else None."""
+    decode = retry_after_seconds(upstream.headers.get(DECODE_HEADER))
+    if decode is not None:
+        return max(0.0, waited_seconds - decode)
+    return retry_after_seconds(upstream.headers.get(TTFT_HEADER))
 
 
 def _set_target(state: RouterState, key: str) -> None:

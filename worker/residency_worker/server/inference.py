@@ -59,6 +59,15 @@ class Generation:
         firsts = [r.first_token_at - r.submitted_at for r in self.requests if r.first_token_at is not None]
         return min(firsts) if firsts else None
 
+    def decode_seconds(self) -> float | None:
+        """From the first token to the last (the longest choice): the answer's time after its first token."""
+        spans = [
+            r.finished_at - r.first_token_at
+            for r in self.requests
+            if r.first_token_at is not None and r.finished_at is not None
+        ]
+        return max(spans) if spans else None
+
 
 @dataclass
 class Inference:

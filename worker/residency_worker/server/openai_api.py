@@ -25,7 +25,10 @@ from residency_worker.server.schemas import (
 )
 
 TTFT_HEADER = "X-Residency-TTFT-Seconds"
-"""Time to the first token of a plain answer (the router's admission control cannot see it otherwise)."""
+"""Time to the first token of a plain answer, from the engine's queue on."""
+DECODE_HEADER = "X-Residency-Decode-Seconds"
+"""From the first token to the last of a plain answer: the router subtracts it from the time it waited, so
+its time to first token counts every queue before the engine's too (event loop, tokenizer, network)."""
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_inference)])
 EngineDep = Annotated[Engine, Depends(engine_of)]
@@ -57,8 +60,13 @@ def _include_usage(body: CompletionBody | ChatBody) -> bool:
 
 
 def _answer(content: dict[str, Any], generation: Generation) -> SafeJSONResponse:
+    headers = {}
     ttft = generation.ttft_seconds()
-    headers = {TTFT_HEADER: f"{ttft:.4f}"} if ttft is not None else {}
+    if ttft is not None:
+        headers[TTFT_HEADER] = f"{ttft:.4f}"
+    decode = generation.decode_seconds()
+    if decode is not None:
+        headers[DECODE_HEADER] = f"{decode:.4f}"
     return SafeJSONResponse(content, headers=headers)
 
 
