@@ -44,6 +44,11 @@ def test_the_limit_follows_the_time_to_first_token() -> None:
     for step in range(100):
         admission.first_token("m", 3.0, now=2.0 + step)
     assert admission.gate("m").limit == 1.0, "never below one request"
+    admission.floors["batched"] = 8.0  # a model with a batch of 8: never below a full batch
+    admission.gate("batched").limit = 10.0
+    for step in range(100):
+        admission.first_token("batched", 3.0, now=2.0 + step)
+    assert admission.gate("batched").limit == 8.0
 
 
 class SlowWorker:

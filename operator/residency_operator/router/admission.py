@@ -46,8 +46,15 @@ class Admission:
     targets: dict[str, float] = field(default_factory=dict)
     """Per model, its own TTFT target (spec.slo.maxTimeToFirstTokenSeconds) where it has one."""
 
+    floors: dict[str, float] = field(default_factory=dict)
+    """Per model, the least limit: its batch size (spec.maxBatchSize). Fewer requests than one batch in
+    flight cannot shorten anyone's wait for a first token, only leave the batch part empty."""
+
     def target_of(self, key: str) -> float:
         return self.targets.get(key, self.ttft_target_seconds)
+
+    def floor_of(self, key: str) -> float:
+        return max(self.min_limit, self.floors.get(key, self.min_limit))
 
     def gate(self, key: str) -> ModelGate:
         gate = self.gates.get(key)
@@ -79,7 +86,7 @@ class Admission:
         target = self.target_of(key)
         if ttft_seconds > target:
             if now - gate.last_cut_at >= target:
-                gate.limit = max(self.min_limit, gate.limit * 0.9)
+                gate.limit = max(self.floor_of(key), gate.limit * 0.9)
                 gate.last_cut_at = now
         elif ttft_seconds < target / 2 and gate.in_flight >= 0.8 * gate.limit:
             gate.limit = min(self.max_limit, gate.limit + 1.0)

@@ -215,13 +215,19 @@ def _plain_ttft(upstream: httpx.Response, waited_seconds: float) -> float | None
 
 
 def _set_target(state: RouterState, key: str) -> None:
-    """The model's own TTFT target (spec.slo.maxTimeToFirstTokenSeconds), or the router's default."""
-    slo = ((state.table.models.get(key) or {}).get("spec") or {}).get("slo") or {}
-    target = slo.get("maxTimeToFirstTokenSeconds")
+    """The model's own TTFT target (spec.slo.maxTimeToFirstTokenSeconds, or the router's default) and the
+    least limit (its batch size, spec.maxBatchSize)."""
+    spec = (state.table.models.get(key) or {}).get("spec") or {}
+    target = (spec.get("slo") or {}).get("maxTimeToFirstTokenSeconds")
     if isinstance(target, int | float) and target > 0:
         state.admission.targets[key] = float(target)
     else:
         state.admission.targets.pop(key, None)
+    batch = spec.get("maxBatchSize")
+    if isinstance(batch, int) and batch > 0:
+        state.admission.floors[key] = float(batch)
+    else:
+        state.admission.floors.pop(key, None)
 
 
 def _relayed_headers(upstream: httpx.Response) -> dict[str, str]:
