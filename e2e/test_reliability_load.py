@@ -88,9 +88,11 @@ async def _load(
     url: str, models: list[str], clients: int, seconds: float
 ) -> tuple[list[tuple[str, float]], float]:
     results: list[tuple[str, float]] = []
-    # idle connections expire on the client before the server's 5 s keep-alive timeout closes them, as a
-    # well-behaved HTTP/1.1 client does: otherwise reusing one at the instant it closes reads a reset
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
+    # idle connections expire on the client well before the server's 5 s keep-alive timeout closes them, as
+    # a well-behaved HTTP/1.1 client does: otherwise reusing one at the instant it closes reads a reset. A
+    # client backing off after a 429 (1 s) leaves its connection idle: under 0.5 s it is never reused after
+    # one, however late a starved event loop wakes up
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=0.5)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         started = time.monotonic()
         until = started + seconds
