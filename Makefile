@@ -61,10 +61,14 @@ test: venv binaries lint ## everything CI runs
 reliability: venv binaries ## the whole reliability suite (faults, bad input, load, security) and its table
 	hack/cluster.sh up >/dev/null
 	rm -f reports/reliability-*.json
-	-RESIDENCY_RELIABILITY_JSON=reports/reliability-tests.json $(PY) -m pytest -q -m reliability --reliability-full tests
-	-RESIDENCY_RELIABILITY_JSON=reports/reliability-e2e.json $(PY) -m pytest -q -m reliability --reliability-full e2e
-	@echo; echo "== reliability suite =="
-	$(PY) -m residency.reliability reports/reliability-tests.json reports/reliability-e2e.json
+	@# both halves run and the table is printed either way; any failed test fails the target
+	status=0; \
+	RESIDENCY_RELIABILITY_JSON=reports/reliability-tests.json $(PY) -m pytest -q -m reliability --reliability-full tests || status=1; \
+	RESIDENCY_RELIABILITY_JSON=reports/reliability-e2e.json $(PY) -m pytest -q -m reliability --reliability-full e2e || status=1; \
+	echo; echo "== reliability suite =="; \
+	$(PY) -m residency.reliability reports/reliability-tests.json reports/reliability-e2e.json || status=1; \
+	if [ $$status -ne 0 ]; then echo "reliability: some tests failed (see above)" >&2; fi; \
+	exit $$status
 
 report: venv ## the GPU performance report into reports/<gpu>/ (a reduced CPU grid, marked emulated, without a GPU)
 	$(VENV)/bin/residency report $(or $(REPORT_ARGS),$(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')"))

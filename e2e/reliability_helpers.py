@@ -264,14 +264,16 @@ def start_operator(
     ).start()
 
 
-def start_router(cluster: str, log: Path, hold_seconds: float = 60) -> tuple[Process, str]:
+def start_router(
+    cluster: str, log: Path, hold_seconds: float = 60, extra_args: tuple[str, ...] = ()
+) -> tuple[Process, str]:
     """The router as a local process (the `router` fixture's, with its Process for RSS); its base URL."""
     from conftest import free_port
 
     port = free_port()
     process = Process(
         "router",
-        ["router", "--port", str(port), "--hold-seconds", str(hold_seconds)],
+        ["router", "--port", str(port), "--hold-seconds", str(hold_seconds), "--auth", "none", *extra_args],
         log,
         env={"KUBECONFIG": cluster},
     ).start()
@@ -488,7 +490,10 @@ async def completion(
                     if "error" in event:
                         error = event["error"]
             if error is not None:
-                retryable = str(error.get("code")) in ("429", "503") and error.get("retry_after") is not None
+                retryable = (
+                    error.get("type") in ("rate_limit_error", "service_unavailable_error")
+                    and error.get("retry_after") is not None
+                )
                 return Outcome(200, True, False, retryable, json.dumps(error), time.monotonic() - started)
             return Outcome(
                 200,

@@ -10,7 +10,8 @@ VENV_BIN="$ROOT/.venv/bin"
 BIN="$("$ROOT/hack/build-binaries.sh" path)"
 export PATH="$VENV_BIN:$BIN:$PATH"
 ROUTER_PORT="${RESIDENCY_DEMO_ROUTER_PORT:-18000}"
-NODES=("gpu-a:24MiB:18101" "gpu-b:20MiB:18102" "gpu-c:8MiB:18103")
+WORKER_PORT_BASE="${RESIDENCY_DEMO_WORKER_PORT_BASE:-18100}"  # several demos on one machine: set both ports
+NODES=("gpu-a:24MiB:$((WORKER_PORT_BASE + 1))" "gpu-b:20MiB:$((WORKER_PORT_BASE + 2))" "gpu-c:8MiB:$((WORKER_PORT_BASE + 3))")
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -37,6 +38,9 @@ down() {
   if [ -f "${RESIDENCY_CLUSTER_DIR:-$ROOT/.cluster}/kubeconfig" ] && "$ROOT/hack/cluster.sh" status 2>/dev/null; then
     export KUBECONFIG="${RESIDENCY_CLUSTER_DIR:-$ROOT/.cluster}/kubeconfig"
     kubectl delete -f "$ROOT/examples" --ignore-not-found --timeout=60s >/dev/null 2>&1 || true
+    kubectl delete rolebinding demo-client-inference -n default --ignore-not-found >/dev/null 2>&1 || true
+    kubectl delete serviceaccount demo-client -n default --ignore-not-found >/dev/null 2>&1 || true
+    kubectl delete clusterrole residency-inference --ignore-not-found >/dev/null 2>&1 || true
   fi
   local spec
   for spec in "${NODES[@]}"; do
@@ -73,7 +77,8 @@ up() {
     printf '  %-11s %-6s %-6s %s\n' "$name" "$arch" "$preset" "$(du -sh "$MODELS/$name" | cut -f1)"
   done
   head -c 32 /dev/urandom | base64 >"$DEMO/admin.token"
-  chmod 600 "$DEMO/admin.token"
+  head -c 32 /dev/urandom | base64 >"$DEMO/inference.token"  # workers serve only the router, which holds it
+  chmod 600 "$DEMO/admin.token" "$DEMO/inference.token"
 
   say "Three GPU nodes: a Node object each and a real worker process (torch; EMULATED GPU tier, no GPU here)"
   for spec in "${NODES[@]}"; do
@@ -81,10 +86,26 @@ up() {
     printf '{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","labels":{"residency.dev/gpu":"true"}}}' "$node" \
       | kubectl apply -f - >/dev/null
     start "worker-$node" residency worker --node "$node" --gpu-memory "$memory" --models-root "$MODELS" \
-      --port "$port" --admin-token-file "$DEMO/admin.token" --join --node-heartbeat --calibration-mib 32
+      --port "$port" --admin-token-file "$DEMO/admin.token" --inference-token-file "$DEMO/inference.token" \
+      --join --node-heartbeat --calibration-mib 32
   done
   start operator residency operator --models-root "$MODELS"
-  start router residency router --port "$ROUTER_PORT"
+  # Kubernetes auth (the default): a client's token is checked with TokenReview, its right to a model with
+  # SubjectAccessReview (verb `infer` on llmmodels/<name> in the model's namespace)
+  start router residency router --port "$ROUTER_PORT" --worker-token-file "$DEMO/inference.token"
+
+  say "A client identity: ServiceAccount demo-client in namespace default, allowed to call its models"
+  kubectl apply -f - <<'YAML' | sed 's/^/  /'
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: residency-inference}
+rules: [{apiGroups: [residency.dev], resources: [llmmodels], verbs: [infer]}]
+YAML
+  kubectl create serviceaccount demo-client -n default --dry-run=client -o yaml | kubectl apply -f - | sed 's/^/  /'
+  kubectl create rolebinding demo-client-inference -n default --clusterrole=residency-inference \
+    --serviceaccount=default:demo-client --dry-run=client -o yaml | kubectl apply -f - | sed 's/^/  /'
+  kubectl create token demo-client -n default --duration=24h >"$DEMO/client.token"
+  chmod 600 "$DEMO/client.token"
   for _ in $(seq 1 120); do
     [ "$(kubectl get nodeprofiles -o name 2>/dev/null | wc -l)" -ge 3 ] && break
     sleep 1
@@ -97,7 +118,9 @@ up() {
 
   say "A completion through the router (residency chat chat-small ...)"
   residency chat chat-small "Where does the scheduler place each model?" --router "http://127.0.0.1:$ROUTER_PORT" \
-    --max-tokens 24 | sed 's/^/  answer (random weights, so random words): /'
+    --token-file "$DEMO/client.token" --max-tokens 24 | sed 's/^/  answer (random weights, so random words): /'
+  printf '  without a token: HTTP %s\n' "$(curl -s -o /dev/null -w '%{http_code}' \
+    "http://127.0.0.1:$ROUTER_PORT/v1/models")"
   sleep 2
 
   say "kubectl get llm -A -o wide"
@@ -114,8 +137,14 @@ all fit whole, larger, less sensitive models get partial residency instead of be
 RESIDENT% column above shows what the planner chose this time. Timings in status are measured
 (kubectl get llm coder -o yaml) and say emulated: true because this machine has no GPU.
 
+Calling the router needs a token the API server accepts, whose subject may \`infer\` on the model
+(docs/serving.md). The demo's ServiceAccount default/demo-client has one in $DEMO/client.token:
+
   export KUBECONFIG=$KUBECONFIG
-  residency chat assistant "hello" --router http://127.0.0.1:$ROUTER_PORT
+  residency chat assistant "hello" --router http://127.0.0.1:$ROUTER_PORT --token-file $DEMO/client.token
+  curl -H "Authorization: Bearer \$(cat $DEMO/client.token)" http://127.0.0.1:$ROUTER_PORT/v1/models
+  OPENAI_BASE_URL=http://127.0.0.1:$ROUTER_PORT/v1 OPENAI_API_KEY=\$(kubectl create token demo-client) python -c \\
+    'import openai; print(openai.OpenAI().chat.completions.create(model="chat-small", messages=[{"role": "user", "content": "hi"}]).choices[0].message.content)'
   kubectl get llm,modelplacements,nodeprofiles -A
   make cluster-down          # stop everything (demo processes and control plane) and remove the cluster
 TXT

@@ -48,6 +48,7 @@ from residency_operator.state import (
     placement_needs_update,
     planner_inputs,
     rejected_verdict,
+    with_wake_requests,
     write_phase,
 )
 
@@ -184,7 +185,9 @@ class Controller:
         """The cluster as this operator plans it: with ``namespaces``, only their models, profiles and
         placements (another operator's placements are left alone; see :meth:`foreign_gpu_bytes`)."""
         state = ClusterState(
-            models=self.kube.list_custom("llmmodels"),
+            models=with_wake_requests(
+                self.kube.list_custom("llmmodels"), self.kube.wake_requests(self.lease_namespace)
+            ),
             node_profiles=self.kube.list_custom("nodeprofiles"),
             nodes=self.kube.list_nodes(),
             placements=self.kube.list_custom("modelplacements"),

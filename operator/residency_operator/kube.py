@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from residency.api import GROUP, VERSION
 from residency.kubeapi import TimeoutApiClient
+from residency_operator.wake import WAKE_CONFIGMAP, parse_wake_entries
 
 log = logging.getLogger(__name__)
 
@@ -218,14 +221,34 @@ class Kube:
             return False
         return True
 
-    def wake_model(self, key: str, waiting: int = 1) -> None:
-        """Mark a model that is not running as wanted (the router holds ``waiting`` requests for it)."""
-        namespace, name = key.split("/", 1)
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        annotations = {"residency.dev/wake-time": now, "residency.dev/waiting-requests": str(waiting)}
-        self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, "llmmodels", name, {"metadata": {"annotations": annotations}}
-        )
+    def wake_requests(self, namespace: str, name: str = WAKE_CONFIGMAP) -> dict[str, tuple[str, str]]:
+        """The router's wake requests (its ConfigMap, see wake.py); none when absent or unreadable."""
+        try:
+            configmap = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return {}
+            raise
+        return parse_wake_entries(configmap.data)
+
+    def watch_wake_requests(
+        self, namespace: str, on_change: Callable[[], None], stop: threading.Event, name: str = WAKE_CONFIGMAP
+    ) -> None:
+        """Calls `on_change` at each change of the wake ConfigMap until `stop` (blocking; run in a thread)."""
+        while not stop.is_set():
+            try:
+                for _event in watch.Watch().stream(
+                    self.core.list_namespaced_config_map,
+                    namespace,
+                    field_selector=f"metadata.name={name}",
+                    timeout_seconds=60,
+                ):
+                    on_change()
+                    if stop.is_set():
+                        return
+            except Exception as exc:  # API server away or no right yet: the periodic round still reads it
+                log.debug("wake watch: %s", exc.__class__.__name__)
+                stop.wait(5.0)
 
 
 def lease_held(spec: Any, now: datetime) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 import kopf
@@ -31,11 +32,24 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
     settings.batching.error_delays = (1, 2, 5, 10, 30)
-    memo["task"] = asyncio.create_task(memo["controller"].run())
+    controller: Controller = memo["controller"]
+    memo["task"] = asyncio.create_task(controller.run())
+    # the router's wake requests live in a ConfigMap kopf does not watch (see wake.py): poke on each change
+    loop = asyncio.get_running_loop()
+    stop = memo["wake_watch_stop"] = threading.Event()
+    threading.Thread(
+        target=controller.kube.watch_wake_requests,
+        args=(controller.lease_namespace, lambda: loop.call_soon_threadsafe(controller.poke), stop),
+        name="wake-watch",
+        daemon=True,
+    ).start()
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
+    stop_watch: threading.Event | None = memo.get("wake_watch_stop")
+    if stop_watch is not None:
+        stop_watch.set()
     task: asyncio.Task[None] | None = memo.get("task")
     if task is not None:
         task.cancel()

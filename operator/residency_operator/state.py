@@ -106,6 +106,34 @@ MAX_WAITING_REQUESTS = 10_000
 """Anyone who may patch a model can write the annotation: a larger count is read as this."""
 
 
+def with_wake_requests(
+    models: list[dict[str, Any]], wakes: dict[str, tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """The models with the router's wake requests (model key → (time, waiting), read from its wake ConfigMap)
+    as their wake annotations, where newer than an annotation the model already carries: the planner reads
+    one source, and the router needs no right to patch anybody's models."""
+    if not wakes:
+        return models
+    merged: list[dict[str, Any]] = []
+    for body in models:
+        wake = wakes.get(model_key(body))
+        if wake is not None:
+            try:
+                asked = parse_time(wake[0])
+            except ValueError:
+                asked = None
+            current = woken_at(body)
+            if asked is not None and (current is None or asked.replace(tzinfo=UTC) > current):
+                annotations = {
+                    **(body["metadata"].get("annotations") or {}),
+                    WAKE_ANNOTATION: wake[0],
+                    WAITING_ANNOTATION: wake[1],
+                }
+                body = {**body, "metadata": {**body["metadata"], "annotations": annotations}}
+        merged.append(body)
+    return merged
+
+
 def idle_reason(body: dict[str, Any], placement: dict[str, Any] | None, now: datetime) -> str | None:
     """Why a model should be Idle now (no requests for spec.idle.afterSeconds), or None."""
     after_seconds = (body["spec"].get("idle") or {}).get("afterSeconds")

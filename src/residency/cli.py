@@ -71,20 +71,58 @@ def router(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     hold_seconds: float = typer.Option(60.0, help="How long a request waits for a loading/resuming model."),
-    token_file: Path | None = typer.Option(None, help="Require this bearer token from clients."),
+    auth: str = typer.Option(
+        "kubernetes",
+        help="kubernetes: callers present a token the API server accepts (TokenReview) and need the verb "
+        "on the model (SubjectAccessReview); token: one shared token from --token-file; none: open "
+        "(tests of other parts only).",
+    ),
+    token_file: Path | None = typer.Option(None, help="With --auth token: the bearer token clients present."),
     worker_token_file: Path | None = typer.Option(
         None, help="Bearer token the workers' inference API wants."
     ),
+    verb: str = typer.Option("infer", help="The verb a caller needs on llmmodels/<name> in its namespace."),
+    auth_cache_seconds: float = typer.Option(10.0, min=0.0, help="How long review answers are cached."),
+    default_namespace: str = typer.Option(
+        "default", help="Where a bare model name resolves for callers that are not ServiceAccounts."
+    ),
+    wake_namespace: str = typer.Option(
+        "default", envvar="RESIDENCY_NAMESPACE", help="Namespace of the wake ConfigMap (the router's own)."
+    ),
+    ttft_target_seconds: float = typer.Option(
+        2.0, min=0.01, help="Admission: each model admits what it serves within this time to first token."
+    ),
+    admission: bool = typer.Option(
+        True, help="Admission control (429 + Retry-After over a model's limit); off admits everything."
+    ),
 ) -> None:
     """Run the OpenAI-compatible router: one endpoint, routed by `model` to the worker holding it."""
-    from residency_operator.router.main import run_router
+    from residency_operator.router.main import AuthMode, RouterOptions, run_router
 
-    run_router(host, port, hold_seconds, _read_token(token_file), _read_token(worker_token_file))
+    modes: dict[str, AuthMode] = {"kubernetes": "kubernetes", "token": "token", "none": "none"}
+    if auth not in modes:
+        raise typer.BadParameter("--auth is kubernetes, token or none")
+    run_router(
+        RouterOptions(
+            host=host,
+            port=port,
+            hold_seconds=hold_seconds,
+            auth=modes[auth],
+            token=_read_token(token_file),
+            worker_token=_read_token(worker_token_file),
+            verb=verb,
+            auth_cache_seconds=auth_cache_seconds,
+            default_namespace=default_namespace,
+            wake_namespace=wake_namespace,
+            ttft_target_seconds=ttft_target_seconds,
+            admission=admission,
+        )
+    )
 
 
 @app.command()
 def chat(
-    model: str = typer.Argument(..., help="namespace/name, or a name unique across namespaces."),
+    model: str = typer.Argument(..., help="namespace/name, or a name in the caller's namespace."),
     prompt: str = typer.Argument(..., help="The user message."),
     router_url: str = typer.Option("http://127.0.0.1:8000", "--router", help="The router's base URL."),
     max_tokens: int = typer.Option(32, min=1, help="Most tokens to generate."),

@@ -15,6 +15,8 @@ import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from residency.openai_errors import error_body
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -133,7 +135,7 @@ class BodyLimit:
     @staticmethod
     async def _refuse(send: Send, status: int, message: str) -> None:
         code = "RequestTooLarge" if status == 413 else "InvalidRequest"
-        body = json_bytes({"error": {"message": message, "type": code, "code": code}})
+        body = json_bytes(error_body(status, message, code))
         await send(
             {
                 "type": "http.response.start",

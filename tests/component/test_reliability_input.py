@@ -37,6 +37,7 @@ from residency.modelgen import make_model
 from residency_operator.conditions import Verdict
 from residency_operator.router.app import ModelTable
 from residency_operator.router.app import create_app as create_router
+from residency_operator.router.auth import OpenAccess
 from residency_operator.validation import validate_model
 from residency_worker.engine import Engine, ModelOptions, make_gpu_tier
 from residency_worker.engine import loading as loading_module
@@ -410,7 +411,8 @@ def router_table(worker_url: str) -> ModelTable:
 
 
 def router_app(worker_url: str) -> Any:
-    return create_router(router_table(worker_url), hold_seconds=0.5)
+    # open, callers in namespace `team`: bare names resolve there (auth: tests/unit/test_router_tenancy.py)
+    return create_router(router_table(worker_url), hold_seconds=0.5, access=OpenAccess("team"))
 
 
 @dataclass(frozen=True)
@@ -461,15 +463,22 @@ def bad_requests() -> list[Bad]:
         Bad("model-not-string", completion, _json({"model": 7, "prompt": "hi"}), None),
         Bad("model-unknown", completion, _json({**ok, "model": "nope"}), 404),
         Bad("model-surrogate", completion, _json({**ok, "model": "g\ud800od"}), None),
-        Bad("max-tokens-negative", completion, _json({**ok, "max_tokens": -1}), 422),
-        Bad("max-tokens-zero", completion, _json({**ok, "max_tokens": 0}), 422),
-        Bad("max-tokens-huge", completion, _json({**ok, "max_tokens": 10**12}), 422),
-        Bad("max-tokens-string", completion, _json({**ok, "max_tokens": "many"}), 422),
-        Bad("n-huge", completion, _json({**ok, "n": 10**9}), 422),
-        Bad("n-two", completion, _json({**ok, "n": 2}), 422),
-        Bad("temperature-negative", completion, _json({**ok, "temperature": -1}), 422),
-        Bad("top-p-zero", completion, _json({**ok, "top_p": 0}), 422),
-        Bad("seed-overflow", completion, _json({**ok, "seed": 2**80}), 422),
+        Bad("max-tokens-negative", completion, _json({**ok, "max_tokens": -1}), 400),
+        Bad("max-tokens-zero", completion, _json({**ok, "max_tokens": 0}), 400),
+        Bad("max-tokens-huge", completion, _json({**ok, "max_tokens": 10**12}), 400),
+        Bad("max-tokens-string", completion, _json({**ok, "max_tokens": "many"}), 400),
+        Bad("n-huge", completion, _json({**ok, "n": 10**9}), 400),
+        Bad("n-over-the-limit", completion, _json({**ok, "n": 17}), 400),
+        Bad("logit-bias-unsupported", completion, _json({**ok, "logit_bias": {"1": 100}}), 400),
+        Bad(
+            "tools-unsupported",
+            chat,
+            _json({"model": GOOD, "messages": message, "tools": [{"type": "function"}]}),
+            400,
+        ),
+        Bad("temperature-negative", completion, _json({**ok, "temperature": -1}), 400),
+        Bad("top-p-zero", completion, _json({**ok, "top_p": 0}), 400),
+        Bad("seed-overflow", completion, _json({**ok, "seed": 2**80}), 400),
         Bad("stop-too-many", completion, _json({**ok, "stop": ["a", "b", "c", "d", "e"]}), 400),
         Bad("prompt-empty", completion, _json({**ok, "prompt": ""}), 400),
         Bad("prompt-beyond-max-seq", completion, _json({**ok, "prompt": "hello " * 4 * MAX_SEQ}), 400),
@@ -478,10 +487,10 @@ def bad_requests() -> list[Bad]:
         Bad("prompt-ids-negative", completion, _json({**ok, "prompt": [-1, 2]}), 400),
         Bad("prompt-two-strings", completion, _json({**ok, "prompt": ["a", "b"]}), 400),
         Bad("prompt-lone-surrogate", completion, _json({**ok, "prompt": "hi \udc00 there"}), 400),
-        Bad("prompt-wrong-type", completion, _json({**ok, "prompt": {"text": "hi"}}), 422),
-        Bad("chat-no-messages", chat, _json({"model": GOOD, "messages": []}), 422),
+        Bad("prompt-wrong-type", completion, _json({**ok, "prompt": {"text": "hi"}}), 400),
+        Bad("chat-no-messages", chat, _json({"model": GOOD, "messages": []}), 400),
         Bad(
-            "chat-bad-role", chat, _json({"model": GOOD, "messages": [{"role": "root", "content": "x"}]}), 422
+            "chat-bad-role", chat, _json({"model": GOOD, "messages": [{"role": "root", "content": "x"}]}), 400
         ),
         Bad(
             "chat-beyond-max-seq",
@@ -499,9 +508,9 @@ def bad_requests() -> list[Bad]:
             "chat-max-tokens-negative",
             chat,
             _json({"model": GOOD, "messages": message, "max_tokens": -5}),
-            422,
+            400,
         ),
-        Bad("chat-n-huge", chat, _json({"model": GOOD, "messages": message, "n": 10**6}), 422),
+        Bad("chat-n-huge", chat, _json({"model": GOOD, "messages": message, "n": 10**6}), 400),
         Bad("unknown-route", "/v1/embeddings", _json(ok), 404),
     ]
 
@@ -520,7 +529,7 @@ def edge_requests() -> list[tuple[str, dict[str, Any]]]:
         ("prompt-nul-and-controls", {**ok, "prompt": "a\x00b\x1bc\u202e"}),
         ("prompt-emoji-and-rtl", {**ok, "prompt": "\U0001f600 \u05e9\u05dc\u05d5\u05dd"}),
         ("prompt-one-token-id", {**ok, "prompt": [0]}),
-        ("unknown-fields-ignored", {**ok, "logit_bias": {"1": 100}, "user": "x", "n": 1}),
+        ("bookkeeping-fields-ignored", {**ok, "user": "x", "metadata": {"k": "v"}, "n": 1}),
     ]
 
 
@@ -607,7 +616,7 @@ async def test_router_not_ready_and_unreachable_models_get_retryable_answers(
     assert answers["loading"][:2] == (503, "5") and answers["loading"][2]
     assert answers["broken"][0] == 409 and answers["broken"][2]
     assert answers["gone"][0] == 503 and answers["gone"][1] is not None and answers["gone"][2]
-    assert answers["team/nope"][0] == 404 and answers["good/../x"][0] == 404
+    assert answers["team/nope"][0] == 404 and answers["good/../x"][0] == 400  # not namespace/name
     reliability.record(measured=", ".join(f"{m}→{a[0]}" for m, a in answers.items()))
 
 

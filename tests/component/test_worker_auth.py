@@ -1,5 +1,5 @@
 """The worker's bearer tokens are checked before anything reads a request: a caller without its token gets
-401 whatever its body holds; the API schema needs a token; the probes and /metrics stay open."""
+401 whatever its body holds; the API schema needs a token; the probes stay open and name no model."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ async def test_a_caller_without_its_token_gets_401_whatever_the_body(guarded: ht
             response = await guarded.request(
                 method, path, content=b"{not json", headers={**right, "content-type": "application/json"}
             )
-            if response.status_code != 422 or "not valid JSON" not in response.json()["error"]["message"]:
+            if response.status_code != 400 or "not valid JSON" not in response.json()["error"]["message"]:
                 problems.append(f"{method} {path} with its token: {response.status_code} {response.text}")
     assert problems == [], "\n".join(problems)
 
@@ -103,7 +103,7 @@ async def test_the_admin_api_without_a_configured_token_refuses_before_parsing(s
                 assert "disabled" in response.json()["error"]["message"]
         # inference without a configured token stays open: a bad body is described, as before
         open_inference = await client.post("/v1/completions", content=b"{not json")
-        assert open_inference.status_code == 422
+        assert open_inference.status_code == 400
 
 
 async def test_an_unauthenticated_body_is_never_read(served: Served) -> None:
@@ -161,15 +161,23 @@ async def test_the_api_schema_needs_a_token_and_no_docs_page_is_served(
         assert is_unauthorised(await bare.get("/openapi.json", headers=ADMIN))
 
 
-async def test_probes_and_metrics_need_no_token(guarded: httpx.AsyncClient) -> None:
-    # (as vLLM's: a kubelet and a scraper carry no token; both name the loaded models, as metrics labels
-    # do; the README says to restrict the worker's port where names are sensitive)
+async def test_probes_need_no_token_and_name_no_model_and_metrics_are_as_private_as_inference(
+    guarded: httpx.AsyncClient, served: Served
+) -> None:
+    # a kubelet carries no token: the probes are open, and so they name no model; /metrics names the
+    # models (labels), so it takes a token wherever inference does (the chart's ServiceMonitor has one)
     assert (await guarded.get("/healthz")).status_code == 200
-    metrics = await guarded.get("/metrics")
-    assert metrics.status_code == 200 and "residency_" in metrics.text
     for headers in NOT_AUTHORISED:
         ready = await guarded.get("/readyz", headers=headers)
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert MODEL not in ready.text
+        assert is_unauthorised(await guarded.get("/metrics", headers=headers)), headers
+    for headers in (USER, ADMIN):
+        metrics = await guarded.get("/metrics", headers=headers)
+        assert metrics.status_code == 200 and "residency_" in metrics.text
+    # a worker whose inference is open (no inference token) has open metrics too
+    async with client_of(create_app(served.engine, ServerSettings(admin_token=ADMIN_TOKEN))) as open_worker:
+        assert (await open_worker.get("/metrics")).status_code == 200
 
 
 async def test_requests_with_the_token_are_still_served(guarded: httpx.AsyncClient) -> None:

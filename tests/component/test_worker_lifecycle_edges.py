@@ -259,7 +259,7 @@ async def test_requests_in_flight_when_preempted_get_503_after_the_wait(
     data = [line[len("data: ") :] for line in stream.text.splitlines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     error = json.loads(data[-2])["error"]
-    assert error["type"] == "ModelPreempted" and error["code"] == 503
+    assert error["type"] == "service_unavailable_error" and error["code"] == "ModelPreempted"
     assert error["retry_after"] == RETRY_AFTER_SECONDS
     assert all("choices" in json.loads(d) for d in data[:-2])
     # both were cancelled: after the resume their parked sequences leave the batch at once

@@ -56,8 +56,8 @@ def rules(objects: list[dict[str, Any]], kind: str, name: str) -> set[tuple[str,
     return {
         (group, resource, verb)
         for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
+        for group in rule.get("apiGroups", [""])
+        for resource in rule.get("resources", rule.get("nonResourceURLs", []))
         for verb in rule["verbs"]
     }
 
@@ -202,7 +202,10 @@ MATRIX = [
     pytest.param(["operator.capacityRequests.enabled=true"], id="capacity-requests"),
     pytest.param(["metrics.serviceMonitor.enabled=true", "metrics.dashboard.enabled=false"], id="monitoring"),
     pytest.param(["worker.enabled=false", "router.enabled=false"], id="operator-only"),
-    pytest.param(["worker.tokenSecret=my-tokens", "router.clientTokenSecret=clients"], id="own-secrets"),
+    pytest.param(
+        ["worker.tokenSecret=my-tokens", "router.auth=token", "router.clientTokenSecret=clients"],
+        id="own-secrets",
+    ),
     pytest.param(["admissionPolicy.enabled=false", "worker.protectFromScaleDown=false"], id="no-policy"),
     pytest.param(["fullnameOverride=res", "image.tag=dev", "operator.replicas=2"], id="names"),
 ]
@@ -278,14 +281,23 @@ def test_rbac_is_least_privilege() -> None:
         ("", "nodes", "get"),
     }
     router = rules(objects, "ClusterRole", "rel-residency-router")
-    assert router == {("residency.dev", "llmmodels", "list"), ("residency.dev", "llmmodels", "patch")}
+    assert router == {
+        ("residency.dev", "llmmodels", "list"),
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("authorization.k8s.io", "subjectaccessreviews", "create"),
+    }
+    assert rules(objects, "ClusterRole", "rel-residency-inference") == {
+        ("residency.dev", "llmmodels", "infer")
+    }
     operator = rules(objects, "ClusterRole", "rel-residency-operator")
     assert ("", "secrets", "get") not in operator
     assert not [rule for rule in operator if rule[1] == "pods"], "capacity requests are off: no Pods at all"
     for kind in ("ClusterRole", "Role"):
         for role in (o for o in objects if o["kind"] == kind):
             for rule in role["rules"]:
-                assert "*" not in rule["verbs"] and "*" not in rule["resources"], role["metadata"]["name"]
+                assert "*" not in rule["verbs"] and "*" not in rule.get("resources", []), role["metadata"][
+                    "name"
+                ]
     lease = find(objects, "Role", "rel-residency-operator-lease")
     assert lease["metadata"]["namespace"] == "residency"
 
@@ -390,3 +402,23 @@ def test_pvc_without_claim_name_is_a_clear_error() -> None:
     )
     assert result.returncode != 0
     assert "worker.models.claimName is required" in result.stderr
+
+
+def test_the_router_is_authenticated_by_default_and_only_router_and_operator_reach_workers() -> None:
+    objects = render()
+    router = container(find(objects, "Deployment", "rel-residency-router"), "router")
+    assert "--auth=kubernetes" in router["args"] and "--verb=infer" in router["args"]
+    assert not [a for a in router["args"] if a.startswith("--token-file")], "a shared client token by default"
+    assert find(objects, "ConfigMap", "residency-wake")["metadata"]["namespace"] == "residency"
+    policy = find(objects, "NetworkPolicy", "rel-residency-worker")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
+    (ingress,) = policy["spec"]["ingress"]
+    assert {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in ingress["from"]} == {
+        "router",
+        "operator",
+    }
+    assert not any(o["kind"] == "NetworkPolicy" for o in render("networkPolicy.enabled=false"))
+    assert (
+        "clientTokenSecret" in render_failure(["router.auth=token"]).stderr
+    )  # a shared token needs its Secret
+    assert "/router/auth" in render_failure(["router.auth=none"]).stderr  # open is for tests only

@@ -50,6 +50,9 @@ class FakeKube:
     def list_nodes(self) -> list[dict[str, Any]]:
         return self.state.nodes
 
+    def wake_requests(self, namespace: str) -> dict[str, tuple[str, str]]:
+        return {}  # the router asked for nothing
+
     def list_pods(self, selector: str) -> list[dict[str, Any]]:
         return []  # no capacity-request pods: every model here fits
 

@@ -64,13 +64,24 @@ def render(*sets: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
+ROUTER_GRANTS = {
+    ("residency.dev", "llmmodels", "list"),
+    ("authentication.k8s.io", "tokenreviews", "create"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create"),
+}
+
+
+def find_role(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
 def grants(objects: list[dict[str, Any]], kind: str, name: str) -> set[tuple[str, str, str]]:
     role = next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
     return {
         (group, resource, verb)
         for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
+        for group in rule.get("apiGroups", [""])
+        for resource in rule.get("resources", rule.get("nonResourceURLs", []))
         for verb in rule["verbs"]
     }
 
@@ -78,7 +89,10 @@ def grants(objects: list[dict[str, Any]], kind: str, name: str) -> set[tuple[str
 def test_chart_rbac_grants_no_component_more_than_it_uses(reliability: Any) -> None:
     reliability.record(injected="helm template (defaults, capacity requests on); every Role/ClusterRole")
     checked = 0
-    for sets in ((), ("operator.capacityRequests.enabled=true", "router.clientTokenSecret=client")):
+    for sets in (
+        (),
+        ("operator.capacityRequests.enabled=true", "router.auth=token", "router.clientTokenSecret=client"),
+    ):
         objects = render(*sets)
         roles = [o for o in objects if o["kind"] in ("Role", "ClusterRole")]
         for role in roles:
@@ -100,7 +114,13 @@ def test_chart_rbac_grants_no_component_more_than_it_uses(reliability: Any) -> N
     pods = grants(objects, "Role", "rel-residency-worker-pods")
     assert pods == {("", "pods", "patch")}, "only its own namespace's pods, only to annotate"
     router = grants(objects, "ClusterRole", "rel-residency-router")
-    assert router == {("residency.dev", "llmmodels", "list"), ("residency.dev", "llmmodels", "patch")}
+    assert router == ROUTER_GRANTS, "the router reads models and reviews callers; it writes no model"
+    assert grants(objects, "Role", "rel-residency-router-wake") == {
+        ("", "configmaps", "get"),
+        ("", "configmaps", "patch"),
+    }
+    wake = find_role(objects, "Role", "rel-residency-router-wake")
+    assert wake["rules"][0]["resourceNames"] == ["residency-wake"], "its one ConfigMap, by name"
     reliability.record(
         measured=f"{checked} grants checked: 0 wildcard/escalate/bind/impersonate, 0 Secret reads"
     )
@@ -133,7 +153,7 @@ def test_chart_admission_policy_confines_worker_writes_to_its_node(reliability: 
 
 def test_chart_tokens_travel_as_files_and_only_where_needed(reliability: Any) -> None:
     reliability.record(injected="helm template: where the admin and inference tokens are mounted")
-    objects = render("router.clientTokenSecret=client")
+    objects = render("router.auth=token", "router.clientTokenSecret=client")
     text = yaml.safe_dump_all(o for o in objects if o["kind"] != "Secret")
     daemonset = next(o for o in objects if o["kind"] == "DaemonSet")
     deployments = {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in objects if o["kind"] == "Deployment"}
@@ -289,12 +309,12 @@ async def test_worker_and_router_refuse_missing_and_wrong_tokens(
     assert problems == [], "\n".join(problems)
     # both checks compare in constant time (a plain == leaks the matching prefix length by timing)
     from residency import httpguard
-    from residency_operator.router import app as router_module
-    from residency_worker.server import app as worker_module
+    from residency_operator.router import auth as router_auth
+    from residency_worker.server import auth as worker_auth
 
     assert "compare_digest" in inspect.getsource(httpguard.bearer_matches)
-    assert "bearer_matches" in inspect.getsource(worker_module._check_token)
-    assert "bearer_matches" in inspect.getsource(router_module.create_app)
+    assert "bearer_matches" in inspect.getsource(worker_auth._check_token)
+    assert "bearer_matches" in inspect.getsource(router_auth.StaticTokenAccess)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for secret in (ADMIN_TOKEN, INFERENCE_TOKEN, CLIENT_TOKEN, WRONG_TOKEN):
         assert secret not in logged, "a token was logged"

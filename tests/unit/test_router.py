@@ -92,7 +92,7 @@ async def test_a_request_for_a_model_that_is_not_running_tells_the_operator_it_i
         "broken": 409,
         "coming": 503,
     }
-    assert answers["refused"].headers["retry-after"] == "2" and "retry-after" not in answers["broken"].headers
+    assert answers["refused"].headers["retry-after"] == "5" and "retry-after" not in answers["broken"].headers
     assert "asked the operator for room" in answers["refused"].json()["error"]["message"]
     # held for 0.3 s with a wake at most every 2 s: once each; a failed or loading model is not woken
     assert sorted(woken) == ["team/held", "team/refused"]

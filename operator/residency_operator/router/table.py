@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Decision = Literal["forward", "hold", "reject"]
-HOLD_PHASES = frozenset({"Pending", "Scheduled", "Loading", "Preempted", "Idle", "WaitingForCapacity"})
+HOLD_PHASES = frozenset({"Pending", "Scheduled", "Loading", "Preempted", "Idle"})
+"""Phases that end by themselves soon: a request waits (up to the hold deadline). A model waiting for capacity
+or unschedulable is answered 503 at once, with the reason from its status."""
 WAKE_PHASES = frozenset({"Idle", "Preempted", "WaitingForCapacity", "Unschedulable"})
 """Phases of a model that is not running: a request for it tells the operator that it is wanted now (an Idle
 model resumes; the others may take the GPU memory of idle models, see planner/swapin.py)."""
@@ -24,21 +26,22 @@ class Route:
     phase: str = ""
 
 
-def resolve(models: dict[str, dict[str, Any]], requested: str) -> Route:
-    """Route for the `model` field of a request: `namespace/name`, or a name unique across namespaces."""
-    if "/" in requested:
-        candidates = [requested] if requested in models else []
-    else:
-        candidates = sorted(k for k in models if k.split("/", 1)[1] == requested)
-    if not candidates:
-        return Route("reject", status_code=404, message=f"model {requested!r} does not exist")
-    if len(candidates) > 1:
-        return Route(
-            "reject",
-            status_code=400,
-            message=f"model {requested!r} is ambiguous: use one of {', '.join(candidates)}",
-        )
-    key = candidates[0]
+def qualify(requested: str, namespace: str) -> str | None:
+    """The model key a request names: `namespace/name` as written, or a bare `name` in the caller's own
+    `namespace` (never looked up across namespaces: another tenant's model cannot make a name ambiguous).
+    None when the name is malformed."""
+    name_space, slash, name = requested.partition("/")
+    if not slash:
+        return f"{namespace}/{requested}" if requested.strip() else None
+    if not name_space or not name or "/" in name:
+        return None
+    return requested
+
+
+def resolve(models: dict[str, dict[str, Any]], key: str) -> Route:
+    """Route for the model `key` (`namespace/name`, see `qualify`)."""
+    if key not in models:
+        return Route("reject", status_code=404, message=f"model {key!r} does not exist")
     status = models[key].get("status") or {}
     phase = status.get("phase", "Pending")
     if phase == "Ready" and status.get("endpoint"):

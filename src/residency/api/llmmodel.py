@@ -54,6 +54,13 @@ class SLOSpec(ApiModel):
     min_decode_tokens_per_second: float = Field(
         gt=0, le=1_000_000, description="Placement keeps the predicted decode rate at or above this."
     )
+    max_time_to_first_token_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="The router admits as many concurrent requests as the model serves within this time to "
+        "first token and answers the rest 429 with Retry-After at once (default: the router's, 2 s).",
+    )
 
 
 class OffloadSpec(ApiModel):

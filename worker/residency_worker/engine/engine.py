@@ -262,6 +262,11 @@ class Engine:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return self.encode(name, text)
 
+    def token_texts(self, name: str, token_ids: list[int]) -> list[str]:
+        """Each token's own text (as OpenAI's logprobs show tokens)."""
+        tokenizer = self._runner(name).weights.tokenizer
+        return [str(tokenizer.decode([token_id])) for token_id in token_ids]
+
     def wait_until_ready(self, name: str, timeout_seconds: float) -> bool:
         return self._runner(name).wait_until_ready(timeout_seconds)
 

@@ -1,0 +1,118 @@
+"""What the router's endpoints share: settings, state, metrics, the error shape and the auth dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from residency.httpguard import DEFAULT_MAX_BODY_BYTES, json_bytes
+from residency.openai_errors import error_body
+from residency_operator.router.admission import Admission
+from residency_operator.router.auth import Access, AccessError, Caller
+from residency_operator.router.models import ModelTable
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that renders whatever user input an error echoes (lone surrogates, NaN) instead of failing."""
+
+    def render(self, content: Any) -> bytes:
+        return json_bytes(content)
+
+
+def error(
+    status_code: int,
+    message: str,
+    retry_after_seconds: int | None = None,
+    code: str | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    """An error answer in OpenAI's shape."""
+    headers = {"Retry-After": str(retry_after_seconds)} if retry_after_seconds is not None else {}
+    if status_code == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return SafeJSONResponse(error_body(status_code, message, code, param), status_code, headers=headers)
+
+
+class RouterMetrics:
+    """Prometheus metrics of one router (their model labels are why /metrics needs a caller's right)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "residency_router_requests", "Requests by outcome", ["outcome"], registry=self.registry
+        )
+        self.held_seconds = Histogram(
+            "residency_router_hold_seconds", "Time requests waited for a model", registry=self.registry
+        )
+        self.admitted = Counter(
+            "residency_router_admitted", "Requests admitted to a model", ["model"], registry=self.registry
+        )
+        self.refused = Counter(
+            "residency_router_refused",
+            "Requests refused before any work, by reason (admission: 429; unavailable: 503)",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "residency_router_queued",
+            "Requests held for a model that is not ready",
+            ["model"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "residency_router_in_flight", "Admitted requests in flight", ["model"], registry=self.registry
+        )
+        self.admission_limit = Gauge(
+            "residency_router_admission_limit",
+            "Concurrent requests a model admits now",
+            ["model"],
+            registry=self.registry,
+        )
+
+
+@dataclass
+class RouterSettings:
+    hold_seconds: float = 60.0
+    worker_token: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+@dataclass
+class RouterState:
+    """Everything the endpoints read: `request.app.state.router`."""
+
+    table: ModelTable
+    access: Access
+    admission: Admission
+    settings: RouterSettings
+    client: httpx.AsyncClient
+    metrics: RouterMetrics = field(default_factory=RouterMetrics)
+    holding: dict[str, int] = field(default_factory=dict)  # requests held per model now
+
+    @property
+    def upstream_headers(self) -> dict[str, str]:
+        token = self.settings.worker_token
+        return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def router_state(request: Request) -> RouterState:
+    state: RouterState = request.app.state.router
+    return state
+
+
+async def caller(request: Request) -> Caller:
+    """The authenticated caller (a dependency of every /v1 route); AccessError 401 otherwise."""
+    return await router_state(request).access.authenticate(request.headers.get("authorization", ""))
+
+
+async def metrics_reader(request: Request) -> None:
+    """/metrics names models: only for a caller allowed to read it (RBAC `get` on the non-resource URL)."""
+    access = router_state(request).access
+    who = await access.authenticate(request.headers.get("authorization", ""))
+    if not await access.may_read_metrics(who):
+        raise AccessError(403, "forbidden")
