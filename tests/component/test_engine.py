@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -552,9 +554,17 @@ def test_a_model_ahead_of_its_slo_yields_the_gpu_to_a_neighbour_with_requests_wa
     deadline = time.monotonic() + 30
     while engine.status("busy").queue_depth == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    paced = engine.generate("paced", PROMPTS[0], SamplingParams(max_tokens=16, ignore_eos=True))
+    stamps: list[float] = []
+    paced = engine.submit(
+        "paced",
+        PROMPTS[0],
+        SamplingParams(max_tokens=16, ignore_eos=True),
+        on_event=lambda event: stamps.append(time.perf_counter()) if event.token_id is not None else None,
+    )
+    paced.wait(60)
     assert engine.status("busy").queue_depth > 0, "busy must still have requests waiting at the end"
-    per_token = _seconds_per_token(paced)
+    # the median gap: on a busy machine one late-scheduled emission shortens the mean of a few gaps
+    per_token = statistics.median(b - a for a, b in itertools.pairwise(stamps[1:]))
     assert 0.8 / (1.25 * 8.0) <= per_token <= 1 / 8.0, per_token  # paced to 10 tok/s, within its SLO of 8
     assert engine.status("paced").timings.paced_seconds > 0.5
     assert engine.status("busy").timings.paced_seconds == 0.0  # a hungry model never waits
