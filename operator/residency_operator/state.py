@@ -305,6 +305,7 @@ def demand(
         workspace_bytes=knobs.workspace_bytes + info.workspace_bytes(max_sequence_length, max_batch),
         last_reload_seconds=timings.get("reloadSeconds"),
         wanted=not body["metadata"].get("deletionTimestamp"),
+        has_served=timings.get("loadSeconds") is not None or seen is not None,
         waiting_requests=0 if now is None else waiting_requests(body, placement, now),
         demand_decode_tokens_per_second=None if seen is None else seen[0],
         prompt_tokens_per_second=None if seen is None else seen[1],

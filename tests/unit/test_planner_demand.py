@@ -126,3 +126,18 @@ def test_the_incremental_planner_applies_the_same_rule() -> None:
         dataclasses.replace(PROD, waiting_requests=2, demand_decode_tokens_per_second=30.0)
     )
     assert set(back.placements) == {"prod/chat"}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_freshly_applied_model_is_placed_at_its_priority_before_it_could_be_called(solver: str) -> None:
+    """A model never loaded has had no chance to be called: its demand of 0 (no request waits) is no sign of
+    idleness, so applying a higher-priority model preempts a busy lower one, as a user applying it expects;
+    once it has served and nobody calls it, it yields."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    fresh = dataclasses.replace(PROD, has_served=False)
+    assert not is_idle(fresh, PlannerConfig())
+    planned = plan([fresh, BATCH], [L4], running("batch/job"), config=config)
+    assert set(planned.placements) == {"prod/chat"}
+    assert ("preempt", "batch/job") in [(a.kind, a.model) for a in planned.actions]
+    served = plan([PROD, BATCH], [L4], running("batch/job"), config=config)
+    assert set(served.placements) == {"batch/job"}

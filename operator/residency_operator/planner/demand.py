@@ -15,7 +15,9 @@ demoted, never below the residency its ``offload.maxFraction`` allows nor below 
 decode SLO, so it serves its next request at once, at its SLO, and the next plan promotes it back. (Only
 its node shrinking below what it holds, or the node being cordoned, moves it, as before.)
 
-Unknown demand (``None``: no metrics yet) is never idle: the planner does not guess.
+Unknown demand (``None``: no metrics yet) is never idle: the planner does not guess. Nor is a model that
+has never been loaded (``has_served`` False): a freshly applied model is placed at its priority, as a user
+who applies it expects, and yields only once it has served and nobody calls it.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from residency_operator.planner.types import ModelDemand, PlannerConfig
 
 
 def is_idle(model: ModelDemand, config: PlannerConfig) -> bool:
-    """No request waits for it and its known demand is at most ``config.idle_demand_tokens_per_second``."""
+    """It has served, no request waits for it and its known demand is at most
+    ``config.idle_demand_tokens_per_second``."""
     demand = model.demand_decode_tokens_per_second
     return (
         model.wanted
+        and model.has_served
         and model.waiting_requests == 0
         and demand is not None
         and demand <= config.idle_demand_tokens_per_second

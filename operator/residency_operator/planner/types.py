@@ -69,6 +69,9 @@ class ModelDemand:
     waiting_requests: int = 0
     """Requests waiting for this model now (the router holds them while it is not running). A waiting
     model the solvers leave out takes the GPU memory of idle models (see ``planner/swapin.py``)."""
+    has_served: bool = True
+    """False while the model has never been loaded anywhere: nobody could call it yet, so a demand of 0 is
+    no evidence that it is idle (``planner/demand.py``); it is placed at its declared priority."""
     yielded_priority: int = 0
     """Set by the planner, not its callers: how far ``priority`` was lowered because the model is idle
     (see ``planner/demand.py``); ``declared_priority`` is what the user wrote."""
