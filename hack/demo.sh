@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
 # `make demo`: a real local control plane, the operator, the router, three worker processes posing as
-# three GPU nodes of different (emulated) sizes, four models applied with `kubectl apply -f examples/`,
-# and a real completion through the router. `hack/demo.sh down` stops what it started.
+# three GPU nodes of different (emulated) sizes, four models applied with `kubectl apply -f examples/`, a
+# real completion through the router, what the planner chose (read back from the cluster), and a
+# preemption by a model of higher priority followed by the resume, with the seconds the worker measured.
+# `hack/demo.sh down` stops what it started.
+#
+# Environment: RESIDENCY_DEMO_ROUTER_PORT (18000), RESIDENCY_DEMO_WORKER_PORT (18101: the first of three),
+# RESIDENCY_DEMO_MODELS (/tmp/residency-demo/models; the manifests are rewritten to match), and the
+# control plane's RESIDENCY_API_PORT, RESIDENCY_ETCD_PORT, RESIDENCY_KCM_PORT, RESIDENCY_SCHED_PORT.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEMO="$ROOT/.demo"
-MODELS=/tmp/residency-demo/models          # the examples/ manifests name this root
+EXAMPLES_ROOT=/tmp/residency-demo/models       # the path the examples/ manifests name
+MODELS="${RESIDENCY_DEMO_MODELS:-$EXAMPLES_ROOT}"
 VENV_BIN="$ROOT/.venv/bin"
 BIN="$("$ROOT/hack/build-binaries.sh" path)"
 export PATH="$VENV_BIN:$BIN:$PATH"
 ROUTER_PORT="${RESIDENCY_DEMO_ROUTER_PORT:-18000}"
-NODES=("gpu-a:24MiB:18101" "gpu-b:20MiB:18102" "gpu-c:8MiB:18103")
+WORKER_PORT="${RESIDENCY_DEMO_WORKER_PORT:-18101}"
+# The fleet (tests/unit/test_demo_fleet.py plans it and checks that a model ends partly resident):
+# name:gpu-memory per node, name:arch:preset:seed per model.
+DEMO_NODES=(gpu-a:14MiB gpu-b:11MiB gpu-c:6MiB)
+DEMO_MODELS=(chat-small:llama:tiny:1 assistant:qwen2:tiny:2 coder:llama:small:3 summarizer:qwen2:small:4 urgent:llama:small:5)
+URGENT="$ROOT/examples/preemption/urgent.yaml"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -33,18 +45,28 @@ start() { # name cmd...
   echo $! >"$DEMO/pids/$name"
 }
 
+manifests() { # the demo's manifests with the model root this run uses
+  local file
+  for file in "$ROOT"/examples/*.yaml "$@"; do
+    echo "---"
+    sed "s#$EXAMPLES_ROOT#$MODELS#g" "$file"
+  done
+}
+
 down() {
   if [ -f "${RESIDENCY_CLUSTER_DIR:-$ROOT/.cluster}/kubeconfig" ] && "$ROOT/hack/cluster.sh" status 2>/dev/null; then
     export KUBECONFIG="${RESIDENCY_CLUSTER_DIR:-$ROOT/.cluster}/kubeconfig"
-    kubectl delete -f "$ROOT/examples" --ignore-not-found --timeout=60s >/dev/null 2>&1 || true
+    manifests "$URGENT" | kubectl delete -f - --ignore-not-found --timeout=60s >/dev/null 2>&1 || true
   fi
   local spec
-  for spec in "${NODES[@]}"; do
+  for spec in "${DEMO_NODES[@]}"; do
     [ -n "${KUBECONFIG:-}" ] && kubectl delete node "${spec%%:*}" --ignore-not-found --wait=false >/dev/null 2>&1 || true
   done
   for f in "$DEMO"/pids/*; do [ -e "$f" ] && stop_pid "$f"; done
   rm -rf "$DEMO"
 }
+
+phase_of() { kubectl get llm "$1" -o jsonpath='{.status.phase}' 2>/dev/null || true; }
 
 wait_settled() { # until every model is Ready or in a phase that will not change by itself
   local deadline=$((SECONDS + ${1:-300}))
@@ -58,6 +80,59 @@ wait_settled() { # until every model is Ready or in a phase that will not change
   echo "models did not settle in time:"; kubectl get llm -A; return 1
 }
 
+wait_for() { # seconds description command...: until the command succeeds
+  local deadline=$((SECONDS + $1)) what=$2; shift 2
+  while [ $SECONDS -lt $deadline ]; do "$@" && return 0; sleep 1; done
+  echo "timed out waiting for $what"; kubectl get llm -o wide; return 1
+}
+
+preempted_models() { kubectl get llm -o jsonpath='{range .items[?(@.status.phase=="Preempted")]}{.metadata.name}{"\n"}{end}'; }
+
+last_event() { # model reason: the message of its newest Event with that reason
+  kubectl get events --field-selector "involvedObject.name=$1,reason=$2" \
+    --sort-by=.lastTimestamp -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' 2>/dev/null | tail -1
+}
+
+explain_placements() { # the planner's choice, read from the models' and placements' status
+  python3 - "$(kubectl get llm -o json)" "$(kubectl get modelplacements -o json)" "$(kubectl get nodeprofiles -o json)" <<'PY'
+import json, sys
+
+models, placements, profiles = (json.loads(a)["items"] for a in sys.argv[1:4])
+why = {p["spec"]["model"]["name"]: p["spec"].get("reason") or "" for p in placements}
+nodes = {p["spec"]["nodeName"]: p["spec"]["gpuMemoryBytes"] for p in profiles}
+
+def mib(value):
+    return f"{value / 2**20:.1f} MiB"
+
+print("Nodes: " + ", ".join(f"{n} {mib(b)}" for n, b in sorted(nodes.items())) + " of (emulated) GPU memory.")
+partial = 0
+for m in sorted(models, key=lambda m: m["metadata"]["name"]):
+    s, spec = m.get("status") or {}, m["spec"]
+    name, fraction = m["metadata"]["name"], s.get("residentFraction")
+    if s.get("phase") != "Ready" or fraction is None:
+        print(f"  {name}: {s.get('phase')} ({s.get('reason')}): {s.get('message')}")
+        continue
+    weights = s.get("weightBytes") or 0
+    rate = (s.get("observed") or {}).get("decodeTokensPerSecond")
+    line = (f"  {name}: {fraction * 100:.0f}% of its {mib(weights)} of weights on {s['node']}'s GPU, "
+            f"mode {s.get('executionMode')}, decoding {rate if rate is not None else '-'} tok/s (measured)")
+    if fraction < 0.999:
+        partial += 1
+        line += (f"\n      partly resident: {mib(weights * (1 - fraction))} stay in host memory and are "
+                 + ("streamed to the GPU each step" if s.get("executionMode") == "stream" else "computed by the CPU")
+                 + f" (offload.maxFraction allows {spec.get('offload', {}).get('maxFraction', 0.75) * 100:.0f}%)"
+                 + (f"\n      planner: {why[name]}" if why.get(name) else ""))
+    print(line)
+print()
+if partial:
+    print(f"{partial} model(s) partly resident: rather than refuse a model that does not fit whole, the planner")
+    print("kept part of it in host memory, where the model's sensitivity curve says it costs least.")
+else:
+    print("DEMO CHECK FAILED: no model is partly resident (tests/unit/test_demo_fleet.py says one should be).")
+    sys.exit(1)
+PY
+}
+
 up() {
   say "Control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler (built from source, cached)"
   eval "$("$ROOT/hack/cluster.sh" up)"
@@ -66,25 +141,32 @@ up() {
   kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
 
   mkdir -p "$DEMO/pids" "$DEMO/logs" "$MODELS"
-  say "Four models made locally (random weights, real Llama/Qwen2 configs, safetensors, local tokenizers)"
-  for spec in chat-small:llama:tiny:1 assistant:qwen2:tiny:2 coder:llama:small:3 summarizer:qwen2:small:4; do
+  say "Five models made locally (random weights, real Llama/Qwen2 configs, safetensors, local tokenizers)"
+  for spec in "${DEMO_MODELS[@]}"; do
     IFS=: read -r name arch preset seed <<<"$spec"
-    [ -f "$MODELS/$name/config.json" ] || residency make-model "$MODELS/$name" --arch "$arch" --preset "$preset" --seed "$seed" >/dev/null
-    printf '  %-11s %-6s %-6s %s\n' "$name" "$arch" "$preset" "$(du -sh "$MODELS/$name" | cut -f1)"
+    if [ "$(cat "$MODELS/$name/.demo-spec" 2>/dev/null)" != "$spec" ]; then
+      rm -rf "${MODELS:?}/$name"
+      residency make-model "$MODELS/$name" --arch "$arch" --preset "$preset" --seed "$seed" >/dev/null
+      echo "$spec" >"$MODELS/$name/.demo-spec"
+    fi
+    printf '  %-11s %-6s %-6s %s\n' "$name" "$arch" "$preset" "$(du -sh --exclude=.demo-spec "$MODELS/$name" | cut -f1)"
   done
   head -c 32 /dev/urandom | base64 >"$DEMO/admin.token"
   chmod 600 "$DEMO/admin.token"
 
   say "Three GPU nodes: a Node object each and a real worker process (torch; EMULATED GPU tier, no GPU here)"
-  for spec in "${NODES[@]}"; do
-    IFS=: read -r node memory port <<<"$spec"
+  local port=$WORKER_PORT
+  for spec in "${DEMO_NODES[@]}"; do
+    IFS=: read -r node memory <<<"$spec"
     printf '{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","labels":{"residency.dev/gpu":"true"}}}' "$node" \
       | kubectl apply -f - >/dev/null
     start "worker-$node" residency worker --node "$node" --gpu-memory "$memory" --models-root "$MODELS" \
       --port "$port" --admin-token-file "$DEMO/admin.token" --join --node-heartbeat --calibration-mib 32
+    port=$((port + 1))
   done
   start operator residency operator --models-root "$MODELS"
   start router residency router --port "$ROUTER_PORT"
+  export RESIDENCY_ROUTER="http://127.0.0.1:$ROUTER_PORT"
   for _ in $(seq 1 120); do
     [ "$(kubectl get nodeprofiles -o name 2>/dev/null | wc -l)" -ge 3 ] && break
     sleep 1
@@ -92,30 +174,58 @@ up() {
   kubectl get nodeprofiles | sed 's/^/  /'
 
   say "kubectl apply -f examples/"
-  kubectl apply -f "$ROOT/examples" | sed 's/^/  /'
+  manifests | kubectl apply -f - | sed 's/^/  /'
   wait_settled 300
 
-  say "A completion through the router (residency chat chat-small ...)"
-  residency chat chat-small "Where does the scheduler place each model?" --router "http://127.0.0.1:$ROUTER_PORT" \
-    --max-tokens 24 | sed 's/^/  answer (random weights, so random words): /'
+  say "A completion through the router: residency chat chat-small ... (RESIDENCY_ROUTER=$RESIDENCY_ROUTER)"
+  residency chat chat-small "Where does the scheduler place each model?" --max-tokens 24 \
+    | sed 's/^/  answer (random weights, so random words): /'
   sleep 2
 
-  say "kubectl get llm -A -o wide"
-  kubectl get llm -A -o wide
+  say "kubectl get llm -o wide"
+  kubectl get llm -o wide
+  say "kubectl get modelplacements -o wide"
+  kubectl get modelplacements -o wide
+  say "What the planner chose (read from the status above)"
+  explain_placements
+
+  say "Preemption: kubectl apply -f examples/preemption/urgent.yaml (priority 5, above summarizer's 1; whole on one GPU)"
+  local before; before=$(preempted_models)
+  manifests "$URGENT" | kubectl apply -f - | grep urgent | sed 's/^/  /'
+  wait_for 180 "urgent to be Ready" bash -c '[ "$(kubectl get llm urgent -o jsonpath={.status.phase})" = Ready ]'
+  local victims; victims=$(comm -13 <(echo "$before" | sort) <(preempted_models | sort) | tr '\n' ' ')
+  kubectl get llm -o wide
+  if [ -z "${victims// }" ]; then
+    echo "DEMO CHECK FAILED: urgent runs but preempted no model"; return 1
+  fi
+  local victim
+  for victim in $victims; do
+    wait_for 60 "the ModelPreempted Event of $victim" bash -c "[ -n \"\$(kubectl get events --field-selector involvedObject.name=$victim,reason=ModelPreempted -o name)\" ]"
+    echo "  $victim: $(kubectl get llm "$victim" -o jsonpath='{.status.message}')"
+    echo "  $victim (Event ModelPreempted): $(last_event "$victim" ModelPreempted)"
+  done
+  echo "  urgent (Event ModelLoaded): $(last_event urgent ModelLoaded)"
+
+  say "Resume: kubectl delete llm urgent; the preempted model(s) come back from host memory"
+  kubectl delete llm urgent --timeout=120s | sed 's/^/  /'
+  for victim in $victims; do
+    wait_for 180 "$victim to resume" bash -c "[ \"\$(kubectl get llm $victim -o jsonpath={.status.phase})\" = Ready ]"
+    wait_for 60 "the ModelResumed Event of $victim" bash -c "[ -n \"\$(kubectl get events --field-selector involvedObject.name=$victim,reason=ModelResumed -o name)\" ]"
+    echo "  $victim (Event ModelResumed): $(last_event "$victim" ModelResumed)"
+    echo "  $victim status.lastOperation: $(kubectl get llm "$victim" -o jsonpath='{.status.lastOperation}')"
+  done
+  kubectl get llm -o wide
+
   cat <<TXT
 
-What this shows: each model was validated, planned and placed by the operator, and loaded by the worker
-of the node it was given. RESIDENT% is the share of its weight bytes the planner chose to keep in (here
-emulated) GPU memory; the rest stays in pinned host memory and is streamed to the device or computed on
-the CPU (the execution mode the planner chose: kubectl get modelplacements -o wide). TOK/S is the
-decode rate the worker measured.
-Nodes have different memory (gpu-a 24 MiB, gpu-b 20 MiB, gpu-c 8 MiB, emulated). Where the models do not
-all fit whole, larger, less sensitive models get partial residency instead of being refused; the
-RESIDENT% column above shows what the planner chose this time. Timings in status are measured
-(kubectl get llm coder -o yaml) and say emulated: true because this machine has no GPU.
+Every figure above is read from the cluster: the planner's choice from the ModelPlacements, the rates and
+seconds from what the workers measured (emulated: true, since this machine has no GPU: they show the
+mechanism, not GPU speed). The full history of a model: kubectl describe llm coder
 
   export KUBECONFIG=$KUBECONFIG
-  residency chat assistant "hello" --router http://127.0.0.1:$ROUTER_PORT
+  export RESIDENCY_ROUTER=$RESIDENCY_ROUTER
+  residency chat assistant "hello"
+  residency doctor
   kubectl get llm,modelplacements,nodeprofiles -A
   make cluster-down          # stop everything (demo processes and control plane) and remove the cluster
 TXT

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from residency.modelgen import ARCHES, PRESETS
+
 
 def _read_token(path: Path | None, env_name: str) -> str | None:
     """A bearer token from a file (preferred) or an environment variable; never logged."""
@@ -132,8 +134,8 @@ def worker(
 
 def make_model_command(
     out_dir: Path = typer.Argument(..., help="Directory to write (created if needed)."),
-    arch: str = typer.Option("llama", "--arch", help="llama | qwen2 | qwen3 | mistral | phi3"),
-    preset: str = typer.Option("tiny", "--preset", help="tiny | qwen2.5-0.5b | qwen2.5-3b | llama-3-8b"),
+    arch: str = typer.Option("llama", "--arch", help=" | ".join(ARCHES)),
+    preset: str = typer.Option("tiny", "--preset", help=" | ".join(PRESETS)),
     seed: int = typer.Option(0, "--seed"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32"),
 ) -> None:
