@@ -71,14 +71,14 @@ def operation_message(operation: dict[str, Any]) -> str:
         head = f"resumed{where}{took}"
         if copy:
             details.append(f"reloaded {copy}")
-        if after is not None:
+        if after:
             details.append(f"{_percent(after)} resident")
         if requests:
             details.append(f"{requests} request(s) continued")
     else:  # Load, Reload
         verb = "reloaded after its spec changed" if action == "Reload" else "loaded"
         head = f"{verb}{where}{took}"
-        if after is not None:
+        if after:
             details.append(f"{_percent(after)} resident")
         if copy:
             details.append(f"{copy} to the GPU")

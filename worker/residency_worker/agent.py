@@ -108,15 +108,21 @@ def timings_wire(timings: ModelTimings) -> dict[str, Any]:
 def operation_wire(
     action: str, seconds: float, node: str, before: float | None, report: object
 ) -> dict[str, Any]:
-    """One lifecycle operation in the API's Operation shape: what it moved and how long it took."""
+    """One lifecycle operation in the API's Operation shape: what it moved and how long it took.
+
+    Every key is always there (0 where nothing was moved): a status is merge-patched, so a key left out
+    would keep the previous operation's value."""
     wire: dict[str, Any] = {
         "action": action.capitalize(),
         "seconds": round(seconds, 6),
         "node": node,
         "time": now_rfc3339(),
+        "fromFraction": round(before or 0.0, 6),
+        "toFraction": 0.0,
+        "movedBytes": 0,
+        "gbps": 0.0,
+        "requests": 0,
     }
-    if before is not None:
-        wire["fromFraction"] = round(before, 6)
     transfer: TransferTiming | None = None
     if isinstance(report, LoadReport):
         wire["toFraction"] = round(report.residency.resident_fraction, 6)
@@ -124,7 +130,6 @@ def operation_wire(
     elif isinstance(report, ResidencyReport):
         wire["toFraction"] = round(report.resident_fraction, 6)
     elif isinstance(report, PreemptReport):
-        wire["toFraction"] = 0.0
         transfer = report.kv_save
         wire["requests"] = report.sequences_parked
     elif isinstance(report, ResumeReport):
@@ -473,7 +478,7 @@ class NodeAgent:
             operation = operation_wire(
                 "reload" if reload else action, seconds, self.config.node, before, report
             )
-            if "toFraction" not in operation:  # a resume: back at the fraction it held
+            if action == "resume":  # back at the fraction it held
                 operation["toFraction"] = round(self.engine.residency(name).resident_fraction, 6)
             self._operations[name] = operation
         except EngineError as exc:
