@@ -19,9 +19,12 @@ export PATH="$VENV_BIN:$BIN:$PATH"
 ROUTER_PORT="${RESIDENCY_DEMO_ROUTER_PORT:-18000}"
 WORKER_PORT="${RESIDENCY_DEMO_WORKER_PORT:-18101}"
 # The fleet (tests/unit/test_demo_fleet.py plans it and checks that a model ends partly resident):
-# name:gpu-memory per node, name:arch:preset:seed per model.
-DEMO_NODES=(gpu-a:14MiB gpu-b:11MiB gpu-c:6MiB)
-DEMO_MODELS=(chat-small:llama:tiny:1 assistant:qwen2:tiny:2 coder:llama:small:3 summarizer:qwen2:small:4 urgent:llama:small:5)
+# name:gpu-memory per node, name:arch:preset:seed:layers per model. coder and summarizer (the small preset's
+# widths at 24 layers) need about 40 MiB whole with their KV cache, more than any node has, and about 18 MiB
+# at the 25 % residency their offload.maxFraction allows: each runs partly resident, whatever bandwidths
+# the workers measure.
+DEMO_NODES=(gpu-a:32MiB gpu-b:24MiB gpu-c:8MiB)
+DEMO_MODELS=(chat-small:llama:tiny:1:4 assistant:qwen2:tiny:2:4 coder:llama:small:3:24 summarizer:qwen2:small:4:24 urgent:llama:small:5:10)
 URGENT="$ROOT/examples/preemption/urgent.yaml"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -143,13 +146,13 @@ up() {
   mkdir -p "$DEMO/pids" "$DEMO/logs" "$MODELS"
   say "Five models made locally (random weights, real Llama/Qwen2 configs, safetensors, local tokenizers)"
   for spec in "${DEMO_MODELS[@]}"; do
-    IFS=: read -r name arch preset seed <<<"$spec"
+    IFS=: read -r name arch preset seed layers <<<"$spec"
     if [ "$(cat "$MODELS/$name/.demo-spec" 2>/dev/null)" != "$spec" ]; then
       rm -rf "${MODELS:?}/$name"
-      residency make-model "$MODELS/$name" --arch "$arch" --preset "$preset" --seed "$seed" >/dev/null
+      residency make-model "$MODELS/$name" --arch "$arch" --preset "$preset" --seed "$seed" --layers "$layers" >/dev/null
       echo "$spec" >"$MODELS/$name/.demo-spec"
     fi
-    printf '  %-11s %-6s %-6s %s\n' "$name" "$arch" "$preset" "$(du -sh --exclude=.demo-spec "$MODELS/$name" | cut -f1)"
+    printf '  %-11s %-6s %-6s %2s layers %s\n' "$name" "$arch" "$preset" "$layers" "$(du -sh --exclude=.demo-spec "$MODELS/$name" | cut -f1)"
   done
   head -c 32 /dev/urandom | base64 >"$DEMO/admin.token"
   chmod 600 "$DEMO/admin.token"

@@ -138,12 +138,16 @@ def make_model_command(
     preset: str = typer.Option("tiny", "--preset", help=" | ".join(PRESETS)),
     seed: int = typer.Option(0, "--seed"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32"),
+    layers: int | None = typer.Option(
+        None, "--layers", min=1, help="The preset's widths at this many layers (default: the preset's)."
+    ),
 ) -> None:
     """Write a random-initialised Hugging Face model directory with real shapes (no downloads)."""
     from residency.modelgen import make_model
 
+    overrides = None if layers is None else {"num_hidden_layers": layers}
     try:
-        path = make_model(out_dir, arch=arch, preset=preset, seed=seed, dtype=dtype)
+        path = make_model(out_dir, arch=arch, preset=preset, seed=seed, dtype=dtype, overrides=overrides)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(str(path))
