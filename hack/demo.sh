@@ -64,6 +64,8 @@ down() {
   local spec
   for spec in "${DEMO_NODES[@]}"; do
     [ -n "${KUBECONFIG:-}" ] && kubectl delete node "${spec%%:*}" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+    # a profile left from an earlier run would count as a registered node before its worker is back
+    [ -n "${KUBECONFIG:-}" ] && kubectl delete nodeprofile "${spec%%:*}" --ignore-not-found --wait=false >/dev/null 2>&1 || true
   done
   for f in "$DEMO"/pids/*; do [ -e "$f" ] && stop_pid "$f"; done
   rm -rf "$DEMO"
@@ -117,8 +119,12 @@ for m in sorted(models, key=lambda m: m["metadata"]["name"]):
         continue
     weights = s.get("weightBytes") or 0
     rate = (s.get("observed") or {}).get("decodeTokensPerSecond")
+    predicted = s.get("predictedDecodeTokensPerSecond")
+    measured = f"{rate:.0f} tok/s measured" if rate is not None else "no request measured yet"
+    if rate is not None and predicted:
+        measured += f" (planner predicted {predicted:.0f}, for a GPU)"
     line = (f"  {name}: {fraction * 100:.0f}% of its {mib(weights)} of weights on {s['node']}'s GPU, "
-            f"mode {s.get('executionMode')}, decoding {rate if rate is not None else '-'} tok/s (measured)")
+            f"mode {s.get('executionMode')}, {measured}")
     if fraction < 0.999:
         partial += 1
         line += (f"\n      partly resident: {mib(weights * (1 - fraction))} stay in host memory and are "
@@ -130,6 +136,8 @@ print()
 if partial:
     print(f"{partial} model(s) partly resident: rather than refuse a model that does not fit whole, the planner")
     print("kept part of it in host memory, where the model's sensitivity curve says it costs least.")
+    print("Measured rates are far below the predictions here: the planner predicts for a GPU and this tier is")
+    print("emulated on the CPU; each such model has a DecodeBelowPrediction Warning and DecodeAsPredicted=False.")
 else:
     print("DEMO CHECK FAILED: no model is partly resident (tests/unit/test_demo_fleet.py says one should be).")
     sys.exit(1)
@@ -161,6 +169,7 @@ up() {
   local port=$WORKER_PORT
   for spec in "${DEMO_NODES[@]}"; do
     IFS=: read -r node memory <<<"$spec"
+    kubectl delete nodeprofile "$node" --ignore-not-found >/dev/null 2>&1 || true  # left by an earlier run
     printf '{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","labels":{"residency.dev/gpu":"true"}}}' "$node" \
       | kubectl apply -f - >/dev/null
     start "worker-$node" residency worker --node "$node" --gpu-memory "$memory" --models-root "$MODELS" \
@@ -183,7 +192,11 @@ up() {
   say "A completion through the router: residency chat chat-small ... (RESIDENCY_ROUTER=$RESIDENCY_ROUTER)"
   residency chat chat-small "Where does the scheduler place each model?" --max-tokens 24 \
     | sed 's/^/  answer (random weights, so random words): /'
-  sleep 2
+  local model
+  for model in assistant coder summarizer; do  # one request each, so that every model has a measured rate
+    residency chat "$model" "Summarise the plan." --max-tokens 16 >/dev/null
+  done
+  sleep 3
 
   say "kubectl get llm -o wide"
   kubectl get llm -o wide
@@ -215,6 +228,7 @@ up() {
     wait_for 180 "$victim to resume" bash -c "[ \"\$(kubectl get llm $victim -o jsonpath={.status.phase})\" = Ready ]"
     wait_for 60 "the ModelResumed Event of $victim" bash -c "[ -n \"\$(kubectl get events --field-selector involvedObject.name=$victim,reason=ModelResumed -o name)\" ]"
     echo "  $victim (Event ModelResumed): $(last_event "$victim" ModelResumed)"
+    echo "  $victim (Event ModelLoaded, its cold load from disk for comparison): $(last_event "$victim" ModelLoaded)"
     echo "  $victim status.lastOperation: $(kubectl get llm "$victim" -o jsonpath='{.status.lastOperation}')"
   done
   kubectl get llm -o wide
