@@ -135,7 +135,7 @@ for m in sorted(models, key=lambda m: m["metadata"]["name"]):
 print()
 if partial:
     print(f"{partial} model(s) partly resident: rather than refuse a model that does not fit whole, the planner")
-    print("kept part of it in host memory, where the model's sensitivity curve says it costs least.")
+    print("kept part of it in host memory, with the split and the mode that its prediction of decode speed favours.")
     print("Measured rates are far below the predictions here: the planner predicts for a GPU and this tier is")
     print("emulated on the CPU; each such model has a DecodeBelowPrediction Warning and DecodeAsPredicted=False.")
 else:
