@@ -6,6 +6,9 @@
 #   hack/device-report.sh bench   CUDA engine tests, then benchmarks/bench_plan_scale (one core), bench_reload and
 #                                 bench_offload; their JSON goes to $OUT (default reports/) named by GPU and preset;
 #                                 PARTS (default "tests plan_scale reload offload") picks some
+#   hack/device-report.sh decode  the engine's fast path: its CUDA tests (graphs = eager tokens), then
+#                                 benchmarks/bench_decode for DECODE_PRESETS at batch 1 and 16, r in 1 and 0.5
+#                                 (stream), prompts of 512 and 4096 tokens; JSON into $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-full}
@@ -51,5 +54,19 @@ case $mode in
       mv "benchmarks/results/bench_offload_$gpu.json" "$out/bench_offload_${gpu}_$preset.json"
     done
     ;;
-  *) echo "usage: $0 smoke|full|bench" >&2; exit 2 ;;
+  decode)
+    mkdir -p "$out"
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/component/test_engine_cuda.py \
+      tests/component/test_engine_fastpath.py 2>&1 | tail -8
+    for preset in ${DECODE_PRESETS:-qwen2.5-0.5b qwen2.5-3b llama-3-8b}; do
+      for fraction in 1 0.5; do
+        for prompt in 512 4096; do
+          timeout 240 python3 benchmarks/bench_decode.py --preset "$preset" --batches 1,16 --fraction "$fraction" \
+            --prompt-tokens "$prompt" --new-tokens 128 --trials 5 2>&1 | tail -4
+        done
+      done
+    done
+    cp benchmarks/results/bench_decode_*.json "$out/" 2>/dev/null
+    ;;
+  *) echo "usage: $0 smoke|full|bench|decode" >&2; exit 2 ;;
 esac

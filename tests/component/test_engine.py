@@ -206,9 +206,9 @@ def test_reported_resident_bytes_equal_the_pool(engine: Engine, models_root: Pat
     assert abs(report.resident_fraction - fraction) <= 0.2
     runner = engine.runner("m")
     for name in report.resident_units:  # every resident tensor the forward pass uses lies in the pool
-        assert all(engine.tier.owns(t) for t in runner._gpu_views[name].values())
+        assert all(engine.tier.owns(t) for t in runner.placed.gpu_views[name].values())
     for name in report.offloaded_units:
-        assert name not in runner._gpu_views
+        assert name not in runner.placed.gpu_views
     assert engine.tier.reserved_bytes(owner) == report.gpu_reserved_bytes >= report.resident_weight_bytes
 
 
@@ -466,8 +466,8 @@ def test_a_head_bigger_than_a_layer_streams_in_layer_sized_chunks(engine: Engine
         largest_layer = max(u.numel for u in runner.weights.units if u.name.startswith("layer."))
         streamed = streamed_pieces(runner.weights, plan_residency(runner.weights, fraction))
         assert all(p.numel <= largest_layer for p in streamed)
-        if runner._stager is not None:
-            assert runner._stager.slot_numel <= largest_layer
+        if runner.placed.stager is not None:
+            assert runner.placed.stager.slot_numel <= largest_layer
         prompt_ids = engine.encode(name, PROMPTS[2])
         outputs.append(_greedy_batch(engine, name, PROMPTS))
         engine.unload(name)
@@ -492,7 +492,7 @@ def test_demand_counts_the_window_s_requests(engine: Engine, models_root: Path) 
     def queued(prompt: str, max_tokens: int) -> Request:
         """A request in the queue that the batch loop cannot start while the caller holds the lock."""
         request = Request(engine.encode("d", prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        runner._waiting.append(request)
+        runner.scheduler.waiting.append(request)
         runner._arrivals.append((time.monotonic(), request))
         return request
 
@@ -616,14 +616,14 @@ def test_a_batch_that_ends_after_its_waiting_request_was_cancelled_leaves_no_nei
     forward = busy._forward
     waiting: list[Request] = []
 
-    def last_step(sequences: list[Any], *, prefill: bool) -> Any:
-        if not prefill and waiting and busy._hungry:
+    def last_step(step: Any) -> Any:
+        if not step.prefills and waiting and busy._hungry:
             busy.cancel(waiting.pop())  # the client of the waiting request goes away during this step
             if ends == "failed":
                 raise RuntimeError("device error (injected)")
-            for sequence in sequences:
+            for sequence in step.decoding:
                 sequence.max_tokens = sequence.generated + 1  # this step ends the batch
-        return forward(sequences, prefill=prefill)
+        return forward(step)
 
     busy._forward = last_step  # type: ignore[method-assign]
     running = engine.submit("busy", PROMPTS[1], SamplingParams(max_tokens=60, ignore_eos=True))

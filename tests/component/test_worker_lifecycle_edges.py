@@ -24,7 +24,7 @@ import pytest
 from residency.modelgen import make_model
 from residency_worker.engine import Engine, EngineError, ModelOptions, SamplingParams, make_gpu_tier
 from residency_worker.engine import engine as engine_module
-from residency_worker.engine.batching import ModelRunner
+from residency_worker.engine.runner import ModelRunner
 from residency_worker.server import ServerSettings, create_app
 
 pytestmark = pytest.mark.component
@@ -308,7 +308,7 @@ async def test_non_streaming_request_is_cancelled_when_the_client_hangs_up(
     }
     call = asyncio.create_task(app(scope, receive, send))
     await _until(lambda: runner.active_sequences == 1, "the request generates")
-    request = runner._active[0].request
+    request = runner.scheduler.running[0].request
     hung_up.set()
     await asyncio.wait_for(call, 10)
     assert request.finish_reason == "cancelled"

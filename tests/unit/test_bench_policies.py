@@ -77,3 +77,25 @@ def test_load_and_memory_pressure_variants(bench: ModuleType) -> None:
         # Only GPU memory changes: models, bandwidths and seed stay.
         assert scaled.models == scenario.models and scaled.seed == scenario.seed
         assert [n.hbm_gbps for n in scaled.nodes] == [n.hbm_gbps for n in scenario.nodes]
+
+
+def test_scenario_means_average_every_policy_over_seeds(bench: ModuleType) -> None:
+    scenario = tiny_scenario()
+    row = bench.scenario_means(scenario, 2)
+    assert row["seeds"] == 2 and len(row["per_seed_ratio"]) == 2
+    goodputs = [
+        {r.policy: r.goodput_tokens_per_second for r in bench.compare(tiny_scenario(seed))[0]}
+        for seed in (5, 6)
+    ]
+    for policy, mean in row["policies"].items():
+        assert mean["goodput"] == pytest.approx(sum(g[policy] for g in goodputs) / 2)
+    best = row["best_baseline"]
+    assert best != "residency" and "sleep-swap" in row["policies"]
+    assert row["ratio"] == pytest.approx(
+        row["policies"]["residency"]["goodput"] / row["policies"][best]["goodput"]
+    )
+    assert row["ratio"] <= row["ceiling_ratio"] + 1e-9
+    # The goal: 1.3x where the ceiling allows 1.5x, else not falling behind.
+    assert bench.verdict({"ratio": 1.31, "ceiling_ratio": 2.0}) == "1.3x met"
+    assert bench.verdict({"ratio": 1.2, "ceiling_ratio": 2.0}) == "1.3x NOT met"
+    assert bench.verdict({"ratio": 1.0, "ceiling_ratio": 1.2}) == "1x met"

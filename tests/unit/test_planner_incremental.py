@@ -22,7 +22,9 @@ from residency_operator.planner.incremental import IncrementalPlanner
 from residency_operator.planner.options import evaluate_option
 from residency_operator.planner.predictor import Predictor
 
-GREEDY = PlannerConfig(solver="greedy")
+GREEDY = PlannerConfig(solver="greedy", repack_rounds=0)
+"""The incremental planner is the greedy kept current; it does not repack (planner/repack.py), so it is
+compared with full greedy plans that do not either (the next full plan repacks)."""
 INCREMENTAL_SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )

@@ -18,6 +18,7 @@ from residency_operator.planner import (
     PlannerConfig,
     plan,
 )
+from residency_operator.planner.demand import yield_idle
 from residency_operator.planner.options import (
     cached_host_bytes,
     evaluate_option,
@@ -27,6 +28,7 @@ from residency_operator.planner.options import (
     usable_host_bytes,
 )
 from residency_operator.planner.predictor import Predictor
+from residency_operator.planner.types import with_backlog
 
 SOLVERS = ("milp", "greedy")
 PROPERTY_SETTINGS = settings(
@@ -100,7 +102,7 @@ def assert_plan_valid(
     # The exact solver never falls back to the greedy on these small inputs (a fallback would hide its
     # infeasible formulations from every other check here).
     assert config.solver != "milp" or planned.solver == "milp", planned.notes
-    by_model = {m.name: m for m in models}
+    by_model = as_planned(models, config)
     by_node = {n.name: n for n in nodes}
     predictor = Predictor()
     gpu_used: dict[str, int] = defaultdict(int)
@@ -169,6 +171,11 @@ def assert_plan_valid(
     assert placed_or_reasoned == {m.name for m in models if m.wanted}
     for unschedulable in planned.unschedulable:
         assert unschedulable.message and unschedulable.reason[0].isupper()
+
+
+def as_planned(models: list[ModelDemand], config: PlannerConfig) -> dict[str, ModelDemand]:
+    """The models as the solvers see them: backlog counted, idle ones' priorities yielded."""
+    return {m.name: m for m in yield_idle([with_backlog(m) for m in models], config)[0]}
 
 
 def applied(planned: Plan) -> list[CurrentPlacement]:
@@ -291,7 +298,8 @@ def test_no_priority_inversion_and_non_preemptible_kept(
     second = plan(everyone, nodes, applied(first), config=config)
     assert_plan_valid(second, everyone, nodes, config)
     assert_every_step_fits(second, everyone, nodes, applied(first))
-    by_model = {m.name: m for m in everyone}
+    # Priorities as the planner orders them: an idle model yields to busy ones (planner/demand.py).
+    by_model = as_planned(everyone, config)
     by_node = {n.name: n for n in nodes}
     predictor = Predictor()
     for name, before in first.placements.items():

@@ -211,3 +211,66 @@ def test_a_scenario_file_keeps_its_own_seed_unless_seed_is_given(tmp_path: Path)
         assert read_trace_csv(out / "trace.csv") == expected
     assert parse_generate_spec(str(scenario_path), None).seed == 3
     assert parse_generate_spec("poisson:models=1", None).seed == 0
+
+
+def test_a_trace_name_that_names_no_family_is_refused_not_mapped(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    trace.write_text(CSV_HEADER + "1,team/chat-assistant,100,10\n")
+    assert_refused(
+        simulate("--trace", str(trace), "--policy", "binpack", "--out", str(tmp_path)),
+        "model 'team/chat-assistant' names no known family",
+    )
+
+
+def test_models_file_gives_a_traces_models_priorities_and_slos(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    trace.write_text(CSV_HEADER + "0.5,team/chat,100,10\n1.0,team/batch,100,10\n")
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "models:\n"
+        "  - {name: team/chat, family: llama-1b, priority: 100, preemptible: false, slo: 5}\n"
+        "  - {name: team/batch, family: qwen-0.5b, priority: 0}\n"
+        "cluster:\n  - {preset: l4, count: 1}\n"
+    )
+    out = tmp_path / "out"
+    result = simulate("--trace", str(trace), "--models", str(models), "--policy", "all", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "2 models on 1 nodes" in result.output
+    # the ceiling, and SLO attainment per priority tier, for every policy
+    assert "ceiling (offered / best baseline)" in result.output
+    assert "SLO attainment" in result.output
+    tier_rows = [
+        line.split() for line in result.output.splitlines() if line.strip().startswith(("100 ", "0 "))
+    ]
+    assert [row[0] for row in tier_rows] == ["100", "0"]
+    report = json.loads((out / "report.json").read_text())
+    (rows,) = report["scenarios"].values()
+    assert {row["policy"] for row in rows} == {
+        "residency",
+        "lru-evict",
+        "sleep-swap",
+        "uniform-offload",
+        "binpack",
+    }
+    assert all(set(row["requests_by_priority"]) == {"100", "0"} for row in rows)
+    # a trace model the file does not list is refused
+    trace.write_text(CSV_HEADER + "0.5,team/other-llama-1b,100,10\n")
+    assert_refused(
+        simulate("--trace", str(trace), "--models", str(models), "--out", str(out)),
+        "does not list: team/other-llama-1b",
+    )
+    assert_refused(simulate("--generate", "poisson", "--models", str(models)), "--models applies to --trace")
+
+
+def test_a_scenario_trace_past_its_duration_is_refused_not_cut(tmp_path: Path) -> None:
+    (tmp_path / "trace.csv").write_text(CSV_HEADER + "1,ns/llama-1b,100,10\n45,ns/llama-1b,100,10\n")
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        SMALL_SCENARIO.replace(
+            "workload: {pattern: poisson, total_rate_per_second: 1.0}\n", "trace: trace.csv\n"
+        )
+    )
+    assert_refused(
+        simulate("--generate", str(scenario), "--policy", "binpack", "--out", str(tmp_path)),
+        "1 of 2 requests arrive at or after duration_seconds (30 s; the last at 45 s)",
+    )

@@ -153,8 +153,18 @@ def test_planner_sees_observed_prompt_work() -> None:
 
 def test_extra_scenarios_are_marked() -> None:
     scenarios = [load_scenario(p) for p in standard_scenarios()]
+    fleets = [s for s in scenarios if s.name.startswith("fleet-")]
     standard = {"small-large-mix", "skewed-50x8", "priority-burst", "bandwidth-starved"}
+    standard |= {s.name for s in fleets}
     assert all(s.extra == (s.name not in standard) for s in scenarios)
+    # The oversubscribed family (docs/planner.md): large heterogeneous fleets, many models in several tiers,
+    # popularity that shifts.
+    assert len(fleets) >= 2
+    for fleet in fleets:
+        assert len(fleet.nodes) >= 10 and len({n.gpu_type for n in fleet.nodes}) >= 3
+        assert len(fleet.models) >= 80 and len({m.priority for m in fleet.models}) >= 4
+        assert fleet.workload["popularity"] == "zipf" and "popularity_shift_seconds" in fleet.workload
+        assert any(event["model"].startswith("prod/") for event in fleet.workload["events"])
 
 
 def test_reasons_name_memory_when_the_only_gpus_fast_enough_are_full() -> None:

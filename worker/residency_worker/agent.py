@@ -27,7 +27,7 @@ from residency.api.placement import PREFILL_MODE
 from residency.kubeapi import TimeoutApiClient
 from residency.names import label_value
 from residency_worker.engine import Engine, ModelOptions
-from residency_worker.engine.batching import DEMAND_WINDOW_SECONDS
+from residency_worker.engine.runner import DEMAND_WINDOW_SECONDS
 from residency_worker.engine.tiers import synchronize
 from residency_worker.engine.types import (
     EngineError,

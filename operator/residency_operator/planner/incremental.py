@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from residency_operator.planner.demand import yield_if_idle
 from residency_operator.planner.fill import fill_free_memory
 from residency_operator.planner.greedy import MAKE_ROOM_FAILURE_LIMIT, Assignment
 from residency_operator.planner.milp import count_options
@@ -127,7 +128,7 @@ class IncrementalPlanner:
     def _update(self, model: ModelDemand, now: float) -> Plan:
         started = time.perf_counter()
         problem, greedy = self.problem, self.greedy
-        model = with_backlog(model)
+        model = yield_if_idle(with_backlog(model), problem.idle_priority_offset, self.config)
         state = greedy.state
         index = problem.model_index.get(model.name)
         if index is None:

@@ -260,9 +260,12 @@ def build_node_options(
                     continue
                 for level_index in np.flatnonzero(tables.feasible[node_class, mode_index, model_index]):
                     fraction = float(tables.levels[level_index])
+                    # A pinned model keeps its residency, unless it is idle (planner/demand.py): then it
+                    # may be demoted within its SLO (feasible levels only) to make room for busy models.
                     if (
                         pin_node is not None
                         and now is not None
+                        and not model.yielded_priority
                         and fraction < now.resident_fraction - LEVEL_EPSILON
                     ):
                         continue
@@ -441,8 +444,11 @@ def solve_lexicographic(
     nodes: Sequence[NodeCapacity],
     options: NodeOptions,
     config: PlannerConfig,
+    node_limit: int | None = None,
 ) -> MilpResult:
-    """Optimise tier by tier (highest priority first); each later tier keeps earlier tiers' optima."""
+    """Optimise tier by tier (highest priority first); each later tier keeps earlier tiers' optima.
+    ``node_limit``: branch-and-bound nodes per stage (a deterministic bound on the work, for small
+    sub-problems solved often; the best solution found within it is taken)."""
     option_count = len(options)
     if option_count == 0:
         return MilpResult({}, 0.0, 0.0, True, "no options")
@@ -477,7 +483,12 @@ def solve_lexicographic(
             integrality=np.ones(option_count),
             bounds=Bounds(np.zeros(option_count), upper),
             constraints=constraints,
-            options={"time_limit": config.milp_time_limit_seconds, "mip_rel_gap": 1e-7, "presolve": True},
+            options={
+                "time_limit": config.milp_time_limit_seconds,
+                "mip_rel_gap": 1e-7,
+                "presolve": True,
+                **({} if node_limit is None else {"node_limit": node_limit}),
+            },
         )
         if result.x is None:
             return MilpResult({}, 0.0, 1.0, False, f"tier {tier}: {result.message}")

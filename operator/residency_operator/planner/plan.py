@@ -21,6 +21,7 @@ from residency_operator.planner.costs import (
     load_cost,
     preempt_cost,
 )
+from residency_operator.planner.demand import yield_idle
 from residency_operator.planner.fill import NodeRoom, fill_free_memory, node_room
 from residency_operator.planner.greedy import Assignment, GreedyPlanner
 from residency_operator.planner.milp import (
@@ -42,6 +43,7 @@ from residency_operator.planner.options import (
 from residency_operator.planner.ordering import footprint_now, footprint_planned, order_by_room
 from residency_operator.planner.predictor import Predictor
 from residency_operator.planner.reasons import ReasonContext, percent, slo_text, unschedulable_reasons
+from residency_operator.planner.repack import repack
 from residency_operator.planner.swapin import serve_waiting
 from residency_operator.planner.types import (
     Action,
@@ -90,12 +92,17 @@ class PlanningProblem:
         by_name: dict[str, ModelDemand] = {}
         for model in models:
             by_name[model.name] = with_backlog(model)
-        self.models: list[ModelDemand] = [by_name[name] for name in sorted(by_name)]
+        # Idle models yield their priority to busy ones (planner/demand.py); the offset is kept for the
+        # incremental planner, which applies it to each changed model.
+        self.models, self.idle_priority_offset = yield_idle(
+            [by_name[name] for name in sorted(by_name)], config
+        )
         self.model_index = {model.name: i for i, model in enumerate(self.models)}
         self.nodes: list[NodeCapacity] = sorted({n.name: n for n in nodes}.values(), key=lambda n: n.name)
         self.node_by_name = {node.name: node for node in self.nodes}
         self.node_index = {node.name: i for i, node in enumerate(self.nodes)}
         profile_list = list(profiles)
+        self.profiles = profile_list
         self.predictor = Predictor(profile_list)
         self.config = config
         class_keys: dict[tuple[object, ...], int] = {}
@@ -223,6 +230,8 @@ def _plan(
             notes.append(f"MILP gave no solution ({result.message}); used the greedy")
     if assignment is None:
         _, assignment, preempted_by, upper_bound, gap = greedy_solve(problem, option_count, notes)
+        # Where single moves left busy models out, a few small neighbourhoods are re-solved exactly.
+        assignment = repack(problem, assignment, notes, PlanningProblem)
     assignment = fill_free_memory(problem, assignment)
     assignment, gave_way = serve_waiting(problem, assignment)
     if gave_way:
@@ -230,6 +239,9 @@ def _plan(
             f"{len(gave_way)} idle model(s) preempted so that {len(set(gave_way.values()))} model(s) with "
             "requests waiting can run"
         )
+    yielded = sum(1 for m in problem.models if m.yielded_priority)
+    if yielded:
+        notes.append(f"{yielded} idle model(s) yield their priority to busy models (planner/demand.py)")
     planned = assemble_plan(
         problem, assignment, preempted_by, solver, upper_bound, gap, now, time.perf_counter() - started, notes
     )
@@ -415,7 +427,9 @@ def assemble_plan(
                 if on_node and models[on_node[0]].priority > models[i].priority:
                     preemptor = on_node[0]
             preempted_for = (
-                (models[preemptor].name, models[preemptor].priority) if preemptor is not None else None
+                (models[preemptor].name, models[preemptor].declared_priority)
+                if preemptor is not None
+                else None
             )
             cases.append((i, models[i], preempted_for))
     unschedulable_added = base is None
@@ -555,7 +569,7 @@ class Gainers:
         if not gainers:
             return ""
         models = self.problem.models
-        names = ", ".join(f"{models[i].name} (priority {models[i].priority})" for i in gainers)
+        names = ", ".join(f"{models[i].name} (priority {models[i].declared_priority})" for i in gainers)
         return f" to make room for {names}"
 
 

@@ -137,6 +137,9 @@ def _reasons_chunk(
     prefixes = [
         ""
         if preempted_for is None
+        else f"idle, so it yielded its memory to busy {preempted_for[0]} (priority {preempted_for[1]}); "
+        "its next request brings it back; "
+        if model.yielded_priority
         else f"preempted for higher-priority {preempted_for[0]} (priority {preempted_for[1]}); "
         if preempted_for[1] > model.priority
         else f"preempted for {preempted_for[0]} (same priority, worth at least twice as much); "

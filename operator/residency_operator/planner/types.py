@@ -69,6 +69,14 @@ class ModelDemand:
     waiting_requests: int = 0
     """Requests waiting for this model now (the router holds them while it is not running). A waiting
     model the solvers leave out takes the GPU memory of idle models (see ``planner/swapin.py``)."""
+    yielded_priority: int = 0
+    """Set by the planner, not its callers: how far ``priority`` was lowered because the model is idle
+    (see ``planner/demand.py``); ``declared_priority`` is what the user wrote."""
+
+    @property
+    def declared_priority(self) -> int:
+        """``spec.priority`` as written, before an idle model yields (see ``planner/demand.py``)."""
+        return self.priority + self.yielded_priority
 
     @property
     def min_resident_fraction(self) -> float:
@@ -262,6 +270,22 @@ class PlannerConfig:
     default_kv_save_overhead_seconds: float = 0.05
     keep_preempted_cache: bool = True
     """Keep weights and KV of preempted models pinned in host memory while it fits (fast resume)."""
+    repack_rounds: int = 0
+    """Neighbourhoods a full greedy plan re-solves exactly where it left busy models out (planner/repack.py);
+    0 (the default) turns repacking off. Off because on the simulator's fleet scenarios every neighbourhood
+    MILP (about 300 options) hit its time limit before a feasible solution: 0.6 s more per plan, nothing
+    repacked. It finds the exact answer on small fragmented cases (tests/unit/test_planner_repack.py)."""
+    repack_max_models: int = 2000
+    """Fleets of more models skip repacking (each neighbourhood is a MILP; the scale goal is one second
+    for 10 000 models)."""
+    idle_models_yield: bool = True
+    """A model with no demand yields its priority to busy models of any priority (``planner/demand.py``);
+    False: priorities are strict tiers over memory, busy or not."""
+    idle_demand_tokens_per_second: float = 0.0
+    """Known demand at or below this (and no request waiting) counts as idle. 0: no request over the demand
+    window. (On fleet-zipf-shift, 600 s, seed 11, residency's SLO-met goodput was 2838 tok/s with strict
+    tiers, 3130 yielding at 0 tok/s, 3347 at 5, 3172 at 20; at 5 the incremental planner's plans fell to
+    0.93 of a full plan's value in test_planner_incremental, so the default stays at no demand.)"""
 
 
 @dataclass(frozen=True, slots=True)

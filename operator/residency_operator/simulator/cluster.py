@@ -264,13 +264,14 @@ class SimModel:
         )
 
 
-def family_for_name(name: str) -> str:
-    """The model family a bare trace name refers to (``team/llama-8b-chat`` → ``llama-8b``)."""
+def family_for_name(name: str) -> str | None:
+    """The model family a bare trace name refers to (``team/llama-8b-chat`` → ``llama-8b``); ``None``
+    when it names none (never guessed: a wrong family would simulate another model's size and speed)."""
     lowered = name.lower()
     for family in sorted(MODEL_FAMILIES, key=len, reverse=True):
         if family in lowered:
             return family
-    return "llama-8b"
+    return None
 
 
 MODEL_KEYS = (*(f.name for f in fields(SimModel)), "count", "slo")
@@ -294,6 +295,10 @@ def parse_models(entries: Any, source: str = "models") -> list[SimModel]:
         base_name = text(entry.pop("name"), f"{source}: model entry {index}: name")
         where = f"{source}: model {base_name}"
         count = whole_number(entry.pop("count", 1), f"{where}: count", minimum=0)
+        if "family" not in entry and family_for_name(base_name) is None:
+            raise ValueError(
+                f"{where}: no `family`, and the name names none; known: {', '.join(sorted(MODEL_FAMILIES))}"
+            )
         family = text(entry.pop("family", family_for_name(base_name)), f"{where}: family")
         if family not in MODEL_FAMILIES:
             raise ValueError(

@@ -8,7 +8,13 @@ from typing import NoReturn
 import typer
 import yaml
 
-from residency_operator.simulator.report import format_table, write_json, write_plot
+from residency_operator.simulator.report import (
+    ceiling_line,
+    format_table,
+    format_tiers,
+    write_json,
+    write_plot,
+)
 from residency_operator.simulator.runner import (
     POLICY_NAMES,
     parse_generate_spec,
@@ -43,7 +49,18 @@ def register(app: typer.Typer) -> None:
     @app.command("simulate")
     def simulate(
         trace: Path | None = typer.Option(
-            None, "--trace", help="CSV trace: arrival_seconds,model,prompt_tokens,output_tokens."
+            None,
+            "--trace",
+            help="CSV trace: arrival_seconds,model,prompt_tokens,output_tokens (header line required). "
+            "Each model is inferred from its name (a known family such as llama-8b in it; others are "
+            "refused) unless --models says what it is.",
+        ),
+        models: Path | None = typer.Option(
+            None,
+            "--models",
+            help="With --trace: a YAML file with a `models:` list, each entry as in a scenario file "
+            "({name, family, priority, preemptible, slo, max_offload_fraction, count, ...}), and "
+            "optionally a `cluster:` list; it gives the trace's models their priorities and SLOs.",
         ),
         generate: str | None = typer.Option(
             None,
@@ -68,13 +85,17 @@ def register(app: typer.Typer) -> None:
             refuse("give exactly one of --trace FILE or --generate SPEC")
         if trace is not None and seed is not None:
             refuse("--seed applies to --generate; a recorded --trace has no seed")
+        if models is not None and trace is None:
+            refuse("--models applies to --trace; a scenario file lists its own models")
         policies = list(POLICY_NAMES) if policy == "all" else [policy]
         unknown = [p for p in policies if p not in POLICY_NAMES]
         if unknown:
             refuse(f"unknown policy {unknown[0]!r}; use {', '.join(POLICY_NAMES)} or all")
         try:
             if trace is not None:
-                scenario = scenario_from_trace(str(trace), cluster, read_trace_csv(trace))
+                scenario = scenario_from_trace(
+                    str(trace), cluster, read_trace_csv(trace), None if models is None else str(models)
+                )
             else:
                 assert generate is not None
                 scenario = parse_generate_spec(generate, cluster, seed)
@@ -94,10 +115,17 @@ def register(app: typer.Typer) -> None:
                 err=True,
             )
         reports = run_all(scenario, policies, requests=requests)
+        offered = sum(r.output_tokens for r in requests) / scenario.duration_seconds
         typer.echo(format_table(reports))
+        typer.echo(ceiling_line(reports, offered))
+        typer.echo(format_tiers(reports))
         try:
             out.mkdir(parents=True, exist_ok=True)
-            write_json({scenario.name: reports}, out / "report.json", {"seed": scenario.seed})
+            write_json(
+                {scenario.name: reports},
+                out / "report.json",
+                {"seed": scenario.seed, "offered_tokens_per_second": offered},
+            )
             write_plot(reports, out / "report.png", f"{scenario.name}: policies compared")
             if trace is None:
                 write_trace_csv(requests, out / "trace.csv")

@@ -113,6 +113,9 @@ class Counters:
     demotions: int = 0
     promotions: int = 0
     loads: int = 0
+    """Cold loads from storage."""
+    resumes: int = 0
+    """Models brought back from their host-memory copy, at link speed."""
     migrations: int = 0
     reload_seconds: float = 0.0
     restarted_requests: int = 0
@@ -257,6 +260,8 @@ class Simulation:
             self._restart_active(runtime)
         if kind == "load":
             self.counters.loads += 1
+        elif kind == "resume":
+            self.counters.resumes += 1
         elif kind == "migrate":
             self.counters.migrations += 1
         elif kind == "demote":
@@ -273,6 +278,17 @@ class Simulation:
         runtime.mode = mode
         runtime.busy_until_seconds = max(self.now_seconds, runtime.busy_until_seconds) + cost.seconds
         runtime.last_active_seconds = runtime.busy_until_seconds
+
+    def stage_in_host(self, name: str, node_name: str) -> None:
+        """Before serving starts, put a model's weights in a node's pinned host memory (asleep there):
+        its first request resumes it at link speed. Raises where the host memory does not hold them."""
+        runtime = self.models[name]
+        if runtime.node is not None or runtime.cached_node is not None:
+            raise SimulationError(f"{name} is already placed or staged")
+        if self.free_bytes(node_name)[1] < cached_host_bytes(runtime.demand, 0):
+            raise SimulationError(f"{name} does not fit the host memory of {node_name}")
+        self._usage = None
+        runtime.cached_node = node_name
 
     def preempt(self, name: str, keep_cache: bool = True) -> None:
         """Stop a model; with ``keep_cache`` its weights and KV stay in host memory for a fast resume."""

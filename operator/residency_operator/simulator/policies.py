@@ -2,11 +2,8 @@
 
 - ``residency``: the production planner (:func:`residency_operator.planner.plan`), re-run periodically
   and whenever requests wait for a model that is not running.
-- ``lru-evict``: whole models, loaded on first request; when a model does not fit, the least recently
-  used idle models on a node are evicted (ModelMesh / Ollama behaviour).
-- ``uniform-offload``: every model is loaded, all with the same resident fraction, chosen as high as
-  memory allows (what a static offload setting gives).
-- ``binpack``: whole models, placed once first-fit in priority order; the rest queue forever.
+- the baselines (``lru-evict``, ``sleep-swap``, ``uniform-offload``, ``binpack``): see
+  :mod:`residency_operator.simulator.baselines`.
 """
 
 from __future__ import annotations
@@ -14,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from residency_operator.planner.options import (
-    cached_host_bytes,
-    gpu_bytes_needed,
-    host_bytes_needed,
-    usable_gpu_bytes,
-    with_host_set_aside,
-)
+from residency_operator.planner.options import cached_host_bytes, with_host_set_aside
 from residency_operator.planner.plan import plan
 from residency_operator.planner.types import Plan, PlannerConfig, waiting_demand
+from residency_operator.simulator.baselines import (
+    BinpackPolicy,
+    LruEvictPolicy,
+    SleepSwapPolicy,
+    UniformOffloadPolicy,
+)
 from residency_operator.simulator.engine import ModelRuntime, Simulation
 
 SIMULATION_PLANNER_CONFIG = PlannerConfig(
@@ -141,162 +138,11 @@ def requests_waiting(runtime: ModelRuntime, now_seconds: float) -> int:
     return max(0, len(runtime.queue) - (runtime.demand.max_batch - len(runtime.active)))
 
 
-class LruEvictPolicy:
-    """Whole models on demand; evict least recently used idle models to make room."""
-
-    name = "lru-evict"
-
-    def step(self, sim: Simulation, now_seconds: float) -> None:
-        """Load every model with waiting requests, oldest request first, evicting LRU idle models."""
-        waiting = sorted(
-            (r for r in sim.models.values() if r.queue and r.node is None),
-            key=lambda r: (r.queue[0].arrival_seconds, r.spec.name),
-        )
-        for runtime in waiting:
-            need_gpu = gpu_bytes_needed(runtime.demand, 1.0, "stream")
-            target = self._node_with_room(sim, need_gpu)
-            if target is None:
-                target = self._evict_for(sim, runtime, need_gpu)
-            if target is not None:
-                sim.place(runtime.spec.name, target, 1.0, "stream")
-
-    @staticmethod
-    def _node_with_room(sim: Simulation, need_gpu: int) -> str | None:
-        for node in sim.nodes:
-            if node.accepts_work and sim.free_bytes(node.name)[0] >= need_gpu:
-                return node.name
-        return None
-
-    @staticmethod
-    def _evict_for(sim: Simulation, runtime: ModelRuntime, need_gpu: int) -> str | None:
-        best: tuple[float, str, list[ModelRuntime]] | None = None
-        for node in sim.nodes:
-            if not node.accepts_work or usable_gpu_bytes(node) < need_gpu:
-                continue
-            free_gpu = sim.free_bytes(node.name)[0]
-            idle = sorted(
-                (r for r in sim.models.values() if r.node == node.name and not r.active and not r.queue),
-                key=lambda r: (r.last_used_seconds, r.spec.name),
-            )
-            victims: list[ModelRuntime] = []
-            for victim in idle:
-                if free_gpu >= need_gpu:
-                    break
-                victims.append(victim)
-                free_gpu += gpu_bytes_needed(victim.demand, victim.resident_fraction, victim.mode)
-            if free_gpu < need_gpu:
-                continue
-            newest_victim_use = max((v.last_used_seconds for v in victims), default=-1.0)
-            if best is None or (newest_victim_use, node.name) < (best[0], best[1]):
-                best = (newest_victim_use, node.name, victims)
-        if best is None:
-            return None
-        for victim in best[2]:
-            sim.evict(victim.spec.name)
-        return best[1]
-
-
-UNIFORM_LEVELS = tuple(step / 20 for step in range(1, 21))
-"""Resident fractions uniform-offload chooses among (5% steps)."""
-
-
-class UniformOffloadPolicy:
-    """All models loaded at one cluster-wide resident fraction, as high as memory allows."""
-
-    name = "uniform-offload"
-
-    def __init__(self, levels: tuple[float, ...] = UNIFORM_LEVELS) -> None:
-        self.levels = levels
-        self._placed = False
-
-    def step(self, sim: Simulation, now_seconds: float) -> None:
-        """Place everything once, at the start."""
-        if self._placed:
-            return
-        self._placed = True
-        nodes = [n for n in sim.nodes if n.accepts_work]
-        if not nodes:
-            # Every node cordoned: nothing can be placed, so every request waits and is dropped, which is
-            # what the other policies report on such a cluster too (a comparison, not a crash).
-            return
-        runtimes = sorted(sim.models.values(), key=lambda r: (-r.demand.weight_bytes, r.spec.name))
-        while runtimes:
-            assignment = self._spread(sim, runtimes, nodes)
-            fraction = self._uniform_fraction(sim, assignment)
-            if fraction is not None:
-                for node_name, members in assignment.items():
-                    for runtime in members:
-                        level = max(fraction, runtime.demand.min_resident_fraction)
-                        sim.place(runtime.spec.name, node_name, level, "stream")
-                return
-            # Nothing fits even fully offloaded: leave out the least important, largest model.
-            runtimes.remove(
-                min(runtimes, key=lambda r: (r.spec.priority, -r.demand.weight_bytes, r.spec.name))
-            )
-
-    @staticmethod
-    def _spread(sim: Simulation, runtimes: list[ModelRuntime], nodes: list) -> dict[str, list[ModelRuntime]]:  # type: ignore[type-arg]
-        """Largest model first onto the node with the most GPU memory per byte already assigned."""
-        assigned_bytes = {n.name: 0 for n in nodes}
-        assignment: dict[str, list[ModelRuntime]] = {n.name: [] for n in nodes}
-        for runtime in runtimes:
-            node = max(
-                nodes,
-                key=lambda n: (
-                    usable_gpu_bytes(n) / (1 + assigned_bytes[n.name] + runtime.demand.weight_bytes),
-                    n.name,
-                ),
-            )
-            assigned_bytes[node.name] += runtime.demand.weight_bytes
-            assignment[node.name].append(runtime)
-        return assignment
-
-    def _uniform_fraction(self, sim: Simulation, assignment: dict[str, list[ModelRuntime]]) -> float | None:
-        for fraction in sorted(self.levels, reverse=True):
-            fits = True
-            for node_name, members in assignment.items():
-                node = sim.node_by_name[node_name]
-                gpu = sum(
-                    gpu_bytes_needed(r.demand, max(fraction, r.demand.min_resident_fraction), "stream")
-                    for r in members
-                )
-                host = sum(
-                    host_bytes_needed(r.demand, max(fraction, r.demand.min_resident_fraction))
-                    for r in members
-                )
-                if gpu > usable_gpu_bytes(node) or host > node.host_memory_bytes - node.reserved_host_bytes:
-                    fits = False
-                    break
-            if fits:
-                return fraction
-        return None
-
-
-class BinpackPolicy:
-    """Whole models, first-fit once in priority order; the rest never run."""
-
-    name = "binpack"
-
-    def __init__(self) -> None:
-        self._placed = False
-
-    def step(self, sim: Simulation, now_seconds: float) -> None:
-        """Place once, at the start."""
-        if self._placed:
-            return
-        self._placed = True
-        for runtime in sorted(sim.models.values(), key=lambda r: (-r.spec.priority, r.spec.name)):
-            need = gpu_bytes_needed(runtime.demand, 1.0, "stream")
-            for node in sim.nodes:
-                if node.accepts_work and sim.free_bytes(node.name)[0] >= need:
-                    sim.place(runtime.spec.name, node.name, 1.0, "stream")
-                    break
-
-
 POLICIES: dict[str, Callable[[], object]] = {
     "residency": ResidencyPolicy,
     "lru-evict": LruEvictPolicy,
+    "sleep-swap": SleepSwapPolicy,
     "uniform-offload": UniformOffloadPolicy,
     "binpack": BinpackPolicy,
 }
-BASELINES = ("lru-evict", "uniform-offload", "binpack")
+BASELINES = ("lru-evict", "sleep-swap", "uniform-offload", "binpack")

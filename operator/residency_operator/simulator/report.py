@@ -43,6 +43,11 @@ class PolicyReport:
     plan_seconds_mean: float | None = None
     goodput_by_priority_tokens_per_second: dict[int, float] = field(default_factory=dict)
     """SLO-met goodput split by model priority (what a priority-respecting policy trades)."""
+    slo_attainment_by_priority: dict[int, float] = field(default_factory=dict)
+    """Share of each priority tier's requests that completed within their SLOs."""
+    requests_by_priority: dict[int, int] = field(default_factory=dict)
+    resumes: int = 0
+    """Models brought back from host memory at link speed (``loads`` counts cold loads from storage)."""
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
@@ -65,6 +70,14 @@ def summarise(
     tpots = [o.tpot_seconds for o in completed if o.tpot_seconds is not None]
     good_tokens = sum(o.output_tokens for o in completed if o.met_slo)
     all_tokens = sum(o.output_tokens for o in completed)
+    asked: dict[int, int] = {}
+    met: dict[int, int] = {}
+    for outcome in outcomes:
+        tier = (priorities or {}).get(outcome.model, 0)
+        asked[tier] = asked.get(tier, 0) + 1
+        met[tier] = met.get(tier, 0) + int(outcome.met_slo)
+    asked = {tier: asked[tier] for tier in sorted(asked, reverse=True)}
+    attainment = {tier: met[tier] / count for tier, count in asked.items()}
     return PolicyReport(
         policy=policy,
         scenario=scenario,
@@ -91,6 +104,9 @@ def summarise(
         gpu_memory_utilisation=gpu_memory_utilisation,
         plan_seconds_mean=plan_seconds_mean,
         goodput_by_priority_tokens_per_second=_by_priority(completed, priorities or {}, duration_seconds),
+        slo_attainment_by_priority=attainment,
+        requests_by_priority=asked,
+        resumes=counters.resumes,
     )
 
 
@@ -112,8 +128,8 @@ def format_table(reports: Sequence[PolicyReport]) -> str:
     """A fixed-width text table, one row per policy."""
     header = (
         f"{'policy':<16}{'goodput tok/s':>14}{'tput tok/s':>11}{'SLO met':>9}{'dropped':>8}"
-        f"{'TTFT p50':>9}{'TTFT p99':>9}{'TPOT p50':>9}{'TPOT p99':>9}{'preempt':>8}{'demote':>7}"
-        f"{'reload s':>9}{'GPU mem':>8}"
+        f"{'TTFT p50':>9}{'TTFT p99':>9}{'TPOT p99':>9}{'loads':>7}{'resumes':>8}{'preempt':>8}"
+        f"{'evict':>7}{'demote':>7}{'migrate':>8}{'reload s':>9}{'GPU mem':>8}"
     )
     lines = [header, "-" * len(header)]
     for r in reports:
@@ -121,10 +137,45 @@ def format_table(reports: Sequence[PolicyReport]) -> str:
         lines.append(
             f"{r.policy:<16}{r.goodput_tokens_per_second:>14.1f}{r.throughput_tokens_per_second:>11.1f}"
             f"{slo_share:>9.1%}{r.dropped:>8d}{_fmt(r.ttft_p50_seconds):>9}{_fmt(r.ttft_p99_seconds):>9}"
-            f"{_fmt(r.tpot_p50_seconds, 3):>9}{_fmt(r.tpot_p99_seconds, 3):>9}{r.preemptions:>8d}"
-            f"{r.demotions:>7d}{r.reload_seconds:>9.1f}{r.gpu_memory_utilisation:>8.1%}"
+            f"{_fmt(r.tpot_p99_seconds, 3):>9}{r.loads:>7d}{r.resumes:>8d}{r.preemptions:>8d}"
+            f"{r.evictions:>7d}{r.demotions:>7d}{r.migrations:>8d}{r.reload_seconds:>9.1f}"
+            f"{r.gpu_memory_utilisation:>8.1%}"
         )
     return "\n".join(lines)
+
+
+def format_tiers(reports: Sequence[PolicyReport]) -> str:
+    """Per priority tier: each policy's SLO attainment and SLO-met goodput (tok/s)."""
+    tiers = sorted({tier for r in reports for tier in r.requests_by_priority}, reverse=True)
+    header = f"{'priority':>8}{'requests':>9}" + "".join(f"{r.policy:>22}" for r in reports)
+    lines = [
+        "SLO attainment (share of the tier's requests that met their SLOs) and SLO-met goodput, by tier",
+        header,
+        "-" * len(header),
+    ]
+    for tier in tiers:
+        asked = max(r.requests_by_priority.get(tier, 0) for r in reports)
+        cells = "".join(
+            f"{r.slo_attainment_by_priority.get(tier, 0.0):>11.1%}"
+            f"{r.goodput_by_priority_tokens_per_second.get(tier, 0.0):>7.1f} tok/s"
+            for r in reports
+        )
+        lines.append(f"{tier:>8}{asked:>9}{cells}")
+    return "\n".join(lines)
+
+
+def ceiling_line(reports: Sequence[PolicyReport], offered_tokens_per_second: float) -> str:
+    """What was asked against what the best baseline served: the most any policy could gain over it."""
+    baselines = [r for r in reports if r.policy != "residency"]
+    if not baselines:
+        return f"offered {offered_tokens_per_second:.1f} tok/s (every request served within its SLO)"
+    best = max(baselines, key=lambda r: r.goodput_tokens_per_second)
+    served = best.goodput_tokens_per_second
+    ceiling = f"{offered_tokens_per_second / served:.2f}x" if served > 0 else "unbounded"
+    return (
+        f"offered {offered_tokens_per_second:.1f} tok/s; best baseline {best.policy} served "
+        f"{served:.1f} tok/s within SLO: ceiling (offered / best baseline) {ceiling}"
+    )
 
 
 def write_json(

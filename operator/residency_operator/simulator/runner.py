@@ -8,26 +8,36 @@ from pathlib import Path
 from typing import Any
 
 from residency_operator.planner.types import PlannerConfig
+from residency_operator.simulator.baselines import (
+    BinpackPolicy,
+    LruEvictPolicy,
+    SleepSwapPolicy,
+    UniformOffloadPolicy,
+)
 from residency_operator.simulator.cluster import (
     DEFAULT_CLUSTER,
+    MODEL_FAMILIES,
     Scenario,
     SimModel,
     family_for_name,
     load_scenario,
     parse_cluster,
+    parse_models,
 )
 from residency_operator.simulator.engine import Policy, Simulation
-from residency_operator.simulator.policies import (
-    BinpackPolicy,
-    LruEvictPolicy,
-    ResidencyPolicy,
-    UniformOffloadPolicy,
-)
+from residency_operator.simulator.policies import ResidencyPolicy
 from residency_operator.simulator.report import PolicyReport, summarise
 from residency_operator.simulator.trace import Request, generate_trace, read_trace_csv
-from residency_operator.simulator.validation import WORKLOAD_PATTERNS, number, whole_number
+from residency_operator.simulator.validation import (
+    WORKLOAD_PATTERNS,
+    known_keys,
+    load_yaml,
+    mapping,
+    number,
+    whole_number,
+)
 
-POLICY_NAMES = ("residency", "lru-evict", "uniform-offload", "binpack")
+POLICY_NAMES = ("residency", "lru-evict", "sleep-swap", "uniform-offload", "binpack")
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 
 
@@ -37,6 +47,8 @@ def make_policy(name: str, planner_config: PlannerConfig | None = None) -> Polic
         return ResidencyPolicy(planner_config)
     if name == "lru-evict":
         return LruEvictPolicy()
+    if name == "sleep-swap":
+        return SleepSwapPolicy()
     if name == "uniform-offload":
         return UniformOffloadPolicy()
     if name == "binpack":
@@ -120,20 +132,55 @@ def parse_generate_spec(spec: str, cluster: str | None, seed: int | None = None)
     )
 
 
-def scenario_from_trace(trace_path: str, cluster: str | None, requests: Sequence[Request]) -> Scenario:
-    """A scenario for a CSV trace: models are inferred from names (``…llama-8b…`` → that family).
+def scenario_from_trace(
+    trace_path: str,
+    cluster: str | None,
+    requests: Sequence[Request],
+    models_path: str | None = None,
+) -> Scenario:
+    """A scenario for a CSV trace. Its models come from ``models_path`` (a YAML file with a ``models:``
+    list as a scenario writes it: priorities, SLOs, offload limits; optionally a ``cluster:``), or else are
+    inferred from the trace's names (``…llama-8b…`` → that family, priority 0, the default SLO).
 
-    A trace without requests (a header alone) is refused: every policy would report zero on it.
+    Refused: a trace without requests (every policy would report zero on it), a name that names no known
+    family when no models file is given (it is never mapped to some other family), and trace rows for
+    models the models file does not list. The simulation runs until a minute past the last arrival.
     """
     if not requests:
         raise ValueError(f"{trace_path}: the trace has no requests")
     names = sorted({r.model for r in requests})
-    models = [SimModel(name=name, family=family_for_name(name)) for name in names]
+    nodes = None
+    if models_path is not None:
+        path = Path(models_path)
+        if not path.is_file():
+            raise ValueError(f"models file {models_path} not found")
+        loaded = mapping(load_yaml(path), str(path))
+        known_keys(loaded, ("models", "cluster"), str(path))
+        if "models" not in loaded:
+            raise ValueError(f"{path}: missing `models` (a list of model entries, as in a scenario file)")
+        models = parse_models(loaded["models"], f"{path}: models")
+        unknown = sorted(set(names) - {m.name for m in models})
+        if unknown:
+            raise ValueError(
+                f"{trace_path}: the trace names models {path} does not list: {', '.join(unknown[:5])}"
+            )
+        if "cluster" in loaded and not cluster:
+            nodes = parse_cluster(loaded["cluster"], path.parent)
+    else:
+        models = []
+        for name in names:
+            family = family_for_name(name)
+            if family is None:
+                raise ValueError(
+                    f"{trace_path}: model {name!r} names no known family "
+                    f"({', '.join(sorted(MODEL_FAMILIES))}); give --models FILE to say what each model is"
+                )
+            models.append(SimModel(name=name, family=family))
     duration = max((r.arrival_seconds for r in requests), default=0.0) + 60.0
     return Scenario(
         name=Path(trace_path).stem,
         description=f"trace {trace_path}",
-        nodes=parse_cluster(cluster or DEFAULT_CLUSTER),
+        nodes=nodes if nodes is not None else parse_cluster(cluster or DEFAULT_CLUSTER),
         models=models,
         trace_path=trace_path,
         duration_seconds=duration,
@@ -141,7 +188,11 @@ def scenario_from_trace(trace_path: str, cluster: str | None, requests: Sequence
 
 
 def scenario_requests(scenario: Scenario) -> list[Request]:
-    """The scenario's trace: read from its CSV, or generated from its workload and seed."""
+    """The scenario's trace: read from its CSV, or generated from its workload and seed.
+
+    A recorded trace with requests arriving at or after the scenario's ``duration_seconds`` is refused:
+    the simulation would never replay them, and every policy's figures would quietly leave them out.
+    """
     if not scenario.trace_path:
         return generate_trace(scenario.models, scenario.workload, scenario.duration_seconds, scenario.seed)
     requests = read_trace_csv(scenario.trace_path)
@@ -151,6 +202,14 @@ def scenario_requests(scenario: Scenario) -> list[Request]:
         names = ", ".join(unknown[:5])
         raise ValueError(
             f"{scenario.trace_path}: the trace names models the scenario does not define: {names}"
+        )
+    late = [r for r in requests if r.arrival_seconds >= scenario.duration_seconds]
+    if late:
+        raise ValueError(
+            f"{scenario.trace_path}: {len(late)} of {len(requests)} requests arrive at or after "
+            f"duration_seconds ({scenario.duration_seconds:g} s; the last at "
+            f"{late[-1].arrival_seconds:g} s): "
+            "raise duration_seconds past the last arrival, or cut the trace"
         )
     return requests
 

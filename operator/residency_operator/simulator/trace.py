@@ -56,6 +56,16 @@ def _rate_multiplier(
     return 1.0
 
 
+def shifted_popularity(weights: Sequence[float], epochs: int, seed: int) -> list[list[float]]:
+    """The popularity of each epoch: epoch 0 as given, each later one the same Zipf shares dealt to the
+    models in a new seeded order (yesterday's favourite may be idle today)."""
+    shares = [list(weights)]
+    for epoch in range(1, epochs):
+        order = np.random.default_rng([seed, 2_000_000 + epoch]).permutation(len(weights))
+        shares.append([weights[i] for i in order])
+    return shares
+
+
 def generate_trace(
     models: Sequence[SimModel], workload: dict[str, Any], duration_seconds: float, seed: int
 ) -> list[Request]:
@@ -64,7 +74,8 @@ def generate_trace(
     ``workload`` keys: ``pattern`` (poisson | bursty | diurnal), ``total_rate_per_second``,
     ``popularity`` (uniform | zipf | {name: weight}), ``zipf_exponent``, ``prompt_tokens_mean``,
     ``output_tokens_mean``, ``burst_factor``, ``burst_on_seconds``, ``burst_off_seconds``,
-    ``period_seconds``, ``amplitude``, and ``events``: extra traffic
+    ``period_seconds``, ``amplitude``, ``diurnal_phase`` (per-model | shared), ``popularity_shift_seconds``
+    (Zipf only: the ranking is dealt anew every so many seconds), and ``events``: extra traffic
     ``[{model, start_seconds, end_seconds, rate_per_second}]`` (``model`` may be a name prefix).
     """
     # Checked here too (not only where scenarios are parsed): numpy turns a negative duration or rate into
@@ -85,12 +96,28 @@ def generate_trace(
         weights = [weights[i] for i in np.random.default_rng(int(shuffle_seed)).permutation(len(weights))]
     prompt_mean = float(workload.get("prompt_tokens_mean", 512))
     output_mean = float(workload.get("output_tokens_mean", 128))
+    shift = workload.get("popularity_shift_seconds")
+    shift_seconds = float(shift) if shift is not None else duration_seconds
+    epoch_weights = (
+        shifted_popularity(weights, max(1, math.ceil(duration_seconds / shift_seconds)), seed)
+        if shift is not None
+        else None
+    )
+    shared_phase = workload.get("diurnal_phase", "per-model") == "shared"
     requests: list[Request] = []
     for index, model in enumerate(models):
         rng = np.random.default_rng([seed, index])
         base_rate = total_rate * weights[index]
         phase = float(rng.uniform(0, 2 * math.pi))
-        arrivals = _arrivals(rng, pattern, base_rate, duration_seconds, workload, index, phase)
+        if shared_phase:
+            phase = -math.pi / 2  # the fleet's day starts at its trough
+        if epoch_weights is not None:
+            rates = [total_rate * epoch[index] for epoch in epoch_weights]
+            arrivals = _shifting_arrivals(
+                rng, pattern, rates, shift_seconds, duration_seconds, workload, index, phase
+            )
+        else:
+            arrivals = _arrivals(rng, pattern, base_rate, duration_seconds, workload, index, phase)
         requests.extend(_requests_at(rng, arrivals, model, prompt_mean, output_mean))
     for event_index, event in enumerate(workload.get("events", [])):
         targets = [m for m in models if m.name == event["model"] or m.name.startswith(str(event["model"]))]
@@ -150,6 +177,33 @@ def _arrivals(
         float(t)
         for t, u in zip(candidates, keep, strict=True)
         if u * peak <= base_rate * _rate_multiplier(pattern, float(t), model_index, workload, phase)
+    ]
+
+
+def _shifting_arrivals(
+    rng: np.random.Generator,
+    pattern: str,
+    epoch_rates: Sequence[float],
+    shift_seconds: float,
+    duration_seconds: float,
+    workload: dict[str, Any],
+    model_index: int,
+    phase: float,
+) -> list[float]:
+    """Poisson arrivals whose rate is ``epoch_rates[epoch]`` (times the diurnal curve), by thinning."""
+    peak = max(epoch_rates) * (1.0 + float(workload.get("amplitude", 0.8)) if pattern == "diurnal" else 1.0)
+    if peak <= 0:
+        return []
+    count = int(rng.poisson(peak * duration_seconds))
+    candidates = np.sort(rng.uniform(0, duration_seconds, size=count))
+    keep = rng.uniform(0, 1, size=count)
+    last = len(epoch_rates) - 1
+    return [
+        float(t)
+        for t, u in zip(candidates, keep, strict=True)
+        if u * peak
+        <= epoch_rates[min(last, int(t // shift_seconds))]
+        * _rate_multiplier(pattern, float(t), model_index, workload, phase)
     ]
 
 

@@ -16,6 +16,9 @@ from typing import Any
 import yaml
 
 WORKLOAD_PATTERNS = ("poisson", "bursty", "diurnal")
+DIURNAL_PHASES = ("per-model", "shared")
+"""``per-model``: each model's day starts at a random phase; ``shared``: the whole fleet's load rises and
+falls together (a real day: the peak is when every model is busy at once)."""
 
 WORKLOAD_KEYS = (
     "pattern",
@@ -30,6 +33,8 @@ WORKLOAD_KEYS = (
     "burst_off_seconds",
     "period_seconds",
     "amplitude",
+    "diurnal_phase",
+    "popularity_shift_seconds",
     "events",
 )
 """What :func:`residency_operator.simulator.trace.generate_trace` reads from a workload."""
@@ -50,6 +55,7 @@ POSITIVE_WORKLOAD_FIELDS = (
     "burst_on_seconds",
     "burst_off_seconds",
     "period_seconds",
+    "popularity_shift_seconds",
 )
 """Workload numbers that must be > 0: token means feed a log-normal, the rest are periods and factors."""
 
@@ -164,6 +170,15 @@ def check_workload(workload: Any, model_names: Iterable[str], where: str = "work
     for key in POSITIVE_WORKLOAD_FIELDS:
         if key in result:
             number(result[key], f"{where}.{key}", above=0)
+    phase = result.get("diurnal_phase", "per-model")
+    if phase not in DIURNAL_PHASES:
+        raise ValueError(f"{where}.diurnal_phase must be one of {', '.join(DIURNAL_PHASES)}, got {phase!r}")
+    if "popularity_shift_seconds" in result and result.get("popularity", "uniform") != "zipf":
+        raise ValueError(f"{where}.popularity_shift_seconds reshuffles a Zipf ranking: set popularity: zipf")
+    if "popularity_shift_seconds" in result and pattern == "bursty":
+        raise ValueError(
+            f"{where}.popularity_shift_seconds works with poisson or diurnal; add bursts as events"
+        )
     if result.get("popularity_shuffle_seed") is not None:
         whole_number(result["popularity_shuffle_seed"], f"{where}.popularity_shuffle_seed", minimum=0)
     popularity = result.get("popularity", "uniform")

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from residency_worker.engine.batching import ModelOptions, ModelRunner
 from residency_worker.engine.generate import Request, RequestEvent
 from residency_worker.engine.loading import load_weights, validate_model_dir
+from residency_worker.engine.runner import ModelOptions, ModelRunner
 from residency_worker.engine.tiers import GpuTier, measure_host_to_device_peak, nvml_memory_bytes
 from residency_worker.engine.types import (
     EngineError,

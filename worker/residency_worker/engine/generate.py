@@ -1,4 +1,4 @@
-"""Requests, sampling (greedy or temperature/top-p with a per-request seed) and stop-sequence handling."""
+"""Requests, their events, and stop-sequence handling (sampling itself runs on the device: ``sampler``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from residency_worker.engine.types import EngineError, SamplingParams
 
@@ -24,6 +22,8 @@ class RequestEvent:
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: EngineError | None = None
+    logprob: float | None = None  # of the token, when the request asked for logprobs
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), likeliest first
 
 
 @dataclass
@@ -72,32 +72,6 @@ class Request:
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
 """The seeds torch.Generator.manual_seed accepts; the engine and the HTTP API refuse others."""
-
-
-def make_generator(params: SamplingParams) -> torch.Generator | None:
-    if params.temperature <= 0:
-        return None
-    generator = torch.Generator()
-    generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
-    return generator
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Next token from float32 CPU logits [vocab]: argmax when greedy, else temperature + nucleus."""
-    if params.temperature <= 0 or generator is None:
-        return int(torch.argmax(logits))
-    # in float64 (any positive temperature a client sends is representable, none rounds to 0) and shifted
-    # so that the largest logit is 0: a tiny temperature then gives 0 and -inf, never inf - inf = NaN
-    scaled = (logits.double() - logits.max().double()) / params.temperature
-    probs = torch.softmax(scaled, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
-        keep[0] = True  # the likeliest token always stays, however small top_p is (even below float32's)
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = int(torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator))
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Detokenizer:

@@ -3,12 +3,18 @@
 Each function takes the tensors of one placement unit on whatever device it computes on, so the same
 code runs a GPU-resident layer, a layer streamed into a staging buffer, or a layer computed on the CPU.
 Numerics follow transformers' own implementations (RMSNorm in float32, rotate-half RoPE, SDPA).
+
+A step is flat: ``hidden`` is ``[tokens, hidden]`` holding one token of every decoding sequence first,
+then the prompt chunks being prefilled. The linear layers run once over all of them; attention reads the
+step's layout from a :class:`StepTensors` (the per-step context, as nano-vllm's attention does), attends
+for all decoding sequences in one call over the model's KV pool, and for each prompt chunk in one call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
+from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +25,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from residency_worker.engine.loading import ArchSpec
 
 Weights = dict[str, torch.Tensor]
-
-
-class LayerCache(Protocol):
-    """One sequence's keys and values for one layer: [2, kv_heads, capacity, head_dim] on its home device."""
-
-    def layer(self, index: int) -> torch.Tensor: ...
 
 
 class Rotary:
@@ -72,7 +72,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, head_dim]; cos/sin: [B, 1, T, rotary_dim] (partial rotary keeps the rest)."""
+    """x: [tokens, heads, head_dim]; cos/sin: [tokens, 1, rotary_dim] (partial rotary keeps the rest)."""
     rotary_dim = cos.shape[-1]
     if rotary_dim == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin
@@ -114,71 +114,186 @@ def _mlp(w: Weights, spec: ArchSpec, x: torch.Tensor) -> torch.Tensor:
     return _linear(w, "mlp.down_proj", act(_linear(w, "mlp.gate_proj", x)) * _linear(w, "mlp.up_proj", x))
 
 
-def layer(
-    w: Weights,
-    spec: ArchSpec,
-    index: int,
-    hidden: torch.Tensor,
-    positions: torch.Tensor,
-    position_list: list[int],
-    caches: Sequence[LayerCache],
-    rotary: Rotary,
-    *,
-    prefill: bool,
-) -> torch.Tensor:
-    """One decoder layer. Prefill: one sequence [1, T, H] from position 0. Decode: [B, 1, H].
+def index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Step metadata on ``device``: copied from pinned memory to a GPU, so the copy never blocks the host."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
-    `positions` [B, T] indexes the RoPE tables on the compute device; `position_list` holds each
-    sequence's first position as Python ints so decode never reads a device tensor back.
 
-    Keys and values are written into each sequence's cache at its positions (moved to the cache's
-    home device if the layer computes elsewhere); decode attends over the cache, which then lives
-    on the compute device.
+@dataclass(frozen=True)
+class PromptChunk:
+    """A piece of one prompt prefilled in a step: ``length`` tokens from position ``start`` into ``slot``."""
+
+    slot: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Where each token of a flat step goes: decoding sequences first (one token each), then chunks.
+
+    ``occupied`` slots (``0 .. occupied-1``) are attended by the decode call, over the first
+    ``attend_tokens`` positions of each; rows of slots that do not decode this step attend to one
+    position only and their output is dropped.
     """
-    batch, steps, _ = hidden.shape
+
+    decode_slots: tuple[int, ...]
+    decode_positions: tuple[int, ...]
+    chunks: tuple[PromptChunk, ...]
+    occupied: int
+    attend_tokens: int
+
+    @property
+    def decode_rows(self) -> int:
+        return len(self.decode_slots)
+
+    @property
+    def tokens(self) -> int:
+        return self.decode_rows + sum(c.length for c in self.chunks)
+
+    @property
+    def dense(self) -> bool:
+        """Every occupied slot decodes, in slot order: the decode call needs no scatter or gather."""
+        return self.decode_slots == tuple(range(self.occupied))
+
+    def positions(self) -> list[int]:
+        flat = list(self.decode_positions)
+        for chunk in self.chunks:
+            flat.extend(range(chunk.start, chunk.start + chunk.length))
+        return flat
+
+
+@dataclass
+class StepTensors:
+    """A step's layout as tensors on one compute device (built once per device per step)."""
+
+    layout: StepLayout
+    positions: torch.Tensor  # [tokens]
+    cos: torch.Tensor  # [tokens, 1, rotary_dim]
+    sin: torch.Tensor
+    decode_slots: torch.Tensor  # [decode rows]
+    decode_positions: torch.Tensor  # [decode rows]
+    row_positions: torch.Tensor  # [occupied]: each occupied slot's decode position, 0 if it does not decode
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def build(layout: StepLayout, rotary: Rotary, device: torch.device, dtype: torch.dtype) -> StepTensors:
+        rows = [0] * layout.occupied
+        for slot, position in zip(layout.decode_slots, layout.decode_positions, strict=True):
+            rows[slot] = position
+        positions = index_tensor(layout.positions(), device)
+        cos_table, sin_table = rotary.tables(device, dtype)
+        return StepTensors(
+            layout=layout,
+            positions=positions,
+            cos=cos_table[positions].unsqueeze(1),
+            sin=sin_table[positions].unsqueeze(1),
+            decode_slots=index_tensor(layout.decode_slots, device),
+            decode_positions=index_tensor(layout.decode_positions, device),
+            row_positions=index_tensor(rows, device),
+        )
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[occupied, 1, 1, attend_tokens]: key j is visible to a slot at position p when j <= p (and
+        j > p - window for a sliding-window layer)."""
+        if window not in self._masks:
+            keys = torch.arange(self.layout.attend_tokens, device=self.positions.device)
+            rows = self.row_positions[:, None]
+            visible = keys[None, :] <= rows
+            if window is not None:
+                visible &= keys[None, :] > rows - window
+            self._masks[window] = visible[:, None, None, :]
+        return self._masks[window]
+
+
+def _decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, step: StepTensors, window: int | None
+) -> torch.Tensor:
+    """One call for every decoding sequence: q [rows, heads, dim], k/v [rows, kv_heads, dim] of the new
+    token; writes them into the pool at each sequence's slot and position, then attends over the pool."""
+    layout = step.layout
+    kv[0][step.decode_slots, :, step.decode_positions] = k
+    kv[1][step.decode_slots, :, step.decode_positions] = v
+    keys = kv[0, : layout.occupied, :, : layout.attend_tokens]
+    values = kv[1, : layout.occupied, :, : layout.attend_tokens]
+    if layout.dense:
+        queries = q
+    else:
+        queries = q.new_zeros((layout.occupied, *q.shape[1:]))
+        queries[step.decode_slots] = q
+    attended = F.scaled_dot_product_attention(
+        queries.unsqueeze(2),
+        keys,
+        values,
+        attn_mask=step.decode_mask(window),
+        enable_gqa=q.shape[1] != k.shape[1],
+    ).squeeze(2)
+    return attended if layout.dense else attended[step.decode_slots]
+
+
+def _chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: torch.Tensor,
+    chunk: PromptChunk,
+    window: int | None,
+) -> torch.Tensor:
+    """A prompt chunk: q [length, heads, dim] attends causally to the slot's earlier tokens and itself.
+
+    The pool may live on another device than the one computing (a layer streamed in for prefill whose
+    KV lives on the host, where it decodes): the chunk's keys are copied to it, earlier ones read back."""
+    end = chunk.start + chunk.length
+    kv[0, chunk.slot, :, chunk.start : end].copy_(k.transpose(0, 1), non_blocking=True)
+    kv[1, chunk.slot, :, chunk.start : end].copy_(v.transpose(0, 1), non_blocking=True)
+    gqa = q.shape[1] != k.shape[1]
+    queries = q.transpose(0, 1).unsqueeze(0)
+    if chunk.start == 0 and (window is None or chunk.length <= window):
+        keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=gqa)
+    else:
+        keys = kv[0, chunk.slot : chunk.slot + 1, :, :end].to(q.device)
+        values = kv[1, chunk.slot : chunk.slot + 1, :, :end].to(q.device)
+        rows = torch.arange(chunk.start, end, device=q.device)[:, None]
+        columns = torch.arange(end, device=q.device)[None, :]
+        visible = columns <= rows
+        if window is not None:
+            visible &= columns > rows - window
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, enable_gqa=gqa)
+    return attended[0].transpose(0, 1)
+
+
+def layer(
+    w: Weights, spec: ArchSpec, index: int, hidden: torch.Tensor, step: StepTensors, kv: torch.Tensor
+) -> torch.Tensor:
+    """One decoder layer over a flat step ``hidden`` [tokens, hidden_size]; ``kv`` is the layer's part
+    of the pool ``[2, slots, kv_heads, capacity, head_dim]``."""
+    tokens = hidden.shape[0]
     x = rms_norm(hidden, w["input_layernorm.weight"], spec.rms_norm_eps)
     q, k, v = _qkv(w, spec, x)
-    q = q.view(batch, steps, spec.num_heads, spec.head_dim).transpose(1, 2)
-    k = k.view(batch, steps, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-    v = v.view(batch, steps, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+    q = q.view(tokens, spec.num_heads, spec.head_dim)
+    k = k.view(tokens, spec.num_kv_heads, spec.head_dim)
+    v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
     if "self_attn.q_norm.weight" in w:  # Qwen3 normalises each head before RoPE
         q = rms_norm(q, w["self_attn.q_norm.weight"], spec.rms_norm_eps)
         k = rms_norm(k, w["self_attn.k_norm.weight"], spec.rms_norm_eps)
-    cos_table, sin_table = rotary.tables(hidden.device, hidden.dtype)
-    cos = cos_table[positions].unsqueeze(1)
-    sin = sin_table[positions].unsqueeze(1)
-    q = _apply_rope(q, cos, sin)
-    k = _apply_rope(k, cos, sin)
+    q = _apply_rope(q, step.cos, step.sin)
+    k = _apply_rope(k, step.cos, step.sin)
     window = spec.sliding_windows[index]
-    if prefill:
-        cache = caches[0].layer(index)
-        cache[0, :, :steps].copy_(k[0], non_blocking=True)
-        cache[1, :, :steps].copy_(v[0], non_blocking=True)
-        mask = None
-        if window is not None and steps > window:
-            rows = torch.arange(steps, device=hidden.device)
-            offsets = rows[:, None] - rows[None, :]
-            mask = (offsets >= 0) & (offsets < window)
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=spec.num_heads != spec.num_kv_heads
-        )
-    else:
-        outputs = []
-        for b in range(batch):
-            cache = caches[b].layer(index)
-            position = position_list[b]
-            cache[0, :, position].copy_(k[b, :, 0])
-            cache[1, :, position].copy_(v[b, :, 0])
-            first = 0 if window is None else max(0, position + 1 - window)
-            keys = cache[0, :, first : position + 1].unsqueeze(0)
-            values = cache[1, :, first : position + 1].unsqueeze(0)
-            outputs.append(
-                F.scaled_dot_product_attention(
-                    q[b : b + 1], keys, values, enable_gqa=spec.num_heads != spec.num_kv_heads
-                )
-            )
-        attended = torch.cat(outputs, dim=0)
-    attended = attended.transpose(1, 2).reshape(batch, steps, spec.num_heads * spec.head_dim)
-    hidden = hidden + _linear(w, "self_attn.o_proj", attended)
+    layout = step.layout
+    rows = layout.decode_rows
+    pieces = []
+    if rows:
+        pieces.append(_decode_attention(q[:rows], k[:rows], v[:rows], kv, step, window))
+    start = rows
+    for chunk in layout.chunks:
+        stop = start + chunk.length
+        pieces.append(_chunk_attention(q[start:stop], k[start:stop], v[start:stop], kv, chunk, window))
+        start = stop
+    attended = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+    hidden = hidden + _linear(w, "self_attn.o_proj", attended.reshape(tokens, spec.num_heads * spec.head_dim))
     x = rms_norm(hidden, w["post_attention_layernorm.weight"], spec.rms_norm_eps)
     return hidden + _mlp(w, spec, x)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from residency.api.placement import PREFILL_MODE
-from residency_worker.engine.batching import ModelOptions
 from residency_worker.engine.engine import Engine
+from residency_worker.engine.runner import ModelOptions
 from residency_worker.engine.types import EngineError, ExecutionMode, ProfilePoint, SamplingParams
 
 log = logging.getLogger(__name__)

@@ -85,6 +85,7 @@ class Stager:
         self._copy_stream = _stream(tier.device) if cuda else None
         self._copied = [_event() if cuda else None for _ in range(2)]
         self._freed = [_event() if cuda else None for _ in range(2)]
+        self._freed_this_pass = [False, False]
         self._order: list[Piece] = []
         self._next = 0
         self._slot_of: dict[str, int] = {}
@@ -100,6 +101,9 @@ class Stager:
         self._order = order
         self._next = 0
         self._slot_of = {}
+        # the first copies of a pass follow everything queued so far (below), not events of the previous
+        # pass: a pass captured into a CUDA graph may only wait on events recorded inside the capture
+        self._freed_this_pass = [False, False]
         if self._copy_stream is not None:  # copies follow everything queued so far (slot reuse, allocation)
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.tier.device))
         for _ in range(min(2, len(order))):
@@ -118,7 +122,8 @@ class Stager:
         freed, copied = self._freed[slot], self._copied[slot]
         assert freed is not None and copied is not None
         with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_event(freed)  # the slot's previous piece has finished computing
+            if self._freed_this_pass[slot]:
+                self._copy_stream.wait_event(freed)  # the slot's previous piece has finished computing
             target.copy_(source, non_blocking=True)
             copied.record(self._copy_stream)  # type: ignore[no-untyped-call]
 
@@ -136,5 +141,6 @@ class Stager:
         freed = self._freed[slot]
         if freed is not None:
             freed.record(torch.cuda.current_stream(self.tier.device))  # type: ignore[no-untyped-call]
+            self._freed_this_pass[slot] = True
         if self._next < len(self._order):
             self._issue(slot)

@@ -183,9 +183,11 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k likeliest
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ from residency.httpguard import (
     json_bytes,
 )
 from residency_worker.engine import Engine, EngineError, ModelOptions, SamplingParams
-from residency_worker.engine.batching import ModelRunner
 from residency_worker.engine.generate import SEED_MAX, SEED_MIN, RequestEvent
 from residency_worker.engine.generate import Request as EngineRequest
+from residency_worker.engine.runner import ModelRunner
 from residency_worker.engine.types import as_dict
 from residency_worker.server.metrics import WorkerMetrics
 

@@ -1,9 +1,10 @@
-"""One loaded model: its placement, its forward pass across tiers, and the loop that batches its requests.
+"""One loaded model: the thread that owns it, its admin operations, and what it serves.
 
-A single thread per model owns all of the model's state. Requests wait in a bounded queue and join the
-running batch at the next decode step (after their own prefill); admin operations — preempt, resume,
-change of residency or mode — are queued as commands and run between two steps, so they never race a
-forward pass and never drop a request.
+A single thread per model owns all of the model's state. Requests wait in a bounded queue; the
+``scheduler`` decides what each step runs (decode, chunked prefill, batching), the ``executor`` runs it
+over the weights the ``residency`` placed and the model's KV pool, and sampling happens on the device.
+Admin operations — preempt, resume, change of residency or mode — are queued as commands and run
+between two steps, so they never race a forward pass and never drop a request.
 """
 
 from __future__ import annotations
@@ -15,38 +16,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-import torch
-
 from residency_worker.engine import model as decoder
-from residency_worker.engine.generate import (
-    SEED_MAX,
-    SEED_MIN,
-    Detokenizer,
-    Request,
-    RequestEvent,
-    make_generator,
-    sample,
-)
-from residency_worker.engine.kvcache import KVCache
-from residency_worker.engine.loading import LoadedWeights, Unit
+from residency_worker.engine.executor import Executor
+from residency_worker.engine.generate import SEED_MAX, SEED_MIN, Detokenizer, Request, RequestEvent
+from residency_worker.engine.kvpool import KVPool
+from residency_worker.engine.loading import LoadedWeights
 from residency_worker.engine.pacing import pace_interval_seconds
-from residency_worker.engine.placement import (
-    BudgetNeed,
-    ResidencyPlan,
-    budget_need,
-    gpu_kv_layers,
-    head_matrix_name,
-    head_pieces,
-    head_rows_per_chunk,
-    plan_residency,
-    streamed_pieces,
-    unit_piece,
-)
+from residency_worker.engine.placement import BudgetNeed, ResidencyPlan, plan_residency, streamed_pieces
+from residency_worker.engine.residency import PlacedWeights
+from residency_worker.engine.sampler import make_generator, sample
+from residency_worker.engine.scheduler import Scheduler, Sequence, Step
 from residency_worker.engine.tiers import GpuTier
-from residency_worker.engine.transfer import Stager, timed_copies, upload_units
+from residency_worker.engine.transfer import timed_copies
 from residency_worker.engine.types import (
     EngineError,
     ExecutionMode,
@@ -67,6 +51,12 @@ DEMAND_WINDOW_SECONDS = 60.0
 T = TypeVar("T")
 _runner_ids = itertools.count(1)
 ModeChoice = Literal["stream", "cpu", "auto"]
+MAX_LOGPROBS = 20
+"""The most alternatives a request may ask for per token (OpenAI's limit)."""
+PREFILL_CHUNK_TOKENS_GPU = 512
+PREFILL_CHUNK_TOKENS_CPU = 128
+"""Prompt tokens one step prefills beside the decoding sequences (a longer prompt takes several steps):
+a CPU computes a token's prefill far slower, so its chunks are smaller to keep inter-token latency."""
 
 
 @dataclass(frozen=True)
@@ -83,19 +73,8 @@ class ModelOptions:
     reload_streams: int = 2
     min_resident_fraction: float = 0.0  # 1 - offload.maxFraction: never keep less than this resident
     min_decode_tokens_per_second: float | None = None  # the SLO: paced to it while a neighbour is hungry
-
-
-@dataclass
-class _Sequence:
-    request: Request
-    cache: KVCache
-    detokenizer: Detokenizer
-    generator: torch.Generator | None
-    max_tokens: int
-    cached_tokens: int = 0
-    last_token: int = 0
-    generated: int = 0
-    eos_ids: frozenset[int] = field(default_factory=frozenset)
+    prefill_chunk_tokens: int | None = None  # None: 512 on a GPU, 128 on the CPU
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs on a GPU (eager on the CPU)
 
 
 class ModelRunner:
@@ -117,26 +96,25 @@ class ModelRunner:
         max_positions = min(options.max_sequence_length, self.spec.max_position_embeddings)
         self.max_sequence_length = max_positions
         self.rotary = decoder.Rotary(weights.config, max_positions)
-        self.plan: ResidencyPlan = plan_residency(
-            weights, options.resident_fraction, options.min_resident_fraction
-        )
-        self.decode_mode: ExecutionMode = "stream" if options.decode_mode == "auto" else options.decode_mode
+        decode_mode: ExecutionMode = "stream" if options.decode_mode == "auto" else options.decode_mode
         prefill = options.prefill_mode or options.decode_mode
-        self.prefill_mode: ExecutionMode = "stream" if prefill == "auto" else prefill
-        self._gpu_flats: dict[str, torch.Tensor] = {}
-        self._gpu_views: dict[str, decoder.Weights] = {}
-        self._host_views = {u.name: u.views(weights.host_unit(u)) for u in weights.units}
-        self._layer_units = [weights.unit(f"layer.{i}") for i in range(self.spec.num_layers)]
-        self._layer_pieces = {u.name: unit_piece(u) for u in self._layer_units}
-        self._head_pieces = head_pieces(weights)
-        self._head_matrix = head_matrix_name(weights)
-        self._head_rows = head_rows_per_chunk(weights)
-        self._embed_unit = weights.unit("head" if self.spec.tie_word_embeddings else "embed")
-        self._stager: Stager | None = None
-        self._waiting: deque[Request] = deque()
-        self._active: list[_Sequence] = []
+        self.placed = PlacedWeights(
+            weights,
+            tier,
+            self.owner,
+            plan_residency(weights, options.resident_fraction, options.min_resident_fraction),
+            decode_mode,
+            "stream" if prefill == "auto" else prefill,
+            reload_streams=options.reload_streams,
+        )
+        chunk = options.prefill_chunk_tokens or (
+            PREFILL_CHUNK_TOKENS_GPU if tier.device.type == "cuda" else PREFILL_CHUNK_TOKENS_CPU
+        )
+        self.scheduler = Scheduler(options.max_batch_size, chunk)
+        self.pool: KVPool | None = None
+        self.executor: Executor | None = None
         self._commands: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
-        self._cv = threading.Condition()
+        self._cv = threading.Condition()  # re-entrant (an RLock underneath)
         self._stopping = False
         self._resumed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -149,53 +127,59 @@ class ModelRunner:
             eos_ids.add(int(weights.tokenizer.eos_token_id))
         self._eos_ids = frozenset(eos_ids)
 
+    @property
+    def plan(self) -> ResidencyPlan:
+        return self.placed.plan
+
+    @property
+    def decode_mode(self) -> ExecutionMode:
+        return self.placed.decode_mode
+
+    @property
+    def prefill_mode(self) -> ExecutionMode:
+        return self.placed.prefill_mode
+
     # -- placement ----------------------------------------------------------------------------------
     def _need(
         self, plan: ResidencyPlan, decode_mode: ExecutionMode, prefill_mode: ExecutionMode
     ) -> BudgetNeed:
-        return budget_need(
-            self.weights,
+        return self.placed.need(
             plan,
-            decode_mode=decode_mode,
-            prefill_mode=prefill_mode,
+            decode_mode,
+            prefill_mode,
             max_batch_size=self.options.max_batch_size,
             max_sequence_length=self.max_sequence_length,
         )
 
-    def _open_stager(self) -> None:
-        streamed = streamed_pieces(self.weights, self.plan)
-        if streamed and "stream" in (self.decode_mode, self.prefill_mode):
-            slot_numel = max(p.numel for p in streamed)
-            self._stager = Stager(self.tier, self.owner, self.weights, slot_numel)
-
-    def _close_stager(self) -> None:
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
-
-    def _upload(self, units: list[Unit]) -> TransferTiming:
-        flats, timing = upload_units(
-            self.tier, self.owner, self.weights, units, streams=self.options.reload_streams
+    def _open_pool(self) -> None:
+        """The KV pool, preallocated for max_batch_size slots of max_sequence_length tokens."""
+        spec = self.spec
+        self.pool = KVPool(
+            self.tier,
+            self.owner,
+            num_layers=spec.num_layers,
+            slots=self.options.max_batch_size,
+            kv_heads=spec.num_kv_heads,
+            capacity=self.max_sequence_length,
+            head_dim=spec.head_dim,
+            dtype=self.weights.dtype,
+            gpu_layers=self.placed.kv_layers_on_gpu(),
         )
-        self._gpu_flats.update(flats)
-        for unit in units:
-            self._gpu_views[unit.name] = unit.views(flats[unit.name])
-        return timing
-
-    def _drop_weights(self, names: set[str]) -> None:
-        for name in names:
-            self.tier.release(self._gpu_flats.pop(name))
-            self._gpu_views.pop(name, None)
+        self.executor = Executor(self.placed, self.pool, self.rotary, cuda_graphs=self.options.cuda_graphs)
 
     def place(self) -> TransferTiming:
-        """Reserves the GPU budget, uploads resident units and opens staging; refuses what does not fit."""
+        """Reserves the GPU budget, uploads resident units, opens staging and the KV pool; refuses what
+        does not fit."""
         need = self._need(self.plan, self.decode_mode, self.prefill_mode)
         self.tier.reserve(self.owner, need.total_bytes)
         try:
-            resident = [u for u in self.weights.units if u.name in self.plan.resident]
-            timing = self._upload(resident)
-            self._open_stager()
+            timing = self.placed.upload(self.placed.resident_units())
+            self.placed.open_stager()
+            self._open_pool()
         except Exception:
+            self.placed.drop_all()
+            if self.pool is not None:
+                self.pool.release()
             self.tier.unreserve(self.owner)
             raise
         self.timings.load_transfer = timing
@@ -206,7 +190,7 @@ class ModelRunner:
 
     def residency(self) -> ResidencyReport:
         need = self._need(self.plan, self.decode_mode, self.prefill_mode)
-        resident_bytes = sum(self.weights.unit_bytes(self.weights.unit(n)) for n in list(self._gpu_flats))
+        resident_bytes = self.placed.resident_weight_bytes()
         return ResidencyReport(
             model=self.name,
             requested_fraction=self.plan.requested_fraction,
@@ -222,81 +206,26 @@ class ModelRunner:
             emulated=self.tier.emulated,
         )
 
-    # -- the forward pass ---------------------------------------------------------------------------
-    def _layer_weights(self, unit: Unit, mode: ExecutionMode) -> tuple[decoder.Weights, torch.device, bool]:
-        """A layer's tensors, the device it computes on, and whether they came through the stager."""
-        if unit.name in self._gpu_views:
-            return self._gpu_views[unit.name], self.tier.device, False
-        if mode == "stream":
-            assert self._stager is not None, "stream mode without staging buffers"
-            return self._stager.acquire(self._layer_pieces[unit.name]), self.tier.device, True
-        return self._host_views[unit.name], torch.device("cpu"), False
+    # -- steps --------------------------------------------------------------------------------------
+    def _forward(self, step: Step) -> Any:
+        """Runs one step and samples its rows on the device (the step's one device→host transfer)."""
+        assert self.executor is not None
+        logits = self.executor.forward(step.layout, step.token_ids, step.sample_rows, step.mode)
+        return sample(logits, self.scheduler.sample_rows(step))
 
-    def _logits(self, last: torch.Tensor, mode: ExecutionMode) -> torch.Tensor:
-        """Float32 logits [B, vocab], computed in the same row chunks wherever the head lives."""
-        norm_piece, *row_pieces = self._head_pieces
-        if "head" in self._gpu_views or mode == "cpu":
-            resident = "head" in self._gpu_views
-            device = self.tier.device if resident else torch.device("cpu")
-            views = self._gpu_views["head"] if resident else self._host_views["head"]
-            normed = decoder.final_norm(views["norm.weight"], self.spec, last.to(device))
-            matrix = views[self._head_matrix]
-            chunks = [
-                decoder.logits_chunk(matrix[start : start + self._head_rows], normed)
-                for start in range(0, matrix.shape[0], self._head_rows)
-            ]
-            return torch.cat(chunks, dim=-1)
-        assert self._stager is not None, "stream mode without staging buffers"
-        last = last.to(self.tier.device, non_blocking=True)
-        normed = decoder.final_norm(self._stager.acquire(norm_piece)["norm.weight"], self.spec, last)
-        self._stager.release(norm_piece)
-        chunks = []
-        for piece in row_pieces:
-            chunks.append(decoder.logits_chunk(self._stager.acquire(piece)["weight"], normed))
-            self._stager.release(piece)
-        return torch.cat(chunks, dim=-1)
-
-    def _forward(self, sequences: list[_Sequence], *, prefill: bool) -> torch.Tensor:
-        """Float32 CPU logits [B, vocab] for the next token of each sequence."""
-        mode = self.prefill_mode if prefill else self.decode_mode
-        if prefill:
-            token_rows = [sequences[0].request.prompt_ids]
-            position_list = [0]
-        else:
-            token_rows = [[s.last_token] for s in sequences]
-            position_list = [s.cached_tokens for s in sequences]
-        steps = len(token_rows[0])
-        if mode == "stream" and self._stager is not None:
-            self._stager.begin(streamed_pieces(self.weights, self.plan))
-        if self._embed_unit.name in self._gpu_views:
-            embed_weights, device = self._gpu_views[self._embed_unit.name], self.tier.device
-        else:  # a row gather: cheaper on the host than moving the table
-            embed_weights, device = self._host_views[self._embed_unit.name], torch.device("cpu")
-        hidden = decoder.embed(embed_weights, torch.tensor(token_rows, device=device))
-        base = torch.tensor(position_list, dtype=torch.long)[:, None] + torch.arange(steps)[None, :]
-        positions: dict[torch.device, torch.Tensor] = {}
-        caches = [s.cache for s in sequences]
-        for index, unit in enumerate(self._layer_units):
-            weights, device, staged = self._layer_weights(unit, mode)
-            if hidden.device != device:
-                hidden = hidden.to(device, non_blocking=device.type == "cuda")
-            if device not in positions:
-                positions[device] = base.to(device)
-            hidden = decoder.layer(
-                weights,
-                self.spec,
-                index,
-                hidden,
-                positions[device],
-                position_list,
-                caches,
-                self.rotary,
-                prefill=prefill,
-            )
-            if staged:
-                assert self._stager is not None
-                self._stager.release(self._layer_pieces[unit.name])
-        return self._logits(hidden[:, -1], mode).cpu()
+    def _run_step(self, step: Step) -> None:
+        assert self.pool is not None
+        if not step.prefills:
+            self._last_decode_start = time.monotonic()
+        start = time.perf_counter()
+        result = self._forward(step)
+        elapsed = max(time.perf_counter() - start, 1e-9)  # the sampled ids came back: the device is done
+        if step.prefills:
+            prompt_tokens = step.layout.tokens - step.layout.decode_rows
+            self.timings.prefill_tokens_per_second = prompt_tokens / elapsed
+        elif step.decoding:
+            self.timings.decode_tokens_per_second = len(step.decoding) / elapsed
+        self.scheduler.complete(step, result, self.pool)
 
     def choose_modes(self) -> dict[str, float]:
         """Resolves "auto" modes by timing a short prefill and a few decode steps in each mode.
@@ -315,19 +244,26 @@ class ModelRunner:
             for timed in (False, True):
                 request = Request(prompt_ids=[0] * prompt_tokens, params=SamplingParams(max_tokens=5))
                 sequence = self._new_sequence(request)
-                start = time.perf_counter()
-                logits = self._forward([sequence], prefill=True)
-                prefill_seconds = time.perf_counter() - start
-                sequence.cached_tokens = prompt_tokens
-                sequence.last_token = int(logits[0].argmax())
-                start = time.perf_counter()
-                for _ in range(3):
-                    self._forward([sequence], prefill=False)
-                    sequence.cached_tokens += 1
-                sequence.cache.release()
+                self.scheduler.admit(sequence)
+                try:
+                    step = self.scheduler.next_step(mode, mode)
+                    assert step is not None
+                    start = time.perf_counter()
+                    token = self._forward(step).token_ids[0]
+                    prefill_seconds = time.perf_counter() - start
+                    sequence.cached_tokens, sequence.last_token = prompt_tokens, token
+                    start = time.perf_counter()
+                    for _ in range(3):
+                        step = self.scheduler.next_step(mode, mode)
+                        assert step is not None
+                        sequence.last_token = self._forward(step).token_ids[0]
+                        sequence.cached_tokens += 1
+                    decode_seconds = (time.perf_counter() - start) / 3
+                finally:
+                    self.scheduler.remove(sequence, None)
                 if timed:
                     measured[f"prefill_{mode}_seconds"] = prefill_seconds
-                    measured[f"decode_{mode}_seconds"] = (time.perf_counter() - start) / 3
+                    measured[f"decode_{mode}_seconds"] = decode_seconds
 
         def faster(phase: str) -> ExecutionMode:
             return (
@@ -341,86 +277,41 @@ class ModelRunner:
         return measured
 
     # -- sequences ----------------------------------------------------------------------------------
-    def _gpu_kv_layers(self) -> set[int]:
-        return set(gpu_kv_layers(self.weights, self.plan, self.decode_mode))
-
-    def _new_sequence(self, request: Request) -> _Sequence:
-        spec = self.spec
+    def _new_sequence(self, request: Request) -> Sequence:
         capacity = min(len(request.prompt_ids) + request.params.max_tokens, self.max_sequence_length)
-        # everything that may fail on the request's own values comes before the KV reservation
-        detokenizer = Detokenizer(self.weights.tokenizer, request.params.stop)
-        generator = make_generator(request.params)
-        cache = KVCache(
-            self.tier,
-            self.owner,
-            (2, spec.num_kv_heads, capacity, spec.head_dim),
-            self.weights.dtype,
-            self._gpu_kv_layers(),
-            spec.num_layers,
-        )
-        return _Sequence(
+        return Sequence(
             request=request,
-            cache=cache,
-            detokenizer=detokenizer,
-            generator=generator,
+            detokenizer=Detokenizer(self.weights.tokenizer, request.params.stop),
+            generator=make_generator(request.params, self.tier.device),
             max_tokens=capacity - len(request.prompt_ids),
             eos_ids=frozenset() if request.params.ignore_eos else self._eos_ids,
         )
 
-    def _accept(self, sequence: _Sequence, logits: torch.Tensor) -> bool:
-        """Samples and emits the next token; True when the sequence has finished."""
-        token = sample(logits, sequence.request.params, sequence.generator)
-        sequence.last_token = token
-        sequence.generated += 1
-        delta, stopped = sequence.detokenizer.push(token)
-        finish: str | None = None
-        if stopped or token in sequence.eos_ids:
-            finish = "stop"
-        elif sequence.generated >= sequence.max_tokens:
-            finish = "length"
-        if finish is not None and not stopped:
-            delta += sequence.detokenizer.flush()
-        sequence.request.emit(RequestEvent(token, delta, finish))
-        return finish is not None
-
-    def _finish(self, sequence: _Sequence) -> None:
-        sequence.cache.release()
-
-    def _prefill(self, request: Request) -> _Sequence | None:
-        """Runs one new request's prompt; it joins the batch unless it finished (or failed) already."""
-        try:
-            sequence = self._new_sequence(request)
-        except EngineError as exc:
-            request.emit(RequestEvent(None, "", "error", exc))
-            return None
-        except Exception as exc:  # the request is off the queue: it must still get its answer
-            log.exception("model %s: cannot start a request", self.name)
-            error = EngineError("InferenceFailed", f"cannot start the request on {self.name}: {exc}")
-            request.emit(RequestEvent(None, "", "error", error))
-            return None
-        start = time.perf_counter()
-        try:
-            logits = self._forward([sequence], prefill=True)
-            elapsed = time.perf_counter() - start
-            self.timings.prefill_tokens_per_second = len(request.prompt_ids) / max(elapsed, 1e-9)
-            sequence.cached_tokens = len(request.prompt_ids)
-            finished = self._accept(sequence, logits[0])
-        except Exception as exc:
-            log.exception("model %s: prefill failed", self.name)
-            self._finish(sequence)
-            error = EngineError("InferenceFailed", f"prefill on {self.name} failed: {exc}")
-            request.emit(RequestEvent(None, "", "error", error))
-            return None
-        if finished:
-            self._finish(sequence)
-            return None
-        return sequence
+    def _admit_waiting(self) -> None:
+        """Moves waiting requests into free KV slots (their prefill runs in the coming steps)."""
+        scheduler = self.scheduler
+        while not scheduler.batch_full():
+            with self._cv:
+                if not scheduler.waiting:
+                    return
+                request = scheduler.waiting.popleft()
+            if request.cancelled:
+                request.emit(RequestEvent(None, "", "cancelled"))
+                continue
+            try:
+                sequence = self._new_sequence(request)
+            except Exception as exc:  # the request is off the queue: it must still get its answer
+                log.exception("model %s: cannot start a request", self.name)
+                error = EngineError("InferenceFailed", f"cannot start the request on {self.name}: {exc}")
+                request.emit(RequestEvent(None, "", "error", error))
+                continue
+            scheduler.admit(sequence)
 
     def _update_hungry(self) -> None:
         """Hungry: ready, requests wait and the batch is full (a preempted model's parked batch uses no GPU).
         Called with ``_cv`` held before each step; the loop also clears it before it sleeps."""
         self._set_hungry(
-            self.state == "ready" and bool(self._waiting) and len(self._active) >= self.options.max_batch_size
+            self.state == "ready" and bool(self.scheduler.waiting) and self.scheduler.batch_full()
         )
 
     def _set_hungry(self, hungry: bool) -> None:
@@ -448,55 +339,24 @@ class ModelRunner:
         """An admin command waits, or a request does: one that can join the batch goes first, and one that
         cannot makes this model hungry, which it must say at once (and then is never held). Reads without the
         lock: a stale answer only ends or prolongs one wait."""
-        return bool(self._commands) or self._stopping or bool(self._waiting)
+        return bool(self._commands) or self._stopping or bool(self.scheduler.waiting)
 
     def set_decode_slo(self, min_decode_tokens_per_second: float | None) -> None:
         """Changes the SLO the model is paced to (a wait in progress ends, and the next one uses it)."""
         self.pace_interval_seconds = pace_interval_seconds(min_decode_tokens_per_second)
 
-    def _decode(self) -> None:
-        self._last_decode_start = time.monotonic()
-        start = time.perf_counter()
-        logits = self._forward(self._active, prefill=False)
-        elapsed = time.perf_counter() - start
-        self.timings.decode_tokens_per_second = len(self._active) / max(elapsed, 1e-9)
-        still_running = []
-        for row, sequence in enumerate(self._active):
-            sequence.cached_tokens += 1
-            try:
-                finished = self._accept(sequence, logits[row])
-            except Exception as exc:  # one request's sampling fails: only that request fails
-                log.exception("model %s: sampling failed", self.name)
-                self._finish(sequence)
-                error = EngineError("InferenceFailed", f"sampling on {self.name} failed: {exc}")
-                sequence.request.emit(RequestEvent(None, "", "error", error))
-                continue
-            if finished:
-                self._finish(sequence)
-            else:
-                still_running.append(sequence)
-        self._active = still_running
-
     def _step(self) -> None:
-        for sequence in [s for s in self._active if s.request.cancelled]:
-            self._finish(sequence)
-            sequence.request.emit(RequestEvent(None, "", "cancelled"))
-        self._active = [s for s in self._active if not s.request.cancelled]
-        while len(self._active) < self.options.max_batch_size:
-            with self._cv:
-                if not self._waiting:
-                    break
-                request = self._waiting.popleft()
-            if request.cancelled:
-                request.emit(RequestEvent(None, "", "cancelled"))
-                continue
-            started = self._prefill(request)
-            if started is not None:
-                self._active.append(started)
+        self.scheduler.drop_cancelled(self.pool)
+        self._admit_waiting()
         with self._cv:
             self._update_hungry()
-        if self._active and self._pace():  # else the command or new request goes first, then this step
-            self._decode()
+        step = self.scheduler.next_step(self.decode_mode, self.prefill_mode)
+        if step is None:
+            return
+        # a prefill is never held (a new request joins its batch at once); a decode step may be paced,
+        # and then the command or new request goes first, and this step comes after
+        if step.prefills or self._pace():
+            self._run_step(step)
 
     # -- the loop and its commands ------------------------------------------------------------------
     def start(self) -> None:
@@ -507,9 +367,7 @@ class ModelRunner:
         while True:
             with self._cv:
                 while not (
-                    self._commands
-                    or self._stopping
-                    or (self.state == "ready" and (self._waiting or self._active))
+                    self._commands or self._stopping or (self.state == "ready" and self.scheduler.has_work())
                 ):
                     self._set_hungry(False)  # nothing to do (a batch that ended or failed after its waiting
                     self._cv.wait()  # requests were cancelled must not leave its neighbours paced)
@@ -533,10 +391,7 @@ class ModelRunner:
                 self._fail_active(EngineError("InferenceFailed", f"inference on {self.name} failed: {exc}"))
 
     def _fail_active(self, error: EngineError) -> None:
-        for sequence in self._active:
-            self._finish(sequence)
-            sequence.request.emit(RequestEvent(None, "", "error", error))
-        self._active = []
+        self.scheduler.fail_all(error)
 
     def call(self, command: Callable[[], T]) -> T:
         """Runs `command` on the model's thread between two steps and returns its result."""
@@ -562,6 +417,11 @@ class ModelRunner:
             )
         if request.params.max_tokens < 1:
             raise EngineError("InvalidRequest", "max_tokens must be at least 1")
+        if request.params.top_k < 0:
+            raise EngineError("InvalidRequest", "top_k must be 0 (no cut) or positive")
+        logprobs = request.params.logprobs
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise EngineError("InvalidRequest", f"logprobs must lie in [0, {MAX_LOGPROBS}]")
         seed = request.params.seed
         if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
             raise EngineError("InvalidRequest", f"seed must lie in [{SEED_MIN}, {SEED_MAX}]")
@@ -571,13 +431,13 @@ class ModelRunner:
         with self._cv:
             if self._stopping or self.state in ("unloaded", "failed"):
                 raise EngineError("ModelNotLoaded", f"model {self.name} is not loaded")
-            if len(self._waiting) >= self.options.max_queue:
+            if len(self.scheduler.waiting) >= self.options.max_queue:
                 raise EngineError(
                     "QueueFull",
-                    f"model {self.name} has {len(self._waiting)} requests waiting",
+                    f"model {self.name} has {len(self.scheduler.waiting)} requests waiting",
                     retry_after_seconds=1.0,
                 )
-            self._waiting.append(request)
+            self.scheduler.waiting.append(request)
             self.last_request_time = time.time()
             now = time.monotonic()
             self._arrivals.append((now, request))
@@ -631,7 +491,7 @@ class ModelRunner:
         request.cancel()
         with self._cv:
             try:
-                self._waiting.remove(request)
+                self.scheduler.waiting.remove(request)
             except ValueError:
                 return  # already running (dropped at the next step) or finished
         request.emit(RequestEvent(None, "", "cancelled"))
@@ -639,11 +499,11 @@ class ModelRunner:
     @property
     def queue_depth(self) -> int:
         with self._cv:
-            return len(self._waiting)
+            return len(self.scheduler.waiting)
 
     @property
     def active_sequences(self) -> int:
-        return len(self._active)
+        return len(self.scheduler.running)
 
     def wait_until_ready(self, timeout_seconds: float) -> bool:
         return self._resumed.wait(timeout_seconds)
@@ -655,14 +515,18 @@ class ModelRunner:
     def _preempt(self) -> PreemptReport:
         if self.state != "ready":
             raise EngineError("InvalidState", f"model {self.name} is {self.state}, not ready")
+        assert self.pool is not None and self.executor is not None
         start = time.perf_counter()
-        pairs = [p for s in self._active for p in s.cache.save_pairs(s.cached_tokens)]
-        kv_save = timed_copies(self.tier, pairs, what="kv", direction="device_to_host")
+        kv_save = timed_copies(
+            self.tier,
+            self.pool.save_pairs(self.scheduler.used_tokens()),
+            what="kv",
+            direction="device_to_host",
+        )
         released_bytes = self.tier.allocated_bytes(self.owner)
-        for sequence in self._active:
-            sequence.cache.drop_gpu()
-        self._drop_weights(set(self._gpu_flats))
-        self._close_stager()
+        self.executor.drop_graphs()
+        self.pool.drop_gpu()
+        self.placed.drop_all()
         self.tier.unreserve(self.owner)
         self.tier.empty_cache()
         self._resumed.clear()  # before the state: whoever sees "preempted" must find the event clear
@@ -671,9 +535,8 @@ class ModelRunner:
         self.timings.kv_save_seconds = kv_save.seconds
         self.timings.kv_save_transfer = kv_save
         self.timings.kv_bytes = kv_save.moved_bytes
-        return PreemptReport(
-            self.name, kv_save, len(self._active), released_bytes, time.perf_counter() - start
-        )
+        parked = len(self.scheduler.running)
+        return PreemptReport(self.name, kv_save, parked, released_bytes, time.perf_counter() - start)
 
     def resume(self) -> ResumeReport:
         return self.call(self._resume)
@@ -681,26 +544,24 @@ class ModelRunner:
     def _resume(self) -> ResumeReport:
         if self.state != "preempted":
             raise EngineError("InvalidState", f"model {self.name} is {self.state}, not preempted")
+        assert self.pool is not None and self.executor is not None
         start = time.perf_counter()
         need = self._need(self.plan, self.decode_mode, self.prefill_mode)
         self.tier.reserve(self.owner, need.total_bytes)  # refuses, and stays preempted, if it no longer fits
-        resident = [u for u in self.weights.units if u.name in self.plan.resident]
         try:
-            reload = self._upload(resident)
-            self._open_stager()
-            pairs = [p for s in self._active for p in s.cache.restore_pairs()]
-            kv_restore = timed_copies(self.tier, pairs, what="kv", direction="host_to_device")
+            reload = self.placed.upload(self.placed.resident_units())
+            self.placed.open_stager()
+            kv_restore = timed_copies(
+                self.tier, self.pool.restore_pairs(), what="kv", direction="host_to_device"
+            )
         except Exception:  # leave it cleanly preempted: saved KV and host weights are untouched
-            for sequence in self._active:
-                sequence.cache.drop_gpu()
-            self._drop_weights(set(self._gpu_flats))
-            self._close_stager()
+            self.pool.drop_gpu()
+            self.placed.drop_all()
             self.tier.unreserve(self.owner)
             raise
-        gpu_layers = self._gpu_kv_layers()  # the plan or mode may have changed while preempted
-        for sequence in self._active:
-            sequence.cache.restored()
-            sequence.cache.rehome(gpu_layers, sequence.cached_tokens)
+        self.pool.restored()
+        # the plan or mode may have changed while preempted
+        self.pool.rehome(self.placed.kv_layers_on_gpu(), self.scheduler.used_tokens())
         self.state = "ready"
         self._resumed.set()
         self.timings.reload_seconds = reload.seconds
@@ -712,7 +573,8 @@ class ModelRunner:
         self.timings.kv_restore_transfer = kv_restore
         with self._cv:
             self._cv.notify_all()
-        return ResumeReport(self.name, reload, kv_restore, len(self._active), time.perf_counter() - start)
+        parked = len(self.scheduler.running)
+        return ResumeReport(self.name, reload, kv_restore, parked, time.perf_counter() - start)
 
     def set_residency(
         self,
@@ -735,20 +597,25 @@ class ModelRunner:
         new_prefill = prefill_mode or self.prefill_mode
         need = self._need(plan, new_decode, new_prefill)
         if self.state != "ready":  # preempted: takes effect at resume, where the budget is checked
-            self.plan, self.decode_mode, self.prefill_mode = plan, new_decode, new_prefill
+            self.placed.plan, self.placed.decode_mode, self.placed.prefill_mode = (
+                plan,
+                new_decode,
+                new_prefill,
+            )
             return self.residency()
+        assert self.pool is not None and self.executor is not None
         start = time.perf_counter()
         self.tier.reserve(self.owner, max(need.total_bytes, self.tier.reserved_bytes(self.owner)))
-        removed = set(self._gpu_flats) - plan.resident
-        added = [u for u in self.weights.units if u.name in plan.resident and u.name not in self._gpu_flats]
-        self._drop_weights(removed)
-        self._close_stager()
-        self.plan, self.decode_mode, self.prefill_mode = plan, new_decode, new_prefill
-        gpu_layers = self._gpu_kv_layers()
-        for sequence in self._active:
-            sequence.cache.rehome(gpu_layers, sequence.cached_tokens)
-        timing = self._upload(added)
-        self._open_stager()
+        self.executor.drop_graphs()
+        removed = set(self.placed.gpu_flats) - plan.resident
+        self.placed.drop(removed)
+        self.placed.close_stager()
+        self.placed.plan, self.placed.decode_mode, self.placed.prefill_mode = plan, new_decode, new_prefill
+        self.pool.rehome(self.placed.kv_layers_on_gpu(), self.scheduler.used_tokens())
+        timing = self.placed.upload(
+            [u for u in self.weights.units if u.name in plan.resident and u.name not in self.placed.gpu_flats]
+        )
+        self.placed.open_stager()
         self.tier.reserve(self.owner, need.total_bytes)
         self.timings.residency_change_transfer = timing
         log.info(
@@ -776,12 +643,15 @@ class ModelRunner:
         error = EngineError("ModelUnloaded", f"model {self.name} was unloaded")
         self._fail_active(error)
         with self._cv:
-            waiting = list(self._waiting)
-            self._waiting.clear()
+            waiting = list(self.scheduler.waiting)
+            self.scheduler.waiting.clear()
         for request in waiting:
             request.emit(RequestEvent(None, "", "error", error))
-        self._drop_weights(set(self._gpu_flats))
-        self._close_stager()
+        if self.executor is not None:
+            self.executor.drop_graphs()
+        if self.pool is not None:
+            self.pool.release()
+        self.placed.drop_all()
         self.tier.unreserve(self.owner)
         self.tier.empty_cache()
         self.state = "unloaded"

@@ -1,0 +1,192 @@
+"""Where one model's weights are: the units resident in the GPU tier, the host views of the rest, and
+the staging buffers that stream offloaded units in. Uploads and drops are measured transfers."""
+
+from __future__ import annotations
+
+import torch
+
+from residency_worker.engine import model as decoder
+from residency_worker.engine.loading import LoadedWeights, Unit
+from residency_worker.engine.placement import (
+    BudgetNeed,
+    ResidencyPlan,
+    budget_need,
+    gpu_kv_layers,
+    head_matrix_name,
+    head_pieces,
+    head_rows_per_chunk,
+    streamed_pieces,
+    unit_piece,
+)
+from residency_worker.engine.tiers import GpuTier
+from residency_worker.engine.transfer import Stager, upload_units
+from residency_worker.engine.types import ExecutionMode, TransferTiming
+
+
+class PlacedWeights:
+    """A model's residency plan and modes, and the tensors that carry it out."""
+
+    def __init__(
+        self,
+        weights: LoadedWeights,
+        tier: GpuTier,
+        owner: str,
+        plan: ResidencyPlan,
+        decode_mode: ExecutionMode,
+        prefill_mode: ExecutionMode,
+        *,
+        reload_streams: int,
+    ) -> None:
+        self.weights = weights
+        self.tier = tier
+        self.owner = owner
+        self.plan = plan
+        self.decode_mode = decode_mode
+        self.prefill_mode = prefill_mode
+        self.reload_streams = reload_streams
+        spec = weights.spec
+        self.gpu_flats: dict[str, torch.Tensor] = {}
+        self.gpu_views: dict[str, decoder.Weights] = {}
+        self.host_views = {u.name: u.views(weights.host_unit(u)) for u in weights.units}
+        self.layer_units = [weights.unit(f"layer.{i}") for i in range(spec.num_layers)]
+        self.layer_pieces = {u.name: unit_piece(u) for u in self.layer_units}
+        self.head_pieces = head_pieces(weights)
+        self.head_matrix = head_matrix_name(weights)
+        self.head_rows = head_rows_per_chunk(weights)
+        self.embed_unit = weights.unit("head" if spec.tie_word_embeddings else "embed")
+        self.stager: Stager | None = None
+
+    def need(
+        self,
+        plan: ResidencyPlan,
+        decode_mode: ExecutionMode,
+        prefill_mode: ExecutionMode,
+        *,
+        max_batch_size: int,
+        max_sequence_length: int,
+    ) -> BudgetNeed:
+        return budget_need(
+            self.weights,
+            plan,
+            decode_mode=decode_mode,
+            prefill_mode=prefill_mode,
+            max_batch_size=max_batch_size,
+            max_sequence_length=max_sequence_length,
+        )
+
+    def kv_layers_on_gpu(self) -> set[int]:
+        """Layers whose KV lives in the GPU tier: those that decode there (resident, or streamed in)."""
+        return set(gpu_kv_layers(self.weights, self.plan, self.decode_mode))
+
+    def resident_units(self) -> list[Unit]:
+        return [u for u in self.weights.units if u.name in self.plan.resident]
+
+    def resident_weight_bytes(self) -> int:
+        return sum(self.weights.unit_bytes(self.weights.unit(n)) for n in list(self.gpu_flats))
+
+    def streamed(self) -> bool:
+        """Whether some unit of this plan computes on the GPU from a staging buffer."""
+        return bool(streamed_pieces(self.weights, self.plan)) and "stream" in (
+            self.decode_mode,
+            self.prefill_mode,
+        )
+
+    def upload(self, units: list[Unit]) -> TransferTiming:
+        flats, timing = upload_units(self.tier, self.owner, self.weights, units, streams=self.reload_streams)
+        self.gpu_flats.update(flats)
+        for unit in units:
+            self.gpu_views[unit.name] = unit.views(flats[unit.name])
+        return timing
+
+    def drop(self, names: set[str]) -> None:
+        for name in names:
+            self.tier.release(self.gpu_flats.pop(name))
+            self.gpu_views.pop(name, None)
+
+    def drop_all(self) -> None:
+        self.drop(set(self.gpu_flats))
+        self.close_stager()
+
+    def open_stager(self) -> None:
+        if self.streamed():
+            slot_numel = max(p.numel for p in streamed_pieces(self.weights, self.plan))
+            self.stager = Stager(self.tier, self.owner, self.weights, slot_numel)
+
+    def close_stager(self) -> None:
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+
+    def apply(
+        self, plan: ResidencyPlan, decode_mode: ExecutionMode, prefill_mode: ExecutionMode
+    ) -> TransferTiming:
+        """Moves whole units to follow a new plan (the caller reserved the budget and re-homes the KV)."""
+        removed = set(self.gpu_flats) - plan.resident
+        added = [u for u in self.weights.units if u.name in plan.resident and u.name not in self.gpu_flats]
+        self.drop(removed)
+        self.close_stager()
+        self.plan, self.decode_mode, self.prefill_mode = plan, decode_mode, prefill_mode
+        timing = self.upload(added)
+        self.open_stager()
+        return timing
+
+    # -- what the forward pass reads ----------------------------------------------------------------
+    def begin_pass(self, mode: ExecutionMode) -> None:
+        """Starts streaming this pass's offloaded pieces, in compute order."""
+        if mode == "stream" and self.stager is not None:
+            self.stager.begin(streamed_pieces(self.weights, self.plan))
+
+    def layer_weights(self, unit: Unit, mode: ExecutionMode) -> tuple[decoder.Weights, torch.device, bool]:
+        """A layer's tensors, the device it computes on, and whether they came through the stager."""
+        if unit.name in self.gpu_views:
+            return self.gpu_views[unit.name], self.tier.device, False
+        if mode == "stream":
+            assert self.stager is not None, "stream mode without staging buffers"
+            return self.stager.acquire(self.layer_pieces[unit.name]), self.tier.device, True
+        return self.host_views[unit.name], torch.device("cpu"), False
+
+    def release_layer(self, unit: Unit) -> None:
+        assert self.stager is not None
+        self.stager.release(self.layer_pieces[unit.name])
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        """Input embeddings [tokens, hidden] where the table lives (a row gather: cheap on the host)."""
+        if self.embed_unit.name in self.gpu_views:
+            table, device = self.gpu_views[self.embed_unit.name], self.tier.device
+        else:
+            table, device = self.host_views[self.embed_unit.name], torch.device("cpu")
+        return decoder.embed(table, decoder.index_tensor(token_ids, device))
+
+    def embed_device(self) -> torch.device:
+        return self.tier.device if self.embed_unit.name in self.gpu_views else torch.device("cpu")
+
+    def logits(self, last: torch.Tensor, mode: ExecutionMode) -> torch.Tensor:
+        """Float32 logits [rows, vocab], computed in the same row chunks wherever the head lives."""
+        norm_piece, *row_pieces = self.head_pieces
+        spec = self.weights.spec
+        if "head" in self.gpu_views or mode == "cpu":
+            resident = "head" in self.gpu_views
+            device = self.tier.device if resident else torch.device("cpu")
+            views = self.gpu_views["head"] if resident else self.host_views["head"]
+            normed = decoder.final_norm(views["norm.weight"], spec, last.to(device))
+            matrix = views[self.head_matrix]
+            chunks = [
+                decoder.logits_chunk(matrix[start : start + self.head_rows], normed)
+                for start in range(0, matrix.shape[0], self.head_rows)
+            ]
+            return torch.cat(chunks, dim=-1)
+        assert self.stager is not None, "stream mode without staging buffers"
+        last = last.to(self.tier.device, non_blocking=True)
+        normed = decoder.final_norm(self.stager.acquire(norm_piece)["norm.weight"], spec, last)
+        self.stager.release(norm_piece)
+        chunks = []
+        for piece in row_pieces:
+            chunks.append(decoder.logits_chunk(self.stager.acquire(piece)["weight"], normed))
+            self.stager.release(piece)
+        return torch.cat(chunks, dim=-1)
+
+    def computes_on_host(self, mode: ExecutionMode) -> bool:
+        """Whether a pass in ``mode`` runs some layer or the head on the CPU."""
+        if self.tier.device.type == "cpu":
+            return False  # the emulated tier is the host: nothing is "elsewhere"
+        return mode == "cpu" and len(self.gpu_views) < len(self.weights.units)
