@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(BIN):$(PATH)
 export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 export MYPYPATH := src:operator:worker
 
-.PHONY: all venv binaries crds cluster cluster-down lint unit component e2e test reliability report demo demo-down clean help
+.PHONY: all venv binaries crds cluster cluster-down lint docs docs-serve unit component e2e test reliability report demo demo-down clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,6 +43,12 @@ lint: venv ## ruff, mypy --strict, import-linter
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+docs: venv ## build the documentation site into site/ (MkDocs Material, strict: a broken link fails)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: venv ## serve the documentation at http://127.0.0.1:8001, rebuilt on save
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8001
+
 unit: venv ## fast tests of the pure core
 	$(PY) -m pytest -q tests/unit
 
@@ -53,7 +59,7 @@ e2e: venv binaries ## against the real control plane (starts it if needed)
 	hack/cluster.sh up >/dev/null
 	$(PY) -m pytest -q e2e
 
-test: venv binaries lint ## everything CI runs
+test: venv binaries lint docs ## everything CI runs
 	$(PY) -m pytest -q tests
 	hack/cluster.sh up >/dev/null
 	$(PY) -m pytest -q e2e
@@ -80,4 +86,4 @@ demo-down: ## stop the demo's processes (keeps the control plane)
 	hack/demo.sh down
 
 clean: cluster-down ## remove the venv and generated files (keeps the binary cache)
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .demo site .pytest_cache .mypy_cache .ruff_cache

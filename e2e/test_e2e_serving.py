@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,20 @@ def complete(router: str, model: str, prompt: str, max_tokens: int = 16) -> http
         timeout=120,
         json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
     )
+
+
+def events_of(namespace: str, name: str) -> str:
+    """REASON and MESSAGE of every Event on a model, one per line."""
+    return kubectl(
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.name={name}",
+        "-o",
+        "custom-columns=REASON:.reason,MESSAGE:.message",
+    ).stdout
 
 
 def text_of(response: httpx.Response) -> str:
@@ -160,6 +175,14 @@ def test_priority_preemption_and_resume_keep_the_text(
         assert "Preempted" in events
         kubectl("delete", "llm", "high", "-n", namespace, "--timeout=120s")
         resumed = wait_for(lambda: phase(namespace, "low", "Ready"), 120, what="low resumed")
+        # each step is an Event with the seconds the worker measured
+        measured = wait_for(
+            lambda: out if "ModelResumed" in (out := events_of(namespace, "low")) else None,
+            60,
+            what="ModelResumed Event",
+        )
+        assert re.search(r"ModelPreempted\s+preempted on gpu-preempt-1 in \d+\.\d{3} s", measured), measured
+        assert re.search(r"ModelResumed\s+resumed on gpu-preempt-1 in \d+\.\d{3} s", measured), measured
         time.sleep(1.0)
     finally:
         stop.set()
@@ -248,7 +271,16 @@ def test_delete_unloads_first_and_spec_edit_replans(
         120,
         what="Ready at the new generation",
     )
+    # a new KV reservation reloads the model: an Event says so, with the seconds it took
+    reloaded = wait_for(
+        lambda: out if "ModelReloaded" in (out := events_of(namespace, "gone")) else None,
+        60,
+        what="ModelReloaded Event",
+    )
+    assert re.search(r"reloaded after its spec changed on gpu-delete-1 in \d+\.\d{3} s", reloaded), reloaded
     kubectl("delete", "llm", "gone", "-n", namespace, "--timeout=120s")
+    # waiting for the unload is expected: not an error in the operator's log
+    assert "failed temporarily" not in operator.log(), operator.log()[-2000:]
     assert kubectl("get", "modelplacement", f"{namespace}.gone", check=False).returncode != 0
     models = httpx.get(f"{node.url}/v1/models", timeout=10).json()["data"]
     assert all(m["id"] != f"{namespace}/gone" for m in models)

@@ -85,7 +85,18 @@ GO
 }
 
 build_helm() {
-  [ -x "$BIN/helm" ] && return
+  # helm's release build stamps its version and the Kubernetes version it was built against (k8s.io/*
+  # v0.34 -> 1.34); without the latter `helm template` assumes Kubernetes v1.20 and refuses charts that
+  # need newer. A stamp file beside the binary records the flags, so a helm built without them (an older
+  # cache) is rebuilt once.
+  local k8s_minor="${staging_version#v0.}"; k8s_minor="${k8s_minor%%.*}"
+  local flags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  flags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  local pkg
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    flags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
+  done
+  [ -x "$BIN/helm" ] && [ "$(cat "$BIN/helm.ldflags" 2>/dev/null)" = "$flags" ] && return
   local mod="$SRC/helm-$HELM_VERSION"
   mkdir -p "$mod"
   log "building helm $HELM_VERSION"
@@ -99,7 +110,8 @@ import _ "helm.sh/helm/v3/cmd/helm"
 GO
     (cd "$mod" && rm -f go.mod && go mod init residency.dev/helm >/dev/null 2>&1 && go get "helm.sh/helm/v3@$HELM_VERSION" && go mod tidy)
   fi
-  (cd "$mod" && go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$BIN/helm.tmp" helm.sh/helm/v3/cmd/helm && mv "$BIN/helm.tmp" "$BIN/helm")
+  (cd "$mod" && go build -trimpath -ldflags "$flags" -o "$BIN/helm.tmp" helm.sh/helm/v3/cmd/helm && mv "$BIN/helm.tmp" "$BIN/helm")
+  echo "$flags" >"$BIN/helm.ldflags"
 }
 
 case "${1:-all}" in

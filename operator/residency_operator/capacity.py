@@ -14,6 +14,7 @@ from typing import Any
 
 from residency.modeldir import ModelDirInfo
 from residency.names import label_value
+from residency.sizing import memory_text
 from residency_operator.conditions import Verdict
 
 CAPACITY_LABEL = "residency.dev/capacity-request"
@@ -26,7 +27,7 @@ CAPACITY_REASONS = frozenset({"InsufficientGPUMemory", "InsufficientHostMemory",
 class CapacityConfig:
     """How placeholder Pods look: the GPU node pool's selector and tolerations come from the chart."""
 
-    enabled: bool = True
+    enabled: bool = False  # the chart turns it on (operator.capacityRequests.enabled); --capacity-requests
     gpu_resource: str = "nvidia.com/gpu"
     priority_class: str = "residency-capacity-request"
     image: str = "registry.k8s.io/pause:3.10"
@@ -124,7 +125,7 @@ def waiting_verdict(verdict: Verdict, pod: dict[str, Any], gpu_bytes: int, confi
     message = (
         "asked the cluster autoscaler for a GPU node: "
         f"capacity-request pod {meta['namespace']}/{meta['name']} "
-        f"(1 {config.gpu_resource}, {gpu_bytes / 2**30:.2f} GiB of GPU memory needed); {verdict.message}"
+        f"(1 {config.gpu_resource}, {memory_text(gpu_bytes)} of GPU memory needed); {verdict.message}"
     )
     conditions = tuple(
         (c[0], c[1], "WaitingForCapacity", message) if c[0] in ("Scheduled", "Ready") else c

@@ -71,7 +71,9 @@ PLACEMENT_FIELDS = (
 )
 """Status fields that describe where and how the model runs now: a verdict that does not give one (the
 model failed validation, lost its node, waits) clears it rather than leave the last placement's."""
-MODEL_CONDITIONS = frozenset({"Validated", "Scheduled", "Preempted", "Loaded", "Ready", "Degraded"})
+MODEL_CONDITIONS = frozenset(
+    {"Validated", "Scheduled", "Preempted", "Loaded", "Ready", "Degraded", "DecodeAsPredicted"}
+)
 """Condition types the operator writes on an LLMModel; those a verdict does not set no longer apply."""
 
 

@@ -41,7 +41,7 @@ class OperatorConfig:
             heartbeat_grace_seconds=float(os.environ.get("RESIDENCY_HEARTBEAT_GRACE_SECONDS", "60")),
             lease_namespace=os.environ.get("RESIDENCY_NAMESPACE", "default"),
             capacity=CapacityConfig(
-                enabled=os.environ.get("RESIDENCY_CAPACITY_REQUESTS", "true").lower() == "true",
+                enabled=os.environ.get("RESIDENCY_CAPACITY_REQUESTS", "false").lower() == "true",
                 gpu_resource=os.environ.get("RESIDENCY_GPU_RESOURCE", "nvidia.com/gpu"),
                 priority_class=os.environ.get(
                     "RESIDENCY_CAPACITY_PRIORITY_CLASS", "residency-capacity-request"

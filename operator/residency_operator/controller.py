@@ -33,6 +33,7 @@ from residency_operator.capacity import (
     waiting_verdict,
 )
 from residency_operator.conditions import desired_status, now_rfc3339, status_patch
+from residency_operator.events import operation_event, prediction_event, with_operation, with_prediction_check
 from residency_operator.kube import Kube
 from residency_operator.metrics import OperatorMetrics
 from residency_operator.planner import Plan, PlannerConfig, plan
@@ -272,8 +273,12 @@ class Controller:
             if key in waiting and verdict.phase == "Unschedulable":
                 pod, gpu_bytes = waiting[key]
                 verdict = waiting_verdict(verdict, pod, gpu_bytes, self.capacity)
+            verdict = with_prediction_check(with_operation(verdict, placement))
             phases[verdict.phase] = phases.get(verdict.phase, 0) + 1
             current = dict(body.get("status") or {})
+            events = [
+                e for e in (operation_event(current, placement), prediction_event(current, verdict)) if e
+            ]
             generation = body["metadata"].get("generation")
             patch = status_patch(current, desired_status(current, verdict, generation, now_rfc3339()))
             if not patch:
@@ -292,6 +297,8 @@ class Controller:
                 warn = verdict.phase in WARNING_PHASES or verdict.reason in RETRIED_LOAD_FAILURES
                 event_type = "Warning" if warn else "Normal"
                 self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
+            for event_type, reason, message in events:
+                self.kube.post_event(body, event_type, reason, message)
         report.seconds = time.perf_counter() - started
         self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
         return report

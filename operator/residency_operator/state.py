@@ -14,6 +14,7 @@ from typing import Any
 from residency.api import API_VERSION, ConditionStatus
 from residency.modeldir import ModelDirInfo
 from residency.names import label_value, placement_name
+from residency.sizing import memory_text
 from residency_operator.conditions import Verdict
 from residency_operator.planner import (
     CurrentPlacement,
@@ -622,7 +623,7 @@ def model_verdict(
     if key in inputs.invalid:
         return inputs.invalid[key]
     info = inputs.infos[key]
-    facts = f"{info.model_type}, {info.num_layers} layers, {info.weight_bytes / 2**30:.2f} GiB of weights"
+    facts = f"{info.model_type}, {info.num_layers} layers, {memory_text(info.weight_bytes)} of weights"
     validated: tuple[str, ConditionStatus, str, str] = ("Validated", "True", "ModelValid", facts)
     base_extra: tuple[tuple[str, Any], ...] = (
         ("architecture", info.model_type),

@@ -46,6 +46,12 @@ def operator(
     liveness: str | None = typer.Option(
         None, help="Serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz"
     ),
+    capacity_requests: bool | None = typer.Option(
+        None,
+        "--capacity-requests/--no-capacity-requests",
+        help="Create placeholder Pods that ask a cluster autoscaler for GPU nodes when a model fits "
+        "nowhere (env RESIDENCY_CAPACITY_REQUESTS; default off: without an autoscaler they stay Pending).",
+    ),
 ) -> None:
     """Run the kopf operator: validates LLMModels, plans placements, writes status and Events."""
     from residency_operator.config import OperatorConfig
@@ -56,8 +62,11 @@ def operator(
     if not roots:
         raise typer.BadParameter("give at least one --models-root (or set RESIDENCY_MODEL_ROOTS)")
     remote = list(trust_remote_code_root) or env.remote_code_roots
+    capacity = env.capacity
+    if capacity_requests is not None:
+        capacity = dataclasses.replace(capacity, enabled=capacity_requests)
     config = dataclasses.replace(
-        env, allowed_model_roots=roots, namespaces=namespace, remote_code_roots=remote
+        env, allowed_model_roots=roots, namespaces=namespace, remote_code_roots=remote, capacity=capacity
     )
     run_operator(config, liveness_endpoint=liveness)
 
@@ -124,7 +133,12 @@ def router(
 def chat(
     model: str = typer.Argument(..., help="namespace/name, or a name in the caller's namespace."),
     prompt: str = typer.Argument(..., help="The user message."),
-    router_url: str = typer.Option("http://127.0.0.1:8000", "--router", help="The router's base URL."),
+    router_url: str = typer.Option(
+        "http://127.0.0.1:8000",
+        "--router",
+        envvar="RESIDENCY_ROUTER",
+        help="The router's base URL (`make demo` prints the export line for its router).",
+    ),
     max_tokens: int = typer.Option(32, min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 decodes greedily."),
     token_file: Path | None = typer.Option(None, help="Bearer token for the router."),
@@ -155,6 +169,30 @@ def chat(
         typer.echo(f"error {response.status_code}: {response.text}", err=True)
         raise typer.Exit(1)
     typer.echo(response.json()["choices"][0]["message"]["content"])
+
+
+@app.command()
+def doctor(
+    router_url: str = typer.Option(
+        "http://127.0.0.1:8000", "--router", envvar="RESIDENCY_ROUTER", help="The router's base URL."
+    ),
+    namespace: str = typer.Option(
+        "default",
+        "--lease-namespace",
+        envvar="RESIDENCY_NAMESPACE",
+        help="Namespace of the operator's Lease (the chart's release namespace).",
+    ),
+) -> None:
+    """One screen: are the API server, CRDs, operator, router and each worker reachable and healthy?"""
+    from residency.doctor import gather, render
+
+    checks = gather(router_url, namespace)
+    typer.echo(render(checks))
+    failed = [c for c in checks if not c.ok and not c.warning]
+    if failed:
+        typer.echo(f"\n{len(failed)} problem(s): see the hints above.")
+        raise typer.Exit(1)
+    typer.echo("\nall good.")
 
 
 def _register_contributed() -> None:

@@ -37,3 +37,22 @@ def workspace_bytes(
 def staging_bytes(largest_streamed_unit_bytes: int) -> int:
     """Two reusable staging buffers: the copy of unit i+1 overlaps the compute of unit i."""
     return 2 * largest_streamed_unit_bytes
+
+
+_MEMORY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def memory_text(value_bytes: float) -> str:
+    """Bytes in the unit that fits, at most one decimal: ``512 B``, ``8.0 MiB``, ``17.2 GiB``, ``640 GiB``.
+
+    Messages name sizes from a few MiB (a test node) to many GiB (a GPU); one fixed unit would round the
+    small ones to nothing ("0.0 GiB")."""
+    value = float(value_bytes)
+    unit = 0
+    while abs(value) >= 1024 and unit < len(_MEMORY_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    if unit == 0:
+        return f"{value:.0f} B"
+    digits = 1 if abs(value) < 100 else 0
+    return f"{value:.{digits}f} {_MEMORY_UNITS[unit]}"

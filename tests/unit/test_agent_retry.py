@@ -52,3 +52,24 @@ def test_demand_is_reported_when_it_starts_stops_or_moves_and_not_more_often() -
     assert not demand_report_due(wire(10.0, 50.0), wire(20.0, 5.0), later, young=True)
     assert demand_report_due(wire(10.0), wire(20.0), later, young=True)
     assert demand_report_due(None, wire(0.0), None, young=True)
+
+
+def test_every_operation_names_every_field() -> None:
+    """A status is merge-patched: an operation that left a field out would keep the previous one's value
+    (a preemption showing the bytes of the resume before it), and the operator would announce it again on
+    every round because the copies never compare equal."""
+    from residency_worker.agent import operation_wire
+    from residency_worker.engine.types import PreemptReport, ResumeReport, TransferTiming
+
+    def timing(moved_bytes: int) -> TransferTiming:
+        return TransferTiming.of(
+            "weights", "host_to_device", moved_bytes, 0.01, path="pinned", copies=1, streams=1, emulated=True
+        )
+
+    resume = operation_wire("resume", 0.02, "gpu-a", 0.0, ResumeReport("m", timing(4096), timing(0), 1, 0.02))
+    preempt = operation_wire("preempt", 0.01, "gpu-a", 0.6, PreemptReport("m", timing(0), 0, 1024, 0.01))
+    load = operation_wire("load", 0.5, "gpu-a", None, None)
+    assert set(resume) == set(preempt) == set(load)
+    assert all(value is not None for op in (resume, preempt, load) for value in op.values())
+    assert (resume["action"], resume["movedBytes"], resume["requests"]) == ("Resume", 4096, 1)
+    assert (preempt["action"], preempt["movedBytes"], preempt["fromFraction"]) == ("Preempt", 0, 0.6)

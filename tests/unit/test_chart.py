@@ -67,6 +67,17 @@ def test_lint_strict() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_helm_is_built_with_its_version_stamps() -> None:
+    """The project's helm renders the chart offline as a released helm does: it knows its own version and
+    the Kubernetes version it was built against (unstamped, it assumes v1.20 and refuses the chart's
+    kubeVersion)."""
+    version = helm("version", "--template", "{{.Version}}")
+    assert version.stdout.strip().startswith("v3."), version.stdout + version.stderr
+    result = helm("template", "rel", str(CHART), "-n", "residency")
+    assert result.returncode == 0, result.stderr
+    assert "kind: Deployment" in result.stdout
+
+
 def test_chart_crds_are_the_generated_ones() -> None:
     source = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
     copied = sorted(p.name for p in (CHART / "files" / "crds").glob("*.yaml"))

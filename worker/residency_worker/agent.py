@@ -29,7 +29,16 @@ from residency.names import label_value
 from residency_worker.engine import Engine, ModelOptions
 from residency_worker.engine.runner import DEMAND_WINDOW_SECONDS
 from residency_worker.engine.tiers import synchronize
-from residency_worker.engine.types import EngineError, ModelTimings, ObservedDemand
+from residency_worker.engine.types import (
+    EngineError,
+    LoadReport,
+    ModelTimings,
+    ObservedDemand,
+    PreemptReport,
+    ResidencyReport,
+    ResumeReport,
+    TransferTiming,
+)
 
 log = logging.getLogger("residency.agent")
 NODE_LABEL = "residency.dev/node"
@@ -93,6 +102,42 @@ def timings_wire(timings: ModelTimings) -> dict[str, Any]:
         wire["transferPath"] = transfer.path
     elif timings.host_to_device_gbps is not None:
         wire["hostToDeviceGBps"] = round(timings.host_to_device_gbps, 4)
+    return wire
+
+
+def operation_wire(
+    action: str, seconds: float, node: str, before: float | None, report: object
+) -> dict[str, Any]:
+    """One lifecycle operation in the API's Operation shape: what it moved and how long it took.
+
+    Every key is always there (0 where nothing was moved): a status is merge-patched, so a key left out
+    would keep the previous operation's value."""
+    wire: dict[str, Any] = {
+        "action": action.capitalize(),
+        "seconds": round(seconds, 6),
+        "node": node,
+        "time": now_rfc3339(),
+        "fromFraction": round(before or 0.0, 6),
+        "toFraction": 0.0,
+        "movedBytes": 0,
+        "gbps": 0.0,
+        "requests": 0,
+    }
+    transfer: TransferTiming | None = None
+    if isinstance(report, LoadReport):
+        wire["toFraction"] = round(report.residency.resident_fraction, 6)
+        transfer = report.host_to_device
+    elif isinstance(report, ResidencyReport):
+        wire["toFraction"] = round(report.resident_fraction, 6)
+    elif isinstance(report, PreemptReport):
+        transfer = report.kv_save
+        wire["requests"] = report.sequences_parked
+    elif isinstance(report, ResumeReport):
+        transfer = report.reload
+        wire["requests"] = report.sequences_resumed
+    if transfer is not None and transfer.moved_bytes:
+        wire["movedBytes"] = transfer.moved_bytes
+        wire["gbps"] = round(transfer.gbps, 4)
     return wire
 
 
@@ -187,6 +232,8 @@ class NodeAgent:
     _last_heartbeat: float = 0.0
     _profile_spec: dict[str, Any] | None = None
     _demand_reported_at: dict[str, float] = field(default_factory=dict)  # monotonic, per model
+    _operations: dict[str, dict[str, Any]] = field(default_factory=dict)  # last one per model, API shape
+    _reload_pending: set[str] = field(default_factory=set)  # unloaded for a spec change: next load reloads
 
     # -- node profile -------------------------------------------------------------------------------
     def profile_spec(self) -> dict[str, Any]:
@@ -322,6 +369,7 @@ class NodeAgent:
         for name in sorted(loaded & set(wanted)):
             if self._loaded_specs.get(name, _load_key(wanted[name])) != _load_key(wanted[name]):
                 self._unload(name)  # path, dtype or KV reservation changed: load afresh below
+                self._reload_pending.add(name)
         loaded = set(self.engine.names())
         for name in sorted(loaded & set(wanted)):
             # the SLO it is paced to follows the LLMModel's without moving anything
@@ -389,10 +437,13 @@ class NodeAgent:
             and not failure.retry_now(self._others_reserved_bytes(name), self.engine.tier.budget_bytes)
         ):
             return  # already failed for this spec: wait for room, or for the operator to re-plan
+        before = self.engine.residency(name).resident_fraction if name in self.engine.names() else None
+        started = time.perf_counter()
+        report: object = None
         try:
             if action == "load":
                 self._patch_status(placement, {"state": "Loading", "reason": None, "message": None})
-                self.engine.load(
+                report = self.engine.load(
                     name,
                     spec["sourcePath"],
                     ModelOptions(
@@ -410,17 +461,26 @@ class NodeAgent:
                 )
                 self._loaded_specs[name] = _load_key(placement)
             elif action == "preempt":
-                self.engine.preempt(name)
+                report = self.engine.preempt(name)
             elif action == "resume":
                 self._patch_status(placement, {"state": "Loading"})
-                self.engine.resume(name)
+                report = self.engine.resume(name)
             elif action in ("demote", "promote"):
                 mode = spec.get("executionMode", "stream")
-                self.engine.set_residency(
+                report = self.engine.set_residency(
                     name, float(spec["residentFraction"]), decode_mode=mode, prefill_mode=PREFILL_MODE
                 )
-            log.info("%s %s on %s", action, name, self.config.node)
+            seconds = time.perf_counter() - started
+            log.info("%s %s on %s in %.3f s", action, name, self.config.node, seconds)
             self._failures.pop(name, None)
+            reload = action == "load" and name in self._reload_pending
+            self._reload_pending.discard(name)
+            operation = operation_wire(
+                "reload" if reload else action, seconds, self.config.node, before, report
+            )
+            if action == "resume":  # back at the fraction it held
+                operation["toFraction"] = round(self.engine.residency(name).resident_fraction, 6)
+            self._operations[name] = operation
         except EngineError as exc:
             log.warning("%s of %s failed: %s (%s)", action, name, exc.message, exc.reason)
             self._failures[name] = _Failure(
@@ -479,6 +539,7 @@ class NodeAgent:
                 "executionMode": model.residency.decode_mode,
                 "residentBytes": model.residency.gpu_reserved_bytes if state == "Loaded" else 0,
                 "timings": timings_wire(model.timings),
+                "lastOperation": self._operations.get(name),
                 "endpoint": f"{self.config.endpoint}/v1",
                 "reason": None,
                 "message": None,
@@ -540,6 +601,8 @@ class NodeAgent:
 
     def _unload(self, name: str) -> None:
         self._loaded_specs.pop(name, None)
+        self._operations.pop(name, None)
+        self._reload_pending.discard(name)
         self._demand_reported_at.pop(name, None)
         try:
             self.engine.unload(name)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from residency.modelgen import ARCHES, PRESETS
+
 
 def _read_token(path: Path | None, env_name: str) -> str | None:
     """A bearer token from a file (preferred) or an environment variable; never logged."""
@@ -132,16 +134,20 @@ def worker(
 
 def make_model_command(
     out_dir: Path = typer.Argument(..., help="Directory to write (created if needed)."),
-    arch: str = typer.Option("llama", "--arch", help="llama | qwen2 | qwen3 | mistral | phi3"),
-    preset: str = typer.Option("tiny", "--preset", help="tiny | qwen2.5-0.5b | qwen2.5-3b | llama-3-8b"),
+    arch: str = typer.Option("llama", "--arch", help=" | ".join(ARCHES)),
+    preset: str = typer.Option("tiny", "--preset", help=" | ".join(PRESETS)),
     seed: int = typer.Option(0, "--seed"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32"),
+    layers: int | None = typer.Option(
+        None, "--layers", min=1, help="The preset's widths at this many layers (default: the preset's)."
+    ),
 ) -> None:
     """Write a random-initialised Hugging Face model directory with real shapes (no downloads)."""
     from residency.modelgen import make_model
 
+    overrides = None if layers is None else {"num_hidden_layers": layers}
     try:
-        path = make_model(out_dir, arch=arch, preset=preset, seed=seed, dtype=dtype)
+        path = make_model(out_dir, arch=arch, preset=preset, seed=seed, dtype=dtype, overrides=overrides)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import kopf
@@ -29,15 +30,34 @@ def on_cluster_change(memo: kopf.Memo, **_: Any) -> None:
     _controller(memo).poke()
 
 
+UNLOAD_WAIT_SECONDS = 60.0
+"""How long one delete handler call waits for the unload before it hands back to kopf to retry. An unload
+normally takes a second or two: waiting here, logged at info, keeps a normal delete out of the error log
+(kopf logs every TemporaryError as an ERROR); only an unload slower than this is worth an error."""
+
+
 @kopf.on.delete(*LLMMODELS)
-async def on_model_delete(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+async def on_model_delete(meta: kopf.Meta, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Unload first: the model's placement goes, its worker frees the memory, then the model goes."""
     controller = _controller(memo)
     name = placement_name(f"{meta['namespace']}/{meta['name']}")
-    placement = await asyncio.to_thread(controller.kube.get_placement, name)
-    if placement is None:
-        return
-    if not placement["metadata"].get("deletionTimestamp"):
-        await asyncio.to_thread(controller.kube.delete_placement, name)
-    controller.poke()
-    raise kopf.TemporaryError(f"waiting for the worker on {placement['spec']['nodeName']} to unload", delay=1)
+    deadline = time.monotonic() + UNLOAD_WAIT_SECONDS
+    announced = False
+    while True:
+        placement = await asyncio.to_thread(controller.kube.get_placement, name)
+        if placement is None:
+            return
+        if not placement["metadata"].get("deletionTimestamp"):
+            await asyncio.to_thread(controller.kube.delete_placement, name)
+        controller.poke()
+        node = placement["spec"]["nodeName"]
+        if time.monotonic() > deadline:
+            raise kopf.TemporaryError(
+                f"the worker on {node} has not unloaded the model in {UNLOAD_WAIT_SECONDS:.0f} s; "
+                "still waiting (is it running? `residency doctor`)",
+                delay=5,
+            )
+        if not announced:
+            logger.info("waiting for the worker on %s to unload", node)
+            announced = True
+        await asyncio.sleep(0.5)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from residency.sizing import memory_text
 from residency_operator.planner.options import (
     MODES,
     BoolArray,
@@ -14,12 +15,7 @@ from residency_operator.planner.options import (
     usable_gpu_bytes,
     usable_host_bytes,
 )
-from residency_operator.planner.types import GIB, ModelDemand, NodeCapacity, Unschedulable
-
-
-def gib(value_bytes: float) -> str:
-    """Bytes as GiB with one decimal, e.g. ``17.2 GiB``."""
-    return f"{value_bytes / GIB:.1f} GiB"
+from residency_operator.planner.types import ModelDemand, NodeCapacity, Unschedulable
 
 
 def percent(fraction: float) -> str:
@@ -283,8 +279,8 @@ def _reasons_chunk(
                 Unschedulable(
                     model.name,
                     "Deferred",
-                    prefix + f"{gib(need_gpu_list[k][position])} would fit on a free {gpu_type}, but loading "
-                    "it now costs more than it would serve over the planning horizon",
+                    prefix + f"{memory_text(need_gpu_list[k][position])} would fit on a free {gpu_type}, "
+                    "but loading it now costs more than it would serve over the planning horizon",
                 )
             )
             continue
@@ -296,8 +292,8 @@ def _reasons_chunk(
                 Unschedulable(
                     model.name,
                     "InsufficientGPUMemory",
-                    prefix + f"needs {gib(gpu_needed_k)} on the GPU ({percent(fraction)} resident)"
-                    f"{for_slo(model)}; the largest node has {gib(context.capacity_gpu)}",
+                    prefix + f"needs {memory_text(gpu_needed_k)} on the GPU ({percent(fraction)} resident)"
+                    f"{for_slo(model)}; the largest node has {memory_text(context.capacity_gpu)}",
                 )
             )
         elif host_needed_k > context.capacity_host:
@@ -305,8 +301,8 @@ def _reasons_chunk(
                 Unschedulable(
                     model.name,
                     "InsufficientHostMemory",
-                    prefix + f"needs {gib(host_needed_k)} of host memory for offloaded weights; "
-                    f"the largest node has {gib(context.capacity_host)}",
+                    prefix + f"needs {memory_text(host_needed_k)} of host memory for offloaded weights; "
+                    f"the largest node has {memory_text(context.capacity_host)}",
                 )
             )
         elif not any_fits_gpu[k]:
@@ -314,8 +310,8 @@ def _reasons_chunk(
                 Unschedulable(
                     model.name,
                     "InsufficientGPUMemory",
-                    prefix + f"needs {gib(gpu_needed_k)} resident{for_slo(model)}; "
-                    f"largest free is {gib(largest_gpu[k])}",
+                    prefix + f"needs {memory_text(gpu_needed_k)} resident{for_slo(model)}; "
+                    f"largest free is {memory_text(largest_gpu[k])}",
                 )
             )
         elif not any_fits_host[k]:
@@ -323,9 +319,9 @@ def _reasons_chunk(
                 Unschedulable(
                     model.name,
                     "InsufficientHostMemory",
-                    prefix + f"needs {gib(host_needed_k)} of host memory for offloaded weights "
+                    prefix + f"needs {memory_text(host_needed_k)} of host memory for offloaded weights "
                     f"at {percent(fraction)} resident; largest free beside enough GPU memory is "
-                    f"{gib(largest_host[k])}",
+                    f"{memory_text(largest_host[k])}",
                 )
             )
         elif not room_in_class_list[k]:
@@ -336,9 +332,9 @@ def _reasons_chunk(
                 Unschedulable(
                     model.name,
                     "InsufficientGPUMemory",
-                    prefix + f"needs {gib(gpu_needed_k)} resident{for_slo(model)} on an {gpu_type} "
+                    prefix + f"needs {memory_text(gpu_needed_k)} resident{for_slo(model)} on an {gpu_type} "
                     f"({percent(fraction)} resident); the {gpu_type} with the most free has "
-                    f"{gib(largest_in_class_list[k])}",
+                    f"{memory_text(largest_in_class_list[k])}",
                 )
             )
         else:

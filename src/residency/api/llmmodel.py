@@ -126,6 +126,27 @@ class Timings(StatusModel):
     emulated: bool | None = Field(default=None, description="True when measured on an emulated GPU tier.")
 
 
+OperationAction = Literal["Load", "Reload", "Demote", "Promote", "Preempt", "Resume"]
+
+
+class Operation(StatusModel):
+    """The last lifecycle operation a worker carried out on the model, as it measured it."""
+
+    action: OperationAction = Field(description="Load, Reload, Demote, Promote, Preempt or Resume.")
+    seconds: float = Field(ge=0, description="Wall seconds the operation took on the worker.")
+    node: str | None = Field(default=None, max_length=253)
+    from_fraction: float | None = Field(default=None, ge=0, le=1, description="Resident share before.")
+    to_fraction: float | None = Field(default=None, ge=0, le=1, description="Resident share after.")
+    moved_bytes: int | None = Field(
+        default=None, ge=0, description="Bytes copied to the GPU (weights; KV saved for a preemption)."
+    )
+    gbps: float | None = Field(default=None, ge=0, description="GB/s of that copy.")
+    requests: int | None = Field(
+        default=None, ge=0, description="Requests parked (preempt) or continued (resume)."
+    )
+    time: str | None = Field(default=None, max_length=64, description="When it finished (RFC 3339).")
+
+
 class LLMModelStatus(StatusModel):
     """What residency decided and observed."""
 
@@ -143,6 +164,9 @@ class LLMModelStatus(StatusModel):
     predicted_decode_tokens_per_second: float | None = Field(default=None, ge=0)
     observed: ObservedRates | None = None
     timings: Timings | None = None
+    last_operation: Operation | None = Field(
+        default=None, description="The last load, reload, demotion, promotion, preemption or resume."
+    )
     endpoint: str | None = Field(default=None, max_length=2048, description="URL that serves the model.")
     architecture: str | None = Field(default=None, max_length=128, description="config.json model_type.")
     weight_bytes: int | None = Field(default=None, ge=0, description="Total weight bytes at spec.dtype.")
@@ -180,6 +204,13 @@ class LLMModel(CustomResource):
         },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority", "priority": 1},
+        {
+            "name": "Mode",
+            "type": "string",
+            "jsonPath": ".status.executionMode",
+            "priority": 1,
+            "description": "How offloaded layers decode: stream or cpu",
+        },
         {
             "name": "SLO",
             "type": "number",

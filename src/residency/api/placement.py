@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from residency.api.common import ApiModel, Condition, CustomResource, StatusModel
-from residency.api.llmmodel import DType, Timings
+from residency.api.llmmodel import DType, Operation, Timings
 
 ExecutionMode = Literal["stream", "cpu"]
 """How a placement decodes its offloaded layers: ``stream`` copies them to the GPU each step, ``cpu`` computes
@@ -84,6 +84,10 @@ class ModelPlacementStatus(StatusModel):
     resident_bytes: int | None = Field(default=None, ge=0)
     observed_decode_tokens_per_second: float | None = Field(default=None, ge=0)
     timings: Timings | None = None
+    last_operation: Operation | None = Field(
+        default=None,
+        description="The last load, reload, demotion, promotion, preemption or resume, measured.",
+    )
     endpoint: str | None = Field(default=None, max_length=2048)
     last_active_time: datetime | None = Field(
         default=None, description="When the model last had a request or a running sequence (idle scale-down)."
@@ -118,10 +122,30 @@ class ModelPlacement(CustomResource):
     printer_columns: ClassVar[list[dict[str, object]]] = [
         {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
         {"name": "Node", "type": "string", "jsonPath": ".spec.nodeName"},
-        {"name": "Resident", "type": "number", "jsonPath": ".spec.residentFraction"},
+        {
+            "name": "Resident",
+            "type": "number",
+            "jsonPath": ".spec.residentFraction",
+            "description": "Share of weight bytes the planner keeps in GPU memory",
+        },
+        {
+            "name": "Mode",
+            "type": "string",
+            "jsonPath": ".spec.executionMode",
+            "description": "How offloaded layers decode: stream (copied to the GPU) or cpu (on the host)",
+        },
         {"name": "Desired", "type": "string", "jsonPath": ".spec.desiredState"},
         {"name": "State", "type": "string", "jsonPath": ".status.state"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "Namespace", "type": "string", "jsonPath": ".spec.model.namespace", "priority": 1},
+        {
+            "name": "Held",
+            "type": "number",
+            "jsonPath": ".status.residentFraction",
+            "priority": 1,
+            "description": "Share of weight bytes the worker holds in GPU memory now",
+        },
+        {"name": "Reason", "type": "string", "jsonPath": ".spec.reason", "priority": 1},
     ]
 
     kind: Literal["ModelPlacement"] = "ModelPlacement"
