@@ -1,7 +1,9 @@
 """The planning loop: read the cluster, plan, write placements before any worker acts, report status.
 
-Level-triggered: each round recomputes everything from the API server's state, so a restart or a lost
-event changes nothing. Only the holder of the `residency-operator` Lease writes.
+Level-triggered: each round recomputes everything from the API server's state (as the watch-fed
+:class:`~residency_operator.cache.ClusterCache` holds it), so a restart or a lost event changes nothing.
+A round runs when a change that can alter the plan arrives, when a node's liveness flips, and every
+resync period. Only the holder of the `residency-operator` Lease writes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from residency.names import placement_name
+from residency_operator.cache import ClusterCache
 from residency_operator.capacity import (
     CAPACITY_LABEL,
     MODEL_LABEL,
@@ -42,14 +45,18 @@ from residency_operator.state import (
     ClusterState,
     Inputs,
     OperatorKnobs,
+    Validate,
     desired_placements,
+    live_nodes,
     model_key,
     model_verdict,
     placement_needs_update,
     planner_inputs,
     rejected_verdict,
+    unschedulable_by_model,
     write_phase,
 )
+from residency_operator.validation import validate_model
 
 log = logging.getLogger("residency.controller")
 LEASE_NAME = "residency-operator"
@@ -96,8 +103,18 @@ class Controller:
         capacity: CapacityConfig | None = None,
         metrics: OperatorMetrics | None = None,
         namespaces: Sequence[str] = (),
+        cache: ClusterCache | None = None,
+        validation_seconds: float = 60.0,
     ) -> None:
         self.kube = kube
+        self.cache = cache
+        """Watch-fed state; without one, each round lists every kind from the API server (tests)."""
+        self.validation_seconds = validation_seconds
+        """How long a model's validation verdict (its directory read from disk) is reused."""
+        self._validated: dict[tuple[str, Any], tuple[float, Any]] = {}
+        self._live: frozenset[str] | None = None  # nodes taking work in the last round
+        self._last_round = -float("inf")
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.namespaces = frozenset(namespaces)
         """The namespaces whose models this operator serves (empty: all)."""
         self._foreign_gpu_bytes: dict[str, int] = {}
@@ -120,20 +137,49 @@ class Controller:
         self._stopping = False
 
     def poke(self) -> None:
-        """Something changed in the cluster: plan again soon."""
-        self._dirty.set()
+        """Something changed in the cluster: plan again soon (safe from any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._dirty.set()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._dirty.set()
+        else:
+            loop.call_soon_threadsafe(self._dirty.set)
+
+    def round_due(self, dirty: bool) -> bool:
+        """Whether to plan now: a change came, the resync period passed, or a node's liveness flipped
+        (a Lease that stopped being renewed sends no event)."""
+        if dirty or time.monotonic() - self._last_round >= self.resync_seconds:
+            return True
+        if self.cache is None or self._live is None:
+            return False
+        return live_nodes(self.cache.state(), datetime.now(UTC), self.knobs) != self._live
 
     async def run(self) -> None:
-        """Forever: wait for a change or the resync period, then plan (when leader)."""
+        """Forever: wait for a change, a liveness check or the resync period, then plan (when leader)."""
+        self._loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._dirty.wait(), timeout=min(self.resync_seconds, self.lease_seconds / 3)
                 )
             await asyncio.sleep(self.debounce_seconds)
+            dirty = self._dirty.is_set()
             self._dirty.clear()
             try:
                 if not await asyncio.to_thread(self._renew):
+                    self._last_round = -float("inf")  # a new leader plans at once
+                    continue
+                if self.cache is not None and not self.cache.synced():
+                    self._dirty.set()  # plan from a complete view only
+                    await asyncio.sleep(0.5)
+                    continue
+                if not self.round_due(dirty):
                     continue
                 report = await asyncio.to_thread(self._lead_round)
                 if report is None:
@@ -183,12 +229,16 @@ class Controller:
     def read_state(self) -> ClusterState:
         """The cluster as this operator plans it: with ``namespaces``, only their models, profiles and
         placements (another operator's placements are left alone; see :meth:`foreign_gpu_bytes`)."""
-        state = ClusterState(
-            models=self.kube.list_custom("llmmodels"),
-            node_profiles=self.kube.list_custom("nodeprofiles"),
-            nodes=self.kube.list_nodes(),
-            placements=self.kube.list_custom("modelplacements"),
-            sensitivity_profiles=self.kube.list_custom("sensitivityprofiles"),
+        state = (
+            self.cache.state()
+            if self.cache is not None
+            else ClusterState(
+                models=self.kube.list_custom("llmmodels"),
+                node_profiles=self.kube.list_custom("nodeprofiles"),
+                nodes=self.kube.list_nodes(),
+                placements=self.kube.list_custom("modelplacements"),
+                sensitivity_profiles=self.kube.list_custom("sensitivityprofiles"),
+            )
         )
         self._foreign_gpu_bytes = self.foreign_gpu_bytes(state.placements)
         if not self.namespaces:
@@ -218,12 +268,34 @@ class Controller:
             held[node] = held.get(node, 0) + int((placement.get("status") or {}).get("residentBytes") or 0)
         return held
 
+    def validator(self) -> Validate:
+        """validate_model, its verdict reused per model generation for :attr:`validation_seconds` (reading
+        ten thousand model directories every round would be most of the round)."""
+        now = time.monotonic()
+        self._validated = {k: v for k, v in self._validated.items() if now - v[0] < self.validation_seconds}
+
+        def validate(body: dict[str, Any]) -> Any:
+            meta = body["metadata"]
+            key = (str(meta.get("uid") or model_key(body)), meta.get("generation"))
+            hit = self._validated.get(key)
+            if hit is None:
+                result = validate_model(
+                    body["spec"], self.knobs.allowed_model_roots, self.knobs.remote_code_roots
+                )
+                hit = self._validated[key] = (now, result)
+            return hit[1]
+
+        return validate
+
     def round(self) -> RoundReport:
         """One level-triggered planning round."""
         started = time.perf_counter()
+        self._last_round = time.monotonic()
         report = RoundReport()
         state = self.read_state()
-        inputs = planner_inputs(state, datetime.now(UTC), self.knobs)
+        now = datetime.now(UTC)
+        self._live = live_nodes(state, now, self.knobs)
+        inputs = planner_inputs(state, now, self.knobs, self.validator())
         foreign = self._foreign_gpu_bytes
         if foreign:
             inputs.nodes = [
@@ -258,11 +330,12 @@ class Controller:
         waiting = self._request_capacity(result, inputs)
         self._report_drains(state, inputs, desired)
         phases: dict[str, int] = {}
+        unschedulable = unschedulable_by_model(result)
         for key, body in sorted(inputs.bodies.items()):
             placement = existing.get(placement_name(key))
             if placement is not None and placement_name(key) not in desired:
                 placement = None
-            verdict = model_verdict(key, inputs, result, placement)
+            verdict = model_verdict(key, inputs, result, placement, unschedulable)
             refused = report.rejected.get(placement_name(key))
             if refused is not None:
                 verdict = rejected_verdict(verdict, refused)
@@ -277,7 +350,9 @@ class Controller:
                 continue
             namespace, name = key.split("/", 1)
             try:
-                self.kube.patch_model_status(namespace, name, patch)
+                patched = self.kube.patch_model_status(namespace, name, patch)
+                if self.cache is not None:
+                    self.cache.models.written(patched)
             except ApiException as exc:
                 if exc.status not in REJECTED_STATUSES:
                     raise
@@ -312,14 +387,18 @@ class Controller:
     ) -> None:
         if have is None:
             wanted["metadata"]["finalizers"] = [UNLOAD_FINALIZER]
-            self.kube.create_placement(wanted)
+            created = self.kube.create_placement(wanted)
+            if self.cache is not None:
+                self.cache.placements.written(created)
             report.created.append(name)
         elif have["metadata"].get("deletionTimestamp"):
             return  # being unloaded; recreated next round
         elif placement_needs_update(have, wanted):
-            self.kube.patch_placement(
+            patched = self.kube.patch_placement(
                 name, {"metadata": {"labels": wanted["metadata"]["labels"]}, "spec": wanted["spec"]}
             )
+            if self.cache is not None:
+                self.cache.placements.written(patched)
             changed = sorted(k for k in wanted["spec"] if have["spec"].get(k) != wanted["spec"][k])
             report.updated.append(f"{name} ({', '.join(changed) or 'labels'})")
 

@@ -9,6 +9,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
+from residency_operator.cache import ClusterCache
 from residency_operator.config import OperatorConfig
 from residency_operator.controller import Controller
 from residency_operator.handlers import llmmodel as _llmmodel_handlers
@@ -31,7 +32,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
     settings.batching.error_delays = (1, 2, 5, 10, 30)
-    memo["task"] = asyncio.create_task(memo["controller"].run())
+    controller: Controller = memo["controller"]
+    if controller.cache is not None:
+        controller.cache.start()  # the planning loop plans once every informer has listed
+    memo["task"] = asyncio.create_task(controller.run())
 
 
 @kopf.on.cleanup()
@@ -40,6 +44,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     if task is not None:
         task.cancel()
     await asyncio.to_thread(memo["controller"].release)
+    if memo["controller"].cache is not None:
+        memo["controller"].cache.stop()
 
 
 def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -> None:
@@ -56,7 +62,7 @@ def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -
     if config.metrics_port:
         start_http_server(config.metrics_port, registry=metrics.registry)
     controller = Controller(
-        Kube(),
+        Kube(write_qps=config.write_qps, write_burst=config.write_burst),
         knobs,
         lease_namespace=config.lease_namespace,
         resync_seconds=config.resync_seconds,
@@ -64,6 +70,8 @@ def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -
         metrics=metrics,
         namespaces=config.namespaces or (),
     )
+    # every read a round makes comes from watch-fed informers (one LIST each, then WATCH)
+    controller.cache = ClusterCache(controller.poke, config.lease_namespace)
     memo = kopf.Memo(config=config, controller=controller)
     asyncio.run(
         kopf.operator(
