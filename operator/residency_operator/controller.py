@@ -24,6 +24,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from residency.modeldir import inspect_model_dir
 from residency.names import placement_name
 from residency_operator.cache import ClusterCache
 from residency_operator.capacity import (
@@ -113,6 +114,7 @@ class Controller:
         """How long a model's validation verdict (its directory read from disk) is reused."""
         self._validated: dict[tuple[str, Any], tuple[float, Any]] = {}
         self._live: frozenset[str] | None = None  # nodes taking work in the last round
+        self._reported: dict[str, tuple[Any, Any]] = {}  # model -> (verdict, version) its status shows
         self._last_round = -float("inf")
         self._loop: asyncio.AbstractEventLoop | None = None
         self.namespaces = frozenset(namespaces)
@@ -274,13 +276,27 @@ class Controller:
         now = time.monotonic()
         self._validated = {k: v for k, v in self._validated.items() if now - v[0] < self.validation_seconds}
 
+        directories: dict[tuple[Any, ...], Any] = {}  # this round's reads: many models share a directory
+
+        def inspect(path: str, *args: Any) -> Any:
+            key = (path, args[1] if len(args) > 1 else None)
+            if key not in directories:
+                try:
+                    directories[key] = inspect_model_dir(path, *args)
+                except Exception as exc:  # the same failure for every model of the directory
+                    directories[key] = exc
+            found = directories[key]
+            if isinstance(found, Exception):
+                raise found
+            return found
+
         def validate(body: dict[str, Any]) -> Any:
             meta = body["metadata"]
             key = (str(meta.get("uid") or model_key(body)), meta.get("generation"))
             hit = self._validated.get(key)
             if hit is None:
                 result = validate_model(
-                    body["spec"], self.knobs.allowed_model_roots, self.knobs.remote_code_roots
+                    body["spec"], self.knobs.allowed_model_roots, self.knobs.remote_code_roots, inspect
                 )
                 hit = self._validated[key] = (now, result)
             return hit[1]
@@ -343,16 +359,22 @@ class Controller:
                 pod, gpu_bytes = waiting[key]
                 verdict = waiting_verdict(verdict, pod, gpu_bytes, self.capacity)
             phases[verdict.phase] = phases.get(verdict.phase, 0) + 1
+            version = body["metadata"].get("resourceVersion")
+            if version is not None and self._reported.get(key) == (verdict, version):
+                continue  # the same verdict on the same object as last round: its status says it already
             current = dict(body.get("status") or {})
             generation = body["metadata"].get("generation")
             patch = status_patch(current, desired_status(current, verdict, generation, now_rfc3339()))
             if not patch:
+                self._reported[key] = (verdict, version)
                 continue
             namespace, name = key.split("/", 1)
             try:
                 patched = self.kube.patch_model_status(namespace, name, patch)
                 if self.cache is not None:
                     self.cache.models.written(patched)
+                written_version = ((patched or {}).get("metadata") or {}).get("resourceVersion")
+                self._reported[key] = (verdict, written_version)
             except ApiException as exc:
                 if exc.status not in REJECTED_STATUSES:
                     raise
@@ -364,6 +386,7 @@ class Controller:
                 warn = verdict.phase in WARNING_PHASES or verdict.reason in RETRIED_LOAD_FAILURES
                 event_type = "Warning" if warn else "Normal"
                 self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
+        self._reported = {k: v for k, v in self._reported.items() if k in inputs.bodies}
         report.seconds = time.perf_counter() - started
         self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
         return report
