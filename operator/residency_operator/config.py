@@ -23,8 +23,8 @@ class OperatorConfig:
     lease_namespace: str = "default"
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     metrics_port: int = 0  # 0: no metrics endpoint
-    write_qps: float = 100.0  # the operator's API writes per second after a burst (0: unlimited)
-    write_burst: int = 200
+    write_qps: float = 200.0  # the operator's API writes per second after a burst (0: unlimited)
+    write_burst: int = 400
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -54,6 +54,6 @@ class OperatorConfig:
                 tolerations=json.loads(os.environ.get("RESIDENCY_CAPACITY_TOLERATIONS", "[]")),
             ),
             metrics_port=int(os.environ.get("RESIDENCY_METRICS_PORT", "0")),
-            write_qps=float(os.environ.get("RESIDENCY_API_WRITE_QPS", "100")),
-            write_burst=int(os.environ.get("RESIDENCY_API_WRITE_BURST", "200")),
+            write_qps=float(os.environ.get("RESIDENCY_API_WRITE_QPS", "200")),
+            write_burst=int(os.environ.get("RESIDENCY_API_WRITE_BURST", "400")),
         )

@@ -5,6 +5,7 @@ generation, not once per round."""
 from __future__ import annotations
 
 import copy
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -170,3 +171,43 @@ def test_a_model_directory_is_read_once_per_generation(
     controller.validation_seconds = 0.0  # and an old verdict is checked again (the directory may change)
     controller.round()
     assert len(calls) == 3
+
+
+def test_models_that_share_a_directory_read_it_once_per_round(
+    tmp_path: Path, make_model_dir: MakeDir, monkeypatch: Any
+) -> None:
+    from residency_operator import controller as controller_module
+
+    reads: list[str] = []
+    real = controller_module.inspect_model_dir
+
+    def counting(path: str, *args: Any) -> Any:
+        reads.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(controller_module, "inspect_model_dir", counting)
+    shared = make_model_dir("shared")
+    models = [llm(f"m{i}", shared) for i in range(5)]
+    state = ClusterState(models, [profile("gpu-1", 10**9, heartbeat=datetime.now(UTC))], [node("gpu-1")], [])
+    controller = Controller(FakeKube(state), knobs(tmp_path), validation_seconds=0.0)  # type: ignore[arg-type]
+    report = controller.round()
+    assert reads == [str(shared)] and len(report.created) == 5
+    controller.round()  # verdicts expire at once here: the directory is read again, once
+    assert reads == [str(shared)] * 2
+
+
+def test_writes_past_the_burst_wait_for_the_rate() -> None:
+    from residency_operator.kube import WriteLimiter
+
+    limiter = WriteLimiter(qps=20.0, burst=3)
+    started = time.monotonic()
+    for _ in range(3):
+        limiter.acquire()
+    assert limiter.waited_seconds == 0.0  # the burst goes at once
+    for _ in range(4):
+        limiter.acquire()
+    assert time.monotonic() - started >= 4 / 20.0 * 0.9  # four more at 20/s
+    unlimited = WriteLimiter(qps=0.0, burst=1)
+    for _ in range(100):
+        unlimited.acquire()
+    assert unlimited.waited_seconds == 0.0
