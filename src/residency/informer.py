@@ -157,6 +157,8 @@ class Informer:
             for line in iter_resp_lines(response):
                 if stop.is_set():
                     return
+                if not line.strip():
+                    continue
                 event = json.loads(line)
                 kind, body = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
