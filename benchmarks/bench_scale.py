@@ -63,6 +63,7 @@ class ScaleConfig:
     node_prefix: str = "hollow-"
     kill_operator: bool = True
     wave_timeout_seconds: float = 600.0
+    changes_seconds: float = 300.0  # no new change after this long in the changes phase
     label: str = "run"
 
 
@@ -526,11 +527,12 @@ class ScaleRun:
     def all_ready(self, names: list[str]) -> bool:
         return all(self.tracker.uid.get(n) in self.tracker.ready for n in names)
 
-    def run_waves(self) -> dict[str, Any]:
+    def run_waves(self, result: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
         waves = [list(range(i, min(i + cfg.wave, cfg.models))) for i in range(0, cfg.models, cfg.wave)]
         kill_after = (len(waves) - 1) // 2 if cfg.kill_operator else -1
         out: dict[str, Any] = {"waves": [], "restart": None}
+        result["waves"] = out["waves"]  # (filled as they complete)
         applied: list[str] = []
         for number, wave in enumerate(waves):
             start = self.sample()
@@ -607,7 +609,11 @@ class ScaleRun:
         latencies: dict[str, list[float]] = {k: [] for k in kinds}
         start = self.sample()
         self.mark(f"{self.cfg.changes} single-model changes")
+        began = time.time()
         for number in range(self.cfg.changes):
+            if time.time() - began > self.cfg.changes_seconds:
+                self.mark(f"changes stopped after {number} ({self.cfg.changes_seconds:.0f} s budget)")
+                break
             kind = kinds[number % len(kinds)]
             index = (number * 7919) % self.cfg.models
             name = f"m-{index:05d}"
@@ -699,42 +705,60 @@ class ScaleRun:
         }
 
     def run(self) -> dict[str, Any]:
+        """Every phase in turn; interrupted (SIGTERM, a wave that never converges), it returns what it
+        measured so far, marked ``incomplete``."""
         started = time.time()
-        self.setup()
-        waves = self.run_waves()
-        restart = waves.pop("restart")
-        if restart is not None:
-            restart["placements_deleted_while_restarting"] = len(
-                self.tracker.placement_deleted
-            ) - restart.pop("placements_deleted_before")
-            restart.pop("restarted_at")
-        steady = self.steady()
-        changes = self.changes()
-        check = self.check()
-        self.mark("done")
-        return {
-            "config": asdict(self.cfg),
-            "gpu_memory_mib_per_node": self.gpu_mib,
-            "waves": waves["waves"],
-            "operator_restart": restart,
-            "steady_state": steady,
-            "changes": changes,
-            "placements": check,
-            "peak_rss_bytes": dict(self.peak),
-            "etcd_db_bytes": self.samples[-1].db_bytes if self.samples else None,
-            "seconds": round(time.time() - started, 1),
-            "timeline": [
-                {
-                    "t": round(s.t - started, 1),
-                    "writes": _total(s, WRITE_VERBS),
-                    "reads": _total(s, frozenset({"GET", "LIST"})),
-                    "rounds": s.operator.get("residency_plan_seconds_count", 0),
-                    "operator_rss": s.operator_rss,
-                }
-                for s in self.samples
-            ],
-            "marks": [{"t": round(t - started, 1), "what": w} for t, w in self.marks],
-        }
+        result: dict[str, Any] = {"config": asdict(self.cfg)}
+        phase = "setup"
+        try:
+            self.setup()
+            result["gpu_memory_mib_per_node"] = self.gpu_mib
+            phase = "waves"
+            waves = self.run_waves(result)
+            restart = waves.pop("restart")
+            if restart is not None:
+                restart["placements_deleted_while_restarting"] = len(
+                    self.tracker.placement_deleted
+                ) - restart.pop("placements_deleted_before")
+                restart.pop("restarted_at")
+            result["operator_restart"] = restart
+            phase = "steady state"
+            result["steady_state"] = self.steady()
+            phase = "changes"
+            result["changes"] = self.changes()
+            phase = "placement check"
+            result["placements"] = self.check()
+            self.mark("done")
+        except (Interrupted, TimeoutError) as exc:
+            result["incomplete"] = f"stopped during {phase}: {exc!r}"
+            self.mark(result["incomplete"])
+        result.update(
+            {
+                "peak_rss_bytes": dict(self.peak),
+                "etcd_db_bytes": self.samples[-1].db_bytes if self.samples else None,
+                "seconds": round(time.time() - started, 1),
+                "timeline": [
+                    {
+                        "t": round(s.t - started, 1),
+                        "writes": _total(s, WRITE_VERBS),
+                        "reads": _total(s, frozenset({"GET", "LIST"})),
+                        "rounds": s.operator.get("residency_plan_seconds_count", 0),
+                        "operator_rss": s.operator_rss,
+                    }
+                    for s in self.samples
+                ],
+                "marks": [{"t": round(t - started, 1), "what": w} for t, w in self.marks],
+            }
+        )
+        return result
+
+
+class Interrupted(Exception):
+    """SIGTERM (a time bound ran out): stop and report what was measured."""
+
+
+def _interrupt(*_: Any) -> None:
+    raise Interrupted("SIGTERM")
 
 
 def _total(sample: Sample, verbs: frozenset[str]) -> float:
@@ -778,6 +802,37 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """One markdown row per run: the figures docs/scale.md quotes."""
+    head = (
+        "| run | nodes | models | wave apply→placement p50 / p99 (s) | apply→Ready p99 (s) | "
+        "change→effect p50 / p99 (s) | restart: converged (s), placements deleted | steady writes/s "
+        "(÷ lease renewals) | steady reads/s | rounds/min steady | round mean (s) | operator RSS peak | "
+        "etcd db | lost / doubled |\n|" + " --- |" * 14
+    )
+    rows = [head]
+    for r in sorted(runs, key=lambda r: (r["config"]["nodes"], r["config"]["label"])):
+        waves = [w for w in r["waves"] if not w["after_operator_restart"]]
+        steady, changes, restart = r["steady_state"], r["changes"]["all"], r["operator_restart"] or {}
+        reads = sum(v for k, v in steady["requests_per_second"].items() if k.split(" ")[0] in ("GET", "LIST"))
+        rounds = [w["operator_rounds"]["mean_seconds"] or 0 for w in r["waves"]]
+        rows.append(
+            f"| {r['config']['label']} | {r['config']['nodes']} | {r['config']['models']} | "
+            f"{max(w['apply_to_placement']['p50'] or 0 for w in waves):.1f} / "
+            f"{max(w['apply_to_placement']['p99'] or 0 for w in waves):.1f} | "
+            f"{max(w['apply_to_ready']['p99'] or 0 for w in waves):.1f} | "
+            f"{changes['p50']} / {changes['p99']} | "
+            f"{restart.get('converged_seconds_after_restart', '-')}, "
+            f"{restart.get('placements_deleted_while_restarting', '-')} | "
+            f"{steady['writes_per_second']:.1f} ({steady['writes_over_heartbeats']:.2f}) | {reads:.1f} | "
+            f"{steady['operator_rounds']['rounds_per_minute']:.1f} | "
+            f"{(max(rounds) if rounds else 0):.2f} | {r['peak_rss_bytes']['operator_rss'] / 2**20:.0f} MiB | "
+            f"{(r['etcd_db_bytes'] or 0) / 2**20:.0f} MiB | "
+            f"{r['placements']['lost']} / {r['placements']['doubled']} |"
+        )
+    return "\n".join(rows)
 
 
 def write_summary(paths: list[Path], out: Path) -> None:
@@ -864,6 +919,7 @@ def main() -> None:
     if args.summary:
         paths = sorted(RESULTS.glob("scale-*n-*m-*.json"))
         write_summary(paths, RESULTS / "scale-summary.png")
+        print(table([json.loads(p.read_text()) for p in paths]))
         print(RESULTS / "scale-summary.png")
         return
     cfg = ScaleConfig(
@@ -886,6 +942,7 @@ def main() -> None:
     kubeconfig = cluster("up", env).split("=", 1)[1]
     install_crds(kubeconfig)
     run = ScaleRun(cfg, kubeconfig, args.workdir)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run.run()
     finally:
@@ -897,6 +954,7 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     write_plot(result, stem.with_suffix(".png"))
     print(json.dumps({k: v for k, v in result.items() if k not in ("timeline", "marks")}, indent=2))
+    print(table([result]) if "placements" in result else f"incomplete: {result.get('incomplete')}")
     print(f"wrote {stem}.json and {stem}.png")
 
 
