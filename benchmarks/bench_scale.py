@@ -475,6 +475,12 @@ class ScaleRun:
                     GROUP, VERSION, "nodeprofiles", n
                 )
             )
+        coordination = client.CoordinationV1Api(self.api)
+        leases = coordination.list_namespaced_lease("default", label_selector="residency.dev/node-lease")
+        for lease in leases.items:
+            if (lease.spec.holder_identity or "").startswith(self.cfg.node_prefix):
+                self._drop(lambda n=lease.metadata.name: coordination.delete_namespaced_lease(n, "default"))
+        self._drop(lambda: self.core.delete_namespace(self.cfg.namespace))
 
     @staticmethod
     def _drop(call: Callable[[], Any]) -> None:
