@@ -17,7 +17,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -106,7 +107,11 @@ class Controller:
         namespaces: Sequence[str] = (),
         cache: ClusterCache | None = None,
         validation_seconds: float = 60.0,
+        write_workers: int = 8,
     ) -> None:
+        self.write_workers = write_workers
+        """Writes of one step of a round in flight at once (each still through the write limiter)."""
+        self._report_lock = threading.Lock()
         self.kube = kube
         self.cache = cache
         """Watch-fed state; without one, each round lists every kind from the API server (tests)."""
@@ -328,25 +333,29 @@ class Controller:
         # Placements first: the plan is in the API server before any worker acts on it. Writes that free
         # GPU memory (demotions, preemptions, removals) go before writes that take it, so that a worker
         # that lists placements between two writes never sees a load without the room made for it.
+        # (Within one step the writes are independent: they go `write_workers` at a time.)
         order = {name: write_phase(existing.get(name), wanted) for name, wanted in desired.items()}
-        for name in sorted(n for n, p in order.items() if p == "shrink"):
+
+        def write(name: str) -> None:
             self._write_placement(name, desired[name], existing.get(name), report)
-        for name, have in sorted(existing.items()):
-            if name in desired:
-                continue
+
+        def remove(name: str) -> None:
+            have = existing[name]
             if not have["metadata"].get("deletionTimestamp"):
                 self.kube.delete_placement(name)
                 report.deleted.append(name)
             elif have["spec"]["nodeName"] not in accepting:
                 # its worker is gone: nobody else will unload it
                 self.kube.remove_placement_finalizers(name)
-        for phase in ("move", "grow"):
-            for name in sorted(n for n, p in order.items() if p == phase):
-                self._write_placement(name, desired[name], existing.get(name), report)
+
+        self._each(sorted(n for n, p in order.items() if p == "shrink"), write)
+        self._each(sorted(n for n in existing if n not in desired), remove)
+        self._each(sorted(n for n, p in order.items() if p in ("move", "grow")), write)
         waiting = self._request_capacity(result, inputs)
         self._report_drains(state, inputs, desired)
         phases: dict[str, int] = {}
         unschedulable = unschedulable_by_model(result)
+        statuses: list[tuple[str, dict[str, Any], Any, dict[str, Any], dict[str, Any]]] = []
         for key, body in sorted(inputs.bodies.items()):
             placement = existing.get(placement_name(key))
             if placement is not None and placement_name(key) not in desired:
@@ -368,28 +377,52 @@ class Controller:
             if not patch:
                 self._reported[key] = (verdict, version)
                 continue
-            namespace, name = key.split("/", 1)
-            try:
-                patched = self.kube.patch_model_status(namespace, name, patch)
-                if self.cache is not None:
-                    self.cache.models.written(patched)
-                written_version = ((patched or {}).get("metadata") or {}).get("resourceVersion")
-                self._reported[key] = (verdict, written_version)
-            except ApiException as exc:
-                if exc.status not in REJECTED_STATUSES:
-                    raise
-                report.rejected[key] = rejection_message(exc)
-                log.error("the API server refused the status of %s: %s", key, report.rejected[key])
-                continue
-            report.statuses += 1
-            if current.get("phase") != verdict.phase or current.get("reason") != verdict.reason:
-                warn = verdict.phase in WARNING_PHASES or verdict.reason in RETRIED_LOAD_FAILURES
-                event_type = "Warning" if warn else "Normal"
-                self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
+            statuses.append((key, body, verdict, current, patch))
+        self._each(statuses, lambda job: self._write_status(job, report))
+        report.created.sort()
+        report.updated.sort()
+        report.deleted.sort()
         self._reported = {k: v for k, v in self._reported.items() if k in inputs.bodies}
         report.seconds = time.perf_counter() - started
         self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
         return report
+
+    def _each(self, items: Sequence[Any], write: Callable[[Any], None]) -> None:
+        """``write(item)`` for every item, :attr:`write_workers` at a time (each still through the write
+        limiter); the first failure is raised once every write has ended."""
+        if self.write_workers <= 1 or len(items) <= 1:
+            for item in items:
+                write(item)
+            return
+        with ThreadPoolExecutor(self.write_workers, thread_name_prefix="residency-write") as pool:
+            futures = [pool.submit(write, item) for item in items]
+        for future in futures:
+            future.result()
+
+    def _write_status(
+        self, job: tuple[str, dict[str, Any], Any, dict[str, Any], dict[str, Any]], report: RoundReport
+    ) -> None:
+        """One model's status patch (key, body, verdict, current status, patch) and its Event."""
+        key, body, verdict, current, patch = job
+        namespace, name = key.split("/", 1)
+        try:
+            patched = self.kube.patch_model_status(namespace, name, patch)
+            if self.cache is not None:
+                self.cache.models.written(patched)
+            written_version = ((patched or {}).get("metadata") or {}).get("resourceVersion")
+            self._reported[key] = (verdict, written_version)
+        except ApiException as exc:
+            if exc.status not in REJECTED_STATUSES:
+                raise
+            report.rejected[key] = rejection_message(exc)
+            log.error("the API server refused the status of %s: %s", key, report.rejected[key])
+            return
+        with self._report_lock:
+            report.statuses += 1
+        if current.get("phase") != verdict.phase or current.get("reason") != verdict.reason:
+            warn = verdict.phase in WARNING_PHASES or verdict.reason in RETRIED_LOAD_FAILURES
+            event_type = "Warning" if warn else "Normal"
+            self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
 
     def _write_placement(
         self, name: str, wanted: dict[str, Any], have: dict[str, Any] | None, report: RoundReport

@@ -56,6 +56,8 @@ class Kube:
 
     def __init__(self, write_qps: float = 0.0, write_burst: int = 1) -> None:
         api = TimeoutApiClient()
+        # the controller writes several at a time: a connection each, not a TLS handshake per write
+        api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 16
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.coordination = client.CoordinationV1Api(api)
