@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(BIN):$(PATH)
 export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 export MYPYPATH := src:operator:worker
 
-.PHONY: all venv binaries crds cluster cluster-down lint docs docs-serve unit component e2e test reliability report demo demo-down clean help
+.PHONY: all venv binaries crds cluster cluster-down lint docs docs-serve unit component e2e test reliability report scale demo demo-down clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -78,6 +78,9 @@ reliability: venv binaries ## the whole reliability suite (faults, bad input, lo
 
 report: venv ## the GPU performance report into reports/<gpu>/ (a reduced CPU grid, marked emulated, without a GPU)
 	$(VENV)/bin/residency report $(or $(REPORT_ARGS),$(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')"))
+
+scale: venv binaries ## fleet scale on a real control plane: hollow nodes, the operator, waves of models (SCALE_ARGS)
+	$(PY) benchmarks/bench_scale.py $(or $(SCALE_ARGS),--nodes 100 --models 1000)
 
 demo: venv binaries ## local control plane + operator + an example model, then `kubectl get llm`
 	hack/demo.sh up

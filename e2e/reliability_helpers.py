@@ -559,12 +559,23 @@ def post_completion(url: str, model: str, prompt: str = "Reliability probe", max
 
 
 def wait_heartbeat_after(api: Api, node: str, after_epoch: float, timeout: float) -> float:
-    """Seconds until the node's NodeProfile carries a heartbeat newer than `after_epoch`."""
+    """Seconds until the node's worker renews its node Lease (or, without one, heartbeats in its
+    NodeProfile) after `after_epoch`."""
     from datetime import datetime
 
+    from residency_worker.agent import node_lease_name
+
     started = time.monotonic()
+    coordination = kclient.CoordinationV1Api(api.api_client)
 
     def fresh() -> bool:
+        try:
+            lease = coordination.read_namespaced_lease(node_lease_name(node), "default", _request_timeout=10)
+            renewed = lease.spec.renew_time
+            return renewed is not None and renewed.timestamp() >= after_epoch
+        except ApiException as exc:
+            if exc.status != 404:
+                return False
         profile = api.profile(node) or {}
         stamp = (profile.get("status") or {}).get("heartbeatTime")
         if not stamp:

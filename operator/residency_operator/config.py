@@ -23,6 +23,8 @@ class OperatorConfig:
     lease_namespace: str = "default"
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     metrics_port: int = 0  # 0: no metrics endpoint
+    write_qps: float = 200.0  # the operator's API writes per second after a burst (0: unlimited)
+    write_burst: int = 400
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -30,7 +32,8 @@ class OperatorConfig:
         RESIDENCY_HEARTBEAT_GRACE_SECONDS, RESIDENCY_NAMESPACE (where the leader Lease lives),
         RESIDENCY_REMOTE_CODE_ROOTS (os.pathsep-separated roots where trust_remote_code is allowed),
         RESIDENCY_CAPACITY_*
-        (placeholder pods for autoscalers; selector and tolerations as JSON), RESIDENCY_METRICS_PORT."""
+        (placeholder pods for autoscalers; selector and tolerations as JSON), RESIDENCY_METRICS_PORT,
+        RESIDENCY_API_WRITE_QPS and RESIDENCY_API_WRITE_BURST (the operator's write rate limit)."""
         roots = [Path(p) for p in os.environ.get("RESIDENCY_MODEL_ROOTS", "").split(os.pathsep) if p]
         remote = [Path(p) for p in os.environ.get("RESIDENCY_REMOTE_CODE_ROOTS", "").split(os.pathsep) if p]
         return cls(
@@ -51,4 +54,6 @@ class OperatorConfig:
                 tolerations=json.loads(os.environ.get("RESIDENCY_CAPACITY_TOLERATIONS", "[]")),
             ),
             metrics_port=int(os.environ.get("RESIDENCY_METRICS_PORT", "0")),
+            write_qps=float(os.environ.get("RESIDENCY_API_WRITE_QPS", "200")),
+            write_burst=int(os.environ.get("RESIDENCY_API_WRITE_BURST", "400")),
         )

@@ -1,7 +1,9 @@
 """The planning loop: read the cluster, plan, write placements before any worker acts, report status.
 
-Level-triggered: each round recomputes everything from the API server's state, so a restart or a lost
-event changes nothing. Only the holder of the `residency-operator` Lease writes.
+Level-triggered: each round recomputes everything from the API server's state (as the watch-fed
+:class:`~residency_operator.cache.ClusterCache` holds it), so a restart or a lost event changes nothing.
+A round runs when a change that can alter the plan arrives, when a node's liveness flips, and every
+resync period. Only the holder of the `residency-operator` Lease writes.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from residency.modeldir import inspect_model_dir
 from residency.names import placement_name
+from residency_operator.cache import ClusterCache
 from residency_operator.capacity import (
     CAPACITY_LABEL,
     MODEL_LABEL,
@@ -43,17 +48,23 @@ from residency_operator.state import (
     ClusterState,
     Inputs,
     OperatorKnobs,
+    Validate,
     desired_placements,
+    live_nodes,
     model_key,
     model_verdict,
     placement_needs_update,
     planner_inputs,
     rejected_verdict,
+    unschedulable_by_model,
     with_wake_requests,
     write_phase,
 )
+from residency_operator.validation import validate_model
 
 log = logging.getLogger("residency.controller")
+StatusJob = tuple[str, dict[str, Any], Any, dict[str, Any], dict[str, Any], list[tuple[str, str, str]]]
+"""One model's status write: key, body, verdict, current status, patch, and the Events it brings."""
 LEASE_NAME = "residency-operator"
 WARNING_PHASES = frozenset({"Failed", "Unschedulable", "Preempted"})
 REJECTED_STATUSES = frozenset({400, 403, 422})
@@ -98,8 +109,23 @@ class Controller:
         capacity: CapacityConfig | None = None,
         metrics: OperatorMetrics | None = None,
         namespaces: Sequence[str] = (),
+        cache: ClusterCache | None = None,
+        validation_seconds: float = 60.0,
+        write_workers: int = 8,
     ) -> None:
+        self.write_workers = write_workers
+        """Writes of one step of a round in flight at once (each still through the write limiter)."""
+        self._report_lock = threading.Lock()
         self.kube = kube
+        self.cache = cache
+        """Watch-fed state; without one, each round lists every kind from the API server (tests)."""
+        self.validation_seconds = validation_seconds
+        """How long a model's validation verdict (its directory read from disk) is reused."""
+        self._validated: dict[tuple[str, Any], tuple[float, Any]] = {}
+        self._live: frozenset[str] | None = None  # nodes taking work in the last round
+        self._reported: dict[str, tuple[Any, Any]] = {}  # model -> (verdict, version) its status shows
+        self._last_round = -float("inf")
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.namespaces = frozenset(namespaces)
         """The namespaces whose models this operator serves (empty: all)."""
         self._foreign_gpu_bytes: dict[str, int] = {}
@@ -122,20 +148,49 @@ class Controller:
         self._stopping = False
 
     def poke(self) -> None:
-        """Something changed in the cluster: plan again soon."""
-        self._dirty.set()
+        """Something changed in the cluster: plan again soon (safe from any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._dirty.set()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._dirty.set()
+        else:
+            loop.call_soon_threadsafe(self._dirty.set)
+
+    def round_due(self, dirty: bool) -> bool:
+        """Whether to plan now: a change came, the resync period passed, or a node's liveness flipped
+        (a Lease that stopped being renewed sends no event)."""
+        if dirty or time.monotonic() - self._last_round >= self.resync_seconds:
+            return True
+        if self.cache is None or self._live is None:
+            return False
+        return live_nodes(self.cache.state(), datetime.now(UTC), self.knobs) != self._live
 
     async def run(self) -> None:
-        """Forever: wait for a change or the resync period, then plan (when leader)."""
+        """Forever: wait for a change, a liveness check or the resync period, then plan (when leader)."""
+        self._loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._dirty.wait(), timeout=min(self.resync_seconds, self.lease_seconds / 3)
                 )
             await asyncio.sleep(self.debounce_seconds)
+            dirty = self._dirty.is_set()
             self._dirty.clear()
             try:
                 if not await asyncio.to_thread(self._renew):
+                    self._last_round = -float("inf")  # a new leader plans at once
+                    continue
+                if self.cache is not None and not self.cache.synced():
+                    self._dirty.set()  # plan from a complete view only
+                    await asyncio.sleep(0.5)
+                    continue
+                if not self.round_due(dirty):
                     continue
                 report = await asyncio.to_thread(self._lead_round)
                 if report is None:
@@ -185,14 +240,20 @@ class Controller:
     def read_state(self) -> ClusterState:
         """The cluster as this operator plans it: with ``namespaces``, only their models, profiles and
         placements (another operator's placements are left alone; see :meth:`foreign_gpu_bytes`)."""
-        state = ClusterState(
-            models=with_wake_requests(
-                self.kube.list_custom("llmmodels"), self.kube.wake_requests(self.lease_namespace)
-            ),
-            node_profiles=self.kube.list_custom("nodeprofiles"),
-            nodes=self.kube.list_nodes(),
-            placements=self.kube.list_custom("modelplacements"),
-            sensitivity_profiles=self.kube.list_custom("sensitivityprofiles"),
+        state = (
+            self.cache.state()
+            if self.cache is not None
+            else ClusterState(
+                models=self.kube.list_custom("llmmodels"),
+                node_profiles=self.kube.list_custom("nodeprofiles"),
+                nodes=self.kube.list_nodes(),
+                placements=self.kube.list_custom("modelplacements"),
+                sensitivity_profiles=self.kube.list_custom("sensitivityprofiles"),
+            )
+        )
+        # the router's wake requests (a ConfigMap of its own, wake.py) mark the models they name
+        state = dataclasses.replace(
+            state, models=with_wake_requests(state.models, self.kube.wake_requests(self.lease_namespace))
         )
         self._foreign_gpu_bytes = self.foreign_gpu_bytes(state.placements)
         if not self.namespaces:
@@ -222,12 +283,48 @@ class Controller:
             held[node] = held.get(node, 0) + int((placement.get("status") or {}).get("residentBytes") or 0)
         return held
 
+    def validator(self) -> Validate:
+        """validate_model, its verdict reused per model generation for :attr:`validation_seconds` (reading
+        ten thousand model directories every round would be most of the round)."""
+        now = time.monotonic()
+        self._validated = {k: v for k, v in self._validated.items() if now - v[0] < self.validation_seconds}
+
+        directories: dict[tuple[Any, ...], Any] = {}  # this round's reads: many models share a directory
+
+        def inspect(path: str, *args: Any) -> Any:
+            key = (path, args[1] if len(args) > 1 else None)
+            if key not in directories:
+                try:
+                    directories[key] = inspect_model_dir(path, *args)
+                except Exception as exc:  # the same failure for every model of the directory
+                    directories[key] = exc
+            found = directories[key]
+            if isinstance(found, Exception):
+                raise found
+            return found
+
+        def validate(body: dict[str, Any]) -> Any:
+            meta = body["metadata"]
+            key = (str(meta.get("uid") or model_key(body)), meta.get("generation"))
+            hit = self._validated.get(key)
+            if hit is None:
+                result = validate_model(
+                    body["spec"], self.knobs.allowed_model_roots, self.knobs.remote_code_roots, inspect
+                )
+                hit = self._validated[key] = (now, result)
+            return hit[1]
+
+        return validate
+
     def round(self) -> RoundReport:
         """One level-triggered planning round."""
         started = time.perf_counter()
+        self._last_round = time.monotonic()
         report = RoundReport()
         state = self.read_state()
-        inputs = planner_inputs(state, datetime.now(UTC), self.knobs)
+        now = datetime.now(UTC)
+        self._live = live_nodes(state, now, self.knobs)
+        inputs = planner_inputs(state, now, self.knobs, self.validator())
         foreign = self._foreign_gpu_bytes
         if foreign:
             inputs.nodes = [
@@ -244,29 +341,34 @@ class Controller:
         # Placements first: the plan is in the API server before any worker acts on it. Writes that free
         # GPU memory (demotions, preemptions, removals) go before writes that take it, so that a worker
         # that lists placements between two writes never sees a load without the room made for it.
+        # (Within one step the writes are independent: they go `write_workers` at a time.)
         order = {name: write_phase(existing.get(name), wanted) for name, wanted in desired.items()}
-        for name in sorted(n for n, p in order.items() if p == "shrink"):
+
+        def write(name: str) -> None:
             self._write_placement(name, desired[name], existing.get(name), report)
-        for name, have in sorted(existing.items()):
-            if name in desired:
-                continue
+
+        def remove(name: str) -> None:
+            have = existing[name]
             if not have["metadata"].get("deletionTimestamp"):
                 self.kube.delete_placement(name)
                 report.deleted.append(name)
             elif have["spec"]["nodeName"] not in accepting:
                 # its worker is gone: nobody else will unload it
                 self.kube.remove_placement_finalizers(name)
-        for phase in ("move", "grow"):
-            for name in sorted(n for n, p in order.items() if p == phase):
-                self._write_placement(name, desired[name], existing.get(name), report)
+
+        self._each(sorted(n for n, p in order.items() if p == "shrink"), write)
+        self._each(sorted(n for n in existing if n not in desired), remove)
+        self._each(sorted(n for n, p in order.items() if p in ("move", "grow")), write)
         waiting = self._request_capacity(result, inputs)
         self._report_drains(state, inputs, desired)
         phases: dict[str, int] = {}
+        unschedulable = unschedulable_by_model(result)
+        statuses: list[StatusJob] = []
         for key, body in sorted(inputs.bodies.items()):
             placement = existing.get(placement_name(key))
             if placement is not None and placement_name(key) not in desired:
                 placement = None
-            verdict = model_verdict(key, inputs, result, placement)
+            verdict = model_verdict(key, inputs, result, placement, unschedulable)
             refused = report.rejected.get(placement_name(key))
             if refused is not None:
                 verdict = rejected_verdict(verdict, refused)
@@ -275,6 +377,9 @@ class Controller:
                 verdict = waiting_verdict(verdict, pod, gpu_bytes, self.capacity)
             verdict = with_prediction_check(with_operation(verdict, placement))
             phases[verdict.phase] = phases.get(verdict.phase, 0) + 1
+            version = body["metadata"].get("resourceVersion")
+            if version is not None and self._reported.get(key) == (verdict, version):
+                continue  # the same verdict on the same object as last round: its status says it already
             current = dict(body.get("status") or {})
             events = [
                 e for e in (operation_event(current, placement), prediction_event(current, verdict)) if e
@@ -282,26 +387,54 @@ class Controller:
             generation = body["metadata"].get("generation")
             patch = status_patch(current, desired_status(current, verdict, generation, now_rfc3339()))
             if not patch:
+                self._reported[key] = (verdict, version)
                 continue
-            namespace, name = key.split("/", 1)
-            try:
-                self.kube.patch_model_status(namespace, name, patch)
-            except ApiException as exc:
-                if exc.status not in REJECTED_STATUSES:
-                    raise
-                report.rejected[key] = rejection_message(exc)
-                log.error("the API server refused the status of %s: %s", key, report.rejected[key])
-                continue
-            report.statuses += 1
-            if current.get("phase") != verdict.phase or current.get("reason") != verdict.reason:
-                warn = verdict.phase in WARNING_PHASES or verdict.reason in RETRIED_LOAD_FAILURES
-                event_type = "Warning" if warn else "Normal"
-                self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
-            for event_type, reason, message in events:
-                self.kube.post_event(body, event_type, reason, message)
+            statuses.append((key, body, verdict, current, patch, events))
+        self._each(statuses, lambda job: self._write_status(job, report))
+        report.created.sort()
+        report.updated.sort()
+        report.deleted.sort()
+        self._reported = {k: v for k, v in self._reported.items() if k in inputs.bodies}
         report.seconds = time.perf_counter() - started
         self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
         return report
+
+    def _each(self, items: Sequence[Any], write: Callable[[Any], None]) -> None:
+        """``write(item)`` for every item, :attr:`write_workers` at a time (each still through the write
+        limiter); the first failure is raised once every write has ended."""
+        if self.write_workers <= 1 or len(items) <= 1:
+            for item in items:
+                write(item)
+            return
+        with ThreadPoolExecutor(self.write_workers, thread_name_prefix="residency-write") as pool:
+            futures = [pool.submit(write, item) for item in items]
+        for future in futures:
+            future.result()
+
+    def _write_status(self, job: StatusJob, report: RoundReport) -> None:
+        """One model's status patch (key, body, verdict, current status, patch) and its Events."""
+        key, body, verdict, current, patch, events = job
+        namespace, name = key.split("/", 1)
+        try:
+            patched = self.kube.patch_model_status(namespace, name, patch)
+            if self.cache is not None:
+                self.cache.models.written(patched)
+            written_version = ((patched or {}).get("metadata") or {}).get("resourceVersion")
+            self._reported[key] = (verdict, written_version)
+        except ApiException as exc:
+            if exc.status not in REJECTED_STATUSES:
+                raise
+            report.rejected[key] = rejection_message(exc)
+            log.error("the API server refused the status of %s: %s", key, report.rejected[key])
+            return
+        with self._report_lock:
+            report.statuses += 1
+        if current.get("phase") != verdict.phase or current.get("reason") != verdict.reason:
+            warn = verdict.phase in WARNING_PHASES or verdict.reason in RETRIED_LOAD_FAILURES
+            event_type = "Warning" if warn else "Normal"
+            self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
+        for event_type, reason, message in events:  # an operation the worker measured, a slow decode
+            self.kube.post_event(body, event_type, reason, message)
 
     def _write_placement(
         self, name: str, wanted: dict[str, Any], have: dict[str, Any] | None, report: RoundReport
@@ -322,14 +455,18 @@ class Controller:
     ) -> None:
         if have is None:
             wanted["metadata"]["finalizers"] = [UNLOAD_FINALIZER]
-            self.kube.create_placement(wanted)
+            created = self.kube.create_placement(wanted)
+            if self.cache is not None:
+                self.cache.placements.written(created)
             report.created.append(name)
         elif have["metadata"].get("deletionTimestamp"):
             return  # being unloaded; recreated next round
         elif placement_needs_update(have, wanted):
-            self.kube.patch_placement(
+            patched = self.kube.patch_placement(
                 name, {"metadata": {"labels": wanted["metadata"]["labels"]}, "spec": wanted["spec"]}
             )
+            if self.cache is not None:
+                self.cache.placements.written(patched)
             changed = sorted(k for k in wanted["spec"] if have["spec"].get(k) != wanted["spec"][k])
             report.updated.append(f"{name} ({', '.join(changed) or 'labels'})")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +17,32 @@ from residency.kubeapi import TimeoutApiClient
 from residency_operator.wake import WAKE_CONFIGMAP, parse_wake_entries
 
 log = logging.getLogger(__name__)
+PAGE_SIZE = 500
+
+
+class WriteLimiter:
+    """A token bucket (client-go's QPS and burst) for the operator's writes: a wave of changes is written
+    at ``qps`` after a burst, never as fast as one thread can send."""
+
+    def __init__(self, qps: float, burst: int) -> None:
+        self.qps, self.burst = qps, max(1, burst)
+        self._tokens = float(self.burst)
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+        self.waited_seconds = 0.0
+
+    def acquire(self) -> None:
+        if self.qps <= 0:
+            return  # unlimited
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.qps)
+            self._at = now
+            self._tokens -= 1.0
+            wait = -self._tokens / self.qps if self._tokens < 0 else 0.0
+        if wait > 0:
+            self.waited_seconds += wait
+            time.sleep(wait)
 
 
 def load_config() -> None:
@@ -29,33 +56,57 @@ def load_config() -> None:
 class Kube:
     """Thin wrappers over the calls the controller makes; every method is idempotent."""
 
-    def __init__(self) -> None:
+    def __init__(self, write_qps: float = 0.0, write_burst: int = 1) -> None:
         api = TimeoutApiClient()
+        # the controller writes several at a time: a connection each, not a TLS handshake per write
+        api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 16
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.coordination = client.CoordinationV1Api(api)
+        self.limiter = WriteLimiter(write_qps, write_burst)
 
     # --- reads -------------------------------------------------------------------------------
     def list_custom(self, plural: str) -> list[dict[str, Any]]:
-        result = self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
-        return list(result.get("items", []))
+        """Every object of a kind, in pages of :data:`PAGE_SIZE` (one huge answer would hold the API
+        server's memory and this process's for as long as it takes to send)."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            page = self.custom.list_cluster_custom_object(
+                GROUP, VERSION, plural, limit=PAGE_SIZE, _continue=token
+            )
+            items += page.get("items", [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
 
     def list_nodes(self) -> list[dict[str, Any]]:
         items = self.core.list_node().items
         return [client.ApiClient().sanitize_for_serialization(n) for n in items]
 
     # --- placements -------------------------------------------------------------------------
-    def create_placement(self, body: dict[str, Any]) -> None:
+    def create_placement(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The created object (``None``: it existed already)."""
+        self.limiter.acquire()
         try:
-            self.custom.create_cluster_custom_object(GROUP, VERSION, "modelplacements", body)
+            created: dict[str, Any] = self.custom.create_cluster_custom_object(
+                GROUP, VERSION, "modelplacements", body
+            )
+            return created
         except ApiException as exc:
             if exc.status != 409:
                 raise
+            return None
 
-    def patch_placement(self, name: str, body: dict[str, Any]) -> None:
-        self.custom.patch_cluster_custom_object(GROUP, VERSION, "modelplacements", name, body)
+    def patch_placement(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.limiter.acquire()
+        patched: dict[str, Any] = self.custom.patch_cluster_custom_object(
+            GROUP, VERSION, "modelplacements", name, body
+        )
+        return patched
 
     def delete_placement(self, name: str) -> None:
+        self.limiter.acquire()
         try:
             self.custom.delete_cluster_custom_object(GROUP, VERSION, "modelplacements", name)
         except ApiException as exc:
@@ -74,6 +125,7 @@ class Kube:
             raise
 
     def remove_placement_finalizers(self, name: str) -> None:
+        self.limiter.acquire()
         try:
             self.custom.patch_cluster_custom_object(
                 GROUP, VERSION, "modelplacements", name, {"metadata": {"finalizers": None}}
@@ -83,14 +135,18 @@ class Kube:
                 raise
 
     # --- models ------------------------------------------------------------------------------
-    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        """The patched model (``None``: it was deleted meanwhile)."""
+        self.limiter.acquire()
         try:
-            self.custom.patch_namespaced_custom_object_status(
+            patched: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, "llmmodels", name, {"status": status}
             )
+            return patched
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report to
                 raise
+            return None
 
     def post_event(
         self,
@@ -124,6 +180,7 @@ class Kube:
             reporting_component="residency.dev/operator",
             reporting_instance="residency-operator",
         )
+        self.limiter.acquire()
         try:
             self.core.create_namespaced_event(namespace, event)
         except ApiException as exc:  # an Event is best effort; status already carries the truth

@@ -10,6 +10,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
+from residency_operator.cache import ClusterCache
 from residency_operator.config import OperatorConfig
 from residency_operator.controller import Controller
 from residency_operator.handlers import llmmodel as _llmmodel_handlers
@@ -33,6 +34,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.networking.request_timeout = 60
     settings.batching.error_delays = (1, 2, 5, 10, 30)
     controller: Controller = memo["controller"]
+    if controller.cache is not None:
+        controller.cache.start()  # the planning loop plans once every informer has listed
     memo["task"] = asyncio.create_task(controller.run())
     # the router's wake requests live in a ConfigMap kopf does not watch (see wake.py): poke on each change
     loop = asyncio.get_running_loop()
@@ -54,6 +57,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     if task is not None:
         task.cancel()
     await asyncio.to_thread(memo["controller"].release)
+    if memo["controller"].cache is not None:
+        memo["controller"].cache.stop()
 
 
 def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -> None:
@@ -70,7 +75,7 @@ def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -
     if config.metrics_port:
         start_http_server(config.metrics_port, registry=metrics.registry)
     controller = Controller(
-        Kube(),
+        Kube(write_qps=config.write_qps, write_burst=config.write_burst),
         knobs,
         lease_namespace=config.lease_namespace,
         resync_seconds=config.resync_seconds,
@@ -78,6 +83,8 @@ def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -
         metrics=metrics,
         namespaces=config.namespaces or (),
     )
+    # every read a round makes comes from watch-fed informers (one LIST each, then WATCH)
+    controller.cache = ClusterCache(controller.poke, config.lease_namespace)
     memo = kopf.Memo(config=config, controller=controller)
     asyncio.run(
         kopf.operator(

@@ -5,7 +5,7 @@ No Kubernetes client here: the controller lists objects, calls these functions, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +24,7 @@ from residency_operator.planner import (
     PlannedPlacement,
     ProfilePoint,
     SensitivityProfile,
+    Unschedulable,
     waiting_demand,
 )
 from residency_operator.planner.options import cached_host_bytes, with_host_set_aside
@@ -33,6 +34,8 @@ NODE_LABEL = "residency.dev/node"
 MODEL_NAMESPACE_LABEL = "residency.dev/model-namespace"
 MODEL_NAME_LABEL = "residency.dev/model-name"
 UNLOAD_FINALIZER = "residency.dev/unload"
+NODE_LEASE_LABEL = "residency.dev/node-lease"
+"""Label of the coordination.k8s.io Lease each worker renews for its node (holderIdentity: the node)."""
 DISRUPTION_TAINTS = frozenset(
     {"karpenter.sh/disrupted", "ToBeDeletedByClusterAutoscaler", "karpenter.sh/disruption"}
 )
@@ -82,6 +85,9 @@ class ClusterState:
     nodes: list[dict[str, Any]]
     placements: list[dict[str, Any]]
     sensitivity_profiles: list[dict[str, Any]] = field(default_factory=list)
+    node_leases: list[dict[str, Any]] = field(default_factory=list)
+    """The workers' node Leases (label :data:`NODE_LEASE_LABEL`); a node without one is judged by its
+    NodeProfile's heartbeatTime (a worker from before Leases)."""
 
 
 @dataclass
@@ -176,13 +182,52 @@ def node_accepts(node: dict[str, Any] | None) -> tuple[bool, bool, bool]:
     return ready, bool(spec.get("unschedulable")), disrupting
 
 
+def lease_renewals(leases: Iterable[dict[str, Any]]) -> dict[str, datetime]:
+    """Node name -> when its worker last renewed its node Lease."""
+    renewed: dict[str, datetime] = {}
+    for lease in leases:
+        spec = lease.get("spec") or {}
+        holder, when = spec.get("holderIdentity"), spec.get("renewTime") or spec.get("acquireTime")
+        try:  # a MicroTime: 2006-01-02T15:04:05.000000Z
+            at = datetime.fromisoformat(when.replace("Z", "+00:00")) if isinstance(when, str) else None
+        except ValueError:
+            continue
+        if holder and at is not None:
+            at = at if at.tzinfo else at.replace(tzinfo=UTC)
+            renewed[holder] = max(at, renewed.get(holder, at))
+    return renewed
+
+
+def live_nodes(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> frozenset[str]:
+    """The NodeProfiles whose worker renewed its Lease (or, without one, heartbeated) within the grace."""
+    renewed = lease_renewals(state.node_leases)
+    return frozenset(
+        p["spec"]["nodeName"] for p in state.node_profiles if _fresh(_last_seen(p, renewed), now, knobs)
+    )
+
+
+def _last_seen(profile: dict[str, Any], renewed: dict[str, datetime]) -> datetime | None:
+    node = profile["spec"]["nodeName"]
+    if node in renewed:
+        return renewed[node]
+    return parse_time((profile.get("status") or {}).get("heartbeatTime"))
+
+
+def _fresh(seen: datetime | None, now: datetime, knobs: OperatorKnobs) -> bool:
+    return seen is not None and (now - seen).total_seconds() <= knobs.heartbeat_grace_seconds
+
+
 def node_capacity(
-    profile: dict[str, Any], node: dict[str, Any] | None, now: datetime, knobs: OperatorKnobs
+    profile: dict[str, Any],
+    node: dict[str, Any] | None,
+    now: datetime,
+    knobs: OperatorKnobs,
+    renewed: dict[str, datetime] | None = None,
 ) -> NodeCapacity:
-    """A NodeProfile and its Node as the planner's NodeCapacity."""
+    """A NodeProfile and its Node as the planner's NodeCapacity (``renewed``: the node Leases' renewals)."""
     spec = profile["spec"]
     ready, cordoned, disrupting = node_accepts(node)
-    heartbeat = parse_time((profile.get("status") or {}).get("heartbeatTime"))
+    heartbeat = _last_seen(profile, renewed or {})
     fresh = heartbeat is not None and (now - heartbeat).total_seconds() <= knobs.heartbeat_grace_seconds
     return NodeCapacity(
         name=spec["nodeName"],
@@ -403,8 +448,18 @@ def sensitivity_profiles(
     return result
 
 
-def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> Inputs:
-    """Validates every model and converts the cluster into the planner's inputs (deterministic order)."""
+Validate = Callable[[dict[str, Any]], "ModelDirInfo | Verdict"]
+"""An LLMModel body -> its model directory's facts, or why it cannot be served."""
+
+
+def planner_inputs(
+    state: ClusterState, now: datetime, knobs: OperatorKnobs, validate: Validate | None = None
+) -> Inputs:
+    """Validates every model and converts the cluster into the planner's inputs (deterministic order).
+    ``validate`` (default: :func:`validate_model` on each) lets the caller reuse earlier verdicts."""
+    check: Validate = validate or (
+        lambda body: validate_model(body["spec"], knobs.allowed_model_roots, knobs.remote_code_roots)
+    )
     bodies = {model_key(b): b for b in state.models}
     infos: dict[str, ModelDirInfo] = {}
     invalid: dict[str, Verdict] = {}
@@ -415,7 +470,7 @@ def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> 
     idle: dict[str, str] = {}
     idle_cache_bytes: dict[str, int] = {}
     for key in sorted(bodies):
-        checked = validate_model(bodies[key]["spec"], knobs.allowed_model_roots, knobs.remote_code_roots)
+        checked = check(bodies[key])
         if isinstance(checked, Verdict):
             invalid[key] = checked
             continue
@@ -432,9 +487,10 @@ def planner_inputs(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> 
             continue
         demands.append(demand(key, bodies[key], checked, knobs, placement, now))
     nodes_by_name = {n["metadata"]["name"]: n for n in state.nodes}
+    renewed = lease_renewals(state.node_leases)
     capacities = with_host_set_aside(
         [
-            node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs)
+            node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs, renewed)
             for p in sorted(state.node_profiles, key=lambda p: p["spec"]["nodeName"])
         ],
         idle_cache_bytes,
@@ -613,13 +669,20 @@ def _percent(fraction: float | None) -> int | None:
     return None if fraction is None else round(fraction * 100)
 
 
+def unschedulable_by_model(plan: Plan) -> dict[str, Unschedulable]:
+    """Model -> why the plan could not place it."""
+    return {u.model: u for u in plan.unschedulable}
+
+
 def model_verdict(
     key: str,
     inputs: Inputs,
     plan: Plan,
     placement: dict[str, Any] | None,
+    unschedulable_index: dict[str, Unschedulable] | None = None,
 ) -> Verdict:
-    """The status one LLMModel should show after this round."""
+    """The status one LLMModel should show after this round (``unschedulable_index``: the plan's
+    :func:`unschedulable_by_model`, built once when asking for every model)."""
     if key in inputs.invalid:
         return inputs.invalid[key]
     info = inputs.infos[key]
@@ -665,7 +728,9 @@ def model_verdict(
                 ("endpoint", None),
             ),
         )
-    unschedulable = next((u for u in plan.unschedulable if u.model == key), None)
+    unschedulable = (
+        unschedulable_index if unschedulable_index is not None else unschedulable_by_model(plan)
+    ).get(key)
     planned = plan.placements.get(key)
     if planned is None and placement is None:
         reason = unschedulable.reason if unschedulable else "AwaitingPlacement"

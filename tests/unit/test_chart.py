@@ -101,6 +101,8 @@ def test_defaults_render_every_component() -> None:
         ("ClusterRole", "rel-residency-worker"),
         ("ClusterRole", "rel-residency-router"),
         ("Role", "rel-residency-operator-lease"),
+        ("Role", "rel-residency-worker-lease"),
+        ("RoleBinding", "rel-residency-worker-lease"),
         ("Service", "rel-residency-router"),
         ("Service", "rel-residency-operator-metrics"),
         ("PodDisruptionBudget", "rel-residency-operator"),
@@ -284,6 +286,7 @@ def test_rbac_is_least_privilege() -> None:
     worker = rules(objects, "ClusterRole", "rel-residency-worker")
     assert worker == {
         ("residency.dev", "modelplacements", "list"),
+        ("residency.dev", "modelplacements", "watch"),
         ("residency.dev", "modelplacements", "patch"),
         ("residency.dev", "modelplacements/status", "patch"),
         ("residency.dev", "nodeprofiles", "create"),
@@ -311,6 +314,13 @@ def test_rbac_is_least_privilege() -> None:
                 ]
     lease = find(objects, "Role", "rel-residency-operator-lease")
     assert lease["metadata"]["namespace"] == "residency"
+    node_lease = rules(objects, "Role", "rel-residency-worker-lease")
+    assert node_lease == {
+        ("coordination.k8s.io", "leases", "get"),
+        ("coordination.k8s.io", "leases", "create"),
+        ("coordination.k8s.io", "leases", "update"),
+    }
+    assert find(objects, "Role", "rel-residency-worker-lease")["metadata"]["namespace"] == "residency"
 
 
 # --- the values schema --------------------------------------------------------------------------

@@ -106,11 +106,13 @@ def test_chart_rbac_grants_no_component_more_than_it_uses(reliability: Any) -> N
             assert all(s["kind"] == "ServiceAccount" for s in binding["subjects"])
     objects = render()
     worker = grants(objects, "ClusterRole", "rel-residency-worker")
-    # placements: list (with its node's label selector) and patch; never get/watch, create or delete
+    # placements: list and watch (with its node's label selector) and patch; never get, create or delete
     placement_verbs = {verb for group, resource, verb in worker if resource == "modelplacements"}
-    assert placement_verbs == {"list", "patch"}
+    assert placement_verbs == {"list", "watch", "patch"}
     assert not {r for _, r, _ in worker} & {"llmmodels", "secrets", "sensitivityprofiles", "pods"}
     assert ("", "nodes", "get") in worker and ("", "nodes", "patch") not in worker
+    lease = grants(objects, "Role", "rel-residency-worker-lease")
+    assert lease == {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
     pods = grants(objects, "Role", "rel-residency-worker-pods")
     assert pods == {("", "pods", "patch")}, "only its own namespace's pods, only to annotate"
     router = grants(objects, "ClusterRole", "rel-residency-router")
@@ -124,7 +126,9 @@ def test_chart_rbac_grants_no_component_more_than_it_uses(reliability: Any) -> N
     reliability.record(
         measured=f"{checked} grants checked: 0 wildcard/escalate/bind/impersonate, 0 Secret reads"
     )
-    reliability.record(measured="worker: placements list+patch only, no get/watch; no models, no Secrets")
+    reliability.record(
+        measured="worker: placements list+watch+patch only, no get; its node Lease; no models, no Secrets"
+    )
 
 
 def test_chart_admission_policy_confines_worker_writes_to_its_node(reliability: Any) -> None:

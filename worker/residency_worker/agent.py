@@ -1,7 +1,9 @@
 """The node agent: a kubelet for models. Registers the node's measured profile, converges the engine to
 the ModelPlacements for this node, and reports what happened (state, residency, measured timings).
 
-Level-triggered: every sync lists this node's placements and compares them with what the engine holds.
+Level-triggered: every sync reads this node's placements (a watch-fed cache: one LIST, then WATCH) and
+compares them with what the engine holds. The node's liveness is a coordination.k8s.io Lease it renews,
+as a kubelet does; its NodeProfile status is written only when a measured value changes.
 Shrinking steps (unload, preempt, demote) run before growing ones (load, resume, promote), so the node's
 GPU budget is never exceeded on the way; the engine refuses anything that would not fit anyway.
 """
@@ -9,6 +11,7 @@ GPU budget is never exceeded on the way; the engine refuses anything that would 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -24,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from residency.api import GROUP, VERSION
 from residency.api.placement import PREFILL_MODE
+from residency.informer import Informer
 from residency.kubeapi import TimeoutApiClient
 from residency.names import label_value
 from residency_worker.engine import Engine, ModelOptions
@@ -42,6 +46,8 @@ from residency_worker.engine.types import (
 
 log = logging.getLogger("residency.agent")
 NODE_LABEL = "residency.dev/node"
+NODE_LEASE_LABEL = "residency.dev/node-lease"
+LEASE_DURATION_FACTOR = 4  # a node Lease lasts this many renewal periods (the kubelet's 40 s for 10 s)
 UNLOAD_FINALIZER = "residency.dev/unload"
 FRACTION_TOLERANCE = 0.02
 ACTIVITY_GRANULARITY_SECONDS = 2.0  # report activity at most this often (each report wakes the planner)
@@ -186,13 +192,14 @@ class AgentConfig:
     node: str
     endpoint: str
     host_memory_bytes: int
-    poll_seconds: float = 1.0
-    heartbeat_seconds: float = 5.0
+    poll_seconds: float = 1.0  # between syncs without a placement change (the engine's own news)
+    heartbeat_seconds: float = 5.0  # between renewals of the node Lease
     grow_seconds: float = 2.0  # loads one sync starts before it lists placements again (moves, deletions)
     node_heartbeat: bool = False  # also keep the Node Ready (local clusters have no kubelet)
     pod_name: str | None = None  # this worker's own Pod (downward API), annotated while it serves
     pod_namespace: str | None = None
     protect_annotations: dict[str, str] = field(default_factory=lambda: dict(PROTECT_ANNOTATIONS))
+    lease_namespace: str = "default"  # where the node Lease lives (the operator's namespace)
 
 
 @dataclass
@@ -226,6 +233,9 @@ class NodeAgent:
         default_factory=lambda: client.CustomObjectsApi(TimeoutApiClient())
     )
     core: client.CoreV1Api = field(default_factory=lambda: client.CoreV1Api(TimeoutApiClient()))
+    coordination: client.CoordinationV1Api = field(
+        default_factory=lambda: client.CoordinationV1Api(TimeoutApiClient())
+    )
     _failures: dict[str, _Failure] = field(default_factory=dict)
     _loaded_specs: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     _protected: bool | None = None
@@ -234,6 +244,11 @@ class NodeAgent:
     _demand_reported_at: dict[str, float] = field(default_factory=dict)  # monotonic, per model
     _operations: dict[str, dict[str, Any]] = field(default_factory=dict)  # last one per model, API shape
     _reload_pending: set[str] = field(default_factory=set)  # unloaded for a spec change: next load reloads
+    _lease: Any = None  # the node Lease as last written (a V1Lease)
+    _lease_refused: bool = False  # no RBAC for Leases (an older chart): heartbeat in the NodeProfile
+    _reported_resident_bytes: int | None = None
+    _placement_cache: Informer | None = None
+    _changed: threading.Event = field(default_factory=threading.Event)
 
     # -- node profile -------------------------------------------------------------------------------
     def profile_spec(self) -> dict[str, Any]:
@@ -301,19 +316,74 @@ class NodeAgent:
             return
         if not force and time.monotonic() - self._last_heartbeat < self.config.heartbeat_seconds:
             return
-        report = self.engine.node_report()
-        status = {"heartbeatTime": now_rfc3339(), "residentBytes": report.allocated_bytes}
-        try:
-            self.custom.patch_cluster_custom_object_status(
-                GROUP, VERSION, "nodeprofiles", self.config.node, {"status": status}
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            self.register()
+        if not self._lease_refused:
+            self.renew_lease()
+        resident_bytes = self.engine.node_report().allocated_bytes
+        # the profile's status is measured values: written when they change (liveness is the Lease)
+        if force or self._lease_refused or resident_bytes != self._reported_resident_bytes:
+            status = {"heartbeatTime": now_rfc3339(), "residentBytes": resident_bytes}
+            try:
+                self.custom.patch_cluster_custom_object_status(
+                    GROUP, VERSION, "nodeprofiles", self.config.node, {"status": status}
+                )
+                self._reported_resident_bytes = resident_bytes
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self.register()
         if self.config.node_heartbeat:
             self._node_ready()
         self._last_heartbeat = time.monotonic()
+
+    def renew_lease(self) -> None:
+        """Renew this node's Lease (create it the first time; read it again after a conflict)."""
+        name, namespace = node_lease_name(self.config.node), self.config.lease_namespace
+        now = datetime.now(UTC)
+        try:
+            if self._lease is None:
+                try:
+                    self._lease = self.coordination.read_namespaced_lease(name, namespace)
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+                    self._lease = self.coordination.create_namespaced_lease(
+                        namespace, self._lease_body(name, namespace, now)
+                    )
+                    return
+            self._lease.spec.holder_identity = self.config.node
+            self._lease.spec.renew_time = now
+            self._lease.spec.lease_duration_seconds = self._lease_seconds()
+            self._lease = self.coordination.replace_namespaced_lease(name, namespace, self._lease)
+        except ApiException as exc:
+            self._lease = None  # read it afresh next time (a conflict, or it was deleted)
+            if exc.status == 403:
+                log.warning(
+                    "may not write the node Lease %s/%s (%s): heartbeating in the NodeProfile instead",
+                    namespace,
+                    name,
+                    exc.reason,
+                )
+                self._lease_refused = True
+            elif exc.status not in (404, 409):
+                raise
+
+    def _lease_seconds(self) -> int:
+        return max(1, math.ceil(LEASE_DURATION_FACTOR * self.config.heartbeat_seconds))
+
+    def _lease_body(self, name: str, namespace: str, now: datetime) -> client.V1Lease:
+        return client.V1Lease(
+            metadata=client.V1ObjectMeta(
+                name=name,
+                namespace=namespace,
+                labels={NODE_LEASE_LABEL: "true", NODE_LABEL: label_value(self.config.node)},
+            ),
+            spec=client.V1LeaseSpec(
+                holder_identity=self.config.node,
+                lease_duration_seconds=self._lease_seconds(),
+                acquire_time=now,
+                renew_time=now,
+            ),
+        )
 
     def _node_ready(self) -> None:
         now = now_rfc3339()
@@ -351,10 +421,31 @@ class NodeAgent:
 
     # -- convergence --------------------------------------------------------------------------------
     def placements(self) -> list[dict[str, Any]]:
-        result = self.custom.list_cluster_custom_object(
-            GROUP, VERSION, "modelplacements", label_selector=f"{NODE_LABEL}={label_value(self.config.node)}"
+        """This node's placements: from the watch-fed cache once it has listed, else listed now."""
+        cache = self._placement_cache
+        if cache is not None and cache.synced.is_set():
+            items = cache.items()
+        else:
+            items = self.custom.list_cluster_custom_object(
+                GROUP, VERSION, "modelplacements", label_selector=self._selector()
+            ).get("items", [])
+        return [p for p in items if p["spec"]["nodeName"] == self.config.node]
+
+    def _selector(self) -> str:
+        return f"{NODE_LABEL}={label_value(self.config.node)}"
+
+    def watch_placements(self, stop: threading.Event) -> None:
+        """Keep this node's placements in a watch-fed cache; each change wakes the sync loop."""
+        self._placement_cache = Informer(
+            f"placements-{self.config.node}",
+            self.custom.list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            "modelplacements",
+            label_selector=self._selector(),
+            handler=lambda *_: self._changed.set(),
         )
-        return [p for p in result.get("items", []) if p["spec"]["nodeName"] == self.config.node]
+        self._placement_cache.start(stop)
 
     def sync(self) -> bool:
         """One convergence pass: shrink first, then grow, then report. True when growing stopped early:
@@ -647,8 +738,10 @@ class NodeAgent:
         """Until stop is set: sync, survive API server restarts with backoff."""
         backoff = self.config.poll_seconds
         registered = False
+        self.watch_placements(stop)
         while not stop.is_set():
             more = False
+            self._changed.clear()  # (before the sync reads: a change during it wakes the next one)
             try:
                 if not registered:
                     self.register()
@@ -658,7 +751,17 @@ class NodeAgent:
             except Exception as exc:  # the API server may be away; keep serving and retry
                 log.warning("sync failed (%s); retrying in %.1f s", exc.__class__.__name__, backoff)
                 backoff = min(backoff * 2, 10.0)
-            stop.wait(0.0 if more else backoff)
+            if not more:
+                self._changed.wait(backoff)  # a placement change, or the poll period
+        self._changed.set()
+
+
+def node_lease_name(node: str) -> str:
+    """The name of a node's Lease (a DNS subdomain of at most 253 characters)."""
+    name = f"residency-node.{node}"
+    if len(name) <= 253:
+        return name
+    return f"{name[:240]}-{hashlib.sha256(node.encode()).hexdigest()[:12]}"
 
 
 def _decode_slo(spec: dict[str, Any]) -> float | None:

@@ -125,6 +125,7 @@ def worker(
             node_heartbeat=node_heartbeat,
             pod_name=pod_name if protect else None,
             pod_namespace=pod_namespace,
+            lease_namespace=pod_namespace or os.environ.get("RESIDENCY_NAMESPACE", "default"),
         )
     try:
         serve_node(engine, settings, host, port, agent_config, log_level)

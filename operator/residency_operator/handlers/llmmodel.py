@@ -1,4 +1,5 @@
-"""kopf handlers: thin. Every watch event pokes the planning loop; deletion waits for the unload."""
+"""kopf handlers: thin. Deletion waits for the unload. (What the planning loop reads, and which changes
+start a round, is the watch-fed ClusterCache's job: residency_operator.cache.)"""
 
 from __future__ import annotations
 
@@ -18,16 +19,6 @@ LLMMODELS = (GROUP, VERSION, "llmmodels")
 def _controller(memo: kopf.Memo) -> Controller:
     controller: Controller = memo["controller"]
     return controller
-
-
-@kopf.on.event(*LLMMODELS)
-@kopf.on.event(GROUP, VERSION, "nodeprofiles")
-@kopf.on.event(GROUP, VERSION, "modelplacements")
-@kopf.on.event(GROUP, VERSION, "sensitivityprofiles")
-@kopf.on.event("", "v1", "nodes")
-def on_cluster_change(memo: kopf.Memo, **_: Any) -> None:
-    """Any change a plan depends on: plan again (debounced)."""
-    _controller(memo).poke()
 
 
 UNLOAD_WAIT_SECONDS = 60.0

@@ -1,0 +1,133 @@
+"""A worker's liveness is its node Lease, renewed as a kubelet renews its own; the NodeProfile's status is
+written only when a measured value changes. A hollow engine goes through the same agent code path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from residency_worker.agent import AgentConfig, node_lease_name
+from residency_worker.hollow import HollowAgent, HollowEngine
+
+
+class FakeCoordination:
+    def __init__(self) -> None:
+        self.lease: Any = None
+        self.calls: list[str] = []
+        self.fail_next: int | None = None
+
+    def _maybe_fail(self) -> None:
+        if self.fail_next is not None:
+            status, self.fail_next = self.fail_next, None
+            raise ApiException(status=status, reason="refused")
+
+    def read_namespaced_lease(self, name: str, namespace: str) -> Any:
+        self.calls.append("read")
+        if self.lease is None:
+            raise ApiException(status=404, reason="Not Found")
+        return self.lease
+
+    def create_namespaced_lease(self, namespace: str, body: Any) -> Any:
+        self.calls.append("create")
+        self._maybe_fail()
+        self.lease = body
+        return body
+
+    def replace_namespaced_lease(self, name: str, namespace: str, body: Any) -> Any:
+        self.calls.append("replace")
+        self._maybe_fail()
+        self.lease = body
+        return body
+
+
+class FakeCustom:
+    def __init__(self, placements: list[dict[str, Any]] | None = None) -> None:
+        self.profile_status: list[dict[str, Any]] = []
+        self.placements = placements or []
+
+    def create_cluster_custom_object(self, *args: Any) -> None:
+        pass
+
+    def patch_cluster_custom_object_status(
+        self, group: str, version: str, plural: str, name: str, body: dict[str, Any]
+    ) -> None:
+        if plural == "nodeprofiles":
+            self.profile_status.append(body["status"])
+        else:
+            next(p for p in self.placements if p["metadata"]["name"] == name).setdefault("status", {}).update(
+                {k: v for k, v in body["status"].items() if v is not None}
+            )
+
+    def list_cluster_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"items": self.placements}
+
+
+class FakeCore:
+    def read_node(self, name: str) -> Any:
+        raise ApiException(status=404, reason="Not Found")
+
+
+def agent(custom: FakeCustom, coordination: FakeCoordination) -> HollowAgent:
+    config = AgentConfig(node="gpu-7", endpoint="http://x", host_memory_bytes=2**30, heartbeat_seconds=0.0)
+    engine: Any = HollowEngine("gpu-7", 2**30, load_seconds=0.0)
+    return HollowAgent(engine, config, custom=custom, core=FakeCore(), coordination=coordination)  # type: ignore[arg-type]
+
+
+def test_heartbeats_renew_the_lease_and_leave_the_profile_alone() -> None:
+    custom, coordination = FakeCustom(), FakeCoordination()
+    worker = agent(custom, coordination)
+    worker.register()
+    assert coordination.calls == ["read", "create"]
+    assert coordination.lease.metadata.name == node_lease_name("gpu-7")
+    assert coordination.lease.metadata.labels["residency.dev/node-lease"] == "true"
+    assert coordination.lease.spec.holder_identity == "gpu-7"
+    assert len(custom.profile_status) == 1  # the registration's measured values
+    for _ in range(3):
+        worker.heartbeat()
+    assert coordination.calls[2:] == ["replace"] * 3
+    assert len(custom.profile_status) == 1  # nothing measured changed: no status write
+
+
+def test_a_conflict_reads_the_lease_again_and_a_refusal_falls_back_to_the_profile() -> None:
+    custom, coordination = FakeCustom(), FakeCoordination()
+    worker = agent(custom, coordination)
+    worker.register()
+    coordination.fail_next = 409  # someone else wrote it (a restarted worker): read it afresh
+    worker.heartbeat()
+    worker.heartbeat()
+    assert coordination.calls[2:] == ["replace", "read", "replace"]
+    coordination.fail_next = 403  # an older chart without the Lease role
+    worker.heartbeat()
+    writes = len(custom.profile_status)
+    worker.heartbeat()
+    worker.heartbeat()
+    assert len(custom.profile_status) == writes + 2  # every heartbeat in the NodeProfile, as before
+    assert "heartbeatTime" in custom.profile_status[-1]
+
+
+def test_a_hollow_node_acknowledges_its_placement_through_the_agent() -> None:
+    placement = {
+        "metadata": {"name": "t.m", "generation": 1, "resourceVersion": "1"},
+        "spec": {
+            "model": {"namespace": "t", "name": "m", "uid": "u"},
+            "nodeName": "gpu-7",
+            "sourcePath": "/models/m",
+            "dtype": "float32",
+            "residentFraction": 0.5,
+            "executionMode": "stream",
+            "desiredState": "Loaded",
+            "maxSequenceLength": 64,
+            "maxBatchSize": 1,
+        },
+    }
+    custom = FakeCustom([placement])
+    worker = agent(custom, FakeCoordination())
+    worker.sync()
+    assert worker.engine.names() == ["t/m"]
+    status = placement["status"]
+    assert status["state"] == "Loaded" and status["residentFraction"] == 0.5
+    assert status["observedGeneration"] == 1
+    placement["spec"]["desiredState"] = "Preempted"
+    worker.sync()
+    assert placement["status"]["state"] == "Preempted"
