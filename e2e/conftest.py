@@ -240,7 +240,9 @@ def router(cluster: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iter
     proc = Process(
         "router",
         # open: these tests are about routing; e2e/test_e2e_tenancy.py tests the router's auth
-        ["router", "--port", str(port), "--hold-seconds", "60", "--auth", "none"],
+        # and without admission control: bursts here test faults and routing, not refusals (the router's
+        # admission is tested in tests/unit/test_router_admission.py and by the reliability load test)
+        ["router", "--port", str(port), "--hold-seconds", "60", "--auth", "none", "--no-admission"],
         tmp_path / "router.log",
         env={"KUBECONFIG": cluster},
     ).start()

@@ -115,7 +115,7 @@ RBAC_MATRIX: list[tuple[str, str, str, tuple[str, ...], bool]] = [
     ("worker", "list", "secrets", ("-A",), False),
     ("worker", "delete", "modelplacements.residency.dev", (), False),
     ("worker", "create", "modelplacements.residency.dev", (), False),
-    ("worker", "watch", "modelplacements.residency.dev", (), False),
+    ("worker", "watch", "modelplacements.residency.dev", (), True),  # its node's, by label selector
     ("worker", "create", "llmmodels.residency.dev", ("-n", "team-a"), False),
     ("worker", "patch", "llmmodels.residency.dev", ("-n", "team-a"), False),
     ("worker", "list", "llmmodels.residency.dev", ("-A",), False),

@@ -498,7 +498,7 @@ CAN_I: list[tuple[str, str, str, tuple[str, ...], bool]] = [
     ("worker", "get", "secrets/{release}-residency-worker-token", ("-n", "{ns}"), False),
     ("worker", "get", "secrets", ("-n", "kube-system"), False),
     ("worker", "get", "modelplacements.residency.dev", (), False),
-    ("worker", "watch", "modelplacements.residency.dev", (), False),
+    ("worker", "watch", "modelplacements.residency.dev", (), True),  # its node's, by label selector
     ("worker", "list", "modelplacements.residency.dev", (), True),
     ("worker", "delete", "modelplacements.residency.dev", (), False),
     ("worker", "list", "llmmodels.residency.dev", ("-A",), False),
@@ -692,14 +692,15 @@ def test_rbac_and_admission_policy_are_enforced_by_the_api_server(
                 False,
                 "forbidden",
             ),
-            (
+            (  # allowed since workers watch their node's placements (RBAC cannot scope it by label: the
+                # same documented gap as list, below)
                 "watch placements",
                 worker,
                 "GET",
                 f"{placements}?watch=true&timeoutSeconds=1",
                 None,
-                False,
-                "forbidden",
+                True,
+                "",
             ),
             ("delete own placement", worker, "DELETE", f"{placements}/{mine}", None, False, "forbidden"),
             ("list LLMModels", worker, "GET", f"{group}/llmmodels", None, False, "forbidden"),
