@@ -90,26 +90,31 @@ def engine_rates(
     return rates
 
 
+def _generate_seconds(model: Any, ids: torch.Tensor, tokens: int) -> float:
+    """Seconds of greedy `generate` with a static KV cache for exactly `tokens` new tokens."""
+    _synchronize(ids.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation="static",
+        )
+    _synchronize(ids.device)
+    return time.perf_counter() - start
+
+
 def transformers_rates(model: Any, prompts: list[list[int]], new_tokens: int, trials: int) -> list[float]:
     """The same measure for `generate` with a static cache on the same weights."""
     device = next(model.parameters()).device
     ids = torch.tensor(prompts, device=device)
 
     def timed(tokens: int) -> float:
-        _synchronize(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                do_sample=False,
-                pad_token_id=0,
-                cache_implementation="static",
-            )
-        _synchronize(device)
-        return time.perf_counter() - start
+        return _generate_seconds(model, ids, tokens)
 
     timed(4)
     rates = []
@@ -210,21 +215,9 @@ def transformers_batch_rates(
     ids = torch.tensor([prompt] * batch, device=device)
     rates = []
     for trial in range(trials + 1):
-        _synchronize(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                do_sample=False,
-                pad_token_id=0,
-                cache_implementation="static",
-            )
-        _synchronize(device)
+        seconds = _generate_seconds(model, ids, tokens)
         if trial:  # the first is the warm-up
-            rates.append(batch * tokens / (time.perf_counter() - start))
+            rates.append(batch * tokens / seconds)
     return rates
 
 
