@@ -214,7 +214,10 @@ def test_two_models_take_turns_on_a_gpu_that_holds_one(
 
     waiting = wait_for(decided, 60, what="second placed or refused")
     print("second before anyone asks:", waiting.get("phase"), waiting.get("reason"), waiting.get("message"))
-    assert waiting["phase"] in ("Unschedulable", "WaitingForCapacity"), waiting
+    # it waits for room, or (when the first one's last demand report read 0: idle, it yields and a model
+    # never loaded is never idle, planner/demand.py) it is placed at once; either way the turns follow
+    decided_phases = ("Unschedulable", "WaitingForCapacity", "Scheduled", "Loading", "Ready")
+    assert waiting["phase"] in decided_phases, waiting
     time.sleep(IDLE_AFTER_SECONDS + 2)  # the first one turns idle
 
     def until_answered(name: str) -> tuple[str, list[int], float]:

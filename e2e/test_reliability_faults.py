@@ -410,8 +410,9 @@ def test_worker_budget_shrunk_at_runtime_fails_the_load_and_replans(
     # NodeProfile) reaches the worker before the worker has acted on the stale placement, nothing was tried
     # at residency 1 and nothing failed. When the worker did try it, the load failed clearly.
     if failure is not None or seen_failed:
-        assert failure is not None, (events, seen_failed)
-        assert "PlacementDoesNotFit" in failure["message"] or "budget" in failure["message"], failure
+        # the clear error: a Warning Event, or the placement's Failed status when the re-plan came first
+        said = failure["message"] if failure is not None else seen_failed.get("message", "")
+        assert "PlacementDoesNotFit" in said or "budget" in said, (events, seen_failed)
     assert int(profile["spec"]["gpuMemoryBytes"]) == budget
     assert status["phase"] == "Ready" and status["residentFraction"] < 1.0
     assert int(report["reserved_bytes"]) <= budget
