@@ -178,33 +178,19 @@ async def completions(
         if body.logprobs is not None:
             logprobs = _completion_logprobs(engine, body.model, events, offsets[index])
             offsets[index] += sum(len(t) for t in logprobs["tokens"])
-        data: dict[str, Any] = {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": [
-                {
-                    "index": index,
-                    "text": event.text,
-                    "logprobs": logprobs,
-                    "finish_reason": event.finish_reason,
-                }
-            ],
+        choice = {
+            "index": index,
+            "text": event.text,
+            "logprobs": logprobs,
+            "finish_reason": event.finish_reason,
         }
+        data = _envelope(completion_id, "text_completion", created, body.model, [choice])
         if include_usage:
             data["usage"] = None
         return data
 
     def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": [],
-            "usage": usage,
-        }
+        return _envelope(completion_id, "text_completion", created, body.model, [], usage=usage)
 
     if body.stream:
         return inference.stream(generation, chunk, usage_chunk if include_usage else None)
@@ -222,15 +208,24 @@ async def completions(
                 "finish_reason": finals[index].finish_reason,
             }
         )
-    content = {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": body.model,
-        "choices": choices,
-        "usage": generation.usage(),
-    }
+    content = _envelope(
+        completion_id, "text_completion", created, body.model, choices, usage=generation.usage()
+    )
     return _answer(content, generation)
+
+
+def _envelope(
+    completion_id: str, kind: str, created: int, model: str, choices: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    """The fields every completion object, chunk and usage chunk carries (OpenAI's shape)."""
+    return {
+        "id": completion_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": choices,
+        **extra,
+    }
 
 
 @router.post("/chat/completions")
@@ -258,26 +253,13 @@ async def chat_completions(
         choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": event.finish_reason}
         if body.logprobs:
             choice["logprobs"] = _chat_logprobs(engine, body.model, events)
-        data: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": body.model,
-            "choices": [choice],
-        }
+        data = _envelope(completion_id, "chat.completion.chunk", created, body.model, [choice])
         if include_usage:
             data["usage"] = None
         return data
 
     def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-        return {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": body.model,
-            "choices": [],
-            "usage": usage,
-        }
+        return _envelope(completion_id, "chat.completion.chunk", created, body.model, [], usage=usage)
 
     if body.stream:
         return inference.stream(generation, chunk, usage_chunk if include_usage else None)
@@ -291,12 +273,7 @@ async def chat_completions(
             "logprobs": _chat_logprobs(engine, body.model, generation.log(index)) if body.logprobs else None,
         }
         choices.append(choice)
-    content = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": body.model,
-        "choices": choices,
-        "usage": generation.usage(),
-    }
+    content = _envelope(
+        completion_id, "chat.completion", created, body.model, choices, usage=generation.usage()
+    )
     return _answer(content, generation)
