@@ -16,7 +16,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from residency.modelgen import make_model
-from residency_worker.engine import Engine, EngineError, ModelOptions, SamplingParams, make_gpu_tier
+from residency_worker.engine import (
+    Engine,
+    EngineError,
+    ModelOptions,
+    SamplingParams,
+    cpu_kernels,
+    make_gpu_tier,
+)
 from residency_worker.engine.generate import Request, RequestEvent
 
 pytestmark = pytest.mark.component
@@ -208,7 +215,12 @@ def test_reported_resident_bytes_equal_the_pool(engine: Engine, models_root: Pat
     assert abs(report.resident_fraction - fraction) <= 0.2
     runner = engine.runner("m")
     for name in report.resident_units:  # every resident tensor the forward pass uses lies in the pool
-        assert all(engine.tier.owns(t) for t in runner.placed.gpu_views[name].values())
+        views = runner.placed.gpu_views[name]
+        dense = {k: t for k, t in views.items() if not k.endswith(cpu_kernels.PACKED_SUFFIX)}
+        assert all(engine.tier.owns(t) for t in dense.values())
+        for key, packed in views.items():  # or is oneDNN's packed copy of one, with the same values
+            if key.endswith(cpu_kernels.PACKED_SUFFIX):
+                assert torch.equal(packed.to_dense(), dense[key.removesuffix(cpu_kernels.PACKED_SUFFIX)])
     for name in report.offloaded_units:
         assert name not in runner.placed.gpu_views
     assert engine.tier.reserved_bytes(owner) == report.gpu_reserved_bytes >= report.resident_weight_bytes

@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from residency_worker.engine import cpu_kernels
 from residency_worker.engine.loading import ArchSpec
 
 Weights = dict[str, torch.Tensor]
@@ -63,6 +64,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _linear(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
+    packed = w.get(f"{name}.weight{cpu_kernels.PACKED_SUFFIX}")
+    if packed is not None:  # a layer computed on the CPU from oneDNN's prepacked weights
+        return cpu_kernels.linear(x, packed, w.get(f"{name}.bias"))
     return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
@@ -88,8 +92,12 @@ def final_norm(norm_weight: torch.Tensor, spec: ArchSpec, hidden_last: torch.Ten
     return rms_norm(hidden_last, norm_weight, spec.rms_norm_eps)
 
 
-def logits_chunk(rows: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+def logits_chunk(
+    rows: torch.Tensor, normed: torch.Tensor, packed: torch.Tensor | None = None
+) -> torch.Tensor:
     """Float32 logits of one chunk of vocabulary rows; the head always runs chunk by chunk."""
+    if packed is not None:
+        return cpu_kernels.linear(normed, packed, None).float()
     return F.linear(normed, rows).float()
 
 

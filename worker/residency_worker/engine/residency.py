@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from residency_worker.engine import cpu_kernels
 from residency_worker.engine import model as decoder
 from residency_worker.engine.loading import LoadedWeights, Unit
 from residency_worker.engine.placement import (
@@ -36,6 +37,7 @@ class PlacedWeights:
         prefill_mode: ExecutionMode,
         *,
         reload_streams: int,
+        cpu_prepack: bool = False,
     ) -> None:
         self.weights = weights
         self.tier = tier
@@ -55,6 +57,10 @@ class PlacedWeights:
         self.head_rows = head_rows_per_chunk(weights)
         self.embed_unit = weights.unit("head" if spec.tie_word_embeddings else "embed")
         self.stager: Stager | None = None
+        # the emulated tier is host memory: its resident layers compute on the CPU, from weights packed
+        # for oneDNN (a second copy in host memory, beside the tier's); see cpu_kernels
+        self.prepack = cpu_prepack and tier.device.type == "cpu" and cpu_kernels.available(weights.dtype)
+        self.head_packed: list[torch.Tensor] | None = None
 
     def need(
         self,
@@ -95,13 +101,20 @@ class PlacedWeights:
         flats, timing = upload_units(self.tier, self.owner, self.weights, units, streams=self.reload_streams)
         self.gpu_flats.update(flats)
         for unit in units:
-            self.gpu_views[unit.name] = unit.views(flats[unit.name])
+            views = unit.views(flats[unit.name])
+            if self.prepack and unit.name.startswith("layer."):
+                views = cpu_kernels.packed_views(views)
+            elif self.prepack and unit.name == "head":
+                self.head_packed = cpu_kernels.packed_rows(views[self.head_matrix], self.head_rows)
+            self.gpu_views[unit.name] = views
         return timing
 
     def drop(self, names: set[str]) -> None:
         for name in names:
             self.tier.release(self.gpu_flats.pop(name))
             self.gpu_views.pop(name, None)
+            if name == "head":
+                self.head_packed = None
 
     def drop_all(self) -> None:
         self.drop(set(self.gpu_flats))
@@ -170,9 +183,12 @@ class PlacedWeights:
             views = self.gpu_views["head"] if resident else self.host_views["head"]
             normed = decoder.final_norm(views["norm.weight"], spec, last.to(device))
             matrix = views[self.head_matrix]
+            packed = self.head_packed if resident else None
             chunks = [
-                decoder.logits_chunk(matrix[start : start + self.head_rows], normed)
-                for start in range(0, matrix.shape[0], self.head_rows)
+                decoder.logits_chunk(
+                    matrix[start : start + self.head_rows], normed, packed[i] if packed else None
+                )
+                for i, start in enumerate(range(0, matrix.shape[0], self.head_rows))
             ]
             return torch.cat(chunks, dim=-1)
         assert self.stager is not None, "stream mode without staging buffers"

@@ -75,6 +75,7 @@ class ModelOptions:
     min_decode_tokens_per_second: float | None = None  # the SLO: paced to it while a neighbour is hungry
     prefill_chunk_tokens: int | None = None  # None: 512 on a GPU, 128 on the CPU
     cuda_graphs: bool = True  # decode steps replay CUDA graphs on a GPU (eager on the CPU)
+    cpu_prepack: bool = True  # emulated tier: resident layers also kept in oneDNN's layout (cpu_kernels)
 
 
 class ModelRunner:
@@ -106,6 +107,7 @@ class ModelRunner:
             decode_mode,
             "stream" if prefill == "auto" else prefill,
             reload_streams=options.reload_streams,
+            cpu_prepack=options.cpu_prepack,
         )
         chunk = options.prefill_chunk_tokens or (
             PREFILL_CHUNK_TOKENS_GPU if tier.device.type == "cuda" else PREFILL_CHUNK_TOKENS_CPU
