@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM
 
 from _table import table
 from residency.modelgen import make_model
-from residency_worker.engine import Engine, ModelOptions, SamplingParams, make_gpu_tier
+from residency_worker.engine import Engine, ModelOptions, SamplingParams, cpu_kernels, make_gpu_tier
 from residency_worker.engine.generate import RequestEvent
 from residency_worker.engine.tiers import measure_host_to_device_peak
 from residency_worker.report.environment import read_gbps
@@ -133,14 +133,49 @@ def bytes_per_step(model_dir: Path, weight_bytes: int, element_bytes: int, batch
     return weight_bytes - embed_bytes + batch * config["hidden_size"] * element_bytes
 
 
+def prefill_flops(config: Any, prompt_tokens: int) -> float:
+    """Multiply-add FLOPs of one prompt's prefill: 2 per weight of the layers (embedding gathers, the head
+    runs for the last token only) and the causal attention's scores and sums."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = config.num_key_value_heads * head_dim
+    per_layer = hidden * heads * head_dim * 2 + hidden * kv * 2 + 3 * hidden * config.intermediate_size
+    linear = 2 * layers * per_layer * prompt_tokens + 2 * hidden * config.vocab_size
+    attention = 4 * layers * heads * head_dim * prompt_tokens * (prompt_tokens + 1) / 2
+    return float(linear + attention)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, trials: int = 5) -> float:
+    """The device's best measured matrix-multiply rate: a large square product, best of a few, through
+    both of torch's CPU paths (MKL and oneDNN's packed weights) where they exist."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    candidates = [lambda: a @ b]
+    if device.type == "cpu" and cpu_kernels.available(dtype):
+        packed = cpu_kernels.pack(b)
+        candidates.append(lambda: cpu_kernels.linear(a, packed, None))
+    best = float("inf")
+    for multiply in candidates:
+        multiply()
+        for _ in range(trials):
+            _synchronize(device)
+            start = time.perf_counter()
+            multiply()
+            _synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
 # -- end to end ----------------------------------------------------------------------------------------
 async def _clients(
-    url: str, model: str, prompt: list[int], clients: int, per_client: int, tokens: int
+    url: str, model: str, prompts: list[list[int]], clients: int, per_client: int, tokens: int
 ) -> float:
-    """Aggregate completion tokens/s of `clients` concurrent clients, each sending `per_client` requests."""
+    """Aggregate completion tokens/s of `clients` concurrent clients, each sending `per_client` requests
+    with a prompt of its own (no two clients share a prefix, as real clients do not)."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
 
-        async def one_client() -> int:
+        async def one_client(prompt: list[int]) -> int:
             produced = 0
             for _ in range(per_client):
                 response = await http.post(
@@ -152,12 +187,12 @@ async def _clients(
             return produced
 
         start = time.perf_counter()
-        produced = await asyncio.gather(*(one_client() for _ in range(clients)))
+        produced = await asyncio.gather(*(one_client(prompts[i]) for i in range(clients)))
         return sum(produced) / (time.perf_counter() - start)
 
 
 def serve_rates(
-    model_dir: Path, args: argparse.Namespace, prompt: list[int], trials: int
+    model_dir: Path, args: argparse.Namespace, prompts: list[list[int]], trials: int
 ) -> dict[str, list[float]]:
     port = args.serve_port
     token = "bench-admin-token"
@@ -194,11 +229,11 @@ def serve_rates(
         )  # fmt: skip
         loaded.raise_for_status()
         rates: dict[str, list[float]] = {"1": [], "16": []}
-        asyncio.run(_clients(url, "bench", prompt, 1, 1, 4))  # warm-up
+        asyncio.run(_clients(url, "bench", prompts, 1, 1, 4))  # warm-up
         for _ in range(trials):
             for clients in (1, 16):
                 rate = asyncio.run(
-                    _clients(url, "bench", prompt, clients, args.serve_requests, args.serve_tokens)
+                    _clients(url, "bench", prompts, clients, args.serve_requests, args.serve_tokens)
                 )
                 rates[str(clients)].append(rate)
         return rates
@@ -208,11 +243,11 @@ def serve_rates(
 
 
 def transformers_batch_rates(
-    model: Any, prompt: list[int], batch: int, tokens: int, trials: int
+    model: Any, prompts: list[list[int]], batch: int, tokens: int, trials: int
 ) -> list[float]:
     """Completion tokens/s of `generate` at batch `batch`, prefill included (as the HTTP clients see it)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt] * batch, device=device)
+    ids = torch.tensor(prompts[:batch], device=device)
     rates = []
     for trial in range(trials + 1):
         seconds = _generate_seconds(model, ids, tokens)
@@ -441,10 +476,15 @@ def main() -> None:
         print()
         print(table(rows))
     if args.serve:
-        prompt = _prompt(args.prompt_tokens, vocab, 1)
-        served = serve_rates(model_dir, args, prompt, args.trials)
-        hf16 = transformers_batch_rates(reference, prompt, 16, args.serve_tokens, args.trials)
+        prompts = [_prompt(args.prompt_tokens, vocab, 1 + client) for client in range(16)]
+        served = serve_rates(model_dir, args, prompts, args.trials)
+        hf16 = transformers_batch_rates(reference, prompts, 16, args.serve_tokens, args.trials)
         one, sixteen, hf = _spread(served["1"]), _spread(served["16"]), _spread(hf16)
+        flops = prefill_flops(config, args.prompt_tokens)
+        peak = peak_flops(device, dtype)
+        # no engine serves 16 distinct prompts faster than the device multiplies their prefill at its
+        # best measured rate (decode steps not even counted): the bound of any design on this device
+        bound = 16 * args.serve_tokens / (16 * flops / peak)
         result["serve"] = {
             "clients_1_tokens_per_second": one,
             "clients_16_tokens_per_second": sixteen,
@@ -453,6 +493,10 @@ def main() -> None:
             "clients_16_over_transformers_batch16": sixteen["median"] / hf["median"],
             "new_tokens_per_request": args.serve_tokens,
             "requests_per_client": args.serve_requests,
+            "prefill_flops_per_request": flops,
+            "device_peak_flops": peak,
+            "clients_16_prefill_bound_tokens_per_second": bound,
+            "prefill_bound_over_1_client": bound / one["median"],
         }
         print()
         print(
@@ -468,6 +512,11 @@ def main() -> None:
         print(
             f"16 clients ÷ 1: {result['serve']['clients_16_over_1']:.2f}x; "
             f"16 clients ÷ transformers b=16: {result['serve']['clients_16_over_transformers_batch16']:.2f}x"
+        )
+        print(
+            f"any engine's bound for 16 clients on this device (their prefill at the best measured "
+            f"{peak / 1e9:.0f} GFLOP/s, decode free): {bound:.2f} tok/s = "
+            f"{bound / one['median']:.2f}x one client"
         )
     label = "emulated" if emulated else tier.gpu_name.replace(" ", "_")
     RESULTS.mkdir(exist_ok=True)
