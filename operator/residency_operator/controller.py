@@ -41,32 +41,36 @@ from residency_operator.conditions import desired_status, now_rfc3339, status_pa
 from residency_operator.events import operation_event, prediction_event, with_operation, with_prediction_check
 from residency_operator.kube import Kube
 from residency_operator.metrics import OperatorMetrics
+from residency_operator.placements import desired_placements, placement_needs_update, write_phase
 from residency_operator.planner import Plan, PlannerConfig, plan
 from residency_operator.state import (
-    RETRIED_LOAD_FAILURES,
     UNLOAD_FINALIZER,
     ClusterState,
     Inputs,
     OperatorKnobs,
     Validate,
-    desired_placements,
     live_nodes,
     model_key,
-    model_verdict,
-    placement_needs_update,
     planner_inputs,
-    rejected_verdict,
-    unschedulable_by_model,
     with_wake_requests,
-    write_phase,
 )
 from residency_operator.validation import validate_model
+from residency_operator.verdicts import (
+    RETRIED_LOAD_FAILURES,
+    model_verdict,
+    rejected_verdict,
+    unschedulable_by_model,
+)
 
 log = logging.getLogger("residency.controller")
 StatusJob = tuple[str, dict[str, Any], Any, dict[str, Any], dict[str, Any], list[tuple[str, str, str]]]
 """One model's status write: key, body, verdict, current status, patch, and the Events it brings."""
 LEASE_NAME = "residency-operator"
 WARNING_PHASES = frozenset({"Failed", "Unschedulable", "Preempted"})
+PROGRESS_REASONS = frozenset({"Placed", "Loading", "Resuming", "Ready"})
+"""Phase reasons of the ordinary way to Ready (Scheduled, Loading, Ready): no Event of their own. The
+status shows each step, and the worker's measured operation (ModelLoaded, ModelResumed, ...) is the Event
+that says the model arrived; an Event per step was three writes per model, a third of a wave's writes."""
 REJECTED_STATUSES = frozenset({400, 403, 422})
 """API answers that refuse one object (invalid, forbidden) rather than say the API server is unwell."""
 
@@ -92,6 +96,8 @@ class RoundReport:
     seconds: float = 0.0
     rejected: dict[str, str] = field(default_factory=dict)
     """Objects the API server refused (placement or model key -> its message); the round went on."""
+    deferred: int = 0
+    """Status writes left to the next round (a change was waiting and the status budget was spent)."""
 
 
 class Controller:
@@ -112,8 +118,12 @@ class Controller:
         cache: ClusterCache | None = None,
         validation_seconds: float = 60.0,
         write_workers: int = 8,
+        status_budget_seconds: float = 1.0,
     ) -> None:
         self.write_workers = write_workers
+        self.status_budget_seconds = status_budget_seconds
+        """After this long writing statuses, a round leaves the rest to the next one when a change is
+        waiting: new placements go out first, and a status that is behind is written once, not per step."""
         """Writes of one step of a round in flight at once (each still through the write limiter)."""
         self._report_lock = threading.Lock()
         self.kube = kube
@@ -390,7 +400,16 @@ class Controller:
                 self._reported[key] = (verdict, version)
                 continue
             statuses.append((key, body, verdict, current, patch, events))
-        self._each(statuses, lambda job: self._write_status(job, report))
+        statuses_from = time.monotonic()
+
+        def write_status(job: StatusJob) -> None:
+            if self._dirty.is_set() and time.monotonic() - statuses_from > self.status_budget_seconds:
+                with self._report_lock:
+                    report.deferred += 1  # level-triggered: the next round, moments away, writes it
+                return
+            self._write_status(job, report)
+
+        self._each(statuses, write_status)
         report.created.sort()
         report.updated.sort()
         report.deleted.sort()
@@ -429,7 +448,9 @@ class Controller:
             return
         with self._report_lock:
             report.statuses += 1
-        if current.get("phase") != verdict.phase or current.get("reason") != verdict.reason:
+        if (current.get("phase") != verdict.phase or current.get("reason") != verdict.reason) and (
+            verdict.reason not in PROGRESS_REASONS
+        ):
             warn = verdict.phase in WARNING_PHASES or verdict.reason in RETRIED_LOAD_FAILURES
             event_type = "Warning" if warn else "Normal"
             self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
