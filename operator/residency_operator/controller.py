@@ -39,6 +39,7 @@ from residency_operator.capacity import (
 )
 from residency_operator.conditions import desired_status, now_rfc3339, status_patch
 from residency_operator.events import operation_event, prediction_event, with_operation, with_prediction_check
+from residency_operator.incremental import IncrementalRounds
 from residency_operator.kube import Kube
 from residency_operator.metrics import OperatorMetrics
 from residency_operator.placements import desired_placements, placement_needs_update, write_phase
@@ -119,6 +120,7 @@ class Controller:
         validation_seconds: float = 60.0,
         write_workers: int = 8,
         status_budget_seconds: float = 1.0,
+        incremental_min_models: int | None = 2000,
     ) -> None:
         self.write_workers = write_workers
         self.status_budget_seconds = status_budget_seconds
@@ -141,6 +143,12 @@ class Controller:
         self._foreign_gpu_bytes: dict[str, int] = {}
         self.knobs = knobs
         self.planner_config = planner_config or PlannerConfig()
+        self.incremental = (
+            None
+            if incremental_min_models is None
+            else IncrementalRounds(incremental_min_models, self.planner_config)
+        )
+        """Single-model spec changes at fleet size re-planned incrementally (None: always in full)."""
         self.lease_namespace = lease_namespace
         self.resync_seconds = resync_seconds
         self.debounce_seconds = debounce_seconds
@@ -218,6 +226,8 @@ class Controller:
                 raise
             except Exception:  # the API server may be restarting: log, back off, try again
                 log.exception("planning round failed; retrying")
+                if self.incremental is not None:
+                    self.incremental.drop()  # the changes this round took are lost: plan in full
                 await asyncio.sleep(2.0)
                 self._dirty.set()
 
@@ -232,6 +242,8 @@ class Controller:
             if leader != self.leader:
                 log.info("%s the %s Lease as %s", "holding" if leader else "lost", LEASE_NAME, self.identity)
             self.leader = leader
+            if not leader and self.incremental is not None:
+                self.incremental.drop()  # another operator may have planned meanwhile
             return leader
 
     def _lead_round(self) -> RoundReport | None:
@@ -331,6 +343,11 @@ class Controller:
         started = time.perf_counter()
         self._last_round = time.monotonic()
         report = RoundReport()
+        # what changed since the last round, taken before the state is read (a change that comes between
+        # the two is in this round's state and planned again by the next round)
+        spec_changes, other_changes = (
+            self.cache.take_changes() if self.cache is not None else (frozenset[str](), True)
+        )
         state = self.read_state()
         now = datetime.now(UTC)
         self._live = live_nodes(state, now, self.knobs)
@@ -341,12 +358,29 @@ class Controller:
                 dataclasses.replace(n, reserved_gpu_bytes=n.reserved_gpu_bytes + foreign.get(n.name, 0))
                 for n in inputs.nodes
             ]
-        result = plan(
-            inputs.demands, inputs.nodes, inputs.current, inputs.profiles, time.time(), self.planner_config
-        )
+        change = None
+        if not other_changes and not foreign and self.incremental is not None:
+            change = self.incremental.change(spec_changes, inputs, time.time())
+        if change is None:
+            result = plan(
+                inputs.demands,
+                inputs.nodes,
+                inputs.current,
+                inputs.profiles,
+                time.time(),
+                self.planner_config,
+            )
+            scoped_result, scoped_inputs = result, inputs
+        else:
+            # only the changed models and what they touched: their placements and statuses are written
+            result = change.plan
+            scoped_result, scoped_inputs = change.scoped(inputs)
         report.solver = result.solver
-        desired = desired_placements(result, inputs)
+        desired = desired_placements(scoped_result, scoped_inputs)
         existing = {p["metadata"]["name"]: p for p in state.placements}
+        if change is not None:
+            names = change.placement_names()
+            existing = {name: p for name, p in existing.items() if name in names}
         accepting = {n.name for n in inputs.nodes if n.schedulable}
         # Placements first: the plan is in the API server before any worker acts on it. Writes that free
         # GPU memory (demotions, preemptions, removals) go before writes that take it, so that a worker
@@ -369,12 +403,15 @@ class Controller:
         self._each(sorted(n for n, p in order.items() if p == "shrink"), write)
         self._each(sorted(n for n in existing if n not in desired), remove)
         self._each(sorted(n for n, p in order.items() if p in ("move", "grow")), write)
-        waiting = self._request_capacity(result, inputs)
-        self._report_drains(state, inputs, desired)
+        waiting: dict[str, tuple[dict[str, Any], int]] = {}
+        if change is None:
+            waiting = self._request_capacity(result, inputs)
+            self._report_drains(state, inputs, desired)
         phases: dict[str, int] = {}
         unschedulable = unschedulable_by_model(result)
         statuses: list[StatusJob] = []
-        for key, body in sorted(inputs.bodies.items()):
+        bodies = inputs.bodies if change is None else {k: inputs.bodies[k] for k in change.models}
+        for key, body in sorted(bodies.items()):
             placement = existing.get(placement_name(key))
             if placement is not None and placement_name(key) not in desired:
                 placement = None
@@ -414,8 +451,14 @@ class Controller:
         report.updated.sort()
         report.deleted.sort()
         self._reported = {k: v for k, v in self._reported.items() if k in inputs.bodies}
+        if change is None and self.incremental is not None:
+            wrote = bool(report.created or report.updated or report.deleted or report.rejected)
+            self.incremental.after_full_round(inputs, wrote or bool(foreign), bool(spec_changes), time.time())
         report.seconds = time.perf_counter() - started
-        self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
+        if change is None:  # (phase counts and plan figures are the whole fleet's, from full rounds)
+            self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
+        else:
+            self.metrics.plan_seconds.observe(report.seconds)
         return report
 
     def _each(self, items: Sequence[Any], write: Callable[[Any], None]) -> None:
