@@ -202,6 +202,24 @@ def writes_per_second(window: dict[str, float]) -> float:
     return round(sum(v for k, v in window.items() if k.split(" ", 1)[0] in WRITE_VERBS), 3)
 
 
+MODEL_WRITES = ("llmmodels", "modelplacements", "events", "nodeprofiles")
+"""What a model costs the API server: its create, its placement, status patches (operator and worker),
+Events and the profile changes its loads cause (not the Leases, which renew whatever happens)."""
+
+
+def writes_per_model(window: dict[str, float]) -> float | None:
+    """API writes per model applied in a wave: those writes' rate over the rate of model creates."""
+    creates = window.get("POST llmmodels", 0.0)
+    if not creates:
+        return None
+    writes = sum(
+        v
+        for k, v in window.items()
+        if k.split(" ", 1)[0] in WRITE_VERBS and k.split(" ", 1)[1] in MODEL_WRITES
+    )
+    return round(writes / creates, 2)
+
+
 def round_stats(before: Sample, after: Sample) -> dict[str, Any]:
     count = after.operator.get("residency_plan_seconds_count", 0) - before.operator.get(
         "residency_plan_seconds_count", 0
@@ -816,14 +834,17 @@ def table(runs: list[dict[str, Any]]) -> str:
         "| run | nodes | models | wave apply→placement p50 / p99 (s) | apply→Ready p99 (s) | "
         "change→effect p50 / p99 (s) | restart: converged (s), placements deleted | steady writes/s "
         "(÷ lease renewals) | steady reads/s | rounds/min steady | round mean (s) | operator RSS peak | "
-        "etcd db | lost / doubled |\n|" + " --- |" * 14
+        "etcd db | lost / doubled | writes per model (waves) |\n|" + " --- |" * 15
     )
     rows = [head]
     for r in sorted(runs, key=lambda r: (r["config"]["nodes"], r["config"]["label"])):
+        if "steady_state" not in r:
+            continue  # stopped before the end (its JSON says where: "incomplete")
         waves = [w for w in r["waves"] if not w["after_operator_restart"]]
         steady, changes, restart = r["steady_state"], r["changes"]["all"], r["operator_restart"] or {}
         reads = sum(v for k, v in steady["requests_per_second"].items() if k.split(" ")[0] in ("GET", "LIST"))
         rounds = [w["operator_rounds"]["mean_seconds"] or 0 for w in r["waves"]]
+        per_model = [writes_per_model(w["requests_per_second"]) for w in r["waves"]]
         rows.append(
             f"| {r['config']['label']} | {r['config']['nodes']} | {r['config']['models']} | "
             f"{max(w['apply_to_placement']['p50'] or 0 for w in waves):.1f} / "
@@ -836,7 +857,8 @@ def table(runs: list[dict[str, Any]]) -> str:
             f"{steady['operator_rounds']['rounds_per_minute']:.1f} | "
             f"{(max(rounds) if rounds else 0):.2f} | {r['peak_rss_bytes']['operator_rss'] / 2**20:.0f} MiB | "
             f"{(r['etcd_db_bytes'] or 0) / 2**20:.0f} MiB | "
-            f"{r['placements']['lost']} / {r['placements']['doubled']} |"
+            f"{r['placements']['lost']} / {r['placements']['doubled']} | "
+            f"{' / '.join(f'{x:.1f}' for x in per_model if x is not None)} |"
         )
     return "\n".join(rows)
 
@@ -851,7 +873,10 @@ def write_summary(paths: list[Path], out: Path) -> None:
     runs = [json.loads(p.read_text()) for p in paths]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for label in sorted({r["config"]["label"] for r in runs}):
-        mine = sorted((r for r in runs if r["config"]["label"] == label), key=lambda r: r["config"]["nodes"])
+        mine = sorted(
+            (r for r in runs if r["config"]["label"] == label and "steady_state" in r),
+            key=lambda r: r["config"]["nodes"],
+        )
         nodes = [r["config"]["nodes"] for r in mine]
         left.plot(nodes, [r["steady_state"]["writes_per_second"] for r in mine], "o-", label=label)
         right.plot(
