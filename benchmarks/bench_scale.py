@@ -65,6 +65,8 @@ class ScaleConfig:
     wave_timeout_seconds: float = 600.0
     changes_seconds: float = 300.0  # no new change after this long in the changes phase
     label: str = "run"
+    # the operator's RESIDENCY_INCREMENTAL_MIN_MODELS (None: its default)
+    incremental_min_models: int | None = None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -395,6 +397,11 @@ class ScaleRun:
                 "RESIDENCY_METRICS_PORT": str(self.metrics_port),
                 "RESIDENCY_CAPACITY_REQUESTS": "false",
                 "RESIDENCY_HEARTBEAT_GRACE_SECONDS": str(max(40.0, 4 * self.cfg.heartbeat_seconds)),
+                **(
+                    {"RESIDENCY_INCREMENTAL_MIN_MODELS": str(self.cfg.incremental_min_models)}
+                    if self.cfg.incremental_min_models is not None
+                    else {}
+                ),
             },
         ).start()
 
@@ -943,6 +950,12 @@ def main() -> None:
     parser.add_argument("--steady-seconds", type=float, default=60.0)
     parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
     parser.add_argument("--label", default="run")
+    parser.add_argument(
+        "--incremental-min-models",
+        type=int,
+        default=None,
+        help="fleet size from which the operator plans single-model changes incrementally (default 2000)",
+    )
     parser.add_argument("--workdir", type=Path, default=REPO / ".scale")
     parser.add_argument("--keep-cluster", action="store_true")
     parser.add_argument("--summary", action="store_true", help="only plot benchmarks/results/scale-*.json")
@@ -961,6 +974,7 @@ def main() -> None:
         steady_seconds=args.steady_seconds,
         heartbeat_seconds=args.heartbeat_seconds,
         label=args.label,
+        incremental_min_models=args.incremental_min_models,
     )
     env = {
         "RESIDENCY_CLUSTER_DIR": str(args.workdir / "cluster"),
