@@ -38,6 +38,7 @@ from residency_operator.capacity import (
     waiting_verdict,
 )
 from residency_operator.conditions import desired_status, now_rfc3339, status_patch
+from residency_operator.drains import DrainReports
 from residency_operator.events import operation_event, prediction_event, with_operation, with_prediction_check
 from residency_operator.incremental import IncrementalRounds
 from residency_operator.kube import Kube
@@ -157,7 +158,7 @@ class Controller:
         self.capacity = capacity or CapacityConfig()
         self.metrics = metrics or OperatorMetrics()
         self._priority_class_ready = False
-        self._draining_since: dict[str, float] = {}  # node → when it was first seen cordoned/disrupting
+        self.drains = DrainReports(kube)
         self._dirty = asyncio.Event()
         self.leader = False
         # Leader work (a Lease renewal, a round) runs in a thread that cancelling run() does not stop:
@@ -406,7 +407,7 @@ class Controller:
         waiting: dict[str, tuple[dict[str, Any], int]] = {}
         if change is None:
             waiting = self._request_capacity(result, inputs)
-            self._report_drains(state, inputs, desired)
+            self.drains.report(state, inputs, desired)
         phases: dict[str, int] = {}
         unschedulable = unschedulable_by_model(result)
         statuses: list[StatusJob] = []
@@ -533,37 +534,6 @@ class Controller:
                 self.cache.placements.written(patched)
             changed = sorted(k for k in wanted["spec"] if have["spec"].get(k) != wanted["spec"][k])
             report.updated.append(f"{name} ({', '.join(changed) or 'labels'})")
-
-    def _report_drains(self, state: ClusterState, inputs: Inputs, desired: dict[str, dict[str, Any]]) -> None:
-        """An Event on a cordoned or disrupted node once its models have moved off, with the drain time."""
-        draining = {n.name for n in inputs.nodes if n.cordoned or n.disrupting}
-        for node in list(self._draining_since):
-            if node not in draining:
-                del self._draining_since[node]
-        now = time.monotonic()
-        for node in sorted(draining):
-            since = self._draining_since.setdefault(node, now)
-            if since < 0:
-                continue  # already reported
-            held = [p for p in [*state.placements, *desired.values()] if p["spec"]["nodeName"] == node]
-            profile = next((p for p in state.node_profiles if p["spec"]["nodeName"] == node), None)
-            # drained once no placement names it and its worker reports its GPU memory freed
-            still_resident = int(((profile or {}).get("status") or {}).get("residentBytes") or 0)
-            if held or still_resident:
-                continue
-            body = next((n for n in state.nodes if n["metadata"]["name"] == node), None)
-            if body is not None:
-                seconds = now - since
-                self.kube.post_event(
-                    body,
-                    "Normal",
-                    "Drained",
-                    f"residency moved every model off {node} in {seconds:.1f} s",
-                    kind="Node",
-                    api_version="v1",
-                )
-                log.info("node %s drained in %.1f s", node, seconds)
-            self._draining_since[node] = -1.0
 
     def _request_capacity(self, result: Plan, inputs: Inputs) -> dict[str, tuple[dict[str, Any], int]]:
         """Placeholder Pods for models that lack capacity; removes those no longer needed."""
