@@ -43,6 +43,7 @@ def test_fifty_hollow_nodes_and_five_hundred_models(cluster: str, tmp_path: Path
         node_prefix=f"hollow-{tag}-",
         wave_timeout_seconds=600.0,
         label="e2e",
+        incremental_min_models=100,  # the changes go through the operator's incremental planning too
     )
     run = scale.ScaleRun(cfg, cluster, tmp_path)
     try:
@@ -54,6 +55,10 @@ def test_fifty_hollow_nodes_and_five_hundred_models(cluster: str, tmp_path: Path
     assert placements["models"] == 500
     assert placements["lost"] == 0, placements["lost_examples"]
     assert placements["doubled"] == 0, placements["doubled_examples"]
+    # a model costs its create, its placement, a status write from its worker, two of the operator's and
+    # one Event (the load its worker measured); more than 8 would be a step written twice
+    per_model = [scale.writes_per_model(w["requests_per_second"]) for w in result["waves"]]
+    assert all(x is not None and x <= 8.0 for x in per_model), per_model
     restart = result["operator_restart"]
     assert restart["placements_deleted_while_restarting"] == 0
     assert restart["converged_seconds_after_restart"] < 120
