@@ -102,9 +102,14 @@ class IncrementalRounds:
             return None
         touched: set[str] = set()
         result = planner.plan
-        for key in sorted(changed):
-            result = planner.update_model(demands[key], now)
-            touched |= {key, *(a.model for a in result.actions)}
+        try:
+            for key in sorted(changed):
+                result = planner.update_model(demands[key], now)
+                touched |= {key, *(a.model for a in result.actions)}
+        except Exception:  # its state may be half-updated: never use it again; this round plans in full
+            log.exception("incremental planning of %s failed; planning in full", sorted(changed))
+            self.drop()
+            return None
         self.used += 1
         return IncrementalChange(result, frozenset(touched))
 

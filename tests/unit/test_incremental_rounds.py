@@ -150,3 +150,22 @@ def test_a_small_fleet_always_plans_in_full(tmp_path: Path, make_model_dir: Make
     }
     cache.spec_changes.add("team-a/m00")
     assert controller.round().solver != "incremental"
+
+
+def test_a_failed_incremental_update_plans_in_full_and_drops_the_planner(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    settle(kube, cache, controller)
+    assert controller.incremental is not None and controller.incremental.planner is not None
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("planner state out of step")
+
+    controller.incremental.planner.update_model = broken  # type: ignore[method-assign]
+    body = kube.state.models[3]
+    kube.state.models[3] = {**body, "metadata": {**body["metadata"], "generation": 2}}
+    cache.spec_changes.add("team-a/m03")
+    report = controller.round()
+    assert report.solver != "incremental"
+    assert controller.incremental.used == 0  # (and a planner, if any, is a new one built by this full round)
