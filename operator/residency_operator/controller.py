@@ -51,7 +51,9 @@ from residency_operator.state import (
     Inputs,
     OperatorKnobs,
     Validate,
+    lease_renewals,
     live_nodes,
+    liveness_suspended,
     model_key,
     planner_inputs,
     with_wake_requests,
@@ -159,6 +161,8 @@ class Controller:
         self.metrics = metrics or OperatorMetrics()
         self._priority_class_ready = False
         self.drains = DrainReports(kube)
+        self.liveness_suspended = False
+        """Most nodes went stale at once: liveness is not acted on (state.liveness_suspended)."""
         self._dirty = asyncio.Event()
         self.leader = False
         # Leader work (a Lease renewal, a round) runs in a thread that cancelling run() does not stop:
@@ -352,6 +356,7 @@ class Controller:
         state = self.read_state()
         now = datetime.now(UTC)
         self._live = live_nodes(state, now, self.knobs)
+        self._note_liveness(state, now)
         inputs = planner_inputs(state, now, self.knobs, self.validator())
         foreign = self._foreign_gpu_bytes
         if foreign:
@@ -461,6 +466,21 @@ class Controller:
         else:
             self.metrics.plan_seconds.observe(report.seconds)
         return report
+
+    def _note_liveness(self, state: ClusterState, now: datetime) -> None:
+        """Log when liveness is suspended (most nodes stale at once) and when it resumes."""
+        renewed = lease_renewals(state.node_leases)
+        suspended = liveness_suspended(state.node_profiles, renewed, now, self.knobs)
+        if suspended != self.liveness_suspended:
+            if suspended:
+                log.warning(
+                    "most nodes stopped renewing their Leases at once (%d registered): the API server is "
+                    "the likelier failure; no node is judged dead, no model moved for it, until they resume",
+                    len(state.node_profiles),
+                )
+            else:
+                log.info("node Lease renewals come through again: liveness is judged as before")
+        self.liveness_suspended = suspended
 
     def _each(self, items: Sequence[Any], write: Callable[[Any], None]) -> None:
         """``write(item)`` for every item, :attr:`write_workers` at a time (each still through the write

@@ -68,6 +68,11 @@ class OperatorKnobs:
     heartbeat_grace_seconds: float = 60.0
     remote_code_roots: list[Path] = field(default_factory=list)
     """Roots under which models that ship custom code (config.json auto_map) are allowed; none by default."""
+    mass_stale_fraction: float = 0.5
+    mass_stale_min_nodes: int = 20
+    """When more than this share of the nodes, and at least this many, stopped renewing at once, the
+    control plane (or the path to it) is the likelier failure than the nodes: liveness is not acted on
+    (kube-controller-manager's node lifecycle controller stops evicting in a full disruption the same way)."""
 
 
 @dataclass
@@ -193,11 +198,24 @@ def lease_renewals(leases: Iterable[dict[str, Any]]) -> dict[str, datetime]:
 
 
 def live_nodes(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> frozenset[str]:
-    """The NodeProfiles whose worker renewed its Lease (or, without one, heartbeated) within the grace."""
+    """The NodeProfiles whose worker renewed its Lease (or, without one, heartbeated) within the grace;
+    every NodeProfile while liveness is suspended (:func:`liveness_suspended`)."""
     renewed = lease_renewals(state.node_leases)
+    if liveness_suspended(state.node_profiles, renewed, now, knobs):
+        return frozenset(p["spec"]["nodeName"] for p in state.node_profiles)
     return frozenset(
         p["spec"]["nodeName"] for p in state.node_profiles if _fresh(_last_seen(p, renewed), now, knobs)
     )
+
+
+def liveness_suspended(
+    profiles: list[dict[str, Any]], renewed: dict[str, datetime], now: datetime, knobs: OperatorKnobs
+) -> bool:
+    """Whether so many nodes went stale that the API server, not the nodes, is the likely failure (an
+    overloaded control plane stops taking Lease renewals from every node at once): then no node is judged
+    dead, and no model is moved or dropped for it, until renewals come through again."""
+    stale = sum(1 for p in profiles if not _fresh(_last_seen(p, renewed), now, knobs))
+    return stale >= knobs.mass_stale_min_nodes and stale > knobs.mass_stale_fraction * len(profiles)
 
 
 def _last_seen(profile: dict[str, Any], renewed: dict[str, datetime]) -> datetime | None:
@@ -217,12 +235,13 @@ def node_capacity(
     now: datetime,
     knobs: OperatorKnobs,
     renewed: dict[str, datetime] | None = None,
+    assume_fresh: bool = False,
 ) -> NodeCapacity:
-    """A NodeProfile and its Node as the planner's NodeCapacity (``renewed``: the node Leases' renewals)."""
+    """A NodeProfile and its Node as the planner's NodeCapacity (``renewed``: the node Leases' renewals;
+    ``assume_fresh``: liveness is suspended, see :func:`liveness_suspended`)."""
     spec = profile["spec"]
     ready, cordoned, disrupting = node_accepts(node)
-    heartbeat = _last_seen(profile, renewed or {})
-    fresh = heartbeat is not None and (now - heartbeat).total_seconds() <= knobs.heartbeat_grace_seconds
+    fresh = assume_fresh or _fresh(_last_seen(profile, renewed or {}), now, knobs)
     return NodeCapacity(
         name=spec["nodeName"],
         gpu_type=spec["gpuType"],
@@ -482,9 +501,10 @@ def planner_inputs(
         demands.append(demand(key, bodies[key], checked, knobs, placement, now))
     nodes_by_name = {n["metadata"]["name"]: n for n in state.nodes}
     renewed = lease_renewals(state.node_leases)
+    suspended = liveness_suspended(state.node_profiles, renewed, now, knobs)
     capacities = with_host_set_aside(
         [
-            node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs, renewed)
+            node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs, renewed, suspended)
             for p in sorted(state.node_profiles, key=lambda p: p["spec"]["nodeName"])
         ],
         idle_cache_bytes,
