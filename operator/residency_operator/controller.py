@@ -162,6 +162,7 @@ class Controller:
         self._priority_class_ready = False
         self.drains = DrainReports(kube)
         self.liveness_suspended = False
+        self._statuses_behind = False  # the last round left status writes to the next one
         """Most nodes went stale at once: liveness is not acted on (state.liveness_suspended)."""
         self._dirty = asyncio.Event()
         self.leader = False
@@ -365,7 +366,8 @@ class Controller:
                 for n in inputs.nodes
             ]
         change = None
-        if not other_changes and not foreign and self.incremental is not None:
+        # (a round that left statuses to the next one is followed by a full round, which writes them)
+        if not other_changes and not foreign and not self._statuses_behind and self.incremental is not None:
             change = self.incremental.change(spec_changes, inputs, time.time())
         if change is None:
             result = plan(
@@ -457,6 +459,7 @@ class Controller:
         report.updated.sort()
         report.deleted.sort()
         self._reported = {k: v for k, v in self._reported.items() if k in inputs.bodies}
+        self._statuses_behind = report.deferred > 0
         if change is None and self.incremental is not None:
             wrote = bool(report.created or report.updated or report.deleted or report.rejected)
             self.incremental.after_full_round(inputs, wrote or bool(foreign), bool(spec_changes), time.time())

@@ -169,3 +169,25 @@ def test_a_failed_incremental_update_plans_in_full_and_drops_the_planner(
     report = controller.round()
     assert report.solver != "incremental"
     assert controller.incremental.used == 0  # (and a planner, if any, is a new one built by this full round)
+
+
+def test_a_round_after_deferred_statuses_plans_in_full_and_writes_them(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    settle(kube, cache, controller)
+    placement = kube.placements["team-a.m07"]
+    placement["status"] = {"state": "Loaded", "residentFraction": placement["spec"]["residentFraction"]}
+    controller.status_budget_seconds = 0.0
+    controller.poke()  # a change is waiting: the status write gives way
+    cache.other = True  # (the worker's report)
+    writes_before = len(kube.status_writes)
+    report = controller.round()
+    assert report.deferred >= 1 and "team-a/m07" not in kube.status_writes[writes_before:]
+    controller._dirty.clear()
+    body = kube.state.models[2]
+    kube.state.models[2] = {**body, "metadata": {**body["metadata"], "generation": 2}}
+    cache.spec_changes.add("team-a/m02")
+    report = controller.round()
+    assert report.solver != "incremental"  # a full round: the deferred status is written by it
+    assert kube.statuses["team-a/m07"]["phase"] == "Ready"
