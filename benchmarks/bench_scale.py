@@ -65,6 +65,8 @@ class ScaleConfig:
     wave_timeout_seconds: float = 600.0
     changes_seconds: float = 300.0  # no new change after this long in the changes phase
     label: str = "run"
+    # the operator's RESIDENCY_INCREMENTAL_MIN_MODELS (None: its default)
+    incremental_min_models: int | None = None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -200,6 +202,24 @@ def rates(before: Sample, after: Sample) -> dict[str, float]:
 
 def writes_per_second(window: dict[str, float]) -> float:
     return round(sum(v for k, v in window.items() if k.split(" ", 1)[0] in WRITE_VERBS), 3)
+
+
+MODEL_WRITES = ("llmmodels", "modelplacements", "events", "nodeprofiles")
+"""What a model costs the API server: its create, its placement, status patches (operator and worker),
+Events and the profile changes its loads cause (not the Leases, which renew whatever happens)."""
+
+
+def writes_per_model(window: dict[str, float]) -> float | None:
+    """API writes per model applied in a wave: those writes' rate over the rate of model creates."""
+    creates = window.get("POST llmmodels", 0.0)
+    if not creates:
+        return None
+    writes = sum(
+        v
+        for k, v in window.items()
+        if k.split(" ", 1)[0] in WRITE_VERBS and k.split(" ", 1)[1] in MODEL_WRITES
+    )
+    return round(writes / creates, 2)
 
 
 def round_stats(before: Sample, after: Sample) -> dict[str, Any]:
@@ -377,6 +397,11 @@ class ScaleRun:
                 "RESIDENCY_METRICS_PORT": str(self.metrics_port),
                 "RESIDENCY_CAPACITY_REQUESTS": "false",
                 "RESIDENCY_HEARTBEAT_GRACE_SECONDS": str(max(40.0, 4 * self.cfg.heartbeat_seconds)),
+                **(
+                    {"RESIDENCY_INCREMENTAL_MIN_MODELS": str(self.cfg.incremental_min_models)}
+                    if self.cfg.incremental_min_models is not None
+                    else {}
+                ),
             },
         ).start()
 
@@ -816,14 +841,17 @@ def table(runs: list[dict[str, Any]]) -> str:
         "| run | nodes | models | wave apply→placement p50 / p99 (s) | apply→Ready p99 (s) | "
         "change→effect p50 / p99 (s) | restart: converged (s), placements deleted | steady writes/s "
         "(÷ lease renewals) | steady reads/s | rounds/min steady | round mean (s) | operator RSS peak | "
-        "etcd db | lost / doubled |\n|" + " --- |" * 14
+        "etcd db | lost / doubled | writes per model (waves) |\n|" + " --- |" * 15
     )
     rows = [head]
     for r in sorted(runs, key=lambda r: (r["config"]["nodes"], r["config"]["label"])):
+        if "steady_state" not in r:
+            continue  # stopped before the end (its JSON says where: "incomplete")
         waves = [w for w in r["waves"] if not w["after_operator_restart"]]
         steady, changes, restart = r["steady_state"], r["changes"]["all"], r["operator_restart"] or {}
         reads = sum(v for k, v in steady["requests_per_second"].items() if k.split(" ")[0] in ("GET", "LIST"))
         rounds = [w["operator_rounds"]["mean_seconds"] or 0 for w in r["waves"]]
+        per_model = [writes_per_model(w["requests_per_second"]) for w in r["waves"]]
         rows.append(
             f"| {r['config']['label']} | {r['config']['nodes']} | {r['config']['models']} | "
             f"{max(w['apply_to_placement']['p50'] or 0 for w in waves):.1f} / "
@@ -836,7 +864,8 @@ def table(runs: list[dict[str, Any]]) -> str:
             f"{steady['operator_rounds']['rounds_per_minute']:.1f} | "
             f"{(max(rounds) if rounds else 0):.2f} | {r['peak_rss_bytes']['operator_rss'] / 2**20:.0f} MiB | "
             f"{(r['etcd_db_bytes'] or 0) / 2**20:.0f} MiB | "
-            f"{r['placements']['lost']} / {r['placements']['doubled']} |"
+            f"{r['placements']['lost']} / {r['placements']['doubled']} | "
+            f"{' / '.join(f'{x:.1f}' for x in per_model if x is not None)} |"
         )
     return "\n".join(rows)
 
@@ -851,7 +880,10 @@ def write_summary(paths: list[Path], out: Path) -> None:
     runs = [json.loads(p.read_text()) for p in paths]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for label in sorted({r["config"]["label"] for r in runs}):
-        mine = sorted((r for r in runs if r["config"]["label"] == label), key=lambda r: r["config"]["nodes"])
+        mine = sorted(
+            (r for r in runs if r["config"]["label"] == label and "steady_state" in r),
+            key=lambda r: r["config"]["nodes"],
+        )
         nodes = [r["config"]["nodes"] for r in mine]
         left.plot(nodes, [r["steady_state"]["writes_per_second"] for r in mine], "o-", label=label)
         right.plot(
@@ -918,6 +950,12 @@ def main() -> None:
     parser.add_argument("--steady-seconds", type=float, default=60.0)
     parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
     parser.add_argument("--label", default="run")
+    parser.add_argument(
+        "--incremental-min-models",
+        type=int,
+        default=None,
+        help="fleet size from which the operator plans single-model changes incrementally (default 2000)",
+    )
     parser.add_argument("--workdir", type=Path, default=REPO / ".scale")
     parser.add_argument("--keep-cluster", action="store_true")
     parser.add_argument("--summary", action="store_true", help="only plot benchmarks/results/scale-*.json")
@@ -936,6 +974,7 @@ def main() -> None:
         steady_seconds=args.steady_seconds,
         heartbeat_seconds=args.heartbeat_seconds,
         label=args.label,
+        incremental_min_models=args.incremental_min_models,
     )
     env = {
         "RESIDENCY_CLUSTER_DIR": str(args.workdir / "cluster"),

@@ -31,7 +31,17 @@ class ClusterCache:
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
         coordination = client.CoordinationV1Api(api)
         self._on_change = on_change
-        self.models = self._custom(custom, "llmmodels", changes.model_changed)
+        self._changes_lock = threading.Lock()
+        self._spec_changes: set[str] = set()  # models whose spec alone changed since take_changes()
+        self._other_changes = False  # anything else that matters
+        self.models = Informer(
+            "llmmodels",
+            custom.list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            "llmmodels",
+            handler=self._on_model,
+        )
         self.node_profiles = self._custom(custom, "nodeprofiles", changes.profile_changed)
         self.placements = self._custom(custom, "modelplacements", changes.placement_changed)
         self.sensitivity_profiles = self._custom(custom, "sensitivityprofiles", changes.spec_changed)
@@ -61,9 +71,28 @@ class ClusterCache:
     def _poke_if(self, matters: Callable[[Any, Any], bool]) -> Handler:
         def handle(kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
             if matters(old, new):
+                with self._changes_lock:
+                    self._other_changes = True
                 self._on_change()
 
         return handle
+
+    def _on_model(self, kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        if not changes.model_changed(old, new):
+            return
+        with self._changes_lock:
+            if new is not None and changes.model_spec_changed(old, new):
+                self._spec_changes.add(changes.model_key(new))
+            else:
+                self._other_changes = True
+        self._on_change()
+
+    def take_changes(self) -> tuple[frozenset[str], bool]:
+        """(models whose spec alone changed, whether anything else did) since the last call."""
+        with self._changes_lock:
+            taken = frozenset(self._spec_changes), self._other_changes
+            self._spec_changes, self._other_changes = set(), False
+        return taken
 
     def start(self) -> None:
         for informer in self.informers:

@@ -36,6 +36,22 @@ def model_changed(old: Body | None, new: Body | None) -> bool:
     return any(before.get(k) != after.get(k) for k in (WAKE_ANNOTATION, WAITING_ANNOTATION))
 
 
+def model_spec_changed(old: Body | None, new: Body | None) -> bool:
+    """Only the spec of a model that stays (a new generation: priority, SLO, ...): a change the planner's
+    incremental mode can take (a model that came, went, began deletion or was woken cannot)."""
+    if old is None or new is None or _lifecycle(old)[:2] != _lifecycle(new)[:2] or _lifecycle(new)[1]:
+        return False
+    before, after = _meta(old).get("annotations") or {}, _meta(new).get("annotations") or {}
+    if any(before.get(k) != after.get(k) for k in (WAKE_ANNOTATION, WAITING_ANNOTATION)):
+        return False
+    return bool(_meta(old).get("generation") != _meta(new).get("generation"))
+
+
+def model_key(body: Body) -> str:
+    meta = _meta(body)
+    return f"{meta.get('namespace')}/{meta.get('name')}"
+
+
 def placement_changed(old: Body | None, new: Body | None) -> bool:
     """A ModelPlacement came or went, its worker reported (status), or its deletion moved on. Its spec and
     labels are the operator's own writes."""

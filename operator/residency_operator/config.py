@@ -25,6 +25,7 @@ class OperatorConfig:
     metrics_port: int = 0  # 0: no metrics endpoint
     write_qps: float = 200.0  # the operator's API writes per second after a burst (0: unlimited)
     write_burst: int = 400
+    incremental_min_models: int = 2000  # single-model changes planned incrementally from this fleet size
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -33,7 +34,9 @@ class OperatorConfig:
         RESIDENCY_REMOTE_CODE_ROOTS (os.pathsep-separated roots where trust_remote_code is allowed),
         RESIDENCY_CAPACITY_*
         (placeholder pods for autoscalers; selector and tolerations as JSON), RESIDENCY_METRICS_PORT,
-        RESIDENCY_API_WRITE_QPS and RESIDENCY_API_WRITE_BURST (the operator's write rate limit)."""
+        RESIDENCY_API_WRITE_QPS and RESIDENCY_API_WRITE_BURST (the operator's write rate limit),
+        RESIDENCY_INCREMENTAL_MIN_MODELS (the fleet size from which single-model changes are planned
+        incrementally)."""
         roots = [Path(p) for p in os.environ.get("RESIDENCY_MODEL_ROOTS", "").split(os.pathsep) if p]
         remote = [Path(p) for p in os.environ.get("RESIDENCY_REMOTE_CODE_ROOTS", "").split(os.pathsep) if p]
         return cls(
@@ -56,4 +59,5 @@ class OperatorConfig:
             metrics_port=int(os.environ.get("RESIDENCY_METRICS_PORT", "0")),
             write_qps=float(os.environ.get("RESIDENCY_API_WRITE_QPS", "200")),
             write_burst=int(os.environ.get("RESIDENCY_API_WRITE_BURST", "400")),
+            incremental_min_models=int(os.environ.get("RESIDENCY_INCREMENTAL_MIN_MODELS", "2000")),
         )

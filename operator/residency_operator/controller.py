@@ -38,35 +38,43 @@ from residency_operator.capacity import (
     waiting_verdict,
 )
 from residency_operator.conditions import desired_status, now_rfc3339, status_patch
+from residency_operator.drains import DrainReports
 from residency_operator.events import operation_event, prediction_event, with_operation, with_prediction_check
+from residency_operator.incremental import IncrementalRounds
 from residency_operator.kube import Kube
 from residency_operator.metrics import OperatorMetrics
+from residency_operator.placements import desired_placements, placement_needs_update, write_phase
 from residency_operator.planner import Plan, PlannerConfig, plan
 from residency_operator.state import (
-    RETRIED_LOAD_FAILURES,
     UNLOAD_FINALIZER,
     ClusterState,
     Inputs,
     OperatorKnobs,
     Validate,
-    desired_placements,
+    lease_renewals,
     live_nodes,
+    liveness_suspended,
     model_key,
-    model_verdict,
-    placement_needs_update,
     planner_inputs,
-    rejected_verdict,
-    unschedulable_by_model,
     with_wake_requests,
-    write_phase,
 )
 from residency_operator.validation import validate_model
+from residency_operator.verdicts import (
+    RETRIED_LOAD_FAILURES,
+    model_verdict,
+    rejected_verdict,
+    unschedulable_by_model,
+)
 
 log = logging.getLogger("residency.controller")
 StatusJob = tuple[str, dict[str, Any], Any, dict[str, Any], dict[str, Any], list[tuple[str, str, str]]]
 """One model's status write: key, body, verdict, current status, patch, and the Events it brings."""
 LEASE_NAME = "residency-operator"
 WARNING_PHASES = frozenset({"Failed", "Unschedulable", "Preempted"})
+PROGRESS_REASONS = frozenset({"Placed", "Loading", "Resuming", "Ready"})
+"""Phase reasons of the ordinary way to Ready (Scheduled, Loading, Ready): no Event of their own. The
+status shows each step, and the worker's measured operation (ModelLoaded, ModelResumed, ...) is the Event
+that says the model arrived; an Event per step was three writes per model, a third of a wave's writes."""
 REJECTED_STATUSES = frozenset({400, 403, 422})
 """API answers that refuse one object (invalid, forbidden) rather than say the API server is unwell."""
 
@@ -92,6 +100,8 @@ class RoundReport:
     seconds: float = 0.0
     rejected: dict[str, str] = field(default_factory=dict)
     """Objects the API server refused (placement or model key -> its message); the round went on."""
+    deferred: int = 0
+    """Status writes left to the next round (a change was waiting and the status budget was spent)."""
 
 
 class Controller:
@@ -112,8 +122,13 @@ class Controller:
         cache: ClusterCache | None = None,
         validation_seconds: float = 60.0,
         write_workers: int = 8,
+        status_budget_seconds: float = 1.0,
+        incremental_min_models: int | None = 2000,
     ) -> None:
         self.write_workers = write_workers
+        self.status_budget_seconds = status_budget_seconds
+        """After this long writing statuses, a round leaves the rest to the next one when a change is
+        waiting: new placements go out first, and a status that is behind is written once, not per step."""
         """Writes of one step of a round in flight at once (each still through the write limiter)."""
         self._report_lock = threading.Lock()
         self.kube = kube
@@ -131,6 +146,12 @@ class Controller:
         self._foreign_gpu_bytes: dict[str, int] = {}
         self.knobs = knobs
         self.planner_config = planner_config or PlannerConfig()
+        self.incremental = (
+            None
+            if incremental_min_models is None
+            else IncrementalRounds(incremental_min_models, self.planner_config)
+        )
+        """Single-model spec changes at fleet size re-planned incrementally (None: always in full)."""
         self.lease_namespace = lease_namespace
         self.resync_seconds = resync_seconds
         self.debounce_seconds = debounce_seconds
@@ -139,7 +160,10 @@ class Controller:
         self.capacity = capacity or CapacityConfig()
         self.metrics = metrics or OperatorMetrics()
         self._priority_class_ready = False
-        self._draining_since: dict[str, float] = {}  # node → when it was first seen cordoned/disrupting
+        self.drains = DrainReports(kube)
+        self.liveness_suspended = False
+        self._statuses_behind = False  # the last round left status writes to the next one
+        """Most nodes went stale at once: liveness is not acted on (state.liveness_suspended)."""
         self._dirty = asyncio.Event()
         self.leader = False
         # Leader work (a Lease renewal, a round) runs in a thread that cancelling run() does not stop:
@@ -208,6 +232,8 @@ class Controller:
                 raise
             except Exception:  # the API server may be restarting: log, back off, try again
                 log.exception("planning round failed; retrying")
+                if self.incremental is not None:
+                    self.incremental.drop()  # the changes this round took are lost: plan in full
                 await asyncio.sleep(2.0)
                 self._dirty.set()
 
@@ -222,6 +248,8 @@ class Controller:
             if leader != self.leader:
                 log.info("%s the %s Lease as %s", "holding" if leader else "lost", LEASE_NAME, self.identity)
             self.leader = leader
+            if not leader and self.incremental is not None:
+                self.incremental.drop()  # another operator may have planned meanwhile
             return leader
 
     def _lead_round(self) -> RoundReport | None:
@@ -321,9 +349,15 @@ class Controller:
         started = time.perf_counter()
         self._last_round = time.monotonic()
         report = RoundReport()
+        # what changed since the last round, taken before the state is read (a change that comes between
+        # the two is in this round's state and planned again by the next round)
+        spec_changes, other_changes = (
+            self.cache.take_changes() if self.cache is not None else (frozenset[str](), True)
+        )
         state = self.read_state()
         now = datetime.now(UTC)
         self._live = live_nodes(state, now, self.knobs)
+        self._note_liveness(state, now)
         inputs = planner_inputs(state, now, self.knobs, self.validator())
         foreign = self._foreign_gpu_bytes
         if foreign:
@@ -331,12 +365,30 @@ class Controller:
                 dataclasses.replace(n, reserved_gpu_bytes=n.reserved_gpu_bytes + foreign.get(n.name, 0))
                 for n in inputs.nodes
             ]
-        result = plan(
-            inputs.demands, inputs.nodes, inputs.current, inputs.profiles, time.time(), self.planner_config
-        )
+        change = None
+        # (a round that left statuses to the next one is followed by a full round, which writes them)
+        if not other_changes and not foreign and not self._statuses_behind and self.incremental is not None:
+            change = self.incremental.change(spec_changes, inputs, time.time())
+        if change is None:
+            result = plan(
+                inputs.demands,
+                inputs.nodes,
+                inputs.current,
+                inputs.profiles,
+                time.time(),
+                self.planner_config,
+            )
+            scoped_result, scoped_inputs = result, inputs
+        else:
+            # only the changed models and what they touched: their placements and statuses are written
+            result = change.plan
+            scoped_result, scoped_inputs = change.scoped(inputs)
         report.solver = result.solver
-        desired = desired_placements(result, inputs)
+        desired = desired_placements(scoped_result, scoped_inputs)
         existing = {p["metadata"]["name"]: p for p in state.placements}
+        if change is not None:
+            names = change.placement_names()
+            existing = {name: p for name, p in existing.items() if name in names}
         accepting = {n.name for n in inputs.nodes if n.schedulable}
         # Placements first: the plan is in the API server before any worker acts on it. Writes that free
         # GPU memory (demotions, preemptions, removals) go before writes that take it, so that a worker
@@ -359,12 +411,15 @@ class Controller:
         self._each(sorted(n for n, p in order.items() if p == "shrink"), write)
         self._each(sorted(n for n in existing if n not in desired), remove)
         self._each(sorted(n for n, p in order.items() if p in ("move", "grow")), write)
-        waiting = self._request_capacity(result, inputs)
-        self._report_drains(state, inputs, desired)
+        waiting: dict[str, tuple[dict[str, Any], int]] = {}
+        if change is None:
+            waiting = self._request_capacity(result, inputs)
+            self.drains.report(state, inputs, desired)
         phases: dict[str, int] = {}
         unschedulable = unschedulable_by_model(result)
         statuses: list[StatusJob] = []
-        for key, body in sorted(inputs.bodies.items()):
+        bodies = inputs.bodies if change is None else {k: inputs.bodies[k] for k in change.models}
+        for key, body in sorted(bodies.items()):
             placement = existing.get(placement_name(key))
             if placement is not None and placement_name(key) not in desired:
                 placement = None
@@ -390,14 +445,45 @@ class Controller:
                 self._reported[key] = (verdict, version)
                 continue
             statuses.append((key, body, verdict, current, patch, events))
-        self._each(statuses, lambda job: self._write_status(job, report))
+        statuses_from = time.monotonic()
+
+        def write_status(job: StatusJob) -> None:
+            if self._dirty.is_set() and time.monotonic() - statuses_from > self.status_budget_seconds:
+                with self._report_lock:
+                    report.deferred += 1  # level-triggered: the next round, moments away, writes it
+                return
+            self._write_status(job, report)
+
+        self._each(statuses, write_status)
         report.created.sort()
         report.updated.sort()
         report.deleted.sort()
         self._reported = {k: v for k, v in self._reported.items() if k in inputs.bodies}
+        self._statuses_behind = report.deferred > 0
+        if change is None and self.incremental is not None:
+            wrote = bool(report.created or report.updated or report.deleted or report.rejected)
+            self.incremental.after_full_round(inputs, wrote or bool(foreign), bool(spec_changes), time.time())
         report.seconds = time.perf_counter() - started
-        self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
+        if change is None:  # (phase counts and plan figures are the whole fleet's, from full rounds)
+            self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)
+        else:
+            self.metrics.plan_seconds.observe(report.seconds)
         return report
+
+    def _note_liveness(self, state: ClusterState, now: datetime) -> None:
+        """Log when liveness is suspended (most nodes stale at once) and when it resumes."""
+        renewed = lease_renewals(state.node_leases)
+        suspended = liveness_suspended(state.node_profiles, renewed, now, self.knobs)
+        if suspended != self.liveness_suspended:
+            if suspended:
+                log.warning(
+                    "most nodes stopped renewing their Leases at once (%d registered): the API server is "
+                    "the likelier failure; no node is judged dead, no model moved for it, until they resume",
+                    len(state.node_profiles),
+                )
+            else:
+                log.info("node Lease renewals come through again: liveness is judged as before")
+        self.liveness_suspended = suspended
 
     def _each(self, items: Sequence[Any], write: Callable[[Any], None]) -> None:
         """``write(item)`` for every item, :attr:`write_workers` at a time (each still through the write
@@ -429,7 +515,9 @@ class Controller:
             return
         with self._report_lock:
             report.statuses += 1
-        if current.get("phase") != verdict.phase or current.get("reason") != verdict.reason:
+        if (current.get("phase") != verdict.phase or current.get("reason") != verdict.reason) and (
+            verdict.reason not in PROGRESS_REASONS
+        ):
             warn = verdict.phase in WARNING_PHASES or verdict.reason in RETRIED_LOAD_FAILURES
             event_type = "Warning" if warn else "Normal"
             self.kube.post_event(body, event_type, verdict.reason, f"{verdict.phase}: {verdict.message}")
@@ -469,37 +557,6 @@ class Controller:
                 self.cache.placements.written(patched)
             changed = sorted(k for k in wanted["spec"] if have["spec"].get(k) != wanted["spec"][k])
             report.updated.append(f"{name} ({', '.join(changed) or 'labels'})")
-
-    def _report_drains(self, state: ClusterState, inputs: Inputs, desired: dict[str, dict[str, Any]]) -> None:
-        """An Event on a cordoned or disrupted node once its models have moved off, with the drain time."""
-        draining = {n.name for n in inputs.nodes if n.cordoned or n.disrupting}
-        for node in list(self._draining_since):
-            if node not in draining:
-                del self._draining_since[node]
-        now = time.monotonic()
-        for node in sorted(draining):
-            since = self._draining_since.setdefault(node, now)
-            if since < 0:
-                continue  # already reported
-            held = [p for p in [*state.placements, *desired.values()] if p["spec"]["nodeName"] == node]
-            profile = next((p for p in state.node_profiles if p["spec"]["nodeName"] == node), None)
-            # drained once no placement names it and its worker reports its GPU memory freed
-            still_resident = int(((profile or {}).get("status") or {}).get("residentBytes") or 0)
-            if held or still_resident:
-                continue
-            body = next((n for n in state.nodes if n["metadata"]["name"] == node), None)
-            if body is not None:
-                seconds = now - since
-                self.kube.post_event(
-                    body,
-                    "Normal",
-                    "Drained",
-                    f"residency moved every model off {node} in {seconds:.1f} s",
-                    kind="Node",
-                    api_version="v1",
-                )
-                log.info("node %s drained in %.1f s", node, seconds)
-            self._draining_since[node] = -1.0
 
     def _request_capacity(self, result: Plan, inputs: Inputs) -> dict[str, tuple[dict[str, Any], int]]:
         """Placeholder Pods for models that lack capacity; removes those no longer needed."""

@@ -82,6 +82,7 @@ def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -
         capacity=config.capacity,
         metrics=metrics,
         namespaces=config.namespaces or (),
+        incremental_min_models=config.incremental_min_models,
     )
     # every read a round makes comes from watch-fed informers (one LIST each, then WATCH)
     controller.cache = ClusterCache(controller.poke, config.lease_namespace)

@@ -11,20 +11,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from residency.api import API_VERSION, ConditionStatus
 from residency.modeldir import ModelDirInfo
-from residency.names import label_value, placement_name
-from residency.sizing import memory_text
 from residency_operator.conditions import Verdict
 from residency_operator.planner import (
     CurrentPlacement,
     ModelDemand,
     NodeCapacity,
-    Plan,
-    PlannedPlacement,
     ProfilePoint,
     SensitivityProfile,
-    Unschedulable,
     waiting_demand,
 )
 from residency_operator.planner.options import cached_host_bytes, with_host_set_aside
@@ -74,6 +68,11 @@ class OperatorKnobs:
     heartbeat_grace_seconds: float = 60.0
     remote_code_roots: list[Path] = field(default_factory=list)
     """Roots under which models that ship custom code (config.json auto_map) are allowed; none by default."""
+    mass_stale_fraction: float = 0.5
+    mass_stale_min_nodes: int = 20
+    """When more than this share of the nodes, and at least this many, stopped renewing at once, the
+    control plane (or the path to it) is the likelier failure than the nodes: liveness is not acted on
+    (kube-controller-manager's node lifecycle controller stops evicting in a full disruption the same way)."""
 
 
 @dataclass
@@ -199,11 +198,24 @@ def lease_renewals(leases: Iterable[dict[str, Any]]) -> dict[str, datetime]:
 
 
 def live_nodes(state: ClusterState, now: datetime, knobs: OperatorKnobs) -> frozenset[str]:
-    """The NodeProfiles whose worker renewed its Lease (or, without one, heartbeated) within the grace."""
+    """The NodeProfiles whose worker renewed its Lease (or, without one, heartbeated) within the grace;
+    every NodeProfile while liveness is suspended (:func:`liveness_suspended`)."""
     renewed = lease_renewals(state.node_leases)
+    if liveness_suspended(state.node_profiles, renewed, now, knobs):
+        return frozenset(p["spec"]["nodeName"] for p in state.node_profiles)
     return frozenset(
         p["spec"]["nodeName"] for p in state.node_profiles if _fresh(_last_seen(p, renewed), now, knobs)
     )
+
+
+def liveness_suspended(
+    profiles: list[dict[str, Any]], renewed: dict[str, datetime], now: datetime, knobs: OperatorKnobs
+) -> bool:
+    """Whether so many nodes went stale that the API server, not the nodes, is the likely failure (an
+    overloaded control plane stops taking Lease renewals from every node at once): then no node is judged
+    dead, and no model is moved or dropped for it, until renewals come through again."""
+    stale = sum(1 for p in profiles if not _fresh(_last_seen(p, renewed), now, knobs))
+    return stale >= knobs.mass_stale_min_nodes and stale > knobs.mass_stale_fraction * len(profiles)
 
 
 def _last_seen(profile: dict[str, Any], renewed: dict[str, datetime]) -> datetime | None:
@@ -223,12 +235,13 @@ def node_capacity(
     now: datetime,
     knobs: OperatorKnobs,
     renewed: dict[str, datetime] | None = None,
+    assume_fresh: bool = False,
 ) -> NodeCapacity:
-    """A NodeProfile and its Node as the planner's NodeCapacity (``renewed``: the node Leases' renewals)."""
+    """A NodeProfile and its Node as the planner's NodeCapacity (``renewed``: the node Leases' renewals;
+    ``assume_fresh``: liveness is suspended, see :func:`liveness_suspended`)."""
     spec = profile["spec"]
     ready, cordoned, disrupting = node_accepts(node)
-    heartbeat = _last_seen(profile, renewed or {})
-    fresh = heartbeat is not None and (now - heartbeat).total_seconds() <= knobs.heartbeat_grace_seconds
+    fresh = assume_fresh or _fresh(_last_seen(profile, renewed or {}), now, knobs)
     return NodeCapacity(
         name=spec["nodeName"],
         gpu_type=spec["gpuType"],
@@ -342,7 +355,7 @@ def demand(
         max_batch=max_batch,
         priority=int(spec.get("priority", 0)),
         preemptible=bool(spec.get("preemptible", True)),
-        min_decode_tokens_per_second=_slo(spec),
+        min_decode_tokens_per_second=decode_slo(spec),
         max_offload_fraction=float((spec.get("offload") or {}).get("maxFraction", 0.75)),
         layer_count=info.num_layers,
         # the planner sizes two stream staging buffers from this: use the largest streamable unit
@@ -488,9 +501,10 @@ def planner_inputs(
         demands.append(demand(key, bodies[key], checked, knobs, placement, now))
     nodes_by_name = {n["metadata"]["name"]: n for n in state.nodes}
     renewed = lease_renewals(state.node_leases)
+    suspended = liveness_suspended(state.node_profiles, renewed, now, knobs)
     capacities = with_host_set_aside(
         [
-            node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs, renewed)
+            node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs, renewed, suspended)
             for p in sorted(state.node_profiles, key=lambda p: p["spec"]["nodeName"])
         ],
         idle_cache_bytes,
@@ -515,377 +529,7 @@ def planner_inputs(
     )
 
 
-def placement_manifest(
-    key: str,
-    body: dict[str, Any],
-    info: ModelDirInfo,
-    node: str,
-    resident_fraction: float,
-    mode: str,
-    desired_state: str,
-    reason: str | None,
-) -> dict[str, Any]:
-    """The ModelPlacement object the operator wants for one model."""
-    namespace, name = key.split("/", 1)
-    spec = body["spec"]
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "ModelPlacement",
-        "metadata": {
-            "name": placement_name(key),
-            "labels": {
-                NODE_LABEL: label_value(node),
-                MODEL_NAMESPACE_LABEL: namespace,
-                MODEL_NAME_LABEL: label_value(name),
-            },
-        },
-        "spec": {
-            "model": {"namespace": namespace, "name": name, "uid": body["metadata"].get("uid")},
-            "nodeName": node,
-            "sourcePath": str(info.path),
-            "dtype": spec.get("dtype", "bfloat16"),
-            "residentFraction": round(resident_fraction, 4),
-            "minResidentFraction": round(
-                1.0 - float((spec.get("offload") or {}).get("maxFraction", 0.75)), 4
-            ),
-            "executionMode": mode,
-            "desiredState": desired_state,
-            "maxSequenceLength": int(spec.get("maxSequenceLength", 4096)),
-            "maxBatchSize": int(spec.get("maxBatchSize", 8)),
-            **({"minDecodeTokensPerSecond": float(slo)} if (slo := _slo(spec)) is not None else {}),
-            **({"reason": reason[:1024]} if reason else {}),
-        },
-    }
-
-
-def _slo(spec: dict[str, Any]) -> float | None:
+def decode_slo(spec: dict[str, Any]) -> float | None:
     """An LLMModel's decode SLO in tokens/s (``None``: it has none)."""
     slo = (spec.get("slo") or {}).get("minDecodeTokensPerSecond")
     return None if slo is None else float(slo)
-
-
-def _reason(previous: dict[str, Any], desired_state: str, fresh: str | None) -> str | None:
-    """Why a placement is in its state: the reason of the transition into it, kept while the state holds."""
-    if previous.get("desiredState") == desired_state and previous.get("reason"):
-        return str(previous["reason"])
-    return fresh or previous.get("reason")
-
-
-def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
-    """Placement name → the ModelPlacement the plan asks for (running models and host-cached ones)."""
-    reasons: dict[str, str] = {}
-    for action in plan.actions:
-        # a model that leaves one node for another (an unload, then a load) is where it goes: that step's
-        # reason; else its first step's
-        if action.kind != "evict":
-            reasons.setdefault(action.model, action.reason)
-    for action in plan.actions:
-        reasons.setdefault(action.model, action.reason)
-    desired: dict[str, dict[str, Any]] = {}
-    for key, planned in plan.placements.items():
-        previous = (inputs.placements.get(key) or {}).get("spec", {})
-        desired[placement_name(key)] = placement_manifest(
-            key,
-            inputs.bodies[key],
-            inputs.infos[key],
-            planned.node,
-            planned.resident_fraction,
-            planned.mode,
-            "Loaded",
-            _reason(previous, "Loaded", reasons.get(key)),
-        )
-    for key, why in sorted(inputs.idle.items()):
-        previous = inputs.placements[key]["spec"]
-        desired[placement_name(key)] = placement_manifest(
-            key,
-            inputs.bodies[key],
-            inputs.infos[key],
-            previous["nodeName"],
-            float(previous["residentFraction"]),
-            previous.get("executionMode", "stream"),
-            "Idle",
-            _reason(previous, "Idle", why),
-        )
-    current = {c.model: c for c in inputs.current}
-    for cached in plan.cached:
-        key = cached.model
-        if key in plan.placements or key not in inputs.infos:
-            continue
-        previous = (inputs.placements.get(key) or {}).get("spec", {})
-        now_placement = current.get(key)
-        # a preempted model resumes at the residency it had: keep the fraction it was placed with
-        fraction = previous.get("residentFraction", now_placement.resident_fraction if now_placement else 0.0)
-        mode = previous.get("executionMode", now_placement.mode if now_placement else "stream")
-        desired[placement_name(key)] = placement_manifest(
-            key,
-            inputs.bodies[key],
-            inputs.infos[key],
-            cached.node,
-            float(fraction),
-            mode,
-            "Preempted",
-            _reason(previous, "Preempted", reasons.get(key)),
-        )
-    return desired
-
-
-RETRIED_LOAD_FAILURES = frozenset({"PlacementDoesNotFit"})
-"""Worker refusals that resolve by themselves: the model shows Pending (with a Warning Event), not Failed."""
-
-
-def write_phase(existing: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
-    """When the controller writes a placement in a round: "shrink" (it only frees GPU memory on its node:
-    a demotion, a preemption, going idle) before removals, "move" (frees one node, takes another) after
-    them, "grow" (a new placement, a promotion, a resume, anything else) last."""
-    if existing is None:
-        return "grow"
-    have, want = existing["spec"], wanted["spec"]
-    if have.get("nodeName") != want.get("nodeName"):
-        return "move"
-    releases = have.get("desiredState") == "Loaded" and want.get("desiredState") in ("Preempted", "Idle")
-    same_shape = all(
-        have.get(k) == want.get(k) for k in ("sourcePath", "dtype", "maxSequenceLength", "maxBatchSize")
-    )
-    lower = float(want.get("residentFraction", 1.0)) < float(have.get("residentFraction", 1.0))
-    keeps_state = want.get("desiredState") == have.get("desiredState")
-    # Both modes hold the same staging buffers (prefill streams in both); a switch to cpu also moves the
-    # offloaded layers' KV cache to the host, a switch to stream brings it to the GPU.
-    mode = want.get("executionMode")
-    mode_adds_nothing = mode == have.get("executionMode") or mode == "cpu"
-    if same_shape and (releases or (keeps_state and lower and mode_adds_nothing)):
-        return "shrink"
-    return "grow"
-
-
-def placement_needs_update(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    """Whether an existing placement's spec or labels differ from what the plan wants."""
-    labels = existing["metadata"].get("labels") or {}
-    return existing.get("spec") != wanted["spec"] or any(
-        labels.get(k) != v for k, v in wanted["metadata"]["labels"].items()
-    )
-
-
-def _percent(fraction: float | None) -> int | None:
-    return None if fraction is None else round(fraction * 100)
-
-
-def unschedulable_by_model(plan: Plan) -> dict[str, Unschedulable]:
-    """Model -> why the plan could not place it."""
-    return {u.model: u for u in plan.unschedulable}
-
-
-def model_verdict(
-    key: str,
-    inputs: Inputs,
-    plan: Plan,
-    placement: dict[str, Any] | None,
-    unschedulable_index: dict[str, Unschedulable] | None = None,
-) -> Verdict:
-    """The status one LLMModel should show after this round (``unschedulable_index``: the plan's
-    :func:`unschedulable_by_model`, built once when asking for every model)."""
-    if key in inputs.invalid:
-        return inputs.invalid[key]
-    info = inputs.infos[key]
-    facts = f"{info.model_type}, {info.num_layers} layers, {memory_text(info.weight_bytes)} of weights"
-    validated: tuple[str, ConditionStatus, str, str] = ("Validated", "True", "ModelValid", facts)
-    base_extra: tuple[tuple[str, Any], ...] = (
-        ("architecture", info.model_type),
-        ("weightBytes", info.weight_bytes),
-    )
-    if not any(n.accepts_work for n in inputs.nodes):
-        message = "no GPU node has registered a NodeProfile yet; start a worker (`residency worker`)"
-        if inputs.nodes:
-            message = (
-                f"none of the {len(inputs.nodes)} registered GPU node(s) takes work now "
-                "(not Ready, cordoned, being disrupted, or its worker stopped heartbeating)"
-            )
-        return Verdict(
-            "Pending",
-            "NoNodes",
-            message,
-            (validated, ("Scheduled", "False", "NoNodes", message), ("Ready", "False", "NoNodes", message)),
-            base_extra,
-        )
-    if key in inputs.idle:
-        node = (placement or {}).get("spec", {}).get("nodeName")
-        message = inputs.idle[key]
-        idle_conditions: tuple[tuple[str, ConditionStatus, str, str], ...] = (
-            validated,
-            ("Scheduled", "True", "Placed", f"placed on {node}"),
-            ("Loaded", "False", "Idle", message),
-            ("Ready", "False", "Idle", message),
-        )
-        return Verdict(
-            "Idle",
-            "IdleTimeout",
-            message,
-            idle_conditions,
-            (
-                *base_extra,
-                ("node", node),
-                ("residentFraction", 0.0),
-                ("residentPercent", 0),
-                ("endpoint", None),
-            ),
-        )
-    unschedulable = (
-        unschedulable_index if unschedulable_index is not None else unschedulable_by_model(plan)
-    ).get(key)
-    planned = plan.placements.get(key)
-    if planned is None and placement is None:
-        reason = unschedulable.reason if unschedulable else "AwaitingPlacement"
-        message = unschedulable.message if unschedulable else "waiting for the planner"
-        return Verdict(
-            "Unschedulable" if unschedulable else "Pending",
-            reason,
-            message,
-            (validated, ("Scheduled", "False", reason, message), ("Ready", "False", reason, message)),
-            (
-                *base_extra,
-                ("node", None),
-                ("residentFraction", None),
-                ("residentPercent", None),
-                ("endpoint", None),
-            ),
-        )
-    return _placed_verdict(key, inputs, planned, placement, validated, base_extra)
-
-
-def rejected_verdict(verdict: Verdict, message: str) -> Verdict:
-    """The verdict for a model whose ModelPlacement the API server refused to write: nothing runs it."""
-    validated = next((c for c in verdict.conditions if c[0] == "Validated"), None)
-    text = f"the API server refused its ModelPlacement: {message}"
-    return Verdict(
-        "Pending",
-        "PlacementRejected",
-        text,
-        (
-            *((validated,) if validated else ()),
-            ("Scheduled", "False", "PlacementRejected", text),
-            ("Ready", "False", "PlacementRejected", text),
-        ),
-        tuple((k, v) for k, v in verdict.extra if k in ("architecture", "weightBytes")),
-    )
-
-
-def _placed_verdict(
-    key: str,
-    inputs: Inputs,
-    planned: PlannedPlacement | None,
-    placement: dict[str, Any] | None,
-    validated: tuple[str, ConditionStatus, str, str],
-    base_extra: tuple[tuple[str, Any], ...],
-) -> Verdict:
-    spec = (placement or {}).get("spec") or {}
-    status = (placement or {}).get("status") or {}
-    node = planned.node if planned else spec.get("nodeName")
-    fraction = status.get("residentFraction")
-    if fraction is None:
-        fraction = planned.resident_fraction if planned else spec.get("residentFraction")
-    state = status.get("state", "Pending")
-    desired = spec.get("desiredState", "Loaded")
-    observed_rate = status.get("observedDecodeTokensPerSecond")
-    extra = (
-        *base_extra,
-        ("node", node),
-        ("residentFraction", None if fraction is None else round(float(fraction), 4)),
-        ("residentPercent", _percent(fraction)),
-        ("executionMode", planned.mode if planned else spec.get("executionMode")),
-        (
-            "predictedDecodeTokensPerSecond",
-            round(planned.predicted_decode_tokens_per_second, 2) if planned else None,
-        ),
-        ("endpoint", status.get("endpoint") if state == "Loaded" else None),
-    )
-    if status.get("timings"):
-        extra += (("timings", status["timings"]),)
-    if observed_rate is not None:
-        extra += (("observed", {"decodeTokensPerSecond": observed_rate}),)
-    where = f"on {node} at {_percent(fraction)}% GPU residency"
-    scheduled: tuple[str, ConditionStatus, str, str] = ("Scheduled", "True", "Placed", f"placed {where}")
-    if placement is not None and desired == "Preempted":
-        message = spec.get("reason") or "preempted to make room"
-        return Verdict(
-            "Preempted",
-            "Preempted",
-            message,
-            (
-                validated,
-                scheduled,
-                ("Preempted", "True", "Preempted", message),
-                ("Loaded", "False", "Preempted", message),
-                ("Ready", "False", "Preempted", message),
-            ),
-            extra,
-        )
-    not_preempted: tuple[str, ConditionStatus, str, str] = ("Preempted", "False", "Running", "not preempted")
-    if state == "Failed":
-        reason = status.get("reason") or "LoadFailed"
-        message = status.get("message") or "the worker could not load the model"
-        if reason in RETRIED_LOAD_FAILURES:
-            # the node had less room than planned (a budget that shrank, memory still being freed):
-            # the worker retries once room frees and the next round re-plans; nothing is wrong with it
-            message = f"{message}; waiting for room on {node} or a new placement"
-        return Verdict(
-            "Pending" if reason in RETRIED_LOAD_FAILURES else "Failed",
-            reason,
-            message,
-            (validated, scheduled, ("Loaded", "False", reason, message), ("Ready", "False", reason, message)),
-            extra,
-        )
-    if state == "Loaded" and spec.get("nodeName") == node:
-        message = f"serving {where}"
-        conditions: list[tuple[str, ConditionStatus, str, str]] = [
-            validated,
-            scheduled,
-            not_preempted,
-            ("Loaded", "True", "Loaded", message),
-            ("Ready", "True", "Ready", message),
-        ]
-        slo = _slo(inputs.bodies[key]["spec"])
-        if status.get("reason"):
-            # the worker could not carry out the last change (it serves as before): say why
-            conditions.append(
-                ("Degraded", "True", str(status["reason"]), str(status.get("message") or status["reason"]))
-            )
-        elif slo is not None and observed_rate is not None and observed_rate < slo:
-            conditions.append(
-                (
-                    "Degraded",
-                    "True",
-                    "SLONotMet",
-                    f"observed {observed_rate:.1f} tok/s is below the SLO of {slo:g} tok/s",
-                )
-            )
-        else:
-            conditions.append(("Degraded", "False", "SLOMet", "observed decode rate meets the SLO"))
-        return Verdict("Ready", "Ready", message, tuple(conditions), extra)
-    if state in ("Loading", "Preempted") and spec.get("nodeName") == node:
-        message = f"loading {where}" if state == "Loading" else f"resuming {where}"
-        return Verdict(
-            "Loading",
-            "Loading" if state == "Loading" else "Resuming",
-            message,
-            (
-                validated,
-                scheduled,
-                not_preempted,
-                ("Loaded", "False", "Loading", message),
-                ("Ready", "False", "Loading", message),
-            ),
-            extra,
-        )
-    message = f"scheduled {where}; waiting for the worker"
-    return Verdict(
-        "Scheduled",
-        "Placed",
-        message,
-        (
-            validated,
-            scheduled,
-            not_preempted,
-            ("Loaded", "False", "WaitingForWorker", message),
-            ("Ready", "False", "WaitingForWorker", message),
-        ),
-        extra,
-    )

@@ -20,8 +20,9 @@ import yaml
 
 from residency.modelgen import make_model
 from residency.sizing import memory_text
+from residency_operator.placements import desired_placements
 from residency_operator.planner import plan
-from residency_operator.state import ClusterState, OperatorKnobs, desired_placements, planner_inputs
+from residency_operator.state import ClusterState, OperatorKnobs, planner_inputs
 from residency_worker.engine.tiers import parse_bytes
 
 pytestmark = pytest.mark.component

@@ -112,6 +112,9 @@ class CachedState:
     def written(self, body: Any) -> None:
         pass
 
+    def take_changes(self) -> tuple[frozenset[str], bool]:
+        return frozenset(), True  # every round here plans in full
+
 
 class CountingKube(FakeKube):
     def __init__(self, state: ClusterState) -> None:
@@ -211,3 +214,33 @@ def test_writes_past_the_burst_wait_for_the_rate() -> None:
     for _ in range(100):
         unlimited.acquire()
     assert unlimited.waited_seconds == 0.0
+
+
+def test_most_nodes_stale_at_once_suspends_liveness_instead_of_dropping_their_models(tmp_path: Path) -> None:
+    """An API server too busy to take Lease renewals makes every node look dead at once: no model is moved or
+    dropped for that (as kube-controller-manager stops evicting in a full disruption); a few stale nodes
+    among live ones, or in a small fleet, are judged dead as before."""
+    now = datetime.now(UTC)
+    fresh, stale = now - timedelta(seconds=5), now - timedelta(minutes=5)
+
+    def fleet(stale_count: int, size: int) -> ClusterState:
+        names = [f"gpu-{i}" for i in range(size)]
+        return ClusterState(
+            [],
+            [profile(n, 10**9, heartbeat=stale) for n in names],
+            [node(n) for n in names],
+            [],
+            node_leases=[node_lease(n, stale if i < stale_count else fresh) for i, n in enumerate(names)],
+        )
+
+    k = knobs(tmp_path)  # grace 30 s; suspended from 20 stale nodes, more than half
+    overloaded = fleet(stale_count=24, size=30)
+    assert live_nodes(overloaded, now, k) == {f"gpu-{i}" for i in range(30)}
+    assert all(n.schedulable for n in planner_inputs(overloaded, now, k).nodes)
+    few = fleet(stale_count=5, size=30)
+    assert live_nodes(few, now, k) == {f"gpu-{i}" for i in range(5, 30)}
+    assert [n.name for n in planner_inputs(few, now, k).nodes if not n.schedulable] == [
+        f"gpu-{i}" for i in range(5)
+    ]
+    small = fleet(stale_count=2, size=3)
+    assert live_nodes(small, now, k) == {"gpu-2"}

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import LLAMA_CONFIG, MakeDir
 from residency.names import placement_name
+from residency_operator.placements import desired_placements, placement_needs_update, write_phase
 from residency_operator.planner import plan
 from residency_operator.state import (
     NODE_LABEL,
@@ -17,14 +18,11 @@ from residency_operator.state import (
     WAKE_ANNOTATION,
     ClusterState,
     OperatorKnobs,
-    desired_placements,
-    model_verdict,
     node_accepts,
-    placement_needs_update,
     planner_inputs,
     waiting_requests,
-    write_phase,
 )
+from residency_operator.verdicts import model_verdict
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
 

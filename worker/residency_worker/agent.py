@@ -30,6 +30,7 @@ from residency.api.placement import PREFILL_MODE
 from residency.informer import Informer
 from residency.kubeapi import TimeoutApiClient
 from residency.names import label_value
+from residency_worker.ack import LateStatus
 from residency_worker.engine import Engine, ModelOptions
 from residency_worker.engine.runner import DEMAND_WINDOW_SECONDS
 from residency_worker.engine.tiers import synchronize
@@ -200,6 +201,8 @@ class AgentConfig:
     pod_namespace: str | None = None
     protect_annotations: dict[str, str] = field(default_factory=lambda: dict(PROTECT_ANNOTATIONS))
     lease_namespace: str = "default"  # where the node Lease lives (the operator's namespace)
+    # a load or resume is reported as Loading only once it has taken this long: a quick one is one write
+    loading_report_seconds: float = 1.0
 
 
 @dataclass
@@ -531,9 +534,11 @@ class NodeAgent:
         before = self.engine.residency(name).resident_fraction if name in self.engine.names() else None
         started = time.perf_counter()
         report: object = None
+        announce: LateStatus | None = None
         try:
             if action == "load":
-                self._patch_status(placement, {"state": "Loading", "reason": None, "message": None})
+                loading = {"state": "Loading", "reason": None, "message": None}
+                announce = self._report_loading(placement, loading)
                 report = self.engine.load(
                     name,
                     spec["sourcePath"],
@@ -554,7 +559,7 @@ class NodeAgent:
             elif action == "preempt":
                 report = self.engine.preempt(name)
             elif action == "resume":
-                self._patch_status(placement, {"state": "Loading"})
+                announce = self._report_loading(placement, {"state": "Loading"})
                 report = self.engine.resume(name)
             elif action in ("demote", "promote"):
                 mode = spec.get("executionMode", "stream")
@@ -584,7 +589,14 @@ class NodeAgent:
             )
             if action == "load" and name in self.engine.names():
                 self._unload(name)
+        finally:
+            if announce is not None:
+                announce.settle()
         self._report(placement)
+
+    def _report_loading(self, placement: dict[str, Any], status: dict[str, Any]) -> LateStatus:
+        """``Loading`` on the placement once the load has taken ``loading_report_seconds``."""
+        return LateStatus(lambda: self._patch_status(placement, status), self.config.loading_report_seconds)
 
     def _others_reserved_bytes(self, name: str) -> int:
         """GPU bytes the other models on this node hold (each runner reserves under its own owner)."""

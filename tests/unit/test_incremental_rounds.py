@@ -1,0 +1,193 @@
+"""A single model's spec change at fleet size is re-planned with the planner's incremental mode: only that
+model (and what it touched) is planned, written and given a status; anything else plans in full."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from test_controller_round import FakeKube
+from test_operator_state import knobs, llm, node, profile
+
+from conftest import MakeDir
+from residency_operator import changes
+from residency_operator.capacity import CapacityConfig
+from residency_operator.controller import Controller
+from residency_operator.state import ClusterState
+
+
+class Written:
+    def written(self, body: Any) -> None:
+        pass
+
+
+class FakeCache:
+    """What the controller reads from its informers: the fake API's objects, and the changes it is told."""
+
+    def __init__(self, kube: FakeKube) -> None:
+        self.kube = kube
+        self.models = self.placements = Written()
+        self.spec_changes: set[str] = set()
+        self.other = True
+
+    def state(self) -> ClusterState:
+        return copy.copy(self.kube.state)
+
+    def take_changes(self) -> tuple[frozenset[str], bool]:
+        taken = frozenset(self.spec_changes), self.other
+        self.spec_changes, self.other = set(), False
+        return taken
+
+
+class PlacementKube(FakeKube):
+    def __init__(self, state: ClusterState) -> None:
+        super().__init__(state)
+        self.patched: list[str] = []
+        self.status_writes: list[str] = []
+
+    def create_placement(self, body: dict[str, Any]) -> dict[str, Any]:
+        super().create_placement(body)
+        self.state.placements = list(self.placements.values())
+        return body
+
+    def patch_placement(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.placements[name]["spec"] = patch["spec"]
+        self.patched.append(name)
+        return self.placements[name]
+
+    def delete_placement(self, name: str) -> None:
+        super().delete_placement(name)
+        self.state.placements = list(self.placements.values())
+
+    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        super().patch_model_status(namespace, name, status)
+        self.status_writes.append(f"{namespace}/{name}")
+
+
+def fleet(tmp_path: Path, make_model_dir: MakeDir) -> tuple[PlacementKube, FakeCache, Controller]:
+    directory = make_model_dir("shared")
+    now = datetime.now(UTC)
+    state = ClusterState(
+        [llm(f"m{i:02d}", directory, priority=i % 3) for i in range(12)],
+        [profile(f"gpu-{n}", 10**9, heartbeat=now) for n in range(3)],
+        [node(f"gpu-{n}") for n in range(3)],
+        [],
+    )
+    kube = PlacementKube(state)
+    cache = FakeCache(kube)
+    controller = Controller(
+        kube,  # type: ignore[arg-type]
+        knobs(tmp_path),
+        capacity=CapacityConfig(enabled=False),
+        cache=cache,  # type: ignore[arg-type]
+        incremental_min_models=10,
+    )
+    return kube, cache, controller
+
+
+def settle(kube: PlacementKube, cache: FakeCache, controller: Controller) -> None:
+    """Full rounds until one writes no placement (the incremental planner is built at that one)."""
+    for _ in range(5):
+        cache.other = True
+        report = controller.round()
+        if not (report.created or report.updated or report.deleted):
+            return
+    raise AssertionError("the plan did not settle")
+
+
+def test_a_spec_change_is_planned_incrementally_and_writes_only_its_model(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    settle(kube, cache, controller)
+    assert controller.incremental is not None and controller.incremental.planner is not None
+    assert len(kube.placements) == 12
+    kube.patched.clear()
+    kube.status_writes.clear()
+
+    old = kube.state.models[5]
+    new = copy.deepcopy(old)
+    new["metadata"]["generation"] = 2
+    new["spec"]["slo"] = {"minDecodeTokensPerSecond": 1.0}
+    assert changes.model_spec_changed(old, new)
+    kube.state.models[5] = new
+    cache.spec_changes.add("team-a/m05")
+    report = controller.round()
+    assert report.solver == "incremental"
+    assert kube.patched == ["team-a.m05"]  # the new SLO, on its placement; no other placement written
+    assert kube.placements["team-a.m05"]["spec"]["minDecodeTokensPerSecond"] == 1.0
+    assert set(kube.status_writes) <= {"team-a/m05"}
+    assert controller.incremental.used == 1
+
+
+def test_anything_but_a_spec_change_plans_in_full(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    settle(kube, cache, controller)
+    newcomer = llm("m99", Path(kube.state.models[0]["spec"]["source"]["path"]))
+    assert not changes.model_spec_changed(None, newcomer)
+    kube.state.models.append(newcomer)
+    cache.other = True  # what the cache records for a model that came
+    report = controller.round()
+    assert report.solver != "incremental"
+    assert "team-a.m99" in report.created
+    # the round wrote a placement: the planner is dropped, and rebuilt at the next quiet full round
+    assert controller.incremental is not None and controller.incremental.planner is None
+    settle(kube, cache, controller)
+    assert controller.incremental.planner is not None
+
+
+def test_a_small_fleet_always_plans_in_full(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    assert controller.incremental is not None
+    controller.incremental.min_models = 100
+    settle(kube, cache, controller)
+    assert controller.incremental.planner is None
+    kube.state.models[0] = {
+        **kube.state.models[0],
+        "metadata": {**kube.state.models[0]["metadata"], "generation": 2},
+    }
+    cache.spec_changes.add("team-a/m00")
+    assert controller.round().solver != "incremental"
+
+
+def test_a_failed_incremental_update_plans_in_full_and_drops_the_planner(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    settle(kube, cache, controller)
+    assert controller.incremental is not None and controller.incremental.planner is not None
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("planner state out of step")
+
+    controller.incremental.planner.update_model = broken  # type: ignore[method-assign]
+    body = kube.state.models[3]
+    kube.state.models[3] = {**body, "metadata": {**body["metadata"], "generation": 2}}
+    cache.spec_changes.add("team-a/m03")
+    report = controller.round()
+    assert report.solver != "incremental"
+    assert controller.incremental.used == 0  # (and a planner, if any, is a new one built by this full round)
+
+
+def test_a_round_after_deferred_statuses_plans_in_full_and_writes_them(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    settle(kube, cache, controller)
+    placement = kube.placements["team-a.m07"]
+    placement["status"] = {"state": "Loaded", "residentFraction": placement["spec"]["residentFraction"]}
+    controller.status_budget_seconds = 0.0
+    controller.poke()  # a change is waiting: the status write gives way
+    cache.other = True  # (the worker's report)
+    writes_before = len(kube.status_writes)
+    report = controller.round()
+    assert report.deferred >= 1 and "team-a/m07" not in kube.status_writes[writes_before:]
+    controller._dirty.clear()
+    body = kube.state.models[2]
+    kube.state.models[2] = {**body, "metadata": {**body["metadata"], "generation": 2}}
+    cache.spec_changes.add("team-a/m02")
+    report = controller.round()
+    assert report.solver != "incremental"  # a full round: the deferred status is written by it
+    assert kube.statuses["team-a/m07"]["phase"] == "Ready"
