@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from residency_operator.planner.fill import node_room
-from residency_operator.planner.greedy import Assignment
+from residency_operator.planner.greedy_state import Assignment
 from residency_operator.planner.options import MODES, cached_host_bytes
 
 if TYPE_CHECKING:
-    from residency_operator.planner.plan import PlanningProblem
+    from residency_operator.planner.problem import PlanningProblem
 
 
 NODES_COMPARED = 8
