@@ -94,12 +94,15 @@ def at_memory_pressure(scenario: Scenario, pressure: float) -> Scenario:
     return dataclasses.replace(scenario, nodes=nodes, name=f"{scenario.name}@{pressure:g}x")
 
 
-def compare(scenario: Scenario) -> tuple[list[PolicyReport], dict[str, float]]:
-    """Every policy on the scenario's one seeded trace; returns the reports and the run seconds."""
+def compare(
+    scenario: Scenario, policies: tuple[str, ...] = POLICY_NAMES
+) -> tuple[list[PolicyReport], dict[str, float]]:
+    """Every policy (or those named) on the scenario's one seeded trace; returns the reports and the run
+    seconds."""
     requests = scenario_requests(scenario)
     reports = []
     seconds: dict[str, float] = {}
-    for policy in POLICY_NAMES:
+    for policy in policies:
         started = time.perf_counter()
         reports.append(run_policy(scenario, policy, requests))
         seconds[policy] = time.perf_counter() - started
@@ -226,12 +229,28 @@ def print_sweep(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def _seed_run(base: Scenario, offset: int) -> tuple[float, list[PolicyReport], dict[str, float]]:
-    """The offered load, every policy's report and its run seconds at ``base.seed + offset``."""
+SeedRun = tuple[float, list[PolicyReport], dict[str, float]]
+"""The offered load (tok/s), every policy's report and its run seconds, of one seed."""
+
+
+def _seed_run(base: Scenario, offset: int, policies: tuple[str, ...] = POLICY_NAMES) -> SeedRun:
+    """The policies' run at ``base.seed + offset``."""
     scenario = with_seed(base, base.seed + offset) if offset else base
     offered = sum(r.output_tokens for r in scenario_requests(scenario)) / scenario.duration_seconds
-    reports, took = compare(scenario)
+    reports, took = compare(scenario, policies)
     return offered, reports, took
+
+
+def run_seeds(
+    base: Scenario, offsets: list[int], jobs: int = 1, policies: tuple[str, ...] = POLICY_NAMES
+) -> dict[int, SeedRun]:
+    """The policies' runs at ``base.seed + offset`` for each offset, in ``jobs`` processes at once (each
+    seed's run is the same as in one process)."""
+    if jobs > 1 and len(offsets) > 1:
+        with multiprocessing.Pool(min(jobs, len(offsets))) as pool:
+            runs = pool.starmap(_seed_run, [(base, offset, policies) for offset in offsets])
+        return dict(zip(offsets, runs, strict=True))
+    return {offset: _seed_run(base, offset, policies) for offset in offsets}
 
 
 def seed_record(
@@ -268,18 +287,16 @@ def scenario_means(
     seeds: int,
     first: tuple[list[PolicyReport], dict[str, float]] | None = None,
     jobs: int = 1,
+    runs: dict[int, SeedRun] | None = None,
 ) -> dict[str, Any]:
     """Every policy at the scenario's own seed and the next ``seeds - 1``: per policy the mean SLO-met
     goodput, priority-weighted goodput, per-tier SLO attainment and churn, and the mean offered load.
     ``first``: the reports (and seconds) of the run at the scenario's own seed, if already made; ``jobs``:
-    seeds run side by side in that many processes (each seed's run is the same as in one process)."""
+    seeds run side by side in that many processes; ``runs``: seeds already run (by offset)."""
     offsets = range(seeds if base.trace_path is None else 1)
-    todo = [offset for offset in offsets if not (offset == 0 and first is not None)]
-    if jobs > 1 and len(todo) > 1:
-        with multiprocessing.Pool(min(jobs, len(todo))) as pool:
-            done = dict(zip(todo, pool.starmap(_seed_run, [(base, offset) for offset in todo]), strict=True))
-    else:
-        done = {offset: _seed_run(base, offset) for offset in todo}
+    done = dict(runs or {})
+    todo = [offset for offset in offsets if offset not in done and not (offset == 0 and first is not None)]
+    done.update(run_seeds(base, todo, jobs))
     records = []
     for offset in offsets:
         if offset == 0 and first is not None:
@@ -288,6 +305,17 @@ def scenario_means(
         else:
             records.append(seed_record(base.seed + offset, *done[offset]))
     return summarise_records(base.name, base.extra, memory_pressure(base), records)
+
+
+def partial_row(base: Scenario, runs: dict[int, SeedRun]) -> dict[str, Any]:
+    """The seeded runs of some of the policies only (``--policy``): records to merge, no table yet."""
+    return {
+        "scenario": base.name,
+        "extra": base.extra,
+        "memory_pressure": memory_pressure(base),
+        "partial": True,
+        "records": [seed_record(base.seed + offset, *runs[offset]) for offset in sorted(runs)],
+    }
 
 
 def summarise_records(
@@ -360,11 +388,32 @@ def summarise_records(
 
 
 def merge_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One scenario's rows from invocations that ran different seeds of it, as one row over all seeds."""
-    records = sorted((r for row in rows for r in row["records"]), key=lambda r: int(r["seed"]))
-    seeds = [r["seed"] for r in records]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"{rows[0]['scenario']}: seed(s) run twice: {sorted(seeds)}")
+    """One scenario's rows from invocations that ran different seeds of it, or different policies at the
+    same seeds (``--policy``), as one row over all seeds; each seed must end up with every policy."""
+    by_seed: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        for record in row["records"]:
+            seed = int(record["seed"])
+            merged = by_seed.setdefault(
+                seed,
+                {
+                    "seed": seed,
+                    "offered_tokens_per_second": record["offered_tokens_per_second"],
+                    "policies": {},
+                },
+            )
+            if abs(merged["offered_tokens_per_second"] - record["offered_tokens_per_second"]) > 1e-6:
+                raise ValueError(f"{row['scenario']}: seed {seed} replayed two different traces")
+            for policy, values in record["policies"].items():
+                if policy in merged["policies"]:
+                    raise ValueError(f"{row['scenario']}: seed {seed} ran {policy} twice")
+                merged["policies"][policy] = values
+    records = [by_seed[seed] for seed in sorted(by_seed)]
+    for record in records:
+        missing = sorted(set(POLICY_NAMES) - set(record["policies"]))
+        if missing:
+            raise ValueError(f"{rows[0]['scenario']}: seed {record['seed']} lacks {', '.join(missing)}")
+        record["policies"] = {p: record["policies"][p] for p in POLICY_NAMES}
     return summarise_records(rows[0]["scenario"], rows[0]["extra"], rows[0]["memory_pressure"], records)
 
 
@@ -449,6 +498,12 @@ def main() -> None:
         help="print one table from the JSON of runs made apart (e.g. a scenario's seeds split over two "
         "invocations with --seed and --seeds) and write it to --out; runs nothing",
     )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        choices=POLICY_NAMES,
+        help="run only these policies (repeatable); writes the runs for --merge, prints no table",
+    )
     args = parser.parse_args()
     if args.merge:
         merge_files(args.merge, args.out)
@@ -465,8 +520,18 @@ def main() -> None:
             continue
         if args.seed is not None:
             scenario.seed = args.seed
+        offsets = list(range(args.seeds if scenario.trace_path is None else 1))
+        if args.policy:
+            policies = tuple(p for p in POLICY_NAMES if p in args.policy)
+            rows.append(partial_row(scenario, run_seeds(scenario, offsets, args.jobs, policies)))
+            print(
+                f"{scenario.name}: {', '.join(policies)} at {len(offsets)} seed(s) from {scenario.seed}",
+                flush=True,
+            )
+            continue
         requests = scenario_requests(scenario)
-        reports, took = compare(scenario)
+        runs = run_seeds(scenario, offsets, args.jobs)
+        _, reports, _ = runs[0]
         all_reports[scenario.name] = reports
         offered = sum(r.output_tokens for r in requests) / scenario.duration_seconds
         label = " (extra scenario)" if scenario.extra else ""
@@ -479,7 +544,7 @@ def main() -> None:
         print(format_table(reports))
         print(ceiling_line(reports, offered))
         print(format_tiers(reports), flush=True)
-        rows.append(scenario_means(scenario, args.seeds, (reports, took), args.jobs))
+        rows.append(scenario_means(scenario, args.seeds, runs=runs))
         if args.sweep and scenario.name in SWEEP_SCENARIOS:
             sweep_rows.extend(sweep(scenario))
         if not args.scenario:
@@ -489,7 +554,8 @@ def main() -> None:
                 RESULTS / f"policies-{scenario.name}.png",
                 f"{scenario.name}: SLO-met goodput by policy",
             )
-    print_summary(rows)
+    if not args.policy:
+        print_summary(rows)
     if sweep_rows:
         print_sweep(sweep_rows)
     write_json(

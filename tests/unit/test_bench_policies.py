@@ -113,7 +113,7 @@ def test_seeds_split_over_invocations_merge_into_the_same_row(bench: ModuleType)
         for key in ("goodput", "weighted", "preemptions", "loads", "resumes", "migrations"):
             assert merged["policies"][policy][key] == pytest.approx(mean[key])
         assert merged["policies"][policy]["attainment"] == pytest.approx(mean["attainment"])
-    with pytest.raises(ValueError, match="run twice"):
+    with pytest.raises(ValueError, match="ran residency twice"):
         bench.merge_rows([halves[0], halves[0]])
 
 
@@ -124,3 +124,19 @@ def test_seeds_in_parallel_processes_give_the_same_row(bench: ModuleType) -> Non
     assert parallel["policies"]["residency"]["goodput"] == pytest.approx(
         serial["policies"]["residency"]["goodput"]
     )
+
+
+def test_policies_run_apart_merge_into_the_same_row(bench: ModuleType) -> None:
+    scenario = tiny_scenario()
+    whole = bench.scenario_means(scenario, 2)
+    baselines = tuple(p for p in bench.POLICY_NAMES if p != "residency")
+    apart = [
+        bench.partial_row(scenario, bench.run_seeds(scenario, [0, 1], 1, policies))
+        for policies in (("residency",), baselines)
+    ]
+    merged = bench.merge_rows(json.loads(json.dumps(apart, default=str)))
+    assert list(merged["policies"]) == list(whole["policies"])
+    assert merged["ratio"] == pytest.approx(whole["ratio"])
+    assert merged["per_seed_ratio"] == pytest.approx(whole["per_seed_ratio"])
+    with pytest.raises(ValueError, match="lacks residency"):
+        bench.merge_rows([apart[1]])
