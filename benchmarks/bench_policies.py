@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
+import multiprocessing
 import platform
 import statistics
 import time
@@ -92,12 +94,15 @@ def at_memory_pressure(scenario: Scenario, pressure: float) -> Scenario:
     return dataclasses.replace(scenario, nodes=nodes, name=f"{scenario.name}@{pressure:g}x")
 
 
-def compare(scenario: Scenario) -> tuple[list[PolicyReport], dict[str, float]]:
-    """Every policy on the scenario's one seeded trace; returns the reports and the run seconds."""
+def compare(
+    scenario: Scenario, policies: tuple[str, ...] = POLICY_NAMES
+) -> tuple[list[PolicyReport], dict[str, float]]:
+    """Every policy (or those named) on the scenario's one seeded trace; returns the reports and the run
+    seconds."""
     requests = scenario_requests(scenario)
     reports = []
     seconds: dict[str, float] = {}
-    for policy in POLICY_NAMES:
+    for policy in policies:
         started = time.perf_counter()
         reports.append(run_policy(scenario, policy, requests))
         seconds[policy] = time.perf_counter() - started
@@ -224,45 +229,129 @@ def print_sweep(rows: list[dict[str, Any]]) -> None:
         )
 
 
+SeedRun = tuple[float, list[PolicyReport], dict[str, float]]
+"""The offered load (tok/s), every policy's report and its run seconds, of one seed."""
+
+
+def _seed_run(base: Scenario, offset: int, policies: tuple[str, ...] = POLICY_NAMES) -> SeedRun:
+    """The policies' run at ``base.seed + offset``."""
+    scenario = with_seed(base, base.seed + offset) if offset else base
+    offered = sum(r.output_tokens for r in scenario_requests(scenario)) / scenario.duration_seconds
+    reports, took = compare(scenario, policies)
+    return offered, reports, took
+
+
+def run_seeds(
+    base: Scenario, offsets: list[int], jobs: int = 1, policies: tuple[str, ...] = POLICY_NAMES
+) -> dict[int, SeedRun]:
+    """The policies' runs at ``base.seed + offset`` for each offset, in ``jobs`` processes at once (each
+    seed's run is the same as in one process)."""
+    if jobs > 1 and len(offsets) > 1:
+        with multiprocessing.Pool(min(jobs, len(offsets))) as pool:
+            runs = pool.starmap(_seed_run, [(base, offset, policies) for offset in offsets])
+        return dict(zip(offsets, runs, strict=True))
+    return {offset: _seed_run(base, offset, policies) for offset in offsets}
+
+
+def seed_record(
+    seed: int, offered: float, reports: list[PolicyReport], seconds: dict[str, float]
+) -> dict[str, Any]:
+    """What the table needs of one seeded run (JSON-ready: runs of one scenario made apart, e.g. its seeds
+    split over two invocations, are merged from these; see ``--merge``)."""
+    return {
+        "seed": seed,
+        "offered_tokens_per_second": offered,
+        "policies": {
+            r.policy: {
+                "goodput": r.goodput_tokens_per_second,
+                "weighted": weighted(r),
+                "attainment": {str(t): v for t, v in r.slo_attainment_by_priority.items()},
+                "goodput_by_priority": {
+                    str(t): v for t, v in r.goodput_by_priority_tokens_per_second.items()
+                },
+                "requests_by_priority": {str(t): v for t, v in r.requests_by_priority.items()},
+                "preemptions": float(r.preemptions),
+                "evictions": float(r.evictions),
+                "loads": float(r.loads),
+                "resumes": float(r.resumes),
+                "migrations": float(r.migrations),
+                "seconds": seconds.get(r.policy, 0.0),
+            }
+            for r in reports
+        },
+    }
+
+
 def scenario_means(
-    base: Scenario, seeds: int, first: tuple[list[PolicyReport], dict[str, float]] | None = None
+    base: Scenario,
+    seeds: int,
+    first: tuple[list[PolicyReport], dict[str, float]] | None = None,
+    jobs: int = 1,
+    runs: dict[int, SeedRun] | None = None,
 ) -> dict[str, Any]:
     """Every policy at the scenario's own seed and the next ``seeds - 1``: per policy the mean SLO-met
-    goodput, priority-weighted goodput and per-tier SLO attainment, and the mean offered load.
-    ``first``: the reports (and seconds) of the run at the scenario's own seed, if already made."""
-    runs: list[tuple[float, list[PolicyReport]]] = []
-    seconds: dict[str, float] = {}
-    for offset in range(seeds if base.trace_path is None else 1):
-        scenario = with_seed(base, base.seed + offset) if offset else base
-        offered = sum(r.output_tokens for r in scenario_requests(scenario)) / scenario.duration_seconds
-        reports, took = first if offset == 0 and first is not None else compare(scenario)
-        for policy, spent in took.items():
-            seconds[policy] = seconds.get(policy, 0.0) + spent
-        runs.append((offered, reports))
-    policies = [r.policy for r in runs[0][1]]
-    tiers = sorted({t for _, reports in runs for r in reports for t in r.requests_by_priority}, reverse=True)
+    goodput, priority-weighted goodput, per-tier SLO attainment and churn, and the mean offered load.
+    ``first``: the reports (and seconds) of the run at the scenario's own seed, if already made; ``jobs``:
+    seeds run side by side in that many processes; ``runs``: seeds already run (by offset)."""
+    offsets = range(seeds if base.trace_path is None else 1)
+    done = dict(runs or {})
+    todo = [offset for offset in offsets if offset not in done and not (offset == 0 and first is not None)]
+    done.update(run_seeds(base, todo, jobs))
+    records = []
+    for offset in offsets:
+        if offset == 0 and first is not None:
+            offered = sum(r.output_tokens for r in scenario_requests(base)) / base.duration_seconds
+            records.append(seed_record(base.seed, offered, *first))
+        else:
+            records.append(seed_record(base.seed + offset, *done[offset]))
+    return summarise_records(base.name, base.extra, memory_pressure(base), records)
+
+
+def partial_row(base: Scenario, runs: dict[int, SeedRun]) -> dict[str, Any]:
+    """The seeded runs of some of the policies only (``--policy``): records to merge, no table yet."""
+    return {
+        "scenario": base.name,
+        "extra": base.extra,
+        "memory_pressure": memory_pressure(base),
+        "partial": True,
+        "records": [seed_record(base.seed + offset, *runs[offset]) for offset in sorted(runs)],
+    }
+
+
+def summarise_records(
+    name: str, extra: bool, pressure: float, records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The policy table's row of one scenario from its seeded runs (see :func:`seed_record`)."""
+    policies = list(records[0]["policies"])
+    tiers = sorted(
+        {
+            int(t)
+            for record in records
+            for v in record["policies"].values()
+            for t in v["requests_by_priority"]
+        },
+        reverse=True,
+    )
 
     def mean(values: list[float]) -> float:
         return statistics.fmean(values) if values else 0.0
 
     by_policy: dict[str, dict[str, Any]] = {}
-    for k, policy in enumerate(policies):
-        reports = [run[1][k] for run in runs]
+    for policy in policies:
+        runs = [record["policies"][policy] for record in records]
         by_policy[policy] = {
-            "goodput": mean([r.goodput_tokens_per_second for r in reports]),
-            "weighted": mean([weighted(r) for r in reports]),
-            "attainment": {
-                t: mean([r.slo_attainment_by_priority.get(t, 0.0) for r in reports]) for t in tiers
-            },
+            "goodput": mean([r["goodput"] for r in runs]),
+            "weighted": mean([r["weighted"] for r in runs]),
+            "attainment": {t: mean([r["attainment"].get(str(t), 0.0) for r in runs]) for t in tiers},
             "goodput_by_priority": {
-                t: mean([r.goodput_by_priority_tokens_per_second.get(t, 0.0) for r in reports]) for t in tiers
+                t: mean([r["goodput_by_priority"].get(str(t), 0.0) for r in runs]) for t in tiers
             },
-            "preemptions": mean([float(r.preemptions) for r in reports]),
-            "loads": mean([float(r.loads) for r in reports]),
-            "resumes": mean([float(r.resumes) for r in reports]),
-            "seconds": seconds[policy] / len(runs),
+            **{
+                churn: mean([r[churn] for r in runs])
+                for churn in ("preemptions", "evictions", "loads", "resumes", "migrations", "seconds")
+            },
         }
-    offered = mean([o for o, _ in runs])
+    offered = mean([record["offered_tokens_per_second"] for record in records])
     ours = by_policy["residency"]
     theirs = {p: v for p, v in by_policy.items() if p != "residency"}
     best = max(theirs, key=lambda p: theirs[p]["goodput"])
@@ -270,18 +359,18 @@ def scenario_means(
     top = tiers[0] if tiers else 0
     per_seed = [
         _ratio(
-            run[1][policies.index("residency")].goodput_tokens_per_second,
-            max(r.goodput_tokens_per_second for r in run[1] if r.policy != "residency"),
+            record["policies"]["residency"]["goodput"],
+            max(v["goodput"] for p, v in record["policies"].items() if p != "residency"),
         )
-        for run in runs
+        for record in records
     ]
     return {
-        "scenario": base.name,
-        "extra": base.extra,
-        "seeds": len(runs),
-        "first_seed": base.seed,
+        "scenario": name,
+        "extra": extra,
+        "seeds": len(records),
+        "first_seed": records[0]["seed"],
         "offered_tokens_per_second": offered,
-        "memory_pressure": memory_pressure(base),
+        "memory_pressure": pressure,
         "policies": by_policy,
         "best_baseline": best,
         "ratio": _ratio(ours["goodput"], theirs[best]["goodput"]),
@@ -294,7 +383,38 @@ def scenario_means(
         "top_tier": top,
         "top_tier_attainment_residency": ours["attainment"].get(top, 0.0),
         "top_tier_attainment_best_baseline": max(v["attainment"].get(top, 0.0) for v in theirs.values()),
+        "records": records,
     }
+
+
+def merge_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One scenario's rows from invocations that ran different seeds of it, or different policies at the
+    same seeds (``--policy``), as one row over all seeds; each seed must end up with every policy."""
+    by_seed: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        for record in row["records"]:
+            seed = int(record["seed"])
+            merged = by_seed.setdefault(
+                seed,
+                {
+                    "seed": seed,
+                    "offered_tokens_per_second": record["offered_tokens_per_second"],
+                    "policies": {},
+                },
+            )
+            if abs(merged["offered_tokens_per_second"] - record["offered_tokens_per_second"]) > 1e-6:
+                raise ValueError(f"{row['scenario']}: seed {seed} replayed two different traces")
+            for policy, values in record["policies"].items():
+                if policy in merged["policies"]:
+                    raise ValueError(f"{row['scenario']}: seed {seed} ran {policy} twice")
+                merged["policies"][policy] = values
+    records = [by_seed[seed] for seed in sorted(by_seed)]
+    for record in records:
+        missing = sorted(set(POLICY_NAMES) - set(record["policies"]))
+        if missing:
+            raise ValueError(f"{rows[0]['scenario']}: seed {record['seed']} lacks {', '.join(missing)}")
+        record["policies"] = {p: record["policies"][p] for p in POLICY_NAMES}
+    return summarise_records(rows[0]["scenario"], rows[0]["extra"], rows[0]["memory_pressure"], records)
 
 
 def verdict(row: dict[str, Any]) -> str:
@@ -341,6 +461,20 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
             f"  top tier {row['top_tier']}: residency {row['top_tier_attainment_residency']:.1%} vs best "
             f"baseline {row['top_tier_attainment_best_baseline']:.1%}"
         )
+    print(
+        "\nPriority-weighted goodput (tok/s x priority) and churn per run (mean over seeds): preemptions,"
+        "\ncold loads, resumes from host memory, migrations"
+    )
+    header = f"  {'scenario':<20}{'policy':<17}{'weighted':>11}{'preempt':>9}{'loads':>8}"
+    header += f"{'resumes':>9}{'migrate':>9}"
+    print(header)
+    for row in rows:
+        for p in policies:
+            v = row["policies"][p]
+            print(
+                f"  {row['scenario']:<20}{p:<17}{v['weighted']:>11.0f}{v['preemptions']:>9.0f}"
+                f"{v['loads']:>8.0f}{v['resumes']:>9.0f}{v['migrations']:>9.0f}"
+            )
     print("\nPer seed, residency / best baseline:")
     for row in rows:
         print(f"  {row['scenario']:<20}" + " ".join(f"{r:.2f}x" for r in row["per_seed_ratio"]))
@@ -351,9 +485,29 @@ def main() -> None:
     parser.add_argument("--scenario", action="append", help="scenario name (default: all shipped ones)")
     parser.add_argument("--seed", type=int, default=None, help="override each scenario's first seed")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per scenario (the means are over them)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="run the seeds of a scenario in this many processes at once"
+    )
     parser.add_argument("--sweep", action="store_true", help="also run the memory-pressure sweep")
     parser.add_argument("--out", type=Path, default=RESULTS / "policies.json", help="where the JSON goes")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="print one table from the JSON of runs made apart (e.g. a scenario's seeds split over two "
+        "invocations with --seed and --seeds) and write it to --out; runs nothing",
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        choices=POLICY_NAMES,
+        help="run only these policies (repeatable); writes the runs for --merge, prints no table",
+    )
     args = parser.parse_args()
+    if args.merge:
+        merge_files(args.merge, args.out)
+        return
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     rows: list[dict[str, Any]] = []
@@ -366,8 +520,18 @@ def main() -> None:
             continue
         if args.seed is not None:
             scenario.seed = args.seed
+        offsets = list(range(args.seeds if scenario.trace_path is None else 1))
+        if args.policy:
+            policies = tuple(p for p in POLICY_NAMES if p in args.policy)
+            rows.append(partial_row(scenario, run_seeds(scenario, offsets, args.jobs, policies)))
+            print(
+                f"{scenario.name}: {', '.join(policies)} at {len(offsets)} seed(s) from {scenario.seed}",
+                flush=True,
+            )
+            continue
         requests = scenario_requests(scenario)
-        reports, took = compare(scenario)
+        runs = run_seeds(scenario, offsets, args.jobs)
+        _, reports, _ = runs[0]
         all_reports[scenario.name] = reports
         offered = sum(r.output_tokens for r in requests) / scenario.duration_seconds
         label = " (extra scenario)" if scenario.extra else ""
@@ -380,7 +544,7 @@ def main() -> None:
         print(format_table(reports))
         print(ceiling_line(reports, offered))
         print(format_tiers(reports), flush=True)
-        rows.append(scenario_means(scenario, args.seeds, (reports, took)))
+        rows.append(scenario_means(scenario, args.seeds, runs=runs))
         if args.sweep and scenario.name in SWEEP_SCENARIOS:
             sweep_rows.extend(sweep(scenario))
         if not args.scenario:
@@ -390,7 +554,8 @@ def main() -> None:
                 RESULTS / f"policies-{scenario.name}.png",
                 f"{scenario.name}: SLO-met goodput by policy",
             )
-    print_summary(rows)
+    if not args.policy:
+        print_summary(rows)
     if sweep_rows:
         print_sweep(sweep_rows)
     write_json(
@@ -405,6 +570,25 @@ def main() -> None:
         },
     )
     print(f"wrote {args.out} ({time.perf_counter() - started:.0f} s)")
+
+
+def merge_files(paths: list[Path], out: Path) -> None:
+    """The policy table over the runs of several ``bench_policies`` JSON files (see ``--merge``)."""
+    by_scenario: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        for row in json.loads(path.read_text())["summary"]:
+            by_scenario.setdefault(row["scenario"], []).append(row)
+    rows = [merge_rows(by_scenario[name]) for name in sorted(by_scenario)]
+    print_summary(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"summary": rows, "merged_from": [str(p) for p in paths], "machine": platform.platform()},
+            indent=1,
+            default=str,
+        )
+    )
+    print(f"wrote {out}")
 
 
 def _ratio(ours: float, theirs: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import ModuleType
 
 import bench_modules
@@ -99,3 +100,43 @@ def test_scenario_means_average_every_policy_over_seeds(bench: ModuleType) -> No
     assert bench.verdict({"ratio": 1.31, "ceiling_ratio": 2.0}) == "1.3x met"
     assert bench.verdict({"ratio": 1.2, "ceiling_ratio": 2.0}) == "1.3x NOT met"
     assert bench.verdict({"ratio": 1.0, "ceiling_ratio": 1.2}) == "1x met"
+
+
+def test_seeds_split_over_invocations_merge_into_the_same_row(bench: ModuleType) -> None:
+    whole = bench.scenario_means(tiny_scenario(), 2)
+    halves = [bench.scenario_means(tiny_scenario(seed), 1) for seed in (6, 5)]
+    merged = bench.merge_rows(json.loads(json.dumps(halves, default=str)))  # as read back from the JSON
+    assert merged["seeds"] == 2 and merged["first_seed"] == 5
+    for key in ("ratio", "ceiling_ratio", "weighted_ratio", "offered_tokens_per_second"):
+        assert merged[key] == pytest.approx(whole[key])
+    for policy, mean in whole["policies"].items():
+        for key in ("goodput", "weighted", "preemptions", "loads", "resumes", "migrations"):
+            assert merged["policies"][policy][key] == pytest.approx(mean[key])
+        assert merged["policies"][policy]["attainment"] == pytest.approx(mean["attainment"])
+    with pytest.raises(ValueError, match="ran residency twice"):
+        bench.merge_rows([halves[0], halves[0]])
+
+
+def test_seeds_in_parallel_processes_give_the_same_row(bench: ModuleType) -> None:
+    serial = bench.scenario_means(tiny_scenario(), 3)
+    parallel = bench.scenario_means(tiny_scenario(), 3, jobs=2)
+    assert parallel["per_seed_ratio"] == pytest.approx(serial["per_seed_ratio"])
+    assert parallel["policies"]["residency"]["goodput"] == pytest.approx(
+        serial["policies"]["residency"]["goodput"]
+    )
+
+
+def test_policies_run_apart_merge_into_the_same_row(bench: ModuleType) -> None:
+    scenario = tiny_scenario()
+    whole = bench.scenario_means(scenario, 2)
+    baselines = tuple(p for p in bench.POLICY_NAMES if p != "residency")
+    apart = [
+        bench.partial_row(scenario, bench.run_seeds(scenario, [0, 1], 1, policies))
+        for policies in (("residency",), baselines)
+    ]
+    merged = bench.merge_rows(json.loads(json.dumps(apart, default=str)))
+    assert list(merged["policies"]) == list(whole["policies"])
+    assert merged["ratio"] == pytest.approx(whole["ratio"])
+    assert merged["per_seed_ratio"] == pytest.approx(whole["per_seed_ratio"])
+    with pytest.raises(ValueError, match="lacks residency"):
+        bench.merge_rows([apart[1]])

@@ -60,13 +60,34 @@ def test_a_busy_model_never_gives_way() -> None:
     assert set(planned.placements) == {"ns/old"}
 
 
-def test_never_for_a_lower_priority_nor_a_non_preemptible_model() -> None:
+def test_an_idle_model_of_any_priority_gives_way_but_never_a_non_preemptible_one() -> None:
     waiting = dataclasses.replace(NEW, waiting_requests=1)
-    assert set(swap(dataclasses.replace(OLD, priority=10), waiting).placements) == {"ns/old"}
+    # priority orders demand, not memory: an idle higher-priority model gives way to a busy lower one
+    assert set(swap(dataclasses.replace(OLD, priority=10), waiting).placements) == {"ns/new"}
     assert set(swap(dataclasses.replace(OLD, preemptible=False), waiting).placements) == {"ns/old"}
     # the same priority, or a lower one, gives way
     raised = dataclasses.replace(waiting, priority=10)
     assert set(swap(OLD, raised).placements) == {"ns/new"}
+    # the older rule, kept behind a switch: never for a lower priority
+    strict = dataclasses.replace(STICKY, idle_gives_way_to_any_priority=False)
+    kept = plan([dataclasses.replace(OLD, priority=10), waiting], [L4], [OLD_IDLE], config=strict)
+    assert set(kept.placements) == {"ns/old"}
+
+
+def test_an_idle_model_that_gave_way_comes_back_at_its_priority_with_its_next_request() -> None:
+    # it gave way to a busy lower-priority model and sits in host memory; a request for it now waits
+    waiting = dataclasses.replace(NEW, waiting_requests=1)
+    gave_way = swap(dataclasses.replace(OLD, priority=10), waiting)
+    assert set(gave_way.placements) == {"ns/new"}
+    busy_new = dataclasses.replace(NEW, demand_decode_tokens_per_second=20.0, has_served=True)
+    back = dataclasses.replace(OLD, priority=10, waiting_requests=1)
+    current = [
+        CurrentPlacement("ns/new", "l4-0", 1.0, "stream", "loaded"),
+        CurrentPlacement("ns/old", "l4-0", 0.0, "stream", "preempted"),
+    ]
+    planned = plan([back, busy_new], [L4], current, config=STICKY)
+    assert "ns/old" in planned.placements
+    assert [a.kind for a in planned.actions if a.model == "ns/old"] == ["resume"]
 
 
 def test_the_least_valuable_idle_model_gives_way_and_only_as_many_as_needed() -> None:

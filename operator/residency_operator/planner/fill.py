@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from residency_operator.planner.greedy import Assignment
+from residency_operator.planner.greedy_state import Assignment
 from residency_operator.planner.options import MODES, usable_gpu_bytes, usable_host_bytes
 
 if TYPE_CHECKING:
-    from residency_operator.planner.plan import PlanningProblem
+    from residency_operator.planner.problem import PlanningProblem
 
 _VALUE_TOLERANCE = 1e-9
 

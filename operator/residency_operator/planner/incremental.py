@@ -24,17 +24,14 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from residency_operator.planner.actions import assemble_plan
 from residency_operator.planner.demand import yield_if_idle
 from residency_operator.planner.fill import fill_free_memory
 from residency_operator.planner.greedy import MAKE_ROOM_FAILURE_LIMIT, Assignment
 from residency_operator.planner.milp import count_options
 from residency_operator.planner.options import build_class_tables, usable_gpu_bytes
-from residency_operator.planner.plan import (
-    PlanningProblem,
-    assemble_plan,
-    collector_paused,
-    greedy_solve,
-)
+from residency_operator.planner.plan import collector_paused, greedy_solve
+from residency_operator.planner.problem import PlanningProblem
 from residency_operator.planner.types import (
     CurrentPlacement,
     ModelDemand,

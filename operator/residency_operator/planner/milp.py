@@ -18,7 +18,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
 from residency_operator.planner.costs import ZERO_COST
-from residency_operator.planner.greedy import Assignment
+from residency_operator.planner.greedy_state import Assignment
 from residency_operator.planner.options import (
     LEVEL_EPSILON,
     MODES,

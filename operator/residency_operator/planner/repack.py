@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from residency_operator.planner.greedy import Assignment
+from residency_operator.planner.greedy_state import Assignment
 from residency_operator.planner.milp import assignments_from_milp, solve_lexicographic
 from residency_operator.planner.options import BoolArray, usable_gpu_bytes
 from residency_operator.planner.types import (
@@ -34,7 +34,7 @@ from residency_operator.planner.types import (
 )
 
 if TYPE_CHECKING:
-    from residency_operator.planner.plan import PlanningProblem
+    from residency_operator.planner.problem import PlanningProblem
 
 REPACK_NODES = 2
 """Nodes in one neighbourhood."""

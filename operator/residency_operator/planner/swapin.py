@@ -9,8 +9,11 @@ them: the idle model's weights stay pinned in host memory (its resume is a host-
 from storage), and the waiting model may come back partly resident if that is what fits.
 
 Only idle models give way (their current placement is on the node and they served no traffic lately),
-the least valuable first and no more than the room needs; never one of higher priority than the waiting
-model, never a non-preemptible one, never one that has requests waiting itself, and only where each can
+the lowest priority and least valuable first and no more than the room needs; of any priority (an idle
+model's memory goes to whoever is busy: priority orders demand, not memory; it comes back at its own
+priority with its next request, resumed from host memory) unless
+``PlannerConfig.idle_gives_way_to_any_priority`` is off (then none of higher priority than the waiting
+model); never a non-preemptible one, never one that has requests waiting itself, and only where each can
 keep its weights in host memory. The waiting model must meet its SLO at the residency it gets, the node's
 GPU time must hold its demand beside the models that stay, and nothing is swapped onto a node where a
 running model has requests queued (a burst: its recent average understates what it needs now). A node
@@ -26,11 +29,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from residency_operator.planner.fill import node_room
-from residency_operator.planner.greedy import Assignment
+from residency_operator.planner.greedy_state import Assignment
 from residency_operator.planner.options import MODES, cached_host_bytes
 
 if TYPE_CHECKING:
-    from residency_operator.planner.plan import PlanningProblem
+    from residency_operator.planner.problem import PlanningProblem
 
 
 NODES_COMPARED = 8
@@ -114,15 +117,17 @@ def serve_waiting(
     )
     class_of_node = np.array(problem.class_of_node, dtype=np.intp)
     tables = problem.tables
+    highest = max(m.priority for m in models) if problem.config.idle_gives_way_to_any_priority else None
     for i in waiting:
         model = models[i]
+        up_to = model.priority if highest is None else highest  # idle models of at most this give way
         now = problem.current.get(model.name)
         cached_on = problem.node_index.get(now.node) if now is not None else None
         # the least GPU memory an option that meets the SLO needs, per kind of node: a node is tried only
         # where its free memory and all its idle models could hold that
         needs = np.where(tables.feasible[:, :, i, :], tables.gpu_bytes[None, :, i, :], np.inf)
         least_by_class = needs.reshape(needs.shape[0], -1).min(axis=1)
-        roomy = free_gpu_array + reclaimable_up_to(model.priority)
+        roomy = free_gpu_array + reclaimable_up_to(up_to)
         possible = np.flatnonzero(open_nodes & (roomy >= least_by_class[class_of_node]))
         # the node holding its cached weights first (a resume), then the roomiest: the first few that
         # fit decide (the pass stays cheap on a large fleet)
@@ -133,7 +138,7 @@ def serve_waiting(
             if fitted >= NODES_COMPARED:
                 break
             node_class = problem.class_of_node[n]
-            idle = [j for j in idle_on[n] if models[j].priority <= model.priority]
+            idle = [j for j in idle_on[n] if models[j].priority <= up_to]
             placed_here = _first_fit(
                 problem, i, n, node_class, idle, result, free_gpu, free_host, free_time, used_time
             )
