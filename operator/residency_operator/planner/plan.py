@@ -103,7 +103,7 @@ class PlanningProblem:
         self.node_index = {node.name: i for i, node in enumerate(self.nodes)}
         profile_list = list(profiles)
         self.profiles = profile_list
-        self.predictor = Predictor(profile_list)
+        self.predictor = Predictor.calibrated(profile_list, self.models)
         self.config = config
         class_keys: dict[tuple[object, ...], int] = {}
         self.class_of_node: list[int] = []
