@@ -5,8 +5,10 @@ Run: ``python benchmarks/bench_policies.py [--seeds 10]``. Per scenario it print
 the policy table: every policy's SLO-met goodput as the mean over ``--seeds`` seeds (the scenario's own
 and the next ones: same models, nodes and rates; other arrival times and lengths), residency / the best
 baseline, the ceiling (offered load / the best baseline: the most any policy could gain), the
-priority-weighted ratio, and SLO attainment per tier. Writes benchmarks/results/policies.json (``--out``)
-and one PNG per scenario.
+priority-weighted ratio, and SLO attainment per tier; then the same table again with every request served
+at what the measured engine does (simulator/measured.py: fitted to a measured report) while the planner
+still plans with its own predictor, so the gap between its model and the engine shows. Writes
+benchmarks/results/policies.json (``--out``) and one PNG per scenario.
 
 Goals (the planner issue): >= 1.3x the best baseline on every standard scenario whose ceiling is >= 1.5x,
 >= 1.0x on all; priority-weighted >= 1.3x; the top tier's SLO attainment >= every baseline's. All
@@ -31,6 +33,7 @@ from typing import Any
 
 from residency_operator.planner.options import gpu_bytes_needed, usable_gpu_bytes
 from residency_operator.simulator.cluster import Scenario, load_scenario
+from residency_operator.simulator.measured import REPORT, EngineModel, MeasuredEngine
 from residency_operator.simulator.report import (
     PolicyReport,
     ceiling_line,
@@ -92,14 +95,17 @@ def at_memory_pressure(scenario: Scenario, pressure: float) -> Scenario:
     return dataclasses.replace(scenario, nodes=nodes, name=f"{scenario.name}@{pressure:g}x")
 
 
-def compare(scenario: Scenario) -> tuple[list[PolicyReport], dict[str, float]]:
-    """Every policy on the scenario's one seeded trace; returns the reports and the run seconds."""
+def compare(
+    scenario: Scenario, engine: EngineModel | None = None
+) -> tuple[list[PolicyReport], dict[str, float]]:
+    """Every policy on the scenario's one seeded trace, served by ``engine`` (default: the planner's own
+    predictor); returns the reports and the run seconds."""
     requests = scenario_requests(scenario)
     reports = []
     seconds: dict[str, float] = {}
     for policy in POLICY_NAMES:
         started = time.perf_counter()
-        reports.append(run_policy(scenario, policy, requests))
+        reports.append(run_policy(scenario, policy, requests, engine=engine))
         seconds[policy] = time.perf_counter() - started
     return reports, seconds
 
@@ -225,7 +231,10 @@ def print_sweep(rows: list[dict[str, Any]]) -> None:
 
 
 def scenario_means(
-    base: Scenario, seeds: int, first: tuple[list[PolicyReport], dict[str, float]] | None = None
+    base: Scenario,
+    seeds: int,
+    first: tuple[list[PolicyReport], dict[str, float]] | None = None,
+    engine: EngineModel | None = None,
 ) -> dict[str, Any]:
     """Every policy at the scenario's own seed and the next ``seeds - 1``: per policy the mean SLO-met
     goodput, priority-weighted goodput and per-tier SLO attainment, and the mean offered load.
@@ -235,7 +244,7 @@ def scenario_means(
     for offset in range(seeds if base.trace_path is None else 1):
         scenario = with_seed(base, base.seed + offset) if offset else base
         offered = sum(r.output_tokens for r in scenario_requests(scenario)) / scenario.duration_seconds
-        reports, took = first if offset == 0 and first is not None else compare(scenario)
+        reports, took = first if offset == 0 and first is not None else compare(scenario, engine)
         for policy, spent in took.items():
             seconds[policy] = seconds.get(policy, 0.0) + spent
         runs.append((offered, reports))
@@ -304,11 +313,12 @@ def verdict(row: dict[str, Any]) -> str:
     return f"{goal:g}x {'met' if met else 'NOT met'}"
 
 
-def print_summary(rows: list[dict[str, Any]]) -> None:
+def print_summary(rows: list[dict[str, Any]], scored_by: str = "the planner's own predictor") -> None:
     """The policy table: per scenario mean goodput of each policy, ratio, ceiling, goal."""
     policies = list(rows[0]["policies"]) if rows else []
     seeds = rows[0]["seeds"] if rows else 0
     print(
+        f"\nScored by {scored_by}."
         f"\nSLO-met goodput (tok/s), mean of {seeds} seed(s) per scenario; ratio = residency / best baseline;"
         "\nceiling = offered / best baseline; w ratio = priority-weighted goodput ratio"
     )
@@ -353,6 +363,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10, help="seeds per scenario (the means are over them)")
     parser.add_argument("--sweep", action="store_true", help="also run the memory-pressure sweep")
     parser.add_argument("--out", type=Path, default=RESULTS / "policies.json", help="where the JSON goes")
+    parser.add_argument(
+        "--engine-report",
+        type=Path,
+        default=REPORT,
+        help="measured report JSON the second table is scored by (simulator/measured.py)",
+    )
+    parser.add_argument(
+        "--no-measured", action="store_true", help="skip the table scored by the measured engine"
+    )
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
@@ -391,6 +410,18 @@ def main() -> None:
                 f"{scenario.name}: SLO-met goodput by policy",
             )
     print_summary(rows)
+    measured_rows: list[dict[str, Any]] = []
+    if not args.no_measured:
+        # The same planner, the same traces; requests served at what the measured engine really does.
+        measured = MeasuredEngine.from_report(args.engine_report)
+        for path in standard_scenarios():
+            scenario = load_scenario(path)
+            if args.scenario and scenario.name not in args.scenario:
+                continue
+            if args.seed is not None:
+                scenario.seed = args.seed
+            measured_rows.append(scenario_means(scenario, args.seeds, engine=measured))
+        print_summary(measured_rows, f"the measured engine ({measured.source}, simulator/measured.py)")
     if sweep_rows:
         print_sweep(sweep_rows)
     write_json(
@@ -398,6 +429,7 @@ def main() -> None:
         args.out,
         {
             "summary": rows,
+            "summary_measured_engine": measured_rows,
             "memory_sweep": sweep_rows,
             "seeds": args.seeds,
             "machine": platform.platform(),

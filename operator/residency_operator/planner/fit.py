@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import lsq_linear
@@ -155,6 +156,17 @@ class EngineFit:
         }
 
 
+def fit_nonnegative(matrix: np.ndarray[Any, Any], observed: np.ndarray[Any, Any]) -> tuple[float, ...]:
+    """Non-negative coefficients ``c`` minimising the relative error of ``matrix @ c`` against ``observed``
+    (every row weighs the same whatever its magnitude)."""
+    # Columns span 1 to 1e12: scale each to at most 1 so the solver sees a well-conditioned problem.
+    scale = np.abs(matrix).max(axis=0)
+    scale[scale == 0] = 1.0
+    relative = matrix / scale / observed[:, None]
+    result = lsq_linear(relative, np.ones(len(observed)), bounds=(0.0, np.inf), method="bvls")
+    return tuple(float(c) for c in result.x / scale)
+
+
 def fit_engine(
     gpu_type: str,
     samples: Sequence[StepSample],
@@ -170,12 +182,7 @@ def fit_engine(
         return None
     matrix = np.array([sample_features(s) for s in usable], dtype=np.float64)
     observed = np.array([s.step_seconds for s in usable], dtype=np.float64)
-    # Columns span 1 to 1e12: scale each to at most 1 so the solver sees a well-conditioned problem.
-    scale = np.abs(matrix).max(axis=0)
-    scale[scale == 0] = 1.0
-    relative = matrix / scale / observed[:, None]
-    result = lsq_linear(relative, np.ones(len(usable)), bounds=(0.0, np.inf), method="bvls")
-    coefficients = tuple(float(c) for c in result.x / scale)
+    coefficients = fit_nonnegative(matrix, observed)
     fitted = matrix @ np.array(coefficients)
     errors = np.abs(fitted - observed) / observed
     return EngineFit(

@@ -200,11 +200,14 @@ class Predictor:
         batch: int,
         sequence_tokens: int,
     ) -> float:
-        """Step seconds from the model's shape alone: the fitted engine, else the bare roofline."""
+        """Step seconds from the model's shape alone: the fitted engine, never faster than the node's
+        bandwidth roofline (a fit to small models may find no byte cost under their overheads), else the
+        bare roofline."""
+        roofline = roofline_decode_step_seconds(model, node, resident_fraction, mode, batch, sequence_tokens)
         fit = self.fits.get(node.gpu_type)
-        if fit is not None:
-            return fit.decode_step_seconds(model, resident_fraction, mode, batch, sequence_tokens)
-        return roofline_decode_step_seconds(model, node, resident_fraction, mode, batch, sequence_tokens)
+        if fit is None:
+            return roofline
+        return max(roofline, fit.decode_step_seconds(model, resident_fraction, mode, batch, sequence_tokens))
 
     def profile_for(
         self, model: ModelDemand, node: NodeCapacity, mode: ExecutionMode

@@ -35,8 +35,9 @@ LABELS = {
 
 
 def _demand(result: dict[str, Any], length: int) -> ModelDemand:
+    shape = result["shape"]
     return ModelDemand(
-        name=result["shape"]["label"],
+        name=f"{shape['label']}@{shape.get('arch', '')}",
         weight_bytes=result["weight_bytes"],
         kv_bytes_per_token=result["kv_bytes_per_token"],
         max_sequence_length=length + 64,
