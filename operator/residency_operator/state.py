@@ -28,6 +28,7 @@ from residency_operator.planner import (
     waiting_demand,
 )
 from residency_operator.planner.options import cached_host_bytes, with_host_set_aside
+from residency_operator.profiles import newest_profiles
 from residency_operator.validation import validate_model
 
 NODE_LABEL = "residency.dev/node"
@@ -506,7 +507,7 @@ def planner_inputs(
         demands=with_known_demand(demands),
         nodes=capacities,
         current=sorted(current, key=lambda c: c.model),
-        profiles=sensitivity_profiles(state.sensitivity_profiles, infos),
+        profiles=sensitivity_profiles(newest_profiles(state.sensitivity_profiles), infos),
         infos=infos,
         invalid=invalid,
         bodies=bodies,
@@ -795,6 +796,7 @@ def _placed_verdict(
             "predictedDecodeTokensPerSecond",
             round(planned.predicted_decode_tokens_per_second, 2) if planned else None,
         ),
+        ("predictionSource", planned.prediction_source if planned else None),
         ("endpoint", status.get("endpoint") if state == "Loaded" else None),
     )
     if status.get("timings"):

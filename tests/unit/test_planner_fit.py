@@ -162,3 +162,22 @@ def test_a_profiled_model_uses_its_curve_and_the_fit_only_beyond_it() -> None:
     longer = 1.0 / engine_seconds(SMALL, 0.5, "stream", sequence=8192)
     got = calibrated.decode_tokens_per_second(SMALL, NODE, 0.5, "stream", 1, 8192)
     assert relative_error(got, longer) < 0.05
+
+
+def test_the_plan_predicts_an_unprofiled_model_with_the_fit_and_says_so() -> None:
+    from residency_operator.planner import plan
+
+    profiles = measured_profiles([SMALL, MEDIUM])
+    unseen = replace(UNSEEN, max_batch=1, min_decode_tokens_per_second=1.0)
+    planned = plan([replace(SMALL, max_batch=1), replace(MEDIUM, max_batch=1), unseen], [NODE], [], profiles)
+    sources = {name: p.prediction_source for name, p in planned.placements.items()}
+    assert sources == {"small": "profile", "medium": "profile", "unseen": "fitted"}
+    placed = planned.placements["unseen"]
+    expected = Predictor.calibrated(profiles, [SMALL, MEDIUM, unseen]).decode_tokens_per_second(
+        unseen, NODE, placed.resident_fraction, placed.mode
+    )
+    assert placed.predicted_decode_tokens_per_second == pytest.approx(expected, rel=1e-6)
+    # far below the roofline's promise: the fitted overheads are in the plan
+    roofline = Predictor().decode_tokens_per_second(unseen, NODE, placed.resident_fraction, placed.mode)
+    assert placed.predicted_decode_tokens_per_second < 0.5 * roofline
+    assert plan([unseen], [NODE], []).placements["unseen"].prediction_source == "roofline"

@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from residency.api import GROUP, VERSION
+from residency.api import GROUP, VERSION, ConditionStatus
 from residency_operator.conditions import now_rfc3339, set_condition
 from residency_operator.controller import Controller
 from residency_operator.profiles import USED, profile_use
@@ -41,7 +41,7 @@ def check_profile(controller: Controller, body: dict[str, Any]) -> None:
     previous = next((c for c in conditions if c.get("type") == USED), None)
     meta = body["metadata"]
     generation = meta.get("generation")
-    wanted = "True" if use.used else "False"
+    wanted: ConditionStatus = "True" if use.used else "False"
     if (
         previous is not None
         and previous.get("status") == wanted

@@ -531,8 +531,8 @@ def build_class_tables(
             )
             single_step_seconds = single_step_seconds / calibration
             full_step_seconds = step_seconds / calibration
-            for i in profiled_indices:
-                # Measured curves are not vectorised; there are few of them.
+            # Measured curves and the fitted engine (planner/fit.py) are not vectorised: scalar calls.
+            for i in range(model_count) if node.gpu_type in predictor.fits else profiled_indices:
                 for j, level in enumerate(levels):
                     fraction = float(level)
                     rate[c, k, i, j] = predictor.decode_tokens_per_second(models[i], node, fraction, mode)

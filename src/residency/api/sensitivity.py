@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, JsonValue, model_validator
 
 from residency.api.common import ApiModel, Condition, CustomResource, StatusModel
 from residency.api.placement import ExecutionMode
@@ -23,7 +23,7 @@ _MONOTONE_RULE = (
     " && p.residentFraction < q.residentFraction"
     f" && p.decodeTokensPerSecond > {MONOTONE_TOLERANCE} * q.decodeTokensPerSecond)))"
 )
-_POINT_RULES = [
+_POINT_RULES: list[JsonValue] = [
     {
         "rule": _MONOTONE_RULE,
         "message": (
