@@ -292,6 +292,9 @@ def test_rbac_is_least_privilege() -> None:
         ("residency.dev", "nodeprofiles", "create"),
         ("residency.dev", "nodeprofiles", "patch"),
         ("residency.dev", "nodeprofiles/status", "patch"),
+        ("residency.dev", "sensitivityprofiles", "list"),
+        ("residency.dev", "sensitivityprofiles", "create"),
+        ("residency.dev", "sensitivityprofiles", "patch"),
         ("", "nodes", "get"),
     }
     router = rules(objects, "ClusterRole", "rel-residency-router")

@@ -128,6 +128,9 @@ class BackgroundProfiler:
         self.wake = threading.Event()
         self.measuring = threading.Event()
         """Set while a trial of the profiler's own copy runs (tests and metrics read it)."""
+        self.copy_gone = threading.Event()
+        """Set while the profiler holds no model copy (an admin command waits for it)."""
+        self.copy_gone.set()
         self.trial_starts: list[float] = []
         """``time.perf_counter()`` at the start of every trial (the engine's request clock)."""
 
@@ -148,11 +151,14 @@ class BackgroundProfiler:
             self._done.add((path, dtype))
             self._jobs = [j for j in self._jobs if (j.path, j.dtype) != (path, dtype)]
 
-    def interrupt(self) -> None:
-        """An admin command (a placement change, an admin endpoint): any measurement in flight yields."""
+    def interrupt(self, wait_seconds: float = 30.0) -> None:
+        """An admin command (a placement change, an admin endpoint): any measurement in flight yields, and
+        this returns once the profiler's copy is unloaded (it finishes at most the trial in flight), so the
+        command finds the memory the copy held."""
         with self._lock:
             self._commands += 1
             self._busy_since = time.monotonic()
+        self.copy_gone.wait(wait_seconds)
 
     @property
     def pending(self) -> int:
@@ -229,6 +235,14 @@ class BackgroundProfiler:
             commands_at_start = self._commands
         name = f"{PROFILE_PREFIX}{uuid.uuid4().hex[:8]}"
         longest = max(settings.sequence_lengths)
+        self.copy_gone.clear()
+        try:
+            return self._measure(job, name, longest, commands_at_start)
+        finally:
+            self.copy_gone.set()
+
+    def _measure(self, job: ProfileJob, name: str, longest: int, commands_at_start: int) -> MeasuredProfile:
+        settings = self.settings
         report = self.engine.load(
             name,
             job.path,
