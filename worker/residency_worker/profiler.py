@@ -11,6 +11,7 @@ copy and waits, keeping the points already measured. A request therefore waits a
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import threading
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from residency_worker.engine import Engine, ModelOptions, SamplingParams
 from residency_worker.engine.types import EngineError, ExecutionMode, ProfilePoint
@@ -44,6 +46,7 @@ class CompactSettings:
 
     @property
     def point_count(self) -> int:
+        """Points of a model whose positions allow every sequence length."""
         return len(self.fractions) * len(self.modes) * len(self.sequence_lengths)
 
 
@@ -102,6 +105,19 @@ class MeasuredProfile:
                 for p in self.points
             ],
         }
+
+
+def sequence_lengths(path: str, settings: CompactSettings) -> tuple[int, ...]:
+    """The settings' sequence lengths, each cut to what the model's positions allow with the decode."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        limit = int(config.get("max_position_embeddings") or 0)
+    except (OSError, ValueError):
+        limit = 0
+    if limit <= settings.decode_tokens + 2:
+        return settings.sequence_lengths
+    room = limit - settings.decode_tokens - 1
+    return tuple(sorted({min(n, room) for n in settings.sequence_lengths}))
 
 
 class Yielded(Exception):
@@ -234,15 +250,18 @@ class BackgroundProfiler:
         with self._lock:
             commands_at_start = self._commands
         name = f"{PROFILE_PREFIX}{uuid.uuid4().hex[:8]}"
-        longest = max(settings.sequence_lengths)
+        lengths = sequence_lengths(job.path, settings)
         self.copy_gone.clear()
         try:
-            return self._measure(job, name, longest, commands_at_start)
+            return self._measure(job, name, lengths, commands_at_start)
         finally:
             self.copy_gone.set()
 
-    def _measure(self, job: ProfileJob, name: str, longest: int, commands_at_start: int) -> MeasuredProfile:
+    def _measure(
+        self, job: ProfileJob, name: str, lengths: tuple[int, ...], commands_at_start: int
+    ) -> MeasuredProfile:
         settings = self.settings
+        longest = max(lengths)
         report = self.engine.load(
             name,
             job.path,
@@ -260,7 +279,7 @@ class BackgroundProfiler:
             done = {(p.resident_fraction, p.execution_mode, p.sequence_length) for p in job.points}
             for fraction in settings.fractions:
                 for mode in settings.modes:
-                    todo = [n for n in settings.sequence_lengths if (fraction, mode, n) not in done]
+                    todo = [n for n in lengths if (fraction, mode, n) not in done]
                     if not todo:
                         continue
                     self._check(commands_at_start)
