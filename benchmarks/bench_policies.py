@@ -7,7 +7,8 @@ and the next ones: same models, nodes and rates; other arrival times and lengths
 baseline, the ceiling (offered load / the best baseline: the most any policy could gain), the
 priority-weighted ratio, and SLO attainment per tier; then the same table again with every request served
 at what the measured engine does (simulator/measured.py: fitted to a measured report) while the planner
-still plans with its own predictor, so the gap between its model and the engine shows. Writes
+still plans with its own predictor, so the gap between its model and the engine shows; and a third time
+with the planner given the profiles its workers would measure of that engine. Writes
 benchmarks/results/policies.json (``--out``) and one PNG per scenario.
 
 Goals (the planner issue): >= 1.3x the best baseline on every standard scenario whose ceiling is >= 1.5x,
@@ -28,10 +29,12 @@ import dataclasses
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from residency_operator.planner.options import gpu_bytes_needed, usable_gpu_bytes
+from residency_operator.planner.types import SensitivityProfile
 from residency_operator.simulator.cluster import Scenario, load_scenario
 from residency_operator.simulator.measured import REPORT, EngineModel, MeasuredEngine
 from residency_operator.simulator.report import (
@@ -96,7 +99,7 @@ def at_memory_pressure(scenario: Scenario, pressure: float) -> Scenario:
 
 
 def compare(
-    scenario: Scenario, engine: EngineModel | None = None
+    scenario: Scenario, engine: EngineModel | None = None, profiles: Sequence[SensitivityProfile] = ()
 ) -> tuple[list[PolicyReport], dict[str, float]]:
     """Every policy on the scenario's one seeded trace, served by ``engine`` (default: the planner's own
     predictor); returns the reports and the run seconds."""
@@ -105,7 +108,7 @@ def compare(
     seconds: dict[str, float] = {}
     for policy in POLICY_NAMES:
         started = time.perf_counter()
-        reports.append(run_policy(scenario, policy, requests, engine=engine))
+        reports.append(run_policy(scenario, policy, requests, engine=engine, profiles=profiles))
         seconds[policy] = time.perf_counter() - started
     return reports, seconds
 
@@ -235,6 +238,7 @@ def scenario_means(
     seeds: int,
     first: tuple[list[PolicyReport], dict[str, float]] | None = None,
     engine: EngineModel | None = None,
+    profiles: Sequence[SensitivityProfile] = (),
 ) -> dict[str, Any]:
     """Every policy at the scenario's own seed and the next ``seeds - 1``: per policy the mean SLO-met
     goodput, priority-weighted goodput and per-tier SLO attainment, and the mean offered load.
@@ -244,7 +248,7 @@ def scenario_means(
     for offset in range(seeds if base.trace_path is None else 1):
         scenario = with_seed(base, base.seed + offset) if offset else base
         offered = sum(r.output_tokens for r in scenario_requests(scenario)) / scenario.duration_seconds
-        reports, took = first if offset == 0 and first is not None else compare(scenario, engine)
+        reports, took = first if offset == 0 and first is not None else compare(scenario, engine, profiles)
         for policy, spent in took.items():
             seconds[policy] = seconds.get(policy, 0.0) + spent
         runs.append((offered, reports))
@@ -411,6 +415,7 @@ def main() -> None:
             )
     print_summary(rows)
     measured_rows: list[dict[str, Any]] = []
+    profiled_rows: list[dict[str, Any]] = []
     if not args.no_measured:
         # The same planner, the same traces; requests served at what the measured engine really does.
         measured = MeasuredEngine.from_report(args.engine_report)
@@ -421,7 +426,14 @@ def main() -> None:
             if args.seed is not None:
                 scenario.seed = args.seed
             measured_rows.append(scenario_means(scenario, args.seeds, engine=measured))
+            # ... and the planner given the curves the workers would measure of that engine
+            profiles = measured.profiles([m.demand() for m in scenario.models], scenario.nodes)
+            profiled_rows.append(scenario_means(scenario, args.seeds, engine=measured, profiles=profiles))
         print_summary(measured_rows, f"the measured engine ({measured.source}, simulator/measured.py)")
+        print_summary(
+            profiled_rows,
+            "the measured engine, residency planning with the profiles its workers would publish of it",
+        )
     if sweep_rows:
         print_sweep(sweep_rows)
     write_json(
@@ -430,6 +442,7 @@ def main() -> None:
         {
             "summary": rows,
             "summary_measured_engine": measured_rows,
+            "summary_measured_engine_profiled": profiled_rows,
             "memory_sweep": sweep_rows,
             "seeds": args.seeds,
             "machine": platform.platform(),

@@ -182,7 +182,20 @@ def fit_engine(
         return None
     matrix = np.array([sample_features(s) for s in usable], dtype=np.float64)
     observed = np.array([s.step_seconds for s in usable], dtype=np.float64)
-    coefficients = fit_nonnegative(matrix, observed)
+    # A term the samples never vary apart from the others is left out (cost 0), not guessed: at one batch
+    # size FLOPs move with the weight bytes, and at one context (sequence x batch) the KV bytes do; a fit
+    # would split their cost arbitrarily and extrapolate the split to other batches and lengths.
+    kept = [
+        index
+        for index, name in enumerate(FEATURES)
+        if not (name == "flop" and len({s.batch for s in usable}) == 1)
+        and not (name == "kv_byte" and len({s.batch * s.sequence_tokens for s in usable}) == 1)
+    ]
+    fitted_kept = fit_nonnegative(matrix[:, kept], observed)
+    coefficients_list = [0.0] * len(FEATURES)
+    for index, value in zip(kept, fitted_kept, strict=True):
+        coefficients_list[index] = value
+    coefficients = tuple(coefficients_list)
     fitted = matrix @ np.array(coefficients)
     errors = np.abs(fitted - observed) / observed
     return EngineFit(

@@ -18,6 +18,7 @@ which a slow L4 does not). Those are stated assumptions, not measurements.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,11 +27,20 @@ import numpy as np
 
 from residency_operator.planner.fit import FEATURES, EngineFit, StepSample, fit_engine, fit_nonnegative
 from residency_operator.planner.predictor import roofline_decode_step_seconds, roofline_prefill_seconds
-from residency_operator.planner.types import ExecutionMode, ModelDemand, NodeCapacity
+from residency_operator.planner.types import (
+    ExecutionMode,
+    ModelDemand,
+    NodeCapacity,
+    ProfilePoint,
+    SensitivityProfile,
+)
 
 REPORT = Path(__file__).resolve().parents[3] / "reports/NVIDIA-H100-80GB-HBM3/report-curves-only.json"
 MEASURED_GPU_TFLOPS = 989.0
 """Dense bf16 peak of the H100 SXM the committed report measured (the report does not record FLOPs)."""
+
+PROFILE_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)
+"""Resident fractions of the curves :meth:`MeasuredEngine.profiles` measures, as a worker's profiler would."""
 
 PREFILL_FEATURES = ("step", "layer", "flop", "offloaded_byte", "offloaded_layer")
 
@@ -193,3 +203,28 @@ class MeasuredEngine:
         return max(
             float(fitted), roofline_prefill_seconds(model, node, resident_fraction, mode, prompt_tokens)
         )
+
+    def profiles(
+        self, models: Sequence[ModelDemand], nodes: Sequence[NodeCapacity]
+    ) -> list[SensitivityProfile]:
+        """The curves the workers' background profilers would publish: each model on each GPU type, both
+        decode modes, at its typical sequence length, batch 1 — read off this engine."""
+        result = []
+        seen: set[tuple[str, str]] = set()
+        for node in nodes:
+            for model in models:
+                if (model.name, node.gpu_type) in seen:
+                    continue
+                seen.add((model.name, node.gpu_type))
+                length = model.typical_sequence_length or max(1, model.max_sequence_length // 2)
+                for mode in ("stream", "cpu"):
+                    points = tuple(
+                        ProfilePoint(
+                            fraction,
+                            1.0 / self.decode_step_seconds(model, node, fraction, mode, 1, length),
+                            512 / self.prefill_seconds(model, node, fraction, mode, 512),
+                        )
+                        for fraction in PROFILE_FRACTIONS
+                    )
+                    result.append(SensitivityProfile(model.name, node.gpu_type, points, mode, length, 1))
+        return result

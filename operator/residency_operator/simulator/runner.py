@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from residency_operator.planner.types import PlannerConfig
+from residency_operator.planner.types import PlannerConfig, SensitivityProfile
 from residency_operator.simulator.baselines import (
     BinpackPolicy,
     LruEvictPolicy,
@@ -223,6 +223,7 @@ def run_policy(
     tick_seconds: float = 0.5,
     paces_decode: bool | None = None,
     engine: EngineModel | None = None,
+    profiles: Sequence[SensitivityProfile] = (),
 ) -> PolicyReport:
     """Simulate one policy on one scenario. ``paces_decode`` overrides whether its models are served paced
     to their SLOs (by default only residency's worker paces; see ``Policy``): for ablations."""
@@ -241,6 +242,8 @@ def run_policy(
         engine=engine,
     )
     policy = make_policy(policy_name, planner_config)
+    if profiles and isinstance(policy, ResidencyPolicy):
+        policy.profiles = tuple(profiles)
     if paces_decode is not None:
         policy.paces_decode = paces_decode  # type: ignore[attr-defined]
     outcomes = sim.run(policy)
