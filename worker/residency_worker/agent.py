@@ -519,7 +519,8 @@ class NodeAgent:
                 self._act(placement, "promote")
             else:
                 self._report(placement)
-        self.protect(any(self._state(n) in ("ready", "loading") for n in self.engine.names()))
+        served = [n for n in self.engine.names() if not n.startswith(PROFILE_PREFIX)]
+        self.protect(any(self._state(n) in ("ready", "loading") for n in served))
         self.heartbeat()
         return more
 
