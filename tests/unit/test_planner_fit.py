@@ -181,3 +181,18 @@ def test_the_plan_predicts_an_unprofiled_model_with_the_fit_and_says_so() -> Non
     roofline = Predictor().decode_tokens_per_second(unseen, NODE, placed.resident_fraction, placed.mode)
     assert placed.predicted_decode_tokens_per_second < 0.5 * roofline
     assert plan([unseen], [NODE], []).placements["unseen"].prediction_source == "roofline"
+
+
+def test_the_planner_tables_use_the_fit_vectorised_as_the_scalar_predictor_does() -> None:
+    from residency_operator.planner.options import MODES, build_class_tables
+    from residency_operator.planner.types import PlannerConfig
+
+    profiles = measured_profiles([SMALL, MEDIUM, LARGE])
+    models = [replace(UNSEEN, max_batch=4), replace(model("tiny", 0.2, 8), max_batch=2)]
+    predictor = Predictor.calibrated(profiles, [SMALL, MEDIUM, LARGE, *models])
+    tables = build_class_tables(models, [NODE], predictor, PlannerConfig(), frozenset())
+    for k, mode in enumerate(MODES):
+        for i, demand in enumerate(models):
+            for j, level in enumerate(tables.levels):
+                expected = predictor.decode_tokens_per_second(demand, NODE, float(level), mode)
+                assert tables.decode_tokens_per_second[0, k, i, j] == pytest.approx(expected, rel=1e-9)

@@ -136,6 +136,32 @@ class EngineFit:
             )
         )
 
+    def step_seconds_grid(
+        self,
+        layers: np.ndarray[Any, Any],
+        weight_bytes: np.ndarray[Any, Any],
+        parameters: np.ndarray[Any, Any],
+        kv_bytes_per_step: np.ndarray[Any, Any],
+        batch: np.ndarray[Any, Any],
+        fractions: np.ndarray[Any, Any],
+        mode: ExecutionMode,
+    ) -> np.ndarray[Any, Any]:
+        """:meth:`decode_step_seconds` of every model (rows: arrays of one entry per model; the KV bytes
+        of the whole step) at every resident fraction (columns), vectorised for the planner's tables."""
+        named = dict(zip(FEATURES, self.coefficients, strict=True))
+        resident = fractions[None, :]
+        offloaded = 1.0 - resident
+        seconds = (
+            named["step"]
+            + named["layer"] * layers[:, None]
+            + named["resident_byte"] * resident * weight_bytes[:, None]
+            + named["kv_byte"] * kv_bytes_per_step[:, None]
+            + named["flop"] * 2.0 * parameters[:, None] * batch[:, None]
+        )
+        prefix = "stream" if mode == "stream" else "cpu"
+        seconds = seconds + named[f"{prefix}_byte"] * offloaded * weight_bytes[:, None]
+        return seconds + named[f"{prefix}_layer"] * offloaded * layers[:, None]  # type: ignore[no-any-return]
+
     def describe(self) -> dict[str, float]:
         """The coefficients in readable units: overheads in ms, byte terms as GB/s, compute as TFLOP/s."""
         named = dict(zip(FEATURES, self.coefficients, strict=True))

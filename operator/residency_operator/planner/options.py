@@ -492,6 +492,8 @@ def build_class_tables(
     mode_allowed = columns[9:11] > 0.5
     parameters, prompt_rate, prompt_tokens = columns[11:14]
     with_prompts = [i for i, m in enumerate(models) if m.prompt_tokens_per_second]
+    layers = np.array([m.effective_layer_count for m in models], dtype=np.float64)
+    ones = np.ones(model_count)
 
     resident = np.rint(levels[None, :] * weight[:, None])
     offloaded = weight[:, None] - resident
@@ -531,8 +533,21 @@ def build_class_tables(
             )
             single_step_seconds = single_step_seconds / calibration
             full_step_seconds = step_seconds / calibration
-            # Measured curves and the fitted engine (planner/fit.py) are not vectorised: scalar calls.
-            for i in range(model_count) if node.gpu_type in predictor.fits else profiled_indices:
+            fit = predictor.fits.get(node.gpu_type)
+            if fit is not None:
+                # The fitted engine (planner/fit.py), uncalibrated, never faster than the roofline: as
+                # Predictor.decode_step_seconds computes it for an unprofiled model.
+                full_step_seconds = np.maximum(
+                    step_seconds,
+                    fit.step_seconds_grid(layers, weight, parameters, kv_per_step, batch, levels, mode),
+                )
+                single_step_seconds = np.maximum(
+                    single_step_seconds * calibration,
+                    fit.step_seconds_grid(layers, weight, parameters, kv_per_sequence, ones, levels, mode),
+                )
+                rate[c, k] = 1.0 / full_step_seconds
+            for i in profiled_indices:
+                # Measured curves are not vectorised; there are few of them.
                 for j, level in enumerate(levels):
                     fraction = float(level)
                     rate[c, k, i, j] = predictor.decode_tokens_per_second(models[i], node, fraction, mode)
