@@ -134,6 +134,7 @@ class PlanningProblem:
             model.max_sequence_length,
             model.typical_sequence_length,
             model.parameter_count,
+            model.effective_layer_count,  # the fitted engine's layer overheads
             model.name if model.name in self.profiled_models else "",
             self.class_of_node[node_index],
             resident_fraction,
