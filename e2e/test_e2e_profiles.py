@@ -71,6 +71,7 @@ def test_a_worker_publishes_a_profile_and_the_next_placement_uses_it(
         60,
         what="profile Used=True",
     )
+    print(f"\n$ kubectl get llm -o wide\n{wide}\n$ kubectl get sensitivityprofiles\n{listing}")
     header, row = listing.splitlines()[:2]
     assert header.split()[:5] == ["NAME", "MODEL", "GPU", "POINTS", "USED"]
     assert path in row and str(len(spec["points"])) in row.split()
