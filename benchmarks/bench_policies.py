@@ -5,8 +5,11 @@ Run: ``python benchmarks/bench_policies.py [--seeds 10]``. Per scenario it print
 the policy table: every policy's SLO-met goodput as the mean over ``--seeds`` seeds (the scenario's own
 and the next ones: same models, nodes and rates; other arrival times and lengths), residency / the best
 baseline, the ceiling (offered load / the best baseline: the most any policy could gain), the
-priority-weighted ratio, and SLO attainment per tier. Writes benchmarks/results/policies.json (``--out``)
-and one PNG per scenario.
+priority-weighted ratio, and SLO attainment per tier; then the same table again with every request served
+at what the measured engine does (simulator/measured.py: fitted to a measured report) while the planner
+still plans with its own predictor, so the gap between its model and the engine shows; and a third time
+with the planner given the profiles its workers would measure of that engine. Writes
+benchmarks/results/policies.json (``--out``) and one PNG per scenario.
 
 Goals (the planner issue): >= 1.3x the best baseline on every standard scenario whose ceiling is >= 1.5x,
 >= 1.0x on all; priority-weighted >= 1.3x; the top tier's SLO attainment >= every baseline's. All
@@ -28,11 +31,14 @@ import multiprocessing
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from residency_operator.planner.options import gpu_bytes_needed, usable_gpu_bytes
+from residency_operator.planner.types import SensitivityProfile
 from residency_operator.simulator.cluster import Scenario, load_scenario
+from residency_operator.simulator.measured import REPORT, EngineModel, MeasuredEngine
 from residency_operator.simulator.report import (
     PolicyReport,
     ceiling_line,
@@ -95,16 +101,19 @@ def at_memory_pressure(scenario: Scenario, pressure: float) -> Scenario:
 
 
 def compare(
-    scenario: Scenario, policies: tuple[str, ...] = POLICY_NAMES
+    scenario: Scenario,
+    policies: tuple[str, ...] = POLICY_NAMES,
+    engine: EngineModel | None = None,
+    profiles: Sequence[SensitivityProfile] = (),
 ) -> tuple[list[PolicyReport], dict[str, float]]:
-    """Every policy (or those named) on the scenario's one seeded trace; returns the reports and the run
-    seconds."""
+    """Every policy (or those named) on the scenario's one seeded trace, served by ``engine`` (default: the
+    planner's own predictor); returns the reports and the run seconds."""
     requests = scenario_requests(scenario)
     reports = []
     seconds: dict[str, float] = {}
     for policy in policies:
         started = time.perf_counter()
-        reports.append(run_policy(scenario, policy, requests))
+        reports.append(run_policy(scenario, policy, requests, engine=engine, profiles=profiles))
         seconds[policy] = time.perf_counter() - started
     return reports, seconds
 
@@ -233,24 +242,45 @@ SeedRun = tuple[float, list[PolicyReport], dict[str, float]]
 """The offered load (tok/s), every policy's report and its run seconds, of one seed."""
 
 
-def _seed_run(base: Scenario, offset: int, policies: tuple[str, ...] = POLICY_NAMES) -> SeedRun:
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """What serves the simulated requests: the planner's own predictor (``engine`` None), or an engine
+    fitted to a measured report, with the planner given that engine's profiles when ``profiled``."""
+
+    engine: MeasuredEngine | None = None
+    profiled: bool = False
+
+    def served_by(self, scenario: Scenario) -> tuple[EngineModel | None, list[SensitivityProfile]]:
+        if self.engine is None or not self.profiled:
+            return self.engine, []
+        return self.engine, self.engine.profiles([m.demand() for m in scenario.models], scenario.nodes)
+
+
+def _seed_run(
+    base: Scenario, offset: int, policies: tuple[str, ...] = POLICY_NAMES, scoring: Scoring = Scoring()
+) -> SeedRun:
     """The policies' run at ``base.seed + offset``."""
     scenario = with_seed(base, base.seed + offset) if offset else base
     offered = sum(r.output_tokens for r in scenario_requests(scenario)) / scenario.duration_seconds
-    reports, took = compare(scenario, policies)
+    engine, profiles = scoring.served_by(scenario)
+    reports, took = compare(scenario, policies, engine, profiles)
     return offered, reports, took
 
 
 def run_seeds(
-    base: Scenario, offsets: list[int], jobs: int = 1, policies: tuple[str, ...] = POLICY_NAMES
+    base: Scenario,
+    offsets: list[int],
+    jobs: int = 1,
+    policies: tuple[str, ...] = POLICY_NAMES,
+    scoring: Scoring = Scoring(),
 ) -> dict[int, SeedRun]:
     """The policies' runs at ``base.seed + offset`` for each offset, in ``jobs`` processes at once (each
     seed's run is the same as in one process)."""
     if jobs > 1 and len(offsets) > 1:
         with multiprocessing.Pool(min(jobs, len(offsets))) as pool:
-            runs = pool.starmap(_seed_run, [(base, offset, policies) for offset in offsets])
+            runs = pool.starmap(_seed_run, [(base, offset, policies, scoring) for offset in offsets])
         return dict(zip(offsets, runs, strict=True))
-    return {offset: _seed_run(base, offset, policies) for offset in offsets}
+    return {offset: _seed_run(base, offset, policies, scoring) for offset in offsets}
 
 
 def seed_record(
@@ -288,6 +318,8 @@ def scenario_means(
     first: tuple[list[PolicyReport], dict[str, float]] | None = None,
     jobs: int = 1,
     runs: dict[int, SeedRun] | None = None,
+    engine: MeasuredEngine | None = None,
+    profiled: bool = False,
 ) -> dict[str, Any]:
     """Every policy at the scenario's own seed and the next ``seeds - 1``: per policy the mean SLO-met
     goodput, priority-weighted goodput, per-tier SLO attainment and churn, and the mean offered load.
@@ -296,7 +328,7 @@ def scenario_means(
     offsets = range(seeds if base.trace_path is None else 1)
     done = dict(runs or {})
     todo = [offset for offset in offsets if offset not in done and not (offset == 0 and first is not None)]
-    done.update(run_seeds(base, todo, jobs))
+    done.update(run_seeds(base, todo, jobs, scoring=Scoring(engine, profiled)))
     records = []
     for offset in offsets:
         if offset == 0 and first is not None:
@@ -424,11 +456,12 @@ def verdict(row: dict[str, Any]) -> str:
     return f"{goal:g}x {'met' if met else 'NOT met'}"
 
 
-def print_summary(rows: list[dict[str, Any]]) -> None:
+def print_summary(rows: list[dict[str, Any]], scored_by: str = "the planner's own predictor") -> None:
     """The policy table: per scenario mean goodput of each policy, ratio, ceiling, goal."""
     policies = list(rows[0]["policies"]) if rows else []
     seeds = rows[0]["seeds"] if rows else 0
     print(
+        f"\nScored by {scored_by}."
         f"\nSLO-met goodput (tok/s), mean of {seeds} seed(s) per scenario; ratio = residency / best baseline;"
         "\nceiling = offered / best baseline; w ratio = priority-weighted goodput ratio"
     )
@@ -504,6 +537,15 @@ def main() -> None:
         choices=POLICY_NAMES,
         help="run only these policies (repeatable); writes the runs for --merge, prints no table",
     )
+    parser.add_argument(
+        "--engine-report",
+        type=Path,
+        default=REPORT,
+        help="measured report JSON the second table is scored by (simulator/measured.py)",
+    )
+    parser.add_argument(
+        "--no-measured", action="store_true", help="skip the tables scored by the measured engine"
+    )
     args = parser.parse_args()
     if args.merge:
         merge_files(args.merge, args.out)
@@ -554,8 +596,29 @@ def main() -> None:
                 RESULTS / f"policies-{scenario.name}.png",
                 f"{scenario.name}: SLO-met goodput by policy",
             )
+    measured_rows: list[dict[str, Any]] = []
+    profiled_rows: list[dict[str, Any]] = []
     if not args.policy:
         print_summary(rows)
+    if not args.policy and not args.no_measured:
+        # The same planner, the same traces; requests served at what the measured engine really does,
+        # then the planner given the curves the workers would measure of that engine.
+        measured = MeasuredEngine.from_report(args.engine_report)
+        for path in standard_scenarios():
+            scenario = load_scenario(path)
+            if args.scenario and scenario.name not in args.scenario:
+                continue
+            if args.seed is not None:
+                scenario.seed = args.seed
+            for profiled, found in ((False, measured_rows), (True, profiled_rows)):
+                found.append(
+                    scenario_means(scenario, args.seeds, jobs=args.jobs, engine=measured, profiled=profiled)
+                )
+        print_summary(measured_rows, f"the measured engine ({measured.source}, simulator/measured.py)")
+        print_summary(
+            profiled_rows,
+            "the measured engine, residency planning with the profiles its workers would publish of it",
+        )
     if sweep_rows:
         print_sweep(sweep_rows)
     write_json(
@@ -563,6 +626,8 @@ def main() -> None:
         args.out,
         {
             "summary": rows,
+            "summary_measured_engine": measured_rows,
+            "summary_measured_engine_profiled": profiled_rows,
             "memory_sweep": sweep_rows,
             "seeds": args.seeds,
             "machine": platform.platform(),

@@ -66,6 +66,7 @@ PLACEMENT_FIELDS = (
     "residentPercent",
     "executionMode",
     "predictedDecodeTokensPerSecond",
+    "predictionSource",
     "endpoint",
     "observed",
 )

@@ -14,11 +14,12 @@ from residency_operator.cache import ClusterCache
 from residency_operator.config import OperatorConfig
 from residency_operator.controller import Controller
 from residency_operator.handlers import llmmodel as _llmmodel_handlers
+from residency_operator.handlers import sensitivity as _sensitivity_handlers
 from residency_operator.kube import Kube, load_config
 from residency_operator.metrics import OperatorMetrics
 from residency_operator.state import OperatorKnobs
 
-HANDLER_MODULES = (_llmmodel_handlers,)
+HANDLER_MODULES = (_llmmodel_handlers, _sensitivity_handlers)
 
 
 @kopf.on.startup()

@@ -22,6 +22,7 @@ from residency_operator.planner import (
     waiting_demand,
 )
 from residency_operator.planner.options import cached_host_bytes, with_host_set_aside
+from residency_operator.profiles import newest_profiles
 from residency_operator.validation import validate_model
 
 NODE_LABEL = "residency.dev/node"
@@ -520,7 +521,7 @@ def planner_inputs(
         demands=with_known_demand(demands),
         nodes=capacities,
         current=sorted(current, key=lambda c: c.model),
-        profiles=sensitivity_profiles(state.sensitivity_profiles, infos),
+        profiles=sensitivity_profiles(newest_profiles(state.sensitivity_profiles), infos),
         infos=infos,
         invalid=invalid,
         bodies=bodies,

@@ -145,6 +145,7 @@ def _placed_verdict(
             "predictedDecodeTokensPerSecond",
             round(planned.predicted_decode_tokens_per_second, 2) if planned else None,
         ),
+        ("predictionSource", planned.prediction_source if planned else None),
         ("endpoint", status.get("endpoint") if state == "Loaded" else None),
     )
     if status.get("timings"):

@@ -184,6 +184,11 @@ def test_worker_daemonset_defaults() -> None:
     assert worker["args"][:3] == ["worker", "--node=$(NODE_NAME)", "--join"]
     assert "--admin-token-file=/var/run/residency/token/admin-token" in worker["args"]
     assert not any(a.startswith("--node-heartbeat") for a in worker["args"])
+    assert "--background-profile" in worker["args"]  # curves of unprofiled models, measured in idle time
+    off = container(
+        find(render("worker.backgroundProfile=false"), "DaemonSet", "rel-residency-worker"), "worker"
+    )
+    assert "--no-background-profile" in off["args"]
     env = {e["name"]: e for e in worker["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -292,6 +297,9 @@ def test_rbac_is_least_privilege() -> None:
         ("residency.dev", "nodeprofiles", "create"),
         ("residency.dev", "nodeprofiles", "patch"),
         ("residency.dev", "nodeprofiles/status", "patch"),
+        ("residency.dev", "sensitivityprofiles", "list"),
+        ("residency.dev", "sensitivityprofiles", "create"),
+        ("residency.dev", "sensitivityprofiles", "patch"),
         ("", "nodes", "get"),
     }
     router = rules(objects, "ClusterRole", "rel-residency-router")

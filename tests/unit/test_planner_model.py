@@ -22,7 +22,6 @@ from residency_operator.planner.options import (
     _model_row,
     build_class_tables,
     evaluate_option,
-    gpu_busy_fraction,
     gpu_bytes_needed,
     host_bytes_needed,
 )
@@ -35,6 +34,7 @@ from residency_operator.planner.predictor import (
     typical_sequence_tokens,
 )
 from residency_operator.planner.types import GIB, ModelDemand, NodeCapacity, PlannerConfig
+from residency_operator.planner.value import gpu_busy_fraction
 
 NODE = NodeCapacity(
     name="n",

@@ -16,8 +16,9 @@ from residency_operator.planner import (
     plan,
 )
 from residency_operator.planner.incremental import IncrementalPlanner
-from residency_operator.planner.options import evaluate_option, time_capacity
+from residency_operator.planner.options import evaluate_option
 from residency_operator.planner.predictor import Predictor
+from residency_operator.planner.value import time_capacity
 
 L4 = NodeCapacity("l4-0", "L4", 24 * GIB, 128 * GIB, 25.0, 300.0, 60.0)
 H100 = NodeCapacity("h100-0", "H100", 80 * GIB, 512 * GIB, 50.0, 2000.0, 120.0)

@@ -109,7 +109,10 @@ def test_chart_rbac_grants_no_component_more_than_it_uses(reliability: Any) -> N
     # placements: list and watch (with its node's label selector) and patch; never get, create or delete
     placement_verbs = {verb for group, resource, verb in worker if resource == "modelplacements"}
     assert placement_verbs == {"list", "watch", "patch"}
-    assert not {r for _, r, _ in worker} & {"llmmodels", "secrets", "sensitivityprofiles", "pods"}
+    assert not {r for _, r, _ in worker} & {"llmmodels", "secrets", "pods"}
+    # profiles it measured: it publishes its own and reads which exist; never deletes or watches them
+    profile_verbs = {verb for _, resource, verb in worker if resource == "sensitivityprofiles"}
+    assert profile_verbs == {"list", "create", "patch"}
     assert ("", "nodes", "get") in worker and ("", "nodes", "patch") not in worker
     lease = grants(objects, "Role", "rel-residency-worker-lease")
     assert lease == {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}

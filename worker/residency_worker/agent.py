@@ -44,6 +44,8 @@ from residency_worker.engine.types import (
     ResumeReport,
     TransferTiming,
 )
+from residency_worker.profiler import PROFILE_PREFIX, BackgroundProfiler
+from residency_worker.publish import ProfilePublisher
 
 log = logging.getLogger("residency.agent")
 NODE_LABEL = "residency.dev/node"
@@ -203,6 +205,7 @@ class AgentConfig:
     lease_namespace: str = "default"  # where the node Lease lives (the operator's namespace)
     # a load or resume is reported as Loading only once it has taken this long: a quick one is one write
     loading_report_seconds: float = 1.0
+    background_profile: bool = False  # measure and publish curves of models without one (profiler.py)
 
 
 @dataclass
@@ -252,6 +255,9 @@ class NodeAgent:
     _reported_resident_bytes: int | None = None
     _placement_cache: Informer | None = None
     _changed: threading.Event = field(default_factory=threading.Event)
+    profiler: BackgroundProfiler | None = None
+    """Measures a curve of each model loaded here that has none for this GPU type (profiler.py)."""
+    publisher: ProfilePublisher | None = None
 
     # -- node profile -------------------------------------------------------------------------------
     def profile_spec(self) -> dict[str, Any]:
@@ -457,14 +463,14 @@ class NodeAgent:
         placements = self.placements()
         wanted = {self._model_name(p): p for p in placements if not p["metadata"].get("deletionTimestamp")}
         leaving = [p for p in placements if p["metadata"].get("deletionTimestamp")]
-        loaded = set(self.engine.names())
+        loaded = {n for n in self.engine.names() if not n.startswith(PROFILE_PREFIX)}
         for name in sorted(loaded - set(wanted)):
             self._unload(name)
         for name in sorted(loaded & set(wanted)):
             if self._loaded_specs.get(name, _load_key(wanted[name])) != _load_key(wanted[name]):
                 self._unload(name)  # path, dtype or KV reservation changed: load afresh below
                 self._reload_pending.add(name)
-        loaded = set(self.engine.names())
+        loaded = {n for n in self.engine.names() if not n.startswith(PROFILE_PREFIX)}
         for name in sorted(loaded & set(wanted)):
             # the SLO it is paced to follows the LLMModel's without moving anything
             with contextlib.suppress(EngineError):  # unloaded meanwhile: nothing to pace
@@ -516,7 +522,8 @@ class NodeAgent:
                 self._act(placement, "promote")
             else:
                 self._report(placement)
-        self.protect(any(self._state(n) in ("ready", "loading") for n in self.engine.names()))
+        served = [n for n in self.engine.names() if not n.startswith(PROFILE_PREFIX)]
+        self.protect(any(self._state(n) in ("ready", "loading") for n in served))
         self.heartbeat()
         return more
 
@@ -531,6 +538,8 @@ class NodeAgent:
             and not failure.retry_now(self._others_reserved_bytes(name), self.engine.tier.budget_bytes)
         ):
             return  # already failed for this spec: wait for room, or for the operator to re-plan
+        if self.profiler is not None:
+            self.profiler.interrupt()  # an admin command: a measurement in flight steps aside
         before = self.engine.residency(name).resident_fraction if name in self.engine.names() else None
         started = time.perf_counter()
         report: object = None
@@ -556,6 +565,7 @@ class NodeAgent:
                     ),
                 )
                 self._loaded_specs[name] = _load_key(placement)
+                self._want_profile(placement)
             elif action == "preempt":
                 report = self.engine.preempt(name)
             elif action == "resume":
@@ -739,6 +749,20 @@ class NodeAgent:
 
     def _state(self, name: str) -> str:
         return self.engine.status(name).state
+
+    def _want_profile(self, placement: dict[str, Any]) -> None:
+        """Queue a background profile of a model just loaded, unless its namespace has one for this GPU."""
+        if self.profiler is None or self.publisher is None:
+            return
+        spec = placement["spec"]
+        model, dtype = self._model_name(placement), spec.get("dtype", "bfloat16")
+        if spec["model"].get("uid"):
+            self.publisher.model_uids[model] = spec["model"]["uid"]
+        namespace = spec["model"]["namespace"]
+        if self.publisher.exists(namespace, spec["sourcePath"], self.engine.tier.gpu_name, dtype):
+            self.profiler.forget(spec["sourcePath"], dtype)
+        else:
+            self.profiler.want(model, spec["sourcePath"], dtype)
 
     @staticmethod
     def _model_name(placement: dict[str, Any]) -> str:

@@ -78,6 +78,12 @@ def worker(
     node_heartbeat: bool = typer.Option(
         False, help="Also keep the Node object Ready (local clusters without a kubelet)."
     ),
+    background_profile: bool = typer.Option(
+        False,
+        "--background-profile/--no-background-profile",
+        help="Measure a compact SensitivityProfile of each model loaded here that has none for this GPU, "
+        "in idle time, and publish it (docs/profiles.md).",
+    ),
 ) -> None:
     """Run the node's worker: the torch engine plus its OpenAI-compatible and admin HTTP API."""
     from residency_worker.engine import Engine, make_gpu_tier
@@ -126,6 +132,7 @@ def worker(
             pod_name=pod_name if protect else None,
             pod_namespace=pod_namespace,
             lease_namespace=pod_namespace or os.environ.get("RESIDENCY_NAMESPACE", "default"),
+            background_profile=background_profile,
         )
     try:
         serve_node(engine, settings, host, port, agent_config, log_level)

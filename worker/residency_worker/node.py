@@ -9,6 +9,8 @@ import uvicorn
 
 from residency_worker.agent import AgentConfig, NodeAgent
 from residency_worker.engine import Engine
+from residency_worker.profiler import BackgroundProfiler
+from residency_worker.publish import ProfilePublisher
 from residency_worker.server import ServerSettings, create_app
 
 log = logging.getLogger("residency.node")
@@ -38,6 +40,10 @@ def serve_node(
     if agent_config is not None:
         load_kube_config()
         agent = NodeAgent(engine, agent_config)
+        if agent_config.background_profile:
+            agent.publisher = ProfilePublisher(agent.custom, agent_config.node)
+            agent.profiler = BackgroundProfiler(engine, agent.publisher.publish)
+            threading.Thread(target=agent.profiler.run, args=(stop,), name="profiler", daemon=True).start()
         agent_thread = threading.Thread(target=agent.run, args=(stop,), name="node-agent", daemon=True)
         agent_thread.start()
         log.info("joined the cluster as node %s (endpoint %s)", agent_config.node, agent_config.endpoint)

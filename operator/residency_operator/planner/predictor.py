@@ -1,16 +1,20 @@
 """Predicted decode and prefill rates of a model at a given GPU residency on a given node.
 
 A measured sensitivity profile for the model and GPU type wins when one exists (made monotone, then
-interpolated); otherwise a memory-bandwidth roofline of the node is used, scaled by the node's
-calibration factor. Sequence length and batch enter through the bytes of KV cache read per step.
+interpolated); otherwise an engine model fitted to every profile of the node's GPU type (planner/fit.py:
+per-step and per-layer overheads plus bandwidth and compute terms); failing that, a memory-bandwidth
+roofline of the node, scaled by the node's calibration factor. Sequence length and batch enter through
+the bytes of KV cache read per step. :meth:`Predictor.source` says which of the three a prediction used.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+from residency_operator.planner.fit import EngineFit, fit_engines
 from residency_operator.planner.types import (
     GB,
     ExecutionMode,
@@ -19,6 +23,10 @@ from residency_operator.planner.types import (
     ProfilePoint,
     SensitivityProfile,
 )
+
+PredictionSource = Literal["profile", "fitted", "roofline"]
+"""Where a decode prediction came from: the model's measured curve, the engine model fitted per GPU type,
+or the node's bandwidth roofline."""
 
 PREFILL_COMPUTE_EFFICIENCY = 0.5
 """Share of peak FLOPs a prefill reaches in practice (kernels, attention, launch overhead)."""
@@ -146,7 +154,10 @@ class _IndexedProfile:
 class Predictor:
     """Predicts rates from measured profiles where available, from the node roofline otherwise."""
 
-    def __init__(self, profiles: Iterable[SensitivityProfile] = ()) -> None:
+    def __init__(
+        self, profiles: Iterable[SensitivityProfile] = (), fits: Mapping[str, EngineFit] | None = None
+    ) -> None:
+        self.fits: dict[str, EngineFit] = dict(fits or {})
         self._profiles: dict[tuple[str, str, str], list[_IndexedProfile]] = {}
         for profile in sorted(
             profiles, key=lambda p: (p.model, p.gpu_type, p.mode, p.sequence_length, p.batch)
@@ -166,6 +177,37 @@ class Predictor:
             )
             key = (profile.model, profile.gpu_type, profile.mode)
             self._profiles.setdefault(key, []).append(_IndexedProfile(profile, decode, prefill))
+
+    @classmethod
+    def calibrated(cls, profiles: Iterable[SensitivityProfile], models: Iterable[ModelDemand]) -> Predictor:
+        """Profiles as measured, plus an engine model per GPU type fitted to them (for the models that
+        have no profile of their own on a GPU type)."""
+        profile_list = list(profiles)
+        return cls(profile_list, fit_engines(profile_list, models))
+
+    def source(self, model: ModelDemand, node: NodeCapacity, mode: ExecutionMode) -> PredictionSource:
+        """Which model of the engine predicts this model on this node."""
+        if self._best_profile(model, node, mode) is not None:
+            return "profile"
+        return "fitted" if node.gpu_type in self.fits else "roofline"
+
+    def _shape_step_seconds(
+        self,
+        model: ModelDemand,
+        node: NodeCapacity,
+        resident_fraction: float,
+        mode: ExecutionMode,
+        batch: int,
+        sequence_tokens: int,
+    ) -> float:
+        """Step seconds from the model's shape alone: the fitted engine, never faster than the node's
+        bandwidth roofline (a fit to small models may find no byte cost under their overheads), else the
+        bare roofline."""
+        roofline = roofline_decode_step_seconds(model, node, resident_fraction, mode, batch, sequence_tokens)
+        fit = self.fits.get(node.gpu_type)
+        if fit is None:
+            return roofline
+        return max(roofline, fit.decode_step_seconds(model, resident_fraction, mode, batch, sequence_tokens))
 
     def profile_for(
         self, model: ModelDemand, node: NodeCapacity, mode: ExecutionMode
@@ -198,24 +240,26 @@ class Predictor:
         sequence_tokens = (
             typical_sequence_tokens(model) if sequence_tokens is None else max(1, sequence_tokens)
         )
-        roofline_seconds = roofline_decode_step_seconds(
-            model, node, resident_fraction, mode, batch, sequence_tokens
-        )
+        shape_seconds = self._shape_step_seconds(model, node, resident_fraction, mode, batch, sequence_tokens)
         indexed = self._best_profile(model, node, mode)
         if indexed is None:
-            return roofline_seconds / max(1e-6, node.calibration_factor)
+            if node.gpu_type in self.fits:
+                return shape_seconds  # the fit is calibrated to this GPU type already
+            return shape_seconds / max(1e-6, node.calibration_factor)
         measured = indexed.profile
         lowest_fraction = indexed.decode.fractions[0]
         anchor_fraction = max(resident_fraction, lowest_fraction)
         measured_rate = indexed.decode(anchor_fraction)
         if measured_rate <= 0:
             return float("inf")
-        # Scale the measurement by the roofline's own ratio for what the profile did not measure:
-        # residency below its lowest point, another batch, another sequence length.
-        roofline_at_measurement = roofline_decode_step_seconds(
+        # Scale the measurement by the shape model's own ratio (fitted, else roofline) for what the profile
+        # did not measure: residency below its lowest point, another batch, another sequence length.
+        shape_at_measurement = self._shape_step_seconds(
             model, node, anchor_fraction, mode, measured.batch, measured.sequence_length
         )
-        return (1.0 / measured_rate) * roofline_seconds / roofline_at_measurement
+        if shape_at_measurement <= 0:
+            return 1.0 / measured_rate
+        return (1.0 / measured_rate) * shape_seconds / shape_at_measurement
 
     def decode_tokens_per_second(
         self,

@@ -56,7 +56,7 @@ class PlanningProblem:
         self.node_index = {node.name: i for i, node in enumerate(self.nodes)}
         profile_list = list(profiles)
         self.profiles = profile_list
-        self.predictor = Predictor(profile_list)
+        self.predictor = Predictor.calibrated(profile_list, self.models)
         self.config = config
         class_keys: dict[tuple[object, ...], int] = {}
         self.class_of_node: list[int] = []
@@ -87,6 +87,7 @@ class PlanningProblem:
             model.max_sequence_length,
             model.typical_sequence_length,
             model.parameter_count,
+            model.effective_layer_count,  # the fitted engine's layer overheads
             model.name if model.name in self.profiled_models else "",
             self.class_of_node[node_index],
             resident_fraction,

@@ -315,6 +315,8 @@ class PlannedPlacement:
     """Aggregate decode rate of a full batch."""
     predicted_prefill_tokens_per_second: float
     meets_slo: bool = True
+    prediction_source: str = "roofline"
+    """Where the decode prediction came from: ``profile``, ``fitted`` or ``roofline`` (Predictor.source)."""
 
 
 @dataclass(frozen=True, slots=True)

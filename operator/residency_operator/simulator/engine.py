@@ -1,7 +1,9 @@
 """A time-stepped simulation of a GPU cluster serving many models, driven by a request trace.
 
-It uses the planner's own predictor (decode and prefill times), memory footprint and transition cost
-model, so a policy's simulated outcome follows from the same physics the planner believes in. What the
+Requests are served at the decode and prefill times of ``engine`` (simulator/measured.py: fitted to a
+measured report), or, without one, of the planner's own predictor, so a policy's simulated outcome then
+follows from the same physics the planner believes in. Memory footprint and transition costs are the
+planner's model. What the
 planner does *not* see is simulated here: models on one GPU share its time (processor sharing), a model
 is unavailable while it loads or moves, queued requests time out, evicted requests restart.
 """
@@ -24,6 +26,7 @@ from residency_operator.planner.options import (
 from residency_operator.planner.predictor import Predictor
 from residency_operator.planner.types import CurrentPlacement, ExecutionMode, ModelDemand, NodeCapacity
 from residency_operator.simulator.cluster import SimModel
+from residency_operator.simulator.measured import EngineModel
 from residency_operator.simulator.trace import Request
 
 DEMAND_WINDOW_SECONDS = 60.0
@@ -145,6 +148,7 @@ class Simulation:
         queue_timeout_seconds: float = 30.0,
         idle_after_seconds: float = IDLE_AFTER_SECONDS,
         preempted_wait_seconds: float = PREEMPTED_WAIT_SECONDS,
+        engine: EngineModel | None = None,
     ) -> None:
         self.nodes = list(nodes)
         self.node_by_name = {n.name: n for n in self.nodes}
@@ -165,6 +169,8 @@ class Simulation:
         self.preempted_wait_seconds = preempted_wait_seconds
         self.paced_decode = False
         self.predictor = Predictor()
+        self.engine: EngineModel = engine if engine is not None else self.predictor
+        """What serves the requests (decode steps, prefills): not necessarily what the planner believes."""
         self.counters = Counters()
         self.outcomes: list[RequestOutcome] = []
         self.now_seconds = 0.0
@@ -434,7 +440,7 @@ class Simulation:
         steps = min(
             max(0.0, needed), runtime.spec.min_decode_tokens_per_second * PACE_HEADROOM * self.tick_seconds
         )
-        step_seconds = self.predictor.decode_step_seconds(
+        step_seconds = self.engine.decode_step_seconds(
             runtime.demand, node, runtime.resident_fraction, runtime.mode, batch=len(runtime.active)
         )
         return prefill + steps * step_seconds
@@ -444,7 +450,7 @@ class Simulation:
         demand = runtime.demand
         while runtime.queue and len(runtime.active) < demand.max_batch:
             request = runtime.queue.popleft()
-            prefill = self.predictor.prefill_seconds(
+            prefill = self.engine.prefill_seconds(
                 demand, node, runtime.resident_fraction, runtime.mode, request.prompt_tokens
             )
             runtime.active.append(ActiveRequest(request, prefill))
@@ -459,7 +465,7 @@ class Simulation:
         needed = max((a.request.output_tokens - a.tokens_done for a in runtime.active), default=0.0)
         if not runtime.active:
             return 0.0
-        step_seconds = self.predictor.decode_step_seconds(
+        step_seconds = self.engine.decode_step_seconds(
             runtime.demand, node, runtime.resident_fraction, runtime.mode, batch=len(runtime.active)
         )
         return prefill + max(0.0, needed) * step_seconds
@@ -471,7 +477,7 @@ class Simulation:
         soon as a slot frees (its prefill runs before the batch's next step), not at the next tick; the
         batch decodes at the step time of its current size."""
         demand = runtime.demand
-        predictor = self.predictor
+        predictor = self.engine
         used = 0.0
         while used < budget - 1e-12:
             self._admit(runtime, node)

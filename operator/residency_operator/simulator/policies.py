@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from residency_operator.planner.options import cached_host_bytes, with_host_set_aside
 from residency_operator.planner.plan import plan
-from residency_operator.planner.types import Plan, PlannerConfig, waiting_demand
+from residency_operator.planner.types import Plan, PlannerConfig, SensitivityProfile, waiting_demand
 from residency_operator.simulator.baselines import (
     BinpackPolicy,
     LruEvictPolicy,
@@ -59,6 +59,8 @@ class ResidencyPolicy:
         self._waiting_at_last_plan: frozenset[str] = frozenset()
         self._idle: frozenset[str] = frozenset()
         self.plans: list[Plan] = []
+        self.profiles: tuple[SensitivityProfile, ...] = ()
+        """Measured curves the planner is given (what the workers' background profiler would publish)."""
 
     def step(self, sim: Simulation, now_seconds: float) -> None:
         """Re-plan on schedule, or sooner when requests wait for a model that is not running."""
@@ -111,7 +113,7 @@ class ResidencyPolicy:
             demands.append(spec)
         current = [c for c in sim.current_placements() if c.model not in self._idle]
         nodes = with_host_set_aside(sim.nodes, set_aside)
-        planned = plan(demands, nodes, current, (), now_seconds, self.config)
+        planned = plan(demands, nodes, current, self.profiles, now_seconds, self.config)
         self.plans.append(planned)
         apply_plan(sim, planned)
 

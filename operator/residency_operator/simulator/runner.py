@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from residency_operator.planner.types import PlannerConfig
+from residency_operator.planner.types import PlannerConfig, SensitivityProfile
 from residency_operator.simulator.baselines import (
     BinpackPolicy,
     LruEvictPolicy,
@@ -25,6 +25,7 @@ from residency_operator.simulator.cluster import (
     parse_models,
 )
 from residency_operator.simulator.engine import Policy, Simulation
+from residency_operator.simulator.measured import EngineModel
 from residency_operator.simulator.policies import ResidencyPolicy
 from residency_operator.simulator.report import PolicyReport, summarise
 from residency_operator.simulator.trace import Request, generate_trace, read_trace_csv
@@ -221,6 +222,8 @@ def run_policy(
     planner_config: PlannerConfig | None = None,
     tick_seconds: float = 0.5,
     paces_decode: bool | None = None,
+    engine: EngineModel | None = None,
+    profiles: Sequence[SensitivityProfile] = (),
 ) -> PolicyReport:
     """Simulate one policy on one scenario. ``paces_decode`` overrides whether its models are served paced
     to their SLOs (by default only residency's worker paces; see ``Policy``): for ablations."""
@@ -236,8 +239,11 @@ def run_policy(
         tick_seconds=tick_seconds,
         ttft_slo_seconds=scenario.ttft_slo_seconds,
         queue_timeout_seconds=scenario.queue_timeout_seconds,
+        engine=engine,
     )
     policy = make_policy(policy_name, planner_config)
+    if profiles and isinstance(policy, ResidencyPolicy):
+        policy.profiles = tuple(profiles)
     if paces_decode is not None:
         policy.paces_decode = paces_decode  # type: ignore[attr-defined]
     outcomes = sim.run(policy)

@@ -162,6 +162,11 @@ class LLMModelStatus(StatusModel):
     )
     execution_mode: Literal["stream", "cpu"] | None = Field(default=None)
     predicted_decode_tokens_per_second: float | None = Field(default=None, ge=0)
+    prediction_source: Literal["profile", "fitted", "roofline"] | None = Field(
+        default=None,
+        description="Where predictedDecodeTokensPerSecond came from: the model's measured profile, "
+        "the engine model fitted per GPU type, or the node's bandwidth roofline.",
+    )
     observed: ObservedRates | None = None
     timings: Timings | None = None
     last_operation: Operation | None = Field(
@@ -201,6 +206,13 @@ class LLMModel(CustomResource):
             "type": "number",
             "jsonPath": ".status.observed.decodeTokensPerSecond",
             "description": "Observed decode tokens per second",
+        },
+        {
+            "name": "Predicted",
+            "type": "string",
+            "jsonPath": ".status.predictionSource",
+            "description": "Where the decode prediction came from: profile, fitted or roofline",
+            "priority": 1,
         },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority", "priority": 1},

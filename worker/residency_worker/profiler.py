@@ -1,0 +1,351 @@
+"""The worker's background profiler: a compact sensitivity curve for each model it serves on a GPU type
+that has none, measured only while the GPU is otherwise idle.
+
+It loads a second copy of the model under its own name (through the engine's public API: ``load``,
+``set_residency``, ``submit``, ``unload``), moves it through a few resident fractions in both decode
+modes at a short and a long sequence, and hands the curve to ``publish`` (the agent writes it as a
+SensitivityProfile). Before every trial (a few decode tokens) it checks that no served model has a
+request queued or running and that no admin command came since it started; if either, it unloads its
+copy and waits, keeping the points already measured. A request therefore waits at most for one trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from residency_worker.engine import Engine, ModelOptions, SamplingParams
+from residency_worker.engine.types import EngineError, ExecutionMode, ProfilePoint
+
+log = logging.getLogger(__name__)
+
+PROFILE_PREFIX = "profile-"
+"""Names of the profiler's own model copies: never counted as served models."""
+
+
+@dataclass(frozen=True)
+class CompactSettings:
+    """The compact curve: few points, few tokens each, so that it finishes in idle gaps."""
+
+    fractions: tuple[float, ...] = (1.0, 0.5, 0.0)
+    modes: tuple[ExecutionMode, ...] = ("stream", "cpu")
+    sequence_lengths: tuple[int, ...] = (64, 512)
+    decode_tokens: int = 8
+    trials: int = 3
+    idle_seconds: float = 2.0
+    """How long the GPU must have been idle (no request to any served model) before measuring."""
+    poll_seconds: float = 0.05
+
+    @property
+    def point_count(self) -> int:
+        """Points of a model whose positions allow every sequence length."""
+        return len(self.fractions) * len(self.modes) * len(self.sequence_lengths)
+
+
+@dataclass
+class ProfileJob:
+    """One model directory to profile on this node's GPU, and what is measured so far."""
+
+    model: str
+    """The served model (``namespace/name``) the curve is for."""
+    path: str
+    dtype: str
+    points: list[ProfilePoint] = field(default_factory=list)
+    spreads: list[float] = field(default_factory=list)
+    """Per point: (max - min) / median of its trials' decode rates."""
+    yields: int = 0
+
+
+@dataclass(frozen=True)
+class MeasuredProfile:
+    """A finished compact curve, ready to publish."""
+
+    model: str
+    path: str
+    dtype: str
+    gpu_type: str
+    emulated: bool
+    weight_bytes: int
+    points: tuple[ProfilePoint, ...]
+    spread: float
+    """The largest trial spread of any point: how noisy the curve is."""
+    trials: int
+    measured_at: datetime
+    yields: int
+
+    def spec(self, node: str) -> dict[str, object]:
+        """The SensitivityProfile spec (camelCase, as the CRD stores it)."""
+        return {
+            "modelPath": self.path,
+            "modelName": self.model.split("/", 1)[-1],
+            "gpuType": self.gpu_type,
+            "dtype": self.dtype,
+            "weightBytes": self.weight_bytes,
+            "emulated": self.emulated,
+            "measuredAt": self.measured_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "measuredBy": node,
+            "points": [
+                {
+                    "residentFraction": round(p.achieved_resident_fraction, 6),
+                    "executionMode": p.execution_mode,
+                    "sequenceLength": p.sequence_length,
+                    "batchSize": p.batch_size,
+                    "decodeTokensPerSecond": p.decode_tokens_per_second,
+                    "prefillTokensPerSecond": p.prefill_tokens_per_second,
+                    "trials": p.trials,
+                }
+                for p in self.points
+            ],
+        }
+
+
+def sequence_lengths(path: str, settings: CompactSettings) -> tuple[int, ...]:
+    """The settings' sequence lengths, each cut to what the model's positions allow with the decode."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        limit = int(config.get("max_position_embeddings") or 0)
+    except (OSError, ValueError):
+        limit = 0
+    if limit <= settings.decode_tokens + 2:
+        return settings.sequence_lengths
+    room = limit - settings.decode_tokens - 1
+    return tuple(sorted({min(n, room) for n in settings.sequence_lengths}))
+
+
+class Yielded(Exception):
+    """A request or an admin command came: the profiler steps aside."""
+
+
+class BackgroundProfiler:
+    """Profiles queued models one at a time, in the GPU's idle time; ``publish`` gets each curve."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        publish: Callable[[MeasuredProfile], None],
+        settings: CompactSettings | None = None,
+    ) -> None:
+        self.engine = engine
+        self.publish = publish
+        self.settings = settings or CompactSettings()
+        self._lock = threading.Lock()
+        self._jobs: list[ProfileJob] = []
+        self._done: set[tuple[str, str]] = set()
+        self._commands = 0
+        self._busy_since = time.monotonic()
+        self.wake = threading.Event()
+        self.measuring = threading.Event()
+        """Set while a trial of the profiler's own copy runs (tests and metrics read it)."""
+        self.copy_gone = threading.Event()
+        """Set while the profiler holds no model copy (an admin command waits for it)."""
+        self.copy_gone.set()
+        self.trial_starts: list[float] = []
+        """``time.perf_counter()`` at the start of every trial (the engine's request clock)."""
+
+    # -- what the agent calls -------------------------------------------------------------------------
+    def want(self, model: str, path: str, dtype: str) -> bool:
+        """Queue ``path`` for profiling unless it is queued or done already; True when newly queued."""
+        key = (path, dtype)
+        with self._lock:
+            if key in self._done or any((j.path, j.dtype) == key for j in self._jobs):
+                return False
+            self._jobs.append(ProfileJob(model, path, dtype))
+        self.wake.set()
+        return True
+
+    def forget(self, path: str, dtype: str) -> None:
+        """A profile for ``path`` exists already (published by someone else): do not measure it."""
+        with self._lock:
+            self._done.add((path, dtype))
+            self._jobs = [j for j in self._jobs if (j.path, j.dtype) != (path, dtype)]
+
+    def interrupt(self, wait_seconds: float = 30.0) -> None:
+        """An admin command (a placement change, an admin endpoint): any measurement in flight yields, and
+        this returns once the profiler's copy is unloaded (it finishes at most the trial in flight), so the
+        command finds the memory the copy held."""
+        with self._lock:
+            self._commands += 1
+            self._busy_since = time.monotonic()
+        self.copy_gone.wait(wait_seconds)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def busy(self) -> bool:
+        """Whether any served model has a request queued or running."""
+        for name in self.engine.names():
+            if name.startswith(PROFILE_PREFIX):
+                continue
+            try:
+                status = self.engine.status(name)
+            except EngineError:
+                continue  # unloaded meanwhile
+            if status.queue_depth or status.active_sequences:
+                return True
+        return False
+
+    def idle_long_enough(self) -> bool:
+        now = time.monotonic()
+        if self.busy():
+            with self._lock:
+                self._busy_since = now
+            return False
+        with self._lock:
+            return now - self._busy_since >= self.settings.idle_seconds
+
+    def run(self, stop: threading.Event) -> None:
+        """Until ``stop``: wait for a job and idle time, measure, publish."""
+        while not stop.is_set():
+            with self._lock:
+                job = self._jobs[0] if self._jobs else None
+            if job is None:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            if not self.idle_long_enough():
+                stop.wait(self.settings.poll_seconds)
+                continue
+            try:
+                result = self.measure(job)
+            except Yielded:
+                job.yields += 1
+                continue
+            except EngineError as exc:
+                log.warning("profiling %s failed: %s; not retried", job.path, exc.message)
+                self._finish(job)
+                continue
+            self._finish(job)
+            try:
+                self.publish(result)
+            except Exception:  # the agent logs the API error; the next load of the model asks again
+                log.exception("could not publish the profile of %s", job.path)
+                with self._lock:
+                    self._done.discard((job.path, job.dtype))
+
+    def _finish(self, job: ProfileJob) -> None:
+        with self._lock:
+            self._done.add((job.path, job.dtype))
+            self._jobs = [j for j in self._jobs if j is not job]
+
+    def _check(self, commands_at_start: int) -> None:
+        with self._lock:
+            commanded = self._commands != commands_at_start
+        if commanded or self.busy():
+            raise Yielded
+
+    def measure(self, job: ProfileJob) -> MeasuredProfile:
+        """The job's remaining points (raises :class:`Yielded` when it must step aside)."""
+        settings = self.settings
+        with self._lock:
+            commands_at_start = self._commands
+        name = f"{PROFILE_PREFIX}{uuid.uuid4().hex[:8]}"
+        lengths = sequence_lengths(job.path, settings)
+        self.copy_gone.clear()
+        try:
+            return self._measure(job, name, lengths, commands_at_start)
+        finally:
+            self.copy_gone.set()
+
+    def _measure(
+        self, job: ProfileJob, name: str, lengths: tuple[int, ...], commands_at_start: int
+    ) -> MeasuredProfile:
+        settings = self.settings
+        longest = max(lengths)
+        report = self.engine.load(
+            name,
+            job.path,
+            ModelOptions(
+                dtype=job.dtype,
+                resident_fraction=min(settings.fractions),
+                decode_mode="cpu",
+                max_batch_size=1,
+                max_sequence_length=longest + settings.decode_tokens + 1,
+                max_queue=1,
+            ),
+        )
+        try:
+            vocab = self.engine.runner(name).spec.vocab_size
+            done = {(p.resident_fraction, p.execution_mode, p.sequence_length) for p in job.points}
+            for fraction in settings.fractions:
+                for mode in settings.modes:
+                    todo = [n for n in lengths if (fraction, mode, n) not in done]
+                    if not todo:
+                        continue
+                    self._check(commands_at_start)
+                    try:
+                        residency = self.engine.set_residency(name, fraction, decode_mode=mode)
+                    except EngineError as exc:  # does not fit next to what is served: skip the point
+                        log.info("profile %s: r=%s %s skipped (%s)", job.path, fraction, mode, exc.message)
+                        continue
+                    for length in todo:
+                        point, spread = self._point(name, vocab, fraction, mode, length, commands_at_start)
+                        job.points.append(
+                            ProfilePoint(
+                                resident_fraction=fraction,
+                                achieved_resident_fraction=residency.resident_fraction,
+                                execution_mode=mode,
+                                sequence_length=length,
+                                batch_size=1,
+                                decode_tokens_per_second=point[0],
+                                prefill_tokens_per_second=point[1],
+                                trials=settings.trials,
+                            )
+                        )
+                        job.spreads.append(spread)
+        finally:
+            self.engine.unload(name)
+        if not job.points:
+            raise EngineError("NoPoints", f"no profile point of {job.path} fits on this GPU")
+        return MeasuredProfile(
+            model=job.model,
+            path=report.path,
+            dtype=job.dtype,
+            gpu_type=self.engine.tier.gpu_name,
+            emulated=self.engine.tier.emulated,
+            weight_bytes=report.residency.weight_bytes,
+            points=tuple(job.points),
+            spread=max(job.spreads, default=0.0),
+            trials=settings.trials,
+            measured_at=datetime.now(UTC),
+            yields=job.yields,
+        )
+
+    def _point(
+        self, name: str, vocab: int, fraction: float, mode: ExecutionMode, length: int, commands: int
+    ) -> tuple[tuple[float, float], float]:
+        """(median decode tok/s, median prefill tok/s) of one point, and its decode spread."""
+        settings = self.settings
+        prompt = [(7 * i + 3) % vocab for i in range(length)]
+        params = SamplingParams(max_tokens=settings.decode_tokens, ignore_eos=True)
+        decode_rates: list[float] = []
+        prefill_rates: list[float] = []
+        for trial in range(1 + settings.trials):  # one warm-up trial
+            self._check(commands)
+            self.trial_starts.append(time.perf_counter())
+            self.measuring.set()
+            try:
+                request = self.engine.submit(name, prompt, params)
+                request.wait(None)
+            finally:
+                self.measuring.clear()
+            if trial == 0:
+                continue
+            assert request.first_token_at is not None and request.finished_at is not None
+            prefill_rates.append(length / max(request.first_token_at - request.submitted_at, 1e-9))
+            decode_rates.append(
+                (settings.decode_tokens - 1) / max(request.finished_at - request.first_token_at, 1e-9)
+            )
+        median = statistics.median(decode_rates)
+        spread = (max(decode_rates) - min(decode_rates)) / median if median > 0 else 0.0
+        return (median, statistics.median(prefill_rates)), spread
