@@ -215,7 +215,9 @@ def liveness_suspended(
     """Whether so many nodes went stale that the API server, not the nodes, is the likely failure (an
     overloaded control plane stops taking Lease renewals from every node at once): then no node is judged
     dead, and no model is moved or dropped for it, until renewals come through again."""
-    stale = sum(1 for p in profiles if not _fresh(_last_seen(p, renewed), now, knobs))
+    seen = [_last_seen(p, renewed) for p in profiles]
+    # (a node that never renewed, one registering now, has not stopped renewing)
+    stale = sum(1 for at in seen if at is not None and not _fresh(at, now, knobs))
     return stale >= knobs.mass_stale_min_nodes and stale > knobs.mass_stale_fraction * len(profiles)
 
 

@@ -244,3 +244,8 @@ def test_most_nodes_stale_at_once_suspends_liveness_instead_of_dropping_their_mo
     ]
     small = fleet(stale_count=2, size=3)
     assert live_nodes(small, now, k) == {"gpu-2"}
+    registering = fleet(stale_count=0, size=30)  # profiles without a heartbeat or a Lease yet
+    registering.node_leases = []
+    for p in registering.node_profiles:
+        p["status"] = {}
+    assert live_nodes(registering, now, k) == frozenset()  # not seen yet is not "stopped renewing"
