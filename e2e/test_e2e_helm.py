@@ -124,7 +124,6 @@ RBAC_MATRIX: list[tuple[str, str, str, tuple[str, ...], bool]] = [
     ("worker", "delete", "nodeprofiles.residency.dev", (), False),
     ("worker", "create", "sensitivityprofiles.residency.dev", ("-n", "team-a"), True),  # measured curves
     ("worker", "delete", "sensitivityprofiles.residency.dev", ("-n", "team-a"), False),
-    ("operator", "patch", "sensitivityprofiles.residency.dev/status", ("-n", "team-a"), True),
     ("router", "list", "llmmodels.residency.dev", ("-A",), True),
     ("router", "patch", "llmmodels.residency.dev", ("-n", "team-a"), False),  # it writes no model
     ("router", "create", "tokenreviews.authentication.k8s.io", (), True),
