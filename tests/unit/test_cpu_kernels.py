@@ -29,11 +29,13 @@ def test_packed_copy_keeps_the_values_bitwise() -> None:
     assert torch.equal(cpu_kernels.pack(weight).to_dense(), weight)
 
 
-def test_packed_views_add_a_copy_of_each_matrix_only() -> None:
+def test_packed_views_add_a_copy_of_each_large_matrix_only() -> None:
+    big = 1024 * 1024 // 512
     views = {
-        "self_attn.q_proj.weight": torch.randn(8, 4),
-        "self_attn.q_proj.bias": torch.randn(8),
-        "input_layernorm.weight": torch.randn(4),
+        "self_attn.q_proj.weight": torch.randn(big, 512),
+        "self_attn.k_proj.weight": torch.randn(8, 512),  # small: oneDNN's call costs more than it gains
+        "self_attn.q_proj.bias": torch.randn(big),
+        "input_layernorm.weight": torch.randn(512),
     }
     extended = cpu_kernels.packed_views(views)
     assert set(extended) == set(views) | {"self_attn.q_proj.weight" + cpu_kernels.PACKED_SUFFIX}
@@ -41,10 +43,12 @@ def test_packed_views_add_a_copy_of_each_matrix_only() -> None:
 
 
 def test_head_rows_are_packed_in_the_logits_chunks() -> None:
-    matrix = torch.randn(10, 4)
-    chunks = cpu_kernels.packed_rows(matrix, 4)
-    assert [c.to_dense().shape[0] for c in chunks] == [4, 4, 2]
+    matrix = torch.randn(5000, 256)
+    chunks = cpu_kernels.packed_rows(matrix, 2048)
+    assert chunks is not None
+    assert [c.to_dense().shape[0] for c in chunks] == [2048, 2048, 904]
     assert torch.equal(torch.cat([c.to_dense() for c in chunks]), matrix)
+    assert cpu_kernels.packed_rows(torch.randn(10, 4), 4) is None  # a tiny head stays dense
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from residency.api.sensitivity import SensitivityProfileSpec
 from residency_worker.engine import Engine, ModelOptions, SamplingParams
 from residency_worker.engine.types import EngineError, ExecutionMode, ProfilePoint
 
@@ -226,6 +229,18 @@ class BackgroundProfiler:
                 self._finish(job)
                 continue
             self._finish(job)
+            try:  # the API server would refuse it (e.g. a curve falling as residency rises: noise)
+                SensitivityProfileSpec.model_validate(result.spec("this-node"))
+            except ValidationError as exc:
+                log.warning(
+                    "the curve measured of %s is not a valid profile, not published (measured again at "
+                    "its next load): %s",
+                    job.path,
+                    exc.errors()[0]["msg"],
+                )
+                with self._lock:
+                    self._done.discard((job.path, job.dtype))
+                continue
             try:
                 self.publish(result)
             except Exception:  # the agent logs the API error; the next load of the model asks again
