@@ -50,6 +50,7 @@ from residency_worker.engine import Engine, ModelOptions, SamplingParams, cpu_ke
 from residency_worker.engine.generate import RequestEvent
 from residency_worker.engine.tiers import measure_host_to_device_peak
 from residency_worker.report.environment import read_gbps
+from residency_worker.report.measure import generate_seconds
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -92,20 +93,7 @@ def engine_rates(
 
 def _generate_seconds(model: Any, ids: torch.Tensor, tokens: int) -> float:
     """Seconds of greedy `generate` with a static KV cache for exactly `tokens` new tokens."""
-    _synchronize(ids.device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            do_sample=False,
-            pad_token_id=0,
-            cache_implementation="static",
-        )
-    _synchronize(ids.device)
-    return time.perf_counter() - start
+    return generate_seconds(model, ids, tokens, device=ids.device, static_cache=True)
 
 
 def transformers_rates(model: Any, prompts: list[list[int]], new_tokens: int, trials: int) -> list[float]:

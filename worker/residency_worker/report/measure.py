@@ -389,25 +389,35 @@ def execution_device(model: Any) -> torch.device:
     return torch.device(model.device)
 
 
+def generate_seconds(
+    model: Any, ids: torch.Tensor, tokens: int, *, device: torch.device, static_cache: bool = False
+) -> float:
+    """Seconds of greedy `generate` for exactly `tokens` new tokens (the device synchronised around it);
+    ``static_cache``: transformers' preallocated KV cache instead of its dynamic one."""
+    extra = {"cache_implementation": "static"} if static_cache else {}
+    _synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **extra,
+        )
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
 def hf_decode_rate(model: Any, prompt: list[int], tokens: int, trials: int) -> float:
     """Decode tokens/s of `generate`: (time of N new tokens - time of 1) / (N - 1), median of trials."""
     device = execution_device(model)
     ids = torch.tensor([prompt], device=device)
 
     def timed(new_tokens: int) -> float:
-        _synchronize(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        _synchronize(device)
-        return time.perf_counter() - start
+        return generate_seconds(model, ids, new_tokens, device=device)
 
     timed(2)
     rates = [(tokens - 1) / max(timed(tokens) - timed(1), 1e-9) for _ in range(trials)]
