@@ -53,6 +53,10 @@ class CompactSettings:
         return len(self.fractions) * len(self.modes) * len(self.sequence_lengths)
 
 
+MAX_REMEASURES = 3
+"""A curve that is no valid profile (noise) is measured afresh this many times before giving up."""
+
+
 @dataclass
 class ProfileJob:
     """One model directory to profile on this node's GPU, and what is measured so far."""
@@ -65,6 +69,8 @@ class ProfileJob:
     spreads: list[float] = field(default_factory=list)
     """Per point: (max - min) / median of its trials' decode rates."""
     yields: int = 0
+    remeasured: int = 0
+    """Times its curve was measured again because noise made it no valid profile."""
 
 
 @dataclass(frozen=True)
@@ -232,14 +238,20 @@ class BackgroundProfiler:
             try:  # the API server would refuse it (e.g. a curve falling as residency rises: noise)
                 SensitivityProfileSpec.model_validate(result.spec("this-node"))
             except ValidationError as exc:
+                again = job.remeasured < MAX_REMEASURES
                 log.warning(
-                    "the curve measured of %s is not a valid profile, not published (measured again at "
-                    "its next load): %s",
+                    "the curve measured of %s is not a valid profile, not published (%s): %s",
                     job.path,
+                    "measured again" if again else "measured again at its next load",
                     exc.errors()[0]["msg"],
                 )
                 with self._lock:
                     self._done.discard((job.path, job.dtype))
+                    if again:  # noise on a busy node: all points afresh
+                        job.remeasured += 1
+                        job.points.clear()
+                        job.spreads.clear()
+                        self._jobs.append(job)
                 continue
             try:
                 self.publish(result)
