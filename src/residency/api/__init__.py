@@ -1,6 +1,14 @@
 """The typed API of residency: pydantic models of the CRDs, one source for schema, operator and worker."""
 
-from residency.api.common import API_VERSION, GROUP, VERSION, Condition, ConditionStatus
+from residency.api.common import (
+    API_VERSION,
+    GROUP,
+    MAX_GPUS_PER_NODE,
+    VERSION,
+    Condition,
+    ConditionStatus,
+    GpuResidency,
+)
 from residency.api.llmmodel import (
     DType,
     IdleSpec,
@@ -14,26 +22,33 @@ from residency.api.llmmodel import (
     SLOSpec,
     Timings,
 )
-from residency.api.nodeprofile import NodeProfile, NodeProfileSpec, NodeProfileStatus
+from residency.api.nodeprofile import GpuDevice, HostLink, NodeProfile, NodeProfileSpec, NodeProfileStatus
 from residency.api.placement import (
     DesiredState,
     ExecutionMode,
+    GpuShare,
     ModelPlacement,
     ModelPlacementSpec,
     ModelPlacementStatus,
     ModelRef,
+    gpu_set_label,
 )
 from residency.api.sensitivity import SensitivityPoint, SensitivityProfile, SensitivityProfileSpec
 
 __all__ = [
     "API_VERSION",
     "GROUP",
+    "MAX_GPUS_PER_NODE",
     "VERSION",
     "Condition",
     "ConditionStatus",
     "DType",
     "DesiredState",
     "ExecutionMode",
+    "GpuDevice",
+    "GpuResidency",
+    "GpuShare",
+    "HostLink",
     "IdleSpec",
     "LLMModel",
     "LLMModelSpec",
@@ -54,4 +69,5 @@ __all__ = [
     "SensitivityProfile",
     "SensitivityProfileSpec",
     "Timings",
+    "gpu_set_label",
 ]

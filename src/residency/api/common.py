@@ -76,3 +76,17 @@ class CustomResource(ApiModel):
     )
     kind: str
     metadata: ObjectMeta
+
+
+MAX_GPUS_PER_NODE = 64
+"""The most GPUs one node (and so one split placement) may have."""
+
+
+class GpuResidency(StatusModel):
+    """What one GPU holds of a model, as the worker measured it."""
+
+    index: int = Field(ge=0, lt=MAX_GPUS_PER_NODE)
+    resident_fraction: float | None = Field(
+        default=None, ge=0, le=1, description="Share of weight bytes on it."
+    )
+    resident_bytes: int | None = Field(default=None, ge=0, description="Weight + KV bytes on this GPU.")

@@ -6,7 +6,14 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, JsonValue
 
-from residency.api.common import ApiModel, Condition, CustomResource, StatusModel
+from residency.api.common import (
+    MAX_GPUS_PER_NODE,
+    ApiModel,
+    Condition,
+    CustomResource,
+    GpuResidency,
+    StatusModel,
+)
 
 DType = Literal["float16", "bfloat16", "float32"]
 Phase = Literal[
@@ -157,6 +164,16 @@ class LLMModelStatus(StatusModel):
     resident_fraction: float | None = Field(
         default=None, ge=0, le=1, description="Share of weight bytes resident in GPU memory."
     )
+    gpu_set: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Node and GPUs that hold the model in pipeline order, e.g. gpu-a/0,1.",
+    )
+    gpus: list[GpuResidency] = Field(
+        default_factory=list,
+        max_length=MAX_GPUS_PER_NODE,
+        description="Per-GPU residency of the model, in pipeline order.",
+    )
     resident_percent: int | None = Field(
         default=None, ge=0, le=100, description="residentFraction as a whole percent (for kubectl get)."
     )
@@ -216,6 +233,7 @@ class LLMModel(CustomResource):
         },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority", "priority": 1},
+        {"name": "GPUs", "type": "string", "jsonPath": ".status.gpuSet", "priority": 1},
         {
             "name": "Mode",
             "type": "string",

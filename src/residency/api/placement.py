@@ -5,9 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from residency.api.common import ApiModel, Condition, CustomResource, StatusModel
+from residency.api.common import (
+    MAX_GPUS_PER_NODE,
+    ApiModel,
+    Condition,
+    CustomResource,
+    GpuResidency,
+    StatusModel,
+)
 from residency.api.llmmodel import DType, Operation, Timings
 
 ExecutionMode = Literal["stream", "cpu"]
@@ -31,6 +38,29 @@ class ModelRef(ApiModel):
     uid: str | None = Field(default=None, max_length=64)
 
 
+SHARE_TOLERANCE = 1e-6
+"""How far the GPUs' shares may sum from residentFraction (float rounding)."""
+
+
+class GpuShare(ApiModel):
+    """One GPU of a placement's pipeline and the share of the model's weight bytes it holds.
+
+    A split model's layers run in the order of ``spec.gpus``: the first GPU holds the first layers, the
+    activations pass device to device, and whatever no GPU holds stays in host memory (streamed or computed
+    there, as ``executionMode`` says). A model's KV cache lives with its layers.
+    """
+
+    index: int = Field(
+        ge=0, lt=MAX_GPUS_PER_NODE, description="The GPU's index on the node (as the worker numbers them)."
+    )
+    resident_fraction: float = Field(ge=0, le=1, description="Share of the model's weight bytes on this GPU.")
+
+
+def gpu_set_label(node_name: str, gpus: list[int]) -> str:
+    """``gpu-a/0,1``: where a placement runs, for ``kubectl get -o wide``."""
+    return f"{node_name}/{','.join(str(index) for index in gpus)}" if gpus else node_name
+
+
 class ModelPlacementSpec(ApiModel):
     """Desired state of one model on one node; the worker converges to it."""
 
@@ -47,6 +77,21 @@ class ModelPlacementSpec(ApiModel):
         description="How offloaded layers decode: stream (copied to the GPU) or cpu (computed on the host); "
         "prefill streams them in both.",
     )
+    gpus: list[GpuShare] = Field(
+        default_factory=list,
+        max_length=MAX_GPUS_PER_NODE,
+        description="The node's GPUs the model runs on, in pipeline order (the first holds the first layers),"
+        " each with its share of weight bytes; the shares sum to residentFraction. Empty: GPU 0 holds "
+        "residentFraction (a single-GPU placement). A placement never spans nodes.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.all(g, self.exists_one(h, h.index == g.index))",
+                    "message": "a GPU appears at most once in spec.gpus",
+                }
+            ]
+        },
+    )
     desired_state: DesiredState = Field(default="Loaded")
     max_sequence_length: int = Field(default=4096, ge=1, le=1_048_576)
     max_batch_size: int = Field(default=8, ge=1, le=1024)
@@ -58,6 +103,23 @@ class ModelPlacementSpec(ApiModel):
     )
     reason: str | None = Field(default=None, max_length=1024, description="Why the planner chose this.")
     plan_generation: int | None = Field(default=None, ge=0, description="Planner round that wrote this.")
+
+    @model_validator(mode="after")
+    def _gpus_sum_to_resident_fraction(self) -> ModelPlacementSpec:
+        indices = [share.index for share in self.gpus]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"gpus: a GPU appears more than once: {indices}")
+        if self.gpus:
+            total = sum(share.resident_fraction for share in self.gpus)
+            if abs(total - self.resident_fraction) > SHARE_TOLERANCE:
+                raise ValueError(
+                    f"gpus: the shares sum to {total:.6f}, not residentFraction {self.resident_fraction:.6f}"
+                )
+        return self
+
+    def gpu_indices(self) -> list[int]:
+        """The GPUs in pipeline order (``[0]`` for a single-GPU placement written before splits existed)."""
+        return [share.index for share in self.gpus] or [0]
 
 
 class ObservedDemand(StatusModel):
@@ -82,6 +144,11 @@ class ModelPlacementStatus(StatusModel):
         default=None, description="How the worker runs the offloaded layers now (may lag the spec's)."
     )
     resident_bytes: int | None = Field(default=None, ge=0)
+    gpus: list[GpuResidency] = Field(
+        default_factory=list,
+        max_length=MAX_GPUS_PER_NODE,
+        description="Per-GPU residency, in pipeline order.",
+    )
     observed_decode_tokens_per_second: float | None = Field(default=None, ge=0)
     timings: Timings | None = None
     last_operation: Operation | None = Field(
