@@ -69,6 +69,8 @@ PLACEMENT_FIELDS = (
     "predictionSource",
     "endpoint",
     "observed",
+    "gpuSet",
+    "gpus",
 )
 """Status fields that describe where and how the model runs now: a verdict that does not give one (the
 model failed validation, lost its node, waits) clears it rather than leave the last placement's."""

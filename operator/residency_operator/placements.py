@@ -3,6 +3,7 @@ and whether the controller writes each one."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from residency.api import API_VERSION
@@ -27,10 +28,13 @@ def placement_manifest(
     mode: str,
     desired_state: str,
     reason: str | None,
+    gpus: Sequence[tuple[int, float]] = (),
 ) -> dict[str, Any]:
-    """The ModelPlacement object the operator wants for one model."""
+    """The ModelPlacement object the operator wants for one model (``gpus``: on a multi-GPU node, its GPUs
+    in pipeline order with each one's share of the weight bytes)."""
     namespace, name = key.split("/", 1)
     spec = body["spec"]
+    fraction = round(resident_fraction, 4)
     return {
         "apiVersion": API_VERSION,
         "kind": "ModelPlacement",
@@ -47,7 +51,8 @@ def placement_manifest(
             "nodeName": node,
             "sourcePath": str(info.path),
             "dtype": spec.get("dtype", "bfloat16"),
-            "residentFraction": round(resident_fraction, 4),
+            "residentFraction": fraction,
+            **({"gpus": gpu_shares(fraction, gpus)} if gpus else {}),
             "minResidentFraction": round(
                 1.0 - float((spec.get("offload") or {}).get("maxFraction", 0.75)), 4
             ),
@@ -59,6 +64,26 @@ def placement_manifest(
             **({"reason": reason[:1024]} if reason else {}),
         },
     }
+
+
+def gpu_shares(resident_fraction: float, gpus: Sequence[tuple[int, float]]) -> list[dict[str, Any]]:
+    """``spec.gpus``: each GPU's share, scaled to the written (rounded) resident fraction so that the shares
+    sum to it within the API's tolerance."""
+    total = sum(share for _, share in gpus)
+    scale = resident_fraction / total if total > 0 else 0.0
+    rounded = [round(share * scale, 6) for _, share in gpus[:-1]]
+    last = max(0.0, round(resident_fraction - sum(rounded), 8))
+    return [
+        {"index": index, "residentFraction": share}
+        for (index, _), share in zip(gpus, [*rounded, last], strict=True)
+    ]
+
+
+def _previous_gpus(previous: dict[str, Any], node: str) -> list[tuple[int, float]]:
+    """The GPUs a placement named, while it stays on that node (an idle or preempted model keeps them)."""
+    if previous.get("nodeName") != node:
+        return []
+    return [(int(g["index"]), float(g["residentFraction"])) for g in previous.get("gpus") or []]
 
 
 def _reason(previous: dict[str, Any], desired_state: str, fresh: str | None) -> str | None:
@@ -90,6 +115,7 @@ def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
             planned.mode,
             "Loaded",
             _reason(previous, "Loaded", reasons.get(key)),
+            [(g.index, g.resident_fraction) for g in planned.gpus],
         )
     for key, why in sorted(inputs.idle.items()):
         previous = inputs.placements[key]["spec"]
@@ -102,6 +128,7 @@ def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
             previous.get("executionMode", "stream"),
             "Idle",
             _reason(previous, "Idle", why),
+            _previous_gpus(previous, previous["nodeName"]),
         )
     current = {c.model: c for c in inputs.current}
     for cached in plan.cached:
@@ -122,6 +149,7 @@ def desired_placements(plan: Plan, inputs: Inputs) -> dict[str, dict[str, Any]]:
             mode,
             "Preempted",
             _reason(previous, "Preempted", reasons.get(key)),
+            _previous_gpus(previous, cached.node) if "residentFraction" in previous else [],
         )
     return desired
 

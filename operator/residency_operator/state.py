@@ -13,6 +13,7 @@ from typing import Any
 
 from residency.modeldir import ModelDirInfo
 from residency_operator.conditions import Verdict
+from residency_operator.nodegpus import profile_gpus
 from residency_operator.planner import (
     CurrentPlacement,
     ModelDemand,
@@ -257,6 +258,7 @@ def node_capacity(
         schedulable=ready and fresh,
         cordoned=cordoned,
         disrupting=disrupting,
+        **profile_gpus(spec),
     )
 
 
@@ -433,6 +435,7 @@ def current_placement(
         mode=(failed_change and status.get("executionMode")) or spec.get("executionMode", "stream"),
         state=kind,  # type: ignore[arg-type]
         kv_cache_bytes=int((status.get("timings") or {}).get("kvBytes") or 0),
+        gpus=tuple(int(g["index"]) for g in spec.get("gpus") or []),
     )
 
 

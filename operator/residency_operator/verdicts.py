@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from residency.api import ConditionStatus
+from residency.api import ConditionStatus, gpu_set_label
 from residency.sizing import memory_text
 from residency_operator.conditions import Verdict
 from residency_operator.planner import Plan, PlannedPlacement, Unschedulable
@@ -118,6 +118,27 @@ def rejected_verdict(verdict: Verdict, message: str) -> Verdict:
     )
 
 
+def gpu_fields(
+    node: str | None, planned: PlannedPlacement | None, spec: dict[str, Any], status: dict[str, Any]
+) -> tuple[tuple[str, Any], ...]:
+    """``gpuSet`` (``gpu-a/0,1``) and per-GPU ``gpus`` of a model on a multi-GPU node: the GPUs the plan
+    names, with what the worker reports holding on each (its ``status.gpus``) once it does; nothing for a
+    single-GPU node."""
+    if planned is not None:
+        shares = [(g.index, g.resident_fraction) for g in planned.gpus]
+    else:
+        shares = [(int(g["index"]), float(g["residentFraction"])) for g in spec.get("gpus") or []]
+    if not shares or node is None:
+        return ()
+    reported = {int(g["index"]): g for g in status.get("gpus") or [] if "index" in g}
+    same_node = spec.get("nodeName") == node
+    gpus = []
+    for index, share in shares:
+        held = reported.get(index) if same_node else None
+        gpus.append(dict(held) if held is not None else {"index": index, "residentFraction": round(share, 4)})
+    return (("gpuSet", gpu_set_label(node, [index for index, _ in shares])), ("gpus", gpus))
+
+
 def _placed_verdict(
     key: str,
     inputs: Inputs,
@@ -147,6 +168,7 @@ def _placed_verdict(
         ),
         ("predictionSource", planned.prediction_source if planned else None),
         ("endpoint", status.get("endpoint") if state == "Loaded" else None),
+        *gpu_fields(node, planned, spec, status),
     )
     if status.get("timings"):
         extra += (("timings", status["timings"]),)

@@ -154,7 +154,7 @@ def test_planner_sees_observed_prompt_work() -> None:
 def test_extra_scenarios_are_marked() -> None:
     scenarios = [load_scenario(p) for p in standard_scenarios()]
     fleets = [s for s in scenarios if s.name.startswith("fleet-")]
-    standard = {"small-large-mix", "skewed-50x8", "priority-burst", "bandwidth-starved"}
+    standard = {"small-large-mix", "skewed-50x8", "priority-burst", "bandwidth-starved", "multi-gpu-split"}
     standard |= {s.name for s in fleets}
     assert all(s.extra == (s.name not in standard) for s in scenarios)
     # The oversubscribed family (docs/planner.md): large heterogeneous fleets, many models in several tiers,

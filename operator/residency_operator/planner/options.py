@@ -420,6 +420,8 @@ def build_class_tables(
             step_seconds = (resident + kv_per_step[:, None]) / (node.hbm_gbps * GB) + offloaded / (
                 offload_gbps(node, mode) * GB
             )
+            if node.pipeline_hop_seconds:  # a split's GPU set (planner/gpus.py)
+                step_seconds = step_seconds + node.pipeline_hop_seconds
             rate[c, k] = calibration / step_seconds
             single_step_seconds = step_seconds - (kv_per_step - kv_per_sequence)[:, None] / (
                 node.hbm_gbps * GB
@@ -466,6 +468,8 @@ def build_class_tables(
                 & (gpu_bytes[k] <= gpu_capacity)
                 & (host_bytes <= host_capacity)
             )
+            if node.reserved_for is not None:  # a split's GPU set: its model only (planner/gpus.py)
+                feasible[c, k] &= np.array([m.name == node.reserved_for for m in models])[:, None]
     throughput = rate * batch[None, None, :, None]
     served = np.minimum(
         np.minimum(throughput, config.demand_headroom * demand[None, None, :, None]),

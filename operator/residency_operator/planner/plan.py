@@ -17,6 +17,7 @@ import numpy as np
 
 from residency_operator.planner.actions import assemble_plan
 from residency_operator.planner.fill import fill_free_memory
+from residency_operator.planner.gpus import is_multi_gpu, plan_on_nodes, split_into_units
 from residency_operator.planner.greedy import Assignment, GreedyPlanner
 from residency_operator.planner.milp import (
     assignments_from_milp,
@@ -24,6 +25,7 @@ from residency_operator.planner.milp import (
     lp_upper_bound,
     solve_lexicographic,
 )
+from residency_operator.planner.predictor import Predictor
 from residency_operator.planner.problem import PlanningProblem
 from residency_operator.planner.repack import repack
 from residency_operator.planner.swapin import serve_waiting
@@ -57,7 +59,32 @@ def plan(
     the plan is deterministic). The same inputs always give the same plan.
     """
     with collector_paused():
-        return _plan(models, nodes, current_placements, profiles, now, config or PlannerConfig())
+        config = config or PlannerConfig()
+        node_list = list(nodes)
+        if not any(is_multi_gpu(n) for n in node_list):
+            return _plan(models, node_list, current_placements, profiles, now, config)
+        return plan_gpus(list(models), node_list, list(current_placements), list(profiles), now, config)
+
+
+def plan_gpus(
+    models: list[ModelDemand],
+    nodes: list[NodeCapacity],
+    current_placements: list[CurrentPlacement],
+    profiles: list[SensitivityProfile],
+    now: float,
+    config: PlannerConfig,
+) -> Plan:
+    """:func:`plan` on a fleet with multi-GPU nodes: the solvers pack GPU sets (planner/gpus.py), and the
+    plan names each placement's node and GPUs. A model no node can hold is refused here, with its reason."""
+    started = time.perf_counter()
+    units = split_into_units(
+        models, nodes, current_placements, Predictor.calibrated(profiles, models), config
+    )
+    refused = {u.model for u in units.too_large}
+    solvable = [dataclasses.replace(m, wanted=False) if m.name in refused else m for m in models]
+    planned = _plan(solvable, units.units, units.current, profiles, now, config)
+    result = plan_on_nodes(planned, units)
+    return dataclasses.replace(result, solve_seconds=time.perf_counter() - started)
 
 
 @contextmanager

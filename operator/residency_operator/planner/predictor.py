@@ -70,8 +70,12 @@ def roofline_decode_step_seconds(
     resident_bytes = resident_fraction * model.weight_bytes
     offloaded_bytes = model.weight_bytes - resident_bytes
     kv_bytes = model.kv_bytes_per_token * sequence_tokens * max(1, batch)
-    return (resident_bytes + kv_bytes) / (node.hbm_gbps * GB) + offloaded_bytes / (
-        offload_gbps(node, mode) * GB
+    # A split model's stages read their own layers one after another: the HBM terms add as on one GPU,
+    # plus the activations passed between GPUs (0 on one GPU).
+    return (
+        (resident_bytes + kv_bytes) / (node.hbm_gbps * GB)
+        + offloaded_bytes / (offload_gbps(node, mode) * GB)
+        + node.pipeline_hop_seconds
     )
 
 
@@ -207,7 +211,8 @@ class Predictor:
         fit = self.fits.get(node.gpu_type)
         if fit is None:
             return roofline
-        return max(roofline, fit.decode_step_seconds(model, resident_fraction, mode, batch, sequence_tokens))
+        fitted = fit.decode_step_seconds(model, resident_fraction, mode, batch, sequence_tokens)
+        return max(roofline, fitted + node.pipeline_hop_seconds)
 
     def profile_for(
         self, model: ModelDemand, node: NodeCapacity, mode: ExecutionMode

@@ -146,6 +146,43 @@ def with_backlog(model: ModelDemand) -> ModelDemand:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuCapacity:
+    """One GPU of a multi-GPU node: its memory budget and bandwidths (``NodeProfile.spec.gpus``)."""
+
+    index: int
+    memory_bytes: int
+    hbm_gbps: float
+    host_to_device_gbps: float
+    """Pinned host-to-device GB/s of this GPU copying alone."""
+    host_link: int = 0
+    """The host link (PCIe root or switch) it copies through; GPUs with one id share it."""
+    reserved_bytes: int = 0
+    """Memory on this GPU the planner does not place (CUDA context, other pods)."""
+
+    @property
+    def usable_bytes(self) -> int:
+        """Bytes the planner may fill on this GPU."""
+        return max(0, self.memory_bytes - self.reserved_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class HostLinkCapacity:
+    """A host link several GPUs of a node copy through, with what it carries when all of them copy."""
+
+    id: int
+    gpus: tuple[int, ...]
+    concurrent_host_to_device_gbps: float
+
+
+@dataclass(frozen=True, slots=True)
+class GpuShare:
+    """One GPU of a placement's pipeline and the share of the model's weight bytes it holds."""
+
+    index: int
+    resident_fraction: float
+
+
+@dataclass(frozen=True, slots=True)
 class NodeCapacity:
     """A GPU node as the planner sees it: memory, bandwidths and whether it may take work."""
 
@@ -172,6 +209,20 @@ class NodeCapacity:
     device_to_host_gbps: float | None = None
     load_overhead_seconds: float = 1.0
     """Fixed cost of starting a model (allocations, graph capture) on top of the bytes it moves."""
+    gpus: tuple[GpuCapacity, ...] = ()
+    """Each GPU of a node with several (empty: one GPU, described by the node-level fields). The node-level
+    ``gpu_memory_bytes`` and ``reserved_gpu_bytes`` are then the sums over them; the planner packs the GPUs
+    (planner/gpus.py)."""
+    host_links: tuple[HostLinkCapacity, ...] = ()
+    """Host links shared by several of ``gpus``, with their measured concurrent bandwidth."""
+    device_to_device_gbps: float | None = None
+    """GPU-to-GPU copy GB/s (activations between the stages of a split); the host link's when unknown."""
+    pipeline_hop_seconds: float = 0.0
+    """Seconds a decode step spends passing activations between GPUs: set by the planner on the GPU set a
+    split model runs on (planner/gpus.py), 0 on one GPU."""
+    reserved_for: str | None = None
+    """Set by the planner on the GPU set it formed for one split model (planner/gpus.py): only that model
+    may run there."""
 
     @property
     def accepts_work(self) -> bool:
@@ -216,6 +267,8 @@ class CurrentPlacement:
     state: PlacementState = "loaded"
     kv_cache_bytes: int = 0
     """KV bytes in use now (saved to host on preemption)."""
+    gpus: tuple[int, ...] = ()
+    """The node's GPUs it runs on, in pipeline order (empty: GPU 0, or a single-GPU node)."""
 
     @property
     def is_running(self) -> bool:
@@ -295,6 +348,10 @@ class PlannerConfig:
     window. (On fleet-zipf-shift, 600 s, seed 11, residency's SLO-met goodput was 2838 tok/s with strict
     tiers, 3130 yielding at 0 tok/s, 3347 at 5, 3172 at 20; at 5 the incremental planner's plans fell to
     0.93 of a full plan's value in test_planner_incremental, so the default stays at no demand.)"""
+    allow_gpu_splits: bool = True
+    """A model larger than one GPU may run split by layers across several GPUs of one node (planner/gpus.py);
+    False: every model runs on one GPU, the rest of it offloaded to host memory (the simulator's
+    ``residency-no-split`` policy)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +374,9 @@ class PlannedPlacement:
     meets_slo: bool = True
     prediction_source: str = "roofline"
     """Where the decode prediction came from: ``profile``, ``fitted`` or ``roofline`` (Predictor.source)."""
+    gpus: tuple[GpuShare, ...] = ()
+    """On a multi-GPU node: its GPUs in pipeline order, each with its share of the weight bytes (the shares
+    sum to ``resident_fraction``); empty on a single-GPU node."""
 
 
 @dataclass(frozen=True, slots=True)

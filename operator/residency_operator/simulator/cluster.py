@@ -6,12 +6,20 @@ Numbers are public datasheet figures rounded down to what a serving process sees
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from residency_operator.planner.types import GIB, ExecutionMode, ModelDemand, NodeCapacity
+from residency_operator.planner.types import (
+    GIB,
+    ExecutionMode,
+    GpuCapacity,
+    HostLinkCapacity,
+    ModelDemand,
+    NodeCapacity,
+)
 from residency_operator.simulator.validation import (
     check_workload,
     flag,
@@ -76,6 +84,38 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "gpu_tflops": 155,
         "storage_read_gbps": 1,
     },
+    # Multi-GPU nodes: ``gpu_memory_gib`` and the bandwidths are each GPU's; ``gpus_per_host_link`` GPUs copy
+    # through one host link that carries ``host_link_concurrent_gbps`` when all of them copy at once.
+    "h100-sxm-8x": {
+        # An HGX H100 node: 8 SXM GPUs on NVLink; each pair sits behind one PCIe Gen5 switch.
+        "gpu_type": "H100-SXM",
+        "gpu_count": 8,
+        "gpu_memory_gib": 80,
+        "hbm_gbps": 3350,
+        "host_to_device_gbps": 50,
+        "gpus_per_host_link": 2,
+        "host_link_concurrent_gbps": 64,
+        "device_to_device_gbps": 300,
+        "host_memory_gib": 2048,
+        "host_memory_gbps": 200,
+        "gpu_tflops": 989,
+        "storage_read_gbps": 10,
+    },
+    "l4-4x": {
+        # Four L4s on PCIe Gen4, two behind each host switch; GPU-to-GPU copies cross the host bridge.
+        "gpu_type": "L4",
+        "gpu_count": 4,
+        "gpu_memory_gib": 24,
+        "hbm_gbps": 300,
+        "host_to_device_gbps": 25,
+        "gpus_per_host_link": 2,
+        "host_link_concurrent_gbps": 26,
+        "device_to_device_gbps": 20,
+        "host_memory_gib": 512,
+        "host_memory_gbps": 80,
+        "gpu_tflops": 121,
+        "storage_read_gbps": 3,
+    },
 }
 
 MODEL_FAMILIES: dict[str, dict[str, Any]] = {
@@ -88,6 +128,7 @@ MODEL_FAMILIES: dict[str, dict[str, Any]] = {
     "llama-13b": {"parameters_billion": 13.0, "layers": 40, "kv_bytes_per_token": 819200},
     "codellama-34b": {"parameters_billion": 34.0, "layers": 48, "kv_bytes_per_token": 196608},
     "llama-70b": {"parameters_billion": 70.0, "layers": 80, "kv_bytes_per_token": 327680},
+    "qwen-32b": {"parameters_billion": 32.8, "layers": 64, "kv_bytes_per_token": 262144},
 }
 
 
@@ -102,7 +143,10 @@ POSITIVE_NODE_FIELDS = (
 )
 """Node numbers that must be > 0: memory sizes, and rates the predictor divides by."""
 
-NODE_OVERRIDES = (*POSITIVE_NODE_FIELDS, "gpu_type", "reserved_gpu_gib", "cordoned")
+MULTI_GPU_FIELDS = ("gpu_count", "gpus_per_host_link", "host_link_concurrent_gbps", "device_to_device_gbps")
+"""Fields of a multi-GPU preset (``gpu_count`` > 1); the memory and bandwidth fields are then each GPU's."""
+
+NODE_OVERRIDES = (*POSITIVE_NODE_FIELDS, "gpu_type", "reserved_gpu_gib", "cordoned", *MULTI_GPU_FIELDS)
 """Preset fields a cluster entry may override."""
 
 DEFAULT_CLUSTER = "h100-pcie5:1,a6000-pcie4:1,l4:2"
@@ -124,7 +168,7 @@ def make_node(name: str, preset: str, **overrides: Any) -> NodeCapacity:
             f"node {name}: reserved_gpu_gib ({reserved_gpu_gib:g}) leaves nothing of "
             f"gpu_memory_gib ({value['gpu_memory_gib']:g})"
         )
-    return NodeCapacity(
+    node = NodeCapacity(
         name=name,
         gpu_type=text(spec["gpu_type"], f"node {name}: gpu_type"),
         gpu_memory_bytes=int(value["gpu_memory_gib"] * GIB),
@@ -136,6 +180,46 @@ def make_node(name: str, preset: str, **overrides: Any) -> NodeCapacity:
         storage_read_gbps=value["storage_read_gbps"],
         reserved_gpu_bytes=int(reserved_gpu_gib * GIB),
         cordoned=flag(spec.get("cordoned", False), f"node {name}: cordoned"),
+    )
+    gpu_count = whole_number(spec.get("gpu_count", 1), f"node {name}: gpu_count", minimum=1)
+    return node if gpu_count == 1 else with_gpus(node, gpu_count, spec)
+
+
+def with_gpus(node: NodeCapacity, gpu_count: int, spec: dict[str, Any]) -> NodeCapacity:
+    """A node of ``gpu_count`` GPUs like ``node``'s one (memory, reserve and bandwidths each GPU's), sharing
+    host links ``gpus_per_host_link`` at a time, with GPU-to-GPU copies at ``device_to_device_gbps``."""
+    where = f"node {node.name}"
+    per_link = whole_number(spec.get("gpus_per_host_link", 1), f"{where}: gpus_per_host_link", minimum=1)
+    concurrent = number(
+        spec.get("host_link_concurrent_gbps", node.host_to_device_gbps * per_link),
+        f"{where}: host_link_concurrent_gbps",
+        above=0,
+    )
+    d2d = spec.get("device_to_device_gbps")
+    gpus = tuple(
+        GpuCapacity(
+            index=i,
+            memory_bytes=node.gpu_memory_bytes,
+            hbm_gbps=node.hbm_gbps,
+            host_to_device_gbps=node.host_to_device_gbps,
+            host_link=i // per_link,
+            reserved_bytes=node.reserved_gpu_bytes,
+        )
+        for i in range(gpu_count)
+    )
+    links = tuple(
+        HostLinkCapacity(link, tuple(g.index for g in gpus if g.host_link == link), concurrent)
+        for link in sorted({g.host_link for g in gpus})
+    )
+    return dataclasses.replace(
+        node,
+        gpu_memory_bytes=node.gpu_memory_bytes * gpu_count,
+        reserved_gpu_bytes=node.reserved_gpu_bytes * gpu_count,
+        gpus=gpus,
+        host_links=tuple(link for link in links if len(link.gpus) > 1),
+        device_to_device_gbps=None
+        if d2d is None
+        else number(d2d, f"{where}: device_to_device_gbps", above=0),
     )
 
 

@@ -20,12 +20,11 @@ from residency_operator.planner.options import (
     gpu_bytes_needed,
     host_bytes_needed,
     transition,
-    usable_gpu_bytes,
-    usable_host_bytes,
 )
 from residency_operator.planner.predictor import Predictor
 from residency_operator.planner.types import CurrentPlacement, ExecutionMode, ModelDemand, NodeCapacity
 from residency_operator.simulator.cluster import SimModel
+from residency_operator.simulator.devices import Topology, Unit, sharing_groups
 from residency_operator.simulator.measured import EngineModel
 from residency_operator.simulator.trace import Request
 
@@ -150,7 +149,12 @@ class Simulation:
         preempted_wait_seconds: float = PREEMPTED_WAIT_SECONDS,
         engine: EngineModel | None = None,
     ) -> None:
-        self.nodes = list(nodes)
+        self.topology = Topology(nodes)
+        self.machines = self.topology.machines
+        """The nodes as the planner sees them (a multi-GPU node with its GPUs)."""
+        self.nodes = self.topology.devices
+        """One per GPU: a single-GPU node as it is, each GPU of a multi-GPU node as ``node/i`` (what the
+        baselines, which run each model on one GPU, place on)."""
         self.node_by_name = {n.name: n for n in self.nodes}
         self.models: dict[str, ModelRuntime] = {
             m.name: ModelRuntime(spec=m, demand=m.demand()) for m in models
@@ -175,7 +179,7 @@ class Simulation:
         self.outcomes: list[RequestOutcome] = []
         self.now_seconds = 0.0
         self._memory_samples: list[float] = []
-        self._usage: dict[str, tuple[int, int]] | None = None
+        self._usage: tuple[dict[str, int], dict[str, int]] | None = None
 
     # -- what policies see ----------------------------------------------------------------------------
 
@@ -196,21 +200,41 @@ class Simulation:
                     and self.now_seconds - max(runtime.last_used_seconds, runtime.last_active_seconds)
                     >= self.idle_after_seconds
                 )
+                unit = self.topology.unit(runtime.node)
                 placements.append(
                     CurrentPlacement(
                         name,
-                        runtime.node,
+                        unit.machine,
                         runtime.resident_fraction,
                         runtime.mode,
                         "idle" if idle else "loaded",
                         kv_bytes,
+                        unit.gpus,
                     )
                 )
             elif runtime.cached_node is not None:
+                unit = self.topology.unit(runtime.cached_node)
                 placements.append(
-                    CurrentPlacement(name, runtime.cached_node, 0.0, "stream", "preempted", kv_bytes)
+                    CurrentPlacement(name, unit.machine, 0.0, "stream", "preempted", kv_bytes, unit.gpus)
                 )
         return placements
+
+    def _unit_placement(self, name: str, target: Unit) -> CurrentPlacement | None:
+        """What a model runs on now, in unit names (a host copy on the target's node resumes there)."""
+        runtime = self.models[name]
+        kv_bytes = sum(
+            int(a.request.prompt_tokens + a.tokens_done) * runtime.demand.kv_bytes_per_token
+            for a in runtime.active
+        )
+        if runtime.node is not None:
+            return CurrentPlacement(
+                name, runtime.node, runtime.resident_fraction, runtime.mode, "loaded", kv_bytes
+            )
+        if runtime.cached_node is not None:
+            cached = self.topology.unit(runtime.cached_node)
+            where = target.name if cached.machine == target.machine else cached.name
+            return CurrentPlacement(name, where, 0.0, "stream", "preempted", kv_bytes)
+        return None
 
     def observed_demand_tokens_per_second(self, name: str) -> float:
         """Requested output tokens/s over the last minute, plus what waits in the queue."""
@@ -230,35 +254,50 @@ class Simulation:
         prompts = [prompt for _, _, prompt in runtime.recent_arrivals]
         return sum(prompts) / window, max(1, round(sum(prompts) / len(prompts)))
 
-    def used_bytes(self, node_name: str) -> tuple[int, int]:
-        """(GPU, host) bytes used on a node by running and cached models."""
+    def _usage_tables(self) -> tuple[dict[str, int], dict[str, int]]:
+        """GPU bytes used per device and host bytes used per node, by running and cached models."""
         if self._usage is None:
-            usage = {n.name: [0, 0] for n in self.nodes}
+            gpu = {n.name: 0 for n in self.nodes}
+            host = {m.name: 0 for m in self.machines}
             for runtime in self.models.values():
                 if runtime.node is not None:
-                    usage[runtime.node][0] += gpu_bytes_needed(
-                        runtime.demand, runtime.resident_fraction, runtime.mode
-                    )
-                    usage[runtime.node][1] += host_bytes_needed(runtime.demand, runtime.resident_fraction)
+                    unit = self.topology.unit(runtime.node)
+                    needed = gpu_bytes_needed(runtime.demand, runtime.resident_fraction, runtime.mode)
+                    for device, used in self.topology.footprint(unit, needed):
+                        gpu[device] += used
+                    host[unit.machine] += host_bytes_needed(runtime.demand, runtime.resident_fraction)
                 elif runtime.cached_node is not None:
-                    usage[runtime.cached_node][1] += cached_host_bytes(runtime.demand, 0)
-            self._usage = {name: (gpu, host) for name, (gpu, host) in usage.items()}
-        return self._usage[node_name]
+                    host[self.topology.unit(runtime.cached_node).machine] += cached_host_bytes(
+                        runtime.demand, 0
+                    )
+            self._usage = (gpu, host)
+        return self._usage
+
+    def used_bytes(self, node_name: str) -> tuple[int, int]:
+        """(GPU, host) bytes used on a device or GPU set (host: its whole node's) by running and cached
+        models."""
+        gpu, host = self._usage_tables()
+        unit = self.topology.unit(node_name)
+        return sum(gpu[d] for d in unit.devices), host[unit.machine]
 
     def free_bytes(self, node_name: str) -> tuple[int, int]:
-        """(GPU, host) bytes still free on a node."""
-        node = self.node_by_name[node_name]
+        """(GPU, host) bytes still free on a device or GPU set (host: on its whole node)."""
+        unit = self.topology.unit(node_name)
         gpu, host = self.used_bytes(node_name)
-        return usable_gpu_bytes(node) - gpu, usable_host_bytes(node) - host
+        return sum(unit.usable) - gpu, self.topology.usable_host(unit.machine) - host
 
     # -- what policies do -----------------------------------------------------------------------------
 
     def place(self, name: str, node_name: str, resident_fraction: float, mode: ExecutionMode) -> None:
         """Run a model on a node at a residency (load, resume, promote, demote, migrate as needed)."""
         runtime = self.models[name]
-        node = self.node_by_name[node_name]
-        current = next((p for p in self.current_placements() if p.model == name), None)
-        kind, cost = transition(runtime.demand, current, self.node_by_name, node, resident_fraction, mode)
+        unit = self.topology.unit(node_name)
+        node = unit.node
+        current = self._unit_placement(name, unit)
+        nodes = {node.name: node}
+        if current is not None and current.node != node.name:
+            nodes[current.node] = self.topology.unit(current.node).node
+        kind, cost = transition(runtime.demand, current, nodes, node, resident_fraction, mode)
         if kind is None:
             return
         if kind == "load" and runtime.active:
@@ -277,7 +316,7 @@ class Simulation:
         if kind in ("load", "resume", "migrate"):
             self.counters.reload_seconds += cost.seconds
         self._usage = None
-        runtime.node = node_name
+        runtime.node = unit.name
         runtime.cached_node = None
         runtime.parked_since_seconds = None  # a resume continues the parked requests
         runtime.resident_fraction = resident_fraction
@@ -328,7 +367,7 @@ class Simulation:
         runtime.parked_since_seconds = None
 
     def check_capacity(self) -> None:
-        """Raise if any node is over-committed (a policy bug)."""
+        """Raise if any GPU or node is over-committed (a policy bug)."""
         for node in self.nodes:
             free_gpu, free_host = self.free_bytes(node.name)
             if free_gpu < 0 or free_host < 0:
@@ -389,25 +428,26 @@ class Simulation:
             runtime.queue = kept
 
     def _serve(self, now: float) -> None:
-        by_node: dict[str, list[ModelRuntime]] = {}
+        serving: list[ModelRuntime] = []
         for name in sorted(self.models):
             runtime = self.models[name]
             if runtime.node is None or runtime.busy_until_seconds > now:
                 continue
             if runtime.queue or runtime.active:
                 runtime.last_active_seconds = now
-                by_node.setdefault(runtime.node, []).append(runtime)
-        for node_name, runtimes in by_node.items():
-            node = self.node_by_name[node_name]
-            for runtime in runtimes:
+                serving.append(runtime)
+        for runtimes, nodes in self._sharing(serving):
+            for runtime, node in zip(runtimes, nodes, strict=True):
                 self._admit(runtime, node)
             # Processor sharing, work-conserving: the GPU's time this tick is split max-min fairly, so a
             # model that needs less than an equal slice leaves the rest to the models that need more
             # (time-sliced processes on one GPU: an idle one takes no time).
-            wanted = [self._work_seconds(runtime, node) for runtime in runtimes]
-            budgets = self._shares(runtimes, node, wanted)
+            wanted = [
+                self._work_seconds(runtime, node) for runtime, node in zip(runtimes, nodes, strict=True)
+            ]
+            budgets = self._shares(runtimes, nodes, wanted)
             share = len(runtimes)
-            for runtime, budget in zip(runtimes, budgets, strict=True):
+            for runtime, node, budget in zip(runtimes, nodes, budgets, strict=True):
                 if budget <= 0:
                     continue
                 # GPU seconds of this model map to wall seconds stretched by how many share the GPU, or
@@ -415,14 +455,55 @@ class Simulation:
                 stretch = min(float(share), self.tick_seconds / budget)
                 self._serve_model(runtime, node, now, budget, stretch)
 
-    def _shares(self, runtimes: list[ModelRuntime], node: NodeCapacity, wanted: list[float]) -> list[float]:
+    def _sharing(self, serving: list[ModelRuntime]) -> list[tuple[list[ModelRuntime], list[NodeCapacity]]]:
+        """The runtimes that take turns on one GPU (or overlapping GPU sets), each with the node it is served
+        at: on a multi-GPU node, with its share of a host link the models streaming now share."""
+        if not self.topology.multi_gpu:
+            by_node: dict[str, list[ModelRuntime]] = {}
+            for runtime in serving:
+                by_node.setdefault(str(runtime.node), []).append(runtime)
+            return [
+                (runtimes, [self.node_by_name[name]] * len(runtimes)) for name, runtimes in by_node.items()
+            ]
+        units = [self.topology.unit(str(runtime.node)) for runtime in serving]
+        streaming: dict[tuple[str, int], int] = {}
+        keys = [
+            self.topology.link_key(unit) if r.resident_fraction < 1.0 else None
+            for r, unit in zip(serving, units, strict=True)
+        ]
+        for key in keys:
+            if key is not None:
+                streaming[key] = streaming.get(key, 0) + 1
+        nodes = [
+            self.topology.streaming_node(unit, streaming.get(key, 1) if key is not None else 1)
+            for unit, key in zip(units, keys, strict=True)
+        ]
+        return [
+            ([serving[i] for i in group], [nodes[i] for i in group])
+            for group in sharing_groups(enumerate(units))
+        ]
+
+    def _decode_step(self, runtime: ModelRuntime, node: NodeCapacity, batch: int) -> float:
+        """Seconds of one decode step of the model's batch, its activations' hops between GPUs included."""
+        step = self.engine.decode_step_seconds(
+            runtime.demand, node, runtime.resident_fraction, runtime.mode, batch=batch
+        )
+        if self.topology.multi_gpu and runtime.node is not None:
+            step += self.topology.hop_seconds(self.topology.unit(runtime.node), runtime.demand, batch)
+        return step
+
+    def _shares(
+        self, runtimes: list[ModelRuntime], nodes: list[NodeCapacity], wanted: list[float]
+    ) -> list[float]:
         """Each model's GPU seconds this tick. Unpaced: max-min fair. Paced (the residency worker): while a
         model on the GPU has requests waiting for a batch slot, the others run only at their SLO pace
         (times PACE_HEADROOM) and the time they leave goes to the waiting ones."""
         hungry = [i for i, runtime in enumerate(runtimes) if runtime.queue]
         if not self.paced_decode or not hungry or len(hungry) == len(runtimes):
             return fair_shares(wanted, self.tick_seconds)
-        paced = [min(w, self._paced_seconds(r, node)) for r, w in zip(runtimes, wanted, strict=True)]
+        paced = [
+            min(w, self._paced_seconds(r, node)) for r, node, w in zip(runtimes, nodes, wanted, strict=True)
+        ]
         for i in hungry:
             paced[i] = min(wanted[i], paced[i])
         base = fair_shares(paced, self.tick_seconds)
@@ -440,9 +521,7 @@ class Simulation:
         steps = min(
             max(0.0, needed), runtime.spec.min_decode_tokens_per_second * PACE_HEADROOM * self.tick_seconds
         )
-        step_seconds = self.engine.decode_step_seconds(
-            runtime.demand, node, runtime.resident_fraction, runtime.mode, batch=len(runtime.active)
-        )
+        step_seconds = self._decode_step(runtime, node, len(runtime.active))
         return prefill + steps * step_seconds
 
     def _admit(self, runtime: ModelRuntime, node: NodeCapacity) -> None:
@@ -465,9 +544,7 @@ class Simulation:
         needed = max((a.request.output_tokens - a.tokens_done for a in runtime.active), default=0.0)
         if not runtime.active:
             return 0.0
-        step_seconds = self.engine.decode_step_seconds(
-            runtime.demand, node, runtime.resident_fraction, runtime.mode, batch=len(runtime.active)
-        )
+        step_seconds = self._decode_step(runtime, node, len(runtime.active))
         return prefill + max(0.0, needed) * step_seconds
 
     def _serve_model(
@@ -476,8 +553,6 @@ class Simulation:
         """Continuous batching, as the worker's batch loop does it: a waiting request joins the batch as
         soon as a slot frees (its prefill runs before the batch's next step), not at the next tick; the
         batch decodes at the step time of its current size."""
-        demand = runtime.demand
-        predictor = self.engine
         used = 0.0
         while used < budget - 1e-12:
             self._admit(runtime, node)
@@ -494,9 +569,7 @@ class Simulation:
                     active.first_token_seconds = now + used * stretch
                     active.tokens_done = 1.0
                 continue
-            step_seconds = predictor.decode_step_seconds(
-                demand, node, runtime.resident_fraction, runtime.mode, batch=len(runtime.active)
-            )
+            step_seconds = self._decode_step(runtime, node, len(runtime.active))
             # Decode until the first request of the batch is done, or the tick's time is spent.
             to_first_done = min(a.request.output_tokens - a.tokens_done for a in runtime.active)
             steps = max(0.0, min(to_first_done, (budget - used) / step_seconds))
@@ -542,8 +615,8 @@ class Simulation:
         )
 
     def _sample_memory(self) -> None:
-        total = sum(usable_gpu_bytes(n) for n in self.nodes)
-        used = sum(self.used_bytes(n.name)[0] for n in self.nodes)
+        total = sum(self.topology.usable_gpu(n.name) for n in self.nodes)
+        used = sum(self._usage_tables()[0].values())
         self._memory_samples.append(used / total if total else 0.0)
 
     @property

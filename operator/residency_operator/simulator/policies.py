@@ -36,7 +36,8 @@ def apply_plan(sim: Simulation, planned: Plan) -> None:
             sim.preempt(action.model, keep_cache=True)
         else:
             placement = planned.placements[action.model]
-            sim.place(action.model, placement.node, placement.resident_fraction, placement.mode)
+            where = sim.topology.unit_name(placement.node, [g.index for g in placement.gpus])
+            sim.place(action.model, where, placement.resident_fraction, placement.mode)
 
 
 class ResidencyPolicy:
@@ -85,9 +86,8 @@ class ResidencyPolicy:
             if runtime.node is not None:
                 sim.preempt(name, keep_cache=True)
             if runtime.cached_node is not None:
-                set_aside[runtime.cached_node] = set_aside.get(runtime.cached_node, 0) + cached_host_bytes(
-                    runtime.demand, 0
-                )
+                machine = sim.topology.unit(runtime.cached_node).machine
+                set_aside[machine] = set_aside.get(machine, 0) + cached_host_bytes(runtime.demand, 0)
         # Before any time has passed nothing has been observed: demand is unknown (``None``, as the operator
         # reports it without metrics), not zero; planning for zero demand would pack every model at the
         # lowest residency that meets its SLO alone, and the first traffic would undo it.
@@ -112,7 +112,7 @@ class ResidencyPolicy:
                 spec = dataclasses.replace(spec, demand_decode_tokens_per_second=waiting_demand(spec))
             demands.append(spec)
         current = [c for c in sim.current_placements() if c.model not in self._idle]
-        nodes = with_host_set_aside(sim.nodes, set_aside)
+        nodes = with_host_set_aside(sim.machines, set_aside)
         planned = plan(demands, nodes, current, self.profiles, now_seconds, self.config)
         self.plans.append(planned)
         apply_plan(sim, planned)
@@ -140,6 +140,16 @@ def requests_waiting(runtime: ModelRuntime, now_seconds: float) -> int:
     return max(0, len(runtime.queue) - (runtime.demand.max_batch - len(runtime.active)))
 
 
+class NoSplitResidencyPolicy(ResidencyPolicy):
+    """Residency with every model on one GPU, the rest of a large one offloaded to host memory
+    (``PlannerConfig.allow_gpu_splits=False``): what splitting across a node's GPUs is measured against."""
+
+    name = "residency-no-split"
+
+    def __init__(self, config: PlannerConfig | None = None) -> None:
+        super().__init__(dataclasses.replace(config or SIMULATION_PLANNER_CONFIG, allow_gpu_splits=False))
+
+
 POLICIES: dict[str, Callable[[], object]] = {
     "residency": ResidencyPolicy,
     "lru-evict": LruEvictPolicy,
@@ -148,3 +158,6 @@ POLICIES: dict[str, Callable[[], object]] = {
     "binpack": BinpackPolicy,
 }
 BASELINES = ("lru-evict", "sleep-swap", "uniform-offload", "binpack")
+VARIANTS = ("residency-no-split",)
+"""Ablations of residency itself, run by name (``--policy``): reported beside it, never counted as a
+baseline, and not part of ``all``."""

@@ -26,7 +26,7 @@ from residency_operator.simulator.cluster import (
 )
 from residency_operator.simulator.engine import Policy, Simulation
 from residency_operator.simulator.measured import EngineModel
-from residency_operator.simulator.policies import ResidencyPolicy
+from residency_operator.simulator.policies import VARIANTS, NoSplitResidencyPolicy, ResidencyPolicy
 from residency_operator.simulator.report import PolicyReport, summarise
 from residency_operator.simulator.trace import Request, generate_trace, read_trace_csv
 from residency_operator.simulator.validation import (
@@ -46,6 +46,8 @@ def make_policy(name: str, planner_config: PlannerConfig | None = None) -> Polic
     """A fresh policy by name."""
     if name == "residency":
         return ResidencyPolicy(planner_config)
+    if name == "residency-no-split":
+        return NoSplitResidencyPolicy(planner_config)
     if name == "lru-evict":
         return LruEvictPolicy()
     if name == "sleep-swap":
@@ -54,7 +56,8 @@ def make_policy(name: str, planner_config: PlannerConfig | None = None) -> Polic
         return UniformOffloadPolicy()
     if name == "binpack":
         return BinpackPolicy()
-    raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}, all")
+    known = ", ".join((*POLICY_NAMES, *VARIANTS))
+    raise ValueError(f"unknown policy {name!r}; known: {known}, all")
 
 
 def standard_scenarios() -> list[Path]:

@@ -1,0 +1,416 @@
+"""Packing GPUs, not nodes: a multi-GPU node becomes one planning unit per GPU set.
+
+The solvers pack *units*, each a :class:`NodeCapacity` of its own. A single-GPU node is its own unit,
+unchanged. A node with several GPUs (``NodeCapacity.gpus``) is partitioned every round into disjoint GPU
+sets: one unit per GPU, except where a model larger than one GPU is better split by layers across several
+GPUs of the node — those GPUs form one unit (``gpu-a/0,1``) whose memory is theirs together. A model
+therefore never spans nodes, by construction: a unit is part of exactly one node.
+
+A split's predicted rate (the roofline of ``predictor.py`` on the unit): its stages read their own layers
+one after another, so the HBM terms add as on one GPU of the slowest stage's bandwidth; the remainder in
+host memory streams over the unit's share of its host link; every stage boundary adds one activation hop
+(:func:`pipeline_hop_seconds`). Host links shared by several GPUs are shared statically: each GPU counts
+on ``concurrent_host_to_device_gbps / GPUs on the link`` (never more than it measured alone), so two models
+streaming through one link each get part of it. Each unit takes the node's host memory in proportion to
+its GPUs.
+
+When a split is made (:func:`partition_gpus`): a model that fits one GPU fully resident stays on one GPU (a
+split only adds hops); one that does not gets the fewest GPUs that hold it fully resident (all of the
+node's, with the rest in host memory, where even they do not), if that is predicted faster than its best
+offload on one GPU and a node has the GPUs free — or held by placements of lower priority, which then
+move (making room per GPU). Splits already running keep their GPUs while their model is wanted, so the
+partition is stable from round to round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from residency_operator.planner.options import gpu_bytes_needed, host_bytes_needed, usable_host_bytes
+from residency_operator.planner.predictor import Predictor
+from residency_operator.planner.types import (
+    GB,
+    GIB,
+    CachedModel,
+    CurrentPlacement,
+    GpuCapacity,
+    GpuShare,
+    ModelDemand,
+    NodeCapacity,
+    Plan,
+    PlannedPlacement,
+    PlannerConfig,
+    Unschedulable,
+)
+
+HOP_LATENCY_SECONDS = 20e-6
+"""Fixed cost of one device-to-device activation copy (launch and synchronisation)."""
+HOP_ACTIVATION_BYTES = 8 * 8192 * 2
+"""Activation bytes one hop moves per decode step: a full batch (8) of bf16 hidden states of a 70B-class
+model (8192); a stated assumption, small next to the latency on NVLink and PCIe alike."""
+STAGE_WORKSPACE_BYTES = 512 * 1024**2
+"""Activations and allocator slack each further stage of a split keeps on its GPU (a unit of k GPUs sets
+aside k - 1 of these beyond the one workspace a model's footprint counts)."""
+SPLIT_MIN_SPEEDUP = 1.05
+"""A split must be predicted at least this much faster than the model's best offload on one GPU."""
+
+
+def is_multi_gpu(node: NodeCapacity) -> bool:
+    """Whether the planner packs this node's GPUs one by one."""
+    return len(node.gpus) > 1
+
+
+def link_share_gbps(node: NodeCapacity, gpu: GpuCapacity) -> float:
+    """Host-to-device GB/s one GPU counts on when every GPU of its host link copies at once."""
+    for link in node.host_links:
+        if gpu.index in link.gpus and len(link.gpus) > 1:
+            return min(gpu.host_to_device_gbps, link.concurrent_host_to_device_gbps / len(link.gpus))
+    return gpu.host_to_device_gbps
+
+
+def pipeline_hop_seconds(node: NodeCapacity, gpu_count: int) -> float:
+    """Seconds a decode step spends passing activations across ``gpu_count - 1`` stage boundaries."""
+    if gpu_count <= 1:
+        return 0.0
+    gbps = node.device_to_device_gbps or min(g.host_to_device_gbps for g in node.gpus)
+    return (gpu_count - 1) * (HOP_LATENCY_SECONDS + HOP_ACTIVATION_BYTES / (gbps * GB))
+
+
+def unit_label(node_name: str, gpus: Sequence[int]) -> str:
+    """``gpu-a/0,1``: the unit's name, as ``kubectl get llm -o wide`` shows where a model runs."""
+    return f"{node_name}/{','.join(str(g) for g in gpus)}"
+
+
+def gpu_unit(node: NodeCapacity, gpus: Sequence[int]) -> NodeCapacity:
+    """The planning unit of a GPU set of a multi-GPU node: what the solvers see of those GPUs."""
+    by_index = {g.index: g for g in node.gpus}
+    members = [by_index[i] for i in gpus]
+    total = len(node.gpus)
+    # Memory reserved at node level beyond the GPUs' own reserves (other pods' use) is spread evenly.
+    node_reserve = max(0, node.reserved_gpu_bytes - sum(g.reserved_bytes for g in node.gpus))
+    return dataclasses.replace(
+        node,
+        name=unit_label(node.name, gpus),
+        gpu_memory_bytes=sum(g.memory_bytes for g in members),
+        reserved_gpu_bytes=sum(g.reserved_bytes for g in members)
+        + node_reserve * len(members) // total
+        + (len(members) - 1) * STAGE_WORKSPACE_BYTES,
+        host_memory_bytes=node.host_memory_bytes * len(members) // total,
+        reserved_host_bytes=node.reserved_host_bytes * len(members) // total,
+        hbm_gbps=min(g.hbm_gbps for g in members),
+        host_to_device_gbps=min(link_share_gbps(node, g) for g in members),
+        gpus=(),
+        host_links=(),
+        pipeline_hop_seconds=pipeline_hop_seconds(node, len(members)),
+    )
+
+
+def _usable_gpu(unit: NodeCapacity) -> int:
+    return max(0, unit.gpu_memory_bytes - unit.reserved_gpu_bytes)
+
+
+def _levels(model: ModelDemand, config: PlannerConfig) -> list[float]:
+    floor = model.min_resident_fraction
+    return sorted({level for level in config.residency_levels if level >= floor - 1e-9} | {1.0, floor})
+
+
+def best_rate(
+    predictor: Predictor, model: ModelDemand, unit: NodeCapacity, config: PlannerConfig
+) -> tuple[float, float] | None:
+    """(resident fraction, decode tokens/s) of the model's fastest placement that fits an empty unit within
+    ``offload.maxFraction``; ``None`` where none fits."""
+    gpu, host = _usable_gpu(unit), usable_host_bytes(unit)
+    best: tuple[float, float] | None = None
+    for level in _levels(model, config):
+        if gpu_bytes_needed(model, level, "stream") > gpu or host_bytes_needed(model, level) > host:
+            continue
+        rate = max(
+            predictor.decode_tokens_per_second(model, unit, level, mode) for mode in model.allowed_modes
+        )
+        if best is None or rate > best[1]:
+            best = (level, rate)
+    return best
+
+
+def split_size(model: ModelDemand, node: NodeCapacity) -> int:
+    """GPUs of ``node`` a split of the model takes: the fewest that hold it fully resident, else all."""
+    need = gpu_bytes_needed(model, 1.0, "stream")
+    usable = sorted((g.usable_bytes for g in node.gpus), reverse=True)
+    for count in range(2, len(usable) + 1):
+        if sum(usable[:count]) - (count - 1) * STAGE_WORKSPACE_BYTES >= need:
+            return count
+    return len(usable)
+
+
+@dataclass(frozen=True, slots=True)
+class _Holder:
+    model: str
+    priority: int
+    preemptible: bool
+
+
+def _holders(
+    node: NodeCapacity, current: Sequence[CurrentPlacement], models: dict[str, ModelDemand]
+) -> dict[int, _Holder]:
+    """GPU index → the running single-GPU placement of a wanted model on it."""
+    held: dict[int, _Holder] = {}
+    for placement in current:
+        if placement.node != node.name or not placement.is_running or len(placement.gpus) > 1:
+            continue
+        model = models.get(placement.model)
+        if model is not None:
+            held[(placement.gpus or (0,))[0]] = _Holder(
+                model.name, model.declared_priority, model.preemptible
+            )
+    return held
+
+
+def partition_gpus(
+    models: Sequence[ModelDemand],
+    nodes: Sequence[NodeCapacity],
+    current: Sequence[CurrentPlacement],
+    predictor: Predictor,
+    config: PlannerConfig,
+) -> tuple[dict[str, list[tuple[int, ...]]], dict[tuple[str, tuple[int, ...]], str]]:
+    """Each multi-GPU node's GPU sets for this round (see the module docstring), in index order, and the
+    model each split's GPU set is formed for (only it may run there: a model that fits one GPU is never
+    split, and the GPUs of a split are not filled with small models that would leave its model no room).
+    Splits are formed only for models that fit no single GPU of the fleet fully resident."""
+    wanted = {m.name: m for m in models if m.wanted}
+    multi = [n for n in nodes if is_multi_gpu(n)]
+    free: dict[str, set[int]] = {n.name: {g.index for g in n.gpus} for n in multi}
+    groups: dict[str, list[tuple[int, ...]]] = {n.name: [] for n in multi}
+    owners: dict[tuple[str, tuple[int, ...]], str] = {}
+    grouped: set[str] = set()
+    for placement in sorted(current, key=lambda p: p.model):
+        gpus = placement.gpus
+        if (
+            len(gpus) > 1
+            and placement.is_running
+            and placement.model in wanted
+            and config.allow_gpu_splits
+            and placement.node in free
+            and set(gpus) <= free[placement.node]
+        ):
+            groups[placement.node].append(gpus)
+            free[placement.node] -= set(gpus)
+            grouped.add(placement.model)
+            owners[(placement.node, gpus)] = placement.model
+    if config.allow_gpu_splits and multi:
+        holders = {n.name: _holders(n, current, wanted) for n in multi}
+        largest_gpu = max(
+            [g.usable_bytes for n in nodes if n.accepts_work for g in n.gpus]
+            + [
+                max(0, n.gpu_memory_bytes - n.reserved_gpu_bytes)
+                for n in nodes
+                if n.accepts_work and not n.gpus
+            ]
+            + [0]
+        )
+        for model in sorted(
+            (
+                m
+                for m in wanted.values()
+                if m.name not in grouped
+                and _asks_for_service(m)
+                and gpu_bytes_needed(m, 1.0, "stream") > largest_gpu
+            ),
+            key=lambda m: (-m.declared_priority, -_demand_key(m), m.name),
+        ):
+            chosen = _place_split(model, multi, free, holders, predictor, config)
+            if chosen is not None:
+                node_name, gpus = chosen
+                groups[node_name].append(gpus)
+                owners[(node_name, gpus)] = model.name
+                free[node_name] -= set(gpus)
+                for index in gpus:
+                    holders[node_name].pop(index, None)
+    for node in multi:
+        groups[node.name].extend((index,) for index in sorted(free[node.name]))
+        groups[node.name].sort()
+    return groups, owners
+
+
+def _asks_for_service(model: ModelDemand) -> bool:
+    demand = model.demand_decode_tokens_per_second
+    return demand is None or demand > 0 or model.waiting_requests > 0 or not model.has_served
+
+
+def _demand_key(model: ModelDemand) -> float:
+    demand = model.demand_decode_tokens_per_second
+    return float("inf") if demand is None else demand
+
+
+def _place_split(
+    model: ModelDemand,
+    nodes: Sequence[NodeCapacity],
+    free: dict[str, set[int]],
+    holders: dict[str, dict[int, _Holder]],
+    predictor: Predictor,
+    config: PlannerConfig,
+) -> tuple[str, tuple[int, ...]] | None:
+    """The node and GPUs of a split that beats the model's best single-GPU offload, or ``None``."""
+    best: tuple[tuple[int, float, int, str], str, tuple[int, ...]] | None = None
+    for node in nodes:
+        if not node.accepts_work:
+            continue
+        single = gpu_unit(node, (node.gpus[0].index,))
+        if gpu_bytes_needed(model, 1.0, "stream") <= max(g.usable_bytes for g in node.gpus):
+            continue  # fits one GPU fully resident: a split only adds hops
+        count = split_size(model, node)
+        available = free[node.name]
+        open_gpus = sorted(i for i in available if i not in holders[node.name])
+        movable = sorted(
+            (i for i in available if i in holders[node.name] and _yields_to(holders[node.name][i], model)),
+            key=lambda i: (holders[node.name][i].priority, i),
+        )
+        if len(open_gpus) + len(movable) < count:
+            continue
+        taken = open_gpus[:count]
+        displaced = max(0, count - len(taken))
+        gpus = tuple(sorted(taken + movable[:displaced]))
+        split = best_rate(predictor, model, gpu_unit(node, gpus), config)
+        if split is None:
+            continue
+        alone = best_rate(predictor, model, single, config)
+        if alone is not None and split[1] < SPLIT_MIN_SPEEDUP * alone[1]:
+            continue
+        # Fewest placements displaced, then the fastest, then the tightest fit (fewest GPUs left open).
+        key = (displaced, -round(split[1], 6), len(open_gpus) - len(taken), node.name)
+        if best is None or key < best[0]:
+            best = (key, node.name, gpus)
+    return None if best is None else (best[1], best[2])
+
+
+def _yields_to(holder: _Holder, model: ModelDemand) -> bool:
+    return holder.preemptible and holder.priority < model.declared_priority and holder.model != model.name
+
+
+@dataclass(slots=True)
+class GpuUnits:
+    """A round's planning units and the way back from them to nodes and GPUs."""
+
+    units: list[NodeCapacity]
+    current: list[CurrentPlacement]
+    unit_gpus: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]
+    """Unit name → (node name, GPU indices in pipeline order, each GPU's usable bytes)."""
+    too_large: list[Unschedulable]
+
+
+def split_into_units(
+    models: Sequence[ModelDemand],
+    nodes: Sequence[NodeCapacity],
+    current: Sequence[CurrentPlacement],
+    predictor: Predictor,
+    config: PlannerConfig,
+) -> GpuUnits:
+    """The planning units of this round, the current placements renamed to them, and the wanted models
+    that fit no node at all (``offload.maxFraction`` honoured within one node's GPUs and host memory)."""
+    groups, owners = partition_gpus(models, nodes, current, predictor, config)
+    units: list[NodeCapacity] = []
+    unit_gpus: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {}
+    for node in nodes:
+        if node.name not in groups:
+            units.append(node)
+            continue
+        usable = {g.index: g.usable_bytes for g in node.gpus}
+        for gpus in groups[node.name]:
+            unit = gpu_unit(node, gpus)
+            if len(gpus) > 1:
+                unit = dataclasses.replace(unit, reserved_for=owners.get((node.name, gpus)))
+            units.append(unit)
+            unit_gpus[unit.name] = (node.name, gpus, tuple(usable[i] for i in gpus))
+    renamed = [_on_unit(placement, groups) for placement in current]
+    too_large = [
+        Unschedulable(m.name, "ExceedsNodeCapacity", _too_large_message(m, nodes, config))
+        for m in models
+        if m.wanted and not any(_fits_node(m, n, config) for n in nodes)
+    ]
+    return GpuUnits(units, renamed, unit_gpus, too_large)
+
+
+def _on_unit(placement: CurrentPlacement, groups: dict[str, list[tuple[int, ...]]]) -> CurrentPlacement:
+    """A current placement on a multi-GPU node, renamed to the unit holding its GPUs (a placement whose GPUs
+    were regrouped keeps a name no unit has: the solvers move it, as from a node that went away)."""
+    node_groups = groups.get(placement.node)
+    if node_groups is None:
+        return placement
+    gpus = placement.gpus or (0,)
+    if placement.state == "preempted":  # cached in the node's host memory: resumes on the unit of its GPU
+        unit = next((g for g in node_groups if gpus[0] in g), node_groups[0])
+        return dataclasses.replace(placement, node=unit_label(placement.node, unit))
+    return dataclasses.replace(placement, node=unit_label(placement.node, gpus))
+
+
+def _fits_node(model: ModelDemand, node: NodeCapacity, config: PlannerConfig) -> bool:
+    unit = node
+    if is_multi_gpu(node):
+        largest = max(node.gpus, key=lambda g: g.usable_bytes)
+        unit = gpu_unit(node, [g.index for g in node.gpus] if config.allow_gpu_splits else [largest.index])
+    gpu, host = _usable_gpu(unit), usable_host_bytes(node)
+    return any(
+        gpu_bytes_needed(model, level, "stream") <= gpu and host_bytes_needed(model, level) <= host
+        for level in _levels(model, config)
+    )
+
+
+def _too_large_message(model: ModelDemand, nodes: Sequence[NodeCapacity], config: PlannerConfig) -> str:
+    largest = max(nodes, key=lambda n: n.gpu_memory_bytes + n.host_memory_bytes, default=None)
+    where = (
+        f"; the largest node, {largest.name}, has {largest.gpu_memory_bytes / GIB:.0f} GiB of GPU memory "
+        f"over {max(1, len(largest.gpus))} GPU(s) and {largest.host_memory_bytes / GIB:.0f} GiB of host "
+        "memory"
+        if largest is not None
+        else ""
+    )
+    splits = "split across the GPUs of one node" if config.allow_gpu_splits else "on one GPU"
+    return (
+        f"{model.weight_bytes / GIB:.1f} GiB of weights with at most {model.max_offload_fraction:.0%} "
+        f"offloaded fit no node, even {splits} with the rest in its host memory (a model never spans "
+        f"nodes){where}"
+    )
+
+
+def shares(resident_fraction: float, usable: Sequence[int]) -> tuple[float, ...]:
+    """Each GPU's share of the weight bytes: the resident fraction spread in proportion to the GPUs' memory,
+    the last GPU taking the rounding so that the shares sum to it exactly."""
+    total = sum(usable) or 1
+    parts = [resident_fraction * u / total for u in usable[:-1]]
+    return (*parts, max(0.0, resident_fraction - sum(parts)))
+
+
+def plan_on_nodes(planned: Plan, units: GpuUnits) -> Plan:
+    """The solvers' plan over units, told in nodes and GPUs (what the operator writes, the worker runs)."""
+
+    def node_of(name: str | None) -> str | None:
+        return units.unit_gpus[name][0] if name in units.unit_gpus else name
+
+    placements: dict[str, PlannedPlacement] = {}
+    for name, placement in planned.placements.items():
+        found = units.unit_gpus.get(placement.node)
+        if found is None:
+            placements[name] = placement
+            continue
+        node_name, gpus, usable = found
+        gpu_shares = tuple(
+            GpuShare(index, share)
+            for index, share in zip(gpus, shares(placement.resident_fraction, usable), strict=True)
+        )
+        placements[name] = dataclasses.replace(placement, node=node_name, gpus=gpu_shares)
+    actions = tuple(
+        dataclasses.replace(a, from_node=node_of(a.from_node), to_node=node_of(a.to_node))
+        for a in planned.actions
+    )
+    cached = tuple(CachedModel(c.model, node_of(c.node) or c.node, c.host_bytes) for c in planned.cached)
+    splits = sum(1 for p in placements.values() if len(p.gpus) > 1)
+    notes = planned.notes + ((f"{splits} model(s) split across GPUs of one node",) if splits else ())
+    return dataclasses.replace(
+        planned,
+        placements=placements,
+        actions=actions,
+        cached=cached,
+        unschedulable=planned.unschedulable + tuple(units.too_large),
+        notes=notes,
+    )
