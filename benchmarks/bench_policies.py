@@ -39,6 +39,7 @@ from residency_operator.planner.options import gpu_bytes_needed, usable_gpu_byte
 from residency_operator.planner.types import SensitivityProfile
 from residency_operator.simulator.cluster import Scenario, load_scenario
 from residency_operator.simulator.measured import REPORT, EngineModel, MeasuredEngine
+from residency_operator.simulator.policies import VARIANTS
 from residency_operator.simulator.report import (
     PolicyReport,
     ceiling_line,
@@ -57,6 +58,22 @@ from residency_operator.simulator.runner import (
 
 RESULTS = Path(__file__).parent / "results"
 GOAL = 1.3
+SPLIT_GOAL = 1.3
+"""Issue 30: on a multi-GPU scenario, residency with splits over residency without (offload only)."""
+
+
+def policies_for(scenario: Scenario) -> tuple[str, ...]:
+    """The policies a scenario is run with: every one, plus residency without splits where a node has
+    several GPUs (the ablation issue 30 measures splitting against)."""
+    multi_gpu = any(len(n.gpus) > 1 for n in scenario.nodes)
+    return (*POLICY_NAMES, *VARIANTS) if multi_gpu else POLICY_NAMES
+
+
+def is_baseline(policy: str) -> bool:
+    """Today's policies residency is compared with (not residency, nor an ablation of it)."""
+    return policy != "residency" and policy not in VARIANTS
+
+
 SWEEP_SCENARIOS = ("skewed-50x8", "small-large-mix")
 """Standard scenarios the memory-pressure sweep scales (single priority: raw goodput is the objective)."""
 SWEEP_PRESSURES = (0.5, 1.0, 1.5, 2.0)
@@ -121,7 +138,7 @@ def compare(
 def seed_row(scenario: Scenario, reports: list[PolicyReport], offered: float) -> dict[str, Any]:
     """Residency / best baseline (and the ceiling) of one seeded run."""
     ours = next(r for r in reports if r.policy == "residency")
-    best = max((r for r in reports if r.policy != "residency"), key=lambda r: r.goodput_tokens_per_second)
+    best = max((r for r in reports if is_baseline(r.policy)), key=lambda r: r.goodput_tokens_per_second)
     return {
         "seed": scenario.seed,
         "residency_goodput": ours.goodput_tokens_per_second,
@@ -328,7 +345,7 @@ def scenario_means(
     offsets = range(seeds if base.trace_path is None else 1)
     done = dict(runs or {})
     todo = [offset for offset in offsets if offset not in done and not (offset == 0 and first is not None)]
-    done.update(run_seeds(base, todo, jobs, scoring=Scoring(engine, profiled)))
+    done.update(run_seeds(base, todo, jobs, policies_for(base), scoring=Scoring(engine, profiled)))
     records = []
     for offset in offsets:
         if offset == 0 and first is not None:
@@ -385,14 +402,14 @@ def summarise_records(
         }
     offered = mean([record["offered_tokens_per_second"] for record in records])
     ours = by_policy["residency"]
-    theirs = {p: v for p, v in by_policy.items() if p != "residency"}
+    theirs = {p: v for p, v in by_policy.items() if is_baseline(p)}
     best = max(theirs, key=lambda p: theirs[p]["goodput"])
     best_weighted = max(theirs, key=lambda p: theirs[p]["weighted"])
     top = tiers[0] if tiers else 0
     per_seed = [
         _ratio(
             record["policies"]["residency"]["goodput"],
-            max(v["goodput"] for p, v in record["policies"].items() if p != "residency"),
+            max(v["goodput"] for p, v in record["policies"].items() if is_baseline(p)),
         )
         for record in records
     ]
@@ -415,6 +432,17 @@ def summarise_records(
         "top_tier": top,
         "top_tier_attainment_residency": ours["attainment"].get(top, 0.0),
         "top_tier_attainment_best_baseline": max(v["attainment"].get(top, 0.0) for v in theirs.values()),
+        "variant_ratios": {
+            variant: {
+                "ratio": _ratio(ours["goodput"], by_policy[variant]["goodput"]),
+                "per_seed": [
+                    _ratio(r["policies"]["residency"]["goodput"], r["policies"][variant]["goodput"])
+                    for r in records
+                ],
+            }
+            for variant in VARIANTS
+            if variant in by_policy
+        },
         "records": records,
     }
 
@@ -441,11 +469,13 @@ def merge_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     raise ValueError(f"{row['scenario']}: seed {seed} ran {policy} twice")
                 merged["policies"][policy] = values
     records = [by_seed[seed] for seed in sorted(by_seed)]
+    ran = {p for record in records for p in record["policies"]}
+    expected = [p for p in (*POLICY_NAMES, *VARIANTS) if p in POLICY_NAMES or p in ran]
     for record in records:
-        missing = sorted(set(POLICY_NAMES) - set(record["policies"]))
+        missing = sorted(set(expected) - set(record["policies"]))
         if missing:
             raise ValueError(f"{rows[0]['scenario']}: seed {record['seed']} lacks {', '.join(missing)}")
-        record["policies"] = {p: record["policies"][p] for p in POLICY_NAMES}
+        record["policies"] = {p: record["policies"][p] for p in expected}
     return summarise_records(rows[0]["scenario"], rows[0]["extra"], rows[0]["memory_pressure"], records)
 
 
@@ -458,20 +488,27 @@ def verdict(row: dict[str, Any]) -> str:
 
 def print_summary(rows: list[dict[str, Any]], scored_by: str = "the planner's own predictor") -> None:
     """The policy table: per scenario mean goodput of each policy, ratio, ceiling, goal."""
-    policies = list(rows[0]["policies"]) if rows else []
+    policies = list(dict.fromkeys(p for row in rows for p in row["policies"]))
     seeds = rows[0]["seeds"] if rows else 0
+
+    def label(policy: str) -> str:
+        return policy.removeprefix("residency-") if policy in VARIANTS else policy[:10]
+
     print(
         f"\nScored by {scored_by}."
         f"\nSLO-met goodput (tok/s), mean of {seeds} seed(s) per scenario; ratio = residency / best baseline;"
         "\nceiling = offered / best baseline; w ratio = priority-weighted goodput ratio"
     )
-    header = f"{'scenario':<20}" + "".join(f"{p[:10]:>11}" for p in policies)
+    header = f"{'scenario':<20}" + "".join(f"{label(p):>11}" for p in policies)
     header += f"{'offered':>9}{'ratio':>8}{'ceiling':>9}{'w ratio':>9}  goal"
     print(header)
     print("-" * len(header))
     for row in rows:
         name = row["scenario"] + (" *" if row["extra"] else "")
-        cells = "".join(f"{row['policies'][p]['goodput']:>11.1f}" for p in policies)
+        cells = "".join(
+            f"{row['policies'][p]['goodput']:>11.1f}" if p in row["policies"] else f"{'-':>11}"
+            for p in policies
+        )
         w = "-" if row["weighted_ratio"] is None else f"{row['weighted_ratio']:.2f}x"
         print(
             f"{name:<20}{cells}{row['offered_tokens_per_second']:>9.1f}{row['ratio']:>7.2f}x"
@@ -485,11 +522,10 @@ def print_summary(rows: list[dict[str, Any]], scored_by: str = "the planner's ow
         if len(tiers) < 2:
             continue
         print(f"{row['scenario']}:")
-        print(f"  {'priority':>8}" + "".join(f"{p[:10]:>11}" for p in policies))
+        ran = [p for p in policies if p in row["policies"]]
+        print(f"  {'priority':>8}" + "".join(f"{label(p):>11}" for p in ran))
         for tier in tiers:
-            print(
-                f"  {tier:>8}" + "".join(f"{row['policies'][p]['attainment'][tier]:>11.1%}" for p in policies)
-            )
+            print(f"  {tier:>8}" + "".join(f"{row['policies'][p]['attainment'][tier]:>11.1%}" for p in ran))
         print(
             f"  top tier {row['top_tier']}: residency {row['top_tier_attainment_residency']:.1%} vs best "
             f"baseline {row['top_tier_attainment_best_baseline']:.1%}"
@@ -503,6 +539,8 @@ def print_summary(rows: list[dict[str, Any]], scored_by: str = "the planner's ow
     print(header)
     for row in rows:
         for p in policies:
+            if p not in row["policies"]:
+                continue
             v = row["policies"][p]
             print(
                 f"  {row['scenario']:<20}{p:<17}{v['weighted']:>11.0f}{v['preemptions']:>9.0f}"
@@ -511,6 +549,16 @@ def print_summary(rows: list[dict[str, Any]], scored_by: str = "the planner's ow
     print("\nPer seed, residency / best baseline:")
     for row in rows:
         print(f"  {row['scenario']:<20}" + " ".join(f"{r:.2f}x" for r in row["per_seed_ratio"]))
+    split_rows = [row for row in rows if row.get("variant_ratios")]
+    if split_rows:
+        print(f"\nResidency with splits across a node's GPUs / without (offload only); goal {SPLIT_GOAL:g}x:")
+        for row in split_rows:
+            for variant, found in row["variant_ratios"].items():
+                met = "met" if found["ratio"] >= SPLIT_GOAL else "NOT met"
+                print(
+                    f"  {row['scenario']:<20}residency / {variant}: {found['ratio']:.2f}x ({met}); per seed "
+                    + " ".join(f"{r:.2f}x" for r in found["per_seed"])
+                )
 
 
 def main() -> None:
@@ -534,7 +582,7 @@ def main() -> None:
     parser.add_argument(
         "--policy",
         action="append",
-        choices=POLICY_NAMES,
+        choices=(*POLICY_NAMES, *VARIANTS),
         help="run only these policies (repeatable); writes the runs for --merge, prints no table",
     )
     parser.add_argument(
@@ -564,7 +612,7 @@ def main() -> None:
             scenario.seed = args.seed
         offsets = list(range(args.seeds if scenario.trace_path is None else 1))
         if args.policy:
-            policies = tuple(p for p in POLICY_NAMES if p in args.policy)
+            policies = tuple(p for p in policies_for(scenario) if p in args.policy)
             rows.append(partial_row(scenario, run_seeds(scenario, offsets, args.jobs, policies)))
             print(
                 f"{scenario.name}: {', '.join(policies)} at {len(offsets)} seed(s) from {scenario.seed}",
@@ -572,7 +620,7 @@ def main() -> None:
             )
             continue
         requests = scenario_requests(scenario)
-        runs = run_seeds(scenario, offsets, args.jobs)
+        runs = run_seeds(scenario, offsets, args.jobs, policies_for(scenario))
         _, reports, _ = runs[0]
         all_reports[scenario.name] = reports
         offered = sum(r.output_tokens for r in requests) / scenario.duration_seconds

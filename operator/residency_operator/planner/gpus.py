@@ -50,9 +50,6 @@ HOP_LATENCY_SECONDS = 20e-6
 HOP_ACTIVATION_BYTES = 8 * 8192 * 2
 """Activation bytes one hop moves per decode step: a full batch (8) of bf16 hidden states of a 70B-class
 model (8192); a stated assumption, small next to the latency on NVLink and PCIe alike."""
-STAGE_WORKSPACE_BYTES = 512 * 1024**2
-"""Activations and allocator slack each further stage of a split keeps on its GPU (a unit of k GPUs sets
-aside k - 1 of these beyond the one workspace a model's footprint counts)."""
 SPLIT_MIN_SPEEDUP = 1.05
 """A split must be predicted at least this much faster than the model's best offload on one GPU."""
 
@@ -83,8 +80,10 @@ def unit_label(node_name: str, gpus: Sequence[int]) -> str:
     return f"{node_name}/{','.join(str(g) for g in gpus)}"
 
 
-def gpu_unit(node: NodeCapacity, gpus: Sequence[int]) -> NodeCapacity:
-    """The planning unit of a GPU set of a multi-GPU node: what the solvers see of those GPUs."""
+def gpu_unit(node: NodeCapacity, gpus: Sequence[int], stage_workspace_bytes: int = 0) -> NodeCapacity:
+    """The planning unit of a GPU set of a multi-GPU node: what the solvers see of those GPUs. Each stage
+    past the first sets aside ``stage_workspace_bytes`` (the workspace of the model the set is formed for:
+    a model's footprint counts one)."""
     by_index = {g.index: g for g in node.gpus}
     members = [by_index[i] for i in gpus]
     total = len(node.gpus)
@@ -96,7 +95,7 @@ def gpu_unit(node: NodeCapacity, gpus: Sequence[int]) -> NodeCapacity:
         gpu_memory_bytes=sum(g.memory_bytes for g in members),
         reserved_gpu_bytes=sum(g.reserved_bytes for g in members)
         + node_reserve * len(members) // total
-        + (len(members) - 1) * STAGE_WORKSPACE_BYTES,
+        + (len(members) - 1) * stage_workspace_bytes,
         host_memory_bytes=node.host_memory_bytes * len(members) // total,
         reserved_host_bytes=node.reserved_host_bytes * len(members) // total,
         hbm_gbps=min(g.hbm_gbps for g in members),
@@ -104,6 +103,7 @@ def gpu_unit(node: NodeCapacity, gpus: Sequence[int]) -> NodeCapacity:
         gpus=(),
         host_links=(),
         pipeline_hop_seconds=pipeline_hop_seconds(node, len(members)),
+        machine=node.name,
     )
 
 
@@ -139,7 +139,7 @@ def split_size(model: ModelDemand, node: NodeCapacity) -> int:
     need = gpu_bytes_needed(model, 1.0, "stream")
     usable = sorted((g.usable_bytes for g in node.gpus), reverse=True)
     for count in range(2, len(usable) + 1):
-        if sum(usable[:count]) - (count - 1) * STAGE_WORKSPACE_BYTES >= need:
+        if sum(usable[:count]) - (count - 1) * model.workspace_bytes >= need:
             return count
     return len(usable)
 
@@ -271,7 +271,7 @@ def _place_split(
         taken = open_gpus[:count]
         displaced = max(0, count - len(taken))
         gpus = tuple(sorted(taken + movable[:displaced]))
-        split = best_rate(predictor, model, gpu_unit(node, gpus), config)
+        split = best_rate(predictor, model, gpu_unit(node, gpus, model.workspace_bytes), config)
         if split is None:
             continue
         alone = best_rate(predictor, model, single, config)
@@ -309,6 +309,7 @@ def split_into_units(
     """The planning units of this round, the current placements renamed to them, and the wanted models
     that fit no node at all (``offload.maxFraction`` honoured within one node's GPUs and host memory)."""
     groups, owners = partition_gpus(models, nodes, current, predictor, config)
+    workspace = {m.name: m.workspace_bytes for m in models}
     units: list[NodeCapacity] = []
     unit_gpus: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {}
     for node in nodes:
@@ -317,9 +318,10 @@ def split_into_units(
             continue
         usable = {g.index: g.usable_bytes for g in node.gpus}
         for gpus in groups[node.name]:
-            unit = gpu_unit(node, gpus)
-            if len(gpus) > 1:
-                unit = dataclasses.replace(unit, reserved_for=owners.get((node.name, gpus)))
+            owner = owners.get((node.name, gpus)) if len(gpus) > 1 else None
+            unit = gpu_unit(node, gpus, workspace.get(owner, 0) if owner else 0)
+            if owner is not None:
+                unit = dataclasses.replace(unit, reserved_for=owner)
             units.append(unit)
             unit_gpus[unit.name] = (node.name, gpus, tuple(usable[i] for i in gpus))
     renamed = [_on_unit(placement, groups) for placement in current]
@@ -348,7 +350,8 @@ def _fits_node(model: ModelDemand, node: NodeCapacity, config: PlannerConfig) ->
     unit = node
     if is_multi_gpu(node):
         largest = max(node.gpus, key=lambda g: g.usable_bytes)
-        unit = gpu_unit(node, [g.index for g in node.gpus] if config.allow_gpu_splits else [largest.index])
+        gpus = [g.index for g in node.gpus] if config.allow_gpu_splits else [largest.index]
+        unit = gpu_unit(node, gpus, model.workspace_bytes)
     gpu, host = _usable_gpu(unit), usable_host_bytes(node)
     return any(
         gpu_bytes_needed(model, level, "stream") <= gpu and host_bytes_needed(model, level) <= host

@@ -122,10 +122,12 @@ def usable_host_bytes(node: NodeCapacity) -> int:
 
 def node_class_key(node: NodeCapacity) -> NodeCapacity:
     """Everything about a node that predictions and capacity depend on (the node minus its identity)."""
-    return dataclasses.replace(node, name="", schedulable=True, cordoned=False, disrupting=False)
+    return dataclasses.replace(
+        node, name="", schedulable=True, cordoned=False, disrupting=False, machine=None
+    )
 
 
-_IDENTITY_FIELDS = frozenset({"name", "schedulable", "cordoned", "disrupting"})
+_IDENTITY_FIELDS = frozenset({"name", "schedulable", "cordoned", "disrupting", "machine"})
 _CLASS_FIELDS = tuple(f.name for f in dataclasses.fields(NodeCapacity) if f.name not in _IDENTITY_FIELDS)
 
 
@@ -231,7 +233,8 @@ def transition(
     if current is None or current.node not in nodes:
         return "load", load_cost(model, node, resident_fraction)
     if current.state == "preempted":
-        if current.node == node.name:
+        machine = nodes[current.node].machine
+        if current.node == node.name or (machine is not None and machine == node.machine):
             return "resume", resume_cost(model, node, resident_fraction, current.kv_cache_bytes)
         return "load", load_cost(model, node, resident_fraction)
     if current.node != node.name:

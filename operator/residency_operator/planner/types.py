@@ -220,6 +220,9 @@ class NodeCapacity:
     pipeline_hop_seconds: float = 0.0
     """Seconds a decode step spends passing activations between GPUs: set by the planner on the GPU set a
     split model runs on (planner/gpus.py), 0 on one GPU."""
+    machine: str | None = None
+    """Set by the planner on a GPU set of a multi-GPU node: the node it is part of (a model cached in that
+    node's host memory resumes on any of its GPU sets)."""
     reserved_for: str | None = None
     """Set by the planner on the GPU set it formed for one split model (planner/gpus.py): only that model
     may run there."""
