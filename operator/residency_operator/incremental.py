@@ -116,8 +116,10 @@ class IncrementalRounds:
     def after_full_round(self, inputs: Inputs, wrote: bool, models_changed: bool, now: float) -> None:
         """After a full round: drop the planner when the round wrote placements; keep it when nothing it
         planned from changed; else build one for this fleet (a round with nothing to write: the cluster
-        is at the plan)."""
-        if wrote or inputs.idle or len(inputs.demands) < self.min_models:
+        is at the plan). A fleet with multi-GPU nodes always plans in full: the incremental planner packs
+        nodes, and only :func:`~residency_operator.planner.plan` partitions their GPUs (planner/gpus.py)."""
+        multi_gpu = any(len(n.gpus) > 1 for n in inputs.nodes)
+        if wrote or inputs.idle or len(inputs.demands) < self.min_models or multi_gpu:
             self.drop()
             return
         key = fleet_key(inputs)
