@@ -110,6 +110,10 @@ class Topology:
             reserved_gpu_bytes=sum(g.reserved_bytes for g in members),
             hbm_gbps=min(g.hbm_gbps for g in members),
             host_to_device_gbps=members[0].host_to_device_gbps,
+            # Its GPUs' part of the node's host memory, for a policy that budgets each device on its own
+            # (the simulator itself counts host memory per node: see Simulation.free_bytes).
+            host_memory_bytes=machine.host_memory_bytes * len(gpus) // len(machine.gpus),
+            reserved_host_bytes=machine.reserved_host_bytes * len(gpus) // len(machine.gpus),
             gpus=(),
             host_links=(),
             pipeline_hop_seconds=0.0,
