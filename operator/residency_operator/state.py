@@ -13,6 +13,7 @@ from typing import Any
 
 from residency.modeldir import ModelDirInfo
 from residency_operator.conditions import Verdict
+from residency_operator.observations import with_observed_point
 from residency_operator.planner import (
     CurrentPlacement,
     ModelDemand,
@@ -519,8 +520,11 @@ def planner_inputs(
         and c.model in infos
         and c.model not in idle
     ]
+    gpu_types = {c.name: c.gpu_type for c in capacities}
     return Inputs(
-        demands=with_known_demand(demands),
+        demands=with_known_demand(
+            [with_observed_point(d, placements.get(d.name), gpu_types) for d in demands]
+        ),
         nodes=capacities,
         current=sorted(current, key=lambda c: c.model),
         profiles=sensitivity_profiles(newest_profiles(state.sensitivity_profiles), infos),

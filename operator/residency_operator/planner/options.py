@@ -406,6 +406,9 @@ def build_class_tables(
     load_seconds = np.zeros((class_count, model_count, level_count))
     feasible = np.zeros((class_count, len(MODES), model_count, level_count), dtype=bool)
     profiled_indices = [i for i, m in enumerate(models) if m.name in profiled_models]
+    observed_indices = [
+        i for i, m in enumerate(models) if m.observed is not None and m.name not in profiled_models
+    ]
     for c, node in enumerate(classes):
         gpu_capacity = usable_gpu_bytes(node)
         host_capacity = usable_host_bytes(node)
@@ -433,6 +436,13 @@ def build_class_tables(
                     (kv_per_step, kv_per_sequence), batch, levels, mode,
                 )  # fmt: skip
                 rate[c, k] = 1.0 / full_step_seconds
+            for (
+                i
+            ) in observed_indices:  # a model's own observed steps scale its curve (Predictor.observed_ratio)
+                factor = predictor.observed_factor(models[i], node)
+                full_step_seconds[i] = full_step_seconds[i] * factor
+                single_step_seconds[i] = single_step_seconds[i] * factor
+                rate[c, k, i] = rate[c, k, i] / factor
             for i in profiled_indices:
                 # Measured curves are not vectorised; there are few of them.
                 for j, level in enumerate(levels):
