@@ -364,6 +364,7 @@ def demand(
         layer_count=info.num_layers,
         # the planner sizes two stream staging buffers from this: use the largest streamable unit
         bytes_per_layer=max(1, info.largest_unit_bytes),
+        unit_bytes=info.unit_bytes,  # the engine's units: partial placements counted exactly
         parameter_count=info.parameter_count,
         workspace_bytes=knobs.workspace_bytes + info.workspace_bytes(max_sequence_length, max_batch),
         last_reload_seconds=timings.get("reloadSeconds"),

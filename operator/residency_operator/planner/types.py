@@ -56,6 +56,10 @@ class ModelDemand:
     """At most this share of weight bytes may live in host memory (``offload.maxFraction``)."""
     layer_count: int | None = None
     bytes_per_layer: int | None = None
+    unit_bytes: tuple[int, ...] = ()
+    """Bytes of each unit the engine places (head, layers, untied embedding, from the safetensors headers):
+    with them a partial placement's resident bytes and staging buffers are counted exactly as the worker
+    will hold them; without, from the fraction plus one unit of slack."""
     parameter_count: int | None = None
     """Used for the prefill compute roofline; derived from weight bytes (2 bytes each) when absent."""
     demand_decode_tokens_per_second: float | None = None
