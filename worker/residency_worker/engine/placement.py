@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from residency.sizing import staging_bytes, workspace_bytes
+from residency.sizing import resident_units, staging_bytes, workspace_bytes
 from residency_worker.engine.loading import LoadedWeights, Unit
 from residency_worker.engine.types import ExecutionMode
 
@@ -44,26 +44,13 @@ class BudgetNeed:
 
 def plan_residency(weights: LoadedWeights, fraction: float, min_fraction: float = 0.0) -> ResidencyPlan:
     """Whole units, in priority order, each kept only if it brings resident bytes closer to the target;
-    then more units until at least `min_fraction` is resident (a user's offload.maxFraction is a limit)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"resident fraction must lie in [0, 1], got {fraction}")
-    total = weights.weight_bytes
-    target = fraction * total
-    resident: set[str] = set()
-    resident_bytes = 0
-    for unit in weights.units:
-        unit_bytes = weights.unit_bytes(unit)
-        # a big head of a small model may overshoot a low target: then layers alone get closer
-        if abs(resident_bytes + unit_bytes - target) < abs(resident_bytes - target):
-            resident.add(unit.name)
-            resident_bytes += unit_bytes
-    for unit in weights.units:
-        if resident_bytes >= min_fraction * total:
-            break
-        if unit.name not in resident:
-            resident.add(unit.name)
-            resident_bytes += weights.unit_bytes(unit)
-    return ResidencyPlan(fraction, frozenset(resident), resident_bytes, total)
+    then more units until at least `min_fraction` is resident (a user's offload.maxFraction is a limit).
+    The choice is :func:`residency.sizing.resident_units`, which the planner makes the same way."""
+    chosen, resident_bytes = resident_units(
+        [weights.unit_bytes(u) for u in weights.units], fraction, min_fraction
+    )
+    names = frozenset(unit.name for index, unit in enumerate(weights.units) if index in chosen)
+    return ResidencyPlan(fraction, names, resident_bytes, weights.weight_bytes)
 
 
 @dataclass(frozen=True)
