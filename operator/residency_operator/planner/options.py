@@ -536,7 +536,7 @@ def build_class_tables(
                 & (host_bytes <= host_capacity)
             )
             if node.reserved_for is not None:  # a split's GPU set: its model only (planner/gpus.py)
-                feasible[c, k] &= np.array([m.name == node.reserved_for for m in models])[:, None]
+                feasible[c, k] &= np.array([m.name in node.reserved_for for m in models])[:, None]
     throughput = rate * batch[None, None, :, None]
     served = np.minimum(
         np.minimum(throughput, config.demand_headroom * demand[None, None, :, None]),

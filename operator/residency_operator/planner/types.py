@@ -242,9 +242,9 @@ class NodeCapacity:
     machine: str | None = None
     """Set by the planner on a GPU set of a multi-GPU node: the node it is part of (a model cached in that
     node's host memory resumes on any of its GPU sets)."""
-    reserved_for: str | None = None
-    """Set by the planner on the GPU set it formed for one split model (planner/gpus.py): only that model
-    may run there."""
+    reserved_for: frozenset[str] | None = None
+    """Set by the planner on the GPU sets it formed for split models (planner/gpus.py): only those models may
+    run there."""
 
     @property
     def accepts_work(self) -> bool:
