@@ -16,8 +16,8 @@ its GPUs.
 
 When a split is made (:func:`partition_gpus`): a model that fits one GPU fully resident stays on one GPU (a
 split only adds hops); one that does not gets the fewest GPUs that hold it fully resident (all of the
-node's, with the rest in host memory, where even they do not), if that is predicted faster than its best
-offload on one GPU and a node has the GPUs free — or held by placements of lower priority, which then
+node's, with the rest in host memory, where even they do not), unless that is predicted slower than its
+best offload on one GPU (``SPLIT_MIN_SPEEDUP``), where a node has the GPUs free — or held by placements of lower priority, which then
 move (making room per GPU). Splits already running keep their GPUs while their model is wanted, so the
 partition is stable from round to round.
 """
@@ -55,8 +55,10 @@ HOP_LATENCY_SECONDS = 20e-6
 HOP_ACTIVATION_BYTES = 8 * 8192 * 2
 """Activation bytes one hop moves per decode step: a full batch (8) of bf16 hidden states of a 70B-class
 model (8192); a stated assumption, small next to the latency on NVLink and PCIe alike."""
-SPLIT_MIN_SPEEDUP = 1.05
-"""A split must be predicted at least this much faster than the model's best offload on one GPU."""
+SPLIT_MIN_SPEEDUP = 0.95
+"""A split is made unless predicted slower than this share of the model's best offload on one GPU: at equal
+speed (an emulated node, whose "HBM" and link are the same DRAM) resident weights leave the host link and
+host memory to others — the tie-break ``PlannerConfig.offload_penalty_per_gib`` makes within one GPU."""
 
 
 def is_multi_gpu(node: NodeCapacity) -> bool:
