@@ -179,6 +179,27 @@ class Topology:
         shared = any(h.id == unit.link and len(h.gpus) > 1 for h in machine.host_links)
         return (unit.machine, unit.link) if shared else None
 
+    def serving_groups(
+        self, serving: Sequence[tuple[str, float]]
+    ) -> list[tuple[list[int], list[NodeCapacity]]]:
+        """Of the models served this tick (unit name, resident fraction each), the indices of those that take
+        turns on one GPU or overlapping GPU sets, each with the node it is served at: with its part of a
+        shared host link, divided among the models that stream through it now (not fully resident)."""
+        units = [self.unit(name) for name, _ in serving]
+        keys = [
+            self.link_key(unit) if fraction < 1.0 else None
+            for (_, fraction), unit in zip(serving, units, strict=True)
+        ]
+        streaming: dict[tuple[str, int], int] = {}
+        for key in keys:
+            if key is not None:
+                streaming[key] = streaming.get(key, 0) + 1
+        nodes = [
+            self.streaming_node(unit, streaming.get(key, 1) if key is not None else 1)
+            for unit, key in zip(units, keys, strict=True)
+        ]
+        return [(group, [nodes[i] for i in group]) for group in sharing_groups(enumerate(units))]
+
 
 def sharing_groups(units: Iterable[tuple[int, Unit]]) -> list[list[int]]:
     """Indices of the runtimes that take turns on one GPU or one set of GPUs: units sharing any GPU are in

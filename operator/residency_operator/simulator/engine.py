@@ -30,7 +30,7 @@ from residency_operator.planner.types import (
     ObservedPoint,
 )
 from residency_operator.simulator.cluster import SimModel
-from residency_operator.simulator.devices import Topology, Unit, sharing_groups
+from residency_operator.simulator.devices import Topology, Unit
 from residency_operator.simulator.measured import EngineModel
 from residency_operator.simulator.trace import Request
 
@@ -488,23 +488,8 @@ class Simulation:
             return [
                 (runtimes, [self.node_by_name[name]] * len(runtimes)) for name, runtimes in by_node.items()
             ]
-        units = [self.topology.unit(str(runtime.node)) for runtime in serving]
-        streaming: dict[tuple[str, int], int] = {}
-        keys = [
-            self.topology.link_key(unit) if r.resident_fraction < 1.0 else None
-            for r, unit in zip(serving, units, strict=True)
-        ]
-        for key in keys:
-            if key is not None:
-                streaming[key] = streaming.get(key, 0) + 1
-        nodes = [
-            self.topology.streaming_node(unit, streaming.get(key, 1) if key is not None else 1)
-            for unit, key in zip(units, keys, strict=True)
-        ]
-        return [
-            ([serving[i] for i in group], [nodes[i] for i in group])
-            for group in sharing_groups(enumerate(units))
-        ]
+        groups = self.topology.serving_groups([(str(r.node), r.resident_fraction) for r in serving])
+        return [([serving[i] for i in group], nodes) for group, nodes in groups]
 
     def _decode_step(self, runtime: ModelRuntime, node: NodeCapacity, batch: int) -> float:
         """Seconds of one decode step of the model's batch, its activations' hops between GPUs included."""
