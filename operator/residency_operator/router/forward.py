@@ -199,7 +199,8 @@ def _finisher(state: RouterState, key: str, sent_at: float) -> Callable[[], None
     """What ends an admitted request: its slot back, its duration into the model's statistics."""
 
     def done() -> None:
-        state.admission.finish(key, time.monotonic() - sent_at)
+        now = time.monotonic()
+        state.admission.finish(key, now - sent_at, now)
         _observe_gate(state, key)
 
     return done
@@ -237,7 +238,7 @@ def _relayed_headers(upstream: httpx.Response) -> dict[str, str]:
 def _observe_gate(state: RouterState, key: str) -> None:
     gate = state.admission.gate(key)
     state.metrics.in_flight.labels(key).set(gate.in_flight)
-    state.metrics.admission_limit.labels(key).set(int(gate.limit))
+    state.metrics.admission_limit.labels(key).set(state.admission.limit_of(key, time.monotonic()))
 
 
 async def _relay(
