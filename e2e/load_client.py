@@ -89,10 +89,10 @@ async def _client(
     url: str, model: str, index: int, t0: float, until: float, out: list[Outcome], tls: ssl.SSLContext
 ) -> None:
     """One client on a connection of its own: a streamed completion, then the next; on 429/503 it waits
-    Retry-After (capped) and goes on. Idle connections expire before the server's 5 s keep-alive closes them
-    (as a well-behaved HTTP/1.1 client does: reusing one at the instant it closes reads a reset). `tls` is
-    shared: a context of its own per client would load the CA bundle 200 times, seconds of a busy CPU."""
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=0.5)
+    Retry-After (capped) and goes on. Idle connections expire after 5 s, as httpx's and the openai client's
+    do (the router keeps them 75 s). `tls` is shared: a context of its own per client would load the CA
+    bundle 200 times, seconds of a busy CPU."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=5.0)
     async with httpx.AsyncClient(timeout=120, limits=limits, verify=tls) as client:
         sequence = 0
         while time.monotonic() < until:

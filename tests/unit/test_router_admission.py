@@ -51,6 +51,52 @@ def test_the_limit_follows_the_time_to_first_token() -> None:
     assert admission.gate("batched").limit == 8.0
 
 
+def _finished(admission: Admission, key: str, count: int, over_seconds: float, end: float) -> None:
+    """`count` admitted requests of `key` that finished evenly over the `over_seconds` before `end`."""
+    for i in range(count):
+        assert admission.try_admit(key, 0.0) is None
+        admission.finish(key, 1.0, end - over_seconds + over_seconds * (i + 1) / count)
+
+
+def test_a_new_model_admits_two_batches_until_its_rate_is_measured() -> None:
+    admission = Admission()
+    admission.floors["m"] = 4.0  # spec.maxBatchSize 4
+    assert admission.limit_of("m", 0.0) == 8
+    assert admission.limit_of("unknown-batch", 0.0) == 16, "spec.maxBatchSize defaults to 8"
+
+
+def test_the_measured_rate_bounds_what_is_admitted_within_the_target() -> None:
+    """40 requests finished in the last 10 s: 4/s. A batch of 8 runs; the rest wait for a slot that frees
+    4 times a second, so 8 + 4 * 2 s * 0.5 = 12 in flight wait at most half of the 2 s target."""
+    admission = Admission(ttft_target_seconds=2.0, initial_limit=100)
+    admission.floors["m"] = 8.0
+    _finished(admission, "m", 40, 10.0, end=100.0)
+    assert admission.service_rate("m", 100.0) == pytest.approx(4.0)
+    assert admission.limit_of("m", 100.0) == 12
+    admitted = [admission.try_admit("m", 100.0) for _ in range(12)]
+    assert all(a is None for a in admitted)
+    refusal = admission.try_admit("m", 100.0)
+    assert refusal is not None and "limit 12" in refusal.message
+    assert refusal.retry_after_seconds == 1, "one refused request drains at 4/s: within a second"
+    more = [admission.try_admit("m", 100.0) for _ in range(11)]
+    assert [r.retry_after_seconds for r in more if r is not None][-1] == 3, "12 refused at 4/s: 3 s"
+    # a stricter target of its own admits fewer; a rate that fell (nothing finished lately) forgets the bound
+    admission.targets["m"] = 0.5
+    assert admission.limit_of("m", 100.0) == 9
+    assert admission.service_rate("m", 200.0) is None and admission.limit_of("m", 200.0) == 100
+
+
+def test_quick_first_tokens_raise_the_limit_only_up_to_the_rate_bound() -> None:
+    admission = Admission(ttft_target_seconds=2.0, initial_limit=10)
+    admission.floors["m"] = 8.0
+    _finished(admission, "m", 40, 10.0, end=100.0)  # bound 12
+    for _ in range(12):
+        admission.try_admit("m", 100.0)
+    for _ in range(20):
+        admission.first_token("m", 0.1, now=100.0)
+    assert admission.gate("m").limit == 12.0 and admission.limit_of("m", 100.0) == 12
+
+
 class SlowWorker:
     """A worker whose every answer takes `seconds` (a model at its capacity)."""
 

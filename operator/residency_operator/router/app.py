@@ -18,7 +18,7 @@ from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from residency_operator.router import health, openai_api
 from residency_operator.router.admission import Admission
 from residency_operator.router.auth import Access, AccessError, OpenAccess, StaticTokenAccess
-from residency_operator.router.deps import RouterSettings, RouterState, SafeJSONResponse, error
+from residency_operator.router.deps import ArrivalTime, RouterSettings, RouterState, SafeJSONResponse, error
 from residency_operator.router.forward import retry_after_seconds
 from residency_operator.router.models import ModelTable
 
@@ -56,6 +56,7 @@ def create_app(
     app = FastAPI(title="residency router", default_response_class=SafeJSONResponse)
     app.state.router = state
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(ArrivalTime)  # added last: outermost, the first to see a request
     app.include_router(openai_api.router)
     app.include_router(health.router)
 

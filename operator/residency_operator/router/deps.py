@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,12 +10,29 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from residency.httpguard import DEFAULT_MAX_BODY_BYTES, json_bytes
 from residency.openai_errors import error_body
 from residency_operator.router.admission import Admission
 from residency_operator.router.auth import Access, AccessError, Caller
 from residency_operator.router.models import ModelTable
+
+ARRIVED_AT = "arrived_at"
+"""`request.state.arrived_at`: when the request reached the router's app (monotonic; see ArrivalTime)."""
+
+
+class ArrivalTime:
+    """ASGI middleware, outermost: stamps when each request reached the app, so that a time to first token
+    counts what the router itself spent on the request (body, auth, a busy event loop)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})[ARRIVED_AT] = time.monotonic()
+        await self.app(scope, receive, send)
 
 
 class SafeJSONResponse(JSONResponse):
