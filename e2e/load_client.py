@@ -129,6 +129,7 @@ async def run(
         _lag(until, lags), *(_client(url, models[i % len(models)], i, t0, until, out, tls) for i in indices)
     )
     return {
+        "cpu_seconds": time.process_time(),
         "elapsed_seconds": time.monotonic() - t0,
         "outcomes": [asdict(o) for o in out],
         "loop_lag_seconds": lags,

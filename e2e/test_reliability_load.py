@@ -40,8 +40,14 @@ CLIENTS = int(os.environ.get("RESIDENCY_LOAD_CLIENTS", "200"))
 SECONDS = float(os.environ.get("RESIDENCY_LOAD_SECONDS", "60"))
 CLIENT_PROCESSES = int(os.environ.get("RESIDENCY_LOAD_PROCESSES", "2"))
 ADMISSION = os.environ.get("RESIDENCY_LOAD_ADMISSION", "1") != "0"  # 0: the router admits everything
+SHORT_CLIENTS, SHORT_SECONDS = 60, 15.0  # `make test`'s run (without --reliability-full)
 TTFT_GOAL_SECONDS = 2.0
 REFUSAL_GOAL_SECONDS = 0.1
+REFUSAL_BOUND_SECONDS = 1.0
+"""What the long run asserts for a 429's p99 (the goal, REFUSAL_GOAL_SECONDS, printed beside it): on the
+shared 2-core machine the router's event loop waits for a CPU; see docs/serving.md, Under load."""
+MIN_TOKENS_PER_SECOND = 228.0
+"""Served tokens/s of the same test before admission bounded TTFT (main, 2026-12-07): not to fall below."""
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Load:
     outcomes: list[dict[str, Any]]
     elapsed_seconds: float
     loop_lag_seconds: list[float]
+    cpu_seconds: float  # of the client processes together
 
     def of(self, status: str) -> list[dict[str, Any]]:
         return [o for o in self.outcomes if o["status"] == status]
@@ -77,36 +84,56 @@ def run_load(url: str, models: list[str], clients: int, seconds: float, workdir:
         [o for r in results for o in r["outcomes"]],
         max(r["elapsed_seconds"] for r in results),
         [lag for r in results for lag in r["loop_lag_seconds"]],
+        sum(r["cpu_seconds"] for r in results),
     )
 
 
 def histogram_quantile(metrics: str, name: str, q: float) -> float:
     """The least bucket bound under which share `q` of a Prometheus histogram's samples lie (inf: above)."""
-    buckets = []
+    counts: dict[float, float] = collections.defaultdict(float)  # summed over labels (models)
     for line in metrics.splitlines():
         if line.startswith(f"{name}_bucket{{"):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float(bound), float(line.rsplit(" ", 1)[1])))
+            counts[float(bound)] += float(line.rsplit(" ", 1)[1])
+    buckets = sorted(counts.items())
     total = buckets[-1][1] if buckets else 0.0
     return next((bound for bound, count in buckets if count >= q * total), float("inf"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (its /proc stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
-@pytest.mark.slow_reliability
-def test_200_clients_for_60_s_through_the_router_and_two_workers(
+@dataclass
+class Measured:
+    """What a load run through the router showed, in seconds (the structural checks passed already)."""
+
+    ttft_seconds: list[float]
+    refusal_seconds: list[float]
+    tokens_per_second: float
+    refusals: int
+
+
+def load_through_router(
     reliability: Recorder,
     namespace: str,
-    operator: Process,
     gpu_nodes: NodePool,
     models_root: Path,
     cluster: str,
     tmp_path: Path,
-) -> None:
+    clients: int,
+    seconds: float,
+) -> Measured:
+    """`clients` streaming clients for `seconds` through the router against two workers (a tiny model
+    each, a batch of 8): records the figures, checks what must hold on any machine, returns the times."""
     reliability.record(
-        injected=f"{CLIENTS} concurrent streaming clients for {SECONDS:.0f} s via the router on 2 workers"
+        injected=f"{clients} concurrent streaming clients for {seconds:.0f} s via the router on 2 workers"
     )
     api = Api(cluster)
     router, url = start_router(
@@ -131,8 +158,10 @@ def test_200_clients_for_60_s_through_the_router_and_two_workers(
         time.sleep(1)
         baseline = {n.name: worker_node(n) for n in nodes}
         pids = {"router": pid_of(router), **{n.name: pid_of(n.process) for n in nodes}}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         with RssWatch(pids) as rss:
-            load = run_load(url, models, CLIENTS, SECONDS, tmp_path)
+            load = run_load(url, models, clients, seconds, tmp_path)
+        cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         if os.environ.get("RESIDENCY_LOAD_OUT"):  # every request's times, for a closer look
             Path(os.environ["RESIDENCY_LOAD_OUT"]).write_text(json.dumps(load.outcomes))
 
@@ -175,7 +204,9 @@ def test_200_clients_for_60_s_through_the_router_and_two_workers(
     )
     reliability.record(
         measured=f"TTFT of ok requests p50 {ms(percentile(ttft, 50))}, p99 {ms(percentile(ttft, 99))} "
-        f"(goal <= {ms(TTFT_GOAL_SECONDS)}); whole answer p99 "
+        f"(goal <= {ms(TTFT_GOAL_SECONDS)}; the router's own view p99 <= "
+        f"{ms(histogram_quantile(router_metrics, 'residency_router_time_to_first_token_seconds', 0.99))}); "
+        "whole answer p99 "
         f"{ms(percentile([o['total_seconds'] for o in ok], 99))}; served {tokens_per_second:.0f} tokens/s"
     )
     reliability.record(
@@ -184,6 +215,11 @@ def test_200_clients_for_60_s_through_the_router_and_two_workers(
         f"client event-loop lag p99 {ms(percentile(load.loop_lag_seconds, 99))}, "
         f"max {ms(max(load.loop_lag_seconds, default=0.0))} ({CLIENT_PROCESSES} client processes); router's "
         f"p99 <= {ms(histogram_quantile(router_metrics, 'residency_router_event_loop_lag_seconds', 0.99))}"
+    )
+    reliability.record(
+        measured=f"CPU seconds used in the {elapsed:.0f} s of the 2 cores' {2 * elapsed:.0f}: "
+        + ", ".join(f"{name} {used:.1f}" for name, used in cpu.items())
+        + f", clients {load.cpu_seconds:.1f}"
     )
     reliability.record(
         measured="max RSS "
@@ -201,10 +237,54 @@ def test_200_clients_for_60_s_through_the_router_and_two_workers(
     assert not failures, (failures, errors[:5])
     without_retry_after = [o["error"] for o in refused if o["retry_after"] is None]
     assert not without_retry_after, without_retry_after[:3]
-    assert len(ok) >= CLIENTS, counts  # every client got answers, not only backpressure
+    assert len({o["client"] for o in ok}) == clients, counts  # every client got answers, not only 429s
     assert backpressure < len(load.outcomes)
     assert leak_free, (baseline, after)
     assert still_ready
     # bounded memory: no process grew by more than 512 MiB over its start (tiny models; it would be a leak)
     growth = {name: rss.peak[name] - rss.first[name] for name in pids}
     assert max(growth.values()) < 512 * 2**20, {k: mib(v) for k, v in growth.items()}
+    return Measured(ttft, refusal_seconds, tokens_per_second, len(refused))
+
+
+def test_a_burst_of_clients_is_admitted_or_refused_at_once(
+    reliability: Recorder,
+    namespace: str,
+    operator: Process,
+    gpu_nodes: NodePool,
+    models_root: Path,
+    cluster: str,
+    tmp_path: Path,
+) -> None:
+    """The short run of `make test`: more clients than two batches per model, so that admission refuses some
+    (a new model admits two batches until its rate is measured). On a busy CI machine only what holds
+    whatever the CPU does is asserted: every refusal is a 429 with Retry-After, every client is served, no
+    other error, nothing leaks, and a refusal, which does no work, comes back before the admitted requests'
+    first tokens do (medians)."""
+    measured = load_through_router(
+        reliability, namespace, gpu_nodes, models_root, cluster, tmp_path, SHORT_CLIENTS, SHORT_SECONDS
+    )
+    assert measured.refusals > 0, "more clients than the models admit, and none refused"
+    assert percentile(measured.refusal_seconds, 50) < percentile(measured.ttft_seconds, 50)
+
+
+@pytest.mark.slow_reliability
+def test_200_clients_for_60_s_through_the_router_and_two_workers(
+    reliability: Recorder,
+    namespace: str,
+    operator: Process,
+    gpu_nodes: NodePool,
+    models_root: Path,
+    cluster: str,
+    tmp_path: Path,
+) -> None:
+    """The goal of issue 27, measured: admitted requests' TTFT p99 within 2 s, refusals 429 with
+    Retry-After, answered quickly (see REFUSAL_BOUND_SECONDS), served tokens/s not below the run before."""
+    measured = load_through_router(
+        reliability, namespace, gpu_nodes, models_root, cluster, tmp_path, CLIENTS, SECONDS
+    )
+    if not ADMISSION:  # the comparison run without admission: figures only
+        return
+    assert percentile(measured.ttft_seconds, 99) <= TTFT_GOAL_SECONDS
+    assert percentile(measured.refusal_seconds, 99) <= REFUSAL_BOUND_SECONDS
+    assert measured.tokens_per_second >= MIN_TOKENS_PER_SECOND

@@ -9,7 +9,8 @@ Two bounds, the lower one holds:
   and the event loops on the way.
 - **the first tokens seen** (AIMD, as TCP and Netflix's concurrency-limits do): a first token later than
   the target cuts the limit by a tenth (at most once per target interval, so one slow burst does not
-  collapse it); a quick first token while the limit is nearly used raises it by one, up to the rate bound.
+  collapse it); a quick first token while the limit is nearly used raises it by 1/limit (one per limit's
+  worth of quick first tokens, as TCP's window grows by one per round trip), up to the rate bound.
 
 A model's limit never falls below one batch: fewer in flight cannot shorten anyone's wait, only leave the
 batch part empty. `Retry-After` says when the refused request would find a slot: the requests refused
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 DEFAULT_TTFT_TARGET_SECONDS = 2.0
 DEFAULT_BATCH = 8.0
 """The batch of a model whose spec names none (LLMModel's spec.maxBatchSize defaults to 8)."""
-QUEUE_SHARE = 0.5
+QUEUE_SHARE = 0.25
 """The share of the TTFT target an admitted request may spend waiting for a batch slot."""
 RATE_WINDOW_SECONDS = 10.0
 """The service rate is the completions of this window, per second."""
@@ -137,7 +138,7 @@ class Admission:
         elif ttft_seconds < target / 2 and gate.in_flight >= 0.8 * self.limit_of(key, now):
             bound = self.rate_bound(key, now)
             ceiling = self.max_limit if bound is None else max(self.floor_of(key), bound)
-            gate.limit = max(gate.limit, min(ceiling, gate.limit + 1.0))
+            gate.limit = max(gate.limit, min(ceiling, gate.limit + 1.0 / max(gate.limit, 1.0)))
 
     def finish(self, key: str, duration_seconds: float, now: float | None = None) -> None:
         """An admitted request ended (answered, failed or cancelled) at `now` (its end counts to the rate)."""

@@ -85,6 +85,13 @@ class RouterMetrics:
         self.in_flight = Gauge(
             "residency_router_in_flight", "Admitted requests in flight", ["model"], registry=self.registry
         )
+        self.time_to_first_token = Histogram(
+            "residency_router_time_to_first_token_seconds",
+            "Admitted requests' time from reaching the router to their first token from the worker",
+            ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
         self.event_loop_lag = Histogram(
             "residency_router_event_loop_lag_seconds",
             "How late the router's event loop wakes for a timer: what every request waits on top of its work",

@@ -201,6 +201,7 @@ async def _forward(
         ttft = now - sent_at if streaming else _plain_ttft(upstream, now - sent_at)
         if ttft is not None and upstream.status_code == 200:
             admission.first_token(route.key, before_sent + ttft, now)
+            metrics.time_to_first_token.labels(route.key).observe(before_sent + ttft)
         headers = _relayed_headers(upstream)
         done = _finisher(state, route.key, sent_at)
         if not streaming:
