@@ -17,6 +17,7 @@ import uvicorn
 
 from residency_operator.router.admission import Admission
 from residency_operator.router.app import ModelTable, create_app
+from residency_operator.router.auth import Caller, OpenAccess
 
 
 def test_the_limit_admits_then_refuses_with_a_retry_after_from_the_queue() -> None:
@@ -221,3 +222,48 @@ async def test_a_model_s_own_ttft_target_from_its_spec_sets_its_limit(
     assert admission.target_of("team/strict") == 0.05 and admission.target_of("team/default") == 2.0
     assert admission.gate("team/strict").limit == 1.0, "late for its own target: not raised"
     assert admission.gate("team/default").limit == 2.0, "quick for the default target: raised"
+
+
+class SlowAccess(OpenAccess):
+    """Everybody may use everything, decided after `seconds` (a slow API server, a busy event loop)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    async def allowed(self, caller: Caller, namespace: str, name: str) -> bool:
+        await asyncio.sleep(self.seconds)
+        return True
+
+
+class Recording(Admission):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ttfts: list[float] = []
+
+    def first_token(self, key: str, ttft_seconds: float, now: float) -> None:
+        self.ttfts.append(ttft_seconds)
+        super().first_token(key, ttft_seconds, now)
+
+
+async def test_the_time_a_request_spent_in_the_router_counts_to_its_first_token(
+    slow_worker: tuple[SlowWorker, str],
+) -> None:
+    """The worker says 0.1 s to the first token; the router spent 0.5 s before it sent the request on: the
+    admission sees 0.6 s (a starved router must not read its own delay as quick first tokens)."""
+    _, endpoint = slow_worker
+    ready = {
+        "metadata": {"namespace": "team", "name": "m"},
+        "status": {"phase": "Ready", "endpoint": endpoint},
+    }
+    table = ModelTable(lambda: [ready], refresh_seconds=3600)
+    table.refresh()
+    admission = Recording()
+    app = create_app(table, access=SlowAccess(0.5), admission=admission)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
+        answer = await client.post("/v1/completions", json={"model": "team/m", "prompt": "x"}, timeout=30)
+        metrics = (await client.get("/metrics")).text
+    assert answer.status_code == 200
+    (ttft,) = admission.ttfts
+    assert 0.6 <= ttft < 1.5, ttft  # not the worker's 1.5 s answer: its decoding is not a first token
+    assert 'residency_router_time_to_first_token_seconds_count{model="team/m"} 1.0' in metrics
