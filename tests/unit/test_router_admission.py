@@ -36,13 +36,18 @@ def test_the_limit_follows_the_time_to_first_token() -> None:
     admission = Admission(ttft_target_seconds=1.0, initial_limit=10)
     for _ in range(8):
         admission.try_admit("m", 0.0)
-    for _ in range(10):  # quick, and the limit nearly used: one more per limit's worth of them
+    for _ in range(10):  # quick, and the limit nearly used: one more, once per target interval
         admission.first_token("m", 0.2, now=0.0)
-    assert admission.gate("m").limit == pytest.approx(11, abs=0.05)
+    assert admission.gate("m").limit == 11
+    admission.try_admit("m", 0.0)  # 9 in flight of 11
+    admission.first_token("m", 0.2, now=1.0)
+    assert admission.gate("m").limit == 12
     admission.gate("m").limit = 11
-    admission.first_token("m", 3.0, now=1.0)  # late: cut by a tenth
+    admission.first_token("m", 3.0, now=2.0)  # late: cut by a tenth
     assert admission.gate("m").limit == pytest.approx(9.9)
-    admission.first_token("m", 3.0, now=1.5)  # again within the target interval: not cut twice
+    admission.first_token("m", 3.0, now=2.5)  # again within the target interval: not cut twice
+    assert admission.gate("m").limit == pytest.approx(9.9)
+    admission.first_token("m", 0.2, now=2.5)  # nor raised right after a cut
     assert admission.gate("m").limit == pytest.approx(9.9)
     for step in range(100):
         admission.first_token("m", 3.0, now=2.0 + step)
@@ -95,8 +100,8 @@ def test_quick_first_tokens_raise_the_limit_only_up_to_the_rate_bound() -> None:
     _finished(admission, "m", 40, 10.0, end=100.0)  # bound 10
     for _ in range(10):
         admission.try_admit("m", 100.0)
-    for _ in range(50):
-        admission.first_token("m", 0.1, now=100.0)
+    for step in range(50):
+        admission.first_token("m", 0.1, now=100.0 + 2 * step / 1000)
     assert admission.gate("m").limit == 10.0 and admission.limit_of("m", 100.0) == 10
 
 

@@ -9,8 +9,10 @@ Two bounds, the lower one holds:
   and the event loops on the way.
 - **the first tokens seen** (AIMD, as TCP and Netflix's concurrency-limits do): a first token later than
   the target cuts the limit by a tenth (at most once per target interval, so one slow burst does not
-  collapse it); a quick first token while the limit is nearly used raises it by 1/limit (one per limit's
-  worth of quick first tokens, as TCP's window grows by one per round trip), up to the rate bound.
+  collapse it); a quick first token while the limit is nearly used raises it by one, as often, up to the
+  rate bound. Both at most once per target interval: a model serving dozens of requests a second would
+  otherwise raise its limit on every quick one, far faster than the cuts that its slow tail calls for, and
+  settle at the rate bound whatever its p99 showed.
 
 A model's limit never falls below one batch: fewer in flight cannot shorten anyone's wait, only leave the
 batch part empty. `Retry-After` says when the refused request would find a slot: the requests refused
@@ -45,6 +47,7 @@ class ModelGate:
     recent_refusals: float = 0.0  # refusals, decaying with a time constant of seconds_per_request
     refusals_seen_at: float = 0.0
     last_cut_at: float = -math.inf
+    last_raise_at: float = -math.inf
 
 
 @dataclass(frozen=True)
@@ -135,10 +138,15 @@ class Admission:
             if now - gate.last_cut_at >= target:
                 gate.limit = max(self.floor_of(key), gate.limit * 0.9)
                 gate.last_cut_at = now
-        elif ttft_seconds < target / 2 and gate.in_flight >= 0.8 * self.limit_of(key, now):
+        elif (
+            ttft_seconds < target / 2
+            and gate.in_flight >= 0.8 * self.limit_of(key, now)
+            and now - max(gate.last_raise_at, gate.last_cut_at) >= target
+        ):
             bound = self.rate_bound(key, now)
             ceiling = self.max_limit if bound is None else max(self.floor_of(key), bound)
-            gate.limit = max(gate.limit, min(ceiling, gate.limit + 1.0 / max(gate.limit, 1.0)))
+            gate.limit = max(gate.limit, min(ceiling, gate.limit + 1.0))
+            gate.last_raise_at = now
 
     def finish(self, key: str, duration_seconds: float, now: float | None = None) -> None:
         """An admitted request ended (answered, failed or cancelled) at `now` (its end counts to the rate)."""
