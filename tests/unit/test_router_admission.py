@@ -49,6 +49,8 @@ def test_the_limit_follows_the_time_to_first_token() -> None:
     assert admission.gate("m").limit == pytest.approx(9.9)
     admission.first_token("m", 0.2, now=2.5)  # nor raised right after a cut
     assert admission.gate("m").limit == pytest.approx(9.9)
+    admission.first_token("m", 0.8, now=4.0)  # within the 1 s target, but not within the router's 3/4 of it
+    assert admission.gate("m").limit == pytest.approx(8.91)
     for step in range(100):
         admission.first_token("m", 3.0, now=2.0 + step)
     assert admission.gate("m").limit == 1.0, "never below one request"

@@ -8,11 +8,10 @@ Two bounds, the lower one holds:
   one admitted within QUEUE_SHARE of the target, the rest of the target left to its prefill, the network
   and the event loops on the way.
 - **the first tokens seen** (AIMD, as TCP and Netflix's concurrency-limits do): a first token later than
-  the target cuts the limit by a tenth (at most once per target interval, so one slow burst does not
-  collapse it); a quick first token while the limit is nearly used raises it by one, as often, up to the
-  rate bound. Both at most once per target interval: a model serving dozens of requests a second would
-  otherwise raise its limit on every quick one, far faster than the cuts that its slow tail calls for, and
-  settle at the rate bound whatever its p99 showed.
+  ROUTER_SHARE_OF_TARGET of the target cuts the limit by a tenth (so one slow burst does not collapse
+  it); a quick one while the limit is nearly used raises it by one, up to the rate bound. Each at most
+  once per target interval: a model serving dozens of requests a second would otherwise raise its limit
+  on every quick one, far faster than the cuts its slow tail calls for.
 
 A model's limit never falls below one batch: fewer in flight cannot shorten anyone's wait, only leave the
 batch part empty. `Retry-After` says when the refused request would find a slot: the requests refused
@@ -34,6 +33,10 @@ RATE_WINDOW_SECONDS = 10.0
 """The service rate is the completions of this window, per second."""
 MIN_COMPLETIONS_FOR_RATE = 8
 """Fewer completions in the window say nothing of the rate: the bound waits for them."""
+ROUTER_SHARE_OF_TARGET = 0.75
+"""A first token the router sees later than this share of the target cuts the limit: the client's own
+part of its wait (its network, its event loop, the router's loop before the request reaches the app) is
+not in the router's view."""
 
 
 @dataclass
@@ -134,7 +137,7 @@ class Admission:
         """Adapts the limit to an admitted request's time to first token."""
         gate = self.gate(key)
         target = self.target_of(key)
-        if ttft_seconds > target:
+        if ttft_seconds > target * ROUTER_SHARE_OF_TARGET:
             if now - gate.last_cut_at >= target:
                 gate.limit = max(self.floor_of(key), gate.limit * 0.9)
                 gate.last_cut_at = now
