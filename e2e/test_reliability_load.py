@@ -1,5 +1,6 @@
-"""Reliability under load (issue #9): many concurrent clients against the router and two real workers on
-loopback. Measures throughput, latency percentiles, memory (RSS) and backpressure, and checks that the
+"""Reliability under load (issues #9, #27): many concurrent streaming clients, in processes of their own
+(load_client.py), against the router and two real workers on loopback. Measures throughput, each admitted
+request's time to first token, each 429's latency, memory (RSS), CPU and backpressure, and checks that the
 workers' KV and committed GPU bytes return to their baseline afterwards (no leak)."""
 
 from __future__ import annotations
@@ -264,8 +265,9 @@ def test_a_burst_of_clients_is_admitted_or_refused_at_once(
     measured = load_through_router(
         reliability, namespace, gpu_nodes, models_root, cluster, tmp_path, SHORT_CLIENTS, SHORT_SECONDS
     )
-    assert measured.refusals > 0, "more clients than the models admit, and none refused"
-    assert percentile(measured.refusal_seconds, 50) < percentile(measured.ttft_seconds, 50)
+    if ADMISSION:
+        assert measured.refusals > 0, "more clients than the models admit, and none refused"
+        assert percentile(measured.refusal_seconds, 50) < percentile(measured.ttft_seconds, 50)
 
 
 @pytest.mark.slow_reliability
