@@ -1,5 +1,5 @@
 """The worker's admin API (the agent's and operators' calls): load, unload, residency, preempt, resume,
-budget, profile. Every route takes the admin token."""
+budget, profile, and GPU fault injection. Every route takes the admin token."""
 
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ async def node(engine: EngineDep) -> dict[str, Any]:
 @router.put("/node/budget")
 async def set_budget(body: BudgetBody, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
     return as_dict(await _call(settings, engine.set_budget, body.gpu_memory_bytes))
+
+
+@router.post("/gpus/{index}/fault")
+async def inject_gpu_fault(index: int, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+    """Fault injection: GPU ``index`` behaves as after an Xid error (its models fail with GpuLost)."""
+    failed = await _call(settings, engine.inject_gpu_fault, index, "fault injected through the admin API")
+    return {"gpu": index, "lost": True, "failedModels": failed}
 
 
 @router.post("/models")
