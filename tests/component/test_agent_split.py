@@ -139,3 +139,41 @@ def test_agent_converges_split_placements_and_fails_only_a_lost_gpus_models(tmp_
         assert [link.gpus for link in profile.host_links] == [[0, 1]]
     finally:
         engine.close()
+
+
+async def test_admin_api_loads_a_split_and_injects_a_gpu_fault_admin_only(tmp_path: Path) -> None:
+    import httpx
+
+    from residency_worker.server import ServerSettings, create_app
+
+    make_model(tmp_path / "m", "llama", "tiny", seed=2, dtype="float32", overrides={"num_hidden_layers": 6})
+    engine = Engine(make_gpu_tiers([8 * MIB], emulated_count=2), [tmp_path], node="n1", calibration_bytes=0)
+    app = create_app(engine, ServerSettings(admin_token="admin-secret"))
+    admin = {"Authorization": "Bearer admin-secret"}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as http:
+            body = {
+                "name": "m",
+                "path": str(tmp_path / "m"),
+                "dtype": "float32",
+                "resident_fraction": 0.6,
+                "decode_mode": "stream",
+                "max_sequence_length": 64,
+                "max_batch_size": 2,
+                "gpus": [{"index": 1, "resident_fraction": 0.3}, {"index": 0, "resident_fraction": 0.3}],
+            }
+            loaded = await http.post("/admin/models", headers=admin, json=body, timeout=60)
+            assert loaded.status_code == 200, loaded.text
+            assert [gpu["index"] for gpu in loaded.json()["residency"]["gpus"]] == [1, 0]
+            node = (await http.get("/admin/node", headers=admin)).json()
+            assert [gpu["index"] for gpu in node["gpus"]] == [0, 1] and node["emulated"] is True
+            assert (await http.post("/admin/gpus/1/fault")).status_code == 401, "admin only"
+            assert engine.status("m").state == "ready"
+            fault = await http.post("/admin/gpus/1/fault", headers=admin)
+            assert fault.status_code == 200 and fault.json()["failedModels"] == ["m"]
+            answer = await http.post("/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2})
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "GpuLost"
+            missing = await http.post("/admin/gpus/7/fault", headers=admin)
+            assert missing.status_code == 400 and "GPU 7 does not exist" in missing.text
+    finally:
+        engine.close()

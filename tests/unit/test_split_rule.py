@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,3 +123,17 @@ def test_agent_sees_a_change_of_gpus_or_shares() -> None:
     assert placement_gpus(single) == ()
     assert not gpus_changed(single, _held((0, 0.5)), 0.02)
     assert gpus_changed(single, _held((1, 0.5)), 0.02)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message for a machine without CUDA")
+def test_worker_command_refuses_gpus_that_do_not_exist(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from residency_worker.cli import register
+
+    app = typer.Typer()
+    register(app)
+    started = CliRunner().invoke(app, ["worker", "--gpus", "0,1", "--models-root", str(tmp_path)])
+    assert started.exit_code == 2
+    assert "GPU 0, 1 does not exist: this machine has 0 CUDA GPUs" in " ".join(started.output.split())
