@@ -145,6 +145,31 @@ def test_split_preempt_resume_mid_generation_loses_nothing(engine: Engine, model
     assert [r.wait(60).token_ids for r in requests] == expected
 
 
+@pytest.mark.parametrize(
+    "moved",
+    [((2, 0.5), (0, 0.3)), ((1, 0.0),)],
+    ids=["other-gpus", "one-gpu-nothing-resident"],
+)
+def test_split_moved_while_preempted_resumes_where_it_was_sent(
+    engine: Engine, model_dir: Path, moved: tuple[tuple[int, float], ...]
+) -> None:
+    engine.load("m", str(model_dir), _options(0.6, "stream", ((0, 0.3), (1, 0.3))))
+    expected = _batch(engine, "m", LONG)
+    gate = _Gate(after=5)
+    requests = [engine.submit("m", p, LONG, on_event=gate if i == 0 else None) for i, p in enumerate(PROMPTS)]
+    assert gate.reached.wait(30)
+    engine.preempt("m")
+    fraction = sum(share for _, share in moved)
+    engine.set_residency("m", fraction, gpus=moved, decode_mode="cpu" if fraction == 0 else "stream")
+    resumed = engine.resume("m")
+    assert resumed.kv_restore.moved_bytes > 0
+    owner = engine.runner("m").owner
+    used = {index for index, _ in moved}
+    assert all(engine.tiers[i].reserved_bytes(owner) == 0 for i in range(3) if i not in used)
+    assert [gpu.index for gpu in engine.residency("m").gpus] == [index for index, _ in moved]
+    assert [r.wait(60).token_ids for r in requests] == expected
+
+
 def test_split_changes_gpus_live_mid_generation(engine: Engine, model_dir: Path) -> None:
     """Promote/demote of a split: new shares, another GPU set, then one GPU — same tokens all the way."""
     engine.load("m", str(model_dir), _options(0.6, "stream", ((0, 0.3), (1, 0.3))))

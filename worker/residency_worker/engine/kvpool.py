@@ -130,6 +130,18 @@ class KVPool:
                 home.release(self._tensors[index])
                 self._tensors[index] = torch.empty(0, dtype=self.dtype)
 
+    def retarget(self, gpu_layers: dict[int, GpuTier]) -> None:
+        """While preempted (the GPU layers dropped, their tokens saved): points each dropped layer at where it
+        decodes now, so its restore lands there (another GPU of a split moved while preempted, or host
+        memory). Layers on the host were never dropped: ``rehome`` moves them after the restore."""
+        for index, home in enumerate(self._on_gpu):
+            if home is None or self._tensors[index].numel():
+                continue
+            wanted = gpu_layers.get(index)
+            self._on_gpu[index] = wanted
+            if wanted is None:
+                self._tensors[index] = self._empty(None)
+
     def restore_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(new GPU destination, pinned host source) of every saved slot and layer, for resume; the GPU
         part of the pool is allocated again (the caller has reserved it)."""

@@ -601,6 +601,7 @@ class ModelRunner:
         try:
             reload = self.placed.upload(self.placed.resident_units())
             self.placed.open_stager()
+            self.pool.retarget(self.placed.kv_homes())  # its GPUs may have changed while preempted
             pairs = self.pool.restore_pairs()
             kv_restore = timed_copy_groups(
                 self.pool.group_by_tier(pairs, device_side=0), what="kv", direction="host_to_device"
