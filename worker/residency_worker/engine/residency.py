@@ -20,9 +20,9 @@ from residency_worker.engine.placement import (
     streamed_pieces,
     unit_piece,
 )
-from residency_worker.engine.tiers import GpuTier
+from residency_worker.engine.tiers import GpuTier, reserve_on
 from residency_worker.engine.transfer import Stager, upload_units
-from residency_worker.engine.types import ExecutionMode, TransferTiming
+from residency_worker.engine.types import ExecutionMode, GpuResidencyReport, TransferTiming
 
 
 class PlacedWeights:
@@ -110,6 +110,40 @@ class PlacedWeights:
             if stage is not None:
                 homes[layer] = self.node_tiers[self.plan.gpus[stage]]
         return homes
+
+    # -- reservations, per GPU ---------------------------------------------------------------------------
+    def reserve(self, needs: dict[GpuTier, BudgetNeed], *, grow_only: bool = False) -> None:
+        """Reserves each GPU's need, all or none (an over-budget share of one GPU refuses the lot)."""
+        reserve_on(self.owner, {tier: need.total_bytes for tier, need in needs.items()}, grow_only=grow_only)
+
+    def unreserve(self, keep: set[GpuTier] | None = None) -> None:
+        """Gives back the model's reservation on every GPU but ``keep``, and their cached memory."""
+        for tier in self.node_tiers:
+            if (keep is None or tier not in keep) and tier.reserved_bytes(self.owner):
+                tier.unreserve(self.owner)
+                if tier.lost is None:
+                    tier.empty_cache()
+
+    def uses(self, tier: GpuTier) -> bool:
+        """Whether the pipeline includes ``tier``, or the model still holds memory there."""
+        return tier in self.tiers() or tier in self._homes.values() or bool(tier.reserved_bytes(self.owner))
+
+    def gpu_residency(self) -> list[GpuResidencyReport]:
+        """What each GPU of the pipeline holds of the model now, read from the tiers' allocations."""
+        total = self.plan.weight_bytes or 1
+        reports = []
+        for tier, (_, share) in zip(self.tiers(), self.plan.gpu_shares(), strict=True):
+            weight_bytes = tier.allocated_bytes(self.owner, "weights")
+            reports.append(
+                GpuResidencyReport(
+                    index=tier.index,
+                    requested_fraction=share,
+                    resident_fraction=weight_bytes / total,
+                    resident_bytes=weight_bytes + tier.allocated_bytes(self.owner, "kv"),
+                    reserved_bytes=tier.reserved_bytes(self.owner),
+                )
+            )
+        return reports
 
     def resident_units(self) -> list[Unit]:
         return [u for u in self.weights.units if u.name in self.plan.resident]

@@ -20,29 +20,29 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from residency_worker.engine import model as decoder
+from residency_worker.engine.demand import observed_demand
 from residency_worker.engine.executor import Executor
-from residency_worker.engine.generate import SEED_MAX, SEED_MIN, Detokenizer, Request, RequestEvent
+from residency_worker.engine.generate import Detokenizer, Request, RequestEvent, check_request
 from residency_worker.engine.kvpool import KVPool
 from residency_worker.engine.loading import LoadedWeights
+from residency_worker.engine.modes import choose_modes
 from residency_worker.engine.pacing import hold_all, pace_interval_seconds
-from residency_worker.engine.placement import BudgetNeed, ResidencyPlan, plan_residency, streamed_pieces
+from residency_worker.engine.placement import BudgetNeed, ResidencyPlan, plan_residency
 from residency_worker.engine.residency import PlacedWeights
 from residency_worker.engine.sampler import make_generator, sample
 from residency_worker.engine.scheduler import Scheduler, Sequence, Step
 from residency_worker.engine.split import GpuShares, scaled_shares
-from residency_worker.engine.tiers import GpuTier, reserve_on
+from residency_worker.engine.tiers import GpuTier
 from residency_worker.engine.transfer import timed_copy_groups
 from residency_worker.engine.types import (
     EngineError,
     ExecutionMode,
-    GpuResidencyReport,
     ModelState,
     ModelTimings,
     ObservedDemand,
     PreemptReport,
     ResidencyReport,
     ResumeReport,
-    SamplingParams,
     TransferTiming,
 )
 
@@ -53,8 +53,6 @@ DEMAND_WINDOW_SECONDS = 60.0
 T = TypeVar("T")
 _runner_ids = itertools.count(1)
 ModeChoice = Literal["stream", "cpu", "auto"]
-MAX_LOGPROBS = 20
-"""The most alternatives a request may ask for per token (OpenAI's limit)."""
 PREFILL_CHUNK_TOKENS_GPU = 512
 PREFILL_CHUNK_TOKENS_CPU = 128
 """Prompt tokens one step prefills beside the decoding sequences (a longer prompt takes several steps):
@@ -204,16 +202,10 @@ class ModelRunner:
         return timing
 
     def _reserve(self, needs: dict[GpuTier, BudgetNeed], *, grow_only: bool = False) -> None:
-        """Reserves each GPU's need, all or none (an over-budget share of one GPU refuses the lot)."""
-        reserve_on(self.owner, {tier: need.total_bytes for tier, need in needs.items()}, grow_only=grow_only)
+        self.placed.reserve(needs, grow_only=grow_only)
 
     def _unreserve(self, keep: set[GpuTier] | None = None) -> None:
-        """Gives back this model's reservation on every GPU but ``keep``, and their cached memory."""
-        for tier in self.node_tiers:
-            if (keep is None or tier not in keep) and tier.reserved_bytes(self.owner):
-                tier.unreserve(self.owner)
-                if tier.lost is None:
-                    tier.empty_cache()
+        self.placed.unreserve(keep)
 
     def residency(self) -> ResidencyReport:
         needs = self._need(self.plan, self.decode_mode, self.prefill_mode)
@@ -231,25 +223,8 @@ class ModelRunner:
             gpu_reserved_bytes=sum(tier.reserved_bytes(self.owner) for tier in self.node_tiers),
             kv_reserved_bytes=sum(n.kv_bytes for n in needs.values()) if self.state == "ready" else 0,
             emulated=self.tier.emulated,
-            gpus=self.gpu_residency(),
+            gpus=self.placed.gpu_residency(),
         )
-
-    def gpu_residency(self) -> list[GpuResidencyReport]:
-        """What each GPU of the pipeline holds of the model now, read from the tiers' allocations."""
-        total = self.plan.weight_bytes or 1
-        reports = []
-        for tier, (_, share) in zip(self.placed.tiers(), self.plan.gpu_shares(), strict=True):
-            weight_bytes = tier.allocated_bytes(self.owner, "weights")
-            reports.append(
-                GpuResidencyReport(
-                    index=tier.index,
-                    requested_fraction=share,
-                    resident_fraction=weight_bytes / total,
-                    resident_bytes=weight_bytes + tier.allocated_bytes(self.owner, "kv"),
-                    reserved_bytes=tier.reserved_bytes(self.owner),
-                )
-            )
-        return reports
 
     # -- steps --------------------------------------------------------------------------------------
     def _forward(self, step: Step) -> Any:
@@ -273,53 +248,15 @@ class ModelRunner:
         self.scheduler.complete(step, result, self.pool)
 
     def choose_modes(self) -> dict[str, float]:
-        """Resolves "auto" modes by timing a short prefill and a few decode steps in each mode.
+        """Resolves "auto" modes by timing a short prefill and a few decode steps in each mode (``modes``)."""
+        return choose_modes(self)
 
-        Runs before the model serves (on the caller's thread); each mode gets an untimed warm-up
-        pass first, so one-off costs (kernel selection, first-touch memory) do not decide.
-        """
-        decode_choice = self.options.decode_mode
-        prefill_choice = self.options.prefill_mode or decode_choice
-        if "auto" not in (decode_choice, prefill_choice) or not streamed_pieces(self.weights, self.plan):
-            return {}
-        prompt_tokens = max(1, min(32, self.max_sequence_length // 2))
-        measured: dict[str, float] = {}
-        for mode in ("stream", "cpu"):
-            self._set_residency(None, mode, mode)
-            for timed in (False, True):
-                request = Request(prompt_ids=[0] * prompt_tokens, params=SamplingParams(max_tokens=5))
-                sequence = self._new_sequence(request)
-                self.scheduler.admit(sequence)
-                try:
-                    step = self.scheduler.next_step(mode, mode)
-                    assert step is not None
-                    start = time.perf_counter()
-                    token = self._forward(step).token_ids[0]
-                    prefill_seconds = time.perf_counter() - start
-                    sequence.cached_tokens, sequence.last_token = prompt_tokens, token
-                    start = time.perf_counter()
-                    for _ in range(3):
-                        step = self.scheduler.next_step(mode, mode)
-                        assert step is not None
-                        sequence.last_token = self._forward(step).token_ids[0]
-                        sequence.cached_tokens += 1
-                    decode_seconds = (time.perf_counter() - start) / 3
-                finally:
-                    self.scheduler.remove(sequence, None)
-                if timed:
-                    measured[f"prefill_{mode}_seconds"] = prefill_seconds
-                    measured[f"decode_{mode}_seconds"] = decode_seconds
+    def forward_step(self, step: Step) -> Any:
+        """One step's sampled tokens, outside the serving loop (the mode measurement runs it)."""
+        return self._forward(step)
 
-        def faster(phase: str) -> ExecutionMode:
-            return (
-                "stream" if measured[f"{phase}_stream_seconds"] <= measured[f"{phase}_cpu_seconds"] else "cpu"
-            )
-
-        decode: ExecutionMode = faster("decode") if decode_choice == "auto" else decode_choice
-        prefill: ExecutionMode = faster("prefill") if prefill_choice == "auto" else prefill_choice
-        self._set_residency(None, decode, prefill)
-        log.info("model %s: measured modes %s → decode %s, prefill %s", self.name, measured, decode, prefill)
-        return measured
+    def new_sequence(self, request: Request) -> Sequence:
+        return self._new_sequence(request)
 
     # -- sequences ----------------------------------------------------------------------------------
     def _new_sequence(self, request: Request) -> Sequence:
@@ -457,28 +394,7 @@ class ModelRunner:
         return future.result()
 
     def submit(self, request: Request) -> Request:
-        prompt_tokens = len(request.prompt_ids)
-        if prompt_tokens == 0:
-            raise EngineError("InvalidRequest", "the prompt is empty")
-        if prompt_tokens >= self.max_sequence_length:
-            raise EngineError(
-                "InvalidRequest",
-                f"the prompt has {prompt_tokens} tokens; {self.name} accepts at "
-                f"most {self.max_sequence_length - 1}",
-            )
-        if request.params.max_tokens < 1:
-            raise EngineError("InvalidRequest", "max_tokens must be at least 1")
-        if request.params.top_k < 0:
-            raise EngineError("InvalidRequest", "top_k must be 0 (no cut) or positive")
-        logprobs = request.params.logprobs
-        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise EngineError("InvalidRequest", f"logprobs must lie in [0, {MAX_LOGPROBS}]")
-        seed = request.params.seed
-        if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
-            raise EngineError("InvalidRequest", f"seed must lie in [{SEED_MIN}, {SEED_MAX}]")
-        vocab = self.spec.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_ids):
-            raise EngineError("InvalidRequest", f"prompt token ids must lie in [0, {vocab})")
+        check_request(request, self.name, self.max_sequence_length, self.spec.vocab_size)
         with self._cv:
             if self.failure is not None:
                 raise EngineError(self.failure.reason, self.failure.message)
@@ -515,28 +431,8 @@ class ModelRunner:
             while self._arrivals and self._arrivals[0][0] < now - DEMAND_WINDOW_SECONDS:
                 self._arrivals.popleft()
             requests = [request for at, request in self._arrivals if at >= now - window_seconds]
-        # one read per request: the batch loop may finish one meanwhile
-        seen = [(r.finish_reason, len(r.token_ids), len(r.prompt_ids), r.params.max_tokens) for r in requests]
-        counted = [row for row in seen if row[0] is None or row[1] > 0]
-        finished = [produced for reason, produced, _, _ in counted if reason is not None]
-        typical_output = sum(finished) / len(finished) if finished else None
-        output_tokens = 0.0
-        for reason, produced, prompt, max_tokens in counted:
-            if reason is not None:
-                output_tokens += produced
-                continue
-            limit = max(1, min(max_tokens, self.max_sequence_length - prompt))
-            expected = limit if typical_output is None else min(limit, typical_output)
-            output_tokens += max(produced, expected)
-        prompt_tokens = sum(prompt for _, _, prompt, _ in counted)
-        # never average over less than half the window: a few early requests are not a rate
-        span = min(window_seconds, max(window_seconds / 2, now - self._started_monotonic))
-        return ObservedDemand(
-            decode_tokens_per_second=output_tokens / span,
-            prompt_tokens_per_second=prompt_tokens / span,
-            typical_prompt_tokens=max(1, round(prompt_tokens / len(counted))) if counted else None,
-            window_seconds=span,
-            age_seconds=now - self._started_monotonic,
+        return observed_demand(
+            requests, now - self._started_monotonic, window_seconds, self.max_sequence_length
         )
 
     def cancel(self, request: Request) -> None:
@@ -688,12 +584,7 @@ class ModelRunner:
         return self.residency()
 
     def uses(self, tier: GpuTier) -> bool:
-        """Whether the model's pipeline includes ``tier``, or it still holds memory there."""
-        return (
-            tier in self.placed.tiers()
-            or tier in self.placed.flat_homes().values()
-            or bool(tier.reserved_bytes(self.owner))
-        )
+        return self.placed.uses(tier)
 
     def fail_gpu(self, error: EngineError) -> None:
         """A GPU of the model is gone: its requests end with ``error``, it gives back what it holds on the
