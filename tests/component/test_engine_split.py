@@ -232,3 +232,26 @@ def test_lost_gpu_fails_its_models_and_the_others_keep_serving(engine: Engine, m
     engine.unload("split")
     engine.load("split", str(model_dir), _options(0.6, "stream", ((1, 0.6),)))  # placed again, elsewhere
     assert _batch(engine, "split")
+
+
+def test_a_cuda_error_in_a_step_fails_the_lost_gpus_model_with_gpu_lost(
+    engine: Engine, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step path: a step that raises a CUDA error probes the GPUs; the one found lost fails its models
+    (reason GpuLost, not InferenceFailed) and a model on another GPU is untouched. (Emulated: the fault flag
+    stands in for the driver's answer; the step's error is raised by hand.)"""
+    engine.load("alone", str(model_dir), _options(0.5, "stream"))
+    engine.load("split", str(model_dir), _options(0.6, "stream", ((1, 0.3), (2, 0.3))))
+    runner = engine.runner("split")
+    assert runner.executor is not None
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        engine.tiers[1].fault = "Xid 48: double bit ECC error (injected)"
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner.executor, "forward", broken)
+    request = engine.submit("split", PROMPTS[0], GREEDY)
+    assert request.done.wait(30) and request.finish_reason == "error"
+    assert runner.state == "failed" and runner.failure is not None and runner.failure.reason == "GpuLost"
+    assert engine.tiers[1].lost and engine.tiers[2].lost is None
+    assert engine.generate("alone", PROMPTS[0], GREEDY).token_ids

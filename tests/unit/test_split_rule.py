@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from residency_worker.engine.split import check_shares, compute_order, scaled_shares, split_stages
+from residency.split import check_shares, compute_order, scaled_shares, split_stages
 from residency_worker.engine.types import GpuResidencyReport, ResidencyReport
 from residency_worker.gpus import build_tiers, gpus_changed, placement_gpus
 

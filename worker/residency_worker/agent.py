@@ -246,6 +246,7 @@ class NodeAgent:
     _lease: Any = None  # the node Lease as last written (a V1Lease)
     _lease_refused: bool = False  # no RBAC for Leases (an older chart): heartbeat in the NodeProfile
     _reported_resident_bytes: int | None = None
+    _gpus_checked_at: float = -math.inf  # monotonic; GPUs are probed once per heartbeat period
     _placement_cache: Informer | None = None
     _changed: threading.Event = field(default_factory=threading.Event)
     profiler: BackgroundProfiler | None = None
@@ -451,7 +452,9 @@ class NodeAgent:
         after `grow_seconds` of loads the next pass lists again, so that a model that moved or went away
         meanwhile is released at once rather than after every other load of a long batch."""
         placements = self.placements()
-        self.engine.check_gpus()  # a GPU lost while idle (a driver reset) fails its models now
+        if time.monotonic() - self._gpus_checked_at >= self.config.heartbeat_seconds:
+            self._gpus_checked_at = time.monotonic()
+            self.engine.check_gpus()  # a GPU lost while idle (a driver reset) fails its models now
         wanted = {self._model_name(p): p for p in placements if not p["metadata"].get("deletionTimestamp")}
         leaving = [p for p in placements if p["metadata"].get("deletionTimestamp")]
         loaded = {n for n in self.engine.names() if not n.startswith(PROFILE_PREFIX)}

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from residency_worker.engine.split import GpuShares
+from residency.split import GpuShares
 from residency_worker.engine.tiers import GpuTier, make_gpu_tier, make_gpu_tiers, parse_bytes, synchronize
 from residency_worker.engine.types import NodeReport, ResidencyReport
 

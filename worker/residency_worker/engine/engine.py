@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from residency.split import GpuShares, check_shares
 from residency_worker.engine.generate import Request, RequestEvent
 from residency_worker.engine.loading import load_weights, validate_model_dir
 from residency_worker.engine.runner import ModelOptions, ModelRunner
-from residency_worker.engine.split import GpuShares, check_shares
 from residency_worker.engine.tiers import GpuTier, measure_host_to_device_peak, nvml_memory_bytes
 from residency_worker.engine.types import (
     EngineError,
@@ -105,7 +105,7 @@ class Engine:
                 )
                 weights = load_weights(directory, options.dtype, self.tier, trust_remote_code)
                 runner = ModelRunner(name, weights, self.tiers, options)
-                runner.on_step_failure = self.check_gpus
+                runner.on_step_failure = self._step_failed
             except EngineError:
                 raise
             except Exception as exc:  # a directory that passed the checks and still cannot be read
@@ -266,15 +266,23 @@ class Engine:
             self._notify(runner.name, "gpu_lost", error)
         return [runner.name for runner in runners]
 
-    def check_gpus(self) -> bool:
-        """Probes every GPU not yet known lost; a GPU that fails its probe is lost (:meth:`lose_gpu`).
-        True when one was found lost now."""
+    def check_gpus(self, *, deep: bool = False) -> bool:
+        """Probes every GPU not yet known lost (``deep``: its CUDA context too, see ``GpuTier.probe``); a GPU
+        that fails its probe is lost (:meth:`lose_gpu`). True when one was found lost now."""
         found = False
         for tier in self.tiers:
-            if tier.lost is None and (reason := tier.probe()) is not None:
+            if tier.lost is None and (reason := tier.probe(deep=deep)) is not None:
                 self.lose_gpu(tier.index, reason)
                 found = True
         return found
+
+    def _step_failed(self, error: Exception) -> bool:
+        """A model's step raised: was it a GPU that went away? (A CUDA error that is no OOM probes deeply.)"""
+        text = str(error)
+        cuda_error = ("CUDA error" in text or type(error).__name__ == "AcceleratorError") and (
+            "out of memory" not in text
+        )
+        return self.check_gpus(deep=cuda_error)
 
     def inject_gpu_fault(self, index: int, reason: str = "injected fault") -> list[str]:
         """Fault injection (admin only): GPU ``index`` behaves as after an Xid error — its next probe fails.

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from residency.sizing import staging_bytes, workspace_bytes
+from residency.split import GpuShares, compute_order, split_stages
 from residency_worker.engine.loading import LoadedWeights, Unit
-from residency_worker.engine.split import GpuShares, compute_order, split_stages
 from residency_worker.engine.types import ExecutionMode
 
 

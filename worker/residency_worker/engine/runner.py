@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from residency.split import GpuShares, scaled_shares
 from residency_worker.engine import model as decoder
 from residency_worker.engine.demand import observed_demand
 from residency_worker.engine.executor import Executor
@@ -31,7 +32,6 @@ from residency_worker.engine.placement import BudgetNeed, ResidencyPlan, plan_re
 from residency_worker.engine.residency import PlacedWeights
 from residency_worker.engine.sampler import make_generator, sample
 from residency_worker.engine.scheduler import Scheduler, Sequence, Step
-from residency_worker.engine.split import GpuShares, scaled_shares
 from residency_worker.engine.tiers import GpuTier
 from residency_worker.engine.transfer import timed_copy_groups
 from residency_worker.engine.types import (
@@ -92,7 +92,7 @@ class ModelRunner:
         self.node_tiers = tiers  # every GPU of the node, by index; the plan says which ones it uses
         self.failure: EngineError | None = None  # why the model failed (its GPU was lost)
         # after a failed step: probes the node's GPUs, fails the models of a lost one; True when it did
-        self.on_step_failure: Callable[[], bool] | None = None
+        self.on_step_failure: Callable[[Exception], bool] | None = None
         self.options = options
         self.spec = weights.spec
         self.state: ModelState = "loading"
@@ -374,7 +374,11 @@ class ModelRunner:
                 self._step()
             except Exception as exc:
                 log.exception("model %s: inference step failed", self.name)
-                if self.on_step_failure is not None and self.on_step_failure() and self.failure is not None:
+                if (
+                    self.on_step_failure is not None
+                    and self.on_step_failure(exc)
+                    and self.failure is not None
+                ):
                     continue  # a GPU of it is gone (a CUDA error, a driver reset): it failed with that reason
                 self._fail_active(EngineError("InferenceFailed", f"inference on {self.name} failed: {exc}"))
 

@@ -144,16 +144,21 @@ class GpuTier:
                 del self._allocations[key]
             self._reservations.pop(owner, None)
 
-    def probe(self) -> str | None:
-        """Why the GPU is unusable (its CUDA context fails, or a fault was injected); None when it works."""
+    def probe(self, *, deep: bool = False) -> str | None:
+        """Why the GPU is unusable, or None when it works: a fault was injected, NVML reports the GPU lost
+        (fallen off the bus, reset), or — ``deep``, after a CUDA error in a step — its CUDA context fails.
+        The light probe makes no CUDA call, so it never disturbs a CUDA graph another thread is capturing."""
         if self.fault is not None:
             return self.fault
         if self.device.type != "cuda":
             return None
+        lost = _nvml_lost(self.device)
+        if lost is not None or not deep:
+            return lost
         try:
             torch.cuda.synchronize(self.device)
             torch.cuda.mem_get_info(self.device)
-        except RuntimeError as exc:  # an Xid error, a driver reset, a GPU fallen off the bus
+        except RuntimeError as exc:  # a sticky CUDA error: this device's context in this process is gone
             return f"CUDA error: {exc}"
         return None
 
@@ -375,6 +380,32 @@ def nvml_memory_bytes(device: torch.device) -> tuple[int, int] | None:
     except Exception as exc:  # no NVML library or no permission: torch's own numbers remain
         log.debug("NVML memory query failed: %s", exc)
         return None
+
+
+def _nvml_lost(device: torch.device) -> str | None:
+    """NVML's word that a GPU is gone (None: it answers, or NVML cannot tell)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVML here: only a failed step can tell
+        return None
+    try:
+        uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+        handle = (
+            pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            if uuid is not None
+            else pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        )
+        pynvml.nvmlDeviceGetMemoryInfo(handle)
+    except pynvml.NVMLError as exc:
+        if isinstance(exc, (pynvml.NVMLError_NotSupported, pynvml.NVMLError_NoPermission)):
+            return None
+        return f"NVML: {exc}"
+    except Exception as exc:  # torch or pynvml without these calls: nothing to tell
+        log.debug("NVML probe of %s failed: %s", device, exc)
+        return None
+    return None
 
 
 def _nvml_name(ordinal: int) -> str | None:

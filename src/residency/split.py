@@ -1,8 +1,9 @@
-"""How a model's resident units split across the GPUs of its placement (pipeline order) — pure.
+"""How a model's resident units split across the GPUs of its placement (pipeline order) — pure, shared by the
+engine (which places the units) and the planner (which must predict each GPU's bytes the same way).
 
 The rule (docs/multi-gpu.md):
 
-1. Which units are resident at all is chosen exactly as for one GPU (``placement.plan_residency``: the
+1. Which units are resident at all is chosen exactly as for one GPU (the engine's ``plan_residency``: the
    head, then the decoder layers in order, then the input embedding), for the sum of the GPUs' shares.
 2. The resident units, taken in **compute order** (embedding, layer 0 … layer N-1, head), are cut into
    contiguous ranges, one per GPU in the placement's order: the first GPU holds the first layers (and the
