@@ -19,7 +19,7 @@ import torch
 
 from residency.split import GpuShares
 from residency_worker.engine.tiers import GpuTier, make_gpu_tier, make_gpu_tiers, parse_bytes, synchronize
-from residency_worker.engine.types import NodeReport, ResidencyReport
+from residency_worker.engine.types import EngineError, NodeReport, ResidencyReport
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,8 @@ def _numa_node(tier: GpuTier) -> int | None:
 def measure_concurrent_h2d_gbps(tiers: list[GpuTier], size_bytes: int = 64 * 2**20) -> float:
     """Aggregate host→device GB/s with every GPU of ``tiers`` copying at the same time (each its own buffer,
     from its own host buffer, on its own thread)."""
-    size_bytes = max(
-        2**20, min([size_bytes] + [max(t.budget_bytes - t.reserved_bytes(), 0) // 4 for t in tiers])
-    )
+    free = [max(t.budget_bytes - t.reserved_bytes(), 0) // 4 for t in tiers]
+    size_bytes = max(64 * 2**10, min([size_bytes, *free]))
     owner = "_calibration_link"
     pairs = []
     try:
@@ -143,7 +142,7 @@ def measure_concurrent_h2d_gbps(tiers: list[GpuTier], size_bytes: int = 64 * 2**
 
 def measure_device_to_device_gbps(first: GpuTier, second: GpuTier, size_bytes: int = 64 * 2**20) -> float:
     """GB/s of one copy from ``first`` to ``second`` (what a split's activations cross between stages)."""
-    size_bytes = max(2**20, min(size_bytes, first.budget_bytes // 4, second.budget_bytes // 4))
+    size_bytes = max(64 * 2**10, min(size_bytes, first.budget_bytes // 4, second.budget_bytes // 4))
     source = torch.ones(size_bytes, dtype=torch.uint8, device=first.device)
     target = torch.empty(size_bytes, dtype=torch.uint8, device=second.device)
     best = float("inf")
@@ -191,7 +190,11 @@ def gpu_profile_fields(tiers: list[GpuTier], report: NodeReport, host_gbps: floa
     for link, members in sorted(links.items()):
         alive = [tier for tier in members if tier.lost is None]
         if len(alive) > 1:
-            gbps = measure_concurrent_h2d_gbps(alive)
+            try:
+                gbps = measure_concurrent_h2d_gbps(alive)
+            except EngineError as exc:  # no room left to measure with: the link is left out of hostLinks
+                log.warning("cannot measure host link %d: %s", link, exc.message)
+                continue
             host_links.append(
                 {"id": link, "gpus": [t.index for t in alive], "concurrentHostToDeviceGbps": round(gbps, 4)}
             )
