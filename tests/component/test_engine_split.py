@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from residency.modelgen import make_model
 from residency_worker.engine import Engine, EngineError, ModelOptions, SamplingParams
@@ -255,3 +256,23 @@ def test_a_cuda_error_in_a_step_fails_the_lost_gpus_model_with_gpu_lost(
     assert runner.state == "failed" and runner.failure is not None and runner.failure.reason == "GpuLost"
     assert engine.tiers[1].lost and engine.tiers[2].lost is None
     assert engine.generate("alone", PROMPTS[0], GREEDY).token_ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_split_greedy_tokens_equal_unsplit(model_dir: Path) -> None:
+    """On real GPUs: split across two CUDA GPUs plus host (one GPU plus host where the machine has one)."""
+    count = min(torch.cuda.device_count(), 2)
+    engine = Engine(
+        make_gpu_tiers([512 * MIB], devices=list(range(count))), [model_dir.parent], calibration_bytes=0
+    )
+    try:
+        engine.load("whole", str(model_dir), _options(1.0))
+        expected = _batch(engine, "whole")
+        engine.unload("whole")
+        gpus = ((0, 0.3), (1, 0.3)) if count == 2 else ((0, 0.6),)
+        engine.load("split", str(model_dir), _options(0.6, "stream", gpus))
+        devices = {tier.device for tier in engine.runner("split").placed.flat_homes().values()}
+        assert len(devices) == count
+        assert _batch(engine, "split") == expected
+    finally:
+        engine.close()
