@@ -20,7 +20,8 @@ A GPU with share 0 holds no weights; as the last GPU of a pipeline it still host
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 GpuShares = tuple[tuple[int, float], ...]
 """A placement's GPUs: (the node's GPU index, its share of the model's weight bytes), in pipeline order."""
@@ -92,3 +93,50 @@ def scaled_shares(gpus: GpuShares, fraction: float) -> GpuShares:
     if total <= 0:
         return tuple((index, fraction / len(gpus)) for index, _ in gpus)
     return tuple((index, share / total * fraction) for index, share in gpus)
+
+
+@dataclass(frozen=True)
+class StageBytes:
+    """What one GPU of a split reserves: its resident units, the KV of the layers that compute on it, the
+    staging buffers (on the last GPU, where streamed units compute) and the workspace (on every GPU that
+    computes). The engine reserves exactly this; a planner predicting per-GPU bytes calls the same."""
+
+    weight_bytes: int
+    kv_bytes: int
+    staging_bytes: int
+    workspace_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.staging_bytes + self.workspace_bytes
+
+
+def stage_bytes(
+    unit_bytes: Mapping[str, int],
+    stage_of: Mapping[str, int],
+    stages: int,
+    *,
+    num_layers: int,
+    layer_kv_bytes: int,
+    staging_bytes: int,
+    workspace_bytes: int,
+    stream_offloaded: bool,
+) -> list[StageBytes]:
+    """Each stage's bytes for a split whose resident units sit where ``stage_of`` says (units absent from it
+    are offloaded): ``layer_kv_bytes`` is one layer's KV for the whole batch at full length, and offloaded
+    layers keep their KV on the last GPU when ``stream_offloaded`` (stream decode), else in host memory.
+    ``staging_bytes`` and ``workspace_bytes`` are what one GPU of the model would reserve for them."""
+    last = stages - 1
+    kv_stages = [stage_of.get(f"layer.{i}", last if stream_offloaded else None) for i in range(num_layers)]
+    result = []
+    for stage in range(stages):
+        held = sum(size for name, size in unit_bytes.items() if stage_of.get(name, -1) == stage)
+        result.append(
+            StageBytes(
+                held,
+                kv_stages.count(stage) * layer_kv_bytes,
+                staging_bytes if stage == last else 0,
+                workspace_bytes if stage == last or held else 0,
+            )
+        )
+    return result

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from residency.split import check_shares, compute_order, scaled_shares, split_stages
+from residency.split import check_shares, compute_order, scaled_shares, split_stages, stage_bytes
 from residency_worker.engine.types import GpuResidencyReport, ResidencyReport
 from residency_worker.gpus import build_tiers, gpus_changed, placement_gpus
 
@@ -137,3 +137,19 @@ def test_worker_command_refuses_gpus_that_do_not_exist(tmp_path: Path) -> None:
     started = CliRunner().invoke(app, ["worker", "--gpus", "0,1", "--models-root", str(tmp_path)])
     assert started.exit_code == 2
     assert "GPU 0, 1 does not exist: this machine has 0 CUDA GPUs" in " ".join(started.output.split())
+
+
+def test_stage_bytes_charge_each_gpu_its_own_units_kv_and_the_last_one_staging() -> None:
+    units = {"embed": 40, "layer.0": 100, "layer.1": 100, "layer.2": 100, "layer.3": 100, "head": 60}
+    stage_of = {"embed": 0, "layer.0": 0, "layer.1": 1, "head": 2}  # layers 2 and 3 offloaded
+    common = {"num_layers": 4, "layer_kv_bytes": 10, "staging_bytes": 200, "workspace_bytes": 7}
+    streamed = stage_bytes(units, stage_of, 3, stream_offloaded=True, **common)
+    assert [(s.weight_bytes, s.kv_bytes, s.staging_bytes, s.workspace_bytes) for s in streamed] == [
+        (140, 10, 0, 7),
+        (100, 10, 0, 7),
+        (60, 20, 200, 7),  # the head, and the KV of the two layers streamed into it
+    ]
+    on_host = stage_bytes(units, stage_of, 3, stream_offloaded=False, **common)
+    assert [s.kv_bytes for s in on_host] == [10, 10, 0]
+    idle = stage_bytes(units, {"layer.0": 1}, 3, stream_offloaded=False, **common)
+    assert [s.total_bytes for s in idle] == [0, 117, 207], "a GPU that computes nothing reserves nothing"

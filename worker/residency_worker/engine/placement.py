@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from residency.sizing import staging_bytes, workspace_bytes
-from residency.split import GpuShares, compute_order, split_stages
+from residency.split import GpuShares, compute_order, split_stages, stage_bytes
 from residency_worker.engine.loading import LoadedWeights, Unit
 from residency_worker.engine.types import ExecutionMode
 
@@ -251,31 +251,20 @@ def stage_needs(
     if not plan.split:
         return {plan.gpus[0]: whole}
     spec = weights.spec
-    layer_kv_bytes = (
-        spec.kv_elements_per_token_per_layer * weights.element_size * max_batch_size * max_sequence_length
+    stages = stage_bytes(
+        {u.name: weights.unit_bytes(u) for u in weights.units},
+        {name: plan.stage(name) for name in plan.resident},
+        len(plan.gpus),
+        num_layers=spec.num_layers,
+        layer_kv_bytes=spec.kv_elements_per_token_per_layer
+        * weights.element_size
+        * max_batch_size
+        * max_sequence_length,
+        staging_bytes=whole.staging_bytes,
+        workspace_bytes=whole.workspace_bytes,
+        stream_offloaded=decode_mode == "stream",
     )
-    kv_layers = [kv_stage(plan, i, decode_mode) for i in range(spec.num_layers)]
-    needs: dict[int, BudgetNeed] = {}
-    for stage, gpu in enumerate(plan.gpus):
-        held = _stage_weight_bytes(weights, plan, stage)
-        last = stage == plan.stream_stage
-        needs[gpu] = BudgetNeed(
-            held,
-            kv_layers.count(stage) * layer_kv_bytes,
-            whole.staging_bytes if last else 0,
-            whole.workspace_bytes if last or held else 0,
-        )
-    return needs
-
-
-def _stage_weight_bytes(weights: LoadedWeights, plan: ResidencyPlan, stage: int) -> int:
-    return sum(
-        weights.unit_bytes(u)
-        for u in weights.units
-        if u.name in plan.resident and plan.stage(u.name) == stage
-    )
-
-
-def stage_weight_bytes(weights: LoadedWeights, plan: ResidencyPlan) -> list[int]:
-    """The resident weight bytes each stage of ``plan`` holds, in pipeline order."""
-    return [_stage_weight_bytes(weights, plan, stage) for stage in range(len(plan.gpus))]
+    return {
+        gpu: BudgetNeed(need.weight_bytes, need.kv_bytes, need.staging_bytes, need.workspace_bytes)
+        for gpu, need in zip(plan.gpus, stages, strict=True)
+    }

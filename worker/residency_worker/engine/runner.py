@@ -598,21 +598,22 @@ class ModelRunner:
     def _fail_gpu(self, error: EngineError) -> None:
         if self.state in ("unloaded", "failed"):
             return
-        self.failure = error
+        self.failure = error  # from here on, a new request is refused with it
         self._set_hungry(False)
-        self._fail_active(error)
-        with self._cv:
-            waiting = list(self.scheduler.waiting)
-            self.scheduler.waiting.clear()
-        for request in waiting:
-            request.emit(RequestEvent(None, "", "error", error))
         if self.executor is not None:
             self.executor.drop_graphs()
         if self.pool is not None:
             self.pool.release()
         self.placed.drop_all()
         self._unreserve()
+        # failed and holding nothing before any request hears of it: whoever it answers sees the end state
         self.state = "failed"
+        self._fail_active(error)
+        with self._cv:
+            waiting = list(self.scheduler.waiting)
+            self.scheduler.waiting.clear()
+        for request in waiting:
+            request.emit(RequestEvent(None, "", "error", error))
         self._resumed.set()  # whoever waits for a resume gets the answer: failed
 
     def unload(self) -> None:
