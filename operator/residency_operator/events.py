@@ -29,6 +29,8 @@ it just did)."""
 PREDICTION_CONDITION = "DecodeAsPredicted"
 BELOW_PREDICTION_REASON = "DecodeBelowPrediction"
 BELOW_PREDICTION_RATIO = 0.5
+OBSERVED_WINDOW_TEXT = "60 s of decode steps (at least 16)"
+"""The stated time: a worker reports the median step of this window (``residency_worker.engine.observed``)."""
 """Observed decode under this share of the prediction is "far below": the planner's view of the node is
 wrong (an emulated tier, contention, an uncalibrated profile) and plans built on it are optimistic."""
 
@@ -110,8 +112,11 @@ def with_prediction_check(verdict: Verdict) -> Verdict:
     if verdict.phase != "Ready":
         return verdict
     extra = dict(verdict.extra)
+    seen = extra.get("observed") or {}
+    if seen.get("ratioToPrediction") is not None:
+        return _with_window_check(verdict, seen)
     predicted = extra.get("predictedDecodeTokensPerSecond")
-    observed = (extra.get("observed") or {}).get("decodeTokensPerSecond")
+    observed = seen.get("decodeTokensPerSecond")
     if not predicted or observed is None:
         return verdict
     ratio = float(observed) / float(predicted)
@@ -131,6 +136,35 @@ def with_prediction_check(verdict: Verdict) -> Verdict:
             "True",
             "AsPredicted",
             f"observed {float(observed):.1f} tok/s against {float(predicted):.1f} predicted",
+        )
+    return dataclasses.replace(verdict, conditions=(*verdict.conditions, condition))
+
+
+def _with_window_check(verdict: Verdict, seen: dict[str, Any]) -> Verdict:
+    """``DecodeAsPredicted`` from the worker's window: its median step against the profile, fit or roofline
+    at the same residency, batch and context (what the planner now plans with instead)."""
+    ratio = float(seen["ratioToPrediction"])
+    window_rate = seen.get("windowDecodeTokensPerSecond")
+    batch = seen.get("windowBatch")
+    measured = f"{window_rate} tok/s a sequence at batch {batch}" if window_rate is not None else "observed"
+    condition: tuple[str, ConditionStatus, str, str]
+    if ratio < BELOW_PREDICTION_RATIO:
+        condition = (
+            PREDICTION_CONDITION,
+            "False",
+            BELOW_PREDICTION_REASON,
+            f"over the worker's last {OBSERVED_WINDOW_TEXT} the median decode step ran {measured}, "
+            f"{ratio * 100:.0f}% of what the model's curve predicted there (below "
+            f"{BELOW_PREDICTION_RATIO * 100:.0f}%); the planner now plans this model with the observed rate "
+            "(predictionSource: observed)",
+        )
+    else:
+        condition = (
+            PREDICTION_CONDITION,
+            "True",
+            "AsPredicted",
+            f"over the worker's last {OBSERVED_WINDOW_TEXT} the median decode step ran {measured}, "
+            f"{ratio * 100:.0f}% of the curve's prediction",
         )
     return dataclasses.replace(verdict, conditions=(*verdict.conditions, condition))
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from residency.modeldir import ModelDirInfo
 from residency_operator.conditions import Verdict
+from residency_operator.observations import with_observed_point
 from residency_operator.planner import (
     CurrentPlacement,
     ModelDemand,
@@ -363,6 +364,7 @@ def demand(
         layer_count=info.num_layers,
         # the planner sizes two stream staging buffers from this: use the largest streamable unit
         bytes_per_layer=max(1, info.largest_unit_bytes),
+        unit_bytes=info.unit_bytes,  # the engine's units: partial placements counted exactly
         parameter_count=info.parameter_count,
         workspace_bytes=knobs.workspace_bytes + info.workspace_bytes(max_sequence_length, max_batch),
         last_reload_seconds=timings.get("reloadSeconds"),
@@ -519,8 +521,11 @@ def planner_inputs(
         and c.model in infos
         and c.model not in idle
     ]
+    gpu_types = {c.name: c.gpu_type for c in capacities}
     return Inputs(
-        demands=with_known_demand(demands),
+        demands=with_known_demand(
+            [with_observed_point(d, placements.get(d.name), gpu_types) for d in demands]
+        ),
         nodes=capacities,
         current=sorted(current, key=lambda c: c.model),
         profiles=sensitivity_profiles(newest_profiles(state.sensitivity_profiles), infos),

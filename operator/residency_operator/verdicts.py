@@ -118,6 +118,27 @@ def rejected_verdict(verdict: Verdict, message: str) -> Verdict:
     )
 
 
+def observed_rates(
+    last_step_rate: float | None, window: dict[str, Any] | None, planned: PlannedPlacement | None
+) -> dict[str, Any]:
+    """``status.observed``: the last step's aggregate rate, the median step of the worker's window (per
+    sequence, at its batch), and that rate ÷ the uncorrected prediction at the same placement."""
+    observed: dict[str, Any] = {}
+    if last_step_rate is not None:
+        observed["decodeTokensPerSecond"] = last_step_rate
+    try:
+        step_seconds = float((window or {})["stepSeconds"])
+        batch = int((window or {})["batch"])
+    except (KeyError, TypeError, ValueError):
+        return observed
+    if step_seconds > 0 and batch >= 1:
+        observed["windowDecodeTokensPerSecond"] = round(1.0 / step_seconds, 3)
+        observed["windowBatch"] = batch
+    if planned is not None and planned.observed_ratio is not None:
+        observed["ratioToPrediction"] = round(planned.observed_ratio, 3)
+    return observed
+
+
 def _placed_verdict(
     key: str,
     inputs: Inputs,
@@ -150,8 +171,9 @@ def _placed_verdict(
     )
     if status.get("timings"):
         extra += (("timings", status["timings"]),)
-    if observed_rate is not None:
-        extra += (("observed", {"decodeTokensPerSecond": observed_rate}),)
+    observed = observed_rates(observed_rate, status.get("observedStep"), planned)
+    if observed:
+        extra += (("observed", observed),)
     where = f"on {node} at {_percent(fraction)}% GPU residency"
     scheduled: tuple[str, ConditionStatus, str, str] = ("Scheduled", "True", "Placed", f"placed {where}")
     if placement is not None and desired == "Preempted":

@@ -73,6 +73,9 @@ class ModelDirInfo:
     dtype_bytes: int
     largest_unit_bytes: int
     """Bytes of the biggest unit the engine may stream: a decoder layer or an untied LM head."""
+    unit_bytes: tuple[int, ...] = ()
+    """Bytes of each unit the engine places, in its priority order (head, layers, untied embedding): what
+    the planner counts a partial placement's resident bytes from (``sizing.resident_units``)."""
     trust_remote_code: bool = False
     """True only when config.json declares custom code and the directory lies under a root the admin
     allowed remote code for; transformers gets trust_remote_code=True only then."""
@@ -198,14 +201,38 @@ def safetensors_parameter_count(directory: Path) -> int:
     return _read_safetensors_headers(directory)[0]
 
 
-def _read_safetensors_headers(directory: Path) -> tuple[int, set[int], int]:
-    """Parameter count, the decoder layer indices (model.layers.N.*) the headers name, and the elements
-    the engine's cache gives the tensors (each starts aligned: `sizing.aligned_numel`)."""
+def unit_elements(aligned_by_name: dict[str, int], num_layers: int, tied: bool) -> tuple[int, ...]:
+    """Elements of each unit the engine places, in its priority order (head, layer 0 … N-1, then the
+    embedding when the head is not tied to it), from the checkpoint's tensors, each aligned as the engine's
+    cache lays it out (the engine's ``loading.plan_layout``): the head holds the final norm and the LM head
+    matrix (the embedding when tied)."""
+    head = layers = embed = 0
+    per_layer = [0] * num_layers
+    for name, elements in aligned_by_name.items():
+        if name.startswith("model.layers."):
+            index = name[len("model.layers.") :].split(".", 1)[0]
+            if index.isdecimal() and int(index) < num_layers:
+                per_layer[int(index)] += elements
+                layers += elements
+        elif name == "model.embed_tokens.weight":
+            if tied:
+                head += elements
+            else:
+                embed += elements
+        elif name == "model.norm.weight" or (name == "lm_head.weight" and not tied):
+            head += elements
+    return (head, *per_layer, *(() if tied else (embed,)))
+
+
+def _read_safetensors_headers(directory: Path) -> tuple[int, set[int], int, dict[str, int]]:
+    """Parameter count, the decoder layer indices (model.layers.N.*) the headers name, the elements the
+    engine's cache gives the tensors (each starts aligned: `sizing.aligned_numel`), and those per tensor."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelDirError("WeightsMissing", f"no *.safetensors files in {directory}")
     total = aligned_total = 0
     layers: set[int] = set()
+    aligned_by_name: dict[str, int] = {}
     for file in files:
         try:
             size_bytes = file.stat().st_size
@@ -230,6 +257,7 @@ def _read_safetensors_headers(directory: Path) -> tuple[int, set[int], int]:
                     raise ValueError(f"tensor {name} has a size that does not match its shape")
                 total += count
                 aligned_total += sizing.aligned_numel(count)
+                aligned_by_name[name] = sizing.aligned_numel(count)
                 if name.startswith("model.layers."):
                     index = name[len("model.layers.") :].split(".", 1)[0]
                     if index.isdecimal():
@@ -238,7 +266,7 @@ def _read_safetensors_headers(directory: Path) -> tuple[int, set[int], int]:
             raise ModelDirError(
                 "WeightsCorrupt", f"{file.name} is not a valid safetensors file: {exc}"
             ) from exc
-    return total, layers, aligned_total
+    return total, layers, aligned_total, aligned_by_name
 
 
 def inspect_model_dir(
@@ -258,7 +286,7 @@ def inspect_model_dir(
     config = read_config(directory, allow_remote_code=allow_remote_code)
     if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise ModelDirError("TokenizerMissing", f"no tokenizer.json or tokenizer.model in {directory}")
-    parameter_count, weight_layers, aligned_parameters = _read_safetensors_headers(directory)
+    parameter_count, weight_layers, aligned_parameters, aligned_by_name = _read_safetensors_headers(directory)
     try:
         num_layers = int(config["num_hidden_layers"])
         hidden_size = int(config["hidden_size"])
@@ -306,6 +334,8 @@ def inspect_model_dir(
     )
     embed_bytes = sizing.aligned_numel(vocab_size * hidden_size) * dtype_bytes
     layer_bytes = max(0, weight_bytes - embed_bytes - head_bytes) // max(1, num_layers)
+    tied = bool(config.get("tie_word_embeddings"))
+    units = tuple(elements * dtype_bytes for elements in unit_elements(aligned_by_name, num_layers, tied))
     return ModelDirInfo(
         path=directory,
         model_type=str(config["model_type"]),
@@ -322,5 +352,6 @@ def inspect_model_dir(
         vocab_size=vocab_size,
         dtype_bytes=dtype_bytes,
         largest_unit_bytes=max(layer_bytes, head_bytes),
+        unit_bytes=units if sum(units) == weight_bytes else (),  # else a checkpoint with extra tensors
         trust_remote_code=allow_remote_code and "auto_map" in config,
     )

@@ -3,6 +3,8 @@ planner (which must predict the same reservation, so the worker never refuses wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 ALIGN_ELEMENTS = 128
 """The engine starts every tensor of its host cache on a 128-element boundary (256 bytes in bf16)."""
 
@@ -32,6 +34,35 @@ def workspace_bytes(
     score_bytes = 4 * tokens * min(tokens, 4096)
     logits_bytes = 4 * vocab_size * max_batch_size
     return activation_bytes + score_bytes + logits_bytes
+
+
+def resident_units(
+    unit_bytes: Sequence[int], fraction: float, min_fraction: float = 0.0
+) -> tuple[frozenset[int], int]:
+    """Which units (indices, in the engine's priority order: head, layer 0 … layer N-1, embedding) a
+    placement of ``fraction`` keeps resident, and their bytes: the engine's choice, shared with the planner
+    so it counts exactly what the worker will hold.
+
+    Whole units in priority order, each kept only if it brings resident bytes closer to the target; then
+    more units until at least ``min_fraction`` is resident (a user's offload.maxFraction is a limit)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"resident fraction must lie in [0, 1], got {fraction}")
+    total = sum(unit_bytes)
+    target = fraction * total
+    chosen: set[int] = set()
+    resident = 0
+    for index, size in enumerate(unit_bytes):
+        # a big head of a small model may overshoot a low target: then layers alone get closer
+        if abs(resident + size - target) < abs(resident - target):
+            chosen.add(index)
+            resident += size
+    for index, size in enumerate(unit_bytes):
+        if resident >= min_fraction * total:
+            break
+        if index not in chosen:
+            chosen.add(index)
+            resident += size
+    return frozenset(chosen), resident
 
 
 def staging_bytes(largest_streamed_unit_bytes: int) -> int:

@@ -545,6 +545,28 @@ def test_demand_counts_the_window_s_requests(engine: Engine, models_root: Path) 
     assert runner.demand().decode_tokens_per_second * runner.demand().window_seconds == pytest.approx(30)
 
 
+def test_decode_steps_are_observed_at_the_placement_they_ran(engine: Engine, models_root: Path) -> None:
+    """The runner's window (status.observedStep): decode steps at the running batch, their context, and the
+    residency and mode they ran at; once it decodes after a demotion, old steps are out."""
+    engine.load("w", str(models_root / "llama"), _options(1.0))
+    runner = engine.runner("w")
+    assert runner.observed_steps.summary() is None  # nothing decoded yet
+    prompts = [engine.encode("w", p) for p in PROMPTS[:2]]
+    _greedy_batch(engine, "w", PROMPTS[:2], SamplingParams(max_tokens=24, ignore_eos=True))
+    seen = runner.observed_steps.summary()
+    assert seen is not None
+    assert seen.batch == 2 and seen.mode == "stream" and seen.resident_fraction == 1.0
+    assert seen.steps >= 16 and seen.step_seconds > 0
+    shortest, longest = min(map(len, prompts)), max(map(len, prompts))
+    assert shortest < seen.sequence_tokens < longest + 24  # the mean context of the decoding sequences
+    engine.set_residency("w", 0.5, decode_mode="cpu")
+    kept = runner.observed_steps.summary()  # until it decodes again: the old steps, labelled where they ran
+    assert kept is not None and (kept.resident_fraction, kept.mode) == (1.0, "stream")
+    _greedy_batch(engine, "w", PROMPTS[:1], SamplingParams(max_tokens=24, ignore_eos=True))
+    seen = runner.observed_steps.summary()
+    assert seen is not None and seen.batch == 1 and seen.mode == "cpu" and 0 < seen.resident_fraction < 1
+
+
 def _seconds_per_token(request: Request) -> float:
     assert request.first_token_at is not None and request.finished_at is not None
     return (request.finished_at - request.first_token_at) / max(1, len(request.token_ids) - 1)

@@ -32,6 +32,7 @@ from residency.kubeapi import TimeoutApiClient
 from residency.names import label_value
 from residency_worker.ack import LateStatus
 from residency_worker.engine import Engine, ModelOptions
+from residency_worker.engine.observed import observed_step_due, observed_step_wire
 from residency_worker.engine.runner import DEMAND_WINDOW_SECONDS
 from residency_worker.engine.types import (
     EngineError,
@@ -241,6 +242,7 @@ class NodeAgent:
     _last_heartbeat: float = 0.0
     _profile_spec: dict[str, Any] | None = None
     _demand_reported_at: dict[str, float] = field(default_factory=dict)  # monotonic, per model
+    _observed_reported_at: dict[str, float] = field(default_factory=dict)  # monotonic, per model
     _operations: dict[str, dict[str, Any]] = field(default_factory=dict)  # last one per model, API shape
     _reload_pending: set[str] = field(default_factory=set)  # unloaded for a spec change: next load reloads
     _lease: Any = None  # the node Lease as last written (a V1Lease)
@@ -702,6 +704,13 @@ class NodeAgent:
                     status["demand"] = demand
             if model.timings.decode_tokens_per_second is not None:
                 status["observedDecodeTokensPerSecond"] = round(model.timings.decode_tokens_per_second, 3)
+            observed = runner.observed_steps.summary() if state == "Loaded" else None
+            if observed is not None:
+                reported_at = self._observed_reported_at.get(name)
+                since = None if reported_at is None else time.monotonic() - reported_at
+                if observed_step_due((placement.get("status") or {}).get("observedStep"), observed, since):
+                    status["observedStep"] = observed_step_wire(observed)
+                    self._observed_reported_at[name] = time.monotonic()
         status["observedGeneration"] = generation
         current = placement.get("status") or {}
         if any(current.get(k) != v for k, v in status.items() if v is not None) or any(
@@ -737,6 +746,7 @@ class NodeAgent:
         self._operations.pop(name, None)
         self._reload_pending.discard(name)
         self._demand_reported_at.pop(name, None)
+        self._observed_reported_at.pop(name, None)
         try:
             self.engine.unload(name)
             log.info("unloaded %s from %s", name, self.config.node)

@@ -27,6 +27,7 @@ from kubernetes import client
 from residency.kubeapi import TimeoutApiClient
 from residency_worker.agent import AgentConfig, NodeAgent
 from residency_worker.engine import Engine, EngineError
+from residency_worker.engine.observed import StepWindow
 from residency_worker.engine.types import (
     ModelStatus,
     ModelTimings,
@@ -58,6 +59,7 @@ class HollowRunner:
     owner: str
     loaded_at: float
     last_request_time: float
+    observed_steps: StepWindow = field(default_factory=StepWindow)  # a hollow model decodes nothing
 
     def demand(self) -> ObservedDemand:
         return ObservedDemand(0.0, 0.0, None, 60.0, time.time() - self.loaded_at)

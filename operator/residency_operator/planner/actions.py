@@ -225,6 +225,7 @@ def describe_placement(problem: PlanningProblem, model_index: int, a: Assignment
         predicted_prefill_tokens_per_second=prefill,
         meets_slo=slo is None or rate >= slo - 1e-9,
         prediction_source=problem.predictor.source(model, problem.nodes[a.node], a.mode),
+        observed_ratio=problem.predictor.observed_ratio(model, problem.nodes[a.node]),
     )
 
 

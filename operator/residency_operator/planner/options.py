@@ -8,12 +8,14 @@ greedy plan ten thousand models on a thousand nodes in well under a second.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from residency.sizing import resident_units, staging_bytes
 from residency_operator.planner.costs import (
     ZERO_COST,
     TransitionCost,
@@ -54,13 +56,56 @@ IntArray = npt.NDArray[np.intp]
 LEVEL_EPSILON = 1e-9
 
 
+@functools.lru_cache(maxsize=65536)
+def _exact_weights(
+    unit_bytes: tuple[int, ...], layers: int, resident_fraction: float, min_fraction: float
+) -> tuple[int, int]:
+    """(resident weight bytes, staging bytes) of the engine's choice of units (``sizing.resident_units``):
+    a placement that streams anything (a layer or the head; an untied embedding is looked up where it lives)
+    stages its largest streamed piece twice; the head streams in chunks no bigger than a layer, so a layer
+    bounds the largest piece (exact unless the head alone streams). One cache entry per shape and level."""
+    chosen, resident = resident_units(unit_bytes, resident_fraction, min_fraction)
+    streamed = set(range(1 + layers)) - chosen  # an untied embedding (the last unit) is never streamed
+    if not streamed:
+        return resident, 0
+    return resident, staging_bytes(max(unit_bytes[1 : 1 + layers], default=0))
+
+
+@functools.lru_cache(maxsize=4096)
+def _exact_rows(
+    unit_bytes: tuple[int, ...], layers: int, min_fraction: float, levels: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """:func:`_exact_weights` at every level: (resident bytes, staging bytes) rows of one model shape."""
+    layers = layers or max(0, len(unit_bytes) - 2)
+    pairs = [_exact_weights(unit_bytes, layers, level, min_fraction) for level in levels]
+    return tuple(float(p[0]) for p in pairs), tuple(float(p[1]) for p in pairs)
+
+
+def exact_weights(model: ModelDemand, resident_fraction: float) -> tuple[int, int]:
+    """(resident weight bytes, staging bytes) the worker will hold; needs ``model.unit_bytes``."""
+    layers = model.layer_count or max(0, len(model.unit_bytes) - 2)
+    return _exact_weights(model.unit_bytes, layers, resident_fraction, model.min_resident_fraction)
+
+
+def resident_weight_bytes(model: ModelDemand, resident_fraction: float) -> int:
+    """Weight bytes a placement keeps on the GPU: exactly the engine's whole units when the model's unit
+    sizes are known, else the fraction of its weights."""
+    if model.unit_bytes:
+        return exact_weights(model, resident_fraction)[0]
+    return round(resident_fraction * model.weight_bytes)
+
+
 def gpu_bytes_needed(model: ModelDemand, resident_fraction: float, mode: ExecutionMode) -> int:
     """GPU bytes a placement takes: resident weights + KV reservation + workspace (+ stream buffers); the
     same in both modes (``mode`` is kept for the callers, which index options by mode).
 
-    A partial placement also counts one more unit (layer): the engine keeps whole units resident, as
-    close to the fraction as they allow, so it may hold up to one unit more than the fraction says.
+    With the model's unit sizes the resident weights and staging buffers are the engine's own. Without,
+    a partial placement also counts one more unit (layer): the engine keeps whole units resident, as close
+    to the fraction as they allow, so it may hold up to one unit more than the fraction says.
     """
+    if model.unit_bytes:
+        resident_bytes, staging = exact_weights(model, resident_fraction)
+        return resident_bytes + model.kv_reservation_bytes + model.workspace_bytes + staging
     resident_bytes = round(resident_fraction * model.weight_bytes)
     partial = resident_fraction < 1.0
     # Streaming needs a double buffer of one layer so the next layer's copy overlaps this one's compute;
@@ -78,7 +123,7 @@ def gpu_bytes_needed(model: ModelDemand, resident_fraction: float, mode: Executi
 
 def host_bytes_needed(model: ModelDemand, resident_fraction: float) -> int:
     """Pinned host bytes a running placement takes: the offloaded weights."""
-    return model.weight_bytes - round(resident_fraction * model.weight_bytes)
+    return model.weight_bytes - resident_weight_bytes(model, resident_fraction)
 
 
 def cached_host_bytes(model: ModelDemand, kv_cache_bytes: int) -> int:
@@ -390,11 +435,20 @@ def build_class_tables(
 
     resident = np.rint(levels[None, :] * weight[:, None])
     offloaded = weight[:, None] - resident
-    host_bytes = offloaded
     partial = (levels < 1.0)[None, :]
     # A partial placement: two staging buffers (both modes stream for prefill) and one unit of granularity;
-    # the same in both modes (``gpu_bytes_needed``), one row per mode for the solvers' indexing.
-    partial_bytes = resident + base_gpu[:, None] + np.where(partial, 1.5 * stream_buffer[:, None], 0.0)
+    # the same in both modes (``gpu_bytes_needed``), one row per mode for the solvers' indexing. A model
+    # whose unit sizes are known holds exactly the engine's units and staging instead (``exact_weights``).
+    held = resident.copy()
+    staging = np.where(partial, 1.5 * stream_buffer[:, None], 0.0)
+    level_tuple = tuple(float(level) for level in levels)
+    for i, m in enumerate(models):
+        if m.unit_bytes:
+            held[i], staging[i] = _exact_rows(
+                m.unit_bytes, m.layer_count or 0, m.min_resident_fraction, level_tuple
+            )
+    host_bytes = weight[:, None] - held
+    partial_bytes = held + base_gpu[:, None] + staging
     gpu_bytes = np.stack([partial_bytes] * len(MODES))
     level_allowed = levels[None, :] >= min_resident[:, None] - LEVEL_EPSILON
 
@@ -406,6 +460,9 @@ def build_class_tables(
     load_seconds = np.zeros((class_count, model_count, level_count))
     feasible = np.zeros((class_count, len(MODES), model_count, level_count), dtype=bool)
     profiled_indices = [i for i, m in enumerate(models) if m.name in profiled_models]
+    observed_indices = [
+        i for i, m in enumerate(models) if m.observed is not None and m.name not in profiled_models
+    ]
     for c, node in enumerate(classes):
         gpu_capacity = usable_gpu_bytes(node)
         host_capacity = usable_host_bytes(node)
@@ -433,6 +490,13 @@ def build_class_tables(
                     (kv_per_step, kv_per_sequence), batch, levels, mode,
                 )  # fmt: skip
                 rate[c, k] = 1.0 / full_step_seconds
+            for (
+                i
+            ) in observed_indices:  # a model's own observed steps scale its curve (Predictor.observed_ratio)
+                factor = predictor.observed_factor(models[i], node)
+                full_step_seconds[i] = full_step_seconds[i] * factor
+                single_step_seconds[i] = single_step_seconds[i] * factor
+                rate[c, k, i] = rate[c, k, i] / factor
             for i in profiled_indices:
                 # Measured curves are not vectorised; there are few of them.
                 for j, level in enumerate(levels):

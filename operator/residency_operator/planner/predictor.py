@@ -20,13 +20,19 @@ from residency_operator.planner.types import (
     ExecutionMode,
     ModelDemand,
     NodeCapacity,
+    ObservedPoint,
     ProfilePoint,
     SensitivityProfile,
 )
 
-PredictionSource = Literal["profile", "fitted", "roofline"]
-"""Where a decode prediction came from: the model's measured curve, the engine model fitted per GPU type,
-or the node's bandwidth roofline."""
+PredictionSource = Literal["observed", "profile", "fitted", "roofline"]
+"""Where a decode prediction came from: the model's own decode steps observed on this GPU type (the curve
+below anchored to them), its measured curve, the engine model fitted per GPU type, or the node's bandwidth
+roofline."""
+
+OBSERVED_RATIO_BOUNDS = (0.25, 4.0)
+"""How far an observed point may move a prediction: a broken clock or one wild window must not swing every
+placement of the model (the same band as a node's calibration factor)."""
 
 PREFILL_COMPUTE_EFFICIENCY = 0.5
 """Share of peak FLOPs a prefill reaches in practice (kernels, attention, launch overhead)."""
@@ -158,6 +164,7 @@ class Predictor:
         self, profiles: Iterable[SensitivityProfile] = (), fits: Mapping[str, EngineFit] | None = None
     ) -> None:
         self.fits: dict[str, EngineFit] = dict(fits or {})
+        self._observed_ratios: dict[tuple[str, ObservedPoint], float] = {}
         self._profiles: dict[tuple[str, str, str], list[_IndexedProfile]] = {}
         for profile in sorted(
             profiles, key=lambda p: (p.model, p.gpu_type, p.mode, p.sequence_length, p.batch)
@@ -187,6 +194,8 @@ class Predictor:
 
     def source(self, model: ModelDemand, node: NodeCapacity, mode: ExecutionMode) -> PredictionSource:
         """Which model of the engine predicts this model on this node."""
+        if self.observed_ratio(model, node) is not None:
+            return "observed"
         if self._best_profile(model, node, mode) is not None:
             return "profile"
         return "fitted" if node.gpu_type in self.fits else "roofline"
@@ -226,6 +235,39 @@ class Predictor:
         # The closest measured sequence length; ties go to the larger batch (closer to serving).
         return min(candidates, key=lambda c: (abs(c.profile.sequence_length - target), -c.profile.batch))
 
+    def observed_ratio(self, model: ModelDemand, node: NodeCapacity) -> float | None:
+        """The model's observed decode rate ÷ what its profile, fit or roofline predicts for the same
+        residency, mode, batch and context, when it was observed on this node's GPU type (else None).
+
+        Every decode prediction of the model on that GPU type is scaled by it (within
+        :data:`OBSERVED_RATIO_BOUNDS`): the curve keeps its shape and passes through what the model really
+        does. The ratio is against the uncorrected curve, so it does not feed on itself."""
+        observed = model.observed
+        if observed is None or observed.gpu_type != node.gpu_type or observed.step_seconds <= 0:
+            return None
+        key = (model.name, observed)
+        ratio = self._observed_ratios.get(key)
+        if ratio is None:
+            predicted = self._base_step_seconds(
+                model,
+                node,
+                observed.resident_fraction,
+                observed.mode,
+                observed.batch,
+                observed.sequence_tokens,
+            )
+            ratio = predicted / observed.step_seconds if predicted < float("inf") else 1.0
+            self._observed_ratios[key] = ratio
+        return ratio
+
+    def observed_factor(self, model: ModelDemand, node: NodeCapacity) -> float:
+        """What a predicted step time of the model on this node is multiplied by (1 without one observed)."""
+        ratio = self.observed_ratio(model, node)
+        if ratio is None:
+            return 1.0
+        low, high = OBSERVED_RATIO_BOUNDS
+        return 1.0 / min(high, max(low, ratio))
+
     def decode_step_seconds(
         self,
         model: ModelDemand,
@@ -236,6 +278,21 @@ class Predictor:
         sequence_tokens: int | None = None,
     ) -> float:
         """Predicted seconds per decode step of ``batch`` sequences (default: the model's max batch)."""
+        seconds = self._base_step_seconds(model, node, resident_fraction, mode, batch, sequence_tokens)
+        if model.observed is None:
+            return seconds
+        return seconds * self.observed_factor(model, node)
+
+    def _base_step_seconds(
+        self,
+        model: ModelDemand,
+        node: NodeCapacity,
+        resident_fraction: float,
+        mode: ExecutionMode,
+        batch: int | None = None,
+        sequence_tokens: int | None = None,
+    ) -> float:
+        """The step from the profile, fit or roofline, before any observed point of the model."""
         batch = model.max_batch if batch is None else max(1, batch)
         sequence_tokens = (
             typical_sequence_tokens(model) if sequence_tokens is None else max(1, sequence_tokens)

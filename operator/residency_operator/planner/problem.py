@@ -88,7 +88,7 @@ class PlanningProblem:
             model.typical_sequence_length,
             model.parameter_count,
             model.effective_layer_count,  # the fitted engine's layer overheads
-            model.name if model.name in self.profiled_models else "",
+            model.name if model.name in self.profiled_models or model.observed is not None else "",
             self.class_of_node[node_index],
             resident_fraction,
             mode,

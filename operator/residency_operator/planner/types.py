@@ -27,6 +27,18 @@ SolverName = Literal["milp", "greedy", "incremental"]
 
 
 @dataclass(frozen=True, slots=True)
+class ObservedPoint:
+    """A model's median decode step as its worker observed it over a window: where it ran and how fast."""
+
+    gpu_type: str
+    resident_fraction: float
+    mode: ExecutionMode
+    batch: int
+    sequence_tokens: int
+    step_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class ModelDemand:
     """What one LLMModel asks for, and how much traffic it is seeing."""
 
@@ -44,6 +56,10 @@ class ModelDemand:
     """At most this share of weight bytes may live in host memory (``offload.maxFraction``)."""
     layer_count: int | None = None
     bytes_per_layer: int | None = None
+    unit_bytes: tuple[int, ...] = ()
+    """Bytes of each unit the engine places (head, layers, untied embedding, from the safetensors headers):
+    with them a partial placement's resident bytes and staging buffers are counted exactly as the worker
+    will hold them; without, from the fraction plus one unit of slack."""
     parameter_count: int | None = None
     """Used for the prefill compute roofline; derived from weight bytes (2 bytes each) when absent."""
     demand_decode_tokens_per_second: float | None = None
@@ -72,6 +88,9 @@ class ModelDemand:
     has_served: bool = True
     """False while the model has never been loaded anywhere: nobody could call it yet, so a demand of 0 is
     no evidence that it is idle (``planner/demand.py``); it is placed at its declared priority."""
+    observed: ObservedPoint | None = None
+    """The model's decode steps as observed on a node (``ModelPlacementStatus.observedStep``): on that GPU
+    type the predictor anchors the model's curve to it (see ``Predictor.observed_ratio``)."""
     yielded_priority: int = 0
     """Set by the planner, not its callers: how far ``priority`` was lowered because the model is idle
     (see ``planner/demand.py``); ``declared_priority`` is what the user wrote."""
@@ -316,7 +335,11 @@ class PlannedPlacement:
     predicted_prefill_tokens_per_second: float
     meets_slo: bool = True
     prediction_source: str = "roofline"
-    """Where the decode prediction came from: ``profile``, ``fitted`` or ``roofline`` (Predictor.source)."""
+    """Where the decode prediction came from: ``observed``, ``profile``, ``fitted`` or ``roofline``
+    (Predictor.source)."""
+    observed_ratio: float | None = None
+    """The model's observed decode rate ÷ what its profile, fit or roofline predicted at the same residency,
+    batch and context (Predictor.observed_ratio); None without an observation on this GPU type."""
 
 
 @dataclass(frozen=True, slots=True)

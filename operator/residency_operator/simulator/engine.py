@@ -23,8 +23,14 @@ from residency_operator.planner.options import (
     usable_gpu_bytes,
     usable_host_bytes,
 )
-from residency_operator.planner.predictor import Predictor
-from residency_operator.planner.types import CurrentPlacement, ExecutionMode, ModelDemand, NodeCapacity
+from residency_operator.planner.predictor import Predictor, typical_sequence_tokens
+from residency_operator.planner.types import (
+    CurrentPlacement,
+    ExecutionMode,
+    ModelDemand,
+    NodeCapacity,
+    ObservedPoint,
+)
 from residency_operator.simulator.cluster import SimModel
 from residency_operator.simulator.measured import EngineModel
 from residency_operator.simulator.trace import Request
@@ -101,6 +107,9 @@ class ModelRuntime:
     """(arrival second, output tokens, prompt tokens) of the requests of the last demand window."""
     parked_since_seconds: float | None = None
     """When a preemption parked the requests in flight (None: none parked)."""
+    last_decode: tuple[str, float, ExecutionMode, int, float] | None = None
+    """(node, resident fraction, mode, batch, step seconds) of its last decode step: what its worker reports
+    as ``status.observedStep`` (the planner learns the engine from it, as in a real cluster)."""
 
     @property
     def running(self) -> bool:
@@ -219,6 +228,19 @@ class Simulation:
         window = min(DEMAND_WINDOW_SECONDS, max(DEMAND_WINDOW_SECONDS / 2, self.now_seconds))
         requested = sum(tokens for _, tokens, _ in runtime.recent_arrivals)
         return requested / window
+
+    def observed_step(self, name: str) -> ObservedPoint | None:
+        """The model's last decode step as its worker reports it (``status.observedStep``), on the GPU type
+        of the node it ran on; None before it decoded."""
+        runtime = self.models[name]
+        if runtime.last_decode is None:
+            return None
+        node_name, fraction, mode, batch, step_seconds = runtime.last_decode
+        node = self.node_by_name.get(node_name)
+        if node is None:
+            return None
+        sequence = typical_sequence_tokens(runtime.demand)
+        return ObservedPoint(node.gpu_type, fraction, mode, batch, sequence, step_seconds)
 
     def observed_prompts(self, name: str) -> tuple[float | None, int | None]:
         """Prompt tokens/s requested over the last minute and the mean prompt length (``None`` before any
@@ -496,6 +518,13 @@ class Simulation:
                 continue
             step_seconds = predictor.decode_step_seconds(
                 demand, node, runtime.resident_fraction, runtime.mode, batch=len(runtime.active)
+            )
+            runtime.last_decode = (
+                node.name,
+                runtime.resident_fraction,
+                runtime.mode,
+                len(runtime.active),
+                step_seconds,
             )
             # Decode until the first request of the batch is done, or the tick's time is spent.
             to_first_done = min(a.request.output_tokens - a.tokens_done for a in runtime.active)

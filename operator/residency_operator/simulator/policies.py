@@ -107,7 +107,8 @@ class ResidencyPolicy:
                 sim.observed_demand_tokens_per_second(name) if observed and running else None,
                 *(sim.observed_prompts(name) if running else (None, None)),
             )
-            spec = dataclasses.replace(spec, waiting_requests=queued)
+            # what its worker last reported of its decode steps (status.observedStep), as the operator reads
+            spec = dataclasses.replace(spec, waiting_requests=queued, observed=sim.observed_step(name))
             if observed and not running:
                 spec = dataclasses.replace(spec, demand_decode_tokens_per_second=waiting_demand(spec))
             demands.append(spec)

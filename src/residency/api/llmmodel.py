@@ -109,6 +109,18 @@ class ObservedRates(StatusModel):
 
     decode_tokens_per_second: float | None = Field(default=None, ge=0)
     prefill_tokens_per_second: float | None = Field(default=None, ge=0)
+    window_decode_tokens_per_second: float | None = Field(
+        default=None,
+        ge=0,
+        description="Per-sequence decode rate of the median step of the worker's last window.",
+    )
+    window_batch: int | None = Field(default=None, ge=1, description="Batch size of those steps.")
+    ratio_to_prediction: float | None = Field(
+        default=None,
+        ge=0,
+        description="windowDecodeTokensPerSecond ÷ what the profile, fit or roofline predicted at the same "
+        "residency, mode, batch and context (below 1: slower than predicted; the planner plans with it).",
+    )
 
 
 class Timings(StatusModel):
@@ -179,9 +191,10 @@ class LLMModelStatus(StatusModel):
     )
     execution_mode: Literal["stream", "cpu"] | None = Field(default=None)
     predicted_decode_tokens_per_second: float | None = Field(default=None, ge=0)
-    prediction_source: Literal["profile", "fitted", "roofline"] | None = Field(
+    prediction_source: Literal["observed", "profile", "fitted", "roofline"] | None = Field(
         default=None,
-        description="Where predictedDecodeTokensPerSecond came from: the model's measured profile, "
+        description="Where predictedDecodeTokensPerSecond came from: the model's own decode steps observed "
+        "on this GPU type (scaled to other residencies by the curve below it), its measured profile, "
         "the engine model fitted per GPU type, or the node's bandwidth roofline.",
     )
     observed: ObservedRates | None = None

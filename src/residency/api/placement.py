@@ -135,6 +135,19 @@ class ObservedDemand(StatusModel):
     window_seconds: float = Field(gt=0, description="Seconds the rates are averaged over.")
 
 
+class ObservedStep(StatusModel):
+    """The model's median decode step over the worker's last window, at the window's most common batch: the
+    observed point the planner anchors the model's predicted curve to (see docs/profiles.md)."""
+
+    batch: int = Field(ge=1, le=1024, description="Sequences decoded per step.")
+    sequence_tokens: int = Field(ge=1, description="Mean context tokens of those sequences.")
+    step_seconds: float = Field(gt=0, description="Median seconds of one decode step (pacing left out).")
+    steps: int = Field(ge=1, description="Decode steps the median is over.")
+    window_seconds: float = Field(gt=0, description="Seconds of serving those steps span.")
+    resident_fraction: float = Field(ge=0, le=1, description="Residency the steps ran at.")
+    execution_mode: ExecutionMode = Field(description="How the offloaded layers decoded.")
+
+
 class ModelPlacementStatus(StatusModel):
     """What the worker did."""
 
@@ -150,6 +163,9 @@ class ModelPlacementStatus(StatusModel):
         description="Per-GPU residency, in pipeline order.",
     )
     observed_decode_tokens_per_second: float | None = Field(default=None, ge=0)
+    observed_step: ObservedStep | None = Field(
+        default=None, description="The median decode step of the last window (what the planner learns from)."
+    )
     timings: Timings | None = None
     last_operation: Operation | None = Field(
         default=None,

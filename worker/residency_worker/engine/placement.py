@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from residency.sizing import staging_bytes, workspace_bytes
+from residency.sizing import resident_units, staging_bytes, workspace_bytes
 from residency.split import GpuShares, compute_order, split_stages, stage_bytes
 from residency_worker.engine.loading import LoadedWeights, Unit
 from residency_worker.engine.types import ExecutionMode
@@ -70,28 +70,16 @@ def plan_residency(
 ) -> ResidencyPlan:
     """Whole units, in priority order, each kept only if it brings resident bytes closer to the target;
     then more units until at least `min_fraction` is resident (a user's offload.maxFraction is a limit).
-    With several ``gpus`` (GPU, share), ``fraction`` is their sum and the units split as ``split`` says."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"resident fraction must lie in [0, 1], got {fraction}")
+    The choice is :func:`residency.sizing.resident_units`, which the planner makes the same way. With several
+    ``gpus`` (GPU, share), ``fraction`` is their sum and the units split as :mod:`residency.split` says."""
+    chosen, resident_bytes = resident_units(
+        [weights.unit_bytes(u) for u in weights.units], fraction, min_fraction
+    )
+    resident = frozenset(unit.name for index, unit in enumerate(weights.units) if index in chosen)
     total = weights.weight_bytes
-    target = fraction * total
-    resident: set[str] = set()
-    resident_bytes = 0
-    for unit in weights.units:
-        unit_bytes = weights.unit_bytes(unit)
-        # a big head of a small model may overshoot a low target: then layers alone get closer
-        if abs(resident_bytes + unit_bytes - target) < abs(resident_bytes - target):
-            resident.add(unit.name)
-            resident_bytes += unit_bytes
-    for unit in weights.units:
-        if resident_bytes >= min_fraction * total:
-            break
-        if unit.name not in resident:
-            resident.add(unit.name)
-            resident_bytes += weights.unit_bytes(unit)
     if len(gpus) <= 1:
         index = gpus[0][0] if gpus else 0
-        return ResidencyPlan(fraction, frozenset(resident), resident_bytes, total, gpus=(index,))
+        return ResidencyPlan(fraction, resident, resident_bytes, total, gpus=(index,))
     ordered = compute_order([u.name for u in weights.units], weights.spec.num_layers)
     stage_of = split_stages(
         [name for name in ordered if name in resident],
@@ -100,7 +88,7 @@ def plan_residency(
     )
     return ResidencyPlan(
         fraction,
-        frozenset(resident),
+        resident,
         resident_bytes,
         total,
         gpus=tuple(index for index, _ in gpus),

@@ -27,6 +27,7 @@ from residency_worker.engine.generate import Detokenizer, Request, RequestEvent,
 from residency_worker.engine.kvpool import KVPool
 from residency_worker.engine.loading import LoadedWeights
 from residency_worker.engine.modes import choose_modes
+from residency_worker.engine.observed import StepWindow
 from residency_worker.engine.pacing import hold_all, pace_interval_seconds
 from residency_worker.engine.placement import BudgetNeed, ResidencyPlan, plan_residency
 from residency_worker.engine.residency import PlacedWeights
@@ -100,6 +101,7 @@ class ModelRunner:
         self._started_monotonic = time.monotonic()
         self._arrivals: deque[tuple[float, Request]] = deque()  # accepted requests of the demand window
         self.timings = ModelTimings(weight_bytes=weights.weight_bytes, emulated=tiers[0].emulated)
+        self.observed_steps = StepWindow()  # the decode steps the planner refines its curve with
         max_positions = min(options.max_sequence_length, self.spec.max_position_embeddings)
         self.max_sequence_length = max_positions
         self.rotary = decoder.Rotary(weights.config, max_positions)
@@ -245,6 +247,14 @@ class ModelRunner:
             self.timings.prefill_tokens_per_second = prompt_tokens / elapsed
         elif step.decoding:
             self.timings.decode_tokens_per_second = len(step.decoding) / elapsed
+            positions = step.layout.decode_positions
+            self.observed_steps.record(
+                len(step.decoding),
+                1 + sum(positions) / max(1, len(positions)),
+                elapsed,
+                self.plan.resident_fraction,
+                step.mode,
+            )
         self.scheduler.complete(step, result, self.pool)
 
     def choose_modes(self) -> dict[str, float]:
