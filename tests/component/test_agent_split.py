@@ -120,6 +120,7 @@ def test_agent_converges_split_placements_and_fails_only_a_lost_gpus_models(tmp_
         failed = ModelPlacementStatus.model_validate(api.placements["t.split"]["status"])
         assert failed.state == "Failed" and failed.reason == "GpuLost"
         assert failed.message and "GPU 2" in failed.message
+        assert failed.gpus == [], "a failed model holds nothing on any GPU"
         assert api.placements["t.alone"]["status"]["state"] == "Loaded", "the other GPU's model keeps serving"
         assert engine.generate("t/alone", "Hello", None).token_ids
 

@@ -656,10 +656,11 @@ class NodeAgent:
                 "state": "Failed",
                 "reason": failure.reason,
                 "message": failure.message[:4000],
+                "gpus": None,  # it holds nothing on any GPU
             }
         elif name not in self.engine.names():
             desired = placement["spec"]["desiredState"]
-            status = {"state": desired if desired in ("Preempted", "Idle") else "Pending"}
+            status = {"state": desired if desired in ("Preempted", "Idle") else "Pending", "gpus": None}
         else:
             model = self.engine.status(name)
             state = {"ready": "Loaded", "preempted": "Preempted", "loading": "Loading"}.get(
@@ -672,7 +673,7 @@ class NodeAgent:
                 "residentFraction": round(model.residency.resident_fraction, 6),
                 "executionMode": model.residency.decode_mode,
                 "residentBytes": model.residency.gpu_reserved_bytes if state == "Loaded" else 0,
-                "gpus": gpus_wire(model.residency) if state == "Loaded" else [],
+                "gpus": gpus_wire(model.residency) if state == "Loaded" else None,
                 "timings": timings_wire(model.timings),
                 "lastOperation": self._operations.get(name),
                 "endpoint": f"{self.config.endpoint}/v1",
