@@ -89,11 +89,19 @@ def can_i(namespace: str, service_account: str, verb: str, resource: str, *extra
 # (service account suffix, verb, resource, extra args, allowed)
 RBAC_MATRIX: list[tuple[str, str, str, tuple[str, ...], bool]] = [
     ("operator", "watch", "llmmodels.residency.dev", ("-A",), True),
-    ("operator", "patch", "llmmodels.residency.dev/status", ("-n", "team-a"), True),
+    ("operator", "patch", "llmmodels.residency.dev", ("-n", "team-a", "--subresource=status"), True),
     ("operator", "create", "modelplacements.residency.dev", (), True),
     ("operator", "delete", "modelplacements.residency.dev", (), True),
     ("operator", "list", "nodeprofiles.residency.dev", (), True),
     ("operator", "list", "sensitivityprofiles.residency.dev", ("-A",), True),
+    (
+        "operator",
+        "patch",
+        "sensitivityprofiles.residency.dev",
+        ("-n", "team-a", "--subresource=status"),
+        True,
+    ),  # Used
+    ("operator", "patch", "sensitivityprofiles.residency.dev", ("-n", "team-a"), False),  # never the curve
     ("operator", "list", "nodes", (), True),
     ("operator", "create", "events", ("-n", "team-a"), True),
     ("operator", "create", "leases.coordination.k8s.io", ("-n", "{ns}"), True),
@@ -106,9 +114,9 @@ RBAC_MATRIX: list[tuple[str, str, str, tuple[str, ...], bool]] = [
     ("operator", "patch", "nodes", (), False),
     ("worker", "list", "modelplacements.residency.dev", (), True),
     ("worker", "patch", "modelplacements.residency.dev", (), True),
-    ("worker", "patch", "modelplacements.residency.dev/status", (), True),
+    ("worker", "patch", "modelplacements.residency.dev", ("--subresource=status",), True),
     ("worker", "create", "nodeprofiles.residency.dev", (), True),
-    ("worker", "patch", "nodeprofiles.residency.dev/status", (), True),
+    ("worker", "patch", "nodeprofiles.residency.dev", ("--subresource=status",), True),
     ("worker", "get", "nodes", (), True),
     ("worker", "patch", "pods", ("-n", "{ns}"), True),
     ("worker", "get", "secrets", ("-n", "{ns}"), False),
@@ -119,7 +127,7 @@ RBAC_MATRIX: list[tuple[str, str, str, tuple[str, ...], bool]] = [
     ("worker", "create", "llmmodels.residency.dev", ("-n", "team-a"), False),
     ("worker", "patch", "llmmodels.residency.dev", ("-n", "team-a"), False),
     ("worker", "list", "llmmodels.residency.dev", ("-A",), False),
-    ("worker", "patch", "nodes/status", (), False),
+    ("worker", "patch", "nodes", ("--subresource=status",), False),
     ("worker", "patch", "pods", ("-n", "team-a"), False),
     ("worker", "delete", "nodeprofiles.residency.dev", (), False),
     ("worker", "create", "sensitivityprofiles.residency.dev", ("-n", "team-a"), True),  # measured curves

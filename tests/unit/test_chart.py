@@ -202,6 +202,24 @@ def test_worker_daemonset_defaults() -> None:
     assert volumes["token"]["secret"]["secretName"] == "rel-residency-worker-token"
 
 
+def test_worker_drives_the_gpus_it_requests_or_emulated_ones() -> None:
+    def worker(*sets: str) -> dict[str, Any]:
+        return container(find(render(*sets), "DaemonSet", "rel-residency-worker"), "worker")
+
+    eight = worker("worker.gpu.count=8", "worker.gpuMemory=70GiB")
+    assert "--gpus=all" in eight["args"] and "--gpu-memory=70GiB" in eight["args"]
+    assert (
+        eight["resources"]["requests"]["nvidia.com/gpu"]
+        == 8
+        == eight["resources"]["limits"]["nvidia.com/gpu"]
+    )
+    emulated = worker("worker.gpu.emulated=2", "worker.gpuMemory=64MiB\\,32MiB")
+    assert "--emulated-gpus=2" in emulated["args"] and "--gpus=all" not in emulated["args"]
+    assert "--gpu-memory=64MiB,32MiB" in emulated["args"]
+    assert "nvidia.com/gpu" not in emulated["resources"]["requests"], "an emulated worker asks for no GPU"
+    assert "/worker/gpu/emulated" in render_failure(["worker.gpu.emulated=-1"]).stderr
+
+
 def test_worker_token_checksum_annotation_stays_a_string() -> None:
     """The pod template's checksum annotation is a hash prefix; one that happens to be all digits (this
     secret name's is 4229923921769153) or digits-e-digits must stay a string, or the API server refuses the

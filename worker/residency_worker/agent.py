@@ -34,7 +34,6 @@ from residency_worker.ack import LateStatus
 from residency_worker.engine import Engine, ModelOptions
 from residency_worker.engine.observed import observed_step_due, observed_step_wire
 from residency_worker.engine.runner import DEMAND_WINDOW_SECONDS
-from residency_worker.engine.tiers import synchronize
 from residency_worker.engine.types import (
     EngineError,
     LoadReport,
@@ -44,6 +43,14 @@ from residency_worker.engine.types import (
     ResidencyReport,
     ResumeReport,
     TransferTiming,
+)
+from residency_worker.gpus import (
+    gpu_profile_fields,
+    gpus_changed,
+    gpus_wire,
+    measure_copy_gbps,
+    placement_gpus,
+    refresh_gpu_fields,
 )
 from residency_worker.profiler import PROFILE_PREFIX, BackgroundProfiler
 from residency_worker.publish import ProfilePublisher
@@ -76,20 +83,6 @@ def parse_rfc3339(value: str | None) -> float | None:
     if not value:
         return None
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-
-
-def measure_copy_gbps(device: torch.device, size_bytes: int = 64 * 2**20, trials: int = 3) -> float:
-    """Best of a few same-device copies (device memory bandwidth: read + write counted once each way)."""
-    source = torch.empty(size_bytes, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    best = float("inf")
-    for _ in range(trials):
-        synchronize(device)
-        start = time.perf_counter()
-        target.copy_(source)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size_bytes / best / 1e9
 
 
 def timings_wire(timings: ModelTimings) -> dict[str, Any]:
@@ -255,6 +248,7 @@ class NodeAgent:
     _lease: Any = None  # the node Lease as last written (a V1Lease)
     _lease_refused: bool = False  # no RBAC for Leases (an older chart): heartbeat in the NodeProfile
     _reported_resident_bytes: int | None = None
+    _gpus_checked_at: float = -math.inf  # monotonic; GPUs are probed once per heartbeat period
     _placement_cache: Informer | None = None
     _changed: threading.Event = field(default_factory=threading.Event)
     profiler: BackgroundProfiler | None = None
@@ -276,6 +270,7 @@ class NodeAgent:
                 "gpuType": report.gpu_name,
                 "gpuCount": 1,
                 "gpuMemoryBytes": report.budget_bytes,
+                **gpu_profile_fields(self.engine.tiers, report, host_gbps),
                 "hostMemoryBytes": self.config.host_memory_bytes,
                 "hostToDeviceGbps": round(peak.gbps if peak else 1.0, 4),
                 "hbmGbps": round(hbm_gbps, 4),
@@ -317,12 +312,8 @@ class NodeAgent:
 
     def heartbeat(self, force: bool = False) -> None:
         """NodeProfile status: alive, and the bytes this node holds now."""
-        if (
-            self._profile_spec is not None
-            and self._profile_spec["gpuMemoryBytes"] != self.engine.tier.budget_bytes
-        ):
-            # the budget changed at runtime: the planner must plan with the one the engine enforces
-            self._profile_spec["gpuMemoryBytes"] = self.engine.tier.budget_bytes
+        if self._profile_spec is not None and refresh_gpu_fields(self._profile_spec, self.engine):
+            # a budget changed at runtime, or a GPU was lost: the planner must plan with what the engine has
             self.register()
             return
         if not force and time.monotonic() - self._last_heartbeat < self.config.heartbeat_seconds:
@@ -463,6 +454,9 @@ class NodeAgent:
         after `grow_seconds` of loads the next pass lists again, so that a model that moved or went away
         meanwhile is released at once rather than after every other load of a long batch."""
         placements = self.placements()
+        if time.monotonic() - self._gpus_checked_at >= self.config.heartbeat_seconds:
+            self._gpus_checked_at = time.monotonic()
+            self.engine.check_gpus()  # a GPU lost while idle (a driver reset) fails its models now
         wanted = {self._model_name(p): p for p in placements if not p["metadata"].get("deletionTimestamp")}
         leaving = [p for p in placements if p["metadata"].get("deletionTimestamp")]
         loaded = {n for n in self.engine.names() if not n.startswith(PROFILE_PREFIX)}
@@ -472,6 +466,8 @@ class NodeAgent:
             if self._loaded_specs.get(name, _load_key(wanted[name])) != _load_key(wanted[name]):
                 self._unload(name)  # path, dtype or KV reservation changed: load afresh below
                 self._reload_pending.add(name)
+            elif self._state(name) == "failed":
+                self._gpu_failed(name, wanted[name])
         loaded = {n for n in self.engine.names() if not n.startswith(PROFILE_PREFIX)}
         for name in sorted(loaded & set(wanted)):
             # the SLO it is paced to follows the LLMModel's without moving anything
@@ -495,6 +491,7 @@ class NodeAgent:
                     spec["residentFraction"]
                     < self.engine.residency(name).resident_fraction - FRACTION_TOLERANCE
                 )
+                and not gpus_changed(spec, self.engine.residency(name), FRACTION_TOLERANCE)
             ):
                 self._act(placement, "demote")
             else:
@@ -514,10 +511,13 @@ class NodeAgent:
                 self._act(placement, "load")
             elif self._state(name) == "preempted":
                 self._act(placement, "resume")
+            elif self._state(name) == "failed":
+                self._report(placement)  # its GPU was lost: Failed until the operator places it again
             elif (
                 abs(spec["residentFraction"] - (held := self.engine.residency(name)).resident_fraction)
                 > FRACTION_TOLERANCE
                 or spec.get("executionMode", "stream") != held.decode_mode
+                or gpus_changed(spec, held, FRACTION_TOLERANCE)
             ):
                 # a higher fraction, or the same one in another mode (a change of mode alone moves no
                 # weights; it re-homes the offloaded layers' KV cache)
@@ -537,7 +537,7 @@ class NodeAgent:
         if (
             failure is not None
             and failure.generation == generation
-            and not failure.retry_now(self._others_reserved_bytes(name), self.engine.tier.budget_bytes)
+            and not failure.retry_now(self._others_reserved_bytes(name), self.engine.gpu_budget_bytes())
         ):
             return  # already failed for this spec: wait for room, or for the operator to re-plan
         if self.profiler is not None:
@@ -564,6 +564,7 @@ class NodeAgent:
                         # and its memory promise counts the staging buffers that takes
                         decode_mode=spec.get("executionMode", "stream"),
                         prefill_mode=PREFILL_MODE,
+                        gpus=placement_gpus(spec),
                     ),
                 )
                 self._loaded_specs[name] = _load_key(placement)
@@ -576,7 +577,11 @@ class NodeAgent:
             elif action in ("demote", "promote"):
                 mode = spec.get("executionMode", "stream")
                 report = self.engine.set_residency(
-                    name, float(spec["residentFraction"]), decode_mode=mode, prefill_mode=PREFILL_MODE
+                    name,
+                    float(spec["residentFraction"]),
+                    decode_mode=mode,
+                    prefill_mode=PREFILL_MODE,
+                    gpus=placement_gpus(spec) or ((0, float(spec["residentFraction"])),),
                 )
             seconds = time.perf_counter() - started
             log.info("%s %s on %s in %.3f s", action, name, self.config.node, seconds)
@@ -596,7 +601,7 @@ class NodeAgent:
                 exc.reason,
                 exc.message,
                 self._others_reserved_bytes(name),
-                self.engine.tier.budget_bytes,
+                self.engine.gpu_budget_bytes(),
                 action,
             )
             if action == "load" and name in self.engine.names():
@@ -606,18 +611,32 @@ class NodeAgent:
                 announce.settle()
         self._report(placement)
 
+    def _gpu_failed(self, name: str, placement: dict[str, Any]) -> None:
+        """A model whose GPU was lost: Failed with the engine's reason for the spec it failed under; a newer
+        spec (the operator placed it again, on other GPUs) loads it afresh."""
+        generation = int(placement["metadata"].get("generation", 0))
+        failure = self._failures.get(name)
+        if failure is not None and failure.action == "serve" and failure.generation != generation:
+            self._unload(name)  # placed again: loads afresh in this pass
+            return
+        if failure is None or failure.action != "serve":
+            error = self.engine.runner(name).failure
+            reason, message = (error.reason, error.message) if error else ("Failed", f"{name} failed")
+            self._failures[name] = _Failure(generation, reason, message, action="serve")
+
     def _report_loading(self, placement: dict[str, Any], status: dict[str, Any]) -> LateStatus:
         """``Loading`` on the placement once the load has taken ``loading_report_seconds``."""
         return LateStatus(lambda: self._patch_status(placement, status), self.config.loading_report_seconds)
 
     def _others_reserved_bytes(self, name: str) -> int:
         """GPU bytes the other models on this node hold (each runner reserves under its own owner)."""
-        tier = self.engine.tier
+        tiers = self.engine.tiers
         try:
-            own_bytes = tier.reserved_bytes(self.engine.runner(name).owner)
+            owner = self.engine.runner(name).owner
+            own_bytes = sum(tier.reserved_bytes(owner) for tier in tiers)
         except EngineError:
             own_bytes = 0  # not loaded: it holds nothing
-        return tier.reserved_bytes() - own_bytes
+        return sum(tier.reserved_bytes() for tier in tiers) - own_bytes
 
     def _report(self, placement: dict[str, Any]) -> None:
         name = self._model_name(placement)
@@ -637,10 +656,11 @@ class NodeAgent:
                 "state": "Failed",
                 "reason": failure.reason,
                 "message": failure.message[:4000],
+                "gpus": None,  # it holds nothing on any GPU
             }
         elif name not in self.engine.names():
             desired = placement["spec"]["desiredState"]
-            status = {"state": desired if desired in ("Preempted", "Idle") else "Pending"}
+            status = {"state": desired if desired in ("Preempted", "Idle") else "Pending", "gpus": None}
         else:
             model = self.engine.status(name)
             state = {"ready": "Loaded", "preempted": "Preempted", "loading": "Loading"}.get(
@@ -653,6 +673,7 @@ class NodeAgent:
                 "residentFraction": round(model.residency.resident_fraction, 6),
                 "executionMode": model.residency.decode_mode,
                 "residentBytes": model.residency.gpu_reserved_bytes if state == "Loaded" else 0,
+                "gpus": gpus_wire(model.residency) if state == "Loaded" else None,
                 "timings": timings_wire(model.timings),
                 "lastOperation": self._operations.get(name),
                 "endpoint": f"{self.config.endpoint}/v1",

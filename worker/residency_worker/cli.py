@@ -27,7 +27,20 @@ def worker(
     gpu_memory: str | None = typer.Option(
         None,
         "--gpu-memory",
-        help="GPU memory budget, e.g. 8GiB. Required without a GPU (the tier is then emulated on the CPU).",
+        help="GPU memory budget of each GPU, e.g. 8GiB, or one per GPU (8GiB,4GiB). Required without a GPU "
+        "(the tier is then emulated on the CPU).",
+    ),
+    gpus: str | None = typer.Option(
+        None,
+        "--gpus",
+        help="The CUDA GPUs to drive: 'all' or indices like 0,2 (numbered 0..n-1 in that order). Default: "
+        "the current GPU only.",
+    ),
+    emulated_gpus: int | None = typer.Option(
+        None,
+        "--emulated-gpus",
+        help="Emulate this many GPUs on the CPU, each with the --gpu-memory budget (separate budgets, one "
+        "host memory; everything they report says emulated).",
     ),
     models_root: list[Path] = typer.Option(
         ..., "--models-root", help="Allowed root for model dirs (repeatable)."
@@ -86,30 +99,34 @@ def worker(
     ),
 ) -> None:
     """Run the node's worker: the torch engine plus its OpenAI-compatible and admin HTTP API."""
-    from residency_worker.engine import Engine, make_gpu_tier
+    from residency_worker.engine import Engine
     from residency_worker.engine.tiers import parse_bytes
+    from residency_worker.gpus import build_tiers
     from residency_worker.node import serve_node
     from residency_worker.server import ServerSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        budget = parse_bytes(gpu_memory) if gpu_memory else None
-        tier = make_gpu_tier(budget, force_emulated=emulate)
+        tiers = build_tiers(gpus, emulated_gpus, gpu_memory, emulate=emulate)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if tier.emulated:
-        typer.echo(
-            f"no GPU in use: EMULATED GPU tier on the CPU with a {tier.budget_bytes}-byte budget; "
-            "every report says emulated: true",
-            err=True,
-        )
-    else:
-        typer.echo(f"GPU: {tier.gpu_name}, budget {tier.budget_bytes} bytes", err=True)
+    for tier in tiers:
+        if tier.emulated:
+            typer.echo(
+                f"no GPU in use: EMULATED GPU {tier.index} on the CPU with a {tier.budget_bytes}-byte "
+                "budget; every report says emulated: true",
+                err=True,
+            )
+        else:
+            typer.echo(
+                f"GPU {tier.index} ({tier.device}): {tier.gpu_name}, budget {tier.budget_bytes} bytes",
+                err=True,
+            )
     admin_token = _read_token(admin_token_file, "RESIDENCY_ADMIN_TOKEN")
     if admin_token is None:
         typer.echo("no admin token configured: the admin API will refuse every call", err=True)
     engine = Engine(
-        tier,
+        tiers,
         list(models_root),
         node=node,
         calibration_bytes=calibration_mib * 2**20,

@@ -46,6 +46,9 @@ class HollowTier:
 
     budget_bytes: int
     held: dict[str, int] = field(default_factory=dict)
+    index: int = 0
+    lost: str | None = None
+    emulated: bool = True
 
     def reserved_bytes(self, owner: str | None = None) -> int:
         return self.held.get(owner, 0) if owner is not None else sum(self.held.values())
@@ -79,6 +82,7 @@ class HollowEngine:
     def __init__(self, node: str, budget_bytes: int, load_seconds: float) -> None:
         self.node = node
         self.tier = HollowTier(budget_bytes)
+        self.tiers = [self.tier]
         self.load_seconds = load_seconds
         self._models: dict[str, _Held] = {}
         self._lock = threading.Lock()
@@ -116,6 +120,12 @@ class HollowEngine:
 
     def set_decode_slo(self, name: str, min_decode_tokens_per_second: float | None) -> None:
         self._held(name)
+
+    def check_gpus(self) -> bool:
+        return False  # a hollow GPU is never lost
+
+    def gpu_budget_bytes(self) -> int:
+        return self.tier.budget_bytes
 
     def names(self) -> list[str]:
         with self._lock:

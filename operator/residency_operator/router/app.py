@@ -3,6 +3,11 @@ the state they share (deps.py). Holds requests while a model loads or resumes, n
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,7 +18,7 @@ from residency.httpguard import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from residency_operator.router import health, openai_api
 from residency_operator.router.admission import Admission
 from residency_operator.router.auth import Access, AccessError, OpenAccess, StaticTokenAccess
-from residency_operator.router.deps import RouterSettings, RouterState, SafeJSONResponse, error
+from residency_operator.router.deps import ArrivalTime, RouterSettings, RouterState, SafeJSONResponse, error
 from residency_operator.router.forward import retry_after_seconds
 from residency_operator.router.models import ModelTable
 
@@ -51,6 +56,7 @@ def create_app(
     app = FastAPI(title="residency router", default_response_class=SafeJSONResponse)
     app.state.router = state
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(ArrivalTime)  # added last: outermost, the first to see a request
     app.include_router(openai_api.router)
     app.include_router(health.router)
 
@@ -69,8 +75,29 @@ def create_app(
             400, str(exc.errors()[0].get("msg", "invalid request")) if exc.errors() else "invalid request"
         )
 
+    lag_watch: list[asyncio.Task[None]] = []
+
+    @app.on_event("startup")
+    async def watch_loop_lag() -> None:
+        lag_watch.append(asyncio.create_task(_watch_event_loop_lag(state.metrics.event_loop_lag.observe)))
+
     @app.on_event("shutdown")
     async def close_client() -> None:
+        for task in lag_watch:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await client.aclose()
 
     return app
+
+
+LAG_TICK_SECONDS = 0.1
+
+
+async def _watch_event_loop_lag(observe: Callable[[float], None]) -> None:
+    """Observes, every LAG_TICK_SECONDS, how late the event loop woke up (a starved or blocked router)."""
+    while True:
+        before = time.monotonic()
+        await asyncio.sleep(LAG_TICK_SECONDS)
+        observe(max(0.0, time.monotonic() - before - LAG_TICK_SECONDS))

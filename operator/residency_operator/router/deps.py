@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,12 +10,29 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from residency.httpguard import DEFAULT_MAX_BODY_BYTES, json_bytes
 from residency.openai_errors import error_body
 from residency_operator.router.admission import Admission
 from residency_operator.router.auth import Access, AccessError, Caller
 from residency_operator.router.models import ModelTable
+
+ARRIVED_AT = "arrived_at"
+"""`request.state.arrived_at`: when the request reached the router's app (monotonic; see ArrivalTime)."""
+
+
+class ArrivalTime:
+    """ASGI middleware, outermost: stamps when each request reached the app, so that a time to first token
+    counts what the router itself spent on the request (body, auth, a busy event loop)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})[ARRIVED_AT] = time.monotonic()
+        await self.app(scope, receive, send)
 
 
 class SafeJSONResponse(JSONResponse):
@@ -67,6 +85,19 @@ class RouterMetrics:
         self.in_flight = Gauge(
             "residency_router_in_flight", "Admitted requests in flight", ["model"], registry=self.registry
         )
+        self.time_to_first_token = Histogram(
+            "residency_router_time_to_first_token_seconds",
+            "Admitted requests' time from reaching the router to their first token from the worker",
+            ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
+        self.event_loop_lag = Histogram(
+            "residency_router_event_loop_lag_seconds",
+            "How late the router's event loop wakes for a timer: what every request waits on top of its work",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
         self.admission_limit = Gauge(
             "residency_router_admission_limit",
             "Concurrent requests a model admits now",
@@ -100,19 +131,25 @@ class RouterState:
         return {"authorization": f"Bearer {token}"} if token else {}
 
 
-def router_state(request: Request) -> RouterState:
+def state_of(request: Request) -> RouterState:
     state: RouterState = request.app.state.router
     return state
 
 
+async def router_state(request: Request) -> RouterState:
+    """The dependency (a coroutine: FastAPI runs a plain function dependency in its thread pool, a thread hop
+    per request, and a wait for one of the pool's 40 threads, that a refusal must not pay)."""
+    return state_of(request)
+
+
 async def caller(request: Request) -> Caller:
     """The authenticated caller (a dependency of every /v1 route); AccessError 401 otherwise."""
-    return await router_state(request).access.authenticate(request.headers.get("authorization", ""))
+    return await state_of(request).access.authenticate(request.headers.get("authorization", ""))
 
 
 async def metrics_reader(request: Request) -> None:
     """/metrics names models: only for a caller allowed to read it (RBAC `get` on the non-resource URL)."""
-    access = router_state(request).access
+    access = state_of(request).access
     who = await access.authenticate(request.headers.get("authorization", ""))
     if not await access.may_read_metrics(who):
         raise AccessError(403, "forbidden")

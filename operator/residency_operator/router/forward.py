@@ -90,18 +90,30 @@ async def retry_due(state: RouterState, key: str, endpoint: str, retry_at: float
             return time.monotonic() < deadline
 
 
-async def forward(state: RouterState, body: dict[str, Any], key: str, path: str) -> Response:
-    """The answer to `body` (already authorised for model `key`) from the worker serving it."""
-    deadline = time.monotonic() + state.settings.hold_seconds
+async def forward(
+    state: RouterState, body: dict[str, Any], key: str, path: str, arrived_at: float | None = None
+) -> Response:
+    """The answer to `body` (already authorised for model `key`) from the worker serving it. `arrived_at`:
+    when the request reached the router (monotonic); the time before this call counts to its TTFT."""
+    now = time.monotonic()
+    deadline = now + state.settings.hold_seconds
     held = [0.0]  # seconds this request waited for its model (once per request, retries included)
     try:
-        return await _forward(state, body, key, path, deadline, held)
+        return await _forward(
+            state, body, key, path, deadline, held, now if arrived_at is None else arrived_at
+        )
     finally:
         state.metrics.held_seconds.observe(held[0])
 
 
 async def _forward(
-    state: RouterState, body: dict[str, Any], key: str, path: str, deadline: float, held: list[float]
+    state: RouterState,
+    body: dict[str, Any],
+    key: str,
+    path: str,
+    deadline: float,
+    held: list[float],
+    arrived_at: float,
 ) -> Response:
     metrics, admission = state.metrics, state.admission
     while True:
@@ -133,6 +145,9 @@ async def _forward(
         metrics.admitted.labels(route.key).inc()
         _observe_gate(state, route.key)
         sent_at = time.monotonic()
+        # what the request spent in the router before it was sent on (its body, auth, a busy event loop)
+        # counts to its time to first token, not the time it was held for a model that was not ready
+        before_sent = max(0.0, sent_at - arrived_at - held[0])
         forwarded = {**body, "model": route.key}
         url = f"{route.endpoint.rstrip('/')}/{path}"
         upstream: httpx.Response | None = None
@@ -185,7 +200,8 @@ async def _forward(
         now = time.monotonic()
         ttft = now - sent_at if streaming else _plain_ttft(upstream, now - sent_at)
         if ttft is not None and upstream.status_code == 200:
-            admission.first_token(route.key, ttft, now)
+            admission.first_token(route.key, before_sent + ttft, now)
+            metrics.time_to_first_token.labels(route.key).observe(before_sent + ttft)
         headers = _relayed_headers(upstream)
         done = _finisher(state, route.key, sent_at)
         if not streaming:
@@ -199,7 +215,8 @@ def _finisher(state: RouterState, key: str, sent_at: float) -> Callable[[], None
     """What ends an admitted request: its slot back, its duration into the model's statistics."""
 
     def done() -> None:
-        state.admission.finish(key, time.monotonic() - sent_at)
+        now = time.monotonic()
+        state.admission.finish(key, now - sent_at, now)
         _observe_gate(state, key)
 
     return done
@@ -237,7 +254,7 @@ def _relayed_headers(upstream: httpx.Response) -> dict[str, str]:
 def _observe_gate(state: RouterState, key: str) -> None:
     gate = state.admission.gate(key)
     state.metrics.in_flight.labels(key).set(gate.in_flight)
-    state.metrics.admission_limit.labels(key).set(int(gate.limit))
+    state.metrics.admission_limit.labels(key).set(state.admission.limit_of(key, time.monotonic()))
 
 
 async def _relay(

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from residency_operator.router.deps import RouterState, metrics_reader, router_state
+from residency_operator.router.deps import RouterState, metrics_reader, router_state, state_of
 
 router = APIRouter()
 
@@ -21,7 +21,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> dict[str, object]:
-    state = router_state(request)
+    state = state_of(request)
     return {"status": "ready", "models": len(state.table.models)}
 
 

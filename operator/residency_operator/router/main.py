@@ -24,6 +24,7 @@ from residency_operator.router.models import ModelTable
 from residency_operator.wake import WAKE_CONFIGMAP
 
 AuthMode = Literal["kubernetes", "token", "none"]
+KEEP_ALIVE_SECONDS = 75  # nginx's default; see run_router
 
 
 @dataclass(frozen=True)
@@ -67,4 +68,14 @@ def run_router(options: RouterOptions) -> None:
         access=access,
         admission=Admission(ttft_target_seconds=options.ttft_target_seconds, enabled=options.admission),
     )
-    uvicorn.run(app, host=options.host, port=options.port, log_level="info", access_log=False)
+    # idle client connections are kept well past the 5 s keep-alive of httpx (and the openai client): a
+    # client that waits out a 1-2 s Retry-After reuses its connection, instead of racing its close or
+    # paying a new handshake on both sides for every retry
+    uvicorn.run(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level="info",
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )

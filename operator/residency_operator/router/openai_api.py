@@ -16,7 +16,7 @@ from fastapi.responses import Response
 
 from residency.httpguard import loads_strict
 from residency_operator.router.auth import Caller
-from residency_operator.router.deps import RouterState, caller, error, router_state
+from residency_operator.router.deps import ARRIVED_AT, RouterState, caller, error, router_state
 from residency_operator.router.forward import forward
 from residency_operator.router.table import qualify
 
@@ -60,7 +60,7 @@ async def _proxy(request: Request, state: RouterState, who: Caller, path: str) -
     if not await state.access.allowed(who, namespace, name):
         state.metrics.requests.labels("forbidden").inc()
         return error(403, FORBIDDEN)
-    return await forward(state, body, key, path)
+    return await forward(state, body, key, path, getattr(request.state, ARRIVED_AT, None))
 
 
 @router.post("/completions", openapi_extra=_OPENAPI_BODY)

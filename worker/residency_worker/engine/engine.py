@@ -1,4 +1,5 @@
-"""The node's engine: the models it serves, on one GPU tier, with the admin operations the agent calls."""
+"""The node's engine: the models it serves, on the node's GPU tiers (one per GPU it drives), with the admin
+operations the agent calls."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from residency.split import GpuShares, check_shares
 from residency_worker.engine.generate import Request, RequestEvent
 from residency_worker.engine.loading import load_weights, validate_model_dir
 from residency_worker.engine.runner import ModelOptions, ModelRunner
@@ -17,6 +19,7 @@ from residency_worker.engine.tiers import GpuTier, measure_host_to_device_peak, 
 from residency_worker.engine.types import (
     EngineError,
     ExecutionMode,
+    GpuReport,
     LoadReport,
     ModelStatus,
     NodeReport,
@@ -35,18 +38,23 @@ __all__ = ["Engine", "ModelOptions", "RequestEvent"]
 
 
 class Engine:
-    """Loads, places, serves, preempts and resumes models on one node's GPU tier."""
+    """Loads, places, serves, preempts and resumes models on one node's GPU tiers (``tiers[i]`` is GPU i)."""
 
     def __init__(
         self,
-        tier: GpuTier,
+        tier: GpuTier | Sequence[GpuTier],
         models_roots: list[Path],
         *,
         node: str = "local",
         calibration_bytes: int = 256 * 2**20,
         remote_code_roots: list[Path] | None = None,
     ) -> None:
-        self.tier = tier
+        self.tiers = [tier] if isinstance(tier, GpuTier) else list(tier)
+        if not self.tiers:
+            raise ValueError("an engine needs at least one GPU tier")
+        for index, each in enumerate(self.tiers):
+            each.index = index  # the worker numbers its GPUs 0..n-1 in the order it was given them
+        self.tier = self.tiers[0]  # GPU 0: where a placement that names no GPUs runs
         self.node = node
         self.models_roots = [Path(r) for r in models_roots]
         # roots under which the admin allows models with custom code (trust_remote_code); none by default
@@ -59,13 +67,15 @@ class Engine:
         self._unloaded = threading.Condition(self._lock)
         self._listeners: list[Listener] = []
         if calibration_bytes > 0:
-            peak = measure_host_to_device_peak(tier, calibration_bytes)
-            log.info(
-                "host→device peak: %.2f GB/s (%s%s)",
-                peak.gbps,
-                peak.path,
-                ", emulated" if tier.emulated else "",
-            )
+            for each in self.tiers:
+                peak = measure_host_to_device_peak(each, calibration_bytes)
+                log.info(
+                    "GPU %d host→device peak: %.2f GB/s (%s%s)",
+                    each.index,
+                    peak.gbps,
+                    peak.path,
+                    ", emulated" if each.emulated else "",
+                )
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def load(self, name: str, path: str, options: ModelOptions | None = None) -> LoadReport:
@@ -73,6 +83,7 @@ class Engine:
         options = options or ModelOptions()
         if not 0.0 <= options.resident_fraction <= 1.0:
             raise EngineError("InvalidRequest", "resident_fraction must lie in [0, 1]")
+        self._check_gpus_of(options.gpus, options.resident_fraction)
         _check_slo(options.min_decode_tokens_per_second)
         with self._lock:
             if name in self._unloading:
@@ -93,7 +104,8 @@ class Engine:
                     path, self.models_roots, options.dtype, self.remote_code_roots
                 )
                 weights = load_weights(directory, options.dtype, self.tier, trust_remote_code)
-                runner = ModelRunner(name, weights, self.tier, options)
+                runner = ModelRunner(name, weights, self.tiers, options)
+                runner.on_step_failure = self._step_failed
             except EngineError:
                 raise
             except Exception as exc:  # a directory that passed the checks and still cannot be read
@@ -180,10 +192,17 @@ class Engine:
         *,
         decode_mode: ExecutionMode | None = None,
         prefill_mode: ExecutionMode | None = None,
+        gpus: GpuShares | None = None,
     ) -> ResidencyReport:
+        """Changes what stays resident, the modes, or the GPUs (``gpus``: (index, share) in pipeline order;
+        None keeps the model's GPUs, their shares scaled to ``fraction``)."""
         if fraction is not None and not 0.0 <= fraction <= 1.0:
             raise EngineError("InvalidRequest", "resident fraction must lie in [0, 1]")
-        report = self._runner(name).set_residency(fraction, decode_mode, prefill_mode)
+        if gpus is not None:
+            if fraction is None:
+                fraction = sum(share for _, share in gpus)
+            self._check_gpus_of(gpus, fraction)
+        report = self._runner(name).set_residency(fraction, decode_mode, prefill_mode, gpus or None)
         self._notify(name, "set_residency", report)
         return report
 
@@ -198,16 +217,88 @@ class Engine:
             )
             runner.set_decode_slo(min_decode_tokens_per_second)
 
-    def set_budget(self, budget_bytes: int) -> NodeReport:
-        """Changes the node's GPU memory budget at runtime (e.g. part of the GPU is handed to another tenant).
+    def set_budget(self, budget_bytes: int, gpu: int | None = None) -> NodeReport:
+        """Changes a GPU memory budget at runtime (e.g. part of the GPU is handed to another tenant): GPU
+        ``gpu``'s, or without one every GPU's (a node of one GPU: its budget).
 
         What is placed stays, even above a smaller budget; every later reservation must fit the new one.
         """
         if budget_bytes <= 0:
             raise EngineError("InvalidRequest", "the GPU memory budget must be positive")
-        self.tier.budget_bytes = budget_bytes
-        log.warning("GPU memory budget set to %d bytes at runtime", budget_bytes)
+        if gpu is not None and not 0 <= gpu < len(self.tiers):
+            raise EngineError(
+                "InvalidRequest", f"GPU {gpu} does not exist on this node ({len(self.tiers)} GPUs)"
+            )
+        for tier in self.tiers if gpu is None else [self.tiers[gpu]]:
+            tier.budget_bytes = budget_bytes
+            log.warning("GPU %d memory budget set to %d bytes at runtime", tier.index, budget_bytes)
         return self.node_report()
+
+    # -- GPUs ---------------------------------------------------------------------------------------
+    def gpu_budget_bytes(self) -> int:
+        """The budgets of the GPUs still usable, together."""
+        return sum(tier.budget_bytes for tier in self.tiers if tier.lost is None)
+
+    def _check_gpus_of(self, gpus: GpuShares, fraction: float) -> None:
+        try:
+            check_shares(gpus, len(self.tiers), fraction)
+        except ValueError as exc:
+            raise EngineError("InvalidRequest", str(exc)) from exc
+        lost = [index for index, _ in gpus or ((0, fraction),) if self.tiers[index].lost is not None]
+        if lost:
+            raise EngineError("GpuLost", f"GPU {lost[0]} is lost ({self.tiers[lost[0]].lost})")
+
+    def lose_gpu(self, index: int, reason: str) -> list[str]:
+        """GPU ``index`` is gone (a CUDA error, a driver reset): nothing is placed on it any more, and every
+        model using it fails with reason ``GpuLost`` (it must be placed again); the models on the other GPUs
+        keep serving. Returns the names of the models that failed."""
+        tier = self.tiers[index]
+        if tier.lost is None:
+            tier.lost = reason
+            log.error("GPU %d (%s) is lost: %s", index, tier.gpu_name, reason)
+        error = EngineError(
+            "GpuLost", f"GPU {index} ({tier.gpu_name}) of node {self.node} was lost: {reason}; place it again"
+        )
+        with self._lock:
+            runners = [r for r in self._models.values() if r.uses(tier) and r.state != "failed"]
+        for runner in runners:
+            runner.fail_gpu(error)
+            self._notify(runner.name, "gpu_lost", error)
+        return [runner.name for runner in runners]
+
+    def check_gpus(self, *, deep: bool = False) -> bool:
+        """Probes every GPU not yet known lost (``deep``: its CUDA context too, see ``GpuTier.probe``); a GPU
+        that fails its probe is lost (:meth:`lose_gpu`). True when one was found lost now."""
+        found = False
+        for tier in self.tiers:
+            if tier.lost is None and (reason := tier.probe(deep=deep)) is not None:
+                self.lose_gpu(tier.index, reason)
+                found = True
+        return found
+
+    def _step_failed(self, error: Exception) -> bool:
+        """A model's step raised: was it a GPU that went away? (A CUDA error that is no OOM probes deeply.)"""
+        text = str(error)
+        cuda_error = ("CUDA error" in text or type(error).__name__ == "AcceleratorError") and (
+            "out of memory" not in text
+        )
+        return self.check_gpus(deep=cuda_error)
+
+    def inject_gpu_fault(self, index: int, reason: str = "injected fault") -> list[str]:
+        """Fault injection (admin only): GPU ``index`` behaves as after an Xid error — its next probe fails.
+        Probes at once; returns the models that failed."""
+        if not 0 <= index < len(self.tiers):
+            raise EngineError(
+                "InvalidRequest", f"GPU {index} does not exist on this node ({len(self.tiers)} GPUs)"
+            )
+        self.tiers[index].fault = reason
+        with self._lock:
+            before = {name for name, r in self._models.items() if r.state == "failed"}
+        self.check_gpus()
+        with self._lock:
+            return sorted(
+                name for name, r in self._models.items() if r.state == "failed" and name not in before
+            )
 
     # -- inference ----------------------------------------------------------------------------------
     def submit(
@@ -294,7 +385,22 @@ class Engine:
         return self._runner(name).residency()
 
     def node_report(self) -> NodeReport:
+        """The node's GPUs: each one's, and their sums (a lost GPU's budget is no longer counted)."""
         nvml = nvml_memory_bytes(self.tier.device)
+        gpus = [
+            GpuReport(
+                index=tier.index,
+                device=str(tier.device),
+                gpu_name=tier.gpu_name,
+                budget_bytes=tier.budget_bytes,
+                reserved_bytes=tier.reserved_bytes(),
+                allocated_bytes=tier.allocated_bytes(),
+                host_to_device_peak=tier.host_to_device_peak,
+                lost=tier.lost,
+            )
+            for tier in self.tiers
+        ]
+        live = [gpu for gpu in gpus if gpu.lost is None]
         return NodeReport(
             nvml_used_bytes=nvml[0] if nvml else None,
             nvml_total_bytes=nvml[1] if nvml else None,
@@ -302,10 +408,11 @@ class Engine:
             device=str(self.tier.device),
             gpu_name=self.tier.gpu_name,
             emulated=self.tier.emulated,
-            budget_bytes=self.tier.budget_bytes,
-            reserved_bytes=self.tier.reserved_bytes(),
-            allocated_bytes=self.tier.allocated_bytes(),
+            budget_bytes=sum(gpu.budget_bytes for gpu in live),
+            reserved_bytes=sum(gpu.reserved_bytes for gpu in gpus),
+            allocated_bytes=sum(gpu.allocated_bytes for gpu in gpus),
             host_to_device_peak=self.tier.host_to_device_peak,
+            gpus=gpus,
         )
 
     def _runner(self, name: str) -> ModelRunner:

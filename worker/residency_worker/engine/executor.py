@@ -7,7 +7,8 @@ attended-length bucket: static input buffers (hidden states after the embedding,
 visibility mask) are filled, the graph runs the layers and the head, sampling follows on the device.
 Streamed layers' copies are captured too, on the stager's copy stream, so they still overlap compute.
 Graphs are dropped whenever weights, staging buffers or the KV pool move (residency change, preemption).
-On the CPU (and the emulated tier) every step runs eagerly.
+On the CPU (and the emulated tier), and for a model split across GPUs, every step runs eagerly; a split
+model's activations pass from one GPU to the next (``.to``) where its layers change device.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class Executor:
         self, layout: decoder.StepLayout, token_ids: list[int], mode: ExecutionMode
     ) -> _Graph | None:
         if not self.use_cuda_graphs or self._graphs_failed or layout.chunks or not layout.dense:
+            return None
+        if self.placed.spans_devices():  # a split's step crosses GPUs: one graph captures one device
             return None
         if self.placed.computes_on_host(mode) and mode == "cpu":
             return None

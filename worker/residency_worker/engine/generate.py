@@ -114,3 +114,31 @@ class Detokenizer:
                     longest = size
                     break
         return longest
+
+
+MAX_LOGPROBS = 20
+"""The most alternatives a request may ask for per token (OpenAI's limit)."""
+
+
+def check_request(request: Request, model: str, max_sequence_length: int, vocab_size: int) -> None:
+    """Refuses a request the model cannot serve, with the reason (before it is queued)."""
+    prompt_tokens = len(request.prompt_ids)
+    if prompt_tokens == 0:
+        raise EngineError("InvalidRequest", "the prompt is empty")
+    if prompt_tokens >= max_sequence_length:
+        raise EngineError(
+            "InvalidRequest",
+            f"the prompt has {prompt_tokens} tokens; {model} accepts at most {max_sequence_length - 1}",
+        )
+    if request.params.max_tokens < 1:
+        raise EngineError("InvalidRequest", "max_tokens must be at least 1")
+    if request.params.top_k < 0:
+        raise EngineError("InvalidRequest", "top_k must be 0 (no cut) or positive")
+    logprobs = request.params.logprobs
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise EngineError("InvalidRequest", f"logprobs must lie in [0, {MAX_LOGPROBS}]")
+    seed = request.params.seed
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise EngineError("InvalidRequest", f"seed must lie in [{SEED_MIN}, {SEED_MAX}]")
+    if any(not 0 <= t < vocab_size for t in request.prompt_ids):
+        raise EngineError("InvalidRequest", f"prompt token ids must lie in [0, {vocab_size})")

@@ -1,11 +1,12 @@
 """One KV pool per model: every layer's keys and values for ``max_batch_size`` slots of
 ``max_sequence_length`` tokens, preallocated where that layer decodes.
 
-A running sequence owns one slot. Layers that decode on the GPU (resident, or streamed in) keep their
-part of the pool in the GPU tier, charged to the model's KV reservation (the planner sizes that
-reservation as slots x length); layers computed on the CPU keep it in host memory. Occupied slots are
-kept dense (``0 .. occupied - 1``): when a sequence ends, the sequence in the highest slot moves into
-its place, so a decode step attends over one contiguous view of the pool, never a gather.
+A running sequence owns one slot. Layers that decode on a GPU (resident, or streamed in) keep their
+part of the pool in that GPU's tier (a split model's KV lives with its layers), charged to the model's KV
+reservation there (the planner sizes that reservation as slots x length); layers computed on the CPU
+keep it in host memory. Occupied slots are kept dense (``0 .. occupied - 1``): when a sequence ends,
+the sequence in the highest slot moves into its place, so a decode step attends over one contiguous
+view of the pool, never a gather.
 
 Preemption copies only the used tokens of each occupied slot to pinned host memory and back.
 """
@@ -31,24 +32,24 @@ class KVPool:
         capacity: int,
         head_dim: int,
         dtype: torch.dtype,
-        gpu_layers: set[int],
+        gpu_layers: dict[int, GpuTier],
     ) -> None:
-        self.tier = tier
+        self.tier = tier  # pins the host copies (any GPU of the node can copy from them)
         self.owner = owner
         self.slots = slots
         self.capacity = capacity
         self.dtype = dtype
         self._layer_shape = (2, slots, kv_heads, capacity, head_dim)
-        self._on_gpu = [index in gpu_layers for index in range(num_layers)]
-        self._tensors: list[torch.Tensor] = [self._empty(on_gpu) for on_gpu in self._on_gpu]
+        self._on_gpu: list[GpuTier | None] = [gpu_layers.get(index) for index in range(num_layers)]
+        self._tensors: list[torch.Tensor] = [self._empty(home) for home in self._on_gpu]
         self._saved: dict[int, torch.Tensor] = {}  # layer → host copy of the used tokens while preempted
         self._saved_lengths: list[int] = []
 
-    def _empty(self, on_gpu: bool) -> torch.Tensor:
+    def _empty(self, home: GpuTier | None) -> torch.Tensor:
         """A zeroed layer of the pool: attention multiplies masked-out positions by 0, and 0 x NaN of
         uninitialised memory would still be NaN."""
-        if on_gpu:
-            return self.tier.allocate(self.owner, "kv", self._layer_shape, self.dtype).zero_()
+        if home is not None:
+            return home.allocate(self.owner, "kv", self._layer_shape, self.dtype).zero_()
         return torch.zeros(self._layer_shape, dtype=self.dtype, device="cpu")
 
     def layer(self, index: int) -> torch.Tensor:
@@ -60,7 +61,11 @@ class KVPool:
         return 2 * kv_heads * head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def gpu_layers(self) -> int:
-        return sum(self._on_gpu)
+        return sum(home is not None for home in self._on_gpu)
+
+    def home(self, index: int) -> GpuTier | None:
+        """The GPU tier that holds layer ``index``'s KV (``None``: host memory)."""
+        return self._on_gpu[index]
 
     def move_slot(self, source: int, target: int, used_tokens: int) -> None:
         """Moves a sequence's cached tokens to another (free) slot, in every layer."""
@@ -69,32 +74,32 @@ class KVPool:
         for tensor in self._tensors:
             tensor[:, target, :, :used_tokens].copy_(tensor[:, source, :, :used_tokens])
 
-    def rehome(self, gpu_layers: set[int], used_tokens: list[int]) -> None:
-        """Moves the layers whose home changed (a live change of residency or mode), keeping the used
+    def rehome(self, gpu_layers: dict[int, GpuTier], used_tokens: list[int]) -> None:
+        """Moves the layers whose home changed (a live change of residency, mode or GPUs), keeping the used
         tokens of each occupied slot (``used_tokens[slot]``)."""
-        for index, on_gpu in enumerate(self._on_gpu):
-            wanted = index in gpu_layers
-            if wanted == on_gpu:
+        for index, home in enumerate(self._on_gpu):
+            wanted = gpu_layers.get(index)
+            if wanted is home:
                 continue
             moved = self._empty(wanted)
             for slot, used in enumerate(used_tokens):
                 moved[:, slot, :, :used].copy_(self._tensors[index][:, slot, :, :used])
-            if on_gpu:
-                self.tier.release(self._tensors[index])
+            if home is not None:
+                home.release(self._tensors[index])
             self._tensors[index] = moved
             self._on_gpu[index] = wanted
 
     def release(self) -> None:
-        for tensor, on_gpu in zip(self._tensors, self._on_gpu, strict=True):
-            if on_gpu and tensor.numel():
-                self.tier.release(tensor)
+        for tensor, home in zip(self._tensors, self._on_gpu, strict=True):
+            if home is not None and tensor.numel():
+                home.release(tensor)
         self._tensors = [torch.empty(0, dtype=self.dtype) for _ in self._on_gpu]
 
     # -- preemption ---------------------------------------------------------------------------------
     def save_pairs(self, used_tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(pinned host destination, GPU source) for the used tokens of each occupied slot of each GPU
         layer. One pinned buffer holds them all, so preemption pins memory once."""
-        gpu_layers = [index for index, on_gpu in enumerate(self._on_gpu) if on_gpu]
+        gpu_layers = [index for index, home in enumerate(self._on_gpu) if home is not None]
         self._saved_lengths = list(used_tokens)
         total_tokens = sum(used_tokens)
         if not gpu_layers or total_tokens == 0:
@@ -120,10 +125,22 @@ class KVPool:
 
     def drop_gpu(self) -> None:
         """Gives the GPU part of the pool back once its content is saved."""
-        for index, on_gpu in enumerate(self._on_gpu):
-            if on_gpu and self._tensors[index].numel():
-                self.tier.release(self._tensors[index])
+        for index, home in enumerate(self._on_gpu):
+            if home is not None and self._tensors[index].numel():
+                home.release(self._tensors[index])
                 self._tensors[index] = torch.empty(0, dtype=self.dtype)
+
+    def retarget(self, gpu_layers: dict[int, GpuTier]) -> None:
+        """While preempted (the GPU layers dropped, their tokens saved): points each dropped layer at where it
+        decodes now, so its restore lands there (another GPU of a split moved while preempted, or host
+        memory). Layers on the host were never dropped: ``rehome`` moves them after the restore."""
+        for index, home in enumerate(self._on_gpu):
+            if home is None or self._tensors[index].numel():
+                continue
+            wanted = gpu_layers.get(index)
+            self._on_gpu[index] = wanted
+            if wanted is None:
+                self._tensors[index] = self._empty(None)
 
     def restore_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(new GPU destination, pinned host source) of every saved slot and layer, for resume; the GPU
@@ -131,9 +148,9 @@ class KVPool:
         _, _, kv_heads, _, head_dim = self._layer_shape
         per_token = 2 * kv_heads * head_dim
         pairs = []
-        for index, on_gpu in enumerate(self._on_gpu):
-            if on_gpu and not self._tensors[index].numel():
-                self._tensors[index] = self._empty(True)
+        for index, home in enumerate(self._on_gpu):
+            if home is not None and not self._tensors[index].numel():
+                self._tensors[index] = self._empty(home)
         for index, layer_host in self._saved.items():
             start = 0
             for slot, used in enumerate(self._saved_lengths):
@@ -144,6 +161,25 @@ class KVPool:
                 start += numel
                 pairs.append((self._tensors[index][:, slot, :, :used], source))
         return pairs
+
+    def group_by_tier(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], *, device_side: int
+    ) -> list[tuple[GpuTier, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """``pairs`` by the GPU tier of their device tensor (element ``device_side`` of each pair), so each
+        GPU's copies run on its own streams."""
+        groups: dict[GpuTier, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for pair in pairs:
+            groups.setdefault(self._tier_of(pair[device_side]), []).append(pair)
+        return list(groups.items()) or [(self.tier, [])]
+
+    def _tier_of(self, tensor: torch.Tensor) -> GpuTier:
+        pointer = tensor.data_ptr()
+        for home, layer in zip(self._on_gpu, self._tensors, strict=True):
+            if home is not None and layer.numel():
+                start = layer.data_ptr()
+                if start <= pointer < start + layer.numel() * layer.element_size():
+                    return home
+        return self.tier
 
     def restored(self) -> None:
         """The restore copies have landed: the host copies can go."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 PACE_HEADROOM = 1.25
 """A paced model still decodes this much faster than its SLO, so it meets it with room for a slow step."""
@@ -68,3 +68,24 @@ def pace_interval_seconds(min_decode_tokens_per_second: float | None) -> float |
     if min_decode_tokens_per_second is None or min_decode_tokens_per_second <= 0:
         return None
     return 1.0 / (PACE_HEADROOM * min_decode_tokens_per_second)
+
+
+def hold_all(
+    pacers: Sequence[GpuPacer],
+    owner: str,
+    due: float,
+    interrupted: Callable[[], bool] = lambda: False,
+    clock: Callable[[], float] = time.monotonic,
+) -> float:
+    """:meth:`GpuPacer.hold` for a model split over several GPUs: it waits while a neighbour on any of them is
+    hungry (re-checked every slice); one GPU's pacer waits exactly as :meth:`GpuPacer.hold`."""
+    if len(pacers) == 1:
+        return pacers[0].hold(owner, due, interrupted=interrupted)
+    start = clock()
+    waited = False
+    while True:
+        now = clock()
+        if now >= due or not any(pacer.others_hungry(owner) for pacer in pacers) or interrupted():
+            return now - start if waited else 0.0
+        waited = True
+        time.sleep(min(due - now, HOLD_SLICE_SECONDS / 5))

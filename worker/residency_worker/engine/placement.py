@@ -2,16 +2,18 @@
 
 Residency is chosen in priority order — the head (final norm + lm_head, used by every token), then the
 decoder layers in order, then the input embedding (a row gather, cheap to do on the host) — taking the
-units that bring the resident bytes closest to `fraction * total`.
+units that bring the resident bytes closest to `fraction * total`. A placement over several GPUs then
+cuts the resident units into contiguous ranges, one per GPU (``split``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from residency.sizing import resident_units, staging_bytes, workspace_bytes
+from residency.split import GpuShares, compute_order, split_stages, stage_bytes
 from residency_worker.engine.loading import LoadedWeights, Unit
 from residency_worker.engine.types import ExecutionMode
 
@@ -22,10 +24,31 @@ class ResidencyPlan:
     resident: frozenset[str]
     resident_weight_bytes: int
     weight_bytes: int
+    gpus: tuple[int, ...] = (0,)  # the node's GPUs in pipeline order
+    shares: tuple[float, ...] = ()  # each GPU's requested share (empty: one GPU, requested_fraction)
+    stage_of: dict[str, int] = field(default_factory=dict)  # resident unit → position in gpus (absent: 0)
 
     @property
     def resident_fraction(self) -> float:
         return self.resident_weight_bytes / self.weight_bytes if self.weight_bytes else 1.0
+
+    def stage(self, name: str) -> int:
+        """The position in ``gpus`` of the GPU that holds resident unit ``name``."""
+        return self.stage_of.get(name, 0)
+
+    @property
+    def stream_stage(self) -> int:
+        """Where streamed units compute: the last GPU of the pipeline."""
+        return len(self.gpus) - 1
+
+    @property
+    def split(self) -> bool:
+        return len(self.gpus) > 1
+
+    def gpu_shares(self) -> GpuShares:
+        """The requested (GPU, share) pairs, as a placement writes them."""
+        shares = self.shares or (self.requested_fraction,)
+        return tuple(zip(self.gpus, shares, strict=True))
 
 
 @dataclass(frozen=True)
@@ -42,15 +65,36 @@ class BudgetNeed:
         return self.resident_weight_bytes + self.kv_bytes + self.staging_bytes + self.workspace_bytes
 
 
-def plan_residency(weights: LoadedWeights, fraction: float, min_fraction: float = 0.0) -> ResidencyPlan:
+def plan_residency(
+    weights: LoadedWeights, fraction: float, min_fraction: float = 0.0, gpus: GpuShares = ()
+) -> ResidencyPlan:
     """Whole units, in priority order, each kept only if it brings resident bytes closer to the target;
     then more units until at least `min_fraction` is resident (a user's offload.maxFraction is a limit).
-    The choice is :func:`residency.sizing.resident_units`, which the planner makes the same way."""
+    The choice is :func:`residency.sizing.resident_units`, which the planner makes the same way. With several
+    ``gpus`` (GPU, share), ``fraction`` is their sum and the units split as :mod:`residency.split` says."""
     chosen, resident_bytes = resident_units(
         [weights.unit_bytes(u) for u in weights.units], fraction, min_fraction
     )
-    names = frozenset(unit.name for index, unit in enumerate(weights.units) if index in chosen)
-    return ResidencyPlan(fraction, names, resident_bytes, weights.weight_bytes)
+    resident = frozenset(unit.name for index, unit in enumerate(weights.units) if index in chosen)
+    total = weights.weight_bytes
+    if len(gpus) <= 1:
+        index = gpus[0][0] if gpus else 0
+        return ResidencyPlan(fraction, resident, resident_bytes, total, gpus=(index,))
+    ordered = compute_order([u.name for u in weights.units], weights.spec.num_layers)
+    stage_of = split_stages(
+        [name for name in ordered if name in resident],
+        lambda name: weights.unit_bytes(weights.unit(name)),
+        [share for _, share in gpus],
+    )
+    return ResidencyPlan(
+        fraction,
+        resident,
+        resident_bytes,
+        total,
+        gpus=tuple(index for index, _ in gpus),
+        shares=tuple(share for _, share in gpus),
+        stage_of=stage_of,
+    )
 
 
 @dataclass(frozen=True)
@@ -133,6 +177,14 @@ def gpu_kv_layers(weights: LoadedWeights, plan: ResidencyPlan, decode_mode: Exec
     return [i for i in layers if f"layer.{i}" in plan.resident]
 
 
+def kv_stage(plan: ResidencyPlan, layer: int, decode_mode: ExecutionMode) -> int | None:
+    """The pipeline stage whose GPU holds ``layer``'s KV cache (``None``: host memory)."""
+    name = f"layer.{layer}"
+    if name in plan.resident:
+        return plan.stage(name)
+    return plan.stream_stage if decode_mode == "stream" else None
+
+
 def budget_need(
     weights: LoadedWeights,
     plan: ResidencyPlan,
@@ -162,3 +214,45 @@ def budget_need(
         max_batch_size=max_batch_size,
     )
     return BudgetNeed(plan.resident_weight_bytes, kv_bytes, staging, workspace)
+
+
+def stage_needs(
+    weights: LoadedWeights,
+    plan: ResidencyPlan,
+    *,
+    decode_mode: ExecutionMode,
+    prefill_mode: ExecutionMode,
+    max_batch_size: int,
+    max_sequence_length: int,
+) -> dict[int, BudgetNeed]:
+    """What each GPU of the plan reserves (by the node's GPU index): its resident units, the KV of the
+    layers that compute on it, the staging buffers on the last GPU (where streamed units compute), and the
+    workspace on every GPU that computes. One GPU: exactly :func:`budget_need`."""
+    whole = budget_need(
+        weights,
+        plan,
+        decode_mode=decode_mode,
+        prefill_mode=prefill_mode,
+        max_batch_size=max_batch_size,
+        max_sequence_length=max_sequence_length,
+    )
+    if not plan.split:
+        return {plan.gpus[0]: whole}
+    spec = weights.spec
+    stages = stage_bytes(
+        {u.name: weights.unit_bytes(u) for u in weights.units},
+        {name: plan.stage(name) for name in plan.resident},
+        len(plan.gpus),
+        num_layers=spec.num_layers,
+        layer_kv_bytes=spec.kv_elements_per_token_per_layer
+        * weights.element_size
+        * max_batch_size
+        * max_sequence_length,
+        staging_bytes=whole.staging_bytes,
+        workspace_bytes=whole.workspace_bytes,
+        stream_offloaded=decode_mode == "stream",
+    )
+    return {
+        gpu: BudgetNeed(need.weight_bytes, need.kv_bytes, need.staging_bytes, need.workspace_bytes)
+        for gpu, need in zip(plan.gpus, stages, strict=True)
+    }

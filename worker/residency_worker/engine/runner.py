@@ -19,19 +19,22 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from residency.split import GpuShares, scaled_shares
 from residency_worker.engine import model as decoder
+from residency_worker.engine.demand import observed_demand
 from residency_worker.engine.executor import Executor
-from residency_worker.engine.generate import SEED_MAX, SEED_MIN, Detokenizer, Request, RequestEvent
+from residency_worker.engine.generate import Detokenizer, Request, RequestEvent, check_request
 from residency_worker.engine.kvpool import KVPool
 from residency_worker.engine.loading import LoadedWeights
+from residency_worker.engine.modes import choose_modes
 from residency_worker.engine.observed import StepWindow
-from residency_worker.engine.pacing import pace_interval_seconds
-from residency_worker.engine.placement import BudgetNeed, ResidencyPlan, plan_residency, streamed_pieces
+from residency_worker.engine.pacing import hold_all, pace_interval_seconds
+from residency_worker.engine.placement import BudgetNeed, ResidencyPlan, plan_residency
 from residency_worker.engine.residency import PlacedWeights
 from residency_worker.engine.sampler import make_generator, sample
 from residency_worker.engine.scheduler import Scheduler, Sequence, Step
 from residency_worker.engine.tiers import GpuTier
-from residency_worker.engine.transfer import timed_copies
+from residency_worker.engine.transfer import timed_copy_groups
 from residency_worker.engine.types import (
     EngineError,
     ExecutionMode,
@@ -41,7 +44,6 @@ from residency_worker.engine.types import (
     PreemptReport,
     ResidencyReport,
     ResumeReport,
-    SamplingParams,
     TransferTiming,
 )
 
@@ -52,8 +54,6 @@ DEMAND_WINDOW_SECONDS = 60.0
 T = TypeVar("T")
 _runner_ids = itertools.count(1)
 ModeChoice = Literal["stream", "cpu", "auto"]
-MAX_LOGPROBS = 20
-"""The most alternatives a request may ask for per token (OpenAI's limit)."""
 PREFILL_CHUNK_TOKENS_GPU = 512
 PREFILL_CHUNK_TOKENS_CPU = 128
 """Prompt tokens one step prefills beside the decoding sequences (a longer prompt takes several steps):
@@ -77,24 +77,30 @@ class ModelOptions:
     prefill_chunk_tokens: int | None = None  # None: 512 on a GPU, 128 on the CPU
     cuda_graphs: bool = True  # decode steps replay CUDA graphs on a GPU (eager on the CPU)
     cpu_prepack: bool = True  # emulated tier: resident layers also kept in oneDNN's layout (cpu_kernels)
+    gpus: GpuShares = ()  # (GPU index, share) in pipeline order; empty: GPU 0 holds resident_fraction
 
 
 class ModelRunner:
     """Serves one model from its placement; all public methods are thread-safe."""
 
-    def __init__(self, name: str, weights: LoadedWeights, tier: GpuTier, options: ModelOptions) -> None:
+    def __init__(
+        self, name: str, weights: LoadedWeights, tiers: list[GpuTier], options: ModelOptions
+    ) -> None:
         self.name = name
         # unique per runner: an unloading runner of the same name gives back only its own reservation
         self.owner = f"model/{name}/{next(_runner_ids)}"
         self.weights = weights
-        self.tier = tier
+        self.node_tiers = tiers  # every GPU of the node, by index; the plan says which ones it uses
+        self.failure: EngineError | None = None  # why the model failed (its GPU was lost)
+        # after a failed step: probes the node's GPUs, fails the models of a lost one; True when it did
+        self.on_step_failure: Callable[[Exception], bool] | None = None
         self.options = options
         self.spec = weights.spec
         self.state: ModelState = "loading"
         self.last_request_time = time.time()  # wall clock: reported for idle scale-to-zero
         self._started_monotonic = time.monotonic()
         self._arrivals: deque[tuple[float, Request]] = deque()  # accepted requests of the demand window
-        self.timings = ModelTimings(weight_bytes=weights.weight_bytes, emulated=tier.emulated)
+        self.timings = ModelTimings(weight_bytes=weights.weight_bytes, emulated=tiers[0].emulated)
         self.observed_steps = StepWindow()  # the decode steps the planner refines its curve with
         max_positions = min(options.max_sequence_length, self.spec.max_position_embeddings)
         self.max_sequence_length = max_positions
@@ -103,16 +109,16 @@ class ModelRunner:
         prefill = options.prefill_mode or options.decode_mode
         self.placed = PlacedWeights(
             weights,
-            tier,
+            tiers,
             self.owner,
-            plan_residency(weights, options.resident_fraction, options.min_resident_fraction),
+            plan_residency(weights, options.resident_fraction, options.min_resident_fraction, options.gpus),
             decode_mode,
             "stream" if prefill == "auto" else prefill,
             reload_streams=options.reload_streams,
             cpu_prepack=options.cpu_prepack,
         )
         chunk = options.prefill_chunk_tokens or (
-            PREFILL_CHUNK_TOKENS_GPU if tier.device.type == "cuda" else PREFILL_CHUNK_TOKENS_CPU
+            PREFILL_CHUNK_TOKENS_GPU if tiers[0].device.type == "cuda" else PREFILL_CHUNK_TOKENS_CPU
         )
         self.scheduler = Scheduler(options.max_batch_size, chunk)
         self.pool: KVPool | None = None
@@ -125,6 +131,7 @@ class ModelRunner:
         self.pace_interval_seconds = pace_interval_seconds(options.min_decode_tokens_per_second)
         self._last_decode_start = 0.0
         self._hungry = False
+        self._hungry_tiers: list[GpuTier] = []  # the pacers told it is hungry (its GPUs when it became so)
         eos = weights.config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if weights.tokenizer.eos_token_id is not None:
@@ -134,6 +141,11 @@ class ModelRunner:
     @property
     def plan(self) -> ResidencyPlan:
         return self.placed.plan
+
+    @property
+    def tier(self) -> GpuTier:
+        """The last GPU of the model's pipeline (the only one of a single-GPU model)."""
+        return self.placed.tier
 
     @property
     def decode_mode(self) -> ExecutionMode:
@@ -146,7 +158,7 @@ class ModelRunner:
     # -- placement ----------------------------------------------------------------------------------
     def _need(
         self, plan: ResidencyPlan, decode_mode: ExecutionMode, prefill_mode: ExecutionMode
-    ) -> BudgetNeed:
+    ) -> dict[GpuTier, BudgetNeed]:
         return self.placed.need(
             plan,
             decode_mode,
@@ -159,7 +171,7 @@ class ModelRunner:
         """The KV pool, preallocated for max_batch_size slots of max_sequence_length tokens."""
         spec = self.spec
         self.pool = KVPool(
-            self.tier,
+            self.node_tiers[0],
             self.owner,
             num_layers=spec.num_layers,
             slots=self.options.max_batch_size,
@@ -167,15 +179,14 @@ class ModelRunner:
             capacity=self.max_sequence_length,
             head_dim=spec.head_dim,
             dtype=self.weights.dtype,
-            gpu_layers=self.placed.kv_layers_on_gpu(),
+            gpu_layers=self.placed.kv_homes(),
         )
         self.executor = Executor(self.placed, self.pool, self.rotary, cuda_graphs=self.options.cuda_graphs)
 
     def place(self) -> TransferTiming:
         """Reserves the GPU budget, uploads resident units, opens staging and the KV pool; refuses what
         does not fit."""
-        need = self._need(self.plan, self.decode_mode, self.prefill_mode)
-        self.tier.reserve(self.owner, need.total_bytes)
+        self._reserve(self._need(self.plan, self.decode_mode, self.prefill_mode))
         try:
             timing = self.placed.upload(self.placed.resident_units())
             self.placed.open_stager()
@@ -184,7 +195,7 @@ class ModelRunner:
             self.placed.drop_all()
             if self.pool is not None:
                 self.pool.release()
-            self.tier.unreserve(self.owner)
+            self._unreserve()
             raise
         self.timings.load_transfer = timing
         self.timings.host_to_device_gbps = timing.gbps if timing.moved_bytes else None
@@ -192,8 +203,14 @@ class ModelRunner:
         self._resumed.set()
         return timing
 
+    def _reserve(self, needs: dict[GpuTier, BudgetNeed], *, grow_only: bool = False) -> None:
+        self.placed.reserve(needs, grow_only=grow_only)
+
+    def _unreserve(self, keep: set[GpuTier] | None = None) -> None:
+        self.placed.unreserve(keep)
+
     def residency(self) -> ResidencyReport:
-        need = self._need(self.plan, self.decode_mode, self.prefill_mode)
+        needs = self._need(self.plan, self.decode_mode, self.prefill_mode)
         resident_bytes = self.placed.resident_weight_bytes()
         return ResidencyReport(
             model=self.name,
@@ -205,9 +222,10 @@ class ModelRunner:
             offloaded_units=[u.name for u in self.weights.units if u.name not in self.plan.resident],
             decode_mode=self.decode_mode,
             prefill_mode=self.prefill_mode,
-            gpu_reserved_bytes=self.tier.reserved_bytes(self.owner),
-            kv_reserved_bytes=need.kv_bytes if self.state == "ready" else 0,
+            gpu_reserved_bytes=sum(tier.reserved_bytes(self.owner) for tier in self.node_tiers),
+            kv_reserved_bytes=sum(n.kv_bytes for n in needs.values()) if self.state == "ready" else 0,
             emulated=self.tier.emulated,
+            gpus=self.placed.gpu_residency(),
         )
 
     # -- steps --------------------------------------------------------------------------------------
@@ -240,53 +258,15 @@ class ModelRunner:
         self.scheduler.complete(step, result, self.pool)
 
     def choose_modes(self) -> dict[str, float]:
-        """Resolves "auto" modes by timing a short prefill and a few decode steps in each mode.
+        """Resolves "auto" modes by timing a short prefill and a few decode steps in each mode (``modes``)."""
+        return choose_modes(self)
 
-        Runs before the model serves (on the caller's thread); each mode gets an untimed warm-up
-        pass first, so one-off costs (kernel selection, first-touch memory) do not decide.
-        """
-        decode_choice = self.options.decode_mode
-        prefill_choice = self.options.prefill_mode or decode_choice
-        if "auto" not in (decode_choice, prefill_choice) or not streamed_pieces(self.weights, self.plan):
-            return {}
-        prompt_tokens = max(1, min(32, self.max_sequence_length // 2))
-        measured: dict[str, float] = {}
-        for mode in ("stream", "cpu"):
-            self._set_residency(None, mode, mode)
-            for timed in (False, True):
-                request = Request(prompt_ids=[0] * prompt_tokens, params=SamplingParams(max_tokens=5))
-                sequence = self._new_sequence(request)
-                self.scheduler.admit(sequence)
-                try:
-                    step = self.scheduler.next_step(mode, mode)
-                    assert step is not None
-                    start = time.perf_counter()
-                    token = self._forward(step).token_ids[0]
-                    prefill_seconds = time.perf_counter() - start
-                    sequence.cached_tokens, sequence.last_token = prompt_tokens, token
-                    start = time.perf_counter()
-                    for _ in range(3):
-                        step = self.scheduler.next_step(mode, mode)
-                        assert step is not None
-                        sequence.last_token = self._forward(step).token_ids[0]
-                        sequence.cached_tokens += 1
-                    decode_seconds = (time.perf_counter() - start) / 3
-                finally:
-                    self.scheduler.remove(sequence, None)
-                if timed:
-                    measured[f"prefill_{mode}_seconds"] = prefill_seconds
-                    measured[f"decode_{mode}_seconds"] = decode_seconds
+    def forward_step(self, step: Step) -> Any:
+        """One step's sampled tokens, outside the serving loop (the mode measurement runs it)."""
+        return self._forward(step)
 
-        def faster(phase: str) -> ExecutionMode:
-            return (
-                "stream" if measured[f"{phase}_stream_seconds"] <= measured[f"{phase}_cpu_seconds"] else "cpu"
-            )
-
-        decode: ExecutionMode = faster("decode") if decode_choice == "auto" else decode_choice
-        prefill: ExecutionMode = faster("prefill") if prefill_choice == "auto" else prefill_choice
-        self._set_residency(None, decode, prefill)
-        log.info("model %s: measured modes %s → decode %s, prefill %s", self.name, measured, decode, prefill)
-        return measured
+    def new_sequence(self, request: Request) -> Sequence:
+        return self._new_sequence(request)
 
     # -- sequences ----------------------------------------------------------------------------------
     def _new_sequence(self, request: Request) -> Sequence:
@@ -329,7 +309,10 @@ class ModelRunner:
     def _set_hungry(self, hungry: bool) -> None:
         if hungry != self._hungry:
             self._hungry = hungry
-            self.tier.pacer.set_hungry(self.owner, hungry)
+            if hungry:  # every GPU of its pipeline: a neighbour on any of them yields to it
+                self._hungry_tiers = self.placed.tiers()
+            for tier in self._hungry_tiers:
+                tier.pacer.set_hungry(self.owner, hungry)
 
     def _pace(self) -> bool:
         """Before a decode step: while another model on the GPU has requests waiting for a batch slot, wait
@@ -344,7 +327,8 @@ class ModelRunner:
             return self._other_work() or self.pace_interval_seconds != interval
 
         due = self._last_decode_start + interval
-        self.timings.paced_seconds += self.tier.pacer.hold(self.owner, due, interrupted=interrupted)
+        pacers = [tier.pacer for tier in self.placed.tiers()]
+        self.timings.paced_seconds += hold_all(pacers, self.owner, due, interrupted=interrupted)
         return not interrupted()
 
     def _other_work(self) -> bool:
@@ -400,6 +384,12 @@ class ModelRunner:
                 self._step()
             except Exception as exc:
                 log.exception("model %s: inference step failed", self.name)
+                if (
+                    self.on_step_failure is not None
+                    and self.on_step_failure(exc)
+                    and self.failure is not None
+                ):
+                    continue  # a GPU of it is gone (a CUDA error, a driver reset): it failed with that reason
                 self._fail_active(EngineError("InferenceFailed", f"inference on {self.name} failed: {exc}"))
 
     def _fail_active(self, error: EngineError) -> None:
@@ -418,29 +408,10 @@ class ModelRunner:
         return future.result()
 
     def submit(self, request: Request) -> Request:
-        prompt_tokens = len(request.prompt_ids)
-        if prompt_tokens == 0:
-            raise EngineError("InvalidRequest", "the prompt is empty")
-        if prompt_tokens >= self.max_sequence_length:
-            raise EngineError(
-                "InvalidRequest",
-                f"the prompt has {prompt_tokens} tokens; {self.name} accepts at "
-                f"most {self.max_sequence_length - 1}",
-            )
-        if request.params.max_tokens < 1:
-            raise EngineError("InvalidRequest", "max_tokens must be at least 1")
-        if request.params.top_k < 0:
-            raise EngineError("InvalidRequest", "top_k must be 0 (no cut) or positive")
-        logprobs = request.params.logprobs
-        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise EngineError("InvalidRequest", f"logprobs must lie in [0, {MAX_LOGPROBS}]")
-        seed = request.params.seed
-        if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
-            raise EngineError("InvalidRequest", f"seed must lie in [{SEED_MIN}, {SEED_MAX}]")
-        vocab = self.spec.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_ids):
-            raise EngineError("InvalidRequest", f"prompt token ids must lie in [0, {vocab})")
+        check_request(request, self.name, self.max_sequence_length, self.spec.vocab_size)
         with self._cv:
+            if self.failure is not None:
+                raise EngineError(self.failure.reason, self.failure.message)
             if self._stopping or self.state in ("unloaded", "failed"):
                 raise EngineError("ModelNotLoaded", f"model {self.name} is not loaded")
             if len(self.scheduler.waiting) >= self.options.max_queue:
@@ -474,28 +445,8 @@ class ModelRunner:
             while self._arrivals and self._arrivals[0][0] < now - DEMAND_WINDOW_SECONDS:
                 self._arrivals.popleft()
             requests = [request for at, request in self._arrivals if at >= now - window_seconds]
-        # one read per request: the batch loop may finish one meanwhile
-        seen = [(r.finish_reason, len(r.token_ids), len(r.prompt_ids), r.params.max_tokens) for r in requests]
-        counted = [row for row in seen if row[0] is None or row[1] > 0]
-        finished = [produced for reason, produced, _, _ in counted if reason is not None]
-        typical_output = sum(finished) / len(finished) if finished else None
-        output_tokens = 0.0
-        for reason, produced, prompt, max_tokens in counted:
-            if reason is not None:
-                output_tokens += produced
-                continue
-            limit = max(1, min(max_tokens, self.max_sequence_length - prompt))
-            expected = limit if typical_output is None else min(limit, typical_output)
-            output_tokens += max(produced, expected)
-        prompt_tokens = sum(prompt for _, _, prompt, _ in counted)
-        # never average over less than half the window: a few early requests are not a rate
-        span = min(window_seconds, max(window_seconds / 2, now - self._started_monotonic))
-        return ObservedDemand(
-            decode_tokens_per_second=output_tokens / span,
-            prompt_tokens_per_second=prompt_tokens / span,
-            typical_prompt_tokens=max(1, round(prompt_tokens / len(counted))) if counted else None,
-            window_seconds=span,
-            age_seconds=now - self._started_monotonic,
+        return observed_demand(
+            requests, now - self._started_monotonic, window_seconds, self.max_sequence_length
         )
 
     def cancel(self, request: Request) -> None:
@@ -529,18 +480,15 @@ class ModelRunner:
             raise EngineError("InvalidState", f"model {self.name} is {self.state}, not ready")
         assert self.pool is not None and self.executor is not None
         start = time.perf_counter()
-        kv_save = timed_copies(
-            self.tier,
-            self.pool.save_pairs(self.scheduler.used_tokens()),
-            what="kv",
-            direction="device_to_host",
+        pairs = self.pool.save_pairs(self.scheduler.used_tokens())
+        kv_save = timed_copy_groups(
+            self.pool.group_by_tier(pairs, device_side=1), what="kv", direction="device_to_host"
         )
-        released_bytes = self.tier.allocated_bytes(self.owner)
+        released_bytes = sum(tier.allocated_bytes(self.owner) for tier in self.node_tiers)
         self.executor.drop_graphs()
         self.pool.drop_gpu()
         self.placed.drop_all()
-        self.tier.unreserve(self.owner)
-        self.tier.empty_cache()
+        self._unreserve()
         self._resumed.clear()  # before the state: whoever sees "preempted" must find the event clear
         self.state = "preempted"
         self._set_hungry(False)
@@ -558,22 +506,24 @@ class ModelRunner:
             raise EngineError("InvalidState", f"model {self.name} is {self.state}, not preempted")
         assert self.pool is not None and self.executor is not None
         start = time.perf_counter()
-        need = self._need(self.plan, self.decode_mode, self.prefill_mode)
-        self.tier.reserve(self.owner, need.total_bytes)  # refuses, and stays preempted, if it no longer fits
+        # refuses, and stays preempted, if it no longer fits (on any of its GPUs)
+        self._reserve(self._need(self.plan, self.decode_mode, self.prefill_mode))
         try:
             reload = self.placed.upload(self.placed.resident_units())
             self.placed.open_stager()
-            kv_restore = timed_copies(
-                self.tier, self.pool.restore_pairs(), what="kv", direction="host_to_device"
+            self.pool.retarget(self.placed.kv_homes())  # its GPUs may have changed while preempted
+            pairs = self.pool.restore_pairs()
+            kv_restore = timed_copy_groups(
+                self.pool.group_by_tier(pairs, device_side=0), what="kv", direction="host_to_device"
             )
         except Exception:  # leave it cleanly preempted: saved KV and host weights are untouched
             self.pool.drop_gpu()
             self.placed.drop_all()
-            self.tier.unreserve(self.owner)
+            self._unreserve()
             raise
         self.pool.restored()
-        # the plan or mode may have changed while preempted
-        self.pool.rehome(self.placed.kv_layers_on_gpu(), self.scheduler.used_tokens())
+        # the plan, mode or GPUs may have changed while preempted
+        self.pool.rehome(self.placed.kv_homes(), self.scheduler.used_tokens())
         self.state = "ready"
         self._resumed.set()
         self.timings.reload_seconds = reload.seconds
@@ -593,21 +543,26 @@ class ModelRunner:
         fraction: float | None = None,
         decode_mode: ExecutionMode | None = None,
         prefill_mode: ExecutionMode | None = None,
+        gpus: GpuShares | None = None,
     ) -> ResidencyReport:
-        return self.call(lambda: self._set_residency(fraction, decode_mode, prefill_mode))
+        return self.call(lambda: self._set_residency(fraction, decode_mode, prefill_mode, gpus))
 
     def _set_residency(
-        self, fraction: float | None, decode_mode: ExecutionMode | None, prefill_mode: ExecutionMode | None
+        self,
+        fraction: float | None,
+        decode_mode: ExecutionMode | None,
+        prefill_mode: ExecutionMode | None,
+        gpus: GpuShares | None = None,
     ) -> ResidencyReport:
-        """Demotes or promotes live: moves whole units and re-homes KV, between two decode steps."""
-        plan = plan_residency(
-            self.weights,
-            self.plan.requested_fraction if fraction is None else fraction,
-            self.options.min_resident_fraction,
-        )
+        """Demotes or promotes live: moves whole units (between GPUs too) and re-homes KV, between two steps.
+        Without ``gpus`` the model keeps its GPUs, their shares scaled to the new fraction."""
+        fraction = self.plan.requested_fraction if fraction is None else fraction
+        if gpus is None:
+            gpus = scaled_shares(self.plan.gpu_shares(), fraction)
+        plan = plan_residency(self.weights, fraction, self.options.min_resident_fraction, gpus)
         new_decode = decode_mode or self.decode_mode
         new_prefill = prefill_mode or self.prefill_mode
-        need = self._need(plan, new_decode, new_prefill)
+        needs = self._need(plan, new_decode, new_prefill)
         if self.state != "ready":  # preempted: takes effect at resume, where the budget is checked
             self.placed.plan, self.placed.decode_mode, self.placed.prefill_mode = (
                 plan,
@@ -617,18 +572,19 @@ class ModelRunner:
             return self.residency()
         assert self.pool is not None and self.executor is not None
         start = time.perf_counter()
-        self.tier.reserve(self.owner, max(need.total_bytes, self.tier.reserved_bytes(self.owner)))
+        self._reserve(needs, grow_only=True)
         self.executor.drop_graphs()
-        removed = set(self.placed.gpu_flats) - plan.resident
-        self.placed.drop(removed)
+        self._set_hungry(False)  # its GPUs may change: it says so again, to the new ones, at the next step
+        self.placed.drop(self.placed.moved_units(plan))
         self.placed.close_stager()
         self.placed.plan, self.placed.decode_mode, self.placed.prefill_mode = plan, new_decode, new_prefill
-        self.pool.rehome(self.placed.kv_layers_on_gpu(), self.scheduler.used_tokens())
+        self.pool.rehome(self.placed.kv_homes(), self.scheduler.used_tokens())
         timing = self.placed.upload(
             [u for u in self.weights.units if u.name in plan.resident and u.name not in self.placed.gpu_flats]
         )
         self.placed.open_stager()
-        self.tier.reserve(self.owner, need.total_bytes)
+        self._reserve(needs)
+        self._unreserve(keep=set(needs))
         self.timings.residency_change_transfer = timing
         log.info(
             "model %s: residency set to %.3f (achieved %.3f; decode %s, prefill %s) in %.3f s",
@@ -640,6 +596,35 @@ class ModelRunner:
             time.perf_counter() - start,
         )
         return self.residency()
+
+    def uses(self, tier: GpuTier) -> bool:
+        return self.placed.uses(tier)
+
+    def fail_gpu(self, error: EngineError) -> None:
+        """A GPU of the model is gone: its requests end with ``error``, it gives back what it holds on the
+        other GPUs, and it stays ``failed`` (with the reason) until unloaded: placed again, elsewhere."""
+        self.call(lambda: self._fail_gpu(error))
+
+    def _fail_gpu(self, error: EngineError) -> None:
+        if self.state in ("unloaded", "failed"):
+            return
+        self.failure = error  # from here on, a new request is refused with it
+        self._set_hungry(False)
+        if self.executor is not None:
+            self.executor.drop_graphs()
+        if self.pool is not None:
+            self.pool.release()
+        self.placed.drop_all()
+        self._unreserve()
+        # failed and holding nothing before any request hears of it: whoever it answers sees the end state
+        self.state = "failed"
+        self._fail_active(error)
+        with self._cv:
+            waiting = list(self.scheduler.waiting)
+            self.scheduler.waiting.clear()
+        for request in waiting:
+            request.emit(RequestEvent(None, "", "error", error))
+        self._resumed.set()  # whoever waits for a resume gets the answer: failed
 
     def unload(self) -> None:
         with self._cv:
@@ -664,7 +649,6 @@ class ModelRunner:
         if self.pool is not None:
             self.pool.release()
         self.placed.drop_all()
-        self.tier.unreserve(self.owner)
-        self.tier.empty_cache()
+        self._unreserve()
         self.state = "unloaded"
         self._resumed.set()  # wake anyone waiting for a resume: the answer is now "gone"

@@ -74,8 +74,12 @@ class GpuTier:
         emulated: bool,
         gpu_name: str,
         pin_host_memory: bool = True,
+        index: int = 0,
     ) -> None:
         self.device = device
+        self.index = index  # the worker's number for this GPU (position in --gpus / --emulated-gpus)
+        self.lost: str | None = None  # why the GPU is gone (a CUDA error, a driver reset): nothing is placed
+        self.fault: str | None = None  # fault injection (admin): the next probe fails with this
         # pinned host memory is what makes copies DMA at link speed; False measures the pageable path
         self._pin_host_memory = pin_host_memory
         self.budget_bytes = budget_bytes
@@ -100,6 +104,10 @@ class GpuTier:
 
     def reserve(self, owner: str, nbytes: int) -> None:
         """Sets `owner`'s reservation to `nbytes`, refusing if the node budget would be exceeded."""
+        if self.lost is not None and nbytes > 0:
+            raise EngineError(
+                "GpuLost", f"GPU {self.index} is lost ({self.lost}): nothing can be placed on it"
+            )
         with self._lock:
             others = sum(v for k, v in self._reservations.items() if k != owner)
             allocated = sum(a.nbytes for a in self._allocations.values() if a.owner == owner)
@@ -107,7 +115,7 @@ class GpuTier:
                 raise EngineError(
                     "PlacementDoesNotFit",
                     f"{owner} needs {nbytes} bytes of GPU memory but only {self.budget_bytes - others} of "
-                    f"the node's {self.budget_bytes}-byte budget are free ({others} reserved by others)",
+                    f"{self.label}'s {self.budget_bytes}-byte budget are free ({others} reserved by others)",
                 )
             if allocated > nbytes:
                 raise EngineError(
@@ -135,6 +143,29 @@ class GpuTier:
             for key in leftover:
                 del self._allocations[key]
             self._reservations.pop(owner, None)
+
+    def probe(self, *, deep: bool = False) -> str | None:
+        """Why the GPU is unusable, or None when it works: a fault was injected, NVML reports the GPU lost
+        (fallen off the bus, reset), or — ``deep``, after a CUDA error in a step — its CUDA context fails.
+        The light probe makes no CUDA call, so it never disturbs a CUDA graph another thread is capturing."""
+        if self.fault is not None:
+            return self.fault
+        if self.device.type != "cuda":
+            return None
+        lost = _nvml_lost(self.device)
+        if lost is not None or not deep:
+            return lost
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.mem_get_info(self.device)
+        except RuntimeError as exc:  # a sticky CUDA error: this device's context in this process is gone
+            return f"CUDA error: {exc}"
+        return None
+
+    @property
+    def label(self) -> str:
+        """How messages name this GPU: ``GPU 1`` (``the node`` would hide which one refused)."""
+        return f"GPU {self.index}"
 
     # -- allocations --------------------------------------------------------------------------------
     def allocate(self, owner: str, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -232,6 +263,89 @@ class GpuTier:
         return [torch.cuda.Stream(self.device) for _ in range(count)]  # type: ignore[no-untyped-call]
 
 
+def reserve_on(owner: str, needs: dict[GpuTier, int], *, grow_only: bool = False) -> None:
+    """Sets ``owner``'s reservation on each tier, all or none: a refusal on one GPU restores what was set on
+    the others. ``grow_only`` keeps a larger reservation already held (the middle of a live change)."""
+    done: list[tuple[GpuTier, int]] = []
+    try:
+        for tier, nbytes in needs.items():
+            held = tier.reserved_bytes(owner)
+            tier.reserve(owner, max(nbytes, held) if grow_only else nbytes)
+            done.append((tier, held))
+    except Exception:
+        for tier, held in done:
+            if held:
+                tier.reserve(owner, held)
+            else:
+                tier.unreserve(owner)
+        raise
+
+
+def make_gpu_tiers(
+    budgets: list[int | None],
+    *,
+    devices: list[int] | None = None,
+    emulated_count: int | None = None,
+    pin_host_memory: bool = True,
+) -> list[GpuTier]:
+    """One tier per GPU the worker drives, numbered 0..n-1 in the order given.
+
+    On CUDA, ``devices`` are the CUDA ordinals (None: all of them) and ``budgets`` has one entry (each GPU's;
+    None: 90 % of its memory) or one per device. ``emulated_count`` GPUs instead are emulated on the CPU: one
+    memory pool per GPU with its own budget, all in the same host memory (every report says emulated).
+    """
+    if emulated_count is not None:
+        if devices is not None:
+            raise ValueError("name real GPUs (--gpus) or emulated ones (--emulated-gpus), not both")
+        if emulated_count < 1:
+            raise ValueError(f"--emulated-gpus must be at least 1, got {emulated_count}")
+        each = _per_gpu(budgets, emulated_count)
+        if any(budget is None for budget in each):
+            raise ValueError("an emulated GPU tier needs a declared budget (e.g. --gpu-memory 8GiB)")
+        log.warning(
+            "running %d EMULATED GPU tier(s) on the CPU: separate budgets (%s bytes) in one host memory",
+            emulated_count,
+            ", ".join(str(budget) for budget in each),
+        )
+        return [
+            GpuTier(torch.device("cpu"), budget or 0, emulated=True, gpu_name="emulated-cpu", index=index)
+            for index, budget in enumerate(each)
+        ]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ordinals = list(range(count)) if devices is None else devices
+    missing = [ordinal for ordinal in ordinals if not 0 <= ordinal < count]
+    if missing or not ordinals:
+        have = f"{count} CUDA GPU{'s' if count != 1 else ''}" + (f" (0..{count - 1})" if count else "")
+        hint = "" if count else "; use --emulated-gpus N to emulate GPUs on the CPU"
+        named = ", ".join(map(str, missing)) if missing else "none"
+        raise ValueError(f"GPU {named} does not exist: this machine has {have}{hint}")
+    if len(set(ordinals)) != len(ordinals):
+        raise ValueError(f"a GPU is named more than once in {ordinals}")
+    each = _per_gpu(budgets, len(ordinals))
+    tiers = []
+    for index, ordinal in enumerate(ordinals):
+        device = torch.device("cuda", ordinal)
+        total_bytes = torch.cuda.get_device_properties(device).total_memory
+        name = _nvml_name(ordinal) or torch.cuda.get_device_name(device)
+        budget = min(each[index] or total_bytes, total_bytes) if each[index] else int(total_bytes * 0.9)
+        tiers.append(
+            GpuTier(
+                device, budget, emulated=False, gpu_name=name, pin_host_memory=pin_host_memory, index=index
+            )
+        )
+    return tiers
+
+
+def _per_gpu(budgets: list[int | None], count: int) -> list[int | None]:
+    if len(budgets) == 1:
+        return budgets * count
+    if len(budgets) != count:
+        raise ValueError(
+            f"{len(budgets)} GPU memory budgets given for {count} GPUs (give one, or one per GPU)"
+        )
+    return list(budgets)
+
+
 def make_gpu_tier(
     budget_bytes: int | None = None, *, force_emulated: bool = False, pin_host_memory: bool = True
 ) -> GpuTier:
@@ -242,7 +356,7 @@ def make_gpu_tier(
     if torch.cuda.is_available() and not force_emulated:
         device = torch.device("cuda", torch.cuda.current_device())
         total_bytes = torch.cuda.get_device_properties(device).total_memory
-        name = _nvml_name() or torch.cuda.get_device_name(device)
+        name = _nvml_name(device.index or 0) or torch.cuda.get_device_name(device)
         budget = min(budget_bytes, total_bytes) if budget_bytes else int(total_bytes * 0.9)
         return GpuTier(device, budget, emulated=False, gpu_name=name, pin_host_memory=pin_host_memory)
     if budget_bytes is None:
@@ -268,12 +382,38 @@ def nvml_memory_bytes(device: torch.device) -> tuple[int, int] | None:
         return None
 
 
-def _nvml_name() -> str | None:
+def _nvml_lost(device: torch.device) -> str | None:
+    """NVML's word that a GPU is gone (None: it answers, or NVML cannot tell)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    except Exception:  # no NVML here: only a failed step can tell
+        return None
+    try:
+        uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+        handle = (
+            pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            if uuid is not None
+            else pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        )
+        pynvml.nvmlDeviceGetMemoryInfo(handle)
+    except pynvml.NVMLError as exc:
+        if isinstance(exc, (pynvml.NVMLError_NotSupported, pynvml.NVMLError_NoPermission)):
+            return None
+        return f"NVML: {exc}"
+    except Exception as exc:  # torch or pynvml without these calls: nothing to tell
+        log.debug("NVML probe of %s failed: %s", device, exc)
+        return None
+    return None
+
+
+def _nvml_name(ordinal: int) -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(ordinal)
         name = pynvml.nvmlDeviceGetName(handle)
         return name.decode() if isinstance(name, bytes) else str(name)
     except Exception as exc:  # pynvml absent or no driver access: the torch name is good enough

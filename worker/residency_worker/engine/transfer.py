@@ -8,7 +8,7 @@ between the host cache and the CPU pool that stands in for GPU memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -17,51 +17,87 @@ from residency_worker.engine.placement import Piece
 from residency_worker.engine.tiers import GpuTier
 from residency_worker.engine.types import TransferDirection, TransferTiming
 
+Pairs = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
 
 def timed_copies(
     tier: GpuTier,
-    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    pairs: Pairs,
     *,
     what: str,
     direction: TransferDirection,
     streams: int = 2,
 ) -> TransferTiming:
     """Copies each (destination, source) pair, round-robin over `streams` copy streams, and times it all."""
-    moved_bytes = sum(src.numel() * src.element_size() for _, src in pairs)
-    cuda_streams = tier.copy_streams(streams) if pairs else None
-    tier.synchronize()
+    return timed_copy_groups([(tier, pairs)], what=what, direction=direction, streams=streams)
+
+
+def timed_copy_groups(
+    groups: Sequence[tuple[GpuTier, Pairs]],
+    *,
+    what: str,
+    direction: TransferDirection,
+    streams: int = 2,
+) -> TransferTiming:
+    """The copies of several GPUs at once (a split model's): each GPU's pairs on its own copy streams, all
+    issued before any is waited for, timed from the first issue to the last GPU's synchronisation."""
+    groups = [(tier, pairs) for tier, pairs in groups if pairs] or list(groups[:1])
+    moved_bytes = sum(src.numel() * src.element_size() for _, pairs in groups for _, src in pairs)
+    issued = [(tier, pairs, tier.copy_streams(streams) if pairs else None) for tier, pairs in groups]
+    for tier, _ in groups:
+        tier.synchronize()
     start = time.perf_counter()
-    if cuda_streams is None:
-        for dst, src in pairs:
-            dst.copy_(src)
-    else:
+    for tier, pairs, cuda_streams in issued:
+        if cuda_streams is None:
+            for dst, src in pairs:
+                dst.copy_(src)
+            continue
         current = torch.cuda.current_stream(tier.device)
         for stream in cuda_streams:
             stream.wait_stream(current)  # destinations were allocated on the current stream
         for i, (dst, src) in enumerate(pairs):
             with torch.cuda.stream(cuda_streams[i % len(cuda_streams)]):
                 dst.copy_(src, non_blocking=True)
-    tier.synchronize()
+    for tier, _ in groups:
+        tier.synchronize()
     seconds = time.perf_counter() - start
+    first = groups[0][0]
+    used_streams = sum(len(s) if s else 1 for _, _, s in issued) or 1
     return TransferTiming.of(
         what,
         direction,
         moved_bytes,
         seconds,
-        path=tier.host_path,
-        copies=len(pairs),
-        streams=len(cuda_streams) if cuda_streams else 1,
-        emulated=tier.emulated,
+        path=first.host_path,
+        copies=sum(len(pairs) for _, pairs in groups),
+        streams=used_streams,
+        emulated=first.emulated,
     )
 
 
 def upload_units(
-    tier: GpuTier, owner: str, weights: LoadedWeights, units: Sequence[Unit], *, streams: int = 2
+    tier: GpuTier,
+    owner: str,
+    weights: LoadedWeights,
+    units: Sequence[Unit],
+    *,
+    streams: int = 2,
+    homes: Mapping[str, GpuTier] | None = None,
 ) -> tuple[dict[str, torch.Tensor], TransferTiming]:
-    """Allocates each unit's GPU buffer and fills it from the host cache in one big copy per unit."""
-    device_flats = {u.name: tier.allocate(owner, "weights", (u.numel,), weights.dtype) for u in units}
-    pairs = [(device_flats[u.name], weights.host_unit(u)) for u in units]
-    timing = timed_copies(tier, pairs, what="weights", direction="host_to_device", streams=streams)
+    """Allocates each unit's GPU buffer (on ``homes[unit]`` for a split model, else on ``tier``) and fills
+    it from the host cache in one big copy per unit, every GPU's copies at once."""
+    homes = homes or {}
+    device_flats = {
+        u.name: homes.get(u.name, tier).allocate(owner, "weights", (u.numel,), weights.dtype) for u in units
+    }
+    groups: dict[GpuTier, list[tuple[torch.Tensor, torch.Tensor]]] = {tier: []}
+    for unit in units:
+        groups.setdefault(homes.get(unit.name, tier), []).append(
+            (device_flats[unit.name], weights.host_unit(unit))
+        )
+    timing = timed_copy_groups(
+        list(groups.items()), what="weights", direction="host_to_device", streams=streams
+    )
     return device_flats, timing
 
 

@@ -68,6 +68,17 @@ class TransferTiming:
 
 
 @dataclass(frozen=True)
+class GpuResidencyReport:
+    """What one GPU of a model's pipeline holds, measured from its tier's allocations."""
+
+    index: int  # the worker's number for the GPU
+    requested_fraction: float  # the share of weight bytes the placement asked of it
+    resident_fraction: float  # weight bytes on it / the model's weight bytes
+    resident_bytes: int  # weights + KV on it
+    reserved_bytes: int  # its reservation there (weights, KV, staging, workspace)
+
+
+@dataclass(frozen=True)
 class ResidencyReport:
     """Where a model's weights are, exactly, in bytes."""
 
@@ -83,6 +94,7 @@ class ResidencyReport:
     gpu_reserved_bytes: int  # weights + KV reservation + staging + workspace
     kv_reserved_bytes: int
     emulated: bool
+    gpus: list[GpuResidencyReport] = field(default_factory=list)  # pipeline order
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,23 @@ class ModelStatus:
 
 
 @dataclass(frozen=True)
+class GpuReport:
+    """One GPU the worker drives."""
+
+    index: int
+    device: str
+    gpu_name: str
+    budget_bytes: int
+    reserved_bytes: int
+    allocated_bytes: int
+    host_to_device_peak: TransferTiming | None
+    lost: str | None = None  # why the GPU is gone (nothing is placed on it any more)
+
+
+@dataclass(frozen=True)
 class NodeReport:
+    """The node's GPUs together (budget, reserved and allocated bytes are sums over ``gpus``)."""
+
     node: str
     device: str
     gpu_name: str
@@ -174,6 +202,7 @@ class NodeReport:
     host_to_device_peak: TransferTiming | None
     nvml_used_bytes: int | None = None  # the physical GPU, all processes (real GPUs with NVML only)
     nvml_total_bytes: int | None = None
+    gpus: list[GpuReport] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The worker's admin API (the agent's and operators' calls): load, unload, residency, preempt, resume,
-budget, profile. Every route takes the admin token."""
+budget, profile, and GPU fault injection. Every route takes the admin token."""
 
 from __future__ import annotations
 
@@ -35,7 +35,14 @@ async def node(engine: EngineDep) -> dict[str, Any]:
 
 @router.put("/node/budget")
 async def set_budget(body: BudgetBody, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
-    return as_dict(await _call(settings, engine.set_budget, body.gpu_memory_bytes))
+    return as_dict(await _call(settings, engine.set_budget, body.gpu_memory_bytes, body.gpu))
+
+
+@router.post("/gpus/{index}/fault")
+async def inject_gpu_fault(index: int, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+    """Fault injection: GPU ``index`` behaves as after an Xid error (its models fail with GpuLost)."""
+    failed = await _call(settings, engine.inject_gpu_fault, index, "fault injected through the admin API")
+    return {"gpu": index, "lost": True, "failedModels": failed}
 
 
 @router.post("/models")
@@ -49,6 +56,7 @@ async def load(body: LoadBody, engine: EngineDep, settings: SettingsDep) -> dict
         max_sequence_length=body.max_sequence_length,
         max_queue=body.max_queue,
         min_decode_tokens_per_second=body.min_decode_tokens_per_second,
+        gpus=tuple((gpu.index, gpu.resident_fraction) for gpu in body.gpus),
     )
     return as_dict(await _call(settings, engine.load, body.name, body.path, options))
 
@@ -69,8 +77,13 @@ async def set_residency(
     name: str, body: ResidencyBody, engine: EngineDep, settings: SettingsDep
 ) -> dict[str, Any]:
     def change() -> Any:
+        gpus = None if body.gpus is None else tuple((gpu.index, gpu.resident_fraction) for gpu in body.gpus)
         return engine.set_residency(
-            name, body.resident_fraction, decode_mode=body.decode_mode, prefill_mode=body.prefill_mode
+            name,
+            body.resident_fraction,
+            decode_mode=body.decode_mode,
+            prefill_mode=body.prefill_mode,
+            gpus=gpus,
         )
 
     return as_dict(await _call(settings, change))

@@ -22,6 +22,7 @@ _STATUS_OF_REASON = {
     "QueueFull": 429,
     "ModelPreempted": 503,
     "ModelUnloaded": 503,
+    "GpuLost": 503,
     "InferenceFailed": 500,
 }
 

@@ -30,6 +30,10 @@ DECODE_HEADER = "X-Residency-Decode-Seconds"
 """From the first token to the last of a plain answer: the router subtracts it from the time it waited, so
 its time to first token counts every queue before the engine's too (event loop, tokenizer, network)."""
 
+INLINE_TOKENIZE_MAX_CHARS = 2000
+"""A prompt up to this long is tokenized on the event loop (well under a millisecond): the thread it would
+otherwise go to costs more than that under load, and waits for one of the default pool's few threads."""
+
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_inference)])
 EngineDep = Annotated[Engine, Depends(engine_of)]
 InferenceDep = Annotated[Inference, Depends(inference_of)]
@@ -161,12 +165,12 @@ async def completions(
     else:
         prompt = body.prompt  # type: ignore[assignment]
     params = _sampling(body, body.max_tokens, body.logprobs)
-    # tokenizing a long prompt takes a while: off the event loop
-    prompt_ids = (
-        await asyncio.to_thread(engine.encode, body.model, prompt)
-        if isinstance(prompt, str)
-        else [int(t) for t in prompt]
-    )
+    if not isinstance(prompt, str):
+        prompt_ids = [int(t) for t in prompt]
+    elif len(prompt) <= INLINE_TOKENIZE_MAX_CHARS:
+        prompt_ids = engine.encode(body.model, prompt)
+    else:  # tokenizing a long prompt takes a while: off the event loop
+        prompt_ids = await asyncio.to_thread(engine.encode, body.model, prompt)
     generation = await inference.start(body.model, prompt_ids, params, body.n)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())

@@ -124,6 +124,13 @@ class ChatBody(_OpenAIBody):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
+class GpuShareBody(_Body):
+    """One GPU of a split: its index on the node and its share of the weight bytes."""
+
+    index: int = Field(ge=0, lt=64)
+    resident_fraction: float = Field(ge=0.0, le=1.0)
+
+
 class LoadBody(_Body):
     name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     path: str = Field(min_length=1, max_length=4096)
@@ -140,16 +147,25 @@ class LoadBody(_Body):
         le=1_000_000,
         description="The decode SLO: the model is paced to it while a model beside it has requests waiting.",
     )
+    gpus: list[GpuShareBody] = Field(
+        default_factory=list,
+        max_length=64,
+        description="GPUs in pipeline order with their shares (sum = resident_fraction); empty: GPU 0.",
+    )
 
 
 class ResidencyBody(_Body):
     resident_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
     decode_mode: Literal["stream", "cpu"] | None = None
     prefill_mode: Literal["stream", "cpu"] | None = None
+    gpus: list[GpuShareBody] | None = Field(
+        default=None, max_length=64, description="Move to these GPUs and shares; none: keep its GPUs."
+    )
 
 
 class BudgetBody(_Body):
     gpu_memory_bytes: int = Field(ge=1)
+    gpu: int | None = Field(default=None, ge=0, lt=64, description="The GPU whose budget; none: every GPU.")
 
 
 class ProfileBody(_Body):
