@@ -252,3 +252,14 @@ def test_single_gpu_nodes_plan_exactly_as_before() -> None:
     # A fleet with one multi-GPU node leaves the single-GPU node's placements as they are named.
     mixed = plan(models, [l4, gpu_node("hgx", 2)], [])
     assert all((p.gpus == ()) == (p.node == "l4-0") for p in mixed.placements.values())
+
+
+def test_a_split_with_layers_in_host_memory_leaves_the_last_gpu_room_for_the_staging_buffers() -> None:
+    # 110B in bf16 (220 GB) fits no 2 x 80 GiB node resident: both GPUs, the rest streamed from host memory.
+    big = model("ns/big", 110, min_decode_tokens_per_second=None, allowed_modes=("stream",))
+    placement = plan([big], [gpu_node("hgx", 2)], []).placements["ns/big"]
+    assert [g.index for g in placement.gpus] == [0, 1] and placement.resident_fraction < 1.0
+    first, last = (g.resident_fraction for g in placement.gpus)
+    assert last < first  # the last GPU of the pipeline holds the streamed layers' staging buffers
+    staging = 2 * big.effective_bytes_per_layer
+    assert (first - last) * big.weight_bytes == pytest.approx(staging, rel=0.6)

@@ -326,6 +326,8 @@ class GpuUnits:
     unit_gpus: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]
     """Unit name → (node name, GPU indices in pipeline order, each GPU's usable bytes)."""
     too_large: list[Unschedulable]
+    staging_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Per model, the stream staging buffers a partial split keeps on its last GPU (residency.split)."""
 
 
 def split_into_units(
@@ -360,7 +362,8 @@ def split_into_units(
         for m in models
         if m.wanted and not any(_fits_node(m, n, config) for n in nodes)
     ]
-    return GpuUnits(units, renamed, unit_gpus, too_large)
+    staging = {m.name: 2 * m.effective_bytes_per_layer for m in models}
+    return GpuUnits(units, renamed, unit_gpus, too_large, staging)
 
 
 def _shared_reservations(units: list[NodeCapacity]) -> list[NodeCapacity]:
@@ -450,6 +453,11 @@ def plan_on_nodes(planned: Plan, units: GpuUnits) -> Plan:
             placements[name] = placement
             continue
         node_name, gpus, usable = found
+        if len(usable) > 1 and placement.resident_fraction < 1.0:
+            # the offloaded layers stream through staging buffers on the last GPU (residency.split): it
+            # holds that much less of the weights
+            staging = units.staging_bytes.get(name, 0)
+            usable = (*usable[:-1], max(0, usable[-1] - staging))
         gpu_shares = tuple(
             GpuShare(index, share)
             for index, share in zip(gpus, shares(placement.resident_fraction, usable), strict=True)
