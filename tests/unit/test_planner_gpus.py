@@ -263,3 +263,27 @@ def test_a_split_with_layers_in_host_memory_leaves_the_last_gpu_room_for_the_sta
     assert last < first  # the last GPU of the pipeline holds the streamed layers' staging buffers
     staging = 2 * big.effective_bytes_per_layer
     assert (first - last) * big.weight_bytes == pytest.approx(staging, rel=0.6)
+
+
+def test_on_an_emulated_node_a_model_too_big_for_either_gpu_runs_split_across_both() -> None:
+    # Emulated GPUs measure their "HBM" and their link on the same DRAM: offloading predicts the same rate as
+    # a split (less its hop); the split keeps the weights resident and runs there.
+    emulated = gpu_node("emu", 2, gpu_gib=0.25, hbm_gbps=20.0, link_gbps=20.0, host_gib=4)
+    tiny = ModelDemand(
+        name="ns/tiny",
+        weight_bytes=300 * 1024**2,
+        kv_bytes_per_token=1024,
+        max_sequence_length=256,
+        max_batch=2,
+        layer_count=24,
+        workspace_bytes=8 * 1024**2,
+        max_offload_fraction=0.75,
+    )
+    emulated = dataclasses.replace(
+        emulated,
+        gpus=tuple(dataclasses.replace(g, reserved_bytes=0) for g in emulated.gpus),
+        reserved_gpu_bytes=0,
+    )
+    placement = plan([tiny], [emulated], []).placements["ns/tiny"]
+    assert [g.index for g in placement.gpus] == [0, 1]
+    assert placement.resident_fraction == 1.0

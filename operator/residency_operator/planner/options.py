@@ -463,6 +463,8 @@ def build_class_tables(
     load_seconds = np.zeros((class_count, model_count, level_count))
     feasible = np.zeros((class_count, len(MODES), model_count, level_count), dtype=bool)
     profiled_indices = [i for i, m in enumerate(models) if m.name in profiled_models]
+    split_models = frozenset().union(*(n.reserved_for for n in classes if n.reserved_for))
+    splits = np.array([m.name in split_models for m in models]) if split_models else None
     observed_indices = [
         i for i, m in enumerate(models) if m.observed is not None and m.name not in profiled_models
     ]
@@ -537,6 +539,8 @@ def build_class_tables(
             )
             if node.reserved_for is not None:  # a split's GPU set: its model only (planner/gpus.py)
                 feasible[c, k] &= np.array([m.name in node.reserved_for for m in models])[:, None]
+            elif splits is not None:  # and a model given a split runs there, not offloaded on one GPU
+                feasible[c, k] &= ~splits[:, None]
     throughput = rate * batch[None, None, :, None]
     served = np.minimum(
         np.minimum(throughput, config.demand_headroom * demand[None, None, :, None]),
