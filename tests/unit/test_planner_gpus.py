@@ -287,3 +287,28 @@ def test_on_an_emulated_node_a_model_too_big_for_either_gpu_runs_split_across_bo
     placement = plan([tiny], [emulated], []).placements["ns/tiny"]
     assert [g.index for g in placement.gpus] == [0, 1]
     assert placement.resident_fraction == 1.0
+
+
+def test_a_higher_priority_split_takes_the_gpus_of_a_lower_priority_split() -> None:
+    """Two models that each need both GPUs of the node: the one of higher priority preempts the running one,
+    whose reason speaks of GPUs; deleted again, the first comes back on them."""
+    node = gpu_node("hgx", 2)
+    low = model("ns/low", 70, priority=1, max_offload_fraction=0.0, min_decode_tokens_per_second=None)
+    high = model("ns/high", 70, priority=100, max_offload_fraction=0.0, min_decode_tokens_per_second=None)
+    first = plan([low], [node], []).placements["ns/low"]
+    assert len(first.gpus) == 2
+    current = [CurrentPlacement("ns/low", "hgx", 1.0, gpus=tuple(g.index for g in first.gpus))]
+    second = plan([low, high], [node], current)
+    assert {g.index for g in second.placements["ns/high"].gpus} == {0, 1}
+    assert "ns/low" not in second.placements
+    assert next((a.kind, a.model) for a in second.actions) == ("preempt", "ns/low")
+    (refused,) = second.unschedulable
+    assert refused.reason == "InsufficientGPUMemory"
+    assert refused.message.startswith("preempted for higher-priority ns/high (priority 100); needs 2 GPUs")
+    # the same priority does not displace a running split
+    peer = dataclasses.replace(high, priority=1)
+    kept = plan([low, peer], [node], current)
+    assert {g.index for g in kept.placements["ns/low"].gpus} == {0, 1} and "ns/high" not in kept.placements
+    # a preemptible: false split is never displaced
+    pinned = dataclasses.replace(low, preemptible=False)
+    assert "ns/low" in plan([pinned, high], [node], current).placements

@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from residency.sizing import memory_text
 from residency_operator.planner.options import (
     gpu_bytes_needed,
     host_bytes_needed,
@@ -37,7 +38,6 @@ from residency_operator.planner.options import (
 from residency_operator.planner.predictor import Predictor
 from residency_operator.planner.types import (
     GB,
-    GIB,
     CachedModel,
     CurrentPlacement,
     GpuCapacity,
@@ -180,8 +180,9 @@ def partition_gpus(
     current: Sequence[CurrentPlacement],
     predictor: Predictor,
     config: PlannerConfig,
-) -> tuple[dict[str, list[tuple[int, ...]]], dict[tuple[str, tuple[int, ...]], str]]:
-    """Each multi-GPU node's GPU sets for this round (see the module docstring), in index order, and the
+) -> tuple[dict[str, list[tuple[int, ...]]], dict[tuple[str, tuple[int, ...]], str], dict[str, str]]:
+    """Each multi-GPU node's GPU sets for this round (see the module docstring), in index order, the model
+    each split's GPU set is formed for, and why a model that only a split holds got none this round. The
     model each split's GPU set is formed for (only it may run there: a model that fits one GPU is never
     split, and the GPUs of a split are not filled with small models that would leave its model no room).
     Splits are formed only for models that fit no single GPU of the fleet fully resident."""
@@ -190,7 +191,7 @@ def partition_gpus(
     free: dict[str, set[int]] = {n.name: {g.index for g in n.gpus} for n in multi}
     groups: dict[str, list[tuple[int, ...]]] = {n.name: [] for n in multi}
     owners: dict[tuple[str, tuple[int, ...]], str] = {}
-    grouped: set[str] = set()
+    running: dict[str, tuple[str, tuple[int, ...]]] = {}
     for placement in sorted(current, key=lambda p: p.model):
         gpus = placement.gpus
         if (
@@ -201,43 +202,70 @@ def partition_gpus(
             and placement.node in free
             and set(gpus) <= free[placement.node]
         ):
-            groups[placement.node].append(gpus)
-            free[placement.node] -= set(gpus)
-            grouped.add(placement.model)
-            owners[(placement.node, gpus)] = placement.model
-    if config.allow_gpu_splits and multi:
-        holders = {n.name: _holders(n, current, wanted) for n in multi}
-        largest_gpu = max(
-            [g.usable_bytes for n in nodes if n.accepts_work for g in n.gpus]
-            + [
-                max(0, n.gpu_memory_bytes - n.reserved_gpu_bytes)
-                for n in nodes
-                if n.accepts_work and not n.gpus
-            ]
-            + [0]
-        )
-        for model in sorted(
-            (
-                m
-                for m in wanted.values()
-                if m.name not in grouped
-                and _asks_for_service(m)
-                and gpu_bytes_needed(m, 1.0, "stream") > largest_gpu
-            ),
-            key=lambda m: (-m.declared_priority, -_demand_key(m), m.name),
-        ):
-            chosen = _place_split(model, multi, free, holders, RateCache(predictor, config))
-            if chosen is not None:
-                node_name, gpus = chosen
-                groups[node_name].append(gpus)
-                owners[(node_name, gpus)] = model.name
-                free[node_name] -= set(gpus)
-                for index in gpus:
-                    holders[node_name].pop(index, None)
+            running[placement.model] = (placement.node, gpus)
+    unseated: dict[str, str] = {}
+    if not (config.allow_gpu_splits and multi):
+        for node in multi:
+            groups[node.name].extend((index,) for index in sorted(free[node.name]))
+        return groups, owners, unseated
+    holders = {n.name: _holders(n, current, wanted) for n in multi}
+    for name, (node_name, gpus) in running.items():  # a running split holds each of its GPUs
+        model = wanted[name]
+        for index in gpus:
+            holders[node_name][index] = _Holder(name, model.declared_priority, model.preemptible)
+    largest_gpu = max(
+        [g.usable_bytes for n in nodes if n.accepts_work for g in n.gpus]
+        + [max(0, n.gpu_memory_bytes - n.reserved_gpu_bytes) for n in nodes if n.accepts_work and not n.gpus]
+        + [0]
+    )
+    # Highest priority first, a running split before a newcomer of its priority: a running split keeps its
+    # GPUs unless a model of higher priority needs them (it may then take them, as it takes a single GPU
+    # from a lower-priority model; the displaced split looks for other GPUs in its turn).
+    splitters = sorted(
+        (
+            m
+            for m in wanted.values()
+            if m.name in running
+            or (_asks_for_service(m) and gpu_bytes_needed(m, 1.0, "stream") > largest_gpu)
+        ),
+        key=lambda m: (-m.declared_priority, m.name not in running, -_demand_key(m), m.name),
+    )
+    rates = RateCache(predictor, config)
+    for model in splitters:
+        kept = running.get(model.name)
+        chosen: tuple[str, tuple[int, ...]] | None
+        if kept is not None and set(kept[1]) <= free[kept[0]]:
+            chosen = kept
+        else:
+            for gpus_by_node in holders.values():  # its old GPUs (some taken) no longer hold it
+                for index in [i for i, h in gpus_by_node.items() if h.model == model.name]:
+                    del gpus_by_node[index]
+            chosen = _place_split(model, multi, free, holders, rates)
+        if chosen is None:
+            unseated[model.name] = _unseated_message(model, multi)
+            continue
+        node_name, gpus = chosen
+        groups[node_name].append(gpus)
+        owners[(node_name, gpus)] = model.name
+        free[node_name] -= set(gpus)
+        for index in gpus:
+            holders[node_name].pop(index, None)
     for node in multi:
         groups[node.name].extend((index,) for index in sorted(free[node.name]))
         groups[node.name].sort()
-    return groups, owners
+    return groups, owners, unseated
+
+
+def _unseated_message(model: ModelDemand, nodes: Sequence[NodeCapacity]) -> str:
+    """Why a model that only a split holds has no GPUs this round."""
+    need = gpu_bytes_needed(model, 1.0, "stream")
+    counts = sorted({split_size(model, node) for node in nodes if node.accepts_work})
+    many = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return (
+        f"needs {many} GPUs of one node ({memory_text(need)} wholly resident; no single GPU holds it), "
+        "and no node has that many GPUs free of models of its priority or above, or a split there is "
+        "predicted slower than offloading it on one GPU"
+    )
 
 
 def _asks_for_service(model: ModelDemand) -> bool:
@@ -328,6 +356,9 @@ class GpuUnits:
     too_large: list[Unschedulable]
     staging_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     """Per model, the stream staging buffers a partial split keeps on its last GPU (residency.split)."""
+    unseated: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Models that only a split holds and that got no GPUs this round → why (the solvers' own reason for
+    them would speak of single GPUs)."""
 
 
 def split_into_units(
@@ -339,7 +370,7 @@ def split_into_units(
 ) -> GpuUnits:
     """The planning units of this round, the current placements renamed to them, and the wanted models
     that fit no node at all (``offload.maxFraction`` honoured within one node's GPUs and host memory)."""
-    groups, owners = partition_gpus(models, nodes, current, predictor, config)
+    groups, owners, unseated = partition_gpus(models, nodes, current, predictor, config)
     workspace = {m.name: m.workspace_bytes for m in models}
     units: list[NodeCapacity] = []
     unit_gpus: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {}
@@ -363,7 +394,7 @@ def split_into_units(
         if m.wanted and not any(_fits_node(m, n, config) for n in nodes)
     ]
     staging = {m.name: 2 * m.effective_bytes_per_layer for m in models}
-    return GpuUnits(units, renamed, unit_gpus, too_large, staging)
+    return GpuUnits(units, renamed, unit_gpus, too_large, staging, unseated)
 
 
 def _shared_reservations(units: list[NodeCapacity]) -> list[NodeCapacity]:
@@ -418,15 +449,15 @@ def _fits_node(model: ModelDemand, node: NodeCapacity, config: PlannerConfig) ->
 def _too_large_message(model: ModelDemand, nodes: Sequence[NodeCapacity], config: PlannerConfig) -> str:
     largest = max(nodes, key=lambda n: n.gpu_memory_bytes + n.host_memory_bytes, default=None)
     where = (
-        f"; the largest node, {largest.name}, has {largest.gpu_memory_bytes / GIB:.0f} GiB of GPU memory "
-        f"over {max(1, len(largest.gpus))} GPU(s) and {largest.host_memory_bytes / GIB:.0f} GiB of host "
+        f"; the largest node, {largest.name}, has {memory_text(largest.gpu_memory_bytes)} of GPU memory "
+        f"over {max(1, len(largest.gpus))} GPU(s) and {memory_text(largest.host_memory_bytes)} of host "
         "memory"
         if largest is not None
         else ""
     )
     splits = "split across the GPUs of one node" if config.allow_gpu_splits else "on one GPU"
     return (
-        f"{model.weight_bytes / GIB:.1f} GiB of weights with at most {model.max_offload_fraction:.0%} "
+        f"{memory_text(model.weight_bytes)} of weights with at most {model.max_offload_fraction:.0%} "
         f"offloaded fit no node, even {splits} with the rest in its host memory (a model never spans "
         f"nodes){where}"
     )
@@ -438,6 +469,16 @@ def shares(resident_fraction: float, usable: Sequence[int]) -> tuple[float, ...]
     total = sum(usable) or 1
     parts = [resident_fraction * u / total for u in usable[:-1]]
     return (*parts, max(0.0, resident_fraction - sum(parts)))
+
+
+def _with_split_reason(refused: Unschedulable, unseated: dict[str, str]) -> Unschedulable:
+    """The solvers' reason for a model that only a split holds, told in GPUs (what made room for whom, if
+    anything, is kept: ``preempted for higher-priority ns/x (priority 100); ``)."""
+    why = unseated.get(refused.model)
+    if why is None:
+        return refused
+    head = refused.message.split("; ", 1)[0] + "; " if refused.message.startswith("preempted for") else ""
+    return dataclasses.replace(refused, reason="InsufficientGPUMemory", message=head + why)
 
 
 def plan_on_nodes(planned: Plan, units: GpuUnits) -> Plan:
@@ -475,6 +516,7 @@ def plan_on_nodes(planned: Plan, units: GpuUnits) -> Plan:
         placements=placements,
         actions=actions,
         cached=cached,
-        unschedulable=planned.unschedulable + tuple(units.too_large),
+        unschedulable=tuple(_with_split_reason(u, units.unseated) for u in planned.unschedulable)
+        + tuple(units.too_large),
         notes=notes,
     )
