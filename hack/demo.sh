@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: a real local control plane, the operator, the router, three worker processes posing as
 # three GPU nodes of different (emulated) sizes, four models applied with `kubectl apply -f examples/`, a
-# real completion through the router, what the planner chose (read back from the cluster), and a
-# preemption by a model of higher priority followed by the resume, with the seconds the worker measured.
+# real completion through the router, what the planner chose (read back from the cluster), a
+# preemption by a model of higher priority followed by the resume, with the seconds the worker measured,
+# and last a fourth node with two emulated GPUs on which a model too big for any one GPU runs split.
 # `hack/demo.sh down` stops what it started.
 #
 # Environment: RESIDENCY_DEMO_ROUTER_PORT (18000), RESIDENCY_DEMO_WORKER_PORT (18101: the first of three),
@@ -24,8 +25,12 @@ WORKER_PORT="${RESIDENCY_DEMO_WORKER_PORT:-18101}"
 # at the 25 % residency their offload.maxFraction allows: each runs partly resident, whatever bandwidths
 # the workers measure.
 DEMO_NODES=(gpu-a:32MiB gpu-b:24MiB gpu-c:8MiB)
-DEMO_MODELS=(chat-small:llama:tiny:1:4 assistant:qwen2:tiny:2:4 coder:llama:small:3:24 summarizer:qwen2:small:4:24 urgent:llama:small:5:10)
+DEMO_MODELS=(chat-small:llama:tiny:1:4 assistant:qwen2:tiny:2:4 coder:llama:small:3:24 summarizer:qwen2:small:4:24 urgent:llama:small:5:10 wide:llama:small:6:24)
 URGENT="$ROOT/examples/preemption/urgent.yaml"
+# The last step's node with two emulated GPUs (name:gpu-memory of each:GPUs), and the model that fits on no
+# single GPU of the fleet (tests/component/test_demo_fleet.py plans it: it runs split across gpu-d's GPUs).
+SPLIT_NODE=gpu-d:24MiB:2
+WIDE="$ROOT/examples/multi-gpu/wide.yaml"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -59,13 +64,13 @@ manifests() { # the demo's manifests with the model root this run uses
 down() {
   if [ -f "${RESIDENCY_CLUSTER_DIR:-$ROOT/.cluster}/kubeconfig" ] && "$ROOT/hack/cluster.sh" status 2>/dev/null; then
     export KUBECONFIG="${RESIDENCY_CLUSTER_DIR:-$ROOT/.cluster}/kubeconfig"
-    manifests "$URGENT" | kubectl delete -f - --ignore-not-found --timeout=60s >/dev/null 2>&1 || true
+    manifests "$URGENT" "$WIDE" | kubectl delete -f - --ignore-not-found --timeout=60s >/dev/null 2>&1 || true
     kubectl delete rolebinding demo-client-inference -n default --ignore-not-found >/dev/null 2>&1 || true
     kubectl delete serviceaccount demo-client -n default --ignore-not-found >/dev/null 2>&1 || true
     kubectl delete clusterrole residency-inference --ignore-not-found >/dev/null 2>&1 || true
   fi
   local spec
-  for spec in "${DEMO_NODES[@]}"; do
+  for spec in "${DEMO_NODES[@]}" "$SPLIT_NODE"; do
     [ -n "${KUBECONFIG:-}" ] && kubectl delete node "${spec%%:*}" --ignore-not-found --wait=false >/dev/null 2>&1 || true
     # a profile left from an earlier run would count as a registered node before its worker is back
     [ -n "${KUBECONFIG:-}" ] && kubectl delete nodeprofile "${spec%%:*}" --ignore-not-found --wait=false >/dev/null 2>&1 || true
@@ -147,6 +152,33 @@ else:
 PY
 }
 
+split_step() { # port: a node with two GPUs joins, and a model too big for any one GPU runs split across both
+  local node memory gpus
+  IFS=: read -r node memory gpus <<<"$SPLIT_NODE"
+  say "Multi-GPU: node $node joins with $gpus (emulated) GPUs of $memory; kubectl apply -f examples/multi-gpu/wide.yaml"
+  kubectl delete nodeprofile "$node" --ignore-not-found >/dev/null 2>&1 || true
+  printf '{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","labels":{"residency.dev/gpu":"true"}}}' "$node" \
+    | kubectl apply -f - >/dev/null
+  start "worker-$node" residency worker --node "$node" --emulated-gpus "$gpus" --gpu-memory "$memory" \
+    --models-root "$MODELS" --port "$1" --admin-token-file "$DEMO/admin.token" \
+    --inference-token-file "$DEMO/inference.token" --join --node-heartbeat --calibration-mib 32
+  wait_for 120 "the NodeProfile of $node" bash -c "kubectl get nodeprofile $node -o name >/dev/null 2>&1"
+  echo "  $node: $(kubectl get nodeprofile "$node" -o jsonpath='{.spec.gpuCount} GPUs: {range .spec.gpus[*]}GPU {.index} {.memoryBytes} bytes, {end}')"
+  manifests "$WIDE" | kubectl apply -f - | grep wide | sed 's/^/  /'
+  wait_for 180 "wide to be Ready" bash -c '[ "$(kubectl get llm wide -o jsonpath={.status.phase})" = Ready ]'
+  kubectl get llm wide -o wide
+  local gpu_set; gpu_set=$(kubectl get llm wide -o jsonpath='{.status.gpuSet}')
+  echo "  wide runs on $gpu_set, per GPU (the worker's measurement):"
+  kubectl get llm wide -o jsonpath='{range .status.gpus[*]}    GPU {.index}: {.residentFraction} of the weights, {.residentBytes} bytes with its KV{"\n"}{end}'
+  echo "  its placement's spec.gpus (the planner's split, pipeline order): $(kubectl get modelplacements -o jsonpath='{range .items[?(@.spec.model.name=="wide")]}{.spec.gpus}{end}')"
+  residency chat wide "Which GPUs hold which layers?" --token-file "$DEMO/client.token" --max-tokens 16 \
+    | sed 's/^/  answer through the router (random weights): /'
+  case "$gpu_set" in
+    "$node/0,1" | "$node/1,0") ;;
+    *) echo "DEMO CHECK FAILED: wide is not split across $node's two GPUs (gpuSet '$gpu_set')"; return 1 ;;
+  esac
+}
+
 up() {
   say "Control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler (built from source, cached)"
   eval "$("$ROOT/hack/cluster.sh" up)"
@@ -155,7 +187,7 @@ up() {
   kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
 
   mkdir -p "$DEMO/pids" "$DEMO/logs" "$MODELS"
-  say "Five models made locally (random weights, real Llama/Qwen2 configs, safetensors, local tokenizers)"
+  say "Six models made locally (random weights, real Llama/Qwen2 configs, safetensors, local tokenizers)"
   for spec in "${DEMO_MODELS[@]}"; do
     IFS=: read -r name arch preset seed layers <<<"$spec"
     if [ "$(cat "$MODELS/$name/.demo-spec" 2>/dev/null)" != "$spec" ]; then
@@ -253,6 +285,8 @@ YAML
     echo "  $victim status.lastOperation: $(kubectl get llm "$victim" -o jsonpath='{.status.lastOperation}')"
   done
   kubectl get llm -o wide
+
+  split_step "$port"
 
   cat <<TXT
 

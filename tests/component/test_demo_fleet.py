@@ -160,3 +160,74 @@ def test_the_urgent_model_preempts_one_of_lower_priority_which_stays_cached(
     # a preempted model keeps its weights in host memory on its node: it resumes there, not a cold load
     cached = {c.model for c in result.cached}
     assert left_out <= cached, (left_out, cached)
+
+
+def split_node_profile(bandwidth: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The demo's last node (SPLIT_NODE: name:memory of each GPU:GPUs) as its worker registers it."""
+    match = re.search(r"^SPLIT_NODE=(\S+)", DEMO, re.MULTILINE)
+    assert match, "hack/demo.sh defines no SPLIT_NODE="
+    name, memory, count = match.group(1).split(":")
+    each = parse_bytes(memory)
+    gpus = [
+        {
+            "index": i,
+            "name": "emulated-cpu",
+            "memoryBytes": each,
+            "hbmGbps": 2 * bandwidth,
+            "hostToDeviceGbps": bandwidth,
+            "hostLink": 0,
+        }
+        for i in range(int(count))
+    ]
+    profile = {
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": name,
+            "gpuType": "emulated-cpu",
+            "gpuCount": int(count),
+            "gpuMemoryBytes": each * int(count),
+            "hostMemoryBytes": 8 * 2**30,
+            "hostToDeviceGbps": bandwidth,
+            "hbmGbps": 2 * bandwidth,
+            "hostMemoryGbps": 8.0,
+            "emulated": True,
+            "gpus": gpus,
+            "deviceToDeviceGbps": bandwidth,
+        },
+        "status": {"heartbeatTime": NOW.isoformat()},
+    }
+    node = {"metadata": {"name": name}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    return profile, node
+
+
+@pytest.mark.parametrize("bandwidths", BANDWIDTHS.values(), ids=BANDWIDTHS.keys())
+def test_the_wide_model_runs_split_across_the_two_gpu_node(
+    models_root: Path, bandwidths: tuple[float, ...]
+) -> None:
+    """The demo's last step: with every example running, gpu-d joins with two GPUs and wide (too big for
+    any single GPU of the fleet, no offload allowed) is placed across both of them, whole."""
+    examples = [manifest(p, models_root) for p in sorted((REPO / "examples").glob("*.yaml"))]
+    inputs, first = planned(examples, models_root, bandwidths)
+    running = loaded(inputs, first)
+    wide_body = manifest(REPO / "examples" / "multi-gpu" / "wide.yaml", models_root)
+    profiles, nodes = fleet(bandwidths)
+    profile, node = split_node_profile(bandwidths[0])
+    state = ClusterState(
+        models=[*examples, wide_body],
+        node_profiles=[*profiles, profile],
+        nodes=[*nodes, node],
+        placements=running,
+    )
+    split_inputs = planner_inputs(state, NOW, OperatorKnobs(allowed_model_roots=[models_root]))
+    largest_gpu = max(
+        [p["spec"]["gpuMemoryBytes"] for p in profiles] + [g["memoryBytes"] for g in profile["spec"]["gpus"]]
+    )
+    wide = next(d for d in split_inputs.demands if d.name == "default/wide")
+    assert wide.weight_bytes > largest_gpu  # its weights alone fit no single GPU of the demo
+    result = plan(split_inputs.demands, split_inputs.nodes, split_inputs.current, split_inputs.profiles, 0.0)
+    placed = result.placements.get("default/wide")
+    assert placed is not None, result.unschedulable
+    assert placed.node == profile["metadata"]["name"] and placed.resident_fraction == 1.0
+    assert sorted(g.index for g in placed.gpus) == [0, 1]
+    # the models that ran keep running (the node only added room)
+    assert set(first.placements) <= set(result.placements)
