@@ -5,34 +5,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
 
-import httpx
-
-import harness
-from conftest import NodePool, model_status
+from conftest import NodePool
 from harness import SMALL_LIMITS, Process, apply, kubectl, wait_for
 from residency.api import LLMModelSpec
 from residency_operator.planner.options import gpu_bytes_needed
 from residency_operator.state import OperatorKnobs, demand
 from residency_operator.validation import validate_model
-
-
-def llm(name: str, path: Path, **spec: Any) -> dict[str, Any]:
-    return harness.llm(name, path, **{**SMALL_LIMITS, **spec})
-
-
-def phase(namespace: str, name: str, wanted: str) -> dict[str, Any] | None:
-    status = model_status(namespace, name)
-    return status if status.get("phase") == wanted else None  # type: ignore[return-value]
-
-
-def complete(router: str, model: str, prompt: str, max_tokens: int = 16) -> httpx.Response:
-    return httpx.post(
-        f"{router}/v1/completions",
-        timeout=120,
-        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
-    )
+from test_e2e_serving import complete, llm, phase
 
 
 def whole_need_bytes(directory: Path, models_root: Path) -> int:
