@@ -621,7 +621,9 @@ def test_a_paced_model_still_starts_a_new_request_at_once(engine: Engine, models
     deadline = time.monotonic() + 30
     while engine.status("busy").queue_depth == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    first = engine.submit("slow", PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    # each `second` below also advances `first` by a step or two, unpaced (its prefill, and a decode step
+    # that is due by then): `first` asks for enough tokens that it is still running, paced, at the end
+    first = engine.submit("slow", PROMPTS[0], SamplingParams(max_tokens=40, ignore_eos=True))
     time.sleep(1.0)  # a step or two in: held for the next one
     waits = []
     for _ in range(3):
@@ -634,6 +636,7 @@ def test_a_paced_model_still_starts_a_new_request_at_once(engine: Engine, models
         time.sleep(0.3)
     assert engine.status("busy").queue_depth > 0 and not first.done.is_set(), "still paced throughout"
     assert min(waits) < 0.2, waits  # held to the next step it would be 0.4 s on average, up to 0.8 s
+    first.cancel()
     for request in backlog:
         request.cancel()
 
