@@ -4,8 +4,10 @@
 Each request records what the goal is about, timed from the moment it is sent: its status, when the
 response headers came (for a 429: the refusal's latency), when the first content token came (TTFT), when it
 ended and how many tokens it served (from the stream's usage chunk). A ticker records this process's own
-event-loop lag, so a slow answer can be told apart from a slow client. Run apart from pytest (and from the
-router) so that the measurement is not made by a starved load generator.
+event-loop lag, so a slow answer can be told apart from a slow client, and a probe on a connection of its own
+times the router's cheapest request (`GET /healthz`, which does nothing) every PROBE_TICK_SECONDS: what any
+answer costs on this machine under this load, the floor under a refusal's latency. Run apart from pytest (and
+from the router) so that the measurement is not made by a starved load generator.
 
     python e2e/load_client.py --url http://127.0.0.1:8000 --model ns/a --model ns/b --clients 100 \
         --seconds 60 --first-index 0 --out results.json
@@ -26,6 +28,7 @@ import httpx
 BACKOFF_CAP_SECONDS = 1.0  # a client honours Retry-After, capped so that the offered load stays high
 MAX_TOKENS = 8
 LAG_TICK_SECONDS = 0.05
+PROBE_TICK_SECONDS = 0.1
 
 
 @dataclass
@@ -115,6 +118,21 @@ async def _lag(until: float, lags: list[float]) -> None:
         lags.append(time.monotonic() - before - LAG_TICK_SECONDS)
 
 
+async def _probe(url: str, until: float, tls: ssl.SSLContext, seconds: list[float]) -> None:
+    """Times `GET /healthz` (no auth, no body, no work) on a connection of its own while the load runs."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with httpx.AsyncClient(timeout=60, limits=limits, verify=tls) as client:
+        while time.monotonic() < until:
+            sent = time.monotonic()
+            try:
+                response = await client.get(f"{url}/healthz")
+                if response.status_code == 200:
+                    seconds.append(time.monotonic() - sent)
+            except httpx.HTTPError:
+                pass  # the load's own outcomes say what failed; the probe only times answers
+            await asyncio.sleep(PROBE_TICK_SECONDS)
+
+
 async def run(
     url: str, models: list[str], clients: int, first_index: int, seconds: float, start_at: float
 ) -> dict[str, object]:
@@ -123,16 +141,20 @@ async def run(
     until = t0 + seconds
     out: list[Outcome] = []
     lags: list[float] = []
+    probes: list[float] = []
     indices = range(first_index, first_index + clients)
     tls = ssl.create_default_context()
     await asyncio.gather(
-        _lag(until, lags), *(_client(url, models[i % len(models)], i, t0, until, out, tls) for i in indices)
+        _lag(until, lags),
+        _probe(url, until, tls, probes),
+        *(_client(url, models[i % len(models)], i, t0, until, out, tls) for i in indices),
     )
     return {
         "cpu_seconds": time.process_time(),
         "elapsed_seconds": time.monotonic() - t0,
         "outcomes": [asdict(o) for o in out],
         "loop_lag_seconds": lags,
+        "probe_seconds": probes,
     }
 
 

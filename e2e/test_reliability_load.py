@@ -59,6 +59,7 @@ class Load:
     elapsed_seconds: float
     loop_lag_seconds: list[float]
     cpu_seconds: float  # of the client processes together
+    probe_seconds: list[float]  # `GET /healthz` under the load: what any answer costs here and now
 
     def of(self, status: str) -> list[dict[str, Any]]:
         return [o for o in self.outcomes if o["status"] == status]
@@ -86,6 +87,7 @@ def run_load(url: str, models: list[str], clients: int, seconds: float, workdir:
         max(r["elapsed_seconds"] for r in results),
         [lag for r in results for lag in r["loop_lag_seconds"]],
         sum(r["cpu_seconds"] for r in results),
+        [seconds for r in results for seconds in r["probe_seconds"]],
     )
 
 
@@ -119,6 +121,7 @@ class Measured:
     refusal_seconds: list[float]
     tokens_per_second: float
     refusals: int
+    probe_seconds: list[float]
 
 
 def load_through_router(
@@ -216,7 +219,14 @@ def load_through_router(
         f"p99 {ms(percentile(refusal_seconds, 99))} (goal <= {ms(REFUSAL_GOAL_SECONDS)}); "
         f"client event-loop lag p99 {ms(percentile(load.loop_lag_seconds, 99))}, "
         f"max {ms(max(load.loop_lag_seconds, default=0.0))} ({CLIENT_PROCESSES} client processes); router's "
-        f"p99 <= {ms(histogram_quantile(router_metrics, 'residency_router_event_loop_lag_seconds', 0.99))}"
+        f"p99 <= {ms(histogram_quantile(router_metrics, 'residency_router_event_loop_lag_seconds', 0.99))}; "
+        f"router's refusals p99 <= "
+        f"{ms(histogram_quantile(router_metrics, 'residency_router_refusal_seconds', 0.99))}"
+    )
+    reliability.record(
+        measured="floor: GET /healthz (no auth, no work) under the same load, "
+        f"{len(load.probe_seconds)} probes, p50 {ms(percentile(load.probe_seconds, 50))}, "
+        f"p99 {ms(percentile(load.probe_seconds, 99))}"
     )
     reliability.record(
         measured=f"CPU seconds used in the {elapsed:.0f} s of the 2 cores' {2 * elapsed:.0f}: "
@@ -246,7 +256,7 @@ def load_through_router(
     # bounded memory: no process grew by more than 512 MiB over its start (tiny models; it would be a leak)
     growth = {name: rss.peak[name] - rss.first[name] for name in pids}
     assert max(growth.values()) < 512 * 2**20, {k: mib(v) for k, v in growth.items()}
-    return Measured(ttft, refusal_seconds, tokens_per_second, len(refused))
+    return Measured(ttft, refusal_seconds, tokens_per_second, len(refused), load.probe_seconds)
 
 
 def test_a_burst_of_clients_is_admitted_or_refused_at_once(

@@ -178,6 +178,7 @@ async def test_requests_over_the_limit_get_429_at_once_and_the_rest_are_served(
         assert seconds < min(served), "a refusal waited for the work it refused"
     assert 'residency_router_admitted_total{model="team/m"} 3.0' in metrics
     assert 'residency_router_refused_total{model="team/m",reason="admission"} 7.0' in metrics
+    assert "residency_router_refusal_seconds_count 7.0" in metrics  # each 429's time in the router
 
 
 async def test_a_model_that_cannot_be_placed_answers_503_at_once_with_its_reason() -> None:

@@ -92,6 +92,12 @@ class RouterMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
             registry=self.registry,
         )
+        self.refusal_seconds = Histogram(
+            "residency_router_refusal_seconds",
+            "Time from a request reaching the router to its 429 (admission refuses before any work)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
         self.event_loop_lag = Histogram(
             "residency_router_event_loop_lag_seconds",
             "How late the router's event loop wakes for a timer: what every request waits on top of its work",

@@ -141,6 +141,7 @@ async def _forward(
         if refusal is not None:
             metrics.requests.labels("429").inc()
             metrics.refused.labels(route.key, "admission").inc()
+            metrics.refusal_seconds.observe(time.monotonic() - arrived_at)
             return error(429, refusal.message, refusal.retry_after_seconds, code="rate_limit_exceeded")
         metrics.admitted.labels(route.key).inc()
         _observe_gate(state, route.key)
