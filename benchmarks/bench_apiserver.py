@@ -54,8 +54,9 @@ class Capacity:
     writes: int
     seconds: float
     writes_per_second: float
-    control_plane_cpu_seconds_per_write: float
+    control_plane_cpu_seconds_per_request: float
     errors: int
+    first_error: str
 
 
 @dataclass
@@ -83,9 +84,12 @@ class Api:
         tls.load_cert_chain(user["client-certificate"], user["client-key"])
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         self.http = httpx.AsyncClient(base_url=cluster_entry["server"], verify=tls, limits=limits, timeout=60)
+        self.first_error = ""
 
     async def write(self, method: str, path: str, body: dict[str, Any]) -> bool:
         response = await self.http.request(method, path, json=body)
+        if not response.is_success and not self.first_error:
+            self.first_error = f"{method} {path}: {response.status_code} {response.text[:300]}"
         return response.is_success
 
     async def close(self) -> None:
@@ -148,7 +152,7 @@ def placement_body(name: str, node: str) -> dict[str, Any]:
             "residentFraction": 0.5,
             "minResidentFraction": 0.25,
             "executionMode": "stream",
-            "desiredState": "Running",
+            "desiredState": "Loaded",
             "maxSequenceLength": 64,
             "maxBatchSize": 1,
             "minDecodeTokensPerSecond": 5.0,
@@ -157,7 +161,7 @@ def placement_body(name: str, node: str) -> dict[str, Any]:
 
 
 MODELS = f"/apis/{GROUP}/{VERSION}/namespaces/{NAMESPACE}/llmmodels"
-PLACEMENTS = f"/apis/{GROUP}/{VERSION}/namespaces/{NAMESPACE}/modelplacements"
+PLACEMENTS = f"/apis/{GROUP}/{VERSION}/modelplacements"  # cluster-scoped
 LEASES = f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases"
 
 
@@ -181,29 +185,30 @@ def cpu_seconds(pids: list[int]) -> float:
 async def capacity(
     api: Api,
     kind: str,
-    make: Callable[[int], Awaitable[bool]],
+    make: Callable[[int, int], Awaitable[bool]],
     connections: int,
     seconds: float,
     pids: list[int],
 ) -> Capacity:
-    """Writes of one kind from `connections` concurrent writers for `seconds`."""
+    """Writes of one kind from `connections` concurrent writers for `seconds` (`make(writer, sequence)`)."""
     counter = itertools.count()
     done = errors = 0
     until = time.monotonic() + seconds
 
-    async def writer() -> None:
+    async def writer(index: int) -> None:
         nonlocal done, errors
         while time.monotonic() < until:
-            if await make(next(counter)):
+            if await make(index, next(counter)):
                 done += 1
             else:
                 errors += 1
 
     cpu_before, start = cpu_seconds(pids), time.monotonic()
-    await asyncio.gather(*(writer() for _ in range(connections)))
+    await asyncio.gather(*(writer(i) for i in range(connections)))
     elapsed = time.monotonic() - start
     cpu = cpu_seconds(pids) - cpu_before
-    return Capacity(kind, done, elapsed, done / elapsed, cpu / max(1, done), errors)
+    first_error, api.first_error = api.first_error, ""
+    return Capacity(kind, done, elapsed, done / elapsed, cpu / max(1, done + errors), errors, first_error)
 
 
 async def create_leases(api: Api, names: list[str], seconds: float) -> dict[str, str]:
@@ -306,18 +311,18 @@ async def measure(args: argparse.Namespace, kubeconfig: str, pids: list[int]) ->
     try:
         run = f"c{int(time.time())}"
 
-        async def model(i: int) -> bool:
+        async def model(_: int, i: int) -> bool:
             return await api.write("POST", MODELS, model_body(f"cap-{run}-{i:06d}"))
 
-        async def placement(i: int) -> bool:
+        async def placement(_: int, i: int) -> bool:
             return await api.write("POST", PLACEMENTS, placement_body(f"cap-{run}-{i:06d}", "n"))
 
-        # one Lease renewed by many writers conflicts; one per writer, as nodes each own theirs
+        # one Lease per writer (its index), as nodes each renew their own: no conflicts
         lease_names = [f"capacity-lease-{i}" for i in range(args.connections)]
         lease_versions = await create_leases(api, lease_names, 10.0)
 
-        async def own_lease(i: int) -> bool:
-            name = lease_names[i % len(lease_names)]
+        async def own_lease(writer: int, _: int) -> bool:
+            name = lease_names[writer]
             response = await api.http.put(
                 f"{LEASES}/{name}", json=lease_body(name, 10.0, lease_versions[name])
             )
@@ -336,7 +341,8 @@ async def measure(args: argparse.Namespace, kubeconfig: str, pids: list[int]) ->
             print(
                 f"  {kind:22s} {result.writes_per_second:7.1f} writes/s  "
                 f"({result.writes} in {result.seconds:.1f} s, {result.errors} errors; "
-                f"etcd + apiserver {1000 * result.control_plane_cpu_seconds_per_write:.2f} CPU ms a write)",
+                f"etcd + apiserver {1000 * result.control_plane_cpu_seconds_per_request:.2f} CPU ms each)"
+                + (f"\n    first error: {result.first_error}" if result.first_error else ""),
                 flush=True,
             )
         floors = []

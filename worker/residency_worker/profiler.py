@@ -17,7 +17,8 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from residency.api.sensitivity import SensitivityProfileSpec
-from residency_worker.engine import Engine, ModelOptions, SamplingParams
+from residency_worker.engine import Engine, ModelOptions
+from residency_worker.engine.profile import measure_trials, profile_prompt
 from residency_worker.engine.types import EngineError, ExecutionMode, ProfilePoint
 
 log = logging.getLogger(__name__)
@@ -352,27 +354,25 @@ class BackgroundProfiler:
         self, name: str, vocab: int, fraction: float, mode: ExecutionMode, length: int, commands: int
     ) -> tuple[tuple[float, float], float]:
         """(median decode tok/s, median prefill tok/s) of one point, and its decode spread."""
-        settings = self.settings
-        prompt = [(7 * i + 3) % vocab for i in range(length)]
-        params = SamplingParams(max_tokens=settings.decode_tokens, ignore_eos=True)
-        decode_rates: list[float] = []
-        prefill_rates: list[float] = []
-        for trial in range(1 + settings.trials):  # one warm-up trial
+
+        @contextmanager
+        def trial() -> Iterator[None]:  # a trial steps aside for a command, and is marked as measuring
             self._check(commands)
             self.trial_starts.append(time.perf_counter())
             self.measuring.set()
             try:
-                request = self.engine.submit(name, prompt, params)
-                request.wait(None)
+                yield
             finally:
                 self.measuring.clear()
-            if trial == 0:
-                continue
-            assert request.first_token_at is not None and request.finished_at is not None
-            prefill_rates.append(length / max(request.first_token_at - request.submitted_at, 1e-9))
-            decode_rates.append(
-                (settings.decode_tokens - 1) / max(request.finished_at - request.first_token_at, 1e-9)
-            )
+
+        decode_rates, prefill_rates = measure_trials(
+            self.engine,
+            name,
+            profile_prompt(vocab, length),
+            self.settings.decode_tokens,
+            self.settings.trials,
+            around_trial=trial,
+        )
         median = statistics.median(decode_rates)
         spread = (max(decode_rates) - min(decode_rates)) / median if median > 0 else 0.0
         return (median, statistics.median(prefill_rates)), spread

@@ -11,6 +11,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,46 @@ class ProfileResult:
         }
 
 
+def profile_prompt(vocab_size: int, length: int) -> list[int]:
+    """The prompt every profile point measures: `length` fixed token ids spread over the vocabulary."""
+    return [(7 * i + 3) % vocab_size for i in range(length)]
+
+
+def measure_trials(
+    engine: Engine,
+    name: str,
+    prompt: list[int],
+    decode_tokens: int,
+    trials: int,
+    warmup_trials: int = 1,
+    batch_size: int = 1,
+    around_trial: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> tuple[list[float], list[float]]:
+    """Decode and prefill tokens/s of each measured trial of one point (the warm-up trials are run and
+    dropped): `batch_size` copies of `prompt`, each decoding `decode_tokens` tokens, submitted together and
+    waited for, inside `around_trial()`. Prefill is the first request's prompt over its time to first
+    token; decode is the batch's tokens after the first over the time from the last first token to the last
+    finish. Shared by `residency profile` and the worker's background profiler."""
+    params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
+    decode_rates: list[float] = []
+    prefill_rates: list[float] = []
+    for trial in range(warmup_trials + trials):
+        with around_trial():
+            requests = [engine.submit(name, prompt, params) for _ in range(batch_size)]
+            for request in requests:
+                request.wait(None)
+        if trial < warmup_trials:
+            continue
+        first = requests[0]
+        assert first.first_token_at is not None and first.finished_at is not None
+        prefill_rates.append(len(prompt) / max(first.first_token_at - first.submitted_at, 1e-9))
+        decode_seconds = max(r.finished_at or 0.0 for r in requests) - max(
+            r.first_token_at or 0.0 for r in requests
+        )
+        decode_rates.append(batch_size * (decode_tokens - 1) / max(decode_seconds, 1e-9))
+    return decode_rates, prefill_rates
+
+
 def profile_model(
     engine: Engine, path: str, settings: ProfileSettings | None = None, progress: Progress | None = None
 ) -> ProfileResult:
@@ -126,24 +167,15 @@ def profile_model(
                             progress(f"r={fraction:.2f} {mode} seq={length} skipped")
                     continue
                 for length in settings.sequence_lengths:
-                    prompt = [(7 * i + 3) % vocab for i in range(length)]
-                    params = SamplingParams(max_tokens=settings.decode_tokens, ignore_eos=True)
-                    prefill_rates, decode_rates = [], []
-                    for trial in range(settings.warmup_trials + settings.trials):
-                        requests = [engine.submit(name, prompt, params) for _ in range(settings.batch_size)]
-                        for request in requests:
-                            request.wait(None)
-                        if trial < settings.warmup_trials:
-                            continue
-                        first = requests[0]
-                        assert first.first_token_at is not None and first.finished_at is not None
-                        prefill_rates.append(length / max(first.first_token_at - first.submitted_at, 1e-9))
-                        decode_seconds = max(r.finished_at or 0.0 for r in requests) - max(
-                            r.first_token_at or 0.0 for r in requests
-                        )
-                        decode_rates.append(
-                            settings.batch_size * (settings.decode_tokens - 1) / max(decode_seconds, 1e-9)
-                        )
+                    decode_rates, prefill_rates = measure_trials(
+                        engine,
+                        name,
+                        profile_prompt(vocab, length),
+                        settings.decode_tokens,
+                        settings.trials,
+                        warmup_trials=settings.warmup_trials,
+                        batch_size=settings.batch_size,
+                    )
                     result.points.append(
                         ProfilePoint(
                             resident_fraction=fraction,
