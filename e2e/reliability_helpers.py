@@ -563,7 +563,7 @@ def wait_heartbeat_after(api: Api, node: str, after_epoch: float, timeout: float
     NodeProfile) after `after_epoch`."""
     from datetime import datetime
 
-    from residency_worker.agent import node_lease_name
+    from residency_worker.presence import node_lease_name
 
     started = time.monotonic()
     coordination = kclient.CoordinationV1Api(api.api_client)

@@ -10,8 +10,9 @@ from typing import Any
 
 from residency.modelgen import make_model
 from residency_operator.state import current_placement
-from residency_worker.agent import AgentConfig, NodeAgent
+from residency_worker.agent import NodeAgent
 from residency_worker.engine import Engine, EngineError, make_gpu_tier
+from residency_worker.presence import AgentConfig
 
 
 class FakeCustom:

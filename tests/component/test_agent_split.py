@@ -11,10 +11,11 @@ from typing import Any
 from residency.api.nodeprofile import NodeProfileSpec
 from residency.api.placement import ModelPlacementStatus
 from residency.modelgen import make_model
-from residency_worker.agent import AgentConfig, NodeAgent
+from residency_worker.agent import NodeAgent
 from residency_worker.engine import Engine
 from residency_worker.engine.tiers import make_gpu_tiers
 from residency_worker.gpus import refresh_gpu_fields
+from residency_worker.presence import AgentConfig
 
 MIB = 2**20
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from residency_worker.agent import AgentConfig, node_lease_name
 from residency_worker.hollow import HollowAgent, HollowEngine
+from residency_worker.presence import AgentConfig, node_lease_name
 
 
 class FakeCoordination:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from residency_worker.agent import (
-    DEMAND_REPORT_SECONDS,
-    _Failure,
-    demand_report_due,
-    demand_wire,
-)
+from residency_worker.agent import _Failure
 from residency_worker.engine.types import ObservedDemand
+from residency_worker.status_wire import DEMAND_REPORT_SECONDS, demand_report_due, demand_wire
 
 
 def test_a_refusal_for_room_is_retried_once_room_frees() -> None:
@@ -58,8 +54,8 @@ def test_every_operation_names_every_field() -> None:
     """A status is merge-patched: an operation that left a field out would keep the previous one's value
     (a preemption showing the bytes of the resume before it), and the operator would announce it again on
     every round because the copies never compare equal."""
-    from residency_worker.agent import operation_wire
     from residency_worker.engine.types import PreemptReport, ResumeReport, TransferTiming
+    from residency_worker.status_wire import operation_wire
 
     def timing(moved_bytes: int) -> TransferTiming:
         return TransferTiming.of(

@@ -11,17 +11,13 @@ GPU budget is never exceeded on the way; the engine refuses anything that would 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-import torch
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -34,172 +30,24 @@ from residency_worker.ack import LateStatus
 from residency_worker.engine import Engine, ModelOptions
 from residency_worker.engine.observed import observed_step_due, observed_step_wire
 from residency_worker.engine.runner import DEMAND_WINDOW_SECONDS
-from residency_worker.engine.types import (
-    EngineError,
-    LoadReport,
-    ModelTimings,
-    ObservedDemand,
-    PreemptReport,
-    ResidencyReport,
-    ResumeReport,
-    TransferTiming,
-)
-from residency_worker.gpus import (
-    gpu_profile_fields,
-    gpus_changed,
-    gpus_wire,
-    measure_copy_gbps,
-    placement_gpus,
-    refresh_gpu_fields,
-)
+from residency_worker.engine.types import EngineError, ObservedDemand
+from residency_worker.gpus import gpus_changed, gpus_wire, placement_gpus
+from residency_worker.presence import NODE_LABEL, AgentConfig, NodePresence
 from residency_worker.profiler import PROFILE_PREFIX, BackgroundProfiler
 from residency_worker.publish import ProfilePublisher
+from residency_worker.status_wire import (
+    demand_report_due,
+    demand_wire,
+    operation_wire,
+    parse_rfc3339,
+    rfc3339,
+    timings_wire,
+)
 
 log = logging.getLogger("residency.agent")
-NODE_LABEL = "residency.dev/node"
-NODE_LEASE_LABEL = "residency.dev/node-lease"
-LEASE_DURATION_FACTOR = 4  # a node Lease lasts this many renewal periods (the kubelet's 40 s for 10 s)
 UNLOAD_FINALIZER = "residency.dev/unload"
 FRACTION_TOLERANCE = 0.02
 ACTIVITY_GRANULARITY_SECONDS = 2.0  # report activity at most this often (each report wakes the planner)
-DEMAND_REPORT_SECONDS = 10.0  # a changed demand is reported at most this often (unless it starts or stops)
-DEMAND_CHANGE_SHARE = 0.2  # ...and only when it moved by this share of what was last reported
-# cluster-autoscaler and Karpenter leave a node alone while its pods carry these
-PROTECT_ANNOTATIONS = {
-    "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
-    "karpenter.sh/do-not-disrupt": "true",
-}
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def rfc3339(epoch_seconds: float) -> str:
-    return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(value: str | None) -> float | None:
-    if not value:
-        return None
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-
-
-def timings_wire(timings: ModelTimings) -> dict[str, Any]:
-    """The engine's measured timings in the API's Timings shape."""
-    wire: dict[str, Any] = {"weightBytes": timings.weight_bytes, "emulated": timings.emulated}
-    if timings.load_seconds is not None:
-        wire["loadSeconds"] = round(timings.load_seconds, 6)
-    if timings.reload_seconds is not None:
-        wire["reloadSeconds"] = round(timings.reload_seconds, 6)
-    if timings.kv_save_seconds is not None:
-        wire["kvTransferSeconds"] = round(timings.kv_save_seconds, 6)
-    if timings.kv_save_seconds is not None or timings.kv_bytes:
-        wire["kvBytes"] = timings.kv_bytes  # 0 is a measurement too: nothing was in flight
-    transfer = timings.reload_transfer or timings.load_transfer
-    if transfer is not None:
-        # bytes, seconds and GB/s of one and the same measured weight transfer
-        wire["hostToDeviceBytes"] = transfer.moved_bytes
-        wire["hostToDeviceSeconds"] = round(transfer.seconds, 9)
-        wire["hostToDeviceGBps"] = round(transfer.gbps, 4)
-        wire["transferPath"] = transfer.path
-    elif timings.host_to_device_gbps is not None:
-        wire["hostToDeviceGBps"] = round(timings.host_to_device_gbps, 4)
-    return wire
-
-
-def operation_wire(
-    action: str, seconds: float, node: str, before: float | None, report: object
-) -> dict[str, Any]:
-    """One lifecycle operation in the API's Operation shape: what it moved and how long it took.
-
-    Every key is always there (0 where nothing was moved): a status is merge-patched, so a key left out
-    would keep the previous operation's value."""
-    wire: dict[str, Any] = {
-        "action": action.capitalize(),
-        "seconds": round(seconds, 6),
-        "node": node,
-        "time": now_rfc3339(),
-        "fromFraction": round(before or 0.0, 6),
-        "toFraction": 0.0,
-        "movedBytes": 0,
-        "gbps": 0.0,
-        "requests": 0,
-    }
-    transfer: TransferTiming | None = None
-    if isinstance(report, LoadReport):
-        wire["toFraction"] = round(report.residency.resident_fraction, 6)
-        transfer = report.host_to_device
-    elif isinstance(report, ResidencyReport):
-        wire["toFraction"] = round(report.resident_fraction, 6)
-    elif isinstance(report, PreemptReport):
-        transfer = report.kv_save
-        wire["requests"] = report.sequences_parked
-    elif isinstance(report, ResumeReport):
-        transfer = report.reload
-        wire["requests"] = report.sequences_resumed
-    if transfer is not None and transfer.moved_bytes:
-        wire["movedBytes"] = transfer.moved_bytes
-        wire["gbps"] = round(transfer.gbps, 4)
-    return wire
-
-
-def demand_wire(demand: ObservedDemand) -> dict[str, Any]:
-    """The engine's observed demand in the API's ObservedDemand shape (a ``None`` field, merge-patched, is
-    removed from the status)."""
-    return {
-        "decodeTokensPerSecond": round(demand.decode_tokens_per_second, 3),
-        "promptTokensPerSecond": round(demand.prompt_tokens_per_second, 3),
-        "typicalPromptTokens": demand.typical_prompt_tokens,
-        "windowSeconds": round(demand.window_seconds, 3),
-    }
-
-
-def demand_report_due(
-    reported: dict[str, Any] | None,
-    observed: dict[str, Any],
-    seconds_since_report: float | None,
-    young: bool = False,
-) -> bool:
-    """Whether to write a newly observed demand: when none was reported, when traffic starts or stops,
-    and otherwise when it moved by :data:`DEMAND_CHANGE_SHARE` at most every :data:`DEMAND_REPORT_SECONDS`
-    (each status write wakes the planner; a noisy rate must not re-plan the cluster every second).
-
-    ``young``: the model has served here for less than half the window, so its rate undercounts (after a
-    move, resume or reload the window starts empty): it may raise what was reported, never lower it."""
-    if not reported:
-        return True
-    before = float(reported.get("decodeTokensPerSecond") or 0.0)
-    now = float(observed["decodeTokensPerSecond"])
-    prompt_before = float(reported.get("promptTokensPerSecond") or 0.0)
-    prompt_now = float(observed["promptTokensPerSecond"])
-    if young and (now < before or prompt_now < prompt_before):
-        return False
-    if (before > 0) != (now > 0):
-        return True
-    if seconds_since_report is not None and seconds_since_report < DEMAND_REPORT_SECONDS:
-        return False
-    return abs(now - before) > DEMAND_CHANGE_SHARE * max(before, 1.0) or abs(
-        prompt_now - prompt_before
-    ) > DEMAND_CHANGE_SHARE * max(prompt_before, 1.0)
-
-
-@dataclass
-class AgentConfig:
-    node: str
-    endpoint: str
-    host_memory_bytes: int
-    poll_seconds: float = 1.0  # between syncs without a placement change (the engine's own news)
-    heartbeat_seconds: float = 5.0  # between renewals of the node Lease
-    grow_seconds: float = 2.0  # loads one sync starts before it lists placements again (moves, deletions)
-    node_heartbeat: bool = False  # also keep the Node Ready (local clusters have no kubelet)
-    pod_name: str | None = None  # this worker's own Pod (downward API), annotated while it serves
-    pod_namespace: str | None = None
-    protect_annotations: dict[str, str] = field(default_factory=lambda: dict(PROTECT_ANNOTATIONS))
-    lease_namespace: str = "default"  # where the node Lease lives (the operator's namespace)
-    # a load or resume is reported as Loading only once it has taken this long: a quick one is one write
-    loading_report_seconds: float = 1.0
-    background_profile: bool = False  # measure and publish curves of models without one (profiler.py)
 
 
 @dataclass
@@ -224,8 +72,8 @@ RETRIED_REASON = "PlacementDoesNotFit"
 
 
 @dataclass
-class NodeAgent:
-    """Converges one node's engine to its placements."""
+class NodeAgent(NodePresence):
+    """Converges one node's engine to its placements (its presence in the cluster: presence.py)."""
 
     engine: Engine
     config: AgentConfig
@@ -254,172 +102,6 @@ class NodeAgent:
     profiler: BackgroundProfiler | None = None
     """Measures a curve of each model loaded here that has none for this GPU type (profiler.py)."""
     publisher: ProfilePublisher | None = None
-
-    # -- node profile -------------------------------------------------------------------------------
-    def profile_spec(self) -> dict[str, Any]:
-        """The node's measured profile (measured once)."""
-        if self._profile_spec is None:
-            report = self.engine.node_report()
-            peak = report.host_to_device_peak
-            tier = self.engine.tier
-            host_gbps = measure_copy_gbps(torch.device("cpu"))
-            # an emulated tier's "GPU memory" is the same DRAM: one measurement, not two noisy ones
-            hbm_gbps = host_gbps if report.emulated else measure_copy_gbps(tier.device)
-            self._profile_spec = {
-                "nodeName": self.config.node,
-                "gpuType": report.gpu_name,
-                "gpuCount": 1,
-                "gpuMemoryBytes": report.budget_bytes,
-                **gpu_profile_fields(self.engine.tiers, report, host_gbps),
-                "hostMemoryBytes": self.config.host_memory_bytes,
-                "hostToDeviceGbps": round(peak.gbps if peak else 1.0, 4),
-                "hbmGbps": round(hbm_gbps, 4),
-                "hostMemoryGbps": round(host_gbps, 4),
-                "emulated": report.emulated,
-                "workerEndpoint": self.config.endpoint,
-            }
-        return self._profile_spec
-
-    def register(self) -> None:
-        """Create or update this node's NodeProfile, owned by the Node so it goes when the Node goes."""
-        body: dict[str, Any] = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "NodeProfile",
-            "metadata": {"name": self.config.node},
-            "spec": self.profile_spec(),
-        }
-        try:
-            node = self.core.read_node(self.config.node)
-            body["metadata"]["ownerReferences"] = [
-                {"apiVersion": "v1", "kind": "Node", "name": node.metadata.name, "uid": node.metadata.uid}
-            ]
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-        try:
-            self.custom.create_cluster_custom_object(GROUP, VERSION, "nodeprofiles", body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            self.custom.patch_cluster_custom_object(
-                GROUP,
-                VERSION,
-                "nodeprofiles",
-                self.config.node,
-                {"metadata": body["metadata"], "spec": body["spec"]},
-            )
-        self.heartbeat(force=True)
-
-    def heartbeat(self, force: bool = False) -> None:
-        """NodeProfile status: alive, and the bytes this node holds now."""
-        if self._profile_spec is not None and refresh_gpu_fields(self._profile_spec, self.engine):
-            # a budget changed at runtime, or a GPU was lost: the planner must plan with what the engine has
-            self.register()
-            return
-        if not force and time.monotonic() - self._last_heartbeat < self.config.heartbeat_seconds:
-            return
-        if not self._lease_refused:
-            self.renew_lease()
-        resident_bytes = self.engine.node_report().allocated_bytes
-        # the profile's status is measured values: written when they change (liveness is the Lease)
-        if force or self._lease_refused or resident_bytes != self._reported_resident_bytes:
-            status = {"heartbeatTime": now_rfc3339(), "residentBytes": resident_bytes}
-            try:
-                self.custom.patch_cluster_custom_object_status(
-                    GROUP, VERSION, "nodeprofiles", self.config.node, {"status": status}
-                )
-                self._reported_resident_bytes = resident_bytes
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                self.register()
-        if self.config.node_heartbeat:
-            self._node_ready()
-        self._last_heartbeat = time.monotonic()
-
-    def renew_lease(self) -> None:
-        """Renew this node's Lease (create it the first time; read it again after a conflict)."""
-        name, namespace = node_lease_name(self.config.node), self.config.lease_namespace
-        now = datetime.now(UTC)
-        try:
-            if self._lease is None:
-                try:
-                    self._lease = self.coordination.read_namespaced_lease(name, namespace)
-                except ApiException as exc:
-                    if exc.status != 404:
-                        raise
-                    self._lease = self.coordination.create_namespaced_lease(
-                        namespace, self._lease_body(name, namespace, now)
-                    )
-                    return
-            self._lease.spec.holder_identity = self.config.node
-            self._lease.spec.renew_time = now
-            self._lease.spec.lease_duration_seconds = self._lease_seconds()
-            self._lease = self.coordination.replace_namespaced_lease(name, namespace, self._lease)
-        except ApiException as exc:
-            self._lease = None  # read it afresh next time (a conflict, or it was deleted)
-            if exc.status == 403:
-                log.warning(
-                    "may not write the node Lease %s/%s (%s): heartbeating in the NodeProfile instead",
-                    namespace,
-                    name,
-                    exc.reason,
-                )
-                self._lease_refused = True
-            elif exc.status not in (404, 409):
-                raise
-
-    def _lease_seconds(self) -> int:
-        return max(1, math.ceil(LEASE_DURATION_FACTOR * self.config.heartbeat_seconds))
-
-    def _lease_body(self, name: str, namespace: str, now: datetime) -> client.V1Lease:
-        return client.V1Lease(
-            metadata=client.V1ObjectMeta(
-                name=name,
-                namespace=namespace,
-                labels={NODE_LEASE_LABEL: "true", NODE_LABEL: label_value(self.config.node)},
-            ),
-            spec=client.V1LeaseSpec(
-                holder_identity=self.config.node,
-                lease_duration_seconds=self._lease_seconds(),
-                acquire_time=now,
-                renew_time=now,
-            ),
-        )
-
-    def _node_ready(self) -> None:
-        now = now_rfc3339()
-        condition = {
-            "type": "Ready",
-            "status": "True",
-            "reason": "ResidencyWorkerReady",
-            "message": "residency worker is serving",
-            "lastHeartbeatTime": now,
-            "lastTransitionTime": now,
-        }
-        try:
-            self.core.patch_node_status(self.config.node, {"status": {"conditions": [condition]}})
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-
-    def protect(self, serving: bool) -> None:
-        """Mark this worker's Pod as not to be evicted by autoscalers while it holds non-idle models."""
-        if self.config.pod_name is None or not self.config.pod_namespace or serving == self._protected:
-            return
-        annotations: dict[str, str | None] = {
-            k: (v if serving else None) for k, v in self.config.protect_annotations.items()
-        }
-        try:
-            self.core.patch_namespaced_pod(
-                self.config.pod_name, self.config.pod_namespace, {"metadata": {"annotations": annotations}}
-            )
-            self._protected = serving
-            log.info(
-                "%s scale-down protection on pod %s", "set" if serving else "removed", self.config.pod_name
-            )
-        except ApiException as exc:
-            log.warning("cannot annotate pod %s: %s", self.config.pod_name, exc.reason)
 
     # -- convergence --------------------------------------------------------------------------------
     def placements(self) -> list[dict[str, Any]]:
@@ -823,14 +505,6 @@ class NodeAgent:
         self._changed.set()
 
 
-def node_lease_name(node: str) -> str:
-    """The name of a node's Lease (a DNS subdomain of at most 253 characters)."""
-    name = f"residency-node.{node}"
-    if len(name) <= 253:
-        return name
-    return f"{name[:240]}-{hashlib.sha256(node.encode()).hexdigest()[:12]}"
-
-
 def _decode_slo(spec: dict[str, Any]) -> float | None:
     """The placement's decode SLO in tokens/s (``None``: the model has none, or an invalid one)."""
     slo = spec.get("minDecodeTokensPerSecond")
@@ -845,11 +519,6 @@ def _load_key(placement: dict[str, Any]) -> tuple[Any, ...]:
     """What a loaded model cannot change without loading again."""
     spec = placement["spec"]
     return (spec["sourcePath"], spec.get("dtype"), spec.get("maxSequenceLength"), spec.get("maxBatchSize"))
-
-
-def host_memory_bytes() -> int:
-    """Physical memory of this machine."""
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _percent(fraction: float) -> str:

@@ -139,7 +139,7 @@ def worker(
     )
     agent_config = None
     if join:
-        from residency_worker.agent import AgentConfig, host_memory_bytes
+        from residency_worker.presence import AgentConfig, host_memory_bytes
 
         agent_config = AgentConfig(
             node=node,

@@ -25,7 +25,7 @@ from typing import Any, cast
 from kubernetes import client
 
 from residency.kubeapi import TimeoutApiClient
-from residency_worker.agent import AgentConfig, NodeAgent
+from residency_worker.agent import NodeAgent
 from residency_worker.engine import Engine, EngineError
 from residency_worker.engine.observed import StepWindow
 from residency_worker.engine.types import (
@@ -35,6 +35,7 @@ from residency_worker.engine.types import (
     ObservedDemand,
     ResidencyReport,
 )
+from residency_worker.presence import AgentConfig
 
 log = logging.getLogger("residency.hollow")
 MIB = 2**20

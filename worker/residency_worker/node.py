@@ -7,8 +7,9 @@ import threading
 
 import uvicorn
 
-from residency_worker.agent import AgentConfig, NodeAgent
+from residency_worker.agent import NodeAgent
 from residency_worker.engine import Engine
+from residency_worker.presence import AgentConfig
 from residency_worker.profiler import BackgroundProfiler
 from residency_worker.publish import ProfilePublisher
 from residency_worker.server import ServerSettings, create_app
