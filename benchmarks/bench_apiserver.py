@@ -13,13 +13,15 @@ client, no watch, no planning):
    the API server takes them, and each model's ModelPlacement is created the moment its model's create
    returns (an operator that needs no event, no cache, no plan and writes nothing else). Its apply ->
    placement p50/p99 is a floor under any operator's on this machine; the lease renewals that fell behind
-   are counted too (a node whose renewals fall behind is one the operator may take for dead).
+   are counted too (a node whose renewals fall behind is one the operator may take for dead). With
+   `--status-writes N`, each model's status is then written N times (what its way to Ready costs beside
+   the two writes: the wave's length is then a floor under "the wave is Ready").
 
     .venv/bin/python benchmarks/bench_apiserver.py                  # 100, 300, 1000 nodes; wave of 1000
-    .venv/bin/python benchmarks/bench_apiserver.py --nodes 1000 --lease-seconds 10
+    .venv/bin/python benchmarks/bench_apiserver.py --nodes 1000 --lease-seconds 10 --label lease10
 
-Writes benchmarks/results/apiserver-floor.json. Everything here shares the machine's cores with the API
-server, as the scale harness's load generator, hollow nodes and operator do: the floor is a generous one.
+Writes benchmarks/results/apiserver-floor[-LABEL].json. Everything here shares the machine's cores with the
+API server, as the scale harness's load generator, hollow nodes and operator do: the floor is a generous one.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class Floor:
     wave_seconds: float
     apply_to_placement_p50_seconds: float
     apply_to_placement_p99_seconds: float
+    status_writes: int  # merge-patches of each model's status after its placement (a model's way to Ready)
+    apply_to_last_status_p99_seconds: float
     writes_per_second_during_wave: float
     late_renewals: int  # renewals sent more than one period after the one before (the lease looks stale)
 
@@ -86,8 +90,9 @@ class Api:
         self.http = httpx.AsyncClient(base_url=cluster_entry["server"], verify=tls, limits=limits, timeout=60)
         self.first_error = ""
 
-    async def write(self, method: str, path: str, body: dict[str, Any]) -> bool:
-        response = await self.http.request(method, path, json=body)
+    async def write(self, method: str, path: str, body: dict[str, Any], merge: bool = False) -> bool:
+        headers = {"Content-Type": "application/merge-patch+json"} if merge else None
+        response = await self.http.request(method, path, json=body, headers=headers)
         if not response.is_success and not self.first_error:
             self.first_error = f"{method} {path}: {response.status_code} {response.text[:300]}"
         return response.is_success
@@ -267,7 +272,9 @@ async def renew_leases(
     return late
 
 
-async def floor(api: Api, nodes: int, lease_seconds: float, wave: int, connections: int, run: int) -> Floor:
+async def floor(
+    api: Api, nodes: int, lease_seconds: float, wave: int, connections: int, run: int, status_writes: int
+) -> Floor:
     names = [f"floor-node-{i:04d}" for i in range(nodes)]
     versions = await create_leases(api, names, lease_seconds)
     stop = asyncio.Event()
@@ -275,6 +282,7 @@ async def floor(api: Api, nodes: int, lease_seconds: float, wave: int, connectio
     renewing = asyncio.create_task(renew_leases(api, names, lease_seconds, versions, stop, renewals))
     await asyncio.sleep(2 * lease_seconds)  # the leases' steady state before the wave
     latencies: list[float] = []
+    finished: list[float] = []
     queue = iter(range(wave))
     start = time.monotonic()
 
@@ -286,6 +294,10 @@ async def floor(api: Api, nodes: int, lease_seconds: float, wave: int, connectio
                 "POST", PLACEMENTS, placement_body(name, names[index % nodes])
             ):
                 latencies.append(time.monotonic() - sent)
+                for step in range(status_writes):
+                    status = {"status": {"phase": "Scheduled", "message": f"step {step}"}}
+                    await api.write("PATCH", f"{MODELS}/{name}/status", status, merge=True)
+                finished.append(time.monotonic() - sent)
 
     await asyncio.gather(*(writer() for _ in range(connections)))
     wave_seconds = time.monotonic() - start
@@ -301,7 +313,9 @@ async def floor(api: Api, nodes: int, lease_seconds: float, wave: int, connectio
         wave_seconds=wave_seconds,
         apply_to_placement_p50_seconds=percentile(latencies, 50) or 0.0,
         apply_to_placement_p99_seconds=percentile(latencies, 99) or 0.0,
-        writes_per_second_during_wave=(2 * len(latencies) + in_wave) / wave_seconds,
+        status_writes=status_writes,
+        apply_to_last_status_p99_seconds=percentile(finished, 99) or 0.0,
+        writes_per_second_during_wave=((2 + status_writes) * len(latencies) + in_wave) / wave_seconds,
         late_renewals=late,
     )
 
@@ -347,7 +361,9 @@ async def measure(args: argparse.Namespace, kubeconfig: str, pids: list[int]) ->
             )
         floors = []
         for i, nodes in enumerate(args.nodes):
-            wave = await floor(api, nodes, args.lease_seconds, args.wave, args.connections, i)
+            wave = await floor(
+                api, nodes, args.lease_seconds, args.wave, args.connections, i, args.status_writes
+            )
             floors.append(wave)
             print(
                 f"  {nodes:5d} nodes, leases every {args.lease_seconds:g} s: wave of {args.wave} in "
@@ -355,7 +371,8 @@ async def measure(args: argparse.Namespace, kubeconfig: str, pids: list[int]) ->
                 f"p50 {wave.apply_to_placement_p50_seconds:.2f} s "
                 f"p99 {wave.apply_to_placement_p99_seconds:.2f} s; lease renewals "
                 f"{wave.lease_writes_per_second_done:.0f}/s of {wave.lease_writes_per_second_needed:.0f}/s "
-                f"needed, {wave.late_renewals} late",
+                f"needed, {wave.late_renewals} late; with {args.status_writes} status writes a model, "
+                f"apply -> last p99 {wave.apply_to_last_status_p99_seconds:.2f} s",
                 flush=True,
             )
         return {"capacity": [asdict(c) for c in capacities], "floor": [asdict(f) for f in floors]}
@@ -370,6 +387,15 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--lease-seconds", type=float, default=5.0, help="as bench_scale.py's default")
     parser.add_argument("--wave", type=int, default=1000)
+    parser.add_argument(
+        "--status-writes",
+        type=int,
+        default=0,
+        help="status writes per model after its placement (residency's way to Ready makes about 5 more "
+        "writes than the create and the placement: a finalizer, Scheduled, the worker's Loaded, Ready, "
+        "an Event)",
+    )
+    parser.add_argument("--label", default="", help="names the result: apiserver-floor[-LABEL].json")
     parser.add_argument("--workdir", type=Path, default=REPO / ".scale-apiserver")
     args = parser.parse_args()
     env = {
@@ -389,7 +415,7 @@ def main() -> None:
         cluster("down", env)
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "apiserver-floor.json"
+    out = RESULTS / f"apiserver-floor{'-' + args.label if args.label else ''}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
