@@ -28,6 +28,8 @@ models, which the solvers then decide on the GPUs left.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -44,12 +46,13 @@ KEEP_MARGIN = 1.5
 def slo_capacity(
     predictor: Predictor, model: ModelDemand, unit: NodeCapacity, levels: Iterable[float]
 ) -> float:
-    """Decode tokens/s the model serves on ``unit`` with every sequence at or above its SLO, at the best of
-    ``levels`` (resident fractions that fit) and its allowed modes: the largest batch whose per-sequence rate
-    meets the SLO, times that rate; 0 where even one sequence misses it. Without an SLO, a full batch."""
+    """Decode tokens/s the model serves on ``unit`` with every sequence at or above its SLO, at the highest of
+    ``levels`` (resident fractions that fit: a rate never falls with more of the model resident) in the best
+    of its allowed modes: the largest batch whose per-sequence rate meets the SLO, times that rate; 0 where
+    even one sequence misses it (or nothing fits). Without an SLO, a full batch."""
     slo = model.min_decode_tokens_per_second or 0.0
     best = 0.0
-    for level in levels:
+    for level in sorted(levels)[-1:]:
         for mode in model.allowed_modes:
             for batch in range(model.max_batch, 0, -1):
                 rate = predictor.decode_tokens_per_second(model, unit, level, mode, batch=batch)
@@ -119,17 +122,33 @@ class GpuMarket:
             footprint = max(1, min(gpu_bytes_needed(model, 1.0, "stream"), largest_gpu_bytes))
             claims.append(_Claim(model.priority, asked / footprint, footprint, asked))
         self._claims = sorted(claims, key=lambda c: (-c.priority, -c.density))
+        self._ends = list(itertools.accumulate(c.footprint for c in self._claims))
+        """Bytes the claims up to each one take, in packing order."""
+        self._tails: dict[int | None, list[float]] = {}
+
+    def _tail(self, min_priority: int | None) -> list[float]:
+        """Per position, the demand that counts of the claims from there on (suffix sums)."""
+        tail = self._tails.get(min_priority)
+        if tail is None:
+            counted = [
+                c.demand if min_priority is None or c.priority >= min_priority else 0.0 for c in self._claims
+            ]
+            tail = [*list(itertools.accumulate(reversed(counted)))[::-1], 0.0]
+            self._tails[min_priority] = tail
+        return tail
 
     def displaced(self, free_bytes: int, min_priority: int | None) -> float:
         """Demand (of models of ``min_priority`` or above; all where None) not fitting ``free_bytes``."""
-        left = free_bytes
-        lost = 0.0
-        for claim in self._claims:
-            fits = min(claim.footprint, max(0, left))
-            left -= claim.footprint
-            if min_priority is None or claim.priority >= min_priority:
-                lost += claim.demand * (1.0 - fits / claim.footprint)
-        return lost
+        first = bisect.bisect_right(self._ends, free_bytes)  # the first claim that does not fit whole
+        if first == len(self._claims):
+            return 0.0
+        tail = self._tail(min_priority)
+        claim = self._claims[first]
+        start = self._ends[first] - claim.footprint
+        counts = min_priority is None or claim.priority >= min_priority
+        fits = max(0, free_bytes - start)
+        partial = claim.demand * (1.0 - fits / claim.footprint) if counts else 0.0
+        return partial + tail[first + 1]
 
     def worth(self, model: ModelDemand, split: float, alone: float, taken_bytes: int) -> Worth:
         """The split of ``taken_bytes`` of single-GPU memory that serves ``split`` tokens/s within SLO, where
