@@ -5,7 +5,8 @@ measured report), or, without one, of the planner's own predictor, so a policy's
 follows from the same physics the planner believes in. Memory footprint and transition costs are the
 planner's model. What the
 planner does *not* see is simulated here: models on one GPU share its time (processor sharing), a model
-is unavailable while it loads or moves, queued requests time out, evicted requests restart.
+is unavailable while it loads or moves, queued requests time out, evicted requests restart, and the
+router in front refuses (429) what a model would serve past its TTFT target (``runtime.RouterGate``).
 """
 
 from __future__ import annotations
