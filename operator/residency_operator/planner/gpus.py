@@ -18,8 +18,10 @@ When a split is made (:func:`partition_gpus`): a model that fits one GPU fully r
 split only adds hops); one that does not gets the fewest GPUs that hold it fully resident (all of the
 node's, with the rest in host memory, where even they do not), unless that is predicted slower than its
 best offload on one GPU (``SPLIT_MIN_SPEEDUP``), where a node has the GPUs free — or held by placements
-of lower priority, which then move (making room per GPU). Splits already running keep their GPUs while
-their model is wanted, so the partition is stable from round to round.
+of lower priority, which then move (making room per GPU) — and only where the split is worth its GPUs:
+what it serves within its SLO against the demand of other models its GPUs would leave without room
+(planner/split_worth.py). Splits already running keep their GPUs while they stay worth them (with a
+margin), so the partition is stable from round to round.
 """
 
 from __future__ import annotations
