@@ -594,6 +594,12 @@ def main() -> None:
     parser.add_argument(
         "--no-measured", action="store_true", help="skip the tables scored by the measured engine"
     )
+    parser.add_argument(
+        "--no-admission",
+        action="store_true",
+        help="serve without the router's admission (every request queues until served or timed out), "
+        "as the simulator did before it modelled the router's 429s: for before/after comparisons",
+    )
     args = parser.parse_args()
     if args.merge:
         merge_files(args.merge, args.out)
@@ -610,6 +616,8 @@ def main() -> None:
             continue
         if args.seed is not None:
             scenario.seed = args.seed
+        if args.no_admission:
+            scenario.router_admission = False
         offsets = list(range(args.seeds if scenario.trace_path is None else 1))
         if args.policy:
             policies = tuple(p for p in policies_for(scenario) if p in args.policy)

@@ -312,3 +312,89 @@ def test_a_higher_priority_split_takes_the_gpus_of_a_lower_priority_split() -> N
     # a preemptible: false split is never displaced
     pinned = dataclasses.replace(low, preemptible=False)
     assert "ns/low" in plan([pinned, high], [node], current).placements
+
+
+def l4_node(name: str) -> NodeCapacity:
+    """4 x L4 (24 GiB, 300 GB/s HBM), two GPUs per host link, host memory read at 80 GB/s."""
+    node = gpu_node(name, 4, gpu_gib=24, hbm_gbps=300, link_gbps=25, gpus_per_link=2, concurrent_gbps=26)
+    return dataclasses.replace(node, host_memory_gbps=80.0, gpu_tflops=121.0)
+
+
+def served_model(
+    name: str, billions: float, layers: int, demand: float | None, **fields: object
+) -> ModelDemand:
+    """A model with a batch of 8 and a measured demand (decode tokens/s; None: not measured yet)."""
+    return ModelDemand(
+        name=name,
+        weight_bytes=int(billions * 2e9),
+        kv_bytes_per_token=131072,
+        max_sequence_length=2048,
+        max_batch=8,
+        layer_count=layers,
+        max_offload_fraction=0.75,
+        demand_decode_tokens_per_second=demand,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def l4_fleet(big_priority: int, big_demand: float | None, small_demand: float | None) -> list[ModelDemand]:
+    """A 33B model that only a split holds on L4s (three of them, ~36 tokens/s at its SLO of 3 per
+    sequence; offloaded on one L4 it misses that SLO), beside eight 8B models (one L4 each)."""
+    big = served_model("ns/big", 33, 64, big_demand, priority=big_priority, min_decode_tokens_per_second=3.0)
+    smalls = [
+        served_model(f"ns/s-{i}", 8, 32, small_demand, min_decode_tokens_per_second=10.0) for i in range(8)
+    ]
+    return [big, *smalls]
+
+
+def test_a_split_serving_little_of_its_demand_does_not_take_gpus_busy_models_need() -> None:
+    """Asked 200 tokens/s, the split would serve 36 within its SLO, while its three L4s serve 20 tokens/s
+    each of busy 8B models: it is not made, whatever its priority, and its reason says so."""
+    for priority in (0, 100):
+        planned = plan(l4_fleet(priority, 200.0, 20.0), [l4_node("l4")], [])
+        assert "ns/big" not in planned.placements
+        assert len(planned.placements) == 4  # one 8B model on each L4
+        (refused,) = [u for u in planned.unschedulable if u.model == "ns/big"]
+        assert refused.reason == "InsufficientGPUMemory"
+        assert "would serve 35.8 tokens/s more within its SLO" in refused.message
+        assert "tokens/s of other models without room" in refused.message
+
+
+def test_a_split_serving_most_of_its_demand_competes_in_its_priority_tier() -> None:
+    """Asked 40 tokens/s, the split serves most of it (36): at a higher priority than the 8B models it takes
+    its three L4s from them; at their priority it does not (it serves less than their 60)."""
+    planned = plan(l4_fleet(100, 40.0, 20.0), [l4_node("l4")], [])
+    assert len(planned.placements["ns/big"].gpus) == 3
+    assert planned.placements["ns/big"].resident_fraction == 1.0
+    peer = plan(l4_fleet(0, 40.0, 20.0), [l4_node("l4")], [])
+    assert "ns/big" not in peer.placements
+    (refused,) = [u for u in peer.unschedulable if u.model == "ns/big"]
+    assert "of models of priority 0 or above without room" in refused.message
+
+
+def test_a_model_only_a_split_holds_gets_one_where_its_gpus_are_not_needed_elsewhere() -> None:
+    """However little of its demand it serves: when the other models are idle, or nobody's demand is
+    measured yet (a new fleet), the split is made."""
+    for small_demand, big_demand in ((0.0, 200.0), (None, None)):
+        planned = plan(l4_fleet(0, big_demand, small_demand), [l4_node("l4")], [])
+        assert len(planned.placements["ns/big"].gpus) == 3, (small_demand, big_demand)
+
+
+def test_a_running_split_of_an_idle_model_gives_its_gpus_to_busy_models() -> None:
+    """Idle, a running split keeps its GPUs while nobody needs them, and gives them up once the 8B models
+    it keeps out are asked for; a running split serving most of its demand keeps them (hysteresis aside)."""
+    node = l4_node("l4")
+    running = [CurrentPlacement("ns/big", "l4", 1.0, gpus=(0, 1, 2))]
+    idle_fleet = l4_fleet(0, 0.0, 0.0)
+    kept = plan(idle_fleet, [node], running)
+    assert {g.index for g in kept.placements["ns/big"].gpus} == {0, 1, 2}
+    busy = l4_fleet(0, 0.0, 20.0)
+    released = plan(busy, [node], running)
+    assert "ns/big" not in released.placements
+    assert {a.kind for a in released.actions if a.model == "ns/big"} <= {"preempt", "evict"}
+    assert any(a.model == "ns/big" for a in released.actions)
+    assert len(released.placements) == 4  # an 8B model on each L4
+    (refused,) = [u for u in released.unschedulable if u.model == "ns/big"]
+    assert "idle" in refused.message
+    asked = plan(l4_fleet(100, 40.0, 20.0), [node], running)
+    assert {g.index for g in asked.placements["ns/big"].gpus} == {0, 1, 2}

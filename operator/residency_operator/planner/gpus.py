@@ -18,14 +18,16 @@ When a split is made (:func:`partition_gpus`): a model that fits one GPU fully r
 split only adds hops); one that does not gets the fewest GPUs that hold it fully resident (all of the
 node's, with the rest in host memory, where even they do not), unless that is predicted slower than its
 best offload on one GPU (``SPLIT_MIN_SPEEDUP``), where a node has the GPUs free — or held by placements
-of lower priority, which then move (making room per GPU). Splits already running keep their GPUs while
-their model is wanted, so the partition is stable from round to round.
+of lower priority, which then move (making room per GPU) — and only where the split is worth its GPUs:
+what it serves within its SLO against the demand of other models its GPUs would leave without room
+(planner/split_worth.py). Splits already running keep their GPUs while they stay worth them (with a
+margin), so the partition is stable from round to round.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from residency.sizing import memory_text
@@ -36,6 +38,7 @@ from residency_operator.planner.options import (
     usable_host_bytes,
 )
 from residency_operator.planner.predictor import Predictor
+from residency_operator.planner.split_worth import GpuMarket, Worth, asks_for_service, slo_capacity
 from residency_operator.planner.types import (
     GB,
     CachedModel,
@@ -123,16 +126,23 @@ def _levels(model: ModelDemand, config: PlannerConfig) -> list[float]:
     return sorted({level for level in config.residency_levels if level >= floor - 1e-9} | {1.0, floor})
 
 
+def fitting_levels(model: ModelDemand, unit: NodeCapacity, config: PlannerConfig) -> list[float]:
+    """Resident fractions of the model that fit an empty unit within ``offload.maxFraction``."""
+    gpu, host = _usable_gpu(unit), usable_host_bytes(unit)
+    return [
+        level
+        for level in _levels(model, config)
+        if gpu_bytes_needed(model, level, "stream") <= gpu and host_bytes_needed(model, level) <= host
+    ]
+
+
 def best_rate(
     predictor: Predictor, model: ModelDemand, unit: NodeCapacity, config: PlannerConfig
 ) -> tuple[float, float] | None:
     """(resident fraction, decode tokens/s) of the model's fastest placement that fits an empty unit within
     ``offload.maxFraction``; ``None`` where none fits."""
-    gpu, host = _usable_gpu(unit), usable_host_bytes(unit)
     best: tuple[float, float] | None = None
-    for level in _levels(model, config):
-        if gpu_bytes_needed(model, level, "stream") > gpu or host_bytes_needed(model, level) > host:
-            continue
+    for level in fitting_levels(model, unit, config):
         rate = max(
             predictor.decode_tokens_per_second(model, unit, level, mode) for mode in model.allowed_modes
         )
@@ -225,12 +235,13 @@ def partition_gpus(
         (
             m
             for m in wanted.values()
-            if m.name in running
-            or (_asks_for_service(m) and gpu_bytes_needed(m, 1.0, "stream") > largest_gpu)
+            if m.name in running or (asks_for_service(m) and gpu_bytes_needed(m, 1.0, "stream") > largest_gpu)
         ),
         key=lambda m: (-m.declared_priority, m.name not in running, -_demand_key(m), m.name),
     )
     rates = RateCache(predictor, config)
+    market = _market(wanted.values(), nodes, largest_gpu, config)
+    by_name = {n.name: n for n in multi}
     for model in splitters:
         kept = running.get(model.name)
         chosen: tuple[str, tuple[int, ...]] | None
@@ -245,6 +256,14 @@ def partition_gpus(
             unseated[model.name] = _unseated_message(model, multi)
             continue
         node_name, gpus = chosen
+        worth, taken = _worth(model, by_name[node_name], gpus, market, rates)
+        if not worth.wins(running=chosen == kept):
+            unseated[model.name] = _unworthy_message(model, worth)
+            for gpus_by_node in holders.values():  # a running split that lost holds no GPU any more
+                for index in [i for i, h in gpus_by_node.items() if h.model == model.name]:
+                    del gpus_by_node[index]
+            continue
+        market.take(taken)
         groups[node_name].append(gpus)
         owners[(node_name, gpus)] = model.name
         free[node_name] -= set(gpus)
@@ -268,9 +287,39 @@ def _unseated_message(model: ModelDemand, nodes: Sequence[NodeCapacity]) -> str:
     )
 
 
-def _asks_for_service(model: ModelDemand) -> bool:
+def _market(
+    wanted: Iterable[ModelDemand], nodes: Sequence[NodeCapacity], largest_gpu: int, config: PlannerConfig
+) -> GpuMarket:
+    """The fleet's single GPUs and the wanted models that fit one of them fully resident (split_worth.py)."""
+    free = sum(g.usable_bytes for n in nodes if n.accepts_work for g in n.gpus) + sum(
+        max(0, n.gpu_memory_bytes - n.reserved_gpu_bytes) for n in nodes if n.accepts_work and not n.gpus
+    )
+    others = [m for m in wanted if gpu_bytes_needed(m, 1.0, "stream") <= largest_gpu]
+    return GpuMarket(others, free, largest_gpu, config)
+
+
+def _worth(
+    model: ModelDemand, node: NodeCapacity, gpus: tuple[int, ...], market: GpuMarket, rates: RateCache
+) -> tuple[Worth, int]:
+    """The split on ``gpus`` weighed against their other use, and the single-GPU bytes it takes beyond the
+    one GPU its offload would take anyway (where that offload serves anything within SLO)."""
+    split = rates.slo_capacity(model, node, gpus)
+    alone = rates.slo_capacity(model, node, (node.gpus[0].index,))
+    usable = {g.index: g.usable_bytes for g in node.gpus}
+    taken = sum(usable[i] for i in gpus) - (usable[gpus[0]] if alone > 0 else 0)
+    return market.worth(model, split, alone, taken), sum(usable[i] for i in gpus)
+
+
+def _unworthy_message(model: ModelDemand, worth: Worth) -> str:
+    """Why a split that fits was not made: its GPUs serve more of other models' demand."""
+    whose = "other models" if worth.whole_fleet else f"models of priority {model.priority} or above"
     demand = model.demand_decode_tokens_per_second
-    return demand is None or demand > 0 or model.waiting_requests > 0 or not model.has_served
+    asked = "it is idle" if not asks_for_service(model) else f"asked {demand:.1f} tokens/s" if demand else ""
+    return (
+        f"a split across GPUs would serve {worth.gain:.1f} tokens/s more within its SLO than offloading on "
+        f"one GPU{f' ({asked})' if asked else ''}, and its GPUs would leave {worth.displaced:.1f} tokens/s "
+        f"of {whose} without room"
+    )
 
 
 def _demand_key(model: ModelDemand) -> float:
@@ -287,6 +336,7 @@ class RateCache:
         self.predictor, self.config = predictor, config
         self._class: dict[str, tuple[object, ...]] = {}
         self._rates: dict[tuple[object, ...], tuple[float, float] | None] = {}
+        self._capacities: dict[tuple[object, ...], float] = {}
 
     def best_rate(
         self, model: ModelDemand, node: NodeCapacity, gpus: tuple[int, ...]
@@ -299,6 +349,18 @@ class RateCache:
             workspace = model.workspace_bytes if len(gpus) > 1 else 0
             self._rates[key] = best_rate(self.predictor, model, gpu_unit(node, gpus, workspace), self.config)
         return self._rates[key]
+
+    def slo_capacity(self, model: ModelDemand, node: NodeCapacity, gpus: tuple[int, ...]) -> float:
+        """:func:`split_worth.slo_capacity` of the model on a node's GPU set (0 where it fits no level)."""
+        node_class = self._class.get(node.name)
+        if node_class is None:
+            node_class = self._class[node.name] = node_class_tuple(node)
+        key = (model.name, node_class, gpus)
+        if key not in self._capacities:
+            unit = gpu_unit(node, gpus, model.workspace_bytes if len(gpus) > 1 else 0)
+            levels = fitting_levels(model, unit, self.config)
+            self._capacities[key] = slo_capacity(self.predictor, model, unit, levels)
+        return self._capacities[key]
 
 
 def _place_split(

@@ -27,7 +27,8 @@ from residency_operator.planner.options import (
     usable_host_bytes,
 )
 from residency_operator.planner.types import NodeCapacity
-from residency_operator.simulator.engine import ModelRuntime, Simulation
+from residency_operator.simulator.engine import Simulation
+from residency_operator.simulator.runtime import ModelRuntime
 
 
 def waiting_models(sim: Simulation) -> list[ModelRuntime]:

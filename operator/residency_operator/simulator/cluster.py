@@ -456,6 +456,9 @@ class Scenario:
     queue_timeout_seconds: float = 30.0
     extra: bool = False
     """Not one of the standard scenarios the issue names: an added case, reported separately."""
+    router_admission: bool = True
+    """Requests pass the router's admission (429 past what a model serves within the TTFT target), for every
+    policy alike; off: every request queues until it is served or times out (the simulator before it)."""
 
 
 SCENARIO_KEYS = (
@@ -470,6 +473,7 @@ SCENARIO_KEYS = (
     "ttft_slo_seconds",
     "queue_timeout_seconds",
     "extra",
+    "router_admission",
 )
 
 
@@ -512,6 +516,7 @@ def scenario_from_dict(
             data.get("queue_timeout_seconds", 30.0), f"{source}: queue_timeout_seconds", above=0
         ),
         extra=flag(data.get("extra", False), f"{source}: extra"),
+        router_admission=flag(data.get("router_admission", True), f"{source}: router_admission"),
     )
 
 

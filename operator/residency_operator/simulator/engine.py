@@ -5,14 +5,14 @@ measured report), or, without one, of the planner's own predictor, so a policy's
 follows from the same physics the planner believes in. Memory footprint and transition costs are the
 planner's model. What the
 planner does *not* see is simulated here: models on one GPU share its time (processor sharing), a model
-is unavailable while it loads or moves, queued requests time out, evicted requests restart.
+is unavailable while it loads or moves, queued requests time out, evicted requests restart, and the
+router in front refuses (429) what a model would serve past its TTFT target (``runtime.RouterGate``).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from residency_operator.planner.options import (
@@ -25,13 +25,19 @@ from residency_operator.planner.predictor import Predictor, typical_sequence_tok
 from residency_operator.planner.types import (
     CurrentPlacement,
     ExecutionMode,
-    ModelDemand,
     NodeCapacity,
     ObservedPoint,
 )
 from residency_operator.simulator.cluster import SimModel
 from residency_operator.simulator.devices import Topology, Unit
 from residency_operator.simulator.measured import EngineModel
+from residency_operator.simulator.runtime import (
+    ActiveRequest,
+    Counters,
+    ModelRuntime,
+    RequestOutcome,
+    RouterGate,
+)
 from residency_operator.simulator.trace import Request
 
 DEMAND_WINDOW_SECONDS = 60.0
@@ -61,77 +67,6 @@ class SimulationError(RuntimeError):
     """A policy asked for something the hardware cannot do (e.g. over-committed memory)."""
 
 
-@dataclass(slots=True)
-class ActiveRequest:
-    """A request admitted into a model's batch."""
-
-    request: Request
-    prefill_remaining_seconds: float
-    first_token_seconds: float | None = None
-    tokens_done: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOutcome:
-    """How one request fared."""
-
-    model: str
-    arrival_seconds: float
-    output_tokens: int
-    completed: bool
-    ttft_seconds: float | None
-    tpot_seconds: float | None
-    met_slo: bool
-    dropped: bool
-
-
-@dataclass(slots=True)
-class ModelRuntime:
-    """Simulated state of one model."""
-
-    spec: SimModel
-    demand: ModelDemand
-    node: str | None = None
-    resident_fraction: float = 0.0
-    mode: ExecutionMode = "stream"
-    cached_node: str | None = None
-    busy_until_seconds: float = 0.0
-    queue: deque[Request] = field(default_factory=deque)
-    active: list[ActiveRequest] = field(default_factory=list)
-    last_used_seconds: float = -1.0
-    last_active_seconds: float = -1.0
-    """When the model last had a request queued or running, or finished loading (the worker's
-    lastActiveTime)."""
-    recent_arrivals: deque[tuple[float, int, int]] = field(default_factory=deque)
-    """(arrival second, output tokens, prompt tokens) of the requests of the last demand window."""
-    parked_since_seconds: float | None = None
-    """When a preemption parked the requests in flight (None: none parked)."""
-    last_decode: tuple[str, float, ExecutionMode, int, float] | None = None
-    """(node, resident fraction, mode, batch, step seconds) of its last decode step: what its worker reports
-    as ``status.observedStep`` (the planner learns the engine from it, as in a real cluster)."""
-
-    @property
-    def running(self) -> bool:
-        return self.node is not None
-
-
-@dataclass(slots=True)
-class Counters:
-    """Events a policy caused."""
-
-    preemptions: int = 0
-    evictions: int = 0
-    demotions: int = 0
-    promotions: int = 0
-    loads: int = 0
-    """Cold loads from storage."""
-    resumes: int = 0
-    """Models brought back from their host-memory copy, at link speed."""
-    migrations: int = 0
-    reload_seconds: float = 0.0
-    restarted_requests: int = 0
-
-
 class Policy(Protocol):
     """Decides placements; called once per tick before requests are served. A policy whose server paces
     decoding to the SLO (the residency worker, see ``residency_worker.engine.pacing``) sets a class attribute
@@ -157,6 +92,7 @@ class Simulation:
         idle_after_seconds: float = IDLE_AFTER_SECONDS,
         preempted_wait_seconds: float = PREEMPTED_WAIT_SECONDS,
         engine: EngineModel | None = None,
+        router_admission: bool = True,
     ) -> None:
         self.topology = Topology(nodes)
         self.machines = self.topology.machines
@@ -185,6 +121,8 @@ class Simulation:
         self.engine: EngineModel = engine if engine is not None else self.predictor
         """What serves the requests (decode steps, prefills): not necessarily what the planner believes."""
         self.counters = Counters()
+        self.gate = RouterGate(models, ttft_slo_seconds, enabled=router_admission)
+        """The router in front of the cluster: its admission rule, the same for every policy."""
         self.outcomes: list[RequestOutcome] = []
         self.now_seconds = 0.0
         self._memory_samples: list[float] = []
@@ -425,6 +363,7 @@ class Simulation:
             policy.step(self, now)
             self.check_capacity()
             self._expire_queues(now)
+            self._route(now)
             self._serve(now)
             self._sample_memory()
         # Whatever has not finished by the end did not complete.
@@ -445,9 +384,30 @@ class Simulation:
             kept: deque[Request] = deque()
             for request in runtime.queue:
                 if now - request.arrival_seconds > self.queue_timeout_seconds:
+                    if id(request) in runtime.admitted:
+                        runtime.admitted.discard(id(request))
+                        self.gate.release(request.model)
                     self._record(request, None, None, dropped=True)
                 else:
                     kept.append(request)
+            runtime.queue = kept
+
+    def _route(self, now: float) -> None:
+        """The router's gate: requests held for a model that is now ready (running, not loading) are
+        admitted while it has room, the others refused (429: not served). A model that is not ready keeps
+        them held, until the queue timeout."""
+        for runtime in self.models.values():
+            if runtime.node is None or runtime.busy_until_seconds > now or not runtime.queue:
+                continue
+            if len(runtime.admitted) == len(runtime.queue) + len(runtime.active):
+                continue
+            kept: deque[Request] = deque()
+            for request in runtime.queue:
+                if id(request) in runtime.admitted or self.gate.try_admit(request.model, now):
+                    runtime.admitted.add(id(request))
+                    kept.append(request)
+                else:
+                    self._record(request, None, None, dropped=True, refused=True)
             runtime.queue = kept
 
     def _serve(self, now: float) -> None:
@@ -576,6 +536,8 @@ class Simulation:
                         return  # the tick's GPU time is spent
                     active.first_token_seconds = now + used * stretch
                     active.tokens_done = 1.0
+                    ttft = active.first_token_seconds - active.request.arrival_seconds
+                    self.gate.first_token(runtime.spec.name, ttft, active.first_token_seconds)
                 continue
             step_seconds = self._decode_step(runtime, node, len(runtime.active))
             runtime.last_decode = (
@@ -604,9 +566,15 @@ class Simulation:
         request = active.request
         ttft = active.first_token_seconds - request.arrival_seconds
         tpot = (done_at - active.first_token_seconds) / max(1, request.output_tokens - 1)
+        runtime = self.models[request.model]
+        if id(request) in runtime.admitted:
+            runtime.admitted.discard(id(request))
+            self.gate.finish(request.model, done_at - request.arrival_seconds, done_at)
         self._record(request, ttft, tpot, dropped=False)
 
-    def _record(self, request: Request, ttft: float | None, tpot: float | None, dropped: bool) -> None:
+    def _record(
+        self, request: Request, ttft: float | None, tpot: float | None, dropped: bool, refused: bool = False
+    ) -> None:
         spec = self.models[request.model].spec
         completed = ttft is not None and tpot is not None
         met = (
@@ -626,6 +594,7 @@ class Simulation:
                 tpot_seconds=tpot,
                 met_slo=bool(met),
                 dropped=dropped,
+                refused=refused,
             )
         )
 

@@ -20,7 +20,8 @@ from residency_operator.simulator.baselines import (
     SleepSwapPolicy,
     UniformOffloadPolicy,
 )
-from residency_operator.simulator.engine import ModelRuntime, Simulation
+from residency_operator.simulator.engine import Simulation
+from residency_operator.simulator.runtime import ModelRuntime
 
 SIMULATION_PLANNER_CONFIG = PlannerConfig(
     amortisation_horizon_seconds=300.0, solver="greedy", bound_max_options=0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from residency_operator.simulator.engine import Counters, RequestOutcome
+from residency_operator.simulator.runtime import Counters, RequestOutcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,8 @@ class PolicyReport:
     requests_by_priority: dict[int, int] = field(default_factory=dict)
     resumes: int = 0
     """Models brought back from host memory at link speed (``loads`` counts cold loads from storage)."""
+    refused: int = 0
+    """Requests the router's admission refused at once (429; counted in ``dropped`` too)."""
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
@@ -86,6 +88,7 @@ def summarise(
         completed=len(completed),
         met_slo=sum(1 for o in completed if o.met_slo),
         dropped=sum(1 for o in outcomes if o.dropped),
+        refused=sum(1 for o in outcomes if o.refused),
         unfinished=sum(1 for o in outcomes if not o.completed and not o.dropped),
         goodput_tokens_per_second=good_tokens / duration_seconds,
         throughput_tokens_per_second=all_tokens / duration_seconds,

@@ -243,6 +243,7 @@ def run_policy(
         ttft_slo_seconds=scenario.ttft_slo_seconds,
         queue_timeout_seconds=scenario.queue_timeout_seconds,
         engine=engine,
+        router_admission=scenario.router_admission,
     )
     policy = make_policy(policy_name, planner_config)
     if profiles and isinstance(policy, ResidencyPolicy):
