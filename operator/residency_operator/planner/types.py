@@ -340,11 +340,12 @@ class PlannerConfig:
     max_gpu_busy_fraction: float = 0.95
     """Models on one GPU take turns; their demand may keep it busy at most this share of the time."""
     incumbent_time_slack: float = 0.1
-    """Share of a GPU's time the models already running on it may claim beyond all of it before the least
-    important of them is moved off (what each one's SLO tolerates of the others still holds exactly): the
-    time claimed is an estimate from the last minute's demand, and a move is a cold load on another node.
-    0 restores the strict fit. (docs/planner.md, "Fewer reseatings": on the oversubscribed fleets most
-    migrations were running models moved off for time by a swing of that estimate.)"""
+    """Share of a GPU's time the models already running on it may claim beyond all of it, and beyond what
+    each one's SLO tolerates of the others, before the least important of them is moved off: the time
+    claimed is an estimate from the last minute's demand, and a move is a cold load on another node.
+    Newcomers still get only the time the estimate leaves. 0 restores the strict fit. (docs/planner.md,
+    "Fewer reseatings": on the oversubscribed fleets most migrations were running models moved off their
+    node by a swing of that estimate.)"""
     solver: Literal["auto", "milp", "greedy"] = "auto"
     milp_max_options: int = 3000
     """``auto`` uses the exact MILP up to this many (model, node, level, mode) options."""
