@@ -16,6 +16,7 @@ import statistics
 import time
 
 from residency_operator.simulator.cluster import load_scenario
+from residency_operator.simulator.policies import SIMULATION_PLANNER_CONFIG
 from residency_operator.simulator.report import PolicyReport
 from residency_operator.simulator.runner import (
     POLICY_NAMES,
@@ -44,8 +45,15 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of each run (0: whole)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the scenario's own)")
     parser.add_argument("--policy", action="append", choices=POLICY_NAMES, help="policies (repeatable)")
+    parser.add_argument(
+        "--incumbent-time-slack",
+        type=float,
+        default=SIMULATION_PLANNER_CONFIG.incumbent_time_slack,
+        help='residency\'s PlannerConfig.incumbent_time_slack (docs/planner.md, "Fewer reseatings")',
+    )
     args = parser.parse_args()
     policies = args.policy or ["residency"]
+    config = dataclasses.replace(SIMULATION_PLANNER_CONFIG, incumbent_time_slack=args.incumbent_time_slack)
     paths = {path.stem: path for path in standard_scenarios()}
     for name in args.scenario:
         if name not in paths:
@@ -59,7 +67,7 @@ def main() -> None:
             offered = sum(r.output_tokens for r in requests) / duration
             for policy in policies:
                 started = time.perf_counter()
-                report = run_policy(scenario, policy, requests)
+                report = run_policy(scenario, policy, requests, config)
                 reports[policy].append(report)
                 print(churn_line(name, seed, report, offered, time.perf_counter() - started), flush=True)
         for policy, runs in reports.items():
