@@ -125,6 +125,8 @@ class Admission(Promotion):
                         self._assignment_at(model_index, preferred, node_class, mode_index, int(level)),
                     )
                     return True
+            if self._place_at_home(model_index, preferred):
+                return True
         # Nodes with room for the model's smallest option, per class (few once the cluster fills up).
         least_need = self._need_rows[model_index].tolist()
         roomy: dict[int, list[tuple[int, int]]] = {}
@@ -191,6 +193,40 @@ class Admission(Promotion):
             return False
         _, node, node_class, mode_index, level = best
         state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
+        return True
+
+    def _place_at_home(self, model_index: int, home: int) -> bool:
+        """Put a model back on the node it runs on (or is cached on) at the best level that fits there, where
+        that serves about as much as its best option elsewhere after the cold load a move costs (the
+        hysteresis margin): a model that making room released earlier in this plan, or whose target level
+        no longer fits beside the others, keeps its seat at a lower residency rather than being reloaded on
+        another node (fleet-zipf-shift: most migrations were such re-seatings, each a reload)."""
+        state, tables = self.state, self.tables
+        node_class = self.class_of_node[home]
+        best_elsewhere = float(self.best_target_score[model_index])
+        floor = best_elsewhere / (1.0 + self.config.hysteresis_fraction)
+        best: tuple[float, int, int] | None = None
+        for pair_class, mode_index in self._class_modes(model_index):
+            if pair_class != node_class:
+                continue
+            values = tables.primary_value[node_class, mode_index, model_index]
+            feasible = np.isfinite(self.newcomer_score[node_class, mode_index, model_index])
+            for level in np.flatnonzero(feasible & (values >= floor)).tolist():
+                value = float(values[level])
+                if best is not None and value <= best[0]:
+                    continue
+                if state.fits(
+                    home,
+                    int(tables.gpu_bytes[mode_index, model_index, level]),
+                    int(tables.host_bytes[model_index, level]),
+                    float(tables.busy_fraction[node_class, mode_index, model_index, level]),
+                    float(tables.tolerance[node_class, mode_index, model_index, level]),
+                ):
+                    best = (value, mode_index, level)
+        if best is None:
+            return False
+        _, mode_index, level = best
+        state.occupy(model_index, self._assignment_at(model_index, home, node_class, mode_index, level))
         return True
 
     def _place_among(

@@ -371,14 +371,19 @@ class GreedyBase:
                 self.state.release(victim)
 
     def _seated_fit(self, node: int) -> bool:
+        """Whether the models seated on a node fit it: memory exactly; GPU time (an estimate from the last
+        minute's demand) within ``PlannerConfig.incumbent_time_slack`` of all of the GPU's and of what each
+        model's SLO tolerates of the others, so that a swing of the estimate does not move a running model
+        to another node (a cold load there, serving nothing meanwhile)."""
         state = self.state
-        time_slack = 1.0 - self.config.max_gpu_busy_fraction
+        slack = self.config.incumbent_time_slack
+        time_slack = 1.0 - self.config.max_gpu_busy_fraction + slack
         if state.free_gpu[node] < 0 or state.free_host[node] < 0 or state.free_time[node] < -time_slack:
             return False
         # Every model keeps its SLO beside the others (a tightened SLO may no longer tolerate them).
         used = state.used_time[node]
         return all(
-            used - a.busy <= a.tolerance + 1e-9
+            used - a.busy <= a.tolerance + slack + 1e-9
             for i in state.models_on_node[node]
             if (a := state.assignment[i]) is not None
         )
