@@ -51,6 +51,11 @@ def main() -> None:
         default=SIMULATION_PLANNER_CONFIG.incumbent_time_slack,
         help='residency\'s PlannerConfig.incumbent_time_slack (docs/planner.md, "Fewer reseatings")',
     )
+    parser.add_argument(
+        "--no-admission",
+        action="store_true",
+        help="requests queue without the router's admission (the simulator before it modelled the router)",
+    )
     args = parser.parse_args()
     policies = args.policy or ["residency"]
     config = dataclasses.replace(SIMULATION_PLANNER_CONFIG, incumbent_time_slack=args.incumbent_time_slack)
@@ -62,7 +67,12 @@ def main() -> None:
         duration = min(args.duration, base.duration_seconds) if args.duration > 0 else base.duration_seconds
         reports: dict[str, list[PolicyReport]] = {policy: [] for policy in policies}
         for seed in args.seeds or [base.seed]:
-            scenario = dataclasses.replace(base, seed=seed, duration_seconds=duration)
+            scenario = dataclasses.replace(
+                base,
+                seed=seed,
+                duration_seconds=duration,
+                router_admission=base.router_admission and not args.no_admission,
+            )
             requests = scenario_requests(scenario)
             offered = sum(r.output_tokens for r in requests) / duration
             for policy in policies:
