@@ -44,7 +44,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scale import REPO, RESULTS, cluster, install_crds, percentile
+from bench_scale import REPO, RESULTS, cluster, cluster_env, install_crds, model_manifest, percentile
 
 GROUP, VERSION = "residency.dev", "v1alpha1"
 NAMESPACE = "default"
@@ -119,21 +119,7 @@ def lease_body(name: str, seconds: float, version: str | None = None) -> dict[st
 
 def model_body(name: str) -> dict[str, Any]:
     """As bench_scale.py applies them (a priority, an SLO, offload allowed)."""
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LLMModel",
-        "metadata": {"name": name},
-        "spec": {
-            "source": {"path": "/models/m"},
-            "dtype": "float32",
-            "priority": 50,
-            "preemptible": True,
-            "slo": {"minDecodeTokensPerSecond": 5.0},
-            "offload": {"maxFraction": 0.75},
-            "maxSequenceLength": 64,
-            "maxBatchSize": 1,
-        },
-    }
+    return model_manifest(name, "/models/m", 50)
 
 
 def placement_body(name: str, node: str) -> dict[str, Any]:
@@ -398,12 +384,7 @@ def main() -> None:
     parser.add_argument("--label", default="", help="names the result: apiserver-floor[-LABEL].json")
     parser.add_argument("--workdir", type=Path, default=REPO / ".scale-apiserver")
     args = parser.parse_args()
-    env = {
-        "RESIDENCY_CLUSTER_DIR": str(args.workdir / "cluster"),
-        "RESIDENCY_CLUSTER_CONTROLLERS": "false",
-        "RESIDENCY_API_PORT": os.environ.get("RESIDENCY_API_PORT", "16653"),
-        "RESIDENCY_ETCD_PORT": os.environ.get("RESIDENCY_ETCD_PORT", "24010"),
-    }
+    env = cluster_env(args.workdir, api_port="16653", etcd_port="24010")
     cluster("down", env)
     kubeconfig = cluster("up", env).split("=", 1)[1]
     try:

@@ -926,6 +926,18 @@ def install_crds(kubeconfig: str) -> None:
     time.sleep(2.0)  # discovery of the new kinds lags Established by a moment
 
 
+def cluster_env(workdir: Path, api_port: str, etcd_port: str) -> dict[str, str]:
+    """hack/cluster.sh's settings for a benchmark's own etcd + kube-apiserver in `workdir`, without the
+    controllers (only what residency puts on the API server is measured), on its own ports by default,
+    beside a `make cluster` on the usual ones (RESIDENCY_API_PORT / RESIDENCY_ETCD_PORT override them)."""
+    return {
+        "RESIDENCY_CLUSTER_DIR": str(workdir / "cluster"),
+        "RESIDENCY_CLUSTER_CONTROLLERS": "false",
+        "RESIDENCY_API_PORT": os.environ.get("RESIDENCY_API_PORT", api_port),
+        "RESIDENCY_ETCD_PORT": os.environ.get("RESIDENCY_ETCD_PORT", etcd_port),
+    }
+
+
 def cluster(action: str, env: dict[str, str]) -> str:
     out = subprocess.run(
         [str(REPO / "hack/cluster.sh"), action],
@@ -976,13 +988,7 @@ def main() -> None:
         label=args.label,
         incremental_min_models=args.incremental_min_models,
     )
-    env = {
-        "RESIDENCY_CLUSTER_DIR": str(args.workdir / "cluster"),
-        "RESIDENCY_CLUSTER_CONTROLLERS": "false",
-        # its own ports by default, beside a `make cluster` on the usual ones
-        "RESIDENCY_API_PORT": os.environ.get("RESIDENCY_API_PORT", "16643"),
-        "RESIDENCY_ETCD_PORT": os.environ.get("RESIDENCY_ETCD_PORT", "23990"),
-    }
+    env = cluster_env(args.workdir, api_port="16643", etcd_port="23990")
     cluster("down", env)
     kubeconfig = cluster("up", env).split("=", 1)[1]
     install_crds(kubeconfig)
