@@ -58,7 +58,7 @@ class ScaleConfig:
     changes: int = 21
     steady_seconds: float = 60.0
     load_seconds: float = 0.5
-    heartbeat_seconds: float = 5.0
+    heartbeat_seconds: float = 10.0  # the worker's default Lease renewal period
     namespace: str = "scale"
     node_prefix: str = "hollow-"
     kill_operator: bool = True
@@ -960,7 +960,12 @@ def main() -> None:
     )
     parser.add_argument("--changes", type=int, default=21)
     parser.add_argument("--steady-seconds", type=float, default=60.0)
-    parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--heartbeat-seconds",
+        type=float,
+        default=10.0,
+        help="node Lease renewal period (the worker default)",
+    )
     parser.add_argument("--label", default="run")
     parser.add_argument(
         "--incremental-min-models",

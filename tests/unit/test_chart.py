@@ -185,6 +185,7 @@ def test_worker_daemonset_defaults() -> None:
     assert "--admin-token-file=/var/run/residency/token/admin-token" in worker["args"]
     assert not any(a.startswith("--node-heartbeat") for a in worker["args"])
     assert "--background-profile" in worker["args"]  # curves of unprofiled models, measured in idle time
+    assert "--lease-renew-seconds=10" in worker["args"]  # the kubelet's period: 1000 nodes, 100 writes/s
     off = container(
         find(render("worker.backgroundProfile=false"), "DaemonSet", "rel-residency-worker"), "worker"
     )
@@ -420,6 +421,7 @@ def render_failure(sets: list[str]) -> subprocess.CompletedProcess[str]:
         (["crds.keep=maybe"], "/crds/keep"),
         (["router.port=70000"], "/router/port"),
         (["worker.gpuMemory=lots"], "/worker/gpuMemory"),
+        (["worker.leaseRenewSeconds=0"], "/worker/leaseRenewSeconds"),
     ],
 )
 def test_schema_rejects_bad_values(sets: list[str], message: str) -> None:
@@ -436,6 +438,10 @@ def test_schema_rejects_bad_values(sets: list[str], message: str) -> None:
             'modelRoots entry "/models" is not under worker.models.mountPath',
         ),
         (["operator.healthPort=9090", "operator.metricsPort=9090"], "both 9090: give them different ports"),
+        (
+            ["worker.leaseRenewSeconds=30"],
+            "operator.heartbeatGraceSeconds (60) is under three of worker.leaseRenewSeconds (30)",
+        ),
     ],
 )
 def test_settings_the_schema_cannot_relate_fail_the_render(sets: list[str], message: str) -> None:

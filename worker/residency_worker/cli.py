@@ -91,6 +91,13 @@ def worker(
     node_heartbeat: bool = typer.Option(
         False, help="Also keep the Node object Ready (local clusters without a kubelet)."
     ),
+    lease_renew_seconds: float = typer.Option(
+        10.0,
+        envvar="RESIDENCY_LEASE_RENEW_SECONDS",
+        min=0.5,
+        help="Seconds between renewals of this node's Lease (the kubelet's 10 s); the Lease lasts four "
+        "periods. Keep the operator's RESIDENCY_HEARTBEAT_GRACE_SECONDS at three periods or more.",
+    ),
     background_profile: bool = typer.Option(
         False,
         "--background-profile/--no-background-profile",
@@ -146,6 +153,7 @@ def worker(
             endpoint=endpoint or f"http://{host}:{port}",
             host_memory_bytes=parse_bytes(host_memory) if host_memory else host_memory_bytes(),
             node_heartbeat=node_heartbeat,
+            heartbeat_seconds=lease_renew_seconds,
             pod_name=pod_name if protect else None,
             pod_namespace=pod_namespace,
             lease_namespace=pod_namespace or os.environ.get("RESIDENCY_NAMESPACE", "default"),

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix", default="hollow-")
     parser.add_argument("--gpu-memory-mib", type=int, default=512)
     parser.add_argument("--load-seconds", type=float, default=0.5)
-    parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
+    parser.add_argument("--heartbeat-seconds", type=float, default=AgentConfig.heartbeat_seconds)
     parser.add_argument("--state-file", type=Path, help="write node -> held models here every few seconds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

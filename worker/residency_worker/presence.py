@@ -41,7 +41,7 @@ class AgentConfig:
     endpoint: str
     host_memory_bytes: int
     poll_seconds: float = 1.0  # between syncs without a placement change (the engine's own news)
-    heartbeat_seconds: float = 5.0  # between renewals of the node Lease
+    heartbeat_seconds: float = 10.0  # between renewals of the node Lease (the kubelet's 10 s)
     grow_seconds: float = 2.0  # loads one sync starts before it lists placements again (moves, deletions)
     node_heartbeat: bool = False  # also keep the Node Ready (local clusters have no kubelet)
     pod_name: str | None = None  # this worker's own Pod (downward API), annotated while it serves

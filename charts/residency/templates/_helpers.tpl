@@ -74,4 +74,7 @@ Settings the values schema cannot relate to each other: each fails the render wi
 {{- if eq (int .Values.operator.healthPort) (int .Values.operator.metricsPort) -}}
 {{- fail (printf "operator.healthPort and operator.metricsPort are both %v: give them different ports" .Values.operator.healthPort) -}}
 {{- end -}}
+{{- if and .Values.worker.enabled (lt (float64 .Values.operator.heartbeatGraceSeconds) (mulf 3 (float64 .Values.worker.leaseRenewSeconds))) -}}
+{{- fail (printf "operator.heartbeatGraceSeconds (%v) is under three of worker.leaseRenewSeconds (%v): one late renewal would make a live node look dead; raise the grace or renew more often" .Values.operator.heartbeatGraceSeconds .Values.worker.leaseRenewSeconds) -}}
+{{- end -}}
 {{- end -}}
