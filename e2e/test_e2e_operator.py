@@ -24,8 +24,13 @@ def test_good_model_goes_pending_no_nodes(namespace: str, operator: Process, mod
     assert conditions["Scheduled"]["status"] == "False" and conditions["Scheduled"]["reason"] == "NoNodes"
     assert all(c["observedGeneration"] == generation and c["lastTransitionTime"] for c in conditions.values())
     assert status["architecture"] == "llama" and status["weightBytes"] > 0
-    events = kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=tiny").stdout
-    assert "NoNodes" in events
+    # (Events go out in the background, moments after the status)
+    wait_for(
+        lambda: "NoNodes"
+        in kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=tiny").stdout,
+        30,
+        what="a NoNodes Event",
+    )
 
 
 def test_missing_directory_fails_with_model_not_found(

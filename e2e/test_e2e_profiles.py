@@ -100,6 +100,10 @@ def test_malformed_profiles_are_refused_and_unusable_ones_kept_unused(
     condition = wait_for(used_condition, 60, what="Used condition")
     assert condition["status"] == "False" and condition["reason"] == "UnknownModel"
     assert "/models/nobody-serves-this" in condition["message"]
-    events = kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=stray").stdout
-    assert "UnknownModel" in events
+    wait_for(
+        lambda: "UnknownModel"
+        in kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=stray").stdout,
+        30,
+        what="an UnknownModel Event",
+    )
     assert kubectl("get", "sensitivityprofile", "stray", "-n", namespace, check=False).returncode == 0  # kept

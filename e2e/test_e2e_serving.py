@@ -169,10 +169,14 @@ def test_priority_preemption_and_resume_keep_the_text(
         preempted = wait_for(lambda: phase(namespace, "low", "Preempted"), 120, what="low Preempted")
         assert f"{namespace}/high" in preempted["message"]
         wait_for(lambda: phase(namespace, "high", "Ready"), 120, what="high Ready")
-        events = kubectl(
-            "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=low"
-        ).stdout
-        assert "Preempted" in events
+        wait_for(
+            lambda: "Preempted"
+            in kubectl(
+                "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=low"
+            ).stdout,
+            30,
+            what="a Preempted Event on low",
+        )
         kubectl("delete", "llm", "high", "-n", namespace, "--timeout=120s")
         resumed = wait_for(lambda: phase(namespace, "low", "Ready"), 120, what="low resumed")
         # each step is an Event with the seconds the worker measured

@@ -333,12 +333,16 @@ def test_operator_fails_broken_models_with_reason_and_never_restarts(
                 wrong.append(f"{model.name}: Validated condition {validated}")
         assert wrong == [], "\n".join(wrong)
         assert seen["good"].get("phase") != "Failed", seen["good"]
+
         # reasons are also posted as Warning Events
-        events = kubectl(
-            "get", "events", "-n", namespace, "--field-selector", "type=Warning", "-o", "json"
-        ).stdout
-        warned = {e["involvedObject"]["name"] for e in json.loads(events)["items"]}
-        assert warned >= {b.name for b in broken}, {b.name for b in broken} - warned
+        def warned() -> set[str]:
+            events = kubectl(
+                "get", "events", "-n", namespace, "--field-selector", "type=Warning", "-o", "json"
+            ).stdout
+            return {e["involvedObject"]["name"] for e in json.loads(events)["items"]}
+
+        # (Events go out in the background, moments after the statuses)
+        wait_for(lambda: warned() >= {b.name for b in broken}, 30, what="a Warning Event per broken model")
         time.sleep(4)  # one more resync round over the same broken models
         assert_healthy(operator)
         assert operator.popen is not None and operator.popen.pid == pid

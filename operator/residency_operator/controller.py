@@ -102,6 +102,12 @@ class RoundReport:
     """Objects the API server refused (placement or model key -> its message); the round went on."""
     deferred: int = 0
     """Status writes left to the next round (a change was waiting and the status budget was spent)."""
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """Where the round's time went: reading the cache into planner inputs, planning, writing placements,
+    computing and writing statuses."""
+
+    def timings(self) -> str:
+        return ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in self.phase_seconds.items())
 
 
 class Controller:
@@ -221,12 +227,16 @@ class Controller:
                     return  # stopping
                 if report.created or report.updated or report.deleted:
                     log.info(
-                        "plan (%s, %.3f s): created %s updated %s deleted %s",
+                        "plan (%s, %.3f s: %s): created %s updated %s deleted %s; %d statuses written, "
+                        "%d left to the next round",
                         report.solver,
                         report.seconds,
-                        report.created,
-                        report.updated,
-                        report.deleted,
+                        report.timings(),
+                        _names(report.created),
+                        _names(report.updated),
+                        _names(report.deleted),
+                        report.statuses,
+                        report.deferred,
                     )
             except asyncio.CancelledError:
                 raise
@@ -365,6 +375,8 @@ class Controller:
                 dataclasses.replace(n, reserved_gpu_bytes=n.reserved_gpu_bytes + foreign.get(n.name, 0))
                 for n in inputs.nodes
             ]
+        lap = time.perf_counter()
+        report.phase_seconds["inputs"] = lap - started
         change = None
         # (a round that left statuses to the next one is followed by a full round, which writes them)
         if not other_changes and not foreign and not self._statuses_behind and self.incremental is not None:
@@ -384,6 +396,8 @@ class Controller:
             result = change.plan
             scoped_result, scoped_inputs = change.scoped(inputs)
         report.solver = result.solver
+        report.phase_seconds["plan"] = time.perf_counter() - lap
+        lap = time.perf_counter()
         desired = desired_placements(scoped_result, scoped_inputs)
         existing = {p["metadata"]["name"]: p for p in state.placements}
         if change is not None:
@@ -411,6 +425,8 @@ class Controller:
         self._each(sorted(n for n, p in order.items() if p == "shrink"), write)
         self._each(sorted(n for n in existing if n not in desired), remove)
         self._each(sorted(n for n, p in order.items() if p in ("move", "grow")), write)
+        report.phase_seconds["placements"] = time.perf_counter() - lap
+        lap = time.perf_counter()
         waiting: dict[str, tuple[dict[str, Any], int]] = {}
         if change is None:
             waiting = self._request_capacity(result, inputs)
@@ -454,7 +470,10 @@ class Controller:
                 return
             self._write_status(job, report)
 
+        report.phase_seconds["verdicts"] = time.perf_counter() - lap
+        lap = time.perf_counter()
         self._each(statuses, write_status)
+        report.phase_seconds["statuses"] = time.perf_counter() - lap
         report.created.sort()
         report.updated.sort()
         report.deleted.sort()
@@ -597,6 +616,13 @@ class Controller:
             self.kube.delete_pod(namespace, pod_name_)
             log.info("capacity request %s no longer needed", name)
         return waiting
+
+
+def _names(names: list[str], shown: int = 10) -> str:
+    """A list of names for a log line, the first few of a long one and how many more."""
+    if len(names) <= shown:
+        return str(names)
+    return f"{names[:shown]} and {len(names) - shown} more"
 
 
 def model_keys(bodies: list[dict[str, Any]]) -> list[str]:

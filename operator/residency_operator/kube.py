@@ -14,6 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from residency.api import GROUP, VERSION
 from residency.kubeapi import TimeoutApiClient
+from residency_operator.recorder import EventRecorder
 from residency_operator.wake import WAKE_CONFIGMAP, parse_wake_entries
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.coordination = client.CoordinationV1Api(api)
         self.limiter = WriteLimiter(write_qps, write_burst)
+        self.events = EventRecorder(self.post_event_now)
 
     # --- reads -------------------------------------------------------------------------------
     def list_custom(self, plural: str) -> list[dict[str, Any]]:
@@ -157,7 +159,19 @@ class Kube:
         kind: str = "LLMModel",
         api_version: str = f"{GROUP}/{VERSION}",
     ) -> None:
-        """An Event on an object (a namespaced LLMModel, or a cluster-scoped Node: its Event in default)."""
+        """An Event on an object (a namespaced LLMModel, or a cluster-scoped Node: its Event in default),
+        posted in the background (:mod:`residency_operator.recorder`): a round never waits for it."""
+        self.events.record(body, event_type, reason, message, kind, api_version)
+
+    def post_event_now(
+        self,
+        body: dict[str, Any],
+        event_type: str,
+        reason: str,
+        message: str,
+        kind: str = "LLMModel",
+        api_version: str = f"{GROUP}/{VERSION}",
+    ) -> None:
         meta = body["metadata"]
         namespace = meta.get("namespace") or "default"
         now = datetime.now(UTC)

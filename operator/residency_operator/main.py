@@ -58,6 +58,7 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     if task is not None:
         task.cancel()
     await asyncio.to_thread(memo["controller"].release)
+    await asyncio.to_thread(memo["controller"].kube.events.flush)  # the last round's Events
     if memo["controller"].cache is not None:
         memo["controller"].cache.stop()
 
@@ -75,8 +76,10 @@ def run_operator(config: OperatorConfig, liveness_endpoint: str | None = None) -
     metrics = OperatorMetrics()
     if config.metrics_port:
         start_http_server(config.metrics_port, registry=metrics.registry)
+    kube = Kube(write_qps=config.write_qps, write_burst=config.write_burst)
+    metrics.events_dropped.set_function(lambda: kube.events.dropped)
     controller = Controller(
-        Kube(write_qps=config.write_qps, write_burst=config.write_burst),
+        kube,
         knobs,
         lease_namespace=config.lease_namespace,
         resync_seconds=config.resync_seconds,

@@ -38,6 +38,12 @@ class OperatorMetrics:
             ["node"],
             registry=self.registry,
         )
+        self.events_dropped = Gauge(
+            "residency_events_dropped",
+            "Events dropped since the operator started because the API server took them slower than "
+            "they came (best effort; statuses are never dropped)",
+            registry=self.registry,
+        )
         self.plan_seconds = Histogram(
             "residency_plan_seconds", "Duration of a planning round", registry=self.registry
         )

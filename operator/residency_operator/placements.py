@@ -34,7 +34,7 @@ def placement_manifest(
     in pipeline order with each one's share of the weight bytes)."""
     namespace, name = key.split("/", 1)
     spec = body["spec"]
-    fraction = round(resident_fraction, 4)
+    fraction = round(float(resident_fraction), 4)
     return {
         "apiVersion": API_VERSION,
         "kind": "ModelPlacement",

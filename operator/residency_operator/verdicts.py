@@ -16,7 +16,7 @@ RETRIED_LOAD_FAILURES = frozenset({"PlacementDoesNotFit"})
 
 
 def _percent(fraction: float | None) -> int | None:
-    return None if fraction is None else round(fraction * 100)
+    return None if fraction is None else round(float(fraction) * 100)
 
 
 def unschedulable_by_model(plan: Plan) -> dict[str, Unschedulable]:
@@ -135,7 +135,9 @@ def gpu_fields(
     gpus = []
     for index, share in shares:
         held = reported.get(index) if same_node else None
-        gpus.append(dict(held) if held is not None else {"index": index, "residentFraction": round(share, 4)})
+        gpus.append(
+            dict(held) if held is not None else {"index": index, "residentFraction": round(float(share), 4)}
+        )
     return (("gpuSet", gpu_set_label(node, [index for index, _ in shares])), ("gpus", gpus))
 
 
@@ -156,7 +158,7 @@ def observed_rates(
         observed["windowDecodeTokensPerSecond"] = round(1.0 / step_seconds, 3)
         observed["windowBatch"] = batch
     if planned is not None and planned.observed_ratio is not None:
-        observed["ratioToPrediction"] = round(planned.observed_ratio, 3)
+        observed["ratioToPrediction"] = round(float(planned.observed_ratio), 3)
     return observed
 
 
@@ -185,7 +187,7 @@ def _placed_verdict(
         ("executionMode", planned.mode if planned else spec.get("executionMode")),
         (
             "predictedDecodeTokensPerSecond",
-            round(planned.predicted_decode_tokens_per_second, 2) if planned else None,
+            round(float(planned.predicted_decode_tokens_per_second), 2) if planned else None,
         ),
         ("predictionSource", planned.prediction_source if planned else None),
         ("endpoint", status.get("endpoint") if state == "Loaded" else None),
