@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -19,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +43,16 @@ from residency_operator.kube import Kube
 from residency_operator.metrics import OperatorMetrics
 from residency_operator.placements import desired_placements, placement_needs_update, write_phase
 from residency_operator.planner import Plan, PlannerConfig, plan
+from residency_operator.rounds import (
+    PROGRESS_REASONS,
+    REJECTED_STATUSES,
+    WARNING_PHASES,
+    RoundReport,
+    StatusJob,
+    rejection_message,
+    short_list,
+    status_rank,
+)
 from residency_operator.state import (
     UNLOAD_FINALIZER,
     ClusterState,
@@ -67,47 +75,7 @@ from residency_operator.verdicts import (
 )
 
 log = logging.getLogger("residency.controller")
-StatusJob = tuple[str, dict[str, Any], Any, dict[str, Any], dict[str, Any], list[tuple[str, str, str]]]
-"""One model's status write: key, body, verdict, current status, patch, and the Events it brings."""
 LEASE_NAME = "residency-operator"
-WARNING_PHASES = frozenset({"Failed", "Unschedulable", "Preempted"})
-PROGRESS_REASONS = frozenset({"Placed", "Loading", "Resuming", "Ready"})
-"""Phase reasons of the ordinary way to Ready (Scheduled, Loading, Ready): no Event of their own. The
-status shows each step, and the worker's measured operation (ModelLoaded, ModelResumed, ...) is the Event
-that says the model arrived; an Event per step was three writes per model, a third of a wave's writes."""
-REJECTED_STATUSES = frozenset({400, 403, 422})
-"""API answers that refuse one object (invalid, forbidden) rather than say the API server is unwell."""
-
-
-def rejection_message(exc: ApiException) -> str:
-    """The API server's own message for a refused write (its Status body), else the HTTP reason."""
-    try:
-        message = json.loads(exc.body or "{}").get("message")
-    except (TypeError, ValueError, AttributeError):
-        message = None
-    return str(message or f"HTTP {exc.status} {exc.reason}")[:1024]
-
-
-@dataclass
-class RoundReport:
-    """What one planning round did (for logs and tests)."""
-
-    created: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
-    statuses: int = 0
-    solver: str = ""
-    seconds: float = 0.0
-    rejected: dict[str, str] = field(default_factory=dict)
-    """Objects the API server refused (placement or model key -> its message); the round went on."""
-    deferred: int = 0
-    """Status writes left to the next round (a change was waiting and the status budget was spent)."""
-    phase_seconds: dict[str, float] = field(default_factory=dict)
-    """Where the round's time went: reading the cache into planner inputs, planning, writing placements,
-    computing and writing statuses."""
-
-    def timings(self) -> str:
-        return ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in self.phase_seconds.items())
 
 
 class Controller:
@@ -232,9 +200,9 @@ class Controller:
                         report.solver,
                         report.seconds,
                         report.timings(),
-                        _names(report.created),
-                        _names(report.updated),
-                        _names(report.deleted),
+                        short_list(report.created),
+                        short_list(report.updated),
+                        short_list(report.deleted),
                         report.statuses,
                         report.deferred,
                     )
@@ -434,6 +402,7 @@ class Controller:
         phases: dict[str, int] = {}
         unschedulable = unschedulable_by_model(result)
         statuses: list[StatusJob] = []
+        placed_now = set(report.created)
         bodies = inputs.bodies if change is None else {k: inputs.bodies[k] for k in change.models}
         for key, body in sorted(bodies.items()):
             placement = existing.get(placement_name(key))
@@ -455,12 +424,26 @@ class Controller:
             events = [
                 e for e in (operation_event(current, placement), prediction_event(current, verdict)) if e
             ]
+            if (
+                verdict.reason == "Placed"
+                and placement_name(key) in placed_now
+                and current.get("phase") in (None, "Pending", "Scheduled")
+                and self._dirty.is_set()
+            ):
+                # Placed by this round while more changes wait (a wave): its worker is loading it now,
+                # and the next round, moments away, writes where it got to (often Ready) in one write
+                # instead of two; a placement is what the worker acts on, the status only reports it.
+                report.deferred += 1
+                continue
             generation = body["metadata"].get("generation")
             patch = status_patch(current, desired_status(current, verdict, generation, now_rfc3339()))
             if not patch:
                 self._reported[key] = (verdict, version)
                 continue
             statuses.append((key, body, verdict, current, patch, events))
+        # What a person must hear first goes first (failures, preemptions, waits), then Ready, then the
+        # steps on the way; when the status budget runs out with a change waiting, the rest wait a round.
+        statuses.sort(key=lambda job: (status_rank(job[2]), job[0]))
         statuses_from = time.monotonic()
 
         def write_status(job: StatusJob) -> None:
@@ -616,13 +599,6 @@ class Controller:
             self.kube.delete_pod(namespace, pod_name_)
             log.info("capacity request %s no longer needed", name)
         return waiting
-
-
-def _names(names: list[str], shown: int = 10) -> str:
-    """A list of names for a log line, the first few of a long one and how many more."""
-    if len(names) <= shown:
-        return str(names)
-    return f"{names[:shown]} and {len(names) - shown} more"
 
 
 def model_keys(bodies: list[dict[str, Any]]) -> list[str]:

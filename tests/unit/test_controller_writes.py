@@ -83,3 +83,43 @@ def test_status_writes_give_way_to_a_waiting_round_and_follow_in_the_next(
     report = ctl.round()
     assert report.deferred == 0 and report.created == []
     assert {kube.statuses[f"team-a/{n}"]["phase"] for n in names} == {"Scheduled"}
+
+
+def test_a_model_placed_during_a_wave_gets_one_status_write_not_two(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    """While more changes wait, a model placed by this round is not reported Scheduled: the next round
+    reports where its load got to, here Ready, in one write. Nothing else waits: with no change waiting
+    a new placement is reported at once."""
+    now = datetime.now(UTC)
+    directory = make_model_dir("shared")
+    state = ClusterState(
+        [llm("early", directory), llm("late", directory)],
+        [profile("gpu-1", 10**9, heartbeat=now)],
+        [node("gpu-1")],
+        [],
+    )
+    kube = EventKube(state)
+    writes: list[str] = []
+    patch = kube.patch_model_status
+
+    def counted(namespace: str, name: str, status: dict[str, Any]) -> Any:
+        writes.append(name)
+        return patch(namespace, name, status)
+
+    kube.patch_model_status = counted  # type: ignore[method-assign]
+    ctl = controller(kube, tmp_path)
+    ctl.poke()  # the rest of the wave is on its way
+    report = ctl.round()
+    assert sorted(report.created) == ["team-a.early", "team-a.late"]
+    assert report.deferred == 2 and writes == []
+    for placement in kube.placements.values():
+        loaded(placement)
+    ctl._dirty.clear()
+    ctl.round()
+    assert {kube.statuses[f"team-a/{n}"]["phase"] for n in ("early", "late")} == {"Ready"}
+    assert sorted(writes) == ["early", "late"], "one status write each on the way to Ready"
+    # with nothing waiting, a new model is reported Scheduled the moment it is placed
+    state.models.append(llm("alone", directory))
+    ctl.round()
+    assert kube.statuses["team-a/alone"]["phase"] == "Scheduled"
