@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import socket
 import threading
@@ -98,7 +99,13 @@ class Controller:
         write_workers: int = 8,
         status_budget_seconds: float = 1.0,
         incremental_min_models: int | None = 2000,
+        progress_quiet_seconds: float = 10.0,
     ) -> None:
+        self.progress_quiet_seconds = progress_quiet_seconds
+        """While more changes wait, the ordinary steps (Scheduled, Loading) of a model placed less than
+        this long ago are not written: the round after its worker reports writes where it got to (often
+        Ready) in one write instead of two or three. With nothing waiting, each step is written at once."""
+        self._placed_at: dict[str, float] = {}
         self.write_workers = write_workers
         self.status_budget_seconds = status_budget_seconds
         """After this long writing statuses, a round leaves the rest to the next one when a change is
@@ -402,7 +409,9 @@ class Controller:
         phases: dict[str, int] = {}
         unschedulable = unschedulable_by_model(result)
         statuses: list[StatusJob] = []
-        placed_now = set(report.created)
+        placed_at = time.monotonic()
+        self._placed_at = {n: t for n, t in self._placed_at.items() if n in desired}
+        self._placed_at.update((name, placed_at) for name in report.created)
         bodies = inputs.bodies if change is None else {k: inputs.bodies[k] for k in change.models}
         for key, body in sorted(bodies.items()):
             placement = existing.get(placement_name(key))
@@ -425,14 +434,15 @@ class Controller:
                 e for e in (operation_event(current, placement), prediction_event(current, verdict)) if e
             ]
             if (
-                verdict.reason == "Placed"
-                and placement_name(key) in placed_now
-                and current.get("phase") in (None, "Pending", "Scheduled")
+                verdict.reason in ("Placed", "Loading")
+                and current.get("phase") in (None, "Pending", "Scheduled", "Loading")
+                and placed_at - self._placed_at.get(placement_name(key), -math.inf)
+                < self.progress_quiet_seconds
                 and self._dirty.is_set()
             ):
-                # Placed by this round while more changes wait (a wave): its worker is loading it now,
-                # and the next round, moments away, writes where it got to (often Ready) in one write
-                # instead of two; a placement is what the worker acts on, the status only reports it.
+                # Placed moments ago while more changes wait (a wave): its worker is loading it, and a
+                # round after the worker reports writes where it got to; the placement is what the
+                # worker acts on, the status only reports it.
                 report.deferred += 1
                 continue
             generation = body["metadata"].get("generation")

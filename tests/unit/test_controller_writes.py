@@ -88,9 +88,9 @@ def test_status_writes_give_way_to_a_waiting_round_and_follow_in_the_next(
 def test_a_model_placed_during_a_wave_gets_one_status_write_not_two(
     tmp_path: Path, make_model_dir: MakeDir
 ) -> None:
-    """While more changes wait, a model placed by this round is not reported Scheduled: the next round
-    reports where its load got to, here Ready, in one write. Nothing else waits: with no change waiting
-    a new placement is reported at once."""
+    """While more changes wait, a model placed moments ago is not reported Scheduled: a round after its
+    worker reports writes where its load got to, here Ready, in one write. With no change waiting, or
+    once the placement is older than progress_quiet_seconds, each step is written at once."""
     now = datetime.now(UTC)
     directory = make_model_dir("shared")
     state = ClusterState(
@@ -113,13 +113,21 @@ def test_a_model_placed_during_a_wave_gets_one_status_write_not_two(
     report = ctl.round()
     assert sorted(report.created) == ["team-a.early", "team-a.late"]
     assert report.deferred == 2 and writes == []
+    report = ctl.round()  # still busy, and the worker has not reported yet: nothing to say but "Scheduled"
+    assert report.deferred == 2 and writes == []
     for placement in kube.placements.values():
         loaded(placement)
-    ctl._dirty.clear()
     ctl.round()
     assert {kube.statuses[f"team-a/{n}"]["phase"] for n in ("early", "late")} == {"Ready"}
     assert sorted(writes) == ["early", "late"], "one status write each on the way to Ready"
     # with nothing waiting, a new model is reported Scheduled the moment it is placed
+    ctl._dirty.clear()
     state.models.append(llm("alone", directory))
     ctl.round()
     assert kube.statuses["team-a/alone"]["phase"] == "Scheduled"
+    # busy, but a worker that has not reported in progress_quiet_seconds: its Scheduled is written
+    ctl.progress_quiet_seconds = 0.0
+    state.models.append(llm("slow", directory))
+    ctl.poke()
+    ctl.round()
+    assert kube.statuses["team-a/slow"]["phase"] == "Scheduled"
