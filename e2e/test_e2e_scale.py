@@ -55,11 +55,12 @@ def test_fifty_hollow_nodes_and_five_hundred_models(cluster: str, tmp_path: Path
     assert placements["models"] == 500
     assert placements["lost"] == 0, placements["lost_examples"]
     assert placements["doubled"] == 0, placements["doubled_examples"]
-    # a model costs its create, kopf's finalizer, its placement, one status write from its worker, two or
-    # three of the operator's (Scheduled, Ready; the prediction moves as its node fills) and one Event (the
-    # load its worker measured): 7-8 at 100 nodes (it was 10.4 with an Event and a status per step)
+    # a model costs its create, kopf's finalizer, its placement, one status write from its worker, one or
+    # two of the operator's (Ready, and Scheduled only when its worker is slow to report while the wave
+    # goes on) and one Event (the load its worker measured, posted in the background): about 6 (it was
+    # 10.4 with an Event and a status per step, 7-8 with kopf's last-handled annotation and Scheduled)
     per_model = [scale.writes_per_model(w["requests_per_second"]) for w in result["waves"]]
-    assert all(x is not None and x <= 9.0 for x in per_model), per_model
+    assert all(x is not None and x <= 7.0 for x in per_model), per_model
     restart = result["operator_restart"]
     assert restart["placements_deleted_while_restarting"] == 0
     assert restart["converged_seconds_after_restart"] < 120

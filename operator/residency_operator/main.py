@@ -22,13 +22,23 @@ from residency_operator.state import OperatorKnobs
 HANDLER_MODULES = (_llmmodel_handlers, _sensitivity_handlers)
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf keeps no last-handled configuration on LLMModels: no kopf handler here reacts to a field
+    change (the planning loop reads watch-fed informers; kopf runs the delete handler and timers only),
+    and storing one cost every model an extra write (an annotation patch on create and on each change)."""
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Progress in annotations (the status schema is strict); start the planning loop."""
+    """Progress in annotations (the status schema is strict), no diff base; start the planning loop."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="residency.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="residency.dev", key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
