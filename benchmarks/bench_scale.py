@@ -43,6 +43,9 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from scale_identities import remove_bindings, service_account_kubeconfigs  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 GROUP, VERSION = "residency.dev", "v1alpha1"
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE", "APPLY"})
@@ -67,6 +70,8 @@ class ScaleConfig:
     label: str = "run"
     # the operator's RESIDENCY_INCREMENTAL_MIN_MODELS (None: its default)
     incremental_min_models: int | None = None
+    # each client under a ServiceAccount of its own, as in a cluster (scale_identities), or all "admin"
+    identities: str = "service-accounts"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -371,6 +376,7 @@ class ScaleRun:
         self.custom = client.CustomObjectsApi(self.api)
         self.core = client.CoreV1Api(self.api)
         self.env = {"KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1"}
+        self.kubeconfigs = {"operator": kubeconfig, "nodes": kubeconfig}  # replaced in setup()
         self.metrics_port = _free_port()
         self.samples: list[Sample] = []
         self.marks: list[tuple[float, str]] = []
@@ -394,6 +400,7 @@ class ScaleRun:
             self.workdir / "operator.log",
             {
                 **self.env,
+                "KUBECONFIG": self.kubeconfigs["operator"],
                 "RESIDENCY_METRICS_PORT": str(self.metrics_port),
                 "RESIDENCY_CAPACITY_REQUESTS": "false",
                 "RESIDENCY_HEARTBEAT_GRACE_SECONDS": str(max(40.0, 4 * self.cfg.heartbeat_seconds)),
@@ -416,6 +423,10 @@ class ScaleRun:
         except ApiException as exc:
             if exc.status != 409:
                 raise
+        if cfg.identities == "service-accounts":
+            self.kubeconfigs = service_account_kubeconfigs(
+                self.api, self.kubeconfig, cfg.namespace, self.workdir / "identities"
+            )
         names = [f"{cfg.node_prefix}{i:04d}" for i in range(cfg.nodes)]
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(self._create_node, names))
@@ -439,7 +450,7 @@ class ScaleRun:
                 str(self.workdir / "hollow-state.json"),
             ],
             self.workdir / "hollow.log",
-            self.env,
+            {**self.env, "KUBECONFIG": self.kubeconfigs["nodes"]},
         ).start()
         self.start_operator()
         self.tracker.start()
@@ -468,6 +479,7 @@ class ScaleRun:
 
     def cleanup(self) -> None:
         """Removes what the run created (for a shared control plane)."""
+        remove_bindings(self.api, self.cfg.namespace)
         self.custom.delete_collection_namespaced_custom_object(
             GROUP, VERSION, self.cfg.namespace, "llmmodels"
         )
@@ -968,6 +980,13 @@ def main() -> None:
     )
     parser.add_argument("--label", default="run")
     parser.add_argument(
+        "--identities",
+        choices=("service-accounts", "admin"),
+        default="service-accounts",
+        help="the operator and the nodes each under a ServiceAccount, as in a cluster (the API server's "
+        "fairness applies), or everyone as the admin certificate (exempt from it: arrival order)",
+    )
+    parser.add_argument(
         "--incremental-min-models",
         type=int,
         default=None,
@@ -992,6 +1011,7 @@ def main() -> None:
         heartbeat_seconds=args.heartbeat_seconds,
         label=args.label,
         incremental_min_models=args.incremental_min_models,
+        identities=args.identities,
     )
     env = cluster_env(args.workdir, api_port="16643", etcd_port="23990")
     cluster("down", env)
