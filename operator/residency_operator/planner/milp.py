@@ -64,6 +64,9 @@ class NodeOptions:
     score: FloatArray
     primary_value: FloatArray
     primary_score: FloatArray
+    held_score: FloatArray
+    """What the option counts for when its tier's optimum is held for the lower tiers: its primary score,
+    but a cold load's amortised cost left out (see :func:`solve_lexicographic`)."""
     incumbent: npt.NDArray[np.bool_]
     pinned_models: list[int]
     """Running non-preemptible models whose options are restricted to staying and must be chosen."""
@@ -160,6 +163,7 @@ def build_node_options(
     rows_score: list[float] = []
     rows_primary_value: list[float] = []
     rows_primary_score: list[float] = []
+    rows_held_score: list[float] = []
     rows_incumbent: list[bool] = []
     pinned: list[int] = []
 
@@ -201,6 +205,7 @@ def build_node_options(
         rows_score.append(score)
         rows_primary_value.append(primary_value)
         rows_primary_score.append(primary_score)
+        rows_held_score.append(primary_value if now is None else primary_score)
         rows_incumbent.append(is_incumbent)
 
     for model_index, model in enumerate(models):
@@ -297,6 +302,7 @@ def build_node_options(
         score=np.array(rows_score, dtype=np.float64),
         primary_value=np.array(rows_primary_value, dtype=np.float64),
         primary_score=np.array(rows_primary_score, dtype=np.float64),
+        held_score=np.array(rows_held_score, dtype=np.float64),
         incumbent=np.array(rows_incumbent, dtype=bool),
         pinned_models=pinned,
     )
@@ -387,7 +393,8 @@ def _sharing_constraint(
     """If option o is chosen, the others' busy share on its node stays within o's tolerance (big-M).
 
     A pinned model's time never bars a model of higher priority, nor its SLO a higher-priority model: a
-    model is not kept out for a lower priority's sake."""
+    model is not kept out for a lower priority's sake. The time a pinned model takes is given all the same:
+    the others share only what o's tolerance leaves beyond it."""
     rows: list[int] = []
     columns: list[int] = []
     values: list[float] = []
@@ -403,17 +410,23 @@ def _sharing_constraint(
                 continue  # the busy limit of the node already keeps this one's SLO
             others = on_node[options.model[on_node] != options.model[o]]
             others = others[~(pinned[others] & (priorities[others] < priorities[o]))]
-            given = 0.0
             if pinned[o]:
                 # Pinned models stay whatever their time: a pinned model's SLO bars only models that are free
                 # to go elsewhere and not of a higher priority, and the other pinned ones' time (those of
                 # its priority or lower) counts as given.
                 others = others[~pinned[others] & (priorities[others] <= priorities[o])]
-                given = sum(
-                    float(pinned_busy[row, node])
-                    for row, model_index in enumerate(options.pinned_models)
-                    if model_index != int(options.model[o]) and pinned_priority[row] <= priorities[o]
+            # The lower pinned models' time does not bar o, but it is taken all the same: the others get what
+            # o's SLO tolerates beyond it (else, once o runs, a model joins it that the plan which started
+            # it had to keep off: the plan would not be a fixed point).
+            given = sum(
+                float(pinned_busy[row, node])
+                for row, model_index in enumerate(options.pinned_models)
+                if model_index != int(options.model[o])
+                and (
+                    pinned_priority[row] < priorities[o]
+                    or (pinned[o] and pinned_priority[row] == priorities[o])
                 )
+            )
             others = others[options.busy[others] > 0]
             if len(others) == 0:
                 continue
@@ -494,8 +507,12 @@ def solve_lexicographic(
             return MilpResult({}, 0.0, 1.0, False, f"tier {tier}: {result.message}")
         solution = np.round(result.x)
         if tier is not None:
-            # Hold the tier's value without the memory tie-break, so later stages may still spend memory.
-            held_coefficients = np.where(priorities == tier, coefficients + tie_breaks, 0.0)
+            # Hold the tier's value without the memory tie-break, so later stages may still spend memory,
+            # and without its cold loads' amortised cost: a level that loads a little faster (a few
+            # hundredths of a token/s over the horizon) must not keep a lower tier's model out, which the
+            # next plan, with that model running and no load to pay, would then let in (not a fixed point).
+            # The final stage still weighs every load's cost.
+            held_coefficients = np.where(priorities == tier, options.held_score + tie_breaks, 0.0)
             achieved = float(np.dot(held_coefficients, solution))
             # A little slack lets later stages shift load-cost noise, never a whole model's availability.
             slack = min(
