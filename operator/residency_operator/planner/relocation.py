@@ -24,19 +24,20 @@ class Relocation(MakingRoom):
     """Relocation: running models whose demand outgrew their node move to one that serves it, where the
     gain net of the amortised move beats staying by the hysteresis margin."""
 
-    def relocate_outgrown(self, only: Sequence[int] | None = None) -> int:
+    def relocate_outgrown(self, only: Sequence[int] | None = None, newcomers: bool = False) -> int:
         """Move running models whose demand outgrew their node to a node that serves it, where there is
         free room and the throughput gained, net of the amortised cost of the move (the model serves
         nothing while it reloads), beats staying by the hysteresis margin. Highest gain first.
 
         Without this a model placed while its demand was unknown or small stays on a slow GPU for good, as
         long as it keeps its per-sequence SLO there. ``only``: consider these models only. Returns how
-        many moved."""
+        many moved. ``newcomers``: models this plan places are considered too, as the next plan would
+        judge them once running."""
         state, tables, config = self.state, self.tables, self.config
         proposals: list[tuple[float, str, int]] = []
         for i in range(len(state.assignment)) if only is None else only:
             a = state.assignment[i]
-            if a is None or not a.incumbent:
+            if a is None or not (a.incumbent or newcomers):
                 continue
             model = self.models[i]
             if not model.preemptible:
