@@ -103,6 +103,17 @@ class MakingRoom(GreedyBase):
                 else:
                     candidates = [node for node in only_nodes if self.class_of_node[node] == node_class]
                 for node in candidates:
+                    # The bounds _room_plan checks first, without building a plan: most nodes fail them.
+                    bounds = self._room_candidates(model.priority, node, False)
+                    free_gpu = state.free_gpu[node]
+                    if free_gpu + bounds.most_freed_gpu < need_gpu:
+                        continue
+                    if (
+                        free_gpu + bounds.most_freed_lower_gpu < need_gpu
+                        and bounds.least_same_tier_value >= limit
+                    ):
+                        value_bound = True
+                        continue
                     plan = self._room_plan(
                         model,
                         node,
@@ -279,6 +290,15 @@ class MakingRoom(GreedyBase):
         need_gpu, need_host, need_busy, need_tolerance = need
         free_gpu, free_host = state.free_gpu[node], state.free_host[node]
         candidates = self._room_candidates(model.priority, node, lower_only)
+        # (Both bounds fail only where the memory is short now, so room enough already never skips them.)
+        if free_gpu + candidates.most_freed_gpu < need_gpu:
+            return None  # not even demoting and preempting everything it may would free the memory
+        if (
+            free_gpu + candidates.most_freed_lower_gpu < need_gpu
+            and candidates.least_same_tier_value >= same_tier_value_limit
+        ):
+            self.room_cut = True
+            return None  # only models of its own tier worth too much to preempt would free enough
         # Busy share and tolerance of each model that would stay on the node.
         staying = dict(candidates.staying)
         # A running estimate of the busy share of those staying: it only rejects clear misses quickly
@@ -296,20 +316,12 @@ class MakingRoom(GreedyBase):
 
         if enough():
             return 0.0, []
-        if free_gpu + candidates.most_freed_gpu < need_gpu:
-            return None  # not even demoting and preempting everything it may would free the memory
-        if (
-            free_gpu + candidates.most_freed_lower_gpu < need_gpu
-            and candidates.least_same_tier_value >= same_tier_value_limit
-        ):
-            self.room_cut = True
-            return None  # only models of its own tier worth too much to preempt would free enough
         steps: list[tuple[int, str, int]] = []
         loss_total = 0.0
         demoted: dict[int, tuple[int, int, float]] = {}
         preempted: dict[int, tuple[int, int, float]] = {}
         for _, _, other, freed_gpu, host_delta, busy, tolerance, loss, level in candidates.demotions:
-            if enough():
+            if free_gpu >= need_gpu and free_host >= need_host and enough():
                 break
             if free_host + host_delta < 0:
                 continue
@@ -321,7 +333,7 @@ class MakingRoom(GreedyBase):
             demoted[other] = (freed_gpu, host_delta, loss)
             steps.append((other, "demote", level))
         for priority, _, _, other, gpu, host, value in candidates.preemptions:
-            if enough():
+            if free_gpu >= need_gpu and free_host >= need_host and enough():
                 break
             if priority == model.priority and value >= same_tier_value_limit:
                 self.room_cut = True

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from residency_operator.planner.costs import (
     amortised_cost_tokens_per_second,
     migrate_cost,
@@ -14,10 +16,7 @@ from residency_operator.planner.making_room import (
     SAME_TIER_SWAP_GAIN,
     MakingRoom,
 )
-from residency_operator.planner.options import (
-    MODES,
-    unserved_tokens_per_second,
-)
+from residency_operator.planner.options import MODES
 
 
 class Relocation(MakingRoom):
@@ -34,7 +33,9 @@ class Relocation(MakingRoom):
         many moved. ``newcomers``: models this plan places are considered too, as the next plan would
         judge them once running."""
         state, tables, config = self.state, self.tables, self.config
-        proposals: list[tuple[float, str, int]] = []
+        # Who outgrew their node, in one array operation: rate at the placement x a full batch against the
+        # demand with its headroom (``unserved_tokens_per_second``, the same float operations).
+        rows: list[tuple[int, int, int, int, float, int]] = []
         for i in range(len(state.assignment)) if only is None else only:
             a = state.assignment[i]
             if a is None or not (a.incumbent or newcomers):
@@ -45,14 +46,24 @@ class Relocation(MakingRoom):
             demand = model.demand_decode_tokens_per_second
             if demand is None or demand <= 0:
                 continue
-            node_class = self.class_of_node[a.node]
-            level = self._level_index.get(a.resident_fraction)
-            if level is None:
+            at_level = self._level_index.get(a.resident_fraction)
+            if at_level is None:
                 continue
-            rate = tables.decode_tokens_per_second.item(node_class, MODES.index(a.mode), i, level)
-            unserved = unserved_tokens_per_second(model, rate, config)
-            if unserved > 0:
-                proposals.append((-unserved, model.name, i))
+            rows.append(
+                (i, self.class_of_node[a.node], MODES.index(a.mode), at_level, demand, model.max_batch)
+            )
+        proposals: list[tuple[float, str, int]] = []
+        if rows:
+            indices, classes, modes, levels, demands, batches = (
+                np.array(column) for column in zip(*rows, strict=True)
+            )
+            rates = tables.decode_tokens_per_second[classes, modes, indices, levels]
+            unserved = config.demand_headroom * demands.astype(np.float64) - rates * np.maximum(1, batches)
+            proposals = [
+                (-u, self.models[i].name, i)
+                for i, u in zip(indices.tolist(), unserved.tolist(), strict=True)
+                if u > 0
+            ]
         moved = 0
         for _, _, i in sorted(proposals):
             current = state.assignment[i]
