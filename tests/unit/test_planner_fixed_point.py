@@ -1,10 +1,11 @@
 """Examples the property tests drew with random seeds (CI draws the same ones every run), each a plan that
-was not a fixed point or an incremental re-plan the properties rejected, kept as plain tests."""
+was not a fixed point or an incremental re-plan worth less than a full one, kept as plain tests."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from test_planner_incremental import GREEDY, converged, plan_value
 from test_planner_properties import applied, assert_plan_valid
 
 from residency_operator.planner import GIB, ModelDemand, NodeCapacity, PlannerConfig, plan
@@ -124,3 +125,76 @@ def test_two_pinned_models_that_crowd_each_other_both_keep_running() -> None:
     assert incremental.placements["ns/model-0"].gpu_busy_fraction > 0.9
     assert_plan_valid(incremental, [busy, models[1]], nodes, config, busy_limit=1.0)
     assert_plan_valid(full, [busy, models[1]], nodes, config, busy_limit=1.0)
+
+
+def assert_incremental_as_good_as_full(
+    models: list[ModelDemand], nodes: list[NodeCapacity], changed: ModelDemand
+) -> None:
+    """From the steady state, the incremental re-plan after ``changed`` is worth what a full re-plan is."""
+    steady = converged(models, nodes)
+    planner = IncrementalPlanner(models, nodes, applied(steady), config=GREEDY)
+    after = [changed if m.name == changed.name else m for m in models]
+    incremental = planner.update_model(changed)
+    full = plan(after, nodes, applied(steady), config=GREEDY)
+    assert_plan_valid(incremental, after, nodes, GREEDY, busy_limit=1.0)
+    assert plan_value(incremental, after, nodes) >= plan_value(full, after, nodes) - 1e-6, (
+        sorted(incremental.placements),
+        sorted(full.placements),
+    )
+
+
+def test_incremental_relocates_a_model_into_the_room_a_removed_one_left() -> None:
+    """The pinned model on the fast node is deleted: the busy model on the slow node moves there, as the
+    full plan's relocation moves it (the incremental planner only looked at the deleted model)."""
+    models = [
+        dataclasses.replace(small("ns/model-0", 8, preemptible=False), kv_bytes_per_token=32768),
+        dataclasses.replace(
+            small("ns/model-1", 8, demand_decode_tokens_per_second=100.0), kv_bytes_per_token=32768
+        ),
+    ]
+    nodes = [h100("node-0", 16, 16, 6.0, 300.0), h100("node-1", 16, 16, 6.0, 2000.0)]
+    assert_incremental_as_good_as_full(models, nodes, dataclasses.replace(models[0], wanted=False))
+
+
+def test_incremental_relocates_a_model_when_making_room_became_worth_it() -> None:
+    """model-1's demand becomes known and small: the busy model-3 on the slow node is now worth swapping
+    with it onto the fast node, as the full plan does."""
+    models = [
+        small("ns/model-0", 1, preemptible=False),
+        small("ns/model-1", 16),
+        small("ns/model-2", 1, preemptible=False),
+        small("ns/model-3", 16, demand_decode_tokens_per_second=100.0),
+    ]
+    nodes = [h100("node-0", 16, 16, 6.0, 300.0), h100("node-1", 24, 16, 6.0, 2000.0)]
+    assert_incremental_as_good_as_full(
+        models, nodes, dataclasses.replace(models[1], demand_decode_tokens_per_second=10.0)
+    )
+
+
+def test_incremental_promotes_a_model_that_became_busy_over_an_idle_one() -> None:
+    """The pinned model was idle and demoted to 85 %; its demand returns: it takes back its node's memory
+    from the idle model beside it (the tier promotion a full plan makes)."""
+    models = [
+        small("ns/model-0", 1, demand_decode_tokens_per_second=0.0),
+        small(
+            "ns/model-1", 16, preemptible=False, max_offload_fraction=0.5, demand_decode_tokens_per_second=0.0
+        ),
+    ]
+    nodes = [h100("node-0", 16, 16, 6.0, 300.0)]
+    assert_incremental_as_good_as_full(
+        models, nodes, dataclasses.replace(models[1], demand_decode_tokens_per_second=10.0)
+    )
+
+
+def test_incremental_replans_all_when_a_priority_widens_past_the_idle_offset() -> None:
+    """An idle model's priority is raised past the span idle models were moved down by: the full plan keeps
+    it below every busy model, which the incremental planner's kept offset could not; it plans afresh."""
+    models = [
+        small("ns/model-0", 1, preemptible=False),
+        small("ns/model-1", 1, preemptible=False),
+        small("ns/model-2", 16, preemptible=False, demand_decode_tokens_per_second=0.0),
+        small("ns/model-3", 1, preemptible=False),
+        small("ns/model-4", 16, priority=10),
+    ]
+    nodes = [h100("node-0", 16, 16, 6.0, 300.0)]
+    assert_incremental_as_good_as_full(models, nodes, dataclasses.replace(models[2], priority=100))
