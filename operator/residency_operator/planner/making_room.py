@@ -19,6 +19,9 @@ from residency_operator.planner.types import (
     PlannerConfig,
 )
 
+RoomPlan = tuple[float, list[tuple[int, str, int]]]
+"""What making room on one node loses in all, and its steps: (model index, "demote" or "preempt", level)."""
+
 MAKE_ROOM_CANDIDATE_NODES = 8
 """Nodes examined (those with the most free memory) when a model must make room; bounds the cost."""
 
@@ -64,6 +67,7 @@ class MakingRoom(GreedyBase):
         model = self.models[model_index]
         state, tables = self.state, self.tables
         best: tuple[float, float, int, int, int, int, list[tuple[int, str, int]]] | None = None
+        room_plans: dict[tuple[int, int, int, float, float, float], tuple[RoomPlan | None, bool]] = {}
         for node_class, mode_index in self._class_modes(model_index):
             # The least memory that meets its SLO, and its best level: a busy model's least-memory level
             # may need more GPU time than any node has, where a higher one fits beside the others. The
@@ -114,13 +118,17 @@ class MakingRoom(GreedyBase):
                     ):
                         value_bound = True
                         continue
-                    plan = self._room_plan(
-                        model,
-                        node,
-                        (need_gpu, need_host, need_busy, need_tolerance),
-                        same_tier_value_limit=limit,
-                    )
-                    value_bound = value_bound or self.room_cut
+                    # Modes with the same need (at 100 % resident they often are) share one room plan.
+                    key = (node, need_gpu, need_host, need_busy, need_tolerance, limit)
+                    known = room_plans.get(key)
+                    if known is None:
+                        need = (need_gpu, need_host, need_busy, need_tolerance)
+                        known = room_plans[key] = (
+                            self._room_plan(model, node, need, same_tier_value_limit=limit),
+                            self.room_cut,
+                        )
+                    plan, cut = known
+                    value_bound = value_bound or cut
                     if plan is None:
                         continue
                     loss, steps = plan
@@ -278,7 +286,7 @@ class MakingRoom(GreedyBase):
         need: tuple[int, int, float, float],
         lower_only: bool = False,
         same_tier_value_limit: float = 0.0,
-    ) -> tuple[float, list[tuple[int, str, int]]] | None:
+    ) -> RoomPlan | None:
         """Cheapest demotions then preemptions on ``node`` that make room; None when impossible.
 
         ``need`` is (GPU bytes, host bytes, busy share, tolerance) of the model to admit. Models of its own
