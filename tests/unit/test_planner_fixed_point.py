@@ -198,3 +198,16 @@ def test_incremental_replans_all_when_a_priority_widens_past_the_idle_offset() -
     ]
     nodes = [h100("node-0", 16, 16, 6.0, 300.0)]
     assert_incremental_as_good_as_full(models, nodes, dataclasses.replace(models[2], priority=100))
+
+
+def test_incremental_promotes_a_higher_tier_before_admitting_a_lower_one_into_freed_room() -> None:
+    """A model beside a demoted pinned one is deleted: the pinned one (busy, priority 0) takes the room back
+    before the idle model (yielded below it) is admitted into it, as a full plan promotes each tier before
+    admitting the next."""
+    models = [
+        small("ns/model-0", 1, preemptible=False, demand_decode_tokens_per_second=0.0),
+        small("ns/model-1", 16, preemptible=False, max_offload_fraction=0.5),
+        small("ns/model-2", 1, preemptible=False),
+    ]
+    nodes = [h100("node-0", 16, 16, 6.0, 300.0)]
+    assert_incremental_as_good_as_full(models, nodes, dataclasses.replace(models[2], wanted=False))

@@ -177,10 +177,6 @@ class IncrementalPlanner:
             # As a full plan does before admitting anyone: models that outgrew their node move where this
             # change left room, or made making room worth it (a neighbour's value changed).
             self._relocate_outgrown_onto(self._touched_nodes(journal), index)
-            # As a full plan promotes each tier: the changed model may take room from lower tiers on its node
-            # for a demand it no longer serves (what it displaces is admitted afresh below).
-            if state.assignment[index] is not None:
-                greedy.promote([index])
             # The changed model, if it has no place now, and whatever had to leave its node are admitted
             # afresh, anywhere; models without a place are offered the room given back; all in a full
             # plan's order (tier by tier, each tier's promotions before the next tier's admissions).
@@ -267,6 +263,17 @@ class IncrementalPlanner:
         journal = state.touched if state.touched is not None else {}
         failed: dict[tuple[int, int, int], list[tuple[int, int, float, float]]] = {}
         tier: int | None = None
+        promoted: set[int] = set()
+
+        def promote_above(bound: int | None) -> None:
+            """As a full plan promotes every tier after its admissions: the tiers above ``bound`` (all when
+            None) with models on the touched nodes, highest first, each once, where none was admitted."""
+            on_nodes = self._models_on(nodes | self._touched_nodes(journal))
+            for priority in sorted({models[i].priority for i in on_nodes}, reverse=True):
+                if (bound is None or priority > bound) and priority not in promoted:
+                    promoted.add(priority)
+                    self._promote_tier(priority, nodes)
+
         while True:
             # As a full plan does at each tier's start: whoever has no place now (a higher tier may just
             # have displaced it) is admitted afresh.
@@ -280,8 +287,10 @@ class IncrementalPlanner:
                 waiting &= greedy.priorities < tier
             lower = greedy.priorities[waiting]
             if not len(lower):
+                promote_above(None)
                 break
             tier = int(lower.max())
+            promote_above(tier)
             members = np.flatnonzero(waiting & (greedy.priorities == tier))
             tier_newcomers = {i for i in newcomers if models[i].priority == tier}
             accepting = sorted(
@@ -302,6 +311,7 @@ class IncrementalPlanner:
                     make_room,
                     failed,
                 )
+            promoted.add(tier)
             self._promote_tier(tier, nodes)
 
     def _admit_tier(
