@@ -211,3 +211,50 @@ def test_incremental_promotes_a_higher_tier_before_admitting_a_lower_one_into_fr
     ]
     nodes = [h100("node-0", 16, 16, 6.0, 300.0)]
     assert_incremental_as_good_as_full(models, nodes, dataclasses.replace(models[2], wanted=False))
+
+
+def test_exact_plan_counts_a_higher_models_time_against_a_running_pinned_models_slo() -> None:
+    """Once model-0 (pinned, SLO 5) runs, the priority-100 model's time beside it must not bar that model,
+    but still takes model-0's GPU: model-1, which the first plan kept off for model-0's SLO, stays off."""
+    models = [
+        dataclasses.replace(
+            small(
+                "ns/model-0",
+                16,
+                priority=10,
+                preemptible=False,
+                min_decode_tokens_per_second=5.0,
+                max_offload_fraction=0.9,
+                allowed_modes=("stream",),
+            ),
+            max_batch=4,
+        ),
+        dataclasses.replace(small("ns/model-1", 30, demand_decode_tokens_per_second=10.0), max_batch=4),
+        dataclasses.replace(
+            small(
+                "ns/model-2",
+                1,
+                priority=100,
+                max_offload_fraction=0.5,
+                demand_decode_tokens_per_second=100.0,
+                allowed_modes=("stream",),
+            ),
+            max_batch=4,
+            kv_bytes_per_token=131072,
+        ),
+    ]
+    assert_fixed_point(models, [h100("node-0", 48, 256, 50.0, 300.0)], PlannerConfig(solver="milp"))
+
+
+def test_exact_plan_counts_a_higher_pinned_models_time_against_a_running_pinned_models_slo() -> None:
+    """The same with the priority-10 neighbour pinned too: its time is given to model-0's tolerance."""
+    models = [
+        small("ns/model-0", 16, preemptible=False, min_decode_tokens_per_second=20.0),
+        small("ns/model-1", 16, preemptible=False, demand_decode_tokens_per_second=10.0),
+        small("ns/model-2", 1, preemptible=False),
+        small("ns/model-3", 3, preemptible=False, demand_decode_tokens_per_second=100.0),
+        small("ns/model-4", 1, preemptible=False),
+        small("ns/model-5", 30, priority=10, preemptible=False, demand_decode_tokens_per_second=100.0),
+    ]
+    nodes = [h100("node-0", 16, 16, 6.0, 300.0), h100("node-1", 80, 16, 6.0, 2000.0)]
+    assert_fixed_point(models, nodes, PlannerConfig(solver="milp"))

@@ -316,6 +316,7 @@ def _capacity_constraints(
     max_busy_fraction: float,
     priorities: npt.NDArray[np.int64],
     with_sharing: bool = True,
+    higher_held: tuple[int | None, FloatArray] | None = None,
 ) -> list[LinearConstraint]:
     option_count = len(options)
     columns = np.arange(option_count)
@@ -340,7 +341,7 @@ def _capacity_constraints(
     pinned_busy = _pinned_busy(options, active, len(nodes))
     shielded_busy = _shielded_busy(options, active, len(nodes), priorities)
     sharing = (
-        _sharing_constraint(options, active, max_busy_fraction, pinned_busy, priorities)
+        _sharing_constraint(options, active, max_busy_fraction, pinned_busy, priorities, higher_held)
         if with_sharing
         else None
     )
@@ -389,12 +390,16 @@ def _sharing_constraint(
     max_busy_fraction: float,
     pinned_busy: FloatArray,
     priorities: npt.NDArray[np.int64],
+    higher_held: tuple[int | None, FloatArray] | None = None,
 ) -> LinearConstraint | None:
     """If option o is chosen, the others' busy share on its node stays within o's tolerance (big-M).
 
     A pinned model's time never bars a model of higher priority, nor its SLO a higher-priority model: a
     model is not kept out for a lower priority's sake. The time a pinned model takes is given all the same:
-    the others share only what o's tolerance leaves beyond it."""
+    the others share only what o's tolerance leaves beyond it. Likewise a higher-priority model's time
+    beside a pinned o, once the higher tiers are solved (``higher_held``: the stage's tier, None for the
+    last, and the previous stage's solution): o's row counts it, with a bound of at least what the higher
+    tiers hold there, so it bars lower models only."""
     rows: list[int] = []
     columns: list[int] = []
     values: list[float] = []
@@ -412,8 +417,8 @@ def _sharing_constraint(
             others = others[~(pinned[others] & (priorities[others] < priorities[o]))]
             if pinned[o]:
                 # Pinned models stay whatever their time: a pinned model's SLO bars only models that are free
-                # to go elsewhere and not of a higher priority, and the other pinned ones' time (those of
-                # its priority or lower) counts as given.
+                # to go elsewhere and not of a higher priority, and the other pinned ones' time counts as
+                # given.
                 others = others[~pinned[others] & (priorities[others] <= priorities[o])]
             # The lower pinned models' time does not bar o, but it is taken all the same: the others get what
             # o's SLO tolerates beyond it (else, once o runs, a model joins it that the plan which started
@@ -422,11 +427,17 @@ def _sharing_constraint(
                 float(pinned_busy[row, node])
                 for row, model_index in enumerate(options.pinned_models)
                 if model_index != int(options.model[o])
-                and (
-                    pinned_priority[row] < priorities[o]
-                    or (pinned[o] and pinned_priority[row] == priorities[o])
-                )
+                and (pinned[o] or pinned_priority[row] < priorities[o])
             )
+            bound = max(0.0, float(options.tolerance[o]) - given)
+            if (
+                pinned[o]
+                and higher_held is not None
+                and (higher_held[0] is None or higher_held[0] <= priorities[o])
+            ):
+                higher = on_node[(priorities[on_node] > priorities[o]) & ~pinned[on_node]]
+                bound = max(bound, float(options.busy[higher] @ higher_held[1][higher]))
+                others = np.concatenate([others, higher])
             others = others[options.busy[others] > 0]
             if len(others) == 0:
                 continue
@@ -434,7 +445,7 @@ def _sharing_constraint(
             rows.extend([row] * (len(others) + 1))
             columns.extend([*others.tolist(), int(o)])
             values.extend([*options.busy[others].tolist(), big_m])
-            bounds.append(max(0.0, float(options.tolerance[o]) - given) + big_m + 1e-9)
+            bounds.append(bound + big_m + 1e-9)
     if not bounds:
         return None
     matrix = csr_array((values, (rows, columns)), shape=(len(bounds), len(options)))
@@ -486,7 +497,13 @@ def solve_lexicographic(
     for tier, coefficients in stages:
         active = (priorities >= tier) | pinned if tier is not None else np.ones(option_count, dtype=bool)
         constraints = _capacity_constraints(
-            options, nodes, len(models), active, config.max_gpu_busy_fraction, priorities
+            options,
+            nodes,
+            len(models),
+            active,
+            config.max_gpu_busy_fraction,
+            priorities,
+            higher_held=None if solution is None else (tier, solution),
         )
         for held_coefficients, floor in held:
             constraints.append(LinearConstraint(held_coefficients[None, :], floor, np.inf))
