@@ -133,14 +133,20 @@ def assert_plan_valid(
         node = by_node[placement.node]
         mine = evaluate_option(predictor, model, node, placement.resident_fraction, placement.mode, config)
         # A pinned (preemptible: false) model's time may crowd a model of higher priority, which the planner
-        # keeps rather than preempt for a lower priority; and a pinned model's SLO never bars a higher one.
+        # keeps rather than preempt for a lower priority; a pinned model's SLO never bars a higher one; and
+        # two pinned models of one priority that crowd each other (a demand grew) both stay: neither may be
+        # preempted or moved for GPU time, so no plan could keep both SLOs.
         others = sum(
             busy_of[other.model]
             for other in planned.placements.values()
             if other.node == placement.node
             and other.model != placement.model
             and not (
-                not by_model[other.model].preemptible and by_model[other.model].priority < model.priority
+                not by_model[other.model].preemptible
+                and (
+                    by_model[other.model].priority < model.priority
+                    or (not model.preemptible and by_model[other.model].priority == model.priority)
+                )
             )
             and not (not model.preemptible and by_model[other.model].priority > model.priority)
         )

@@ -106,4 +106,30 @@ class GreedyPlanner(Admission, Relocation):
         placed_late = self.make_room_after_promotion(tiers)
         if placed_late:
             self.promote(placed_late, full=True)
+        self.relocate_newcomers(tiers)
         return GreedyResult(assignment=self.state.assignment, preempted_by=self.state.preempted_by)
+
+    def relocate_newcomers(self, tiers: dict[int, list[int]]) -> None:
+        """Move the models this plan places whose demand outgrew their node, as the next plan would once
+        they run: one placed on a slow node because a fast one's time or memory was short then (a model
+        there admitted at a low level, promoted since) would otherwise migrate in the next plan, a second
+        load (the plan would not be a fixed point). Room they leave goes to models still left out, and
+        the models on the nodes they left or joined are promoted, as the passes above would have."""
+        newcomers = [i for i, a in enumerate(self.state.assignment) if a is not None and not a.incumbent]
+        versions = list(self.state.node_version)
+        if not self.relocate_outgrown(newcomers, newcomers=True):
+            return
+        touched = [node for node, version in enumerate(self.state.node_version) if version != versions[node]]
+        unplaced = [
+            i
+            for priority in sorted(tiers, reverse=True)
+            for i in tiers[priority]
+            if self.state.assignment[i] is None and self.has_option[i]
+        ]
+        for model_index in self.with_room_on(unplaced, touched):
+            self.try_place(model_index)
+        on_touched = sorted(
+            (i for node in touched for i in self.state.models_on_node[node]),
+            key=lambda i: (-self.models[i].priority, self.models[i].name),
+        )
+        self.promote(on_touched, full=True)

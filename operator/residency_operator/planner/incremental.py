@@ -19,13 +19,14 @@ at the touched nodes only), so a change costs milliseconds at ten thousand model
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 
 import numpy as np
 
 from residency_operator.planner.actions import assemble_plan
-from residency_operator.planner.demand import yield_if_idle
+from residency_operator.planner.demand import is_idle, yield_if_idle
 from residency_operator.planner.fill import fill_free_memory
 from residency_operator.planner.greedy import MAKE_ROOM_FAILURE_LIMIT, Assignment
 from residency_operator.planner.milp import count_options
@@ -85,8 +86,12 @@ class IncrementalPlanner:
             )
             self._objective = self.plan.objective
             self._wanted = np.array([m.wanted for m in problem.models], dtype=bool)
+            self._declared = np.array([m.declared_priority for m in problem.models], dtype=np.int64)
+            self._idle = np.array([bool(m.yielded_priority) for m in problem.models], dtype=bool)
             self._usable_gpu = [usable_gpu_bytes(node) for node in problem.nodes]
             self._mark_applied(range(len(problem.models)))
+            # Running models whose demand outgrew their node (a full plan relocates them where room is).
+            self._outgrown = {i for _, _, i in self.greedy.outgrown()}
 
     def _sync(self, indices: Iterable[int], assignment: list[Assignment | None]) -> None:
         """Make the greedy's state hold ``assignment`` for the given models."""
@@ -120,7 +125,33 @@ class IncrementalPlanner:
         """Re-plan after ``model`` changed; returns the full desired state with only the actions that this
         change needs (the previous plan is taken as carried out)."""
         with collector_paused():
+            if self._offset_too_small(model):
+                return self._replan_all(model, now)
             return self._update(model, now)
+
+    def _offset_too_small(self, model: ModelDemand) -> bool:
+        """Whether the change widens the span of declared priorities past the offset idle models were moved
+        down by (planner/demand.py) while any model is idle: a full plan would move them further, below
+        every busy model, which this planner's kept priorities cannot follow."""
+        problem = self.problem
+        index = problem.model_index.get(model.name)
+        if index is None:
+            return False
+        self._declared[index] = model.declared_priority
+        self._idle[index] = self.config.idle_models_yield and is_idle(with_backlog(model), self.config)
+        span = int(self._declared.max() - self._declared.min()) + 1
+        return bool(self._idle.any()) and span > problem.idle_priority_offset
+
+    def _replan_all(self, model: ModelDemand, now: float) -> Plan:
+        """Plan everything afresh from the applied state (the models as declared, this one changed)."""
+        problem = self.problem
+        models = [
+            dataclasses.replace(m, priority=m.declared_priority, yielded_priority=0) for m in problem.models
+        ]
+        models[problem.model_index[model.name]] = model
+        current = list(problem.current.values())
+        self.__init__(models, problem.nodes, current, problem.profiles, now, self.config)  # type: ignore[misc]
+        return self.plan
 
     def _update(self, model: ModelDemand, now: float) -> Plan:
         started = time.perf_counter()
@@ -143,6 +174,9 @@ class IncrementalPlanner:
             state.preempted_by.clear()
             greedy.reseat(index)
             greedy.relocate_outgrown([index])
+            # As a full plan does before admitting anyone: models that outgrew their node move where this
+            # change left room, or made making room worth it (a neighbour's value changed).
+            self._relocate_outgrown_onto(self._touched_nodes(journal), index)
             # The changed model, if it has no place now, and whatever had to leave its node are admitted
             # afresh, anywhere; models without a place are offered the room given back; all in a full
             # plan's order (tier by tier, each tier's promotions before the next tier's admissions).
@@ -189,7 +223,22 @@ class IncrementalPlanner:
             models_on_node=state.models_on_node,
         )
         self._mark_applied(changed)
+        self._outgrown.difference_update(changed)
+        self._outgrown.update(i for _, _, i in greedy.outgrown(changed))
         return self.plan
+
+    def _relocate_outgrown_onto(self, nodes: set[int], changed: int) -> None:
+        """Relocate the running models that outgrew their node and could use room on ``nodes`` (free, or
+        made by demoting and preempting there), as a full plan's relocation would."""
+        greedy = self.greedy
+        accepting = sorted(node for node in nodes if self.problem.nodes[node].accepts_work)
+        waiting = sorted(self._outgrown - {changed})
+        if not accepting or not waiting:
+            return
+        candidates = set(greedy.with_room_on(waiting, accepting))
+        candidates.update(greedy.could_make_room_on(waiting, accepting))
+        if candidates:
+            greedy.relocate_outgrown(sorted(candidates))
 
     def _touched_nodes(self, journal: dict[int, Assignment | None]) -> set[int]:
         """Nodes a model left or was put on during this update."""
@@ -214,6 +263,17 @@ class IncrementalPlanner:
         journal = state.touched if state.touched is not None else {}
         failed: dict[tuple[int, int, int], list[tuple[int, int, float, float]]] = {}
         tier: int | None = None
+        promoted: set[int] = set()
+
+        def promote_above(bound: int | None) -> None:
+            """As a full plan promotes every tier after its admissions: the tiers above ``bound`` (all when
+            None) with models on the touched nodes, highest first, each once, where none was admitted."""
+            on_nodes = self._models_on(nodes | self._touched_nodes(journal))
+            for priority in sorted({models[i].priority for i in on_nodes}, reverse=True):
+                if (bound is None or priority > bound) and priority not in promoted:
+                    promoted.add(priority)
+                    self._promote_tier(priority, nodes)
+
         while True:
             # As a full plan does at each tier's start: whoever has no place now (a higher tier may just
             # have displaced it) is admitted afresh.
@@ -227,8 +287,10 @@ class IncrementalPlanner:
                 waiting &= greedy.priorities < tier
             lower = greedy.priorities[waiting]
             if not len(lower):
+                promote_above(None)
                 break
             tier = int(lower.max())
+            promote_above(tier)
             members = np.flatnonzero(waiting & (greedy.priorities == tier))
             tier_newcomers = {i for i in newcomers if models[i].priority == tier}
             accepting = sorted(
@@ -249,6 +311,7 @@ class IncrementalPlanner:
                     make_room,
                     failed,
                 )
+            promoted.add(tier)
             self._promote_tier(tier, nodes)
 
     def _admit_tier(

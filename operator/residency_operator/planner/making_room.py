@@ -19,6 +19,9 @@ from residency_operator.planner.types import (
     PlannerConfig,
 )
 
+RoomPlan = tuple[float, list[tuple[int, str, int]]]
+"""What making room on one node loses in all, and its steps: (model index, "demote" or "preempt", level)."""
+
 MAKE_ROOM_CANDIDATE_NODES = 8
 """Nodes examined (those with the most free memory) when a model must make room; bounds the cost."""
 
@@ -64,6 +67,7 @@ class MakingRoom(GreedyBase):
         model = self.models[model_index]
         state, tables = self.state, self.tables
         best: tuple[float, float, int, int, int, int, list[tuple[int, str, int]]] | None = None
+        room_plans: dict[tuple[int, int, int, float, float, float], tuple[RoomPlan | None, bool]] = {}
         for node_class, mode_index in self._class_modes(model_index):
             # The least memory that meets its SLO, and its best level: a busy model's least-memory level
             # may need more GPU time than any node has, where a higher one fits beside the others. The
@@ -103,13 +107,28 @@ class MakingRoom(GreedyBase):
                 else:
                     candidates = [node for node in only_nodes if self.class_of_node[node] == node_class]
                 for node in candidates:
-                    plan = self._room_plan(
-                        model,
-                        node,
-                        (need_gpu, need_host, need_busy, need_tolerance),
-                        same_tier_value_limit=limit,
-                    )
-                    value_bound = value_bound or self.room_cut
+                    # The bounds _room_plan checks first, without building a plan: most nodes fail them.
+                    bounds = self._room_candidates(model.priority, node, False)
+                    free_gpu = state.free_gpu[node]
+                    if free_gpu + bounds.most_freed_gpu < need_gpu:
+                        continue
+                    if (
+                        free_gpu + bounds.most_freed_lower_gpu < need_gpu
+                        and bounds.least_same_tier_value >= limit
+                    ):
+                        value_bound = True
+                        continue
+                    # Modes with the same need (at 100 % resident they often are) share one room plan.
+                    key = (node, need_gpu, need_host, need_busy, need_tolerance, limit)
+                    known = room_plans.get(key)
+                    if known is None:
+                        need = (need_gpu, need_host, need_busy, need_tolerance)
+                        known = room_plans[key] = (
+                            self._room_plan(model, node, need, same_tier_value_limit=limit),
+                            self.room_cut,
+                        )
+                    plan, cut = known
+                    value_bound = value_bound or cut
                     if plan is None:
                         continue
                     loss, steps = plan
@@ -267,7 +286,7 @@ class MakingRoom(GreedyBase):
         need: tuple[int, int, float, float],
         lower_only: bool = False,
         same_tier_value_limit: float = 0.0,
-    ) -> tuple[float, list[tuple[int, str, int]]] | None:
+    ) -> RoomPlan | None:
         """Cheapest demotions then preemptions on ``node`` that make room; None when impossible.
 
         ``need`` is (GPU bytes, host bytes, busy share, tolerance) of the model to admit. Models of its own
@@ -279,6 +298,15 @@ class MakingRoom(GreedyBase):
         need_gpu, need_host, need_busy, need_tolerance = need
         free_gpu, free_host = state.free_gpu[node], state.free_host[node]
         candidates = self._room_candidates(model.priority, node, lower_only)
+        # (Both bounds fail only where the memory is short now, so room enough already never skips them.)
+        if free_gpu + candidates.most_freed_gpu < need_gpu:
+            return None  # not even demoting and preempting everything it may would free the memory
+        if (
+            free_gpu + candidates.most_freed_lower_gpu < need_gpu
+            and candidates.least_same_tier_value >= same_tier_value_limit
+        ):
+            self.room_cut = True
+            return None  # only models of its own tier worth too much to preempt would free enough
         # Busy share and tolerance of each model that would stay on the node.
         staying = dict(candidates.staying)
         # A running estimate of the busy share of those staying: it only rejects clear misses quickly
@@ -296,20 +324,12 @@ class MakingRoom(GreedyBase):
 
         if enough():
             return 0.0, []
-        if free_gpu + candidates.most_freed_gpu < need_gpu:
-            return None  # not even demoting and preempting everything it may would free the memory
-        if (
-            free_gpu + candidates.most_freed_lower_gpu < need_gpu
-            and candidates.least_same_tier_value >= same_tier_value_limit
-        ):
-            self.room_cut = True
-            return None  # only models of its own tier worth too much to preempt would free enough
         steps: list[tuple[int, str, int]] = []
         loss_total = 0.0
         demoted: dict[int, tuple[int, int, float]] = {}
         preempted: dict[int, tuple[int, int, float]] = {}
         for _, _, other, freed_gpu, host_delta, busy, tolerance, loss, level in candidates.demotions:
-            if enough():
+            if free_gpu >= need_gpu and free_host >= need_host and enough():
                 break
             if free_host + host_delta < 0:
                 continue
@@ -321,7 +341,7 @@ class MakingRoom(GreedyBase):
             demoted[other] = (freed_gpu, host_delta, loss)
             steps.append((other, "demote", level))
         for priority, _, _, other, gpu, host, value in candidates.preemptions:
-            if enough():
+            if free_gpu >= need_gpu and free_host >= need_host and enough():
                 break
             if priority == model.priority and value >= same_tier_value_limit:
                 self.room_cut = True

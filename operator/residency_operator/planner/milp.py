@@ -64,6 +64,9 @@ class NodeOptions:
     score: FloatArray
     primary_value: FloatArray
     primary_score: FloatArray
+    held_score: FloatArray
+    """What the option counts for when its tier's optimum is held for the lower tiers: its primary score,
+    but a cold load's amortised cost left out (see :func:`solve_lexicographic`)."""
     incumbent: npt.NDArray[np.bool_]
     pinned_models: list[int]
     """Running non-preemptible models whose options are restricted to staying and must be chosen."""
@@ -160,6 +163,7 @@ def build_node_options(
     rows_score: list[float] = []
     rows_primary_value: list[float] = []
     rows_primary_score: list[float] = []
+    rows_held_score: list[float] = []
     rows_incumbent: list[bool] = []
     pinned: list[int] = []
 
@@ -201,6 +205,7 @@ def build_node_options(
         rows_score.append(score)
         rows_primary_value.append(primary_value)
         rows_primary_score.append(primary_score)
+        rows_held_score.append(primary_value if now is None else primary_score)
         rows_incumbent.append(is_incumbent)
 
     for model_index, model in enumerate(models):
@@ -297,6 +302,7 @@ def build_node_options(
         score=np.array(rows_score, dtype=np.float64),
         primary_value=np.array(rows_primary_value, dtype=np.float64),
         primary_score=np.array(rows_primary_score, dtype=np.float64),
+        held_score=np.array(rows_held_score, dtype=np.float64),
         incumbent=np.array(rows_incumbent, dtype=bool),
         pinned_models=pinned,
     )
@@ -310,6 +316,7 @@ def _capacity_constraints(
     max_busy_fraction: float,
     priorities: npt.NDArray[np.int64],
     with_sharing: bool = True,
+    higher_held: tuple[int | None, FloatArray] | None = None,
 ) -> list[LinearConstraint]:
     option_count = len(options)
     columns = np.arange(option_count)
@@ -334,7 +341,7 @@ def _capacity_constraints(
     pinned_busy = _pinned_busy(options, active, len(nodes))
     shielded_busy = _shielded_busy(options, active, len(nodes), priorities)
     sharing = (
-        _sharing_constraint(options, active, max_busy_fraction, pinned_busy, priorities)
+        _sharing_constraint(options, active, max_busy_fraction, pinned_busy, priorities, higher_held)
         if with_sharing
         else None
     )
@@ -383,11 +390,16 @@ def _sharing_constraint(
     max_busy_fraction: float,
     pinned_busy: FloatArray,
     priorities: npt.NDArray[np.int64],
+    higher_held: tuple[int | None, FloatArray] | None = None,
 ) -> LinearConstraint | None:
     """If option o is chosen, the others' busy share on its node stays within o's tolerance (big-M).
 
     A pinned model's time never bars a model of higher priority, nor its SLO a higher-priority model: a
-    model is not kept out for a lower priority's sake."""
+    model is not kept out for a lower priority's sake. The time a pinned model takes is given all the same:
+    the others share only what o's tolerance leaves beyond it. Likewise a higher-priority model's time
+    beside a pinned o, once the higher tiers are solved (``higher_held``: the stage's tier, None for the
+    last, and the previous stage's solution): o's row counts it, with a bound of at least what the higher
+    tiers hold there, so it bars lower models only."""
     rows: list[int] = []
     columns: list[int] = []
     values: list[float] = []
@@ -403,17 +415,29 @@ def _sharing_constraint(
                 continue  # the busy limit of the node already keeps this one's SLO
             others = on_node[options.model[on_node] != options.model[o]]
             others = others[~(pinned[others] & (priorities[others] < priorities[o]))]
-            given = 0.0
             if pinned[o]:
                 # Pinned models stay whatever their time: a pinned model's SLO bars only models that are free
-                # to go elsewhere and not of a higher priority, and the other pinned ones' time (those of
-                # its priority or lower) counts as given.
+                # to go elsewhere and not of a higher priority, and the other pinned ones' time counts as
+                # given.
                 others = others[~pinned[others] & (priorities[others] <= priorities[o])]
-                given = sum(
-                    float(pinned_busy[row, node])
-                    for row, model_index in enumerate(options.pinned_models)
-                    if model_index != int(options.model[o]) and pinned_priority[row] <= priorities[o]
-                )
+            # The lower pinned models' time does not bar o, but it is taken all the same: the others get what
+            # o's SLO tolerates beyond it (else, once o runs, a model joins it that the plan which started
+            # it had to keep off: the plan would not be a fixed point).
+            given = sum(
+                float(pinned_busy[row, node])
+                for row, model_index in enumerate(options.pinned_models)
+                if model_index != int(options.model[o])
+                and (pinned[o] or pinned_priority[row] < priorities[o])
+            )
+            bound = max(0.0, float(options.tolerance[o]) - given)
+            if (
+                pinned[o]
+                and higher_held is not None
+                and (higher_held[0] is None or higher_held[0] <= priorities[o])
+            ):
+                higher = on_node[(priorities[on_node] > priorities[o]) & ~pinned[on_node]]
+                bound = max(bound, float(options.busy[higher] @ higher_held[1][higher]))
+                others = np.concatenate([others, higher])
             others = others[options.busy[others] > 0]
             if len(others) == 0:
                 continue
@@ -421,7 +445,7 @@ def _sharing_constraint(
             rows.extend([row] * (len(others) + 1))
             columns.extend([*others.tolist(), int(o)])
             values.extend([*options.busy[others].tolist(), big_m])
-            bounds.append(max(0.0, float(options.tolerance[o]) - given) + big_m + 1e-9)
+            bounds.append(bound + big_m + 1e-9)
     if not bounds:
         return None
     matrix = csr_array((values, (rows, columns)), shape=(len(bounds), len(options)))
@@ -473,7 +497,13 @@ def solve_lexicographic(
     for tier, coefficients in stages:
         active = (priorities >= tier) | pinned if tier is not None else np.ones(option_count, dtype=bool)
         constraints = _capacity_constraints(
-            options, nodes, len(models), active, config.max_gpu_busy_fraction, priorities
+            options,
+            nodes,
+            len(models),
+            active,
+            config.max_gpu_busy_fraction,
+            priorities,
+            higher_held=None if solution is None else (tier, solution),
         )
         for held_coefficients, floor in held:
             constraints.append(LinearConstraint(held_coefficients[None, :], floor, np.inf))
@@ -494,8 +524,12 @@ def solve_lexicographic(
             return MilpResult({}, 0.0, 1.0, False, f"tier {tier}: {result.message}")
         solution = np.round(result.x)
         if tier is not None:
-            # Hold the tier's value without the memory tie-break, so later stages may still spend memory.
-            held_coefficients = np.where(priorities == tier, coefficients + tie_breaks, 0.0)
+            # Hold the tier's value without the memory tie-break, so later stages may still spend memory,
+            # and without its cold loads' amortised cost: a level that loads a little faster (a few
+            # hundredths of a token/s over the horizon) must not keep a lower tier's model out, which the
+            # next plan, with that model running and no load to pay, would then let in (not a fixed point).
+            # The final stage still weighs every load's cost.
+            held_coefficients = np.where(priorities == tier, options.held_score + tie_breaks, 0.0)
             achieved = float(np.dot(held_coefficients, solution))
             # A little slack lets later stages shift load-cost noise, never a whole model's availability.
             slack = min(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from residency_operator.planner.costs import (
     amortised_cost_tokens_per_second,
     migrate_cost,
@@ -14,44 +16,24 @@ from residency_operator.planner.making_room import (
     SAME_TIER_SWAP_GAIN,
     MakingRoom,
 )
-from residency_operator.planner.options import (
-    MODES,
-    unserved_tokens_per_second,
-)
+from residency_operator.planner.options import MODES
 
 
 class Relocation(MakingRoom):
     """Relocation: running models whose demand outgrew their node move to one that serves it, where the
     gain net of the amortised move beats staying by the hysteresis margin."""
 
-    def relocate_outgrown(self, only: Sequence[int] | None = None) -> int:
+    def relocate_outgrown(self, only: Sequence[int] | None = None, newcomers: bool = False) -> int:
         """Move running models whose demand outgrew their node to a node that serves it, where there is
         free room and the throughput gained, net of the amortised cost of the move (the model serves
         nothing while it reloads), beats staying by the hysteresis margin. Highest gain first.
 
         Without this a model placed while its demand was unknown or small stays on a slow GPU for good, as
         long as it keeps its per-sequence SLO there. ``only``: consider these models only. Returns how
-        many moved."""
+        many moved. ``newcomers``: models this plan places are considered too, as the next plan would
+        judge them once running."""
         state, tables, config = self.state, self.tables, self.config
-        proposals: list[tuple[float, str, int]] = []
-        for i in range(len(state.assignment)) if only is None else only:
-            a = state.assignment[i]
-            if a is None or not a.incumbent:
-                continue
-            model = self.models[i]
-            if not model.preemptible:
-                continue  # a move stops it while it reloads: a preemption in all but name
-            demand = model.demand_decode_tokens_per_second
-            if demand is None or demand <= 0:
-                continue
-            node_class = self.class_of_node[a.node]
-            level = self._level_index.get(a.resident_fraction)
-            if level is None:
-                continue
-            rate = tables.decode_tokens_per_second.item(node_class, MODES.index(a.mode), i, level)
-            unserved = unserved_tokens_per_second(model, rate, config)
-            if unserved > 0:
-                proposals.append((-unserved, model.name, i))
+        proposals = self.outgrown(only, newcomers)
         moved = 0
         for _, _, i in sorted(proposals):
             current = state.assignment[i]
@@ -86,6 +68,46 @@ class Relocation(MakingRoom):
             state.occupy(i, self._assignment_at(i, node, node_class, mode_index, level))
             moved += 1
         return moved
+
+    def outgrown(
+        self, only: Sequence[int] | None = None, newcomers: bool = False
+    ) -> list[tuple[float, str, int]]:
+        """The placed models that :meth:`relocate_outgrown` would try to move, as (-unserved tokens/s, name,
+        index): running (or, with ``newcomers``, placed by this plan), preemptible, with a known demand that
+        a full batch at their placement's rate (with the demand headroom) does not serve."""
+        state, tables, config = self.state, self.tables, self.config
+        # Who outgrew their node, in one array operation: rate at the placement x a full batch against the
+        # demand with its headroom (``unserved_tokens_per_second``, the same float operations).
+        rows: list[tuple[int, int, int, int, float, int]] = []
+        for i in range(len(state.assignment)) if only is None else only:
+            a = state.assignment[i]
+            if a is None or not (a.incumbent or newcomers):
+                continue
+            model = self.models[i]
+            if not model.preemptible:
+                continue  # a move stops it while it reloads: a preemption in all but name
+            demand = model.demand_decode_tokens_per_second
+            if demand is None or demand <= 0:
+                continue
+            at_level = self._level_index.get(a.resident_fraction)
+            if at_level is None:
+                continue
+            rows.append(
+                (i, self.class_of_node[a.node], MODES.index(a.mode), at_level, demand, model.max_batch)
+            )
+        proposals: list[tuple[float, str, int]] = []
+        if rows:
+            indices, classes, modes, levels, demands, batches = (
+                np.array(column) for column in zip(*rows, strict=True)
+            )
+            rates = tables.decode_tokens_per_second[classes, modes, indices, levels]
+            unserved = config.demand_headroom * demands.astype(np.float64) - rates * np.maximum(1, batches)
+            proposals = [
+                (-u, self.models[i].name, i)
+                for i, u in zip(indices.tolist(), unserved.tolist(), strict=True)
+                if u > 0
+            ]
+        return proposals
 
     def _relocate_making_room(self, model_index: int, current: Assignment) -> int:
         """Move an outgrown model where no node has free room for it by making room on one (as a newcomer
