@@ -254,3 +254,23 @@ def test_a_pinned_model_that_leaves_the_gpu_keeps_its_host_copy(
         assert name in cached, f"pinned {name} left the GPU without its host copy"
         assert not [a for a in second.actions if a.model == name and a.kind == "evict"]
 
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_returning_model_makes_room_on_the_node_holding_its_host_copy(solver: str) -> None:
+    """Demand returns to a model cached in one node's host memory, and both nodes are full of busy lower
+    tiers: it makes room at home (a resume at link speed), not on the node where the lower tier happens
+    to lose a little less (a cold load from storage while its requests wait)."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    other_l4 = dataclasses.replace(L4, name="l4-1")
+    back = dataclasses.replace(PROD, waiting_requests=2, demand_decode_tokens_per_second=30.0)
+    at_home = model("batch/home", 8, demand=30.0, priority=10)
+    elsewhere = model("batch/away", 8, demand=28.0, priority=10)
+    current = [
+        CurrentPlacement("prod/chat", "l4-0", 0.0, "stream", "preempted"),
+        CurrentPlacement("batch/home", "l4-0", 1.0, "stream", "loaded"),
+        CurrentPlacement("batch/away", "l4-1", 1.0, "stream", "loaded"),
+    ]
+    planned = plan([back, at_home, elsewhere], [L4, other_l4], current, config=config)
+    assert planned.placements["prod/chat"].node == "l4-0"
+    assert ("resume", "prod/chat") in [(a.kind, a.model) for a in planned.actions]
+    assert "batch/away" in planned.placements
