@@ -9,9 +9,10 @@ nobody needs the room (running models are seated first), but any busy model may 
 within its SLO when it is not). The moment a request waits for it, or its measured demand returns, it is
 planned at its declared priority again and takes its room back as before, preempting lower tiers.
 
-What ``preemptible: false`` guarantees here (docs/planner.md): while it has demand, such a model is never
-preempted, evicted or moved by the planner for another model. While idle it is planned like any idle model
-(``host_copy_kept``): it may be demoted or give up all of its GPU memory, but never host memory — its
+What ``preemptible: false`` guarantees here (docs/planner.md): while busy, such a model is never preempted,
+evicted or moved by the planner for another model. While idle it is planned like any idle model
+(``host_copy_kept``): it may be demoted or give up all of its GPU memory (quiet for the worker's idle
+interval only, to a model whose requests wait: ``planner/swapin.py``), but never host memory — its
 weights and KV cache keep a place in its node's pinned host memory that the plan sets aside before solving
 (``PlanningProblem``) and hands back to it first (``actions.assemble_plan``), so it is never evicted and its
 next request brings it back by a resume at link speed, at its declared priority. Where its node's host

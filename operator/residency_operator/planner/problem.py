@@ -3,6 +3,7 @@ classes and the option tables."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from residency_operator.planner.demand import keeps_gpu, yield_idle
@@ -56,7 +57,7 @@ class PlanningProblem:
         )
         self.model_index = {model.name: i for i, model in enumerate(self.models)}
         node_list = sorted({n.name: n for n in nodes}.values(), key=lambda n: n.name)
-        self.host_set_aside = self._set_host_copies_aside(node_list)
+        self.host_set_aside = self._set_host_copies_aside(node_list, config)
         """Node and host bytes set aside, per model, for the copy of a ``preemptible: false`` model that may
         leave the GPU (or has): the solvers never see them, ``assemble_plan`` keeps its copy there first."""
         self.nodes: list[NodeCapacity] = with_host_set_aside(node_list, self._aside_by_node)
@@ -83,10 +84,13 @@ class PlanningProblem:
         self._node_options: NodeOptions | None = None
         self._rate_memo: dict[tuple[object, ...], tuple[float, float]] = {}
 
-    def _set_host_copies_aside(self, nodes: list[NodeCapacity]) -> dict[str, tuple[str, int]]:
-        """Host memory for the weights and KV cache of every pinned model that is idle (it may leave the GPU
-        in this plan) or already preempted: on its node, beside the offloaded weights of what runs there.
-        An idle one whose node cannot hold its copy keeps its GPU (``demand.keeps_gpu``)."""
+    def _set_host_copies_aside(
+        self, nodes: list[NodeCapacity], config: PlannerConfig
+    ) -> dict[str, tuple[str, int]]:
+        """Host memory for the weights and KV cache of every pinned model that is idle (no demand: it may
+        leave the GPU in this plan; or quiet for the worker's idle interval: it may give way to a waiting
+        model, ``planner/swapin.py``) or already preempted: on its node, beside the offloaded weights of what
+        runs there. An idle one whose node cannot hold its copy keeps its GPU (``demand.keeps_gpu``)."""
         by_name = {node.name: node for node in nodes}
         room = {node.name: usable_host_bytes(node) for node in nodes}
         for placement in self.current.values():
@@ -101,7 +105,13 @@ class PlanningProblem:
             if not pinned or not model.wanted or now is None or now.node not in by_name:
                 self.models[index] = keeps_gpu(model)
                 continue
-            if not model.host_copy_kept and now.is_running:
+            quiet = (
+                now.state == "idle"
+                and model.waiting_requests == 0
+                and config.idle_pinned_models_leave_gpu
+                and config.keep_preempted_cache
+            )
+            if not model.host_copy_kept and now.is_running and not quiet:
                 continue  # busy and running: it keeps its GPU, nothing to set aside
             # Set aside whole, beside its own offloaded weights while it runs: the solvers may keep it.
             need = cached_host_bytes(model, now.kv_cache_bytes)
@@ -109,6 +119,9 @@ class PlanningProblem:
                 self.models[index] = keeps_gpu(model)
                 continue
             room[now.node] -= need
+            if quiet and not model.host_copy_kept:
+                # still planned pinned by the solvers (its demand window is not empty), but it may give way
+                self.models[index] = dataclasses.replace(model, host_copy_kept=True)
             set_aside[model.name] = (now.node, need)
             self._aside_by_node[now.node] = self._aside_by_node.get(now.node, 0) + need
         return set_aside

@@ -95,19 +95,15 @@ class ModelDemand:
     """Set by the planner, not its callers: how far ``priority`` was lowered because the model is idle
     (see ``planner/demand.py``); ``declared_priority`` is what the user wrote."""
     host_copy_kept: bool = False
-    """Set by the planner, not its callers: a ``preemptible: false`` model that is idle, planned as
-    preemptible for this plan because its weights and KV cache keep a place in its node's host memory
-    (see ``planner/demand.py``): it may leave the GPU, never host memory."""
+    """Set by the planner, not its callers: a ``preemptible: false`` model that is idle, whose weights and KV
+    cache keep a place in its node's host memory set aside for this plan: it may leave the GPU, never host
+    memory (``planner/demand.py``). With no demand it is planned ``preemptible``; quiet for the worker's
+    idle interval only, it may give way to a waiting model (``planner/swapin.py``)."""
 
     @property
     def declared_priority(self) -> int:
         """``spec.priority`` as written, before an idle model yields (see ``planner/demand.py``)."""
         return self.priority + self.yielded_priority
-
-    @property
-    def declared_preemptible(self) -> bool:
-        """``spec.preemptible`` as written, before an idle pinned model may leave the GPU."""
-        return self.preemptible and not self.host_copy_kept
 
     @property
     def min_resident_fraction(self) -> float:
