@@ -166,9 +166,13 @@ class MakingRoom(GreedyBase):
         return True
 
     def _home_node(self, model_index: int) -> int | None:
-        """The node the model runs on or keeps its host copy on, where it accepts work."""
-        now = self.current.get(self.models[model_index].name)
-        node = None if now is None else self.node_index.get(now.node)
+        """The node a model with requests waiting keeps its host copy on (it does not run), where it
+        accepts work: there it comes back by a resume while its requests wait, elsewhere by a cold load."""
+        model = self.models[model_index]
+        now = self.current.get(model.name)
+        if now is None or now.is_running or not model.waiting_requests:
+            return None
+        node = self.node_index.get(now.node)
         return node if node is not None and self.nodes[node].accepts_work else None
 
     def _carry_out(self, steps: Sequence[tuple[int, str, int]], for_model: int) -> None:
