@@ -1,12 +1,22 @@
 """Priority orders demand, not memory (planner/demand.py): idle models of any priority yield GPU memory to
-busy ones, and take it back when their demand returns; ``preemptible: false`` models only ever demote."""
+busy ones, and take it back when their demand returns; ``preemptible: false`` models only while idle, and
+never past host memory."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_planner_plan import model as planner_model
+from test_planner_properties import (
+    PROPERTY_SETTINGS,
+    applied,
+    assert_every_step_fits,
+    models_strategy,
+    nodes_strategy,
+)
 
 from residency_operator.planner import GIB, CurrentPlacement, ModelDemand, NodeCapacity, PlannerConfig, plan
 from residency_operator.planner.demand import is_idle, yield_idle
@@ -95,7 +105,9 @@ def test_when_its_demand_returns_it_takes_the_room_back(solver: str) -> None:
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_an_idle_non_preemptible_model_is_only_demoted_within_its_slo(solver: str) -> None:
+def test_an_idle_non_preemptible_model_is_demoted_within_its_slo_where_that_makes_the_room(
+    solver: str,
+) -> None:
     config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
     # An SLO an 8B model still meets with part of its weights streamed from host memory, while a busy
     # model beside it takes its share of the GPU's time.
@@ -110,6 +122,62 @@ def test_an_idle_non_preemptible_model_is_only_demoted_within_its_slo(solver: st
     assert not [a for a in planned.actions if a.model == "prod/chat" and a.kind in ("preempt", "evict")]
     # It gave the busy model room: demoted, so that both run.
     assert kept.resident_fraction < 1.0 and "batch/job" in planned.placements
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_an_idle_non_preemptible_model_leaves_the_gpu_but_never_host_memory(solver: str) -> None:
+    """A pinned model nobody calls gives its GPU memory to a busy model it could only be demoted for before
+    (its SLO needs it whole): its weights and KV cache stay in host memory, and its return is a resume."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    pinned = dataclasses.replace(PROD, preemptible=False)
+    waiting = dataclasses.replace(BATCH, waiting_requests=3)
+    idle = running("prod/chat", state="idle")
+    planned = plan([pinned, waiting], [L4], idle, config=config)
+    assert set(planned.placements) == {"batch/job"}
+    assert [c.model for c in planned.cached] == ["prod/chat"]
+    kinds = [(a.kind, a.model) for a in planned.actions]
+    assert ("preempt", "prod/chat") in kinds and ("evict", "prod/chat") not in kinds
+    # The older rule keeps it on the GPU, the busy model left out.
+    older = plan(
+        [pinned, waiting], [L4], idle, config=dataclasses.replace(config, idle_pinned_models_leave_gpu=False)
+    )
+    assert set(older.placements) == {"prod/chat"}
+    # Its demand returns: it resumes from its host copy at its declared priority, the batch model preempted.
+    back = dataclasses.replace(pinned, waiting_requests=2, demand_decode_tokens_per_second=30.0)
+    current = [CurrentPlacement("prod/chat", "l4-0", 0.0, "stream", "preempted"), *running("batch/job")]
+    returned = plan([back, BATCH], [L4], current, config=config)
+    assert set(returned.placements) == {"prod/chat"}
+    assert ("resume", "prod/chat") in [(a.kind, a.model) for a in returned.actions]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_an_idle_pinned_model_whose_host_copy_has_no_room_keeps_its_gpu(solver: str) -> None:
+    """Never evicted past host memory: where its node's host memory cannot hold its copy, it stays."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    small_host = dataclasses.replace(L4, host_memory_bytes=8 * GIB)
+    pinned = dataclasses.replace(PROD, preemptible=False)
+    waiting = dataclasses.replace(BATCH, waiting_requests=3)
+    planned = plan([pinned, waiting], [small_host], running("prod/chat", state="idle"), config=config)
+    assert "prod/chat" in planned.placements
+    assert not [a for a in planned.actions if a.model == "prod/chat" and a.kind in ("preempt", "evict")]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_yielded_pinned_model_keeps_its_host_copy_before_any_other_cache(solver: str) -> None:
+    """Host memory for one copy only: the preempted pinned model keeps it, even against a declared
+    higher-priority preemptible model's cache, because the plan set its room aside before solving."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    one_copy = dataclasses.replace(L4, host_memory_bytes=20 * GIB)
+    pinned = dataclasses.replace(PROD, preemptible=False)
+    other = model("prod/other", 8, demand=0.0, priority=200)
+    waiting = dataclasses.replace(BATCH, waiting_requests=3)
+    current = [
+        *running("prod/chat", state="idle"),
+        CurrentPlacement("prod/other", "l4-0", 0.0, "stream", "preempted"),
+    ]
+    planned = plan([pinned, other, waiting], [one_copy], current, config=config)
+    assert "prod/chat" not in planned.placements
+    assert [c.model for c in planned.cached] == ["prod/chat"]
 
 
 def test_the_incremental_planner_applies_the_same_rule() -> None:
@@ -141,3 +209,68 @@ def test_a_freshly_applied_model_is_placed_at_its_priority_before_it_could_be_ca
     assert ("preempt", "batch/job") in [(a.kind, a.model) for a in planned.actions]
     served = plan([PROD, BATCH], [L4], running("batch/job"), config=config)
     assert set(served.placements) == {"batch/job"}
+
+
+@PROPERTY_SETTINGS
+@given(
+    models=models_strategy(),
+    newcomers=models_strategy(),
+    nodes=nodes_strategy(),
+    quiet=st.lists(st.booleans(), min_size=6, max_size=6),
+    solver=st.sampled_from(SOLVERS),
+)
+def test_a_pinned_model_that_leaves_the_gpu_keeps_its_host_copy(
+    models: list[ModelDemand],
+    newcomers: list[ModelDemand],
+    nodes: list[NodeCapacity],
+    quiet: list[bool],
+    solver: str,
+) -> None:
+    """Whatever else arrives: a ``preemptible: false`` model that ran is, in the next plan, still placed,
+    or (only when idle) preempted with its weights and KV cache kept in host memory — never evicted."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    first = plan(models, nodes, [], config=config)
+    # Some go quiet (idle: they served, nobody calls them), the newcomers are busy and waiting.
+    later = [
+        dataclasses.replace(m, demand_decode_tokens_per_second=0.0, waiting_requests=0) if quiet[i] else m
+        for i, m in enumerate(models)
+    ]
+    arrivals = [
+        dataclasses.replace(
+            m, name=m.name.replace("ns/", "new/"), waiting_requests=2, demand_decode_tokens_per_second=50.0
+        )
+        for m in newcomers
+    ]
+    everyone = later + arrivals
+    second = plan(everyone, nodes, applied(first), config=config)
+    assert_every_step_fits(second, everyone, nodes, applied(first))
+    cached = {c.model for c in second.cached}
+    by_name = {m.name: m for m in everyone}
+    for name in first.placements:
+        model = by_name[name]
+        if model.preemptible or name in second.placements:
+            continue
+        assert is_idle(model, config), f"busy pinned {name} left the GPU"
+        assert name in cached, f"pinned {name} left the GPU without its host copy"
+        assert not [a for a in second.actions if a.model == name and a.kind == "evict"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_returning_model_makes_room_on_the_node_holding_its_host_copy(solver: str) -> None:
+    """Demand returns to a model cached in one node's host memory, and both nodes are full of busy lower
+    tiers: it makes room at home (a resume at link speed), not on the node where the lower tier happens
+    to lose a little less (a cold load from storage while its requests wait)."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    other_l4 = dataclasses.replace(L4, name="l4-1")
+    back = dataclasses.replace(PROD, waiting_requests=2, demand_decode_tokens_per_second=30.0)
+    at_home = model("batch/home", 8, demand=30.0, priority=10)
+    elsewhere = model("batch/away", 8, demand=28.0, priority=10)
+    current = [
+        CurrentPlacement("prod/chat", "l4-0", 0.0, "stream", "preempted"),
+        CurrentPlacement("batch/home", "l4-0", 1.0, "stream", "loaded"),
+        CurrentPlacement("batch/away", "l4-1", 1.0, "stream", "loaded"),
+    ]
+    planned = plan([back, at_home, elsewhere], [L4, other_l4], current, config=config)
+    assert planned.placements["prod/chat"].node == "l4-0"
+    assert ("resume", "prod/chat") in [(a.kind, a.model) for a in planned.actions]
+    assert "batch/away" in planned.placements

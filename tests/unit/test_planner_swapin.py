@@ -60,11 +60,20 @@ def test_a_busy_model_never_gives_way() -> None:
     assert set(planned.placements) == {"ns/old"}
 
 
-def test_an_idle_model_of_any_priority_gives_way_but_never_a_non_preemptible_one() -> None:
+def test_an_idle_model_of_any_priority_gives_way_a_non_preemptible_one_keeping_its_host_copy() -> None:
     waiting = dataclasses.replace(NEW, waiting_requests=1)
     # priority orders demand, not memory: an idle higher-priority model gives way to a busy lower one
     assert set(swap(dataclasses.replace(OLD, priority=10), waiting).placements) == {"ns/new"}
-    assert set(swap(dataclasses.replace(OLD, preemptible=False), waiting).placements) == {"ns/old"}
+    # a pinned one too (quiet for the idle interval, its last minute's demand not yet zero), its weights and
+    # KV cache kept in host memory set aside for it
+    pinned = dataclasses.replace(OLD, preemptible=False, priority=10)
+    gave_way = swap(pinned, waiting)
+    assert set(gave_way.placements) == {"ns/new"} and [c.model for c in gave_way.cached] == ["ns/old"]
+    # never where its node's host memory could not keep that copy, nor under the older rule
+    no_host = dataclasses.replace(L4, host_memory_bytes=8 * GIB)
+    assert set(plan([pinned, waiting], [no_host], [OLD_IDLE], config=STICKY).placements) == {"ns/old"}
+    older = dataclasses.replace(STICKY, idle_pinned_models_leave_gpu=False)
+    assert set(plan([pinned, waiting], [L4], [OLD_IDLE], config=older).placements) == {"ns/old"}
     # the same priority, or a lower one, gives way
     raised = dataclasses.replace(waiting, priority=10)
     assert set(swap(OLD, raised).placements) == {"ns/new"}

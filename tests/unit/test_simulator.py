@@ -11,7 +11,7 @@ import pytest
 from residency_operator.planner.types import PlannerConfig
 from residency_operator.simulator.cluster import Scenario, SimModel, load_scenario, make_node, parse_cluster
 from residency_operator.simulator.engine import Simulation
-from residency_operator.simulator.policies import ResidencyPolicy
+from residency_operator.simulator.policies import SIMULATION_PLANNER_CONFIG, ResidencyPolicy
 from residency_operator.simulator.runner import (
     POLICY_NAMES,
     parse_generate_spec,
@@ -171,13 +171,15 @@ def test_extra_scenarios_are_marked() -> None:
 
 
 def test_reasons_name_memory_when_the_only_gpus_fast_enough_are_full() -> None:
-    """priority-burst at 21 s: idle high-priority models fill the H100; the batch 8B models left out need
-    an H100 for their SLO at the memory they could get. Their reason is memory, not the H100's time (which
-    is nearly all free)."""
+    """priority-burst at 21 s with idle pinned models kept on the GPU (the older rule): idle high-priority
+    models fill the H100; the batch 8B models left out need an H100 for their SLO at the memory they could
+    get. Their reason is memory, not the H100's time (which is nearly all free)."""
     scenario = load_scenario(next(p for p in standard_scenarios() if p.stem == "priority-burst"))
     scenario = dataclasses.replace(scenario, duration_seconds=22.0)
     sim = Simulation(scenario.nodes, scenario.models, scenario_requests(scenario), scenario.duration_seconds)
-    policy = ResidencyPolicy()
+    policy = ResidencyPolicy(
+        dataclasses.replace(SIMULATION_PLANNER_CONFIG, idle_pinned_models_leave_gpu=False)
+    )
     sim.run(policy)
     last = policy.plans[-1]
     h100_busy = sum(p.gpu_busy_fraction for p in last.placements.values() if p.node == "h100")

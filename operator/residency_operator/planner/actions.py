@@ -91,6 +91,11 @@ def assemble_plan(
         cached.pop(models[i].name, None)
     for kept in cached.values():
         free_host[problem.node_index[kept.node]] -= kept.host_bytes
+    # A pinned model's host copy had its room set aside before solving (``PlanningProblem``): it is kept
+    # first, out of that room, so such a model never leaves host memory.
+    for name, (node_name, aside) in problem.host_set_aside.items():
+        if assignment[problem.model_index[name]] is None:
+            free_host[problem.node_index[node_name]] += aside
     cache_candidates = [
         i
         for i in indices
@@ -100,7 +105,9 @@ def assemble_plan(
         and (now_placement := problem.current.get(models[i].name)) is not None
         and now_placement.node in problem.node_index
     ]
-    cache_candidates.sort(key=lambda i: (-models[i].priority, models[i].name))
+    cache_candidates.sort(
+        key=lambda i: (models[i].name not in problem.host_set_aside, -models[i].priority, models[i].name)
+    )
     for i in cache_candidates:
         now_placement = problem.current[models[i].name]
         node = problem.node_index[now_placement.node]

@@ -9,11 +9,15 @@ nobody needs the room (running models are seated first), but any busy model may 
 within its SLO when it is not). The moment a request waits for it, or its measured demand returns, it is
 planned at its declared priority again and takes its room back as before, preempting lower tiers.
 
-What ``preemptible: false`` guarantees here (docs/planner.md): such a model is never preempted or evicted
-by the planner for another model, busy or idle, and never loses its KV cache to one; while idle it may be
-demoted, never below the residency its ``offload.maxFraction`` allows nor below one that still meets its
-decode SLO, so it serves its next request at once, at its SLO, and the next plan promotes it back. (Only
-its node shrinking below what it holds, or the node being cordoned, moves it, as before.)
+What ``preemptible: false`` guarantees here (docs/planner.md): while busy, such a model is never preempted,
+evicted or moved by the planner for another model. While idle it is planned like any idle model
+(``host_copy_kept``): it may be demoted or give up all of its GPU memory (quiet for the worker's idle
+interval only, to a model whose requests wait: ``planner/swapin.py``), but never host memory — its
+weights and KV cache keep a place in its node's pinned host memory that the plan sets aside before solving
+(``PlanningProblem``) and hands back to it first (``actions.assemble_plan``), so it is never evicted and its
+next request brings it back by a resume at link speed, at its declared priority. Where its node's host
+memory cannot hold that copy beside what runs there, it keeps its GPU and is only demoted within its
+``offload.maxFraction`` and SLO (as with ``PlannerConfig.idle_pinned_models_leave_gpu`` off).
 
 Unknown demand (``None``: no metrics yet) is never idle: the planner does not guess. Nor is a model that
 has never been loaded (``has_served`` False): a freshly applied model is placed at its priority, as a user
@@ -50,11 +54,29 @@ def idle_priority_offset(models: Sequence[ModelDemand]) -> int:
     return max(priorities) - min(priorities) + 1
 
 
-def yield_if_idle(model: ModelDemand, offset: int, config: PlannerConfig) -> ModelDemand:
-    """The model as the solvers see it: its priority lowered by ``offset`` while it is idle (see above)."""
+def yield_if_idle(
+    model: ModelDemand, offset: int, config: PlannerConfig, may_leave_gpu: bool = True
+) -> ModelDemand:
+    """The model as the solvers see it: its priority lowered by ``offset`` while it is idle, and a
+    ``preemptible: false`` one planned as preemptible with its host copy kept (see above) unless
+    ``may_leave_gpu`` is False (a caller that cannot set its host memory aside)."""
     if not config.idle_models_yield or model.yielded_priority or not is_idle(model, config):
         return model
-    return replace(model, priority=model.priority - offset, yielded_priority=offset)
+    yielded = replace(model, priority=model.priority - offset, yielded_priority=offset)
+    if (
+        not model.preemptible
+        and may_leave_gpu
+        and config.idle_pinned_models_leave_gpu
+        and config.keep_preempted_cache
+    ):
+        return replace(yielded, preemptible=True, host_copy_kept=True)
+    return yielded
+
+
+def keeps_gpu(model: ModelDemand) -> ModelDemand:
+    """An idle pinned model that may not leave the GPU after all (its host copy has no room): planned
+    ``preemptible: false`` again, its priority still yielded."""
+    return replace(model, preemptible=False, host_copy_kept=False) if model.host_copy_kept else model
 
 
 def yield_idle(models: Sequence[ModelDemand], config: PlannerConfig) -> tuple[list[ModelDemand], int]:

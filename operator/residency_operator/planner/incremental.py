@@ -156,7 +156,13 @@ class IncrementalPlanner:
     def _update(self, model: ModelDemand, now: float) -> Plan:
         started = time.perf_counter()
         problem, greedy = self.problem, self.greedy
-        model = yield_if_idle(with_backlog(model), problem.idle_priority_offset, self.config)
+        # An idle pinned model may leave the GPU only where the full plan set its host copy's room aside.
+        model = yield_if_idle(
+            with_backlog(model),
+            problem.idle_priority_offset,
+            self.config,
+            may_leave_gpu=model.name in problem.host_set_aside,
+        )
         state = greedy.state
         index = problem.model_index.get(model.name)
         if index is None:

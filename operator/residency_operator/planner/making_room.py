@@ -37,13 +37,19 @@ is full for it); bounds the work on hopelessly over-subscribed inputs."""
 
 
 def _better_room(
-    tier_net: float, loss: float, best_tier_net: float, best_loss: float, config: PlannerConfig
+    room: tuple[float, float, bool], best: tuple[float, float, bool], config: PlannerConfig
 ) -> bool:
-    """Whether making room on one node beats the best so far: more for the newcomer's tier by a clear
-    margin (the hysteresis share), or about as much for it and less lost in all."""
+    """Whether making room on one node beats the best so far, each given as (what the newcomer's tier
+    gains, what is lost in all, whether the node is the newcomer's home): more for the newcomer's tier by a
+    clear margin (the hysteresis share); or about as much for it, and its home (where it runs or its host
+    copy is: a resume at link speed, not a cold load while its requests wait); or else less lost in all."""
+    tier_net, loss, home = room
+    best_tier_net, best_loss, best_home = best
     margin = config.hysteresis_fraction * max(abs(tier_net), abs(best_tier_net), 1.0)
     if abs(tier_net - best_tier_net) > margin:
         return tier_net > best_tier_net
+    if home != best_home:
+        return home
     return loss < best_loss
 
 
@@ -66,7 +72,8 @@ class MakingRoom(GreedyBase):
         """
         model = self.models[model_index]
         state, tables = self.state, self.tables
-        best: tuple[float, float, int, int, int, int, list[tuple[int, str, int]]] | None = None
+        home = self._home_node(model_index)
+        best: tuple[float, float, bool, int, int, int, int, list[tuple[int, str, int]]] | None = None
         room_plans: dict[tuple[int, int, int, float, float, float], tuple[RoomPlan | None, bool]] = {}
         for node_class, mode_index in self._class_modes(model_index):
             # The least memory that meets its SLO, and its best level: a busy model's least-memory level
@@ -104,6 +111,8 @@ class MakingRoom(GreedyBase):
                 if only_nodes is None:
                     largest = state.free_sorted[node_class][-MAKE_ROOM_CANDIDATE_NODES:]
                     candidates = [node for _, node in reversed(largest)]
+                    if home is not None and home not in candidates and self.class_of_node[home] == node_class:
+                        candidates.append(home)
                 else:
                     candidates = [node for node in only_nodes if self.class_of_node[node] == node_class]
                 for node in candidates:
@@ -161,19 +170,29 @@ class MakingRoom(GreedyBase):
                     found_here = found_here or not any(
                         self.models[i].priority >= model.priority for i, _, _ in steps
                     )
-                    tier_net = net_gain - same_tier_loss
-                    if best is None or _better_room(tier_net, loss, best[0], best[1], self.config):
-                        best = (tier_net, loss, node, node_class, mode_index, level, steps)
+                    room = (net_gain - same_tier_loss, loss, node == home)
+                    if best is None or _better_room(room, best[:3], self.config):
+                        best = (*room, node, node_class, mode_index, level, steps)
                 if best is None and len(failures) < 32:
                     # Where no model of its own tier was left out for its value, no newcomer of this tier
                     # finds room for this need, however valuable; else only those allowed to preempt more.
                     failures.append((need_gpu, need_host, need_busy, limit if value_bound else float("inf")))
         if best is None:
             return False
-        _, _, node, node_class, mode_index, level, steps = best
+        _, _, _, node, node_class, mode_index, level, steps = best
         self._carry_out(steps, model_index)
         state.occupy(model_index, self._assignment_at(model_index, node, node_class, mode_index, level))
         return True
+
+    def _home_node(self, model_index: int) -> int | None:
+        """The node a model with requests waiting keeps its host copy on (it does not run), where it
+        accepts work: there it comes back by a resume while its requests wait, elsewhere by a cold load."""
+        model = self.models[model_index]
+        now = self.current.get(model.name)
+        if now is None or now.is_running or not model.waiting_requests:
+            return None
+        node = self.node_index.get(now.node)
+        return node if node is not None and self.nodes[node].accepts_work else None
 
     def _carry_out(self, steps: Sequence[tuple[int, str, int]], for_model: int) -> None:
         for victim, kind, level in steps:

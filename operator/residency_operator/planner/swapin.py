@@ -13,11 +13,13 @@ the lowest priority and least valuable first and no more than the room needs; of
 model's memory goes to whoever is busy: priority orders demand, not memory; it comes back at its own
 priority with its next request, resumed from host memory) unless
 ``PlannerConfig.idle_gives_way_to_any_priority`` is off (then none of higher priority than the waiting
-model); never a non-preemptible one, never one that has requests waiting itself, and only where each can
-keep its weights in host memory. The waiting model must meet its SLO at the residency it gets, the node's
-GPU time must hold its demand beside the models that stay, and nothing is swapped onto a node where a
-running model has requests queued (a burst: its recent average understates what it needs now). A node
-where the waiting model's weights are already cached is preferred (a resume, not a read from storage).
+model); a ``preemptible: false`` one only with its host copy's room set aside (``host_copy_kept``, see
+``PlanningProblem``), never one that has requests waiting itself, and only where each can keep its weights
+in host memory. The waiting model must meet its SLO at
+the residency it gets, the node's GPU time must hold its demand beside the models that stay, and nothing
+is swapped onto a node where a running model has requests queued (a burst: its recent average understates
+what it needs now). A node where the waiting model's weights are already cached is preferred (a resume,
+not a read from storage).
 Deterministic: models and nodes in name order.
 """
 
@@ -188,7 +190,7 @@ def _may_give_way(problem: PlanningProblem, j: int, node_name: str) -> bool:
     """Whether model ``j``, placed on ``node_name``, may be preempted for a waiting model (of its own
     priority or higher: the caller checks that)."""
     victim = problem.models[j]
-    if not victim.preemptible or victim.waiting_requests > 0:
+    if not (victim.preemptible or victim.host_copy_kept) or victim.waiting_requests > 0:
         return False
     now = problem.current.get(victim.name)
     return now is not None and now.state == "idle" and now.node == node_name

@@ -94,6 +94,11 @@ class ModelDemand:
     yielded_priority: int = 0
     """Set by the planner, not its callers: how far ``priority`` was lowered because the model is idle
     (see ``planner/demand.py``); ``declared_priority`` is what the user wrote."""
+    host_copy_kept: bool = False
+    """Set by the planner, not its callers: a ``preemptible: false`` model that is idle, whose weights and KV
+    cache keep a place in its node's host memory set aside for this plan: it may leave the GPU, never host
+    memory (``planner/demand.py``). With no demand it is planned ``preemptible``; quiet for the worker's
+    idle interval only, it may give way to a waiting model (``planner/swapin.py``)."""
 
     @property
     def declared_priority(self) -> int:
@@ -374,6 +379,11 @@ class PlannerConfig:
     back at its own priority with its next request. False: only to a waiting model of its own priority or
     higher. (fleet-zipf-shift, first 300 s, seed 11: SLO-met goodput 2214 -> 2509 tok/s, top tier 98% both;
     fleet-edge-bursts, first 400 s: 2334 -> 2575; priority-burst unchanged.)"""
+    idle_pinned_models_leave_gpu: bool = True
+    """An idle ``preemptible: false`` model may give up all of its GPU memory like any idle model, its
+    weights and KV cache kept in host memory that the plan sets aside on its node (never evicted past host
+    memory; ``planner/demand.py``), and is resumed at link speed when its demand returns. False: the older
+    rule, such a model is only demoted within its ``offload.maxFraction`` and SLO and keeps its GPU."""
     idle_demand_tokens_per_second: float = 0.0
     """Known demand at or below this (and no request waiting) counts as idle. 0: no request over the demand
     window. (On fleet-zipf-shift, 600 s, seed 11, residency's SLO-met goodput was 2838 tok/s with strict
