@@ -79,7 +79,11 @@ def create_app(
 
     @app.on_event("startup")
     async def watch_loop_lag() -> None:
-        lag_watch.append(asyncio.create_task(_watch_event_loop_lag(state.metrics.event_loop_lag.observe)))
+        def observe(lag_seconds: float) -> None:
+            state.event_loop_lag_seconds = lag_seconds
+            state.metrics.event_loop_lag.observe(lag_seconds)
+
+        lag_watch.append(asyncio.create_task(_watch_event_loop_lag(observe)))
 
     @app.on_event("shutdown")
     async def close_client() -> None:

@@ -104,6 +104,13 @@ class RouterMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=self.registry,
         )
+        self.admission_ttft_quantile = Gauge(
+            "residency_router_admission_ttft_quantile_seconds",
+            "The time-to-first-token p99 (the router's view plus its event loop's lag) that the admission "
+            "feedback holds under its setpoint, over the first tokens admitted under the current limit",
+            ["model"],
+            registry=self.registry,
+        )
         self.admission_limit = Gauge(
             "residency_router_admission_limit",
             "Concurrent requests a model admits now",
@@ -130,6 +137,9 @@ class RouterState:
     client: httpx.AsyncClient
     metrics: RouterMetrics = field(default_factory=RouterMetrics)
     holding: dict[str, int] = field(default_factory=dict)  # requests held per model now
+    event_loop_lag_seconds: float = 0.0
+    """How late the event loop woke for its last timer: about what a request that arrives now waits before
+    the app sees it (see app.py), a part of its time to first token that the router cannot measure."""
 
     @property
     def upstream_headers(self) -> dict[str, str]:

@@ -201,7 +201,8 @@ async def _forward(
         now = time.monotonic()
         ttft = now - sent_at if streaming else _plain_ttft(upstream, now - sent_at)
         if ttft is not None and upstream.status_code == 200:
-            admission.first_token(route.key, before_sent + ttft, now)
+            # the admission also counts the wait before the app saw the request: its event loop's lag
+            admission.first_token(route.key, before_sent + ttft + state.event_loop_lag_seconds, now)
             metrics.time_to_first_token.labels(route.key).observe(before_sent + ttft)
         headers = _relayed_headers(upstream)
         done = _finisher(state, route.key, sent_at)
@@ -256,6 +257,8 @@ def _observe_gate(state: RouterState, key: str) -> None:
     gate = state.admission.gate(key)
     state.metrics.in_flight.labels(key).set(gate.in_flight)
     state.metrics.admission_limit.labels(key).set(state.admission.limit_of(key, time.monotonic()))
+    if gate.held_quantile_seconds is not None:
+        state.metrics.admission_ttft_quantile.labels(key).set(gate.held_quantile_seconds)
 
 
 async def _relay(
