@@ -132,10 +132,17 @@ class Admission:
 
     def try_admit(self, key: str, now: float) -> Refusal | None:
         """Admits a request for `key` (in flight until `finish`), or says why not and when to retry."""
+        refusal = self.refusal(key, now)
+        if refusal is None:
+            self.gate(key).in_flight += 1
+        return refusal
+
+    def refusal(self, key: str, now: float) -> Refusal | None:
+        """Refuses a request for `key` when the model is at its limit (counted as refused); None, admitting
+        nothing, when it is not (see `try_admit`)."""
         gate = self.gate(key)
         limit = self.limit_of(key, now)
         if gate.in_flight < limit or not self.enabled:
-            gate.in_flight += 1
             return None
         self._decay(gate, now)
         gate.recent_refusals += 1

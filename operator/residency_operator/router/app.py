@@ -21,6 +21,7 @@ from residency_operator.router.auth import Access, AccessError, OpenAccess, Stat
 from residency_operator.router.deps import ArrivalTime, RouterSettings, RouterState, SafeJSONResponse, error
 from residency_operator.router.forward import retry_after_seconds
 from residency_operator.router.models import ModelTable
+from residency_operator.router.refuse import EarlyRefusal
 
 __all__ = ["ModelTable", "create_app", "retry_after_seconds"]
 
@@ -55,6 +56,7 @@ def create_app(
     )
     app = FastAPI(title="residency router", default_response_class=SafeJSONResponse)
     app.state.router = state
+    app.add_middleware(EarlyRefusal, state=state)  # innermost of the three: its body is bounded
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(ArrivalTime)  # added last: outermost, the first to see a request
     app.include_router(openai_api.router)

@@ -15,6 +15,7 @@ import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from residency.openai_errors import error_body
+from residency_operator.router.admission import Refusal
 from residency_operator.router.deps import RouterState, error
 from residency_operator.router.table import WAKE_PHASES, Route, resolve
 
@@ -136,13 +137,10 @@ async def _forward(
             message = f"{route.message}; still not ready after {state.settings.hold_seconds:.0f} s"
             return error(503, message, 5, code=route.phase)
         assert route.endpoint is not None and route.key is not None
-        _set_target(state, route.key)
+        set_target(state, route.key)
         refusal = admission.try_admit(route.key, time.monotonic())
         if refusal is not None:
-            metrics.requests.labels("429").inc()
-            metrics.refused.labels(route.key, "admission").inc()
-            metrics.refusal_seconds.observe(time.monotonic() - arrived_at)
-            return error(429, refusal.message, refusal.retry_after_seconds, code="rate_limit_exceeded")
+            return refused(state, route.key, refusal, arrived_at)
         metrics.admitted.labels(route.key).inc()
         _observe_gate(state, route.key)
         sent_at = time.monotonic()
@@ -233,7 +231,7 @@ def _plain_ttft(upstream: httpx.Response, waited_seconds: float) -> float | None
     return retry_after_seconds(upstream.headers.get(TTFT_HEADER))
 
 
-def _set_target(state: RouterState, key: str) -> None:
+def set_target(state: RouterState, key: str) -> None:
     """The model's own TTFT target (spec.slo.maxTimeToFirstTokenSeconds, or the router's default) and the
     least limit (its batch size, spec.maxBatchSize)."""
     spec = (state.table.models.get(key) or {}).get("spec") or {}
@@ -247,6 +245,14 @@ def _set_target(state: RouterState, key: str) -> None:
         state.admission.floors[key] = float(batch)
     else:
         state.admission.floors.pop(key, None)
+
+
+def refused(state: RouterState, key: str, refusal: Refusal, arrived_at: float) -> Response:
+    """The 429 of a request over its model's admission limit, counted (`arrived_at`: when it came)."""
+    state.metrics.requests.labels("429").inc()
+    state.metrics.refused.labels(key, "admission").inc()
+    state.metrics.refusal_seconds.observe(time.monotonic() - arrived_at)
+    return error(429, refusal.message, refusal.retry_after_seconds, code="rate_limit_exceeded")
 
 
 def _relayed_headers(upstream: httpx.Response) -> dict[str, str]:
