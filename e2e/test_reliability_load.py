@@ -103,6 +103,22 @@ def histogram_quantile(metrics: str, name: str, q: float) -> float:
     return next((bound for bound, count in buckets if count >= q * total), float("inf"))
 
 
+def full_collections(metrics: str) -> str:
+    """A process's full garbage collections (generation 2) from its /metrics: how many, their total, and the
+    longest (as its histogram bucket's bound): each one stalls every request the process holds."""
+    full = "\n".join(line for line in metrics.splitlines() if 'generation="2"' in line)
+    values = {
+        line.split("{", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in full.splitlines()
+        if line.startswith(("residency_gc_pause_seconds_count", "residency_gc_pause_seconds_sum"))
+    }
+    count = values.get("residency_gc_pause_seconds_count", 0.0)
+    if not count:
+        return "none"
+    longest = histogram_quantile(full, "residency_gc_pause_seconds", 1.0)
+    return f"{count:.0f}, {values['residency_gc_pause_seconds_sum']:.2f} s in all, longest <= {ms(longest)}"
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used (its /proc stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -174,6 +190,7 @@ def load_through_router(
 
         wait_for(drained, 30, what="queues drained")
         router_metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        worker_metrics = {n.name: httpx.get(f"{n.url}/metrics", timeout=10).text for n in nodes}
         after: dict[str, dict[str, object]] = {}
 
         def back_to_baseline() -> bool:
@@ -232,6 +249,13 @@ def load_through_router(
         measured=f"CPU seconds used in the {elapsed:.0f} s of the 2 cores' {2 * elapsed:.0f}: "
         + ", ".join(f"{name} {used:.1f}" for name, used in cpu.items())
         + f", clients {load.cpu_seconds:.1f}"
+    )
+    reliability.record(
+        measured="full garbage collections during the run: "
+        + "; ".join(
+            f"{name} {full_collections(text)}"
+            for name, text in {"router": router_metrics, **worker_metrics}.items()
+        )
     )
     reliability.record(
         measured="max RSS "
