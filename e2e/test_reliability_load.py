@@ -103,20 +103,26 @@ def histogram_quantile(metrics: str, name: str, q: float) -> float:
     return next((bound for bound, count in buckets if count >= q * total), float("inf"))
 
 
-def full_collections(metrics: str) -> str:
-    """A process's full garbage collections (generation 2) from its /metrics: how many, their total, and the
-    longest (as its histogram bucket's bound): each one stalls every request the process holds."""
-    full = "\n".join(line for line in metrics.splitlines() if 'generation="2"' in line)
-    values = {
-        line.split("{", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in full.splitlines()
-        if line.startswith(("residency_gc_pause_seconds_count", "residency_gc_pause_seconds_sum"))
-    }
-    count = values.get("residency_gc_pause_seconds_count", 0.0)
-    if not count:
+def full_collection_buckets(metrics: str) -> dict[float, float]:
+    """A process's full garbage collections (generation 2) so far, from its /metrics: bound -> count."""
+    buckets = {}
+    for line in metrics.splitlines():
+        if line.startswith("residency_gc_pause_seconds_bucket{") and 'generation="2"' in line:
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def full_collections(before: str, after: str) -> str:
+    """The full garbage collections between two /metrics of one process: how many, and the longest (as its
+    histogram bucket's bound). Each one stalls every request the process holds."""
+    first, last = full_collection_buckets(before), full_collection_buckets(after)
+    during = {bound: count - first.get(bound, 0.0) for bound, count in last.items()}
+    total = during.get(float("inf"), 0.0)
+    if not total:
         return "none"
-    longest = histogram_quantile(full, "residency_gc_pause_seconds", 1.0)
-    return f"{count:.0f}, {values['residency_gc_pause_seconds_sum']:.2f} s in all, longest <= {ms(longest)}"
+    longest = min(bound for bound, count in during.items() if count >= total)
+    return f"{total:.0f}, longest <= {ms(longest)}"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -177,6 +183,8 @@ def load_through_router(
             ).is_success
         time.sleep(1)
         baseline = {n.name: worker_node(n) for n in nodes}
+        metrics_before = {"router": httpx.get(f"{url}/metrics", timeout=10).text}
+        metrics_before.update({n.name: httpx.get(f"{n.url}/metrics", timeout=10).text for n in nodes})
         pids = {"router": pid_of(router), **{n.name: pid_of(n.process) for n in nodes}}
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         with RssWatch(pids) as rss:
@@ -251,9 +259,9 @@ def load_through_router(
         + f", clients {load.cpu_seconds:.1f}"
     )
     reliability.record(
-        measured="full garbage collections during the run: "
+        measured="full garbage collections during the load: "
         + "; ".join(
-            f"{name} {full_collections(text)}"
+            f"{name} {full_collections(metrics_before[name], text)}"
             for name, text in {"router": router_metrics, **worker_metrics}.items()
         )
     )
