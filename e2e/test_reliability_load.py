@@ -297,7 +297,8 @@ def load_through_router(
         f"p99 {ms(percentile(refusal_seconds, 99))} (goal <= {ms(REFUSAL_GOAL_SECONDS)}); "
         f"client event-loop lag p99 {ms(percentile(load.loop_lag_seconds, 99))}, "
         f"max {ms(max(load.loop_lag_seconds, default=0.0))} ({CLIENT_PROCESSES} client processes); router's "
-        f"p99 <= {ms(histogram_quantile(router_metrics, 'residency_router_event_loop_lag_seconds', 0.99))}; "
+        f"p99 <= {ms(histogram_quantile(router_metrics, 'residency_router_event_loop_lag_seconds', 0.99))}, "
+        f"max <= {ms(histogram_quantile(router_metrics, 'residency_router_event_loop_lag_seconds', 1.0))}; "
         f"router's refusals p99 <= "
         f"{ms(histogram_quantile(router_metrics, 'residency_router_refusal_seconds', 0.99))}"
     )
