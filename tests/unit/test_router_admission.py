@@ -82,20 +82,22 @@ def test_a_quick_tail_raises_the_limit_by_one_only_while_it_refuses_and_up_to_th
     admission = Admission(ttft_target_seconds=2.0, initial_limit=9)
     admission.floors["m"] = 8.0
     _finished(admission, "m", 40, 10.0, end=100.0)  # 4/s: the rate bound is 8 + 4 * 2 * 0.25 = 10
-    now = _first_tokens(admission, "m", [0.5] * 20, start=100.0, every=0.001)
+    now = _first_tokens(admission, "m", [0.5] * 20, start=100.0, every=0.0005)
     assert admission.gate("m").limit == 9.0, "quick, but nobody was refused: no use for a higher limit"
     for _ in range(10):
         admission.try_admit("m", now)
-    now = _first_tokens(admission, "m", [0.5] * 16, start=now, every=0.001)
-    assert admission.gate("m").limit == 10.0, "quick (0.5 s < 0.75 * 1.2 s) while refusing: one more"
+    now = _first_tokens(admission, "m", [0.5] * 16, start=now, every=0.0005)
+    assert admission.gate("m").limit == 9.0, "36 quick first tokens: their slowest is no p99 to raise on"
+    now = _first_tokens(admission, "m", [0.5] * 64, start=now, every=0.0005)
+    assert admission.gate("m").limit == 10.0, "a p99 of 0.5 s < 0.75 * 1.2 s, while refusing: one more"
     for _ in range(3):
         admission.try_admit("m", now)
-        now = _first_tokens(admission, "m", [0.5] * 16, start=now, every=0.001)
+        now = _first_tokens(admission, "m", [0.5] * 100, start=now, every=0.0005)
     assert admission.gate("m").limit == 10.0 and admission.limit_of("m", now) == 10, "the rate bound"
     # the dead band: a tail between 0.75 and 1 of the setpoint (0.9 - 1.2 s) moves nothing
     admission.gate("m").limit = 9.0
     admission.try_admit("m", now)
-    now = _first_tokens(admission, "m", [1.0] * 40, start=now + 1.0, every=0.001)
+    now = _first_tokens(admission, "m", [1.0] * 120, start=now + 1.0, every=0.0005)
     assert admission.gate("m").limit == 9.0
     assert admission.ttft_quantile("m", now) == 1.0
 

@@ -9,11 +9,11 @@ The limit is one batch (spec.maxBatchSize) plus a queue allowance, and two thing
   token (from the moment a request reached it, plus its event loop's lag, which a request waits before the
   router can see it) of the requests admitted under the current limit, over the last TTFT_WINDOW_SECONDS,
   and holds their CONTROL_QUANTILE at SETPOINT_SHARE of the target. Above it, the allowance shrinks in
-  proportion (at least by one); well below it, while the limit turns requests away, it grows by one. A
-  first token later than the target itself acts at once, whatever the number of samples. So a machine
-  whose CPUs are contended admits fewer, rather than letting each admitted request wait longer: the tail
-  the client sees stays under the target, the margin (1 - SETPOINT_SHARE) covering what the router cannot
-  see (the client's own side) and the quantile's noise.
+  proportion (at least by one); well below it, over at least 100 of them (a p99 of its own), and while the
+  limit turns requests away, it grows by one. A first token later than the target itself acts at once,
+  whatever the number of samples. So a machine whose CPUs are contended admits fewer, rather than letting
+  each admitted request wait longer: the tail the client sees stays under the target, the margin
+  (1 - SETPOINT_SHARE) covering what the router cannot see (the client's own side) and the quantile's noise.
 
 A model's limit never falls below one batch: fewer in flight cannot shorten anyone's wait, only leave the
 batch part empty. `Retry-After` says when the refused request would find a slot: the requests refused
@@ -48,6 +48,10 @@ TTFT_WINDOW_SECONDS = 10.0
 """The first tokens the feedback looks at: those of the last this many seconds (and, of those, only the
 requests admitted since the limit last changed: the ones before it waited behind another limit)."""
 MIN_FIRST_TOKENS = 16
+MIN_FIRST_TOKENS_TO_RAISE = 100
+"""A raise needs a real p99 under the band: at least this many first tokens under the current limit (the
+slowest of 16 is only about their p94, and raising on it overshoots: in the load test the limit swung
+between 10 and 22 around a median of 16, and the median first token waited for that queue)."""
 """Fewer first tokens under the current limit say too little of its tail to act on (unless one of them
 came later than the target: then the goal is already missed, and the limit is cut at once)."""
 
@@ -180,7 +184,12 @@ class Admission:
         if observed > setpoint:
             allowance = current - floor
             self._set_limit(gate, floor + max(0.0, min(allowance * setpoint / observed, allowance - 1)), now)
-        elif observed < setpoint * RAISE_BELOW_SHARE and gate.refused_since_set and not late:
+        elif (
+            observed < setpoint * RAISE_BELOW_SHARE
+            and len(samples) >= MIN_FIRST_TOKENS_TO_RAISE
+            and gate.refused_since_set
+            and not late
+        ):
             ceiling = self.max_limit if bound is None else max(floor, bound)
             if current + 1.0 <= ceiling:
                 self._set_limit(gate, current + 1.0, now)
