@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +105,79 @@ def histogram_quantile(metrics: str, name: str, q: float) -> float:
     return next((bound for bound, count in buckets if count >= q * total), float("inf"))
 
 
+class GateWatch:
+    """Samples the router's admission limit and the TTFT p99 its feedback holds, per model, every second of
+    the load (from its /metrics: one small request a second, beside hundreds)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.samples: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gate-watch", daemon=True)
+
+    def __enter__(self) -> GateWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                text = httpx.get(f"{self.url}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                continue
+            values: dict[str, dict[str, float]] = collections.defaultdict(dict)
+            for line in text.splitlines():
+                for name in ("admission_limit", "admission_ttft_quantile_seconds"):
+                    if line.startswith(f"residency_router_{name}{{"):
+                        model = line.split('model="', 1)[1].split('"', 1)[0]
+                        values[model][name] = float(line.rsplit(" ", 1)[1])
+            for model, seen in values.items():
+                self.samples[model].append(
+                    (
+                        seen.get("admission_limit", math.nan),
+                        seen.get("admission_ttft_quantile_seconds", math.nan),
+                    )
+                )
+
+    def summary(self) -> str:
+        parts = []
+        for model, seen in sorted(self.samples.items()):
+            limits = sorted(limit for limit, _ in seen)
+            held = sorted(q for _, q in seen if not math.isnan(q))
+            held_median = ms(held[len(held) // 2]) if held else "-"
+            parts.append(
+                f"{model.split('/')[-1]} limit {limits[0]:.0f}-{limits[-1]:.0f} (median "
+                f"{limits[len(limits) // 2]:.0f}), held p99 median {held_median}"
+            )
+        return "; ".join(parts) or "no samples"
+
+
+def full_collection_buckets(metrics: str) -> dict[float, float]:
+    """A process's full garbage collections (generation 2) so far, from its /metrics: bound -> count."""
+    buckets = {}
+    for line in metrics.splitlines():
+        if line.startswith("residency_gc_pause_seconds_bucket{") and 'generation="2"' in line:
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def full_collections(before: str, after: str) -> str:
+    """The full garbage collections between two /metrics of one process: how many, and the longest (as its
+    histogram bucket's bound). Each one stalls every request the process holds."""
+    first, last = full_collection_buckets(before), full_collection_buckets(after)
+    during = {bound: count - first.get(bound, 0.0) for bound, count in last.items()}
+    total = during.get(float("inf"), 0.0)
+    if not total:
+        return "none"
+    longest = min(bound for bound, count in during.items() if count >= total)
+    return f"{total:.0f}, longest <= {ms(longest)}"
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used (its /proc stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -161,9 +236,11 @@ def load_through_router(
             ).is_success
         time.sleep(1)
         baseline = {n.name: worker_node(n) for n in nodes}
+        metrics_before = {"router": httpx.get(f"{url}/metrics", timeout=10).text}
+        metrics_before.update({n.name: httpx.get(f"{n.url}/metrics", timeout=10).text for n in nodes})
         pids = {"router": pid_of(router), **{n.name: pid_of(n.process) for n in nodes}}
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        with RssWatch(pids) as rss:
+        with RssWatch(pids) as rss, GateWatch(url) as gates:
             load = run_load(url, models, clients, seconds, tmp_path)
         cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         if os.environ.get("RESIDENCY_LOAD_OUT"):  # every request's times, for a closer look
@@ -174,6 +251,7 @@ def load_through_router(
 
         wait_for(drained, 30, what="queues drained")
         router_metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        worker_metrics = {n.name: httpx.get(f"{n.url}/metrics", timeout=10).text for n in nodes}
         after: dict[str, dict[str, object]] = {}
 
         def back_to_baseline() -> bool:
@@ -219,7 +297,8 @@ def load_through_router(
         f"p99 {ms(percentile(refusal_seconds, 99))} (goal <= {ms(REFUSAL_GOAL_SECONDS)}); "
         f"client event-loop lag p99 {ms(percentile(load.loop_lag_seconds, 99))}, "
         f"max {ms(max(load.loop_lag_seconds, default=0.0))} ({CLIENT_PROCESSES} client processes); router's "
-        f"p99 <= {ms(histogram_quantile(router_metrics, 'residency_router_event_loop_lag_seconds', 0.99))}; "
+        f"p99 <= {ms(histogram_quantile(router_metrics, 'residency_router_event_loop_lag_seconds', 0.99))}, "
+        f"max <= {ms(histogram_quantile(router_metrics, 'residency_router_event_loop_lag_seconds', 1.0))}; "
         f"router's refusals p99 <= "
         f"{ms(histogram_quantile(router_metrics, 'residency_router_refusal_seconds', 0.99))}"
     )
@@ -232,6 +311,14 @@ def load_through_router(
         measured=f"CPU seconds used in the {elapsed:.0f} s of the 2 cores' {2 * elapsed:.0f}: "
         + ", ".join(f"{name} {used:.1f}" for name, used in cpu.items())
         + f", clients {load.cpu_seconds:.1f}"
+    )
+    reliability.record(measured=f"admission, sampled each second: {gates.summary()}")
+    reliability.record(
+        measured="full garbage collections during the load: "
+        + "; ".join(
+            f"{name} {full_collections(metrics_before[name], text)}"
+            for name, text in {"router": router_metrics, **worker_metrics}.items()
+        )
     )
     reliability.record(
         measured="max RSS "

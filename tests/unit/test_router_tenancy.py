@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import Request
 
 from residency_operator.router.app import ModelTable, create_app
 from residency_operator.router.auth import Caller, KubernetesAccess
+from residency_operator.router.deps import caller
 from residency_operator.router.table import qualify
 
 TEAM_A = Caller("system:serviceaccount:team-a:app", "uid-a", ("system:serviceaccounts",))
@@ -176,3 +178,52 @@ def test_a_model_is_its_namespace_and_name_or_the_callers_namespace() -> None:
         assert qualify(bad, "team-a") is None, bad
     assert Caller("system:serviceaccount:team-a:app").namespace == "team-a"
     assert Caller("alice").namespace is None
+
+
+async def test_a_model_at_its_limit_still_answers_401_and_403_before_429(reviews: FakeReviews) -> None:
+    """The short path of a refusal (router/refuse.py) checks what the full one does, in the same order: no
+    token is 401 and another tenant's model 403 even while the gate is full; only the caller's own model
+    gets the 429, with Retry-After, and without the framework's request handling (its dependencies)."""
+    ready = [
+        {**model(namespace, "busy", "Ready"), "status": {"phase": "Ready", "endpoint": "http://127.0.0.1:9"}}
+        for namespace in ("team-a", "team-b")
+    ]
+    table = ModelTable(lambda: ready, refresh_seconds=3600)
+    table.refresh()
+    app = create_app(table, access=KubernetesAccess(reviews, cache_seconds=60))
+    admission = app.state.router.admission
+    for key in ("team-a/busy", "team-b/busy"):
+        admission.gate(key).in_flight = 10_000  # at its limit
+    handled: list[str] = []
+
+    async def counted_caller(request: Request) -> Caller:
+        handled.append(request.url.path)
+        return await caller(request)
+
+    app.dependency_overrides[caller] = counted_caller
+    body = {"model": "busy", "prompt": "x"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
+        anonymous = await client.post("/v1/completions", json=body)
+        assert anonymous.status_code == 401, anonymous.text
+        other = await client.post(
+            "/v1/chat/completions", json={**body, "model": "team-b/busy"}, headers=bearer("token-a")
+        )
+        assert other.status_code == 403 and other.json()["error"]["message"] == "forbidden"
+        broken = await client.post("/v1/completions", content=b"{not json", headers=bearer("token-a"))
+        assert broken.status_code == 400, broken.text
+        assert len(handled) == 3, "the app answers what is not a refusal, as it always did"
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            full = await client.post(path, json=body, headers=bearer("token-a"))
+            assert full.status_code == 429, full.text
+            assert int(full.headers["retry-after"]) >= 1
+            assert full.json()["error"]["code"] == "rate_limit_exceeded"
+            assert "team-a/busy" in full.json()["error"]["message"]
+        assert len(handled) == 3, "a refusal went through the framework's request handling"
+    metrics = app.state.router.metrics.registry
+    assert metrics.get_sample_value("residency_router_refusal_seconds_count") == 2.0
+    assert (
+        metrics.get_sample_value(
+            "residency_router_refused_total", {"model": "team-a/busy", "reason": "admission"}
+        )
+        == 2.0
+    )

@@ -7,6 +7,7 @@ import threading
 
 import uvicorn
 
+from residency.heap import GcPauses, freeze_heap
 from residency_worker.agent import NodeAgent
 from residency_worker.engine import Engine
 from residency_worker.presence import AgentConfig
@@ -48,8 +49,13 @@ def serve_node(
         agent_thread = threading.Thread(target=agent.run, args=(stop,), name="node-agent", daemon=True)
         agent_thread.start()
         log.info("joined the cluster as node %s (endpoint %s)", agent_config.node, agent_config.endpoint)
+    app = create_app(engine, settings)
+    app.state.metrics.gc_pauses = GcPauses().install()
+    # see residency/heap.py: what startup and each model load made is never walked by a collection again
+    engine.add_listener(lambda _model, operation, _report: freeze_heap() if operation == "load" else None)
+    freeze_heap()
     try:
-        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level=log_level.lower())
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
     finally:
         stop.set()
         if agent_thread is not None:

@@ -21,6 +21,7 @@ from residency_operator.router.auth import Access, AccessError, OpenAccess, Stat
 from residency_operator.router.deps import ArrivalTime, RouterSettings, RouterState, SafeJSONResponse, error
 from residency_operator.router.forward import retry_after_seconds
 from residency_operator.router.models import ModelTable
+from residency_operator.router.refuse import EarlyRefusal
 
 __all__ = ["ModelTable", "create_app", "retry_after_seconds"]
 
@@ -55,6 +56,7 @@ def create_app(
     )
     app = FastAPI(title="residency router", default_response_class=SafeJSONResponse)
     app.state.router = state
+    app.add_middleware(EarlyRefusal, state=state)  # innermost of the three: its body is bounded
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(ArrivalTime)  # added last: outermost, the first to see a request
     app.include_router(openai_api.router)
@@ -79,7 +81,11 @@ def create_app(
 
     @app.on_event("startup")
     async def watch_loop_lag() -> None:
-        lag_watch.append(asyncio.create_task(_watch_event_loop_lag(state.metrics.event_loop_lag.observe)))
+        def observe(lag_seconds: float) -> None:
+            state.event_loop_lag_seconds = lag_seconds
+            state.metrics.event_loop_lag.observe(lag_seconds)
+
+        lag_watch.append(asyncio.create_task(_watch_event_loop_lag(observe)))
 
     @app.on_event("shutdown")
     async def close_client() -> None:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from residency.heap import GcPauses
 from residency.httpguard import DEFAULT_MAX_BODY_BYTES, json_bytes
 from residency.openai_errors import error_body
 from residency_operator.router.admission import Admission
@@ -104,12 +105,35 @@ class RouterMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=self.registry,
         )
+        self.admission_ttft_quantile = Gauge(
+            "residency_router_admission_ttft_quantile_seconds",
+            "The time-to-first-token p99 (the router's view plus its event loop's lag) that the admission "
+            "feedback holds under its setpoint, over the first tokens admitted under the current limit",
+            ["model"],
+            registry=self.registry,
+        )
+        self.gc_pause_seconds = Histogram(
+            "residency_gc_pause_seconds",
+            "Pauses of this process's garbage collector, by generation (a full one stalls every request)",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+        self.gc_pauses: GcPauses | None = None
+        """Installed by the serving process, not by an app built in a test (the callback is process-wide)."""
         self.admission_limit = Gauge(
             "residency_router_admission_limit",
             "Concurrent requests a model admits now",
             ["model"],
             registry=self.registry,
         )
+
+    def drain_gc_pauses(self) -> None:
+        """Moves the collector's pauses recorded since the last scrape into the histogram."""
+        if self.gc_pauses is not None:
+            self.gc_pauses.drain(
+                lambda generation, seconds: self.gc_pause_seconds.labels(str(generation)).observe(seconds)
+            )
 
 
 @dataclass
@@ -130,6 +154,9 @@ class RouterState:
     client: httpx.AsyncClient
     metrics: RouterMetrics = field(default_factory=RouterMetrics)
     holding: dict[str, int] = field(default_factory=dict)  # requests held per model now
+    event_loop_lag_seconds: float = 0.0
+    """How late the event loop woke for its last timer: about what a request that arrives now waits before
+    the app sees it (see app.py), a part of its time to first token that the router cannot measure."""
 
     @property
     def upstream_headers(self) -> dict[str, str]:

@@ -15,6 +15,7 @@ import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from residency.openai_errors import error_body
+from residency_operator.router.admission import Refusal
 from residency_operator.router.deps import RouterState, error
 from residency_operator.router.table import WAKE_PHASES, Route, resolve
 
@@ -136,13 +137,10 @@ async def _forward(
             message = f"{route.message}; still not ready after {state.settings.hold_seconds:.0f} s"
             return error(503, message, 5, code=route.phase)
         assert route.endpoint is not None and route.key is not None
-        _set_target(state, route.key)
+        set_target(state, route.key)
         refusal = admission.try_admit(route.key, time.monotonic())
         if refusal is not None:
-            metrics.requests.labels("429").inc()
-            metrics.refused.labels(route.key, "admission").inc()
-            metrics.refusal_seconds.observe(time.monotonic() - arrived_at)
-            return error(429, refusal.message, refusal.retry_after_seconds, code="rate_limit_exceeded")
+            return refused(state, route.key, refusal, arrived_at)
         metrics.admitted.labels(route.key).inc()
         _observe_gate(state, route.key)
         sent_at = time.monotonic()
@@ -201,7 +199,8 @@ async def _forward(
         now = time.monotonic()
         ttft = now - sent_at if streaming else _plain_ttft(upstream, now - sent_at)
         if ttft is not None and upstream.status_code == 200:
-            admission.first_token(route.key, before_sent + ttft, now)
+            # the admission also counts the wait before the app saw the request: its event loop's lag
+            admission.first_token(route.key, before_sent + ttft + state.event_loop_lag_seconds, now)
             metrics.time_to_first_token.labels(route.key).observe(before_sent + ttft)
         headers = _relayed_headers(upstream)
         done = _finisher(state, route.key, sent_at)
@@ -232,7 +231,7 @@ def _plain_ttft(upstream: httpx.Response, waited_seconds: float) -> float | None
     return retry_after_seconds(upstream.headers.get(TTFT_HEADER))
 
 
-def _set_target(state: RouterState, key: str) -> None:
+def set_target(state: RouterState, key: str) -> None:
     """The model's own TTFT target (spec.slo.maxTimeToFirstTokenSeconds, or the router's default) and the
     least limit (its batch size, spec.maxBatchSize)."""
     spec = (state.table.models.get(key) or {}).get("spec") or {}
@@ -248,6 +247,14 @@ def _set_target(state: RouterState, key: str) -> None:
         state.admission.floors.pop(key, None)
 
 
+def refused(state: RouterState, key: str, refusal: Refusal, arrived_at: float) -> Response:
+    """The 429 of a request over its model's admission limit, counted (`arrived_at`: when it came)."""
+    state.metrics.requests.labels("429").inc()
+    state.metrics.refused.labels(key, "admission").inc()
+    state.metrics.refusal_seconds.observe(time.monotonic() - arrived_at)
+    return error(429, refusal.message, refusal.retry_after_seconds, code="rate_limit_exceeded")
+
+
 def _relayed_headers(upstream: httpx.Response) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
 
@@ -256,6 +263,8 @@ def _observe_gate(state: RouterState, key: str) -> None:
     gate = state.admission.gate(key)
     state.metrics.in_flight.labels(key).set(gate.in_flight)
     state.metrics.admission_limit.labels(key).set(state.admission.limit_of(key, time.monotonic()))
+    if gate.held_quantile_seconds is not None:
+        state.metrics.admission_ttft_quantile.labels(key).set(gate.held_quantile_seconds)
 
 
 async def _relay(

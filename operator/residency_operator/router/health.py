@@ -27,4 +27,5 @@ async def readyz(request: Request) -> dict[str, object]:
 
 @router.get("/metrics", dependencies=[Depends(metrics_reader)])
 async def metrics(state: Annotated[RouterState, Depends(router_state)]) -> Response:
+    state.metrics.drain_gc_pauses()
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
