@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Histogram
+
 PauseObserver = Callable[[int, float], None]
 """Called with (generation, seconds) after each collection."""
 
@@ -55,3 +57,28 @@ class GcPauses:
             self._started_at = time.perf_counter()
         else:
             self._pending.append((int(info.get("generation", 0)), time.perf_counter() - self._started_at))
+
+
+class GcPauseMetric:
+    """A serving process's ``residency_gc_pause_seconds`` histogram, fed by its collector's pauses once the
+    process installs the callback (an app built in a test does not: the callback is process-wide)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.histogram = Histogram(
+            "residency_gc_pause_seconds",
+            "Pauses of this process's garbage collector, by generation (a full one stalls every request)",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=registry,
+        )
+        self.pauses: GcPauses | None = None
+
+    def install(self) -> None:
+        self.pauses = GcPauses().install()
+
+    def drain(self) -> None:
+        """Moves the pauses recorded since the last scrape into the histogram."""
+        if self.pauses is not None:
+            self.pauses.drain(
+                lambda generation, seconds: self.histogram.labels(str(generation)).observe(seconds)
+            )

@@ -7,7 +7,7 @@ import threading
 
 import uvicorn
 
-from residency.heap import GcPauses, freeze_heap
+from residency.heap import freeze_heap
 from residency_worker.agent import NodeAgent
 from residency_worker.engine import Engine
 from residency_worker.presence import AgentConfig
@@ -50,7 +50,7 @@ def serve_node(
         agent_thread.start()
         log.info("joined the cluster as node %s (endpoint %s)", agent_config.node, agent_config.endpoint)
     app = create_app(engine, settings)
-    app.state.metrics.gc_pauses = GcPauses().install()
+    app.state.metrics.gc.install()
     # see residency/heap.py: what startup and each model load made is never walked by a collection again
     engine.add_listener(lambda _model, operation, _report: freeze_heap() if operation == "load" else None)
     freeze_heap()

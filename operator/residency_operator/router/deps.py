@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from residency.heap import GcPauses
+from residency.heap import GcPauseMetric
 from residency.httpguard import DEFAULT_MAX_BODY_BYTES, json_bytes
 from residency.openai_errors import error_body
 from residency_operator.router.admission import Admission
@@ -112,15 +112,7 @@ class RouterMetrics:
             ["model"],
             registry=self.registry,
         )
-        self.gc_pause_seconds = Histogram(
-            "residency_gc_pause_seconds",
-            "Pauses of this process's garbage collector, by generation (a full one stalls every request)",
-            ["generation"],
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-            registry=self.registry,
-        )
-        self.gc_pauses: GcPauses | None = None
-        """Installed by the serving process, not by an app built in a test (the callback is process-wide)."""
+        self.gc = GcPauseMetric(self.registry)
         self.admission_limit = Gauge(
             "residency_router_admission_limit",
             "Concurrent requests a model admits now",
@@ -130,10 +122,7 @@ class RouterMetrics:
 
     def drain_gc_pauses(self) -> None:
         """Moves the collector's pauses recorded since the last scrape into the histogram."""
-        if self.gc_pauses is not None:
-            self.gc_pauses.drain(
-                lambda generation, seconds: self.gc_pause_seconds.labels(str(generation)).observe(seconds)
-            )
+        self.gc.drain()
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Literal
 
 import uvicorn
 
-from residency.heap import GcPauses, freeze_heap
+from residency.heap import freeze_heap
 from residency_operator.kube import load_config
 from residency_operator.router.admission import DEFAULT_TTFT_TARGET_SECONDS, Admission
 from residency_operator.router.app import create_app
@@ -69,7 +69,7 @@ def run_router(options: RouterOptions) -> None:
         access=access,
         admission=Admission(ttft_target_seconds=options.ttft_target_seconds, enabled=options.admission),
     )
-    app.state.router.metrics.gc_pauses = GcPauses().install()
+    app.state.router.metrics.gc.install()
     freeze_heap()  # see residency/heap.py: the imports and the app are never walked by a collection again
     # idle client connections are kept well past the 5 s keep-alive of httpx (and the openai client): a
     # client that waits out a 1-2 s Retry-After reuses its connection, instead of racing its close or

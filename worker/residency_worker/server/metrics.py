@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
-from residency.heap import GcPauses
+from residency.heap import GcPauseMetric
 from residency_worker.engine import Engine, EngineError
 from residency_worker.engine.types import ResumeReport
 
@@ -53,15 +53,7 @@ class WorkerMetrics:
         self.resident_fraction = Gauge(
             "residency_resident_fraction", "Share of weight bytes resident", ["model"], registry=self.registry
         )
-        self.gc_pause_seconds = Histogram(
-            "residency_gc_pause_seconds",
-            "Pauses of this process's garbage collector, by generation (a full one stalls every request)",
-            ["generation"],
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-            registry=self.registry,
-        )
-        self.gc_pauses: GcPauses | None = None
-        """Installed by the serving process, not by an app built in a test (the callback is process-wide)."""
+        self.gc = GcPauseMetric(self.registry)
         self.reload_seconds = Histogram(
             "residency_reload_seconds",
             "Weight reload time on resume",
@@ -100,10 +92,7 @@ class WorkerMetrics:
 
     def drain_gc_pauses(self) -> None:
         """Moves the collector's pauses recorded since the last scrape into the histogram."""
-        if self.gc_pauses is not None:
-            self.gc_pauses.drain(
-                lambda generation, seconds: self.gc_pause_seconds.labels(str(generation)).observe(seconds)
-            )
+        self.gc.drain()
 
     def on_engine_event(self, model: str, operation: str, report: object) -> None:
         """Engine listener: records each resume's reload time as it happens, not at scrape time."""
