@@ -118,16 +118,7 @@ class BodyLimit:
             chunks.append(chunk)
             more = bool(message.get("more_body", False))
         body = b"".join(chunks)
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as the server would
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replayed(body, receive), send)
 
     async def _too_large(self, send: Send) -> None:
         await self._refuse(send, 413, f"the request body exceeds the limit of {self.max_bytes} bytes")
@@ -155,3 +146,18 @@ def bearer_matches(authorization: str, expected: str) -> bool:
     not matter, RFC 7235; the token is compared in constant time)."""
     scheme, _, token = authorization.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+def replayed(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app a body already read, whole, then waits on the real one (for the
+    disconnect, as the server would)."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -15,7 +15,7 @@ import time
 
 from starlette.types import ASGIApp
 
-from residency.httpguard import Message, Receive, Scope, Send, loads_strict
+from residency.httpguard import Receive, Scope, Send, loads_strict, replayed
 from residency_operator.router.auth import AccessError
 from residency_operator.router.deps import ARRIVED_AT, RouterState
 from residency_operator.router.forward import refused, set_target
@@ -46,16 +46,7 @@ class EarlyRefusal:
         body = b"".join(chunks)
         if await self._refuse(scope, body, receive, send):
             return
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as the server would
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replayed(body, receive), send)
 
     async def _refuse(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
         """Answers 429 when the request's model is at its limit (True); else leaves it to the app."""
