@@ -50,13 +50,60 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     return out
 
 
+# projections that multiply the same input, packed as one matrix (the fused name first): one oneDNN call
+# reads all of them, the small key and value projections of a GQA model included (dense, MKL multiplies
+# them at batch 16 several times below its one-row rate), and the rotary embedding of the queries and keys
+# then runs once over both (they are adjacent columns of the product)
+FUSED_PROJECTIONS = (
+    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+
+def _fused(views: dict[str, torch.Tensor], fused: str, parts: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The packed fused weight (and the concatenated biases) of ``parts``, or nothing when they cannot be
+    fused (a part missing, different input widths) or are too small to gain from packing."""
+    weights = [views.get(f"{part}.weight") for part in parts]
+    if f"{fused}.weight" in views or any(w is None or w.dim() != 2 for w in weights):
+        return {}
+    matrices = [w for w in weights if w is not None]
+    if len({m.shape[1] for m in matrices}) != 1 or sum(m.numel() for m in matrices) < PACK_MIN_ELEMENTS:
+        return {}
+    extended = {f"{fused}.weight{PACKED_SUFFIX}": pack(torch.cat(matrices))}
+    biases = [views.get(f"{part}.bias") for part in parts]
+    if any(b is not None for b in biases):
+        extended[f"{fused}.bias"] = torch.cat(
+            [b if b is not None else m.new_zeros(m.shape[0]) for b, m in zip(biases, matrices, strict=True)]
+        )
+    return extended
+
+
 def packed_views(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A decoder layer's views plus a packed copy of each 2-D linear weight, under ``<name>.packed``."""
+    """A decoder layer's views plus packed copies of its linear weights: the fused projections under
+    ``<fused>.weight.packed`` (``FUSED_PROJECTIONS``, with ``<fused>.bias``), every other large 2-D weight
+    under ``<name>.packed``. The dense views stay as they are."""
     extended = dict(views)
+    covered: set[str] = set()
+    for fused, parts in FUSED_PROJECTIONS:
+        added = _fused(views, fused, parts)
+        if added:
+            extended.update(added)
+            covered.update(f"{part}.weight" for part in parts)
     for name, tensor in views.items():
+        if name in covered:
+            continue
         if tensor.dim() == 2 and name.endswith(".weight") and tensor.numel() >= PACK_MIN_ELEMENTS:
             extended[name + PACKED_SUFFIX] = pack(tensor)
     return extended
+
+
+def dense_of(views: dict[str, torch.Tensor], packed_name: str) -> torch.Tensor:
+    """The dense weight a packed copy in ``packed_views`` holds (the parts concatenated for a fused one)."""
+    name = packed_name.removesuffix(PACKED_SUFFIX)
+    for fused, parts in FUSED_PROJECTIONS:
+        if name == f"{fused}.weight" and name not in views:
+            return torch.cat([views[f"{part}.weight"] for part in parts])
+    return views[name]
 
 
 def packed_rows(matrix: torch.Tensor, rows_per_chunk: int) -> list[torch.Tensor] | None:

@@ -101,22 +101,44 @@ def logits_chunk(
     return F.linear(normed, rows).float()
 
 
-def _qkv(w: Weights, spec: ArchSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if "self_attn.qkv_proj.weight" in w:  # Phi-3 fuses the projections
+def _has(w: Weights, name: str) -> bool:
+    """Whether the unit holds the projection ``name``, dense or only as a packed fused copy."""
+    return f"{name}.weight" in w or f"{name}.weight{cpu_kernels.PACKED_SUFFIX}" in w
+
+
+def _qkv_roped(
+    w: Weights, spec: ArchSpec, x: torch.Tensor, step: StepTensors
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries [tokens, heads, dim], keys and values [tokens, kv_heads, dim], rotary embedding applied.
+
+    A fused projection (Phi-3's own, or the packed copy of q/k/v on the CPU) gives queries and keys as
+    adjacent columns: the rotary embedding then runs once over both."""
+    tokens = x.shape[0]
+    q_heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    normed_heads = "self_attn.q_norm.weight" in w  # Qwen3 normalises each head before RoPE
+    if _has(w, "self_attn.qkv_proj"):
         qkv = _linear(w, "self_attn.qkv_proj", x)
-        q_size = spec.num_heads * spec.head_dim
-        kv_size = spec.num_kv_heads * spec.head_dim
-        return qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
-    return (
-        _linear(w, "self_attn.q_proj", x),
-        _linear(w, "self_attn.k_proj", x),
-        _linear(w, "self_attn.v_proj", x),
-    )
+        qk_size = (q_heads + kv_heads) * dim
+        v = qkv[:, qk_size:].view(tokens, kv_heads, dim)
+        if not normed_heads:
+            qk = _apply_rope(qkv[:, :qk_size].view(tokens, q_heads + kv_heads, dim), step.cos, step.sin)
+            return qk[:, :q_heads], qk[:, q_heads:], v
+        q, k = qkv[:, : q_heads * dim], qkv[:, q_heads * dim : qk_size]
+    else:
+        q = _linear(w, "self_attn.q_proj", x)
+        k = _linear(w, "self_attn.k_proj", x)
+        v = _linear(w, "self_attn.v_proj", x).view(tokens, kv_heads, dim)
+    q = q.reshape(tokens, q_heads, dim)
+    k = k.reshape(tokens, kv_heads, dim)
+    if normed_heads:
+        q = rms_norm(q, w["self_attn.q_norm.weight"], spec.rms_norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], spec.rms_norm_eps)
+    return _apply_rope(q, step.cos, step.sin), _apply_rope(k, step.cos, step.sin), v
 
 
 def _mlp(w: Weights, spec: ArchSpec, x: torch.Tensor) -> torch.Tensor:
     act = ACT2FN[spec.hidden_act]
-    if "mlp.gate_up_proj.weight" in w:
+    if _has(w, "mlp.gate_up_proj"):
         gate, up = _linear(w, "mlp.gate_up_proj", x).chunk(2, dim=-1)
         return _linear(w, "mlp.down_proj", up * act(gate))
     return _linear(w, "mlp.down_proj", act(_linear(w, "mlp.gate_proj", x)) * _linear(w, "mlp.up_proj", x))
@@ -204,9 +226,18 @@ class StepTensors:
             row_positions=index_tensor(rows, device),
         )
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
         """[occupied, 1, 1, attend_tokens]: key j is visible to a slot at position p when j <= p (and
-        j > p - window for a sliding-window layer)."""
+        j > p - window for a sliding-window layer). None when every key is visible to every row (each
+        occupied slot decodes at the last attended position, within the window): attention needs no mask.
+        """
+        layout = self.layout
+        if (
+            layout.dense
+            and all(p == layout.attend_tokens - 1 for p in layout.decode_positions)
+            and (window is None or window >= layout.attend_tokens)
+        ):
+            return None
         if window not in self._masks:
             keys = torch.arange(self.layout.attend_tokens, device=self.positions.device)
             rows = self.row_positions[:, None]
@@ -281,15 +312,7 @@ def layer(
     of the pool ``[2, slots, kv_heads, capacity, head_dim]``."""
     tokens = hidden.shape[0]
     x = rms_norm(hidden, w["input_layernorm.weight"], spec.rms_norm_eps)
-    q, k, v = _qkv(w, spec, x)
-    q = q.view(tokens, spec.num_heads, spec.head_dim)
-    k = k.view(tokens, spec.num_kv_heads, spec.head_dim)
-    v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
-    if "self_attn.q_norm.weight" in w:  # Qwen3 normalises each head before RoPE
-        q = rms_norm(q, w["self_attn.q_norm.weight"], spec.rms_norm_eps)
-        k = rms_norm(k, w["self_attn.k_norm.weight"], spec.rms_norm_eps)
-    q = _apply_rope(q, step.cos, step.sin)
-    k = _apply_rope(k, step.cos, step.sin)
+    q, k, v = _qkv_roped(w, spec, x, step)
     window = spec.sliding_windows[index]
     layout = step.layout
     rows = layout.decode_rows
