@@ -20,6 +20,8 @@ weights (completion tokens/s, prefill included on both sides).
 Without a GPU the engine runs on the emulated tier (a CPU memory pool): every number says emulated.
 Advantages the engine has are named in the output: none on the CPU beyond its own code (same threads,
 same dtype, same weights in memory; transformers runs eagerly, without torch.compile, as does the engine).
+Both run with torch's huge-page CPU allocation (THP_MEM_ALLOC_ENABLE=1, as the worker sets it; the
+benchmark runs itself again with it set unless the environment says otherwise, e.g. 0 to compare).
 
     python benchmarks/bench_decode.py                     # CPU: qwen2.5-0.5b shape, float32, b in 1, 4, 16
     python benchmarks/bench_decode.py --serve             # plus the HTTP end-to-end comparison
@@ -49,6 +51,7 @@ from residency.modelgen import make_model
 from residency_worker.engine import Engine, ModelOptions, SamplingParams, cpu_kernels, make_gpu_tier
 from residency_worker.engine.generate import RequestEvent
 from residency_worker.engine.tiers import measure_host_to_device_peak
+from residency_worker.hostmem import THP_ENV
 from residency_worker.report.environment import read_gbps
 from residency_worker.report.measure import generate_seconds
 
@@ -386,6 +389,7 @@ def main() -> None:
         "trials": args.trials,
         "read_gbps": read,
         "threads": torch.get_num_threads(),
+        "huge_pages": os.environ.get(THP_ENV) == "1",  # torch's CPU buffers: both sides, one process
         "advantages": "none on the CPU: same process, threads, dtype and weights; neither side compiles"
         if not cuda
         else "the engine replays CUDA graphs for decode; transformers runs eagerly with a static cache",
@@ -559,4 +563,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if THP_ENV not in os.environ:  # torch reads it once, at import: run again with it set, as the worker does
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, THP_ENV: "1"})
     main()

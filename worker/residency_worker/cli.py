@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from residency.modelgen import ARCHES, PRESETS
+from residency_worker.hostmem import enable_huge_pages
 
 
 def _read_token(path: Path | None, env_name: str) -> str | None:
@@ -106,6 +107,7 @@ def worker(
     ),
 ) -> None:
     """Run the node's worker: the torch engine plus its OpenAI-compatible and admin HTTP API."""
+    enable_huge_pages()  # before torch is imported
     from residency_worker.engine import Engine
     from residency_worker.engine.tiers import parse_bytes
     from residency_worker.gpus import build_tiers
@@ -200,6 +202,7 @@ def profile(
     emulate: bool = typer.Option(False, "--emulate"),
 ) -> None:
     """Measure decode/prefill tokens/s against resident fraction in both modes; write JSON and a PNG."""
+    enable_huge_pages()  # before torch is imported
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from residency_worker.engine import Engine, make_gpu_tier
@@ -279,6 +282,7 @@ def report(
     """Measure decode under offload, preemption cost, link amplification and the peers; write the report."""
     import dataclasses
 
+    enable_huge_pages()  # before torch is imported
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from residency_worker.engine.tiers import parse_bytes
