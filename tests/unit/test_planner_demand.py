@@ -180,6 +180,41 @@ def test_a_yielded_pinned_model_keeps_its_host_copy_before_any_other_cache(solve
     assert [c.model for c in planned.cached] == ["prod/chat"]
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_an_idle_pinned_model_never_leaves_the_gpu_to_a_pinned_model_of_lower_priority(solver: str) -> None:
+    """Placed, a busy ``preemptible: false`` model is never moved for another, of any priority: had the
+    idle priority-100 model given it its GPU, its next request would find the room held by a lower tier for
+    good (found by ``test_no_priority_inversion_and_non_preemptible_kept`` with random draws, issue 26).
+    So it keeps its GPU, idle (its demand window empty) or only quiet, while such a model waits; to a pinned
+    model of its own priority, or to a preemptible one of any, it still gives its room."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    pinned = dataclasses.replace(PROD, preemptible=False)
+    lower = dataclasses.replace(BATCH, preemptible=False, waiting_requests=3)
+    for quiet in (pinned, dataclasses.replace(pinned, demand_decode_tokens_per_second=5.0)):
+        planned = plan([quiet, lower], [L4], running("prod/chat", state="idle"), config=config)
+        assert "prod/chat" in planned.placements and not planned.cached
+        # its demand returns: it serves at once, the lower one still waiting
+        back = dataclasses.replace(pinned, waiting_requests=2, demand_decode_tokens_per_second=30.0)
+        returned = plan([back, lower], [L4], applied(planned), config=config)
+        assert "prod/chat" in returned.placements and "batch/job" not in returned.placements
+    for peer in (dataclasses.replace(lower, priority=100), dataclasses.replace(lower, preemptible=True)):
+        gave_way = plan([pinned, peer], [L4], running("prod/chat", state="idle"), config=config)
+        assert set(gave_way.placements) == {"batch/job"}
+        assert [c.model for c in gave_way.cached] == ["prod/chat"]
+
+
+def test_the_incremental_planner_keeps_an_idle_pinned_model_for_a_pinned_model_of_lower_priority() -> None:
+    """A pinned lower-priority model that had no place becomes busy: the incremental planner, which could
+    only follow the full plan's set-aside host memory, plans in full, and the idle model keeps its GPU."""
+    config = PlannerConfig(solver="greedy")
+    pinned = dataclasses.replace(PROD, preemptible=False)
+    lower = dataclasses.replace(BATCH, preemptible=False, demand_decode_tokens_per_second=0.0)
+    planner = IncrementalPlanner([pinned, lower], [L4], running("prod/chat", state="idle"), config=config)
+    assert set(planner.plan.placements) == {"prod/chat"}
+    updated = planner.update_model(dataclasses.replace(lower, demand_decode_tokens_per_second=30.0))
+    assert "prod/chat" in updated.placements and not updated.cached
+
+
 def test_the_incremental_planner_applies_the_same_rule() -> None:
     config = PlannerConfig(solver="greedy")
     busy_prod = dataclasses.replace(PROD, demand_decode_tokens_per_second=30.0)
@@ -252,6 +287,16 @@ def test_a_pinned_model_that_leaves_the_gpu_keeps_its_host_copy(
             continue
         assert is_idle(model, config), f"busy pinned {name} left the GPU"
         assert name in cached, f"pinned {name} left the GPU without its host copy"
+        # nor for a pinned model of a lower priority: placed, that one would hold its room for good
+        below = [
+            p.model
+            for p in second.placements.values()
+            if p.node == first.placements[name].node
+            and not by_name[p.model].preemptible
+            and by_name[p.model].declared_priority < model.declared_priority
+            and p.model not in first.placements
+        ]
+        assert not below, f"pinned {name} left the GPU while pinned {below} of a lower priority were placed"
         assert not [a for a in second.actions if a.model == name and a.kind == "evict"]
 
 

@@ -347,6 +347,17 @@ def test_no_priority_inversion_and_non_preemptible_kept(
         if not declared[name].preemptible:
             assert idle_by_contract(declared[name], config), f"busy pinned {name} was preempted"
             assert cached.get(name) == before.node, f"pinned {name} lost its host copy"
+            # ... and not to a pinned model of a lower priority: placed, that one is never moved to give the
+            # room back when this one's demand returns (guarantee 3 would break)
+            below = [
+                p.model
+                for p in second.placements.values()
+                if p.node == before.node
+                and not declared[p.model].preemptible
+                and declared[p.model].priority < declared[name].priority
+                and ((was := first.placements.get(p.model)) is None or was.node != p.node)
+            ]
+            assert not below, f"pinned {name} left its GPU to pinned {below} of a lower priority"
         node = by_node[before.node]
         # Room its own node keeps for models of at least its priority, and for the non-preemptible models
         # that ran there already (they cannot be moved, whatever their priority), without it.

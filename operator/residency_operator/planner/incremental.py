@@ -125,7 +125,7 @@ class IncrementalPlanner:
         """Re-plan after ``model`` changed; returns the full desired state with only the actions that this
         change needs (the previous plan is taken as carried out)."""
         with collector_paused():
-            if self._offset_too_small(model):
+            if self._offset_too_small(model) or self._pinned_below_one_that_may_leave(model):
                 return self._replan_all(model, now)
             return self._update(model, now)
 
@@ -141,6 +141,24 @@ class IncrementalPlanner:
         self._idle[index] = self.config.idle_models_yield and is_idle(with_backlog(model), self.config)
         span = int(self._declared.max() - self._declared.min()) + 1
         return bool(self._idle.any()) and span > problem.idle_priority_offset
+
+    def _pinned_below_one_that_may_leave(self, model: ModelDemand) -> bool:
+        """Whether the change makes a ``preemptible: false`` model with no place busy while an idle pinned
+        model of a higher declared priority may leave the GPU: a full plan keeps that one on its GPU
+        (``PlanningProblem._lowest_pending_pinned``); this planner keeps the host memory set aside for it."""
+        if model.preemptible or not model.wanted or is_idle(with_backlog(model), self.config):
+            return False
+        problem = self.problem
+        now = problem.current.get(model.name)
+        if now is not None and now.is_running:
+            return False
+        return any(
+            other.host_copy_kept
+            and other.declared_priority > model.declared_priority
+            and (placed := problem.current.get(other.name)) is not None
+            and placed.is_running
+            for other in problem.models
+        )
 
     def _replan_all(self, model: ModelDemand, now: float) -> Plan:
         """Plan everything afresh from the applied state (the models as declared, this one changed)."""

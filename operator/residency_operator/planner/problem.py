@@ -4,6 +4,7 @@ classes and the option tables."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 from residency_operator.planner.demand import keeps_gpu, yield_idle
@@ -93,8 +94,11 @@ class PlanningProblem:
         """Host memory for the weights and KV cache of every pinned model that is idle (no demand: it may
         leave the GPU in this plan; or quiet for the worker's idle interval: it may give way to a waiting
         model, ``planner/swapin.py``) or already preempted: on its node, beside the offloaded weights of what
-        runs there. An idle one whose node cannot hold its copy keeps its GPU (``demand.keeps_gpu``)."""
+        runs there. An idle one whose node cannot hold its copy keeps its GPU (``demand.keeps_gpu``); so does
+        one while a busy pinned model of a lower declared priority waits for a place
+        (``_lowest_pending_pinned``)."""
         by_name = {node.name: node for node in nodes}
+        lowest_pending = self._lowest_pending_pinned()
         room = {node.name: usable_host_bytes(node) for node in nodes}
         for placement in self.current.values():
             index = self.model_index.get(placement.model)
@@ -116,6 +120,12 @@ class PlanningProblem:
             )
             if not model.host_copy_kept and now.is_running and not quiet:
                 continue  # busy and running: it keeps its GPU, nothing to set aside
+            may_leave = model.host_copy_kept or quiet
+            if may_leave and now.is_running and lowest_pending < model.declared_priority:
+                # Its room could go to that model, which once running is never moved to give it back: it
+                # keeps its GPU (nor may it give way between plans), as with the rule off.
+                self.models[index] = keeps_gpu(model)
+                continue
             # Set aside whole, beside its own offloaded weights while it runs: the solvers may keep it.
             need = cached_host_bytes(model, now.kv_cache_bytes)
             if need > room[now.node]:
@@ -128,6 +138,21 @@ class PlanningProblem:
             set_aside[model.name] = (now.node, need)
             self._aside_by_node[now.node] = self._aside_by_node.get(now.node, 0) + need
         return set_aside
+
+    def _lowest_pending_pinned(self) -> float:
+        """The lowest declared priority of a busy ``preemptible: false`` model that does not run now (this
+        plan may place it), or infinity. Placed, such a model is never preempted, evicted or moved for another
+        (docs/planner.md, guarantee 1): an idle pinned model of a higher priority that left the GPU for it
+        could not come back (guarantee 3), so none leaves while one waits."""
+        pending = [
+            model.declared_priority
+            for model in self.models
+            if model.wanted
+            and not model.preemptible
+            and not model.yielded_priority
+            and ((now := self.current.get(model.name)) is None or not now.is_running)
+        ]
+        return float(min(pending, default=math.inf))
 
     def rates(
         self, model: ModelDemand, node_index: int, resident_fraction: float, mode: str
