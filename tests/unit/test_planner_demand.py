@@ -203,6 +203,28 @@ def test_an_idle_pinned_model_never_leaves_the_gpu_to_a_pinned_model_of_lower_pr
         assert [c.model for c in gave_way.cached] == ["prod/chat"]
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_pinned_model_in_host_memory_keeps_its_node_from_a_lower_pinned_model(solver: str) -> None:
+    """The idle priority-100 model left its GPU for a busy preemptible model (allowed: that one can be
+    preempted when it returns), which then went away. A busy pinned priority-10 model now waits: it is not
+    placed where the priority-100 model's copy waits in host memory, whose return needs that room."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    pinned = dataclasses.replace(PROD, preemptible=False)
+    lower = dataclasses.replace(BATCH, preemptible=False, waiting_requests=3)
+    current = [CurrentPlacement("prod/chat", "l4-0", 0.0, "stream", "preempted")]
+    planned = plan([pinned, lower], [L4], current, config=config)
+    assert "batch/job" not in planned.placements
+    assert "prod/chat" in planned.placements or [c.model for c in planned.cached] == ["prod/chat"]
+    # its demand returns: it serves at once
+    back = dataclasses.replace(pinned, waiting_requests=2, demand_decode_tokens_per_second=30.0)
+    returned = plan([back, lower], [L4], applied(planned), config=config)
+    assert "prod/chat" in returned.placements and "batch/job" not in returned.placements
+    # another node takes the lower one
+    other = dataclasses.replace(L4, name="l4-1")
+    elsewhere = plan([pinned, lower], [L4, other], current, config=config)
+    assert elsewhere.placements["batch/job"].node == "l4-1"
+
+
 def test_the_incremental_planner_keeps_an_idle_pinned_model_for_a_pinned_model_of_lower_priority() -> None:
     """A pinned lower-priority model that had no place becomes busy: the incremental planner, which could
     only follow the full plan's set-aside host memory, plans in full, and the idle model keeps its GPU."""
@@ -213,6 +235,14 @@ def test_the_incremental_planner_keeps_an_idle_pinned_model_for_a_pinned_model_o
     assert set(planner.plan.placements) == {"prod/chat"}
     updated = planner.update_model(dataclasses.replace(lower, demand_decode_tokens_per_second=30.0))
     assert "prod/chat" in updated.placements and not updated.cached
+    # Nor, once it left its GPU for a busy preemptible model of priority 0, to the lower pinned one, which
+    # would preempt that model and hold the room for good.
+    cached = [CurrentPlacement("prod/chat", "l4-0", 0.0, "stream", "preempted"), *running("batch/low")]
+    low = model("batch/low", 8, demand=30.0, priority=0)
+    planner = IncrementalPlanner([pinned, lower, low], [L4], cached, config=config)
+    assert set(planner.plan.placements) == {"batch/low"}
+    updated = planner.update_model(dataclasses.replace(lower, demand_decode_tokens_per_second=30.0))
+    assert set(updated.placements) == {"batch/low"}
 
 
 def test_the_incremental_planner_applies_the_same_rule() -> None:

@@ -144,8 +144,9 @@ class IncrementalPlanner:
 
     def _pinned_below_one_that_may_leave(self, model: ModelDemand) -> bool:
         """Whether the change makes a ``preemptible: false`` model with no place busy while an idle pinned
-        model of a higher declared priority may leave the GPU: a full plan keeps that one on its GPU
-        (``PlanningProblem._lowest_pending_pinned``); this planner keeps the host memory set aside for it."""
+        model of a higher declared priority may leave the GPU, or has: a full plan keeps that one on its GPU,
+        or its node closed to the lower one (``PlanningProblem._pending_pinned``); this planner's set-aside
+        host memory and node classes were drawn without it."""
         if model.preemptible or not model.wanted or is_idle(with_backlog(model), self.config):
             return False
         problem = self.problem
@@ -153,11 +154,8 @@ class IncrementalPlanner:
         if now is not None and now.is_running:
             return False
         return any(
-            other.host_copy_kept
-            and other.declared_priority > model.declared_priority
-            and (placed := problem.current.get(other.name)) is not None
-            and placed.is_running
-            for other in problem.models
+            problem.models[problem.model_index[name]].declared_priority > model.declared_priority
+            for name in problem.host_set_aside
         )
 
     def _replan_all(self, model: ModelDemand, now: float) -> Plan:

@@ -61,6 +61,7 @@ class PlanningProblem:
         self.host_set_aside = self._set_host_copies_aside(node_list, config)
         """Node and host bytes set aside, per model, for the copy of a ``preemptible: false`` model that may
         leave the GPU (or has): the solvers never see them, ``assemble_plan`` keeps its copy there first."""
+        node_list = self._closed_to_lower_pinned(node_list)
         self.nodes: list[NodeCapacity] = with_host_set_aside(node_list, self._aside_by_node)
         self.node_by_name = {node.name: node for node in self.nodes}
         self.node_index = {node.name: i for i, node in enumerate(self.nodes)}
@@ -139,20 +140,44 @@ class PlanningProblem:
             self._aside_by_node[now.node] = self._aside_by_node.get(now.node, 0) + need
         return set_aside
 
-    def _lowest_pending_pinned(self) -> float:
-        """The lowest declared priority of a busy ``preemptible: false`` model that does not run now (this
-        plan may place it), or infinity. Placed, such a model is never preempted, evicted or moved for another
-        (docs/planner.md, guarantee 1): an idle pinned model of a higher priority that left the GPU for it
-        could not come back (guarantee 3), so none leaves while one waits."""
-        pending = [
-            model.declared_priority
+    def _pending_pinned(self) -> dict[str, int]:
+        """The busy ``preemptible: false`` models that do not run now (this plan may place them), with their
+        declared priorities. Placed, such a model is never preempted, evicted or moved for another
+        (docs/planner.md, guarantee 1): an idle pinned model of a higher priority whose room it took could
+        not come back (guarantee 3)."""
+        return {
+            model.name: model.declared_priority
             for model in self.models
             if model.wanted
             and not model.preemptible
             and not model.yielded_priority
             and ((now := self.current.get(model.name)) is None or not now.is_running)
-        ]
-        return float(min(pending, default=math.inf))
+        }
+
+    def _lowest_pending_pinned(self) -> float:
+        """The lowest declared priority of :meth:`_pending_pinned`, or infinity: an idle pinned model of a
+        higher priority does not leave its GPU while one waits."""
+        return float(min(self._pending_pinned().values(), default=math.inf))
+
+    def _closed_to_lower_pinned(self, nodes: list[NodeCapacity]) -> list[NodeCapacity]:
+        """The nodes, each holding the host copy of an idle pinned model that left its GPU closed to the
+        waiting pinned models (:meth:`_pending_pinned`) of a lower priority than that model's: its return
+        needs its room back, which they would never give."""
+        highest: dict[str, int] = {}
+        for name, (node_name, _) in self.host_set_aside.items():
+            now = self.current.get(name)
+            if now is not None and not now.is_running:
+                priority = self.models[self.model_index[name]].declared_priority
+                highest[node_name] = max(priority, highest.get(node_name, priority))
+        pending = self._pending_pinned() if highest else {}
+        if not pending:
+            return nodes
+        closed_nodes = []
+        for node in nodes:
+            top = highest.get(node.name)
+            closed = frozenset(n for n, p in pending.items() if top is not None and p < top)
+            closed_nodes.append(dataclasses.replace(node, closed_to=closed) if closed else node)
+        return closed_nodes
 
     def rates(
         self, model: ModelDemand, node_index: int, resident_fraction: float, mode: str
