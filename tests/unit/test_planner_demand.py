@@ -225,6 +225,31 @@ def test_a_pinned_model_in_host_memory_keeps_its_node_from_a_lower_pinned_model(
     assert elsewhere.placements["batch/job"].node == "l4-1"
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_an_idle_pinned_model_of_lower_priority_is_not_placed_where_a_higher_one_leaves(solver: str) -> None:
+    """Drawn by ``test_a_pinned_model_that_leaves_the_gpu_keeps_its_host_copy`` (seed 10). The priority-10
+    pinned model goes idle and leaves its GPU for a busy preemptible model; the priority-0 pinned model, idle
+    too and with no place (its demand had crowded the other's SLO), was put into the room left: busy again,
+    it would hold that room for good. It is kept off that node (it has nothing to serve)."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    node = NodeCapacity("node-0", "H100", 24 * GIB, 16 * GIB, 6.0, 300.0, 25.0)
+    low = ModelDemand(
+        "ns/low", int(8e9), 0, 2048, 1, preemptible=False, demand_decode_tokens_per_second=100.0
+    )
+    high = ModelDemand(
+        "ns/high", int(1e9), 32768, 2048, 4, priority=10, preemptible=False, min_decode_tokens_per_second=20.0
+    )
+    first = plan([low, high], [node], [], config=config)
+    assert set(first.placements) == {"ns/high"}
+    quiet = [dataclasses.replace(m, demand_decode_tokens_per_second=0.0) for m in (low, high)]
+    busy = ModelDemand(
+        "new/busy", int(16e9), 0, 2048, 1, waiting_requests=2, demand_decode_tokens_per_second=50.0
+    )
+    second = plan([*quiet, busy], [node], applied(first), config=config)
+    assert "ns/low" not in second.placements
+    assert "ns/high" in second.placements or [c.model for c in second.cached] == ["ns/high"]
+
+
 def test_the_incremental_planner_keeps_an_idle_pinned_model_for_a_pinned_model_of_lower_priority() -> None:
     """A pinned lower-priority model that had no place becomes busy: the incremental planner, which could
     only follow the full plan's set-aside host memory, plans in full, and the idle model keeps its GPU."""

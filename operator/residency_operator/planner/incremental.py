@@ -143,13 +143,18 @@ class IncrementalPlanner:
         return bool(self._idle.any()) and span > problem.idle_priority_offset
 
     def _pinned_below_one_that_may_leave(self, model: ModelDemand) -> bool:
-        """Whether the change makes a ``preemptible: false`` model with no place busy while an idle pinned
+        """Whether the change makes a ``preemptible: false`` model with no place one that the last full plan
+        did not count as waiting for a place so (wanted again, busy again, another priority) while a pinned
         model of a higher declared priority may leave the GPU, or has: a full plan keeps that one on its GPU,
         or its node closed to the lower one (``PlanningProblem._pending_pinned``); this planner's set-aside
         host memory and node classes were drawn without it."""
-        if model.preemptible or not model.wanted or is_idle(with_backlog(model), self.config):
-            return False
         problem = self.problem
+        if model.preemptible or not model.wanted:
+            return False
+        busy = not (self.config.idle_models_yield and is_idle(with_backlog(model), self.config))
+        counted = problem.pending_pinned.get(model.name)
+        if counted in ((model.declared_priority, busy), (model.declared_priority, True)):
+            return False  # counted as it is, or as busy (the stricter), already
         now = problem.current.get(model.name)
         if now is not None and now.is_running:
             return False

@@ -58,6 +58,8 @@ class PlanningProblem:
         )
         self.model_index = {model.name: i for i, model in enumerate(self.models)}
         node_list = sorted({n.name: n for n in nodes}.values(), key=lambda n: n.name)
+        self.pending_pinned = self._pending_pinned()
+        """:meth:`_pending_pinned`, as this plan found them (the incremental planner replans for others)."""
         self.host_set_aside = self._set_host_copies_aside(node_list, config)
         """Node and host bytes set aside, per model, for the copy of a ``preemptible: false`` model that may
         leave the GPU (or has): the solvers never see them, ``assemble_plan`` keeps its copy there first."""
@@ -140,42 +142,44 @@ class PlanningProblem:
             self._aside_by_node[now.node] = self._aside_by_node.get(now.node, 0) + need
         return set_aside
 
-    def _pending_pinned(self) -> dict[str, int]:
-        """The busy ``preemptible: false`` models that do not run now (this plan may place them), with their
-        declared priorities. Placed, such a model is never preempted, evicted or moved for another
-        (docs/planner.md, guarantee 1): an idle pinned model of a higher priority whose room it took could
-        not come back (guarantee 3)."""
+    def _pending_pinned(self) -> dict[str, tuple[int, bool]]:
+        """The ``preemptible: false`` models that do not run now (this plan may place them): their declared
+        priorities, and whether they are busy. Placed, such a model is never preempted, evicted or moved for
+        another while busy (docs/planner.md, guarantee 1; an idle one may be busy by then): an idle pinned
+        model of a higher priority whose room it took could not come back (guarantee 3)."""
         return {
-            model.name: model.declared_priority
+            model.name: (model.declared_priority, not model.yielded_priority)
             for model in self.models
             if model.wanted
-            and not model.preemptible
-            and not model.yielded_priority
+            and (not model.preemptible or model.host_copy_kept)
             and ((now := self.current.get(model.name)) is None or not now.is_running)
         }
 
     def _lowest_pending_pinned(self) -> float:
-        """The lowest declared priority of :meth:`_pending_pinned`, or infinity: an idle pinned model of a
-        higher priority does not leave its GPU while one waits."""
-        return float(min(self._pending_pinned().values(), default=math.inf))
+        """The lowest declared priority of a busy one of :meth:`_pending_pinned`, or infinity: an idle pinned
+        model of a higher priority does not leave its GPU while one waits (an idle one is kept off its node
+        instead, :meth:`_closed_to_lower_pinned`: it has no demand to serve)."""
+        return float(min((p for p, busy in self.pending_pinned.values() if busy), default=math.inf))
 
     def _closed_to_lower_pinned(self, nodes: list[NodeCapacity]) -> list[NodeCapacity]:
-        """The nodes, each holding the host copy of an idle pinned model that left its GPU closed to the
-        waiting pinned models (:meth:`_pending_pinned`) of a lower priority than that model's: its return
-        needs its room back, which they would never give."""
-        highest: dict[str, int] = {}
+        """The nodes, each closed to the models of :meth:`_pending_pinned` of a lower priority than a pinned
+        model whose host copy it keeps: the busy ones where that model left its GPU already, the idle ones
+        also where it may leave in this plan. Its return needs its room back, which they would not give."""
+        left: dict[str, int] = {}
+        may_leave: dict[str, int] = {}
         for name, (node_name, _) in self.host_set_aside.items():
+            priority = self.models[self.model_index[name]].declared_priority
+            may_leave[node_name] = max(priority, may_leave.get(node_name, priority))
             now = self.current.get(name)
             if now is not None and not now.is_running:
-                priority = self.models[self.model_index[name]].declared_priority
-                highest[node_name] = max(priority, highest.get(node_name, priority))
-        pending = self._pending_pinned() if highest else {}
+                left[node_name] = max(priority, left.get(node_name, priority))
+        pending = self.pending_pinned if may_leave else {}
         if not pending:
             return nodes
         closed_nodes = []
         for node in nodes:
-            top = highest.get(node.name)
-            closed = frozenset(n for n, p in pending.items() if top is not None and p < top)
+            top_left, top = left.get(node.name, -math.inf), may_leave.get(node.name, -math.inf)
+            closed = frozenset(name for name, (p, busy) in pending.items() if p < (top_left if busy else top))
             closed_nodes.append(dataclasses.replace(node, closed_to=closed) if closed else node)
         return closed_nodes
 
