@@ -215,6 +215,8 @@ def test_a_pinned_model_in_host_memory_keeps_its_node_from_a_lower_pinned_model(
     planned = plan([pinned, lower], [L4], current, config=config)
     assert "batch/job" not in planned.placements
     assert "prod/chat" in planned.placements or [c.model for c in planned.cached] == ["prod/chat"]
+    (held,) = [u for u in planned.unschedulable if u.model == "batch/job"]
+    assert held.reason == "HeldForPinnedModel" and held.message.startswith("the room on l4-0 is kept")
     # its demand returns: it serves at once
     back = dataclasses.replace(pinned, waiting_requests=2, demand_decode_tokens_per_second=30.0)
     returned = plan([back, lower], [L4], applied(planned), config=config)
