@@ -20,7 +20,9 @@ from residency_operator.conditions import Verdict
 CAPACITY_LABEL = "residency.dev/capacity-request"
 MODEL_LABEL = "residency.dev/model-name"
 GPU_BYTES_ANNOTATION = "residency.dev/gpu-bytes"
-CAPACITY_REASONS = frozenset({"InsufficientGPUMemory", "InsufficientHostMemory", "InsufficientGPUTime"})
+CAPACITY_REASONS = frozenset(
+    {"InsufficientGPUMemory", "InsufficientHostMemory", "InsufficientGPUTime", "HeldForPinnedModel"}
+)
 
 
 @dataclass(frozen=True)

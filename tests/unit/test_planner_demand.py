@@ -180,6 +180,98 @@ def test_a_yielded_pinned_model_keeps_its_host_copy_before_any_other_cache(solve
     assert [c.model for c in planned.cached] == ["prod/chat"]
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_an_idle_pinned_model_never_leaves_the_gpu_to_a_pinned_model_of_lower_priority(solver: str) -> None:
+    """Placed, a busy ``preemptible: false`` model is never moved for another, of any priority: had the
+    idle priority-100 model given it its GPU, its next request would find the room held by a lower tier for
+    good (found by ``test_no_priority_inversion_and_non_preemptible_kept`` with random draws, issue 26).
+    So it keeps its GPU, idle (its demand window empty) or only quiet, while such a model waits; to a pinned
+    model of its own priority, or to a preemptible one of any, it still gives its room."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    pinned = dataclasses.replace(PROD, preemptible=False)
+    lower = dataclasses.replace(BATCH, preemptible=False, waiting_requests=3)
+    for quiet in (pinned, dataclasses.replace(pinned, demand_decode_tokens_per_second=5.0)):
+        planned = plan([quiet, lower], [L4], running("prod/chat", state="idle"), config=config)
+        assert "prod/chat" in planned.placements and not planned.cached
+        # its demand returns: it serves at once, the lower one still waiting
+        back = dataclasses.replace(pinned, waiting_requests=2, demand_decode_tokens_per_second=30.0)
+        returned = plan([back, lower], [L4], applied(planned), config=config)
+        assert "prod/chat" in returned.placements and "batch/job" not in returned.placements
+    for peer in (dataclasses.replace(lower, priority=100), dataclasses.replace(lower, preemptible=True)):
+        gave_way = plan([pinned, peer], [L4], running("prod/chat", state="idle"), config=config)
+        assert set(gave_way.placements) == {"batch/job"}
+        assert [c.model for c in gave_way.cached] == ["prod/chat"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_pinned_model_in_host_memory_keeps_its_node_from_a_lower_pinned_model(solver: str) -> None:
+    """The idle priority-100 model left its GPU for a busy preemptible model (allowed: that one can be
+    preempted when it returns), which then went away. A busy pinned priority-10 model now waits: it is not
+    placed where the priority-100 model's copy waits in host memory, whose return needs that room."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    pinned = dataclasses.replace(PROD, preemptible=False)
+    lower = dataclasses.replace(BATCH, preemptible=False, waiting_requests=3)
+    current = [CurrentPlacement("prod/chat", "l4-0", 0.0, "stream", "preempted")]
+    planned = plan([pinned, lower], [L4], current, config=config)
+    assert "batch/job" not in planned.placements
+    assert "prod/chat" in planned.placements or [c.model for c in planned.cached] == ["prod/chat"]
+    (held,) = [u for u in planned.unschedulable if u.model == "batch/job"]
+    assert held.reason == "HeldForPinnedModel" and held.message.startswith("the room on l4-0 is kept")
+    # its demand returns: it serves at once
+    back = dataclasses.replace(pinned, waiting_requests=2, demand_decode_tokens_per_second=30.0)
+    returned = plan([back, lower], [L4], applied(planned), config=config)
+    assert "prod/chat" in returned.placements and "batch/job" not in returned.placements
+    # another node takes the lower one
+    other = dataclasses.replace(L4, name="l4-1")
+    elsewhere = plan([pinned, lower], [L4, other], current, config=config)
+    assert elsewhere.placements["batch/job"].node == "l4-1"
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_an_idle_pinned_model_of_lower_priority_is_not_placed_where_a_higher_one_leaves(solver: str) -> None:
+    """Drawn by ``test_a_pinned_model_that_leaves_the_gpu_keeps_its_host_copy`` (seed 10). The priority-10
+    pinned model goes idle and leaves its GPU for a busy preemptible model; the priority-0 pinned model, idle
+    too and with no place (its demand had crowded the other's SLO), was put into the room left: busy again,
+    it would hold that room for good. It is kept off that node (it has nothing to serve)."""
+    config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+    node = NodeCapacity("node-0", "H100", 24 * GIB, 16 * GIB, 6.0, 300.0, 25.0)
+    low = ModelDemand(
+        "ns/low", int(8e9), 0, 2048, 1, preemptible=False, demand_decode_tokens_per_second=100.0
+    )
+    high = ModelDemand(
+        "ns/high", int(1e9), 32768, 2048, 4, priority=10, preemptible=False, min_decode_tokens_per_second=20.0
+    )
+    first = plan([low, high], [node], [], config=config)
+    assert set(first.placements) == {"ns/high"}
+    quiet = [dataclasses.replace(m, demand_decode_tokens_per_second=0.0) for m in (low, high)]
+    busy = ModelDemand(
+        "new/busy", int(16e9), 0, 2048, 1, waiting_requests=2, demand_decode_tokens_per_second=50.0
+    )
+    second = plan([*quiet, busy], [node], applied(first), config=config)
+    assert "ns/low" not in second.placements
+    assert "ns/high" in second.placements or [c.model for c in second.cached] == ["ns/high"]
+
+
+def test_the_incremental_planner_keeps_an_idle_pinned_model_for_a_pinned_model_of_lower_priority() -> None:
+    """A pinned lower-priority model that had no place becomes busy: the incremental planner, which could
+    only follow the full plan's set-aside host memory, plans in full, and the idle model keeps its GPU."""
+    config = PlannerConfig(solver="greedy")
+    pinned = dataclasses.replace(PROD, preemptible=False)
+    lower = dataclasses.replace(BATCH, preemptible=False, demand_decode_tokens_per_second=0.0)
+    planner = IncrementalPlanner([pinned, lower], [L4], running("prod/chat", state="idle"), config=config)
+    assert set(planner.plan.placements) == {"prod/chat"}
+    updated = planner.update_model(dataclasses.replace(lower, demand_decode_tokens_per_second=30.0))
+    assert "prod/chat" in updated.placements and not updated.cached
+    # Nor, once it left its GPU for a busy preemptible model of priority 0, to the lower pinned one, which
+    # would preempt that model and hold the room for good.
+    cached = [CurrentPlacement("prod/chat", "l4-0", 0.0, "stream", "preempted"), *running("batch/low")]
+    low = model("batch/low", 8, demand=30.0, priority=0)
+    planner = IncrementalPlanner([pinned, lower, low], [L4], cached, config=config)
+    assert set(planner.plan.placements) == {"batch/low"}
+    updated = planner.update_model(dataclasses.replace(lower, demand_decode_tokens_per_second=30.0))
+    assert set(updated.placements) == {"batch/low"}
+
+
 def test_the_incremental_planner_applies_the_same_rule() -> None:
     config = PlannerConfig(solver="greedy")
     busy_prod = dataclasses.replace(PROD, demand_decode_tokens_per_second=30.0)
@@ -252,6 +344,16 @@ def test_a_pinned_model_that_leaves_the_gpu_keeps_its_host_copy(
             continue
         assert is_idle(model, config), f"busy pinned {name} left the GPU"
         assert name in cached, f"pinned {name} left the GPU without its host copy"
+        # nor for a pinned model of a lower priority: placed, that one would hold its room for good
+        below = [
+            p.model
+            for p in second.placements.values()
+            if p.node == first.placements[name].node
+            and not by_name[p.model].preemptible
+            and by_name[p.model].declared_priority < model.declared_priority
+            and p.model not in first.placements
+        ]
+        assert not below, f"pinned {name} left the GPU while pinned {below} of a lower priority were placed"
         assert not [a for a in second.actions if a.model == name and a.kind == "evict"]
 
 

@@ -1,12 +1,13 @@
 """Examples the property tests drew with random seeds (CI draws the same ones every run), each a plan that
-was not a fixed point or an incremental re-plan worth less than a full one, kept as plain tests."""
+was not a fixed point, an incremental re-plan worth less than a full one, or a plan the validity check
+misjudged, kept as plain tests."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from test_planner_incremental import GREEDY, converged, plan_value
-from test_planner_properties import applied, assert_plan_valid
+from test_planner_properties import applied, as_planned, assert_plan_valid
 
 from residency_operator.planner import GIB, ModelDemand, NodeCapacity, PlannerConfig, plan
 from residency_operator.planner.incremental import IncrementalPlanner
@@ -123,8 +124,8 @@ def test_two_pinned_models_that_crowd_each_other_both_keep_running() -> None:
     full = plan([busy, models[1]], nodes, applied(steady), config=config)
     assert set(incremental.placements) == set(full.placements) == {"ns/model-0", "ns/model-1"}
     assert incremental.placements["ns/model-0"].gpu_busy_fraction > 0.9
-    assert_plan_valid(incremental, [busy, models[1]], nodes, config, busy_limit=1.0)
-    assert_plan_valid(full, [busy, models[1]], nodes, config, busy_limit=1.0)
+    assert_plan_valid(incremental, [busy, models[1]], nodes, config, busy_limit=1.0, current=applied(steady))
+    assert_plan_valid(full, [busy, models[1]], nodes, config, busy_limit=1.0, current=applied(steady))
 
 
 def assert_incremental_as_good_as_full(
@@ -136,7 +137,7 @@ def assert_incremental_as_good_as_full(
     after = [changed if m.name == changed.name else m for m in models]
     incremental = planner.update_model(changed)
     full = plan(after, nodes, applied(steady), config=GREEDY)
-    assert_plan_valid(incremental, after, nodes, GREEDY, busy_limit=1.0)
+    assert_plan_valid(incremental, after, nodes, GREEDY, busy_limit=1.0, current=applied(steady))
     assert plan_value(incremental, after, nodes) >= plan_value(full, after, nodes) - 1e-6, (
         sorted(incremental.placements),
         sorted(full.placements),
@@ -258,3 +259,44 @@ def test_exact_plan_counts_a_higher_pinned_models_time_against_a_running_pinned_
     ]
     nodes = [h100("node-0", 16, 16, 6.0, 300.0), h100("node-1", 80, 16, 6.0, 2000.0)]
     assert_fixed_point(models, nodes, PlannerConfig(solver="milp"))
+
+
+def test_idle_pinned_model_without_room_for_its_host_copy_keeps_its_gpu_and_is_judged_pinned() -> None:
+    """Issue 26 (``test_no_priority_inversion_and_non_preemptible_kept``, ``--hypothesis-seed=15``). Model-0
+    is pinned, idle and holds 30 GB of node-1's GPU. Node-1's 16 GiB of host memory cannot hold its copy, so
+    it keeps its GPU (docs/planner.md, guarantee 2) and is planned pinned at its yielded priority: busy
+    newcomers of its declared priority may take the GPU time its SLO would have kept (while it is idle they
+    rank above it). The validity check used to judge it as a preemptible model whose SLO bars them. With
+    room for its copy it is planned as a preemptible one: its SLO is kept, or it leaves the GPU with its copy
+    in node-1's host memory."""
+
+    def pinned(name: str, weight_gb: float, **fields: object) -> ModelDemand:
+        return small(name, weight_gb, preemptible=False, **fields)
+
+    models = [
+        pinned("ns/model-0", 30, min_decode_tokens_per_second=5.0, demand_decode_tokens_per_second=0.0),
+        pinned("ns/model-1", 1),
+    ]
+    everyone = [
+        *models,
+        pinned("new/model-0", 1),
+        pinned("new/model-1", 8),
+        pinned("new/model-2", 8, demand_decode_tokens_per_second=100.0),
+    ]
+    for host_gib in (16, 64):
+        nodes = [h100("node-0", 16, 16, 6.0, 300.0), h100("node-1", 48, host_gib, 6.0, 300.0)]
+        for solver in ("milp", "greedy"):
+            config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
+            first = plan(models, nodes, [], config=config)
+            assert first.placements["ns/model-0"].node == "node-1"
+            second = plan(everyone, nodes, applied(first), config=config)
+            assert_plan_valid(second, everyone, nodes, config, current=applied(first))
+            seen_as = as_planned(everyone, nodes, applied(first), config)["ns/model-0"]
+            kept = second.placements.get("ns/model-0")
+            cached = [(c.model, c.node) for c in second.cached]
+            if host_gib == 16:
+                assert not seen_as.preemptible and seen_as.priority < 0
+                assert kept is not None and (kept.node, kept.resident_fraction) == ("node-1", 1.0)
+            else:
+                assert seen_as.preemptible and seen_as.host_copy_kept
+                assert kept is not None or cached == [("ns/model-0", "node-1")]

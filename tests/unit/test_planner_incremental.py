@@ -94,7 +94,7 @@ def test_incremental_replan_is_no_worse_than_a_full_replan(
     after[index] = changed(models[index], kind, random.Random(seed))
     incremental = planner.update_model(after[index])
     # Models already running may use all of a GPU's time (the planner moves them only past that).
-    assert_plan_valid(incremental, after, nodes, GREEDY, busy_limit=1.0)
+    assert_plan_valid(incremental, after, nodes, GREEDY, busy_limit=1.0, current=applied(steady))
     full = plan(after, nodes, applied(steady), config=GREEDY)
     assert plan_value(incremental, after, nodes) >= plan_value(full, after, nodes) - 1e-6 * max(
         1.0, abs(plan_value(full, after, nodes))
@@ -163,7 +163,7 @@ def test_incremental_replans_of_a_larger_fleet_stay_valid_and_close_to_full_repl
             current[index] = changed(current[index], rng.choice(CHANGES), rng)
             before = planner.plan
             incremental = planner.update_model(current[index])
-            assert_plan_valid(incremental, current, nodes, GREEDY, busy_limit=1.0)
+            assert_plan_valid(incremental, current, nodes, GREEDY, busy_limit=1.0, current=applied(before))
             full = plan(current, nodes, applied(before), config=GREEDY)
             full_value = plan_value(full, current, nodes)
             assert plan_value(incremental, current, nodes) >= 0.99 * full_value

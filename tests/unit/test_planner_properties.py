@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,6 @@ from residency_operator.planner import (
     PlannerConfig,
     plan,
 )
-from residency_operator.planner.demand import yield_idle
 from residency_operator.planner.options import (
     cached_host_bytes,
     evaluate_option,
@@ -28,7 +28,7 @@ from residency_operator.planner.options import (
     usable_host_bytes,
 )
 from residency_operator.planner.predictor import Predictor
-from residency_operator.planner.types import with_backlog
+from residency_operator.planner.problem import PlanningProblem
 
 SOLVERS = ("milp", "greedy")
 PROPERTY_SETTINGS = settings(
@@ -91,18 +91,22 @@ def assert_plan_valid(
     nodes: list[NodeCapacity],
     config: PlannerConfig,
     busy_limit: float | None = None,
+    *,
+    current: Sequence[CurrentPlacement],
 ) -> None:
     """Capacity, spec and placement rules every plan must keep.
 
     ``busy_limit``: the share of a GPU's time its models may be predicted to keep it busy; the planning
     target by default. Models already running may use all of it (the planner moves them only when their
     estimated demand exceeds the whole GPU), so plans made over a running cluster are checked with 1.0.
+    ``current``: what ran when the plan was made (which idle ``preemptible: false`` models may leave the
+    GPU depends on it: ``as_planned``).
     """
     busy_limit = config.max_gpu_busy_fraction if busy_limit is None else busy_limit
     # The exact solver never falls back to the greedy on these small inputs (a fallback would hide its
     # infeasible formulations from every other check here).
     assert config.solver != "milp" or planned.solver == "milp", planned.notes
-    by_model = as_planned(models, config)
+    by_model = as_planned(models, nodes, current, config)
     by_node = {n.name: n for n in nodes}
     predictor = Predictor()
     gpu_used: dict[str, int] = defaultdict(int)
@@ -179,9 +183,32 @@ def assert_plan_valid(
         assert unschedulable.message and unschedulable.reason[0].isupper()
 
 
-def as_planned(models: list[ModelDemand], config: PlannerConfig) -> dict[str, ModelDemand]:
-    """The models as the solvers see them: backlog counted, idle ones' priorities yielded."""
-    return {m.name: m for m in yield_idle([with_backlog(m) for m in models], config)[0]}
+def as_planned(
+    models: list[ModelDemand],
+    nodes: list[NodeCapacity],
+    current: Sequence[CurrentPlacement],
+    config: PlannerConfig,
+) -> dict[str, ModelDemand]:
+    """The models as the solvers see them (``PlanningProblem``): backlog counted, idle ones' priorities
+    yielded, and an idle ``preemptible: false`` one planned as preemptible with its host copy kept only where
+    it runs and its node's host memory holds that copy; where it cannot (or it does not run yet) it keeps
+    its GPU and is planned pinned, at its yielded priority (docs/planner.md, guarantee 2). Taken from the
+    planner rather than restated here: a restatement that missed that last case judged such a model by the
+    rules of a preemptible one (issue 26)."""
+    problem = PlanningProblem(models, nodes, current, (), config)
+    return {m.name: m for m in problem.models}
+
+
+def idle_by_contract(model: ModelDemand, config: PlannerConfig) -> bool:
+    """Idle as docs/planner.md defines it: it has served, no request waits for it, and its demand is known
+    and at most the idle threshold (unknown demand is never idle)."""
+    demand = model.demand_decode_tokens_per_second
+    return (
+        model.has_served
+        and model.waiting_requests == 0
+        and demand is not None
+        and demand <= config.idle_demand_tokens_per_second
+    )
 
 
 def applied(planned: Plan) -> list[CurrentPlacement]:
@@ -201,7 +228,7 @@ def test_plan_never_overcommits_and_respects_spec(
 ) -> None:
     config = PlannerConfig(solver=solver)  # type: ignore[arg-type]
     planned = plan(models, nodes, [], config=config)
-    assert_plan_valid(planned, models, nodes, config)
+    assert_plan_valid(planned, models, nodes, config, current=[])
     assert 0.0 <= planned.optimality_gap <= 1.0
     assert planned.objective <= planned.upper_bound + 1e-6
 
@@ -302,17 +329,35 @@ def test_no_priority_inversion_and_non_preemptible_kept(
     arrivals = [dataclasses.replace(m, name=m.name.replace("ns/", "new/")) for m in newcomers]
     everyone = models + arrivals
     second = plan(everyone, nodes, applied(first), config=config)
-    assert_plan_valid(second, everyone, nodes, config)
+    assert_plan_valid(second, everyone, nodes, config, current=applied(first))
     assert_every_step_fits(second, everyone, nodes, applied(first))
     # Priorities as the planner orders them: an idle model yields to busy ones (planner/demand.py).
-    by_model = as_planned(everyone, config)
+    by_model = as_planned(everyone, nodes, applied(first), config)
+    declared = {m.name: m for m in everyone}
     by_node = {n.name: n for n in nodes}
     predictor = Predictor()
+    cached = {c.model: c.node for c in second.cached}
     for name, before in first.placements.items():
         if name in second.placements:
             continue
         model = by_model[name]
         assert model.preemptible, f"non-preemptible {name} was preempted"
+        # A preemptible:false model leaves the GPU only while idle, and never host memory (docs/planner.md);
+        # stated from the spec here, not from the planner's view above.
+        if not declared[name].preemptible:
+            assert idle_by_contract(declared[name], config), f"busy pinned {name} was preempted"
+            assert cached.get(name) == before.node, f"pinned {name} lost its host copy"
+            # ... and not to a pinned model of a lower priority: placed, that one is never moved to give the
+            # room back when this one's demand returns (guarantee 3 would break)
+            below = [
+                p.model
+                for p in second.placements.values()
+                if p.node == before.node
+                and not declared[p.model].preemptible
+                and declared[p.model].priority < declared[name].priority
+                and ((was := first.placements.get(p.model)) is None or was.node != p.node)
+            ]
+            assert not below, f"pinned {name} left its GPU to pinned {below} of a lower priority"
         node = by_node[before.node]
         # Room its own node keeps for models of at least its priority, and for the non-preemptible models
         # that ran there already (they cannot be moved, whatever their priority), without it.

@@ -49,7 +49,7 @@ def test_single_moves_cannot_make_room_so_the_neighbourhood_is_repacked() -> Non
         n: (p.node, p.resident_fraction) for n, p in exact.placements.items()
     }
     assert any("repacked" in note for note in planned.notes)
-    assert_plan_valid(planned, models, [X, Y], GREEDY, busy_limit=1.0)
+    assert_plan_valid(planned, models, [X, Y], GREEDY, busy_limit=1.0, current=CURRENT)
     assert_every_step_fits(planned, models, [X, Y], CURRENT)
     # Deterministic, and settled: applied, the next plan changes nothing.
     assert (

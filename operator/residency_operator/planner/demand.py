@@ -16,8 +16,10 @@ interval only, to a model whose requests wait: ``planner/swapin.py``), but never
 weights and KV cache keep a place in its node's pinned host memory that the plan sets aside before solving
 (``PlanningProblem``) and hands back to it first (``actions.assemble_plan``), so it is never evicted and its
 next request brings it back by a resume at link speed, at its declared priority. Where its node's host
-memory cannot hold that copy beside what runs there, it keeps its GPU and is only demoted within its
-``offload.maxFraction`` and SLO (as with ``PlannerConfig.idle_pinned_models_leave_gpu`` off).
+memory cannot hold that copy beside what runs there, or while a busy pinned model of a lower declared
+priority waits for a place (placed, that one would never give the room back), it keeps its GPU and is only
+demoted within its ``offload.maxFraction`` and SLO (as with ``PlannerConfig.idle_pinned_models_leave_gpu``
+off); once it has left, its node is closed to such a model (``NodeCapacity.closed_to``).
 
 Unknown demand (``None``: no metrics yet) is never idle: the planner does not guess. Nor is a model that
 has never been loaded (``has_served`` False): a freshly applied model is placed at its priority, as a user

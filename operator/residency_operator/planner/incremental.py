@@ -125,7 +125,7 @@ class IncrementalPlanner:
         """Re-plan after ``model`` changed; returns the full desired state with only the actions that this
         change needs (the previous plan is taken as carried out)."""
         with collector_paused():
-            if self._offset_too_small(model):
+            if self._offset_too_small(model) or self._pinned_below_one_that_may_leave(model):
                 return self._replan_all(model, now)
             return self._update(model, now)
 
@@ -141,6 +141,27 @@ class IncrementalPlanner:
         self._idle[index] = self.config.idle_models_yield and is_idle(with_backlog(model), self.config)
         span = int(self._declared.max() - self._declared.min()) + 1
         return bool(self._idle.any()) and span > problem.idle_priority_offset
+
+    def _pinned_below_one_that_may_leave(self, model: ModelDemand) -> bool:
+        """Whether the change makes a ``preemptible: false`` model with no place one that the last full plan
+        did not count as waiting for a place so (wanted again, busy again, another priority) while a pinned
+        model of a higher declared priority may leave the GPU, or has: a full plan keeps that one on its GPU,
+        or its node closed to the lower one (``PlanningProblem._pending_pinned``); this planner's set-aside
+        host memory and node classes were drawn without it."""
+        problem = self.problem
+        if model.preemptible or not model.wanted:
+            return False
+        busy = not (self.config.idle_models_yield and is_idle(with_backlog(model), self.config))
+        counted = problem.pending_pinned.get(model.name)
+        if counted in ((model.declared_priority, busy), (model.declared_priority, True)):
+            return False  # counted as it is, or as busy (the stricter), already
+        now = problem.current.get(model.name)
+        if now is not None and now.is_running:
+            return False
+        return any(
+            problem.models[problem.model_index[name]].declared_priority > model.declared_priority
+            for name in problem.host_set_aside
+        )
 
     def _replan_all(self, model: ModelDemand, now: float) -> Plan:
         """Plan everything afresh from the applied state (the models as declared, this one changed)."""

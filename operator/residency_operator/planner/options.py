@@ -541,6 +541,8 @@ def build_class_tables(
                 feasible[c, k] &= np.array([m.name in node.reserved_for for m in models])[:, None]
             elif splits is not None:  # and a model given a split runs there, not offloaded on one GPU
                 feasible[c, k] &= ~splits[:, None]
+            if node.closed_to:  # the room of a pinned model's return, kept from lower pinned ones
+                feasible[c, k] &= np.array([m.name not in node.closed_to for m in models])[:, None]
     throughput = rate * batch[None, None, :, None]
     served = np.minimum(
         np.minimum(throughput, config.demand_headroom * demand[None, None, :, None]),

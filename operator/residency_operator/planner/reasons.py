@@ -63,6 +63,11 @@ class ReasonContext:
         self._gpu_sorted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.capacity_gpu = max((usable_gpu_bytes(nodes[i]) for i in self.accepting), default=0)
         self.capacity_host = max((usable_host_bytes(nodes[i]) for i in self.accepting), default=0)
+        self.closed_models: dict[str, list[str]] = {}
+        """The nodes (accepting work) closed to each model (``NodeCapacity.closed_to``)."""
+        for i in self.accepting:
+            for name in nodes[i].closed_to:
+                self.closed_models.setdefault(name, []).append(nodes[i].name)
 
     def gpu_sorted(self, node_class: int) -> tuple[np.ndarray, np.ndarray]:
         """The class's free GPU bytes in ascending order, and for each position the most free host bytes
@@ -255,6 +260,18 @@ def _reasons_chunk(
             results.append(
                 Unschedulable(
                     model.name, "InvalidOffloadSettings", prefix + "no execution mode or residency allowed"
+                )
+            )
+            continue
+        if model.name in context.closed_models:
+            nodes = ", ".join(context.closed_models[model.name])
+            results.append(
+                Unschedulable(
+                    model.name,
+                    "HeldForPinnedModel",
+                    prefix + f"the room on {nodes} is kept for an idle preemptible: false model of a higher "
+                    "priority, its copy in host memory there: placed, this pinned model could never give it "
+                    "back; no other node took it",
                 )
             )
             continue

@@ -250,6 +250,10 @@ class NodeCapacity:
     reserved_for: frozenset[str] | None = None
     """Set by the planner on the GPU sets it formed for split models (planner/gpus.py): only those models may
     run there."""
+    closed_to: frozenset[str] = frozenset()
+    """Set by the planner on a node whose host memory holds the copy of an idle ``preemptible: false`` model
+    that left its GPU: the busy pinned models of a lower priority waiting for a place may not be placed there
+    (placed, they would never give the room back; ``PlanningProblem``)."""
 
     @property
     def accepts_work(self) -> bool:
