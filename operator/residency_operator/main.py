@@ -21,6 +21,17 @@ from residency_operator.state import OperatorKnobs
 
 HANDLER_MODULES = (_llmmodel_handlers, _sensitivity_handlers)
 
+KOPF_WORKER_LIMIT = 64
+"""kopf's per-object workers at once (kopf: unlimited). Each one that writes (a finalizer on a new model, a
+delete handler) holds a connection of its own: after a restart in the middle of a wave of 1000 models, 1000
+finalizer patches at once opened 1000 TLS connections (~250 MiB of buffers, kept as the process's peak
+memory) and filled the operator's queue in the API server's fairness, which then refused the planning
+round's own writes (429)."""
+KOPF_IDLE_SECONDS = 0.5
+"""How long kopf keeps an object's worker (and its slot, and the last event's body) for a next event
+(kopf: 5 s). No kopf handler here reacts to an update, so an event is handled at once and the slot freed:
+the watch-fed planning loop does the work."""
+
 
 class NoDiffBase(kopf.DiffBaseStorage):
     """kopf keeps no last-handled configuration on LLMModels: no kopf handler here reacts to a field
@@ -44,6 +55,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
     settings.batching.error_delays = (1, 2, 5, 10, 30)
+    settings.batching.worker_limit = KOPF_WORKER_LIMIT
+    settings.batching.idle_timeout = KOPF_IDLE_SECONDS
     controller: Controller = memo["controller"]
     if controller.cache is not None:
         controller.cache.start()  # the planning loop plans once every informer has listed
