@@ -46,9 +46,9 @@ def test_kopf_runs_a_bounded_number_of_object_workers_and_frees_them_soon() -> N
         memo["wake_watch_stop"].set()
 
     asyncio.run(start())
-    # a burst of new models (a wave applied while the operator restarts) is taken 64 at a time, not all
-    # at once with a connection each; an idle object's worker goes after half a second, not five
-    assert settings.batching.worker_limit == 64
-    assert settings.batching.idle_timeout <= 1.0
+    # a burst of new models (a wave applied while the operator restarts) is taken 16 at a time, not all
+    # at once with a connection each; an idle object's worker goes at once, not after five seconds
+    assert settings.batching.worker_limit == 16
+    assert settings.batching.idle_timeout + settings.batching.batch_window <= 0.2
     assert settings.persistence.diffbase_storage.fetch(body=kopf.Body({})) is None
     assert controller.ran and controller.kube.watching.wait(5)
