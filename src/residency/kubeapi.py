@@ -7,8 +7,14 @@ logs it and its loop tries again.
 An API server under load refuses requests with 429 (its Priority and Fairness queues for this client are
 full; nothing was done) and says when to come back (Retry-After). client-go retries those itself; the
 Python client raises, which failed a whole planning round for one refused write (2026-12-07: the round
-after an operator restart, while kopf patched a wave's finalizers). Here a 429 is retried after the
-time it names (at most :data:`MAX_RETRY_AFTER_SECONDS`), up to :data:`RETRIES_429` times.
+after an operator restart, while kopf patched a wave's finalizers). A client made with ``retries_429``
+asks again after the time the server names (at most :data:`MAX_RETRY_AFTER_SECONDS`), that many times.
+
+Only the operator's writers do (:class:`residency_operator.kube.Kube`: 8 at a time, so a retry never adds
+load, it only stands for the round that would have failed and run again). Not the node agents: a fleet
+of agents that all ask again within two seconds of a 429, where the server said 13, keeps its queues full
+(a 1000-node run with every client retrying: 863 hollow-agent threads runnable at once, the API server at
+70 requests/s, every node's Lease late). An agent whose request is refused waits for its next period.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from kubernetes.client.exceptions import ApiException
 CONNECT_SECONDS = 5.0
 READ_SECONDS = 60.0
 RETRIES_429 = 5
+"""How many times the operator's writers ask again after a 429 (:class:`TimeoutApiClient`: none unless
+asked for)."""
 MAX_RETRY_AFTER_SECONDS = 2.0
 """The API server's Retry-After is a hint (it said 13 s to a 1000-request burst): a write of a planning
 round waits at most this long, with jitter, before it asks again."""
@@ -43,13 +51,13 @@ def retry_after_seconds(exc: ApiException, cap: float = MAX_RETRY_AFTER_SECONDS)
 
 class TimeoutApiClient(client.ApiClient):  # type: ignore[misc]
     """`client.ApiClient` that gives every call without its own `_request_timeout` a default one, and asks
-    again after a 429 (see the module's doc)."""
+    again after a 429 ``retries_429`` times (none by default; see the module's doc)."""
 
     def __init__(
         self,
         connect_seconds: float = CONNECT_SECONDS,
         read_seconds: float = READ_SECONDS,
-        retries_429: int = RETRIES_429,
+        retries_429: int = 0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__()

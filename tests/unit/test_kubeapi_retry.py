@@ -9,7 +9,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from residency.kubeapi import MAX_RETRY_AFTER_SECONDS, TimeoutApiClient, retry_after_seconds
+from residency.kubeapi import MAX_RETRY_AFTER_SECONDS, RETRIES_429, TimeoutApiClient, retry_after_seconds
+from residency_operator.kube import Kube
 
 
 class Answer:
@@ -42,7 +43,7 @@ def test_a_429_is_asked_again_after_its_retry_after_and_the_write_goes_through(
 ) -> None:
     calls = scripted(monkeypatch, [Answer(429, {"Retry-After": "1"}), Answer(429), Answer(201)])
     waits: list[float] = []
-    api = TimeoutApiClient(sleep=waits.append)
+    api = TimeoutApiClient(retries_429=RETRIES_429, sleep=waits.append)
     assert api.request("POST", "https://api/apis/x") == "created"
     assert len(calls) == 3 and api.throttled == 2
     assert all(0.5 <= w <= 1.0 for w in waits)  # Retry-After 1 s (and 1 s without one), with jitter
@@ -64,7 +65,9 @@ def test_a_long_retry_after_is_capped_and_a_429_that_does_not_end_raises(
 def test_other_refusals_raise_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     for status in (403, 409, 422, 500):
         calls = scripted(monkeypatch, [Answer(status), Answer(201)])
-        api = TimeoutApiClient(sleep=lambda s: pytest.fail("no wait for a refusal that is not a 429"))
+        api = TimeoutApiClient(
+            retries_429=RETRIES_429, sleep=lambda s: pytest.fail("no wait for a refusal that is not a 429")
+        )
         with pytest.raises(ApiException):
             api.request("POST", "https://api/apis/x")
         assert len(calls) == 1
@@ -73,3 +76,15 @@ def test_other_refusals_raise_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_retry_after_that_is_not_a_number_waits_a_second() -> None:
     assert 0.5 <= retry_after_seconds(ApiException(http_resp=Answer(429, {"Retry-After": "soon"}))) <= 1.0
     assert retry_after_seconds(ApiException(http_resp=Answer(429, {"Retry-After": "-4"}))) == 0.0
+
+
+def test_only_the_operators_writer_asks_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node agent (and an informer) that is refused waits for its own next period: a thousand of them
+    asking again within seconds would keep the API server's queues full."""
+    calls = scripted(monkeypatch, [Answer(429), Answer(201)])
+    with pytest.raises(ApiException):
+        TimeoutApiClient(sleep=lambda s: pytest.fail("an agent does not wait here")).request("PUT", "u")
+    assert len(calls) == 1
+    monkeypatch.setattr("kubernetes.config.load_kube_config", lambda *a, **k: None)
+    writer = Kube().custom.api_client
+    assert isinstance(writer, TimeoutApiClient) and writer.retries_429 == RETRIES_429
