@@ -6,9 +6,11 @@ model.
     .venv/bin/python benchmarks/bench_operator_memory.py --models 1000 4000
     .venv/bin/python benchmarks/bench_operator_memory.py --models 1000 4000 --no-slim  # the full objects
 
-Each size runs in a process of its own (RSS from /proc, after a full collection). The objects go through
-the real :class:`residency.informer.Informer` (a LIST in pages, answered from memory), so what it keeps
-is what the operator keeps. Writes JSON to benchmarks/results/operator-memory-<models...>.json.
+Each size runs in a process of its own: what Python objects hold (tracemalloc) and RSS (from /proc, after
+a full collection; it keeps the high-water of building the objects, which the held figure does not). The
+objects go through the real :class:`residency.informer.Informer` (a LIST in pages, answered from memory),
+so what it keeps is what the operator keeps.
+Writes JSON to benchmarks/results/operator-memory-<models...>.json.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,26 @@ def rss_mib() -> float:
     return 0.0
 
 
+def held_mib() -> float:
+    """What Python objects hold now (tracemalloc): unlike RSS, not what was freed but not given back."""
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0] / 2**20
+
+
 def fields(value: Any) -> Any:
     """The FieldsV1 tree the API server records for a writer of ``value`` (``k:`` keys for list items)."""
     if isinstance(value, dict):
         return {".": {}, **{f"f:{k}": fields(v) for k, v in value.items()}}
     if isinstance(value, list):
-        return {".": {}, **{"k:" + json.dumps({"type": i.get("type")}): fields(i) for i in value}}
+        return {
+            ".": {},
+            **{
+                "k:" + json.dumps({"type": i.get("type")}) if isinstance(i, dict) else "v:" + json.dumps(i): (
+                    fields(i)
+                )
+                for i in value
+            },
+        }
     return {}
 
 
@@ -160,7 +177,9 @@ def measure(models: int, models_root: Path, slim: bool) -> dict[str, Any]:
     from residency_operator.controller import Controller
     from residency_operator.state import ClusterState, OperatorKnobs
 
+    tracemalloc.start()
     figures: dict[str, Any] = {"models": models, "slim": slim, "rss_mib": {"start": round(rss_mib(), 1)}}
+    figures["held_mib"] = {"start": round(held_mib(), 1)}
     state = fleet(NODES, models, models_root)
     profiles, nodes_ = state.node_profiles, state.nodes
     api = MemoryApi(state)
@@ -180,6 +199,7 @@ def measure(models: int, models_root: Path, slim: bool) -> dict[str, Any]:
     served_placements = [served_placement(p, i) for i, p in enumerate(api.placements.values())]
     del api, controller, state
     figures["rss_mib"]["objects built"] = round(rss_mib(), 1)
+    figures["held_mib"]["objects built"] = round(held_mib(), 1)
 
     informers = []
     for name, items in (("llmmodels", served_models), ("modelplacements", served_placements)):
@@ -189,6 +209,7 @@ def measure(models: int, models_root: Path, slim: bool) -> dict[str, Any]:
         informers.append(informer)
     del served_models, served_placements, items
     figures["rss_mib"]["cache filled"] = round(rss_mib(), 1)
+    figures["held_mib"]["cache filled"] = round(held_mib(), 1)
 
     cached = ClusterState(informers[0].items(), profiles, nodes_, informers[1].items())
     api = MemoryApi(cached)
@@ -204,6 +225,7 @@ def measure(models: int, models_root: Path, slim: bool) -> dict[str, Any]:
     for _ in range(3):  # what rounds keep: verdicts, validations, (>= 2000 models) an incremental planner
         controller.round()
     figures["rss_mib"]["after 3 rounds"] = round(rss_mib(), 1)
+    figures["held_mib"]["after 3 rounds"] = round(held_mib(), 1)
     figures["cached_objects"] = sum(len(i) for i in informers)
     return figures
 
@@ -231,12 +253,13 @@ def main() -> None:
     low, high = runs[0], runs[-1]
     added = high["models"] - low["models"]
     per_model = {
-        step: round((high["rss_mib"][step] - low["rss_mib"][step]) / added * 1024, 1)
+        f"{what} {step}": round((high[what][step] - low[what][step]) / added * 1024, 1)
+        for what in ("held_mib", "rss_mib")
         for step in ("cache filled", "after 3 rounds")
     }
     print(f"KiB per model ({'full objects' if args.no_slim else 'slim'}): {per_model}")
     rest = 10_000 - high["models"]
-    projected = high["rss_mib"]["after 3 rounds"] + per_model["after 3 rounds"] / 1024 * rest
+    projected = high["rss_mib"]["after 3 rounds"] + per_model["held_mib after 3 rounds"] / 1024 * rest
     print(f"projected at 10 000 models (this process: no kopf, no HTTP): {projected:.0f} MiB")
     RESULTS.mkdir(parents=True, exist_ok=True)
     label = "-".join(str(m) for m in args.models) + ("-full" if args.no_slim else "")
