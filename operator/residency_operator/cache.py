@@ -2,7 +2,9 @@
 
 A planning round reads these in memory instead of listing five kinds from the API server; each informer
 lists once (paginated) and then watches. Only an event that can change a plan or a status pokes the
-planning loop (:mod:`residency_operator.changes`).
+planning loop (:mod:`residency_operator.changes`). The informers keep each object less what the operator
+never reads (:func:`residency.informer.slim`: managedFields and kubectl's last-applied copy; a Node's
+status but its conditions, :func:`slim_node`): at fleet size the cache is most of the operator's memory.
 """
 
 from __future__ import annotations
@@ -14,10 +16,24 @@ from typing import Any
 from kubernetes import client
 
 from residency.api import GROUP, VERSION
-from residency.informer import Handler, Informer, wait_synced
+from residency.informer import Handler, Informer, slim, wait_synced
 from residency.kubeapi import TimeoutApiClient
 from residency_operator import changes
 from residency_operator.state import NODE_LEASE_LABEL, ClusterState
+
+NODE_STATUS_KEPT = ("conditions",)
+"""What the operator reads of a Node's status (Ready); the rest (images, addresses, capacity, nodeInfo,
+volumes) is the bulk of a real Node's JSON."""
+
+
+def slim_node(body: dict[str, Any]) -> dict[str, Any]:
+    """A Node as the operator reads it (:func:`residency_operator.state.node_accepts`, drain Events): its
+    metadata without managedFields or annotations, its spec (taints, unschedulable), its conditions."""
+    node = slim(body)
+    node["metadata"] = {k: v for k, v in node["metadata"].items() if k != "annotations"}
+    status = body.get("status") or {}
+    node["status"] = {k: status[k] for k in NODE_STATUS_KEPT if k in status}
+    return node
 
 
 class ClusterCache:
@@ -45,7 +61,9 @@ class ClusterCache:
         self.node_profiles = self._custom(custom, "nodeprofiles", changes.profile_changed)
         self.placements = self._custom(custom, "modelplacements", changes.placement_changed)
         self.sensitivity_profiles = self._custom(custom, "sensitivityprofiles", changes.spec_changed)
-        self.nodes = Informer("nodes", core.list_node, handler=self._poke_if(changes.node_changed))
+        self.nodes = Informer(
+            "nodes", core.list_node, handler=self._poke_if(changes.node_changed), transform=slim_node
+        )
         self.node_leases = Informer(
             "node-leases",
             coordination.list_namespaced_lease,

@@ -13,7 +13,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from residency.api import GROUP, VERSION
-from residency.kubeapi import TimeoutApiClient
+from residency.kubeapi import RETRIES_429, TimeoutApiClient
 from residency_operator.recorder import EventRecorder
 from residency_operator.wake import WAKE_CONFIGMAP, parse_wake_entries
 
@@ -58,7 +58,7 @@ class Kube:
     """Thin wrappers over the calls the controller makes; every method is idempotent."""
 
     def __init__(self, write_qps: float = 0.0, write_burst: int = 1) -> None:
-        api = TimeoutApiClient()
+        api = TimeoutApiClient(retries_429=RETRIES_429)  # a refused write waits, not the whole round
         # the controller writes several at a time: a connection each, not a TLS handshake per write
         api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 16
         self.custom = client.CustomObjectsApi(api)

@@ -21,6 +21,21 @@ from residency_operator.state import OperatorKnobs
 
 HANDLER_MODULES = (_llmmodel_handlers, _sensitivity_handlers)
 
+KOPF_WORKER_LIMIT = 16
+"""kopf's per-object workers at once (kopf: unlimited). kopf here adds the unload finalizer to a new model
+and runs the delete handler; each worker that writes holds a connection of its own, and its requests share
+the operator's queues in the API server's Priority and Fairness with the planning loop's 8 writers. After
+a restart in the middle of a wave of 1000 models, unlimited, it patched 1000 finalizers at once over 1000
+TLS connections (~250 MiB of buffers, kept as the process's peak memory) and filled those queues, which
+then refused the planning round's own writes (429). At 16, kopf's writes take at most two thirds of the
+operator's share while a burst lasts; placements never wait for a finalizer."""
+KOPF_IDLE_SECONDS = 0.1
+KOPF_BATCH_SECONDS = 0.05
+"""How long kopf keeps an object's worker (and its slot, and the last event's body) for a next event
+(kopf: 5 s), and gathers an object's events into one (kopf: 0.1 s). No kopf handler here reacts to an
+update: an event is handled at once and the slot freed for the next object (the watch-fed planning loop
+does the work), so that the 16 slots go through a restart's listing of every model in seconds."""
+
 
 class NoDiffBase(kopf.DiffBaseStorage):
     """kopf keeps no last-handled configuration on LLMModels: no kopf handler here reacts to a field
@@ -44,6 +59,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
     settings.batching.error_delays = (1, 2, 5, 10, 30)
+    settings.batching.worker_limit = KOPF_WORKER_LIMIT
+    settings.batching.idle_timeout = KOPF_IDLE_SECONDS
+    settings.batching.batch_window = KOPF_BATCH_SECONDS
     controller: Controller = memo["controller"]
     if controller.cache is not None:
         controller.cache.start()  # the planning loop plans once every informer has listed

@@ -24,6 +24,12 @@ log = logging.getLogger("residency.informer")
 Handler = Callable[[str, dict[str, Any] | None, dict[str, Any] | None], None]
 """(event type ADDED | MODIFIED | DELETED, the object before, the object after)."""
 
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+"""An object as the API server sent it -> what the store keeps (a new dict: never the one passed in)."""
+
+DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+"""Annotations no reader of a cache needs: ``kubectl apply``'s copy of the whole object as last applied."""
+
 PAGE_SIZE = 500
 WATCH_SECONDS = 300
 
@@ -31,6 +37,21 @@ WATCH_SECONDS = 300
 def object_key(body: dict[str, Any]) -> str:
     meta = body["metadata"]
     return f"{meta['namespace']}/{meta['name']}" if meta.get("namespace") else str(meta["name"])
+
+
+def slim(body: dict[str, Any]) -> dict[str, Any]:
+    """The object without ``metadata.managedFields`` (server-side apply's field ownership: one entry per
+    writer, each a tree of the fields it set) and without :data:`DROPPED_ANNOTATIONS` (client-go's
+    ``TransformStripManagedFields``, as controller-runtime caches by default). Copies the top level and the
+    metadata only: the rest is shared with ``body``."""
+    meta = body.get("metadata")
+    if not isinstance(meta, dict):
+        return dict(body)
+    slimmed = {k: v for k, v in meta.items() if k != "managedFields"}
+    annotations = meta.get("annotations")
+    if isinstance(annotations, dict) and any(a in annotations for a in DROPPED_ANNOTATIONS):
+        slimmed["annotations"] = {k: v for k, v in annotations.items() if k not in DROPPED_ANNOTATIONS}
+    return {**body, "metadata": slimmed}
 
 
 def _version(body: dict[str, Any] | None) -> int:
@@ -42,7 +63,8 @@ def _version(body: dict[str, Any] | None) -> int:
 
 class Informer:
     """Keeps every object that ``list_func`` lists (a kubernetes client list call: it must take ``limit``,
-    ``_continue``, ``watch``, ``resource_version``, ``allow_watch_bookmarks`` and ``timeout_seconds``)."""
+    ``_continue``, ``watch``, ``resource_version``, ``allow_watch_bookmarks`` and ``timeout_seconds``), as
+    ``transform`` (default :func:`slim`) returns it."""
 
     def __init__(
         self,
@@ -51,11 +73,13 @@ class Informer:
         *args: Any,
         handler: Handler | None = None,
         page_size: int = PAGE_SIZE,
+        transform: Transform = slim,
         **kwargs: Any,
     ) -> None:
         self.name = name
         self._list_func, self._args, self._kwargs = list_func, args, kwargs
         self._handler = handler
+        self._transform = transform
         self._page_size = page_size
         self._store: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -84,6 +108,7 @@ class Informer:
         arrives does not write it again."""
         if not body or "metadata" not in body:
             return
+        body = self._transform(body)
         key = object_key(body)
         with self._lock:
             if _version(body) > _version(self._store.get(key)):
@@ -126,7 +151,7 @@ class Informer:
         while True:
             page = json.loads(self._call(limit=self._page_size, _continue=token).data)
             for item in page.get("items") or []:
-                items[object_key(item)] = item
+                items[object_key(item)] = self._transform(item)
             token = (page.get("metadata") or {}).get("continue")
             version = (page.get("metadata") or {}).get("resourceVersion") or version
             if not token:
@@ -169,6 +194,7 @@ class Informer:
                 if kind == "BOOKMARK":
                     self._version = version or self._version
                     continue
+                body = self._transform(body)
                 key = object_key(body)
                 with self._lock:
                     old = self._store.get(key)
