@@ -177,19 +177,22 @@ def measure(models: int, models_root: Path, slim: bool) -> dict[str, Any]:
     from residency_operator.controller import Controller
     from residency_operator.state import ClusterState, OperatorKnobs
 
+    def make_controller(api: MemoryApi) -> Controller:
+        return Controller(
+            api,  # type: ignore[arg-type]
+            OperatorKnobs(allowed_model_roots=[models_root]),
+            capacity=CapacityConfig(enabled=False),
+            cache=MemoryCache(api),  # type: ignore[arg-type]
+            write_workers=1,
+        )
+
     tracemalloc.start()
     figures: dict[str, Any] = {"models": models, "slim": slim, "rss_mib": {"start": round(rss_mib(), 1)}}
     figures["held_mib"] = {"start": round(held_mib(), 1)}
     state = fleet(NODES, models, models_root)
     profiles, nodes_ = state.node_profiles, state.nodes
     api = MemoryApi(state)
-    controller = Controller(
-        api,  # type: ignore[arg-type]
-        OperatorKnobs(allowed_model_roots=[models_root]),
-        capacity=CapacityConfig(enabled=False),
-        cache=MemoryCache(api),  # type: ignore[arg-type]
-        write_workers=1,
-    )
+    controller = make_controller(api)
     controller.round()  # every placement, as the planner puts them
     nodes = {p["spec"]["model"]["name"]: p["spec"]["nodeName"] for p in api.placements.values()}
     served_models = [
@@ -215,13 +218,7 @@ def measure(models: int, models_root: Path, slim: bool) -> dict[str, Any]:
     api = MemoryApi(cached)
     for placement in cached.placements:
         api.placements[placement["metadata"]["name"]] = placement
-    controller = Controller(
-        api,  # type: ignore[arg-type]
-        OperatorKnobs(allowed_model_roots=[models_root]),
-        capacity=CapacityConfig(enabled=False),
-        cache=MemoryCache(api),  # type: ignore[arg-type]
-        write_workers=1,
-    )
+    controller = make_controller(api)
     for _ in range(3):  # what rounds keep: verdicts, validations, (>= 2000 models) an incremental planner
         controller.round()
     figures["rss_mib"]["after 3 rounds"] = round(rss_mib(), 1)
