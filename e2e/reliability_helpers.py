@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import httpx
 import yaml
@@ -25,7 +25,7 @@ from kubernetes import config as kconfig
 from kubernetes.client.exceptions import ApiException
 
 from conftest import ADMIN_TOKEN, GpuNode, NodePool
-from harness import SMALL_LIMITS, Process, llm, wait_for
+from harness import SMALL_LIMITS, Process, Sampler, llm, wait_for
 
 GROUP, VERSION = "residency.dev", "v1alpha1"
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -406,37 +406,27 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-@dataclass
-class RssWatch:
+class RssWatch(Sampler):
     """Samples the RSS of named processes; keeps each one's first and largest value."""
 
-    pids: dict[str, int]
-    interval: float = 0.5
-    first: dict[str, int] = field(default_factory=dict)
-    peak: dict[str, int] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    def __init__(self, pids: dict[str, int], interval_seconds: float = 0.5) -> None:
+        super().__init__(interval_seconds, "rss-watch")
+        self.pids = pids
+        self.first: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
 
-    def __enter__(self) -> RssWatch:
-        self._sample()
-        self.first = dict(self.peak)
-        self._thread = threading.Thread(target=self._run, name="rss-watch", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._sample()
-
-    def _sample(self) -> None:
+    def sample(self) -> None:
         for name, pid in self.pids.items():
             self.peak[name] = max(self.peak.get(name, 0), rss_bytes(pid))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
+    def __enter__(self) -> Self:
+        self.sample()
+        self.first = dict(self.peak)
+        return super().__enter__()
+
+    def __exit__(self, *_: object) -> None:
+        super().__exit__()
+        self.sample()
 
 
 def pid_of(process: Process) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,32 +20,21 @@ def all_ready(namespace: str, names: list[str]) -> bool:
     return all(model_status(namespace, n).get("phase") == "Ready" for n in names)
 
 
-class BudgetWatch:
+class BudgetWatch(harness.Sampler):
     """Samples every NodeProfile's reported GPU bytes against its budget while a test runs."""
 
     def __init__(self) -> None:
+        super().__init__(0.2, "budget-watch")
         self.samples = 0
         self.violations: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> BudgetWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for profile in get_json("nodeprofiles").get("items", []):
-                used = int((profile.get("status") or {}).get("residentBytes") or 0)
-                budget = int(profile["spec"]["gpuMemoryBytes"])
-                self.samples += 1
-                if used > budget:
-                    self.violations.append(f"{profile['metadata']['name']}: {used} > {budget}")
-            time.sleep(0.2)
+    def sample(self) -> None:
+        for profile in get_json("nodeprofiles").get("items", []):
+            used = int((profile.get("status") or {}).get("residentBytes") or 0)
+            budget = int(profile["spec"]["gpuMemoryBytes"])
+            self.samples += 1
+            if used > budget:
+                self.violations.append(f"{profile['metadata']['name']}: {used} > {budget}")
 
 
 def test_operator_killed_mid_placement_converges_without_overcommit(

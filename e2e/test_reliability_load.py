@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import NodePool
-from harness import Process, apply, wait_for
+from harness import Process, Sampler, apply, wait_for
 from reliability_helpers import (
     Api,
     Recorder,
@@ -105,43 +104,33 @@ def histogram_quantile(metrics: str, name: str, q: float) -> float:
     return next((bound for bound, count in buckets if count >= q * total), float("inf"))
 
 
-class GateWatch:
+class GateWatch(Sampler):
     """Samples the router's admission limit and the TTFT p99 its feedback holds, per model, every second of
     the load (from its /metrics: one small request a second, beside hundreds)."""
 
     def __init__(self, url: str) -> None:
+        super().__init__(1.0, "gate-watch")
         self.url = url
         self.samples: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gate-watch", daemon=True)
 
-    def __enter__(self) -> GateWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            try:
-                text = httpx.get(f"{self.url}/metrics", timeout=5).text
-            except httpx.HTTPError:
-                continue
-            values: dict[str, dict[str, float]] = collections.defaultdict(dict)
-            for line in text.splitlines():
-                for name in ("admission_limit", "admission_ttft_quantile_seconds"):
-                    if line.startswith(f"residency_router_{name}{{"):
-                        model = line.split('model="', 1)[1].split('"', 1)[0]
-                        values[model][name] = float(line.rsplit(" ", 1)[1])
-            for model, seen in values.items():
-                self.samples[model].append(
-                    (
-                        seen.get("admission_limit", math.nan),
-                        seen.get("admission_ttft_quantile_seconds", math.nan),
-                    )
+    def sample(self) -> None:
+        try:
+            text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return
+        values: dict[str, dict[str, float]] = collections.defaultdict(dict)
+        for line in text.splitlines():
+            for name in ("admission_limit", "admission_ttft_quantile_seconds"):
+                if line.startswith(f"residency_router_{name}{{"):
+                    model = line.split('model="', 1)[1].split('"', 1)[0]
+                    values[model][name] = float(line.rsplit(" ", 1)[1])
+        for model, seen in values.items():
+            self.samples[model].append(
+                (
+                    seen.get("admission_limit", math.nan),
+                    seen.get("admission_ttft_quantile_seconds", math.nan),
                 )
+            )
 
     def summary(self) -> str:
         parts = []

@@ -207,7 +207,7 @@ class StepTensors:
     decode_slots: torch.Tensor  # [decode rows]
     decode_positions: torch.Tensor  # [decode rows]
     row_positions: torch.Tensor  # [occupied]: each occupied slot's decode position, 0 if it does not decode
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
 
     @staticmethod
     def build(layout: StepLayout, rotary: Rotary, device: torch.device, dtype: torch.dtype) -> StepTensors:
@@ -231,21 +231,23 @@ class StepTensors:
         j > p - window for a sliding-window layer). None when every key is visible to every row (each
         occupied slot decodes at the last attended position, within the window): attention needs no mask.
         """
+        if window in self._masks:  # decided once per step and window, not once per layer
+            return self._masks[window]
         layout = self.layout
-        if (
+        mask = None
+        if not (
             layout.dense
             and all(p == layout.attend_tokens - 1 for p in layout.decode_positions)
             and (window is None or window >= layout.attend_tokens)
         ):
-            return None
-        if window not in self._masks:
-            keys = torch.arange(self.layout.attend_tokens, device=self.positions.device)
+            keys = torch.arange(layout.attend_tokens, device=self.positions.device)
             rows = self.row_positions[:, None]
             visible = keys[None, :] <= rows
             if window is not None:
                 visible &= keys[None, :] > rows - window
-            self._masks[window] = visible[:, None, None, :]
-        return self._masks[window]
+            mask = visible[:, None, None, :]
+        self._masks[window] = mask
+        return mask
 
 
 def _decode_attention(
