@@ -9,6 +9,9 @@
 #   hack/device-report.sh decode  the engine's fast path: its CUDA tests (graphs = eager tokens), then
 #                                 benchmarks/bench_decode for DECODE_PRESETS at batch 1 and 16, r in 1 and 0.5
 #                                 (stream), prompts of 512 and 4096 tokens; JSON into $OUT
+#   hack/device-report.sh predictor  issue 28's error goals: the curves of SHAPES (default the three report shapes
+#                                 at 12 layers each, so that they fit the time) with TRIALS (default 5) interleaved
+#                                 trials a point, then the calibration tables; report.json into $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-full}
@@ -68,5 +71,12 @@ case $mode in
     done
     cp benchmarks/results/bench_decode_*.json "$out/" 2>/dev/null
     ;;
-  *) echo "usage: $0 smoke|full|bench|decode" >&2; exit 2 ;;
+  predictor)  # never into reports/<gpu>/, where the committed full report lives
+    [ -n "${OUT:-}" ] || out=/tmp/predictor-report
+    residency report --shapes "${SHAPES:-qwen2.5-0.5b:12,qwen2.5-3b:12,llama-3-8b:12}" --sections curves \
+      --sequence-lengths 512,4096 --decode-tokens "${DECODE_TOKENS:-16}" --trials "${TRIALS:-5}" --models "$models" \
+      --out "$out" --budget-seconds "${BUDGET_SECONDS:-420}" 2>&1 | tail -40
+    for report in "$out"/*/report.json; do python3 -m residency_worker.report.calibration "$report"; done
+    ;;
+  *) echo "usage: $0 smoke|full|bench|decode|predictor" >&2; exit 2 ;;
 esac

@@ -444,7 +444,12 @@ def test_profile_measures_every_point(engine: Engine, models_root: Path, tmp_pat
     )
     steps: list[str] = []
     result = profile_model(engine, str(models_root / "qwen2"), settings, progress=steps.append)
-    assert len(result.points) == settings.points == len(steps) == 12
+    assert len(result.points) == settings.points == 12
+    # every point is visited once a round (a warm-up round, then one per trial), interleaved
+    assert len(steps) == settings.visits == 12 * 3
+    assert steps[0].startswith("warm-up 1 of 1: r=1.00 stream seq=8: ")
+    assert steps[12].startswith("trial 1 of 2: r=1.00 stream seq=8: ")
+    assert all(p.trials == 2 for p in result.points)
     assert result.emulated and not result.skipped and engine.names() == []
     assert all(p.decode_tokens_per_second > 0 and p.prefill_tokens_per_second > 0 for p in result.points)
     assert {p.execution_mode for p in result.points} == {"stream", "cpu"}

@@ -130,3 +130,38 @@ def test_it_yields_to_a_request_and_to_an_admin_command_and_keeps_its_points(
     # the points measured before the yields are kept, not measured again
     assert list(published[0].points[: len(kept)]) == kept
     assert engine.names() == ["team-a/served"]
+
+
+def test_a_request_arriving_mid_trial_cancels_the_trial_at_once(engine: Engine, models_root: Path) -> None:
+    """The trial in flight is dropped at the engine's next step, not finished: a long trial (400 decode
+    tokens) is cut after a fraction of them, and the request is served beside the profiler's copy for at
+    most a step of it."""
+    path = str(models_root / "tiny")
+    engine.load(
+        "team-a/served",
+        path,
+        ModelOptions(dtype="float32", resident_fraction=1.0, max_sequence_length=256, max_batch_size=2),
+    )
+    settings = CompactSettings(
+        fractions=(1.0,),
+        sequence_lengths=(8,),
+        decode_tokens=400,
+        trials=1,
+        idle_seconds=0.2,
+        poll_seconds=0.01,
+    )
+    published: list[MeasuredProfile] = []
+    profiler = BackgroundProfiler(engine, published.append, settings)
+    profiler.want("team-a/served", path, "float32")
+    thread, stop = start(profiler)
+    try:
+        wait_for(profiler.measuring.is_set)
+        request = engine.submit("team-a/served", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+        request.wait(None)
+        wait_for(lambda: profiler.interrupted_trials != [])
+    finally:
+        stop.set()
+        thread.join(60)
+    (tokens,) = profiler.interrupted_trials[:1]
+    assert tokens < settings.decode_tokens  # cut part-way, not run to its end
+    assert request.finish_reason == "length" and len(request.token_ids) == 4

@@ -225,7 +225,7 @@ def profile(
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
     ) as bar:
-        task = bar.add_task(f"profiling {directory.name}", total=settings.points)
+        task = bar.add_task(f"profiling {directory.name}", total=settings.visits)
 
         def advance(description: str) -> None:
             bar.update(task, advance=1, description=description)

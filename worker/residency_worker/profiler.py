@@ -4,9 +4,11 @@ that has none, measured only while the GPU is otherwise idle.
 It loads a second copy of the model under its own name (through the engine's public API: ``load``,
 ``set_residency``, ``submit``, ``unload``), moves it through a few resident fractions in both decode
 modes at a short and a long sequence, and hands the curve to ``publish`` (the agent writes it as a
-SensitivityProfile). Before every trial (a few decode tokens) it checks that no served model has a
-request queued or running and that no admin command came since it started; if either, it unloads its
-copy and waits, keeping the points already measured. A request therefore waits at most for one trial.
+SensitivityProfile). Before every trial (a few decode tokens), and every few milliseconds while one runs,
+it checks that no served model has a request queued or running and that no admin command came since it
+started; if either, it cancels the trial in flight (the engine drops it at its next step), unloads its
+copy and waits, keeping the points already measured. A request therefore shares the GPU with at most one
+step of the profiler's copy.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pydantic import ValidationError
 
 from residency.api.sensitivity import SensitivityProfileSpec
 from residency_worker.engine import Engine, ModelOptions
-from residency_worker.engine.profile import measure_trials, profile_prompt
+from residency_worker.engine.profile import TrialInterrupted, measure_trials, profile_prompt
 from residency_worker.engine.types import EngineError, ExecutionMode, ProfilePoint
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,8 @@ class BackgroundProfiler:
         self.copy_gone.set()
         self.trial_starts: list[float] = []
         """``time.perf_counter()`` at the start of every trial (the engine's request clock)."""
+        self.interrupted_trials: list[int] = []
+        """Tokens each trial cancelled part-way (for a request or a command) had decoded."""
 
     # -- what the agent calls -------------------------------------------------------------------------
     def want(self, model: str, path: str, dtype: str) -> bool:
@@ -199,10 +203,10 @@ class BackgroundProfiler:
             if name.startswith(PROFILE_PREFIX):
                 continue
             try:
-                status = self.engine.status(name)
+                runner = self.engine.runner(name)
             except EngineError:
                 continue  # unloaded meanwhile
-            if status.queue_depth or status.active_sequences:
+            if runner.queue_depth or runner.active_sequences:
                 return True
         return False
 
@@ -267,10 +271,14 @@ class BackgroundProfiler:
             self._done.add((job.path, job.dtype))
             self._jobs = [j for j in self._jobs if j is not job]
 
-    def _check(self, commands_at_start: int) -> None:
+    def _wanted_elsewhere(self, commands_at_start: int) -> bool:
+        """An admin command came since the measurement began, or a served model has work."""
         with self._lock:
             commanded = self._commands != commands_at_start
-        if commanded or self.busy():
+        return commanded or self.busy()
+
+    def _check(self, commands_at_start: int) -> None:
+        if self._wanted_elsewhere(commands_at_start):
             raise Yielded
 
     def measure(self, job: ProfileJob) -> MeasuredProfile:
@@ -365,14 +373,19 @@ class BackgroundProfiler:
             finally:
                 self.measuring.clear()
 
-        decode_rates, prefill_rates = measure_trials(
-            self.engine,
-            name,
-            profile_prompt(vocab, length),
-            self.settings.decode_tokens,
-            self.settings.trials,
-            around_trial=trial,
-        )
+        try:
+            decode_rates, prefill_rates = measure_trials(
+                self.engine,
+                name,
+                profile_prompt(vocab, length),
+                self.settings.decode_tokens,
+                self.settings.trials,
+                around_trial=trial,
+                interrupted=lambda: self._wanted_elsewhere(commands),
+            )
+        except TrialInterrupted as exc:  # a request or a command came mid-trial: dropped at once
+            self.interrupted_trials.append(exc.tokens)
+            raise Yielded from exc
         median = statistics.median(decode_rates)
         spread = (max(decode_rates) - min(decode_rates)) / median if median > 0 else 0.0
         return (median, statistics.median(prefill_rates)), spread

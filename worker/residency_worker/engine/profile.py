@@ -1,7 +1,8 @@
 """Sensitivity profiling: decode and prefill tokens/s against resident fraction, per mode and sequence length.
 
 The model is loaded once; each point changes its residency live (the same path a demotion takes),
-warms up, and reports the median of repeated trials. The JSON follows the SensitivityProfile spec.
+and reports the median of trials interleaved with the other points' (see ``profile_model``).
+The JSON follows the SensitivityProfile spec.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from residency.api.placement import PREFILL_MODE
 from residency_worker.engine.engine import Engine
+from residency_worker.engine.generate import Request
 from residency_worker.engine.runner import ModelOptions
 from residency_worker.engine.types import EngineError, ExecutionMode, ProfilePoint, SamplingParams
 
@@ -42,6 +44,16 @@ class ProfileSettings:
     @property
     def points(self) -> int:
         return len(self.fractions) * len(self.modes) * len(self.sequence_lengths)
+
+    @property
+    def rounds(self) -> int:
+        """Visits of every point: the warm-up rounds, then one a measured trial."""
+        return self.warmup_trials + self.trials
+
+    @property
+    def visits(self) -> int:
+        """How many times ``profile_model`` reports progress when nothing is cut short."""
+        return self.points * self.rounds
 
 
 @dataclass
@@ -92,12 +104,17 @@ def measure_trials(
     warmup_trials: int = 1,
     batch_size: int = 1,
     around_trial: Callable[[], AbstractContextManager[object]] = nullcontext,
+    interrupted: Callable[[], bool] | None = None,
 ) -> tuple[list[float], list[float]]:
     """Decode and prefill tokens/s of each measured trial of one point (the warm-up trials are run and
     dropped): `batch_size` copies of `prompt`, each decoding `decode_tokens` tokens, submitted together and
     waited for, inside `around_trial()`. Prefill is the first request's prompt over its time to first
     token; decode is the batch's tokens after the first over the time from the last first token to the last
-    finish. Shared by `residency profile` and the worker's background profiler."""
+    finish. Shared by `residency profile` and the worker's background profiler.
+
+    While a trial runs, `interrupted()` (when given) is asked every few milliseconds; once it says yes the
+    trial's requests are cancelled (the engine drops them at its next step) and :class:`TrialInterrupted`
+    is raised, so whatever needs the GPU waits for one step of this model, not for the whole trial."""
     params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
     decode_rates: list[float] = []
     prefill_rates: list[float] = []
@@ -105,7 +122,7 @@ def measure_trials(
         with around_trial():
             requests = [engine.submit(name, prompt, params) for _ in range(batch_size)]
             for request in requests:
-                request.wait(None)
+                _wait(engine, name, request, requests, interrupted)
         if trial < warmup_trials:
             continue
         first = requests[0]
@@ -118,10 +135,50 @@ def measure_trials(
     return decode_rates, prefill_rates
 
 
+class TrialInterrupted(Exception):
+    """A trial was cancelled part-way because `interrupted()` said so."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__(f"trial interrupted after {tokens} tokens")
+        self.tokens = tokens  # decoded by the trial's first request before it was dropped
+
+
+INTERRUPT_POLL_SECONDS = 0.005
+CANCEL_WAIT_SECONDS = 30.0
+
+
+def _wait(
+    engine: Engine,
+    name: str,
+    request: Request,
+    trial: list[Request],
+    interrupted: Callable[[], bool] | None,
+) -> None:
+    if interrupted is None:
+        request.wait(None)
+        return
+    while not request.done.wait(INTERRUPT_POLL_SECONDS):
+        if interrupted():
+            runner = engine.runner(name)
+            for other in trial:
+                runner.cancel(other)
+            for other in trial:
+                other.done.wait(CANCEL_WAIT_SECONDS)  # dropped at its next step
+            raise TrialInterrupted(len(trial[0].token_ids))
+    request.wait(0)  # raises the request's error, if any
+
+
 def profile_model(
     engine: Engine, path: str, settings: ProfileSettings | None = None, progress: Progress | None = None
 ) -> ProfileResult:
-    """Measures every (fraction, mode, sequence length) point; points that do not fit are skipped."""
+    """Measures every (fraction, mode, sequence length) point; points that do not fit are skipped.
+
+    The trials are interleaved: each round visits every point once (a live residency change, then one
+    trial per sequence length), and a point's rate is the median of its rounds. A machine whose speed
+    drifts while the curve is measured (a shared host, clocks, a neighbour's load) then slows every point
+    alike instead of bending the curve: on the shared 2-core CI machine one configuration measured twice a
+    minute apart differed by up to 2x when each point's trials ran back to back.
+    """
     settings = settings or ProfileSettings()
     name = f"profile-{uuid.uuid4().hex[:8]}"
     longest = max(settings.sequence_lengths)
@@ -146,56 +203,85 @@ def profile_model(
         dtype=settings.dtype,
         weight_bytes=report.residency.weight_bytes,
     )
-    vocab = runner.spec.vocab_size
+    prompts = {n: profile_prompt(runner.spec.vocab_size, n) for n in settings.sequence_lengths}
+    cells = [_Cell(fraction, mode) for fraction in settings.fractions for mode in settings.modes]
+    settle = SamplingParams(max_tokens=2, ignore_eos=True)  # after each residency change, not measured
+    say = progress or (lambda _: None)
     try:
-        for fraction in settings.fractions:
-            for mode in settings.modes:
+        for round_index in range(settings.rounds):
+            trial = round_index - settings.warmup_trials
+            label = (
+                f"warm-up {round_index + 1} of {settings.warmup_trials}"
+                if trial < 0
+                else f"trial {trial + 1} of {settings.trials}"
+            )
+            for cell in cells:
                 if settings.deadline is not None and time.monotonic() > settings.deadline:
+                    break
+                if cell.refused is None:
+                    try:
+                        residency = engine.set_residency(
+                            name, cell.fraction, decode_mode=cell.mode, prefill_mode=settings.prefill_mode
+                        )
+                    except EngineError as exc:
+                        cell.refused = exc.message
+                if cell.refused is not None:
                     for length in settings.sequence_lengths:
-                        result.skipped.append(f"r={fraction} {mode} seq={length}: time budget spent")
-                        if progress:
-                            progress(f"r={fraction:.2f} {mode} seq={length} skipped (time budget)")
+                        say(f"{label}: {cell.text(length)} skipped")
                     continue
-                try:
-                    residency = engine.set_residency(
-                        name, fraction, decode_mode=mode, prefill_mode=settings.prefill_mode
-                    )
-                except EngineError as exc:
-                    for length in settings.sequence_lengths:
-                        result.skipped.append(f"r={fraction} {mode} seq={length}: {exc.message}")
-                        if progress:
-                            progress(f"r={fraction:.2f} {mode} seq={length} skipped")
-                    continue
+                cell.achieved = residency.resident_fraction
+                # one short request touches the moved weights before the measured ones
+                engine.submit(name, prompts[min(prompts)], settle).wait(None)
                 for length in settings.sequence_lengths:
-                    decode_rates, prefill_rates = measure_trials(
-                        engine,
-                        name,
-                        profile_prompt(vocab, length),
-                        settings.decode_tokens,
-                        settings.trials,
-                        warmup_trials=settings.warmup_trials,
+                    decode, prefill = measure_trials(
+                        engine, name, prompts[length], settings.decode_tokens, trials=1, warmup_trials=0,
                         batch_size=settings.batch_size,
-                    )
-                    result.points.append(
-                        ProfilePoint(
-                            resident_fraction=fraction,
-                            achieved_resident_fraction=residency.resident_fraction,
-                            execution_mode=mode,
-                            sequence_length=length,
-                            batch_size=settings.batch_size,
-                            decode_tokens_per_second=statistics.median(decode_rates),
-                            prefill_tokens_per_second=statistics.median(prefill_rates),
-                            trials=settings.trials,
-                        )
-                    )
-                    if progress:
-                        progress(
-                            f"r={fraction:.2f} {mode} seq={length}: "
-                            f"{result.points[-1].decode_tokens_per_second:.1f} tok/s"
-                        )
+                    )  # fmt: skip
+                    if round_index >= settings.warmup_trials:
+                        cell.decode.setdefault(length, []).extend(decode)
+                        cell.prefill.setdefault(length, []).extend(prefill)
+                    say(f"{label}: {cell.text(length)}: {decode[0]:.1f} tok/s")
     finally:
         engine.unload(name)
+    for cell in cells:
+        for length in settings.sequence_lengths:
+            point = cell.point(length, settings.batch_size)
+            if point is not None:
+                result.points.append(point)
+            else:
+                why = cell.refused or "time budget spent"
+                result.skipped.append(f"r={cell.fraction} {cell.mode} seq={length}: {why}")
     return result
+
+
+@dataclass
+class _Cell:
+    """One (fraction, mode) of the grid: where its residency landed and each length's measured trials."""
+
+    fraction: float
+    mode: ExecutionMode
+    achieved: float | None = None
+    refused: str | None = None  # why the residency change was refused
+    decode: dict[int, list[float]] = field(default_factory=dict)
+    prefill: dict[int, list[float]] = field(default_factory=dict)
+
+    def text(self, length: int) -> str:
+        return f"r={self.fraction:.2f} {self.mode} seq={length}"
+
+    def point(self, length: int, batch_size: int) -> ProfilePoint | None:
+        decode = self.decode.get(length)
+        if self.achieved is None or not decode:
+            return None
+        return ProfilePoint(
+            resident_fraction=self.fraction,
+            achieved_resident_fraction=self.achieved,
+            execution_mode=self.mode,
+            sequence_length=length,
+            batch_size=batch_size,
+            decode_tokens_per_second=statistics.median(decode),
+            prefill_tokens_per_second=statistics.median(self.prefill[length]),
+            trials=len(decode),
+        )
 
 
 def plot_profile(result: ProfileResult, png_path: Path) -> None:
