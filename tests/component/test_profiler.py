@@ -116,7 +116,7 @@ def test_it_yields_to_a_request_and_to_an_admin_command_and_keeps_its_points(
         during = [t for t in profiler.trial_starts if request.submitted_at <= t <= request.finished_at]
         assert len(during) <= 1
         wait_for(lambda: job.yields >= 1)
-        kept = list(job.points)
+        kept = {point: list(rates) for point, rates in job.decode.items()}
         # an admin command also interrupts; the points measured before are kept
         wait_for(lambda: profiler.measuring.is_set() or published != [])
         profiler.interrupt()
@@ -127,8 +127,12 @@ def test_it_yields_to_a_request_and_to_an_admin_command_and_keeps_its_points(
         thread.join(30)
     assert len(published[0].points) == settings.point_count
     assert published[0].yields >= 1
-    # the points measured before the yields are kept, not measured again
-    assert list(published[0].points[: len(kept)]) == kept
+    # the trials measured before the yields are kept, not measured again: each point's trials begin with
+    # them, and no point has more than its trials
+    for point, rates in kept.items():
+        assert job.decode[point][: len(rates)] == rates
+    assert all(len(rates) == settings.trials for rates in job.decode.values())
+    assert all(p.trials == settings.trials for p in published[0].points)
     assert engine.names() == ["team-a/served"]
 
 

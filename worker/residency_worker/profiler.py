@@ -4,11 +4,12 @@ that has none, measured only while the GPU is otherwise idle.
 It loads a second copy of the model under its own name (through the engine's public API: ``load``,
 ``set_residency``, ``submit``, ``unload``), moves it through a few resident fractions in both decode
 modes at a short and a long sequence, and hands the curve to ``publish`` (the agent writes it as a
-SensitivityProfile). Before every trial (a few decode tokens), and every few milliseconds while one runs,
-it checks that no served model has a request queued or running and that no admin command came since it
-started; if either, it cancels the trial in flight (the engine drops it at its next step), unloads its
-copy and waits, keeping the points already measured. A request therefore shares the GPU with at most one
-step of the profiler's copy.
+SensitivityProfile). The points are visited in rounds, a trial each a round, as ``residency profile``
+measures them, so a device whose speed drifts slows the whole curve alike. Before every trial (a few
+decode tokens), and every few milliseconds while one runs, it checks that no served model has a request
+queued or running and that no admin command came since it started; if either, it cancels the trial in
+flight (the engine drops it at its next step), unloads its copy and waits, keeping the trials already
+measured. A request therefore shares the GPU with at most one step of the profiler's copy.
 """
 
 from __future__ import annotations
@@ -58,23 +59,68 @@ class CompactSettings:
 
 
 MAX_REMEASURES = 3
+SETTLE_TOKENS = 2
+"""After each residency change, a short request touches the moved weights (and, on a GPU, captures what
+the new layout needs) before the measured trial."""
 """A curve that is no valid profile (noise) is measured afresh this many times before giving up."""
+
+
+Point = tuple[float, ExecutionMode, int]
+"""(resident fraction asked, decode mode, sequence length)."""
 
 
 @dataclass
 class ProfileJob:
-    """One model directory to profile on this node's GPU, and what is measured so far."""
+    """One model directory to profile on this node's GPU, and what is measured so far.
+
+    The points are visited in rounds (a warm-up round, then one a trial), so a measurement that yields
+    resumes where it stopped: every trial measured before is kept."""
 
     model: str
     """The served model (``namespace/name``) the curve is for."""
     path: str
     dtype: str
-    points: list[ProfilePoint] = field(default_factory=list)
-    spreads: list[float] = field(default_factory=list)
-    """Per point: (max - min) / median of its trials' decode rates."""
+    visits: dict[Point, int] = field(default_factory=dict)
+    """Rounds each point has been through (its warm-up included)."""
+    decode: dict[Point, list[float]] = field(default_factory=dict)
+    prefill: dict[Point, list[float]] = field(default_factory=dict)
+    achieved: dict[tuple[float, ExecutionMode], float] = field(default_factory=dict)
+    refused: set[tuple[float, ExecutionMode]] = field(default_factory=set)
     yields: int = 0
     remeasured: int = 0
     """Times its curve was measured again because noise made it no valid profile."""
+
+    def restart(self) -> None:
+        """Forget every trial: the curve is measured afresh."""
+        for measured in (self.visits, self.decode, self.prefill, self.achieved):
+            measured.clear()
+        self.refused.clear()
+
+    def points(self) -> list[ProfilePoint]:
+        """The points with measured trials: the median of each's trials, in grid order."""
+        return [
+            ProfilePoint(
+                resident_fraction=fraction,
+                achieved_resident_fraction=self.achieved[(fraction, mode)],
+                execution_mode=mode,
+                sequence_length=length,
+                batch_size=1,
+                decode_tokens_per_second=statistics.median(rates),
+                prefill_tokens_per_second=statistics.median(self.prefill[(fraction, mode, length)]),
+                trials=len(rates),
+            )
+            for (fraction, mode, length), rates in self.decode.items()
+            if rates
+        ]
+
+    def spread(self) -> float:
+        """The largest (max - min) / median of any point's decode trials: how noisy the curve is."""
+        spreads = [
+            (max(rates) - min(rates)) / statistics.median(rates)
+            for rates in self.decode.values()
+            if rates and statistics.median(rates) > 0
+        ]
+        return max(spreads, default=0.0)
 
 
 @dataclass(frozen=True)
@@ -255,8 +301,7 @@ class BackgroundProfiler:
                     self._done.discard((job.path, job.dtype))
                     if again:  # noise on a busy node: all points afresh
                         job.remeasured += 1
-                        job.points.clear()
-                        job.spreads.clear()
+                        job.restart()
                         self._jobs.append(job)
                 continue
             try:
@@ -313,36 +358,16 @@ class BackgroundProfiler:
         )
         try:
             vocab = self.engine.runner(name).spec.vocab_size
-            done = {(p.resident_fraction, p.execution_mode, p.sequence_length) for p in job.points}
-            for fraction in settings.fractions:
-                for mode in settings.modes:
-                    todo = [n for n in lengths if (fraction, mode, n) not in done]
-                    if not todo:
-                        continue
-                    self._check(commands_at_start)
-                    try:
-                        residency = self.engine.set_residency(name, fraction, decode_mode=mode)
-                    except EngineError as exc:  # does not fit next to what is served: skip the point
-                        log.info("profile %s: r=%s %s skipped (%s)", job.path, fraction, mode, exc.message)
-                        continue
-                    for length in todo:
-                        point, spread = self._point(name, vocab, fraction, mode, length, commands_at_start)
-                        job.points.append(
-                            ProfilePoint(
-                                resident_fraction=fraction,
-                                achieved_resident_fraction=residency.resident_fraction,
-                                execution_mode=mode,
-                                sequence_length=length,
-                                batch_size=1,
-                                decode_tokens_per_second=point[0],
-                                prefill_tokens_per_second=point[1],
-                                trials=settings.trials,
-                            )
+            for round_index in range(1 + settings.trials):  # round 0 warms up, then a trial a round
+                for fraction in settings.fractions:
+                    for mode in settings.modes:
+                        self._visit(
+                            job, name, vocab, round_index, (fraction, mode), lengths, commands_at_start
                         )
-                        job.spreads.append(spread)
         finally:
             self.engine.unload(name)
-        if not job.points:
+        points = job.points()
+        if not points:
             raise EngineError("NoPoints", f"no profile point of {job.path} fits on this GPU")
         return MeasuredProfile(
             model=job.model,
@@ -351,20 +376,54 @@ class BackgroundProfiler:
             gpu_type=self.engine.tier.gpu_name,
             emulated=self.engine.tier.emulated,
             weight_bytes=report.residency.weight_bytes,
-            points=tuple(job.points),
-            spread=max(job.spreads, default=0.0),
+            points=tuple(points),
+            spread=job.spread(),
             trials=settings.trials,
             measured_at=datetime.now(UTC),
             yields=job.yields,
         )
 
-    def _point(
-        self, name: str, vocab: int, fraction: float, mode: ExecutionMode, length: int, commands: int
-    ) -> tuple[tuple[float, float], float]:
-        """(median decode tok/s, median prefill tok/s) of one point, and its decode spread."""
+    def _visit(
+        self,
+        job: ProfileJob,
+        name: str,
+        vocab: int,
+        round_index: int,
+        cell: tuple[float, ExecutionMode],
+        lengths: tuple[int, ...],
+        commands: int,
+    ) -> None:
+        """One round's visit of a (fraction, mode): its residency, then one trial per length not yet
+        through this round (a resumed job skips what it measured before it yielded)."""
+        fraction, mode = cell
+        todo = [n for n in lengths if job.visits.get((fraction, mode, n), 0) <= round_index]
+        if not todo or cell in job.refused:
+            return
+        self._check(commands)
+        try:
+            residency = self.engine.set_residency(name, fraction, decode_mode=mode)
+        except EngineError as exc:  # does not fit next to what is served: skip the point
+            log.info("profile %s: r=%s %s skipped (%s)", job.path, fraction, mode, exc.message)
+            job.refused.add(cell)
+            return
+        job.achieved[cell] = residency.resident_fraction
+        self._trial(name, vocab, min(lengths), commands, SETTLE_TOKENS)  # not measured: see profile_model
+        for length in todo:
+            decode, prefill = self._trial(name, vocab, length, commands, self.settings.decode_tokens)
+            point = (fraction, mode, length)
+            job.visits[point] = job.visits.get(point, 0) + 1
+            if round_index > 0:  # round 0 is the warm-up
+                job.decode.setdefault(point, []).extend(decode)
+                job.prefill.setdefault(point, []).extend(prefill)
+
+    def _trial(
+        self, name: str, vocab: int, length: int, commands: int, tokens: int
+    ) -> tuple[list[float], list[float]]:
+        """One trial's decode and prefill tok/s; it steps aside for a command or a request, before it
+        starts and while it runs."""
 
         @contextmanager
-        def trial() -> Iterator[None]:  # a trial steps aside for a command, and is marked as measuring
+        def trial() -> Iterator[None]:  # marked as measuring while it runs
             self._check(commands)
             self.trial_starts.append(time.perf_counter())
             self.measuring.set()
@@ -374,18 +433,16 @@ class BackgroundProfiler:
                 self.measuring.clear()
 
         try:
-            decode_rates, prefill_rates = measure_trials(
+            return measure_trials(
                 self.engine,
                 name,
                 profile_prompt(vocab, length),
-                self.settings.decode_tokens,
-                self.settings.trials,
+                tokens,
+                trials=1,
+                warmup_trials=0,
                 around_trial=trial,
                 interrupted=lambda: self._wanted_elsewhere(commands),
             )
         except TrialInterrupted as exc:  # a request or a command came mid-trial: dropped at once
             self.interrupted_trials.append(exc.tokens)
             raise Yielded from exc
-        median = statistics.median(decode_rates)
-        spread = (max(decode_rates) - min(decode_rates)) / median if median > 0 else 0.0
-        return (median, statistics.median(prefill_rates)), spread
