@@ -65,6 +65,7 @@ from residency_operator.state import (
     liveness_suspended,
     model_key,
     planner_inputs,
+    stale_nodes,
     with_wake_requests,
 )
 from residency_operator.validation import validate_model
@@ -143,8 +144,10 @@ class Controller:
         self._priority_class_ready = False
         self.drains = DrainReports(kube)
         self.liveness_suspended = False
-        self._statuses_behind = False  # the last round left status writes to the next one
         """Most nodes went stale at once: liveness is not acted on (state.liveness_suspended)."""
+        self.stale_nodes: frozenset[str] = frozenset()
+        """The nodes judged dead at the last round (logged when the set grows or shrinks)."""
+        self._statuses_behind = False  # the last round left status writes to the next one
         self._dirty = asyncio.Event()
         self.leader = False
         # Leader work (a Lease renewal, a round) runs in a thread that cancelling run() does not stop:
@@ -483,9 +486,26 @@ class Controller:
         return report
 
     def _note_liveness(self, state: ClusterState, now: datetime) -> None:
-        """Log when liveness is suspended (most nodes stale at once) and when it resumes."""
+        """Log when nodes are judged dead (their models may move) or live again, and when liveness is
+        suspended (most nodes stale at once) and when it resumes."""
         renewed = lease_renewals(state.node_leases)
         suspended = liveness_suspended(state.node_profiles, renewed, now, self.knobs)
+        stale = frozenset() if suspended else stale_nodes(state.node_profiles, renewed, now, self.knobs)
+        if stale - self.stale_nodes:
+            newly = sorted(stale - self.stale_nodes)
+            log.warning(
+                "%d node(s) judged dead, no Lease renewal for over %.0f s (%d of %d now): %s; "
+                "their models are placed elsewhere",
+                len(newly),
+                self.knobs.heartbeat_grace_seconds,
+                len(stale),
+                len(state.node_profiles),
+                ", ".join(newly[:10]) + (f" and {len(newly) - 10} more" if len(newly) > 10 else ""),
+            )
+        if self.stale_nodes - stale:
+            back = sorted(self.stale_nodes - stale)
+            log.info("%d node(s) renewing again: %s", len(back), ", ".join(back[:10]))
+        self.stale_nodes = stale
         if suspended != self.liveness_suspended:
             if suspended:
                 log.warning(

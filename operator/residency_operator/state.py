@@ -217,10 +217,20 @@ def liveness_suspended(
     """Whether so many nodes went stale that the API server, not the nodes, is the likely failure (an
     overloaded control plane stops taking Lease renewals from every node at once): then no node is judged
     dead, and no model is moved or dropped for it, until renewals come through again."""
-    seen = [_last_seen(p, renewed) for p in profiles]
-    # (a node that never renewed, one registering now, has not stopped renewing)
-    stale = sum(1 for at in seen if at is not None and not _fresh(at, now, knobs))
+    stale = len(stale_nodes(profiles, renewed, now, knobs))
     return stale >= knobs.mass_stale_min_nodes and stale > knobs.mass_stale_fraction * len(profiles)
+
+
+def stale_nodes(
+    profiles: list[dict[str, Any]], renewed: dict[str, datetime], now: datetime, knobs: OperatorKnobs
+) -> frozenset[str]:
+    """The nodes that renewed (or heartbeated) once and then stopped for longer than the grace; a node
+    that never renewed, one registering now, has not stopped renewing."""
+    return frozenset(
+        p["spec"]["nodeName"]
+        for p in profiles
+        if (at := _last_seen(p, renewed)) is not None and not _fresh(at, now, knobs)
+    )
 
 
 def _last_seen(profile: dict[str, Any], renewed: dict[str, datetime]) -> datetime | None:

@@ -16,7 +16,7 @@ from test_operator_state import NOW, knobs, llm, node, profile
 from conftest import MakeDir
 from residency_operator import changes
 from residency_operator.controller import Controller
-from residency_operator.state import ClusterState, live_nodes, planner_inputs
+from residency_operator.state import ClusterState, lease_renewals, live_nodes, planner_inputs, stale_nodes
 
 
 def changed(body: dict[str, Any], **edits: Any) -> dict[str, Any]:
@@ -249,3 +249,7 @@ def test_most_nodes_stale_at_once_suspends_liveness_instead_of_dropping_their_mo
     for p in registering.node_profiles:
         p["status"] = {}
     assert live_nodes(registering, now, k) == frozenset()  # not seen yet is not "stopped renewing"
+    # the nodes judged dead are the stale ones the operator names in its log
+    renewed = lease_renewals(few.node_leases)
+    assert stale_nodes(few.node_profiles, renewed, now, k) == {f"gpu-{i}" for i in range(5)}
+    assert stale_nodes(registering.node_profiles, {}, now, k) == frozenset()
