@@ -59,10 +59,10 @@ class CompactSettings:
 
 
 MAX_REMEASURES = 3
+"""A curve that is no valid profile (noise) is measured afresh this many times before giving up."""
 SETTLE_TOKENS = 2
 """After each residency change, a short request touches the moved weights (and, on a GPU, captures what
 the new layout needs) before the measured trial."""
-"""A curve that is no valid profile (noise) is measured afresh this many times before giving up."""
 
 
 Point = tuple[float, ExecutionMode, int]

@@ -234,9 +234,14 @@ def profile_model(
                 engine.submit(name, prompts[min(prompts)], settle).wait(None)
                 for length in settings.sequence_lengths:
                     decode, prefill = measure_trials(
-                        engine, name, prompts[length], settings.decode_tokens, trials=1, warmup_trials=0,
+                        engine,
+                        name,
+                        prompts[length],
+                        settings.decode_tokens,
+                        trials=1,
+                        warmup_trials=0,
                         batch_size=settings.batch_size,
-                    )  # fmt: skip
+                    )
                     if round_index >= settings.warmup_trials:
                         cell.decode.setdefault(length, []).extend(decode)
                         cell.prefill.setdefault(length, []).extend(prefill)
