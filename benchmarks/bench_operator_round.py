@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_scale import make_models, model_manifest  # noqa: E402
+from residency.names import placement_name  # noqa: E402
 from residency_operator.capacity import CapacityConfig  # noqa: E402
+from residency_operator.changes import Changes  # noqa: E402
 from residency_operator.controller import Controller  # noqa: E402
 from residency_operator.state import ClusterState, OperatorKnobs  # noqa: E402
 
@@ -80,6 +82,9 @@ class MemoryCache:
         self.api = api
         self.models = self.placements = _Written()
         self.spec_changes: set[str] = set()
+        self.added: set[str] = set()
+        self.reported: set[str] = set()
+        self.ended: set[str] = set()
         self.other = True
 
     def state(self) -> ClusterState:
@@ -90,9 +95,19 @@ class MemoryCache:
             list(self.api.placements.values()),
         )
 
-    def take_changes(self) -> tuple[frozenset[str], bool]:
-        taken = frozenset(self.spec_changes), self.other
-        self.spec_changes, self.other = set(), False
+    def wake_requests(self) -> dict[str, tuple[str, str]]:
+        return {}
+
+    def take_changes(self) -> Changes:
+        taken = Changes(
+            spec=frozenset(self.spec_changes),
+            added=frozenset(self.added),
+            reported=frozenset(self.reported),
+            ended=frozenset(self.ended),
+            other=self.other,
+        )
+        self.spec_changes, self.added, self.reported, self.ended = set(), set(), set(), set()
+        self.other = False
         return taken
 
 
@@ -143,6 +158,39 @@ def change(api: MemoryApi, cache: MemoryCache, index: int, slo: float) -> str:
     api._models[f"scale/{new['metadata']['name']}"] = new
     key = f"scale/{new['metadata']['name']}"
     cache.spec_changes.add(key)
+    return key
+
+
+def report_loaded(api: MemoryApi, cache: MemoryCache, index: int) -> str:
+    """The model's worker reports its placement loaded where the plan put it."""
+    key = f"scale/{api.state.models[index]['metadata']['name']}"
+    placement = api.placements[placement_name(key)]
+    placement["status"] = {"state": "Loaded", "residentFraction": placement["spec"]["residentFraction"]}
+    cache.reported.add(key)
+    return key
+
+
+def delete_model(api: MemoryApi, cache: MemoryCache, index: int) -> str:
+    """The model's deletion begins (it is no longer wanted)."""
+    old = api.state.models[index]
+    new = copy.deepcopy(old)
+    new["metadata"]["deletionTimestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    api.state.models[index] = new
+    key = f"scale/{new['metadata']['name']}"
+    api._models[key] = new
+    cache.spec_changes.add(key)
+    return key
+
+
+def create_model(api: MemoryApi, cache: MemoryCache, number: int, like: int) -> str:
+    """A model that was not there (a copy of model ``like`` under a new name)."""
+    new = copy.deepcopy(api.state.models[like])
+    new["metadata"].update(name=f"new{number:04d}", uid=f"uid-new-{number}", generation=1)
+    new["metadata"].pop("deletionTimestamp", None)
+    api.state.models.append(new)
+    key = f"scale/{new['metadata']['name']}"
+    api._models[key] = new
+    cache.added.add(key)
     return key
 
 
@@ -206,9 +254,29 @@ def main() -> None:
         incremental.append(time.perf_counter() - started)
     figures["single_change_full_seconds"] = sorted(full)
     figures["single_change_incremental_seconds"] = sorted(incremental)
+    # The rounds of a delete and re-apply and of the workers' reports, planned incrementally (their
+    # changes as the cache records them) where a full round was needed before.
+    kinds: dict[str, list[float]] = {"report": [], "delete": [], "create": []}
+    for i in range(args.changes):
+        if controller.incremental.planner is None:
+            timed("settling round (+ incremental build)")
+        index = (i * 7919 + 29) % args.models
+        for kind in kinds:
+            if kind == "report":
+                report_loaded(api, cache, index)
+            elif kind == "delete":
+                delete_model(api, cache, index)
+            else:
+                create_model(api, cache, i, index)
+            started = time.perf_counter()
+            timed(f"{kind} {i + 1}, incremental", other=False)
+            kinds[kind].append(time.perf_counter() - started)
+    for kind, seconds in kinds.items():
+        figures[f"{kind}_incremental_seconds"] = sorted(seconds)
     print(
         f"single-model change: full round median {sorted(full)[len(full) // 2]:.2f} s, "
-        f"incremental round median {sorted(incremental)[len(incremental) // 2]:.2f} s"
+        f"incremental round median {sorted(incremental)[len(incremental) // 2]:.2f} s; "
+        + ", ".join(f"{kind} {sorted(v)[len(v) // 2]:.2f} s" for kind, v in kinds.items())
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"operator-round-{args.nodes}n-{args.models}m.json"

@@ -20,6 +20,7 @@ from residency.informer import Handler, Informer, slim, wait_synced
 from residency.kubeapi import TimeoutApiClient
 from residency_operator import changes
 from residency_operator.state import NODE_LEASE_LABEL, ClusterState
+from residency_operator.wake import WAKE_CONFIGMAP, parse_wake_entries
 
 NODE_STATUS_KEPT = ("conditions",)
 """What the operator reads of a Node's status (Ready); the rest (images, addresses, capacity, nodeInfo,
@@ -48,8 +49,12 @@ class ClusterCache:
         coordination = client.CoordinationV1Api(api)
         self._on_change = on_change
         self._changes_lock = threading.Lock()
-        self._spec_changes: set[str] = set()  # models whose spec alone changed since take_changes()
-        self._other_changes = False  # anything else that matters
+        # what changed since take_changes(), by kind (changes.Changes)
+        self._spec_changes: set[str] = set()
+        self._added: set[str] = set()
+        self._reported: set[str] = set()
+        self._ended: set[str] = set()
+        self._other_changes = False
         self.models = Informer(
             "llmmodels",
             custom.list_cluster_custom_object,
@@ -59,7 +64,14 @@ class ClusterCache:
             handler=self._on_model,
         )
         self.node_profiles = self._custom(custom, "nodeprofiles", changes.profile_changed)
-        self.placements = self._custom(custom, "modelplacements", changes.placement_changed)
+        self.placements = Informer(
+            "modelplacements",
+            custom.list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            "modelplacements",
+            handler=self._on_placement,
+        )
         self.sensitivity_profiles = self._custom(custom, "sensitivityprofiles", changes.spec_changed)
         self.nodes = Informer(
             "nodes", core.list_node, handler=self._poke_if(changes.node_changed), transform=slim_node
@@ -71,6 +83,14 @@ class ClusterCache:
             label_selector=NODE_LEASE_LABEL,
             handler=self._poke_if(changes.lease_holder_changed),
         )
+        # the router's wake requests (wake.py): read from here each round, not from the API server
+        self.wake = Informer(
+            "wake-requests",
+            core.list_namespaced_config_map,
+            lease_namespace,
+            field_selector=f"metadata.name={WAKE_CONFIGMAP}",
+            handler=self._poke_if(lambda old, new: (old or {}).get("data") != (new or {}).get("data")),
+        )
         self.informers = [
             self.models,
             self.node_profiles,
@@ -78,6 +98,7 @@ class ClusterCache:
             self.sensitivity_profiles,
             self.nodes,
             self.node_leases,
+            self.wake,
         ]
         self._stop = threading.Event()
 
@@ -99,17 +120,45 @@ class ClusterCache:
         if not changes.model_changed(old, new):
             return
         with self._changes_lock:
-            if new is not None and changes.model_spec_changed(old, new):
+            if new is not None and (
+                changes.model_spec_changed(old, new) or changes.model_deletion_began(old, new)
+            ):
                 self._spec_changes.add(changes.model_key(new))
+            elif old is None and new is not None:
+                self._added.add(changes.model_key(new))
+            elif new is None and old is not None:
+                self._ended.add(changes.model_key(old))
             else:
                 self._other_changes = True
         self._on_change()
 
-    def take_changes(self) -> tuple[frozenset[str], bool]:
-        """(models whose spec alone changed, whether anything else did) since the last call."""
+    def _on_placement(self, kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        if not changes.placement_changed(old, new):
+            return
+        key = changes.placement_model_key(new or old or {})
         with self._changes_lock:
-            taken = frozenset(self._spec_changes), self._other_changes
-            self._spec_changes, self._other_changes = set(), False
+            # (a placement that came is checked against the plan like a report: the operator's own write)
+            came = old is None and new is not None and not new["metadata"].get("deletionTimestamp")
+            if key is not None and (came or changes.placement_report(old, new)):
+                self._reported.add(key)
+            elif key is not None and changes.placement_ending(old, new):
+                self._ended.add(key)
+            else:
+                self._other_changes = True
+        self._on_change()
+
+    def take_changes(self) -> changes.Changes:
+        """What changed since the last call."""
+        with self._changes_lock:
+            taken = changes.Changes(
+                frozenset(self._spec_changes),
+                frozenset(self._added),
+                frozenset(self._reported),
+                frozenset(self._ended),
+                self._other_changes,
+            )
+            self._spec_changes, self._added, self._reported, self._ended = set(), set(), set(), set()
+            self._other_changes = False
         return taken
 
     def start(self) -> None:
@@ -132,6 +181,11 @@ class ClusterCache:
             sensitivity_profiles=self.sensitivity_profiles.items(),
             node_leases=self.node_leases.items(),
         )
+
+    def wake_requests(self) -> dict[str, tuple[str, str]]:
+        """The router's wake requests as its ConfigMap says now (none while it has none)."""
+        found = self.wake.items()
+        return parse_wake_entries(found[0].get("data")) if found else {}
 
     def lists(self) -> int:
         """LIST calls so far, all informers (one each at start; more only after a watch expired)."""

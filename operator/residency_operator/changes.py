@@ -7,11 +7,33 @@ that one of these functions says can matter; the periodic resync catches anythin
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from residency_operator.state import WAITING_ANNOTATION, WAKE_ANNOTATION, node_accepts
 
 Body = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed since the last round, by what the planning loop can do about it. Each set holds model
+    keys (``namespace/name``); at fleet size a round whose changes are all in the sets may be planned
+    incrementally (:mod:`residency_operator.incremental`), anything in ``other`` plans in full."""
+
+    spec: frozenset[str] = field(default_factory=frozenset)
+    """Models whose spec changed (a new generation), or that began deletion."""
+    added: frozenset[str] = field(default_factory=frozenset)
+    """Models that came."""
+    reported: frozenset[str] = field(default_factory=frozenset)
+    """Models whose worker reported on their placement (its status alone changed)."""
+    ended: frozenset[str] = field(default_factory=frozenset)
+    """Models that are gone, and models whose placement began deletion or is gone."""
+    other: bool = False
+    """Anything else that can change a plan: a node, a profile, a Lease, a woken model, ..."""
+
+    def models(self) -> frozenset[str]:
+        return self.spec | self.added | self.reported | self.ended
 
 
 def _meta(body: Body) -> Body:
@@ -47,9 +69,40 @@ def model_spec_changed(old: Body | None, new: Body | None) -> bool:
     return bool(_meta(old).get("generation") != _meta(new).get("generation"))
 
 
+def model_deletion_began(old: Body | None, new: Body | None) -> bool:
+    """The same model, now being deleted: to the planner it is no longer wanted, a change of its demand."""
+    if old is None or new is None or _lifecycle(old)[0] != _lifecycle(new)[0]:
+        return False
+    return not _lifecycle(old)[1] and bool(_lifecycle(new)[1])
+
+
 def model_key(body: Body) -> str:
     meta = _meta(body)
     return f"{meta.get('namespace')}/{meta.get('name')}"
+
+
+def placement_model_key(body: Body) -> str | None:
+    """The key of the model a ModelPlacement places."""
+    model = (body.get("spec") or {}).get("model") or {}
+    if not model.get("namespace") or not model.get("name"):
+        return None
+    return f"{model['namespace']}/{model['name']}"
+
+
+def placement_report(old: Body | None, new: Body | None) -> bool:
+    """A placement that stays changed (its worker's report, or its finalizer): the same object, not being
+    deleted."""
+    if old is None or new is None or _lifecycle(old)[0] != _lifecycle(new)[0] or _lifecycle(new)[1]:
+        return False
+    return _lifecycle(old) != _lifecycle(new) or old.get("status") != new.get("status")
+
+
+def placement_ending(old: Body | None, new: Body | None) -> bool:
+    """A placement is gone, or is being deleted and changed (its deletion began, a finalizer came off, its
+    worker reported the unload)."""
+    if new is None:
+        return old is not None
+    return old is not None and bool(_lifecycle(new)[1]) and _lifecycle(old)[0] == _lifecycle(new)[0]
 
 
 def placement_changed(old: Body | None, new: Body | None) -> bool:

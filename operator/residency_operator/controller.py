@@ -36,6 +36,7 @@ from residency_operator.capacity import (
     needs_capacity,
     waiting_verdict,
 )
+from residency_operator.changes import Changes
 from residency_operator.conditions import desired_status, now_rfc3339, status_patch
 from residency_operator.drains import DrainReports
 from residency_operator.events import operation_event, prediction_event, with_operation, with_prediction_check
@@ -268,9 +269,12 @@ class Controller:
             )
         )
         # the router's wake requests (a ConfigMap of its own, wake.py) mark the models they name
-        state = dataclasses.replace(
-            state, models=with_wake_requests(state.models, self.kube.wake_requests(self.lease_namespace))
+        wake = (
+            self.cache.wake_requests()
+            if self.cache is not None
+            else self.kube.wake_requests(self.lease_namespace)
         )
+        state = dataclasses.replace(state, models=with_wake_requests(state.models, wake))
         self._foreign_gpu_bytes = self.foreign_gpu_bytes(state.placements)
         if not self.namespaces:
             return state
@@ -339,9 +343,7 @@ class Controller:
         report = RoundReport()
         # what changed since the last round, taken before the state is read (a change that comes between
         # the two is in this round's state and planned again by the next round)
-        spec_changes, other_changes = (
-            self.cache.take_changes() if self.cache is not None else (frozenset[str](), True)
-        )
+        changes = self.cache.take_changes() if self.cache is not None else Changes(other=True)
         state = self.read_state()
         now = datetime.now(UTC)
         self._live = live_nodes(state, now, self.knobs)
@@ -357,8 +359,8 @@ class Controller:
         report.phase_seconds["inputs"] = lap - started
         change = None
         # (a round that left statuses to the next one is followed by a full round, which writes them)
-        if not other_changes and not foreign and not self._statuses_behind and self.incremental is not None:
-            change = self.incremental.change(spec_changes, inputs, time.time())
+        if not changes.other and not foreign and not self._statuses_behind and self.incremental is not None:
+            change = self.incremental.change(changes, inputs, time.time())
         if change is None:
             result = plan(
                 inputs.demands,
@@ -373,7 +375,7 @@ class Controller:
             # only the changed models and what they touched: their placements and statuses are written
             result = change.plan
             scoped_result, scoped_inputs = change.scoped(inputs)
-        report.solver = result.solver
+        report.solver = result.solver if change is None else "incremental"
         report.phase_seconds["plan"] = time.perf_counter() - lap
         lap = time.perf_counter()
         desired = desired_placements(scoped_result, scoped_inputs)
@@ -415,7 +417,11 @@ class Controller:
         placed_at = time.monotonic()
         self._placed_at = {n: t for n, t in self._placed_at.items() if n in desired}
         self._placed_at.update((name, placed_at) for name in report.created)
-        bodies = inputs.bodies if change is None else {k: inputs.bodies[k] for k in change.models}
+        bodies = (
+            inputs.bodies
+            if change is None
+            else {k: inputs.bodies[k] for k in change.models if k in inputs.bodies}
+        )
         for key, body in sorted(bodies.items()):
             placement = existing.get(placement_name(key))
             if placement is not None and placement_name(key) not in desired:
@@ -460,7 +466,12 @@ class Controller:
         statuses_from = time.monotonic()
 
         def write_status(job: StatusJob) -> None:
-            if self._dirty.is_set() and time.monotonic() - statuses_from > self.status_budget_seconds:
+            # (an incremental round writes a few statuses: never left to a round that would be a full one)
+            if (
+                change is None
+                and self._dirty.is_set()
+                and time.monotonic() - statuses_from > self.status_budget_seconds
+            ):
                 with self._report_lock:
                     report.deferred += 1  # level-triggered: the next round, moments away, writes it
                 return
@@ -474,10 +485,13 @@ class Controller:
         report.updated.sort()
         report.deleted.sort()
         self._reported = {k: v for k, v in self._reported.items() if k in inputs.bodies}
-        self._statuses_behind = report.deferred > 0
+        # A full round that left statuses behind makes the next round a full one, which writes them. A step
+        # an incremental round did not write (Scheduled while more changes wait) is written by the round
+        # its worker's report starts, or the resync.
+        self._statuses_behind = report.deferred > 0 and change is None
         if change is None and self.incremental is not None:
             wrote = bool(report.created or report.updated or report.deleted or report.rejected)
-            self.incremental.after_full_round(inputs, wrote or bool(foreign), bool(spec_changes), time.time())
+            self.incremental.after_full_round(inputs, wrote or bool(foreign), time.time())
         report.seconds = time.perf_counter() - started
         if change is None:  # (phase counts and plan figures are the whole fleet's, from full rounds)
             self.metrics.observe_round(report.seconds, phases, waiting, result, inputs)

@@ -66,15 +66,17 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if controller.cache is not None:
         controller.cache.start()  # the planning loop plans once every informer has listed
     memo["task"] = asyncio.create_task(controller.run())
-    # the router's wake requests live in a ConfigMap kopf does not watch (see wake.py): poke on each change
-    loop = asyncio.get_running_loop()
-    stop = memo["wake_watch_stop"] = threading.Event()
-    threading.Thread(
-        target=controller.kube.watch_wake_requests,
-        args=(controller.lease_namespace, lambda: loop.call_soon_threadsafe(controller.poke), stop),
-        name="wake-watch",
-        daemon=True,
-    ).start()
+    if controller.cache is None:
+        # the router's wake requests live in a ConfigMap kopf does not watch (see wake.py): poke on each
+        # change (with a cache, its informer watches it)
+        loop = asyncio.get_running_loop()
+        stop = memo["wake_watch_stop"] = threading.Event()
+        threading.Thread(
+            target=controller.kube.watch_wake_requests,
+            args=(controller.lease_namespace, lambda: loop.call_soon_threadsafe(controller.poke), stop),
+            name="wake-watch",
+            daemon=True,
+        ).start()
 
 
 @kopf.on.cleanup()

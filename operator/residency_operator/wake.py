@@ -2,7 +2,8 @@
 
 One ConfigMap in the router's (and operator's) namespace, key `<namespace>.<name>` per model, value
 `<RFC 3339 time> <requests waiting>`. The router may patch that one object (RBAC by name) and nobody's
-models; the operator reads it each round (and watches it) as if it were the model's wake annotation.
+models; the operator watches it (an informer of its cache) and reads it each round as if it were the model's
+wake annotation.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from test_operator_state import knobs, llm, node, profile
 from conftest import MakeDir
 from residency_operator import changes
 from residency_operator.capacity import CapacityConfig
+from residency_operator.changes import Changes
 from residency_operator.controller import Controller
 from residency_operator.state import ClusterState
 
@@ -30,14 +31,27 @@ class FakeCache:
         self.kube = kube
         self.models = self.placements = Written()
         self.spec_changes: set[str] = set()
+        self.added: set[str] = set()
+        self.reported: set[str] = set()
+        self.ended: set[str] = set()
         self.other = True
 
     def state(self) -> ClusterState:
         return copy.copy(self.kube.state)
 
-    def take_changes(self) -> tuple[frozenset[str], bool]:
-        taken = frozenset(self.spec_changes), self.other
-        self.spec_changes, self.other = set(), False
+    def wake_requests(self) -> dict[str, tuple[str, str]]:
+        return {}
+
+    def take_changes(self) -> Changes:
+        taken = Changes(
+            spec=frozenset(self.spec_changes),
+            added=frozenset(self.added),
+            reported=frozenset(self.reported),
+            ended=frozenset(self.ended),
+            other=self.other,
+        )
+        self.spec_changes, self.added, self.reported, self.ended = set(), set(), set(), set()
+        self.other = False
         return taken
 
 
@@ -191,3 +205,98 @@ def test_a_round_after_deferred_statuses_plans_in_full_and_writes_them(
     report = controller.round()
     assert report.solver != "incremental"  # a full round: the deferred status is written by it
     assert kube.statuses["team-a/m07"]["phase"] == "Ready"
+
+
+def report_loaded(kube: PlacementKube, name: str, **status: Any) -> None:
+    """The worker's report: the placement loaded where its spec says (or ``status`` says otherwise)."""
+    placement = kube.placements[name]
+    placement["status"] = {
+        "state": "Loaded",
+        "residentFraction": placement["spec"]["residentFraction"],
+        **status,
+    }
+
+
+def test_a_workers_report_on_a_placement_where_the_plan_put_it_is_not_a_full_round(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    settle(kube, cache, controller)
+    assert controller.incremental is not None and controller.incremental.planner is not None
+    kube.patched.clear()
+    kube.status_writes.clear()
+    report_loaded(kube, "team-a.m04")
+    cache.reported.add("team-a/m04")
+    report = controller.round()
+    assert report.solver == "incremental"
+    assert not (report.created or report.updated or report.deleted) and kube.patched == []
+    assert kube.status_writes == ["team-a/m04"] and kube.statuses["team-a/m04"]["phase"] == "Ready"
+
+    # a report that the placement failed is not where the plan put it: the round plans in full
+    report_loaded(kube, "team-a.m06", state="Failed", reason="LoadFailed", message="out of memory")
+    cache.reported.add("team-a/m06")
+    assert controller.round().solver != "incremental"
+
+
+def test_a_deleted_model_and_a_new_one_are_planned_incrementally(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    settle(kube, cache, controller)
+    assert controller.incremental is not None and controller.incremental.planner is not None
+    kube.patched.clear()
+
+    # deletion begins: the model is no longer wanted, its placement is deleted, nothing else is written
+    body = kube.state.models[8]
+    deleting = {**body, "metadata": {**body["metadata"], "deletionTimestamp": "2026-12-07T00:00:00Z"}}
+    assert changes.model_deletion_began(body, deleting)
+    kube.state.models[8] = deleting
+    cache.spec_changes.add("team-a/m08")
+    report = controller.round()
+    assert report.solver == "incremental"
+    assert report.deleted == ["team-a.m08"] and not report.created and kube.patched == []
+    # its placement and then the model are gone: nothing to plan, still no full round
+    cache.ended.add("team-a/m08")
+    assert controller.round().solver == "incremental"
+    del kube.state.models[8]
+    cache.ended.add("team-a/m08")
+    assert controller.round().solver == "incremental"
+
+    # a model that came takes a spare row of the planner: its placement is written, and only it
+    newcomer = llm("m99", Path(body["spec"]["source"]["path"]))
+    kube.state.models.append(newcomer)
+    cache.added.add("team-a/m99")
+    report = controller.round()
+    assert report.solver == "incremental"
+    assert report.created == ["team-a.m99"] and kube.patched == []
+    assert controller.incremental.planner is not None and controller.incremental.used == 4
+    # (and a full round finds the cluster at its plan: nothing more to write)
+    cache.other = True
+    report = controller.round()
+    assert report.solver != "incremental" and not (report.created or report.updated or report.deleted)
+
+
+def test_what_the_planner_cannot_follow_plans_in_full(tmp_path: Path, make_model_dir: MakeDir) -> None:
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    settle(kube, cache, controller)
+    assert controller.incremental is not None and controller.incremental.planner is not None
+    # a placement gone while its model still wants one
+    kube.delete_placement("team-a.m01")
+    cache.ended.add("team-a/m01")
+    assert controller.round().solver != "incremental"
+    settle(kube, cache, controller)
+    # more models came than the planner has spare rows for
+    controller.incremental.planner._spares = controller.incremental.planner._spares[:1]
+    path = Path(kube.state.models[0]["spec"]["source"]["path"])
+    for name in ("m90", "m91"):
+        kube.state.models.append(llm(name, path))
+        cache.added.add(f"team-a/{name}")
+    report = controller.round()
+    assert report.solver != "incremental" and {"team-a.m90", "team-a.m91"} <= set(report.created)
+    settle(kube, cache, controller)
+    # a model that came unannounced (a missed event): the planner's fleet is not the cluster's
+    kube.state.models.append(llm("m92", path))
+    body = kube.state.models[2]
+    kube.state.models[2] = {**body, "metadata": {**body["metadata"], "generation": 2}}
+    cache.spec_changes.add("team-a/m02")
+    assert controller.round().solver != "incremental"

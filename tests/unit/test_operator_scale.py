@@ -15,6 +15,8 @@ from test_operator_state import NOW, knobs, llm, node, profile
 
 from conftest import MakeDir
 from residency_operator import changes
+from residency_operator.cache import ClusterCache
+from residency_operator.changes import Changes
 from residency_operator.controller import Controller
 from residency_operator.state import ClusterState, lease_renewals, live_nodes, planner_inputs, stale_nodes
 
@@ -50,6 +52,41 @@ def test_the_operators_own_writes_and_bookkeeping_start_no_round(tmp_path: Path)
     assert not changes.placement_changed(placement, changed(placement, spec__residentFraction=0.5))
     assert changes.placement_changed(placement, changed(placement, status={"state": "Loaded"}))
     assert changes.placement_changed(placement, changed(placement, metadata__finalizers=[]))  # unloaded
+
+
+def test_the_cache_sorts_changes_into_what_an_incremental_round_can_take(tmp_path: Path) -> None:
+    """Spec changes and deletions, models that came or went, workers' reports and placements that end are
+    recorded per model (an incremental round may take them); anything else only as "other"."""
+    cache = ClusterCache(lambda: None, "residency-system")
+    model = llm("a", tmp_path)
+    cache._on_model("MODIFIED", model, changed(model, metadata__generation=2))
+    deleting = changed(model, metadata__deletionTimestamp="2026-01-01T00:00:00Z")
+    assert changes.model_deletion_began(model, deleting)
+    cache._on_model("ADDED", None, llm("b", tmp_path))
+    cache._on_model("DELETED", deleting, None)
+    cache._on_model("MODIFIED", model, changed(model, status={"phase": "Ready"}))  # the operator's own
+    placement = {
+        "metadata": {"name": "team-a.c", "uid": "u", "finalizers": ["residency.dev/unload"]},
+        "spec": {"nodeName": "n", "model": {"namespace": "team-a", "name": "c"}},
+        "status": {},
+    }
+    cache._on_placement("MODIFIED", placement, changed(placement, status={"state": "Loaded"}))
+    ending = changed(placement, metadata__deletionTimestamp="2026-01-01T00:00:00Z")
+    ending["spec"]["model"]["name"] = "d"
+    cache._on_placement("MODIFIED", changed(ending, metadata__deletionTimestamp=None), ending)
+    cache._on_placement("MODIFIED", placement, changed(placement, spec__residentFraction=0.5))  # its own
+    taken = cache.take_changes()
+    assert taken == changes.Changes(
+        spec=frozenset({"team-a/a"}),
+        added=frozenset({"team-a/b"}),
+        reported=frozenset({"team-a/c"}),
+        ended=frozenset({"team-a/a", "team-a/d"}),
+        other=False,
+    )
+    assert cache.take_changes() == changes.Changes()
+    woken = changed(model, metadata__annotations={"residency.dev/wake-time": "2026-01-01T00:00:00Z"})
+    cache._on_model("MODIFIED", model, woken)
+    assert cache.take_changes().other
 
 
 def test_heartbeats_and_renewals_start_no_round() -> None:
@@ -112,8 +149,11 @@ class CachedState:
     def written(self, body: Any) -> None:
         pass
 
-    def take_changes(self) -> tuple[frozenset[str], bool]:
-        return frozenset(), True  # every round here plans in full
+    def wake_requests(self) -> dict[str, tuple[str, str]]:
+        return {}
+
+    def take_changes(self) -> Changes:
+        return Changes(other=True)  # every round here plans in full
 
 
 class CountingKube(FakeKube):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_planner_properties import applied, assert_plan_valid, models_strategy, nodes_strategy
@@ -172,3 +173,44 @@ def test_incremental_replans_of_a_larger_fleet_stay_valid_and_close_to_full_repl
             for name, placement in before.placements.items():
                 if name not in touched and name in incremental.placements:
                     assert incremental.placements[name].node == placement.node
+
+
+def test_a_model_that_arrives_takes_a_spare_row_and_is_planned_as_a_full_plan_would() -> None:
+    """A planner built with spare rows plans models that arrive later without a full plan: each is placed
+    (the fleet has room), the spares never appear in a plan, the plans stay valid and worth what a full
+    re-plan from the same state is worth; with no spare left, add_model refuses (the caller plans in
+    full)."""
+    models, nodes = fleet(40, 12, seed=5)
+    arriving, present = models[:3], models[3:]
+    steady = converged(present, nodes)
+    planner = IncrementalPlanner(present, nodes, applied(steady), config=GREEDY, spare_rows=2)
+    assert planner.plan.placements == steady.placements and planner.plan.actions == ()
+    assert planner.spares_left() == 2
+    current = list(present)
+    for model in arriving[:2]:
+        before = planner.plan
+        incremental = planner.add_model(model)
+        current.append(model)
+        full = plan(current, nodes, applied(before), config=GREEDY)
+        assert model.name in full.placements  # (the fleet has room for it)
+        assert model.name in incremental.placements
+        assert {a.model for a in incremental.actions} >= {model.name}
+        assert not any(name.startswith("~") for name in incremental.placements)
+        assert not any(u.model.startswith("~") for u in incremental.unschedulable)
+        assert_plan_valid(incremental, current, nodes, GREEDY, busy_limit=1.0, current=applied(before))
+        assert plan_value(incremental, current, nodes) >= 0.99 * plan_value(full, current, nodes)
+    assert planner.spares_left() == 0
+    # a known model is updated, not added
+    changed_model = dataclasses.replace(arriving[0], min_decode_tokens_per_second=2.0)
+    assert changed_model.name in planner.add_model(changed_model).placements
+    with pytest.raises(KeyError, match="no spare row left"):
+        planner.add_model(arriving[2])
+
+
+def test_a_planner_with_spare_rows_makes_the_same_first_plan() -> None:
+    models, nodes = fleet(120, 12, seed=3)
+    with_spares = IncrementalPlanner(models, nodes, [], config=GREEDY, spare_rows=8)
+    full = plan(models, nodes, [], config=GREEDY)
+    assert with_spares.plan.placements == full.placements
+    assert with_spares.plan.actions == full.actions
+    assert with_spares.plan.unschedulable == full.unschedulable

@@ -43,6 +43,9 @@ from residency_operator.planner.types import (
     with_backlog,
 )
 
+SPARE_PREFIX = "~spare/"
+"""Names of the unwanted rows kept for models that arrive later (``~`` sorts after every namespace, so the
+spare rows come last and a full plan over the same models plans them the same)."""
 ROOM_MISS_LIMIT = 64
 """After this many models in a row of one tier had room by the per-resource bounds but found no place
 (the bounds are optimistic: they count GPU time a blocker might give up), the tier stops trying; a
@@ -60,11 +63,32 @@ class IncrementalPlanner:
         profiles: Iterable[SensitivityProfile] = (),
         now: float = 0.0,
         config: PlannerConfig | None = None,
+        spare_rows: int = 0,
     ) -> None:
         started = time.perf_counter()
         self.config = config or PlannerConfig()
+        self.spare_rows = spare_rows
+        """Rows kept unwanted for :meth:`add_model`: a model that arrives takes one instead of a full plan."""
+        model_list = [m for m in models if not m.name.startswith(SPARE_PREFIX)]
+        if model_list and spare_rows:
+            # A spare is wanted by nobody, so it takes no room and no plan names it; only its rows of the
+            # option tables exist, to be overwritten by the model that takes it.
+            model_list += [
+                dataclasses.replace(
+                    model_list[0],
+                    name=f"{SPARE_PREFIX}{k:04d}",
+                    wanted=False,
+                    preemptible=True,
+                    observed=None,
+                    waiting_requests=0,
+                )
+                for k in range(spare_rows)
+            ]
         with collector_paused():
-            self.problem = problem = PlanningProblem(models, nodes, current_placements, profiles, self.config)
+            self.problem = problem = PlanningProblem(
+                model_list, nodes, current_placements, profiles, self.config
+            )
+            self._spares = [m.name for m in problem.models if m.name.startswith(SPARE_PREFIX)]
             notes = ["greedy plan, kept current incrementally"]
             option_count = count_options(problem.tables, problem.class_of_node, problem.nodes)
             self.greedy, assignment, preempted_by, upper_bound, gap = greedy_solve(
@@ -121,6 +145,21 @@ class IncrementalPlanner:
                 )
                 a.incumbent = True
 
+    def spares_left(self) -> int:
+        """Spare rows still free for :meth:`add_model`."""
+        return len(self._spares)
+
+    def add_model(self, model: ModelDemand, now: float = 0.0) -> Plan:
+        """Plan a model that arrived since this planner was built, into a spare row (as
+        :meth:`update_model` plans a changed one: placed where there is room, or room made for it). A model
+        already known is updated. :class:`KeyError` when no spare row is left: plan in full."""
+        problem = self.problem
+        if model.name not in problem.model_index:
+            if not self._spares:
+                raise KeyError(f"no spare row left for {model.name}; run a full plan to add models")
+            problem.model_index[model.name] = problem.model_index.pop(self._spares.pop(0))
+        return self.update_model(model, now)
+
     def update_model(self, model: ModelDemand, now: float = 0.0) -> Plan:
         """Re-plan after ``model`` changed; returns the full desired state with only the actions that this
         change needs (the previous plan is taken as carried out)."""
@@ -171,7 +210,9 @@ class IncrementalPlanner:
         ]
         models[problem.model_index[model.name]] = model
         current = list(problem.current.values())
-        self.__init__(models, problem.nodes, current, problem.profiles, now, self.config)  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            models, problem.nodes, current, problem.profiles, now, self.config, self.spare_rows
+        )
         return self.plan
 
     def _update(self, model: ModelDemand, now: float) -> Plan:
