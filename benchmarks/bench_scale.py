@@ -44,7 +44,11 @@ from kubernetes.client.exceptions import ApiException
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from scale_identities import remove_bindings, service_account_kubeconfigs  # noqa: E402
+from scale_identities import (  # noqa: E402
+    create_lease_flow_schema,
+    remove_bindings,
+    service_account_kubeconfigs,
+)
 
 RESULTS = REPO / "benchmarks" / "results"
 GROUP, VERSION = "residency.dev", "v1alpha1"
@@ -72,6 +76,8 @@ class ScaleConfig:
     incremental_min_models: int | None = None
     # each client under a ServiceAccount of its own, as in a cluster (scale_identities), or all "admin"
     identities: str = "service-accounts"
+    # the chart's FlowSchema for the Lease renewals (apiPriority); False: they queue with everything else
+    lease_priority: bool = True
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -427,6 +433,9 @@ class ScaleRun:
             self.kubeconfigs = service_account_kubeconfigs(
                 self.api, self.kubeconfig, cfg.namespace, self.workdir / "identities"
             )
+            if cfg.lease_priority:
+                # the Leases in a priority level of their own, as the chart installs it (apiPriority)
+                create_lease_flow_schema(self.api, cfg.namespace, "default")
         names = [f"{cfg.node_prefix}{i:04d}" for i in range(cfg.nodes)]
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(self._create_node, names))
@@ -987,6 +996,12 @@ def main() -> None:
         "fairness applies), or everyone as the admin certificate (exempt from it: arrival order)",
     )
     parser.add_argument(
+        "--no-lease-priority",
+        action="store_true",
+        help="without the chart's FlowSchema (apiPriority): the Lease renewals queue with every other "
+        "request of their ServiceAccount (every run before 2026-12-08)",
+    )
+    parser.add_argument(
         "--incremental-min-models",
         type=int,
         default=None,
@@ -1012,6 +1027,7 @@ def main() -> None:
         label=args.label,
         incremental_min_models=args.incremental_min_models,
         identities=args.identities,
+        lease_priority=not args.no_lease_priority,
     )
     env = cluster_env(args.workdir, api_port="16643", etcd_port="23990")
     cluster("down", env)

@@ -69,8 +69,54 @@ def service_account_kubeconfigs(
     return paths
 
 
+def lease_flow_schema(
+    namespace: str, lease_namespace: str, priority_level: str = "node-high", precedence: int = 1000
+) -> dict[str, Any]:
+    """The chart's FlowSchema (charts/residency/templates/flowschema.yaml) for the run's ServiceAccounts:
+    the node Lease renewals and the operator's leader Lease in their own priority level, as kubelets'
+    heartbeats are (tests/unit/test_chart.py checks that the two agree)."""
+    return {
+        "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+        "kind": "FlowSchema",
+        "metadata": {"name": _flow_schema_name(namespace), "labels": {"scale": "hollow"}},
+        "spec": {
+            "priorityLevelConfiguration": {"name": priority_level},
+            "matchingPrecedence": precedence,
+            "distinguisherMethod": {"type": "ByUser"},
+            "rules": [
+                {
+                    "subjects": [
+                        {
+                            "kind": "ServiceAccount",
+                            "serviceAccount": {"name": f"residency-{who}", "namespace": namespace},
+                        }
+                        for who in IDENTITIES
+                    ],
+                    "resourceRules": [
+                        {
+                            "verbs": ["get", "create", "update", "patch"],
+                            "apiGroups": ["coordination.k8s.io"],
+                            "resources": ["leases"],
+                            "namespaces": [lease_namespace],
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def create_lease_flow_schema(api: client.ApiClient, namespace: str, lease_namespace: str) -> None:
+    body = lease_flow_schema(namespace, lease_namespace)
+    _create(client.FlowcontrolApiserverV1Api(api).create_flow_schema, body)
+
+
+def _flow_schema_name(namespace: str) -> str:
+    return f"residency-scale-{namespace}-leases"
+
+
 def remove_bindings(api: client.ApiClient, namespace: str) -> None:
-    """The run's ClusterRoleBindings (its ServiceAccounts go with its namespace)."""
+    """The run's ClusterRoleBindings and FlowSchema (its ServiceAccounts go with its namespace)."""
     rbac = client.RbacAuthorizationV1Api(api)
     for who in IDENTITIES:
         try:
@@ -78,6 +124,11 @@ def remove_bindings(api: client.ApiClient, namespace: str) -> None:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+    try:
+        client.FlowcontrolApiserverV1Api(api).delete_flow_schema(_flow_schema_name(namespace))
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 def _create(call: Any, *args: Any) -> None:

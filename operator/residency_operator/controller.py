@@ -24,7 +24,6 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from residency.modeldir import inspect_model_dir
 from residency.names import placement_name
 from residency_operator.cache import ClusterCache
 from residency_operator.capacity import (
@@ -69,7 +68,7 @@ from residency_operator.state import (
     stale_nodes,
     with_wake_requests,
 )
-from residency_operator.validation import validate_model
+from residency_operator.validation import ValidationCache
 from residency_operator.verdicts import (
     RETRIED_LOAD_FAILURES,
     model_verdict,
@@ -117,9 +116,7 @@ class Controller:
         self.kube = kube
         self.cache = cache
         """Watch-fed state; without one, each round lists every kind from the API server (tests)."""
-        self.validation_seconds = validation_seconds
-        """How long a model's validation verdict (its directory read from disk) is reused."""
-        self._validated: dict[tuple[str, Any], tuple[float, Any]] = {}
+        self._validation = ValidationCache(validation_seconds)
         self._live: frozenset[str] | None = None  # nodes taking work in the last round
         self._reported: dict[str, tuple[Any, Any]] = {}  # model -> (verdict, version) its status shows
         self._last_round = -float("inf")
@@ -303,38 +300,18 @@ class Controller:
             held[node] = held.get(node, 0) + int((placement.get("status") or {}).get("residentBytes") or 0)
         return held
 
+    @property
+    def validation_seconds(self) -> float:
+        """How long a model's validation verdict (its directory read from disk) is reused."""
+        return self._validation.seconds
+
+    @validation_seconds.setter
+    def validation_seconds(self, seconds: float) -> None:
+        self._validation.seconds = seconds
+
     def validator(self) -> Validate:
-        """validate_model, its verdict reused per model generation for :attr:`validation_seconds` (reading
-        ten thousand model directories every round would be most of the round)."""
-        now = time.monotonic()
-        self._validated = {k: v for k, v in self._validated.items() if now - v[0] < self.validation_seconds}
-
-        directories: dict[tuple[Any, ...], Any] = {}  # this round's reads: many models share a directory
-
-        def inspect(path: str, *args: Any) -> Any:
-            key = (path, args[1] if len(args) > 1 else None)
-            if key not in directories:
-                try:
-                    directories[key] = inspect_model_dir(path, *args)
-                except Exception as exc:  # the same failure for every model of the directory
-                    directories[key] = exc
-            found = directories[key]
-            if isinstance(found, Exception):
-                raise found
-            return found
-
-        def validate(body: dict[str, Any]) -> Any:
-            meta = body["metadata"]
-            key = (str(meta.get("uid") or model_key(body)), meta.get("generation"))
-            hit = self._validated.get(key)
-            if hit is None:
-                result = validate_model(
-                    body["spec"], self.knobs.allowed_model_roots, self.knobs.remote_code_roots, inspect
-                )
-                hit = self._validated[key] = (now, result)
-            return hit[1]
-
-        return validate
+        """This round's validate_model, its verdicts reused (:class:`ValidationCache`)."""
+        return self._validation.validator(self.knobs.allowed_model_roots, self.knobs.remote_code_roots)
 
     def round(self) -> RoundReport:
         """One level-triggered planning round."""

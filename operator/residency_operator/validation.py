@@ -1,7 +1,9 @@
-"""Validation of an LLMModel beyond what the CRD schema can say (pure: filesystem reads only)."""
+"""Validation of an LLMModel beyond what the CRD schema can say (pure: filesystem reads only), and its
+verdicts reused across planning rounds."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,3 +43,49 @@ def _failed(reason: str, message: str) -> Verdict:
         message=message,
         conditions=(("Validated", "False", reason, message), ("Ready", "False", reason, message)),
     )
+
+
+class ValidationCache:
+    """:func:`validate_model` with each verdict reused per model generation for ``seconds`` (reading ten
+    thousand model directories every round would be most of the round), and each directory read once per
+    round however many models use it."""
+
+    def __init__(self, seconds: float = 60.0) -> None:
+        self.seconds = seconds
+        self._verdicts: dict[tuple[str, Any], tuple[float, ModelDirInfo | Verdict]] = {}
+
+    def validator(
+        self, allowed_roots: list[Path], remote_code_roots: list[Path]
+    ) -> Callable[[dict[str, Any]], ModelDirInfo | Verdict]:
+        """This round's validate(model body)."""
+        now = time.monotonic()
+        self._verdicts = {k: v for k, v in self._verdicts.items() if now - v[0] < self.seconds}
+        directories: dict[tuple[Any, ...], Any] = {}  # this round's reads: many models share a directory
+
+        def inspect(path: str, *args: Any) -> Any:
+            key = (path, args[1] if len(args) > 1 else None)
+            if key not in directories:
+                try:
+                    directories[key] = inspect_model_dir(path, *args)
+                except Exception as exc:  # the same failure for every model of the directory
+                    directories[key] = exc
+            found = directories[key]
+            if isinstance(found, Exception):
+                raise found
+            return found
+
+        def validate(body: dict[str, Any]) -> ModelDirInfo | Verdict:
+            meta = body["metadata"]
+            key = (
+                str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"),
+                meta.get("generation"),
+            )
+            hit = self._verdicts.get(key)
+            if hit is None:
+                hit = self._verdicts[key] = (
+                    now,
+                    validate_model(body["spec"], allowed_roots, remote_code_roots, inspect),
+                )
+            return hit[1]
+
+        return validate

@@ -475,3 +475,39 @@ def test_the_router_is_authenticated_by_default_and_only_router_and_operator_rea
         "clientTokenSecret" in render_failure(["router.auth=token"]).stderr
     )  # a shared token needs its Secret
     assert "/router/auth" in render_failure(["router.auth=none"]).stderr  # open is for tests only
+
+
+def test_node_leases_are_served_in_their_own_priority_level_as_the_scale_harness_measures_them() -> None:
+    """The workers' Lease renewals and the operator's leader Lease match a FlowSchema of their own (before
+    the built-in service-accounts one), and only they: no other verb or resource of those accounts. The
+    scale harness creates the same FlowSchema for its own ServiceAccounts."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from scale_identities import lease_flow_schema
+
+    objects = render(namespace="residency-system")
+    schema = find(objects, "FlowSchema", "rel-residency-leases")
+    spec = schema["spec"]
+    assert spec["priorityLevelConfiguration"]["name"] == "node-high"
+    assert spec["matchingPrecedence"] < 9000  # the built-in service-accounts FlowSchema
+    (rule,) = spec["rules"]
+    assert {(s["serviceAccount"]["name"], s["serviceAccount"]["namespace"]) for s in rule["subjects"]} == {
+        ("rel-residency-worker", "residency-system"),
+        ("rel-residency-operator", "residency-system"),
+    }
+    assert rule["resourceRules"] == [
+        {
+            "verbs": ["get", "create", "update", "patch"],
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "namespaces": ["residency-system"],
+        }
+    ]
+    harness = lease_flow_schema("scale", "scale")["spec"]
+    assert {k: v for k, v in harness.items() if k != "rules"} == {
+        k: v for k, v in spec.items() if k != "rules"
+    }
+    assert harness["rules"][0]["resourceRules"] == [{**rule["resourceRules"][0], "namespaces": ["scale"]}]
+    off = render("apiPriority.enabled=false")
+    assert not [o for o in off if o["kind"] == "FlowSchema"]

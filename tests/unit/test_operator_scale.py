@@ -192,16 +192,16 @@ def test_a_round_from_the_cache_lists_nothing_and_runs_only_when_due(
 def test_a_model_directory_is_read_once_per_generation(
     tmp_path: Path, make_model_dir: MakeDir, monkeypatch: Any
 ) -> None:
-    from residency_operator import controller as controller_module
+    from residency_operator import validation as validation_module
 
     calls: list[str] = []
-    real = controller_module.validate_model
+    real = validation_module.validate_model
 
     def counting(spec: dict[str, Any], *args: Any) -> Any:
         calls.append(spec["source"]["path"])
         return real(spec, *args)
 
-    monkeypatch.setattr(controller_module, "validate_model", counting)
+    monkeypatch.setattr(validation_module, "validate_model", counting)
     model = llm("a", make_model_dir("a"))
     state = ClusterState([model], [profile("gpu-1", 10**9, heartbeat=datetime.now(UTC))], [node("gpu-1")], [])
     controller = Controller(FakeKube(state), knobs(tmp_path))  # type: ignore[arg-type]
@@ -219,16 +219,16 @@ def test_a_model_directory_is_read_once_per_generation(
 def test_models_that_share_a_directory_read_it_once_per_round(
     tmp_path: Path, make_model_dir: MakeDir, monkeypatch: Any
 ) -> None:
-    from residency_operator import controller as controller_module
+    from residency_operator import validation as validation_module
 
     reads: list[str] = []
-    real = controller_module.inspect_model_dir
+    real = validation_module.inspect_model_dir
 
     def counting(path: str, *args: Any) -> Any:
         reads.append(path)
         return real(path, *args)
 
-    monkeypatch.setattr(controller_module, "inspect_model_dir", counting)
+    monkeypatch.setattr(validation_module, "inspect_model_dir", counting)
     shared = make_model_dir("shared")
     models = [llm(f"m{i}", shared) for i in range(5)]
     state = ClusterState(models, [profile("gpu-1", 10**9, heartbeat=datetime.now(UTC))], [node("gpu-1")], [])
