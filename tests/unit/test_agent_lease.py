@@ -131,3 +131,56 @@ def test_a_hollow_node_acknowledges_its_placement_through_the_agent() -> None:
     placement["spec"]["desiredState"] = "Preempted"
     worker.sync()
     assert placement["status"]["state"] == "Preempted"
+
+
+def test_the_lease_is_renewed_while_a_long_load_holds_the_sync_loop() -> None:
+    """The Lease has a thread of its own, as a kubelet's lease controller: a load that lasts many renewal
+    periods (a large model from slow storage) does not let it lapse, which would have the operator judge
+    a working node dead and move its models; a failed renewal is tried again at the next period."""
+    import threading
+    import time
+
+    placement = {
+        "metadata": {"name": "t.big", "generation": 1, "resourceVersion": "1"},
+        "spec": {
+            "model": {"namespace": "t", "name": "big", "uid": "u"},
+            "nodeName": "gpu-7",
+            "sourcePath": "/models/big",
+            "dtype": "float32",
+            "residentFraction": 1.0,
+            "executionMode": "stream",
+            "desiredState": "Loaded",
+            "maxSequenceLength": 64,
+            "maxBatchSize": 1,
+        },
+    }
+    custom, coordination = FakeCustom([placement]), FakeCoordination()
+    config = AgentConfig(
+        node="gpu-7",
+        endpoint="http://x",
+        host_memory_bytes=2**30,
+        heartbeat_seconds=0.05,
+        poll_seconds=0.05,
+    )
+    engine: Any = HollowEngine("gpu-7", 2**30, load_seconds=2.0)  # forty renewal periods
+    worker = HollowAgent(engine, config, custom=custom, core=FakeCore(), coordination=coordination)  # type: ignore[arg-type]
+    worker.watch_placements = lambda stop: None  # type: ignore[method-assign]  # (no API server: polls)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not coordination.lease and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # the load is under way
+    coordination.fail_next = 500  # one renewal refused: the renewer goes on
+    time.sleep(0.4)
+    during = coordination.calls.count("replace")
+    loading = "status" not in placement or placement["status"].get("state") != "Loaded"
+    deadline = time.monotonic() + 10
+    while placement.get("status", {}).get("state") != "Loaded" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    thread.join(timeout=5)
+    assert loading, "the load ended before the renewals were counted"
+    assert during >= 5, coordination.calls  # renewed through the load, past the refused one
+    assert placement["status"]["state"] == "Loaded"

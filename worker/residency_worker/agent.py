@@ -95,6 +95,8 @@ class NodeAgent(NodePresence):
     _reload_pending: set[str] = field(default_factory=set)  # unloaded for a spec change: next load reloads
     _lease: Any = None  # the node Lease as last written (a V1Lease)
     _lease_refused: bool = False  # no RBAC for Leases (an older chart): heartbeat in the NodeProfile
+    _lease_lock: threading.Lock = field(default_factory=threading.Lock)
+    _lease_renewer: bool = False
     _reported_resident_bytes: int | None = None
     _gpus_checked_at: float = -math.inf  # monotonic; GPUs are probed once per heartbeat period
     _placement_cache: Informer | None = None
@@ -488,6 +490,7 @@ class NodeAgent(NodePresence):
         backoff = self.config.poll_seconds
         registered = False
         self.watch_placements(stop)
+        lease_thread: threading.Thread | None = None
         while not stop.is_set():
             more = False
             self._changed.clear()  # (before the sync reads: a change during it wakes the next one)
@@ -495,6 +498,14 @@ class NodeAgent(NodePresence):
                 if not registered:
                     self.register()
                     registered = True
+                if lease_thread is None:  # (after registration: the Lease exists, and its first renewal)
+                    lease_thread = threading.Thread(
+                        target=self.renew_leases,
+                        args=(stop,),
+                        name=f"lease-{self.config.node}",
+                        daemon=True,
+                    )
+                    lease_thread.start()
                 more = self.sync()
                 backoff = self.config.poll_seconds
             except Exception as exc:  # the API server may be away; keep serving and retry

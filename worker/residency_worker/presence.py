@@ -8,6 +8,7 @@ import hashlib
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -67,6 +68,8 @@ class NodePresence:
     _profile_spec: dict[str, Any] | None
     _lease: Any  # the node Lease as last written (a V1Lease)
     _lease_refused: bool  # no RBAC for Leases (an older chart): heartbeat in the NodeProfile
+    _lease_lock: threading.Lock  # renew_lease from the sync loop (at registration) and the renewer
+    _lease_renewer: bool  # a thread of its own renews the Lease (renew_leases runs)
     _reported_resident_bytes: int | None
 
     def profile_spec(self) -> dict[str, Any]:
@@ -131,8 +134,9 @@ class NodePresence:
             return
         if not force and time.monotonic() - self._last_heartbeat < self.config.heartbeat_seconds:
             return
-        if not self._lease_refused:
-            self.renew_lease()
+        if not self._lease_refused and (force or not self._lease_renewer):
+            with self._lease_lock:
+                self.renew_lease()
         resident_bytes = self.engine.node_report().allocated_bytes
         # the profile's status is measured values: written when they change (liveness is the Lease)
         if force or self._lease_refused or resident_bytes != self._reported_resident_bytes:
@@ -149,6 +153,28 @@ class NodePresence:
         if self.config.node_heartbeat:
             self._node_ready()
         self._last_heartbeat = time.monotonic()
+
+    def renew_leases(self, stop: threading.Event) -> None:
+        """Renew the node Lease every period on a thread of its own until ``stop``, as a kubelet's lease
+        controller does. The sync loop may spend minutes in one load, or wait on an API server that is
+        slow to take its status writes; a Lease renewed only between its passes would then lapse, and the
+        operator would judge a working node dead and move its models. A refused renewal is logged and
+        tried again at the next period; without the right to write Leases the NodeProfile heartbeats, in
+        the sync loop, as before."""
+        self._lease_renewer = True
+        try:
+            while not stop.wait(self.config.heartbeat_seconds) and not self._lease_refused:
+                try:
+                    with self._lease_lock:
+                        self.renew_lease()
+                except Exception as exc:  # the API server away or refusing: the next period tries again
+                    log.warning(
+                        "could not renew the node Lease (%s); again in %.0f s",
+                        exc.__class__.__name__,
+                        self.config.heartbeat_seconds,
+                    )
+        finally:
+            self._lease_renewer = False
 
     def renew_lease(self) -> None:
         """Renew this node's Lease (create it the first time; read it again after a conflict)."""
