@@ -201,7 +201,7 @@ class Controller:
                 report = await asyncio.to_thread(self._lead_round)
                 if report is None:
                     return  # stopping
-                if report.created or report.updated or report.deleted:
+                if report.created or report.updated or report.deleted or report.statuses:
                     log.info(
                         "plan (%s, %.3f s: %s): created %s updated %s deleted %s; %d statuses written, "
                         "%d left to the next round",

@@ -50,9 +50,23 @@ def test_idle_means_known_zero_demand_and_nothing_waiting() -> None:
     assert not is_idle(dataclasses.replace(PROD, demand_decode_tokens_per_second=2.0), config)
     assert not is_idle(dataclasses.replace(PROD, wanted=False), config)
     seen, offset = yield_idle([PROD, BATCH], config)
-    # Below every declared tier, its own declared priority still known.
-    assert offset == 91 and seen[0].priority < BATCH.priority and seen[0].declared_priority == 100
+    # Below every declared tier, its own declared priority still known; the offset (past the span of 91,
+    # a power of ten with room for the span to double) leaves the order of every model as it was.
+    assert offset == 1000 and seen[0].priority < BATCH.priority and seen[0].declared_priority == 100
     assert seen[1] is BATCH
+
+
+def test_a_priority_change_within_the_offset_room_is_planned_incrementally() -> None:
+    """A new priority that widens the span of declared priorities while models are idle, but not past
+    the offset's room, is one model's change: the incremental planner does not re-plan everything."""
+    config = PlannerConfig(solver="greedy")
+    planner = IncrementalPlanner([PROD, BATCH], [L4], running("prod/chat"), config=config)
+    rebuilt: list[str] = []
+    planner._replan_all = lambda model, now: rebuilt.append(model.name)  # type: ignore[method-assign,assignment,return-value]
+    planner.update_model(dataclasses.replace(BATCH, priority=150))  # declared 100 and 150: in the room
+    assert rebuilt == []
+    planner.update_model(dataclasses.replace(BATCH, priority=5000))  # past the room: a full re-plan
+    assert rebuilt == ["batch/job"]
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -48,12 +48,19 @@ def is_idle(model: ModelDemand, config: PlannerConfig) -> bool:
 
 
 def idle_priority_offset(models: Sequence[ModelDemand]) -> int:
-    """How far an idle model's priority drops: one more than the span of declared priorities, so that
-    every idle model ranks below every busy one and idle ones keep their order among themselves."""
+    """How far an idle model's priority drops: more than the span of declared priorities, so that every
+    idle model ranks below every busy one and idle ones keep their order among themselves. Rounded up to
+    a power of ten with room for the span to double: priorities are only compared, so any offset past
+    the span plans the same, and a priority change within that room keeps it (the incremental planner
+    re-plans everything when a change outgrows its offset; at 10 000 models, seconds)."""
     if not models:
         return 1
     priorities = [m.priority for m in models]
-    return max(priorities) - min(priorities) + 1
+    span = max(priorities) - min(priorities) + 1
+    offset = 10
+    while offset < 2 * span:
+        offset *= 10
+    return offset
 
 
 def yield_if_idle(
