@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_scale import make_models, model_manifest  # noqa: E402
 from residency.names import placement_name  # noqa: E402
+from residency_operator.cache import ChangeLog  # noqa: E402
 from residency_operator.capacity import CapacityConfig  # noqa: E402
-from residency_operator.changes import Changes  # noqa: E402
 from residency_operator.controller import Controller  # noqa: E402
 from residency_operator.state import ClusterState, OperatorKnobs  # noqa: E402
 
@@ -75,16 +75,13 @@ class _Written:
         pass
 
 
-class MemoryCache:
+class MemoryCache(ChangeLog):
     """The informers' view: the in-memory cluster, and the changes the benchmark makes."""
 
     def __init__(self, api: MemoryApi) -> None:
         self.api = api
         self.models = self.placements = _Written()
-        self.spec_changes: set[str] = set()
-        self.added: set[str] = set()
-        self.reported: set[str] = set()
-        self.ended: set[str] = set()
+        super().__init__()
         self.other = True
 
     def state(self) -> ClusterState:
@@ -97,18 +94,6 @@ class MemoryCache:
 
     def wake_requests(self) -> dict[str, tuple[str, str]]:
         return {}
-
-    def take_changes(self) -> Changes:
-        taken = Changes(
-            spec=frozenset(self.spec_changes),
-            added=frozenset(self.added),
-            reported=frozenset(self.reported),
-            ended=frozenset(self.ended),
-            other=self.other,
-        )
-        self.spec_changes, self.added, self.reported, self.ended = set(), set(), set(), set()
-        self.other = False
-        return taken
 
 
 def fleet(nodes: int, models: int, root: Path) -> ClusterState:

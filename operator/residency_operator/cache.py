@@ -37,7 +37,34 @@ def slim_node(body: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-class ClusterCache:
+class ChangeLog:
+    """What changed, as the informers record it from their threads, until a round takes it at once
+    (:class:`~residency_operator.changes.Changes`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.spec_changes: set[str] = set()
+        self.added: set[str] = set()
+        self.reported: set[str] = set()
+        self.ended: set[str] = set()
+        self.other = False
+
+    def take_changes(self) -> changes.Changes:
+        """What changed since the last call."""
+        with self._lock:
+            taken = changes.Changes(
+                frozenset(self.spec_changes),
+                frozenset(self.added),
+                frozenset(self.reported),
+                frozenset(self.ended),
+                self.other,
+            )
+            self.spec_changes, self.added, self.reported, self.ended = set(), set(), set(), set()
+            self.other = False
+        return taken
+
+
+class ClusterCache(ChangeLog):
     """Informers for LLMModels, NodeProfiles, Nodes, ModelPlacements, SensitivityProfiles and the node
     Leases in ``lease_namespace``; ``on_change`` is called (on an informer thread) for a change that
     matters."""
@@ -47,14 +74,8 @@ class ClusterCache:
         api.rest_client.pool_manager.connection_pool_kw["maxsize"] = pool_size
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
         coordination = client.CoordinationV1Api(api)
+        super().__init__()
         self._on_change = on_change
-        self._changes_lock = threading.Lock()
-        # what changed since take_changes(), by kind (changes.Changes)
-        self._spec_changes: set[str] = set()
-        self._added: set[str] = set()
-        self._reported: set[str] = set()
-        self._ended: set[str] = set()
-        self._other_changes = False
         self.models = Informer(
             "llmmodels",
             custom.list_cluster_custom_object,
@@ -110,8 +131,8 @@ class ClusterCache:
     def _poke_if(self, matters: Callable[[Any, Any], bool]) -> Handler:
         def handle(kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
             if matters(old, new):
-                with self._changes_lock:
-                    self._other_changes = True
+                with self._lock:
+                    self.other = True
                 self._on_change()
 
         return handle
@@ -119,47 +140,33 @@ class ClusterCache:
     def _on_model(self, kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
         if not changes.model_changed(old, new):
             return
-        with self._changes_lock:
+        with self._lock:
             if new is not None and (
                 changes.model_spec_changed(old, new) or changes.model_deletion_began(old, new)
             ):
-                self._spec_changes.add(changes.model_key(new))
+                self.spec_changes.add(changes.model_key(new))
             elif old is None and new is not None:
-                self._added.add(changes.model_key(new))
+                self.added.add(changes.model_key(new))
             elif new is None and old is not None:
-                self._ended.add(changes.model_key(old))
+                self.ended.add(changes.model_key(old))
             else:
-                self._other_changes = True
+                self.other = True
         self._on_change()
 
     def _on_placement(self, kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
         if not changes.placement_changed(old, new):
             return
         key = changes.placement_model_key(new or old or {})
-        with self._changes_lock:
+        with self._lock:
             # (a placement that came is checked against the plan like a report: the operator's own write)
             came = old is None and new is not None and not new["metadata"].get("deletionTimestamp")
             if key is not None and (came or changes.placement_report(old, new)):
-                self._reported.add(key)
+                self.reported.add(key)
             elif key is not None and changes.placement_ending(old, new):
-                self._ended.add(key)
+                self.ended.add(key)
             else:
-                self._other_changes = True
+                self.other = True
         self._on_change()
-
-    def take_changes(self) -> changes.Changes:
-        """What changed since the last call."""
-        with self._changes_lock:
-            taken = changes.Changes(
-                frozenset(self._spec_changes),
-                frozenset(self._added),
-                frozenset(self._reported),
-                frozenset(self._ended),
-                self._other_changes,
-            )
-            self._spec_changes, self._added, self._reported, self._ended = set(), set(), set(), set()
-            self._other_changes = False
-        return taken
 
     def start(self) -> None:
         for informer in self.informers:

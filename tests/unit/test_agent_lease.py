@@ -68,6 +68,23 @@ class FakeCore:
         raise ApiException(status=404, reason="Not Found")
 
 
+def placement_on_gpu7(name: str, resident_fraction: float) -> dict[str, Any]:
+    return {
+        "metadata": {"name": f"t.{name}", "generation": 1, "resourceVersion": "1"},
+        "spec": {
+            "model": {"namespace": "t", "name": name, "uid": "u"},
+            "nodeName": "gpu-7",
+            "sourcePath": f"/models/{name}",
+            "dtype": "float32",
+            "residentFraction": resident_fraction,
+            "executionMode": "stream",
+            "desiredState": "Loaded",
+            "maxSequenceLength": 64,
+            "maxBatchSize": 1,
+        },
+    }
+
+
 def agent(custom: FakeCustom, coordination: FakeCoordination) -> HollowAgent:
     config = AgentConfig(node="gpu-7", endpoint="http://x", host_memory_bytes=2**30, heartbeat_seconds=0.0)
     engine: Any = HollowEngine("gpu-7", 2**30, load_seconds=0.0)
@@ -107,20 +124,7 @@ def test_a_conflict_reads_the_lease_again_and_a_refusal_falls_back_to_the_profil
 
 
 def test_a_hollow_node_acknowledges_its_placement_through_the_agent() -> None:
-    placement = {
-        "metadata": {"name": "t.m", "generation": 1, "resourceVersion": "1"},
-        "spec": {
-            "model": {"namespace": "t", "name": "m", "uid": "u"},
-            "nodeName": "gpu-7",
-            "sourcePath": "/models/m",
-            "dtype": "float32",
-            "residentFraction": 0.5,
-            "executionMode": "stream",
-            "desiredState": "Loaded",
-            "maxSequenceLength": 64,
-            "maxBatchSize": 1,
-        },
-    }
+    placement = placement_on_gpu7("m", 0.5)
     custom = FakeCustom([placement])
     worker = agent(custom, FakeCoordination())
     worker.sync()
@@ -140,20 +144,7 @@ def test_the_lease_is_renewed_while_a_long_load_holds_the_sync_loop() -> None:
     import threading
     import time
 
-    placement = {
-        "metadata": {"name": "t.big", "generation": 1, "resourceVersion": "1"},
-        "spec": {
-            "model": {"namespace": "t", "name": "big", "uid": "u"},
-            "nodeName": "gpu-7",
-            "sourcePath": "/models/big",
-            "dtype": "float32",
-            "residentFraction": 1.0,
-            "executionMode": "stream",
-            "desiredState": "Loaded",
-            "maxSequenceLength": 64,
-            "maxBatchSize": 1,
-        },
-    }
+    placement = placement_on_gpu7("big", 1.0)
     custom, coordination = FakeCustom([placement]), FakeCoordination()
     config = AgentConfig(
         node="gpu-7",

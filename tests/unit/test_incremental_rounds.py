@@ -8,13 +8,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_controller_round import FakeKube
 from test_operator_state import knobs, llm, node, profile
 
 from conftest import MakeDir
 from residency_operator import changes
+from residency_operator.cache import ChangeLog
 from residency_operator.capacity import CapacityConfig
-from residency_operator.changes import Changes
 from residency_operator.controller import Controller
 from residency_operator.state import ClusterState
 
@@ -24,16 +25,13 @@ class Written:
         pass
 
 
-class FakeCache:
+class FakeCache(ChangeLog):
     """What the controller reads from its informers: the fake API's objects, and the changes it is told."""
 
     def __init__(self, kube: FakeKube) -> None:
         self.kube = kube
         self.models = self.placements = Written()
-        self.spec_changes: set[str] = set()
-        self.added: set[str] = set()
-        self.reported: set[str] = set()
-        self.ended: set[str] = set()
+        super().__init__()
         self.other = True
 
     def state(self) -> ClusterState:
@@ -41,18 +39,6 @@ class FakeCache:
 
     def wake_requests(self) -> dict[str, tuple[str, str]]:
         return {}
-
-    def take_changes(self) -> Changes:
-        taken = Changes(
-            spec=frozenset(self.spec_changes),
-            added=frozenset(self.added),
-            reported=frozenset(self.reported),
-            ended=frozenset(self.ended),
-            other=self.other,
-        )
-        self.spec_changes, self.added, self.reported, self.ended = set(), set(), set(), set()
-        self.other = False
-        return taken
 
 
 class PlacementKube(FakeKube):
@@ -207,6 +193,18 @@ def test_a_round_after_deferred_statuses_plans_in_full_and_writes_them(
     assert kube.statuses["team-a/m07"]["phase"] == "Ready"
 
 
+Settled = tuple["PlacementKube", "FakeCache", Controller]
+
+
+@pytest.fixture
+def settled(tmp_path: Path, make_model_dir: MakeDir) -> Settled:
+    """The fleet at its plan, with the incremental planner built."""
+    kube, cache, controller = fleet(tmp_path, make_model_dir)
+    settle(kube, cache, controller)
+    assert controller.incremental is not None and controller.incremental.planner is not None
+    return kube, cache, controller
+
+
 def report_loaded(kube: PlacementKube, name: str, **status: Any) -> None:
     """The worker's report: the placement loaded where its spec says (or ``status`` says otherwise)."""
     placement = kube.placements[name]
@@ -217,12 +215,9 @@ def report_loaded(kube: PlacementKube, name: str, **status: Any) -> None:
     }
 
 
-def test_a_workers_report_on_a_placement_where_the_plan_put_it_is_not_a_full_round(
-    tmp_path: Path, make_model_dir: MakeDir
-) -> None:
-    kube, cache, controller = fleet(tmp_path, make_model_dir)
-    settle(kube, cache, controller)
-    assert controller.incremental is not None and controller.incremental.planner is not None
+def test_a_workers_report_on_a_placement_where_the_plan_put_it_is_not_a_full_round(settled: Settled) -> None:
+    kube, cache, controller = settled
+    assert controller.incremental is not None
     kube.patched.clear()
     kube.status_writes.clear()
     report_loaded(kube, "team-a.m04")
@@ -238,12 +233,9 @@ def test_a_workers_report_on_a_placement_where_the_plan_put_it_is_not_a_full_rou
     assert controller.round().solver != "incremental"
 
 
-def test_a_deleted_model_and_a_new_one_are_planned_incrementally(
-    tmp_path: Path, make_model_dir: MakeDir
-) -> None:
-    kube, cache, controller = fleet(tmp_path, make_model_dir)
-    settle(kube, cache, controller)
-    assert controller.incremental is not None and controller.incremental.planner is not None
+def test_a_deleted_model_and_a_new_one_are_planned_incrementally(settled: Settled) -> None:
+    kube, cache, controller = settled
+    assert controller.incremental is not None
     kube.patched.clear()
 
     # deletion begins: the model is no longer wanted, its placement is deleted, nothing else is written
@@ -276,9 +268,8 @@ def test_a_deleted_model_and_a_new_one_are_planned_incrementally(
     assert report.solver != "incremental" and not (report.created or report.updated or report.deleted)
 
 
-def test_what_the_planner_cannot_follow_plans_in_full(tmp_path: Path, make_model_dir: MakeDir) -> None:
-    kube, cache, controller = fleet(tmp_path, make_model_dir)
-    settle(kube, cache, controller)
+def test_what_the_planner_cannot_follow_plans_in_full(settled: Settled) -> None:
+    kube, cache, controller = settled
     assert controller.incremental is not None and controller.incremental.planner is not None
     # a placement gone while its model still wants one
     kube.delete_placement("team-a.m01")

@@ -490,7 +490,9 @@ class NodeAgent(NodePresence):
         backoff = self.config.poll_seconds
         registered = False
         self.watch_placements(stop)
-        lease_thread: threading.Thread | None = None
+        threading.Thread(
+            target=self.renew_leases, args=(stop,), name=f"lease-{self.config.node}", daemon=True
+        ).start()
         while not stop.is_set():
             more = False
             self._changed.clear()  # (before the sync reads: a change during it wakes the next one)
@@ -498,14 +500,6 @@ class NodeAgent(NodePresence):
                 if not registered:
                     self.register()
                     registered = True
-                if lease_thread is None:  # (after registration: the Lease exists, and its first renewal)
-                    lease_thread = threading.Thread(
-                        target=self.renew_leases,
-                        args=(stop,),
-                        name=f"lease-{self.config.node}",
-                        daemon=True,
-                    )
-                    lease_thread.start()
                 more = self.sync()
                 backoff = self.config.poll_seconds
             except Exception as exc:  # the API server may be away; keep serving and retry

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import math
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -160,10 +161,17 @@ class NodePresence:
         slow to take its status writes; a Lease renewed only between its passes would then lapse, and the
         operator would judge a working node dead and move its models. A refused renewal is logged and
         tried again at the next period; without the right to write Leases the NodeProfile heartbeats, in
-        the sync loop, as before."""
+        the sync loop, as before. It runs from the agent's start, before the node registers: a registration
+        that the API server refuses for a while (a thousand nodes starting at once) must not let the Lease
+        it created lapse."""
         self._lease_renewer = True
+        jitter = random.Random()
         try:
-            while not stop.wait(self.config.heartbeat_seconds) and not self._lease_refused:
+            # a little sooner than the period, at random: a fleet of nodes started together does not renew
+            # in one burst every period
+            while not stop.wait(self.config.heartbeat_seconds * jitter.uniform(0.8, 1.0)):
+                if self._lease_refused:
+                    return
                 try:
                     with self._lease_lock:
                         self.renew_lease()
