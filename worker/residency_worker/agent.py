@@ -490,8 +490,11 @@ class NodeAgent(NodePresence):
         backoff = self.config.poll_seconds
         registered = False
         self.watch_placements(stop)
+        # (an Event of its own: the scale harness runs a thousand agents in one process, and a thousand
+        # renewers timing out on the one shared ``stop`` each period would all contend for its lock)
+        lease_stop = threading.Event()
         threading.Thread(
-            target=self.renew_leases, args=(stop,), name=f"lease-{self.config.node}", daemon=True
+            target=self.renew_leases, args=(lease_stop,), name=f"lease-{self.config.node}", daemon=True
         ).start()
         while not stop.is_set():
             more = False
@@ -508,6 +511,7 @@ class NodeAgent(NodePresence):
             if not more:
                 self._changed.wait(backoff)  # a placement change, or the poll period
         self._changed.set()
+        lease_stop.set()
 
 
 def _decode_slo(spec: dict[str, Any]) -> float | None:
