@@ -493,9 +493,10 @@ class NodeAgent(NodePresence):
         # (an Event of its own: the scale harness runs a thousand agents in one process, and a thousand
         # renewers timing out on the one shared ``stop`` each period would all contend for its lock)
         lease_stop = threading.Event()
-        threading.Thread(
-            target=self.renew_leases, args=(lease_stop,), name=f"lease-{self.config.node}", daemon=True
-        ).start()
+        if self.config.lease_thread:
+            threading.Thread(
+                target=self.renew_leases, args=(lease_stop,), name=f"lease-{self.config.node}", daemon=True
+            ).start()
         while not stop.is_set():
             more = False
             self._changed.clear()  # (before the sync reads: a change during it wakes the next one)

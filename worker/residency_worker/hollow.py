@@ -219,11 +219,11 @@ def hollow_agents(
     poll_seconds: float = 5.0,
     lease_namespace: str = "default",
 ) -> list[HollowAgent]:
-    # A connection for each agent's placement watch, which holds one for as long as it runs, one for its
-    # Lease renewals (a thread of their own) and one for its other calls, as each real worker has: with
-    # fewer, a call finds the pool empty, opens a new connection (a TLS handshake on both sides) and drops
-    # it after, and at 1000 nodes those handshakes took most of the harness's CPU.
-    api = shared_api_client(3 * len(names) + 8)
+    # A connection for each agent's placement watch, which holds one for as long as it runs, and one for
+    # its other calls, as each real worker has: with fewer, a call finds the pool empty, opens a new
+    # connection (a TLS handshake on both sides) and drops it after, and at 1000 nodes those handshakes
+    # took most of the harness's CPU.
+    api = shared_api_client(2 * len(names) + 8)
     custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     coordination = client.CoordinationV1Api(api)
     agents = []
@@ -233,6 +233,10 @@ def hollow_agents(
             endpoint=f"http://hollow.invalid/{name}",
             host_memory_bytes=64 * 2**30,
             heartbeat_seconds=heartbeat_seconds,
+            # Between sync passes, not on a thread per agent: with one (3000 threads in this one process on
+            # the harness's 2 cores) the Leases went unrenewed for minutes in each of three runs at 1000
+            # nodes (renew-s38, final-s38), and a hollow load (0.5 s) is far under the grace.
+            lease_thread=False,
             poll_seconds=poll_seconds,  # no traffic in a hollow engine: placement changes wake it
             lease_namespace=lease_namespace,
         )

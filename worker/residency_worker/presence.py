@@ -44,6 +44,9 @@ class AgentConfig:
     host_memory_bytes: int
     poll_seconds: float = 1.0  # between syncs without a placement change (the engine's own news)
     heartbeat_seconds: float = 10.0  # between renewals of the node Lease (the kubelet's 10 s)
+    lease_thread: bool = True
+    """Renew the Lease on a thread of its own (renew_leases); False: between sync passes (the scale
+    harness's hollow agents, see hollow.py)."""
     grow_seconds: float = 2.0  # loads one sync starts before it lists placements again (moves, deletions)
     node_heartbeat: bool = False  # also keep the Node Ready (local clusters have no kubelet)
     pod_name: str | None = None  # this worker's own Pod (downward API), annotated while it serves
