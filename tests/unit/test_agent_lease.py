@@ -3,6 +3,9 @@ written only when a measured value changes. A hollow engine goes through the sam
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -137,13 +140,33 @@ def test_a_hollow_node_acknowledges_its_placement_through_the_agent() -> None:
     assert placement["status"]["state"] == "Preempted"
 
 
+class BlockedLoads(HollowEngine):
+    """A hollow engine whose loads wait until the test lets them finish."""
+
+    def __init__(self) -> None:
+        super().__init__("gpu-7", 2**30, load_seconds=0.0)
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def load(self, name: str, path: str, options: Any = None) -> None:
+        self.started.set()
+        self.release.wait(30)
+        super().load(name, path, options)
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_the_lease_is_renewed_while_a_long_load_holds_the_sync_loop() -> None:
     """The Lease has a thread of its own, as a kubelet's lease controller: a load that lasts many renewal
     periods (a large model from slow storage) does not let it lapse, which would have the operator judge
     a working node dead and move its models; a failed renewal is tried again at the next period."""
-    import threading
-    import time
-
     placement = placement_on_gpu7("big", 1.0)
     custom, coordination = FakeCustom([placement]), FakeCoordination()
     config = AgentConfig(
@@ -153,25 +176,21 @@ def test_the_lease_is_renewed_while_a_long_load_holds_the_sync_loop() -> None:
         heartbeat_seconds=0.05,
         poll_seconds=0.05,
     )
-    engine: Any = HollowEngine("gpu-7", 2**30, load_seconds=2.0)  # forty renewal periods
+    engine = BlockedLoads()
     worker = HollowAgent(engine, config, custom=custom, core=FakeCore(), coordination=coordination)  # type: ignore[arg-type]
     worker.watch_placements = lambda stop: None  # type: ignore[method-assign]  # (no API server: polls)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not coordination.lease and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)  # the load is under way
-    coordination.fail_next = 500  # one renewal refused: the renewer goes on
-    time.sleep(0.4)
-    during = coordination.calls.count("replace")
-    loading = "status" not in placement or placement["status"].get("state") != "Loaded"
-    deadline = time.monotonic() + 10
-    while placement.get("status", {}).get("state") != "Loaded" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    try:
+        assert engine.started.wait(20), "the load never began"
+        before = coordination.calls.count("replace")
+        coordination.fail_next = 500  # one renewal refused: the renewer goes on
+        # while the sync loop is held in the load, the Lease is renewed again and again
+        assert wait_for(lambda: coordination.calls.count("replace") >= before + 5), coordination.calls
+        assert "state" not in placement.get("status", {}) or placement["status"]["state"] != "Loaded"
+    finally:
+        engine.release.set()
+    assert wait_for(lambda: placement.get("status", {}).get("state") == "Loaded")
     stop.set()
     thread.join(timeout=5)
-    assert loading, "the load ended before the renewals were counted"
-    assert during >= 5, coordination.calls  # renewed through the load, past the refused one
-    assert placement["status"]["state"] == "Loaded"
