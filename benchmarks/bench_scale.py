@@ -3,8 +3,8 @@
 Starts etcd + kube-apiserver (hack/cluster.sh, no controller-manager or scheduler: only what residency
 itself puts on the API server is measured), N hollow nodes in one process (residency_worker.hollow: the
 real node agent, a hollow engine), and the operator as its own process. Then applies the models in waves,
-kills and restarts the operator once between waves, holds still for a steady-state window, and changes a
-few models one at a time. It measures:
+kills and restarts the operator once between waves, waits until the last wave's work is done (at most
+90 s), holds still for a steady-state window, and changes a few models one at a time. It measures:
 
 - apply -> placement written, apply -> Ready (p50/p99) during the waves; change -> new placement;
 - operator planning rounds per minute and their duration (the operator's residency_plan_seconds);
@@ -635,8 +635,25 @@ class ScaleRun:
         self.mark("operator restarted")
         return {"restarted_at": time.time(), "placements_deleted_before": deleted_before}
 
+    def settle(self, limit_seconds: float = 90.0, window_seconds: float = 5.0) -> float:
+        """Waits until the last wave's work is done (its Events, statuses and workers' reports): a window
+        with no operator round and API writes at most 1.2 x the Lease renewals; at most ``limit_seconds``
+        (a system that never quiets down is measured as it is). Returns the seconds waited."""
+        began = time.time()
+        renewals = self.cfg.nodes / self.cfg.heartbeat_seconds
+        previous = self.sample()
+        while time.time() - began < limit_seconds:
+            time.sleep(window_seconds)
+            current = self.sample()
+            quiet = round_stats(previous, current)["rounds"] == 0
+            if quiet and writes_per_second(rates(previous, current)) <= 1.2 * renewals:
+                break
+            previous = current
+        return round(time.time() - began, 1)
+
     def steady(self) -> dict[str, Any]:
-        time.sleep(10.0)  # the last statuses settle
+        settled = self.settle()
+        self.mark(f"settled after {settled:.0f} s")
         start = self.sample()
         self.mark(f"steady state for {self.cfg.steady_seconds:.0f} s")
         time.sleep(self.cfg.steady_seconds)
@@ -644,6 +661,7 @@ class ScaleRun:
         window = rates(start, end)
         lease_renewals = self.cfg.nodes / self.cfg.heartbeat_seconds
         return {
+            "settle_seconds": settled,
             "seconds": round(end.t - start.t, 1),
             "requests_per_second": window,
             "writes_per_second": writes_per_second(window),

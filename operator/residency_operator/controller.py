@@ -40,6 +40,7 @@ from residency_operator.conditions import desired_status, now_rfc3339, status_pa
 from residency_operator.drains import DrainReports
 from residency_operator.events import operation_event, prediction_event, with_operation, with_prediction_check
 from residency_operator.incremental import IncrementalRounds
+from residency_operator.inputs import ModelRows, Validate, planner_inputs
 from residency_operator.kube import Kube
 from residency_operator.metrics import OperatorMetrics
 from residency_operator.placements import desired_placements, placement_needs_update, write_phase
@@ -59,12 +60,10 @@ from residency_operator.state import (
     ClusterState,
     Inputs,
     OperatorKnobs,
-    Validate,
     lease_renewals,
     live_nodes,
     liveness_suspended,
     model_key,
-    planner_inputs,
     stale_nodes,
     with_wake_requests,
 )
@@ -117,6 +116,8 @@ class Controller:
         self.cache = cache
         """Watch-fed state; without one, each round lists every kind from the API server (tests)."""
         self._validation = ValidationCache(validation_seconds)
+        self._rows = ModelRows()
+        """Each model's planner inputs, reused while its objects stay (inputs.py)."""
         self._live: frozenset[str] | None = None  # nodes taking work in the last round
         self._reported: dict[str, tuple[Any, Any]] = {}  # model -> (verdict, version) its status shows
         self._last_round = -float("inf")
@@ -148,6 +149,7 @@ class Controller:
         self._statuses_behind = False  # the last round left status writes to the next one
         self._dirty = asyncio.Event()
         self.leader = False
+        self._renewed_at = -math.inf
         # Leader work (a Lease renewal, a round) runs in a thread that cancelling run() does not stop:
         # release() waits for it under this lock, and nothing starts once it is stopping.
         self._leading = threading.Lock()
@@ -189,7 +191,7 @@ class Controller:
             dirty = self._dirty.is_set()
             self._dirty.clear()
             try:
-                if not await asyncio.to_thread(self._renew):
+                if not (self._lease_fresh() or await asyncio.to_thread(self._renew)):
                     self._last_round = -float("inf")  # a new leader plans at once
                     continue
                 if self.cache is not None and not self.cache.synced():
@@ -223,14 +225,24 @@ class Controller:
                 await asyncio.sleep(2.0)
                 self._dirty.set()
 
+    def _lease_fresh(self) -> bool:
+        """Whether this operator leads on a Lease renewed less than a third of its term ago: a round may
+        start without renewing it first (a round at fleet size takes seconds, far less than the two thirds
+        left; client-go's leader election acts within its renew deadline the same way). At fleet size a
+        renewal before every round would add an API round trip to every change's latency."""
+        return self.leader and time.monotonic() - self._renewed_at < self.lease_seconds / 3
+
     def _renew(self) -> bool:
         with self._leading:
             if self._stopping:
                 return False
+            asked_at = time.monotonic()  # (the Lease's term runs from no later than this)
             # (set under the lock: a Lease acquired as a stop begins must be one release() gives up)
             leader = self.kube.try_acquire_lease(
                 self.lease_namespace, LEASE_NAME, self.identity, self.lease_seconds
             )
+            if leader:
+                self._renewed_at = asked_at
             if leader != self.leader:
                 log.info("%s the %s Lease as %s", "holding" if leader else "lost", LEASE_NAME, self.identity)
             self.leader = leader
@@ -325,7 +337,7 @@ class Controller:
         now = datetime.now(UTC)
         self._live = live_nodes(state, now, self.knobs)
         self._note_liveness(state, now)
-        inputs = planner_inputs(state, now, self.knobs, self.validator())
+        inputs = planner_inputs(state, now, self.knobs, self.validator(), self._rows)
         foreign = self._foreign_gpu_bytes
         if foreign:
             inputs.nodes = [

@@ -5,7 +5,7 @@ No Kubernetes client here: the controller lists objects, calls these functions, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,18 +14,13 @@ from typing import Any
 from residency.modeldir import ModelDirInfo
 from residency_operator.conditions import Verdict
 from residency_operator.nodegpus import profile_gpus
-from residency_operator.observations import with_observed_point
 from residency_operator.planner import (
     CurrentPlacement,
     ModelDemand,
     NodeCapacity,
     ProfilePoint,
     SensitivityProfile,
-    waiting_demand,
 )
-from residency_operator.planner.options import cached_host_bytes, with_host_set_aside
-from residency_operator.profiles import newest_profiles
-from residency_operator.validation import validate_model
 
 NODE_LABEL = "residency.dev/node"
 MODEL_NAMESPACE_LABEL = "residency.dev/model-namespace"
@@ -54,11 +49,9 @@ def model_key(body: dict[str, Any]) -> str:
 def parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
-    return (
-        datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        if value.endswith("Z")
-        else (datetime.fromisoformat(value))
-    )
+    if value.endswith("Z"):  # (the API server's form: 2006-01-02T15:04:05Z)
+        return datetime.fromisoformat(value[:-1]).replace(tzinfo=UTC)
+    return datetime.fromisoformat(value)
 
 
 @dataclass(frozen=True)
@@ -389,33 +382,41 @@ def demand(
     )
 
 
-def with_known_demand(demands: list[ModelDemand]) -> list[ModelDemand]:
-    """Once any model reports its traffic, a model without a report (not running, or not yet) is valued by
-    the requests waiting for it (planner.waiting_demand: each at its SLO; none when none waits) instead of
-    an unknown demand, which the planner values as unbounded: it would outbid every model whose traffic is
-    measured (the simulator plans the same way). With no report anywhere (a cold start, or workers that do
-    not measure) demands stay unknown, as before."""
-    if all(d.demand_decode_tokens_per_second is None for d in demands):
-        return demands
-    return [
-        d
-        if d.demand_decode_tokens_per_second is not None
-        else replace(d, demand_decode_tokens_per_second=waiting_demand(d))
-        for d in demands
-    ]
-
-
 def current_placement(
     placement: dict[str, Any], now: datetime | None = None, woken: datetime | None = None
 ) -> CurrentPlacement | None:
     """What a ModelPlacement commits now: its observed state, or its spec while the worker converges. A
     loaded model with no request for :data:`IDLE_AFTER_SECONDS` (by ``now``; a request the router holds
     for it, ``woken``, counts) is ``idle``."""
+    current, quiet_since = placement_commitment(placement, woken)
+    return at_time(current, quiet_since, now)
+
+
+def at_time(
+    current: CurrentPlacement | None, quiet_since: datetime | None, now: datetime | None
+) -> CurrentPlacement | None:
+    """A placement's commitment (:func:`placement_commitment`) as of ``now``: ``idle`` once quiet for
+    :data:`IDLE_AFTER_SECONDS`."""
+    if (
+        current is None
+        or now is None
+        or quiet_since is None
+        or (now - quiet_since).total_seconds() < IDLE_AFTER_SECONDS
+    ):
+        return current
+    return replace(current, state="idle")
+
+
+def placement_commitment(
+    placement: dict[str, Any], woken: datetime | None = None
+) -> tuple[CurrentPlacement | None, datetime | None]:
+    """What a ModelPlacement commits whatever the time (``None``: nothing), and since when a loaded model
+    with nothing queued has had no request (``None``: it is not such a model, or never served one)."""
     spec = placement["spec"]
     status = placement.get("status") or {}
     state = status.get("state", "Pending")
     if state in ("Failed", "Unloaded"):
-        return None
+        return None, None
     desired = spec.get("desiredState", "Loaded")
     # an idle model released its GPU memory and keeps weights in host memory, like a preempted one
     released = desired in ("Preempted", "Idle") and state != "Loaded"
@@ -425,14 +426,7 @@ def current_placement(
         last_active = max(last_active, woken)
     # (also while a preemption is on its way: until the worker acts the model still holds its memory, and
     # the next round must see it as the swap-in that released it did, or it flips the decision back)
-    if (
-        now is not None
-        and state == "Loaded"
-        and last_active is not None
-        and (now - last_active).total_seconds() >= IDLE_AFTER_SECONDS
-        and not status.get("queuedRequests")
-    ):
-        kind = "idle"
+    quiet_since = last_active if state == "Loaded" and not status.get("queuedRequests") else None
     # the fraction placed, not the one reported: the worker keeps whole layers, so it reports a fraction
     # near the planner's level, which the next round would otherwise "promote" back to (or write back).
     # Unless the change to it failed (a reason on a loaded model): then what it still holds.
@@ -440,7 +434,7 @@ def current_placement(
     fraction = status.get("residentFraction") if failed_change else None
     if fraction is None:
         fraction = spec.get("residentFraction", status.get("residentFraction"))
-    return CurrentPlacement(
+    current = CurrentPlacement(
         model=f"{spec['model']['namespace']}/{spec['model']['name']}",
         node=spec["nodeName"],
         resident_fraction=float(fraction if fraction is not None else 1.0),
@@ -449,6 +443,7 @@ def current_placement(
         kv_cache_bytes=int((status.get("timings") or {}).get("kvBytes") or 0),
         gpus=tuple(int(g["index"]) for g in spec.get("gpus") or []),
     )
+    return current, quiet_since
 
 
 def sensitivity_profiles(
@@ -477,77 +472,6 @@ def sensitivity_profiles(
             for (mode, seq), points in sorted(groups.items()):
                 result.append(SensitivityProfile(key, spec["gpuType"], tuple(points), mode, seq))  # type: ignore[arg-type]
     return result
-
-
-Validate = Callable[[dict[str, Any]], "ModelDirInfo | Verdict"]
-"""An LLMModel body -> its model directory's facts, or why it cannot be served."""
-
-
-def planner_inputs(
-    state: ClusterState, now: datetime, knobs: OperatorKnobs, validate: Validate | None = None
-) -> Inputs:
-    """Validates every model and converts the cluster into the planner's inputs (deterministic order).
-    ``validate`` (default: :func:`validate_model` on each) lets the caller reuse earlier verdicts."""
-    check: Validate = validate or (
-        lambda body: validate_model(body["spec"], knobs.allowed_model_roots, knobs.remote_code_roots)
-    )
-    bodies = {model_key(b): b for b in state.models}
-    infos: dict[str, ModelDirInfo] = {}
-    invalid: dict[str, Verdict] = {}
-    demands: list[ModelDemand] = []
-    placements = {
-        f"{p['spec']['model']['namespace']}/{p['spec']['model']['name']}": p for p in state.placements
-    }
-    idle: dict[str, str] = {}
-    idle_cache_bytes: dict[str, int] = {}
-    for key in sorted(bodies):
-        checked = check(bodies[key])
-        if isinstance(checked, Verdict):
-            invalid[key] = checked
-            continue
-        infos[key] = checked
-        placement = placements.get(key)
-        reason = idle_reason(bodies[key], placement, now)
-        if reason is not None:
-            idle[key] = reason
-            # Kept out of the plan, but its worker keeps the weights pinned in host memory: set that aside.
-            cache = current_placement(placement) if placement is not None else None
-            if cache is not None:
-                cached = cached_host_bytes(demand(key, bodies[key], checked, knobs), cache.kv_cache_bytes)
-                idle_cache_bytes[cache.node] = idle_cache_bytes.get(cache.node, 0) + cached
-            continue
-        demands.append(demand(key, bodies[key], checked, knobs, placement, now))
-    nodes_by_name = {n["metadata"]["name"]: n for n in state.nodes}
-    renewed = lease_renewals(state.node_leases)
-    suspended = liveness_suspended(state.node_profiles, renewed, now, knobs)
-    capacities = with_host_set_aside(
-        [
-            node_capacity(p, nodes_by_name.get(p["spec"]["nodeName"]), now, knobs, renewed, suspended)
-            for p in sorted(state.node_profiles, key=lambda p: p["spec"]["nodeName"])
-        ],
-        idle_cache_bytes,
-    )
-    current = [
-        c
-        for key, p in placements.items()
-        if (c := current_placement(p, now, woken_at(bodies[key]) if key in bodies else None)) is not None
-        and c.model in infos
-        and c.model not in idle
-    ]
-    gpu_types = {c.name: c.gpu_type for c in capacities}
-    return Inputs(
-        demands=with_known_demand(
-            [with_observed_point(d, placements.get(d.name), gpu_types) for d in demands]
-        ),
-        nodes=capacities,
-        current=sorted(current, key=lambda c: c.model),
-        profiles=sensitivity_profiles(newest_profiles(state.sensitivity_profiles), infos),
-        infos=infos,
-        invalid=invalid,
-        bodies=bodies,
-        placements=placements,
-        idle=idle,
-    )
 
 
 def decode_slo(spec: dict[str, Any]) -> float | None:

@@ -20,9 +20,10 @@ import yaml
 
 from residency.modelgen import make_model
 from residency.sizing import memory_text
+from residency_operator.inputs import planner_inputs
 from residency_operator.placements import desired_placements
 from residency_operator.planner import plan
-from residency_operator.state import ClusterState, OperatorKnobs, planner_inputs
+from residency_operator.state import ClusterState, OperatorKnobs
 from residency_worker.engine.tiers import parse_bytes
 
 pytestmark = pytest.mark.component

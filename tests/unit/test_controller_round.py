@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,52 @@ async def test_a_lease_acquired_as_the_stop_begins_is_released(
     answer.set()
     await releasing
     assert events == ["acquired", "released"], events
+
+
+async def test_rounds_within_a_third_of_the_lease_term_do_not_renew_it_first(
+    tmp_path: Path, make_model_dir: MakeDir
+) -> None:
+    """At fleet size a Lease renewal before every round adds an API round trip to every change: a leader
+    renews when a third of its term has passed (and then before its next round), not before each round."""
+    renewals: list[float] = []
+
+    class LeaderKube(FakeKube):
+        def try_acquire_lease(self, *args: Any) -> bool:
+            renewals.append(time.monotonic())
+            return True
+
+    kube = LeaderKube(cluster(tmp_path, make_model_dir, ["a"]))
+    controller = Controller(kube, knobs(tmp_path), debounce_seconds=0.0, lease_seconds=60)  # type: ignore[arg-type]
+    rounds: list[Any] = []
+    real_round = controller.round
+
+    def counted_round() -> Any:
+        rounds.append(real_round())
+        return rounds[-1]
+
+    async def rounds_reach(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while len(rounds) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(rounds) >= count
+
+    controller.round = counted_round  # type: ignore[method-assign]
+    task = asyncio.create_task(controller.run())
+    try:
+        for count in (1, 2, 3):
+            controller.poke()
+            await rounds_reach(count)
+        assert len(renewals) == 1
+        controller._renewed_at -= 20.5  # a third of the term passed since the renewal
+        controller.poke()
+        await rounds_reach(4)
+        assert len(renewals) == 2
+        # a leader that lost the Lease renews (and finds it lost) before any round
+        controller.leader = False
+        controller.poke()
+        deadline = time.monotonic() + 20
+        while len(renewals) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(renewals) == 3
+    finally:
+        task.cancel()

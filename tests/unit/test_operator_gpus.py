@@ -11,9 +11,10 @@ from test_operator_state import NOW, knobs, llm, loaded, node, profile, run
 from conftest import MakeDir
 from residency.api import ModelPlacementSpec
 from residency.names import placement_name
+from residency_operator.inputs import planner_inputs
 from residency_operator.nodegpus import profile_gpus
 from residency_operator.planner.options import gpu_bytes_needed
-from residency_operator.state import ClusterState, planner_inputs
+from residency_operator.state import ClusterState
 from residency_operator.verdicts import model_verdict
 
 

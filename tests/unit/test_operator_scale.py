@@ -18,7 +18,8 @@ from residency_operator import changes
 from residency_operator.cache import ClusterCache
 from residency_operator.changes import Changes
 from residency_operator.controller import Controller
-from residency_operator.state import ClusterState, lease_renewals, live_nodes, planner_inputs, stale_nodes
+from residency_operator.inputs import planner_inputs
+from residency_operator.state import ClusterState, lease_renewals, live_nodes, stale_nodes
 
 
 def changed(body: dict[str, Any], **edits: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import LLAMA_CONFIG, MakeDir
 from residency.names import placement_name
+from residency_operator.inputs import planner_inputs
 from residency_operator.placements import desired_placements, placement_needs_update, write_phase
 from residency_operator.planner import plan
 from residency_operator.state import (
@@ -19,7 +20,6 @@ from residency_operator.state import (
     ClusterState,
     OperatorKnobs,
     node_accepts,
-    planner_inputs,
     waiting_requests,
 )
 from residency_operator.verdicts import model_verdict

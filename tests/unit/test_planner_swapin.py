@@ -22,7 +22,7 @@ def model(name: str, billions: float, demand: float, **fields: object) -> ModelD
 
 OLD = model("ns/old", 8, demand=10.0)
 # Not running, a model is worth what its waiting requests ask (one at its SLO: 15 tok/s), as the operator
-# values it (state.with_known_demand) and the planner counts it (types.with_backlog).
+# values it (inputs.planner_inputs) and the planner counts it (types.with_backlog).
 NEW = model("ns/new", 8, demand=15.0)
 OLD_IDLE = CurrentPlacement("ns/old", "l4-0", 1.0, "stream", "idle")
 # The solvers keep an incumbent unless a change gains more than half its value: worth 10 tok/s, the old

@@ -223,7 +223,7 @@ def test_a_burst_does_not_send_production_models_to_the_slow_gpu() -> None:
 
 def test_the_planner_is_fed_demand_as_the_operator_feeds_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Measured traffic for a running model; for one that does not run (no worker sees its requests) the
-    requests waiting for it at its SLO, as state.with_known_demand gives the operator's planner."""
+    requests waiting for it at its SLO, as inputs.planner_inputs gives the operator's planner."""
     from residency_operator.simulator import policies
 
     models = [
