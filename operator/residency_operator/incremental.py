@@ -43,16 +43,21 @@ def fleet_key(inputs: Inputs) -> FleetKey:
 
 
 def same_placement(planned: CurrentPlacement | None, observed: CurrentPlacement | None) -> bool:
-    """Whether a placement as its worker reports it is where, and as, the planner took it to be."""
+    """Whether a placement as its worker reports it is where, and as, the planner took it to be. A loaded
+    model and an idle one (loaded, no request for a few seconds: a matter of the clock) hold the same;
+    the planner placed a changed model as ``loaded``, and a model nobody calls reports back ``idle``."""
     if planned is None or observed is None:
         return planned is None and observed is None
     return (
         planned.node == observed.node
         and abs(planned.resident_fraction - observed.resident_fraction) <= 1e-4
         and planned.mode == observed.mode
-        and planned.state == observed.state
+        and _HOLDS.get(planned.state, planned.state) == _HOLDS.get(observed.state, observed.state)
         and tuple(planned.gpus) == tuple(observed.gpus)
     )
+
+
+_HOLDS = {"loaded": "holds", "idle": "holds"}
 
 
 def agrees(plan: Plan, placements: dict[str, dict[str, Any]]) -> bool:

@@ -4,7 +4,7 @@ model (and what it touched) is planned, written and given a status; anything els
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -290,4 +290,31 @@ def test_what_the_planner_cannot_follow_plans_in_full(settled: Settled) -> None:
     body = kube.state.models[2]
     kube.state.models[2] = {**body, "metadata": {**body["metadata"], "generation": 2}}
     cache.spec_changes.add("team-a/m02")
+    assert controller.round().solver != "incremental"
+
+
+def test_the_report_on_a_changed_placement_of_a_quiet_model_is_not_a_full_round(settled: Settled) -> None:
+    """A model nobody calls is idle once quiet for a few seconds; after a change the planner placed it as
+    loaded, and its worker's report (the new generation seen) says it still holds where the plan put it:
+    before, each such report cost a full round, and a change that came meanwhile waited for it."""
+    kube, cache, controller = settled
+    quiet = (datetime.now(UTC) - timedelta(seconds=60)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for name in list(kube.placements):
+        report_loaded(kube, name, lastActiveTime=quiet, queuedRequests=0)
+    settle(kube, cache, controller)  # (the incremental planner is built with every model idle)
+    assert controller.incremental is not None and controller.incremental.planner is not None
+    body = kube.state.models[3]
+    kube.state.models[3] = {
+        **body,
+        "metadata": {**body["metadata"], "generation": 2},
+        "spec": {**body["spec"], "slo": {"minDecodeTokensPerSecond": 3.0}},
+    }
+    cache.spec_changes.add("team-a/m03")
+    assert controller.round().solver == "incremental"
+    report_loaded(kube, "team-a.m03", lastActiveTime=quiet, queuedRequests=0, observedGeneration=2)
+    cache.reported.add("team-a/m03")
+    assert controller.round().solver == "incremental"
+    # a report that it no longer holds its memory is not where the plan put it
+    report_loaded(kube, "team-a.m03", state="Preempted")
+    cache.reported.add("team-a/m03")
     assert controller.round().solver != "incremental"
