@@ -3,6 +3,8 @@ written only when a measured value changes. A hollow engine goes through the sam
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +16,16 @@ from residency_worker.hollow import HollowAgent, HollowEngine
 from residency_worker.presence import AgentConfig, node_lease_name
 
 
+class Response:
+    """What the kubernetes client returns for a call made with ``_preload_content=False``."""
+
+    def __init__(self, body: Any) -> None:
+        self.data = json.dumps(body).encode()
+
+
 class FakeCoordination:
+    """The Lease calls as the API server answers them: JSON in and out, a version that moves."""
+
     def __init__(self) -> None:
         self.lease: Any = None
         self.calls: list[str] = []
@@ -25,23 +36,32 @@ class FakeCoordination:
             status, self.fail_next = self.fail_next, None
             raise ApiException(status=status, reason="refused")
 
-    def read_namespaced_lease(self, name: str, namespace: str) -> Any:
+    def _store(self, body: Any) -> Response:
+        assert isinstance(body, dict) and body["spec"]["renewTime"].endswith("Z")
+        version = int((self.lease or {}).get("metadata", {}).get("resourceVersion", 0)) + 1
+        self.lease = {**body, "metadata": {**body["metadata"], "resourceVersion": str(version)}}
+        return Response(self.lease)
+
+    def read_namespaced_lease(self, name: str, namespace: str, **_: Any) -> Any:
         self.calls.append("read")
         if self.lease is None:
             raise ApiException(status=404, reason="Not Found")
-        return self.lease
+        return Response(self.lease)
 
-    def create_namespaced_lease(self, namespace: str, body: Any) -> Any:
+    def create_namespaced_lease(self, namespace: str, body: Any, **_: Any) -> Any:
         self.calls.append("create")
         self._maybe_fail()
-        self.lease = body
-        return body
+        return self._store(body)
 
-    def replace_namespaced_lease(self, name: str, namespace: str, body: Any) -> Any:
+    def replace_namespaced_lease(self, name: str, namespace: str, body: Any, **_: Any) -> Any:
         self.calls.append("replace")
         self._maybe_fail()
-        self.lease = body
-        return body
+        if (
+            self.lease is not None
+            and body["metadata"].get("resourceVersion") != self.lease["metadata"]["resourceVersion"]
+        ):
+            raise ApiException(status=409, reason="Conflict")
+        return self._store(body)
 
 
 class FakeCustom:
@@ -99,13 +119,18 @@ def test_heartbeats_renew_the_lease_and_leave_the_profile_alone() -> None:
     worker = agent(custom, coordination)
     worker.register()
     assert coordination.calls == ["read", "create"]
-    assert coordination.lease.metadata.name == node_lease_name("gpu-7")
-    assert coordination.lease.metadata.labels["residency.dev/node-lease"] == "true"
-    assert coordination.lease.spec.holder_identity == "gpu-7"
+    assert coordination.lease["metadata"]["name"] == node_lease_name("gpu-7")
+    assert coordination.lease["metadata"]["labels"]["residency.dev/node-lease"] == "true"
+    assert coordination.lease["spec"]["holderIdentity"] == "gpu-7"
     assert len(custom.profile_status) == 1  # the registration's measured values
+    renewed = [coordination.lease["spec"]["renewTime"]]
     for _ in range(3):
+        time.sleep(0.001)
         worker.heartbeat()
+        renewed.append(coordination.lease["spec"]["renewTime"])
     assert coordination.calls[2:] == ["replace"] * 3
+    assert renewed == sorted(set(renewed))  # (each renewal a later MicroTime, on the version last written)
+    assert coordination.lease["metadata"]["resourceVersion"] == "4"
     assert len(custom.profile_status) == 1  # nothing measured changed: no status write
 
 
@@ -113,10 +138,12 @@ def test_a_conflict_reads_the_lease_again_and_a_refusal_falls_back_to_the_profil
     custom, coordination = FakeCustom(), FakeCoordination()
     worker = agent(custom, coordination)
     worker.register()
-    coordination.fail_next = 409  # someone else wrote it (a restarted worker): read it afresh
+    # someone else wrote it (a restarted worker): the update on the old version conflicts, read it afresh
+    coordination.lease["metadata"]["resourceVersion"] = "7"
     worker.heartbeat()
     worker.heartbeat()
     assert coordination.calls[2:] == ["replace", "read", "replace"]
+    assert coordination.lease["metadata"]["resourceVersion"] == "8"
     coordination.fail_next = 403  # an older chart without the Lease role
     worker.heartbeat()
     writes = len(custom.profile_status)
@@ -194,3 +221,34 @@ def test_the_lease_is_renewed_while_a_long_load_holds_the_sync_loop() -> None:
     assert wait_for(lambda: placement.get("status", {}).get("state") == "Loaded")
     stop.set()
     thread.join(timeout=5)
+
+
+def test_an_agent_without_a_renewer_thread_wakes_when_its_renewal_falls_due() -> None:
+    """A hollow agent renews its Lease between sync passes: a pass that a placement change brought early
+    must not push the next renewal a whole poll period on (twice the period at worst)."""
+    config = AgentConfig(
+        node="gpu-7",
+        endpoint="http://x",
+        host_memory_bytes=2**30,
+        heartbeat_seconds=10.0,
+        poll_seconds=10.0,
+        lease_thread=False,
+    )
+    engine: Any = HollowEngine("gpu-7", 2**30, load_seconds=0.0)
+    worker = HollowAgent(
+        engine, config, custom=FakeCustom(), core=FakeCore(), coordination=FakeCoordination()
+    )  # type: ignore[arg-type]
+    worker._last_heartbeat = time.monotonic() - 9.0  # renewed 9 s ago; a placement change woke it now
+    assert 0.5 < worker._wait_seconds(10.0) <= 1.0
+    assert worker._wait_seconds(20.0) == 20.0  # (an error's backoff is kept)
+    worker._last_heartbeat = time.monotonic() - 30.0
+    assert worker._wait_seconds(10.0) == 0.05
+    threaded = HollowAgent(
+        engine,
+        dataclasses.replace(config, lease_thread=True),
+        custom=FakeCustom(),
+        core=FakeCore(),
+        coordination=FakeCoordination(),
+    )  # type: ignore[arg-type]
+    threaded._last_heartbeat = time.monotonic() - 9.0
+    assert threaded._wait_seconds(10.0) == 10.0  # its renewer thread keeps the Lease

@@ -93,7 +93,7 @@ class NodeAgent(NodePresence):
     _observed_reported_at: dict[str, float] = field(default_factory=dict)  # monotonic, per model
     _operations: dict[str, dict[str, Any]] = field(default_factory=dict)  # last one per model, API shape
     _reload_pending: set[str] = field(default_factory=set)  # unloaded for a spec change: next load reloads
-    _lease: Any = None  # the node Lease as last written (a V1Lease)
+    _lease: dict[str, Any] | None = None  # the node Lease as last written (its JSON)
     _lease_refused: bool = False  # no RBAC for Leases (an older chart): heartbeat in the NodeProfile
     _lease_lock: threading.Lock = field(default_factory=threading.Lock)
     _lease_renewer: bool = False
@@ -510,9 +510,17 @@ class NodeAgent(NodePresence):
                 log.warning("sync failed (%s); retrying in %.1f s", exc.__class__.__name__, backoff)
                 backoff = min(backoff * 2, 10.0)
             if not more:
-                self._changed.wait(backoff)  # a placement change, or the poll period
+                self._changed.wait(self._wait_seconds(backoff))  # a placement change, or the poll period
         self._changed.set()
         lease_stop.set()
+
+    def _wait_seconds(self, backoff: float) -> float:
+        """Until the next pass: the poll period (or an error's backoff), or sooner where the Lease renewal
+        this loop makes (no renewer thread) falls due first."""
+        if self.config.lease_thread or backoff > self.config.poll_seconds:
+            return backoff
+        due = self.config.heartbeat_seconds - (time.monotonic() - self._last_heartbeat)
+        return min(backoff, max(0.05, due))
 
 
 def _decode_slo(spec: dict[str, Any]) -> float | None:

@@ -216,9 +216,12 @@ def hollow_agents(
     gpu_memory_bytes: int,
     load_seconds: float,
     heartbeat_seconds: float,
-    poll_seconds: float = 5.0,
+    poll_seconds: float | None = None,
     lease_namespace: str = "default",
 ) -> list[HollowAgent]:
+    """``poll_seconds`` (default: ``heartbeat_seconds``): between sync passes without a placement change. A
+    hollow engine has no news of its own, and a pass is where a hollow agent renews its Lease, so one pass
+    a renewal period: a thousand agents waking twice as often cost the harness CPU the API server needs."""
     # A connection for each agent's placement watch, which holds one for as long as it runs, and one for
     # its other calls, as each real worker has: with fewer, a call finds the pool empty, opens a new
     # connection (a TLS handshake on both sides) and drops it after, and at 1000 nodes those handshakes
@@ -237,7 +240,8 @@ def hollow_agents(
             # the harness's 2 cores) the Leases went unrenewed for minutes in each of three runs at 1000
             # nodes (renew-s38, final-s38), and a hollow load (0.5 s) is far under the grace.
             lease_thread=False,
-            poll_seconds=poll_seconds,  # no traffic in a hollow engine: placement changes wake it
+            # no traffic in a hollow engine: placement changes wake it
+            poll_seconds=heartbeat_seconds if poll_seconds is None else poll_seconds,
             lease_namespace=lease_namespace,
         )
         engine = cast(Engine, HollowEngine(name, gpu_memory_bytes, load_seconds))

@@ -5,6 +5,7 @@ the autoscaler protection of its Pod while it serves. A part of the node agent (
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -70,7 +71,7 @@ class NodePresence:
     _protected: bool | None
     _last_heartbeat: float
     _profile_spec: dict[str, Any] | None
-    _lease: Any  # the node Lease as last written (a V1Lease)
+    _lease: dict[str, Any] | None  # the node Lease as last written (its JSON)
     _lease_refused: bool  # no RBAC for Leases (an older chart): heartbeat in the NodeProfile
     _lease_lock: threading.Lock  # renew_lease from the sync loop (at registration) and the renewer
     _lease_renewer: bool  # a thread of its own renews the Lease (renew_leases runs)
@@ -188,24 +189,37 @@ class NodePresence:
             self._lease_renewer = False
 
     def renew_lease(self) -> None:
-        """Renew this node's Lease (create it the first time; read it again after a conflict)."""
+        """Renew this node's Lease (create it the first time; read it again after a conflict). An update
+        with the version last read, as a kubelet renews its own, sent and read back as plain JSON: the
+        client's typed objects cost more than the request itself (a thousand hollow nodes renew in one
+        process)."""
         name, namespace = node_lease_name(self.config.node), self.config.lease_namespace
-        now = datetime.now(UTC)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # a MicroTime
         try:
             if self._lease is None:
                 try:
-                    self._lease = self.coordination.read_namespaced_lease(name, namespace)
+                    self._lease = _body(
+                        self.coordination.read_namespaced_lease(name, namespace, _preload_content=False)
+                    )
                 except ApiException as exc:
                     if exc.status != 404:
                         raise
-                    self._lease = self.coordination.create_namespaced_lease(
-                        namespace, self._lease_body(name, namespace, now)
+                    self._lease = _body(
+                        self.coordination.create_namespaced_lease(
+                            namespace, self._lease_body(name, namespace, now), _preload_content=False
+                        )
                     )
                     return
-            self._lease.spec.holder_identity = self.config.node
-            self._lease.spec.renew_time = now
-            self._lease.spec.lease_duration_seconds = self._lease_seconds()
-            self._lease = self.coordination.replace_namespaced_lease(name, namespace, self._lease)
+            lease = self._lease
+            lease["spec"] = {
+                **(lease.get("spec") or {}),
+                "holderIdentity": self.config.node,
+                "renewTime": now,
+                "leaseDurationSeconds": self._lease_seconds(),
+            }
+            self._lease = _body(
+                self.coordination.replace_namespaced_lease(name, namespace, lease, _preload_content=False)
+            )
         except ApiException as exc:
             self._lease = None  # read it afresh next time (a conflict, or it was deleted)
             if exc.status == 403:
@@ -222,20 +236,22 @@ class NodePresence:
     def _lease_seconds(self) -> int:
         return max(1, math.ceil(LEASE_DURATION_FACTOR * self.config.heartbeat_seconds))
 
-    def _lease_body(self, name: str, namespace: str, now: datetime) -> client.V1Lease:
-        return client.V1Lease(
-            metadata=client.V1ObjectMeta(
-                name=name,
-                namespace=namespace,
-                labels={NODE_LEASE_LABEL: "true", NODE_LABEL: label_value(self.config.node)},
-            ),
-            spec=client.V1LeaseSpec(
-                holder_identity=self.config.node,
-                lease_duration_seconds=self._lease_seconds(),
-                acquire_time=now,
-                renew_time=now,
-            ),
-        )
+    def _lease_body(self, name: str, namespace: str, now: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {NODE_LEASE_LABEL: "true", NODE_LABEL: label_value(self.config.node)},
+            },
+            "spec": {
+                "holderIdentity": self.config.node,
+                "leaseDurationSeconds": self._lease_seconds(),
+                "acquireTime": now,
+                "renewTime": now,
+            },
+        }
 
     def _node_ready(self) -> None:
         now = now_rfc3339()
@@ -283,3 +299,9 @@ def node_lease_name(node: str) -> str:
 def host_memory_bytes() -> int:
     """Physical memory of this machine."""
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _body(response: Any) -> dict[str, Any]:
+    """The object a call made with ``_preload_content=False`` returned."""
+    body: dict[str, Any] = json.loads(response.data)
+    return body
