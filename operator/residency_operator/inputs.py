@@ -120,21 +120,11 @@ class ModelRows:
         gpu_type: str | None,
         knobs: OperatorKnobs,
     ) -> ModelRow:
+        """The model's row: the last round's where made from the same objects, else a new one."""
         kept = last.get(key)
-        if kept is None or not kept.made_from(body, placement, info, gpu_type):
-            kept = self._make(key, body, placement, info, gpu_type, knobs)
-        self._rows[key] = kept
-        return kept
-
-    def _make(
-        self,
-        key: str,
-        body: dict[str, Any],
-        placement: dict[str, Any] | None,
-        info: ModelDirInfo,
-        gpu_type: str | None,
-        knobs: OperatorKnobs,
-    ) -> ModelRow:
+        if kept is not None and kept.made_from(body, placement, info, gpu_type):
+            self._rows[key] = kept
+            return kept
         self.made += 1
         gpu_types = {} if placement is None or gpu_type is None else {placement["spec"]["nodeName"]: gpu_type}
         base = with_observed_point(demand(key, body, info, knobs, placement), placement, gpu_types)
@@ -143,7 +133,7 @@ class ModelRows:
         queued = status.get("state") == "Loaded" and spec.get("desiredState", "Loaded") == "Loaded"
         woken = woken_at(body)
         current, quiet_since = (None, None) if placement is None else placement_commitment(placement, woken)
-        return ModelRow(
+        made = self._rows[key] = ModelRow(
             body=body,
             placement=placement,
             info=info,
@@ -155,6 +145,7 @@ class ModelRows:
             may_wait=bool(status.get("queuedRequests")) if queued else woken is not None,
             parts=parts(body, placement),
         )
+        return made
 
 
 def planner_inputs(
