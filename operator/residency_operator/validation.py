@@ -4,7 +4,6 @@ verdicts reused across planning rounds."""
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,23 +46,20 @@ def _failed(reason: str, message: str) -> Verdict:
 
 
 class ValidationCache:
-    """:func:`validate_model` with each verdict reused per model generation for up to ``seconds`` (reading
-    ten thousand model directories every round would be most of the round), and each directory read once
-    per round however many models use it. A verdict is kept between half of ``seconds`` and all of it, by
-    model: a fleet applied at once is checked again over half a period, not all in one round (at 10 000
-    models that round took a second, and a change that came meanwhile waited for it)."""
+    """:func:`validate_model` with each verdict reused per model generation for ``seconds`` (reading ten
+    thousand model directories every round would be most of the round), and each directory read once per
+    round however many models use it."""
 
     def __init__(self, seconds: float = 60.0) -> None:
         self.seconds = seconds
-        self._verdicts: dict[tuple[str, Any], tuple[float, float, ModelDirInfo | Verdict]] = {}
-        """(uid, generation) -> (when it was checked, the share of ``seconds`` it is kept, verdict)."""
+        self._verdicts: dict[tuple[str, Any], tuple[float, ModelDirInfo | Verdict]] = {}
 
     def validator(
         self, allowed_roots: list[Path], remote_code_roots: list[Path]
     ) -> Callable[[dict[str, Any]], ModelDirInfo | Verdict]:
         """This round's validate(model body)."""
         now = time.monotonic()
-        self._verdicts = {k: v for k, v in self._verdicts.items() if now - v[0] < self.seconds * v[1]}
+        self._verdicts = {k: v for k, v in self._verdicts.items() if now - v[0] < self.seconds}
         directories: dict[tuple[Any, ...], Any] = {}  # this round's reads: many models share a directory
 
         def inspect(path: str, *args: Any) -> Any:
@@ -88,14 +84,8 @@ class ValidationCache:
             if hit is None:
                 hit = self._verdicts[key] = (
                     now,
-                    _kept_share(key[0]),
                     validate_model(body["spec"], allowed_roots, remote_code_roots, inspect),
                 )
-            return hit[2]
+            return hit[1]
 
         return validate
-
-
-def _kept_share(uid: str) -> float:
-    """The share of the period a model's verdict is kept: 0.5-1.0, fixed per model."""
-    return 0.5 + 0.5 * zlib.crc32(uid.encode()) / 2**32

@@ -294,33 +294,3 @@ def test_most_nodes_stale_at_once_suspends_liveness_instead_of_dropping_their_mo
     renewed = lease_renewals(few.node_leases)
     assert stale_nodes(few.node_profiles, renewed, now, k) == {f"gpu-{i}" for i in range(5)}
     assert stale_nodes(registering.node_profiles, {}, now, k) == frozenset()
-
-
-def test_verdicts_of_models_checked_together_expire_over_half_a_period(monkeypatch: Any) -> None:
-    """A fleet applied at once is validated again over the second half of the period, a few models a
-    round, not all in one round (at 10 000 models that round took a second and delayed the next change)."""
-    from residency_operator import validation as validation_module
-
-    checked: list[str] = []
-    monkeypatch.setattr(
-        validation_module, "validate_model", lambda spec, *args: checked.append(spec["name"]) or "info"
-    )
-    clock = [1000.0]
-    monkeypatch.setattr(validation_module.time, "monotonic", lambda: clock[0])
-    cache = validation_module.ValidationCache(seconds=60.0)
-    bodies = [{"metadata": {"uid": f"uid-{i}", "generation": 1}, "spec": {"name": i}} for i in range(400)]
-
-    def round_at(seconds: float) -> int:
-        clock[0] = 1000.0 + seconds
-        checked.clear()
-        validate = cache.validator([], [])
-        for body in bodies:
-            assert validate(body) == "info"
-        return len(checked)
-
-    assert round_at(0) == 400
-    assert round_at(29) == 0  # none before half the period
-    again = [round_at(t) for t in (35, 40, 45, 50, 55, 60)]
-    assert all(0 < n < 150 for n in again), again  # a share each round, none all at once
-    assert sum(again) == 400  # and every model within the period
-    assert round_at(120) == 400  # (each checked again at 35-60 s: all expired again by 120 s)
