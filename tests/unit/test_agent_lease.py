@@ -108,8 +108,13 @@ def placement_on_gpu7(name: str, resident_fraction: float) -> dict[str, Any]:
     }
 
 
+def gpu7_config(**settings: Any) -> AgentConfig:
+    """The agent of node gpu-7 with 1 GiB of host memory, and ``settings``."""
+    return AgentConfig(node="gpu-7", endpoint="http://x", host_memory_bytes=2**30, **settings)
+
+
 def agent(custom: FakeCustom, coordination: FakeCoordination) -> HollowAgent:
-    config = AgentConfig(node="gpu-7", endpoint="http://x", host_memory_bytes=2**30, heartbeat_seconds=0.0)
+    config = gpu7_config(heartbeat_seconds=0.0)
     engine: Any = HollowEngine("gpu-7", 2**30, load_seconds=0.0)
     return HollowAgent(engine, config, custom=custom, core=FakeCore(), coordination=coordination)  # type: ignore[arg-type]
 
@@ -196,13 +201,7 @@ def test_the_lease_is_renewed_while_a_long_load_holds_the_sync_loop() -> None:
     a working node dead and move its models; a failed renewal is tried again at the next period."""
     placement = placement_on_gpu7("big", 1.0)
     custom, coordination = FakeCustom([placement]), FakeCoordination()
-    config = AgentConfig(
-        node="gpu-7",
-        endpoint="http://x",
-        host_memory_bytes=2**30,
-        heartbeat_seconds=0.05,
-        poll_seconds=0.05,
-    )
+    config = gpu7_config(heartbeat_seconds=0.05, poll_seconds=0.05)
     engine = BlockedLoads()
     worker = HollowAgent(engine, config, custom=custom, core=FakeCore(), coordination=coordination)  # type: ignore[arg-type]
     worker.watch_placements = lambda stop: None  # type: ignore[method-assign]  # (no API server: polls)
@@ -226,14 +225,7 @@ def test_the_lease_is_renewed_while_a_long_load_holds_the_sync_loop() -> None:
 def test_an_agent_without_a_renewer_thread_wakes_when_its_renewal_falls_due() -> None:
     """A hollow agent renews its Lease between sync passes: a pass that a placement change brought early
     must not push the next renewal a whole poll period on (twice the period at worst)."""
-    config = AgentConfig(
-        node="gpu-7",
-        endpoint="http://x",
-        host_memory_bytes=2**30,
-        heartbeat_seconds=10.0,
-        poll_seconds=10.0,
-        lease_thread=False,
-    )
+    config = gpu7_config(heartbeat_seconds=10.0, poll_seconds=10.0, lease_thread=False)
     engine: Any = HollowEngine("gpu-7", 2**30, load_seconds=0.0)
     worker = HollowAgent(
         engine, config, custom=FakeCustom(), core=FakeCore(), coordination=FakeCoordination()
